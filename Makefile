@@ -1,0 +1,28 @@
+# Two commands do everything: `make run` (set up, then the demo) and `make test` (set up, then the tests).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SAMPLE := examples/fer2013-sample
+DEMO   := runs/demo
+
+.PHONY: setup run test clean
+
+$(BIN)/ferkit: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[train,dev]"
+	touch $@
+
+setup: $(BIN)/ferkit
+
+run: setup
+	$(BIN)/ferkit train --model seed-cnn --data $(SAMPLE)/train --val $(SAMPLE)/val \
+		--epochs 15 --augment flip,zoom --out $(DEMO) --overwrite
+	$(BIN)/ferkit evaluate $(DEMO) --data $(SAMPLE)/val
+	$(BIN)/ferkit predict $(SAMPLE)/val/happy/$(shell ls $(SAMPLE)/val/happy | head -n 1) --model $(DEMO)
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache

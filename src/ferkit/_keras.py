@@ -1,0 +1,42 @@
+"""Import Keras on demand, quietly: only training and .keras models need it, never ONNX inference."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+from ferkit.errors import FerkitError
+
+
+def import_keras():
+    if "keras" in sys.modules:
+        return sys.modules["keras"]
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        with _stderr_silenced():
+            import keras
+    except ImportError:
+        raise FerkitError(
+            "this needs the training extra (Keras and TensorFlow): pip install 'ferkit[train]'"
+        ) from None
+    return keras
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """TensorFlow's C++ start-up notes (oneDNN, CPU features) ignore TF_CPP_MIN_LOG_LEVEL; drop them."""
+    if os.environ.get("FERKIT_DEBUG"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

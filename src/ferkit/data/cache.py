@@ -1,0 +1,50 @@
+"""On-disk cache of decoded datasets, keyed by what was read and how it was converted."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """`$FERKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/ferkit`, else `~/.cache/ferkit`."""
+    if os.environ.get("FERKIT_CACHE_DIR"):
+        return Path(os.environ["FERKIT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ferkit"
+
+
+def cache_key(**parts) -> str:
+    text = json.dumps({"version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def load_cached(key: str) -> dict[str, np.ndarray] | None:
+    path = cache_dir() / "datasets" / f"{key}.npz"
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError):
+        return None  # a damaged cache file is simply rebuilt
+
+
+def save_cached(key: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write atomically, so an interrupted write never leaves a half file that later loads."""
+    folder = cache_dir() / "datasets"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, folder / f"{key}.npz")
+    except OSError:
+        pass  # a read-only or full cache folder only costs speed

@@ -1,0 +1,60 @@
+"""The in-memory dataset every loader returns, and the stratified split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ferkit.errors import FerkitError
+
+
+@dataclass
+class FaceDataset:
+    """Faces as a (N, height, width) uint8 grayscale array with integer labels indexing `classes`."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    source: str = ""
+    paths: list[str] | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable files
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.images.shape[1:3])
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels, minlength=len(self.classes))
+        return {name: int(n) for name, n in zip(self.classes, counts)}
+
+    def subset(self, indices: np.ndarray) -> "FaceDataset":
+        indices = np.asarray(indices)
+        return FaceDataset(
+            images=self.images[indices],
+            labels=self.labels[indices],
+            classes=self.classes,
+            source=self.source,
+            paths=[self.paths[i] for i in indices] if self.paths is not None else None,
+        )
+
+
+def split_dataset(dataset: FaceDataset, *, val_fraction: float, seed: int = 0) -> tuple[FaceDataset, FaceDataset]:
+    """Split off a stratified validation set; the same seed always gives the same split."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < val_fraction < 1.0:
+        raise FerkitError(f"the validation fraction must be between 0 and 1, got {val_fraction}")
+    indices = np.arange(len(dataset))
+    counts = np.bincount(dataset.labels)
+    stratify = dataset.labels if counts[counts > 0].min() >= 2 else None
+    try:
+        train_idx, val_idx = train_test_split(
+            indices, test_size=val_fraction, random_state=seed, stratify=stratify
+        )
+    except ValueError as err:
+        raise FerkitError(f"cannot split {len(dataset)} images with fraction {val_fraction}: {err}") from None
+    return dataset.subset(np.sort(train_idx)), dataset.subset(np.sort(val_idx))

@@ -1,0 +1,122 @@
+"""The Kaggle FER2013 CSV: `emotion,pixels,Usage`, 48x48 faces as space-separated gray values."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ferkit.data.cache import cache_key, load_cached, save_cached
+from ferkit.data.dataset import FaceDataset
+from ferkit.errors import FerkitError
+from ferkit.labels import EMOTIONS, FER2013_CSV_CODES
+
+USAGES = ("Training", "PublicTest", "PrivateTest")
+_SIDE = 48
+
+
+def load_fer2013_csv(
+    path: str | Path,
+    *,
+    usage: str | Sequence[str] | None = None,
+    classes: Sequence[str] = EMOTIONS,
+    image_size: tuple[int, int] = (48, 48),
+    cache: bool = True,
+) -> FaceDataset:
+    """Rows of the given `usage` ("Training", "PublicTest", "PrivateTest", a list, or None for all).
+
+    Labels are remapped from the CSV's codes (0 angry ... 4 sad, 5 surprise, 6 neutral) to `classes`
+    by name, so the class order matches folder datasets. A malformed row is an error naming its line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FerkitError(f"no such CSV file: {path}")
+    usages = _check_usages(usage)
+    stat = path.stat()
+    key = cache_key(kind="fer2013-csv", path=str(path.resolve()), bytes=stat.st_size, mtime=stat.st_mtime_ns)
+    parsed = load_cached(key) if cache else None
+    if parsed is None:
+        parsed = _parse(path)
+        if cache:
+            save_cached(key, parsed)
+
+    selected = np.isin(parsed["usage"], usages) if usages else np.ones(len(parsed["usage"]), bool)
+    names = [FER2013_CSV_CODES[int(code)] for code in parsed["codes"][selected]]
+    missing = sorted(set(names) - set(classes))
+    if missing:
+        raise FerkitError(f"{path} has classes missing from the class list: {', '.join(missing)}")
+    images = parsed["images"][selected]
+    if tuple(image_size) != (_SIDE, _SIDE):
+        images = np.stack([_resize(img, image_size) for img in images]) if len(images) else images
+    if len(images) == 0:
+        raise FerkitError(f"{path} has no rows with usage {', '.join(usages)}")
+    return FaceDataset(
+        images=images,
+        labels=np.asarray([list(classes).index(n) for n in names], dtype=np.int64),
+        classes=tuple(classes),
+        source=f"{path}" + (f" ({', '.join(usages)})" if usages else ""),
+    )
+
+
+def _check_usages(usage) -> tuple[str, ...]:
+    if usage is None:
+        return ()
+    usages = (usage,) if isinstance(usage, str) else tuple(usage)
+    bad = [u for u in usages if u not in USAGES]
+    if bad:
+        raise FerkitError(f"unknown FER2013 usage {', '.join(bad)} (choose from {', '.join(USAGES)})")
+    return usages
+
+
+def _parse(path: Path) -> dict[str, np.ndarray]:
+    codes, images, usages = [], [], []
+    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        reader = csv.reader(handle)
+        header = [h.strip().lower() for h in next(reader, [])]
+        if "emotion" not in header or "pixels" not in header:
+            raise FerkitError(f"{path} is not a FER2013 CSV (its header needs 'emotion' and 'pixels' columns)")
+        i_emotion, i_pixels = header.index("emotion"), header.index("pixels")
+        i_usage = header.index("usage") if "usage" in header else None
+        for line, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            codes.append(_parse_code(row, i_emotion, path, line))
+            images.append(_parse_pixels(row, i_pixels, path, line))
+            usages.append(row[i_usage].strip() if i_usage is not None and i_usage < len(row) else "")
+    if not codes:
+        raise FerkitError(f"{path} has a header but no rows")
+    return {
+        "codes": np.asarray(codes, dtype=np.int64),
+        "images": np.stack(images),
+        "usage": np.asarray(usages, dtype=str),
+    }
+
+
+def _parse_code(row, index, path, line) -> int:
+    try:
+        code = int(row[index])
+    except (ValueError, IndexError):
+        raise FerkitError(f"{path}, line {line}: the emotion code is not a number") from None
+    if code not in FER2013_CSV_CODES:
+        raise FerkitError(f"{path}, line {line}: emotion code {code} is not one of 0-6")
+    return code
+
+
+def _parse_pixels(row, index, path, line) -> np.ndarray:
+    try:
+        values = np.array(row[index].split(), dtype=np.int64)
+    except (ValueError, IndexError):
+        raise FerkitError(f"{path}, line {line}: the pixels are not whole numbers") from None
+    if values.size != _SIDE * _SIDE:
+        raise FerkitError(f"{path}, line {line}: expected {_SIDE * _SIDE} pixel values, got {values.size}")
+    if values.min() < 0 or values.max() > 255:
+        raise FerkitError(f"{path}, line {line}: pixel values must lie in 0-255")
+    return values.astype(np.uint8).reshape(_SIDE, _SIDE)
+
+
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    height, width = size
+    return np.asarray(Image.fromarray(image, "L").resize((width, height), Image.Resampling.BILINEAR))

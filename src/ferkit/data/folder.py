@@ -1,0 +1,116 @@
+"""Datasets laid out as `root/<class>/*.jpg` (any common image format, folders named loosely)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ferkit.data.cache import cache_key, load_cached, save_cached
+from ferkit.data.dataset import FaceDataset
+from ferkit.errors import FerkitError
+from ferkit.images import load_image, to_model_input
+from ferkit.labels import EMOTIONS, canonical_label
+from ferkit.progress import track
+
+log = logging.getLogger("ferkit")
+
+
+def load_folder(
+    root: str | Path,
+    *,
+    classes: Sequence[str] | None = None,
+    image_size: tuple[int, int] = (48, 48),
+    cache: bool = True,
+    progress: bool = False,
+) -> FaceDataset:
+    """Load every image under `root/<class>/`, grayscale and resized to `image_size` (height, width).
+
+    Class folders match case-insensitively and through aliases ("Happiness" -> happy). With
+    `classes=None` the seven EMOTIONS are used, in that order, and a folder matching none of them is an
+    error; pass an explicit list (e.g. EMOTIONS + ("contempt",)) to keep other classes. Files that cannot
+    be decoded are skipped and reported in one warning; they are listed in `dataset.skipped`.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FerkitError(f"no such dataset folder: {root}" if not root.exists() else f"{root} is not a folder")
+    classes = tuple(canonical_label(c) for c in (classes or EMOTIONS))
+    files, labels = _list_class_files(root, classes)
+    if not files:
+        raise FerkitError(f"{root} holds no image files in its class folders")
+
+    stats = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = cache_key(kind="folder", root=str(root.resolve()), size=image_size, classes=classes, files=stats)
+    cached = load_cached(key) if cache else None
+    if cached is None:
+        cached = _decode_files(files, labels, root, image_size, progress)
+        if cache:
+            save_cached(key, cached)
+
+    skipped = [(str(root / p), r) for p, r in zip(cached["skipped_paths"], cached["skipped_reasons"])]
+    if skipped:
+        shown = ", ".join(f"{p} ({r})" for p, r in skipped[:10])
+        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        log.warning("skipped %d unreadable file(s) in %s: %s%s", len(skipped), root, shown, more)
+    if len(cached["labels"]) == 0:
+        raise FerkitError(f"none of the {len(files)} files under {root} is a readable image")
+    return FaceDataset(
+        images=cached["images"],
+        labels=cached["labels"].astype(np.int64),
+        classes=classes,
+        source=str(root),
+        paths=[str(root / p) for p in cached["paths"]],
+        skipped=skipped,
+    )
+
+
+def _list_class_files(root: Path, classes: tuple[str, ...]) -> tuple[list[Path], list[int]]:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise FerkitError(f"{root} has no class folders (expected {root}/<class>/<image>)")
+    unknown = [p.name for p in folders if canonical_label(p.name) not in classes]
+    if unknown:
+        raise FerkitError(
+            f"folder(s) in {root} match no class: {', '.join(unknown)} "
+            f"(classes: {', '.join(classes)}; pass an explicit class list to keep others)"
+        )
+    files: list[Path] = []
+    labels: list[int] = []
+    for folder in folders:
+        label = classes.index(canonical_label(folder.name))
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                files.append(path)
+                labels.append(label)
+    return files, labels
+
+
+def _decode_files(files, labels, root, image_size, progress) -> dict[str, np.ndarray]:
+    images, kept_labels, kept_paths, skipped_paths, skipped_reasons = [], [], [], [], []
+    for path, label in track(list(zip(files, labels)), description=f"reading {root}", enabled=progress):
+        try:
+            images.append(to_model_input(load_image(path), image_size))
+        except FerkitError as err:
+            skipped_paths.append(str(path.relative_to(root)))
+            skipped_reasons.append(_short_reason(str(err), path))
+            continue
+        kept_labels.append(label)
+        kept_paths.append(str(path.relative_to(root)))
+    return {
+        "images": np.stack(images) if images else np.zeros((0, *image_size), np.uint8),
+        "labels": np.asarray(kept_labels, dtype=np.int64),
+        "paths": np.asarray(kept_paths, dtype=str),
+        "skipped_paths": np.asarray(skipped_paths, dtype=str),
+        "skipped_reasons": np.asarray(skipped_reasons, dtype=str),
+    }
+
+
+def _short_reason(message: str, path: Path) -> str:
+    """'x.jpg is an empty file' -> 'empty file': the path is printed beside it already."""
+    text = message.replace(str(path), "").strip()
+    for prefix in ("is an ", "is a ", "is not an image ferkit can read", "could not be decoded "):
+        if text.startswith(prefix):
+            return text[len(prefix):].strip(" ()") or "not an image"
+    return text

@@ -1,0 +1,32 @@
+"""One entry point for any dataset source: a class-folder tree or a FER2013 CSV."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from ferkit.data.dataset import FaceDataset
+from ferkit.data.fer2013_csv import load_fer2013_csv
+from ferkit.data.folder import load_folder
+from ferkit.errors import FerkitError
+
+
+def load_dataset(
+    source: str | Path,
+    *,
+    classes: Sequence[str] | None = None,
+    image_size: tuple[int, int] = (48, 48),
+    usage: str | Sequence[str] | None = None,
+    cache: bool = True,
+    progress: bool = False,
+) -> FaceDataset:
+    """Load a folder tree (`root/<class>/*`) or a FER2013 CSV; `usage` selects CSV rows only."""
+    path = Path(source)
+    if not path.exists():
+        raise FerkitError(f"no such dataset: {path}")
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise FerkitError(f"{path} is neither a dataset folder nor a FER2013 .csv file")
+        kwargs = {"classes": classes} if classes else {}
+        return load_fer2013_csv(path, usage=usage, image_size=image_size, cache=cache, **kwargs)
+    return load_folder(path, classes=classes, image_size=image_size, cache=cache, progress=progress)

@@ -1,0 +1,113 @@
+"""evaluate(model, dataset) -> EvaluationReport: accuracy, macro-F1, per-class table, confusion matrix.
+
+Metric names follow scikit-learn, which computes them. The confusion matrix always covers every class of
+the model, so a dataset without any `disgust` still gives a 7x7 matrix.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ferkit.data import FaceDataset
+from ferkit.runtime import Classifier, load_classifier
+
+
+@dataclass
+class ClassScores:
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclass
+class EvaluationReport:
+    model: str
+    data: str
+    classes: tuple[str, ...]
+    accuracy: float
+    macro_f1: float  # over the classes present in y_true or y_pred, as scikit-learn does
+    per_class: dict[str, ClassScores]
+    confusion_matrix: np.ndarray  # rows: true class, columns: predicted class, counts
+    y_true: np.ndarray
+    y_pred: np.ndarray
+
+    @property
+    def confusion_matrix_normalized(self) -> np.ndarray:
+        """Rows divided by their totals: the diagonal is each class's recall (0 for an absent class)."""
+        totals = self.confusion_matrix.sum(axis=1, keepdims=True)
+        return np.divide(self.confusion_matrix, totals, out=np.zeros(self.confusion_matrix.shape), where=totals > 0)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "data": self.data,
+            "samples": int(len(self.y_true)),
+            "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
+            "per_class": {name: vars(s) for name, s in self.per_class.items()},
+            "classes": list(self.classes),
+            "confusion_matrix": self.confusion_matrix.tolist(),
+            "confusion_matrix_normalized": np.round(self.confusion_matrix_normalized, 6).tolist(),
+        }
+
+    def save(self, folder: str | Path) -> list[Path]:
+        """Write metrics.json, per_class.csv, confusion_matrix.json and confusion_matrix.png into `folder`."""
+        from ferkit.plots import plot_confusion_matrix
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        data = self.to_dict()
+        metrics = {k: v for k, v in data.items() if not k.startswith("confusion")}
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        matrix = {k: data[k] for k in ("classes", "confusion_matrix", "confusion_matrix_normalized")}
+        (folder / "confusion_matrix.json").write_text(json.dumps(matrix, indent=2) + "\n")
+        with open(folder / "per_class.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["class", "precision", "recall", "f1", "support"])
+            for name, s in self.per_class.items():
+                writer.writerow([name, f"{s.precision:.4f}", f"{s.recall:.4f}", f"{s.f1:.4f}", s.support])
+        title = f"{self.model} on {self.data}: accuracy {self.accuracy:.3f}"
+        plot_confusion_matrix(self.confusion_matrix, self.classes, folder / "confusion_matrix.png", title=title)
+        return [folder / n for n in ("metrics.json", "per_class.csv", "confusion_matrix.json", "confusion_matrix.png")]
+
+
+def evaluate(model: str | Path | Classifier, dataset: FaceDataset, *, batch_size: int = 256) -> EvaluationReport:
+    """Classify every face of `dataset` with `model` and score the predictions."""
+    classifier = load_classifier(model)
+    probabilities = classifier.predict_proba(dataset.images, batch_size=batch_size)
+    y_pred = probabilities.argmax(axis=1)
+    # Dataset labels index dataset.classes; map them onto the model's class order by name.
+    to_model = np.array([classifier.classes.index(name) for name in dataset.classes])
+    y_true = to_model[dataset.labels]
+    return score_predictions(y_true, y_pred, classifier.classes, model=classifier.name, data=dataset.source)
+
+
+def score_predictions(y_true, y_pred, classes, *, model: str = "", data: str = "") -> EvaluationReport:
+    """The report for given true and predicted class indices (both indexing `classes`)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    labels = list(range(len(classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    per_class = {
+        name: ClassScores(float(p), float(r), float(f), int(s))
+        for name, p, r, f, s in zip(classes, precision, recall, f1, support)
+    }
+    return EvaluationReport(
+        model=model,
+        data=data,
+        classes=tuple(classes),
+        accuracy=float(accuracy_score(y_true, y_pred)),
+        macro_f1=float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        per_class=per_class,
+        confusion_matrix=confusion_matrix(y_true, y_pred, labels=labels),
+        y_true=np.asarray(y_true),
+        y_pred=np.asarray(y_pred),
+    )

@@ -1,0 +1,108 @@
+"""Reading any image the way training saw its faces: EXIF-upright, grayscale, resized.
+
+Every path into a model (datasets, `predict`, later detectors) goes through `to_model_input`, so the
+preprocessing at predict time cannot drift from the one used in training.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ferkit.errors import FerkitError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+# Pillow's own bomb guard warns at 89 Mpx and fails at twice that; we refuse anything past this.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
+    """Open an image upright (EXIF orientation applied), first frame of an animation, fully decoded.
+
+    Raises FerkitError with a one-line reason for a missing, empty, truncated or non-image file.
+    """
+    if isinstance(source, Image.Image):
+        return ImageOps.exif_transpose(source)
+    if isinstance(source, np.ndarray):
+        return _array_to_image(source)
+    path = Path(source)
+    if not path.exists():
+        raise FerkitError(f"no such file: {path}")
+    if path.is_dir():
+        raise FerkitError(f"{path} is a folder, not an image")
+    if path.stat().st_size == 0:
+        raise FerkitError(f"{path} is an empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise FerkitError(
+                    f"{path} is {image.width}x{image.height} pixels, over the limit of "
+                    f"{MAX_IMAGE_PIXELS:,}; resize it first"
+                )
+            image.seek(0)
+            image.load()
+    except FerkitError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise FerkitError(f"{path} is not an image ferkit can read") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise FerkitError(f"{path} could not be decoded ({_first_line(err)})") from None
+    return ImageOps.exif_transpose(image)
+
+
+def to_grayscale(image: Image.Image) -> Image.Image:
+    """8-bit grayscale from any mode: L, RGB(A), P, CMYK, 1, and 16/32-bit integer or float images."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        if image.mode == "F" and values.max(initial=0) <= 1.0:
+            top = 1.0
+        return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Flatten transparency onto white, the way viewers show it, instead of onto black.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("L")
+
+
+def to_model_input(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """The face as a `size` = (height, width) uint8 grayscale array, resized with area averaging."""
+    gray = to_grayscale(image)
+    height, width = size
+    if gray.size != (width, height):
+        gray = gray.resize((width, height), Image.Resampling.BOX if gray.width > width else Image.Resampling.BILINEAR)
+    return np.asarray(gray, dtype=np.uint8)
+
+
+def _array_to_image(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise FerkitError(f"an image array must be HxW, HxWx3 or HxWx4, got shape {array.shape}")
+    if array.dtype != np.uint8:
+        scale = 255.0 if array.dtype.kind == "f" and array.max(initial=0) <= 1.0 else 1.0
+        array = np.clip(array * scale, 0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def faces_to_batch(faces: np.ndarray, channels: int) -> np.ndarray:
+    """(N, H, W) uint8 faces -> (N, H, W, channels) float32 in 0-255, gray repeated: the model's input."""
+    batch = np.asarray(faces, dtype=np.float32)[..., None]
+    return np.repeat(batch, channels, axis=-1) if channels > 1 else batch

@@ -1,0 +1,45 @@
+"""Class names: the seven FER2013 emotions and the aliases other datasets use for them."""
+
+from __future__ import annotations
+
+EMOTIONS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
+
+# Other spellings seen in public FER datasets (RAF-DB, AffectNet, CK+, KDEF, folder dumps).
+ALIASES: dict[str, str] = {
+    "anger": "angry",
+    "angered": "angry",
+    "disgusted": "disgust",
+    "disgusting": "disgust",
+    "fearful": "fear",
+    "afraid": "fear",
+    "scared": "fear",
+    "fearfull": "fear",
+    "happiness": "happy",
+    "happy_face": "happy",
+    "joy": "happy",
+    "smile": "happy",
+    "neutrality": "neutral",
+    "calm": "neutral",
+    "sadness": "sad",
+    "unhappy": "sad",
+    "surprised": "surprise",
+    "surprize": "surprise",
+    "contemptuous": "contempt",
+}
+
+# Codes of the Kaggle FER2013 CSV's `emotion` column; not the alphabetical folder order.
+FER2013_CSV_CODES: dict[int, str] = {
+    0: "angry",
+    1: "disgust",
+    2: "fear",
+    3: "happy",
+    4: "sad",
+    5: "surprise",
+    6: "neutral",
+}
+
+
+def canonical_label(name: str) -> str:
+    """Lower-case `name` and map a known alias to its canonical class name ("Happiness" -> "happy")."""
+    key = name.strip().lower().replace(" ", "_").replace("-", "_")
+    return ALIASES.get(key, key)

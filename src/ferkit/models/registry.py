@@ -1,0 +1,55 @@
+"""A registry of model builders by name, like timm's: `create_model("seed-cnn")`, `list_models()`."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ferkit.errors import FerkitError
+from ferkit.labels import EMOTIONS
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model family needs to be built and fed: its builder and its default input."""
+
+    name: str
+    builder: Callable
+    input_size: tuple[int, int]  # (height, width) in pixels
+    channels: int  # the grayscale face is repeated to this many channels
+    description: str
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, *, input_size=(48, 48), channels: int = 3, description: str = ""):
+    """Decorator for a builder `fn(*, num_classes, input_shape) -> keras.Model`."""
+
+    def decorate(builder: Callable) -> Callable:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        doc = description or (builder.__doc__ or "").strip().splitlines()[0]
+        _REGISTRY[name] = ModelSpec(name, builder, tuple(input_size), channels, doc)
+        return builder
+
+    return decorate
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style `pattern`, sorted."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    if name not in _REGISTRY:
+        raise FerkitError(f"unknown model {name!r} (available: {', '.join(list_models())})")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, *, num_classes: int = len(EMOTIONS), input_size: tuple[int, int] | None = None):
+    """Build the named model, untrained, for `num_classes` outputs (softmax probabilities)."""
+    spec = get_model_spec(name)
+    height, width = input_size or spec.input_size
+    return spec.builder(num_classes=num_classes, input_shape=(height, width, spec.channels))

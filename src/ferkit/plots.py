@@ -1,0 +1,61 @@
+"""Figures: training curves and confusion matrices. matplotlib is imported only when drawing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_history(history: dict[str, Sequence[float]], path: str | Path, *, title: str = "") -> Path:
+    """Accuracy and loss per epoch, train vs val, side by side, saved as a PNG."""
+    plt = _pyplot()
+    epochs = history["epoch"]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for ax, metric in ((ax_acc, "accuracy"), (ax_loss, "loss")):
+        ax.plot(epochs, history[metric], marker=".", label=f"train {metric}")
+        if history.get(f"val_{metric}"):
+            ax.plot(epochs, history[f"val_{metric}"], marker=".", label=f"val {metric}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: str | Path, *, title: str = "") -> Path:
+    """Counts and row-normalised (recall) matrices side by side, labelled, saved as a PNG."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    plt = _pyplot()
+    matrix = np.asarray(matrix)
+    totals = matrix.sum(axis=1, keepdims=True)
+    normalised = np.divide(matrix, totals, out=np.zeros(matrix.shape, float), where=totals > 0)
+    fig, (ax_counts, ax_norm) = plt.subplots(1, 2, figsize=(14, 6), constrained_layout=True)
+    ConfusionMatrixDisplay(matrix, display_labels=list(classes)).plot(
+        ax=ax_counts, cmap="Blues", colorbar=False, values_format="d", xticks_rotation=45
+    )
+    ax_counts.set_title("counts")
+    ConfusionMatrixDisplay(normalised, display_labels=list(classes)).plot(
+        ax=ax_norm, cmap="Blues", colorbar=False, values_format=".2f", xticks_rotation=45, im_kw={"vmin": 0, "vmax": 1}
+    )
+    ax_norm.set_title("normalised by true class (recall)")
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,144 @@
+"""One classifier interface over saved models, and the metadata that travels inside them.
+
+A saved ferkit model knows its class names, input size, channel count and preprocessing: they are
+stored in the model file (`ferkit.json` inside the `.keras` zip), so nothing is guessed at predict time.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ferkit import __version__
+from ferkit.errors import FerkitError
+from ferkit.images import faces_to_batch
+
+METADATA_NAME = "ferkit.json"
+PREPROCESSING = "exif-upright, grayscale (ITU-R 601-2 luma), resized to input_size, gray repeated to channels, raw 0-255"
+
+
+@dataclass
+class ModelMetadata:
+    model: str  # registry name, e.g. "seed-cnn"
+    classes: list[str]
+    input_size: list[int]  # (height, width)
+    channels: int
+    preprocessing: str = PREPROCESSING
+    ferkit_version: str = __version__
+    extra: dict = field(default_factory=dict)  # e.g. the run it came from, its best val accuracy
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelMetadata":
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+def save_keras_model(model, path: str | Path, metadata: ModelMetadata) -> Path:
+    """Save a Keras model with ferkit's metadata inside, atomically (a kill never leaves half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    model.save(tmp)
+    with zipfile.ZipFile(tmp, "a") as archive:
+        archive.writestr(METADATA_NAME, json.dumps(asdict(metadata), indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A model file, or a run folder (its best model, else its last)."""
+    path = Path(model)
+    if path.is_dir():
+        for name in ("best.keras", "last.keras"):
+            if (path / name).is_file():
+                return path / name
+        raise FerkitError(f"{path} holds no model (no best.keras or last.keras): is it a ferkit run folder?")
+    if not path.exists():
+        raise FerkitError(f"no such model or run folder: {path}")
+    return path
+
+
+def read_metadata(path: str | Path) -> ModelMetadata:
+    path = resolve_model_path(path)
+    if path.suffix != ".keras":
+        raise FerkitError(f"{path} is not a ferkit model (expected a .keras file or a run folder)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            data = json.loads(archive.read(METADATA_NAME))
+    except (zipfile.BadZipFile, OSError):
+        raise FerkitError(f"{path} is not a valid .keras model file") from None
+    except KeyError:
+        raise FerkitError(f"{path} is a Keras model without ferkit metadata (class names, input size)") from None
+    except ValueError:
+        raise FerkitError(f"{path} has unreadable ferkit metadata") from None
+    return ModelMetadata.from_dict(data)
+
+
+class Classifier:
+    """Class probabilities for batches of grayscale faces; subclasses wrap one runtime each."""
+
+    def __init__(self, metadata: ModelMetadata, path: Path):
+        self.metadata = metadata
+        self.path = path
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.metadata.classes)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.metadata.input_size)
+
+    @property
+    def name(self) -> str:
+        return self.metadata.model
+
+    def predict_proba(self, faces: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+        """(N, height, width) uint8 faces at `input_size` -> (N, len(classes)) probabilities."""
+        faces = np.asarray(faces)
+        if faces.ndim != 3 or tuple(faces.shape[1:]) != self.input_size:
+            raise ValueError(f"expected faces of shape (N, {self.input_size[0]}, {self.input_size[1]}), got {faces.shape}")
+        if len(faces) == 0:
+            return np.zeros((0, len(self.classes)), np.float32)
+        outputs = [self._run(faces_to_batch(faces[i : i + batch_size], self.metadata.channels)) for i in range(0, len(faces), batch_size)]
+        return np.concatenate(outputs).astype(np.float32)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class KerasClassifier(Classifier):
+    def __init__(self, metadata: ModelMetadata, path: Path):
+        super().__init__(metadata, path)
+        from ferkit._keras import import_keras
+
+        keras = import_keras()
+        try:
+            self.model = keras.saving.load_model(path, compile=False)
+        except Exception as err:  # Keras raises many types for a damaged file
+            raise FerkitError(f"{path} could not be loaded as a Keras model ({type(err).__name__})") from None
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model(batch, training=False))
+
+
+def load_classifier(model: str | Path | Classifier) -> Classifier:
+    """A ready classifier from a model file or run folder (or one already loaded).
+
+    Loaded models are kept, so calling this per image costs nothing after the first call; a model
+    file that changes on disk is loaded afresh.
+    """
+    if isinstance(model, Classifier):
+        return model
+    path = resolve_model_path(model).resolve()
+    return _load_cached(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(path: Path, mtime_ns: int) -> Classifier:
+    return KerasClassifier(read_metadata(path), path)
