@@ -1,0 +1,62 @@
+"""Shared fixtures: an isolated cache, and small generated face datasets a model can actually learn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ferkit.labels import EMOTIONS
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FER2013 = SHARED / "data" / "fer2013"
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test gets its own dataset cache, so no test sees another's (or the user's) cache."""
+    monkeypatch.setenv("FERKIT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+def pattern_face(label: int, rng: np.random.Generator, size: int = 48) -> np.ndarray:
+    """A noisy gray image whose class is written as a bright horizontal band at a class-specific row."""
+    image = rng.normal(90, 25, (size, size))
+    band = size // len(EMOTIONS)
+    image[label * band : (label + 1) * band, :] += 120
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_pattern_dataset(root: Path, per_class: int, *, seed: int = 0, folder_names=None, suffix=".png") -> Path:
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(folder_names or EMOTIONS):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(pattern_face(label, rng)).save(folder / f"{name}_{i}{suffix}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def pattern_data(tmp_path_factory) -> Path:
+    """train/ and val/ folders of generated, learnable faces (20 and 8 per class)."""
+    root = tmp_path_factory.mktemp("pattern")
+    write_pattern_dataset(root / "train", 20, seed=1)
+    write_pattern_dataset(root / "val", 8, seed=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(pattern_data, tmp_path_factory) -> Path:
+    """A seed-cnn run trained for a few epochs on the pattern data (shared by read-only tests)."""
+    from ferkit.config import TrainConfig
+    from ferkit.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "pattern"
+    config = TrainConfig(data=str(pattern_data / "train"), val=str(pattern_data / "val"), epochs=8, out=str(out))
+    return train(config, verbose=0)
+
+
+def needs_fer2013():
+    return pytest.mark.skipif(not FER2013.is_dir(), reason=f"the FER2013 folders are not at {FER2013}")

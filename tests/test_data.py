@@ -1,0 +1,142 @@
+import logging
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FER2013, needs_fer2013, pattern_face, write_pattern_dataset
+from ferkit.data import load_dataset, load_fer2013_csv, load_folder, split_dataset
+from ferkit.data.cache import cache_dir
+from ferkit.errors import FerkitError
+from ferkit.labels import EMOTIONS, FER2013_CSV_CODES
+
+
+def test_folder_names_match_loosely_and_keep_the_emotion_order(tmp_path):
+    names = ["Anger", "DISGUSTED", "fearful", "Happiness", "neutral", "Sadness", "surprised"]
+    write_pattern_dataset(tmp_path, 3, folder_names=names)
+    data = load_folder(tmp_path)
+    assert data.classes == EMOTIONS
+    assert data.class_counts() == {name: 3 for name in EMOTIONS}
+    assert data.images.shape == (21, 48, 48) and data.images.dtype == np.uint8
+    # each image is labelled by the folder it came from
+    for path, label in zip(data.paths, data.labels):
+        assert names[label] in path
+
+
+def test_any_common_format_loads(tmp_path):
+    rng = np.random.default_rng(0)
+    for i, suffix in enumerate([".jpg", ".png", ".bmp", ".gif", ".tif", ".webp"]):
+        folder = tmp_path / EMOTIONS[i]
+        folder.mkdir()
+        Image.fromarray(pattern_face(i, rng, size=60)).convert("RGB").save(folder / f"x{suffix}")
+    data = load_folder(tmp_path)
+    assert len(data) == 6 and data.image_size == (48, 48)
+
+
+def test_unknown_folders_are_named_or_kept_with_an_explicit_class_list(tmp_path):
+    write_pattern_dataset(tmp_path, 2, folder_names=["happy", "contempt", "weird"])
+    with pytest.raises(FerkitError, match="contempt, weird"):
+        load_folder(tmp_path)
+    (tmp_path / "weird").rename(tmp_path / "sad")
+    data = load_folder(tmp_path, classes=[*EMOTIONS, "contempt"])
+    assert data.classes[-1] == "contempt"
+    assert data.class_counts()["contempt"] == 2 and data.class_counts()["angry"] == 0
+
+
+def test_unreadable_files_are_skipped_with_one_warning(tmp_path, caplog):
+    write_pattern_dataset(tmp_path, 3, folder_names=["happy", "sad"])
+    (tmp_path / "happy" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "sad" / "notes.txt").write_text("not an image")
+    (tmp_path / "sad" / "half.png").write_bytes((tmp_path / "sad" / "sad_0.png").read_bytes()[:60])
+    with caplog.at_level(logging.WARNING, logger="ferkit"):
+        data = load_folder(tmp_path)
+    assert len(data) == 6
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "skipped 3" in warnings[0].getMessage()
+    assert {p.split("/")[-1] for p, _ in data.skipped} == {"empty.jpg", "notes.txt", "half.png"}
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "no-images"])
+def test_unusable_folders_raise(tmp_path, layout):
+    if layout == "empty":
+        (tmp_path / "data").mkdir()
+    if layout == "no-images":
+        (tmp_path / "data" / "happy").mkdir(parents=True)
+    with pytest.raises(FerkitError):
+        load_dataset(tmp_path / "data")
+
+
+def test_second_load_comes_from_the_cache(tmp_path):
+    write_pattern_dataset(tmp_path, 4)
+    first = load_folder(tmp_path)
+    cached = list((cache_dir() / "datasets").glob("*.npz"))
+    assert len(cached) == 1
+    # Zero the file's bytes but keep its size and time: only the cache can still give the same images.
+    path = tmp_path / "happy" / "happy_0.png"
+    stat = path.stat()
+    path.write_bytes(bytes(stat.st_size))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = load_folder(tmp_path)
+    assert np.array_equal(first.images, second.images) and np.array_equal(first.labels, second.labels)
+    assert not second.skipped
+
+
+def test_cache_notices_changed_files(tmp_path):
+    write_pattern_dataset(tmp_path, 2)
+    assert len(load_folder(tmp_path)) == 14
+    Image.fromarray(pattern_face(0, np.random.default_rng(5))).save(tmp_path / "angry" / "new.png")
+    assert len(load_folder(tmp_path)) == 15
+
+
+def _write_csv(path, rows):
+    lines = ["emotion,pixels,Usage"] + [f"{code},{' '.join(map(str, pixels))},{usage}" for code, pixels, usage in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_fer2013_csv_codes_map_to_class_names(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [(code, rng.integers(0, 256, 2304), usage) for code in range(7) for usage in ("Training", "PublicTest")]
+    _write_csv(tmp_path / "fer.csv", rows)
+    train = load_fer2013_csv(tmp_path / "fer.csv", usage="Training")
+    assert len(train) == 7
+    names = [train.classes[label] for label in train.labels]
+    assert names == [FER2013_CSV_CODES[code] for code in range(7)]
+    # images come through unchanged
+    assert np.array_equal(train.images[0].ravel(), rows[0][1])
+    assert len(load_dataset(tmp_path / "fer.csv")) == 14
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [("3,1 2 3,Training", "line 3: expected 2304"), ("9,{px},Training", "code 9"), ("x,{px},Training", "not a number")],
+)
+def test_malformed_csv_rows_name_their_line(tmp_path, row, message):
+    pixels = " ".join(["7"] * 2304)
+    (tmp_path / "bad.csv").write_text(f"emotion,pixels,Usage\n0,{pixels},Training\n{row.format(px=pixels)}\n")
+    with pytest.raises(FerkitError, match=message):
+        load_fer2013_csv(tmp_path / "bad.csv")
+
+
+def test_a_csv_without_the_columns_is_refused(tmp_path):
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(FerkitError, match="not a FER2013 CSV"):
+        load_dataset(tmp_path / "other.csv")
+
+
+def test_split_is_stratified_and_repeatable(tmp_path):
+    write_pattern_dataset(tmp_path, 10)
+    data = load_folder(tmp_path)
+    train_a, val_a = split_dataset(data, val_fraction=0.2, seed=3)
+    train_b, val_b = split_dataset(data, val_fraction=0.2, seed=3)
+    assert val_a.paths == val_b.paths
+    assert set(val_a.class_counts().values()) == {2}
+    assert len(train_a) + len(val_a) == len(data) and not set(train_a.paths) & set(val_a.paths)
+
+
+@needs_fer2013()
+def test_real_fer2013_val_loads_every_file():
+    files = {c: len(list((FER2013 / "val" / c).iterdir())) for c in EMOTIONS}
+    data = load_dataset(FER2013 / "val")
+    assert data.class_counts() == files
+    assert data.images.shape[1:] == (48, 48) and not data.skipped

@@ -1,0 +1,109 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ferkit import images
+from ferkit.errors import FerkitError
+from ferkit.images import faces_to_batch, load_image, to_model_input
+
+
+def _gradient(width=64, height=40) -> np.ndarray:
+    return np.tile(np.linspace(0, 255, width, dtype=np.uint8), (height, 1))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "LA", "P", "CMYK", "1", "I;16", "I", "F"])
+def test_every_mode_becomes_a_48x48_uint8_face(tmp_path, mode):
+    gray = Image.fromarray(_gradient())
+    if mode == "I;16":
+        image = Image.fromarray(np.asarray(gray, np.uint16) * 257)
+    elif mode == "F":
+        image = Image.fromarray(np.asarray(gray, np.float32) / 255.0)
+    else:
+        image = gray.convert(mode)
+    face = to_model_input(image, (48, 48))
+    assert face.shape == (48, 48) and face.dtype == np.uint8
+    if mode not in ("1", "P"):
+        # the left-to-right gradient survives the conversion in every lossless mode
+        assert face[:, 0].mean() < 40 and face[:, -1].mean() > 215
+
+
+def test_sixteen_bit_png_keeps_its_range(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.asarray(_gradient(), np.uint16) * 257).save(path)
+    face = to_model_input(load_image(path), (48, 48))
+    assert face.max() > 240 and face.min() < 10
+
+
+def test_cmyk_jpeg_loads(tmp_path):
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(_gradient()).convert("CMYK").save(path)
+    assert load_image(path).mode == "CMYK"
+    assert to_model_input(load_image(path), (48, 48)).shape == (48, 48)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    image = Image.fromarray(_gradient(64, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    image.save(path, exif=exif.tobytes())
+    upright = load_image(path)
+    assert upright.size == (40, 64)
+
+
+def test_animated_gif_gives_its_first_frame(tmp_path):
+    path = tmp_path / "anim.gif"
+    frames = [Image.new("L", (20, 20), 10), Image.new("L", (20, 20), 240)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50)
+    assert np.asarray(to_model_input(load_image(path), (48, 48))).mean() < 50
+
+
+def test_transparent_pixels_become_white_not_black():
+    rgba = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
+    assert to_model_input(rgba, (10, 10)).min() == 255
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "empty"), (b"this is text, not a picture", "not an image"), ("truncated", "could not be decoded")],
+)
+def test_bad_files_raise_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "bad.jpg"
+    if content == "truncated":
+        buffer = io.BytesIO()
+        Image.fromarray(_gradient(200, 200)).save(buffer, format="PNG")
+        content = buffer.getvalue()[:200]
+    path.write_bytes(content)
+    with pytest.raises(FerkitError, match=message) as info:
+        load_image(path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_and_folder_are_named(tmp_path):
+    with pytest.raises(FerkitError, match="no such file"):
+        load_image(tmp_path / "nope.jpg")
+    with pytest.raises(FerkitError, match="is a folder"):
+        load_image(tmp_path)
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.new("L", (400, 300)).save(path)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100_000)
+    with pytest.raises(FerkitError, match="over the limit"):
+        load_image(path)
+
+
+def test_arrays_are_accepted_as_images():
+    assert load_image(np.zeros((30, 20, 3), np.uint8)).size == (20, 30)
+    with pytest.raises(FerkitError, match="shape"):
+        load_image(np.zeros((3, 3, 3, 3)))
+
+
+def test_faces_to_batch_repeats_gray_to_the_model_channels():
+    faces = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4)
+    batch = faces_to_batch(faces, 3)
+    assert batch.shape == (2, 4, 4, 3) and batch.dtype == np.float32
+    assert np.array_equal(batch[..., 2], faces)

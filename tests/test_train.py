@@ -1,0 +1,98 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ferkit.config import TrainConfig
+from ferkit.data import load_dataset
+from ferkit.errors import FerkitError
+from ferkit.evaluate import evaluate
+from ferkit.runtime import read_metadata
+from ferkit.train import RUN_FILES, RunState, read_history, train
+
+
+def _config(pattern_data, out, **overrides):
+    return TrainConfig(data=str(pattern_data / "train"), val=str(pattern_data / "val"), out=str(out), **overrides)
+
+
+def test_a_run_folder_holds_everything(trained_run):
+    for name in RUN_FILES:
+        assert (trained_run / name).exists(), name
+    history = read_history(trained_run / "history.csv")
+    assert history["epoch"] == list(range(1, 9))
+    assert (trained_run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["model"] == "seed-cnn" and config["classes"] == list(read_metadata(trained_run).classes)
+    state = RunState.load(trained_run)
+    assert state.status == "finished" and state.epochs_done == 8
+
+
+def test_training_learns_the_generated_classes(trained_run, pattern_data):
+    state = RunState.load(trained_run)
+    assert state.best_val_accuracy > 0.6  # chance is 1/7
+    # The saved best model scores on val exactly what training recorded for that epoch.
+    report = evaluate(trained_run, load_dataset(pattern_data / "val"))
+    assert report.accuracy == pytest.approx(state.best_val_accuracy, abs=1e-6)
+
+
+def test_training_is_repeatable_with_a_seed(pattern_data, tmp_path):
+    first = read_history(train(_config(pattern_data, tmp_path / "a", epochs=2, seed=7), verbose=0) / "history.csv")
+    second = read_history(train(_config(pattern_data, tmp_path / "b", epochs=2, seed=7), verbose=0) / "history.csv")
+    assert np.allclose(first["loss"], second["loss"], rtol=1e-5)
+    assert first["val_accuracy"] == second["val_accuracy"]
+
+
+def test_resume_continues_where_the_run_stopped(pattern_data, tmp_path):
+    run = train(_config(pattern_data, tmp_path / "r", epochs=2, augment=["flip", "zoom"]), verbose=0)
+    config = TrainConfig.load(run / "config.json")
+    config.epochs = 4
+    train(config, resume=True, verbose=0)
+    history = read_history(run / "history.csv")
+    assert history["epoch"] == [1, 2, 3, 4]
+    assert RunState.load(run).epochs_done == 4
+    # the saved models are the bare network: augmentation layers stay out of them
+    from ferkit.runtime import load_classifier
+
+    layers = [type(layer).__name__ for layer in load_classifier(run / "last.keras").model.layers]
+    assert not any(name.startswith("Random") for name in layers)
+
+
+def test_an_existing_run_is_never_overwritten_silently(pattern_data, trained_run, tmp_path):
+    with pytest.raises(FerkitError, match="already exists"):
+        train(_config(pattern_data, trained_run, epochs=1), verbose=0)
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(FerkitError, match="not a ferkit run folder"):
+        train(_config(pattern_data, other, epochs=1), overwrite=True, verbose=0)
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_a_killed_run_is_usable_and_resumes(pattern_data, tmp_path):
+    run = tmp_path / "killed"
+    command = [sys.executable, "-m", "ferkit.cli", "train", "--data", str(pattern_data / "train"),
+               "--val", str(pattern_data / "val"), "--epochs", "500", "--out", str(run)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while RunState.load(run).epochs_done < 2 if (run / "state.json").exists() else True:
+        assert time.time() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "continue with: ferkit train --resume" in err and "Traceback" not in err
+    state = RunState.load(run)
+    assert state.status == "interrupted" and state.epochs_done >= 2
+    assert read_metadata(run).classes  # best.keras is complete and readable
+    done = state.epochs_done
+    resumed = subprocess.run(
+        [sys.executable, "-m", "ferkit.cli", "train", "--resume", str(run), "--epochs", str(done + 1)],
+        capture_output=True, text=True, env={**os.environ},
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_history(run / "history.csv")["epoch"] == list(range(1, done + 2))
