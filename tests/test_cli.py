@@ -1,0 +1,116 @@
+"""The CLI in-process, on real files: what a user types and what they see."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import pattern_face
+from ferkit.cli import cli
+from ferkit.labels import EMOTIONS, FER2013_CSV_CODES
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_models_lists_and_shows_the_layer_table():
+    listing = run("models")
+    assert listing.exit_code == 0 and "seed-cnn" in listing.output
+    shown = run("models", "show", "seed-cnn")
+    assert shown.exit_code == 0
+    for count in ("422,375", "416", "4,128", "410,112", "3,591"):
+        assert count in shown.output
+
+
+def test_train_evaluate_predict_end_to_end(pattern_data, tmp_path):
+    out = tmp_path / "run"
+    trained = run("train", "--data", pattern_data / "train", "--val", pattern_data / "val",
+                  "--epochs", 3, "--augment", "flip,zoom", "--out", out)
+    assert trained.exit_code == 0, trained.output
+    assert "best val accuracy" in trained.output and (out / "best.keras").exists()
+
+    evaluated = run("evaluate", out, "--data", pattern_data / "val")
+    assert evaluated.exit_code == 0, evaluated.output
+    for name in EMOTIONS:
+        assert name in evaluated.output
+    assert "macro-F1" in evaluated.output
+    assert (out / "eval-val" / "confusion_matrix.png").exists()
+
+    as_json = run("evaluate", out, "--data", pattern_data / "val", "--json")
+    metrics = json.loads(as_json.output)
+    assert len(metrics["confusion_matrix"]) == 7 and 0 <= metrics["accuracy"] <= 1
+    assert metrics["samples"] == 7 * 8
+
+    face = tmp_path / "face.jpg"
+    Image.fromarray(pattern_face(3, np.random.default_rng(0))).resize((300, 300)).convert("RGB").save(face)
+    predicted = run("predict", face, "--model", out, "--json")
+    assert predicted.exit_code == 0, predicted.output
+    result = json.loads(predicted.output)
+    assert list(result["faces"][0]["probabilities"]) == list(EMOTIONS)
+
+    human = run("predict", face, "--model", out)
+    assert human.exit_code == 0 and "%" in human.output
+
+
+def test_evaluate_a_fer2013_csv(trained_run, tmp_path):
+    rng = np.random.default_rng(0)
+    codes = {name: code for code, name in FER2013_CSV_CODES.items()}
+    lines = ["emotion,pixels,Usage"]
+    for label, name in enumerate(EMOTIONS):
+        for _ in range(4):
+            lines.append(f"{codes[name]},{' '.join(map(str, pattern_face(label, rng).ravel()))},PublicTest")
+    (tmp_path / "fer.csv").write_text("\n".join(lines) + "\n")
+    result = run("evaluate", trained_run, "--data", tmp_path / "fer.csv", "--json", "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["samples"] == 28
+
+
+def _one_line_error(result, code=2):
+    assert result.exit_code == code, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output
+    return lines[0]
+
+
+def test_bad_input_gives_one_line_and_an_exit_code(trained_run, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.keras").write_text("not a model")
+    pixels = " ".join(["1"] * 10)
+    (tmp_path / "bad.csv").write_text(f"emotion,pixels,Usage\n0,{pixels},PublicTest\n")
+    assert "no such" in _one_line_error(run("evaluate", trained_run, "--data", tmp_path / "nowhere"))
+    assert "no class folders" in _one_line_error(run("evaluate", trained_run, "--data", tmp_path / "empty"))
+    assert "line 2" in _one_line_error(run("evaluate", trained_run, "--data", tmp_path / "bad.csv"))
+    assert "not a valid" in _one_line_error(run("predict", tmp_path / "x.jpg", "--model", tmp_path / "notes.keras"))
+    assert "unknown model" in _one_line_error(run("train", "--model", "nope", "--data", tmp_path))
+    assert "unknown augmentation" in _one_line_error(run("train", "--augment", "spin", "--data", tmp_path))
+    (tmp_path / "text.jpg").write_text("hello")
+    assert "not an image" in _one_line_error(run("predict", tmp_path / "text.jpg", "--model", trained_run), code=1)
+    assert "offline" in _one_line_error(run("predict", "https://example.com/a.jpg", "--model", trained_run), code=1)
+
+
+def test_a_batch_reports_the_bad_item_and_goes_on(trained_run, tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(pattern_face(6, np.random.default_rng(0))).save(good)
+    (tmp_path / "empty.png").write_bytes(b"")
+    result = run("predict", tmp_path / "empty.png", good, "--model", trained_run, "--json")
+    assert result.exit_code == 1
+    assert "empty file" in result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["source"] == str(good)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run("--debug", "evaluate", tmp_path / "nope", "--data", tmp_path)
+    assert result.exit_code != 0 and result.exception is not None
+    assert type(result.exception).__name__ == "FerkitError"
+
+
+def test_resume_refuses_other_flags(trained_run):
+    assert "only --epochs" in _one_line_error(run("train", "--resume", trained_run, "--model", "seed-cnn"))
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["train", "--help"]])
+def test_help_and_version(args):
+    assert run(*args).exit_code == 0

@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import pattern_face
+from ferkit.labels import EMOTIONS
+from ferkit.predict import predict_image
+from ferkit.runtime import load_classifier
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "CMYK"])
+def test_any_face_image_is_classified(trained_run, tmp_path, mode):
+    face = Image.fromarray(pattern_face(3, np.random.default_rng(9), size=48)).resize((200, 200))
+    path = tmp_path / f"face.{'jpg' if mode in ('CMYK', 'L', 'RGB') else 'png'}"
+    face.convert(mode).save(path)
+    result = predict_image(path, model=trained_run)
+    assert result.image_size == (200, 200)
+    [only] = result.faces
+    assert only.box == (0, 0, 200, 200)
+    assert list(only.probabilities) == list(EMOTIONS)
+    assert sum(only.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    assert only.emotion == "happy"  # the pattern of class 3, which the run learnt
+    assert only.score == max(only.probabilities.values())
+
+
+def test_predict_matches_the_batch_classifier(trained_run):
+    faces = np.stack([pattern_face(i, np.random.default_rng(i)) for i in range(7)])
+    batch = load_classifier(trained_run).predict_proba(faces)
+    for face, expected in zip(faces, batch):
+        got = predict_image(face, model=trained_run).faces[0]
+        assert np.allclose(list(got.probabilities.values()), expected, atol=1e-6)
+
+
+def test_boxes_select_faces_in_a_larger_image(trained_run):
+    canvas = np.full((100, 200), 90, np.uint8)
+    canvas[10:58, 20:68] = pattern_face(0, np.random.default_rng(1))
+    canvas[40:88, 130:178] = pattern_face(6, np.random.default_rng(2))
+    result = predict_image(canvas, model=trained_run, boxes=[(20, 10, 48, 48), (130, 40, 48, 48)])
+    assert [f.emotion for f in result.faces] == ["angry", "surprise"]
+    assert predict_image(canvas, model=trained_run, boxes=[]).faces == []
+
+
+def test_result_serialises(trained_run):
+    result = predict_image(pattern_face(5, np.random.default_rng(0)), model=trained_run)
+    data = result.to_dict()
+    assert data["model"] == "seed-cnn" and data["image_size"] == [48, 48]
+    assert set(data["faces"][0]) == {"box", "emotion", "score", "probabilities"}
+    assert set(data["timings_ms"]) == {"decode", "classify"}
