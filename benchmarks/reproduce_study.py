@@ -17,7 +17,8 @@ from pathlib import Path
 from ferkit.config import TrainConfig
 from ferkit.data import load_dataset
 from ferkit.evaluate import evaluate
-from ferkit.train import RunState, read_history, train
+from ferkit.runs import RunState, read_history
+from ferkit.train import train
 
 RUNS = {"seed-cnn": [], "seed-cnn-flip-zoom": ["flip", "zoom"]}
 

@@ -13,7 +13,8 @@ from ferkit.data import load_dataset
 from ferkit.errors import FerkitError
 from ferkit.evaluate import evaluate
 from ferkit.runtime import read_metadata
-from ferkit.train import RUN_FILES, RunState, read_history, train
+from ferkit.runs import RUN_FILES, RunState, read_history
+from ferkit.train import train
 
 
 def _config(pattern_data, out, **overrides):

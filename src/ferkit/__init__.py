@@ -1,8 +1,42 @@
-"""ferkit: facial expression recognition you can run, train, evaluate and fine-tune offline."""
+"""ferkit: facial expression recognition you can run, train, evaluate and fine-tune offline.
+
+    >>> import ferkit
+    >>> result = ferkit.predict_image("face.jpg", model="runs/demo")
+    >>> result.faces[0].emotion, result.faces[0].probabilities
+    >>> run = ferkit.train(ferkit.TrainConfig(data="fer2013/train", val="fer2013/val", epochs=30))
+    >>> report = ferkit.evaluate(run, ferkit.load_dataset("fer2013/val"))
+
+Importing ferkit is light: Keras and TensorFlow load only when a model is trained or a .keras model runs.
+"""
 
 __version__ = "0.1.0"
 
+from ferkit.config import TrainConfig
+from ferkit.data import FaceDataset, load_dataset
 from ferkit.errors import FerkitError
+from ferkit.evaluate import EvaluationReport, evaluate
 from ferkit.labels import EMOTIONS
+from ferkit.models import create_model, list_models
+from ferkit.predict import predict_image
+from ferkit.results import Face, ImageResult
+from ferkit.runtime import load_classifier
+from ferkit.train import train
 
-__all__ = ["EMOTIONS", "FerkitError", "__version__"]
+
+__all__ = [
+    "EMOTIONS",
+    "EvaluationReport",
+    "Face",
+    "FaceDataset",
+    "FerkitError",
+    "ImageResult",
+    "TrainConfig",
+    "create_model",
+    "evaluate",
+    "list_models",
+    "load_classifier",
+    "load_dataset",
+    "predict_image",
+    "train",
+    "__version__",
+]

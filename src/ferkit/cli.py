@@ -138,7 +138,8 @@ def train_cmd(resume: Path | None, overwrite: bool, **flags):
             flags["out"] = str(flags["out"])
         config = TrainConfig(**flags)
 
-    from ferkit.train import RunState, train
+    from ferkit.runs import RunState
+    from ferkit.train import train
 
     run = train(config, resume=resume is not None, overwrite=overwrite, verbose=1 if sys.stdout.isatty() else 2)
     state = RunState.load(run)
