@@ -17,7 +17,7 @@ setup: $(BIN)/ferkit
 
 run: setup
 	$(BIN)/ferkit train --model seed-cnn --data $(SAMPLE)/train --val $(SAMPLE)/val \
-		--epochs 15 --augment flip,zoom --out $(DEMO) --overwrite
+		--epochs 30 --augment flip,zoom --out $(DEMO) --overwrite
 	$(BIN)/ferkit evaluate $(DEMO) --data $(SAMPLE)/val
 	$(BIN)/ferkit predict $(SAMPLE)/val/happy/$(shell ls $(SAMPLE)/val/happy | head -n 1) --model $(DEMO)
 
