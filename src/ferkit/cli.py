@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from ferkit import __version__
+from ferkit.config import AUGMENTATIONS, CLASS_WEIGHTS, LR_SCHEDULES, OPTIMIZERS
 from ferkit.errors import FerkitError
 
 log = logging.getLogger("ferkit")
@@ -111,8 +112,14 @@ def _output_shape(layer):
 @click.option("--classes", help="Comma-separated class list, to keep classes beyond the seven emotions.")
 @click.option("--epochs", type=int, help="Epochs to train in all (default 30); with --resume, the new total.")
 @click.option("--batch-size", type=int, help="Batch size (default 64).")
-@click.option("--lr", "learning_rate", type=float, help="Adam learning rate (default 1e-3).")
-@click.option("--augment", help="Comma-separated augmentations: flip, zoom.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="Optimizer (default adam).")
+@click.option("--lr", "learning_rate", type=float, help="Learning rate (default 1e-3).")
+@click.option("--weight-decay", type=float, help="Decoupled weight decay for adamw and sgd (default 0).")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), help="constant (default), plateau or cosine.")
+@click.option("--lr-patience", type=int, help="Epochs without a val gain before plateau halves the rate (default 5).")
+@click.option("--label-smoothing", type=float, help="Label smoothing (default 0).")
+@click.option("--class-weight", type=click.Choice(CLASS_WEIGHTS), help="Loss weights per class: none (default), balanced, sqrt.")
+@click.option("--augment", help=f"Comma-separated augmentations: {', '.join(AUGMENTATIONS)}.")
 @click.option("--seed", type=int, help="Random seed (default 0).")
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder (default runs/train).")
 @click.option("--resume", type=click.Path(path_type=Path), help="Continue the run in this folder where it stopped.")

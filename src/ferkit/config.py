@@ -8,7 +8,10 @@ from pathlib import Path
 
 from ferkit.errors import FerkitError
 
-AUGMENTATIONS = ("flip", "zoom")
+AUGMENTATIONS = ("flip", "zoom", "shift", "rotate", "erase", "contrast")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "plateau", "cosine")
+CLASS_WEIGHTS = ("none", "balanced", "sqrt")
 
 
 @dataclass
@@ -20,9 +23,17 @@ class TrainConfig:
     classes: list[str] | None = None  # None: the seven EMOTIONS
     epochs: int = 30
     batch_size: int = 64
-    learning_rate: float = 1e-3  # Adam
+    optimizer: str = "adam"  # adam, adamw, or sgd (Nesterov momentum 0.9)
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0  # decoupled weight decay (adamw, sgd)
+    lr_schedule: str = "constant"  # constant; plateau: halve after lr_patience epochs without a val gain; cosine
+    lr_patience: int = 5
+    label_smoothing: float = 0.0
+    class_weight: str = "none"  # none; balanced: n / (classes * count); sqrt: its square root (milder)
     augment: list[str] = field(default_factory=list)  # any of AUGMENTATIONS, applied on the fly
-    zoom: float = 0.2  # +-fraction for the "zoom" augmentation, as in the study
+    zoom: float = 0.2  # +-fraction for "zoom", as in the study
+    shift: float = 0.1  # +-fraction of the side for "shift"
+    rotate: float = 10.0  # +-degrees for "rotate"
     seed: int = 0  # seeds weights, shuffling, augmentation and the val split
     out: str = "runs/train"
 
@@ -34,6 +45,15 @@ class TrainConfig:
             raise FerkitError("epochs and batch size must be at least 1")
         if self.learning_rate <= 0:
             raise FerkitError("the learning rate must be positive")
+        for name, value, allowed in (
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("learning-rate schedule", self.lr_schedule, LR_SCHEDULES),
+            ("class weight", self.class_weight, CLASS_WEIGHTS),
+        ):
+            if value not in allowed:
+                raise FerkitError(f"unknown {name} {value!r} (choose from {', '.join(allowed)})")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise FerkitError("label smoothing must lie in [0, 1)")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")

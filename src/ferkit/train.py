@@ -11,6 +11,8 @@ import shutil
 import signal
 from pathlib import Path
 
+import numpy as np
+
 from ferkit._keras import import_keras
 from ferkit.config import TrainConfig
 from ferkit.data import FaceDataset, load_dataset, split_dataset
@@ -49,27 +51,37 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         training_model = keras.saving.load_model(run / "checkpoint.keras")
     else:
         state = RunState()
-        training_model = _build_training_model(keras, config, spec, len(train_set.classes))
+        steps_per_epoch = -(-len(train_set) // config.batch_size)
+        training_model = _build_training_model(keras, config, spec, len(train_set.classes), steps_per_epoch)
     base_model = training_model.layers[-1] if config.augment else training_model
     trim_history(run / "history.csv", state.epochs_done)
 
     metadata = ModelMetadata(
         model=config.model, classes=list(train_set.classes), input_size=list(spec.input_size), channels=spec.channels
     )
-    recorder = RunRecorder(run, state, base_model, metadata)
+    callbacks = [RunRecorder(run, state, base_model, metadata)]
+    if config.lr_schedule == "plateau":
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau("val_accuracy", mode="max", factor=0.5, patience=config.lr_patience)
+        )
+    num_classes = len(train_set.classes)
     state.status = "running"
     state.save(run)
     try:
         with _sigterm_as_interrupt():
             training_model.fit(
                 faces_to_batch(train_set.images, spec.channels),
-                train_set.labels,
-                validation_data=(faces_to_batch(val_set.images, spec.channels), val_set.labels),
+                _targets(train_set.labels, num_classes, config),
+                validation_data=(
+                    faces_to_batch(val_set.images, spec.channels),
+                    _targets(val_set.labels, num_classes, config),
+                ),
                 epochs=config.epochs,
                 initial_epoch=state.epochs_done,
                 batch_size=config.batch_size,
                 shuffle=True,
-                callbacks=[recorder],
+                callbacks=callbacks,
+                class_weight=_class_weights(config, train_set.labels, num_classes),
                 verbose=verbose,
             )
     except KeyboardInterrupt:
@@ -116,21 +128,57 @@ def _save_run_config(run: Path, config: TrainConfig, train_set: FaceDataset, val
     write_atomic(run / "datasets.json", json.dumps(sizes, indent=2) + "\n")
 
 
-def _build_training_model(keras, config: TrainConfig, spec, num_classes: int):
+def _build_training_model(keras, config: TrainConfig, spec, num_classes: int, steps_per_epoch: int):
     """The registered model, behind the augmentation layers when asked (they are off at inference)."""
     base = spec.builder(num_classes=num_classes, input_shape=(*spec.input_size, spec.channels))
-    augmenters = []
-    if "flip" in config.augment:
-        augmenters.append(keras.layers.RandomFlip("horizontal", seed=config.seed))
-    if "zoom" in config.augment:
-        augmenters.append(keras.layers.RandomZoom(config.zoom, seed=config.seed + 1))
+    augmenters = _augmentation_layers(keras, config)
     model = keras.Sequential([keras.Input(base.input_shape[1:]), *augmenters, base], name="train") if augmenters else base
-    model.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    if config.label_smoothing:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy()
+    model.compile(optimizer=_optimizer(keras, config, steps_per_epoch), loss=loss, metrics=["accuracy"])
     return model
+
+
+def _augmentation_layers(keras, config: TrainConfig) -> list:
+    layers, seed = keras.layers, config.seed
+    chosen = {
+        "flip": lambda: layers.RandomFlip("horizontal", seed=seed),
+        "shift": lambda: layers.RandomTranslation(config.shift, config.shift, fill_mode="reflect", seed=seed + 1),
+        "rotate": lambda: layers.RandomRotation(config.rotate / 360.0, fill_mode="reflect", seed=seed + 2),
+        "zoom": lambda: layers.RandomZoom(config.zoom, seed=seed + 3),
+        "contrast": lambda: layers.RandomContrast(0.3, value_range=(0, 255), seed=seed + 4),
+        "erase": lambda: layers.RandomErasing(factor=0.5, scale=(0.02, 0.2), value_range=(0, 255), seed=seed + 5),
+    }
+    # a fixed order, whatever order the user listed them in
+    return [make() for name, make in chosen.items() if name in config.augment]
+
+
+def _optimizer(keras, config: TrainConfig, steps_per_epoch: int):
+    rate = config.learning_rate
+    if config.lr_schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(rate, decay_steps=config.epochs * steps_per_epoch, alpha=0.01)
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(rate, momentum=0.9, nesterov=True, weight_decay=config.weight_decay or None)
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(rate, weight_decay=config.weight_decay)
+    return keras.optimizers.Adam(rate)
+
+
+def _class_weights(config: TrainConfig, labels: np.ndarray, num_classes: int) -> dict[int, float] | None:
+    if config.class_weight == "none":
+        return None
+    counts = np.bincount(labels, minlength=num_classes).astype(float)
+    weights = len(labels) / (num_classes * np.maximum(counts, 1))
+    if config.class_weight == "sqrt":
+        weights = np.sqrt(weights)
+    return {i: float(w) for i, w in enumerate(weights)}
+
+
+def _targets(labels: np.ndarray, num_classes: int, config: TrainConfig) -> np.ndarray:
+    """Class indices, or one-hot rows when label smoothing needs them."""
+    return np.eye(num_classes, dtype=np.float32)[labels] if config.label_smoothing else labels
 
 
 class _sigterm_as_interrupt:

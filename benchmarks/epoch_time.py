@@ -1,0 +1,62 @@
+"""Seconds per training epoch on FER2013-sized data, per model and augmentation, on this machine.
+
+    python benchmarks/epoch_time.py --models seed-cnn,ferkit-net-s --augment none,flip+zoom
+
+Times `--steps` training steps (after `--warmup` steps that pay for graph tracing) on random faces and
+scales to one epoch of the 28,709 FER2013 training images. Ratios are against the first model and
+augmentation, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from ferkit._keras import import_keras
+from ferkit.config import TrainConfig
+from ferkit.images import faces_to_batch
+from ferkit.models import get_model_spec
+from ferkit.train import _build_training_model
+
+FER2013_TRAIN = 28_709
+
+
+def seconds_per_epoch(model: str, augment: list[str], *, batch_size: int, steps: int, warmup: int) -> float:
+    keras = import_keras()
+    spec = get_model_spec(model)
+    config = TrainConfig(model=model, augment=augment, batch_size=batch_size)
+    training_model = _build_training_model(keras, config, spec, 7, steps_per_epoch=steps)
+    rng = np.random.default_rng(0)
+    faces = faces_to_batch(rng.integers(0, 256, (batch_size * (steps + warmup), *spec.input_size), np.uint8), spec.channels)
+    labels = rng.integers(0, 7, len(faces))
+    warm, timed = slice(0, batch_size * warmup), slice(batch_size * warmup, None)
+    training_model.fit(faces[warm], labels[warm], batch_size=batch_size, epochs=1, verbose=0)
+    started = time.perf_counter()
+    training_model.fit(faces[timed], labels[timed], batch_size=batch_size, epochs=1, verbose=0)
+    per_step = (time.perf_counter() - started) / steps
+    return per_step * FER2013_TRAIN / batch_size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="seed-cnn")
+    parser.add_argument("--augment", default="none,flip+zoom", help="comma-separated sets; + joins layers")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    args = parser.parse_args()
+
+    baseline = None
+    print(f"{'model':<14} {'augment':<32} {'s/epoch':>8} {'ratio':>6}")
+    for model in args.models.split(","):
+        for augment in args.augment.split(","):
+            layers = [] if augment == "none" else augment.split("+")
+            seconds = seconds_per_epoch(model, layers, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup)
+            baseline = baseline or seconds
+            print(f"{model:<14} {augment:<32} {seconds:8.1f} {seconds / baseline:6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
