@@ -97,3 +97,37 @@ def test_a_killed_run_is_usable_and_resumes(pattern_data, tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr
     assert read_history(run / "history.csv")["epoch"] == list(range(1, done + 2))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"optimizer": "sgd", "learning_rate": 0.01, "weight_decay": 1e-4, "lr_schedule": "cosine"},
+        {"optimizer": "adamw", "weight_decay": 1e-4, "label_smoothing": 0.1, "class_weight": "balanced"},
+        {"lr_schedule": "plateau", "lr_patience": 1, "class_weight": "sqrt",
+         "augment": ["flip", "shift", "rotate", "zoom", "contrast", "erase"]},
+    ],
+)
+def test_training_options_run_and_are_recorded(pattern_data, tmp_path, options):
+    run = train(_config(pattern_data, tmp_path / "opts", epochs=3, **options), verbose=0)
+    recorded = json.loads((run / "config.json").read_text())
+    assert {k: recorded[k] for k in options} == options
+    history = read_history(run / "history.csv")
+    assert len(history["epoch"]) == 3 and all(np.isfinite(history["loss"]))
+    if options.get("lr_schedule") == "cosine":
+        assert history["learning_rate"][2] < history["learning_rate"][0]
+
+
+def test_plateau_halves_the_rate_when_val_accuracy_stalls(pattern_data, tmp_path):
+    # With patience 1 and a tiny learning rate, val accuracy cannot keep improving for 5 epochs.
+    config = _config(pattern_data, tmp_path / "plateau", epochs=5, lr_schedule="plateau", lr_patience=1, learning_rate=1e-6)
+    history = read_history(train(config, verbose=0) / "history.csv")
+    assert min(history["learning_rate"]) <= history["learning_rate"][0] / 2 * (1 + 1e-6)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"optimizer": "rmsprop"}, {"lr_schedule": "step"}, {"class_weight": "inverse"}, {"label_smoothing": 1.5}]
+)
+def test_bad_options_are_refused(bad):
+    with pytest.raises(FerkitError):
+        TrainConfig(**bad)

@@ -1,0 +1,27 @@
+"""Seconds to load a dataset the first time (decoding every image) and the second (from the cache).
+
+    python benchmarks/load_time.py ../shared/data/fer2013/train
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+
+def main() -> None:
+    source = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/fer2013/train"
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["FERKIT_CACHE_DIR"] = cache  # a cold cache, removed afterwards
+        from ferkit.data import load_dataset
+
+        for attempt in ("first (decode)", "second (cache)"):
+            started = time.perf_counter()
+            data = load_dataset(source)
+            print(f"{attempt:<16} {time.perf_counter() - started:6.2f} s  {len(data)} images", flush=True)
+
+
+if __name__ == "__main__":
+    main()
