@@ -104,6 +104,7 @@ def test_a_killed_run_is_usable_and_resumes(pattern_data, tmp_path):
     [
         {"optimizer": "sgd", "learning_rate": 0.01, "weight_decay": 1e-4, "lr_schedule": "cosine"},
         {"optimizer": "adamw", "weight_decay": 1e-4, "label_smoothing": 0.1, "class_weight": "balanced"},
+        {"model": "ferkit-net-s", "precision": "mixed_bfloat16", "augment": ["flip", "erase"]},
         {"lr_schedule": "plateau", "lr_patience": 1, "class_weight": "sqrt",
          "augment": ["flip", "shift", "rotate", "zoom", "contrast", "erase"]},
     ],
@@ -114,6 +115,12 @@ def test_training_options_run_and_are_recorded(pattern_data, tmp_path, options):
     assert {k: recorded[k] for k in options} == options
     history = read_history(run / "history.csv")
     assert len(history["epoch"]) == 3 and all(np.isfinite(history["loss"]))
+    if options.get("precision") == "mixed_bfloat16":
+        # saved models compute in float32 whatever the training precision
+        from ferkit.runtime import load_classifier
+
+        model = load_classifier(run / "best.keras").model
+        assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
     if options.get("lr_schedule") == "cosine":
         assert history["learning_rate"][2] < history["learning_rate"][0]
 

@@ -17,9 +17,12 @@ keras = import_keras()
 class RunRecorder(keras.callbacks.Callback):
     """Saves, in this order: checkpoint, last (and best) model, history row, state, curves plot."""
 
-    def __init__(self, run: Path, state: RunState, base_model, metadata: ModelMetadata):
+    def __init__(self, run: Path, state: RunState, base_model, metadata: ModelMetadata, *, saved_model=None):
+        """`base_model` is trained; `saved_model` (default: the same) is what best/last.keras hold, e.g. a
+        float32 twin of a mixed-precision network, which receives its weights before each save."""
         super().__init__()
         self.run, self.state, self.base_model, self.metadata = run, state, base_model, metadata
+        self.saved_model = saved_model if saved_model is not None else base_model
         self._started = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -34,10 +37,12 @@ class RunRecorder(keras.callbacks.Callback):
 
         val_accuracy = float(logs.get("val_accuracy", float("nan")))
         self.metadata.extra = {"run": str(self.run), "epoch": done, "val_accuracy": val_accuracy}
-        save_keras_model(self.base_model, self.run / "last.keras", self.metadata)
+        if self.saved_model is not self.base_model:
+            self.saved_model.set_weights(self.base_model.get_weights())
+        save_keras_model(self.saved_model, self.run / "last.keras", self.metadata)
         if val_accuracy > self.state.best_val_accuracy:
             self.state.best_val_accuracy, self.state.best_epoch = val_accuracy, done
-            save_keras_model(self.base_model, self.run / "best.keras", self.metadata)
+            save_keras_model(self.saved_model, self.run / "best.keras", self.metadata)
 
         learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         row = {"epoch": done, **{k: logs.get(k, "") for k in HISTORY_COLUMNS[1:5]}}

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ferkit import __version__
-from ferkit.config import AUGMENTATIONS, CLASS_WEIGHTS, LR_SCHEDULES, OPTIMIZERS
+from ferkit.config import AUGMENTATIONS, CLASS_WEIGHTS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS
 from ferkit.errors import FerkitError
 
 log = logging.getLogger("ferkit")
@@ -120,6 +120,7 @@ def _output_shape(layer):
 @click.option("--label-smoothing", type=float, help="Label smoothing (default 0).")
 @click.option("--class-weight", type=click.Choice(CLASS_WEIGHTS), help="Loss weights per class: none (default), balanced, sqrt.")
 @click.option("--augment", help=f"Comma-separated augmentations: {', '.join(AUGMENTATIONS)}.")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="float32 (default) or mixed_bfloat16 (faster on CPUs with bf16).")
 @click.option("--seed", type=int, help="Random seed (default 0).")
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder (default runs/train).")
 @click.option("--resume", type=click.Path(path_type=Path), help="Continue the run in this folder where it stopped.")

@@ -47,6 +47,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         log.warning("%s already has %d epochs; pass a larger --epochs to train on", run, state.epochs_done)
         return run
     keras.utils.set_random_seed(config.seed + state.epochs_done)
+    keras.mixed_precision.set_global_policy(config.precision)
     if resume and (run / "checkpoint.keras").exists():
         training_model = keras.saving.load_model(run / "checkpoint.keras")
     else:
@@ -54,12 +55,13 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         steps_per_epoch = -(-len(train_set) // config.batch_size)
         training_model = _build_training_model(keras, config, spec, len(train_set.classes), steps_per_epoch)
     base_model = training_model.layers[-1] if config.augment else training_model
+    saved_model = _float32_twin(keras, spec, len(train_set.classes)) if config.precision != "float32" else base_model
     trim_history(run / "history.csv", state.epochs_done)
 
     metadata = ModelMetadata(
         model=config.model, classes=list(train_set.classes), input_size=list(spec.input_size), channels=spec.channels
     )
-    callbacks = [RunRecorder(run, state, base_model, metadata)]
+    callbacks = [RunRecorder(run, state, base_model, metadata, saved_model=saved_model)]
     if config.lr_schedule == "plateau":
         callbacks.append(
             keras.callbacks.ReduceLROnPlateau("val_accuracy", mode="max", factor=0.5, patience=config.lr_patience)
@@ -91,6 +93,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             f"interrupted after {state.epochs_done} of {config.epochs} epochs; {run} is usable, "
             f"continue with: ferkit train --resume {run}"
         ) from None
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     state.status = "finished"
     state.save(run)
     return run
@@ -139,6 +143,17 @@ def _build_training_model(keras, config: TrainConfig, spec, num_classes: int, st
         loss = keras.losses.SparseCategoricalCrossentropy()
     model.compile(optimizer=_optimizer(keras, config, steps_per_epoch), loss=loss, metrics=["accuracy"])
     return model
+
+
+def _float32_twin(keras, spec, num_classes: int):
+    """The same network in float32, to receive the weights of a mixed-precision one for saving, so
+    that saved models (and their ONNX exports) compute in float32 everywhere."""
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        return spec.builder(num_classes=num_classes, input_shape=(*spec.input_size, spec.channels))
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
 
 
 def _augmentation_layers(keras, config: TrainConfig) -> list:

@@ -33,7 +33,8 @@ def build_vgg_bn(*, num_classes, input_shape, widths, convs_per_stage, head_unit
     x = layers.BatchNormalization()(x)
     x = layers.ReLU()(x)
     x = layers.Dropout(dropout)(x)
-    outputs = layers.Dense(num_classes, activation="softmax")(x)
+    # float32 softmax even under mixed precision: bf16 probabilities are too coarse for the loss
+    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
 
 
