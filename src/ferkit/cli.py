@@ -206,6 +206,24 @@ def _print_report(report) -> None:
     _print_table(["true \\ predicted", *short], matrix_rows, title="confusion matrix (counts)")
 
 
+# --- export -------------------------------------------------------------------------------------
+
+
+@cli.command("export")
+@click.argument("model")
+@click.option("--onnx", "to_onnx", is_flag=True, required=True, help="Export to ONNX (the only format so far).")
+@click.option("--out", type=click.Path(path_type=Path), help="Output file (default: beside the model, .onnx).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+def export_cmd(model: str, to_onnx: bool, out: Path | None, overwrite: bool):
+    """Export MODEL (a run folder or .keras file) to ONNX, checked to agree with Keras."""
+    from ferkit.export import TOLERANCE, export_onnx
+
+    if not to_onnx:
+        raise FerkitError("choose an export format: --onnx")
+    path = export_onnx(model, out, overwrite=overwrite)
+    click.echo(f"wrote {path} (probabilities agree with Keras within {TOLERANCE})")
+
+
 # --- predict ------------------------------------------------------------------------------------
 
 

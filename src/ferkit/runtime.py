@@ -19,7 +19,8 @@ from ferkit import __version__
 from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch
 
-METADATA_NAME = "ferkit.json"
+METADATA_NAME = "ferkit.json"  # inside a .keras zip; the metadata_props key in an .onnx file
+DEFAULT_MODEL_FILE = "ferkit-net.onnx"
 PREPROCESSING = "exif-upright, grayscale (ITU-R 601-2 luma), resized to input_size, gray repeated to channels, raw 0-255"
 
 
@@ -50,8 +51,11 @@ def save_keras_model(model, path: str | Path, metadata: ModelMetadata) -> Path:
     return path
 
 
-def resolve_model_path(model: str | Path) -> Path:
-    """A model file, or a run folder (its best model, else its last)."""
+def resolve_model_path(model: str | Path | None) -> Path:
+    """A model file (.keras or .onnx), a run folder (its best model, else its last), or None / "default"
+    for the model shipped inside ferkit."""
+    if model is None or str(model) == "default":
+        return default_model_path()
     path = Path(model)
     if path.is_dir():
         for name in ("best.keras", "last.keras"):
@@ -60,13 +64,25 @@ def resolve_model_path(model: str | Path) -> Path:
         raise FerkitError(f"{path} holds no model (no best.keras or last.keras): is it a ferkit run folder?")
     if not path.exists():
         raise FerkitError(f"no such model or run folder: {path}")
+    if path.suffix not in (".keras", ".onnx"):
+        raise FerkitError(f"{path} is not a ferkit model (expected a .keras or .onnx file, or a run folder)")
+    return path
+
+
+def default_model_path() -> Path:
+    """The ONNX model shipped in the package (see ferkit/weights/README.md)."""
+    from importlib.resources import files
+
+    path = Path(str(files("ferkit") / "weights" / DEFAULT_MODEL_FILE))
+    if not path.is_file():
+        raise FerkitError("this ferkit has no bundled model; pass --model RUN_OR_MODEL")
     return path
 
 
 def read_metadata(path: str | Path) -> ModelMetadata:
     path = resolve_model_path(path)
-    if path.suffix != ".keras":
-        raise FerkitError(f"{path} is not a ferkit model (expected a .keras file or a run folder)")
+    if path.suffix == ".onnx":
+        return _onnx_session(path)[1]
     try:
         with zipfile.ZipFile(path) as archive:
             data = json.loads(archive.read(METADATA_NAME))
@@ -77,6 +93,25 @@ def read_metadata(path: str | Path) -> ModelMetadata:
     except ValueError:
         raise FerkitError(f"{path} has unreadable ferkit metadata") from None
     return ModelMetadata.from_dict(data)
+
+
+def _onnx_session(path: Path):
+    """An ONNX Runtime session and the ferkit metadata stored in the model's metadata_props."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types for damaged files
+        raise FerkitError(f"{path} is not a valid ONNX model ({type(err).__name__})") from None
+    props = session.get_modelmeta().custom_metadata_map
+    if METADATA_NAME not in props:
+        raise FerkitError(f"{path} is an ONNX model without ferkit metadata (class names, input size)")
+    try:
+        return session, ModelMetadata.from_dict(json.loads(props[METADATA_NAME]))
+    except (ValueError, TypeError):
+        raise FerkitError(f"{path} has unreadable ferkit metadata") from None
 
 
 class Classifier:
@@ -127,8 +162,20 @@ class KerasClassifier(Classifier):
         return np.asarray(self.model(batch, training=False))
 
 
-def load_classifier(model: str | Path | Classifier) -> Classifier:
-    """A ready classifier from a model file or run folder (or one already loaded).
+class OnnxClassifier(Classifier):
+    """ONNX Runtime inference: no TensorFlow needed, and the fastest runtime measured here."""
+
+    def __init__(self, path: Path):
+        self.session, metadata = _onnx_session(path)
+        super().__init__(metadata, path)
+        self._input = self.session.get_inputs()[0].name
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._input: batch})[0]
+
+
+def load_classifier(model: str | Path | Classifier | None = None) -> Classifier:
+    """A ready classifier from a model file or run folder (or one already loaded); None: the bundled model.
 
     Loaded models are kept, so calling this per image costs nothing after the first call; a model
     file that changes on disk is loaded afresh.
@@ -141,4 +188,6 @@ def load_classifier(model: str | Path | Classifier) -> Classifier:
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(path: Path, mtime_ns: int) -> Classifier:
+    if path.suffix == ".onnx":
+        return OnnxClassifier(path)
     return KerasClassifier(read_metadata(path), path)

@@ -1,0 +1,61 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import pattern_face
+from ferkit.cli import cli
+from ferkit.errors import FerkitError
+from ferkit.export import TOLERANCE, export_onnx, max_difference
+from ferkit.runtime import OnnxClassifier, load_classifier, read_metadata
+
+
+@pytest.fixture(scope="module")
+def onnx_model(trained_run, tmp_path_factory):
+    return export_onnx(trained_run, tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+def test_onnx_agrees_with_keras_on_real_inputs(trained_run, onnx_model):
+    keras_model, onnx = load_classifier(trained_run), load_classifier(onnx_model)
+    assert isinstance(onnx, OnnxClassifier)
+    faces = np.stack([pattern_face(i % 7, np.random.default_rng(i)) for i in range(21)])
+    assert np.abs(keras_model.predict_proba(faces) - onnx.predict_proba(faces)).max() <= TOLERANCE
+    assert max_difference(keras_model, onnx) <= TOLERANCE
+
+
+def test_onnx_carries_the_metadata(trained_run, onnx_model):
+    assert read_metadata(onnx_model) == read_metadata(trained_run)
+
+
+def test_export_never_overwrites_silently(trained_run, onnx_model):
+    with pytest.raises(FerkitError, match="already exists"):
+        export_onnx(trained_run, onnx_model)
+
+
+def test_predict_with_onnx_imports_no_tensorflow(onnx_model, tmp_path):
+    face = tmp_path / "face.png"
+    from PIL import Image
+
+    Image.fromarray(pattern_face(3, np.random.default_rng(3))).save(face)
+    code = (
+        "import sys, json, ferkit;"
+        f"r = ferkit.predict_image({str(face)!r}, model={str(onnx_model)!r});"
+        "print(json.dumps([r.faces[0].emotion, 'tensorflow' in sys.modules, 'keras' in sys.modules]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == ["happy", False, False]
+
+
+def test_export_command(trained_run, tmp_path):
+    result = CliRunner().invoke(cli, ["export", str(trained_run), "--onnx", "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m.onnx").exists()
+
+
+def test_a_damaged_onnx_file_is_refused(tmp_path):
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x01garbage")
+    with pytest.raises(FerkitError, match="not a valid ONNX"):
+        load_classifier(tmp_path / "bad.onnx")
