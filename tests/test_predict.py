@@ -45,4 +45,4 @@ def test_result_serialises(trained_run):
     data = result.to_dict()
     assert data["model"] == "seed-cnn" and data["image_size"] == [48, 48]
     assert set(data["faces"][0]) == {"box", "emotion", "score", "probabilities"}
-    assert set(data["timings_ms"]) == {"decode", "classify"}
+    assert set(data["timings_ms"]) == {"decode", "detect", "classify"} and data["detector"] == "none"

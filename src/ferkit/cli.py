@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import sys
@@ -12,6 +13,7 @@ import click
 from ferkit import __version__
 from ferkit.config import AUGMENTATIONS, CLASS_WEIGHTS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS
 from ferkit.errors import FerkitError
+from ferkit.faces import DETECTORS
 
 log = logging.getLogger("ferkit")
 
@@ -228,40 +230,151 @@ def export_cmd(model: str, to_onnx: bool, out: Path | None, overwrite: bool):
 
 
 @cli.command("predict")
-@click.argument("images", nargs=-1, required=True)
-@click.option("--model", required=True, help="A run folder or model file.")
-@click.option("--json", "as_json", is_flag=True, help="Print results as JSON (one object per line for several images).")
-def predict_cmd(images: tuple[str, ...], model: str, as_json: bool):
-    """Predict the emotion of the face in each IMAGE (a photo of one face, any size and format)."""
-    from ferkit.predict import predict_image
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--model", help="A run folder, .keras or .onnx file (default: the model bundled with ferkit).")
+@click.option("--detector", type=click.Choice(DETECTORS), default="auto", show_default=True,
+              help="Face detector; 'none' treats each whole image as one face (for cropped face photos).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/predict"), show_default=True,
+              help="Folder for annotated images, JSON, CSV, timelines and plots.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON (JSON lines for several images).")
+@click.option("--annotate/--no-annotate", default=None, help="Write annotated images (default: for single images).")
+@click.option("--every", type=int, help="Videos: analyse every Nth frame (default: about 5 per second).")
+@click.option("--fps", "target_fps", type=float, help="Videos: analyse about this many frames per second.")
+@click.option("--smooth", type=int, default=1, show_default=True, help="Videos: smooth each face over ~N analysed frames.")
+@click.option("--save-video", is_flag=True, help="Videos: also write an annotated video.")
+def predict_cmd(sources, model, detector, out: Path, as_json, annotate, every, target_fps, smooth, save_video):
+    """Find every face in each SOURCE (image, folder, glob or video) and predict its emotion."""
+    from ferkit.faces import get_detector
     from ferkit.runtime import load_classifier
+    from ferkit.sources import source_kind
 
-    classifier = load_classifier(model)
-    failures = 0
-    for image in images:
-        if "://" in image:
-            click.echo(f"error: {image}: URLs are not fetched (ferkit works offline); download the file first", err=True)
-            failures += 1
-            continue
+    kinds = []
+    for source in sources:
         try:
-            result = predict_image(image, model=classifier)
+            kinds.append((source, source_kind(source)))
         except FerkitError as err:
+            if len(sources) == 1:
+                raise
             click.echo(f"error: {err}", err=True)
-            failures += 1
-            continue
-        if as_json:
-            click.echo(json.dumps(result.to_dict(), indent=None if len(images) > 1 else 2))
-        else:
-            _print_prediction(result)
+    classifier = load_classifier(model)
+    find = get_detector(detector)
+    out.mkdir(parents=True, exist_ok=True)
+    failures = len(sources) - len(kinds)
+    images = [s for s, kind in kinds if kind == "image"]
+    if len(kinds) == 1 and images:
+        failures += _predict_one(images[0], classifier, find, out, as_json, annotate is not False)
+    elif images or any(kind in ("folder", "glob") for _, kind in kinds):
+        batch = [s for s, kind in kinds if kind != "video"]
+        failures += _predict_many(batch, classifier, find, out, as_json, bool(annotate))
+    for source in (s for s, kind in kinds if kind == "video"):
+        failures += _predict_video(source, classifier, find, out, every, target_fps, smooth, save_video, as_json)
     if failures:
         sys.exit(1)
 
 
-def _print_prediction(result) -> None:
-    for face in result.faces:
-        click.echo(f"{result.source}: {face.emotion} ({face.score:.1%})")
-        for name, p in face.probabilities.items():
-            click.echo(f"  {name:<9} {p:6.1%} {'█' * round(p * 30)}")
+def _predict_one(source, classifier, find, out: Path, as_json: bool, annotate: bool) -> int:
+    from ferkit.predict import analyze_images
+
+    [result] = analyze_images([source], model=classifier, detector=find)
+    if result.error:
+        click.echo(f"error: {result.error}", err=True)
+        return 1
+    stem = Path(source).stem
+    written = [_write_json(out / f"{stem}.json", result.to_dict())]
+    if annotate:
+        written.append(out / f"{stem}.jpg")
+        result.draw(source).save(written[-1], quality=92)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return 0
+    _print_faces(result)
+    click.echo(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate: bool) -> int:
+    from ferkit.predict import analyze_images
+    from ferkit.progress import progress_bar
+    from ferkit.sources import list_images
+
+    paths = [Path(s) for s in sources if Path(s).is_file()]
+    for source in sources:
+        if not Path(source).is_file():
+            try:
+                paths += list_images(source)
+            except FerkitError as err:
+                click.echo(f"error: {err}", err=True)
+    images = faces = failed = 0
+    with open(out / "faces.csv", "w", newline="") as table, open(out / "results.jsonl", "w") as lines, \
+            progress_bar(len(paths), "analysing images", enabled=not as_json) as advance:
+        writer = csv.writer(table)
+        writer.writerow(["source", "face", "x", "y", "width", "height", "detector_score", "emotion", "score", *classifier.classes])
+        for result in analyze_images(paths, model=classifier, detector=find):
+            advance()
+            images += 1
+            record = result.to_dict()
+            lines.write(json.dumps(record) + "\n")
+            if as_json:
+                click.echo(json.dumps(record))
+            if result.error:
+                failed += 1
+                click.echo(f"error: {result.error}", err=True)
+                continue
+            faces += len(result.faces)
+            for number, face in enumerate(result.faces, start=1):
+                score = "" if face.detector_score is None else f"{face.detector_score:.3f}"
+                writer.writerow([result.source, number, *face.box, score, face.emotion, f"{face.score:.4f}",
+                                 *(f"{face.probabilities[c]:.4f}" for c in classifier.classes)])
+            if annotate:
+                result.draw(result.source).save(out / f"{Path(result.source).stem}.jpg", quality=92)
+    if not as_json:
+        click.echo(f"{images} images, {faces} faces, {failed} failed; wrote {out / 'faces.csv'} and {out / 'results.jsonl'}")
+    return failed
+
+
+def _predict_video(source, classifier, find, out: Path, every, target_fps, smooth, save_video, as_json) -> int:
+    from ferkit.progress import progress_bar
+    from ferkit.sources import open_video
+    from ferkit.video import analyze_video
+
+    try:
+        capture, info = open_video(source)
+    except FerkitError as err:
+        click.echo(f"error: {err}", err=True)
+        return 1
+    capture.release()
+    step = every or max(1, round(info.fps / (target_fps or 5.0)))
+    stem = Path(source).stem
+    annotated = out / f"{stem}.annotated.mp4" if save_video else None
+    total = max(1, -(-info.frames // step)) if info.frames > 0 else None
+    with progress_bar(total, f"analysing {Path(source).name}", enabled=not as_json) as advance:
+        timeline = analyze_video(source, model=classifier, detector=find, every=step, smooth=smooth,
+                                 annotated=annotated, progress=lambda _: advance())
+    written = [timeline.to_csv(out / f"{stem}.timeline.csv"), timeline.plot(out / f"{stem}.emotions.png")]
+    if annotated:
+        written.append(annotated)
+    summary = {"source": source, "frames_analysed": timeline.frames_analysed, "every": step,
+               "tracks": len(timeline.tracks), "faces": len(timeline.rows), "files": [str(p) for p in written]}
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"{source}: {timeline.frames_analysed} frames analysed (every {step}), {len(timeline.tracks)} "
+                   f"face tracks; wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _print_faces(result) -> None:
+    if not result.faces:
+        click.echo(f"{result.source}: no face found")
+        return
+    rows = [[str(i), ", ".join(map(str, f.box)), f.emotion, f"{f.score:.1%}"] for i, f in enumerate(result.faces, 1)]
+    _print_table(["face", "box (x, y, w, h)", "emotion", "confidence"], rows, right=(0, 3),
+                 title=f"{result.source}: {len(result.faces)} face(s), model {result.model}")
+
+
+def _write_json(path: Path, data) -> Path:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
 
 
 # --- helpers ------------------------------------------------------------------------------------

@@ -77,6 +77,20 @@ def to_grayscale(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode (what detectors and annotated copies use); gray modes stay gray-looking."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F", "RGBA", "LA", "PA") or (
+        image.mode == "P" and "transparency" in image.info
+    ):
+        if image.mode in ("RGBA", "PA") or image.mode == "P":
+            rgba = image.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        return to_grayscale(image).convert("RGB")
+    return image.convert("RGB")
+
+
 def to_model_input(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """The face as a `size` = (height, width) uint8 grayscale array, resized with area averaging."""
     gray = to_grayscale(image)

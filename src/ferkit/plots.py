@@ -59,3 +59,28 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: str 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_emotion_timeline(series: dict, path: str | Path, *, title: str = "") -> Path:
+    """One panel per track: each emotion's probability over time. `series`: track -> (times, {class: values})."""
+    plt = _pyplot()
+    from ferkit.draw import COLOURS
+
+    tracks = list(series) or [0]
+    fig, axes = plt.subplots(len(tracks), 1, figsize=(10, 2.2 * len(tracks) + 0.6), sharex=True, squeeze=False,
+                             constrained_layout=True)
+    for ax, track in zip(axes[:, 0], tracks):
+        times, values = series.get(track, ([], {}))
+        for name, ys in values.items():
+            colour = tuple(c / 255 for c in COLOURS.get(name, (90, 90, 90)))
+            ax.plot(times, ys, label=name, color=colour if name != "neutral" else (0.4, 0.4, 0.4), linewidth=1.6)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(f"face {track}")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(ncol=7, loc="upper center", bbox_to_anchor=(0.5, 1.45), fontsize=8, frameon=False)
+    axes[-1, 0].set_xlabel("time (s)")
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

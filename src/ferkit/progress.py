@@ -1,7 +1,8 @@
-"""Progress bars for long loops (rich), shown on stderr only when asked for."""
+"""Progress bars for long loops (rich, on stderr), shown only when asked for."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
@@ -15,3 +16,18 @@ def track(items: Sequence[T], *, description: str, enabled: bool = True) -> Iter
     from rich.progress import track as rich_track
 
     return rich_track(items, description=description, console=Console(stderr=True), transient=True)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int | None, description: str, *, enabled: bool = True):
+    """A context giving `advance()`; shows count, rate and ETA when `total` is known."""
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda: progress.advance(task)

@@ -14,14 +14,21 @@ class Face:
     emotion: str  # the most probable class
     score: float  # its probability
     probabilities: dict[str, float]  # every class, in the model's class order
+    detector_score: float | None = None  # None when the box was given, not detected
+    landmarks: list[tuple[int, int]] | None = None  # eyes, nose tip, mouth corners, if the detector gives them
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "box": list(self.box),
             "emotion": self.emotion,
             "score": round(self.score, 6),
             "probabilities": {k: round(v, 6) for k, v in self.probabilities.items()},
         }
+        if self.detector_score is not None:
+            data["detector_score"] = round(self.detector_score, 4)
+        if self.landmarks is not None:
+            data["landmarks"] = [list(p) for p in self.landmarks]
+        return data
 
 
 @dataclass
@@ -31,19 +38,38 @@ class ImageResult:
     faces: list[Face] = field(default_factory=list)
     model: str = ""
     model_version: str = ""
-    timings_ms: dict[str, float] = field(default_factory=dict)  # per stage: decode, classify, ...
+    timings_ms: dict[str, float] = field(default_factory=dict)  # per stage: decode, detect, classify
+    detector: str = ""  # "yunet", "mtcnn", "boxes" (given), "none" (the whole image is the face)
+    error: str | None = None  # why this image could not be analysed (then `faces` is empty)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "source": self.source,
             "image_size": list(self.image_size),
             "model": self.model,
             "model_version": self.model_version,
+            "detector": self.detector,
             "faces": [face.to_dict() for face in self.faces],
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
         }
+        if self.error is not None:
+            data["error"] = self.error
+        return data
+
+    def draw(self, image=None):
+        """The image with a box and label per face (a PIL image); see ferkit.draw.draw_faces."""
+        from ferkit.draw import draw_faces
+        from ferkit.images import load_image
+
+        return draw_faces(load_image(image if image is not None else self.source), self.faces)
 
     def summary(self) -> str:
+        if self.error is not None:
+            return f"{self.source}: {self.error}"
         if not self.faces:
             return f"{self.source}: no face"
         return "; ".join(f"{self.source}: {f.emotion} ({f.score:.0%})" for f in self.faces)

@@ -1,0 +1,43 @@
+"""Annotated copies: a box and an "emotion NN%" label per face, sized to stay readable on any photo."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+from ferkit.images import to_rgb
+from ferkit.results import Face
+
+# One colour per emotion, readable on photos (Okabe-Ito palette, colour-blind safe).
+COLOURS = {
+    "angry": (213, 94, 0),
+    "disgust": (0, 158, 115),
+    "fear": (204, 121, 167),
+    "happy": (240, 228, 66),
+    "neutral": (200, 200, 200),
+    "sad": (0, 114, 178),
+    "surprise": (230, 159, 0),
+}
+
+
+def draw_faces(image: Image.Image, faces: Sequence[Face]) -> Image.Image:
+    """A copy of `image` (RGB) with every face's box, number and top emotion drawn on it."""
+    canvas = to_rgb(image).copy()
+    draw = ImageDraw.Draw(canvas)
+    scale = max(canvas.size) / 640
+    line = max(2, round(3 * scale))
+    font = ImageFont.load_default(size=max(11, round(16 * scale)))
+    for number, face in enumerate(faces, start=1):
+        x, y, w, h = face.box
+        colour = COLOURS.get(face.emotion, (255, 255, 255))
+        draw.rectangle((x, y, x + w, y + h), outline=colour, width=line)
+        label = f"{number} {face.emotion} {face.score:.0%}"
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        text_w, text_h = right - left, bottom - top
+        pad = max(2, line)
+        above = y - text_h - 2 * pad >= 0
+        ty = y - text_h - 2 * pad if above else y + h
+        draw.rectangle((x - line // 2, ty, x + text_w + 2 * pad, ty + text_h + 2 * pad), fill=colour)
+        draw.text((x + pad - left, ty + pad - top), label, fill=(0, 0, 0), font=font)
+    return canvas

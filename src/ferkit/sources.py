@@ -1,0 +1,85 @@
+"""What a user points ferkit at — an image, a folder, a glob, a video — turned into images or frames."""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ferkit.errors import FerkitError
+from ferkit.images import IMAGE_SUFFIXES
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
+
+
+def source_kind(source: str) -> str:
+    """"image", "folder", "glob" or "video"; a one-line FerkitError for URLs and missing paths."""
+    if "://" in source:
+        raise FerkitError(f"{source}: URLs are not fetched (ferkit works offline); download the file first")
+    if glob.has_magic(source) and not Path(source).exists():
+        return "glob"
+    path = Path(source)
+    if not path.exists():
+        raise FerkitError(f"no such file or folder: {source}")
+    if path.is_dir():
+        return "folder"
+    return "video" if path.suffix.lower() in VIDEO_SUFFIXES else "image"
+
+
+def list_images(source: str) -> list[Path]:
+    """The image files of a folder (recursively, hidden ones left out) or a glob, sorted."""
+    if source_kind(source) == "glob":
+        paths = [Path(p) for p in glob.glob(source, recursive=True)]
+    else:
+        paths = [p for p in Path(source).rglob("*") if not any(part.startswith(".") for part in p.relative_to(source).parts)]
+    images = sorted(p for p in paths if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise FerkitError(f"no image files in {source}")
+    return images
+
+
+@dataclass
+class VideoInfo:
+    path: Path
+    fps: float
+    frames: int  # as the container reports it (may be 0 or approximate)
+    size: tuple[int, int]  # (width, height)
+
+
+def open_video(path: str | Path):
+    """An opened cv2.VideoCapture and its VideoInfo; FerkitError if OpenCV cannot decode it."""
+    import cv2
+
+    path = Path(path)
+    capture = cv2.VideoCapture(str(path))
+    ok, _ = capture.read() if capture.isOpened() else (False, None)
+    if not ok:
+        capture.release()
+        raise FerkitError(f"{path} is not a video ferkit can read")
+    capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    info = VideoInfo(path, fps, int(capture.get(cv2.CAP_PROP_FRAME_COUNT)),
+                     (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))))
+    return capture, info
+
+
+def video_frames(capture, info: VideoInfo, *, every: int = 1) -> Iterator[tuple[int, float, np.ndarray]]:
+    """(frame index, time in seconds, RGB array) for every `every`-th frame; frames are decoded in order."""
+    import cv2
+
+    index = 0
+    try:
+        while True:
+            if index % every == 0:
+                ok, frame = capture.read()
+                if not ok:
+                    break
+                yield index, index / info.fps, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            elif not capture.grab():  # skip without decoding
+                break
+            index += 1
+    finally:
+        capture.release()

@@ -1,0 +1,172 @@
+"""Emotions over time in a video: analyse every Nth frame, follow faces with IoU tracking, smooth.
+
+    timeline = analyze_video("talk.mp4", every=5, smooth=3)
+    timeline.to_csv("talk.timeline.csv"); timeline.plot("talk.emotions.png")
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ferkit.draw import draw_faces
+from ferkit.predict import analyze_images
+from ferkit.results import Face
+from ferkit.runtime import load_classifier
+from ferkit.sources import open_video, video_frames
+
+
+@dataclass
+class TimelineRow:
+    frame: int
+    time_s: float
+    track: int
+    face: Face  # probabilities smoothed over the track when smoothing is on
+
+
+@dataclass
+class Timeline:
+    source: str
+    fps: float
+    classes: tuple[str, ...]
+    rows: list[TimelineRow] = field(default_factory=list)
+    frames_analysed: int = 0
+
+    @property
+    def tracks(self) -> list[int]:
+        return sorted({row.track for row in self.rows})
+
+    def to_csv(self, path: str | Path) -> Path:
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["time_s", "frame", "track", "x", "y", "width", "height", "emotion", "score", *self.classes])
+            for r in self.rows:
+                writer.writerow([f"{r.time_s:.3f}", r.frame, r.track, *r.face.box, r.face.emotion, f"{r.face.score:.4f}",
+                                 *(f"{r.face.probabilities[c]:.4f}" for c in self.classes)])
+        return Path(path)
+
+    def plot(self, path: str | Path, *, max_tracks: int = 6) -> Path:
+        from ferkit.plots import plot_emotion_timeline
+
+        longest = sorted(self.tracks, key=lambda t: -sum(r.track == t for r in self.rows))[:max_tracks]
+        series = {
+            t: ([r.time_s for r in self.rows if r.track == t],
+                {c: [r.face.probabilities[c] for r in self.rows if r.track == t] for c in self.classes})
+            for t in sorted(longest)
+        }
+        return plot_emotion_timeline(series, path, title=Path(self.source).name)
+
+
+class IouTracker:
+    """Gives each face the id of the track whose last box overlaps it most (IoU >= min_iou), else a new id.
+    Tracks unseen for more than `max_gap` analysed frames are closed."""
+
+    def __init__(self, *, min_iou: float = 0.3, max_gap: int = 5):
+        self.min_iou, self.max_gap = min_iou, max_gap
+        self._tracks: dict[int, tuple[tuple, int]] = {}  # id -> (last box, last step)
+        self._next, self._step = 1, 0
+
+    def update(self, boxes: list[tuple]) -> list[int]:
+        self._step += 1
+        live = {t: v for t, v in self._tracks.items() if self._step - v[1] <= self.max_gap}
+        pairs = sorted(((_iou(b, live[t][0]), i, t) for i, b in enumerate(boxes) for t in live), reverse=True)
+        ids: dict[int, int] = {}
+        for overlap, i, t in pairs:
+            if overlap < self.min_iou:
+                break
+            if i not in ids and t not in ids.values():
+                ids[i] = t
+        for i in range(len(boxes)):
+            if i not in ids:
+                ids[i], self._next = self._next, self._next + 1
+        for i, box in enumerate(boxes):
+            live[ids[i]] = (box, self._step)
+        self._tracks = live
+        return [ids[i] for i in range(len(boxes))]
+
+
+def analyze_video(
+    path: str | Path,
+    *,
+    model=None,
+    detector="auto",
+    every: int = 1,
+    smooth: int = 1,
+    annotated: str | Path | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Timeline:
+    """Analyse every `every`-th frame. `smooth` > 1 averages each track's probabilities exponentially
+    over about that many analysed frames. `annotated`: write an annotated video there (mp4).
+    `progress(frame_index)` is called after each analysed frame."""
+    classifier = load_classifier(model)
+    capture, info = open_video(path)
+    timeline = Timeline(str(path), info.fps, classifier.classes)
+    tracker, smoothed = IouTracker(), {}
+    alpha = 2.0 / (smooth + 1)
+    writer = _video_writer(annotated, info, every) if annotated else None
+    frames: dict[str, np.ndarray] = {}
+    labelled = _labelled(video_frames(capture, info, every=every), path, frames)
+    try:
+        for result in analyze_images(labelled, model=classifier, detector=detector):
+            index = int(result.source.rsplit("=", 1)[1])
+            for face, track in zip(result.faces, tracker.update([f.box for f in result.faces])):
+                face = _smooth(face, track, smoothed, alpha, classifier.classes)
+                timeline.rows.append(TimelineRow(index, index / info.fps, track, face))
+            timeline.frames_analysed += 1
+            frame = frames.pop(result.source)
+            if writer is not None:
+                _write_frame(writer, draw_faces(_to_image(frame), result.faces))
+            if progress:
+                progress(index)
+    finally:
+        if writer is not None:
+            writer.release()
+    return timeline
+
+
+def _labelled(frames, path, store):
+    """(label, frame) pairs; each frame is kept in `store` until its result comes back."""
+    for index, _, frame in frames:
+        label = f"{path}#frame={index}"
+        store[label] = frame
+        yield label, frame
+
+
+def _smooth(face: Face, track: int, state: dict, alpha: float, classes) -> Face:
+    current = np.array([face.probabilities[c] for c in classes])
+    previous = state.get(track)
+    mixed = current if previous is None else alpha * current + (1 - alpha) * previous
+    state[track] = mixed
+    best = int(np.argmax(mixed))
+    return Face(face.box, classes[best], float(mixed[best]), dict(zip(classes, map(float, mixed))),
+                face.detector_score, face.landmarks)
+
+
+def _iou(a, b) -> float:
+    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union else 0.0
+
+
+def _video_writer(path, info, every):
+    import cv2
+
+    return cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), info.fps / every, info.size)
+
+
+def _to_image(frame):
+    from PIL import Image
+
+    return Image.fromarray(frame)
+
+
+def _write_frame(writer, image) -> None:
+    import cv2
+
+    writer.write(cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR))
