@@ -46,13 +46,14 @@ def test_train_evaluate_predict_end_to_end(pattern_data, tmp_path):
 
     face = tmp_path / "face.jpg"
     Image.fromarray(pattern_face(3, np.random.default_rng(0))).resize((300, 300)).convert("RGB").save(face)
-    predicted = run("predict", face, "--model", out, "--json")
+    predicted = run("predict", face, "--model", out, "--json", "--detector", "none", "--out", tmp_path / "p")
     assert predicted.exit_code == 0, predicted.output
     result = json.loads(predicted.output)
     assert list(result["faces"][0]["probabilities"]) == list(EMOTIONS)
 
-    human = run("predict", face, "--model", out)
+    human = run("predict", face, "--model", out, "--detector", "none", "--out", tmp_path / "p")
     assert human.exit_code == 0 and "%" in human.output
+    assert (tmp_path / "p" / "face.jpg").exists() and (tmp_path / "p" / "face.json").exists()
 
 
 def test_evaluate_a_fer2013_csv(trained_run, tmp_path):
@@ -83,22 +84,57 @@ def test_bad_input_gives_one_line_and_an_exit_code(trained_run, tmp_path):
     assert "no such" in _one_line_error(run("evaluate", trained_run, "--data", tmp_path / "nowhere"))
     assert "no class folders" in _one_line_error(run("evaluate", trained_run, "--data", tmp_path / "empty"))
     assert "line 2" in _one_line_error(run("evaluate", trained_run, "--data", tmp_path / "bad.csv"))
-    assert "not a valid" in _one_line_error(run("predict", tmp_path / "x.jpg", "--model", tmp_path / "notes.keras"))
+    Image.new("RGB", (60, 60)).save(tmp_path / "x.png")
+    assert "not a valid" in _one_line_error(run("predict", tmp_path / "x.png", "--model", tmp_path / "notes.keras"))
     assert "unknown model" in _one_line_error(run("train", "--model", "nope", "--data", tmp_path))
     assert "unknown augmentation" in _one_line_error(run("train", "--augment", "spin", "--data", tmp_path))
     (tmp_path / "text.jpg").write_text("hello")
-    assert "not an image" in _one_line_error(run("predict", tmp_path / "text.jpg", "--model", trained_run), code=1)
-    assert "offline" in _one_line_error(run("predict", "https://example.com/a.jpg", "--model", trained_run), code=1)
+    assert "not an image" in _one_line_error(run("predict", tmp_path / "text.jpg", "--model", trained_run, "--out", tmp_path / "p"), code=1)
+    assert "offline" in _one_line_error(run("predict", "https://example.com/a.jpg", "--model", trained_run))
+    assert "no such file" in _one_line_error(run("predict", tmp_path / "missing.jpg", "--model", trained_run))
 
 
-def test_a_batch_reports_the_bad_item_and_goes_on(trained_run, tmp_path):
+def test_a_folder_reports_the_bad_item_and_goes_on(trained_run, tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i, name in enumerate(["a.png", "sub/b.png"]):
+        Image.fromarray(pattern_face(i, np.random.default_rng(i))).save(folder / name)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("ignored: not an image name")
+    out = tmp_path / "out"
+    result = run("predict", folder, "--model", trained_run, "--detector", "none", "--out", out)
+    assert result.exit_code == 1
+    assert "empty file" in result.output and "3 images, 2 faces, 1 failed" in result.output
+    rows = (out / "faces.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("source,face,x,y,width,height")
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [("error" in r) for r in records] == [False, True, False]
+
+
+def test_several_sources_go_on_past_a_missing_one(trained_run, tmp_path):
     good = tmp_path / "good.png"
     Image.fromarray(pattern_face(6, np.random.default_rng(0))).save(good)
-    (tmp_path / "empty.png").write_bytes(b"")
-    result = run("predict", tmp_path / "empty.png", good, "--model", trained_run, "--json")
-    assert result.exit_code == 1
-    assert "empty file" in result.output
+    result = run("predict", tmp_path / "missing.png", good, "--model", trained_run, "--detector", "none",
+                 "--json", "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "no such file" in result.output
     assert json.loads(result.output.strip().splitlines()[-1])["source"] == str(good)
+
+
+def test_a_photo_with_no_face_says_so(trained_run, tmp_path):
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(noise)
+    result = run("predict", noise, "--model", trained_run, "--out", tmp_path / "out")
+    assert result.exit_code == 0 and "no face found" in result.output
+    assert json.loads((tmp_path / "out" / "noise.json").read_text())["faces"] == []
+
+
+def test_an_image_over_the_pixel_limit_is_refused(trained_run, tmp_path, monkeypatch):
+    from ferkit import images
+
+    Image.new("RGB", (500, 400)).save(tmp_path / "big.png")
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100_000)
+    line = _one_line_error(run("predict", tmp_path / "big.png", "--model", trained_run, "--out", tmp_path / "o"), code=1)
+    assert "over the limit" in line
 
 
 def test_debug_shows_the_traceback(tmp_path):

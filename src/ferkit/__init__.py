@@ -1,8 +1,8 @@
 """ferkit: facial expression recognition you can run, train, evaluate and fine-tune offline.
 
     >>> import ferkit
-    >>> result = ferkit.predict_image("face.jpg", model="runs/demo")
-    >>> result.faces[0].emotion, result.faces[0].probabilities
+    >>> faces = ferkit.analyze("group.jpg")           # every face, with the bundled model
+    >>> faces[0].box, faces[0].emotion, faces[0].probabilities
     >>> run = ferkit.train(ferkit.TrainConfig(data="fer2013/train", val="fer2013/val", epochs=30))
     >>> report = ferkit.evaluate(run, ferkit.load_dataset("fer2013/val"))
 
@@ -17,7 +17,8 @@ from ferkit.errors import FerkitError
 from ferkit.evaluate import EvaluationReport, evaluate
 from ferkit.labels import EMOTIONS
 from ferkit.models import create_model, list_models
-from ferkit.predict import predict_image
+from ferkit.draw import draw_faces
+from ferkit.predict import analyze, analyze_image, analyze_images, predict_image
 from ferkit.results import Face, ImageResult
 from ferkit.runtime import load_classifier
 from ferkit.train import train
@@ -25,6 +26,10 @@ from ferkit.train import train
 
 __all__ = [
     "EMOTIONS",
+    "analyze",
+    "analyze_image",
+    "analyze_images",
+    "draw_faces",
     "EvaluationReport",
     "Face",
     "FaceDataset",

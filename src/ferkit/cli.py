@@ -261,7 +261,7 @@ def predict_cmd(sources, model, detector, out: Path, as_json, annotate, every, t
     out.mkdir(parents=True, exist_ok=True)
     failures = len(sources) - len(kinds)
     images = [s for s, kind in kinds if kind == "image"]
-    if len(kinds) == 1 and images:
+    if len(sources) == 1 and images:
         failures += _predict_one(images[0], classifier, find, out, as_json, annotate is not False)
     elif images or any(kind in ("folder", "glob") for _, kind in kinds):
         batch = [s for s, kind in kinds if kind != "video"]

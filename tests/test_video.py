@@ -1,0 +1,123 @@
+"""Videos: frames, IoU tracking, timelines, plots and annotated output, on videos written here."""
+
+import csv
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ferkit.cli import cli
+from ferkit.errors import FerkitError
+from ferkit.faces import Detection
+from ferkit.sources import open_video
+from ferkit.video import IouTracker, analyze_video
+from test_faces import FACES, needs_faces
+
+SIZE = (160, 120)
+
+
+def _write_video(path, frames, fps=10.0):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, SIZE)
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
+def _two_squares(n):
+    """Two bright squares drifting right, one per half of the frame."""
+    for i in range(n):
+        frame = np.full((SIZE[1], SIZE[0], 3), 20, np.uint8)
+        frame[20:50, 5 + i : 35 + i] = 240
+        frame[70:100, 85 + i : 115 + i] = 240
+        yield frame
+
+
+def _bright_squares(rgb):
+    """A detector for the squares above: the bright pixels' bounding box in each half."""
+    found = []
+    for left in (0, SIZE[0] // 2):
+        ys, xs = np.nonzero(rgb[:, left : left + SIZE[0] // 2, 0] > 128)
+        if len(xs):
+            found.append(Detection((int(xs.min()) + left, int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1), 1.0))
+    return found
+
+
+@pytest.fixture
+def squares_video(tmp_path):
+    return _write_video(tmp_path / "squares.mp4", _two_squares(20))
+
+
+def test_tracker_keeps_ids_through_motion_and_gaps():
+    tracker = IouTracker(max_gap=2)
+    assert tracker.update([(0, 0, 10, 10), (50, 50, 10, 10)]) == [1, 2]
+    assert tracker.update([(52, 51, 10, 10), (1, 0, 10, 10)]) == [2, 1]
+    assert tracker.update([]) == []
+    assert tracker.update([(2, 1, 10, 10)]) == [1]  # back after a one-frame gap
+    assert tracker.update([(200, 200, 10, 10)]) == [3]  # somewhere new
+
+
+def test_video_timeline_follows_each_face(trained_run, squares_video, tmp_path):
+    timeline = analyze_video(squares_video, model=trained_run, detector=_bright_squares, every=2, smooth=3,
+                             annotated=tmp_path / "out.mp4")
+    assert timeline.frames_analysed == 10
+    assert timeline.tracks == [1, 2]
+    assert [r.frame for r in timeline.rows if r.track == 1] == list(range(0, 20, 2))
+    assert all(abs(sum(r.face.probabilities.values()) - 1) < 1e-4 for r in timeline.rows)
+    rows = list(csv.DictReader(open(timeline.to_csv(tmp_path / "t.csv"))))
+    assert len(rows) == 20 and rows[0]["track"] in ("1", "2") and float(rows[-1]["time_s"]) == pytest.approx(1.8)
+    assert timeline.plot(tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    capture, info = open_video(tmp_path / "out.mp4")
+    assert info.frames == 10 and info.size == SIZE
+    capture.release()
+
+
+def test_smoothing_damps_changes(trained_run, squares_video):
+    raw = analyze_video(squares_video, model=trained_run, detector=_bright_squares, smooth=1)
+    smooth = analyze_video(squares_video, model=trained_run, detector=_bright_squares, smooth=9)
+
+    def jitter(timeline):
+        series = np.array([list(r.face.probabilities.values()) for r in timeline.rows if r.track == 1])
+        return np.abs(np.diff(series, axis=0)).sum()
+
+    assert jitter(smooth) <= jitter(raw)
+
+
+def test_unreadable_videos_are_refused(trained_run, tmp_path):
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    with pytest.raises(FerkitError, match="not a video"):
+        open_video(tmp_path / "broken.mp4")
+    result = CliRunner().invoke(cli, ["predict", str(tmp_path / "broken.mp4"), "--detector", "none",
+                                      "--model", str(trained_run), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and result.output.strip() == f"error: {tmp_path / 'broken.mp4'} is not a video ferkit can read"
+
+
+def test_video_command_writes_timeline_plot_and_video(trained_run, squares_video, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["predict", str(squares_video), "--model", str(trained_run), "--detector", "none",
+                                      "--every", "4", "--save-video", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for name in ("squares.timeline.csv", "squares.emotions.png", "squares.annotated.mp4"):
+        assert (out / name).stat().st_size > 0
+    assert "5 frames analysed" in result.output
+
+
+@needs_faces
+def test_real_faces_in_a_panning_video_are_tracked(trained_run, tmp_path):
+    photo = cv2.cvtColor(cv2.imread(str(FACES / "2007_007763.jpg")), cv2.COLOR_BGR2RGB)
+    crop_w, crop_h = 320, 240
+    frames = [cv2.resize(photo[60 : 60 + crop_h, 60 + 4 * i : 60 + 4 * i + crop_w], (crop_w, crop_h)) for i in range(12)]
+    path = tmp_path / "pan.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (crop_w, crop_h))
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+    timeline = analyze_video(path, model=trained_run)
+    per_frame = {}
+    for row in timeline.rows:
+        per_frame.setdefault(row.frame, []).append(row.track)
+    faces_first = len(per_frame[0])
+    assert faces_first >= 3
+    # a slow pan keeps the same faces on the same tracks
+    assert len(timeline.tracks) <= faces_first + 2
