@@ -101,6 +101,8 @@ def _onnx_session(path: Path):
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    # Idle ORT threads spin by default and then starve the detector's OpenMP threads on small machines.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types for damaged files

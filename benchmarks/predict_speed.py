@@ -1,0 +1,97 @@
+"""End-to-end speed of `analyze` on this machine: photos (decode, detect, classify) and a video.
+
+    python benchmarks/predict_speed.py --model runs/NAME/best.onnx --faces ../shared/data/faces
+
+Photos: the annotated photos resized to 640x480 JPEGs (1-7 faces each), median ms per photo over
+`--repeat` passes after a warm-up. Video: a 640x480 MJPEG video panning over those photos, every
+frame analysed; frames per second overall. The classifier alone (batch of 256 faces and one face)
+is timed too, against seed-cnn exported beside it when `--baseline` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ferkit.faces import get_detector
+from ferkit.predict import analyze_image
+from ferkit.runtime import load_classifier
+from ferkit.video import analyze_video
+
+
+def photos_640(folder: Path, out: Path) -> list[Path]:
+    paths = []
+    for photo in sorted(folder.glob("*.jpg")):
+        target = out / photo.name
+        Image.open(photo).convert("RGB").resize((640, 480), Image.Resampling.BILINEAR).save(target, quality=90)
+        paths.append(target)
+    return paths
+
+
+def pan_video(photos: list[Path], out: Path, frames_per_photo: int = 20) -> Path:
+    import cv2
+
+    path = out / "pan.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (640, 480))
+    for photo in photos:
+        big = np.asarray(Image.open(photo).resize((704, 528)))
+        for i in range(frames_per_photo):
+            writer.write(np.ascontiguousarray(big[i * 2 : i * 2 + 480, i * 3 : i * 3 + 640, ::-1]))
+    writer.release()
+    return path
+
+
+def classifier_rate(classifier, batch: int, repeat: int = 20) -> float:
+    faces = np.random.default_rng(0).integers(0, 256, (batch, *classifier.input_size), dtype=np.uint8)
+    classifier.predict_proba(faces)
+    started = time.perf_counter()
+    for _ in range(repeat):
+        classifier.predict_proba(faces, batch_size=batch)
+    return (time.perf_counter() - started) / repeat
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model to time (default: the bundled one)")
+    parser.add_argument("--baseline", help="a second model timed the same way, for ratios (e.g. seed-cnn as ONNX)")
+    parser.add_argument("--faces", default="../shared/data/faces")
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+
+    classifier, detector = load_classifier(args.model), get_detector("auto")
+    for label, model in (("model", classifier), ("baseline", args.baseline and load_classifier(args.baseline))):
+        if model:
+            big, one = classifier_rate(model, 256), classifier_rate(model, 1, repeat=200)
+            print(f"{label} {model.name}: {256 / big:,.0f} faces/s batched (256), {one * 1e3:.2f} ms for one face")
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = photos_640(Path(args.faces), Path(tmp))
+        for photo in photos:
+            analyze_image(photo, model=classifier, detector=detector)  # warm-up
+        per_photo, faces = [], []
+        for photo in photos:
+            runs = []
+            for _ in range(args.repeat):
+                started = time.perf_counter()
+                result = analyze_image(photo, model=classifier, detector=detector)
+                runs.append((time.perf_counter() - started) * 1e3)
+            per_photo.append(statistics.median(runs))
+            faces.append(len(result.faces))
+        print(f"photos 640x480 ({min(faces)}-{max(faces)} faces, detector {detector.name}): "
+              f"median {statistics.median(per_photo):.1f} ms per photo end to end "
+              f"(range {min(per_photo):.1f}-{max(per_photo):.1f})")
+        video = pan_video(photos, Path(tmp))
+        started = time.perf_counter()
+        timeline = analyze_video(video, model=classifier, detector=detector)
+        seconds = time.perf_counter() - started
+        print(f"video 640x480, {timeline.frames_analysed} frames, every frame analysed: "
+              f"{timeline.frames_analysed / seconds:.1f} frames/s, {len(timeline.rows)} faces, {len(timeline.tracks)} tracks")
+
+
+if __name__ == "__main__":
+    main()
