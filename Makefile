@@ -1,11 +1,12 @@
-# Two commands do everything: `make run` (set up, then the demo) and `make test` (set up, then the tests).
+# Two commands do everything: `make run` (set up, then predict on the example photo with the bundled
+# model) and `make test` (set up, then the tests). `make demo` trains and evaluates a small model.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 SAMPLE := examples/fer2013-sample
 DEMO   := runs/demo
 
-.PHONY: setup run test clean
+.PHONY: setup run demo test clean
 
 $(BIN)/ferkit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +17,13 @@ $(BIN)/ferkit: pyproject.toml
 setup: $(BIN)/ferkit
 
 run: setup
+	$(BIN)/ferkit predict examples/people.jpg --out runs/predict
+
+demo: setup
 	$(BIN)/ferkit train --model seed-cnn --data $(SAMPLE)/train --val $(SAMPLE)/val \
 		--epochs 30 --augment flip,zoom --out $(DEMO) --overwrite
 	$(BIN)/ferkit evaluate $(DEMO) --data $(SAMPLE)/val
-	$(BIN)/ferkit predict $(SAMPLE)/val/happy/$(shell ls $(SAMPLE)/val/happy | head -n 1) --model $(DEMO)
+	$(BIN)/ferkit predict $(SAMPLE)/val/happy/$(shell ls $(SAMPLE)/val/happy | head -n 1) --model $(DEMO) --detector none
 
 test: setup
 	$(BIN)/python -m pytest

@@ -163,14 +163,15 @@ def train_cmd(resume: Path | None, overwrite: bool, **flags):
 
 
 @cli.command("evaluate")
-@click.argument("model")
+@click.argument("model", required=False)
 @click.option("--data", required=True, help="A class-folder tree or a FER2013 CSV.")
 @click.option("--usage", default="PublicTest", show_default=True, help="CSV rows to use: Training, PublicTest or PrivateTest.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for the report files (default: beside the model).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
-def evaluate_cmd(model: str, data: str, usage: str, out: Path | None, batch_size: int, as_json: bool):
-    """Score MODEL (a run folder or model file) on labelled data; write JSON, CSV and PNG reports."""
+def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, batch_size: int, as_json: bool):
+    """Score MODEL (a run folder or model file; default: the bundled model) on labelled data; write
+    JSON, CSV and PNG reports."""
     from ferkit.data import load_dataset
     from ferkit.evaluate import evaluate
     from ferkit.runtime import load_classifier, resolve_model_path
@@ -180,7 +181,7 @@ def evaluate_cmd(model: str, data: str, usage: str, out: Path | None, batch_size
         data, classes=classifier.classes, image_size=classifier.input_size, usage=usage, progress=not as_json
     )
     report = evaluate(classifier, dataset, batch_size=batch_size)
-    folder = out or _default_eval_folder(resolve_model_path(model), Path(model), Path(data), usage)
+    folder = out or _default_eval_folder(resolve_model_path(model), Path(model or "."), Path(data), usage)
     written = report.save(folder)
     if as_json:
         click.echo(json.dumps({**report.to_dict(), "files": [str(p) for p in written]}, indent=2))
@@ -191,6 +192,8 @@ def evaluate_cmd(model: str, data: str, usage: str, out: Path | None, batch_size
 
 def _default_eval_folder(model_path: Path, given: Path, data: Path, usage: str) -> Path:
     name = data.name if data.is_dir() else f"{data.stem}-{usage}"
+    if model_path.parent.name == "weights" and model_path.parent.parent.name == "ferkit":
+        return Path("runs") / f"eval-{model_path.stem}-{name}"  # never write into the installed package
     if given.is_dir():
         return given / f"eval-{name}"
     return model_path.parent / f"eval-{model_path.stem}-{name}"

@@ -77,8 +77,8 @@ class EvaluationReport:
         return [folder / n for n in ("metrics.json", "per_class.csv", "confusion_matrix.json", "confusion_matrix.png")]
 
 
-def evaluate(model: str | Path | Classifier, dataset: FaceDataset, *, batch_size: int = 256) -> EvaluationReport:
-    """Classify every face of `dataset` with `model` and score the predictions."""
+def evaluate(model: str | Path | Classifier | None, dataset: FaceDataset, *, batch_size: int = 256) -> EvaluationReport:
+    """Classify every face of `dataset` with `model` (None: the bundled model) and score the predictions."""
     classifier = load_classifier(model)
     probabilities = classifier.predict_proba(dataset.images, batch_size=batch_size)
     y_pred = probabilities.argmax(axis=1)

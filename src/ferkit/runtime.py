@@ -7,6 +7,7 @@ stored in the model file (`ferkit.json` inside the `.keras` zip), so nothing is 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import zipfile
@@ -20,7 +21,6 @@ from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch
 
 METADATA_NAME = "ferkit.json"  # inside a .keras zip; the metadata_props key in an .onnx file
-DEFAULT_MODEL_FILE = "ferkit-net.onnx"
 PREPROCESSING = "exif-upright, grayscale (ITU-R 601-2 luma), resized to input_size, gray repeated to channels, raw 0-255"
 
 
@@ -69,14 +69,42 @@ def resolve_model_path(model: str | Path | None) -> Path:
     return path
 
 
+def bundled_manifest() -> dict:
+    """ferkit/weights/manifest.json: the bundled model's file name, SHA-256 and how it was made."""
+    manifest = files_path("weights", "manifest.json")
+    if not manifest.is_file():
+        raise FerkitError("this ferkit has no bundled model; pass --model RUN_OR_MODEL")
+    return json.loads(manifest.read_text())
+
+
 def default_model_path() -> Path:
-    """The ONNX model shipped in the package (see ferkit/weights/README.md)."""
+    """The ONNX model shipped in the package, checked against its recorded SHA-256 once per process."""
+    manifest = bundled_manifest()
+    path = files_path("weights", manifest["file"])
+    if not path.is_file():
+        raise FerkitError(f"the bundled model {path} is missing from this installation; reinstall ferkit")
+    _check_hash(path, manifest["sha256"])
+    return path
+
+
+def files_path(*parts: str) -> Path:
     from importlib.resources import files
 
-    path = Path(str(files("ferkit") / "weights" / DEFAULT_MODEL_FILE))
-    if not path.is_file():
-        raise FerkitError("this ferkit has no bundled model; pass --model RUN_OR_MODEL")
-    return path
+    return Path(str(files("ferkit").joinpath(*parts)))
+
+
+@functools.lru_cache(maxsize=2)
+def _check_hash(path: Path, expected: str) -> None:
+    if sha256_of(path) != expected:
+        raise FerkitError(f"the bundled model {path} does not match its recorded SHA-256; reinstall ferkit")
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_metadata(path: str | Path) -> ModelMetadata:

@@ -1,0 +1,56 @@
+"""The model shipped inside ferkit: present, untampered, TensorFlow-free, and right on real faces."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import FER2013, needs_fer2013
+from ferkit.cli import cli
+from ferkit.data import load_dataset
+from ferkit.evaluate import evaluate
+from ferkit.runtime import OnnxClassifier, bundled_manifest, default_model_path, load_classifier, sha256_of
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+
+
+def test_the_bundled_file_matches_its_recorded_hash():
+    manifest = bundled_manifest()
+    path = default_model_path()
+    assert path.name == manifest["file"] and sha256_of(path) == manifest["sha256"]
+    assert path.stat().st_size <= 25 * 1024 * 1024
+    classifier = load_classifier()
+    assert isinstance(classifier, OnnxClassifier) and list(classifier.classes) == manifest["classes"]
+
+
+def test_the_default_path_runs_without_tensorflow():
+    code = (
+        "import sys, json, ferkit;"
+        f"faces = ferkit.analyze({str(EXAMPLE)!r});"
+        "print(json.dumps([len(faces), 'tensorflow' in sys.modules, 'keras' in sys.modules]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == [3, False, False]
+
+
+def test_predict_on_the_example_photo_with_no_options(tmp_path):
+    result = CliRunner().invoke(cli, ["predict", str(EXAMPLE), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "people.json").read_text())
+    assert len(data["faces"]) == 3 and data["model"] == bundled_manifest()["model"]
+    assert (tmp_path / "people.jpg").stat().st_size > 0
+    # the broad smile of the official 2012 portrait (the middle face, left to right)
+    middle = sorted(data["faces"], key=lambda f: f["box"][0])[1]
+    assert middle["emotion"] == "happy"
+
+
+@needs_fer2013()
+def test_the_bundled_model_scores_on_val_what_its_training_recorded():
+    val = load_dataset(FER2013 / "val")
+    report = evaluate(None, val)
+    assert report.accuracy == pytest.approx(bundled_manifest()["val_accuracy_during_training"], abs=0.002)
+    # faces any decent model gets right: happy and surprised ones
+    assert report.per_class["happy"].recall > 0.75 and report.per_class["surprise"].recall > 0.6

@@ -1,0 +1,47 @@
+"""Make a run's best model the one bundled with ferkit: export it to ONNX under src/ferkit/weights/
+and record its SHA-256, the run's config and its validation score in manifest.json.
+
+    python tools/bundle_model.py runs/ferkit-net-s-v1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ferkit.export import export_onnx
+from ferkit.runs import RunState
+from ferkit.runtime import read_metadata, sha256_of
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "ferkit" / "weights"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--name", help="file name without .onnx (default: the run folder's name)")
+    args = parser.parse_args()
+    name = args.name or args.run.name
+    target = WEIGHTS / f"{name}.onnx"
+    for old in WEIGHTS.glob("*.onnx"):
+        old.unlink()
+    export_onnx(args.run, target)
+    state, meta = RunState.load(args.run), read_metadata(target)
+    manifest = {
+        "file": target.name,
+        "sha256": sha256_of(target),
+        "model": meta.model,
+        "classes": meta.classes,
+        "run": args.run.name,
+        "epochs": state.epochs_done,
+        "best_epoch": state.best_epoch,
+        "val_accuracy_during_training": round(state.best_val_accuracy, 4),
+        "config": json.loads((args.run / "config.json").read_text()),
+    }
+    (WEIGHTS / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"bundled {target} ({target.stat().st_size / 1e6:.1f} MB), sha256 {manifest['sha256'][:16]}...")
+
+
+if __name__ == "__main__":
+    main()
