@@ -150,3 +150,11 @@ def test_resume_refuses_other_flags(trained_run):
 @pytest.mark.parametrize("args", [["--version"], ["--help"], ["train", "--help"]])
 def test_help_and_version(args):
     assert run(*args).exit_code == 0
+
+
+def test_a_one_pixel_image_is_handled(trained_run, tmp_path):
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(tmp_path / "dot.png")
+    detected = run("predict", tmp_path / "dot.png", "--model", trained_run, "--out", tmp_path / "a")
+    assert detected.exit_code == 0 and "no face found" in detected.output
+    whole = run("predict", tmp_path / "dot.png", "--model", trained_run, "--detector", "none", "--out", tmp_path / "b")
+    assert whole.exit_code == 0 and "%" in whole.output
