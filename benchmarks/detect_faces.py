@@ -16,15 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ferkit.faces import MtcnnDetector, YuNetDetector
+from ferkit.faces import MtcnnDetector, YuNetDetector, box_iou
 from ferkit.images import load_image, to_rgb
-
-
-def iou(a, b) -> float:
-    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
 
 
 def match(detections, truth, threshold=0.5) -> tuple[int, int]:
@@ -32,7 +25,7 @@ def match(detections, truth, threshold=0.5) -> tuple[int, int]:
     used: set[int] = set()
     hits = 0
     for det in sorted(detections, key=lambda d: -d.score):
-        candidates = [(iou(det.box, box), i) for i, box in enumerate(truth) if i not in used]
+        candidates = [(box_iou(det.box, box), i) for i, box in enumerate(truth) if i not in used]
         best = max(candidates, default=(0.0, -1))
         if best[0] >= threshold:
             used.add(best[1])

@@ -8,25 +8,19 @@ from PIL import Image
 
 from conftest import SHARED
 from ferkit.errors import FerkitError
-from ferkit.faces import Detection, MtcnnDetector, YuNetDetector, face_crop, get_detector
+from ferkit.faces import Detection, MtcnnDetector, YuNetDetector, box_iou, face_crop, get_detector
 from ferkit.images import load_image, to_rgb
 
 FACES = SHARED / "data" / "faces"
 needs_faces = pytest.mark.skipif(not (FACES / "boxes.json").is_file(), reason=f"no annotated photos at {FACES}")
 
 
-def _iou(a, b):
-    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    return ix * iy / (a[2] * a[3] + b[2] * b[3] - ix * iy)
-
-
 def _score(detector, photos):
     found = false = total = 0
     for name, truth in photos.items():
         detections = detector(np.asarray(to_rgb(load_image(FACES / name))))
-        matched = {max(range(len(truth)), key=lambda i: _iou(d.box, truth[i])) for d in detections
-                   if max(_iou(d.box, t) for t in truth) >= 0.5}
+        matched = {max(range(len(truth)), key=lambda i: box_iou(d.box, truth[i])) for d in detections
+                   if max(box_iou(d.box, t) for t in truth) >= 0.5}
         found += len(matched)
         false += len(detections) - len(matched)
         total += len(truth)
@@ -51,7 +45,7 @@ def test_faces_in_an_exif_rotated_photo_are_found_upright(tmp_path):
     upright = load_image(tmp_path / "rotated.jpg")
     assert upright.size == original.size
     detections = get_detector("auto")(np.asarray(to_rgb(upright)))
-    assert sum(max(_iou(d.box, t) for t in truth) >= 0.5 for d in detections) >= 0.9 * len(truth)
+    assert sum(max(box_iou(d.box, t) for t in truth) >= 0.5 for d in detections) >= 0.9 * len(truth)
 
 
 def test_no_face_in_noise_or_tiny_images():

@@ -104,6 +104,15 @@ def get_detector(detector: str | Callable | None = "auto") -> Callable | None:
     raise FerkitError(f"unknown detector {detector!r} (choose from {', '.join(DETECTORS)})")
 
 
+def box_iou(a: Box, b: Box) -> float:
+    """Intersection over union of two (x, y, width, height) boxes."""
+    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union else 0.0
+
+
 def face_crop(image: Image.Image, box: Box, *, margin: float = 0.1) -> Image.Image:
     """The square around `box`, enlarged by `margin` of its side on each side, padded with edge pixels
     where it leaves the image: FER2013 faces are square and show a little around the face."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ferkit.draw import draw_faces
+from ferkit.faces import box_iou
 from ferkit.predict import analyze_images
 from ferkit.results import Face
 from ferkit.runtime import load_classifier
@@ -73,7 +74,7 @@ class IouTracker:
     def update(self, boxes: list[tuple]) -> list[int]:
         self._step += 1
         live = {t: v for t, v in self._tracks.items() if self._step - v[1] <= self.max_gap}
-        pairs = sorted(((_iou(b, live[t][0]), i, t) for i, b in enumerate(boxes) for t in live), reverse=True)
+        pairs = sorted(((box_iou(b, live[t][0]), i, t) for i, b in enumerate(boxes) for t in live), reverse=True)
         ids: dict[int, int] = {}
         for overlap, i, t in pairs:
             if overlap < self.min_iou:
@@ -144,14 +145,6 @@ def _smooth(face: Face, track: int, state: dict, alpha: float, classes) -> Face:
     best = int(np.argmax(mixed))
     return Face(face.box, classes[best], float(mixed[best]), dict(zip(classes, map(float, mixed))),
                 face.detector_score, face.landmarks)
-
-
-def _iou(a, b) -> float:
-    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    return inter / union if union else 0.0
 
 
 def _video_writer(path, info, every):
