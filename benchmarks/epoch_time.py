@@ -27,7 +27,7 @@ def seconds_per_epoch(model: str, augment: list[str], *, batch_size: int, steps:
     keras = import_keras()
     spec = get_model_spec(model)
     config = TrainConfig(model=model, augment=augment, batch_size=batch_size)
-    training_model = _build_training_model(keras, config, spec, 7, steps_per_epoch=steps)
+    training_model = _build_training_model(keras, config, 7, train_size=steps * batch_size)
     rng = np.random.default_rng(0)
     faces = faces_to_batch(rng.integers(0, 256, (batch_size * (steps + warmup), *spec.input_size), np.uint8), spec.channels)
     labels = rng.integers(0, 7, len(faces))

@@ -89,9 +89,9 @@ def models_list(pattern: str):
 @click.argument("name")
 def models_show(name: str):
     """Print the layer table of model NAME: layers, output shapes and parameter counts."""
-    from ferkit.models import create_model
+    from ferkit.models import create_model, get_model_spec
 
-    model = create_model(name)
+    model = create_model(name, weights="none" if get_model_spec(name).pretrained else None)
     rows = [[layer.name, type(layer).__name__, str(_output_shape(layer)), f"{layer.count_params():,}"] for layer in model.layers]
     _print_table(["layer", "type", "output shape", "params"], rows, right=(3,), title=f"{name}: {model.count_params():,} parameters")
 
@@ -123,6 +123,9 @@ def _output_shape(layer):
 @click.option("--class-weight", type=click.Choice(CLASS_WEIGHTS), help="Loss weights per class: none (default), balanced, sqrt.")
 @click.option("--augment", help=f"Comma-separated augmentations: {', '.join(AUGMENTATIONS)}.")
 @click.option("--precision", type=click.Choice(PRECISIONS), help="float32 (default) or mixed_bfloat16 (faster on CPUs with bf16).")
+@click.option("--weights", help="Pretrained backbones: imagenet (default), a local weights file, or none.")
+@click.option("--fine-tune", type=int, help="After --epochs, unfreeze the backbone's top N layers ...")
+@click.option("--fine-tune-epochs", type=int, help="... and train this many more epochs at a tenth of --lr.")
 @click.option("--seed", type=int, help="Random seed (default 0).")
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder (default runs/train).")
 @click.option("--resume", type=click.Path(path_type=Path), help="Continue the run in this folder where it stopped.")

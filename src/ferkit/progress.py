@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
 
 
+def _visible(enabled: bool) -> bool:
+    """Bars only on an interactive terminal: in logs and pipes they are noise."""
+    return enabled and sys.stderr.isatty()
+
+
 def track(items: Sequence[T], *, description: str, enabled: bool = True) -> Iterable[T]:
-    if not enabled:
+    if not _visible(enabled):
         return items
     from rich.console import Console
     from rich.progress import track as rich_track
@@ -21,7 +27,7 @@ def track(items: Sequence[T], *, description: str, enabled: bool = True) -> Iter
 @contextlib.contextmanager
 def progress_bar(total: int | None, description: str, *, enabled: bool = True):
     """A context giving `advance()`; shows count, rate and ETA when `total` is known."""
-    if not enabled:
+    if not _visible(enabled):
         yield lambda: None
         return
     from rich.console import Console

@@ -18,7 +18,7 @@ from ferkit.config import TrainConfig
 from ferkit.data import FaceDataset, load_dataset, split_dataset
 from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch
-from ferkit.models import get_model_spec
+from ferkit.models import create_model, get_model_spec
 from ferkit.runs import RUN_FILES, RunState, trim_history, write_atomic
 from ferkit.runtime import ModelMetadata
 
@@ -32,65 +32,69 @@ class TrainingInterrupted(FerkitError):
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, verbose: int = 2) -> Path:
     """Train `config.model` on `config.data`; returns the run folder. `verbose`: 0 silent, 1 bar, 2 line."""
     run = Path(config.out)
-    if resume and not (run / "config.json").exists():
-        raise FerkitError(f"cannot resume: {run} is not a ferkit run folder (no config.json)")
+    _check_run_folder(run, resume=resume, overwrite=overwrite)
     spec = get_model_spec(config.model)
     train_set, val_set = load_train_val(config, spec.input_size, progress=verbose > 0)
     config.classes = list(train_set.classes)
-    _prepare_run_folder(run, resume=resume, overwrite=overwrite)
-    _save_run_config(run, config, train_set, val_set)
+    num_classes = len(train_set.classes)
+    total = config.epochs + config.fine_tune_epochs if config.fine_tune else config.epochs
+    state = RunState.load(run) if resume else RunState()
+    if state.epochs_done >= total:
+        log.warning("%s already has %d epochs; pass a larger --epochs to train on", run, state.epochs_done)
+        return run
+
     keras = import_keras()
     from ferkit.callbacks import RunRecorder
 
-    state = RunState.load(run) if resume else RunState()
-    if state.epochs_done >= config.epochs:
-        log.warning("%s already has %d epochs; pass a larger --epochs to train on", run, state.epochs_done)
-        return run
     keras.utils.set_random_seed(config.seed + state.epochs_done)
     keras.mixed_precision.set_global_policy(config.precision)
-    if resume and (run / "checkpoint.keras").exists():
-        training_model = keras.saving.load_model(run / "checkpoint.keras")
-    else:
-        state = RunState()
-        steps_per_epoch = -(-len(train_set) // config.batch_size)
-        training_model = _build_training_model(keras, config, spec, len(train_set.classes), steps_per_epoch)
-    base_model = training_model.layers[-1] if config.augment else training_model
-    saved_model = _float32_twin(keras, spec, len(train_set.classes)) if config.precision != "float32" else base_model
-    trim_history(run / "history.csv", state.epochs_done)
-
-    metadata = ModelMetadata(
-        model=config.model, classes=list(train_set.classes), input_size=list(spec.input_size), channels=spec.channels
-    )
-    callbacks = [RunRecorder(run, state, base_model, metadata, saved_model=saved_model)]
-    if config.lr_schedule == "plateau":
-        callbacks.append(
-            keras.callbacks.ReduceLROnPlateau("val_accuracy", mode="max", factor=0.5, patience=config.lr_patience)
-        )
-    num_classes = len(train_set.classes)
-    state.status = "running"
-    state.save(run)
     try:
-        with _sigterm_as_interrupt():
-            training_model.fit(
-                faces_to_batch(train_set.images, spec.channels),
-                _targets(train_set.labels, num_classes, config),
-                validation_data=(
-                    faces_to_batch(val_set.images, spec.channels),
-                    _targets(val_set.labels, num_classes, config),
-                ),
-                epochs=config.epochs,
-                initial_epoch=state.epochs_done,
-                batch_size=config.batch_size,
-                shuffle=True,
-                callbacks=callbacks,
-                class_weight=_class_weights(config, train_set.labels, num_classes),
-                verbose=verbose,
+        if resume and (run / "checkpoint.keras").exists():
+            training_model = keras.saving.load_model(run / "checkpoint.keras")
+        else:
+            state = RunState()
+            training_model = _build_training_model(keras, config, num_classes, len(train_set))
+        base_model = training_model.layers[-1] if config.augment else training_model
+        saved_model = _float32_twin(keras, spec, num_classes) if config.precision != "float32" else base_model
+
+        # Only now that data and model are known to be good does the run folder change.
+        if not resume:
+            _clear_run_folder(run)
+        _save_run_config(run, config, train_set, val_set)
+        trim_history(run / "history.csv", state.epochs_done)
+        metadata = ModelMetadata(model=config.model, classes=config.classes, input_size=list(spec.input_size),
+                                 channels=spec.channels)
+        callbacks = [RunRecorder(run, state, base_model, metadata, saved_model=saved_model)]
+        if config.lr_schedule == "plateau":
+            callbacks.append(
+                keras.callbacks.ReduceLROnPlateau("val_accuracy", mode="max", factor=0.5, patience=config.lr_patience)
             )
+        fit = dict(
+            x=faces_to_batch(train_set.images, spec.channels),
+            y=_targets(train_set.labels, num_classes, config),
+            validation_data=(faces_to_batch(val_set.images, spec.channels), _targets(val_set.labels, num_classes, config)),
+            batch_size=config.batch_size,
+            shuffle=True,
+            callbacks=callbacks,
+            class_weight=_class_weights(config, train_set.labels, num_classes),
+            verbose=verbose,
+        )
+        state.status = "running"
+        state.save(run)
+        with _sigterm_as_interrupt():
+            if state.epochs_done < config.epochs:
+                training_model.fit(epochs=config.epochs, initial_epoch=state.epochs_done, **fit)
+            if config.fine_tune and state.epochs_done < total:
+                if state.epochs_done == config.epochs:  # a checkpoint from phase two is unfrozen already
+                    _unfreeze_top(base_model, config.fine_tune)
+                    _compile(keras, training_model, config, len(train_set), config.learning_rate / 10)
+                training_model.fit(epochs=total, initial_epoch=state.epochs_done, **fit)
     except KeyboardInterrupt:
         state.status = "interrupted"
-        state.save(run)
+        if (run / "config.json").exists():
+            state.save(run)
         raise TrainingInterrupted(
-            f"interrupted after {state.epochs_done} of {config.epochs} epochs; {run} is usable, "
+            f"interrupted after {state.epochs_done} of {total} epochs; {run} is usable, "
             f"continue with: ferkit train --resume {run}"
         ) from None
     finally:
@@ -111,18 +115,26 @@ def load_train_val(config: TrainConfig, input_size, *, progress: bool = False) -
     return split_dataset(data, val_fraction=config.val_split, seed=config.seed)
 
 
-def _prepare_run_folder(run: Path, *, resume: bool, overwrite: bool) -> None:
+def _check_run_folder(run: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse, before any work, to resume what is not a run or to replace anything silently."""
+    is_run = (run / "config.json").exists()
     if resume:
+        if not is_run:
+            raise FerkitError(f"cannot resume: {run} is not a ferkit run folder (no config.json)")
         return
     if run.exists() and any(run.iterdir()):
         if not overwrite:
             raise FerkitError(f"{run} already exists; use --resume to continue it, --overwrite to replace it, or another --out")
-        if not (run / "config.json").exists():
+        if not is_run:
             raise FerkitError(f"{run} is not a ferkit run folder; refusing to overwrite it, choose another --out")
-        for name in RUN_FILES:
-            (run / name).unlink(missing_ok=True)
-        for folder in run.glob("eval-*"):
-            shutil.rmtree(folder)
+
+
+def _clear_run_folder(run: Path) -> None:
+    """Remove what an earlier run wrote (only ferkit's own files), ready for a fresh run."""
+    for name in RUN_FILES:
+        (run / name).unlink(missing_ok=True)
+    for folder in run.glob("eval-*"):
+        shutil.rmtree(folder)
     run.mkdir(parents=True, exist_ok=True)
 
 
@@ -132,17 +144,35 @@ def _save_run_config(run: Path, config: TrainConfig, train_set: FaceDataset, val
     write_atomic(run / "datasets.json", json.dumps(sizes, indent=2) + "\n")
 
 
-def _build_training_model(keras, config: TrainConfig, spec, num_classes: int, steps_per_epoch: int):
+def _build_training_model(keras, config: TrainConfig, num_classes: int, train_size: int):
     """The registered model, behind the augmentation layers when asked (they are off at inference)."""
-    base = spec.builder(num_classes=num_classes, input_shape=(*spec.input_size, spec.channels))
+    base = create_model(config.model, num_classes=num_classes, weights=config.weights)
     augmenters = _augmentation_layers(keras, config)
     model = keras.Sequential([keras.Input(base.input_shape[1:]), *augmenters, base], name="train") if augmenters else base
+    _compile(keras, model, config, train_size, config.learning_rate)
+    return model
+
+
+def _compile(keras, model, config: TrainConfig, train_size: int, learning_rate: float) -> None:
     if config.label_smoothing:
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
     else:
         loss = keras.losses.SparseCategoricalCrossentropy()
-    model.compile(optimizer=_optimizer(keras, config, steps_per_epoch), loss=loss, metrics=["accuracy"])
-    return model
+    steps_per_epoch = -(-train_size // config.batch_size)
+    model.compile(optimizer=_optimizer(keras, config, steps_per_epoch, learning_rate), loss=loss, metrics=["accuracy"])
+
+
+def _unfreeze_top(model, count: int) -> None:
+    """Make the top `count` layers of the model's backbone trainable (batch norm layers stay frozen,
+    the usual practice when fine-tuning on small data)."""
+    try:
+        backbone = model.get_layer("backbone")
+    except ValueError:
+        raise FerkitError(f"{model.name} has no pretrained backbone to fine-tune") from None
+    backbone.trainable = True
+    for index, layer in enumerate(backbone.layers):
+        is_batch_norm = type(layer).__name__ == "BatchNormalization"
+        layer.trainable = index >= len(backbone.layers) - count and not is_batch_norm
 
 
 def _float32_twin(keras, spec, num_classes: int):
@@ -151,7 +181,7 @@ def _float32_twin(keras, spec, num_classes: int):
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
-        return spec.builder(num_classes=num_classes, input_shape=(*spec.input_size, spec.channels))
+        return create_model(spec.name, num_classes=num_classes, weights="none" if spec.pretrained else None)
     finally:
         keras.mixed_precision.set_global_policy(policy)
 
@@ -170,8 +200,8 @@ def _augmentation_layers(keras, config: TrainConfig) -> list:
     return [make() for name, make in chosen.items() if name in config.augment]
 
 
-def _optimizer(keras, config: TrainConfig, steps_per_epoch: int):
-    rate = config.learning_rate
+def _optimizer(keras, config: TrainConfig, steps_per_epoch: int, learning_rate: float):
+    rate = learning_rate
     if config.lr_schedule == "cosine":
         rate = keras.optimizers.schedules.CosineDecay(rate, decay_steps=config.epochs * steps_per_epoch, alpha=0.01)
     if config.optimizer == "sgd":

@@ -40,7 +40,7 @@ def build_vgg_bn(*, num_classes, input_shape, widths, convs_per_stage, head_unit
 
 @register_model("ferkit-net", input_size=(48, 48), channels=1)
 def ferkit_net(*, num_classes: int = 7, input_shape=(48, 48, 1)):
-    """ferkit's own VGG-style CNN with batch norm (48x48 gray, 64-128-256-512, ~4.4M parameters)."""
+    """ferkit's own VGG-style CNN with batch norm (48x48 gray, 64-128-256-512, 4.8M parameters)."""
     return build_vgg_bn(
         num_classes=num_classes, input_shape=input_shape, widths=(64, 128, 256, 512),
         convs_per_stage=(1, 2, 2, 2), name="ferkit_net",
@@ -49,7 +49,7 @@ def ferkit_net(*, num_classes: int = 7, input_shape=(48, 48, 1)):
 
 @register_model("ferkit-net-s", input_size=(48, 48), channels=1)
 def ferkit_net_s(*, num_classes: int = 7, input_shape=(48, 48, 1)):
-    """A half-width ferkit-net (32-64-128-256, ~1.1M parameters): four times cheaper per epoch."""
+    """A half-width ferkit-net (32-64-128-256, 1.2M parameters): about 6 times cheaper per epoch."""
     return build_vgg_bn(
         num_classes=num_classes, input_shape=input_shape, widths=(32, 64, 128, 256),
         convs_per_stage=(1, 2, 2, 2), name="ferkit_net_s",

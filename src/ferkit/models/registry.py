@@ -19,19 +19,20 @@ class ModelSpec:
     input_size: tuple[int, int]  # (height, width) in pixels
     channels: int  # the grayscale face is repeated to this many channels
     description: str
+    pretrained: bool = False  # takes `weights=` ("imagenet", a file, or "none")
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, *, input_size=(48, 48), channels: int = 3, description: str = ""):
+def register_model(name: str, *, input_size=(48, 48), channels: int = 3, description: str = "", pretrained: bool = False):
     """Decorator for a builder `fn(*, num_classes, input_shape) -> keras.Model`."""
 
     def decorate(builder: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
         doc = description or (builder.__doc__ or "").strip().splitlines()[0]
-        _REGISTRY[name] = ModelSpec(name, builder, tuple(input_size), channels, doc)
+        _REGISTRY[name] = ModelSpec(name, builder, tuple(input_size), channels, doc, pretrained)
         return builder
 
     return decorate
@@ -48,8 +49,16 @@ def get_model_spec(name: str) -> ModelSpec:
     return _REGISTRY[name]
 
 
-def create_model(name: str, *, num_classes: int = len(EMOTIONS), input_size: tuple[int, int] | None = None):
-    """Build the named model, untrained, for `num_classes` outputs (softmax probabilities)."""
+def create_model(
+    name: str, *, num_classes: int = len(EMOTIONS), input_size: tuple[int, int] | None = None, weights: str | None = None
+):
+    """Build the named model for `num_classes` outputs (softmax probabilities). `weights` is for
+    pretrained backbones only: "imagenet" (their default), a local file, or "none"."""
     spec = get_model_spec(name)
     height, width = input_size or spec.input_size
-    return spec.builder(num_classes=num_classes, input_shape=(height, width, spec.channels))
+    kwargs = {}
+    if weights is not None:
+        if not spec.pretrained:
+            raise FerkitError(f"{name} has no pretrained backbone; --weights applies to {', '.join(n for n in list_models() if _REGISTRY[n].pretrained)}")
+        kwargs["weights"] = weights
+    return spec.builder(num_classes=num_classes, input_shape=(height, width, spec.channels), **kwargs)

@@ -1,0 +1,78 @@
+"""ImageNet-backbone models, with weights from local files only (no test touches the network)."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ferkit.cli import cli
+from ferkit.config import TrainConfig
+from ferkit.errors import FerkitError
+from ferkit.models import create_model
+from ferkit.runs import read_history
+from ferkit.train import train
+
+VGG_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+@pytest.fixture(scope="module")
+def vgg_weights(tmp_path_factory):
+    """A VGG19 no-top weights file in the (legacy HDF5) format of Keras' ImageNet downloads; random
+    values stand in for ImageNet's."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    path = tmp_path_factory.mktemp("weights") / VGG_FILE
+    with h5py.File(path, "w") as handle:
+        legacy_h5_format.save_weights_to_hdf5_group(handle, create_model("vgg19-transfer", weights="none").get_layer("backbone"))
+    return path
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setenv("FERKIT_OFFLINE", "1")
+    return tmp_path / "keras" / "models"
+
+
+def test_missing_imagenet_weights_say_which_file_goes_where(offline, pattern_data, tmp_path):
+    with pytest.raises(FerkitError) as info:
+        create_model("vgg19-transfer")
+    assert VGG_FILE in str(info.value) and str(offline / VGG_FILE) in str(info.value)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--model", "vgg19-transfer", "--data", str(pattern_data / "train"),
+                                      "--out", str(out)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and VGG_FILE in result.output
+    assert not out.exists()  # nothing half-made is left behind
+
+
+def test_weights_come_from_a_local_file_or_the_keras_cache(vgg_weights, offline):
+    expected = create_model("vgg19-transfer", weights=str(vgg_weights)).get_layer("backbone").get_weights()
+    offline.mkdir(parents=True)
+    (offline / VGG_FILE).write_bytes(vgg_weights.read_bytes())
+    cached = create_model("vgg19-transfer").get_layer("backbone").get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(expected, cached))
+
+
+def test_weights_are_refused_for_models_without_a_backbone():
+    with pytest.raises(FerkitError, match="no pretrained backbone"):
+        create_model("seed-cnn", weights="imagenet")
+
+
+def test_two_phase_fine_tuning(vgg_weights, pattern_data, tmp_path):
+    config = TrainConfig(model="vgg19-transfer", weights=str(vgg_weights), data=str(pattern_data / "train"),
+                         val=str(pattern_data / "val"), epochs=1, fine_tune=4, fine_tune_epochs=1,
+                         out=str(tmp_path / "ft"))
+    run = train(config, verbose=0)
+    history = read_history(run / "history.csv")
+    assert history["epoch"] == [1, 2]
+    assert history["learning_rate"][1] == pytest.approx(history["learning_rate"][0] / 10)
+    from ferkit._keras import import_keras
+
+    backbone = import_keras().saving.load_model(run / "checkpoint.keras").get_layer("backbone")
+    trainable = [layer.trainable for layer in backbone.layers if layer.weights]
+    assert any(trainable[-4:]) and not any(trainable[:-4])
+
+
+def test_fine_tune_needs_its_epochs():
+    with pytest.raises(FerkitError, match="fine-tune-epochs"):
+        TrainConfig(fine_tune=3)
