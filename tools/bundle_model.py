@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from ferkit.export import export_onnx
@@ -24,13 +25,15 @@ def main() -> None:
     args = parser.parse_args()
     name = args.name or args.run.name
     target = WEIGHTS / f"{name}.onnx"
-    for old in WEIGHTS.glob("*.onnx"):
+    for old in [*WEIGHTS.glob("*.onnx"), *WEIGHTS.glob("*.keras")]:
         old.unlink()
     export_onnx(args.run, target)
+    shutil.copy(args.run / "best.keras", target.with_suffix(".keras"))  # what `train --init default` starts from
     state, meta = RunState.load(args.run), read_metadata(target)
     manifest = {
         "file": target.name,
         "sha256": sha256_of(target),
+        "keras_file": target.with_suffix(".keras").name,
         "model": meta.model,
         "classes": meta.classes,
         "run": args.run.name,

@@ -123,6 +123,7 @@ def _output_shape(layer):
 @click.option("--class-weight", type=click.Choice(CLASS_WEIGHTS), help="Loss weights per class: none (default), balanced, sqrt.")
 @click.option("--augment", help=f"Comma-separated augmentations: {', '.join(AUGMENTATIONS)}.")
 @click.option("--precision", type=click.Choice(PRECISIONS), help="float32 (default) or mixed_bfloat16 (faster on CPUs with bf16).")
+@click.option("--init", help="Start from a trained model: default (the bundled one), a run folder or .keras file.")
 @click.option("--weights", help="Pretrained backbones: imagenet (default), a local weights file, or none.")
 @click.option("--fine-tune", type=int, help="After --epochs, unfreeze the backbone's top N layers ...")
 @click.option("--fine-tune-epochs", type=int, help="... and train this many more epochs at a tenth of --lr.")

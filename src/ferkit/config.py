@@ -38,6 +38,7 @@ class TrainConfig:
     precision: str = "float32"  # mixed_bfloat16: bf16 compute, float32 weights; 1.6x faster on AVX512-BF16 CPUs
     seed: int = 0  # seeds weights, shuffling, augmentation and the val split
     out: str = "runs/train"
+    init: str | None = None  # start from a trained model: "default" (the bundled one), a run folder or .keras file
     weights: str | None = None  # pretrained backbones only: "imagenet" (their default), a file, or "none"
     fine_tune: int = 0  # then unfreeze the backbone's top N layers ...
     fine_tune_epochs: int = 0  # ... and train this many more epochs at a tenth of the learning rate
@@ -60,6 +61,8 @@ class TrainConfig:
                 raise FerkitError(f"unknown {name} {value!r} (choose from {', '.join(allowed)})")
         if self.fine_tune < 0 or self.fine_tune_epochs < 0 or (self.fine_tune and not self.fine_tune_epochs):
             raise FerkitError("--fine-tune N needs --fine-tune-epochs E (both positive)")
+        if self.init and self.precision != "float32":
+            raise FerkitError("--init trains in float32; leave --precision at its default")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise FerkitError("label smoothing must lie in [0, 1)")
 

@@ -20,7 +20,7 @@ from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch
 from ferkit.models import create_model, get_model_spec
 from ferkit.runs import RUN_FILES, RunState, trim_history, write_atomic
-from ferkit.runtime import ModelMetadata
+from ferkit.runtime import ModelMetadata, read_metadata, resolve_model_path
 
 log = logging.getLogger("ferkit")
 
@@ -33,6 +33,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     """Train `config.model` on `config.data`; returns the run folder. `verbose`: 0 silent, 1 bar, 2 line."""
     run = Path(config.out)
     _check_run_folder(run, resume=resume, overwrite=overwrite)
+    if config.init and not resume:
+        init_metadata = read_metadata(init_model_path(config.init))
+        config.model = init_metadata.model
+        config.classes = config.classes or list(init_metadata.classes)
     spec = get_model_spec(config.model)
     train_set, val_set = load_train_val(config, spec.input_size, progress=verbose > 0)
     config.classes = list(train_set.classes)
@@ -53,7 +57,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             training_model = keras.saving.load_model(run / "checkpoint.keras")
         else:
             state = RunState()
-            training_model = _build_training_model(keras, config, num_classes, len(train_set))
+            base = _init_model(keras, config.init, config.classes) if config.init else None
+            training_model = _build_training_model(keras, config, num_classes, len(train_set), base=base)
         base_model = training_model.layers[-1] if config.augment else training_model
         saved_model = _float32_twin(keras, spec, num_classes) if config.precision != "float32" else base_model
 
@@ -144,9 +149,44 @@ def _save_run_config(run: Path, config: TrainConfig, train_set: FaceDataset, val
     write_atomic(run / "datasets.json", json.dumps(sizes, indent=2) + "\n")
 
 
-def _build_training_model(keras, config: TrainConfig, num_classes: int, train_size: int):
-    """The registered model, behind the augmentation layers when asked (they are off at inference)."""
-    base = create_model(config.model, num_classes=num_classes, weights=config.weights)
+def init_model_path(init: str) -> Path:
+    """The .keras model that --init names: "default" (the bundled model's Keras twin), a run or a file."""
+    if init == "default":
+        from ferkit.runtime import bundled_manifest, files_path
+
+        manifest = bundled_manifest()
+        if "keras_file" not in manifest:
+            raise FerkitError("the bundled model has no Keras version to start from; pass --init RUN")
+        return files_path("weights", manifest["keras_file"])
+    path = resolve_model_path(init)
+    if path.suffix != ".keras":
+        raise FerkitError(f"--init needs a Keras model (a run folder or .keras file), not {path}")
+    return path
+
+
+def _init_model(keras, init: str, classes: list[str]):
+    """A trained model to start from. If its classes differ from `classes`, its last layer is replaced;
+    classes it already knew keep their learnt weights, new ones start fresh."""
+    path = init_model_path(init)
+    known = list(read_metadata(path).classes)
+    model = keras.saving.load_model(path, compile=False)
+    if known == list(classes):
+        return model
+    old_head = model.layers[-1]
+    new_head = keras.layers.Dense(len(classes), activation="softmax", dtype="float32", name="head")
+    adapted = keras.Model(model.inputs[0], new_head(model.layers[-2].output), name=model.name)
+    kernel, bias = old_head.get_weights()
+    new_kernel, new_bias = new_head.get_weights()
+    for i, name in enumerate(classes):
+        if name in known:
+            new_kernel[:, i], new_bias[i] = kernel[:, known.index(name)], bias[known.index(name)]
+    new_head.set_weights([new_kernel, new_bias])
+    return adapted
+
+
+def _build_training_model(keras, config: TrainConfig, num_classes: int, train_size: int, *, base=None):
+    """The registered model (or `base`), behind the augmentation layers when asked (off at inference)."""
+    base = base or create_model(config.model, num_classes=num_classes, weights=config.weights)
     augmenters = _augmentation_layers(keras, config)
     model = keras.Sequential([keras.Input(base.input_shape[1:]), *augmenters, base], name="train") if augmenters else base
     _compile(keras, model, config, train_size, config.learning_rate)

@@ -1,0 +1,52 @@
+"""Fine-tuning from a trained model (--init): what it learnt is kept, and new classes can be added."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import pattern_face, write_pattern_dataset
+from ferkit.config import TrainConfig
+from ferkit.data import load_dataset
+from ferkit.evaluate import evaluate
+from ferkit.labels import EMOTIONS
+from ferkit.runs import read_history
+from ferkit.runtime import bundled_manifest, read_metadata
+from ferkit.train import train
+
+
+def _contempt_face(rng):
+    image = rng.normal(90, 25, (48, 48))
+    image[:, 20:28] += 120  # a vertical band, unlike the seven horizontal ones
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def test_init_keeps_what_the_model_learnt(trained_run, pattern_data, tmp_path):
+    common = dict(data=str(pattern_data / "train"), val=str(pattern_data / "val"), epochs=1, learning_rate=1e-6)
+    started = train(TrainConfig(init=str(trained_run), out=str(tmp_path / "init"), **common), verbose=0)
+    fresh = train(TrainConfig(out=str(tmp_path / "fresh"), **common), verbose=0)
+    first = read_history(started / "history.csv")["val_accuracy"][0]
+    assert first > 0.6 and first > read_history(fresh / "history.csv")["val_accuracy"][0] + 0.3
+
+
+def test_init_with_a_new_class_replaces_the_head_and_keeps_the_old_classes(trained_run, pattern_data, tmp_path):
+    rng = np.random.default_rng(0)
+    root = write_pattern_dataset(tmp_path / "mine", 6, seed=4)
+    (root / "contempt").mkdir()
+    for i in range(6):
+        Image.fromarray(_contempt_face(rng)).save(root / "contempt" / f"c{i}.png")
+    classes = [*EMOTIONS, "contempt"]
+    config = TrainConfig(init=str(trained_run), data=str(root), val=str(pattern_data / "val"), classes=classes,
+                         epochs=2, learning_rate=1e-4, out=str(tmp_path / "run"))
+    run = train(config, verbose=0)
+    meta = read_metadata(run)
+    assert meta.classes == classes and meta.model == "seed-cnn"
+    # the seven known classes are still recognised on their own validation faces
+    report = evaluate(run, load_dataset(pattern_data / "val", classes=classes))
+    assert report.accuracy > 0.6
+
+
+def test_init_default_starts_from_the_bundled_model(pattern_data, tmp_path):
+    config = TrainConfig(init="default", data=str(pattern_data / "train"), val=str(pattern_data / "val"),
+                         epochs=1, learning_rate=1e-5, out=str(tmp_path / "run"))
+    run = train(config, verbose=0)
+    assert read_metadata(run).model == bundled_manifest()["model"]
