@@ -76,3 +76,22 @@ def test_two_phase_fine_tuning(vgg_weights, pattern_data, tmp_path):
 def test_fine_tune_needs_its_epochs():
     with pytest.raises(FerkitError, match="fine-tune-epochs"):
         TrainConfig(fine_tune=3)
+
+
+def test_frozen_backbone_features_are_cached_and_resume_works(vgg_weights, pattern_data, tmp_path):
+    common = dict(model="vgg19-transfer", weights=str(vgg_weights), data=str(pattern_data / "train"),
+                  val=str(pattern_data / "val"), seed=3)
+    cached = train(TrainConfig(epochs=3, out=str(tmp_path / "cached"), **common), verbose=0)
+    plain = train(TrainConfig(epochs=3, cache_features=False, out=str(tmp_path / "plain"), **common), verbose=0)
+    a, b = read_history(cached / "history.csv"), read_history(plain / "history.csv")
+    # the same training, only cheaper: the losses agree and the saved whole models score alike
+    assert np.allclose(a["loss"], b["loss"], rtol=0.05)
+    from ferkit.data import load_dataset
+    from ferkit.evaluate import evaluate
+
+    val = load_dataset(pattern_data / "val", image_size=(48, 48))
+    assert evaluate(cached, val).accuracy == pytest.approx(max(a["val_accuracy"]), abs=1e-6)
+    config = TrainConfig.load(cached / "config.json")
+    config.epochs = 4
+    train(config, resume=True, verbose=0)
+    assert read_history(cached / "history.csv")["epoch"] == [1, 2, 3, 4]

@@ -125,6 +125,8 @@ def _output_shape(layer):
 @click.option("--precision", type=click.Choice(PRECISIONS), help="float32 (default) or mixed_bfloat16 (faster on CPUs with bf16).")
 @click.option("--init", help="Start from a trained model: default (the bundled one), a run folder or .keras file.")
 @click.option("--weights", help="Pretrained backbones: imagenet (default), a local weights file, or none.")
+@click.option("--cache-features/--no-cache-features", default=None,
+              help="Frozen backbones without augmentation: compute features once (default on).")
 @click.option("--fine-tune", type=int, help="After --epochs, unfreeze the backbone's top N layers ...")
 @click.option("--fine-tune-epochs", type=int, help="... and train this many more epochs at a tenth of --lr.")
 @click.option("--seed", type=int, help="Random seed (default 0).")

@@ -40,6 +40,7 @@ class TrainConfig:
     out: str = "runs/train"
     init: str | None = None  # start from a trained model: "default" (the bundled one), a run folder or .keras file
     weights: str | None = None  # pretrained backbones only: "imagenet" (their default), a file, or "none"
+    cache_features: bool = True  # frozen backbone, no augmentation: compute its features once, train the head
     fine_tune: int = 0  # then unfreeze the backbone's top N layers ...
     fine_tune_epochs: int = 0  # ... and train this many more epochs at a tenth of the learning rate
 

@@ -55,6 +55,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     try:
         if resume and (run / "checkpoint.keras").exists():
             training_model = keras.saving.load_model(run / "checkpoint.keras")
+            if training_model.name == FEATURE_HEAD:  # stopped in a phase that trained on cached features
+                head_weights = training_model.get_weights()
+                training_model = _build_training_model(keras, config, num_classes, len(train_set))
+                _split_at_backbone(keras, training_model)[1].set_weights(head_weights)
         else:
             state = RunState()
             base = _init_model(keras, config.init, config.classes) if config.init else None
@@ -87,7 +91,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         state.status = "running"
         state.save(run)
         with _sigterm_as_interrupt():
-            if state.epochs_done < config.epochs:
+            if state.epochs_done < config.epochs and spec.pretrained and config.cache_features and not config.augment:
+                _fit_head_on_features(keras, base_model, config, fit, epochs=config.epochs, initial_epoch=state.epochs_done)
+            elif state.epochs_done < config.epochs:
                 training_model.fit(epochs=config.epochs, initial_epoch=state.epochs_done, **fit)
             if config.fine_tune and state.epochs_done < total:
                 if state.epochs_done == config.epochs:  # a checkpoint from phase two is unfrozen already
@@ -200,6 +206,36 @@ def _compile(keras, model, config: TrainConfig, train_size: int, learning_rate: 
         loss = keras.losses.SparseCategoricalCrossentropy()
     steps_per_epoch = -(-train_size // config.batch_size)
     model.compile(optimizer=_optimizer(keras, config, steps_per_epoch, learning_rate), loss=loss, metrics=["accuracy"])
+
+
+FEATURE_HEAD = "feature_head"
+
+
+def _split_at_backbone(keras, model):
+    """(extractor, head): the layers up to the frozen backbone and those after it, as two models that
+    share the original layers (and so their weights)."""
+    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+    cut = layers.index(model.get_layer("backbone")) + 1
+    inputs = keras.Input(model.input_shape[1:])
+    x = inputs
+    for layer in layers[:cut]:
+        x = layer(x)
+    features = keras.Input(x.shape[1:])
+    y = features
+    for layer in layers[cut:]:
+        y = layer(y)
+    return keras.Model(inputs, x), keras.Model(features, y, name=FEATURE_HEAD)
+
+
+def _fit_head_on_features(keras, model, config: TrainConfig, fit: dict, *, epochs: int, initial_epoch: int) -> None:
+    """Phase one with a frozen backbone: its features are computed once, then each epoch trains the head
+    alone on them. Checkpoints hold the head; the saved models are the whole network."""
+    extractor, head = _split_at_backbone(keras, model)
+    train_features = extractor.predict(fit["x"], batch_size=256, verbose=0)
+    val_x, val_y = fit["validation_data"]
+    val_features = extractor.predict(val_x, batch_size=256, verbose=0)
+    _compile(keras, head, config, len(train_features), config.learning_rate)
+    head.fit(**{**fit, "x": train_features, "validation_data": (val_features, val_y)}, epochs=epochs, initial_epoch=initial_epoch)
 
 
 def _unfreeze_top(model, count: int) -> None:
