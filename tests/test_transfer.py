@@ -95,3 +95,14 @@ def test_frozen_backbone_features_are_cached_and_resume_works(vgg_weights, patte
     config.epochs = 4
     train(config, resume=True, verbose=0)
     assert read_history(cached / "history.csv")["epoch"] == [1, 2, 3, 4]
+
+
+def test_wrong_or_corrupt_weights_files_are_refused(vgg_weights, tmp_path):
+    corrupt = tmp_path / "corrupt.h5"
+    corrupt.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+    with pytest.raises(FerkitError, match="does not hold VGG19 weights"):
+        create_model("vgg19-transfer", weights=str(corrupt))
+    with pytest.raises(FerkitError, match="does not hold MobileNetV2 weights"):
+        create_model("mobilenetv2-transfer", weights=str(vgg_weights))
+    with pytest.raises(FerkitError, match="no such weights file"):
+        create_model("vgg19-transfer", weights=str(tmp_path / "missing.h5"))

@@ -58,7 +58,12 @@ def _transfer_model(backbone_fn, preprocessing, *, num_classes, input_shape, wei
     layers = keras.layers
     inputs = keras.Input(input_shape)
     x = preprocessing(layers)(inputs)
-    backbone = backbone_fn(include_top=False, weights=weights, input_shape=input_shape)
+    try:
+        backbone = backbone_fn(include_top=False, weights=weights, input_shape=input_shape)
+    except Exception as err:  # h5py, Keras and OS errors for a corrupt or mismatched file
+        if weights in (None, "imagenet"):
+            raise
+        raise FerkitError(f"{weights} does not hold {backbone_fn.__name__} weights ({type(err).__name__})") from None
     backbone.name = "backbone"
     backbone.trainable = False  # phase one trains the head; --fine-tune N unfreezes the top N layers
     x = backbone(x, training=False)
