@@ -40,3 +40,5 @@ def test_report_files(tmp_path):
     assert matrix["confusion_matrix"] == (np.eye(7, dtype=int) * 3).tolist()
     assert (tmp_path / "per_class.csv").read_text().splitlines()[0] == "class,precision,recall,f1,support"
     assert (tmp_path / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    html = (tmp_path / "report.html").read_text()
+    assert "accuracy <b>1.0000</b>" in html and html.count("<tr>") == 8 and 'src="confusion_matrix.png"' in html

@@ -37,7 +37,8 @@ class _Cli(click.Group):
         except Exception as err:  # a bug or an unforeseen failure: still one line unless --debug
             if _debug(ctx):
                 raise
-            click.echo(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)", err=True)
+            first = (str(err).strip().splitlines() or [""])[0]
+            click.echo(f"error: {type(err).__name__}: {first} (run with --debug for the traceback)", err=True)
             ctx.exit(1)
 
 

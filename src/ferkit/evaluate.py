@@ -74,7 +74,29 @@ class EvaluationReport:
                 writer.writerow([name, f"{s.precision:.4f}", f"{s.recall:.4f}", f"{s.f1:.4f}", s.support])
         title = f"{self.model} on {self.data}: accuracy {self.accuracy:.3f}"
         plot_confusion_matrix(self.confusion_matrix, self.classes, folder / "confusion_matrix.png", title=title)
-        return [folder / n for n in ("metrics.json", "per_class.csv", "confusion_matrix.json", "confusion_matrix.png")]
+        (folder / "report.html").write_text(self.to_html(image="confusion_matrix.png"))
+        names = ("metrics.json", "per_class.csv", "confusion_matrix.json", "confusion_matrix.png", "report.html")
+        return [folder / n for n in names]
+
+    def to_html(self, *, image: str | None = None) -> str:
+        """A one-page report: headline scores, the per-class table and (a link to) the confusion matrix."""
+        from html import escape
+
+        rows = "".join(
+            f"<tr><td>{escape(name)}</td><td>{s.precision:.3f}</td><td>{s.recall:.3f}</td>"
+            f"<td>{s.f1:.3f}</td><td>{s.support}</td></tr>"
+            for name, s in self.per_class.items()
+        )
+        picture = f'<p><img src="{escape(image)}" alt="confusion matrix" style="max-width:100%"></p>' if image else ""
+        return (
+            "<!doctype html><meta charset='utf-8'><title>ferkit evaluation</title>"
+            "<style>body{font-family:sans-serif;margin:2em}td,th{padding:.2em .8em;text-align:right}"
+            "td:first-child,th:first-child{text-align:left}</style>"
+            f"<h1>{escape(self.model)} on {escape(self.data)}</h1>"
+            f"<p>accuracy <b>{self.accuracy:.4f}</b>, macro-F1 <b>{self.macro_f1:.4f}</b>, {len(self.y_true)} faces</p>"
+            "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
+            f"{rows}</table>{picture}\n"
+        )
 
 
 def evaluate(model: str | Path | Classifier | None, dataset: FaceDataset, *, batch_size: int = 256) -> EvaluationReport:
