@@ -39,9 +39,9 @@ def test_the_default_path_runs_without_tensorflow():
 def test_predict_on_the_example_photo_with_no_options(tmp_path):
     result = CliRunner().invoke(cli, ["predict", str(EXAMPLE), "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    data = json.loads((tmp_path / "people.json").read_text())
+    data = json.loads((tmp_path / "people.faces.json").read_text())
     assert len(data["faces"]) == 3 and data["model"] == bundled_manifest()["model"]
-    assert (tmp_path / "people.jpg").stat().st_size > 0
+    assert (tmp_path / "people.annotated.jpg").stat().st_size > 0
     # the broad smile of the official 2012 portrait (the middle face, left to right)
     middle = sorted(data["faces"], key=lambda f: f["box"][0])[1]
     assert middle["emotion"] == "happy"

@@ -53,7 +53,7 @@ def test_train_evaluate_predict_end_to_end(pattern_data, tmp_path):
 
     human = run("predict", face, "--model", out, "--detector", "none", "--out", tmp_path / "p")
     assert human.exit_code == 0 and "%" in human.output
-    assert (tmp_path / "p" / "face.jpg").exists() and (tmp_path / "p" / "face.json").exists()
+    assert (tmp_path / "p" / "face.annotated.jpg").exists() and (tmp_path / "p" / "face.faces.json").exists()
 
 
 def test_evaluate_a_fer2013_csv(trained_run, tmp_path):
@@ -125,7 +125,7 @@ def test_a_photo_with_no_face_says_so(trained_run, tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(noise)
     result = run("predict", noise, "--model", trained_run, "--out", tmp_path / "out")
     assert result.exit_code == 0 and "no face found" in result.output
-    assert json.loads((tmp_path / "out" / "noise.json").read_text())["faces"] == []
+    assert json.loads((tmp_path / "out" / "noise.faces.json").read_text())["faces"] == []
 
 
 def test_an_image_over_the_pixel_limit_is_refused(trained_run, tmp_path, monkeypatch):
@@ -158,3 +158,21 @@ def test_a_one_pixel_image_is_handled(trained_run, tmp_path):
     assert detected.exit_code == 0 and "no face found" in detected.output
     whole = run("predict", tmp_path / "dot.png", "--model", trained_run, "--detector", "none", "--out", tmp_path / "b")
     assert whole.exit_code == 0 and "%" in whole.output
+
+
+def test_annotated_copies_never_replace_the_photo(trained_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(pattern_face(3, np.random.default_rng(0))).convert("RGB").save("face.jpg")
+    before = (tmp_path / "face.jpg").read_bytes()
+    result = run("predict", "face.jpg", "--model", trained_run, "--detector", "none", "--out", ".")
+    assert result.exit_code == 0
+    assert (tmp_path / "face.jpg").read_bytes() == before and (tmp_path / "face.annotated.jpg").exists()
+
+
+def test_folder_annotations_with_the_same_name_do_not_collide(trained_run, tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        Image.fromarray(pattern_face(1, np.random.default_rng(0))).save(tmp_path / "in" / sub / "x.png")
+    result = run("predict", tmp_path / "in", "--model", trained_run, "--detector", "none", "--annotate", "--out", tmp_path / "o")
+    assert result.exit_code == 0
+    assert {p.name for p in (tmp_path / "o").glob("*.jpg")} == {"x.annotated.jpg", "x-2.annotated.jpg"}

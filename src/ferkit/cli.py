@@ -290,9 +290,9 @@ def _predict_one(source, classifier, find, out: Path, as_json: bool, annotate: b
         click.echo(f"error: {result.error}", err=True)
         return 1
     stem = Path(source).stem
-    written = [_write_json(out / f"{stem}.json", result.to_dict())]
+    written = [_write_json(out / f"{stem}.faces.json", result.to_dict())]
     if annotate:
-        written.append(out / f"{stem}.jpg")
+        written.append(out / f"{stem}.annotated.jpg")
         result.draw(source).save(written[-1], quality=92)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -315,6 +315,7 @@ def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate:
             except FerkitError as err:
                 click.echo(f"error: {err}", err=True)
     images = faces = failed = 0
+    used: set[str] = set()
     with open(out / "faces.csv", "w", newline="") as table, open(out / "results.jsonl", "w") as lines, \
             progress_bar(len(paths), "analysing images", enabled=not as_json) as advance:
         writer = csv.writer(table)
@@ -336,7 +337,7 @@ def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate:
                 writer.writerow([result.source, number, *face.box, score, face.emotion, f"{face.score:.4f}",
                                  *(f"{face.probabilities[c]:.4f}" for c in classifier.classes)])
             if annotate:
-                result.draw(result.source).save(out / f"{Path(result.source).stem}.jpg", quality=92)
+                result.draw(result.source).save(_unique(out, Path(result.source).stem, ".annotated.jpg", used), quality=92)
     if not as_json:
         click.echo(f"{images} images, {faces} faces, {failed} failed; wrote {out / 'faces.csv'} and {out / 'results.jsonl'}")
     return failed
@@ -380,6 +381,16 @@ def _print_faces(result) -> None:
     rows = [[str(i), ", ".join(map(str, f.box)), f.emotion, f"{f.score:.1%}"] for i, f in enumerate(result.faces, 1)]
     _print_table(["face", "box (x, y, w, h)", "emotion", "confidence"], rows, right=(0, 3),
                  title=f"{result.source}: {len(result.faces)} face(s), model {result.model}")
+
+
+def _unique(folder: Path, stem: str, suffix: str, used: set[str]) -> Path:
+    """folder/stem+suffix, or stem-2, stem-3, ... when photos from different folders share a name."""
+    name, n = f"{stem}{suffix}", 1
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}{suffix}"
+    used.add(name)
+    return folder / name
 
 
 def _write_json(path: Path, data) -> Path:
