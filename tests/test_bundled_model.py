@@ -54,3 +54,15 @@ def test_the_bundled_model_scores_on_val_what_its_training_recorded():
     assert report.accuracy == pytest.approx(bundled_manifest()["val_accuracy_during_training"], abs=0.002)
     # faces any decent model gets right: happy and surprised ones
     assert report.per_class["happy"].recall > 0.75 and report.per_class["surprise"].recall > 0.6
+
+
+def test_evaluate_with_the_bundled_model_imports_no_tensorflow(tmp_path):
+    sample = Path(__file__).resolve().parents[1] / "examples" / "fer2013-sample" / "val"
+    code = (
+        "import sys, json; from ferkit.cli import cli;"
+        f"cli.main(['evaluate', '--data', {str(sample)!r}, '--json', '--out', {str(tmp_path)!r}], standalone_mode=False);"
+        "print(json.dumps(['tensorflow' in sys.modules, 'keras' in sys.modules]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == [False, False]
+    assert json.loads((tmp_path / "metrics.json").read_text())["samples"] == len(list(sample.rglob("*.jpg")))
