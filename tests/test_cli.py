@@ -176,3 +176,17 @@ def test_folder_annotations_with_the_same_name_do_not_collide(trained_run, tmp_p
     result = run("predict", tmp_path / "in", "--model", trained_run, "--detector", "none", "--annotate", "--out", tmp_path / "o")
     assert result.exit_code == 0
     assert {p.name for p in (tmp_path / "o").glob("*.jpg")} == {"x.annotated.jpg", "x-2.annotated.jpg"}
+
+
+def test_boxes_can_be_given_on_the_command_line(trained_run, tmp_path):
+    canvas = np.full((100, 200), 90, np.uint8)
+    canvas[10:58, 20:68] = pattern_face(0, np.random.default_rng(1))
+    canvas[40:88, 130:178] = pattern_face(6, np.random.default_rng(2))
+    Image.fromarray(canvas).save(tmp_path / "two.png")
+    result = run("predict", tmp_path / "two.png", "--model", trained_run, "--box", "20,10,48,48",
+                 "--box", "130,40,48,48", "--json", "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    faces = json.loads(result.output)["faces"]
+    assert [f["box"] for f in faces] == [[20, 10, 48, 48], [130, 40, 48, 48]]
+    assert [f["emotion"] for f in faces] == ["angry", "surprise"]
+    assert "four whole numbers" in _one_line_error(run("predict", tmp_path / "two.png", "--model", trained_run, "--box", "1,2"))

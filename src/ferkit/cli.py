@@ -244,6 +244,8 @@ def export_cmd(model: str, to_onnx: bool, out: Path | None, overwrite: bool):
 @click.option("--model", help="A run folder, .keras or .onnx file (default: the model bundled with ferkit).")
 @click.option("--detector", type=click.Choice(DETECTORS), default="auto", show_default=True,
               help="Face detector; 'none' treats each whole image as one face (for cropped face photos).")
+@click.option("--box", "boxes", multiple=True, metavar="X,Y,W,H",
+              help="A face box to classify instead of detecting (repeatable); for single images.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/predict"), show_default=True,
               help="Folder for annotated images, JSON, CSV, timelines and plots.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON (JSON lines for several images).")
@@ -252,7 +254,7 @@ def export_cmd(model: str, to_onnx: bool, out: Path | None, overwrite: bool):
 @click.option("--fps", "target_fps", type=float, help="Videos: analyse about this many frames per second.")
 @click.option("--smooth", type=int, default=1, show_default=True, help="Videos: smooth each face over ~N analysed frames.")
 @click.option("--save-video", is_flag=True, help="Videos: also write an annotated video.")
-def predict_cmd(sources, model, detector, out: Path, as_json, annotate, every, target_fps, smooth, save_video):
+def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, every, target_fps, smooth, save_video):
     """Find every face in each SOURCE (image, folder, glob or video) and predict its emotion."""
     from ferkit.faces import get_detector
     from ferkit.runtime import load_classifier
@@ -266,13 +268,16 @@ def predict_cmd(sources, model, detector, out: Path, as_json, annotate, every, t
             if len(sources) == 1:
                 raise
             click.echo(f"error: {err}", err=True)
+    given = [_parse_box(text) for text in boxes] or None
+    if given and (len(sources) != 1 or kinds[0][1] != "image"):
+        raise FerkitError("--box applies to a single image")
     classifier = load_classifier(model)
     find = get_detector(detector)
     out.mkdir(parents=True, exist_ok=True)
     failures = len(sources) - len(kinds)
     images = [s for s, kind in kinds if kind == "image"]
     if len(sources) == 1 and images:
-        failures += _predict_one(images[0], classifier, find, out, as_json, annotate is not False)
+        failures += _predict_one(images[0], classifier, find, out, as_json, annotate is not False, given)
     elif images or any(kind in ("folder", "glob") for _, kind in kinds):
         batch = [s for s, kind in kinds if kind != "video"]
         failures += _predict_many(batch, classifier, find, out, as_json, bool(annotate))
@@ -282,10 +287,20 @@ def predict_cmd(sources, model, detector, out: Path, as_json, annotate, every, t
         sys.exit(1)
 
 
-def _predict_one(source, classifier, find, out: Path, as_json: bool, annotate: bool) -> int:
+def _parse_box(text: str) -> tuple[int, int, int, int]:
+    try:
+        x, y, w, h = (int(v) for v in text.split(","))
+    except ValueError:
+        raise FerkitError(f"a box is four whole numbers X,Y,W,H, not {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise FerkitError(f"a box needs a positive width and height, not {text!r}")
+    return x, y, w, h
+
+
+def _predict_one(source, classifier, find, out: Path, as_json: bool, annotate: bool, boxes=None) -> int:
     from ferkit.predict import analyze_images
 
-    [result] = analyze_images([source], model=classifier, detector=find)
+    [result] = analyze_images([source], model=classifier, detector=find, boxes=boxes)
     if result.error:
         click.echo(f"error: {result.error}", err=True)
         return 1
