@@ -23,10 +23,12 @@ from ferkit.train import _build_training_model
 FER2013_TRAIN = 28_709
 
 
-def seconds_per_epoch(model: str, augment: list[str], *, batch_size: int, steps: int, warmup: int) -> float:
+def seconds_per_epoch(model: str, augment: list[str], *, batch_size: int, steps: int, warmup: int,
+                      precision: str = "float32") -> float:
     keras = import_keras()
+    keras.mixed_precision.set_global_policy(precision)
     spec = get_model_spec(model)
-    config = TrainConfig(model=model, augment=augment, batch_size=batch_size)
+    config = TrainConfig(model=model, augment=augment, batch_size=batch_size, precision=precision)
     training_model = _build_training_model(keras, config, 7, train_size=steps * batch_size)
     rng = np.random.default_rng(0)
     faces = faces_to_batch(rng.integers(0, 256, (batch_size * (steps + warmup), *spec.input_size), np.uint8), spec.channels)
@@ -46,16 +48,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--precision", default="float32", help="comma-separated: float32, mixed_bfloat16")
     args = parser.parse_args()
 
     baseline = None
-    print(f"{'model':<14} {'augment':<32} {'s/epoch':>8} {'ratio':>6}")
+    print(f"{'model':<14} {'augment':<32} {'precision':<15} {'s/epoch':>8} {'ratio':>6}")
     for model in args.models.split(","):
         for augment in args.augment.split(","):
-            layers = [] if augment == "none" else augment.split("+")
-            seconds = seconds_per_epoch(model, layers, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup)
-            baseline = baseline or seconds
-            print(f"{model:<14} {augment:<32} {seconds:8.1f} {seconds / baseline:6.2f}", flush=True)
+            for precision in args.precision.split(","):
+                layers = [] if augment == "none" else augment.split("+")
+                seconds = seconds_per_epoch(model, layers, batch_size=args.batch_size, steps=args.steps,
+                                            warmup=args.warmup, precision=precision)
+                baseline = baseline or seconds
+                print(f"{model:<14} {augment:<32} {precision:<15} {seconds:8.1f} {seconds / baseline:6.2f}", flush=True)
 
 
 if __name__ == "__main__":

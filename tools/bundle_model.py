@@ -1,7 +1,10 @@
 """Make a run's best model the one bundled with ferkit: export it to ONNX under src/ferkit/weights/
 and record its SHA-256, the run's config and its validation score in manifest.json.
 
-    python tools/bundle_model.py runs/ferkit-net-s-v1
+    python tools/bundle_model.py runs/ferkit-net-s-v1 --val ../shared/data/fer2013/val
+
+With --val, the exported ONNX model itself is scored there and the score recorded (training-time
+scores can differ slightly: mixed-precision validation vs the float32 export).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)
     parser.add_argument("--name", help="file name without .onnx (default: the run folder's name)")
+    parser.add_argument("--val", help="validation data to score the exported model on")
     args = parser.parse_args()
     name = args.name or args.run.name
     target = WEIGHTS / f"{name}.onnx"
@@ -40,10 +44,20 @@ def main() -> None:
         "epochs": state.epochs_done,
         "best_epoch": state.best_epoch,
         "val_accuracy_during_training": round(state.best_val_accuracy, 4),
+        **(_score(target, args.val) if args.val else {}),
         "config": json.loads((args.run / "config.json").read_text()),
     }
     (WEIGHTS / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"bundled {target} ({target.stat().st_size / 1e6:.1f} MB), sha256 {manifest['sha256'][:16]}...")
+
+
+def _score(model: Path, val: str) -> dict:
+    from ferkit.data import load_dataset
+    from ferkit.evaluate import evaluate
+
+    report = evaluate(model, load_dataset(val))
+    return {"val_data": Path(val).name, "val_accuracy": report.accuracy, "val_macro_f1": report.macro_f1,
+            "val_recall": {name: scores.recall for name, scores in report.per_class.items()}}
 
 
 if __name__ == "__main__":
