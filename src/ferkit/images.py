@@ -21,10 +21,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 MAX_IMAGE_PIXELS = 64_000_000
 
 
-def is_image_path(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in IMAGE_SUFFIXES
-
-
 def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
     """Open an image upright (EXIF orientation applied), first frame of an animation, fully decoded.
 

@@ -21,7 +21,8 @@ KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-application
 CAFFE_MEANS = [103.939, 116.779, 123.68]  # VGG's ImageNet channel means (BGR; equal channels here)
 
 
-def imagenet_weights_file(filename: str, subfolder: str) -> Path:
+def imagenet_weights_file(filename: str) -> Path:
+    """Where Keras caches a downloaded weights file."""
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models" / filename
 
 
@@ -34,7 +35,7 @@ def resolve_weights(weights: str | None, filename: str, subfolder: str) -> str |
         if not path.is_file():
             raise FerkitError(f"no such weights file: {path}")
         return str(path)
-    cached = imagenet_weights_file(filename, subfolder)
+    cached = imagenet_weights_file(filename)
     if cached.is_file():
         return str(cached)
     if os.environ.get("FERKIT_OFFLINE") or not _online():
