@@ -40,8 +40,7 @@ class EvaluationReport:
     @property
     def confusion_matrix_normalized(self) -> np.ndarray:
         """Rows divided by their totals: the diagonal is each class's recall (0 for an absent class)."""
-        totals = self.confusion_matrix.sum(axis=1, keepdims=True)
-        return np.divide(self.confusion_matrix, totals, out=np.zeros(self.confusion_matrix.shape), where=totals > 0)
+        return normalize_rows(self.confusion_matrix)
 
     def to_dict(self) -> dict:
         return {
@@ -97,6 +96,13 @@ class EvaluationReport:
             "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
             f"{rows}</table>{picture}\n"
         )
+
+
+def normalize_rows(matrix: np.ndarray) -> np.ndarray:
+    """Each row divided by its total; rows that sum to zero stay zero."""
+    matrix = np.asarray(matrix)
+    totals = matrix.sum(axis=1, keepdims=True)
+    return np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
 
 
 def evaluate(model: str | Path | Classifier | None, dataset: FaceDataset, *, batch_size: int = 256) -> EvaluationReport:

@@ -21,6 +21,14 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 MAX_IMAGE_PIXELS = 64_000_000
 
 
+class ImageError(FerkitError):
+    """An unreadable image file; `reason` is the short cause ("empty file"), the message names the path."""
+
+    def __init__(self, path: Path, reason: str, message: str):
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+
 def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
     """Open an image upright (EXIF orientation applied), first frame of an animation, fully decoded.
 
@@ -32,28 +40,28 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Im
         return _array_to_image(source)
     path = Path(source)
     if not path.exists():
-        raise FerkitError(f"no such file: {path}")
+        raise ImageError(path, "missing", f"no such file: {path}")
     if path.is_dir():
-        raise FerkitError(f"{path} is a folder, not an image")
+        raise ImageError(path, "a folder", f"{path} is a folder, not an image")
     if path.stat().st_size == 0:
-        raise FerkitError(f"{path} is an empty file")
+        raise ImageError(path, "empty file", f"{path} is an empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
             if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise FerkitError(
-                    f"{path} is {image.width}x{image.height} pixels, over the limit of "
-                    f"{MAX_IMAGE_PIXELS:,}; resize it first"
+                raise ImageError(
+                    path, "over the pixel limit", f"{path} is {image.width}x{image.height} pixels, over the "
+                    f"limit of {MAX_IMAGE_PIXELS:,}; resize it first"
                 )
             image.seek(0)
             image.load()
     except FerkitError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise FerkitError(f"{path} is not an image ferkit can read") from None
+        raise ImageError(path, "not an image", f"{path} is not an image ferkit can read") from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise FerkitError(f"{path} could not be decoded ({_first_line(err)})") from None
+        raise ImageError(path, _first_line(err), f"{path} could not be decoded ({_first_line(err)})") from None
     return ImageOps.exif_transpose(image)
 
 

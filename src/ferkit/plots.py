@@ -41,10 +41,11 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: str 
     """Counts and row-normalised (recall) matrices side by side, labelled, saved as a PNG."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
+    from ferkit.evaluate import normalize_rows
+
     plt = _pyplot()
     matrix = np.asarray(matrix)
-    totals = matrix.sum(axis=1, keepdims=True)
-    normalised = np.divide(matrix, totals, out=np.zeros(matrix.shape, float), where=totals > 0)
+    normalised = normalize_rows(matrix)
     fig, (ax_counts, ax_norm) = plt.subplots(1, 2, figsize=(14, 6), constrained_layout=True)
     ConfusionMatrixDisplay(matrix, display_labels=list(classes)).plot(
         ax=ax_counts, cmap="Blues", colorbar=False, values_format="d", xticks_rotation=45

@@ -11,7 +11,7 @@ import numpy as np
 from ferkit.data.cache import cache_key, load_cached, save_cached
 from ferkit.data.dataset import FaceDataset
 from ferkit.errors import FerkitError
-from ferkit.images import load_image, to_model_input
+from ferkit.images import ImageError, load_image, to_model_input
 from ferkit.labels import EMOTIONS, canonical_label
 from ferkit.progress import track
 
@@ -92,9 +92,9 @@ def _decode_files(files, labels, root, image_size, progress) -> dict[str, np.nda
     for path, label in track(list(zip(files, labels)), description=f"reading {root}", enabled=progress):
         try:
             images.append(to_model_input(load_image(path), image_size))
-        except FerkitError as err:
+        except ImageError as err:
             skipped_paths.append(str(path.relative_to(root)))
-            skipped_reasons.append(_short_reason(str(err), path))
+            skipped_reasons.append(err.reason)
             continue
         kept_labels.append(label)
         kept_paths.append(str(path.relative_to(root)))
@@ -105,12 +105,3 @@ def _decode_files(files, labels, root, image_size, progress) -> dict[str, np.nda
         "skipped_paths": np.asarray(skipped_paths, dtype=str),
         "skipped_reasons": np.asarray(skipped_reasons, dtype=str),
     }
-
-
-def _short_reason(message: str, path: Path) -> str:
-    """'x.jpg is an empty file' -> 'empty file': the path is printed beside it already."""
-    text = message.replace(str(path), "").strip()
-    for prefix in ("is an ", "is a ", "is not an image ferkit can read", "could not be decoded "):
-        if text.startswith(prefix):
-            return text[len(prefix):].strip(" ()") or "not an image"
-    return text
