@@ -69,6 +69,14 @@ def test_evaluate_a_fer2013_csv(trained_run, tmp_path):
     assert json.loads(result.output)["samples"] == 28
 
 
+def test_evaluate_with_flip_tta_records_it(trained_run, pattern_data, tmp_path):
+    plain = run("evaluate", trained_run, "--data", pattern_data / "val", "--json", "--out", tmp_path / "plain")
+    flip = run("evaluate", trained_run, "--data", pattern_data / "val", "--json", "--tta", "flip", "--out", tmp_path / "flip")
+    assert plain.exit_code == 0 and flip.exit_code == 0, flip.output
+    assert json.loads(plain.output)["tta"] == "none" and json.loads(flip.output)["tta"] == "flip"
+    assert "(flip TTA)" in (tmp_path / "flip" / "report.html").read_text()
+
+
 def _one_line_error(result, code=2):
     assert result.exit_code == code, result.output
     lines = result.output.strip().splitlines()

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from conftest import pattern_face
 from ferkit.cli import cli
 from ferkit.errors import FerkitError
-from ferkit.export import TOLERANCE, export_onnx, max_difference
+from ferkit.data import load_dataset
+from ferkit.export import MIN_INT8_AGREEMENT, TOLERANCE, export_onnx, max_difference, top1_agreement
 from ferkit.runtime import OnnxClassifier, load_classifier, read_metadata
 
 
@@ -59,3 +60,34 @@ def test_a_damaged_onnx_file_is_refused(tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"\x08\x01garbage")
     with pytest.raises(FerkitError, match="not a valid ONNX"):
         load_classifier(tmp_path / "bad.onnx")
+
+
+@pytest.fixture(scope="module")
+def int8_model(trained_run, pattern_data, tmp_path_factory):
+    calibration = load_dataset(pattern_data / "train")
+    return export_onnx(trained_run, tmp_path_factory.mktemp("int8") / "model.onnx", int8_calibration=calibration, tta="flip")
+
+
+def test_int8_export_keeps_the_predictions_and_records_the_check(trained_run, onnx_model, int8_model, pattern_data):
+    import onnx
+
+    meta = read_metadata(int8_model)
+    assert meta.tta == "flip" and meta.classes == read_metadata(trained_run).classes
+    assert meta.extra["int8"]["top1_agreement_with_float"] >= MIN_INT8_AGREEMENT
+    assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(int8_model)).graph.node)
+    val = load_dataset(pattern_data / "val")
+    assert top1_agreement(load_classifier(onnx_model), load_classifier(int8_model).with_tta("none"), val.images) >= 0.95
+    assert int8_model.stat().st_size < onnx_model.stat().st_size / 2
+
+
+def test_export_command_int8_calibrates_on_the_runs_training_data(trained_run, tmp_path):
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(cli, ["export", str(trained_run), "--onnx", "--int8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "held-out faces" in result.output and read_metadata(out).extra["int8"]["calibration_faces"] > 0
+
+
+def test_export_command_refuses_calibration_without_int8(trained_run, tmp_path):
+    result = CliRunner().invoke(cli, ["export", str(trained_run), "--onnx", "--calibration", str(tmp_path), "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and "--int8" in result.output
+    assert not (tmp_path / "m.onnx").exists()

@@ -1,10 +1,11 @@
 """Make a run's best model the one bundled with ferkit: export it to ONNX under src/ferkit/weights/
 and record its SHA-256, the run's config and its validation score in manifest.json.
 
-    python tools/bundle_model.py runs/ferkit-net-s-v1 --val ../shared/data/fer2013/val
+    python tools/bundle_model.py runs/ferkit-net-s-v1 --val ../shared/data/fer2013/val --int8 --tta flip
 
-With --val, the exported ONNX model itself is scored there and the score recorded (training-time
-scores can differ slightly: mixed-precision validation vs the float32 export).
+With --val, the exported ONNX model itself is scored there, as shipped and with a single view, and the
+scores recorded (training-time scores differ slightly: mixed-precision validation vs the export).
+--int8 calibrates on the run's training data (its config.json names it).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import json
 import shutil
 from pathlib import Path
 
+from ferkit.data import load_dataset
 from ferkit.export import export_onnx
 from ferkit.runs import RunState
-from ferkit.runtime import read_metadata, sha256_of
+from ferkit.runtime import TTA_CHOICES, read_metadata, sha256_of
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "ferkit" / "weights"
 
@@ -26,12 +28,16 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--name", help="file name without .onnx (default: the run folder's name)")
     parser.add_argument("--val", help="validation data to score the exported model on")
+    parser.add_argument("--int8", action="store_true", help="quantize to int8, calibrated on the run's training data")
+    parser.add_argument("--tta", choices=TTA_CHOICES, default="none", help="the test-time augmentation to ship with")
     args = parser.parse_args()
+    config = json.loads((args.run / "config.json").read_text())
+    calibration = load_dataset(config["data"]) if args.int8 else None
     name = args.name or args.run.name
     target = WEIGHTS / f"{name}.onnx"
     for old in [*WEIGHTS.glob("*.onnx"), *WEIGHTS.glob("*.keras")]:
         old.unlink()
-    export_onnx(args.run, target)
+    export_onnx(args.run, target, int8_calibration=calibration, tta=args.tta)
     shutil.copy(args.run / "best.keras", target.with_suffix(".keras"))  # what `train --init default` starts from
     state, meta = RunState.load(args.run), read_metadata(target)
     manifest = {
@@ -41,23 +47,26 @@ def main() -> None:
         "model": meta.model,
         "classes": meta.classes,
         "run": args.run.name,
+        "tta": meta.tta,
+        "int8": meta.extra.get("int8"),
         "epochs": state.epochs_done,
         "best_epoch": state.best_epoch,
         "val_accuracy_during_training": round(state.best_val_accuracy, 4),
         **(_score(target, args.val) if args.val else {}),
-        "config": json.loads((args.run / "config.json").read_text()),
+        "config": config,
     }
     (WEIGHTS / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"bundled {target} ({target.stat().st_size / 1e6:.1f} MB), sha256 {manifest['sha256'][:16]}...")
 
 
 def _score(model: Path, val: str) -> dict:
-    from ferkit.data import load_dataset
     from ferkit.evaluate import evaluate
 
-    report = evaluate(model, load_dataset(val))
+    dataset = load_dataset(val)
+    report, single_view = evaluate(model, dataset), evaluate(model, dataset, tta="none")
     return {"val_data": Path(val).name, "val_accuracy": report.accuracy, "val_macro_f1": report.macro_f1,
-            "val_recall": {name: scores.recall for name, scores in report.per_class.items()}}
+            "val_recall": {name: scores.recall for name, scores in report.per_class.items()},
+            "val_accuracy_single_view": single_view.accuracy}
 
 
 if __name__ == "__main__":

@@ -14,8 +14,14 @@ from ferkit import __version__
 from ferkit.config import AUGMENTATIONS, CLASS_WEIGHTS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS
 from ferkit.errors import FerkitError
 from ferkit.faces import DETECTORS
+from ferkit.runtime import TTA_CHOICES
 
 log = logging.getLogger("ferkit")
+
+TTA_OPTION = click.option(
+    "--tta", type=click.Choice(TTA_CHOICES),
+    help="Test-time augmentation: 'flip' averages each face with its mirror image (default: what the model file says).",
+)
 
 
 class _Cli(click.Group):
@@ -176,14 +182,15 @@ def train_cmd(resume: Path | None, overwrite: bool, **flags):
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for the report files (default: beside the model).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
-def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, batch_size: int, as_json: bool):
+@TTA_OPTION
+def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, batch_size: int, as_json: bool, tta):
     """Score MODEL (a run folder or model file; default: the bundled model) on labelled data; write
     JSON, CSV and PNG reports."""
     from ferkit.data import load_dataset
     from ferkit.evaluate import evaluate
     from ferkit.runtime import load_classifier, resolve_model_path
 
-    classifier = load_classifier(model)
+    classifier = load_classifier(model).with_tta(tta)
     dataset = load_dataset(
         data, classes=classifier.classes, image_size=classifier.input_size, usage=usage, progress=not as_json
     )
@@ -211,7 +218,7 @@ def _print_report(report) -> None:
         [name, f"{s.precision:.3f}", f"{s.recall:.3f}", f"{s.f1:.3f}", str(s.support)]
         for name, s in report.per_class.items()
     ]
-    title = f"{report.model} on {report.data}: accuracy {report.accuracy:.4f}, macro-F1 {report.macro_f1:.4f} ({len(report.y_true)} faces)"
+    title = f"{report.model_label} on {report.data}: accuracy {report.accuracy:.4f}, macro-F1 {report.macro_f1:.4f} ({len(report.y_true)} faces)"
     _print_table(["class", "precision", "recall", "f1", "support"], rows, title=title)
     short = [c[:8] for c in report.classes]
     matrix_rows = [[name, *map(str, row)] for name, row in zip(short, report.confusion_matrix)]
@@ -226,14 +233,42 @@ def _print_report(report) -> None:
 @click.option("--onnx", "to_onnx", is_flag=True, required=True, help="Export to ONNX (the only format so far).")
 @click.option("--out", type=click.Path(path_type=Path), help="Output file (default: beside the model, .onnx).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-def export_cmd(model: str, to_onnx: bool, out: Path | None, overwrite: bool):
+@click.option("--int8", is_flag=True, help="Quantize to int8 (faster on CPU), calibrated on --calibration faces.")
+@click.option("--calibration", help="Faces to calibrate int8 with (default: the run's training data).")
+@click.option("--tta", type=click.Choice(TTA_CHOICES), help="Record this test-time augmentation as the model's default.")
+def export_cmd(model: str, to_onnx: bool, out: Path | None, overwrite: bool, int8: bool, calibration: str | None, tta):
     """Export MODEL (a run folder or .keras file) to ONNX, checked to agree with Keras."""
     from ferkit.export import TOLERANCE, export_onnx
 
     if not to_onnx:
         raise FerkitError("choose an export format: --onnx")
-    path = export_onnx(model, out, overwrite=overwrite)
-    click.echo(f"wrote {path} (probabilities agree with Keras within {TOLERANCE})")
+    if calibration and not int8:
+        raise FerkitError("--calibration applies to --int8 exports")
+    faces = _calibration_faces(model, calibration) if int8 else None
+    path = export_onnx(model, out, overwrite=overwrite, int8_calibration=faces, tta=tta)
+    click.echo(f"wrote {path} (the float model agrees with Keras within {TOLERANCE})")
+    if int8:
+        from ferkit.runtime import read_metadata
+
+        check = read_metadata(path).extra["int8"]
+        click.echo(
+            f"int8: keeps the float model's prediction on {check['top1_agreement_with_float']:.1%} of "
+            f"{check['agreement_faces']} held-out faces"
+        )
+
+
+def _calibration_faces(model: str, calibration: str | None):
+    """The faces to calibrate an int8 export with: given data, else the training data the run recorded."""
+    from ferkit.data import load_dataset
+
+    if calibration is None:
+        config = Path(model) / "config.json"
+        if not config.is_file():
+            raise FerkitError("--int8 needs --calibration DATA (faces like those the model will see)")
+        calibration = json.loads(config.read_text()).get("data")
+        if not calibration or not Path(calibration).exists():
+            raise FerkitError(f"the run's training data {calibration} is not here; pass --calibration DATA")
+    return load_dataset(calibration)
 
 
 # --- predict ------------------------------------------------------------------------------------
@@ -254,7 +289,8 @@ def export_cmd(model: str, to_onnx: bool, out: Path | None, overwrite: bool):
 @click.option("--fps", "target_fps", type=float, help="Videos: analyse about this many frames per second.")
 @click.option("--smooth", type=int, default=1, show_default=True, help="Videos: smooth each face over ~N analysed frames.")
 @click.option("--save-video", is_flag=True, help="Videos: also write an annotated video.")
-def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, every, target_fps, smooth, save_video):
+@TTA_OPTION
+def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, every, target_fps, smooth, save_video, tta):
     """Find every face in each SOURCE (image, folder, glob or video) and predict its emotion."""
     from ferkit.faces import get_detector
     from ferkit.runtime import load_classifier
@@ -271,7 +307,7 @@ def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, e
     given = [_parse_box(text) for text in boxes] or None
     if given and (len(sources) != 1 or kinds[0][1] != "image"):
         raise FerkitError("--box applies to a single image")
-    classifier = load_classifier(model)
+    classifier = load_classifier(model).with_tta(tta)
     find = get_detector(detector)
     out.mkdir(parents=True, exist_ok=True)
     failures = len(sources) - len(kinds)

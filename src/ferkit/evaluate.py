@@ -36,6 +36,12 @@ class EvaluationReport:
     confusion_matrix: np.ndarray  # rows: true class, columns: predicted class, counts
     y_true: np.ndarray
     y_pred: np.ndarray
+    tta: str = "none"  # the test-time augmentation the model ran with
+
+    @property
+    def model_label(self) -> str:
+        """The model's name, with its test-time augmentation when it used one."""
+        return self.model if self.tta == "none" else f"{self.model} ({self.tta} TTA)"
 
     @property
     def confusion_matrix_normalized(self) -> np.ndarray:
@@ -45,6 +51,7 @@ class EvaluationReport:
     def to_dict(self) -> dict:
         return {
             "model": self.model,
+            "tta": self.tta,
             "data": self.data,
             "samples": int(len(self.y_true)),
             "accuracy": self.accuracy,
@@ -71,7 +78,7 @@ class EvaluationReport:
             writer.writerow(["class", "precision", "recall", "f1", "support"])
             for name, s in self.per_class.items():
                 writer.writerow([name, f"{s.precision:.4f}", f"{s.recall:.4f}", f"{s.f1:.4f}", s.support])
-        title = f"{self.model} on {self.data}: accuracy {self.accuracy:.3f}"
+        title = f"{self.model_label} on {self.data}: accuracy {self.accuracy:.3f}"
         plot_confusion_matrix(self.confusion_matrix, self.classes, folder / "confusion_matrix.png", title=title)
         (folder / "report.html").write_text(self.to_html(image="confusion_matrix.png"))
         names = ("metrics.json", "per_class.csv", "confusion_matrix.json", "confusion_matrix.png", "report.html")
@@ -91,7 +98,7 @@ class EvaluationReport:
             "<!doctype html><meta charset='utf-8'><title>ferkit evaluation</title>"
             "<style>body{font-family:sans-serif;margin:2em}td,th{padding:.2em .8em;text-align:right}"
             "td:first-child,th:first-child{text-align:left}</style>"
-            f"<h1>{escape(self.model)} on {escape(self.data)}</h1>"
+            f"<h1>{escape(self.model_label)} on {escape(self.data)}</h1>"
             f"<p>accuracy <b>{self.accuracy:.4f}</b>, macro-F1 <b>{self.macro_f1:.4f}</b>, {len(self.y_true)} faces</p>"
             "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
             f"{rows}</table>{picture}\n"
@@ -105,18 +112,25 @@ def normalize_rows(matrix: np.ndarray) -> np.ndarray:
     return np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
 
 
-def evaluate(model: str | Path | Classifier | None, dataset: FaceDataset, *, batch_size: int = 256) -> EvaluationReport:
-    """Classify every face of `dataset` with `model` (None: the bundled model) and score the predictions."""
-    classifier = load_classifier(model)
+def evaluate(
+    model: str | Path | Classifier | None, dataset: FaceDataset, *, batch_size: int = 256, tta: str | None = None
+) -> EvaluationReport:
+    """Classify every face of `dataset` with `model` (None: the bundled model) and score the predictions.
+
+    `tta`: "none" or "flip" overrides the test-time augmentation the model file asks for.
+    """
+    classifier = load_classifier(model).with_tta(tta)
     probabilities = classifier.predict_proba(dataset.images, batch_size=batch_size)
     y_pred = probabilities.argmax(axis=1)
     # Dataset labels index dataset.classes; map them onto the model's class order by name.
     to_model = np.array([classifier.classes.index(name) for name in dataset.classes])
     y_true = to_model[dataset.labels]
-    return score_predictions(y_true, y_pred, classifier.classes, model=classifier.name, data=dataset.source)
+    return score_predictions(
+        y_true, y_pred, classifier.classes, model=classifier.name, data=dataset.source, tta=classifier.tta
+    )
 
 
-def score_predictions(y_true, y_pred, classes, *, model: str = "", data: str = "") -> EvaluationReport:
+def score_predictions(y_true, y_pred, classes, *, model: str = "", data: str = "", tta: str = "none") -> EvaluationReport:
     """The report for given true and predicted class indices (both indexing `classes`)."""
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
@@ -138,4 +152,5 @@ def score_predictions(y_true, y_pred, classes, *, model: str = "", data: str = "
         confusion_matrix=confusion_matrix(y_true, y_pred, labels=labels),
         y_true=np.asarray(y_true),
         y_pred=np.asarray(y_pred),
+        tta=tta,
     )

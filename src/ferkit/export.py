@@ -1,7 +1,9 @@
-"""Keras -> ONNX, with ferkit's metadata inside and a check that both give the same probabilities."""
+"""Keras -> ONNX, with ferkit's metadata inside and a check that both give the same probabilities;
+optionally quantized to int8 (about 2.5 times faster on CPUs with VNNI), checked against the float model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -10,17 +12,32 @@ from pathlib import Path
 
 import numpy as np
 
+from ferkit.data.dataset import FaceDataset
 from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch
 from ferkit.runtime import METADATA_NAME, KerasClassifier, OnnxClassifier, load_classifier, resolve_model_path
 
 TOLERANCE = 1e-4  # max abs difference allowed between Keras and ONNX probabilities
+MIN_INT8_AGREEMENT = 0.95  # share of held-out faces whose top class the int8 model must keep
+CALIBRATION_FACES = 512
+AGREEMENT_FACES = 1024
 
 
-def export_onnx(model: str | Path, out: str | Path | None = None, *, overwrite: bool = False) -> Path:
+def export_onnx(
+    model: str | Path,
+    out: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    int8_calibration: FaceDataset | None = None,
+    tta: str | None = None,
+) -> Path:
     """Write `model` (a run folder or .keras file) as ONNX, default beside it with the .onnx suffix.
 
-    Raises FerkitError if the exported model disagrees with Keras by more than TOLERANCE.
+    `int8_calibration`: faces (e.g. the training data) to quantize the model to int8 with; the int8
+    model's agreement with the float one on other faces of that set is recorded in its metadata.
+    `tta`: the test-time augmentation recorded as the model's default ("none" or "flip").
+    Raises FerkitError if the export disagrees with Keras by more than TOLERANCE, or the int8 model keeps
+    the float model's top class on fewer than MIN_INT8_AGREEMENT of the faces; nothing is written then.
     """
     source = resolve_model_path(model)
     if source.suffix != ".keras":
@@ -28,16 +45,79 @@ def export_onnx(model: str | Path, out: str | Path | None = None, *, overwrite: 
     out = Path(out) if out else source.with_suffix(".onnx")
     if out.exists() and not overwrite:
         raise FerkitError(f"{out} already exists; pass --overwrite to replace it")
-    keras_model = load_classifier(source)
+    keras_model = load_classifier(source).with_tta(tta)
     assert isinstance(keras_model, KerasClassifier)
     tmp = out.with_name(f".{out.stem}.tmp.onnx")
-    _write_onnx(keras_model, tmp)
-    difference = max_difference(keras_model, OnnxClassifier(tmp))
-    if difference > TOLERANCE:
-        tmp.unlink()
-        raise FerkitError(f"the ONNX export differs from Keras by {difference:.2e} (> {TOLERANCE}); not written")
-    os.replace(tmp, out)
+    try:
+        _write_onnx(keras_model, tmp)
+        difference = max_difference(keras_model, OnnxClassifier(tmp))
+        if difference > TOLERANCE:
+            raise FerkitError(f"the ONNX export differs from Keras by {difference:.2e} (> {TOLERANCE}); not written")
+        if int8_calibration is not None:
+            _quantize_int8(tmp, int8_calibration)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
+
+
+def _quantize_int8(path: Path, dataset: FaceDataset) -> None:
+    """Replace the float ONNX model at `path` by a statically quantized int8 one (QDQ, per channel)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    floating = OnnxClassifier(path)
+    calibration, held_out = _calibration_split(dataset, floating.input_size)
+    if len(calibration) == 0 or len(held_out) == 0:
+        raise FerkitError(f"int8 calibration needs at least 2 faces, got {len(dataset)}")
+    batches = [faces_to_batch(calibration[i : i + 64], floating.metadata.channels) for i in range(0, len(calibration), 64)]
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self._feeds = iter([{floating.session.get_inputs()[0].name: batch} for batch in batches])
+
+        def get_next(self):
+            return next(self._feeds, None)
+
+    prepared, quantized = path.with_suffix(".pre.onnx"), path.with_suffix(".int8.onnx")
+    try:
+        quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(quantized), Batches(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+        agreement = top1_agreement(floating.with_tta("none"), OnnxClassifier(quantized).with_tta("none"), held_out)
+        if agreement < MIN_INT8_AGREEMENT:
+            raise FerkitError(
+                f"the int8 model keeps the float model's prediction for only {agreement:.1%} of held-out faces "
+                f"(< {MIN_INT8_AGREEMENT:.0%}); not written"
+            )
+        metadata = dataclasses.replace(
+            floating.metadata,
+            extra={**floating.metadata.extra, "int8": {"calibration_faces": len(calibration),
+                                                        "top1_agreement_with_float": round(agreement, 4),
+                                                        "agreement_faces": len(held_out)}},
+        )
+        _set_metadata(quantized, metadata)
+        os.replace(quantized, path)
+    finally:
+        prepared.unlink(missing_ok=True)
+        quantized.unlink(missing_ok=True)
+
+
+def _calibration_split(dataset: FaceDataset, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint random faces for calibration and for the agreement check, resized to the model's size."""
+    from PIL import Image
+
+    order = np.random.default_rng(0).permutation(len(dataset))
+    n_calibration = min(CALIBRATION_FACES, len(order) // 2)
+    faces = dataset.images
+    if tuple(faces.shape[1:3]) != tuple(size):
+        faces = np.stack([np.asarray(Image.fromarray(f).resize(size[::-1], Image.Resampling.BILINEAR)) for f in faces])
+    return faces[order[:n_calibration]], faces[order[n_calibration : n_calibration + AGREEMENT_FACES]]
+
+
+def top1_agreement(first, second, faces: np.ndarray) -> float:
+    """Share of `faces` on which two classifiers predict the same class."""
+    return float(np.mean(first.predict_proba(faces).argmax(1) == second.predict_proba(faces).argmax(1)))
 
 
 def max_difference(first, second, *, samples: int = 64, seed: int = 0) -> float:
@@ -51,8 +131,6 @@ def max_difference(first, second, *, samples: int = 64, seed: int = 0) -> float:
 
 
 def _write_onnx(classifier: KerasClassifier, path: Path) -> None:
-    import onnx
-
     model = classifier.model
     channels = classifier.metadata.channels
     model(faces_to_batch(np.zeros((1, *classifier.input_size), np.uint8), channels))  # export needs a built call
@@ -62,7 +140,16 @@ def _write_onnx(classifier: KerasClassifier, path: Path) -> None:
             model.export(str(path), format="onnx", verbose=False)
     except Exception as err:
         raise FerkitError(f"ONNX export failed ({type(err).__name__}: {err})") from None
+    _set_metadata(path, classifier.metadata)
+
+
+def _set_metadata(path: Path, metadata) -> None:
+    import onnx
+
     proto = onnx.load(str(path))
+    kept = [entry for entry in proto.metadata_props if entry.key != METADATA_NAME]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
     entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_NAME, json.dumps(asdict(classifier.metadata))
+    entry.key, entry.value = METADATA_NAME, json.dumps(asdict(metadata))
     onnx.save(proto, str(path))

@@ -6,11 +6,13 @@ stored in the model file (`ferkit.json` inside the `.keras` zip), so nothing is 
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
 import os
 import zipfile
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from ferkit.images import faces_to_batch
 
 METADATA_NAME = "ferkit.json"  # inside a .keras zip; the metadata_props key in an .onnx file
 PREPROCESSING = "exif-upright, grayscale (ITU-R 601-2 luma), resized to input_size, gray repeated to channels, raw 0-255"
+TTA_CHOICES = ("none", "flip")  # test-time augmentation: flip averages each face with its mirror image
 
 
 @dataclass
@@ -31,6 +34,7 @@ class ModelMetadata:
     input_size: list[int]  # (height, width)
     channels: int
     preprocessing: str = PREPROCESSING
+    tta: str = "none"  # the test-time augmentation the model is meant to run with (one of TTA_CHOICES)
     ferkit_version: str = __version__
     extra: dict = field(default_factory=dict)  # e.g. the run it came from, its best val accuracy
 
@@ -163,14 +167,41 @@ class Classifier:
     def name(self) -> str:
         return self.metadata.model
 
+    @property
+    def tta(self) -> str:
+        return self.metadata.tta
+
+    def with_tta(self, tta: str | None) -> "Classifier":
+        """The same loaded model with another test-time augmentation (None: keep the model's own)."""
+        if tta is None or tta == self.tta:
+            return self
+        if tta not in TTA_CHOICES:
+            raise FerkitError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_CHOICES)}")
+        view = copy.copy(self)
+        view.metadata = dataclasses.replace(self.metadata, tta=tta)
+        return view
+
     def predict_proba(self, faces: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-        """(N, height, width) uint8 faces at `input_size` -> (N, len(classes)) probabilities."""
+        """(N, height, width) uint8 faces at `input_size` -> (N, len(classes)) probabilities.
+
+        With flip test-time augmentation each face and its mirror image go through the model in the
+        same batch, and their probabilities are averaged.
+        """
         faces = np.asarray(faces)
         if faces.ndim != 3 or tuple(faces.shape[1:]) != self.input_size:
             raise ValueError(f"expected faces of shape (N, {self.input_size[0]}, {self.input_size[1]}), got {faces.shape}")
         if len(faces) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
-        outputs = [self._run(faces_to_batch(faces[i : i + batch_size], self.metadata.channels)) for i in range(0, len(faces), batch_size)]
+        flip = self.tta == "flip"
+        step = max(1, batch_size // 2) if flip else batch_size
+        outputs = []
+        for i in range(0, len(faces), step):
+            chunk = faces[i : i + step]
+            if flip:
+                both = self._run(faces_to_batch(np.concatenate([chunk, chunk[:, :, ::-1]]), self.metadata.channels))
+                outputs.append((both[: len(chunk)] + both[len(chunk) :]) / 2)
+            else:
+                outputs.append(self._run(faces_to_batch(chunk, self.metadata.channels)))
         return np.concatenate(outputs).astype(np.float32)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
