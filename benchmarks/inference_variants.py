@@ -1,0 +1,65 @@
+"""What int8 quantization and flip test-time averaging do to a trained model's accuracy and speed.
+
+    python benchmarks/inference_variants.py training/ferkit-net-s-v1 --val ../shared/data/fer2013/val \
+        --baseline runs/study/seed-cnn
+
+Exports RUN to ONNX as float32 and as int8 (calibrated on the run's training data), scores each with one
+view and with flip averaging on --val, and times each on this machine (batch of 256 and one face). The
+baseline (a run or model, e.g. the study's seed-cnn) is timed in the same run, one view, for ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from predict_speed import classifier_rate
+
+from ferkit.data import load_dataset
+from ferkit.evaluate import evaluate
+from ferkit.export import export_onnx
+from ferkit.runtime import load_classifier
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="a run folder (its config.json names the training data)")
+    parser.add_argument("--val", required=True, help="labelled faces to score on")
+    parser.add_argument("--baseline", help="a run or model timed the same way (float32 ONNX), for ratios")
+    args = parser.parse_args()
+
+    val = load_dataset(args.val)
+    training = load_dataset(json.loads((args.run / "config.json").read_text())["data"])
+    with tempfile.TemporaryDirectory() as tmp:
+        models = {
+            "float32": export_onnx(args.run, Path(tmp) / "float32.onnx"),
+            "int8": export_onnx(args.run, Path(tmp) / "int8.onnx", int8_calibration=training),
+        }
+        baseline = _as_onnx(args.baseline, Path(tmp)) if args.baseline else None
+        base_rate = 256 / classifier_rate(load_classifier(baseline), 256) if baseline else None
+        print(f"{'variant':<16} {'val accuracy':>12} {'macro-F1':>9} {'faces/s':>9} {'ms/face':>8}"
+              + (f" {'ratio':>6}" if baseline else ""))
+        for precision, path in models.items():
+            for tta in ("none", "flip"):
+                classifier = load_classifier(path).with_tta(tta)
+                report = evaluate(classifier, val)
+                rate = 256 / classifier_rate(classifier, 256)
+                one = classifier_rate(classifier, 1, repeat=200) * 1e3
+                ratio = f" {rate / base_rate:>6.3f}" if baseline else ""
+                print(f"{precision + ' ' + tta:<16} {report.accuracy:>12.4f} {report.macro_f1:>9.4f} "
+                      f"{rate:>9,.0f} {one:>8.2f}{ratio}")
+        if baseline:
+            print(f"baseline {load_classifier(baseline).name}: {base_rate:,.0f} faces/s (float32, one view)")
+
+
+def _as_onnx(model: str, folder: Path) -> Path:
+    path = Path(model)
+    if path.suffix == ".onnx":
+        return path
+    return export_onnx(path, folder / "baseline.onnx")
+
+
+if __name__ == "__main__":
+    main()
