@@ -1,10 +1,12 @@
-"""What int8 quantization and flip test-time averaging do to a trained model's accuracy and speed.
+"""What batch-norm recalibration, int8 quantization and flip test-time averaging do to a trained
+model's accuracy and speed.
 
     python benchmarks/inference_variants.py training/ferkit-net-s-v1 --val ../shared/data/fer2013/val \
         --baseline runs/study/seed-cnn
 
-Exports RUN to ONNX as float32 and as int8 (calibrated on the run's training data), scores each with one
-view and with flip averaging on --val, and times each on this machine (batch of 256 and one face). The
+Exports RUN to ONNX as float32, as float32 with batch-norm statistics re-measured on the run's
+un-augmented training data, and as that quantized to int8 (calibrated on the same data); scores each
+with one view and with flip averaging on --val, and times each on this machine (batch of 256 and one face). The
 baseline (a run or model, e.g. the study's seed-cnn) is timed in the same run, one view, for ratios.
 """
 
@@ -35,11 +37,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         models = {
             "float32": export_onnx(args.run, Path(tmp) / "float32.onnx"),
-            "int8": export_onnx(args.run, Path(tmp) / "int8.onnx", int8_calibration=training),
+            "float32+bn": export_onnx(args.run, Path(tmp) / "bn.onnx", calibration=training, recalibrate_bn=True),
+            "int8+bn": export_onnx(args.run, Path(tmp) / "int8.onnx", calibration=training, recalibrate_bn=True, int8=True),
         }
         baseline = _as_onnx(args.baseline, Path(tmp)) if args.baseline else None
         base_rate = 256 / classifier_rate(load_classifier(baseline), 256) if baseline else None
-        print(f"{'variant':<16} {'val accuracy':>12} {'macro-F1':>9} {'faces/s':>9} {'ms/face':>8}"
+        print(f"{'variant':<18} {'val accuracy':>12} {'macro-F1':>9} {'faces/s':>9} {'ms/face':>8}"
               + (f" {'ratio':>6}" if baseline else ""))
         for precision, path in models.items():
             for tta in ("none", "flip"):
@@ -48,7 +51,7 @@ def main() -> None:
                 rate = 256 / classifier_rate(classifier, 256)
                 one = classifier_rate(classifier, 1, repeat=200) * 1e3
                 ratio = f" {rate / base_rate:>6.3f}" if baseline else ""
-                print(f"{precision + ' ' + tta:<16} {report.accuracy:>12.4f} {report.macro_f1:>9.4f} "
+                print(f"{precision + ' ' + tta:<18} {report.accuracy:>12.4f} {report.macro_f1:>9.4f} "
                       f"{rate:>9,.0f} {one:>8.2f}{ratio}")
         if baseline:
             print(f"baseline {load_classifier(baseline).name}: {base_rate:,.0f} faces/s (float32, one view)")

@@ -54,8 +54,9 @@ def test_the_bundled_model_scores_on_val_what_its_manifest_records():
     manifest = bundled_manifest()
     assert report.tta == manifest["tta"] and report.accuracy == pytest.approx(manifest["val_accuracy"], abs=1e-6)
     assert single_view.accuracy == pytest.approx(manifest["val_accuracy_single_view"], abs=1e-6)
-    # the shipped (int8) network, one view, scores within a point of the float one validated in training
-    assert single_view.accuracy == pytest.approx(manifest["val_accuracy_during_training"], abs=0.01)
+    # the shipped network (batch norm re-measured, int8), one view, loses no more than a point against
+    # the float one validated during training
+    assert single_view.accuracy >= manifest["val_accuracy_during_training"] - 0.01
     # faces any decent model gets right: happy and surprised ones
     assert report.per_class["happy"].recall > 0.75 and report.per_class["surprise"].recall > 0.6
 

@@ -65,7 +65,7 @@ def test_a_damaged_onnx_file_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def int8_model(trained_run, pattern_data, tmp_path_factory):
     calibration = load_dataset(pattern_data / "train")
-    return export_onnx(trained_run, tmp_path_factory.mktemp("int8") / "model.onnx", int8_calibration=calibration, tta="flip")
+    return export_onnx(trained_run, tmp_path_factory.mktemp("int8") / "model.onnx", calibration=calibration, int8=True, tta="flip")
 
 
 def test_int8_export_keeps_the_predictions_and_records_the_check(trained_run, onnx_model, int8_model, pattern_data):
@@ -91,3 +91,35 @@ def test_export_command_refuses_calibration_without_int8(trained_run, tmp_path):
     result = CliRunner().invoke(cli, ["export", str(trained_run), "--onnx", "--calibration", str(tmp_path), "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2 and "--int8" in result.output
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_batch_norm_recalibration_measures_the_statistics_of_the_given_faces(trained_run, tmp_path):
+    """A model with batch norm, its statistics re-measured on a constant face: each BN layer's moving
+    mean must become the mean of its (dropout-free) inputs on that face, which the exported model uses."""
+    import keras
+
+    from ferkit.train import recalibrate_batch_norm
+
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(3, 3), keras.layers.BatchNormalization(),
+                              keras.layers.Dropout(0.5), keras.layers.Flatten(), keras.layers.Dense(4),
+                              keras.layers.BatchNormalization(momentum=0.9)])
+    faces = np.random.default_rng(0).uniform(0, 1, (300, 8, 8, 1)).astype("float32")
+    assert recalibrate_batch_norm(model, faces, batch_size=64) == 2
+    conv_out = np.asarray(model.layers[0](faces))
+    assert np.allclose(model.layers[1].moving_mean.numpy(), conv_out.mean(axis=(0, 1, 2)), atol=1e-4)
+    assert model.layers[2].rate == 0.5 and model.layers[5].momentum == 0.9  # restored afterwards
+
+
+def test_export_with_recalibrated_batch_norm_records_it(tmp_path, pattern_data):
+    from ferkit.config import TrainConfig
+    from ferkit.train import train
+
+    run = train(TrainConfig(model="ferkit-net-s", data=str(pattern_data / "train"), val=str(pattern_data / "val"),
+                            epochs=1, augment=["erase"], out=str(tmp_path / "run")), verbose=0)
+    out = tmp_path / "bn.onnx"
+    result = CliRunner().invoke(cli, ["export", str(run), "--onnx", "--recalibrate-bn", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    recorded = read_metadata(out).extra["batch_norm_recalibrated"]
+    assert recorded == {"faces": len(load_dataset(pattern_data / "train")), "layers": 8}
+    plain = export_onnx(run, tmp_path / "plain.onnx")
+    assert max_difference(load_classifier(plain), load_classifier(out)) > TOLERANCE  # the statistics changed

@@ -1,11 +1,12 @@
 """Make a run's best model the one bundled with ferkit: export it to ONNX under src/ferkit/weights/
 and record its SHA-256, the run's config and its validation score in manifest.json.
 
-    python tools/bundle_model.py runs/ferkit-net-s-v1 --val ../shared/data/fer2013/val --int8 --tta flip
+    python tools/bundle_model.py runs/ferkit-net-s-v1 --val ../shared/data/fer2013/val \
+        --recalibrate-bn --int8 --tta flip
 
 With --val, the exported ONNX model itself is scored there, as shipped and with a single view, and the
 scores recorded (training-time scores differ slightly: mixed-precision validation vs the export).
---int8 calibrates on the run's training data (its config.json names it).
+--recalibrate-bn and --int8 calibrate on the run's training data (its config.json names it).
 """
 
 from __future__ import annotations
@@ -28,16 +29,18 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--name", help="file name without .onnx (default: the run folder's name)")
     parser.add_argument("--val", help="validation data to score the exported model on")
+    parser.add_argument("--recalibrate-bn", action="store_true",
+                        help="re-measure batch-norm statistics on the run's un-augmented training data")
     parser.add_argument("--int8", action="store_true", help="quantize to int8, calibrated on the run's training data")
     parser.add_argument("--tta", choices=TTA_CHOICES, default="none", help="the test-time augmentation to ship with")
     args = parser.parse_args()
     config = json.loads((args.run / "config.json").read_text())
-    calibration = load_dataset(config["data"]) if args.int8 else None
+    calibration = load_dataset(config["data"]) if args.int8 or args.recalibrate_bn else None
     name = args.name or args.run.name
     target = WEIGHTS / f"{name}.onnx"
     for old in [*WEIGHTS.glob("*.onnx"), *WEIGHTS.glob("*.keras")]:
         old.unlink()
-    export_onnx(args.run, target, int8_calibration=calibration, tta=args.tta)
+    export_onnx(args.run, target, calibration=calibration, int8=args.int8, recalibrate_bn=args.recalibrate_bn, tta=args.tta)
     shutil.copy(args.run / "best.keras", target.with_suffix(".keras"))  # what `train --init default` starts from
     state, meta = RunState.load(args.run), read_metadata(target)
     manifest = {
@@ -48,6 +51,7 @@ def main() -> None:
         "classes": meta.classes,
         "run": args.run.name,
         "tta": meta.tta,
+        "batch_norm_recalibrated": meta.extra.get("batch_norm_recalibrated"),
         "int8": meta.extra.get("int8"),
         "epochs": state.epochs_done,
         "best_epoch": state.best_epoch,

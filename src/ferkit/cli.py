@@ -233,19 +233,22 @@ def _print_report(report) -> None:
 @click.option("--onnx", "to_onnx", is_flag=True, required=True, help="Export to ONNX (the only format so far).")
 @click.option("--out", type=click.Path(path_type=Path), help="Output file (default: beside the model, .onnx).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--recalibrate-bn", is_flag=True,
+              help="Re-measure batch-norm statistics on un-augmented --calibration faces before exporting.")
 @click.option("--int8", is_flag=True, help="Quantize to int8 (faster on CPU), calibrated on --calibration faces.")
-@click.option("--calibration", help="Faces to calibrate int8 with (default: the run's training data).")
+@click.option("--calibration", help="Faces for --recalibrate-bn and --int8 (default: the run's training data).")
 @click.option("--tta", type=click.Choice(TTA_CHOICES), help="Record this test-time augmentation as the model's default.")
-def export_cmd(model: str, to_onnx: bool, out: Path | None, overwrite: bool, int8: bool, calibration: str | None, tta):
+def export_cmd(model: str, to_onnx: bool, out: Path | None, overwrite: bool, recalibrate_bn: bool, int8: bool,
+               calibration: str | None, tta):
     """Export MODEL (a run folder or .keras file) to ONNX, checked to agree with Keras."""
     from ferkit.export import TOLERANCE, export_onnx
 
     if not to_onnx:
         raise FerkitError("choose an export format: --onnx")
-    if calibration and not int8:
-        raise FerkitError("--calibration applies to --int8 exports")
-    faces = _calibration_faces(model, calibration) if int8 else None
-    path = export_onnx(model, out, overwrite=overwrite, int8_calibration=faces, tta=tta)
+    if calibration and not (int8 or recalibrate_bn):
+        raise FerkitError("--calibration applies to --int8 and --recalibrate-bn exports")
+    faces = _calibration_faces(model, calibration) if int8 or recalibrate_bn else None
+    path = export_onnx(model, out, overwrite=overwrite, calibration=faces, recalibrate_bn=recalibrate_bn, int8=int8, tta=tta)
     click.echo(f"wrote {path} (the float model agrees with Keras within {TOLERANCE})")
     if int8:
         from ferkit.runtime import read_metadata
@@ -264,7 +267,7 @@ def _calibration_faces(model: str, calibration: str | None):
     if calibration is None:
         config = Path(model) / "config.json"
         if not config.is_file():
-            raise FerkitError("--int8 needs --calibration DATA (faces like those the model will see)")
+            raise FerkitError("--int8 and --recalibrate-bn need --calibration DATA (faces like those the model will see)")
         calibration = json.loads(config.read_text()).get("data")
         if not calibration or not Path(calibration).exists():
             raise FerkitError(f"the run's training data {calibration} is not here; pass --calibration DATA")

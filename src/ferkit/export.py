@@ -15,7 +15,7 @@ import numpy as np
 from ferkit.data.dataset import FaceDataset
 from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch
-from ferkit.runtime import METADATA_NAME, KerasClassifier, OnnxClassifier, load_classifier, resolve_model_path
+from ferkit.runtime import METADATA_NAME, KerasClassifier, OnnxClassifier, read_metadata, resolve_model_path
 
 TOLERANCE = 1e-4  # max abs difference allowed between Keras and ONNX probabilities
 MIN_INT8_AGREEMENT = 0.95  # share of held-out faces whose top class the int8 model must keep
@@ -28,13 +28,17 @@ def export_onnx(
     out: str | Path | None = None,
     *,
     overwrite: bool = False,
-    int8_calibration: FaceDataset | None = None,
+    calibration: FaceDataset | None = None,
+    recalibrate_bn: bool = False,
+    int8: bool = False,
     tta: str | None = None,
 ) -> Path:
     """Write `model` (a run folder or .keras file) as ONNX, default beside it with the .onnx suffix.
 
-    `int8_calibration`: faces (e.g. the training data) to quantize the model to int8 with; the int8
-    model's agreement with the float one on other faces of that set is recorded in its metadata.
+    `calibration`: faces like those the model will see (e.g. its training data), needed by
+    `recalibrate_bn`: batch-norm statistics measured afresh on these faces, un-augmented (see
+    ferkit.train.recalibrate_batch_norm), and by `int8`: quantization calibrated on some of them, its
+    agreement with the float model on others recorded in the metadata.
     `tta`: the test-time augmentation recorded as the model's default ("none" or "flip").
     Raises FerkitError if the export disagrees with Keras by more than TOLERANCE, or the int8 model keeps
     the float model's top class on fewer than MIN_INT8_AGREEMENT of the faces; nothing is written then.
@@ -42,23 +46,42 @@ def export_onnx(
     source = resolve_model_path(model)
     if source.suffix != ".keras":
         raise FerkitError(f"{source} is already not a Keras model; only .keras models are exported")
+    if (recalibrate_bn or int8) and calibration is None:
+        raise FerkitError("batch-norm recalibration and int8 need calibration faces")
     out = Path(out) if out else source.with_suffix(".onnx")
     if out.exists() and not overwrite:
         raise FerkitError(f"{out} already exists; pass --overwrite to replace it")
-    keras_model = load_classifier(source).with_tta(tta)
-    assert isinstance(keras_model, KerasClassifier)
+    keras_model = _load_keras(source).with_tta(tta)
+    if recalibrate_bn:
+        _recalibrate(keras_model, calibration)
     tmp = out.with_name(f".{out.stem}.tmp.onnx")
     try:
         _write_onnx(keras_model, tmp)
         difference = max_difference(keras_model, OnnxClassifier(tmp))
         if difference > TOLERANCE:
             raise FerkitError(f"the ONNX export differs from Keras by {difference:.2e} (> {TOLERANCE}); not written")
-        if int8_calibration is not None:
-            _quantize_int8(tmp, int8_calibration)
+        if int8:
+            _quantize_int8(tmp, calibration)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def _load_keras(source: Path) -> KerasClassifier:
+    """A private copy of the Keras model (not the shared cached one: recalibration changes it)."""
+    return KerasClassifier(read_metadata(source), source)
+
+
+def _recalibrate(classifier: KerasClassifier, dataset: FaceDataset) -> None:
+    from ferkit.train import recalibrate_batch_norm
+
+    faces = _resized(dataset.images, classifier.input_size)
+    layers = recalibrate_batch_norm(classifier.model, faces_to_batch(faces, classifier.metadata.channels))
+    classifier.metadata = dataclasses.replace(
+        classifier.metadata,
+        extra={**classifier.metadata.extra, "batch_norm_recalibrated": {"faces": len(faces), "layers": layers}},
+    )
 
 
 def _quantize_int8(path: Path, dataset: FaceDataset) -> None:
@@ -105,14 +128,19 @@ def _quantize_int8(path: Path, dataset: FaceDataset) -> None:
 
 def _calibration_split(dataset: FaceDataset, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Disjoint random faces for calibration and for the agreement check, resized to the model's size."""
-    from PIL import Image
-
     order = np.random.default_rng(0).permutation(len(dataset))
     n_calibration = min(CALIBRATION_FACES, len(order) // 2)
-    faces = dataset.images
-    if tuple(faces.shape[1:3]) != tuple(size):
-        faces = np.stack([np.asarray(Image.fromarray(f).resize(size[::-1], Image.Resampling.BILINEAR)) for f in faces])
+    faces = _resized(dataset.images, size)
     return faces[order[:n_calibration]], faces[order[n_calibration : n_calibration + AGREEMENT_FACES]]
+
+
+def _resized(faces: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, H, W) uint8 faces at the model's (height, width)."""
+    from PIL import Image
+
+    if tuple(faces.shape[1:3]) == tuple(size):
+        return faces
+    return np.stack([np.asarray(Image.fromarray(f).resize(size[::-1], Image.Resampling.BILINEAR)) for f in faces])
 
 
 def top1_agreement(first, second, faces: np.ndarray) -> float:
