@@ -104,7 +104,7 @@ def test_batch_norm_recalibration_measures_the_statistics_of_the_given_faces(tra
                               keras.layers.Dropout(0.5), keras.layers.Flatten(), keras.layers.Dense(4),
                               keras.layers.BatchNormalization(momentum=0.9)])
     faces = np.random.default_rng(0).uniform(0, 1, (300, 8, 8, 1)).astype("float32")
-    assert recalibrate_batch_norm(model, faces, batch_size=64) == 2
+    assert recalibrate_batch_norm(model, (faces[i : i + 64] for i in range(0, 300, 64))) == 2
     conv_out = np.asarray(model.layers[0](faces))
     assert np.allclose(model.layers[1].moving_mean.numpy(), conv_out.mean(axis=(0, 1, 2)), atol=1e-4)
     assert model.layers[2].rate == 0.5 and model.layers[5].momentum == 0.9  # restored afterwards

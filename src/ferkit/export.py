@@ -76,11 +76,15 @@ def _load_keras(source: Path) -> KerasClassifier:
 def _recalibrate(classifier: KerasClassifier, dataset: FaceDataset) -> None:
     from ferkit.train import recalibrate_batch_norm
 
-    faces = _resized(dataset.images, classifier.input_size)
-    layers = recalibrate_batch_norm(classifier.model, faces_to_batch(faces, classifier.metadata.channels))
+    order = np.random.default_rng(0).permutation(len(dataset))
+    batches = (
+        faces_to_batch(_resized(dataset.images[order[i : i + 256]], classifier.input_size), classifier.metadata.channels)
+        for i in range(0, len(order), 256)
+    )
+    layers = recalibrate_batch_norm(classifier.model, batches)
     classifier.metadata = dataclasses.replace(
         classifier.metadata,
-        extra={**classifier.metadata.extra, "batch_norm_recalibrated": {"faces": len(faces), "layers": layers}},
+        extra={**classifier.metadata.extra, "batch_norm_recalibrated": {"faces": len(order), "layers": layers}},
     )
 
 

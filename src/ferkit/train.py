@@ -115,9 +115,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     return run
 
 
-def recalibrate_batch_norm(model, batch: np.ndarray, *, batch_size: int = 256) -> int:
-    """Measure every trainable BatchNormalization layer's moving mean and variance afresh on `batch`
-    (model inputs, un-augmented), averaged over all its faces; returns how many layers changed.
+def recalibrate_batch_norm(model, batches) -> int:
+    """Measure every trainable BatchNormalization layer's moving mean and variance afresh on `batches`
+    (an iterable of model-input arrays of un-augmented faces), averaged over all their faces; returns
+    how many layers were re-measured.
 
     Why: the statistics kept during training were measured on augmented faces (erased patches, zoom,
     rotation), unlike the faces seen at inference; on FER2013 PublicTest re-measuring them on the
@@ -127,22 +128,21 @@ def recalibrate_batch_norm(model, batch: np.ndarray, *, batch_size: int = 256) -
     keras = import_keras()
     layers = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
     dropouts = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.Dropout)]
-    saved = [(layer.momentum, layer) for layer in layers] + [(layer.rate, layer) for layer in dropouts]
+    momenta, rates = [layer.momentum for layer in layers], [layer.rate for layer in dropouts]
     try:
         for layer in dropouts:
             layer.rate = 0.0
-        order = np.random.default_rng(0).permutation(len(batch))
-        for seen in range(0, len(batch), batch_size):
-            part = batch[order[seen : seen + batch_size]]
+        seen = 0
+        for part in batches:
             for layer in layers:  # moving = moving * m + part * (1 - m): this m keeps the mean over all faces
                 layer.momentum = seen / (seen + len(part))
             model(part, training=True)
+            seen += len(part)
     finally:
-        for value, layer in saved:
-            if isinstance(layer, keras.layers.Dropout):
-                layer.rate = value
-            else:
-                layer.momentum = value
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+        for layer, rate in zip(dropouts, rates):
+            layer.rate = rate
     return len(layers)
 
 
