@@ -123,3 +123,10 @@ def test_export_with_recalibrated_batch_norm_records_it(tmp_path, pattern_data):
     assert recorded == {"faces": len(load_dataset(pattern_data / "train")), "layers": 8}
     plain = export_onnx(run, tmp_path / "plain.onnx")
     assert max_difference(load_classifier(plain), load_classifier(out)) > TOLERANCE  # the statistics changed
+
+
+def test_int8_probabilities_are_not_quantized(int8_model, pattern_data):
+    probabilities = load_classifier(int8_model).with_tta("none").predict_proba(load_dataset(pattern_data / "val").images)
+    steps = probabilities * 255
+    assert np.abs(steps - np.round(steps)).max() > 0.01  # not multiples of 1/255
+    assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)

@@ -110,7 +110,8 @@ def _quantize_int8(path: Path, dataset: FaceDataset) -> None:
     try:
         quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(quantized), Batches(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        nodes_to_exclude=_output_layer_nodes(prepared))
         agreement = top1_agreement(floating.with_tta("none"), OnnxClassifier(quantized).with_tta("none"), held_out)
         if agreement < MIN_INT8_AGREEMENT:
             raise FerkitError(
@@ -128,6 +129,17 @@ def _quantize_int8(path: Path, dataset: FaceDataset) -> None:
     finally:
         prepared.unlink(missing_ok=True)
         quantized.unlink(missing_ok=True)
+
+
+def _output_layer_nodes(path: Path) -> list[str]:
+    """The softmax nodes and the layers feeding them, kept in float: quantized, the probabilities would
+    come in steps of 1/255 (and ties between classes would be common)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    softmax = [node for node in graph.node if node.op_type == "Softmax"]
+    inputs = {name for node in softmax for name in node.input}
+    return [node.name for node in softmax] + [node.name for node in graph.node if set(node.output) & inputs]
 
 
 def _calibration_split(dataset: FaceDataset, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
