@@ -28,6 +28,13 @@ def test_init_keeps_what_the_model_learnt(trained_run, pattern_data, tmp_path):
     assert first > 0.6 and first > read_history(fresh / "history.csv")["val_accuracy"][0] + 0.3
 
 
+def test_init_trains_in_mixed_precision_from_a_float32_model(trained_run, pattern_data, tmp_path):
+    config = TrainConfig(init=str(trained_run), data=str(pattern_data / "train"), val=str(pattern_data / "val"),
+                         epochs=1, learning_rate=1e-6, precision="mixed_bfloat16", out=str(tmp_path / "bf16"))
+    run = train(config, verbose=0)
+    assert read_history(run / "history.csv")["val_accuracy"][0] > 0.6
+
+
 def test_init_with_a_new_class_replaces_the_head_and_keeps_the_old_classes(trained_run, pattern_data, tmp_path):
     rng = np.random.default_rng(0)
     root = write_pattern_dataset(tmp_path / "mine", 6, seed=4)

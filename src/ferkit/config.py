@@ -62,8 +62,6 @@ class TrainConfig:
                 raise FerkitError(f"unknown {name} {value!r} (choose from {', '.join(allowed)})")
         if self.fine_tune < 0 or self.fine_tune_epochs < 0 or (self.fine_tune and not self.fine_tune_epochs):
             raise FerkitError("--fine-tune N needs --fine-tune-epochs E (both positive)")
-        if self.init and self.precision != "float32":
-            raise FerkitError("--init trains in float32; leave --precision at its default")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise FerkitError("label smoothing must lie in [0, 1)")
 

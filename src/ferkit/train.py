@@ -61,7 +61,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 _split_at_backbone(keras, training_model)[1].set_weights(head_weights)
         else:
             state = RunState()
-            base = _init_model(keras, config.init, config.classes) if config.init else None
+            base = _init_model(keras, config.init, config.classes, config.model) if config.init else None
             training_model = _build_training_model(keras, config, num_classes, len(train_set), base=base)
         base_model = training_model.layers[-1] if config.augment else training_model
         saved_model = _float32_twin(keras, spec, num_classes) if config.precision != "float32" else base_model
@@ -211,24 +211,26 @@ def init_model_path(init: str) -> Path:
     return path
 
 
-def _init_model(keras, init: str, classes: list[str]):
-    """A trained model to start from. If its classes differ from `classes`, its last layer is replaced;
-    classes it already knew keep their learnt weights, new ones start fresh."""
+def _init_model(keras, init: str, classes: list[str], model_name: str):
+    """A trained model to start from, rebuilt under the current precision policy with its weights.
+    If its classes differ from `classes`, its last layer is replaced: classes it already knew keep their
+    learnt weights, new ones start fresh."""
     path = init_model_path(init)
     known = list(read_metadata(path).classes)
-    model = keras.saving.load_model(path, compile=False)
-    if known == list(classes):
-        return model
-    old_head = model.layers[-1]
-    new_head = keras.layers.Dense(len(classes), activation="softmax", dtype="float32", name="head")
-    adapted = keras.Model(model.inputs[0], new_head(model.layers[-2].output), name=model.name)
-    kernel, bias = old_head.get_weights()
-    new_kernel, new_bias = new_head.get_weights()
+    trained = keras.saving.load_model(path, compile=False)
+    spec = get_model_spec(model_name)
+    model = create_model(model_name, num_classes=len(classes), weights="none" if spec.pretrained else None)
+    if len(model.layers) != len(trained.layers):
+        raise FerkitError(f"{path} does not have the layers of a {model_name} model")
+    for source, target in zip(trained.layers[:-1], model.layers[:-1]):
+        target.set_weights(source.get_weights())
+    kernel, bias = trained.layers[-1].get_weights()
+    new_kernel, new_bias = model.layers[-1].get_weights()
     for i, name in enumerate(classes):
         if name in known:
             new_kernel[:, i], new_bias[i] = kernel[:, known.index(name)], bias[known.index(name)]
-    new_head.set_weights([new_kernel, new_bias])
-    return adapted
+    model.layers[-1].set_weights([new_kernel, new_bias])
+    return model
 
 
 def _build_training_model(keras, config: TrainConfig, num_classes: int, train_size: int, *, base=None):
