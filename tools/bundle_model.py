@@ -4,8 +4,9 @@ and record its SHA-256, the run's config and its validation score in manifest.js
     python tools/bundle_model.py runs/ferkit-net-s-v1 --val ../shared/data/fer2013/val \
         --recalibrate-bn --int8 --tta flip
 
-With --val, the exported ONNX model itself is scored there, as shipped and with a single view, and the
-scores recorded (training-time scores differ slightly: mixed-precision validation vs the export).
+With --val, the exported ONNX model itself is scored there, as shipped and with a single view; the
+scores are recorded and printed as a table for the model card (--report DIR keeps the evaluation's
+files). Training-time scores differ: mixed-precision validation, batch-norm statistics from training.
 --recalibrate-bn and --int8 calibrate on the run's training data (its config.json names it).
 """
 
@@ -33,14 +34,18 @@ def main() -> None:
                         help="re-measure batch-norm statistics on the run's un-augmented training data")
     parser.add_argument("--int8", action="store_true", help="quantize to int8, calibrated on the run's training data")
     parser.add_argument("--tta", choices=TTA_CHOICES, default="none", help="the test-time augmentation to ship with")
+    parser.add_argument("--report", type=Path, help="with --val: write the evaluation's files (JSON, CSV, PNG, HTML) here")
     args = parser.parse_args()
     config = json.loads((args.run / "config.json").read_text())
     calibration = load_dataset(config["data"]) if args.int8 or args.recalibrate_bn else None
     name = args.name or args.run.name
     target = WEIGHTS / f"{name}.onnx"
+    staged = WEIGHTS / f".{name}.staged.onnx"  # the bundled files are replaced only once the export succeeded
+    export_onnx(args.run, staged, overwrite=True, calibration=calibration, int8=args.int8,
+                recalibrate_bn=args.recalibrate_bn, tta=args.tta)
     for old in [*WEIGHTS.glob("*.onnx"), *WEIGHTS.glob("*.keras")]:
         old.unlink()
-    export_onnx(args.run, target, calibration=calibration, int8=args.int8, recalibrate_bn=args.recalibrate_bn, tta=args.tta)
+    staged.rename(target)
     shutil.copy(args.run / "best.keras", target.with_suffix(".keras"))  # what `train --init default` starts from
     state, meta = RunState.load(args.run), read_metadata(target)
     manifest = {
@@ -56,18 +61,25 @@ def main() -> None:
         "epochs": state.epochs_done,
         "best_epoch": state.best_epoch,
         "val_accuracy_during_training": round(state.best_val_accuracy, 4),
-        **(_score(target, args.val) if args.val else {}),
+        **(_score(target, args.val, args.report) if args.val else {}),
         "config": config,
     }
     (WEIGHTS / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"bundled {target} ({target.stat().st_size / 1e6:.1f} MB), sha256 {manifest['sha256'][:16]}...")
 
 
-def _score(model: Path, val: str) -> dict:
+def _score(model: Path, val: str, report_folder: Path | None) -> dict:
     from ferkit.evaluate import evaluate
 
     dataset = load_dataset(val)
     report, single_view = evaluate(model, dataset), evaluate(model, dataset, tta="none")
+    if report_folder:
+        report.save(report_folder)
+    print(f"{report.model_label} on {Path(val).name}: accuracy {report.accuracy:.4f}, macro-F1 {report.macro_f1:.4f}; "
+          f"one view {single_view.accuracy:.4f}")
+    print("| class | precision | recall | F1 | support |\n|---|---|---|---|---|")
+    for name, scores in report.per_class.items():
+        print(f"| {name} | {scores.precision:.3f} | {scores.recall:.3f} | {scores.f1:.3f} | {scores.support} |")
     return {"val_data": Path(val).name, "val_accuracy": report.accuracy, "val_macro_f1": report.macro_f1,
             "val_recall": {name: scores.recall for name, scores in report.per_class.items()},
             "val_accuracy_single_view": single_view.accuracy}
