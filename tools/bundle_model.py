@@ -44,7 +44,8 @@ def main() -> None:
     export_onnx(args.run, staged, overwrite=True, calibration=calibration, int8=args.int8,
                 recalibrate_bn=args.recalibrate_bn, tta=args.tta)
     for old in [*WEIGHTS.glob("*.onnx"), *WEIGHTS.glob("*.keras")]:
-        old.unlink()
+        if old != staged:
+            old.unlink()
     staged.rename(target)
     shutil.copy(args.run / "best.keras", target.with_suffix(".keras"))  # what `train --init default` starts from
     state, meta = RunState.load(args.run), read_metadata(target)
