@@ -13,12 +13,12 @@ baseline (a run or model, e.g. the study's seed-cnn) is timed in the same run, o
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 from predict_speed import classifier_rate
 
+from ferkit.config import TrainConfig
 from ferkit.data import load_dataset
 from ferkit.evaluate import evaluate
 from ferkit.export import export_onnx
@@ -33,15 +33,15 @@ def main() -> None:
     args = parser.parse_args()
 
     val = load_dataset(args.val)
-    training = load_dataset(json.loads((args.run / "config.json").read_text())["data"])
+    training = load_dataset(TrainConfig.load(args.run / "config.json").data)
     with tempfile.TemporaryDirectory() as tmp:
         models = {
             "float32": export_onnx(args.run, Path(tmp) / "float32.onnx"),
             "float32+bn": export_onnx(args.run, Path(tmp) / "bn.onnx", calibration=training, recalibrate_bn=True),
             "int8+bn": export_onnx(args.run, Path(tmp) / "int8.onnx", calibration=training, recalibrate_bn=True, int8=True),
         }
-        baseline = _as_onnx(args.baseline, Path(tmp)) if args.baseline else None
-        base_rate = 256 / classifier_rate(load_classifier(baseline), 256) if baseline else None
+        baseline = load_classifier(_as_onnx(args.baseline, Path(tmp))) if args.baseline else None
+        base_rate = 256 / classifier_rate(baseline, 256) if baseline else None
         print(f"{'variant':<18} {'val accuracy':>12} {'macro-F1':>9} {'faces/s':>9} {'ms/face':>8}"
               + (f" {'ratio':>6}" if baseline else ""))
         for precision, path in models.items():
@@ -54,7 +54,7 @@ def main() -> None:
                 print(f"{precision + ' ' + tta:<18} {report.accuracy:>12.4f} {report.macro_f1:>9.4f} "
                       f"{rate:>9,.0f} {one:>8.2f}{ratio}")
         if baseline:
-            print(f"baseline {load_classifier(baseline).name}: {base_rate:,.0f} faces/s (float32, one view)")
+            print(f"baseline {baseline.name}: {base_rate:,.0f} faces/s (float32, one view)")
 
 
 def _as_onnx(model: str, folder: Path) -> Path:

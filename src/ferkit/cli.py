@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from ferkit import __version__
-from ferkit.config import AUGMENTATIONS, CLASS_WEIGHTS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS
+from ferkit.config import AUGMENTATIONS, CLASS_WEIGHTS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, TrainConfig
 from ferkit.errors import FerkitError
 from ferkit.faces import DETECTORS
 from ferkit.runtime import TTA_CHOICES
@@ -142,8 +142,6 @@ def _output_shape(layer):
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder at --out.")
 def train_cmd(resume: Path | None, overwrite: bool, **flags):
     """Train a model and record everything in a run folder."""
-    from ferkit.config import TrainConfig
-
     flags = {k: v for k, v in flags.items() if v is not None}
     for key in ("classes", "augment"):
         if key in flags:
@@ -268,7 +266,7 @@ def _calibration_faces(model: str, calibration: str | None):
         config = Path(model) / "config.json"
         if not config.is_file():
             raise FerkitError("--int8 and --recalibrate-bn need --calibration DATA (faces like those the model will see)")
-        calibration = json.loads(config.read_text()).get("data")
+        calibration = TrainConfig.load(config).data
         if not calibration or not Path(calibration).exists():
             raise FerkitError(f"the run's training data {calibration} is not here; pass --calibration DATA")
     return load_dataset(calibration)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ferkit.data.dataset import FaceDataset
 from ferkit.errors import FerkitError
-from ferkit.images import faces_to_batch
+from ferkit.images import faces_to_batch, to_model_input
 from ferkit.runtime import METADATA_NAME, KerasClassifier, OnnxClassifier, read_metadata, resolve_model_path
 
 TOLERANCE = 1e-4  # max abs difference allowed between Keras and ONNX probabilities
@@ -151,12 +151,12 @@ def _calibration_split(dataset: FaceDataset, size: tuple[int, int]) -> tuple[np.
 
 
 def _resized(faces: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(N, H, W) uint8 faces at the model's (height, width)."""
+    """(N, H, W) uint8 faces at the model's (height, width), resized as faces are at inference."""
     from PIL import Image
 
     if tuple(faces.shape[1:3]) == tuple(size):
         return faces
-    return np.stack([np.asarray(Image.fromarray(f).resize(size[::-1], Image.Resampling.BILINEAR)) for f in faces])
+    return np.stack([to_model_input(Image.fromarray(face), size) for face in faces])
 
 
 def top1_agreement(first, second, faces: np.ndarray) -> float:

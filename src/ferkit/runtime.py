@@ -12,8 +12,7 @@ import hashlib
 import json
 import os
 import zipfile
-import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -178,7 +177,7 @@ class Classifier:
         if tta not in TTA_CHOICES:
             raise FerkitError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_CHOICES)}")
         view = copy.copy(self)
-        view.metadata = dataclasses.replace(self.metadata, tta=tta)
+        view.metadata = replace(self.metadata, tta=tta)
         return view
 
     def predict_proba(self, faces: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
@@ -192,16 +191,14 @@ class Classifier:
             raise ValueError(f"expected faces of shape (N, {self.input_size[0]}, {self.input_size[1]}), got {faces.shape}")
         if len(faces) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
-        flip = self.tta == "flip"
-        step = max(1, batch_size // 2) if flip else batch_size
+        views = 2 if self.tta == "flip" else 1
+        step = max(1, batch_size // views)
         outputs = []
         for i in range(0, len(faces), step):
             chunk = faces[i : i + step]
-            if flip:
-                both = self._run(faces_to_batch(np.concatenate([chunk, chunk[:, :, ::-1]]), self.metadata.channels))
-                outputs.append((both[: len(chunk)] + both[len(chunk) :]) / 2)
-            else:
-                outputs.append(self._run(faces_to_batch(chunk, self.metadata.channels)))
+            batch = np.concatenate([chunk, chunk[:, :, ::-1]]) if views == 2 else chunk
+            probabilities = self._run(faces_to_batch(batch, self.metadata.channels))
+            outputs.append(probabilities.reshape(views, len(chunk), -1).mean(axis=0))
         return np.concatenate(outputs).astype(np.float32)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:

@@ -126,8 +126,9 @@ def recalibrate_batch_norm(model, batches) -> int:
     as at inference; frozen layers (a frozen pretrained backbone) keep their statistics.
     """
     keras = import_keras()
-    layers = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
-    dropouts = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.Dropout)]
+    everything = _all_layers(model)
+    layers = [layer for layer in everything if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    dropouts = [layer for layer in everything if isinstance(layer, keras.layers.Dropout)]
     momenta, rates = [layer.momentum for layer in layers], [layer.rate for layer in dropouts]
     try:
         for layer in dropouts:
