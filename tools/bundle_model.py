@@ -1,13 +1,17 @@
-"""Make a run's best model the one bundled with ferkit: export it to ONNX under src/ferkit/weights/
-and record its SHA-256, the run's config and its validation score in manifest.json.
+"""Make a run's best model (or the ensemble of several runs' best models) the one bundled with ferkit:
+export it to ONNX under src/ferkit/weights/ and record its SHA-256, each run's config and the validation
+score in manifest.json.
 
     python tools/bundle_model.py runs/ferkit-net-s-v1 --val ../shared/data/fer2013/val \
         --recalibrate-bn --int8 --tta flip
+    python tools/bundle_model.py runs/a runs/b --name ab --val ... # the mean of both models' probabilities
 
 With --val, the exported ONNX model itself is scored there, as shipped and with a single view; the
 scores are recorded and printed as a table for the model card (--report DIR keeps the evaluation's
 files). Training-time scores differ: mixed-precision validation, batch-norm statistics from training.
---recalibrate-bn and --int8 calibrate on the run's training data (its config.json names it).
+--recalibrate-bn and --int8 calibrate on the (first) run's training data (its config.json names it).
+The Keras file shipped beside the ONNX one, what `ferkit train --init default` starts from, is the best
+single run's model.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 from ferkit.data import load_dataset
+from ferkit.ensemble import ensemble_models
 from ferkit.export import export_onnx
 from ferkit.runs import RunState
 from ferkit.runtime import TTA_CHOICES, read_metadata, sha256_of
@@ -27,8 +33,8 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "ferkit" / "weights"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path)
-    parser.add_argument("--name", help="file name without .onnx (default: the run folder's name)")
+    parser.add_argument("runs", type=Path, nargs="+", help="a run folder, or several to bundle their ensemble")
+    parser.add_argument("--name", help="file name without .onnx (default: the run folder's name; needed for several)")
     parser.add_argument("--val", help="validation data to score the exported model on")
     parser.add_argument("--recalibrate-bn", action="store_true",
                         help="re-measure batch-norm statistics on the run's un-augmented training data")
@@ -36,37 +42,48 @@ def main() -> None:
     parser.add_argument("--tta", choices=TTA_CHOICES, default="none", help="the test-time augmentation to ship with")
     parser.add_argument("--report", type=Path, help="with --val: write the evaluation's files (JSON, CSV, PNG, HTML) here")
     args = parser.parse_args()
-    config = json.loads((args.run / "config.json").read_text())
-    calibration = load_dataset(config["data"]) if args.int8 or args.recalibrate_bn else None
-    name = args.name or args.run.name
+    if len(args.runs) > 1 and not args.name:
+        parser.error("--name is needed to bundle several runs")
+    members = [_member(run) for run in args.runs]
+    calibration = load_dataset(members[0]["config"]["data"]) if args.int8 or args.recalibrate_bn else None
+    name = args.name or args.runs[0].name
     target = WEIGHTS / f"{name}.onnx"
     staged = WEIGHTS / f".{name}.staged.onnx"  # the bundled files are replaced only once the export succeeded
-    export_onnx(args.run, staged, overwrite=True, calibration=calibration, int8=args.int8,
-                recalibrate_bn=args.recalibrate_bn, tta=args.tta)
+    with tempfile.TemporaryDirectory() as scratch:
+        source = args.runs[0] if len(args.runs) == 1 else ensemble_models(args.runs, Path(scratch) / f"{name}.keras")
+        export_onnx(source, staged, overwrite=True, calibration=calibration, int8=args.int8,
+                    recalibrate_bn=args.recalibrate_bn, tta=args.tta)
     for old in [*WEIGHTS.glob("*.onnx"), *WEIGHTS.glob("*.keras")]:
         if old != staged:
             old.unlink()
     staged.rename(target)
-    shutil.copy(args.run / "best.keras", target.with_suffix(".keras"))  # what `train --init default` starts from
-    state, meta = RunState.load(args.run), read_metadata(target)
+    best = max(members, key=lambda member: member["val_accuracy_during_training"])
+    shutil.copy(Path(best["path"]) / "best.keras", target.with_suffix(".keras"))  # what `train --init default` starts from
+    meta = read_metadata(target)
     manifest = {
         "file": target.name,
         "sha256": sha256_of(target),
         "keras_file": target.with_suffix(".keras").name,
+        "keras_file_run": best["run"],
         "model": meta.model,
         "classes": meta.classes,
-        "run": args.run.name,
         "tta": meta.tta,
         "batch_norm_recalibrated": meta.extra.get("batch_norm_recalibrated"),
         "int8": meta.extra.get("int8"),
-        "epochs": state.epochs_done,
-        "best_epoch": state.best_epoch,
-        "val_accuracy_during_training": round(state.best_val_accuracy, 4),
+        "val_accuracy_during_training": best["val_accuracy_during_training"],  # the best single run's
         **(_score(target, args.val, args.report) if args.val else {}),
-        "config": config,
+        "members": [{key: value for key, value in member.items() if key != "path"} for member in members],
     }
     (WEIGHTS / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"bundled {target} ({target.stat().st_size / 1e6:.1f} MB), sha256 {manifest['sha256'][:16]}...")
+
+
+def _member(run: Path) -> dict:
+    """What the manifest records of one run: its name, length, best epoch and score, and its config."""
+    state = RunState.load(run)
+    return {"run": run.name, "path": str(run), "epochs": state.epochs_done, "best_epoch": state.best_epoch,
+            "val_accuracy_during_training": round(state.best_val_accuracy, 4),
+            "config": json.loads((run / "config.json").read_text())}
 
 
 def _score(model: Path, val: str, report_folder: Path | None) -> dict:

@@ -272,6 +272,22 @@ def _calibration_faces(model: str, calibration: str | None):
     return load_dataset(calibration)
 
 
+# --- ensemble -----------------------------------------------------------------------------------
+
+
+@cli.command("ensemble")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The ensemble's .keras file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+def ensemble_cmd(models: tuple[str, ...], out: Path, overwrite: bool):
+    """Average the probabilities of MODELS (run folders or .keras files) in one model, saved to --out;
+    evaluate it, export it (--calibration DATA for --int8) or predict with it like any model."""
+    from ferkit.ensemble import ensemble_models
+
+    path = ensemble_models(list(models), out, overwrite=overwrite)
+    click.echo(f"wrote {path}: the mean of {len(models)} models' probabilities")
+
+
 # --- predict ------------------------------------------------------------------------------------
 
 
