@@ -3,8 +3,9 @@ model's accuracy and speed.
 
     python benchmarks/inference_variants.py training/ferkit-net-s-v1 --val ../shared/data/fer2013/val \
         --baseline runs/study/seed-cnn
+    python benchmarks/inference_variants.py training/ferkit-net-s-v1 training/ferkit-net-s-v2 --val ...
 
-Exports RUN to ONNX as float32, as float32 with batch-norm statistics re-measured on the run's
+Exports RUN (or the ensemble of several runs, `ferkit ensemble`) to ONNX as float32, as float32 with batch-norm statistics re-measured on the run's
 un-augmented training data, and as that quantized to int8 (calibrated on the same data); scores each
 with one view and with flip averaging on --val, and times each on this machine (batch of 256 and one face). The
 baseline (a run or model, e.g. the study's seed-cnn) is timed in the same run, one view, for ratios.
@@ -20,6 +21,7 @@ from predict_speed import classifier_rate
 
 from ferkit.config import TrainConfig
 from ferkit.data import load_dataset
+from ferkit.ensemble import ensemble_models
 from ferkit.evaluate import evaluate
 from ferkit.export import export_onnx
 from ferkit.runtime import load_classifier
@@ -27,18 +29,20 @@ from ferkit.runtime import load_classifier
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path, help="a run folder (its config.json names the training data)")
+    parser.add_argument("runs", type=Path, nargs="+",
+                        help="a run folder (its config.json names the training data), or several: their ensemble")
     parser.add_argument("--val", required=True, help="labelled faces to score on")
     parser.add_argument("--baseline", help="a run or model timed the same way (float32 ONNX), for ratios")
     args = parser.parse_args()
 
     val = load_dataset(args.val)
-    training = load_dataset(TrainConfig.load(args.run / "config.json").data)
+    training = load_dataset(TrainConfig.load(args.runs[0] / "config.json").data)
     with tempfile.TemporaryDirectory() as tmp:
+        model = args.runs[0] if len(args.runs) == 1 else ensemble_models(args.runs, Path(tmp) / "ensemble.keras")
         models = {
-            "float32": export_onnx(args.run, Path(tmp) / "float32.onnx"),
-            "float32+bn": export_onnx(args.run, Path(tmp) / "bn.onnx", calibration=training, recalibrate_bn=True),
-            "int8+bn": export_onnx(args.run, Path(tmp) / "int8.onnx", calibration=training, recalibrate_bn=True, int8=True),
+            "float32": export_onnx(model, Path(tmp) / "float32.onnx"),
+            "float32+bn": export_onnx(model, Path(tmp) / "bn.onnx", calibration=training, recalibrate_bn=True),
+            "int8+bn": export_onnx(model, Path(tmp) / "int8.onnx", calibration=training, recalibrate_bn=True, int8=True),
         }
         baseline = load_classifier(_as_onnx(args.baseline, Path(tmp))) if args.baseline else None
         base_rate = 256 / classifier_rate(baseline, 256) if baseline else None
