@@ -8,7 +8,8 @@ model's accuracy and speed.
 Exports RUN (or the ensemble of several runs, as `ferkit ensemble` makes it) to ONNX as float32, as
 float32 with batch-norm statistics re-measured on the (first) run's un-augmented training data, and as
 that quantized to int8 (calibrated on the same data); scores each with one view and with flip averaging
-on --val, and times each on this machine (batch of 256 and one face). The baseline (a run or model, e.g. the study's seed-cnn) is timed in the same run, one view, for ratios.
+on --val, and times each on this machine (batch of 256 and one face). The baseline (a run or model,
+e.g. the study's seed-cnn) is timed in the same run, one view, for ratios.
 """
 
 from __future__ import annotations
