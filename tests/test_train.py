@@ -133,8 +133,53 @@ def test_plateau_halves_the_rate_when_val_accuracy_stalls(pattern_data, tmp_path
 
 
 @pytest.mark.parametrize(
-    "bad", [{"optimizer": "rmsprop"}, {"lr_schedule": "step"}, {"class_weight": "inverse"}, {"label_smoothing": 1.5}]
+    "bad",
+    [{"optimizer": "rmsprop"}, {"lr_schedule": "step"}, {"class_weight": "inverse"}, {"label_smoothing": 1.5}, {"distill": 0}],
 )
 def test_bad_options_are_refused(bad):
     with pytest.raises(FerkitError):
         TrainConfig(**bad)
+
+
+def test_a_student_learns_from_its_teacher_rather_than_wrong_labels(pattern_data, trained_run, tmp_path):
+    # Every training face filed under the next class's name: alone, the labels teach the wrong classes.
+    import shutil
+
+    from ferkit.labels import EMOTIONS
+
+    mislabelled = tmp_path / "mislabelled"
+    for i, name in enumerate(EMOTIONS):
+        shutil.copytree(pattern_data / "train" / name, mislabelled / EMOTIONS[(i + 1) % len(EMOTIONS)])
+    common = dict(data=str(mislabelled), val=str(pattern_data / "val"), epochs=8)
+    alone = train(TrainConfig(out=str(tmp_path / "alone"), **common), verbose=0)
+    student = train(TrainConfig(out=str(tmp_path / "student"), teacher=str(trained_run), distill=1.0, **common), verbose=0)
+    val = load_dataset(pattern_data / "val")
+    assert evaluate(alone, val).accuracy < 0.3
+    assert evaluate(student, val).accuracy > 0.6
+    recorded = json.loads((student / "config.json").read_text())
+    assert recorded["teacher"] == str(trained_run) and recorded["distill"] == 1.0
+
+
+def test_distillation_mixes_the_teacher_with_the_true_label(pattern_data, trained_run):
+    from ferkit.train import _targets, teacher_probabilities
+
+    train_set = load_dataset(pattern_data / "train")
+    teacher = teacher_probabilities(str(trained_run), train_set)
+    assert teacher.shape == (len(train_set), 7) and np.allclose(teacher.sum(axis=1), 1, atol=1e-5)
+    config = TrainConfig(teacher=str(trained_run), distill=0.25)
+    targets = _targets(train_set.labels, 7, config, teacher)
+    one_hot = np.eye(7)[train_set.labels]
+    assert np.allclose(targets, 0.75 * one_hot + 0.25 * teacher, atol=1e-6)
+
+
+def test_a_teacher_with_other_classes_is_refused(pattern_data, trained_run, tmp_path):
+    data = tmp_path / "three"
+    import shutil
+
+    for name in ("happy", "sad", "surprise"):
+        shutil.copytree(pattern_data / "train" / name, data / name)
+    config = TrainConfig(data=str(data), val_split=0.2, classes=["happy", "sad", "surprise"], epochs=1,
+                         out=str(tmp_path / "out"), teacher=str(trained_run))
+    with pytest.raises(FerkitError, match="the teacher"):
+        train(config, verbose=0)
+    assert not (tmp_path / "out").exists()

@@ -136,6 +136,8 @@ def _output_shape(layer):
               help="Frozen backbones without augmentation: compute features once (default on).")
 @click.option("--fine-tune", type=int, help="After --epochs, unfreeze the backbone's top N layers ...")
 @click.option("--fine-tune-epochs", type=int, help="... and train this many more epochs at a tenth of --lr.")
+@click.option("--teacher", help="Distil from a trained model (run folder or model file): its probabilities become targets ...")
+@click.option("--distill", type=float, help="... with this share of each target, the true label the rest (default 0.5).")
 @click.option("--seed", type=int, help="Random seed (default 0).")
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder (default runs/train).")
 @click.option("--resume", type=click.Path(path_type=Path), help="Continue the run in this folder where it stopped.")

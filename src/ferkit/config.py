@@ -43,6 +43,8 @@ class TrainConfig:
     cache_features: bool = True  # frozen backbone, no augmentation: compute its features once, train the head
     fine_tune: int = 0  # then unfreeze the backbone's top N layers ...
     fine_tune_epochs: int = 0  # ... and train this many more epochs at a tenth of the learning rate
+    teacher: str | None = None  # distil from a trained model (run folder or model file): its probabilities ...
+    distill: float = 0.5  # ... make up this share of each training target, the true label the rest
 
     def __post_init__(self):
         unknown = sorted(set(self.augment) - set(AUGMENTATIONS))
@@ -64,6 +66,8 @@ class TrainConfig:
             raise FerkitError("--fine-tune N needs --fine-tune-epochs E (both positive)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise FerkitError("label smoothing must lie in [0, 1)")
+        if not 0.0 < self.distill <= 1.0:
+            raise FerkitError("--distill must lie in (0, 1]")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")

@@ -41,6 +41,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     train_set, val_set = load_train_val(config, spec.input_size, progress=verbose > 0)
     config.classes = list(train_set.classes)
     num_classes = len(train_set.classes)
+    teacher = teacher_probabilities(config.teacher, train_set) if config.teacher else None
     total = config.epochs + config.fine_tune_epochs if config.fine_tune else config.epochs
     state = RunState.load(run) if resume else RunState()
     if state.epochs_done >= total:
@@ -80,7 +81,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             )
         fit = dict(
             x=faces_to_batch(train_set.images, spec.channels),
-            y=_targets(train_set.labels, num_classes, config),
+            y=_targets(train_set.labels, num_classes, config, teacher),
             validation_data=(faces_to_batch(val_set.images, spec.channels), _targets(val_set.labels, num_classes, config)),
             batch_size=config.batch_size,
             shuffle=True,
@@ -244,7 +245,7 @@ def _build_training_model(keras, config: TrainConfig, num_classes: int, train_si
 
 
 def _compile(keras, model, config: TrainConfig, train_size: int, learning_rate: float) -> None:
-    if config.label_smoothing:
+    if config.label_smoothing or config.teacher:
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
     else:
         loss = keras.losses.SparseCategoricalCrossentropy()
@@ -341,9 +342,37 @@ def _class_weights(config: TrainConfig, labels: np.ndarray, num_classes: int) ->
     return {i: float(w) for i, w in enumerate(weights)}
 
 
-def _targets(labels: np.ndarray, num_classes: int, config: TrainConfig) -> np.ndarray:
-    """Class indices, or one-hot rows when label smoothing needs them."""
-    return np.eye(num_classes, dtype=np.float32)[labels] if config.label_smoothing else labels
+def teacher_probabilities(teacher: str, train_set: FaceDataset) -> np.ndarray:
+    """The teacher model's class probabilities for every training face, averaged over the face and its
+    mirror image: the soft targets of distillation.
+
+    They are computed once, on the un-augmented faces, and serve for every augmented view of a face:
+    the augmentations are mild enough (small shifts, zoom, rotation, erased patches) that the teacher's
+    opinion of the face carries over, and training costs nothing more per step.
+    """
+    from ferkit.runtime import load_classifier
+
+    classifier = load_classifier(teacher).with_tta("flip")
+    if classifier.classes != train_set.classes:
+        raise FerkitError(
+            f"the teacher {teacher} knows the classes {', '.join(classifier.classes)}, "
+            f"the training data {', '.join(train_set.classes)}"
+        )
+    if classifier.input_size != train_set.image_size:
+        raise FerkitError(f"the teacher {teacher} takes {classifier.input_size} faces, the model {train_set.image_size}")
+    log.info("distilling from %s: its probabilities for %d training faces", teacher, len(train_set))
+    return classifier.predict_proba(train_set.images)
+
+
+def _targets(labels: np.ndarray, num_classes: int, config: TrainConfig, teacher: np.ndarray | None = None) -> np.ndarray:
+    """Class indices; one-hot rows when label smoothing or distillation needs them; with a teacher,
+    each row mixes its probabilities (share `config.distill`) with the true label."""
+    if not (config.label_smoothing or config.teacher):
+        return labels
+    one_hot = np.eye(num_classes, dtype=np.float32)[labels]
+    if teacher is None:
+        return one_hot
+    return ((1.0 - config.distill) * one_hot + config.distill * teacher).astype(np.float32)
 
 
 class _sigterm_as_interrupt:
