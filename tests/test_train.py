@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from ferkit.config import TrainConfig
 from ferkit.data import load_dataset
 from ferkit.errors import FerkitError
 from ferkit.evaluate import evaluate
+from ferkit.labels import EMOTIONS
 from ferkit.runtime import read_metadata
 from ferkit.runs import RUN_FILES, RunState, read_history
 from ferkit.train import train
@@ -143,10 +145,6 @@ def test_bad_options_are_refused(bad):
 
 def test_a_student_learns_from_its_teacher_rather_than_wrong_labels(pattern_data, trained_run, tmp_path):
     # Every training face filed under the next class's name: alone, the labels teach the wrong classes.
-    import shutil
-
-    from ferkit.labels import EMOTIONS
-
     mislabelled = tmp_path / "mislabelled"
     for i, name in enumerate(EMOTIONS):
         shutil.copytree(pattern_data / "train" / name, mislabelled / EMOTIONS[(i + 1) % len(EMOTIONS)])
@@ -174,8 +172,6 @@ def test_distillation_mixes_the_teacher_with_the_true_label(pattern_data, traine
 
 def test_a_teacher_with_other_classes_is_refused(pattern_data, trained_run, tmp_path):
     data = tmp_path / "three"
-    import shutil
-
     for name in ("happy", "sad", "surprise"):
         shutil.copytree(pattern_data / "train" / name, data / name)
     config = TrainConfig(data=str(data), val_split=0.2, classes=["happy", "sad", "surprise"], epochs=1,

@@ -41,12 +41,12 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     train_set, val_set = load_train_val(config, spec.input_size, progress=verbose > 0)
     config.classes = list(train_set.classes)
     num_classes = len(train_set.classes)
-    teacher = teacher_probabilities(config.teacher, train_set) if config.teacher else None
     total = config.epochs + config.fine_tune_epochs if config.fine_tune else config.epochs
     state = RunState.load(run) if resume else RunState()
     if state.epochs_done >= total:
         log.warning("%s already has %d epochs; pass a larger --epochs to train on", run, state.epochs_done)
         return run
+    teacher = teacher_probabilities(config.teacher, train_set) if config.teacher else None
 
     keras = import_keras()
     from ferkit.callbacks import RunRecorder
@@ -245,7 +245,7 @@ def _build_training_model(keras, config: TrainConfig, num_classes: int, train_si
 
 
 def _compile(keras, model, config: TrainConfig, train_size: int, learning_rate: float) -> None:
-    if config.label_smoothing or config.teacher:
+    if _needs_one_hot(config):
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
     else:
         loss = keras.losses.SparseCategoricalCrossentropy()
@@ -364,10 +364,15 @@ def teacher_probabilities(teacher: str, train_set: FaceDataset) -> np.ndarray:
     return classifier.predict_proba(train_set.images)
 
 
+def _needs_one_hot(config: TrainConfig) -> bool:
+    """Label smoothing and distillation train on probability rows, not class indices."""
+    return bool(config.label_smoothing or config.teacher)
+
+
 def _targets(labels: np.ndarray, num_classes: int, config: TrainConfig, teacher: np.ndarray | None = None) -> np.ndarray:
     """Class indices; one-hot rows when label smoothing or distillation needs them; with a teacher,
     each row mixes its probabilities (share `config.distill`) with the true label."""
-    if not (config.label_smoothing or config.teacher):
+    if not _needs_one_hot(config):
         return labels
     one_hot = np.eye(num_classes, dtype=np.float32)[labels]
     if teacher is None:
