@@ -1,0 +1,55 @@
+"""tools/gpu/train.sh, the script a lent GPU machine runs, on this machine's backend and generated faces."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pack_devdata(folder: Path, pattern_data: Path) -> None:
+    (folder / ".devdata").mkdir()
+    with tarfile.open(folder / ".devdata" / "fer2013.tar.xz", "w:xz") as archive:
+        archive.add(pattern_data / "train", "fer2013/train")
+        archive.add(pattern_data / "val", "fer2013/val")
+
+
+@pytest.mark.slow
+def test_gpu_train_script_stops_each_run_on_time_and_brings_back_its_folder(pattern_data, tmp_path):
+    _pack_devdata(tmp_path, pattern_data)
+    (tmp_path / "runs.txt").write_text(
+        "# name  flags\n"
+        "short --model seed-cnn --epochs 2\n"
+        "long  --model seed-cnn --epochs 100000 --seed 3\n"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "KERAS_BACKEND": "tensorflow",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    finished = subprocess.run(["bash", str(REPO / "tools" / "gpu" / "train.sh"), "0.4", "runs.txt"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["long.tar.gz", "short.tar.gz"]
+
+    back = tmp_path / "back"
+    for name in ("short", "long"):
+        with tarfile.open(out / f"{name}.tar.gz") as archive:
+            archive.extractall(back, filter="data")
+        files = {p.name for p in (back / name).iterdir()}
+        assert {"best.keras", "config.json", "history.csv", "state.json", "train.log"} <= files
+        assert not {"last.keras", "checkpoint.keras"} & files
+        assert json.loads((back / name / "config.json").read_text())["model"] == "seed-cnn"
+
+    assert len(list(csv.DictReader(open(back / "short" / "history.csv")))) == 2
+    # the long run was stopped by the time limit, cleanly: some epochs recorded, resumable state
+    long_epochs = len(list(csv.DictReader(open(back / "long" / "history.csv"))))
+    assert 0 < long_epochs < 100000
+    assert json.loads((back / "long" / "state.json").read_text())["epochs_done"] == long_epochs
