@@ -34,7 +34,7 @@ def test_gpu_train_script_stops_each_run_on_time_and_brings_back_its_folder(patt
     out.mkdir()
     env = {**os.environ, "OUT": str(out), "KERAS_BACKEND": "tensorflow",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    finished = subprocess.run(["bash", str(REPO / "tools" / "gpu" / "train.sh"), "0.4", "runs.txt"],
+    finished = subprocess.run(["bash", str(REPO / "tools" / "gpu" / "train.sh"), "0.6", "runs.txt"],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["long.tar.gz", "short.tar.gz"]
