@@ -15,13 +15,14 @@ runs=$work/runs; data=$work/data
 mkdir -p "$runs" "$data"
 
 export KERAS_BACKEND=${KERAS_BACKEND:-jax} XLA_PYTHON_CLIENT_PREALLOCATE=false  # another backend: for tests here
-if ! python3 -c "import keras" 2>/dev/null; then
+keras_says="import keras; print('keras', keras.__version__, keras.backend.backend())"
+if ! python3 -c "$keras_says" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
+  python3 -c "$keras_says" || exit 1
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" .devdata/fer2013.tar.xz "$data" || exit 1
-python3 -c "import keras; print('keras', keras.__version__, keras.backend.backend())"
 [[ $KERAS_BACKEND == jax ]] && python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 
