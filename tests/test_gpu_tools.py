@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -11,6 +10,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
+from ferkit.runs import RunState, read_history
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,8 +49,8 @@ def test_gpu_train_script_stops_each_run_on_time_and_brings_back_its_folder(patt
         assert not {"last.keras", "checkpoint.keras"} & files
         assert json.loads((back / name / "config.json").read_text())["model"] == "seed-cnn"
 
-    assert len(list(csv.DictReader(open(back / "short" / "history.csv")))) == 1
+    assert len(read_history(back / "short" / "history.csv")["epoch"]) == 1
     # the long run was stopped by the time limit, cleanly: some epochs recorded, resumable state
-    long_epochs = len(list(csv.DictReader(open(back / "long" / "history.csv"))))
+    long_epochs = len(read_history(back / "long" / "history.csv")["epoch"])
     assert 0 < long_epochs < 100000
-    assert json.loads((back / "long" / "state.json").read_text())["epochs_done"] == long_epochs
+    assert RunState.load(back / "long").epochs_done == long_epochs
