@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,16 @@ def _pack_devdata(folder: Path, pattern_data: Path) -> None:
         archive.add(pattern_data / "val", "fer2013/val")
 
 
+def _first_snapshot_while_running(script: subprocess.Popen, archive: Path, keep: Path) -> Path | None:
+    while script.poll() is None:
+        if archive.exists():
+            shutil.copy(archive, keep)  # may race with the next snapshot's rename: then try again
+            if tarfile.is_tarfile(keep):
+                return keep
+        time.sleep(0.5)
+    return None
+
+
 @pytest.mark.slow
 def test_gpu_train_script_stops_each_run_on_time_and_brings_back_its_folder(pattern_data, tmp_path):
     _pack_devdata(tmp_path, pattern_data)
@@ -33,12 +45,19 @@ def test_gpu_train_script_stops_each_run_on_time_and_brings_back_its_folder(patt
     )
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "OUT": str(out), "KERAS_BACKEND": "tensorflow",
+    env = {**os.environ, "OUT": str(out), "KERAS_BACKEND": "tensorflow", "SNAPSHOT_S": "5",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    finished = subprocess.run(["bash", str(REPO / "tools" / "gpu" / "train.sh"), "1", "runs.txt"],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr[-2000:]
+    script = subprocess.Popen(["bash", str(REPO / "tools" / "gpu" / "train.sh"), "1", "runs.txt"], cwd=tmp_path,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    snapshot = _first_snapshot_while_running(script, out / "long.tar.gz", tmp_path / "snapshot.tar.gz")
+    _, stderr = script.communicate(timeout=300)
+    assert script.returncode == 0, stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["long.tar.gz", "short.tar.gz"]
+
+    # a call cut short still brings back the run as it stood at the last snapshot
+    assert snapshot is not None, "no snapshot of the long run appeared while it trained"
+    with tarfile.open(snapshot) as archive:
+        assert "long/config.json" in archive.getnames()
 
     back = tmp_path / "back"
     for name in ("short", "long"):

@@ -318,7 +318,14 @@ def _augmentation_layers(keras, config: TrainConfig) -> list:
         "erase": lambda: layers.RandomErasing(factor=0.5, scale=(0.02, 0.2), value_range=(0, 255), seed=seed + 5),
     }
     # a fixed order, whatever order the user listed them in
-    return [make() for name, make in chosen.items() if name in config.augment]
+    augmenters = [make() for name, make in chosen.items() if name in config.augment]
+    if keras.backend.backend() == "jax":
+        # Keras marks the affine layers (shift, rotate, zoom) as not XLA-compilable, which is true of
+        # TensorFlow's kernel only; under JAX that flag made the whole train step run op by op (0.7 s
+        # per step on an H100 instead of milliseconds).
+        for layer in augmenters:
+            layer.supports_jit = True
+    return augmenters
 
 
 def _optimizer(keras, config: TrainConfig, steps_per_epoch: int, learning_rate: float):
