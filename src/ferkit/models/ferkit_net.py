@@ -58,8 +58,7 @@ def ferkit_net_s(*, num_classes: int = 7, input_shape=(48, 48, 1)):
 
 @register_model("ferkit-net-m", input_size=(48, 48), channels=1)
 def ferkit_net_m(*, num_classes: int = 7, input_shape=(48, 48, 1)):
-    """ferkit-net at three quarters of the width (48-96-192-384, 2.7M parameters): one network with about
-    the multiply-adds of two ferkit-net-s, the bundled pair's budget."""
+    """ferkit-net at 3/4 width (48-96-192-384, 2.7M parameters): the cost of two ferkit-net-s."""
     return build_vgg_bn(
         num_classes=num_classes, input_shape=input_shape, widths=(48, 96, 192, 384),
         convs_per_stage=(1, 2, 2, 2), name="ferkit_net_m",
