@@ -54,6 +54,7 @@ while read -r name flags; do
     --val "$data/fer2013/val" --out "$runs/$name" $flags >"$runs/$name.log" 2>&1 &
   pids+=($!)
 done <"$runs_file"
+(( ${#names[@]} )) || { echo "error: no runs in $runs_file" >&2; exit 2; }
 ( while sleep "${SNAPSHOT_S:-60}"; do for name in "${names[@]}"; do pack_run "$name"; done; done ) &
 snapshots=$!
 wait "${pids[@]}"
