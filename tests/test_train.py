@@ -136,11 +136,41 @@ def test_plateau_halves_the_rate_when_val_accuracy_stalls(pattern_data, tmp_path
 
 @pytest.mark.parametrize(
     "bad",
-    [{"optimizer": "rmsprop"}, {"lr_schedule": "step"}, {"class_weight": "inverse"}, {"label_smoothing": 1.5}, {"distill": 0}],
+    [{"optimizer": "rmsprop"}, {"lr_schedule": "step"}, {"class_weight": "inverse"}, {"label_smoothing": 1.5}, {"distill": 0}, {"mixup": -0.2}],
 )
 def test_bad_options_are_refused(bad):
     with pytest.raises(FerkitError):
         TrainConfig(**bad)
+
+
+def test_mixup_blends_two_faces_and_their_targets_alike():
+    from ferkit.train import mixup_batches
+
+    # Face i is the unit vector e_i, so a blended face shows which faces it mixes and in what shares:
+    # its target must be the same blend of their targets (x @ targets), its weight of their weights.
+    n, classes = 50, 7
+    labels = np.arange(n) % classes
+    targets = np.eye(classes, dtype=np.float32)[labels] * 0.9 + 0.1 / classes
+    class_weight = {c: 1.0 + c for c in range(classes)}
+    batches = mixup_batches(np.eye(n, dtype=np.float32), targets, 16, alpha=0.4, class_weight=class_weight, seed=3)
+    assert len(batches) == 4
+    for epoch in range(2):
+        seen = np.zeros(n)
+        for index in range(len(batches)):
+            x, y, weight = batches[index]
+            assert np.allclose(x.sum(axis=1), 1) and (x >= 0).all() and ((x > 0).sum(axis=1) <= 2).all()
+            assert np.allclose(y, x @ targets, atol=1e-6)
+            assert np.allclose(weight, x @ (1.0 + labels), atol=1e-5)
+            seen += (x > 0).sum(axis=0)
+        assert (seen > 0).all()  # every face takes part in every epoch
+        assert not np.allclose(x, np.round(x))  # faces are blended, not just copied
+        batches.on_epoch_end()
+
+
+def test_training_with_mixup_learns_the_generated_classes(pattern_data, tmp_path):
+    run = train(_config(pattern_data, tmp_path / "mixup", epochs=8, mixup=0.2, class_weight="sqrt"), verbose=0)
+    assert RunState.load(run).best_val_accuracy > 0.6  # chance is 1/7
+    assert json.loads((run / "config.json").read_text())["mixup"] == 0.2
 
 
 def test_a_student_learns_from_its_teacher_rather_than_wrong_labels(pattern_data, trained_run, tmp_path):

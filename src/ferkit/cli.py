@@ -127,6 +127,8 @@ def _output_shape(layer):
 @click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), help="constant (default), plateau or cosine.")
 @click.option("--lr-patience", type=int, help="Epochs without a val gain before plateau halves the rate (default 5).")
 @click.option("--label-smoothing", type=float, help="Label smoothing (default 0).")
+@click.option("--mixup", type=float,
+              help="Mixup alpha, e.g. 0.2: train on blends of two faces and their labels (default 0, off).")
 @click.option("--class-weight", type=click.Choice(CLASS_WEIGHTS), help="Loss weights per class: none (default), balanced, sqrt.")
 @click.option("--augment", help=f"Comma-separated augmentations: {', '.join(AUGMENTATIONS)}.")
 @click.option("--precision", type=click.Choice(PRECISIONS), help="float32 (default) or mixed_bfloat16 (faster on CPUs with bf16).")

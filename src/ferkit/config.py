@@ -30,6 +30,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant; plateau: halve after lr_patience epochs without a val gain; cosine
     lr_patience: int = 5
     label_smoothing: float = 0.0
+    mixup: float = 0.0  # mixup's alpha: train on blends of two faces and of their targets; 0 is off
     class_weight: str = "none"  # none; balanced: n / (classes * count); sqrt: its square root (milder)
     augment: list[str] = field(default_factory=list)  # any of AUGMENTATIONS, applied on the fly
     zoom: float = 0.2  # +-fraction for "zoom", as in the study
@@ -66,6 +67,8 @@ class TrainConfig:
             raise FerkitError("--fine-tune N needs --fine-tune-epochs E (both positive)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise FerkitError("label smoothing must lie in [0, 1)")
+        if self.mixup < 0:
+            raise FerkitError("--mixup (the Beta distribution's alpha) must be 0 (off) or positive")
         if not 0.0 < self.distill <= 1.0:
             raise FerkitError("--distill must lie in (0, 1]")
 

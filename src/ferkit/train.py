@@ -79,14 +79,19 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             callbacks.append(
                 keras.callbacks.ReduceLROnPlateau("val_accuracy", mode="max", factor=0.5, patience=config.lr_patience)
             )
+        train_x = faces_to_batch(train_set.images, spec.channels)
+        train_y = _targets(train_set.labels, num_classes, config, teacher)
+        class_weight = _class_weights(config, train_set.labels, num_classes)
+        if config.mixup:
+            batches = mixup_batches(train_x, train_y, config.batch_size, alpha=config.mixup,
+                                   class_weight=class_weight, seed=config.seed + state.epochs_done)
+            data = dict(x=batches)
+        else:
+            data = dict(x=train_x, y=train_y, batch_size=config.batch_size, shuffle=True, class_weight=class_weight)
         fit = dict(
-            x=faces_to_batch(train_set.images, spec.channels),
-            y=_targets(train_set.labels, num_classes, config, teacher),
+            **data,
             validation_data=(faces_to_batch(val_set.images, spec.channels), _targets(val_set.labels, num_classes, config)),
-            batch_size=config.batch_size,
-            shuffle=True,
             callbacks=callbacks,
-            class_weight=_class_weights(config, train_set.labels, num_classes),
             verbose=verbose,
         )
         state.status = "running"
@@ -372,8 +377,8 @@ def teacher_probabilities(teacher: str, train_set: FaceDataset) -> np.ndarray:
 
 
 def _needs_one_hot(config: TrainConfig) -> bool:
-    """Label smoothing and distillation train on probability rows, not class indices."""
-    return bool(config.label_smoothing or config.teacher)
+    """Label smoothing, distillation and mixup train on probability rows, not class indices."""
+    return bool(config.label_smoothing or config.teacher or config.mixup)
 
 
 def _targets(labels: np.ndarray, num_classes: int, config: TrainConfig, teacher: np.ndarray | None = None) -> np.ndarray:
@@ -385,6 +390,57 @@ def _targets(labels: np.ndarray, num_classes: int, config: TrainConfig, teacher:
     if teacher is None:
         return one_hot
     return ((1.0 - config.distill) * one_hot + config.distill * teacher).astype(np.float32)
+
+
+def mixup_batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, alpha: float, class_weight=None, seed: int = 0):
+    """Training batches for mixup (Zhang et al. 2018), as a Keras PyDataset: each face blended with
+    another face of its batch, weight lam ~ Beta(alpha, alpha) per face, and its target row and sample
+    weight (its class weight) blended the same way. Reshuffled every epoch, reproducibly from `seed`."""
+    global _MixupBatches
+    if _MixupBatches is None:
+        _MixupBatches = _make_mixup_batches(import_keras())
+    return _MixupBatches(x, y, batch_size, alpha=alpha, class_weight=class_weight, seed=seed)
+
+
+_MixupBatches = None
+
+
+def _make_mixup_batches(keras):
+    class MixupBatches(keras.utils.PyDataset):
+        def __init__(self, x, y, batch_size, *, alpha, class_weight=None, seed=0):
+            super().__init__()
+            self.x, self.y, self.batch_size, self.alpha = x, y, batch_size, alpha
+            self.rng = np.random.default_rng(seed)
+            self.order = self.rng.permutation(len(x))
+            weights = np.ones(y.shape[1], np.float32)
+            for index, weight in (class_weight or {}).items():
+                weights[index] = weight
+            self.weights = weights if class_weight else None
+
+        def __len__(self):
+            return -(-len(self.x) // self.batch_size)
+
+        def __getitem__(self, index):
+            picked = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+            partner = picked[self.rng.permutation(len(picked))]
+            lam = self.rng.beta(self.alpha, self.alpha, size=len(picked)).astype(np.float32)
+            x = _blend(self.x[picked], self.x[partner], lam)
+            y = _blend(self.y[picked], self.y[partner], lam)
+            if self.weights is None:
+                return x, y
+            labels, partner_labels = self.y[picked].argmax(axis=1), self.y[partner].argmax(axis=1)
+            return x, y, lam * self.weights[labels] + (1 - lam) * self.weights[partner_labels]
+
+        def on_epoch_end(self):
+            self.order = self.rng.permutation(len(self.x))
+
+    return MixupBatches
+
+
+def _blend(a: np.ndarray, b: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """lam * a + (1 - lam) * b, one lam per row."""
+    lam = lam.reshape((-1,) + (1,) * (a.ndim - 1))
+    return (lam * a + (1 - lam) * b).astype(np.float32)
 
 
 class _sigterm_as_interrupt:
