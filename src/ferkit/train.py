@@ -97,7 +97,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         state.status = "running"
         state.save(run)
         with _sigterm_as_interrupt():
-            if state.epochs_done < config.epochs and spec.pretrained and config.cache_features and not config.augment:
+            if state.epochs_done < config.epochs and spec.pretrained and config.cache_features and not (config.augment or config.mixup):
                 _fit_head_on_features(keras, base_model, config, fit, epochs=config.epochs, initial_epoch=state.epochs_done)
             elif state.epochs_done < config.epochs:
                 training_model.fit(epochs=config.epochs, initial_epoch=state.epochs_done, **fit)
