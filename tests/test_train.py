@@ -151,8 +151,7 @@ def test_mixup_blends_two_faces_and_their_targets_alike():
     n, classes = 50, 7
     labels = np.arange(n) % classes
     targets = np.eye(classes, dtype=np.float32)[labels] * 0.9 + 0.1 / classes
-    class_weight = {c: 1.0 + c for c in range(classes)}
-    batches = mixup_batches(np.eye(n, dtype=np.float32), targets, 16, alpha=0.4, class_weight=class_weight, seed=3)
+    batches = mixup_batches(np.eye(n, dtype=np.float32), targets, 16, alpha=0.4, sample_weight=1.0 + labels, seed=3)
     assert len(batches) == 4
     for epoch in range(2):
         seen = np.zeros(n)

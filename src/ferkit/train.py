@@ -5,6 +5,7 @@ What the run folder holds is described in ferkit.runs; Keras is imported only wh
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -83,8 +84,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         train_y = _targets(train_set.labels, num_classes, config, teacher)
         class_weight = _class_weights(config, train_set.labels, num_classes)
         if config.mixup:
+            face_weight = None if class_weight is None else np.array([class_weight[c] for c in train_set.labels], np.float32)
             batches = mixup_batches(train_x, train_y, config.batch_size, alpha=config.mixup,
-                                   class_weight=class_weight, seed=config.seed + state.epochs_done)
+                                   sample_weight=face_weight, seed=config.seed + state.epochs_done)
             data = dict(x=batches)
         else:
             data = dict(x=train_x, y=train_y, batch_size=config.batch_size, shuffle=True, class_weight=class_weight)
@@ -392,30 +394,25 @@ def _targets(labels: np.ndarray, num_classes: int, config: TrainConfig, teacher:
     return ((1.0 - config.distill) * one_hot + config.distill * teacher).astype(np.float32)
 
 
-def mixup_batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, alpha: float, class_weight=None, seed: int = 0):
+def mixup_batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, alpha: float,
+                  sample_weight: np.ndarray | None = None, seed: int = 0):
     """Training batches for mixup (Zhang et al. 2018), as a Keras PyDataset: each face blended with
     another face of its batch, weight lam ~ Beta(alpha, alpha) per face, and its target row and sample
-    weight (its class weight) blended the same way. Reshuffled every epoch, reproducibly from `seed`."""
-    global _MixupBatches
-    if _MixupBatches is None:
-        _MixupBatches = _make_mixup_batches(import_keras())
-    return _MixupBatches(x, y, batch_size, alpha=alpha, class_weight=class_weight, seed=seed)
+    weight blended the same way. Reshuffled every epoch, reproducibly from `seed`."""
+    batches_class = _mixup_batches_class(import_keras())
+    return batches_class(x, y, batch_size, alpha=alpha, sample_weight=sample_weight, seed=seed)
 
 
-_MixupBatches = None
+@functools.cache
+def _mixup_batches_class(keras):
+    """The PyDataset subclass behind mixup_batches: defined once Keras is imported, not at ferkit's import."""
 
-
-def _make_mixup_batches(keras):
     class MixupBatches(keras.utils.PyDataset):
-        def __init__(self, x, y, batch_size, *, alpha, class_weight=None, seed=0):
+        def __init__(self, x, y, batch_size, *, alpha, sample_weight=None, seed=0):
             super().__init__()
-            self.x, self.y, self.batch_size, self.alpha = x, y, batch_size, alpha
+            self.x, self.y, self.weight, self.batch_size, self.alpha = x, y, sample_weight, batch_size, alpha
             self.rng = np.random.default_rng(seed)
             self.order = self.rng.permutation(len(x))
-            weights = np.ones(y.shape[1], np.float32)
-            for index, weight in (class_weight or {}).items():
-                weights[index] = weight
-            self.weights = weights if class_weight else None
 
         def __len__(self):
             return -(-len(self.x) // self.batch_size)
@@ -424,12 +421,7 @@ def _make_mixup_batches(keras):
             picked = self.order[index * self.batch_size:(index + 1) * self.batch_size]
             partner = picked[self.rng.permutation(len(picked))]
             lam = self.rng.beta(self.alpha, self.alpha, size=len(picked)).astype(np.float32)
-            x = _blend(self.x[picked], self.x[partner], lam)
-            y = _blend(self.y[picked], self.y[partner], lam)
-            if self.weights is None:
-                return x, y
-            labels, partner_labels = self.y[picked].argmax(axis=1), self.y[partner].argmax(axis=1)
-            return x, y, lam * self.weights[labels] + (1 - lam) * self.weights[partner_labels]
+            return tuple(_blend(a[picked], a[partner], lam) for a in (self.x, self.y, self.weight) if a is not None)
 
         def on_epoch_end(self):
             self.order = self.rng.permutation(len(self.x))
