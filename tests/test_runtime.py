@@ -48,3 +48,39 @@ def test_flip_tta_averages_each_face_with_its_mirror_image(trained_run):
 def test_an_unknown_tta_is_refused(trained_run):
     with pytest.raises(FerkitError, match="unknown test-time augmentation"):
         load_classifier(trained_run).with_tta("ten-crop")
+
+
+def _untrained_cropping_model(path):
+    from ferkit.models import create_model, get_model_spec
+    from ferkit.runtime import ModelMetadata, save_keras_model
+
+    spec = get_model_spec("ferkit-net-l")
+    metadata = ModelMetadata(model=spec.name, classes=["a", "b", "c"], input_size=list(spec.input_size),
+                             channels=spec.channels, crop=spec.crop)
+    return save_keras_model(create_model(spec.name, num_classes=3), path, metadata)
+
+
+def test_tencrop_averages_the_centre_and_corner_crops_and_their_mirrors(tmp_path):
+    import numpy as np
+
+    plain = load_classifier(_untrained_cropping_model(tmp_path / "l.keras")).with_tta("none")
+    crop, side = plain.metadata.crop, plain.input_size[0]
+    faces = np.random.default_rng(0).integers(0, 256, (5, side, side), dtype=np.uint8)
+    # each crop cut out explicitly and centred on a blank face: the model only sees the central crop
+    corners = [((side - crop) // 2,) * 2, (0, 0), (0, side - crop), (side - crop, 0), (side - crop, side - crop)]
+    expected = []
+    for view in (faces, faces[:, :, ::-1]):
+        for top, left in corners:
+            padded = np.zeros_like(view)
+            start = (side - crop) // 2
+            padded[:, start:start + crop, start:start + crop] = view[:, top:top + crop, left:left + crop]
+            expected.append(plain.predict_proba(padded))
+    expected = np.mean(expected, axis=0)
+    for batch_size in (1, 7, 256):
+        assert np.allclose(plain.with_tta("tencrop").predict_proba(faces, batch_size=batch_size), expected, atol=1e-5)
+    assert not np.allclose(plain.predict_proba(faces), expected, atol=1e-5)  # the views do differ
+
+
+def test_tencrop_is_refused_for_a_model_that_does_not_crop(trained_run):
+    with pytest.raises(FerkitError, match="tencrop needs a model that crops"):
+        load_classifier(trained_run).with_tta("tencrop")

@@ -136,7 +136,8 @@ def test_plateau_halves_the_rate_when_val_accuracy_stalls(pattern_data, tmp_path
 
 @pytest.mark.parametrize(
     "bad",
-    [{"optimizer": "rmsprop"}, {"lr_schedule": "step"}, {"class_weight": "inverse"}, {"label_smoothing": 1.5}, {"distill": 0}, {"mixup": -0.2}],
+    [{"optimizer": "rmsprop"}, {"lr_schedule": "step"}, {"class_weight": "inverse"}, {"label_smoothing": 1.5}, {"distill": 0}, {"mixup": -0.2},
+     {"ema": 1.0}, {"warmup_epochs": 2, "lr_schedule": "plateau"}, {"warmup_epochs": 30, "lr_schedule": "cosine"}],
 )
 def test_bad_options_are_refused(bad):
     with pytest.raises(FerkitError):
@@ -229,3 +230,63 @@ def test_under_jax_the_augmented_train_step_is_compiled():
     probe = subprocess.run([sys.executable, "-c", JIT_PROBE], capture_output=True, text=True, env=env, timeout=300)
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert probe.stdout.split()[-2:] == ["jax", "True"]
+
+
+def test_random_crops_are_whole_windows_of_the_face():
+    from ferkit._keras import import_keras
+    from ferkit.models import get_model_spec
+    from ferkit.train import _random_crop_layer
+
+    keras = import_keras()
+    spec = get_model_spec("ferkit-net-l")
+    side, crop = spec.input_size[0], spec.crop
+    face = np.arange(side * side, dtype=np.float32).reshape(1, side, side, 1)  # every pixel value unique
+    layer = _random_crop_layer(keras, TrainConfig(model=spec.name, augment=["crop"]), seed=3)
+    shifted = keras.ops.convert_to_numpy(layer(np.repeat(face, 64, axis=0), training=True))
+    start = (side - crop) // 2
+    seen = set()
+    for view in shifted[:, start:start + crop, start:start + crop, 0]:
+        top, left = divmod(int(view[0, 0]), side)  # the window's first pixel says where it was cut
+        assert top <= side - crop and left <= side - crop
+        assert np.array_equal(view, face[0, top:top + crop, left:left + crop, 0])
+        seen.add((top, left))
+    assert len(seen) > 10  # crops from all over the face, not one fixed window
+
+
+def test_the_crop_augmentation_needs_a_cropping_model(pattern_data, tmp_path):
+    with pytest.raises(FerkitError, match="crop augmentation needs a model that crops"):
+        train(_config(pattern_data, tmp_path / "crop", epochs=1, augment=["crop"]), verbose=0)
+    assert not (tmp_path / "crop" / "config.json").exists()
+
+
+def test_warmup_rises_to_the_peak_rate_then_cosine_decays(pattern_data, tmp_path):
+    peak = 0.1
+    config = _config(pattern_data, tmp_path / "warm", epochs=4, optimizer="sgd", learning_rate=peak,
+                     lr_schedule="cosine", warmup_epochs=2)
+    rates = read_history(train(config, verbose=0) / "history.csv")["learning_rate"]
+    assert rates[0] == pytest.approx(peak / 10 + (peak - peak / 10) / 2, rel=1e-5)  # half-way up the ramp
+    assert rates[1] == pytest.approx(peak, rel=1e-5)
+    assert rates[3] == pytest.approx(peak * 0.01, rel=1e-4)  # cosine's floor
+    assert rates[2] < rates[1]
+
+
+def test_ema_validates_and_saves_the_averaged_weights_and_resumes(pattern_data, tmp_path):
+    import keras
+
+    from ferkit.runtime import load_classifier
+
+    config = _config(pattern_data, tmp_path / "ema", epochs=2, optimizer="sgd", learning_rate=0.05, ema=0.9)
+    run = train(config, verbose=0)
+    config.epochs = 3
+    train(config, resume=True, verbose=0)
+    checkpoint = keras.saving.load_model(run / "checkpoint.keras")
+    optimizer = checkpoint.optimizer
+    averages = {id(v): a for v, a in zip(optimizer._trainable_variables, optimizer._model_variables_moving_average)}
+    raw = [np.asarray(v) for v in checkpoint.weights]
+    averaged = [np.asarray(averages.get(id(v), v)) for v in checkpoint.weights]
+    saved = load_classifier(run / "last.keras").model.get_weights()
+    assert all(np.allclose(a, b) for a, b in zip(saved, averaged))
+    assert not all(np.allclose(a, b) for a, b in zip(saved, raw))  # the checkpoint keeps the raw weights
+    # validation scored the averaged weights: the saved model reproduces the recorded accuracy
+    report = evaluate(run / "last.keras", load_dataset(pattern_data / "val"))
+    assert report.accuracy == pytest.approx(read_history(run / "history.csv")["val_accuracy"][-1], abs=1e-6)

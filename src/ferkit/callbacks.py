@@ -32,13 +32,14 @@ class RunRecorder(keras.callbacks.Callback):
         logs = logs or {}
         done = epoch + 1
         seconds = time.perf_counter() - self._started
-        self.model.save(self.run / ".checkpoint.tmp.keras")
+        self.model.save(self.run / ".checkpoint.tmp.keras")  # the raw weights, with their averages in the optimizer
         os.replace(self.run / ".checkpoint.tmp.keras", self.run / "checkpoint.keras")
 
         val_accuracy = float(logs.get("val_accuracy", float("nan")))
         self.metadata.extra = {"run": str(self.run), "epoch": done, "val_accuracy": val_accuracy}
-        if self.saved_model is not self.base_model:
-            self.saved_model.set_weights(self.base_model.get_weights())
+        averaged = _moving_averages(self.model.optimizer)
+        if averaged or self.saved_model is not self.base_model:
+            self.saved_model.set_weights([keras.ops.convert_to_numpy(averaged.get(id(v), v)) for v in self.base_model.weights])
         save_keras_model(self.saved_model, self.run / "last.keras", self.metadata)
         if val_accuracy > self.state.best_val_accuracy:
             self.state.best_val_accuracy, self.state.best_epoch = val_accuracy, done
@@ -51,3 +52,11 @@ class RunRecorder(keras.callbacks.Callback):
         self.state.save(self.run)
         title = f"{self.metadata.model} — {self.run.name}"
         plot_history(read_history(self.run / "history.csv"), self.run / "curves.png", title=title)
+
+
+def _moving_averages(optimizer) -> dict:
+    """{id(weight variable): its moving average} when the optimizer keeps one (use_ema), else {}."""
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    if not getattr(optimizer, "use_ema", False):
+        return {}
+    return {id(v): average for v, average in zip(optimizer._trainable_variables, optimizer._model_variables_moving_average)}

@@ -126,6 +126,8 @@ def _output_shape(layer):
 @click.option("--weight-decay", type=float, help="Decoupled weight decay for adamw and sgd (default 0).")
 @click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), help="constant (default), plateau or cosine.")
 @click.option("--lr-patience", type=int, help="Epochs without a val gain before plateau halves the rate (default 5).")
+@click.option("--warmup-epochs", type=int, help="With cosine: rise linearly from a tenth of --lr over these epochs first (default 0).")
+@click.option("--ema", type=float, help="Validate and save a moving average of the weights with this momentum, e.g. 0.999 (default 0, off).")
 @click.option("--label-smoothing", type=float, help="Label smoothing (default 0).")
 @click.option("--mixup", type=float,
               help="Mixup alpha, e.g. 0.2: train on blends of two faces and their labels (default 0, off).")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ferkit.errors import FerkitError
 
-AUGMENTATIONS = ("flip", "zoom", "shift", "rotate", "erase", "contrast")
+AUGMENTATIONS = ("flip", "zoom", "shift", "crop", "rotate", "erase", "contrast")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "plateau", "cosine")
 CLASS_WEIGHTS = ("none", "balanced", "sqrt")
@@ -29,6 +29,8 @@ class TrainConfig:
     weight_decay: float = 0.0  # decoupled weight decay (adamw, sgd)
     lr_schedule: str = "constant"  # constant; plateau: halve after lr_patience epochs without a val gain; cosine
     lr_patience: int = 5
+    warmup_epochs: int = 0  # cosine only: rise linearly from a tenth of learning_rate over these epochs first
+    ema: float = 0.0  # keep an exponential moving average of the weights (e.g. 0.999); validated and saved
     label_smoothing: float = 0.0
     mixup: float = 0.0  # mixup's alpha: train on blends of two faces and of their targets; 0 is off
     class_weight: str = "none"  # none; balanced: n / (classes * count); sqrt: its square root (milder)
@@ -69,6 +71,12 @@ class TrainConfig:
             raise FerkitError("label smoothing must lie in [0, 1)")
         if self.mixup < 0:
             raise FerkitError("--mixup (the Beta distribution's alpha) must be 0 (off) or positive")
+        if not 0.0 <= self.ema < 1.0:
+            raise FerkitError("--ema (the moving average's momentum, e.g. 0.999) must lie in [0, 1)")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
+            raise FerkitError("--warmup-epochs must be at least 0 and fewer than --epochs")
+        if self.warmup_epochs and self.lr_schedule != "cosine":
+            raise FerkitError("--warmup-epochs goes with --lr-schedule cosine")
         if not 0.0 < self.distill <= 1.0:
             raise FerkitError("--distill must lie in (0, 1]")
 

@@ -63,6 +63,7 @@ def _ensemble_metadata(metadata: list[ModelMetadata]) -> ModelMetadata:
         classes=first.classes,
         input_size=first.input_size,
         channels=first.channels,
+        crop=first.crop if len({meta.crop for meta in metadata}) == 1 else None,  # tencrop needs one shared crop
         tta=first.tta,
         extra={"members": [{"model": meta.model, **meta.extra} for meta in metadata]},
     )

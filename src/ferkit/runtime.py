@@ -23,7 +23,9 @@ from ferkit.images import faces_to_batch
 
 METADATA_NAME = "ferkit.json"  # inside a .keras zip; the metadata_props key in an .onnx file
 PREPROCESSING = "exif-upright, grayscale (ITU-R 601-2 luma), resized to input_size, gray repeated to channels, raw 0-255"
-TTA_CHOICES = ("none", "flip")  # test-time augmentation: flip averages each face with its mirror image
+# test-time augmentation: flip averages each face with its mirror image; tencrop (models that crop their
+# input) averages the centre and four corner crops of the face and of its mirror image
+TTA_CHOICES = ("none", "flip", "tencrop")
 
 
 @dataclass
@@ -32,6 +34,7 @@ class ModelMetadata:
     classes: list[str]
     input_size: list[int]  # (height, width)
     channels: int
+    crop: int | None = None  # the network sees the central crop x crop pixels of its input
     preprocessing: str = PREPROCESSING
     tta: str = "none"  # the test-time augmentation the model is meant to run with (one of TTA_CHOICES)
     ferkit_version: str = __version__
@@ -176,6 +179,8 @@ class Classifier:
             return self
         if tta not in TTA_CHOICES:
             raise FerkitError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_CHOICES)}")
+        if tta == "tencrop" and not self.metadata.crop:
+            raise FerkitError(f"tencrop needs a model that crops its input (such as ferkit-net-l); {self.name} does not")
         view = copy.copy(self)
         view.metadata = replace(self.metadata, tta=tta)
         return view
@@ -183,26 +188,43 @@ class Classifier:
     def predict_proba(self, faces: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
         """(N, height, width) uint8 faces at `input_size` -> (N, len(classes)) probabilities.
 
-        With flip test-time augmentation each face and its mirror image go through the model in the
-        same batch, and their probabilities are averaged.
+        With test-time augmentation every view of a face (see `face_views`) goes through the model in
+        the same batch, and their probabilities are averaged.
         """
         faces = np.asarray(faces)
         if faces.ndim != 3 or tuple(faces.shape[1:]) != self.input_size:
             raise ValueError(f"expected faces of shape (N, {self.input_size[0]}, {self.input_size[1]}), got {faces.shape}")
         if len(faces) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
-        views = 2 if self.tta == "flip" else 1
+        views = {"none": 1, "flip": 2, "tencrop": 10}[self.tta]
         step = max(1, batch_size // views)
         outputs = []
         for i in range(0, len(faces), step):
             chunk = faces[i : i + step]
-            batch = np.concatenate([chunk, chunk[:, :, ::-1]]) if views == 2 else chunk
+            batch = np.concatenate(face_views(chunk, self.tta, self.input_size[0] - (self.metadata.crop or 0)))
             probabilities = self._run(faces_to_batch(batch, self.metadata.channels))
             outputs.append(probabilities.reshape(views, len(chunk), -1).mean(axis=0))
         return np.concatenate(outputs).astype(np.float32)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+
+def face_views(faces: np.ndarray, tta: str, margin: int = 0) -> list[np.ndarray]:
+    """The views of (N, height, width) faces that test-time augmentation `tta` averages over.
+
+    tencrop is for models that look at the centre of their input, `margin` pixels short of its side:
+    rolling a face by half the margin brings a corner crop to the centre. The pixels that wrap around
+    land outside the central window, so the model sees exactly the corner crop.
+    """
+    if tta == "none":
+        return [faces]
+    mirrored = faces[:, :, ::-1]
+    if tta == "flip":
+        return [faces, mirrored]
+    d = margin // 2
+    shifts = [(0, 0), (d, d), (d, -d), (-d, d), (-d, -d)]
+    return [np.roll(view, shift, axis=(1, 2)) for view in (faces, mirrored) for shift in shifts]
 
 
 class KerasClassifier(Classifier):

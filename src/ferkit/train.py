@@ -66,7 +66,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             base = _init_model(keras, config.init, config.classes, config.model) if config.init else None
             training_model = _build_training_model(keras, config, num_classes, len(train_set), base=base)
         base_model = training_model.layers[-1] if config.augment else training_model
-        saved_model = _float32_twin(keras, spec, num_classes) if config.precision != "float32" else base_model
+        # a separate network receives what is saved: float32 weights of a mixed-precision one, or the averages
+        saved_model = _float32_twin(keras, spec, num_classes) if config.precision != "float32" or config.ema else base_model
 
         # Only now that data and model are known to be good does the run folder change.
         if not resume:
@@ -74,8 +75,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         _save_run_config(run, config, train_set, val_set)
         trim_history(run / "history.csv", state.epochs_done)
         metadata = ModelMetadata(model=config.model, classes=config.classes, input_size=list(spec.input_size),
-                                 channels=spec.channels)
+                                 channels=spec.channels, crop=spec.crop)
         callbacks = [RunRecorder(run, state, base_model, metadata, saved_model=saved_model)]
+        if config.ema:  # validation scores the averaged weights (RunRecorder saves them)
+            callbacks.insert(0, keras.callbacks.SwapEMAWeights())
         if config.lr_schedule == "plateau":
             callbacks.append(
                 keras.callbacks.ReduceLROnPlateau("val_accuracy", mode="max", factor=0.5, patience=config.lr_patience)
@@ -319,6 +322,7 @@ def _augmentation_layers(keras, config: TrainConfig) -> list:
     chosen = {
         "flip": lambda: layers.RandomFlip("horizontal", seed=seed),
         "shift": lambda: layers.RandomTranslation(config.shift, config.shift, fill_mode="reflect", seed=seed + 1),
+        "crop": lambda: _random_crop_layer(keras, config, seed + 6),
         "rotate": lambda: layers.RandomRotation(config.rotate / 360.0, fill_mode="reflect", seed=seed + 2),
         "zoom": lambda: layers.RandomZoom(config.zoom, seed=seed + 3),
         "contrast": lambda: layers.RandomContrast(0.3, value_range=(0, 255), seed=seed + 4),
@@ -335,15 +339,36 @@ def _augmentation_layers(keras, config: TrainConfig) -> list:
     return augmenters
 
 
+def _random_crop_layer(keras, config: TrainConfig, seed: int):
+    """Random crops for a model that looks at the central `crop` pixels of its input: a whole-pixel
+    shift of up to half the margin each way moves a random crop-sized window to the centre."""
+    crop = get_model_spec(config.model).crop
+    if not crop:
+        raise FerkitError(f"the crop augmentation needs a model that crops its input; {config.model} does not")
+    height, width = get_model_spec(config.model).input_size
+    return keras.layers.RandomTranslation(
+        (height - crop) / 2 / height, (width - crop) / 2 / width, fill_mode="reflect", interpolation="nearest", seed=seed,
+    )
+
+
 def _optimizer(keras, config: TrainConfig, steps_per_epoch: int, learning_rate: float):
     rate = learning_rate
     if config.lr_schedule == "cosine":
-        rate = keras.optimizers.schedules.CosineDecay(rate, decay_steps=config.epochs * steps_per_epoch, alpha=0.01)
+        warmup_steps = config.warmup_epochs * steps_per_epoch
+        decay_steps = config.epochs * steps_per_epoch - warmup_steps
+        if warmup_steps:
+            rate = keras.optimizers.schedules.CosineDecay(
+                learning_rate / 10, decay_steps=decay_steps, alpha=0.01,
+                warmup_target=learning_rate, warmup_steps=warmup_steps,
+            )
+        else:
+            rate = keras.optimizers.schedules.CosineDecay(rate, decay_steps=decay_steps, alpha=0.01)
+    ema = dict(use_ema=True, ema_momentum=config.ema) if config.ema else {}
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(rate, momentum=0.9, nesterov=True, weight_decay=config.weight_decay or None)
+        return keras.optimizers.SGD(rate, momentum=0.9, nesterov=True, weight_decay=config.weight_decay or None, **ema)
     if config.optimizer == "adamw":
-        return keras.optimizers.AdamW(rate, weight_decay=config.weight_decay)
-    return keras.optimizers.Adam(rate)
+        return keras.optimizers.AdamW(rate, weight_decay=config.weight_decay, **ema)
+    return keras.optimizers.Adam(rate, **ema)
 
 
 def _class_weights(config: TrainConfig, labels: np.ndarray, num_classes: int) -> dict[int, float] | None:

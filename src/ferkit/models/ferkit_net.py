@@ -17,12 +17,20 @@ def _conv_bn_relu(layers, x, filters: int):
     return layers.ReLU()(x)
 
 
-def build_vgg_bn(*, num_classes, input_shape, widths, convs_per_stage, head_units=256, dropout=0.4, name):
-    """Stages of `convs_per_stage[i]` conv-BN-ReLU blocks of `widths[i]` filters, each closed by max-pooling."""
+def build_vgg_bn(*, num_classes, input_shape, widths, convs_per_stage, head_units=256, dropout=0.4, name, crop=None):
+    """Stages of `convs_per_stage[i]` conv-BN-ReLU blocks of `widths[i]` filters, each closed by max-pooling.
+
+    With `crop`, the network looks only at the central `crop` x `crop` pixels of its input. Shifting the
+    face in front of it (the "crop" augmentation) then trains on random crops, and scoring the whole face
+    uses the centre crop: the input stays the full face, so nothing outside the model needs to know.
+    """
     keras = import_keras()
     layers = keras.layers
     inputs = keras.Input(input_shape)
     x = layers.Rescaling(1.0 / 255)(inputs)
+    if crop:
+        height, width = input_shape[0] - crop, input_shape[1] - crop
+        x = layers.Cropping2D(((height // 2, height - height // 2), (width // 2, width - width // 2)), name="center_crop")(x)
     for width, convs in zip(widths, convs_per_stage):
         for _ in range(convs):
             x = _conv_bn_relu(layers, x, width)
@@ -62,4 +70,13 @@ def ferkit_net_m(*, num_classes: int = 7, input_shape=(48, 48, 1)):
     return build_vgg_bn(
         num_classes=num_classes, input_shape=input_shape, widths=(48, 96, 192, 384),
         convs_per_stage=(1, 2, 2, 2), name="ferkit_net_m",
+    )
+
+
+@register_model("ferkit-net-l", input_size=(48, 48), channels=1, crop=40)
+def ferkit_net_l(*, num_classes: int = 7, input_shape=(48, 48, 1)):
+    """VGG-style, two convs per stage (64-128-256-512, 4.8M parameters) on the central 40x40 of the face."""
+    return build_vgg_bn(
+        num_classes=num_classes, input_shape=input_shape, widths=(64, 128, 256, 512),
+        convs_per_stage=(2, 2, 2, 2), name="ferkit_net_l", crop=40,
     )

@@ -20,19 +20,21 @@ class ModelSpec:
     channels: int  # the grayscale face is repeated to this many channels
     description: str
     pretrained: bool = False  # takes `weights=` ("imagenet", a file, or "none")
+    crop: int | None = None  # the network sees the central crop x crop pixels of its input (random crops in training)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, *, input_size=(48, 48), channels: int = 3, description: str = "", pretrained: bool = False):
+def register_model(name: str, *, input_size=(48, 48), channels: int = 3, description: str = "", pretrained: bool = False,
+                   crop: int | None = None):
     """Decorator for a builder `fn(*, num_classes, input_shape) -> keras.Model`."""
 
     def decorate(builder: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
         doc = description or (builder.__doc__ or "").strip().splitlines()[0]
-        _REGISTRY[name] = ModelSpec(name, builder, tuple(input_size), channels, doc, pretrained)
+        _REGISTRY[name] = ModelSpec(name, builder, tuple(input_size), channels, doc, pretrained, crop)
         return builder
 
     return decorate
