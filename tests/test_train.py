@@ -290,3 +290,30 @@ def test_ema_validates_and_saves_the_averaged_weights_and_resumes(pattern_data, 
     # validation scored the averaged weights: the saved model reproduces the recorded accuracy
     report = evaluate(run / "last.keras", load_dataset(pattern_data / "val"))
     assert report.accuracy == pytest.approx(read_history(run / "history.csv")["val_accuracy"][-1], abs=1e-6)
+
+
+def test_a_packed_run_resumes_on_the_same_schedule(pattern_data, tmp_path):
+    from ferkit.runtime import load_classifier
+    from ferkit.train import save_compact_checkpoint
+
+    options = dict(optimizer="sgd", learning_rate=0.05, lr_schedule="cosine", warmup_epochs=1, ema=0.9,
+                   augment=["flip"], epochs=4)
+    whole = read_history(train(_config(pattern_data, tmp_path / "whole", **options), verbose=0) / "history.csv")
+    first = train(_config(pattern_data, tmp_path / "first", **{**options, "epochs": 2}), verbose=0)
+    packed = save_compact_checkpoint(first, tmp_path / "packed")
+    assert not (packed / "checkpoint.keras").exists()
+    assert (packed / "checkpoint.npz").stat().st_size < (first / "checkpoint.keras").stat().st_size / 2
+    with pytest.raises(FerkitError, match="already exists"):
+        save_compact_checkpoint(first, packed)
+
+    config = TrainConfig.load(packed / "config.json")
+    config.epochs, config.out = 4, str(packed)
+    train(config, resume=True, verbose=0)
+    resumed = read_history(packed / "history.csv")
+    assert resumed["epoch"] == [1, 2, 3, 4]
+    # the schedule went on from the step where the packed run stopped (the first two epochs had their own)
+    assert np.allclose(resumed["learning_rate"][2:], whole["learning_rate"][2:], rtol=1e-5)
+    # it kept learning from the packed weights rather than starting afresh
+    assert resumed["val_accuracy"][-1] >= resumed["val_accuracy"][1] - 0.05
+    report = evaluate(load_classifier(packed / "last.keras"), load_dataset(pattern_data / "val"))
+    assert report.accuracy > 0.6  # chance is 1/7

@@ -7,6 +7,7 @@
     best.keras       the model of the best val_accuracy so far (ferkit metadata inside)
     last.keras       the model after the last finished epoch
     checkpoint.keras the training model with its optimizer state, for --resume
+    checkpoint.npz   instead of checkpoint.keras in a packed copy of a run in flight (ferkit.train.save_compact_checkpoint)
     state.json       epochs done, best epoch and score, status (running / interrupted / finished)
 
 Every file is replaced atomically, so a run killed at any moment leaves a usable folder.

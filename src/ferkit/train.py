@@ -61,6 +61,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 head_weights = training_model.get_weights()
                 training_model = _build_training_model(keras, config, num_classes, len(train_set))
                 _split_at_backbone(keras, training_model)[1].set_weights(head_weights)
+        elif resume and (run / COMPACT_CHECKPOINT).exists():
+            training_model = _build_training_model(keras, config, num_classes, len(train_set))
+            _restore_compact_checkpoint(training_model, config, run / COMPACT_CHECKPOINT, state.epochs_done, len(train_set))
         else:
             state = RunState()
             base = _init_model(keras, config.init, config.classes, config.model) if config.init else None
@@ -124,6 +127,53 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     state.status = "finished"
     state.save(run)
     return run
+
+
+COMPACT_CHECKPOINT = "checkpoint.npz"
+COMPACT_FILES = ("config.json", "datasets.json", "history.csv", "state.json", "curves.png")
+
+
+def save_compact_checkpoint(run: str | Path, out: str | Path) -> Path:
+    """A small copy of the run in flight at `run`, in a new folder `out` that `ferkit train --resume`
+    continues: its record (config, history, state, curves) and the network's weights in float16.
+
+    The optimizer's state is not kept, which makes the copy a third of the size: on resuming, momentum
+    restarts at zero and the weights' moving average at the weights themselves; the learning-rate
+    schedule goes on from the right step.
+    """
+    keras = import_keras()
+    run, out = Path(run), Path(out)
+    if not (run / "checkpoint.keras").exists():
+        raise FerkitError(f"{run} has no checkpoint.keras to pack")
+    if out.exists() and any(out.iterdir()):
+        raise FerkitError(f"{out} already exists; choose an empty or new folder")
+    config = TrainConfig.load(run / "config.json")
+    training_model = keras.saving.load_model(run / "checkpoint.keras", compile=False)
+    network = training_model.layers[-1] if config.augment else training_model
+    out.mkdir(parents=True, exist_ok=True)
+    for name in COMPACT_FILES:
+        if (run / name).exists():
+            shutil.copy2(run / name, out / name)
+    weights = [np.asarray(w, np.float16) for w in network.get_weights()]
+    np.savez_compressed(out / COMPACT_CHECKPOINT, *weights)
+    return out
+
+
+def _restore_compact_checkpoint(training_model, config: TrainConfig, path: Path, epochs_done: int, train_size: int) -> None:
+    """Load save_compact_checkpoint's weights into a freshly compiled training model, with the optimizer
+    at the step where the run stopped (so the learning-rate schedule continues)."""
+    with np.load(path) as stored:
+        weights = [stored[f"arr_{i}"] for i in range(len(stored.files))]
+    network = training_model.layers[-1] if config.augment else training_model
+    try:
+        network.set_weights([w.astype(np.float32) for w in weights])
+    except ValueError:
+        raise FerkitError(f"{path} does not hold the weights of a {config.model} network") from None
+    optimizer = training_model.optimizer
+    optimizer.build(training_model.trainable_variables)
+    optimizer.iterations.assign(epochs_done * -(-train_size // config.batch_size))
+    for variable, average in zip(optimizer._trainable_variables, getattr(optimizer, "_model_variables_moving_average", [])):
+        average.assign(variable)
 
 
 def recalibrate_batch_norm(model, batches) -> int:
@@ -195,7 +245,7 @@ def _check_run_folder(run: Path, *, resume: bool, overwrite: bool) -> None:
 
 def _clear_run_folder(run: Path) -> None:
     """Remove what an earlier run wrote (only ferkit's own files), ready for a fresh run."""
-    for name in RUN_FILES:
+    for name in (*RUN_FILES, COMPACT_CHECKPOINT):
         (run / name).unlink(missing_ok=True)
     for folder in run.glob("eval-*"):
         shutil.rmtree(folder)

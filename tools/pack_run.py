@@ -1,0 +1,46 @@
+"""Pack a run in flight into a small folder that `ferkit train --resume` continues, e.g. to keep a long
+run's progress in the repository between working stretches:
+
+    python tools/pack_run.py ~/ferkit-runs/ferkit-net-l-v1 training/ferkit-net-l-v1
+
+The folder gets the run's config, history, state and curves and checkpoint.npz: the network's weights
+in float16, without the optimizer's state (see ferkit.train.save_compact_checkpoint). To continue:
+
+    cp -r training/ferkit-net-l-v1 ~/ferkit-runs/ && ferkit train --resume ~/ferkit-runs/ferkit-net-l-v1
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from ferkit.errors import FerkitError
+from ferkit.train import COMPACT_FILES, save_compact_checkpoint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="the run folder (with checkpoint.keras)")
+    parser.add_argument("out", type=Path, help="the packed folder; an earlier pack of the same run there is replaced")
+    args = parser.parse_args()
+    if args.out.exists() and not (args.out / "checkpoint.npz").exists() and any(args.out.iterdir()):
+        sys.exit(f"error: {args.out} exists and is not a packed run; refusing to replace it")
+    try:
+        with tempfile.TemporaryDirectory(dir=args.out.parent if args.out.parent.exists() else None) as scratch:
+            staged = save_compact_checkpoint(args.run, Path(scratch) / "packed")
+            for name in (*COMPACT_FILES, "checkpoint.npz"):  # replace only the files a pack writes
+                (args.out / name).unlink(missing_ok=True)
+            args.out.mkdir(parents=True, exist_ok=True)
+            for item in staged.iterdir():
+                shutil.move(str(item), args.out / item.name)
+    except FerkitError as err:
+        sys.exit(f"error: {err}")
+    size = sum(p.stat().st_size for p in args.out.iterdir()) / 1e6
+    print(f"packed {args.run} into {args.out} ({size:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
