@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ferkit.faces import get_detector
-from ferkit.predict import analyze_image
+from ferkit.predict import analyze_images
 from ferkit.runtime import load_classifier
 from ferkit.video import analyze_video
 
@@ -82,13 +82,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         photos = photos_640(Path(args.faces), Path(tmp))
         for photo in photos:
-            analyze_image(photo, model=classifier, detector=detector)  # warm-up
+            next(analyze_images([photo], model=classifier, detector=detector))  # warm-up
         per_photo, faces = [], []
         for photo in photos:
             runs = []
             for _ in range(args.repeat):
                 started = time.perf_counter()
-                result = analyze_image(photo, model=classifier, detector=detector)
+                result = next(analyze_images([photo], model=classifier, detector=detector))
                 runs.append((time.perf_counter() - started) * 1e3)
             per_photo.append(statistics.median(runs))
             faces.append(len(result.faces))

@@ -1,5 +1,7 @@
 """Whole-photo analysis: detection -> crops -> batched classification, on real and generated images."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -81,3 +83,91 @@ def test_real_photo_gives_one_result_per_detected_face(trained_run):
     assert len(faces) == len(truth)
     for face in faces:
         assert abs(sum(face.probabilities.values()) - 1) < 1e-4 and len(face.landmarks) == 5
+
+
+def test_detected_boxes_given_back_reproduce_the_answers():
+    """The same box gives the same answer whether the detector found it or the user gave it."""
+    photo = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+    detected = analyze(photo)
+    assert detected
+    given = analyze(photo, boxes=[face.box for face in detected])
+    assert [f.box for f in given] == [f.box for f in detected]
+    for a, b in zip(detected, given):
+        assert max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities) <= 0.01
+
+
+@pytest.mark.parametrize("box", [(0, 0, 0, 0), (10, 10, -5, 20), (400, 10, 20, 20), (-50, -50, 40, 40), ("a", 1, 2, 3)])
+def test_empty_or_outside_boxes_are_refused(trained_run, box):
+    picture = _canvas_with_faces([(10, 20, 48, 48)], [2])  # 300x200
+    with pytest.raises(FerkitError, match="box"):
+        analyze(picture, model=trained_run, boxes=[box])
+
+
+def test_a_box_partly_outside_is_padded_not_refused(trained_run):
+    picture = _canvas_with_faces([(10, 20, 48, 48)], [2])
+    [face] = analyze(picture, model=trained_run, boxes=[(280, 180, 48, 48)])
+    assert face.box == (280, 180, 48, 48) and face.emotion
+
+
+def test_the_crop_is_the_square_around_the_box_with_the_models_margin(trained_run):
+    from ferkit.faces import face_crop
+
+    picture = Image.fromarray(np.arange(100 * 120, dtype=np.uint32).reshape(100, 120).astype(np.int32), "I")
+    crop = np.asarray(face_crop(picture, (30, 20, 20, 40)))  # a tall box becomes the square around it
+    assert crop.shape == (40, 40) and np.array_equal(crop, np.asarray(picture)[20:60, 20:60])
+    wider = np.asarray(face_crop(picture, (30, 20, 20, 40), margin=0.25))
+    assert np.array_equal(wider, np.asarray(picture)[10:70, 10:70])
+
+
+def test_level_eyes_turns_a_tilted_face_upright():
+    from ferkit.faces import face_crop
+
+    image = Image.new("L", (200, 200), 0)
+    bar = Image.new("L", (80, 6), 255)  # a bright horizontal bar through the "eyes"
+    image.paste(bar, (60, 97))
+    tilted = image.rotate(20, resample=Image.Resampling.BILINEAR, center=(100, 100))
+    # the eyes, at the bar's ends, turned with it
+    angle = np.radians(20)
+    eyes = [(100 + dx * np.cos(angle), 100 - dx * np.sin(angle)) for dx in (-35, 35)]
+    level = np.asarray(face_crop(tilted, (60, 60, 80, 80), landmarks=eyes), float)
+    rows = level.mean(axis=1)
+    assert rows.max() > 150  # the bar is one bright horizontal band again
+    assert np.asarray(face_crop(tilted, (60, 60, 80, 80)), float).mean(axis=1).max() < 100
+
+
+def test_the_cli_refuses_a_box_outside_the_photo_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+
+    photo = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+    result = CliRunner().invoke(cli, ["predict", str(photo), "--box", "5000,10,40,40", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "outside" in result.output and "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_detector_failure_is_reported_for_that_image_and_the_rest_goes_on(trained_run):
+    good = _canvas_with_faces([(10, 20, 48, 48)], [4])
+    bad = np.zeros((120, 90, 3), np.uint8)  # the detector below breaks on this one
+
+    def fragile(rgb):
+        if rgb.shape[:2] == (120, 90):
+            raise RuntimeError("model blew up\nsecond line")
+        return [Detection((10, 20, 48, 48), 0.9)]
+
+    results = list(analyze_images([("a", good), ("b", bad), ("c", good)], model=trained_run, detector=fragile))
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].error == "face detection failed on b: RuntimeError: model blew up"
+    assert len(results[0].faces) == len(results[2].faces) == 1
+
+
+def test_bgr_arrays_give_the_answers_of_the_same_photo_in_rgb():
+    photo = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+    rgb = np.asarray(Image.open(photo).convert("RGB"))
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])  # what cv2.imread gives
+    expected = analyze(rgb)
+    got = analyze(bgr, channels="bgr")
+    assert [f.box for f in got] == [f.box for f in expected]
+    assert all(a.probabilities == b.probabilities for a, b in zip(got, expected))
+    with pytest.raises(FerkitError, match="channels"):
+        analyze(rgb, channels="rbg")

@@ -1,6 +1,7 @@
 """The CLI in-process, on real files: what a user types and what they see."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,10 +39,14 @@ def test_train_evaluate_predict_end_to_end(pattern_data, tmp_path):
         assert name in evaluated.output
     assert "macro-F1" in evaluated.output
     assert (out / "eval-val" / "confusion_matrix.png").exists()
+    assert len([line for line in evaluated.output.splitlines() if line.startswith("calibration: ECE ")]) == 1
+    assert (out / "eval-val" / "reliability_diagram.png").exists()
+    assert 'src="reliability_diagram.png"' in (out / "eval-val" / "report.html").read_text()
 
     as_json = run("evaluate", out, "--data", pattern_data / "val", "--json")
     metrics = json.loads(as_json.output)
     assert len(metrics["confusion_matrix"]) == 7 and 0 <= metrics["accuracy"] <= 1
+    assert 0 <= metrics["ece"] <= 1 and [row["confidence"] for row in metrics["confidence_levels"]][0] == 0.3
     assert metrics["samples"] == 7 * 8
 
     face = tmp_path / "face.jpg"
@@ -198,3 +203,59 @@ def test_boxes_can_be_given_on_the_command_line(trained_run, tmp_path):
     assert [f["box"] for f in faces] == [[20, 10, 48, 48], [130, 40, 48, 48]]
     assert [f["emotion"] for f in faces] == ["angry", "surprise"]
     assert "four whole numbers" in _one_line_error(run("predict", tmp_path / "two.png", "--model", trained_run, "--box", "1,2"))
+
+
+def _faces_of_varying_certainty(folder):
+    """Pattern faces, blends of two patterns and noise: some faces the run is sure of, some it is not."""
+    folder.mkdir()
+    rng = np.random.default_rng(7)
+    for i in range(7):
+        Image.fromarray(pattern_face(i, rng)).save(folder / f"clear-{i}.png")
+        blend = pattern_face(i, rng) * 0.5 + pattern_face((i + 3) % 7, rng) * 0.5
+        Image.fromarray(blend.astype(np.uint8)).save(folder / f"blend-{i}.png")
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(folder / f"noise-{i}.png")
+    return folder
+
+
+def test_predict_marks_faces_below_the_threshold_as_uncertain(trained_run, tmp_path):
+    folder = _faces_of_varying_certainty(tmp_path / "faces")
+    off = run("predict", folder, "--model", trained_run, "--detector", "none", "--json", "--uncertain-below", 0,
+              "--out", tmp_path / "off")
+    assert off.exit_code == 0, off.output
+    faces = [face for line in off.output.splitlines() for face in json.loads(line)["faces"]]
+    assert len(faces) == 17 and not any(face["uncertain"] for face in faces)
+    scores = sorted(face["score"] for face in faces)
+    threshold = round((scores[3] + scores[-4]) / 2, 4)  # some faces on either side
+    assert scores[0] < threshold < scores[-1]
+
+    marked = run("predict", folder, "--model", trained_run, "--detector", "none", "--json",
+                 "--uncertain-below", threshold, "--out", tmp_path / "on")
+    assert marked.exit_code == 0, marked.output
+    faces = [face for line in marked.output.splitlines() for face in json.loads(line)["faces"]]
+    assert all(face["uncertain"] == (face["score"] < threshold) for face in faces)
+    assert any(face["uncertain"] for face in faces) and not all(face["uncertain"] for face in faces)
+    rows = (tmp_path / "on" / "faces.csv").read_text().splitlines()
+    assert rows[0].endswith(",uncertain")
+    assert sorted(row.rsplit(",", 1)[1] for row in rows[1:]) == sorted(str(int(f["uncertain"])) for f in faces)
+
+    unsure = min(faces, key=lambda face: face["score"])
+    [source] = [json.loads(line)["source"] for line in marked.output.splitlines()
+                if unsure in json.loads(line)["faces"]]
+    table = run("predict", source, "--model", trained_run, "--detector", "none", "--uncertain-below", threshold,
+                "--out", tmp_path / "one")
+    assert table.exit_code == 0 and f"{unsure['emotion']}?" in table.output
+    saved = json.loads((tmp_path / "one" / (Path(source).stem + ".faces.json")).read_text())
+    assert saved["faces"][0]["uncertain"] is True
+    sure = run("predict", source, "--model", trained_run, "--detector", "none", "--uncertain-below", 0,
+               "--out", tmp_path / "one")
+    assert sure.exit_code == 0 and f"{unsure['emotion']}?" not in sure.output
+
+
+@pytest.mark.parametrize("value", ["1", "1.5", "-0.1", "nan"])
+def test_an_uncertainty_threshold_outside_0_to_1_is_refused(trained_run, tmp_path, value):
+    Image.fromarray(pattern_face(3, np.random.default_rng(0))).save(tmp_path / "face.png")
+    line = _one_line_error(run("predict", tmp_path / "face.png", "--model", trained_run, "--uncertain-below", value,
+                               "--out", tmp_path / "o"))
+    assert "uncertainty threshold" in line
+    assert not (tmp_path / "o").exists()

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from ferkit.evaluate import score_predictions
 from ferkit.labels import EMOTIONS
@@ -42,3 +43,49 @@ def test_report_files(tmp_path):
     assert (tmp_path / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     html = (tmp_path / "report.html").read_text()
     assert "accuracy <b>1.0000</b>" in html and html.count("<tr>") == 8 and 'src="confusion_matrix.png"' in html
+
+
+def test_report_with_probabilities_measures_calibration_and_draws_the_reliability_diagram(tmp_path):
+    # every face at confidence 0.9 and right on 60% of them: ECE 0.3, an over-confident model
+    y_true = np.array([0] * 12 + [1] * 8)
+    probabilities = np.tile([0.9] + [0.1 / 6] * 6, (20, 1))
+    report = score_predictions(y_true, probabilities.argmax(1), EMOTIONS, model="m", data="d", probabilities=probabilities)
+    assert report.ece == pytest.approx(0.3)
+    levels = {row["confidence"]: row for row in report.confidence_levels}
+    assert list(levels) == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert levels[0.9]["share"] == 1.0 and levels[0.9]["accuracy"] == pytest.approx(0.6)
+    written = report.save(tmp_path)
+    assert tmp_path / "reliability_diagram.png" in written
+    assert (tmp_path / "reliability_diagram.png").read_bytes()[:4] == b"\x89PNG"
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["ece"] == pytest.approx(0.3) and metrics["ece_bins"] == 15 and metrics["temperature"] == 1.0
+    assert "ece_before_temperature" not in metrics  # temperature 1: nothing to compare
+    assert metrics["confidence_levels"][-1] == {"confidence": 0.9, "faces": 20, "share": 1.0, "accuracy": 0.6}
+    assert sum(metrics["reliability"]["count"]) == 20 and metrics["reliability"]["accuracy"][13] == 0.6
+    html = (tmp_path / "report.html").read_text()
+    assert "ECE 0.3000 (15 bins)" in html and 'src="reliability_diagram.png"' in html and "their accuracy" in html
+
+
+def test_report_without_probabilities_has_no_calibration(tmp_path):
+    y = np.arange(7).repeat(3)
+    report = score_predictions(y, y, EMOTIONS)
+    assert report.ece is None and report.confidence_levels is None
+    report.save(tmp_path)
+    assert not (tmp_path / "reliability_diagram.png").exists()
+    assert "ece" not in json.loads((tmp_path / "metrics.json").read_text())
+
+
+def test_evaluate_scores_the_calibration_of_a_trained_model(trained_run, pattern_data, tmp_path):
+    from ferkit.calibration import expected_calibration_error
+    from ferkit.data import load_dataset
+    from ferkit.evaluate import evaluate
+    from ferkit.runtime import load_classifier
+
+    val = load_dataset(pattern_data / "val")
+    report = evaluate(trained_run, val)
+    probabilities = load_classifier(trained_run).predict_proba(val.images)
+    assert report.temperature == 1.0 and report.ece_before_temperature is None
+    assert report.ece == pytest.approx(expected_calibration_error(probabilities, val.labels))
+    report.save(tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text())["ece"] == pytest.approx(report.ece, abs=1e-6)
+    assert (tmp_path / "reliability_diagram.png").stat().st_size > 0

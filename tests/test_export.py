@@ -43,7 +43,7 @@ def test_predict_with_onnx_imports_no_tensorflow(onnx_model, tmp_path):
     Image.fromarray(pattern_face(3, np.random.default_rng(3))).save(face)
     code = (
         "import sys, json, ferkit;"
-        f"r = ferkit.predict_image({str(face)!r}, model={str(onnx_model)!r});"
+        f"r = next(ferkit.analyze_images([{str(face)!r}], model={str(onnx_model)!r}, detector='none'));"
         "print(json.dumps([r.faces[0].emotion, 'tensorflow' in sys.modules, 'keras' in sys.modules]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -130,3 +130,94 @@ def test_int8_probabilities_are_not_quantized(int8_model, pattern_data):
     steps = probabilities * 255
     assert np.abs(steps - np.round(steps)).max() > 0.01  # not multiples of 1/255
     assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def calibrated_model(trained_run, pattern_data, tmp_path_factory):
+    val = load_dataset(pattern_data / "val")
+    return export_onnx(trained_run, tmp_path_factory.mktemp("calibrated") / "model.onnx", temperature_data=val)
+
+
+def _test_faces(pattern_data):
+    """The val faces, blends of two classes' faces and noise: confident and unsure predictions alike."""
+    rng = np.random.default_rng(5)
+    val = load_dataset(pattern_data / "val").images
+    blends = np.stack([(pattern_face(i % 7, rng) * 0.5 + pattern_face((i + 2) % 7, rng) * 0.5).astype(np.uint8)
+                       for i in range(14)])
+    return np.concatenate([val, blends, rng.integers(0, 256, (6, 48, 48), dtype=np.uint8)])
+
+
+def test_a_stored_temperature_turns_p_into_softmax_of_log_p_over_t(onnx_model, calibrated_model, pattern_data):
+    from ferkit.calibration import TEMPERATURE_BOUNDS
+
+    meta = read_metadata(calibrated_model)
+    temperature = meta.temperature
+    assert temperature != 1.0 and TEMPERATURE_BOUNDS[0] <= temperature <= TEMPERATURE_BOUNDS[1]
+    fit = meta.extra["temperature"]
+    assert fit["faces"] == 7 * 8 and fit["data"] == "val"
+    assert fit["nll_after"] <= fit["nll_before"] and 0 <= fit["ece_after"] and 0 <= fit["ece_before"]
+
+    faces = _test_faces(pattern_data)
+    calibrated = load_classifier(calibrated_model)
+    assert calibrated.temperature == temperature
+    raw = calibrated.with_temperature(1.0).predict_proba(faces)
+    assert np.abs(raw - load_classifier(onnx_model).predict_proba(faces)).max() <= 1e-6  # same network
+    logits = np.log(np.clip(raw.astype(np.float64), 1e-12, None)) / temperature
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    probabilities = calibrated.predict_proba(faces)
+    assert probabilities.dtype == np.float32
+    assert np.abs(probabilities - expected).max() <= 1e-6
+    assert (probabilities.argmax(axis=1) == raw.argmax(axis=1)).all()
+    assert not np.allclose(probabilities, raw, atol=1e-3)  # it did change them
+
+
+def test_temperature_one_leaves_the_network_output_bit_identical(onnx_model, pattern_data):
+    from ferkit.images import faces_to_batch
+
+    classifier = load_classifier(onnx_model)
+    assert classifier.temperature == 1.0
+    faces = _test_faces(pattern_data)
+    direct = classifier.session.run(None, {classifier.session.get_inputs()[0].name: faces_to_batch(faces, classifier.metadata.channels)})[0]
+    assert np.array_equal(classifier.predict_proba(faces), direct)
+
+
+def test_the_temperature_calibrates_each_view_before_tta_averages_them(calibrated_model, pattern_data):
+    from ferkit.calibration import apply_temperature
+
+    calibrated = load_classifier(calibrated_model)
+    faces = _test_faces(pattern_data)
+    one_view = calibrated.with_temperature(1.0).with_tta("none")
+    views = [one_view.predict_proba(faces), one_view.predict_proba(np.ascontiguousarray(faces[:, :, ::-1]))]
+    expected = np.mean([apply_temperature(v, calibrated.temperature) for v in views], axis=0)
+    assert np.abs(calibrated.with_tta("flip").predict_proba(faces) - expected).max() <= 1e-6
+
+
+def test_evaluate_reports_the_calibration_error_before_and_after_the_temperature(calibrated_model, pattern_data, tmp_path):
+    from ferkit.calibration import expected_calibration_error
+    from ferkit.evaluate import evaluate
+
+    val = load_dataset(pattern_data / "val")
+    report = evaluate(calibrated_model, val)
+    calibrated = load_classifier(calibrated_model)
+    assert report.temperature == calibrated.temperature
+    assert report.ece == pytest.approx(expected_calibration_error(calibrated.predict_proba(val.images), val.labels), abs=1e-9)
+    before = calibrated.with_temperature(1.0).predict_proba(val.images)
+    assert report.ece_before_temperature == pytest.approx(expected_calibration_error(before, val.labels), abs=1e-9)
+    assert report.ece_before_temperature == pytest.approx(read_metadata(calibrated_model).extra["temperature"]["ece_before"], abs=1e-5)
+    report.save(tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["temperature"] == calibrated.temperature
+    assert metrics["ece_before_temperature"] == pytest.approx(report.ece_before_temperature, abs=1e-6)
+    assert "before (temperature 1)" in (tmp_path / "report.html").read_text()
+
+
+def test_export_command_int8_then_temperature(trained_run, pattern_data, tmp_path):
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(cli, ["export", str(trained_run), "--onnx", "--int8", "--out", str(out),
+                                      "--calibrate-temperature", str(pattern_data / "val")])
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(out)
+    assert f"temperature {meta.temperature:.3f} fitted on 56 faces" in result.output
+    assert meta.temperature != 1.0 and meta.extra["int8"]["calibration_faces"] > 0  # both records kept
+    assert meta.extra["temperature"]["faces"] == 56

@@ -1,5 +1,6 @@
 """Face detection and cropping: generated images everywhere, the annotated real photos where present."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -70,3 +71,18 @@ def test_detectors_by_name_and_callables():
     assert get_detector(custom) is custom
     with pytest.raises(FerkitError, match="unknown detector"):
         get_detector("haar")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("yuface") is None, reason="yuface has no wheel for this Python")
+def test_yunet_runs_on_the_thread_count_asked_for():
+    from threadpoolctl import threadpool_info
+
+    from ferkit.faces import DETECTOR_THREADS, YuNetDetector
+
+    def yuface_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if "/yuface" in lib["filepath"]]
+
+    YuNetDetector(threads=2)
+    assert yuface_threads() == [2]
+    YuNetDetector()
+    assert yuface_threads() == [DETECTOR_THREADS] == [1]

@@ -107,3 +107,14 @@ def test_faces_to_batch_repeats_gray_to_the_model_channels():
     batch = faces_to_batch(faces, 3)
     assert batch.shape == (2, 4, 4, 3) and batch.dtype == np.float32
     assert np.array_equal(batch[..., 2], faces)
+
+
+def test_a_jpeg_over_the_pixel_limit_decodes_at_a_smaller_scale(tmp_path, monkeypatch):
+    path = tmp_path / "big.jpg"
+    gradient = np.tile(np.linspace(0, 255, 800, dtype=np.uint8), (600, 1))
+    Image.fromarray(gradient).convert("RGB").save(path, quality=95)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100_000)  # 480,000 pixels: a quarter is still over
+    image = load_image(path)
+    assert image.size == (200, 150)  # decoded at 1/4
+    small = np.asarray(image.convert("L"), float)
+    assert abs(small[:, 0].mean() - gradient[:, :4].mean()) < 8 and abs(small[:, -1].mean() - gradient[:, -4:].mean()) < 8

@@ -4,8 +4,13 @@ from PIL import Image
 
 from conftest import pattern_face
 from ferkit.labels import EMOTIONS
-from ferkit.predict import predict_image
+from ferkit.predict import analyze_images, predict_image
 from ferkit.runtime import load_classifier
+
+
+def _one_face(image, **options):
+    """The ImageResult for a photo of one face (or the given boxes), with no detection."""
+    return next(analyze_images([image], detector="none", **options))
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "CMYK"])
@@ -13,7 +18,7 @@ def test_any_face_image_is_classified(trained_run, tmp_path, mode):
     face = Image.fromarray(pattern_face(3, np.random.default_rng(9), size=48)).resize((200, 200))
     path = tmp_path / f"face.{'jpg' if mode in ('CMYK', 'L', 'RGB') else 'png'}"
     face.convert(mode).save(path)
-    result = predict_image(path, model=trained_run)
+    result = _one_face(path, model=trained_run)
     assert result.image_size == (200, 200)
     [only] = result.faces
     assert only.box == (0, 0, 200, 200)
@@ -27,7 +32,7 @@ def test_predict_matches_the_batch_classifier(trained_run):
     faces = np.stack([pattern_face(i, np.random.default_rng(i)) for i in range(7)])
     batch = load_classifier(trained_run).predict_proba(faces)
     for face, expected in zip(faces, batch):
-        got = predict_image(face, model=trained_run).faces[0]
+        got = _one_face(face, model=trained_run).faces[0]
         assert np.allclose(list(got.probabilities.values()), expected, atol=1e-6)
 
 
@@ -35,14 +40,40 @@ def test_boxes_select_faces_in_a_larger_image(trained_run):
     canvas = np.full((100, 200), 90, np.uint8)
     canvas[10:58, 20:68] = pattern_face(0, np.random.default_rng(1))
     canvas[40:88, 130:178] = pattern_face(6, np.random.default_rng(2))
-    result = predict_image(canvas, model=trained_run, boxes=[(20, 10, 48, 48), (130, 40, 48, 48)])
+    result = _one_face(canvas, model=trained_run, boxes=[(20, 10, 48, 48), (130, 40, 48, 48)])
     assert [f.emotion for f in result.faces] == ["angry", "surprise"]
-    assert predict_image(canvas, model=trained_run, boxes=[]).faces == []
+    assert _one_face(canvas, model=trained_run, boxes=[]).faces == []
 
 
 def test_result_serialises(trained_run):
-    result = predict_image(pattern_face(5, np.random.default_rng(0)), model=trained_run)
+    result = _one_face(pattern_face(5, np.random.default_rng(0)), model=trained_run)
     data = result.to_dict()
     assert data["model"] == "seed-cnn" and data["image_size"] == [48, 48]
-    assert set(data["faces"][0]) == {"box", "emotion", "score", "probabilities"}
+    assert set(data["faces"][0]) == {"box", "emotion", "score", "uncertain", "probabilities"}
     assert set(data["timings_ms"]) == {"decode", "detect", "classify"} and data["detector"] == "none"
+
+
+def test_faces_below_the_uncertainty_threshold_are_marked(trained_run):
+    from ferkit.errors import FerkitError
+    from ferkit.predict import UNCERTAIN_BELOW
+
+    face = _one_face(pattern_face(5, np.random.default_rng(0)), model=trained_run).faces[0]
+    assert face.uncertain == (face.score < UNCERTAIN_BELOW)
+    assert _one_face(pattern_face(5, np.random.default_rng(0)), model=trained_run, uncertain_below=0).faces[0].uncertain is False
+    above = min(0.999, face.score + 1e-3)
+    if face.score < above:
+        assert _one_face(pattern_face(5, np.random.default_rng(0)), model=trained_run, uncertain_below=above).faces[0].uncertain
+    for bad in (1.0, -0.5):
+        with pytest.raises(FerkitError, match="uncertainty threshold"):
+            _one_face(pattern_face(5, np.random.default_rng(0)), model=trained_run, uncertain_below=bad)
+
+
+def test_the_deprecated_entry_points_warn_and_still_answer(trained_run):
+    import ferkit
+
+    face = pattern_face(2, np.random.default_rng(4))
+    expected = ferkit.analyze(face, model=trained_run, detector="none")
+    with pytest.warns(FutureWarning, match=r'analyze\(face, detector="none"\)'):
+        assert predict_image(face, model=trained_run).faces == expected
+    with pytest.warns(FutureWarning, match="analyze_images"):
+        assert ferkit.analyze_image(face, model=trained_run, detector="none").faces == expected

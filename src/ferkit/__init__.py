@@ -2,6 +2,8 @@
 
     >>> import ferkit
     >>> faces = ferkit.analyze("group.jpg")           # every face, with the bundled model
+    >>> ferkit.analyze("face.jpg", detector="none")   # a photo of one face, already cropped
+    >>> results = ferkit.analyze_images(paths)        # many photos: one ImageResult each, as they come
     >>> faces[0].box, faces[0].emotion, faces[0].probabilities
     >>> run = ferkit.train(ferkit.TrainConfig(data="fer2013/train", val="fer2013/val", epochs=30))
     >>> report = ferkit.evaluate(run, ferkit.load_dataset("fer2013/val"))

@@ -14,6 +14,7 @@ from ferkit import __version__
 from ferkit.config import AUGMENTATIONS, CLASS_WEIGHTS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, TrainConfig
 from ferkit.errors import FerkitError
 from ferkit.faces import DETECTORS
+from ferkit.predict import UNCERTAIN_BELOW
 from ferkit.runtime import TTA_CHOICES
 
 log = logging.getLogger("ferkit")
@@ -205,6 +206,7 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
         click.echo(json.dumps({**report.to_dict(), "files": [str(p) for p in written]}, indent=2))
         return
     _print_report(report)
+    click.echo(f"calibration: {report.ece_summary}")
     click.echo(f"wrote {', '.join(p.name for p in written)} to {folder}")
 
 
@@ -242,26 +244,44 @@ def _print_report(report) -> None:
 @click.option("--int8", is_flag=True, help="Quantize to int8 (faster on CPU), calibrated on --calibration faces.")
 @click.option("--calibration", help="Faces for --recalibrate-bn and --int8 (default: the run's training data).")
 @click.option("--tta", type=click.Choice(TTA_CHOICES), help="Record this test-time augmentation as the model's default.")
+@click.option("--calibrate-temperature", "temperature_data", metavar="DATA",
+              help="Fit the temperature that calibrates the model's confidence on these held-out labelled faces "
+                   "(a FER2013 CSV gives its PublicTest rows) and store it in the model.")
 def export_cmd(model: str, to_onnx: bool, out: Path | None, overwrite: bool, recalibrate_bn: bool, int8: bool,
-               calibration: str | None, tta):
+               calibration: str | None, tta, temperature_data: str | None):
     """Export MODEL (a run folder or .keras file) to ONNX, checked to agree with Keras."""
     from ferkit.export import TOLERANCE, export_onnx
+    from ferkit.runtime import read_metadata
 
     if not to_onnx:
         raise FerkitError("choose an export format: --onnx")
     if calibration and not (int8 or recalibrate_bn):
         raise FerkitError("--calibration applies to --int8 and --recalibrate-bn exports")
     faces = _calibration_faces(model, calibration) if int8 or recalibrate_bn else None
-    path = export_onnx(model, out, overwrite=overwrite, calibration=faces, recalibrate_bn=recalibrate_bn, int8=int8, tta=tta)
+    held_out = _temperature_faces(model, temperature_data) if temperature_data else None
+    path = export_onnx(model, out, overwrite=overwrite, calibration=faces, recalibrate_bn=recalibrate_bn, int8=int8, tta=tta,
+                       temperature_data=held_out)
     click.echo(f"wrote {path} (the float model agrees with Keras within {TOLERANCE})")
     if int8:
-        from ferkit.runtime import read_metadata
-
         check = read_metadata(path).extra["int8"]
         click.echo(
             f"int8: keeps the float model's prediction on {check['top1_agreement_with_float']:.1%} of "
             f"{check['agreement_faces']} held-out faces"
         )
+    if held_out is not None:
+        meta = read_metadata(path)
+        fitted = meta.extra["temperature"]
+        click.echo(f"temperature {meta.temperature:.3f} fitted on {fitted['faces']} faces: "
+                   f"ECE {fitted['ece_before']:.4f} -> {fitted['ece_after']:.4f} (one view)")
+
+
+def _temperature_faces(model: str, data: str):
+    """The labelled faces to fit a temperature on, loaded with the model's classes and input size."""
+    from ferkit.data import load_dataset
+    from ferkit.runtime import read_metadata
+
+    meta = read_metadata(model)
+    return load_dataset(data, classes=meta.classes, image_size=tuple(meta.input_size), usage="PublicTest")
 
 
 def _calibration_faces(model: str, calibration: str | None):
@@ -312,13 +332,18 @@ def ensemble_cmd(models: tuple[str, ...], out: Path, overwrite: bool):
 @click.option("--fps", "target_fps", type=float, help="Videos: analyse about this many frames per second.")
 @click.option("--smooth", type=int, default=1, show_default=True, help="Videos: smooth each face over ~N analysed frames.")
 @click.option("--save-video", is_flag=True, help="Videos: also write an annotated video.")
+@click.option("--uncertain-below", type=float, default=UNCERTAIN_BELOW, show_default=True,
+              help="Mark faces whose top probability is below this as uncertain ('?' after the emotion); 0: never.")
 @TTA_OPTION
-def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, every, target_fps, smooth, save_video, tta):
+def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, every, target_fps, smooth, save_video,
+                uncertain_below, tta):
     """Find every face in each SOURCE (image, folder, glob or video) and predict its emotion."""
     from ferkit.faces import get_detector
+    from ferkit.predict import check_uncertain_below
     from ferkit.runtime import load_classifier
     from ferkit.sources import source_kind
 
+    check_uncertain_below(uncertain_below)
     kinds = []
     for source in sources:
         try:
@@ -336,12 +361,14 @@ def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, e
     failures = len(sources) - len(kinds)
     images = [s for s, kind in kinds if kind == "image"]
     if len(sources) == 1 and images:
-        failures += _predict_one(images[0], classifier, find, out, as_json, annotate is not False, given)
+        failures += _predict_one(images[0], classifier, find, out, as_json, annotate is not False, given,
+                                 uncertain_below=uncertain_below)
     elif images or any(kind in ("folder", "glob") for _, kind in kinds):
         batch = [s for s, kind in kinds if kind != "video"]
-        failures += _predict_many(batch, classifier, find, out, as_json, bool(annotate))
+        failures += _predict_many(batch, classifier, find, out, as_json, bool(annotate), uncertain_below)
     for source in (s for s, kind in kinds if kind == "video"):
-        failures += _predict_video(source, classifier, find, out, every, target_fps, smooth, save_video, as_json)
+        failures += _predict_video(source, classifier, find, out, every, target_fps, smooth, save_video, as_json,
+                                   uncertain_below)
     if failures:
         sys.exit(1)
 
@@ -356,10 +383,11 @@ def _parse_box(text: str) -> tuple[int, int, int, int]:
     return x, y, w, h
 
 
-def _predict_one(source, classifier, find, out: Path, as_json: bool, annotate: bool, boxes=None) -> int:
+def _predict_one(source, classifier, find, out: Path, as_json: bool, annotate: bool, boxes=None, *,
+                 uncertain_below: float = UNCERTAIN_BELOW) -> int:
     from ferkit.predict import analyze_images
 
-    [result] = analyze_images([source], model=classifier, detector=find, boxes=boxes)
+    [result] = analyze_images([source], model=classifier, detector=find, boxes=boxes, uncertain_below=uncertain_below)
     if result.error:
         click.echo(f"error: {result.error}", err=True)
         return 1
@@ -376,7 +404,8 @@ def _predict_one(source, classifier, find, out: Path, as_json: bool, annotate: b
     return 0
 
 
-def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate: bool) -> int:
+def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate: bool,
+                  uncertain_below: float = UNCERTAIN_BELOW) -> int:
     from ferkit.predict import analyze_images
     from ferkit.progress import progress_bar
     from ferkit.sources import list_images
@@ -393,8 +422,9 @@ def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate:
     with open(out / "faces.csv", "w", newline="") as table, open(out / "results.jsonl", "w") as lines, \
             progress_bar(len(paths), "analysing images", enabled=not as_json) as advance:
         writer = csv.writer(table)
-        writer.writerow(["source", "face", "x", "y", "width", "height", "detector_score", "emotion", "score", *classifier.classes])
-        for result in analyze_images(paths, model=classifier, detector=find):
+        writer.writerow(["source", "face", "x", "y", "width", "height", "detector_score", "emotion", "score",
+                         *classifier.classes, "uncertain"])
+        for result in analyze_images(paths, model=classifier, detector=find, uncertain_below=uncertain_below):
             advance()
             images += 1
             record = result.to_dict()
@@ -409,7 +439,7 @@ def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate:
             for number, face in enumerate(result.faces, start=1):
                 score = "" if face.detector_score is None else f"{face.detector_score:.3f}"
                 writer.writerow([result.source, number, *face.box, score, face.emotion, f"{face.score:.4f}",
-                                 *(f"{face.probabilities[c]:.4f}" for c in classifier.classes)])
+                                 *(f"{face.probabilities[c]:.4f}" for c in classifier.classes), int(face.uncertain)])
             if annotate:
                 result.draw(result.source).save(_unique(out, Path(result.source).stem, ".annotated.jpg", used), quality=92)
     if not as_json:
@@ -417,7 +447,8 @@ def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate:
     return failed
 
 
-def _predict_video(source, classifier, find, out: Path, every, target_fps, smooth, save_video, as_json) -> int:
+def _predict_video(source, classifier, find, out: Path, every, target_fps, smooth, save_video, as_json,
+                   uncertain_below: float = UNCERTAIN_BELOW) -> int:
     from ferkit.progress import progress_bar
     from ferkit.sources import open_video
     from ferkit.video import analyze_video
@@ -434,7 +465,7 @@ def _predict_video(source, classifier, find, out: Path, every, target_fps, smoot
     total = max(1, -(-info.frames // step)) if info.frames > 0 else None
     with progress_bar(total, f"analysing {Path(source).name}", enabled=not as_json) as advance:
         timeline = analyze_video(source, model=classifier, detector=find, every=step, smooth=smooth,
-                                 annotated=annotated, progress=lambda _: advance())
+                                 annotated=annotated, progress=lambda _: advance(), uncertain_below=uncertain_below)
     written = [timeline.to_csv(out / f"{stem}.timeline.csv"), timeline.plot(out / f"{stem}.emotions.png")]
     if annotated:
         written.append(annotated)
@@ -452,7 +483,8 @@ def _print_faces(result) -> None:
     if not result.faces:
         click.echo(f"{result.source}: no face found")
         return
-    rows = [[str(i), ", ".join(map(str, f.box)), f.emotion, f"{f.score:.1%}"] for i, f in enumerate(result.faces, 1)]
+    rows = [[str(i), ", ".join(map(str, f.box)), f.emotion + ("?" if f.uncertain else ""), f"{f.score:.1%}"]
+            for i, f in enumerate(result.faces, 1)]
     _print_table(["face", "box (x, y, w, h)", "emotion", "confidence"], rows, right=(0, 3),
                  title=f"{result.source}: {len(result.faces)} face(s), model {result.model}")
 

@@ -1,4 +1,5 @@
-"""Annotated copies: a box and an "emotion NN%" label per face, sized to stay readable on any photo."""
+"""Annotated copies: a box and an "emotion NN%" label per face ("emotion? NN%" when uncertain), sized to
+stay readable on any photo."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def draw_faces(image: Image.Image, faces: Sequence[Face]) -> Image.Image:
         x, y, w, h = face.box
         colour = COLOURS.get(face.emotion, (255, 255, 255))
         draw.rectangle((x, y, x + w, y + h), outline=colour, width=line)
-        label = f"{number} {face.emotion} {face.score:.0%}"
+        label = f"{number} {face.emotion}{'?' if face.uncertain else ''} {face.score:.0%}"
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
         text_w, text_h = right - left, bottom - top
         pad = max(2, line)

@@ -1,4 +1,5 @@
-"""evaluate(model, dataset) -> EvaluationReport: accuracy, macro-F1, per-class table, confusion matrix.
+"""evaluate(model, dataset) -> EvaluationReport: accuracy, macro-F1, per-class table, confusion matrix,
+and how well the model's confidence matches its accuracy (ECE, reliability diagram; see ferkit.calibration).
 
 Metric names follow scikit-learn, which computes them. The confusion matrix always covers every class of
 the model, so a dataset without any `disgust` still gives a 7x7 matrix.
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ferkit.calibration import CONFIDENCE_LEVELS, ECE_BINS, confidence_accuracy_table, expected_calibration_error, reliability_bins
 from ferkit.data import FaceDataset
 from ferkit.runtime import Classifier, load_classifier
 
@@ -37,6 +39,33 @@ class EvaluationReport:
     y_true: np.ndarray
     y_pred: np.ndarray
     tta: str = "none"  # the test-time augmentation the model ran with
+    probabilities: np.ndarray | None = None  # (N, classes) as scored, the model's temperature applied
+    temperature: float = 1.0  # the model's temperature
+    ece_before_temperature: float | None = None  # ECE of the same model at temperature 1, when its own is not 1
+
+    @property
+    def ece(self) -> float | None:
+        """Expected calibration error (ECE_BINS bins) of the probabilities as scored; None without them."""
+        if self.probabilities is None:
+            return None
+        return expected_calibration_error(self.probabilities, self.y_true, ECE_BINS)
+
+    @property
+    def confidence_levels(self) -> list[dict] | None:
+        """For each of CONFIDENCE_LEVELS: the share of faces whose top probability reaches it, and their accuracy."""
+        if self.probabilities is None:
+            return None
+        return confidence_accuracy_table(self.probabilities, self.y_true, CONFIDENCE_LEVELS)
+
+    @property
+    def ece_summary(self) -> str | None:
+        """One line on calibration, e.g. "ECE 0.031 (15 bins) at temperature 1.42; 0.087 at temperature 1"."""
+        if self.probabilities is None:
+            return None
+        line = f"ECE {self.ece:.4f} ({ECE_BINS} bins)"
+        if self.ece_before_temperature is not None:
+            line += f" at temperature {self.temperature:.3g}; {self.ece_before_temperature:.4f} before (temperature 1)"
+        return line
 
     @property
     def model_label(self) -> str:
@@ -60,11 +89,31 @@ class EvaluationReport:
             "classes": list(self.classes),
             "confusion_matrix": self.confusion_matrix.tolist(),
             "confusion_matrix_normalized": np.round(self.confusion_matrix_normalized, 6).tolist(),
+            **self._calibration_dict(),
         }
 
+    def _calibration_dict(self) -> dict:
+        if self.probabilities is None:
+            return {}
+        bins = reliability_bins(self.probabilities, self.y_true, ECE_BINS)
+        data = {"temperature": self.temperature, "ece": _rounded(self.ece), "ece_bins": ECE_BINS}
+        if self.ece_before_temperature is not None:
+            data["ece_before_temperature"] = _rounded(self.ece_before_temperature)
+        data["confidence_levels"] = [
+            {**row, "share": _rounded(row["share"]), "accuracy": _rounded(row["accuracy"])} for row in self.confidence_levels
+        ]
+        data["reliability"] = {  # per confidence bin; null confidence and accuracy for an empty bin
+            "edges": [_rounded(v) for v in bins["edges"]],
+            "count": bins["count"].tolist(),
+            "confidence": [_rounded(v) for v in bins["confidence"]],
+            "accuracy": [_rounded(v) for v in bins["accuracy"]],
+        }
+        return data
+
     def save(self, folder: str | Path) -> list[Path]:
-        """Write metrics.json, per_class.csv, confusion_matrix.json and confusion_matrix.png into `folder`."""
-        from ferkit.plots import plot_confusion_matrix
+        """Write metrics.json, per_class.csv, confusion_matrix.json, confusion_matrix.png,
+        reliability_diagram.png (when the report has probabilities) and report.html into `folder`."""
+        from ferkit.plots import plot_confusion_matrix, plot_reliability_diagram
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -80,12 +129,20 @@ class EvaluationReport:
                 writer.writerow([name, f"{s.precision:.4f}", f"{s.recall:.4f}", f"{s.f1:.4f}", s.support])
         title = f"{self.model_label} on {self.data}: accuracy {self.accuracy:.3f}"
         plot_confusion_matrix(self.confusion_matrix, self.classes, folder / "confusion_matrix.png", title=title)
-        (folder / "report.html").write_text(self.to_html(image="confusion_matrix.png"))
-        names = ("metrics.json", "per_class.csv", "confusion_matrix.json", "confusion_matrix.png", "report.html")
+        names = ["metrics.json", "per_class.csv", "confusion_matrix.json", "confusion_matrix.png"]
+        reliability = None
+        if self.probabilities is not None:
+            reliability = "reliability_diagram.png"
+            plot_reliability_diagram(reliability_bins(self.probabilities, self.y_true, ECE_BINS), folder / reliability,
+                                     title=f"{self.model_label} on {self.data}\n{self.ece_summary}")
+            names.append(reliability)
+        (folder / "report.html").write_text(self.to_html(image="confusion_matrix.png", reliability_image=reliability))
+        names.append("report.html")
         return [folder / n for n in names]
 
-    def to_html(self, *, image: str | None = None) -> str:
-        """A one-page report: headline scores, the per-class table and (a link to) the confusion matrix."""
+    def to_html(self, *, image: str | None = None, reliability_image: str | None = None) -> str:
+        """A one-page report: headline scores, the per-class table, (a link to) the confusion matrix and,
+        with probabilities, calibration: ECE, accuracy above each confidence level, the reliability diagram."""
         from html import escape
 
         rows = "".join(
@@ -101,8 +158,32 @@ class EvaluationReport:
             f"<h1>{escape(self.model_label)} on {escape(self.data)}</h1>"
             f"<p>accuracy <b>{self.accuracy:.4f}</b>, macro-F1 <b>{self.macro_f1:.4f}</b>, {len(self.y_true)} faces</p>"
             "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
-            f"{rows}</table>{picture}\n"
+            f"{rows}</table>{picture}{self._calibration_html(reliability_image)}\n"
         )
+
+    def _calibration_html(self, image: str | None) -> str:
+        from html import escape
+
+        if self.probabilities is None:
+            return ""
+        rows = "".join(
+            f"<tr><td>{row['confidence']:.1f}</td><td>{row['share']:.1%}</td><td>{row['faces']}</td>"
+            f"<td>{'—' if row['accuracy'] is None else format(row['accuracy'], '.3f')}</td></tr>"
+            for row in self.confidence_levels
+        )
+        picture = (f'<p><img src="{escape(image)}" alt="reliability diagram" style="max-width:100%"></p>'
+                   if image else "")
+        return (
+            f"<h2>Confidence</h2><p>{escape(self.ece_summary)}: the gap between confidence and accuracy, "
+            "averaged over the faces (0 is perfectly calibrated)</p>"
+            "<table><tr><th>confidence at least</th><th>share of faces</th><th>faces</th><th>their accuracy</th></tr>"
+            f"{rows}</table>{picture}"
+        )
+
+
+def _rounded(value: float | None) -> float | None:
+    """`value` rounded to 6 decimals for JSON; None for None or NaN (JSON has no NaN)."""
+    return None if value is None or np.isnan(value) else round(float(value), 6)
 
 
 def normalize_rows(matrix: np.ndarray) -> np.ndarray:
@@ -118,20 +199,30 @@ def evaluate(
     """Classify every face of `dataset` with `model` (None: the bundled model) and score the predictions.
 
     `tta`: "none" or "flip" overrides the test-time augmentation the model file asks for.
+    The probabilities are scored with the model's temperature; a model whose temperature is not 1 is also
+    scored at temperature 1 (`ece_before_temperature`), from the same run of the network.
     """
     classifier = load_classifier(model).with_tta(tta)
-    probabilities = classifier.predict_proba(dataset.images, batch_size=batch_size)
+    temperatures = [classifier.temperature] if classifier.temperature == 1.0 else [classifier.temperature, 1.0]
+    outputs = classifier.predict_proba_at_temperatures(dataset.images, temperatures, batch_size=batch_size)
+    probabilities = outputs[0]
     y_pred = probabilities.argmax(axis=1)
     # Dataset labels index dataset.classes; map them onto the model's class order by name.
     to_model = np.array([classifier.classes.index(name) for name in dataset.classes])
     y_true = to_model[dataset.labels]
+    before = expected_calibration_error(outputs[1], y_true, ECE_BINS) if len(outputs) > 1 else None
     return score_predictions(
-        y_true, y_pred, classifier.classes, model=classifier.name, data=dataset.source, tta=classifier.tta
+        y_true, y_pred, classifier.classes, model=classifier.name, data=dataset.source, tta=classifier.tta,
+        probabilities=probabilities, temperature=classifier.temperature, ece_before_temperature=before,
     )
 
 
-def score_predictions(y_true, y_pred, classes, *, model: str = "", data: str = "", tta: str = "none") -> EvaluationReport:
-    """The report for given true and predicted class indices (both indexing `classes`)."""
+def score_predictions(
+    y_true, y_pred, classes, *, model: str = "", data: str = "", tta: str = "none",
+    probabilities: np.ndarray | None = None, temperature: float = 1.0, ece_before_temperature: float | None = None,
+) -> EvaluationReport:
+    """The report for given true and predicted class indices (both indexing `classes`); with the
+    `probabilities` (N, classes) they came from, calibration too (ECE, confidence levels, reliability)."""
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
     labels = list(range(len(classes)))
@@ -153,4 +244,7 @@ def score_predictions(y_true, y_pred, classes, *, model: str = "", data: str = "
         y_true=np.asarray(y_true),
         y_pred=np.asarray(y_pred),
         tta=tta,
+        probabilities=None if probabilities is None else np.asarray(probabilities),
+        temperature=temperature,
+        ece_before_temperature=ece_before_temperature,
     )

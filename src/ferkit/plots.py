@@ -1,4 +1,4 @@
-"""Figures: training curves and confusion matrices. matplotlib is imported only when drawing."""
+"""Figures: training curves, confusion matrices, reliability diagrams. matplotlib is imported only when drawing."""
 
 from __future__ import annotations
 
@@ -57,6 +57,39 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: str 
     ax_norm.set_title("normalised by true class (recall)")
     if title:
         fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_reliability_diagram(bins: dict, path: str | Path, *, title: str = "") -> Path:
+    """Accuracy against confidence per bin (ferkit.calibration.reliability_bins), saved as a PNG.
+
+    Each bar spans its bin and rises to the accuracy of the faces in it, its face count written above; a
+    red mark shows their mean confidence; the diagonal is perfect calibration. Bars under the diagonal
+    are over-confident, bars above it under-confident.
+    """
+    plt = _pyplot()
+    edges, count = np.asarray(bins["edges"]), np.asarray(bins["count"])
+    accuracy, confidence = np.asarray(bins["accuracy"], float), np.asarray(bins["confidence"], float)
+    used = count > 0
+    lefts, widths = edges[:-1], np.diff(edges)
+    fig, ax = plt.subplots(figsize=(6.5, 6), constrained_layout=True)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="0.4", linewidth=1, label="perfect calibration")
+    ax.bar(lefts[used], accuracy[used], width=widths[used], align="edge", color=(0.0, 0.45, 0.70, 0.75),
+           edgecolor="white", label="accuracy")
+    ax.scatter(confidence[used], confidence[used], marker="_", s=120, color=(0.84, 0.37, 0.0), zorder=3,
+               label="mean confidence")
+    for left, width, acc, n in zip(lefts[used], widths[used], accuracy[used], count[used]):
+        ax.text(left + width / 2, min(acc, 0.93) + 0.015, str(int(n)), ha="center", va="bottom", fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

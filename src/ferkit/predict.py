@@ -13,11 +13,16 @@ from PIL import Image
 
 from ferkit.errors import FerkitError
 from ferkit.faces import Box, Detection, face_crop, get_detector
-from ferkit.images import load_image, to_model_input, to_rgb
+from ferkit.images import CHANNEL_ORDERS, load_image, to_model_input, to_rgb
 from ferkit.results import Face, ImageResult
 from ferkit.runtime import Classifier, load_classifier
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
+
+# Faces whose top probability is below this are marked `uncertain`. Measured for the bundled model on
+# FER2013 PublicTest (`ferkit evaluate`'s confidence levels): the 10% of faces under 0.4 are right 37%
+# of the time, the 90% at or above it 72% (0.5 would mark 25% of faces).
+UNCERTAIN_BELOW = 0.4
 
 
 def analyze(
@@ -26,27 +31,37 @@ def analyze(
     model: str | Path | Classifier | None = None,
     detector: str | Callable | None = "auto",
     boxes: Sequence[Box] | None = None,
+    uncertain_below: float = UNCERTAIN_BELOW,
+    channels: str = "rgb",
 ) -> list[Face]:
     """Every face in `image` (path, PIL image, or RGB array) with its emotion, largest first.
 
     `model`: a run folder, .keras or .onnx file; None for the bundled model. `detector`: "auto", "yunet",
     "mtcnn", "none" (the whole image is one face) or a callable. `boxes`: (x, y, width, height) faces
-    to classify instead of detecting. Raises FerkitError for an unreadable image.
+    to classify instead of detecting. `uncertain_below`: faces whose top probability is below it are
+    marked `uncertain` (0: none are). `channels`: "bgr" for arrays in OpenCV's channel order (what
+    `cv2.imread` returns), "rgb" otherwise. Raises FerkitError for an unreadable image.
     """
-    result = analyze_image(image, model=model, detector=detector, boxes=boxes)
+    result = next(iter(analyze_images([image], model=model, detector=detector, boxes=boxes,
+                                      uncertain_below=uncertain_below, channels=channels)))
     if result.error:
         raise FerkitError(result.error)
     return result.faces
 
 
-def analyze_image(image: ImageLike, *, model=None, detector="auto", boxes: Sequence[Box] | None = None) -> ImageResult:
-    """Like `analyze`, with the whole ImageResult: source, size, faces, timings (errors in `.error`)."""
-    return next(iter(analyze_images([image], model=model, detector=detector, boxes=boxes)))
+def analyze_image(image: ImageLike, *, model=None, detector="auto", boxes: Sequence[Box] | None = None,
+                  uncertain_below: float = UNCERTAIN_BELOW, channels: str = "rgb") -> ImageResult:
+    """Deprecated: `next(analyze_images([image]))` gives the same ImageResult (or `analyze(image)` the faces)."""
+    _deprecated("analyze_image(image)", "next(ferkit.analyze_images([image])) or ferkit.analyze(image)")
+    return next(iter(analyze_images([image], model=model, detector=detector, boxes=boxes,
+                                    uncertain_below=uncertain_below, channels=channels)))
 
 
-def predict_image(image: ImageLike, *, model=None, boxes: Sequence[Box] | None = None) -> ImageResult:
-    """Classify a photo of one face (the whole image), or the given boxes; no detection."""
-    result = analyze_image(image, model=model, detector="none", boxes=boxes)
+def predict_image(image: ImageLike, *, model=None, boxes: Sequence[Box] | None = None,
+                  uncertain_below: float = UNCERTAIN_BELOW) -> ImageResult:
+    """Deprecated: `analyze(face, detector="none")` classifies a photo of one face."""
+    _deprecated("predict_image(face)", 'ferkit.analyze(face, detector="none")')
+    result = next(iter(analyze_images([image], model=model, detector="none", boxes=boxes, uncertain_below=uncertain_below)))
     if result.error:
         raise FerkitError(result.error)
     return result
@@ -60,52 +75,78 @@ def analyze_images(
     boxes: Sequence[Box] | None = None,
     batch_faces: int = 64,
     batch_images: int = 32,
+    uncertain_below: float = UNCERTAIN_BELOW,
+    channels: str = "rgb",
 ) -> Iterator[ImageResult]:
     """Yield one ImageResult per image, in order. Items may be (label, image) pairs. A bad image gives
     a result with `.error` set, and the stream goes on. Faces are classified together once
-    `batch_faces` faces or `batch_images` images are waiting, so memory stays bounded on long streams."""
+    `batch_faces` faces or `batch_images` images are waiting, so memory stays bounded on long streams.
+    Faces whose top probability is below `uncertain_below` are marked `uncertain` (0: none are).
+    `channels`: "bgr" for arrays in OpenCV's order, as in `analyze`."""
+    check_uncertain_below(uncertain_below)
+    if channels not in CHANNEL_ORDERS:
+        raise FerkitError(f"channels must be 'rgb' or 'bgr', not {channels!r}")
     classifier = load_classifier(model)
     find = get_detector(detector) if boxes is None else None
     pending: list[tuple[ImageResult, list[np.ndarray]]] = []
     waiting = 0
     for item in images:
         label, image = item if isinstance(item, tuple) else (_label(item), item)
-        result, crops = _find_faces(label, image, classifier, find, boxes)
+        result, crops = _find_faces(label, image, classifier, find, boxes, channels)
         pending.append((result, crops))
         waiting += len(crops)
         if waiting >= batch_faces or len(pending) >= batch_images:
-            yield from _classify(pending, classifier)
+            yield from _classify(pending, classifier, uncertain_below)
             pending, waiting = [], 0
-    yield from _classify(pending, classifier)
+    yield from _classify(pending, classifier, uncertain_below)
 
 
-def _find_faces(label, image, classifier: Classifier, find, boxes) -> tuple[ImageResult, list[np.ndarray]]:
+def _deprecated(old: str, new: str) -> None:
+    import warnings
+
+    warnings.warn(f"{old} is deprecated and will be removed; use {new}", FutureWarning, stacklevel=3)
+
+
+def check_uncertain_below(value: float) -> float:
+    """`value` if it can be an uncertainty threshold (0 <= value < 1), else FerkitError."""
+    if not 0.0 <= value < 1.0:
+        raise FerkitError(f"the uncertainty threshold must be at least 0 and below 1, not {value}")
+    return value
+
+
+def _find_faces(label, image, classifier: Classifier, find, boxes, channels: str = "rgb") -> tuple[ImageResult, list[np.ndarray]]:
     result = ImageResult(source=label, image_size=(0, 0), model=classifier.name, model_version=_version(classifier))
     started = time.perf_counter()
     try:
-        picture = to_rgb(load_image(image))
+        picture = to_rgb(load_image(image, channels=channels))
     except FerkitError as err:
         result.error = str(err)
         return result, []
     decoded = time.perf_counter()
     result.image_size = picture.size
+    whole_image = boxes is None and find is None
     if boxes is not None:
-        detections, crop = [Detection(tuple(map(int, b)), None) for b in boxes], _exact_crop
+        detections = [Detection(checked_box(b, picture.size), None) for b in boxes]
         result.detector = "boxes"
-    elif find is None:
-        detections, crop = [Detection((0, 0, picture.width, picture.height), None)], _exact_crop
+    elif whole_image:
+        detections = [Detection((0, 0, picture.width, picture.height), None)]
         result.detector = "none"
     else:
-        detections, crop = find(np.asarray(picture)), face_crop
         result.detector = getattr(find, "name", "custom")
+        try:
+            detections = find(np.asarray(picture))
+        except Exception as err:  # any detector, ours or the user's: report this image, go on with the rest
+            result.error = f"face detection failed on {label}: {type(err).__name__}: {err}".splitlines()[0]
+            return result, []
     detections = sorted(detections, key=lambda d: -d.box[2] * d.box[3])
-    crops = [to_model_input(crop(picture, d.box), classifier.input_size) for d in detections]
+    crops = [to_model_input(picture if whole_image else _crop(picture, d, classifier), classifier.input_size)
+             for d in detections]
     result.faces = [Face(d.box, "", 0.0, {}, d.score, d.landmarks) for d in detections]
     result.timings_ms = {"decode": (decoded - started) * 1e3, "detect": (time.perf_counter() - decoded) * 1e3}
     return result, crops
 
 
-def _classify(pending, classifier: Classifier) -> Iterator[ImageResult]:
+def _classify(pending, classifier: Classifier, uncertain_below: float = UNCERTAIN_BELOW) -> Iterator[ImageResult]:
     crops = [crop for _, image_crops in pending for crop in image_crops]
     started = time.perf_counter()
     probabilities = classifier.predict_proba(np.stack(crops)) if crops else np.zeros((0, len(classifier.classes)))
@@ -116,6 +157,7 @@ def _classify(pending, classifier: Classifier) -> Iterator[ImageResult]:
             p = probabilities[row]
             best = int(np.argmax(p))
             face.emotion, face.score = classifier.classes[best], float(p[best])
+            face.uncertain = bool(face.score < uncertain_below)
             face.probabilities = {name: float(v) for name, v in zip(classifier.classes, p)}
             row += 1
         if result.ok:
@@ -123,9 +165,24 @@ def _classify(pending, classifier: Classifier) -> Iterator[ImageResult]:
         yield result
 
 
-def _exact_crop(picture: Image.Image, box: Box) -> Image.Image:
-    x, y, width, height = box
-    return picture.crop((x, y, x + width, y + height))
+def _crop(picture: Image.Image, detection: Detection, classifier: Classifier) -> Image.Image:
+    """The face as the model wants it framed (its metadata's crop policy): detected and given boxes alike."""
+    meta = classifier.metadata
+    landmarks = detection.landmarks if meta.level_eyes else None
+    return face_crop(picture, detection.box, margin=meta.face_margin, landmarks=landmarks)
+
+
+def checked_box(box, image_size: tuple[int, int]) -> Box:
+    """`box` as four ints, or a FerkitError if it is empty or lies wholly outside the (width, height) image."""
+    try:
+        x, y, width, height = (int(round(float(v))) for v in box)
+    except (TypeError, ValueError):
+        raise FerkitError(f"a box is four numbers (x, y, width, height), not {box!r}") from None
+    if width <= 0 or height <= 0:
+        raise FerkitError(f"the box {(x, y, width, height)} is empty: width and height must be positive")
+    if x >= image_size[0] or y >= image_size[1] or x + width <= 0 or y + height <= 0:
+        raise FerkitError(f"the box {(x, y, width, height)} lies outside the {image_size[0]}x{image_size[1]} image")
+    return x, y, width, height
 
 
 def _label(image) -> str:

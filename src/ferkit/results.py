@@ -16,12 +16,14 @@ class Face:
     probabilities: dict[str, float]  # every class, in the model's class order
     detector_score: float | None = None  # None when the box was given, not detected
     landmarks: list[tuple[int, int]] | None = None  # eyes, nose tip, mouth corners, if the detector gives them
+    uncertain: bool = False  # the top probability is below the uncertainty threshold (ferkit.predict.UNCERTAIN_BELOW)
 
     def to_dict(self) -> dict:
         data = {
             "box": list(self.box),
             "emotion": self.emotion,
             "score": round(self.score, 6),
+            "uncertain": self.uncertain,
             "probabilities": {k: round(v, 6) for k, v in self.probabilities.items()},
         }
         if self.detector_score is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ferkit import __version__
+from ferkit.calibration import apply_temperature, check_temperature
 from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch
 
@@ -35,10 +36,22 @@ class ModelMetadata:
     input_size: list[int]  # (height, width)
     channels: int
     crop: int | None = None  # the network sees the central crop x crop pixels of its input
+    # How a face found in a photo is framed for the model, chosen by benchmarks/crop_policy.py: the square
+    # around the detector's box enlarged by face_margin of its side each way (0.1 cost 4 points there,
+    # 0 was within a point of classifying FER2013's own crops); level_eyes turns the eye line level first
+    # (it cost 0.8 points there: FER2013's faces are not levelled either).
+    face_margin: float = 0.0
+    level_eyes: bool = False
     preprocessing: str = PREPROCESSING
     tta: str = "none"  # the test-time augmentation the model is meant to run with (one of TTA_CHOICES)
     ferkit_version: str = __version__
     extra: dict = field(default_factory=dict)  # e.g. the run it came from, its best val accuracy
+    # calibrated confidence: each view's probabilities p become softmax(log p / temperature) (1: unchanged);
+    # fitted on held-out faces by `ferkit export --calibrate-temperature DATA` (see ferkit.calibration)
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        self.temperature = check_temperature(self.temperature)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelMetadata":
@@ -120,13 +133,13 @@ def read_metadata(path: str | Path) -> ModelMetadata:
     try:
         with zipfile.ZipFile(path) as archive:
             data = json.loads(archive.read(METADATA_NAME))
+        return ModelMetadata.from_dict(data)
     except (zipfile.BadZipFile, OSError):
         raise FerkitError(f"{path} is not a valid .keras model file") from None
     except KeyError:
         raise FerkitError(f"{path} is a Keras model without ferkit metadata (class names, input size)") from None
-    except ValueError:
+    except (ValueError, TypeError):
         raise FerkitError(f"{path} has unreadable ferkit metadata") from None
-    return ModelMetadata.from_dict(data)
 
 
 def _onnx_session(path: Path):
@@ -173,6 +186,23 @@ class Classifier:
     def tta(self) -> str:
         return self.metadata.tta
 
+    @property
+    def temperature(self) -> float:
+        return self.metadata.temperature
+
+    def with_temperature(self, temperature: float | None) -> "Classifier":
+        """The same loaded model with another temperature (None: keep the model's own; 1.0: the network's
+        own probabilities, uncalibrated)."""
+        if temperature is None or temperature == self.temperature:
+            return self
+        try:
+            temperature = check_temperature(temperature)
+        except ValueError as err:
+            raise FerkitError(str(err)) from None
+        view = copy.copy(self)
+        view.metadata = replace(self.metadata, temperature=temperature)
+        return view
+
     def with_tta(self, tta: str | None) -> "Classifier":
         """The same loaded model with another test-time augmentation (None: keep the model's own)."""
         if tta is None or tta == self.tta:
@@ -189,22 +219,32 @@ class Classifier:
         """(N, height, width) uint8 faces at `input_size` -> (N, len(classes)) probabilities.
 
         With test-time augmentation every view of a face (see `face_views`) goes through the model in
-        the same batch, and their probabilities are averaged.
+        the same batch. The model's temperature T calibrates each view's probabilities p, as
+        softmax(log p / T), and the calibrated views are averaged (T = 1 leaves p exactly as it is).
         """
+        return self.predict_proba_at_temperatures(faces, [self.temperature], batch_size=batch_size)[0]
+
+    def predict_proba_at_temperatures(
+        self, faces: np.ndarray, temperatures: list[float], *, batch_size: int = 256
+    ) -> list[np.ndarray]:
+        """`predict_proba` at each of several temperatures, running the model once: e.g. the model's own
+        and 1.0, to compare calibrated and uncalibrated probabilities."""
+        temperatures = [check_temperature(t) for t in temperatures]
         faces = np.asarray(faces)
         if faces.ndim != 3 or tuple(faces.shape[1:]) != self.input_size:
             raise ValueError(f"expected faces of shape (N, {self.input_size[0]}, {self.input_size[1]}), got {faces.shape}")
         if len(faces) == 0:
-            return np.zeros((0, len(self.classes)), np.float32)
+            return [np.zeros((0, len(self.classes)), np.float32) for _ in temperatures]
         views = {"none": 1, "flip": 2, "tencrop": 10}[self.tta]
         step = max(1, batch_size // views)
-        outputs = []
+        outputs: list[list[np.ndarray]] = [[] for _ in temperatures]
         for i in range(0, len(faces), step):
             chunk = faces[i : i + step]
             batch = np.concatenate(face_views(chunk, self.tta, self.input_size[0] - (self.metadata.crop or 0)))
-            probabilities = self._run(faces_to_batch(batch, self.metadata.channels))
-            outputs.append(probabilities.reshape(views, len(chunk), -1).mean(axis=0))
-        return np.concatenate(outputs).astype(np.float32)
+            probabilities = self._run(faces_to_batch(batch, self.metadata.channels)).reshape(views, len(chunk), -1)
+            for output, temperature in zip(outputs, temperatures):
+                output.append(apply_temperature(probabilities, temperature).mean(axis=0))
+        return [np.concatenate(output).astype(np.float32) for output in outputs]
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError

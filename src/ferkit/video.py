@@ -15,7 +15,7 @@ import numpy as np
 
 from ferkit.draw import draw_faces
 from ferkit.faces import box_iou
-from ferkit.predict import analyze_images
+from ferkit.predict import UNCERTAIN_BELOW, analyze_images
 from ferkit.results import Face
 from ferkit.runtime import load_classifier
 from ferkit.sources import open_video, video_frames
@@ -99,10 +99,12 @@ def analyze_video(
     smooth: int = 1,
     annotated: str | Path | None = None,
     progress: Callable[[int], None] | None = None,
+    uncertain_below: float = UNCERTAIN_BELOW,
 ) -> Timeline:
     """Analyse every `every`-th frame. `smooth` > 1 averages each track's probabilities exponentially
     over about that many analysed frames. `annotated`: write an annotated video there (mp4).
-    `progress(frame_index)` is called after each analysed frame."""
+    `progress(frame_index)` is called after each analysed frame. Faces (smoothed ones by their smoothed
+    probabilities) whose top probability is below `uncertain_below` are marked `uncertain`."""
     classifier = load_classifier(model)
     capture, info = open_video(path)
     timeline = Timeline(str(path), info.fps, classifier.classes)
@@ -112,10 +114,10 @@ def analyze_video(
     frames: dict[str, np.ndarray] = {}
     labelled = _labelled(video_frames(capture, info, every=every), path, frames)
     try:
-        for result in analyze_images(labelled, model=classifier, detector=detector):
+        for result in analyze_images(labelled, model=classifier, detector=detector, uncertain_below=uncertain_below):
             index = int(result.source.rsplit("=", 1)[1])
             for face, track in zip(result.faces, tracker.update([f.box for f in result.faces])):
-                face = _smooth(face, track, smoothed, alpha, classifier.classes)
+                face = _smooth(face, track, smoothed, alpha, classifier.classes, uncertain_below)
                 timeline.rows.append(TimelineRow(index, index / info.fps, track, face))
             timeline.frames_analysed += 1
             frame = frames.pop(result.source)
@@ -137,14 +139,14 @@ def _labelled(frames, path, store):
         yield label, frame
 
 
-def _smooth(face: Face, track: int, state: dict, alpha: float, classes) -> Face:
+def _smooth(face: Face, track: int, state: dict, alpha: float, classes, uncertain_below: float = UNCERTAIN_BELOW) -> Face:
     current = np.array([face.probabilities[c] for c in classes])
     previous = state.get(track)
     mixed = current if previous is None else alpha * current + (1 - alpha) * previous
     state[track] = mixed
     best = int(np.argmax(mixed))
     return Face(face.box, classes[best], float(mixed[best]), dict(zip(classes, map(float, mixed))),
-                face.detector_score, face.landmarks)
+                face.detector_score, face.landmarks, bool(mixed[best] < uncertain_below))
 
 
 def _video_writer(path, info, every):

@@ -1,0 +1,100 @@
+"""Calibration measures and temperature fitting, on synthetic probabilities whose truth is known."""
+
+import numpy as np
+import pytest
+
+from ferkit.calibration import (
+    TEMPERATURE_BOUNDS,
+    apply_temperature,
+    confidence_accuracy_table,
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+    reliability_bins,
+)
+
+
+def _softmax(logits):
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _sample_labels(probabilities, rng):
+    """One class per row, drawn from that row's probabilities."""
+    drawn = (rng.random((len(probabilities), 1)) > probabilities.cumsum(axis=1)).sum(axis=1)
+    return np.minimum(drawn, probabilities.shape[1] - 1)
+
+
+def _model_at_temperature(true_temperature, n=20000, seed=0):
+    """Labels drawn from softmax(z / T_true), and the model's probabilities softmax(z): the model needs T_true."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 3, (n, 7))
+    return _softmax(logits), _sample_labels(_softmax(logits / true_temperature), rng)
+
+
+@pytest.mark.parametrize("true_temperature", [2.0, 0.5])
+def test_fit_temperature_recovers_the_temperature_the_labels_were_drawn_at(true_temperature):
+    probabilities, labels = _model_at_temperature(true_temperature)
+    fitted = fit_temperature(probabilities, labels)
+    assert fitted == pytest.approx(true_temperature, rel=0.10)
+    nll = negative_log_likelihood(probabilities, labels)
+    assert negative_log_likelihood(probabilities, labels, fitted) < nll
+    # the fitted temperature is a minimum: nudging it either way costs likelihood
+    for nudged in (fitted * 0.9, fitted * 1.1):
+        assert negative_log_likelihood(probabilities, labels, nudged) > negative_log_likelihood(probabilities, labels, fitted)
+
+
+def test_fit_temperature_stays_within_its_bounds():
+    probabilities = np.tile([0.6, 0.3, 0.1], (50, 1))
+    assert fit_temperature(probabilities, np.zeros(50, int)) == pytest.approx(TEMPERATURE_BOUNDS[0], rel=1e-3)
+    with pytest.raises(ValueError):
+        fit_temperature(np.zeros((0, 3)), np.zeros(0, int))
+
+
+def test_ece_is_near_zero_when_calibrated_and_large_when_overconfident():
+    rng = np.random.default_rng(1)
+    calibrated = rng.dirichlet(np.full(7, 0.5), 20000)
+    assert expected_calibration_error(calibrated, _sample_labels(calibrated, rng)) < 0.02
+    overconfident, labels = _model_at_temperature(2.0)
+    ece = expected_calibration_error(overconfident, labels)
+    assert ece > 0.15
+    assert expected_calibration_error(apply_temperature(overconfident, fit_temperature(overconfident, labels)), labels) < 0.02
+
+
+def test_ece_of_a_known_case():
+    # every face at confidence 0.9, right on 60% of them: ECE = |0.6 - 0.9| = 0.3
+    probabilities = np.tile([0.9] + [0.1 / 6] * 6, (10, 1))
+    labels = np.array([0] * 6 + [1] * 4)
+    assert expected_calibration_error(probabilities, labels) == pytest.approx(0.3)
+    bins = reliability_bins(probabilities, labels, n_bins=10)
+    assert bins["count"].tolist() == [0] * 8 + [10, 0]  # 0.9 belongs to (0.8, 0.9]
+    assert bins["accuracy"][8] == pytest.approx(0.6) and bins["confidence"][8] == pytest.approx(0.9)
+    assert np.isnan(bins["accuracy"][0])
+
+
+def test_confidence_accuracy_table_counts_the_faces_at_or_above_each_level():
+    probabilities = np.array([[0.95, 0.05], [0.85, 0.15], [0.35, 0.65], [0.55, 0.45]])
+    labels = np.array([0, 1, 1, 1])  # right, wrong, right, wrong
+    rows = confidence_accuracy_table(probabilities, labels, [0.5, 0.65, 0.9, 0.99])
+    assert [row["faces"] for row in rows] == [4, 3, 1, 0]
+    assert [row["share"] for row in rows] == [1.0, 0.75, 0.25, 0.0]
+    assert [row["accuracy"] for row in rows] == [0.5, pytest.approx(2 / 3), 1.0, None]
+
+
+def test_apply_temperature_is_softmax_of_log_p_over_t():
+    rng = np.random.default_rng(2)
+    probabilities = rng.dirichlet(np.ones(7), 100).astype(np.float32)
+    assert apply_temperature(probabilities, 1.0) is probabilities  # T = 1: untouched, bit for bit
+    for temperature in (0.3, 2.5):
+        calibrated = apply_temperature(probabilities, temperature)
+        expected = _softmax(np.log(probabilities.astype(np.float64)) / temperature)
+        assert np.allclose(calibrated, expected, atol=1e-12)
+        assert (calibrated.argmax(axis=1) == probabilities.argmax(axis=1)).all()
+        assert np.allclose(calibrated.sum(axis=1), 1)
+    softened = apply_temperature(probabilities, 2.5).max(axis=1)
+    assert (softened <= probabilities.max(axis=1) + 1e-7).all()
+    with_zero = apply_temperature(np.array([[1.0, 0.0, 0.0]]), 2.0)
+    assert np.isfinite(with_zero).all() and with_zero[0, 0] > 0.99
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            apply_temperature(probabilities, bad)
