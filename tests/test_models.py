@@ -32,3 +32,20 @@ def test_listing_filters_and_unknown_names_fail():
     assert list_models("no-such-*") == []
     with pytest.raises(FerkitError, match="unknown model"):
         create_model("no-such-model")
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if get_model_spec(n).crop])
+def test_cropping_models_see_only_the_central_crop(name):
+    spec = get_model_spec(name)
+    model = create_model(name)
+    rng = np.random.default_rng(1)
+    faces = rng.uniform(0, 255, (2, *spec.input_size, spec.channels)).astype("float32")
+    border = faces.copy()
+    start = (spec.input_size[0] - spec.crop) // 2
+    inside = border[:, start:start + spec.crop, start:start + spec.crop].copy()
+    border[:] = rng.uniform(0, 255, border.shape)
+    border[:, start:start + spec.crop, start:start + spec.crop] = inside
+    assert np.allclose(model(faces, training=False), model(border, training=False), atol=1e-6)
+    one_pixel = faces.copy()
+    one_pixel[:, start, start] += 100  # the crop's corner pixel is seen
+    assert not np.allclose(model(faces, training=False), model(one_pixel, training=False), atol=1e-7)

@@ -317,3 +317,34 @@ def test_a_packed_run_resumes_on_the_same_schedule(pattern_data, tmp_path):
     assert resumed["val_accuracy"][-1] >= resumed["val_accuracy"][1] - 0.05
     report = evaluate(load_classifier(packed / "last.keras"), load_dataset(pattern_data / "val"))
     assert report.accuracy > 0.6  # chance is 1/7
+
+
+def test_saved_teacher_probabilities_train_a_student_like_the_teacher_itself(pattern_data, trained_run, tmp_path):
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+    from ferkit.teacher import load_teacher_probabilities
+
+    saved = tmp_path / "teacher.npz"
+    result = CliRunner().invoke(cli, ["teacher", str(trained_run), "--data", str(pattern_data / "train"),
+                                      "--tta", "flip", "--out", str(saved)])
+    assert result.exit_code == 0, result.output
+    train_set = load_dataset(pattern_data / "train")
+    from ferkit.train import teacher_probabilities
+
+    # the file gives, face for face, what the model itself gives as a teacher (flip-averaged)
+    assert np.allclose(load_teacher_probabilities(saved, train_set), teacher_probabilities(str(trained_run), train_set), atol=1e-6)
+    shuffled = train_set.subset(np.random.default_rng(0).permutation(len(train_set)))
+    assert np.allclose(load_teacher_probabilities(saved, shuffled), teacher_probabilities(str(trained_run), shuffled), atol=1e-6)
+    run = train(_config(pattern_data, tmp_path / "student", epochs=2, teacher=str(saved), distill=0.7), verbose=0)
+    assert json.loads((run / "config.json").read_text())["teacher"] == str(saved)
+    assert CliRunner().invoke(cli, ["teacher", str(trained_run), "--data", str(pattern_data / "train"), "--out", str(saved)]).exit_code == 2
+
+
+def test_teacher_probabilities_that_miss_faces_are_refused(pattern_data, trained_run, tmp_path):
+    from ferkit.teacher import load_teacher_probabilities, save_teacher_probabilities
+
+    val = load_dataset(pattern_data / "val")
+    saved = save_teacher_probabilities([trained_run], val, tmp_path / "val.npz")
+    with pytest.raises(FerkitError, match="no probabilities for"):
+        load_teacher_probabilities(saved, load_dataset(pattern_data / "train"))

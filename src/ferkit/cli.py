@@ -141,7 +141,7 @@ def _output_shape(layer):
               help="Frozen backbones without augmentation: compute features once (default on).")
 @click.option("--fine-tune", type=int, help="After --epochs, unfreeze the backbone's top N layers ...")
 @click.option("--fine-tune-epochs", type=int, help="... and train this many more epochs at a tenth of --lr.")
-@click.option("--teacher", help="Distil from a trained model (run folder or model file): its probabilities become targets ...")
+@click.option("--teacher", help="Distil from a trained model (run folder or model file) or from probabilities saved by `ferkit teacher` (.npz) ...")
 @click.option("--distill", type=float, help="... with this share of each target, the true label the rest (default 0.5).")
 @click.option("--seed", type=int, help="Random seed (default 0).")
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder (default runs/train).")
@@ -312,6 +312,27 @@ def ensemble_cmd(models: tuple[str, ...], out: Path, overwrite: bool):
 
     path = ensemble_models(list(models), out, overwrite=overwrite)
     click.echo(f"wrote {path}: the mean of {len(models)} models' probabilities")
+
+
+@cli.command("teacher")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--data", required=True, help="The training faces the students will learn from (folder tree or CSV).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The .npz file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@TTA_OPTION
+def teacher_cmd(models: tuple[str, ...], data: str, out: Path, overwrite: bool, tta):
+    """Save the averaged probabilities of MODELS (each with --tta, e.g. tencrop) for every face of
+    --data, once, for `ferkit train --teacher FILE.npz`."""
+    from ferkit.data import load_dataset
+    from ferkit.runtime import load_classifier
+    from ferkit.teacher import save_teacher_probabilities
+
+    if out.exists() and not overwrite:
+        raise FerkitError(f"{out} already exists; pass --overwrite to replace it")
+    first = load_classifier(models[0])
+    dataset = load_dataset(data, classes=first.classes, image_size=first.input_size, usage="Training", progress=True)
+    path = save_teacher_probabilities(list(models), dataset, out, tta=tta)
+    click.echo(f"wrote {path}: {len(models)} model(s), {len(dataset)} faces")
 
 
 # --- predict ------------------------------------------------------------------------------------

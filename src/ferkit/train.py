@@ -433,14 +433,18 @@ def _class_weights(config: TrainConfig, labels: np.ndarray, num_classes: int) ->
 
 def teacher_probabilities(teacher: str, train_set: FaceDataset) -> np.ndarray:
     """The teacher model's class probabilities for every training face, averaged over the face and its
-    mirror image: the soft targets of distillation.
+    mirror image: the soft targets of distillation. A .npz `teacher` holds them already (ferkit.teacher).
 
     They are computed once, on the un-augmented faces, and serve for every augmented view of a face:
     the augmentations are mild enough (small shifts, zoom, rotation, erased patches) that the teacher's
     opinion of the face carries over, and training costs nothing more per step.
     """
     from ferkit.runtime import load_classifier
+    from ferkit.teacher import TEACHER_SUFFIX, load_teacher_probabilities
 
+    if Path(teacher).suffix == TEACHER_SUFFIX:
+        log.info("distilling from the probabilities saved in %s", teacher)
+        return load_teacher_probabilities(teacher, train_set)
     classifier = load_classifier(teacher).with_tta("flip")
     if classifier.classes != train_set.classes:
         raise FerkitError(

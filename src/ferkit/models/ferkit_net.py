@@ -11,6 +11,12 @@ from ferkit._keras import import_keras
 from ferkit.models.registry import register_model
 
 
+def center_crop(layers, x, input_shape, crop: int):
+    """The central crop x crop pixels: a fixed slice (exported to ONNX as one), in training and inference."""
+    height, width = input_shape[0] - crop, input_shape[1] - crop
+    return layers.Cropping2D(((height // 2, height - height // 2), (width // 2, width - width // 2)), name="center_crop")(x)
+
+
 def _conv_bn_relu(layers, x, filters: int):
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
     x = layers.BatchNormalization()(x)
@@ -29,8 +35,7 @@ def build_vgg_bn(*, num_classes, input_shape, widths, convs_per_stage, head_unit
     inputs = keras.Input(input_shape)
     x = layers.Rescaling(1.0 / 255)(inputs)
     if crop:
-        height, width = input_shape[0] - crop, input_shape[1] - crop
-        x = layers.Cropping2D(((height // 2, height - height // 2), (width // 2, width - width // 2)), name="center_crop")(x)
+        x = center_crop(layers, x, input_shape, crop)
     for width, convs in zip(widths, convs_per_stage):
         for _ in range(convs):
             x = _conv_bn_relu(layers, x, width)

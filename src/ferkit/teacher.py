@@ -1,0 +1,69 @@
+"""Saved teacher probabilities for distillation: a strong but slow model (an ensemble, ten-crop
+averaging) is run once over the training faces, and any number of students train on the file.
+
+    ferkit teacher RUN_A RUN_B --data fer2013/train --tta tencrop --out teacher.npz
+    ferkit train --model ferkit-net-l --data fer2013/train --teacher teacher.npz --distill 0.7 ...
+
+The file holds one probability row per training face, keyed by the face's class folder and file name
+(or by its row, for a CSV), with the classes, the models and the test-time augmentation that made it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ferkit.data import FaceDataset
+from ferkit.errors import FerkitError
+from ferkit.runtime import load_classifier
+
+TEACHER_SUFFIX = ".npz"
+
+
+def save_teacher_probabilities(models, dataset: FaceDataset, out: str | Path, *, tta: str | None = None,
+                               batch_size: int = 256) -> Path:
+    """Average the probabilities of `models` (run folders or model files; each with `tta`, default its
+    own) over every face of `dataset` and save them at `out` (.npz), written atomically."""
+    out = Path(out)
+    if out.suffix != TEACHER_SUFFIX:
+        raise FerkitError(f"teacher probabilities are saved as a {TEACHER_SUFFIX} file, not {out.name}")
+    classifiers = [load_classifier(model).with_tta(tta) for model in models]
+    for model, classifier in zip(models, classifiers):
+        if classifier.classes != dataset.classes:
+            raise FerkitError(f"{model} knows the classes {', '.join(classifier.classes)}, the data {', '.join(dataset.classes)}")
+    probabilities = np.mean([c.predict_proba(dataset.images, batch_size=batch_size) for c in classifiers], axis=0)
+    about = {"models": [str(m) for m in models], "tta": [c.tta for c in classifiers], "source": dataset.source}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp{TEACHER_SUFFIX}")
+    np.savez_compressed(tmp, probabilities=probabilities.astype(np.float32), labels=dataset.labels,
+                        classes=np.array(dataset.classes), keys=np.array(_face_keys(dataset)),
+                        about=np.array(json.dumps(about)))
+    tmp.replace(out)
+    return out
+
+
+def load_teacher_probabilities(path: str | Path, dataset: FaceDataset) -> np.ndarray:
+    """The saved probabilities for the faces of `dataset`, row for row; a FerkitError if the file does
+    not cover every face or was made for other classes."""
+    try:
+        with np.load(path) as stored:
+            probabilities, classes, keys = stored["probabilities"], tuple(stored["classes"]), list(stored["keys"])
+    except (OSError, ValueError, KeyError):
+        raise FerkitError(f"{path} is not a file of teacher probabilities (made by `ferkit teacher`)") from None
+    if classes != tuple(dataset.classes):
+        raise FerkitError(f"{path} holds probabilities for the classes {', '.join(classes)}, the data has {', '.join(dataset.classes)}")
+    row = {key: i for i, key in enumerate(keys)}
+    wanted = _face_keys(dataset)
+    missing = [key for key in wanted if key not in row]
+    if missing:
+        raise FerkitError(f"{path} has no probabilities for {len(missing)} of the {len(wanted)} training faces (e.g. {missing[0]})")
+    return probabilities[[row[key] for key in wanted]]
+
+
+def _face_keys(dataset: FaceDataset) -> list[str]:
+    """'class folder/file name' per face (stable wherever the data lies), or 'row N' without paths."""
+    if dataset.paths is None:
+        return [f"row {i}" for i in range(len(dataset))]
+    return ["/".join(Path(p).parts[-2:]) for p in dataset.paths]
