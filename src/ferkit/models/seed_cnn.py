@@ -25,7 +25,7 @@ def seed_cnn(*, num_classes: int = 7, input_shape=(48, 48, 3)):
             *blocks,
             layers.Flatten(),
             layers.Dense(512, activation="relu"),
-            layers.Dense(num_classes, activation="softmax"),
+            layers.Dense(num_classes, activation="softmax", dtype="float32"),  # float32 under mixed precision too
         ],
         name="seed_cnn",
     )
