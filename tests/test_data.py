@@ -140,3 +140,31 @@ def test_real_fer2013_val_loads_every_file():
     data = load_dataset(FER2013 / "val")
     assert data.class_counts() == files
     assert data.images.shape[1:] == (48, 48) and not data.skipped
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_cache_file_is_rebuilt_not_fatal(tmp_path, damage):
+    write_pattern_dataset(tmp_path / "data", 3)
+    first = load_folder(tmp_path / "data")
+    [cached] = (cache_dir() / "datasets").glob("*.npz")
+    content = cached.read_bytes()
+    cached.write_bytes({"truncated": content[: len(content) // 2], "garbage": os.urandom(500), "empty": b""}[damage])
+    again = load_folder(tmp_path / "data")
+    assert np.array_equal(first.images, again.images)
+    [rebuilt] = (cache_dir() / "datasets").glob("*.npz")
+    assert rebuilt.read_bytes() == content
+
+
+def test_the_cache_command_shows_and_clears_the_cache(tmp_path):
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+
+    write_pattern_dataset(tmp_path / "data", 2)
+    load_folder(tmp_path / "data")
+    (cache_dir() / "datasets" / "half.tmp").write_bytes(b"x")  # a write cut short
+    shown = CliRunner().invoke(cli, ["cache"])
+    assert shown.exit_code == 0 and "1 cached dataset" in shown.output
+    cleared = CliRunner().invoke(cli, ["cache", "clear"])
+    assert cleared.exit_code == 0 and "removed 2" in cleared.output
+    assert not list((cache_dir() / "datasets").iterdir())

@@ -335,6 +335,21 @@ def teacher_cmd(models: tuple[str, ...], data: str, out: Path, overwrite: bool, 
     click.echo(f"wrote {path}: {len(models)} model(s), {len(dataset)} faces")
 
 
+@cli.command("cache")
+@click.argument("action", type=click.Choice(["show", "clear"]), default="show")
+def cache_cmd(action: str):
+    """Show where decoded datasets are cached and how much space they take, or clear them."""
+    from ferkit.data.cache import cache_dir, cache_files, clear_cache
+
+    if action == "clear":
+        count, size = clear_cache()
+        click.echo(f"removed {count} cached dataset(s), {size / 1e6:.1f} MB, from {cache_dir()}")
+        return
+    files = cache_files()
+    size = sum(p.stat().st_size for p in files)
+    click.echo(f"{cache_dir()}: {len(files)} cached dataset(s), {size / 1e6:.1f} MB (ferkit cache clear removes them)")
+
+
 # --- predict ------------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +34,15 @@ def load_cached(key: str) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
-    except (OSError, ValueError):
-        return None  # a damaged cache file is simply rebuilt
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        path.unlink(missing_ok=True)  # a damaged cache file (truncated, overwritten) is simply rebuilt
+        return None
 
 
 def save_cached(key: str, arrays: dict[str, np.ndarray]) -> None:
     """Write atomically, so an interrupted write never leaves a half file that later loads."""
     folder = cache_dir() / "datasets"
+    tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
@@ -47,4 +50,21 @@ def save_cached(key: str, arrays: dict[str, np.ndarray]) -> None:
             np.savez(handle, **arrays)
         os.replace(tmp, folder / f"{key}.npz")
     except OSError:
-        pass  # a read-only or full cache folder only costs speed
+        if tmp is not None:  # a read-only or full cache folder only costs speed, and leaves nothing behind
+            Path(tmp).unlink(missing_ok=True)
+
+
+def cache_files() -> list[Path]:
+    """The cached datasets, oldest first."""
+    folder = cache_dir() / "datasets"
+    return sorted(folder.glob("*.npz"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+
+
+def clear_cache() -> tuple[int, int]:
+    """Delete every cached dataset (and any half-written one); returns (files, bytes) removed."""
+    folder = cache_dir() / "datasets"
+    removed = [p for p in [*cache_files(), *(folder.glob("*.tmp") if folder.is_dir() else [])]]
+    size = sum(p.stat().st_size for p in removed)
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return len(removed), size
