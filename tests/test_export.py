@@ -221,3 +221,21 @@ def test_export_command_int8_then_temperature(trained_run, pattern_data, tmp_pat
     assert f"temperature {meta.temperature:.3f} fitted on 56 faces" in result.output
     assert meta.temperature != 1.0 and meta.extra["int8"]["calibration_faces"] > 0  # both records kept
     assert meta.extra["temperature"]["faces"] == 56
+
+
+def test_an_unexpected_failure_is_one_line_and_exit_code_3(onnx_model, pattern_data, tmp_path):
+    """A model whose metadata lies about its input (1 channel for a 3-channel graph) fails inside
+    ONNX Runtime, not in ferkit's checks: the CLI still answers in one line, with its own exit code."""
+    import dataclasses
+    import shutil
+
+    from ferkit.export import _set_metadata
+
+    broken = tmp_path / "broken.onnx"
+    shutil.copy(onnx_model, broken)
+    _set_metadata(broken, dataclasses.replace(read_metadata(onnx_model), channels=1))
+    result = CliRunner().invoke(cli, ["evaluate", str(broken), "--data", str(pattern_data / "val"), "--out", str(tmp_path / "e")])
+    assert result.exit_code == 3
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("internal error: ") and "--debug" in lines[-1]
+    assert "Traceback" not in result.output

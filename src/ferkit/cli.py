@@ -25,6 +25,12 @@ TTA_OPTION = click.option(
 )
 
 
+# Exit codes: 0 done; 1 done, but some items of a batch failed (each was reported); 2 a problem with the
+# input or options (one line says which); 3 ferkit failed unexpectedly (a bug: please report it);
+# 130 interrupted.
+EXIT_INTERNAL_ERROR = 3
+
+
 class _Cli(click.Group):
     """Turns FerkitError (and anything unexpected) into one line on stderr and an exit code."""
 
@@ -45,8 +51,8 @@ class _Cli(click.Group):
             if _debug(ctx):
                 raise
             first = (str(err).strip().splitlines() or [""])[0]
-            click.echo(f"error: {type(err).__name__}: {first} (run with --debug for the traceback)", err=True)
-            ctx.exit(1)
+            click.echo(f"internal error: {type(err).__name__}: {first} (run with --debug for the traceback)", err=True)
+            ctx.exit(EXIT_INTERNAL_ERROR)
 
 
 def _debug(ctx) -> bool:
