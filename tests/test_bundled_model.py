@@ -75,3 +75,21 @@ def test_evaluate_with_the_bundled_model_imports_no_tensorflow(tmp_path):
     # real PublicTest faces (30 per class) that any decent model gets right: clearly happy and surprised
     assert metrics["per_class"]["happy"]["recall"] >= 0.8 and metrics["per_class"]["surprise"]["recall"] >= 0.6
     assert metrics["accuracy"] > 0.5  # chance is 1/7
+
+
+def test_the_bundled_files_match_their_hashes_and_name_no_machine_paths():
+    from ferkit.runtime import bundled_manifest, files_path, sha256_of
+
+    manifest = bundled_manifest()
+    assert sha256_of(files_path("weights", manifest["file"])) == manifest["sha256"]
+    assert sha256_of(files_path("weights", manifest["keras_file"])) == manifest["keras_sha256"]
+    assert manifest["keras_file"] == f"{manifest['keras_file_run']}.keras"  # named for the network it is
+
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    assert not [s for s in strings(manifest) if s.startswith(("/", "~")) or s.startswith("..")]

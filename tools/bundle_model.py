@@ -64,12 +64,14 @@ def main() -> None:
             old.unlink()
     staged.rename(target)
     best = max(members, key=lambda member: member["val_accuracy_during_training"])
-    shutil.copy(Path(best["path"]) / "best.keras", target.with_suffix(".keras"))  # what `train --init default` starts from
+    keras_file = WEIGHTS / f"{best['run']}.keras"  # the best single network: what `train --init default` starts from
+    shutil.copy(Path(best["path"]) / "best.keras", keras_file)
     meta = read_metadata(target)
     manifest = {
         "file": target.name,
         "sha256": sha256_of(target),
-        "keras_file": target.with_suffix(".keras").name,
+        "keras_file": keras_file.name,
+        "keras_sha256": sha256_of(keras_file),
         "keras_file_run": best["run"],
         "model": meta.model,
         "classes": meta.classes,
@@ -91,7 +93,15 @@ def _member(run: Path) -> dict:
     state = RunState.load(run)
     return {"run": run.name, "path": str(run), "epochs": state.epochs_done, "best_epoch": state.best_epoch,
             "val_accuracy_during_training": round(state.best_val_accuracy, 4),
-            "config": json.loads((run / "config.json").read_text())}
+            "config": portable_config(json.loads((run / "config.json").read_text()))}
+
+
+def portable_config(config: dict) -> dict:
+    """A run's config without the paths of the machine it ran on: data folders and files keep their
+    last two parts (e.g. fer2013/train), which is what identifies them."""
+    paths = ("data", "val", "out", "init", "teacher", "weights")
+    return {key: "/".join(Path(value).parts[-2:]) if key in paths and isinstance(value, str) and "/" in value else value
+            for key, value in config.items()}
 
 
 def _temperature_data(run: Path, data: str):

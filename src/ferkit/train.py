@@ -263,10 +263,15 @@ def init_model_path(init: str) -> Path:
     if init == "default":
         from ferkit.runtime import bundled_manifest, files_path
 
+        from ferkit.runtime import _check_hash
+
         manifest = bundled_manifest()
         if "keras_file" not in manifest:
             raise FerkitError("the bundled model has no Keras version to start from; pass --init RUN")
-        return files_path("weights", manifest["keras_file"])
+        path = files_path("weights", manifest["keras_file"])
+        if "keras_sha256" in manifest:
+            _check_hash(path, manifest["keras_sha256"])
+        return path
     path = resolve_model_path(init)
     if path.suffix != ".keras":
         raise FerkitError(f"--init needs a Keras model (a run folder or .keras file), not {path}")
