@@ -11,6 +11,8 @@ photo, and the loaded median as a multiple of the quiet one, all measured in the
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 import multiprocessing
 import tempfile
 import time
@@ -20,7 +22,7 @@ import numpy as np
 
 from ferkit.faces import YuNetDetector
 from ferkit.predict import analyze_images
-from ferkit.runtime import load_classifier
+from ferkit.runtime import OnnxClassifier, load_classifier
 from predict_speed import photos_640
 
 
@@ -45,15 +47,18 @@ def main() -> None:
     parser.add_argument("--faces", default="../shared/data/faces")
     parser.add_argument("--model", default=None)
     parser.add_argument("--threads", default="1,2", help="detector thread counts to compare")
+    parser.add_argument("--classifier-threads", default="0", help="ONNX Runtime thread counts to compare (0: one per core)")
     parser.add_argument("--load", type=int, default=2, help="busy processes beside the loaded measurement")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    classifier = load_classifier(args.model)
+    path = load_classifier(args.model).path
     with tempfile.TemporaryDirectory() as scratch:
         photos = photos_640(Path(args.faces), Path(scratch))
         print(f"{len(photos)} photos 640x480, {args.repeat} passes each; load: {args.load} busy processes")
-        print(f"{'detector threads':>16} {'quiet median':>13} {'quiet p95':>10} {'loaded median':>14} {'loaded p95':>11} {'ratio':>6}")
-        for threads in map(int, args.threads.split(",")):
+        print(f"{'classifier threads':>18} {'detector threads':>16} {'quiet median':>13} {'quiet p95':>10} {'loaded median':>14} {'loaded p95':>11} {'ratio':>6}")
+        for classifier_threads, threads in itertools.product(args.classifier_threads.split(","), map(int, args.threads.split(","))):
+            os.environ["FERKIT_CLASSIFIER_THREADS"] = classifier_threads
+            classifier = OnnxClassifier(path)  # a session of its own, with these threads
             detector = YuNetDetector(threads=threads)
             quiet = latencies(photos, classifier, detector, args.repeat)
             busy = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.load)]
@@ -67,7 +72,7 @@ def main() -> None:
                     process.terminate()
                     process.join()
             q, l = np.median(quiet), np.median(loaded)
-            print(f"{threads:>16} {q:>13.1f} {np.percentile(quiet, 95):>10.1f} {l:>14.1f} "
+            print(f"{classifier_threads:>18} {threads:>16} {q:>13.1f} {np.percentile(quiet, 95):>10.1f} {l:>14.1f} "
                   f"{np.percentile(loaded, 95):>11.1f} {l / q:>6.1f}")
 
 

@@ -84,3 +84,15 @@ def test_tencrop_averages_the_centre_and_corner_crops_and_their_mirrors(tmp_path
 def test_tencrop_is_refused_for_a_model_that_does_not_crop(trained_run):
     with pytest.raises(FerkitError, match="tencrop needs a model that crops"):
         load_classifier(trained_run).with_tta("tencrop")
+
+
+def test_the_classifier_thread_count_comes_from_the_environment(monkeypatch):
+    from ferkit.runtime import classifier_threads
+
+    monkeypatch.setenv("FERKIT_CLASSIFIER_THREADS", "1")
+    assert classifier_threads() == 1
+    monkeypatch.delenv("FERKIT_CLASSIFIER_THREADS")
+    assert classifier_threads() == 0
+    monkeypatch.setenv("FERKIT_CLASSIFIER_THREADS", "two")
+    with pytest.raises(FerkitError, match="whole number"):
+        classifier_threads()

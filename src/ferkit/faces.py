@@ -15,6 +15,7 @@ Any callable `image -> list[Detection]` (or a list of boxes) can stand in for th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,9 +29,11 @@ Box = tuple[int, int, int, int]
 DETECTORS = ("auto", "yunet", "mtcnn", "none")
 
 # YuNet runs on its own OpenMP threads. Measured with benchmarks/photo_latency.py on 2 cores (640x480
-# photos, median ms per photo, quiet -> beside 2 busy processes): 2 threads 53-63 -> 136-148 (2.3-2.5x),
-# 1 thread 69-84 -> 98-113 (1.3-1.4x). One thread keeps a server or a video steady under load.
-DETECTOR_THREADS = 1
+# photos, median ms per photo, quiet -> beside 2 busy processes, three runs): 2 threads 53-72 -> 136-185
+# (2.3-2.6x), 1 thread 69-84 -> 98-162 (1.3-2.0x). One thread keeps a server or a video steadier under
+# load. $FERKIT_DETECTOR_THREADS overrides it; $FERKIT_CLASSIFIER_THREADS sets ONNX Runtime's (default:
+# one per core; one thread measured no better).
+DETECTOR_THREADS = int(os.environ.get("FERKIT_DETECTOR_THREADS", "1") or 1)
 
 
 @dataclass

@@ -142,6 +142,14 @@ def read_metadata(path: str | Path) -> ModelMetadata:
         raise FerkitError(f"{path} has unreadable ferkit metadata") from None
 
 
+def classifier_threads() -> int:
+    """Threads for ONNX Runtime's classifier: $FERKIT_CLASSIFIER_THREADS, else 0 (one per core)."""
+    value = os.environ.get("FERKIT_CLASSIFIER_THREADS", "0")
+    if not value.isdigit():
+        raise FerkitError(f"FERKIT_CLASSIFIER_THREADS must be a whole number of threads, not {value!r}")
+    return int(value)
+
+
 def _onnx_session(path: Path):
     """An ONNX Runtime session and the ferkit metadata stored in the model's metadata_props."""
     import onnxruntime
@@ -150,6 +158,7 @@ def _onnx_session(path: Path):
     options.log_severity_level = 3
     # Idle ORT threads spin by default and then starve the detector's OpenMP threads on small machines.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = classifier_threads()
     try:
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types for damaged files
