@@ -8,15 +8,23 @@ DEMO   := runs/demo
 
 .PHONY: setup run demo test clean
 
-$(BIN)/ferkit: pyproject.toml
+# `make run` installs what prediction needs (ONNX Runtime, no TensorFlow); `make test` and `make demo`
+# add the training and development extras to the same .venv.
+$(VENV)/.installed-predict: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-all: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[train,dev]"
-	touch $@
+	touch $(VENV)/.installed-predict $@
 
-setup: $(BIN)/ferkit
+setup: $(VENV)/.installed-all
 
-run: setup
+run: $(VENV)/.installed-predict
 	$(BIN)/ferkit predict examples/people.jpg --out runs/predict
 
 demo: setup
