@@ -121,3 +121,39 @@ def test_real_faces_in_a_panning_video_are_tracked(trained_run, tmp_path):
     assert faces_first >= 3
     # a slow pan keeps the same faces on the same tracks
     assert len(timeline.tracks) <= faces_first + 2
+
+
+def test_an_annotated_video_that_cannot_be_written_is_an_error_not_an_empty_file(trained_run, squares_video, tmp_path):
+    from ferkit.errors import FerkitError
+
+    target = tmp_path / "no-such-folder" / "out.mp4"
+    with pytest.raises(FerkitError, match="cannot write the annotated video"):
+        analyze_video(squares_video, model=trained_run, detector=_bright_squares, annotated=target)
+    assert not target.exists()
+
+
+def test_frames_wait_in_small_batches(trained_run, squares_video):
+    """At most FRAMES_PER_BATCH frames are held before their faces are classified."""
+    from ferkit.video import FRAMES_PER_BATCH
+
+    analysed = []
+    analyze_video(squares_video, model=trained_run, detector=_bright_squares,
+                  progress=lambda index: analysed.append(index))
+    assert analysed == list(range(20))
+    # results arrive batch by batch: progress for frame i comes before frame i + FRAMES_PER_BATCH is read
+    import ferkit.video as video
+
+    held = []
+    original = video._labelled
+
+    def watching(frames, path, store):
+        for item in original(frames, path, store):
+            held.append(len(store))
+            yield item
+
+    video._labelled = watching
+    try:
+        analyze_video(squares_video, model=trained_run, detector=_bright_squares)
+    finally:
+        video._labelled = original
+    assert max(held) == FRAMES_PER_BATCH

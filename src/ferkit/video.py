@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ferkit.draw import draw_faces
+from ferkit.errors import FerkitError
 from ferkit.faces import box_iou
 from ferkit.predict import UNCERTAIN_BELOW, analyze_images
 from ferkit.results import Face
@@ -90,6 +91,9 @@ class IouTracker:
         return [ids[i] for i in range(len(boxes))]
 
 
+FRAMES_PER_BATCH = 8
+
+
 def analyze_video(
     path: str | Path,
     *,
@@ -114,7 +118,9 @@ def analyze_video(
     frames: dict[str, np.ndarray] = {}
     labelled = _labelled(video_frames(capture, info, every=every), path, frames)
     try:
-        for result in analyze_images(labelled, model=classifier, detector=detector, uncertain_below=uncertain_below):
+        # a few frames per batch: each waits, whole, in memory until its faces are classified (4K: 25 MB)
+        for result in analyze_images(labelled, model=classifier, detector=detector, uncertain_below=uncertain_below,
+                                     batch_images=FRAMES_PER_BATCH):
             index = int(result.source.rsplit("=", 1)[1])
             for face, track in zip(result.faces, tracker.update([f.box for f in result.faces])):
                 face = _smooth(face, track, smoothed, alpha, classifier.classes, uncertain_below)
@@ -152,7 +158,10 @@ def _smooth(face: Face, track: int, state: dict, alpha: float, classes, uncertai
 def _video_writer(path, info, every):
     import cv2
 
-    return cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), info.fps / every, info.size)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), info.fps / every, info.size)
+    if not writer.isOpened():  # OpenCV says nothing and writes nothing otherwise
+        raise FerkitError(f"cannot write the annotated video {path} (no such folder, or no mp4v encoder in this OpenCV)")
+    return writer
 
 
 def _to_image(frame):
