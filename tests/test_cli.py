@@ -259,3 +259,33 @@ def test_an_uncertainty_threshold_outside_0_to_1_is_refused(trained_run, tmp_pat
                                "--out", tmp_path / "o"))
     assert "uncertainty threshold" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_run_cut_short_resumes_without_redoing_or_losing_images(trained_run, tmp_path):
+    import csv as csv_module
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(pattern_face(i % 7, np.random.default_rng(i))).save(folder / f"p{i}.png")
+    (folder / "broken.jpg").write_text("not an image")
+    whole = tmp_path / "whole"
+    args = ["predict", str(folder), "--model", str(trained_run), "--detector", "none"]
+    CliRunner().invoke(cli, [*args, "--out", str(whole)])
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    lines = (whole / "results.jsonl").read_text().splitlines(keepends=True)
+    rows = list(csv_module.reader(open(whole / "faces.csv", newline="")))
+    done = [json.loads(line)["source"] for line in lines[:3]]
+    # as a kill leaves it: three complete lines, half of the fourth, and the fourth image's table row
+    (cut / "results.jsonl").write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
+    keep = [row for row in rows[1:] if row[0] in done or row[0] == json.loads(lines[3])["source"]]
+    with open(cut / "faces.csv", "w", newline="") as handle:
+        csv_module.writer(handle).writerows(rows[:1] + keep)
+
+    resumed = CliRunner().invoke(cli, [*args, "--out", str(cut), "--resume"])
+    assert resumed.exit_code == 1  # the broken file still fails, and says so
+    got = [json.loads(line) for line in (cut / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["source"] for r in got) == sorted(json.loads(line)["source"] for line in lines)
+    assert sorted(map(tuple, csv_module.reader(open(cut / "faces.csv", newline="")))) == sorted(map(tuple, rows))

@@ -376,9 +376,11 @@ def cache_cmd(action: str):
 @click.option("--save-video", is_flag=True, help="Videos: also write an annotated video.")
 @click.option("--uncertain-below", type=float, default=UNCERTAIN_BELOW, show_default=True,
               help="Mark faces whose top probability is below this as uncertain ('?' after the emotion); 0: never.")
+@click.option("--resume", is_flag=True,
+              help="Folders and globs: skip the images already in --out's results.jsonl (a run cut short) and append.")
 @TTA_OPTION
 def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, every, target_fps, smooth, save_video,
-                uncertain_below, tta):
+                uncertain_below, resume, tta):
     """Find every face in each SOURCE (image, folder, glob or video) and predict its emotion."""
     from ferkit.faces import get_detector
     from ferkit.predict import check_uncertain_below
@@ -407,7 +409,7 @@ def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, e
                                  uncertain_below=uncertain_below)
     elif images or any(kind in ("folder", "glob") for _, kind in kinds):
         batch = [s for s, kind in kinds if kind != "video"]
-        failures += _predict_many(batch, classifier, find, out, as_json, bool(annotate), uncertain_below)
+        failures += _predict_many(batch, classifier, find, out, as_json, bool(annotate), uncertain_below, resume)
     for source in (s for s, kind in kinds if kind == "video"):
         failures += _predict_video(source, classifier, find, out, every, target_fps, smooth, save_video, as_json,
                                    uncertain_below)
@@ -447,7 +449,7 @@ def _predict_one(source, classifier, find, out: Path, as_json: bool, annotate: b
 
 
 def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate: bool,
-                  uncertain_below: float = UNCERTAIN_BELOW) -> int:
+                  uncertain_below: float = UNCERTAIN_BELOW, resume: bool = False) -> int:
     from ferkit.predict import analyze_images
     from ferkit.progress import progress_bar
     from ferkit.sources import list_images
@@ -461,16 +463,26 @@ def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate:
                 click.echo(f"error: {err}", err=True)
     images = faces = failed = 0
     used: set[str] = set()
-    with open(out / "faces.csv", "w", newline="") as table, open(out / "results.jsonl", "w") as lines, \
+    done = _finished_sources(out) if resume else set()
+    if done:
+        before = len(paths)
+        paths = [p for p in paths if str(p) not in done]
+        click.echo(f"resuming: {before - len(paths)} images already in {out / 'results.jsonl'}", err=True)
+    mode = "a" if resume else "w"
+    with open(out / "faces.csv", mode, newline="") as table, open(out / "results.jsonl", mode) as lines, \
             progress_bar(len(paths), "analysing images", enabled=not as_json) as advance:
         writer = csv.writer(table)
-        writer.writerow(["source", "face", "x", "y", "width", "height", "detector_score", "emotion", "score",
-                         *classifier.classes, "uncertain"])
+        if table.tell() == 0:
+            writer.writerow(["source", "face", "x", "y", "width", "height", "detector_score", "emotion", "score",
+                             *classifier.classes, "uncertain"])
         for result in analyze_images(paths, model=classifier, detector=find, uncertain_below=uncertain_below):
             advance()
             images += 1
             record = result.to_dict()
-            lines.write(json.dumps(record) + "\n")
+            _write_rows(writer, result, classifier)
+            table.flush()
+            lines.write(json.dumps(record) + "\n")  # last: an image is done once its line is complete
+            lines.flush()
             if as_json:
                 click.echo(json.dumps(record))
             if result.error:
@@ -478,15 +490,44 @@ def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate:
                 click.echo(f"error: {result.error}", err=True)
                 continue
             faces += len(result.faces)
-            for number, face in enumerate(result.faces, start=1):
-                score = "" if face.detector_score is None else f"{face.detector_score:.3f}"
-                writer.writerow([result.source, number, *face.box, score, face.emotion, f"{face.score:.4f}",
-                                 *(f"{face.probabilities[c]:.4f}" for c in classifier.classes), int(face.uncertain)])
             if annotate:
                 result.draw(result.source).save(_unique(out, Path(result.source).stem, ".annotated.jpg", used), quality=92)
     if not as_json:
         click.echo(f"{images} images, {faces} faces, {failed} failed; wrote {out / 'faces.csv'} and {out / 'results.jsonl'}")
     return failed
+
+
+def _write_rows(writer, result, classifier) -> None:
+    for number, face in enumerate(result.faces, start=1):
+        score = "" if face.detector_score is None else f"{face.detector_score:.3f}"
+        writer.writerow([result.source, number, *face.box, score, face.emotion, f"{face.score:.4f}",
+                         *(f"{face.probabilities[c]:.4f}" for c in classifier.classes), int(face.uncertain)])
+
+
+def _finished_sources(out: Path) -> set[str]:
+    """The images a run cut short had finished (a complete line in results.jsonl, no error), with both
+    files cut back to them: a half-written last line, and table rows of an image without its line, go."""
+    jsonl, table = out / "results.jsonl", out / "faces.csv"
+    if not jsonl.exists():
+        return set()
+    done, kept = set(), []
+    for line in jsonl.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break  # the line a kill cut short, and anything after it
+        if not line.endswith("\n"):
+            break
+        if not record.get("error"):
+            done.add(record["source"])
+            kept.append(line)
+    jsonl.write_text("".join(kept))
+    if table.exists():
+        with open(table, newline="") as handle:
+            rows = list(csv.reader(handle))
+        with open(table, "w", newline="") as handle:
+            csv.writer(handle).writerows(rows[:1] + [row for row in rows[1:] if row and row[0] in done])
+    return done
 
 
 def _predict_video(source, classifier, find, out: Path, every, target_fps, smooth, save_video, as_json,
