@@ -57,4 +57,10 @@ def test_init_default_starts_from_the_bundled_model(pattern_data, tmp_path):
                          epochs=1, learning_rate=1e-5, out=str(tmp_path / "run"))
     run = train(config, verbose=0)
     # the bundled Keras twin (for an ensemble: its best member) is what training starts from
-    assert read_metadata(run).model == read_metadata(files_path("weights", bundled_manifest()["keras_file"])).model
+    bundled = files_path("weights", bundled_manifest()["keras_file"])
+    assert read_metadata(run).model == read_metadata(bundled).model
+    import keras
+
+    start, after = keras.saving.load_model(bundled, compile=False), keras.saving.load_model(run / "last.keras", compile=False)
+    kernels = [(a.kernel, b.kernel) for a, b in zip(start.layers, after.layers) if hasattr(a, "kernel")]
+    assert kernels and all(np.abs(np.asarray(a) - np.asarray(b)).max() < 1e-3 for a, b in kernels)  # barely moved

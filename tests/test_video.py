@@ -81,7 +81,16 @@ def test_smoothing_damps_changes(trained_run, squares_video):
         series = np.array([list(r.face.probabilities.values()) for r in timeline.rows if r.track == 1])
         return np.abs(np.diff(series, axis=0)).sum()
 
-    assert jitter(smooth) <= jitter(raw)
+    assert jitter(smooth) < jitter(raw)
+    # each track's smoothed probabilities are the exponential average of its raw ones, alpha = 2 / (N + 1)
+    alpha = 2 / (9 + 1)
+    for track in raw.tracks:
+        series = np.array([list(r.face.probabilities.values()) for r in raw.rows if r.track == track])
+        expected = [series[0]]
+        for current in series[1:]:
+            expected.append(alpha * current + (1 - alpha) * expected[-1])
+        got = np.array([list(r.face.probabilities.values()) for r in smooth.rows if r.track == track])
+        assert np.allclose(got, expected, atol=1e-6)
 
 
 def test_unreadable_videos_are_refused(trained_run, tmp_path):
