@@ -52,11 +52,34 @@ class ModelMetadata:
 
     def __post_init__(self):
         self.temperature = check_temperature(self.temperature)
+        _check_metadata(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelMetadata":
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
+
+
+def _check_metadata(meta: ModelMetadata) -> None:
+    """ValueError unless the fields can describe a model (a damaged or hand-edited file may say anything)."""
+    def positive_ints(values, count):
+        return isinstance(values, (list, tuple)) and len(values) == count and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+
+    if not isinstance(meta.model, str) or not meta.model:
+        raise ValueError("model must be a name")
+    if not isinstance(meta.classes, (list, tuple)) or not meta.classes or not all(isinstance(c, str) for c in meta.classes):
+        raise ValueError("classes must be a list of names")
+    if not positive_ints(meta.input_size, 2) or meta.channels not in (1, 3) or isinstance(meta.channels, bool):
+        raise ValueError("input_size must be two positive sizes and channels 1 or 3")
+    if meta.crop is not None and not (positive_ints([meta.crop], 1) and meta.crop <= min(meta.input_size)):
+        raise ValueError("crop must fit in the input")
+    if meta.tta not in TTA_CHOICES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_CHOICES)}")
+    if isinstance(meta.face_margin, bool) or not isinstance(meta.face_margin, (int, float)) or not 0 <= meta.face_margin <= 1:
+        raise ValueError("face_margin must be a fraction of the box between 0 and 1")
+    if not isinstance(meta.level_eyes, bool):
+        raise ValueError("level_eyes must be true or false")
 
 
 def save_keras_model(model, path: str | Path, metadata: ModelMetadata) -> Path:
