@@ -270,23 +270,24 @@ def test_warmup_rises_to_the_peak_rate_then_cosine_decays(pattern_data, tmp_path
     assert rates[2] < rates[1]
 
 
-def test_ema_validates_and_saves_the_averaged_weights_and_resumes(pattern_data, tmp_path):
+@pytest.mark.parametrize("model", ["seed-cnn", "ferkit-net-s"])  # without and with batch norm
+def test_ema_validates_and_saves_the_averaged_weights_and_resumes(pattern_data, tmp_path, model):
     import keras
 
     from ferkit.runtime import load_classifier
 
-    config = _config(pattern_data, tmp_path / "ema", epochs=2, optimizer="sgd", learning_rate=0.05, ema=0.9)
+    config = _config(pattern_data, tmp_path / "ema", model=model, epochs=2, optimizer="sgd", learning_rate=0.05, ema=0.9)
     run = train(config, verbose=0)
     config.epochs = 3
     train(config, resume=True, verbose=0)
     checkpoint = keras.saving.load_model(run / "checkpoint.keras")
     optimizer = checkpoint.optimizer
     averages = {id(v): a for v, a in zip(optimizer._trainable_variables, optimizer._model_variables_moving_average)}
-    raw = [np.asarray(v) for v in checkpoint.weights]
-    averaged = [np.asarray(averages.get(id(v), v)) for v in checkpoint.weights]
-    saved = load_classifier(run / "last.keras").model.get_weights()
-    assert all(np.allclose(a, b) for a, b in zip(saved, averaged))
-    assert not all(np.allclose(a, b) for a, b in zip(saved, raw))  # the checkpoint keeps the raw weights
+    trainable = [v for v in checkpoint.weights if v.trainable]  # no augmentation: the checkpoint is the network
+    saved_model = load_classifier(run / "last.keras").model
+    saved = [np.asarray(v) for v in saved_model.weights if v.trainable]
+    assert all(np.allclose(a, np.asarray(averages[id(v)])) for a, v in zip(saved, trainable))
+    assert not all(np.allclose(a, np.asarray(v)) for a, v in zip(saved, trainable))  # the checkpoint keeps the raw ones
     # validation scored the averaged weights: the saved model reproduces the recorded accuracy
     report = evaluate(run / "last.keras", load_dataset(pattern_data / "val"))
     assert report.accuracy == pytest.approx(read_history(run / "history.csv")["val_accuracy"][-1], abs=1e-6)

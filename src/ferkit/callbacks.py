@@ -17,12 +17,15 @@ keras = import_keras()
 class RunRecorder(keras.callbacks.Callback):
     """Saves, in this order: checkpoint, last (and best) model, history row, state, curves plot."""
 
-    def __init__(self, run: Path, state: RunState, base_model, metadata: ModelMetadata, *, saved_model=None):
+    def __init__(self, run: Path, state: RunState, base_model, metadata: ModelMetadata, *, saved_model=None,
+                 averaged=None):
         """`base_model` is trained; `saved_model` (default: the same) is what best/last.keras hold, e.g. a
-        float32 twin of a mixed-precision network, which receives its weights before each save."""
+        float32 twin of a mixed-precision network, which receives its weights before each save; with
+        `averaged` (an AveragedWeightsValidation), the weights it validated are saved."""
         super().__init__()
         self.run, self.state, self.base_model, self.metadata = run, state, base_model, metadata
         self.saved_model = saved_model if saved_model is not None else base_model
+        self.averaged = averaged
         self._started = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -37,9 +40,10 @@ class RunRecorder(keras.callbacks.Callback):
 
         val_accuracy = float(logs.get("val_accuracy", float("nan")))
         self.metadata.extra = {"run": str(self.run), "epoch": done, "val_accuracy": val_accuracy}
-        averaged = _moving_averages(self.model.optimizer)
-        if averaged or self.saved_model is not self.base_model:
-            self.saved_model.set_weights([keras.ops.convert_to_numpy(averaged.get(id(v), v)) for v in self.base_model.weights])
+        if self.averaged is not None and self.averaged.weights is not None:
+            self.saved_model.set_weights(self.averaged.weights)
+        elif self.saved_model is not self.base_model:
+            self.saved_model.set_weights(self.base_model.get_weights())
         save_keras_model(self.saved_model, self.run / "last.keras", self.metadata)
         if val_accuracy > self.state.best_val_accuracy:
             self.state.best_val_accuracy, self.state.best_epoch = val_accuracy, done
@@ -52,6 +56,41 @@ class RunRecorder(keras.callbacks.Callback):
         self.state.save(self.run)
         title = f"{self.metadata.model} — {self.run.name}"
         plot_history(read_history(self.run / "history.csv"), self.run / "curves.png", title=title)
+
+
+class AveragedWeightsValidation(keras.callbacks.Callback):
+    """Validates the optimizer's moving average of the weights (use_ema) instead of the weights.
+
+    Keras keeps no average of batch-norm statistics, and those of the raw weights do not fit the averaged
+    ones (at first a network of mostly initial weights: it predicted one class for every face). So before
+    each validation the averaged weights go in, their batch-norm statistics are measured afresh on
+    `faces` (un-augmented training faces), and after it the raw weights and statistics come back.
+    `weights` then holds what was validated, for saving.
+    """
+
+    def __init__(self, base_model, faces, *, batch_size: int = 128):
+        super().__init__()
+        self.base_model, self.faces, self.batch_size = base_model, faces, batch_size
+        self.weights = None
+        self._raw = None
+
+    def on_test_begin(self, logs=None):
+        from ferkit.train import recalibrate_batch_norm
+
+        variables = self.base_model.weights
+        self._raw = [keras.ops.convert_to_numpy(v) for v in variables]
+        averages = _moving_averages(self.model.optimizer)
+        for variable in variables:
+            if id(variable) in averages:
+                variable.assign(averages[id(variable)])
+        batches = (self.faces[i : i + self.batch_size] for i in range(0, len(self.faces), self.batch_size))
+        recalibrate_batch_norm(self.base_model, batches)
+        self.weights = [keras.ops.convert_to_numpy(v) for v in variables]
+
+    def on_test_end(self, logs=None):
+        for variable, value in zip(self.base_model.weights, self._raw):
+            variable.assign(value)
+        self._raw = None
 
 
 def _moving_averages(optimizer) -> dict:

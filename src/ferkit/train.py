@@ -79,9 +79,15 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         trim_history(run / "history.csv", state.epochs_done)
         metadata = ModelMetadata(model=config.model, classes=config.classes, input_size=list(spec.input_size),
                                  channels=spec.channels, crop=spec.crop)
-        callbacks = [RunRecorder(run, state, base_model, metadata, saved_model=saved_model)]
-        if config.ema:  # validation scores the averaged weights (RunRecorder saves them)
-            callbacks.insert(0, keras.callbacks.SwapEMAWeights())
+        averaged = None
+        if config.ema:  # validation scores the averaged weights, and RunRecorder saves them
+            from ferkit.callbacks import AveragedWeightsValidation
+
+            picked = np.random.default_rng(config.seed).permutation(len(train_set))[:BATCH_NORM_FACES]
+            averaged = AveragedWeightsValidation(base_model, faces_to_batch(train_set.images[picked], spec.channels))
+        callbacks = [RunRecorder(run, state, base_model, metadata, saved_model=saved_model, averaged=averaged)]
+        if averaged is not None:
+            callbacks.insert(0, averaged)
         if config.lr_schedule == "plateau":
             callbacks.append(
                 keras.callbacks.ReduceLROnPlateau("val_accuracy", mode="max", factor=0.5, patience=config.lr_patience)
@@ -129,6 +135,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     return run
 
 
+BATCH_NORM_FACES = 2048  # un-augmented training faces that measure the averaged weights' batch-norm statistics
 COMPACT_CHECKPOINT = "checkpoint.npz"
 COMPACT_FILES = ("config.json", "datasets.json", "history.csv", "state.json", "curves.png")
 
