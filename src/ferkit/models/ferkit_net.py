@@ -11,10 +11,16 @@ from ferkit._keras import import_keras
 from ferkit.models.registry import register_model
 
 
-def center_crop(layers, x, input_shape, crop: int):
-    """The central crop x crop pixels: a fixed slice (exported to ONNX as one), in training and inference."""
-    height, width = input_shape[0] - crop, input_shape[1] - crop
-    return layers.Cropping2D(((height // 2, height - height // 2), (width // 2, width - width // 2)), name="center_crop")(x)
+def face_input(keras, input_shape, crop: int | None = None):
+    """(inputs, x): the 0-255 face scaled to 0-1 and, with `crop`, cut to its central crop x crop pixels
+    (a fixed slice, in training and inference alike, exported to ONNX as one)."""
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Rescaling(1.0 / 255)(inputs)
+    if crop:
+        height, width = input_shape[0] - crop, input_shape[1] - crop
+        cropping = ((height // 2, height - height // 2), (width // 2, width - width // 2))
+        x = keras.layers.Cropping2D(cropping, name="center_crop")(x)
+    return inputs, x
 
 
 def _conv_bn_relu(layers, x, filters: int):
@@ -32,10 +38,7 @@ def build_vgg_bn(*, num_classes, input_shape, widths, convs_per_stage, head_unit
     """
     keras = import_keras()
     layers = keras.layers
-    inputs = keras.Input(input_shape)
-    x = layers.Rescaling(1.0 / 255)(inputs)
-    if crop:
-        x = center_crop(layers, x, input_shape, crop)
+    inputs, x = face_input(keras, input_shape, crop)
     for width, convs in zip(widths, convs_per_stage):
         for _ in range(convs):
             x = _conv_bn_relu(layers, x, width)

@@ -10,7 +10,7 @@ random crops and `--tta tencrop` applies.
 from __future__ import annotations
 
 from ferkit._keras import import_keras
-from ferkit.models.ferkit_net import center_crop
+from ferkit.models.ferkit_net import face_input
 from ferkit.models.registry import register_model
 
 
@@ -30,10 +30,7 @@ def _basic_block(layers, x, filters: int, stride: int):
 def build_resnet(*, num_classes, input_shape, widths, blocks_per_stage, crop=None, dropout=0.2, name):
     keras = import_keras()
     layers = keras.layers
-    inputs = keras.Input(input_shape)
-    x = layers.Rescaling(1.0 / 255)(inputs)
-    if crop:
-        x = center_crop(layers, x, input_shape, crop)
+    inputs, x = face_input(keras, input_shape, crop)
     x = layers.Conv2D(widths[0], 3, padding="same", use_bias=False)(x)
     x = layers.BatchNormalization()(x)
     x = layers.ReLU()(x)
