@@ -166,3 +166,16 @@ def test_frames_wait_in_small_batches(trained_run, squares_video):
     finally:
         video._labelled = original
     assert max(held) == FRAMES_PER_BATCH
+
+
+def test_the_timeline_is_written_as_frames_are_analysed(trained_run, squares_video, tmp_path):
+    streamed = tmp_path / "streamed.csv"
+    seen_rows = []
+
+    def look(index):  # after each analysed frame, the file already holds that frame's rows
+        seen_rows.append(sum(1 for _ in open(streamed)) - 1)
+
+    timeline = analyze_video(squares_video, model=trained_run, detector=_bright_squares, every=2,
+                             timeline_csv=streamed, progress=look)
+    assert seen_rows == list(range(2, 2 * len(seen_rows) + 1, 2))  # two faces a frame, flushed each frame
+    assert streamed.read_text() == timeline.to_csv(tmp_path / "whole.csv").read_text()

@@ -548,8 +548,9 @@ def _predict_video(source, classifier, find, out: Path, every, target_fps, smoot
     total = max(1, -(-info.frames // step)) if info.frames > 0 else None
     with progress_bar(total, f"analysing {Path(source).name}", enabled=not as_json) as advance:
         timeline = analyze_video(source, model=classifier, detector=find, every=step, smooth=smooth,
-                                 annotated=annotated, progress=lambda _: advance(), uncertain_below=uncertain_below)
-    written = [timeline.to_csv(out / f"{stem}.timeline.csv"), timeline.plot(out / f"{stem}.emotions.png")]
+                                 annotated=annotated, progress=lambda _: advance(), uncertain_below=uncertain_below,
+                                 timeline_csv=out / f"{stem}.timeline.csv")
+    written = [out / f"{stem}.timeline.csv", timeline.plot(out / f"{stem}.emotions.png")]
     if annotated:
         written.append(annotated)
     summary = {"source": source, "frames_analysed": timeline.frames_analysed, "every": step,

@@ -45,11 +45,16 @@ class Timeline:
     def to_csv(self, path: str | Path) -> Path:
         with open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["time_s", "frame", "track", "x", "y", "width", "height", "emotion", "score", *self.classes])
-            for r in self.rows:
-                writer.writerow([f"{r.time_s:.3f}", r.frame, r.track, *r.face.box, r.face.emotion, f"{r.face.score:.4f}",
-                                 *(f"{r.face.probabilities[c]:.4f}" for c in self.classes)])
+            writer.writerow(self.csv_header())
+            writer.writerows(self.csv_row(r) for r in self.rows)
         return Path(path)
+
+    def csv_header(self) -> list[str]:
+        return ["time_s", "frame", "track", "x", "y", "width", "height", "emotion", "score", *self.classes]
+
+    def csv_row(self, r: TimelineRow) -> list:
+        return [f"{r.time_s:.3f}", r.frame, r.track, *r.face.box, r.face.emotion, f"{r.face.score:.4f}",
+                *(f"{r.face.probabilities[c]:.4f}" for c in self.classes)]
 
     def plot(self, path: str | Path, *, max_tracks: int = 6) -> Path:
         from ferkit.plots import plot_emotion_timeline
@@ -104,17 +109,24 @@ def analyze_video(
     annotated: str | Path | None = None,
     progress: Callable[[int], None] | None = None,
     uncertain_below: float = UNCERTAIN_BELOW,
+    timeline_csv: str | Path | None = None,
 ) -> Timeline:
     """Analyse every `every`-th frame. `smooth` > 1 averages each track's probabilities exponentially
     over about that many analysed frames. `annotated`: write an annotated video there (mp4).
     `progress(frame_index)` is called after each analysed frame. Faces (smoothed ones by their smoothed
-    probabilities) whose top probability is below `uncertain_below` are marked `uncertain`."""
+    probabilities) whose top probability is below `uncertain_below` are marked `uncertain`.
+    `timeline_csv`: write the timeline there row by row as frames are analysed, so that a run cut short
+    keeps what it did."""
     classifier = load_classifier(model)
     capture, info = open_video(path)
     timeline = Timeline(str(path), info.fps, classifier.classes)
     tracker, smoothed = IouTracker(), {}
     alpha = 2.0 / (smooth + 1)
     writer = _video_writer(annotated, info, every) if annotated else None
+    table = open(timeline_csv, "w", newline="") if timeline_csv else None
+    rows = csv.writer(table) if table else None
+    if rows:
+        rows.writerow(timeline.csv_header())
     frames: dict[str, np.ndarray] = {}
     labelled = _labelled(video_frames(capture, info, every=every), path, frames)
     try:
@@ -125,6 +137,10 @@ def analyze_video(
             for face, track in zip(result.faces, tracker.update([f.box for f in result.faces])):
                 face = _smooth(face, track, smoothed, alpha, classifier.classes, uncertain_below)
                 timeline.rows.append(TimelineRow(index, index / info.fps, track, face))
+                if rows:
+                    rows.writerow(timeline.csv_row(timeline.rows[-1]))
+            if table:
+                table.flush()
             timeline.frames_analysed += 1
             frame = frames.pop(result.source)
             if writer is not None:
@@ -134,6 +150,8 @@ def analyze_video(
     finally:
         if writer is not None:
             writer.release()
+        if table is not None:
+            table.close()
     return timeline
 
 
