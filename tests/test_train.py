@@ -303,6 +303,7 @@ def test_a_packed_run_resumes_on_the_same_schedule(pattern_data, tmp_path):
     first = train(_config(pattern_data, tmp_path / "first", **{**options, "epochs": 2}), verbose=0)
     packed = save_compact_checkpoint(first, tmp_path / "packed")
     assert not (packed / "checkpoint.keras").exists()
+    assert TrainConfig.load(packed / "config.json").out == str(packed)
     assert (packed / "checkpoint.npz").stat().st_size < (first / "checkpoint.keras").stat().st_size / 2
     with pytest.raises(FerkitError, match="already exists"):
         save_compact_checkpoint(first, packed)

@@ -161,6 +161,8 @@ def save_compact_checkpoint(run: str | Path, out: str | Path) -> Path:
     for name in COMPACT_FILES:
         if (run / name).exists():
             shutil.copy2(run / name, out / name)
+    config.out = str(out)  # the pack is a run folder of its own; where the run lived says nothing here
+    config.save(out / "config.json")
     weights = [np.asarray(w, np.float16) for w in network.get_weights()]
     np.savez_compressed(out / COMPACT_CHECKPOINT, *weights)
     return out
