@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ferkit.config import TrainConfig
 from ferkit.errors import FerkitError
 from ferkit.train import COMPACT_FILES, save_compact_checkpoint
 
@@ -36,6 +37,9 @@ def main() -> None:
             args.out.mkdir(parents=True, exist_ok=True)
             for item in staged.iterdir():
                 shutil.move(str(item), args.out / item.name)
+        config = TrainConfig.load(args.out / "config.json")
+        config.out = str(args.out)  # staged elsewhere first: name the folder it ends up in
+        config.save(args.out / "config.json")
     except FerkitError as err:
         sys.exit(f"error: {err}")
     size = sum(p.stat().st_size for p in args.out.iterdir()) / 1e6
