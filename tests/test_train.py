@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -350,3 +351,19 @@ def test_teacher_probabilities_that_miss_faces_are_refused(pattern_data, trained
     saved = save_teacher_probabilities([trained_run], val, tmp_path / "val.npz")
     with pytest.raises(FerkitError, match="no probabilities for"):
         load_teacher_probabilities(saved, load_dataset(pattern_data / "train"))
+
+
+def test_the_pack_tool_replaces_an_earlier_pack_and_nothing_else(pattern_data, trained_run, tmp_path):
+    tool = [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "pack_run.py")]
+    out = tmp_path / "packed"
+    first = subprocess.run([*tool, str(trained_run), str(out)], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert TrainConfig.load(out / "config.json").out == str(out) and (out / "checkpoint.npz").exists()
+    again = subprocess.run([*tool, str(trained_run), str(out)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr  # an earlier pack of the run is replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    refused = subprocess.run([*tool, str(trained_run), str(mine)], capture_output=True, text=True)
+    assert refused.returncode != 0 and "not a packed run" in refused.stderr
+    assert (mine / "notes.txt").read_text() == "mine"
