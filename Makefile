@@ -8,8 +8,8 @@ DEMO   := runs/demo
 
 .PHONY: setup run demo test clean
 
-# `make run` installs what prediction needs (ONNX Runtime, no TensorFlow); `make test` and `make demo`
-# add the training and development extras to the same .venv.
+# `make run` installs what photo prediction needs (ONNX Runtime and YuNet: no TensorFlow, no OpenCV);
+# `make test` and `make demo` add every extra and the development tools to the same .venv.
 $(VENV)/.installed-predict: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -19,7 +19,7 @@ $(VENV)/.installed-predict: pyproject.toml
 $(VENV)/.installed-all: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[train,dev]"
+	$(BIN)/pip install --quiet -e ".[all,dev]"
 	touch $(VENV)/.installed-predict $@
 
 setup: $(VENV)/.installed-all

@@ -1,7 +1,9 @@
-"""Shared fixtures: an isolated cache, and small generated face datasets a model can actually learn."""
+"""Shared fixtures: an isolated cache, small generated face datasets a model can actually learn, and
+small real photos with annotated faces (tests/data)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,17 @@ from ferkit.labels import EMOTIONS
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FER2013 = SHARED / "data" / "fer2013"
+REAL_PHOTOS = Path(__file__).resolve().parent / "data"  # small real photos with hand-drawn face boxes
+
+
+def real_photo_boxes() -> dict[Path, list[tuple[int, int, int, int]]]:
+    """Each photo of tests/data/boxes.json with its annotated face boxes."""
+    images = json.loads((REAL_PHOTOS / "boxes.json").read_text())["images"]
+    return {(REAL_PHOTOS / name).resolve(): [tuple(box) for box in boxes] for name, boxes in images.items()}
+
+
+def smiling_real_faces() -> list[Path]:
+    return [REAL_PHOTOS / name for name in json.loads((REAL_PHOTOS / "boxes.json").read_text())["smiling"]]
 
 
 @pytest.fixture(autouse=True)

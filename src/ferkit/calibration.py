@@ -55,7 +55,9 @@ def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
     """The temperature T in TEMPERATURE_BOUNDS that minimises the negative log-likelihood of softmax(log p / T)
     on these faces: `probabilities` (N, classes) as the model gives them at T = 1, `labels` (N,) the true
     class indices (columns of `probabilities`). Fit it on faces the model was not trained on."""
-    from scipy.optimize import minimize_scalar
+    from ferkit.extras import require
+
+    minimize_scalar = require("scipy.optimize", "fitting a temperature").minimize_scalar
 
     probabilities, labels = _checked(probabilities, labels)
     if len(labels) == 0:

@@ -396,6 +396,11 @@ def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, e
             if len(sources) == 1:
                 raise
             click.echo(f"error: {err}", err=True)
+    if any(kind == "video" for _, kind in kinds):  # before any work, not after the photos of a batch
+        from ferkit.extras import require
+
+        require("cv2", "reading videos")
+        require("matplotlib", "plotting emotions over time", extra="video")
     given = [_parse_box(text) for text in boxes] or None
     if given and (len(sources) != 1 or kinds[0][1] != "image"):
         raise FerkitError("--box applies to a single image")
@@ -455,13 +460,18 @@ def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate:
     from ferkit.sources import list_images
 
     paths = [Path(s) for s in sources if Path(s).is_file()]
+    empty = 0  # folders and globs without a single image: each is a failed item of the batch
     for source in sources:
         if not Path(source).is_file():
             try:
                 paths += list_images(source)
             except FerkitError as err:
+                if len(sources) == 1:
+                    raise
                 click.echo(f"error: {err}", err=True)
-    images = faces = failed = 0
+                empty += 1
+    images = faces = 0
+    failed = empty
     used: set[str] = set()
     done = _finished_sources(out) if resume else set()
     if done:

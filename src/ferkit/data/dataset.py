@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ferkit.errors import FerkitError
+from ferkit.extras import require
 
 
 @dataclass
@@ -44,7 +45,7 @@ class FaceDataset:
 
 def split_dataset(dataset: FaceDataset, *, val_fraction: float, seed: int = 0) -> tuple[FaceDataset, FaceDataset]:
     """Split off a stratified validation set; the same seed always gives the same split."""
-    from sklearn.model_selection import train_test_split
+    train_test_split = require("sklearn.model_selection", "splitting off a validation set").train_test_split
 
     if not 0.0 < val_fraction < 1.0:
         raise FerkitError(f"the validation fraction must be between 0 and 1, got {val_fraction}")

