@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 SAMPLE := examples/fer2013-sample
 DEMO   := runs/demo
 
-.PHONY: setup run demo test clean
+.PHONY: setup run demo test test-minimum clean
 
 # `make run` installs what photo prediction needs (ONNX Runtime and YuNet: no TensorFlow, no OpenCV);
 # `make test` and `make demo` add every extra and the development tools to the same .venv.
@@ -36,5 +36,16 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# The suite again on the oldest releases pyproject.toml admits (each direct dependency at its floor,
+# by uv's lowest-direct resolution), so that the lower bounds stay true.
+$(VENV)-minimum/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)-minimum
+	$(VENV)-minimum/bin/pip install --quiet uv
+	$(VENV)-minimum/bin/uv pip install --quiet --python $(VENV)-minimum/bin/python --resolution lowest-direct -e ".[all,dev]"
+	touch $@
+
+test-minimum: $(VENV)-minimum/.installed
+	$(VENV)-minimum/bin/python -m pytest
+
 clean:
-	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(VENV)-minimum runs build src/*.egg-info .pytest_cache

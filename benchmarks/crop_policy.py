@@ -7,6 +7,11 @@ smooth random background, some a quarter outside the border, some turned by up t
 again by the detector, cropped by each policy and classified. Each policy's accuracy is compared with
 the model's accuracy on the very same faces as given (48x48, classified directly); the gap is what the
 crop costs. The ideal crop (exactly the square that was pasted, unturned) is shown for reference.
+
+It also tries squares placed by the five landmarks instead of the detector's box (`landmark_box`):
+their two constants are fitted on the first half of the faces found, and every policy is scored on the
+second half. "landmarks where the box is odd" uses them only for boxes far from square or partly
+outside the photo, where the detector's box is least trustworthy.
 """
 
 from __future__ import annotations
@@ -18,11 +23,36 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from ferkit.data import load_dataset
-from ferkit.faces import box_iou, face_crop, get_detector
+from ferkit.faces import Box, box_iou, face_crop, get_detector
 from ferkit.images import to_model_input
 from ferkit.runtime import load_classifier
 
 MARGINS = (-0.05, 0.0, 0.05, 0.1, 0.2)
+
+
+def landmark_frame(landmarks) -> tuple[np.ndarray, np.ndarray, float]:
+    """The eyes' midpoint, the mouth corners' midpoint and the distance between them (at least 1 px), from
+    five landmarks in YuNet's and MTCNN's order: two eyes, nose tip, two mouth corners."""
+    points = np.asarray(landmarks, dtype=float).reshape(-1, 2)
+    eyes, mouth = points[:2].mean(axis=0), points[3:5].mean(axis=0)
+    return eyes, mouth, max(1.0, float(np.linalg.norm(mouth - eyes)))
+
+
+def landmark_box(landmarks, side_ratio: float, centre_shift: float) -> Box:
+    """The square a face's five landmarks imply: `side_ratio` eye-to-mouth distances wide, centred
+    `centre_shift` of that distance from the eyes' midpoint towards the mouth. Unlike a detector's box it
+    keeps its shape when the face is cut by the photo's border."""
+    eyes, mouth, distance = landmark_frame(landmarks)
+    centre = eyes + (mouth - eyes) * centre_shift
+    side = side_ratio * distance
+    return int(round(centre[0] - side / 2)), int(round(centre[1] - side / 2)), int(round(side)), int(round(side))
+
+
+def box_is_odd(box: Box, image_size: tuple[int, int]) -> bool:
+    """A detector box least worth trusting: far from a face's usual shape, or partly outside the photo."""
+    x, y, width, height = box
+    outside = x < 0 or y < 0 or x + width > image_size[0] or y + height > image_size[1]
+    return outside or not 0.9 <= height / max(width, 1) <= 1.6
 
 
 def make_scene(face: np.ndarray, rng: np.random.Generator, *, canvas=(400, 320)):
@@ -57,7 +87,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     picked = rng.choice(len(data), size=min(args.faces, len(data)), replace=False)
     detector = get_detector("auto")
-    found, labels, direct, ideal = [], [], [], []
+    found, labels, direct, ideal, detections_kept, scenes, pasted_squares = [], [], [], [], [], [], []
     crops = {(m, level): [] for m in MARGINS for level in (False, True)}
     started = time.perf_counter()
     for index in picked:
@@ -68,6 +98,11 @@ def main() -> None:
         if not detections:
             continue
         best = max(detections, key=lambda d: box_iou(d.box, pasted))
+        if not best.landmarks:
+            continue
+        detections_kept.append(best)
+        scenes.append(scene)
+        pasted_squares.append(pasted)
         found.append(index)
         labels.append(data.labels[index])
         direct.append(face)
@@ -77,19 +112,79 @@ def main() -> None:
             crops[margin, level].append(to_model_input(crop, classifier.input_size))
     seconds = time.perf_counter() - started
     labels = np.array(labels)
+    half = len(found) // 2
+    side_ratio, centre_shift = fit_landmark_box(detections_kept[:half], pasted_squares[:half])
+    crops["landmarks", False] = [
+        to_model_input(face_crop(scene, landmark_box(d.landmarks, side_ratio, centre_shift)), classifier.input_size)
+        for scene, d in zip(scenes, detections_kept)
+    ]
+    framing = fit_box_framing([d.box for d in detections_kept[:half]], pasted_squares[:half])
+    crops["detector box, framing fitted", False] = [
+        to_model_input(face_crop(scene, framed_box(d.box, *framing)), classifier.input_size)
+        for scene, d in zip(scenes, detections_kept)
+    ]
+    crops["landmarks where the box is odd", False] = [
+        to_model_input(face_crop(scene, landmark_box(d.landmarks, side_ratio, centre_shift)
+                                 if box_is_odd(d.box, scene.size) else d.box), classifier.input_size)
+        for scene, d in zip(scenes, detections_kept)
+    ]
+    odd = np.array([box_is_odd(d.box, scene.size) for scene, d in zip(scenes, detections_kept)])[half:]
+    test = slice(half, None)
 
-    def accuracy(faces) -> float:
-        return float(np.mean(classifier.predict_proba(np.stack(faces)).argmax(1) == labels))
+    def accuracy(faces, rows=slice(None)) -> float:
+        faces = np.stack(faces)[test][rows]
+        return float(np.mean(classifier.predict_proba(faces).argmax(1) == labels[test][rows]))
 
-    base = accuracy(direct)
-    print(f"{len(found)} of {len(picked)} faces found again by the detector ({seconds:.0f} s)")
-    print(f"{'crop':<40} {'accuracy':>8} {'gap (points)':>13}")
-    print(f"{'the face as given (48x48)':<40} {base:>8.4f} {0.0:>13.1f}")
-    print(f"{'ideal (the pasted square)':<40} {accuracy(ideal):>8.4f} {100 * (accuracy(ideal) - base):>13.1f}")
-    for (margin, level), faces in crops.items():
-        score = accuracy(faces)
-        name = f"detector box, margin {margin:+.2f}" + (", eyes level" if level else "")
-        print(f"{name:<40} {score:>8.4f} {100 * (score - base):>13.1f}")
+    base, base_odd = accuracy(direct), accuracy(direct, odd)
+    print(f"{len(found)} of {len(picked)} faces found again by the detector ({seconds:.0f} s); landmark box fitted on "
+          f"{half}: side = {side_ratio:.3f} x eye-to-mouth distance, centre {centre_shift:+.3f} of it below the eyes' midpoint")
+    print(f"framing fitted on the same: side {framing[0]:.3f} x box height, centre moved {framing[1]:+.3f}, "
+          f"{framing[2]:+.3f} box heights (right, down)")
+    print(f"scored on the other {len(found) - half}, of which {int(odd.sum())} have an odd box (far from square or partly outside)")
+    print(f"{'crop':<44} {'accuracy':>8} {'gap (points)':>13} {'odd boxes':>10} {'gap':>6}")
+    print(f"{'the face as given (48x48)':<44} {base:>8.4f} {0.0:>13.1f} {base_odd:>10.4f} {0.0:>6.1f}")
+    for name, faces in [("ideal (the pasted square)", ideal)] + [
+        (_policy_name(margin, level), faces) for (margin, level), faces in crops.items()
+    ]:
+        score, score_odd = accuracy(faces), accuracy(faces, odd)
+        print(f"{name:<44} {score:>8.4f} {100 * (score - base):>13.1f} {score_odd:>10.4f} {100 * (score_odd - base_odd):>6.1f}")
+
+
+def _policy_name(margin, level) -> str:
+    if isinstance(margin, str):
+        return margin
+    return f"detector box, margin {margin:+.2f}" + (", eyes level" if level else "")
+
+
+def framed_box(box: Box, side: float, right: float, down: float) -> Box:
+    """A square `side` box heights wide, centred `right` and `down` box heights from the box's centre."""
+    x, y, width, height = box
+    centre_x, centre_y = x + width / 2 + right * height, y + height / 2 + down * height
+    size = side * height
+    return int(round(centre_x - size / 2)), int(round(centre_y - size / 2)), int(round(size)), int(round(size))
+
+
+def fit_box_framing(boxes, squares) -> tuple[float, float, float]:
+    """framed_box's constants that best turn detector boxes into the squares the faces were pasted in:
+    medians of the side and the centre's offsets, in box heights."""
+    sides, rights, downs = [], [], []
+    for (x, y, width, height), (px, py, side, _) in zip(boxes, squares):
+        sides.append(side / height)
+        rights.append((px + side / 2 - x - width / 2) / height)
+        downs.append((py + side / 2 - y - height / 2) / height)
+    return float(np.median(sides)), float(np.median(rights)), float(np.median(downs))
+
+
+def fit_landmark_box(detections, squares) -> tuple[float, float]:
+    """The side (as a multiple of the eye-to-mouth distance) and the centre's shift below the eyes'
+    midpoint (same unit) that best reproduce the squares the faces were pasted in: medians."""
+    ratios, shifts = [], []
+    for detection, (x, y, side, _) in zip(detections, squares):
+        eyes, mouth, distance = landmark_frame(detection.landmarks)
+        ratios.append(side / distance)
+        centre = np.array([x + side / 2, y + side / 2])
+        shifts.append(float(np.dot(centre - eyes, (mouth - eyes) / distance)) / distance)
+    return float(np.median(ratios)), float(np.median(shifts))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ small real photos with annotated faces (tests/data)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,16 @@ def real_photo_boxes() -> dict[Path, list[tuple[int, int, int, int]]]:
 
 def smiling_real_faces() -> list[Path]:
     return [REAL_PHOTOS / name for name in json.loads((REAL_PHOTOS / "boxes.json").read_text())["smiling"]]
+
+
+@pytest.fixture(autouse=True)
+def ferkit_logger_restored():
+    """The CLI points the "ferkit" logger at stderr and stops it propagating; undo that after each test,
+    so that tests run later still see its records (pytest's caplog listens at the root)."""
+    log = logging.getLogger("ferkit")
+    saved = (log.handlers[:], log.level, log.propagate)
+    yield
+    log.handlers[:], log.level, log.propagate = saved
 
 
 @pytest.fixture(autouse=True)

@@ -289,3 +289,54 @@ def test_a_folder_run_cut_short_resumes_without_redoing_or_losing_images(trained
     got = [json.loads(line) for line in (cut / "results.jsonl").read_text().splitlines()]
     assert sorted(r["source"] for r in got) == sorted(json.loads(line)["source"] for line in lines)
     assert sorted(map(tuple, csv_module.reader(open(cut / "faces.csv", newline="")))) == sorted(map(tuple, rows))
+
+
+def _changed_config():
+    """A TrainConfig with every field away from its default (valid together, never trained)."""
+    from ferkit.config import TrainConfig
+
+    return TrainConfig(
+        model="ferkit-net-s", data="faces/train", val="faces/val", val_split=0.2, classes=["happy", "sad"], epochs=40,
+        batch_size=32, optimizer="sgd", learning_rate=0.05, weight_decay=5e-3, lr_schedule="cosine", lr_patience=3,
+        warmup_epochs=2, ema=0.99, label_smoothing=0.1, mixup=0.2, class_weight="sqrt", augment=["flip", "crop"],
+        zoom=0.3, shift=0.2, rotate=15.0, precision="mixed_bfloat16", seed=7, out="runs/x", init="default",
+        weights="none", cache_features=False, fine_tune=4, fine_tune_epochs=2, teacher="t.npz", distill=0.7,
+    )
+
+
+def test_every_training_setting_is_an_option_with_its_true_default():
+    from dataclasses import MISSING, fields
+
+    from ferkit.config import TrainConfig
+
+    command = cli.commands["train"]
+    options = {param.name: param for param in command.params}
+    help_text = CliRunner().invoke(cli, ["train", "--help"], terminal_width=1000).output
+    for item in fields(TrainConfig):
+        assert item.name in options, f"no option for TrainConfig.{item.name}"
+        default = item.default_factory() if item.default_factory is not MISSING else item.default
+        assert getattr(TrainConfig(), item.name) == default
+        if item.metadata.get("default_text") is None and default not in (None, "", []) and not isinstance(default, bool):
+            assert f"[default: {','.join(default) if isinstance(default, list) else default}]" in " ".join(
+                options[item.name].help.split()), item.name
+    assert help_text.count("[default:") >= len(fields(TrainConfig))
+    assert _changed_config() != TrainConfig()
+
+
+def test_every_training_option_reaches_the_config():
+    from dataclasses import fields
+
+    from ferkit.cli import config_from_flags
+
+    wanted = _changed_config()
+    args = []
+    for item in fields(wanted):
+        value = getattr(wanted, item.name)
+        flag = item.metadata.get("flag") or f"--{item.name.replace('_', '-')}"
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{item.name.replace('_', '-')}")
+        else:
+            args += [flag, ",".join(value) if isinstance(value, list) else str(value)]
+    context = cli.commands["train"].make_context("train", args)
+    flags = {k: v for k, v in context.params.items() if k not in ("resume", "overwrite")}
+    assert config_from_flags(flags) == wanted

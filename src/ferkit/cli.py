@@ -6,12 +6,13 @@ import csv
 import json
 import logging
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import click
 
 from ferkit import __version__
-from ferkit.config import AUGMENTATIONS, CLASS_WEIGHTS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, TrainConfig
+from ferkit.config import TrainConfig
 from ferkit.errors import FerkitError
 from ferkit.faces import DETECTORS
 from ferkit.predict import UNCERTAIN_BELOW
@@ -120,57 +121,63 @@ def _output_shape(layer):
 # --- train --------------------------------------------------------------------------------------
 
 
+def config_options(config_class):
+    """Click options made from a config dataclass's fields: --field-name (or the field's own flag), its type
+    and choices, its help, and its default as the dataclass has it. Options default to None, meaning "not
+    given", so that the dataclass stays the one place a default is set."""
+
+    def decorate(command):
+        for item in reversed(fields(config_class)):
+            meta, name = item.metadata, item.name.replace("_", "-")
+            default = item.default_factory() if item.default_factory is not MISSING else item.default
+            help = f"{meta['help']} [default: {meta.get('default_text') or _shown_default(default)}]"
+            if item.type == "bool":
+                option = click.option(f"--{name}/--no-{name}", item.name, default=None, help=help)
+            else:
+                kind = click.Choice(meta["choices"]) if meta.get("choices") else _OPTION_TYPES.get(item.type, str)
+                option = click.option(meta.get("flag") or f"--{name}", item.name, type=kind, help=help)
+            command = option(command)
+        return command
+
+    return decorate
+
+
+_OPTION_TYPES = {"int": int, "float": float}
+
+
+def _shown_default(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(value) or "none"
+    return "none" if value in (None, "") else str(value)
+
+
+def config_from_flags(flags: dict) -> TrainConfig:
+    """The TrainConfig for `ferkit train`'s options (None: not given, the dataclass default stands)."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    for item in fields(TrainConfig):
+        if item.name in given and item.type.startswith("list"):
+            given[item.name] = [part.strip() for part in given[item.name].split(",") if part.strip()]
+    return TrainConfig(**given)
+
+
 @cli.command("train")
-@click.option("--model", help="Model name from `ferkit models` (default seed-cnn).")
-@click.option("--data", help="Training data: a class-folder tree or a FER2013 CSV (its Training rows).")
-@click.option("--val", help="Validation data (a CSV gives its PublicTest rows). Default: split off --val-split.")
-@click.option("--val-split", type=float, help="Fraction of --data held out when --val is absent (default 0.1).")
-@click.option("--classes", help="Comma-separated class list, to keep classes beyond the seven emotions.")
-@click.option("--epochs", type=int, help="Epochs to train in all (default 30); with --resume, the new total.")
-@click.option("--batch-size", type=int, help="Batch size (default 64).")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="Optimizer (default adam).")
-@click.option("--lr", "learning_rate", type=float, help="Learning rate (default 1e-3).")
-@click.option("--weight-decay", type=float, help="Decoupled weight decay for adamw and sgd (default 0).")
-@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), help="constant (default), plateau or cosine.")
-@click.option("--lr-patience", type=int, help="Epochs without a val gain before plateau halves the rate (default 5).")
-@click.option("--warmup-epochs", type=int, help="With cosine: rise linearly from a tenth of --lr over these epochs first (default 0).")
-@click.option("--ema", type=float, help="Validate and save a moving average of the weights with this momentum, e.g. 0.999 (default 0, off).")
-@click.option("--label-smoothing", type=float, help="Label smoothing (default 0).")
-@click.option("--mixup", type=float,
-              help="Mixup alpha, e.g. 0.2: train on blends of two faces and their labels (default 0, off).")
-@click.option("--class-weight", type=click.Choice(CLASS_WEIGHTS), help="Loss weights per class: none (default), balanced, sqrt.")
-@click.option("--augment", help=f"Comma-separated augmentations: {', '.join(AUGMENTATIONS)}.")
-@click.option("--precision", type=click.Choice(PRECISIONS), help="float32 (default) or mixed_bfloat16 (faster on CPUs with bf16).")
-@click.option("--init", help="Start from a trained model: default (the bundled one), a run folder or .keras file.")
-@click.option("--weights", help="Pretrained backbones: imagenet (default), a local weights file, or none.")
-@click.option("--cache-features/--no-cache-features", default=None,
-              help="Frozen backbones without augmentation: compute features once (default on).")
-@click.option("--fine-tune", type=int, help="After --epochs, unfreeze the backbone's top N layers ...")
-@click.option("--fine-tune-epochs", type=int, help="... and train this many more epochs at a tenth of --lr.")
-@click.option("--teacher", help="Distil from a trained model (run folder or model file) or from probabilities saved by `ferkit teacher` (.npz) ...")
-@click.option("--distill", type=float, help="... with this share of each target, the true label the rest (default 0.5).")
-@click.option("--seed", type=int, help="Random seed (default 0).")
-@click.option("--out", type=click.Path(path_type=Path), help="Run folder (default runs/train).")
+@config_options(TrainConfig)
 @click.option("--resume", type=click.Path(path_type=Path), help="Continue the run in this folder where it stopped.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder at --out.")
 def train_cmd(resume: Path | None, overwrite: bool, **flags):
     """Train a model and record everything in a run folder."""
-    flags = {k: v for k, v in flags.items() if v is not None}
-    for key in ("classes", "augment"):
-        if key in flags:
-            flags[key] = [item.strip() for item in flags[key].split(",") if item.strip()]
     if resume:
-        if set(flags) - {"epochs"}:
+        if {k for k, v in flags.items() if v is not None} - {"epochs"}:
             raise FerkitError("with --resume only --epochs may change; the rest comes from the run's config.json")
         config = TrainConfig.load(resume / "config.json") if (resume / "config.json").exists() else None
         if config is None:
             raise FerkitError(f"cannot resume: {resume} is not a ferkit run folder (no config.json)")
-        config.epochs = flags.get("epochs", config.epochs)
+        config.epochs = flags["epochs"] or config.epochs
         config.out = str(resume)
     else:
-        if "out" in flags:
-            flags["out"] = str(flags["out"])
-        config = TrainConfig(**flags)
+        config = config_from_flags(flags)
 
     from ferkit.runs import RunState
     from ferkit.train import train

@@ -15,39 +15,54 @@ CLASS_WEIGHTS = ("none", "balanced", "sqrt")
 PRECISIONS = ("float32", "mixed_bfloat16")
 
 
+def setting(default, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
+            default_text: str | None = None):
+    """A TrainConfig field with what `ferkit train --help` says of it: the CLI's options are made from these
+    (ferkit.cli.config_options), so names, help and defaults cannot drift apart."""
+    metadata = {"help": help, "flag": flag, "choices": choices, "default_text": default_text}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
-    model: str = "seed-cnn"  # a name from `ferkit models`
-    data: str = ""  # training data: class-folder tree or FER2013 CSV (its Training rows)
-    val: str | None = None  # validation data; a CSV gives its PublicTest rows. None: split off val_split
-    val_split: float = 0.1  # stratified fraction of `data` held out when `val` is None
-    classes: list[str] | None = None  # None: the seven EMOTIONS
-    epochs: int = 30
-    batch_size: int = 64
-    optimizer: str = "adam"  # adam, adamw, or sgd (Nesterov momentum 0.9)
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0  # decoupled weight decay (adamw, sgd)
-    lr_schedule: str = "constant"  # constant; plateau: halve after lr_patience epochs without a val gain; cosine
-    lr_patience: int = 5
-    warmup_epochs: int = 0  # cosine only: rise linearly from a tenth of learning_rate over these epochs first
-    ema: float = 0.0  # keep an exponential moving average of the weights (e.g. 0.999); validated and saved
-    label_smoothing: float = 0.0
-    mixup: float = 0.0  # mixup's alpha: train on blends of two faces and of their targets; 0 is off
-    class_weight: str = "none"  # none; balanced: n / (classes * count); sqrt: its square root (milder)
-    augment: list[str] = field(default_factory=list)  # any of AUGMENTATIONS, applied on the fly
-    zoom: float = 0.2  # +-fraction for "zoom", as in the study
-    shift: float = 0.1  # +-fraction of the side for "shift"
-    rotate: float = 10.0  # +-degrees for "rotate"
-    precision: str = "float32"  # mixed_bfloat16: bf16 compute, float32 weights; 1.6x faster on AVX512-BF16 CPUs
-    seed: int = 0  # seeds weights, shuffling, augmentation and the val split
-    out: str = "runs/train"
-    init: str | None = None  # start from a trained model: "default" (the bundled one), a run folder or .keras file
-    weights: str | None = None  # pretrained backbones only: "imagenet" (their default), a file, or "none"
-    cache_features: bool = True  # frozen backbone, no augmentation: compute its features once, train the head
-    fine_tune: int = 0  # then unfreeze the backbone's top N layers ...
-    fine_tune_epochs: int = 0  # ... and train this many more epochs at a tenth of the learning rate
-    teacher: str | None = None  # distil from a trained model (run folder or model file): its probabilities ...
-    distill: float = 0.5  # ... make up this share of each training target, the true label the rest
+    model: str = setting("seed-cnn", "Model name from `ferkit models`.")
+    data: str = setting("", "Training data: a class-folder tree or a FER2013 CSV (its Training rows).")
+    val: str | None = setting(None, "Validation data (a CSV gives its PublicTest rows); none: split off --val-split.")
+    val_split: float = setting(0.1, "Stratified fraction of --data held out when --val is absent.")
+    classes: list[str] | None = setting(None, "Comma-separated class list, to keep classes beyond the seven emotions (none: the seven).")
+    epochs: int = setting(30, "Epochs to train in all; with --resume, the new total.")
+    batch_size: int = setting(64, "Faces per training step.")
+    optimizer: str = setting("adam", "adam, adamw, or sgd (Nesterov momentum 0.9).", choices=OPTIMIZERS)
+    learning_rate: float = setting(1e-3, "Learning rate.", flag="--lr")
+    weight_decay: float = setting(0.0, "Decoupled weight decay for adamw and sgd.")
+    lr_schedule: str = setting("constant", "constant; plateau: halve after --lr-patience epochs without a val gain; cosine.",
+                               choices=LR_SCHEDULES)
+    lr_patience: int = setting(5, "Epochs without a val gain before plateau halves the rate.")
+    warmup_epochs: int = setting(0, "With cosine: rise linearly from a tenth of --lr over these epochs first.")
+    ema: float = setting(0.0, "Validate and save a moving average of the weights with this momentum, e.g. 0.999; 0 is off.")
+    label_smoothing: float = setting(0.0, "Label smoothing.")
+    mixup: float = setting(0.0, "Mixup alpha, e.g. 0.2: train on blends of two faces and their labels; 0 is off.")
+    class_weight: str = setting("none", "Loss weights per class: none; balanced: n / (classes x count); sqrt: its square root.",
+                                choices=CLASS_WEIGHTS)
+    augment: list[str] = setting([], f"Comma-separated augmentations, applied on the fly: {', '.join(AUGMENTATIONS)}.")
+    zoom: float = setting(0.2, "Plus or minus this fraction for the zoom augmentation, as in the study.")
+    shift: float = setting(0.1, "Plus or minus this fraction of the side for the shift augmentation.")
+    rotate: float = setting(10.0, "Plus or minus this many degrees for the rotate augmentation.")
+    precision: str = setting("float32", "mixed_bfloat16: bf16 compute, float32 weights (faster only on CPUs with bf16).",
+                             choices=PRECISIONS)
+    seed: int = setting(0, "Seeds weights, shuffling, augmentation and the val split.")
+    out: str = setting("runs/train", "Run folder.")
+    init: str | None = setting(None, "Start from a trained model: default (the bundled one), a run folder or .keras file.")
+    weights: str | None = setting(None, "Pretrained backbones: imagenet, a local weights file, or none.",
+                                  default_text="the backbone's own, imagenet")
+    cache_features: bool = setting(True, "Frozen backbones without augmentation: compute their features once, train the head.")
+    fine_tune: int = setting(0, "After --epochs, unfreeze the backbone's top N layers ...")
+    fine_tune_epochs: int = setting(0, "... and train this many more epochs at a tenth of --lr.")
+    teacher: str | None = setting(None, "Distil from a trained model (run folder or model file) or from probabilities "
+                                        "saved by `ferkit teacher` (.npz) ...")
+    distill: float = setting(0.5, "... with this share of each target, the true label the rest.")
 
     def __post_init__(self):
         unknown = sorted(set(self.augment) - set(AUGMENTATIONS))
