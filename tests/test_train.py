@@ -17,7 +17,7 @@ from ferkit.evaluate import evaluate
 from ferkit.labels import EMOTIONS
 from ferkit.runtime import read_metadata
 from ferkit.runs import RUN_FILES, RunState, read_history
-from ferkit.train import train
+from ferkit.train import TrainingInterrupted, train
 
 
 def _config(pattern_data, out, **overrides):
@@ -100,6 +100,36 @@ def test_a_killed_run_is_usable_and_resumes(pattern_data, tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr
     assert read_history(run / "history.csv")["epoch"] == list(range(1, done + 2))
+
+
+def test_a_kill_during_the_saves_of_an_epoch_lets_them_finish(pattern_data, tmp_path, monkeypatch):
+    """SIGTERM arrives while epoch 2's models are being written: epoch 2 is recorded whole, and the run
+    stops in epoch 3, which leaves no trace."""
+    import ferkit.callbacks
+
+    real_save, calls = ferkit.callbacks.save_keras_model, []
+
+    def save_with_a_kill(model, path, metadata):
+        calls.append(Path(path).name)
+        if calls.count("last.keras") == 2 and Path(path).name == "last.keras":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(model, path, metadata)
+
+    monkeypatch.setattr(ferkit.callbacks, "save_keras_model", save_with_a_kill)
+    run = tmp_path / "run"
+    config = _config(pattern_data, run, epochs=5, batch_size=16)
+    with pytest.raises(TrainingInterrupted, match="interrupted after 2 of 5 epochs"):
+        train(config, verbose=0)
+    state = RunState.load(run)
+    assert state.status == "interrupted" and state.epochs_done == 2
+    assert read_history(run / "history.csv")["epoch"] == [1, 2]
+    assert read_metadata(run / "last.keras").extra["epoch"] == 2
+    best = read_metadata(run / "best.keras").extra
+    assert best["epoch"] == state.best_epoch and best["val_accuracy"] == pytest.approx(state.best_val_accuracy)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+    monkeypatch.undo()
+    train(config, resume=True, verbose=0)
+    assert read_history(run / "history.csv")["epoch"] == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -18,20 +20,23 @@ class RunRecorder(keras.callbacks.Callback):
     """Saves, in this order: checkpoint, last (and best) model, history row, state, curves plot."""
 
     def __init__(self, run: Path, state: RunState, base_model, metadata: ModelMetadata, *, saved_model=None,
-                 averaged=None):
+                 averaged=None, stop: "StopOnSignal | None" = None):
         """`base_model` is trained; `saved_model` (default: the same) is what best/last.keras hold, e.g. a
         float32 twin of a mixed-precision network, which receives its weights before each save; with
-        `averaged` (an AveragedWeightsValidation), the weights it validated are saved."""
+        `averaged` (an AveragedWeightsValidation), the weights it validated are saved. An epoch that `stop`
+        cut short is not recorded."""
         super().__init__()
         self.run, self.state, self.base_model, self.metadata = run, state, base_model, metadata
         self.saved_model = saved_model if saved_model is not None else base_model
-        self.averaged = averaged
+        self.averaged, self.stop = averaged, stop
         self._started = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._started = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.stop is not None and self.stop.requested:
+            return
         logs = logs or {}
         done = epoch + 1
         seconds = time.perf_counter() - self._started
@@ -99,3 +104,40 @@ def _moving_averages(optimizer) -> dict:
     if not getattr(optimizer, "use_ema", False):
         return {}
     return {id(v): average for v, average in zip(optimizer._trainable_variables, optimizer._model_variables_moving_average)}
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """Turns `kill` (SIGTERM) and Ctrl-C into `model.stop_training` at the end of the current batch, so a
+    stop never lands halfway through RunRecorder's saves. A second Ctrl-C raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.requested = False
+
+    @contextlib.contextmanager
+    def listening(self):
+        """Listen for the signals while the block runs (main thread only; elsewhere signals keep their handlers)."""
+        try:
+            previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGTERM, signal.SIGINT)}
+        except ValueError:  # not the main thread
+            previous = {}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _request(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.model is not None:
+            self.model.stop_training = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.requested:
+            self.model.stop_training = True
+
+    def on_test_batch_end(self, batch, logs=None):
+        if self.requested:  # the epoch cut short is dropped: no need to validate it
+            self.model.stop_evaluating = True

@@ -37,9 +37,9 @@ class ModelMetadata:
     channels: int
     crop: int | None = None  # the network sees the central crop x crop pixels of its input
     # How a face found in a photo is framed for the model, chosen by benchmarks/crop_policy.py: the square
-    # around the detector's box enlarged by face_margin of its side each way (0.1 cost 4 points there,
-    # 0 was within a point of classifying FER2013's own crops); level_eyes turns the eye line level first
-    # (it cost 0.8 points there: FER2013's faces are not levelled either).
+    # around the detector's box enlarged by face_margin of its side each way (0.1 cost 4 points there; with
+    # 0 the crop cost no more than the scene itself); level_eyes turns the eye line level first (between
+    # -0.5 and +0.2 points there: FER2013's faces are not levelled either).
     face_margin: float = 0.0
     level_eyes: bool = False
     preprocessing: str = PREPROCESSING

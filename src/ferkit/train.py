@@ -9,7 +9,6 @@ import functools
 import json
 import logging
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +29,14 @@ class TrainingInterrupted(FerkitError):
     exit_code = 130
 
 
-def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, verbose: int = 2) -> Path:
-    """Train `config.model` on `config.data`; returns the run folder. `verbose`: 0 silent, 1 bar, 2 line."""
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, verbose: int = 2,
+          callbacks: list | None = None) -> Path:
+    """Train `config.model` on `config.data`; returns the run folder. `verbose`: 0 silent, 1 bar, 2 line.
+    `callbacks`: Keras callbacks of your own, run after ferkit's (which record the run).
+
+    `kill` (SIGTERM) or Ctrl-C stops at the end of the current batch; the epoch under way is dropped, so
+    the run folder holds complete epochs only, and TrainingInterrupted says how to resume. A second
+    Ctrl-C stops at once."""
     run = Path(config.out)
     _check_run_folder(run, resume=resume, overwrite=overwrite)
     if config.init and not resume:
@@ -50,7 +55,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     teacher = teacher_probabilities(config.teacher, train_set) if config.teacher else None
 
     keras = import_keras()
-    from ferkit.callbacks import RunRecorder
+    from ferkit.callbacks import RunRecorder, StopOnSignal
 
     keras.utils.set_random_seed(config.seed + state.epochs_done)
     keras.mixed_precision.set_global_policy(config.precision)
@@ -85,9 +90,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
             picked = np.random.default_rng(config.seed).permutation(len(train_set))[:BATCH_NORM_FACES]
             averaged = AveragedWeightsValidation(base_model, faces_to_batch(train_set.images[picked], spec.channels))
-        callbacks = [RunRecorder(run, state, base_model, metadata, saved_model=saved_model, averaged=averaged)]
-        if averaged is not None:
-            callbacks.insert(0, averaged)
+        stop = StopOnSignal()
+        recorder = RunRecorder(run, state, base_model, metadata, saved_model=saved_model, averaged=averaged, stop=stop)
+        callbacks = [stop, *([averaged] if averaged is not None else []), recorder, *(callbacks or [])]
         if config.lr_schedule == "plateau":
             callbacks.append(
                 keras.callbacks.ReduceLROnPlateau("val_accuracy", mode="max", factor=0.5, patience=config.lr_patience)
@@ -110,16 +115,18 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         )
         state.status = "running"
         state.save(run)
-        with _sigterm_as_interrupt():
+        with stop.listening():
             if state.epochs_done < config.epochs and spec.pretrained and config.cache_features and not (config.augment or config.mixup):
                 _fit_head_on_features(keras, base_model, config, fit, epochs=config.epochs, initial_epoch=state.epochs_done)
             elif state.epochs_done < config.epochs:
                 training_model.fit(epochs=config.epochs, initial_epoch=state.epochs_done, **fit)
-            if config.fine_tune and state.epochs_done < total:
+            if config.fine_tune and state.epochs_done < total and not stop.requested:
                 if state.epochs_done == config.epochs:  # a checkpoint from phase two is unfrozen already
                     _unfreeze_top(base_model, config.fine_tune)
                     _compile(keras, training_model, config, len(train_set), config.learning_rate / 10)
                 training_model.fit(epochs=total, initial_epoch=state.epochs_done, **fit)
+        if stop.requested:
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         state.status = "interrupted"
         if (run / "config.json").exists():
@@ -526,22 +533,3 @@ def _blend(a: np.ndarray, b: np.ndarray, lam: np.ndarray) -> np.ndarray:
     """lam * a + (1 - lam) * b, one lam per row."""
     lam = lam.reshape((-1,) + (1,) * (a.ndim - 1))
     return (lam * a + (1 - lam) * b).astype(np.float32)
-
-
-class _sigterm_as_interrupt:
-    """Treat `kill` (SIGTERM) like Ctrl-C while training, so the run is marked interrupted cleanly."""
-
-    def __enter__(self):
-        self._previous = None
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._raise)
-        except ValueError:  # not the main thread
-            pass
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise KeyboardInterrupt
