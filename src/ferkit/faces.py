@@ -15,9 +15,11 @@ Any callable `image -> list[Detection]` (or a list of boxes) can stand in for th
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -160,12 +162,24 @@ def _level_crop(image: Image.Image, box: Box, margin: float, eye_a, eye_b) -> Im
 
 
 def _limit_openmp_threads(package: str, threads: int) -> None:
-    """Set the OpenMP thread count of the copy of libgomp that `package` ships (only that copy)."""
+    """Set the OpenMP thread count of the copy of libgomp that `package` uses, and of no other."""
     from threadpoolctl import ThreadpoolController
 
+    shipped = _bundled_library_names(package)
     for library in ThreadpoolController().lib_controllers:
-        if library.user_api == "openmp" and f"/{package}" in library.filepath:
+        if library.user_api == "openmp" and (f"/{package}" in library.filepath or Path(library.filepath).name in shipped):
             library.set_num_threads(threads)
+
+
+def _bundled_library_names(package: str) -> set[str]:
+    """The file names of the shared libraries a wheel ships in `package.libs`. Wheels built alike ship
+    libgomp under the same name (scikit-learn's and yuface's may be one file name), and the loader then
+    gives both the copy loaded first, which lies in the other package's folder."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return set()
+    libs = Path(next(iter(spec.submodule_search_locations))).parent / f"{package}.libs"
+    return {p.name for p in libs.glob("*.so*")} if libs.is_dir() else set()
 
 
 def _shrink(rgb: np.ndarray, max_side: int) -> tuple[float, np.ndarray]:

@@ -129,6 +129,8 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
         array = array[:, :, 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
         raise FerkitError(f"an image array must be HxW, HxWx3 or HxWx4, got shape {array.shape}")
+    if array.size == 0:
+        raise FerkitError(f"an image array needs at least one pixel, got shape {array.shape}")
     if array.dtype != np.uint8:
         scale = 255.0 if array.dtype.kind == "f" and array.max(initial=0) <= 1.0 else 1.0
         array = np.clip(array * scale, 0, 255).astype(np.uint8)

@@ -389,15 +389,17 @@ def _float32_twin(keras, spec, num_classes: int):
 
 
 def _augmentation_layers(keras, config: TrainConfig) -> list:
-    layers, seed = keras.layers, config.seed
+    # Augmentation runs in float32 under mixed precision too: it costs little, and TensorFlow 2.16 has no
+    # bfloat16 CPU kernel for an op that RandomErasing uses.
+    layers, seed, f32 = keras.layers, config.seed, "float32"
     chosen = {
-        "flip": lambda: layers.RandomFlip("horizontal", seed=seed),
-        "shift": lambda: layers.RandomTranslation(config.shift, config.shift, fill_mode="reflect", seed=seed + 1),
+        "flip": lambda: layers.RandomFlip("horizontal", seed=seed, dtype=f32),
+        "shift": lambda: layers.RandomTranslation(config.shift, config.shift, fill_mode="reflect", seed=seed + 1, dtype=f32),
         "crop": lambda: _random_crop_layer(keras, config, seed + 6),
-        "rotate": lambda: layers.RandomRotation(config.rotate / 360.0, fill_mode="reflect", seed=seed + 2),
-        "zoom": lambda: layers.RandomZoom(config.zoom, seed=seed + 3),
-        "contrast": lambda: layers.RandomContrast(0.3, value_range=(0, 255), seed=seed + 4),
-        "erase": lambda: layers.RandomErasing(factor=0.5, scale=(0.02, 0.2), value_range=(0, 255), seed=seed + 5),
+        "rotate": lambda: layers.RandomRotation(config.rotate / 360.0, fill_mode="reflect", seed=seed + 2, dtype=f32),
+        "zoom": lambda: layers.RandomZoom(config.zoom, seed=seed + 3, dtype=f32),
+        "contrast": lambda: layers.RandomContrast(0.3, value_range=(0, 255), seed=seed + 4, dtype=f32),
+        "erase": lambda: layers.RandomErasing(factor=0.5, scale=(0.02, 0.2), value_range=(0, 255), seed=seed + 5, dtype=f32),
     }
     # a fixed order, whatever order the user listed them in
     augmenters = [make() for name, make in chosen.items() if name in config.augment]
@@ -419,6 +421,7 @@ def _random_crop_layer(keras, config: TrainConfig, seed: int):
     height, width = get_model_spec(config.model).input_size
     return keras.layers.RandomTranslation(
         (height - crop) / 2 / height, (width - crop) / 2 / width, fill_mode="reflect", interpolation="nearest", seed=seed,
+        dtype="float32",
     )
 
 
