@@ -153,6 +153,21 @@ def _shown_default(value) -> str:
     return "none" if value in (None, "") else str(value)
 
 
+def _flags_to_args(flags: dict) -> list[str]:
+    """`ferkit train` arguments that give these parsed options again (None: not given)."""
+    args = []
+    for item in fields(TrainConfig):
+        value = flags.get(item.name)
+        if value is None:
+            continue
+        name = item.name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            args += [item.metadata.get("flag") or f"--{name}", str(value)]
+    return args
+
+
 def config_from_flags(flags: dict) -> TrainConfig:
     """The TrainConfig for `ferkit train`'s options (None: not given, the dataclass default stands)."""
     given = {k: v for k, v in flags.items() if v is not None}
@@ -166,8 +181,22 @@ def config_from_flags(flags: dict) -> TrainConfig:
 @config_options(TrainConfig)
 @click.option("--resume", type=click.Path(path_type=Path), help="Continue the run in this folder where it stopped.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder at --out.")
-def train_cmd(resume: Path | None, overwrite: bool, **flags):
+@click.option("--local-processes", type=int,
+              help="Train data-parallel as this many processes on this machine (JAX backend), e.g. one per GPU.")
+@click.option("--coordinator", metavar="HOST:PORT", help="Data-parallel: where process 0 listens (JAX backend).")
+@click.option("--num-processes", type=int, default=1, show_default=True, help="Data-parallel: processes in the job.")
+@click.option("--process-id", type=int, default=0, show_default=True, help="Data-parallel: this process's number, 0 first.")
+def train_cmd(resume: Path | None, overwrite: bool, local_processes: int | None, coordinator: str | None,
+              num_processes: int, process_id: int, **flags):
     """Train a model and record everything in a run folder."""
+    from ferkit.distributed import Topology, launch_local
+
+    if local_processes is not None:
+        if local_processes < 1 or coordinator:
+            raise FerkitError("--local-processes takes a positive count and no --coordinator")
+        args = _flags_to_args(flags) + (["--resume", str(resume)] if resume else []) + (["--overwrite"] if overwrite else [])
+        sys.exit(launch_local(local_processes, args))
+    topology = Topology(coordinator, num_processes, process_id)
     if resume:
         if {k for k, v in flags.items() if v is not None} - {"epochs"}:
             raise FerkitError("with --resume only --epochs may change; the rest comes from the run's config.json")
@@ -182,7 +211,10 @@ def train_cmd(resume: Path | None, overwrite: bool, **flags):
     from ferkit.runs import RunState
     from ferkit.train import train
 
-    run = train(config, resume=resume is not None, overwrite=overwrite, verbose=1 if sys.stdout.isatty() else 2)
+    run = train(config, resume=resume is not None, overwrite=overwrite, verbose=1 if sys.stdout.isatty() else 2,
+                topology=topology)
+    if not topology.is_chief:
+        return
     state = RunState.load(run)
     click.echo(
         f"done: {state.epochs_done} epochs, best val accuracy {state.best_val_accuracy:.4f} at epoch "

@@ -4,6 +4,7 @@
   curves, validation splits and fitted temperatures;
 - ``ferkit[video]``: OpenCV (video files and the MTCNN detector) and matplotlib (emotion timelines);
 - ``ferkit[train]``: Keras and TensorFlow, with everything of ``ferkit[evaluate]``;
+- ``ferkit[distributed]``: JAX, for data-parallel training over several processes (ferkit.distributed);
 - ``ferkit[all]``: all of these.
 
 Each of these packages is imported where it is used, through `require`, so a missing one costs a one-line

@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ import numpy as np
 from ferkit._keras import import_keras
 from ferkit.config import TrainConfig
 from ferkit.data import FaceDataset, load_dataset, split_dataset
+from ferkit.distributed import Topology, device_names, sharded_batches
+from ferkit.distributed import start as start_distributed
 from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch
 from ferkit.models import create_model, get_model_spec
@@ -30,14 +33,31 @@ class TrainingInterrupted(FerkitError):
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, verbose: int = 2,
-          callbacks: list | None = None) -> Path:
+          callbacks: list | None = None, topology: Topology | None = None) -> Path:
     """Train `config.model` on `config.data`; returns the run folder. `verbose`: 0 silent, 1 bar, 2 line.
     `callbacks`: Keras callbacks of your own, run after ferkit's (which record the run).
 
     `kill` (SIGTERM) or Ctrl-C stops at the end of the current batch; the epoch under way is dropped, so
     the run folder holds complete epochs only, and TrainingInterrupted says how to resume. A second
-    Ctrl-C stops at once."""
-    run = Path(config.out)
+    Ctrl-C stops at once.
+
+    `topology`: this process's place in a data-parallel job (ferkit.distributed); process 0 writes the
+    run folder, the others a temporary copy."""
+    topology = topology or Topology()
+    if topology.coordinator:
+        _check_distributable(config)
+        start_distributed(topology)
+    if topology.is_chief:
+        return _train(config, Path(config.out), resume, overwrite, verbose, callbacks, topology)
+    _check_run_folder(Path(config.out), resume=resume, overwrite=overwrite)  # fail as process 0 will
+    with tempfile.TemporaryDirectory(prefix="ferkit-worker-") as folder:
+        if resume:
+            shutil.copytree(config.out, folder, dirs_exist_ok=True)
+        _train(config, Path(folder), resume, True, verbose, callbacks, topology)
+    return Path(config.out)
+
+
+def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbose: int, callbacks, topology) -> Path:
     _check_run_folder(run, resume=resume, overwrite=overwrite)
     if config.init and not resume:
         init_metadata = read_metadata(init_model_path(config.init))
@@ -100,16 +120,26 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         train_x = faces_to_batch(train_set.images, spec.channels)
         train_y = _targets(train_set.labels, num_classes, config, teacher)
         class_weight = _class_weights(config, train_set.labels, num_classes)
-        if config.mixup:
+        val_x, val_y = faces_to_batch(val_set.images, spec.channels), _targets(val_set.labels, num_classes, config)
+        if topology.coordinator:
+            face_weight = None if class_weight is None else np.array([class_weight[c] for c in train_set.labels], np.float32)
+            common = dict(global_batch=config.batch_size, topology=topology, seed=config.seed)
+            data = dict(x=sharded_batches(keras, train_x, train_y, sample_weight=face_weight, first_epoch=state.epochs_done, **common))
+            validation = sharded_batches(keras, val_x, val_y, shuffle=False, pad=True, **common)
+            if topology.is_chief:
+                topology.save(run / "topology.json", device_names())
+        elif config.mixup:
             face_weight = None if class_weight is None else np.array([class_weight[c] for c in train_set.labels], np.float32)
             batches = mixup_batches(train_x, train_y, config.batch_size, alpha=config.mixup,
                                    sample_weight=face_weight, seed=config.seed + state.epochs_done)
             data = dict(x=batches)
         else:
             data = dict(x=train_x, y=train_y, batch_size=config.batch_size, shuffle=True, class_weight=class_weight)
+        if not topology.coordinator:
+            validation = (val_x, val_y)
         fit = dict(
             **data,
-            validation_data=(faces_to_batch(val_set.images, spec.channels), _targets(val_set.labels, num_classes, config)),
+            validation_data=validation,
             callbacks=callbacks,
             verbose=verbose,
         )
@@ -140,6 +170,15 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     state.status = "finished"
     state.save(run)
     return run
+
+
+def _check_distributable(config: TrainConfig) -> None:
+    spec = get_model_spec(config.model)
+    cached = spec.pretrained and config.cache_features and not config.augment
+    unsupported = [name for name, used in (("--mixup", config.mixup), ("--ema", config.ema), ("cached features (pass "
+                   "--no-cache-features)", cached)) if used]
+    if unsupported:
+        raise FerkitError(f"multi-process training does not support {' and '.join(unsupported)} yet")
 
 
 BATCH_NORM_FACES = 2048  # un-augmented training faces that measure the averaged weights' batch-norm statistics

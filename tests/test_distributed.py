@@ -1,0 +1,62 @@
+"""Data-parallel training: two processes on loopback end with the weights one process reaches on the
+same global batches, and only process 0 writes the run folder."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ferkit.runs import RunState, read_history
+from ferkit.runtime import read_metadata
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs ferkit's 'distributed' extra (JAX)")
+
+
+def _train(pattern_data, out, processes: int, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "ferkit.cli", "train", "--data", str(pattern_data / "train"),
+               "--val", str(pattern_data / "val"), "--epochs", "2", "--batch-size", "32", "--augment", "flip",
+               "--out", str(out), "--local-processes", str(processes), *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def _weights(path) -> list[np.ndarray]:
+    import keras
+
+    return keras.saving.load_model(path, compile=False).get_weights()
+
+
+def test_two_processes_train_exactly_like_one(pattern_data, tmp_path):
+    one = _train(pattern_data, tmp_path / "one", 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _train(pattern_data, tmp_path / "two", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for a, b in zip(_weights(tmp_path / "one" / "last.keras"), _weights(tmp_path / "two" / "last.keras")):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    history_one, history_two = read_history(tmp_path / "one" / "history.csv"), read_history(tmp_path / "two" / "history.csv")
+    assert history_two["epoch"] == [1, 2]
+    np.testing.assert_allclose(history_one["val_accuracy"], history_two["val_accuracy"], atol=1e-6)
+    topology = json.loads((tmp_path / "two" / "topology.json").read_text())
+    assert topology["num_processes"] == 2 and len(topology["devices"]) == 2 and topology["backend"] == "jax"
+    assert RunState.load(tmp_path / "two").status == "finished" and read_metadata(tmp_path / "two").classes
+
+
+def test_a_data_parallel_run_resumes(pattern_data, tmp_path):
+    first = _train(pattern_data, tmp_path / "run", 2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    command = [sys.executable, "-m", "ferkit.cli", "train", "--resume", str(tmp_path / "run"), "--epochs", "3",
+               "--local-processes", "2"]
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_history(tmp_path / "run" / "history.csv")["epoch"] == [1, 2, 3]
+
+
+def test_unsupported_options_and_bad_topologies_are_one_line_errors(pattern_data, tmp_path):
+    result = _train(pattern_data, tmp_path / "ema", 2, "--ema", "0.99")
+    assert result.returncode == 2 and "does not support --ema" in result.stderr
+    assert "Traceback" not in result.stderr
+    bad = subprocess.run([sys.executable, "-m", "ferkit.cli", "train", "--data", "x", "--num-processes", "2"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--coordinator" in bad.stderr
