@@ -4,18 +4,22 @@
 
 Times `--steps` training steps (after `--warmup` steps that pay for graph tracing) on random faces and
 scales to one epoch of the 28,709 FER2013 training images. Ratios are against the first model and
-augmentation, measured in the same run.
+augmentation, measured in the same run. `--input arrays,batches` compares how the faces reach the
+network: one float32 array handed to Keras (ferkit before batches were made one at a time), and
+`ferkit.data.batches.face_batches` over the stored uint8 faces (what `ferkit train` does now).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import numpy as np
 
 from ferkit._keras import import_keras
 from ferkit.config import TrainConfig
+from ferkit.data.batches import face_batches
 from ferkit.images import faces_to_batch
 from ferkit.models import get_model_spec
 from ferkit.train import _build_training_model
@@ -24,19 +28,27 @@ FER2013_TRAIN = 28_709
 
 
 def seconds_per_epoch(model: str, augment: list[str], *, batch_size: int, steps: int, warmup: int,
-                      precision: str = "float32") -> float:
+                      precision: str = "float32", feed: str = "arrays") -> float:
     keras = import_keras()
     keras.mixed_precision.set_global_policy(precision)
     spec = get_model_spec(model)
     config = TrainConfig(model=model, augment=augment, batch_size=batch_size, precision=precision)
     training_model = _build_training_model(keras, config, 7, train_size=steps * batch_size)
     rng = np.random.default_rng(0)
-    faces = faces_to_batch(rng.integers(0, 256, (batch_size * (steps + warmup), *spec.input_size), np.uint8), spec.channels)
-    labels = rng.integers(0, 7, len(faces))
+    stored = rng.integers(0, 256, (batch_size * (steps + warmup), *spec.input_size), np.uint8)
+    labels = rng.integers(0, 7, len(stored))
     warm, timed = slice(0, batch_size * warmup), slice(batch_size * warmup, None)
-    training_model.fit(faces[warm], labels[warm], batch_size=batch_size, epochs=1, verbose=0)
-    started = time.perf_counter()
-    training_model.fit(faces[timed], labels[timed], batch_size=batch_size, epochs=1, verbose=0)
+    if feed == "arrays":
+        faces = faces_to_batch(stored, spec.channels)
+        training_model.fit(faces[warm], labels[warm], batch_size=batch_size, epochs=1, verbose=0)
+        started = time.perf_counter()
+        training_model.fit(faces[timed], labels[timed], batch_size=batch_size, epochs=1, verbose=0)
+    else:
+        to_input = functools.partial(faces_to_batch, channels=spec.channels)
+        batches = dict(batch_size=batch_size, to_input=to_input)
+        training_model.fit(face_batches(stored[warm], labels[warm], **batches), epochs=1, verbose=0)
+        started = time.perf_counter()
+        training_model.fit(face_batches(stored[timed], labels[timed], **batches), epochs=1, verbose=0)
     per_step = (time.perf_counter() - started) / steps
     return per_step * FER2013_TRAIN / batch_size
 
@@ -49,18 +61,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--precision", default="float32", help="comma-separated: float32, mixed_bfloat16")
+    parser.add_argument("--input", default="arrays", help="comma-separated: arrays, batches")
     args = parser.parse_args()
 
     baseline = None
-    print(f"{'model':<14} {'augment':<32} {'precision':<15} {'s/epoch':>8} {'ratio':>6}")
+    print(f"{'model':<14} {'augment':<24} {'precision':<15} {'input':<8} {'s/epoch':>8} {'ratio':>6}")
     for model in args.models.split(","):
         for augment in args.augment.split(","):
             for precision in args.precision.split(","):
-                layers = [] if augment == "none" else augment.split("+")
-                seconds = seconds_per_epoch(model, layers, batch_size=args.batch_size, steps=args.steps,
-                                            warmup=args.warmup, precision=precision)
-                baseline = baseline or seconds
-                print(f"{model:<14} {augment:<32} {precision:<15} {seconds:8.1f} {seconds / baseline:6.2f}", flush=True)
+                for feed in args.input.split(","):
+                    layers = [] if augment == "none" else augment.split("+")
+                    seconds = seconds_per_epoch(model, layers, batch_size=args.batch_size, steps=args.steps,
+                                                warmup=args.warmup, precision=precision, feed=feed)
+                    baseline = baseline or seconds
+                    print(f"{model:<14} {augment:<24} {precision:<15} {feed:<8} {seconds:8.1f} {seconds / baseline:6.2f}",
+                          flush=True)
 
 
 if __name__ == "__main__":

@@ -222,6 +222,29 @@ def train_cmd(resume: Path | None, overwrite: bool, local_processes: int | None,
     )
 
 
+# --- pack ---------------------------------------------------------------------------------------
+
+
+@cli.command("pack")
+@click.argument("data")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--usage", help="FER2013 CSV rows to pack: Training, PublicTest or PrivateTest (default: all).")
+@click.option("--image-size", type=int, default=48, show_default=True, help="Side of the stored faces in pixels.")
+@click.option("--shard-size", type=int, default=100_000, show_default=True, help="Faces per .npy shard.")
+def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_size: int):
+    """Write DATA (a class-folder tree or a FER2013 CSV) as a packed dataset in the new folder OUT: decoded
+    faces in .npy shards, which training reads memory-mapped, a batch at a time."""
+    from ferkit.data import load_dataset
+    from ferkit.data.packed import pack_dataset
+
+    if shard_size < 1:
+        raise FerkitError("--shard-size must be at least 1")
+    dataset = load_dataset(data, image_size=(image_size, image_size), usage=usage, progress=True)
+    folder = pack_dataset(dataset, out, shard_size=shard_size)
+    shards = -(-len(dataset) // shard_size)
+    click.echo(f"packed {len(dataset)} faces ({len(dataset.classes)} classes) into {shards} shard(s) in {folder}")
+
+
 # --- evaluate -----------------------------------------------------------------------------------
 
 

@@ -5,9 +5,9 @@ there are, and which one this is. They join through `jax.distributed` (Keras on 
 the processes talk over Gloo), and `keras.distribution.DataParallel` keeps one copy of the weights per
 device and averages the gradients of every step over all of them.
 
-Every process reads the whole dataset and takes its own part of each global batch (`ShardedBatches`),
-in an order all processes draw from the same seed, so N processes train exactly as one process would on
-the same global batches: the same weights at the end, to float rounding. Process 0 alone writes the run
+Every process reads the whole dataset and takes its own part of each global batch
+(ferkit.data.batches.face_batches), in an order all processes draw from the same seed, so N processes
+train exactly as one process would on the same global batches: the same weights at the end, to float rounding. Process 0 alone writes the run
 folder; the others write theirs into a temporary folder.
 
 `launch_local(n, args)` starts n such processes on this machine, for testing and for multi-GPU boxes.
@@ -16,17 +16,14 @@ folder; the others write theirs into a temporary folder.
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import numpy as np
 
 from ferkit.errors import FerkitError
 from ferkit.extras import require
@@ -68,7 +65,7 @@ def start(topology: Topology):
 
     keras = import_keras()
     distribution = keras.distribution.DataParallel(devices=jax.devices())
-    distribution.auto_shard_dataset = False  # ShardedBatches gives each process its part already
+    distribution.auto_shard_dataset = False  # face_batches gives each process its part already
     keras.distribution.set_distribution(distribution)
     return keras
 
@@ -77,43 +74,6 @@ def device_names() -> list[str]:
     import jax
 
     return [str(device) for device in jax.devices()]
-
-
-def sharded_batches(keras, x, y, *, global_batch: int, topology: Topology, seed: int = 0, shuffle: bool = True,
-                    sample_weight: np.ndarray | None = None, first_epoch: int = 0, pad: bool = False):
-    """A keras PyDataset of this process's rows of each global batch; see ShardedBatches."""
-
-    class ShardedBatches(keras.utils.PyDataset):
-        """Global batches of `global_batch` faces in an order drawn from `seed` and the epoch (the same in
-        every process); this process yields rows [i * b, (i + 1) * b) of each, b = global_batch / N.
-        Training drops the last incomplete batch; with `pad`, it is filled with weight-0 faces instead
-        (validation: every face counts once)."""
-
-        def __init__(self):
-            super().__init__()
-            self.epoch = first_epoch
-
-        def __len__(self):
-            return math.ceil(len(x) / global_batch) if pad else len(x) // global_batch
-
-        def __getitem__(self, index):
-            order = np.random.default_rng([seed, self.epoch]).permutation(len(x)) if shuffle else np.arange(len(x))
-            rows = order[index * global_batch : (index + 1) * global_batch]
-            weights = np.ones(len(rows), np.float32) if sample_weight is None else sample_weight[rows].astype(np.float32)
-            if len(rows) < global_batch:  # only with pad
-                missing = global_batch - len(rows)
-                rows = np.concatenate([rows, np.zeros(missing, rows.dtype)])
-                weights = np.concatenate([weights, np.zeros(missing, np.float32)])
-            local = slice(topology.process_id * (global_batch // topology.num_processes),
-                          (topology.process_id + 1) * (global_batch // topology.num_processes))
-            return x[rows[local]], y[rows[local]], weights[local]
-
-        def on_epoch_end(self):
-            self.epoch += 1
-
-    if global_batch % topology.num_processes:
-        raise FerkitError(f"the batch size ({global_batch}) must be a multiple of the number of processes ({topology.num_processes})")
-    return ShardedBatches()
 
 
 def free_port() -> int:

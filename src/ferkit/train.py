@@ -17,7 +17,8 @@ import numpy as np
 from ferkit._keras import import_keras
 from ferkit.config import TrainConfig
 from ferkit.data import FaceDataset, load_dataset, split_dataset
-from ferkit.distributed import Topology, device_names, sharded_batches
+from ferkit.data.batches import face_batches
+from ferkit.distributed import Topology, device_names
 from ferkit.distributed import start as start_distributed
 from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch
@@ -73,6 +74,9 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
         log.warning("%s already has %d epochs; pass a larger --epochs to train on", run, state.epochs_done)
         return run
     teacher = teacher_probabilities(config.teacher, train_set) if config.teacher else None
+    cached_features = spec.pretrained and config.cache_features and not (config.augment or config.mixup)
+    # a data-parallel job drops each epoch's last incomplete batch; its schedule counts the steps it runs
+    train_size = len(train_set) // config.batch_size * config.batch_size if topology.coordinator else len(train_set)
 
     keras = import_keras()
     from ferkit.callbacks import RunRecorder, StopOnSignal
@@ -84,15 +88,15 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
             training_model = keras.saving.load_model(run / "checkpoint.keras")
             if training_model.name == FEATURE_HEAD:  # stopped in a phase that trained on cached features
                 head_weights = training_model.get_weights()
-                training_model = _build_training_model(keras, config, num_classes, len(train_set))
+                training_model = _build_training_model(keras, config, num_classes, train_size)
                 _split_at_backbone(keras, training_model)[1].set_weights(head_weights)
         elif resume and (run / COMPACT_CHECKPOINT).exists():
-            training_model = _build_training_model(keras, config, num_classes, len(train_set))
-            _restore_compact_checkpoint(training_model, config, run / COMPACT_CHECKPOINT, state.epochs_done, len(train_set))
+            training_model = _build_training_model(keras, config, num_classes, train_size)
+            _restore_compact_checkpoint(training_model, config, run / COMPACT_CHECKPOINT, state.epochs_done, train_size)
         else:
             state = RunState()
             base = _init_model(keras, config.init, config.classes, config.model) if config.init else None
-            training_model = _build_training_model(keras, config, num_classes, len(train_set), base=base)
+            training_model = _build_training_model(keras, config, num_classes, train_size, base=base)
         base_model = training_model.layers[-1] if config.augment else training_model
         # a separate network receives what is saved: float32 weights of a mixed-precision one, or the averages
         saved_model = _float32_twin(keras, spec, num_classes) if config.precision != "float32" or config.ema else base_model
@@ -117,43 +121,39 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
             callbacks.append(
                 keras.callbacks.ReduceLROnPlateau("val_accuracy", mode="max", factor=0.5, patience=config.lr_patience)
             )
-        train_x = faces_to_batch(train_set.images, spec.channels)
+        to_input = functools.partial(faces_to_batch, channels=spec.channels)
         train_y = _targets(train_set.labels, num_classes, config, teacher)
+        val_y = _targets(val_set.labels, num_classes, config)
         class_weight = _class_weights(config, train_set.labels, num_classes)
-        val_x, val_y = faces_to_batch(val_set.images, spec.channels), _targets(val_set.labels, num_classes, config)
-        if topology.coordinator:
-            face_weight = None if class_weight is None else np.array([class_weight[c] for c in train_set.labels], np.float32)
-            common = dict(global_batch=config.batch_size, topology=topology, seed=config.seed)
-            data = dict(x=sharded_batches(keras, train_x, train_y, sample_weight=face_weight, first_epoch=state.epochs_done, **common))
-            validation = sharded_batches(keras, val_x, val_y, shuffle=False, pad=True, **common)
-            if topology.is_chief:
-                topology.save(run / "topology.json", device_names())
-        elif config.mixup:
-            face_weight = None if class_weight is None else np.array([class_weight[c] for c in train_set.labels], np.float32)
-            batches = mixup_batches(train_x, train_y, config.batch_size, alpha=config.mixup,
-                                   sample_weight=face_weight, seed=config.seed + state.epochs_done)
-            data = dict(x=batches)
-        else:
-            data = dict(x=train_x, y=train_y, batch_size=config.batch_size, shuffle=True, class_weight=class_weight)
-        if not topology.coordinator:
-            validation = (val_x, val_y)
-        fit = dict(
-            **data,
-            validation_data=validation,
-            callbacks=callbacks,
-            verbose=verbose,
-        )
+        face_weight = None if class_weight is None else np.array([class_weight[c] for c in train_set.labels], np.float32)
+        if topology.coordinator and topology.is_chief:
+            topology.save(run / "topology.json", device_names())
+        fit = dict(callbacks=callbacks, verbose=verbose)
+        if cached_features or config.mixup:  # whole arrays: features are computed once / mixup blends them
+            fit["validation_data"] = (to_input(val_set.images), val_y)
+            if config.mixup:
+                fit["x"] = mixup_batches(to_input(train_set.images), train_y, config.batch_size, alpha=config.mixup,
+                                         sample_weight=face_weight, seed=config.seed + state.epochs_done)
+            else:
+                fit.update(x=to_input(train_set.images), y=train_y, batch_size=config.batch_size, shuffle=True,
+                           class_weight=class_weight)
+        else:  # batches made one at a time from the stored faces: memory does not grow with the data
+            common = dict(batch_size=config.batch_size, to_input=to_input, seed=config.seed,
+                          num_processes=topology.num_processes, process_id=topology.process_id)
+            fit["x"] = face_batches(train_set.images, train_y, sample_weight=face_weight, first_epoch=state.epochs_done,
+                                    drop_remainder=bool(topology.coordinator), **common)
+            fit["validation_data"] = face_batches(val_set.images, val_y, shuffle=False, pad=bool(topology.coordinator), **common)
         state.status = "running"
         state.save(run)
         with stop.listening():
-            if state.epochs_done < config.epochs and spec.pretrained and config.cache_features and not (config.augment or config.mixup):
+            if state.epochs_done < config.epochs and cached_features:
                 _fit_head_on_features(keras, base_model, config, fit, epochs=config.epochs, initial_epoch=state.epochs_done)
             elif state.epochs_done < config.epochs:
                 training_model.fit(epochs=config.epochs, initial_epoch=state.epochs_done, **fit)
             if config.fine_tune and state.epochs_done < total and not stop.requested:
                 if state.epochs_done == config.epochs:  # a checkpoint from phase two is unfrozen already
                     _unfreeze_top(base_model, config.fine_tune)
-                    _compile(keras, training_model, config, len(train_set), config.learning_rate / 10)
+                    _compile(keras, training_model, config, train_size, config.learning_rate / 10)
                 training_model.fit(epochs=total, initial_epoch=state.epochs_done, **fit)
         if stop.requested:
             raise KeyboardInterrupt

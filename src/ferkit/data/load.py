@@ -1,4 +1,4 @@
-"""One entry point for any dataset source: a class-folder tree or a FER2013 CSV."""
+"""One entry point for any dataset source: a class-folder tree, a FER2013 CSV or a packed dataset."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from ferkit.data.dataset import FaceDataset
 from ferkit.data.fer2013_csv import load_fer2013_csv
 from ferkit.data.folder import load_folder
+from ferkit.data.packed import is_packed, load_packed
 from ferkit.errors import FerkitError
 
 
@@ -20,7 +21,8 @@ def load_dataset(
     cache: bool = True,
     progress: bool = False,
 ) -> FaceDataset:
-    """Load a folder tree (`root/<class>/*`) or a FER2013 CSV; `usage` selects CSV rows only."""
+    """Load a folder tree (`root/<class>/*`), a FER2013 CSV or a packed dataset (ferkit.data.packed, read
+    memory-mapped); `usage` selects CSV rows only."""
     path = Path(source)
     if not path.exists():
         raise FerkitError(f"no such dataset: {path}")
@@ -29,4 +31,6 @@ def load_dataset(
             raise FerkitError(f"{path} is neither a dataset folder nor a FER2013 .csv file")
         kwargs = {"classes": classes} if classes else {}
         return load_fer2013_csv(path, usage=usage, image_size=image_size, cache=cache, **kwargs)
+    if is_packed(path):
+        return load_packed(path, classes=classes, image_size=image_size)
     return load_folder(path, classes=classes, image_size=image_size, cache=cache, progress=progress)

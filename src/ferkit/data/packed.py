@@ -1,0 +1,132 @@
+"""Packed datasets: decoded faces in plain .npy shards, memory-mapped, for data larger than memory.
+
+A packed dataset is a folder:
+
+    ferkit-faces.json        {"classes": [...], "image_size": [48, 48], "shards": [["faces-00000.npy", "labels-00000.npy"], ...]}
+    faces-00000.npy          (n, height, width) uint8 grayscale faces
+    labels-00000.npy         (n,) integer labels indexing "classes"
+
+`load_dataset` reads it without loading it: the faces stay on disk and training reads one batch at a time
+(ferkit.data.batches), so memory stays flat as the dataset grows. `ferkit pack DATA OUT` writes one from
+any dataset ferkit reads; `ShardWriter` writes one from faces you make yourself, a chunk at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ferkit.data.dataset import FaceDataset
+from ferkit.errors import FerkitError
+
+INDEX = "ferkit-faces.json"
+
+
+def is_packed(path: str | Path) -> bool:
+    return (Path(path) / INDEX).is_file()
+
+
+class ShardedFaces:
+    """Several (n, H, W) arrays (memory-mapped shards) read as one: rows by index, in any order."""
+
+    def __init__(self, shards: Sequence[np.ndarray]):
+        self.shards = list(shards)
+        self.offsets = np.cumsum([0, *(len(s) for s in self.shards)])
+        self.shape = (int(self.offsets[-1]), *self.shards[0].shape[1:])
+        self.dtype, self.ndim = self.shards[0].dtype, 3
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            return self[np.array([index])][0]
+        rows = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index)
+        shard = np.searchsorted(self.offsets, rows, side="right") - 1
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        for s in np.unique(shard):
+            chosen = shard == s
+            out[chosen] = self.shards[s][rows[chosen] - self.offsets[s]]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self[slice(None)]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+class ShardWriter:
+    """Write a packed dataset a chunk at a time: `add(faces, labels)` as often as you like, then `close()`.
+    Memory holds one chunk; a shard is closed every `shard_size` faces."""
+
+    def __init__(self, out: str | Path, classes: Sequence[str], image_size: tuple[int, int], *, shard_size: int = 100_000):
+        self.out, self.classes, self.image_size, self.shard_size = Path(out), list(classes), tuple(image_size), shard_size
+        if self.out.exists() and any(self.out.iterdir()):
+            raise FerkitError(f"{self.out} already exists and is not empty; choose a new folder")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.shards: list[list[str]] = []
+        self._faces, self._labels, self._count = [], [], 0
+
+    def add(self, faces: np.ndarray, labels: np.ndarray) -> None:
+        faces, labels = np.asarray(faces, np.uint8), np.asarray(labels, np.int64)
+        if faces.shape[1:] != self.image_size or len(faces) != len(labels):
+            raise FerkitError(f"faces must be (n, {self.image_size[0]}, {self.image_size[1]}) with one label each")
+        while len(faces):
+            room = self.shard_size - self._count
+            self._faces.append(faces[:room])
+            self._labels.append(labels[:room])
+            self._count += len(faces[:room])
+            faces, labels = faces[room:], labels[room:]
+            if self._count == self.shard_size:
+                self._flush()
+
+    def close(self) -> Path:
+        if self._count or not self.shards:
+            self._flush()
+        index = {"classes": self.classes, "image_size": list(self.image_size), "shards": self.shards}
+        (self.out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return self.out
+
+    def _flush(self) -> None:
+        number = len(self.shards)
+        names = [f"faces-{number:05d}.npy", f"labels-{number:05d}.npy"]
+        np.save(self.out / names[0], np.concatenate(self._faces) if self._faces else np.zeros((0, *self.image_size), np.uint8))
+        np.save(self.out / names[1], np.concatenate(self._labels) if self._labels else np.zeros(0, np.int64))
+        self.shards.append(names)
+        self._faces, self._labels, self._count = [], [], 0
+
+
+def pack_dataset(dataset: FaceDataset, out: str | Path, *, shard_size: int = 100_000, chunk: int = 10_000) -> Path:
+    """Write `dataset` as a packed dataset in the new folder `out`."""
+    writer = ShardWriter(out, dataset.classes, dataset.image_size, shard_size=shard_size)
+    for start in range(0, len(dataset), chunk):
+        writer.add(dataset.images[start : start + chunk], dataset.labels[start : start + chunk])
+    return writer.close()
+
+
+def load_packed(path: str | Path, *, classes: Sequence[str] | None = None, image_size: tuple[int, int] = (48, 48)) -> FaceDataset:
+    """The packed dataset at `path`, its faces memory-mapped; `classes` reorders (and may extend) its classes."""
+    path = Path(path)
+    try:
+        index = json.loads((path / INDEX).read_text())
+        stored_classes, size, shards = list(index["classes"]), tuple(index["image_size"]), index["shards"]
+        faces = [np.load(path / f, mmap_mode="r") for f, _ in shards]
+        labels = np.concatenate([np.load(path / l) for _, l in shards]).astype(np.int64)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FerkitError(f"{path} is not a readable packed dataset ({type(err).__name__})") from None
+    if size != tuple(image_size):
+        raise FerkitError(f"{path} holds {size[0]}x{size[1]} faces; this needs {image_size[0]}x{image_size[1]} (pack it again)")
+    if any(f.ndim != 3 or f.dtype != np.uint8 or f.shape[1:] != size for f in faces) or sum(map(len, faces)) != len(labels):
+        raise FerkitError(f"{path}: its shards do not match {INDEX}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(stored_classes)):
+        raise FerkitError(f"{path}: a label outside its {len(stored_classes)} classes")
+    if classes is not None and list(classes) != stored_classes:
+        missing = sorted(set(stored_classes) - set(classes))
+        if missing:
+            raise FerkitError(f"{path} has classes the model does not know: {', '.join(missing)}")
+        labels = np.array([list(classes).index(name) for name in stored_classes])[labels]
+        stored_classes = list(classes)
+    images = faces[0] if len(faces) == 1 else ShardedFaces(faces)
+    return FaceDataset(images=images, labels=labels, classes=tuple(stored_classes), source=str(path))

@@ -1,0 +1,61 @@
+"""Packed datasets: .npy shards read memory-mapped, identical to the data they were packed from."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ferkit.cli import cli
+from ferkit.config import TrainConfig
+from ferkit.data import load_dataset
+from ferkit.data.packed import ShardWriter
+from ferkit.errors import FerkitError
+from ferkit.runs import read_history
+from ferkit.train import train
+
+
+def _pack(source, out, shard_size):
+    result = CliRunner().invoke(cli, ["pack", str(source), str(out), "--shard-size", str(shard_size)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_a_packed_dataset_reads_back_as_the_faces_it_was_packed_from(pattern_data, tmp_path):
+    original = load_dataset(pattern_data / "train")
+    packed = load_dataset(_pack(pattern_data / "train", tmp_path / "packed", 25))
+    assert len(json.loads((tmp_path / "packed" / "ferkit-faces.json").read_text())["shards"]) == -(-len(original) // 25)
+    assert not isinstance(packed.images, np.ndarray) or isinstance(packed.images, np.memmap)  # left on disk
+    assert packed.classes == original.classes and np.array_equal(packed.labels, original.labels)
+    assert np.array_equal(np.asarray(packed.images), original.images)
+    rows = np.random.default_rng(0).permutation(len(original))[:40]
+    assert np.array_equal(packed.images[rows], original.images[rows])
+    # asked for in another class order, the labels follow the names
+    reordered = load_dataset(tmp_path / "packed", classes=list(reversed(original.classes)))
+    names = [reordered.classes[i] for i in reordered.labels]
+    assert names == [original.classes[i] for i in original.labels]
+
+
+def test_training_on_a_packed_dataset_equals_training_on_its_folder(pattern_data, tmp_path):
+    packed = _pack(pattern_data / "train", tmp_path / "packed", 30)
+    common = dict(val=str(pattern_data / "val"), epochs=2, batch_size=16, augment=["flip"], seed=3)
+    from_folder = train(TrainConfig(data=str(pattern_data / "train"), out=str(tmp_path / "a"), **common), verbose=0)
+    from_shards = train(TrainConfig(data=str(packed), out=str(tmp_path / "b"), **common), verbose=0)
+    a, b = read_history(from_folder / "history.csv"), read_history(from_shards / "history.csv")
+    assert a["val_accuracy"] == b["val_accuracy"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
+def test_damaged_or_mismatched_packed_datasets_are_one_line_errors(pattern_data, tmp_path):
+    packed = _pack(pattern_data / "train", tmp_path / "packed", 1000)
+    with pytest.raises(FerkitError, match="holds 48x48 faces"):
+        load_dataset(packed, image_size=(64, 64))
+    np.save(packed / "labels-00000.npy", np.zeros(3, np.int64))
+    with pytest.raises(FerkitError, match="do not match"):
+        load_dataset(packed)
+    (packed / "ferkit-faces.json").write_text("{not json")
+    with pytest.raises(FerkitError, match="not a readable packed dataset"):
+        load_dataset(packed)
+    with pytest.raises(FerkitError, match="not empty"):
+        ShardWriter(packed, ["a"], (48, 48))
+    result = CliRunner().invoke(cli, ["pack", str(pattern_data / "train"), str(packed)])
+    assert result.exit_code == 2 and "not empty" in result.output
