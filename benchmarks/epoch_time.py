@@ -4,9 +4,10 @@
 
 Times `--steps` training steps (after `--warmup` steps that pay for graph tracing) on random faces and
 scales to one epoch of the 28,709 FER2013 training images. Ratios are against the first model and
-augmentation, measured in the same run. `--input arrays,batches` compares how the faces reach the
-network: one float32 array handed to Keras (ferkit before batches were made one at a time), and
-`ferkit.data.batches.face_batches` over the stored uint8 faces (what `ferkit train` does now).
+augmentation, measured in the same run. `--input arrays,arrays8,batches` compares how the faces reach
+the network: one float32 array handed to Keras (ferkit before), one 8-bit array (ferkit now, for
+faces in memory), and `ferkit.data.batches.face_batches` over the stored 8-bit faces (ferkit now, for
+packed datasets and data-parallel jobs).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def seconds_per_epoch(model: str, augment: list[str], *, batch_size: int, steps:
     stored = rng.integers(0, 256, (batch_size * (steps + warmup), *spec.input_size), np.uint8)
     labels = rng.integers(0, 7, len(stored))
     warm, timed = slice(0, batch_size * warmup), slice(batch_size * warmup, None)
-    if feed == "arrays":
-        faces = faces_to_batch(stored, spec.channels)
+    if feed in ("arrays", "arrays8"):
+        faces = faces_to_batch(stored, spec.channels, np.uint8 if feed == "arrays8" else np.float32)
         training_model.fit(faces[warm], labels[warm], batch_size=batch_size, epochs=1, verbose=0)
         started = time.perf_counter()
         training_model.fit(faces[timed], labels[timed], batch_size=batch_size, epochs=1, verbose=0)

@@ -142,7 +142,8 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def faces_to_batch(faces: np.ndarray, channels: int) -> np.ndarray:
-    """(N, H, W) uint8 faces -> (N, H, W, channels) float32 in 0-255, gray repeated: the model's input."""
-    batch = np.asarray(faces, dtype=np.float32)[..., None]
+def faces_to_batch(faces: np.ndarray, channels: int, dtype=np.float32) -> np.ndarray:
+    """(N, H, W) uint8 faces -> (N, H, W, channels) in 0-255 (float32 unless `dtype` says otherwise),
+    gray repeated: the model's input."""
+    batch = np.asarray(faces, dtype=dtype)[..., None]
     return np.repeat(batch, channels, axis=-1) if channels > 1 else batch

@@ -75,6 +75,9 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
         return run
     teacher = teacher_probabilities(config.teacher, train_set) if config.teacher else None
     cached_features = spec.pretrained and config.cache_features and not (config.augment or config.mixup)
+    # Memory-mapped (packed) datasets and data-parallel jobs read one batch at a time (ferkit.data.batches);
+    # faces in memory go to Keras whole, whose pipeline was measured faster on small networks.
+    streamed = bool(topology.coordinator) or not isinstance(train_set.images, np.ndarray) or isinstance(train_set.images, np.memmap)
     # a data-parallel job drops each epoch's last incomplete batch; its schedule counts the steps it runs
     train_size = len(train_set) // config.batch_size * config.batch_size if topology.coordinator else len(train_set)
 
@@ -137,6 +140,9 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
             else:
                 fit.update(x=to_input(train_set.images), y=train_y, batch_size=config.batch_size, shuffle=True,
                            class_weight=class_weight)
+        elif not streamed:  # in memory: Keras' own array pipeline, fed 8-bit faces (the network casts them)
+            fit.update(x=faces_to_batch(train_set.images, spec.channels, np.uint8), y=train_y, batch_size=config.batch_size,
+                       shuffle=True, class_weight=class_weight, validation_data=(to_input(val_set.images), val_y))
         else:  # batches made one at a time from the stored faces: memory does not grow with the data
             common = dict(batch_size=config.batch_size, to_input=to_input, seed=config.seed,
                           num_processes=topology.num_processes, process_id=topology.process_id)
