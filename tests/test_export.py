@@ -98,7 +98,7 @@ def test_batch_norm_recalibration_measures_the_statistics_of_the_given_faces(tra
     mean must become the mean of its (dropout-free) inputs on that face, which the exported model uses."""
     import keras
 
-    from ferkit.train import recalibrate_batch_norm
+    from ferkit.batch_norm import recalibrate_batch_norm
 
     model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(3, 3), keras.layers.BatchNormalization(),
                               keras.layers.Dropout(0.5), keras.layers.Flatten(), keras.layers.Dense(4),

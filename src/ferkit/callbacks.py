@@ -80,7 +80,7 @@ class AveragedWeightsValidation(keras.callbacks.Callback):
         self._raw = None
 
     def on_test_begin(self, logs=None):
-        from ferkit.train import recalibrate_batch_norm
+        from ferkit.batch_norm import recalibrate_batch_norm
 
         variables = self.base_model.weights
         self._raw = [keras.ops.convert_to_numpy(v) for v in variables]

@@ -40,7 +40,7 @@ def export_onnx(
 
     `calibration`: faces like those the model will see (e.g. its training data), needed by
     `recalibrate_bn`: batch-norm statistics measured afresh on these faces, un-augmented (see
-    ferkit.train.recalibrate_batch_norm), and by `int8`: quantization calibrated on some of them, its
+    ferkit.batch_norm.recalibrate_batch_norm), and by `int8`: quantization calibrated on some of them, its
     agreement with the float model on others recorded in the metadata.
     `tta`: the test-time augmentation recorded as the model's default ("none" or "flip").
     `temperature_data`: labelled faces the model was not trained on (e.g. validation data). The exported
@@ -82,7 +82,7 @@ def _load_keras(source: Path) -> KerasClassifier:
 
 
 def _recalibrate(classifier: KerasClassifier, dataset: FaceDataset) -> None:
-    from ferkit.train import recalibrate_batch_norm
+    from ferkit.batch_norm import recalibrate_batch_norm
 
     order = np.random.default_rng(0).permutation(len(dataset))
     batches = (

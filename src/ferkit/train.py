@@ -168,7 +168,7 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
         if (run / "config.json").exists():
             state.save(run)
         raise TrainingInterrupted(
-            f"interrupted after {state.epochs_done} of {total} epochs; {run} is usable, "
+            f"interrupted after {state.epochs_done} of {total} epochs (the epoch under way is dropped); {run} is usable, "
             f"continue with: ferkit train --resume {run}"
         ) from None
     finally:
@@ -235,48 +235,6 @@ def _restore_compact_checkpoint(training_model, config: TrainConfig, path: Path,
     optimizer.iterations.assign(epochs_done * -(-train_size // config.batch_size))
     for variable, average in zip(optimizer._trainable_variables, getattr(optimizer, "_model_variables_moving_average", [])):
         average.assign(variable)
-
-
-def recalibrate_batch_norm(model, batches) -> int:
-    """Measure every trainable BatchNormalization layer's moving mean and variance afresh on `batches`
-    (an iterable of model-input arrays of un-augmented faces), averaged over all their faces; returns
-    how many layers were re-measured.
-
-    Why: the statistics kept during training were measured on augmented faces (erased patches, zoom,
-    rotation), unlike the faces seen at inference; on FER2013 PublicTest re-measuring them on the
-    clean training faces added 0.6-1.3 points to two ferkit-net-s checkpoints. Dropout is off meanwhile,
-    as at inference; frozen layers (a frozen pretrained backbone) keep their statistics.
-    """
-    keras = import_keras()
-    everything = _all_layers(model)
-    layers = [layer for layer in everything if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
-    dropouts = [layer for layer in everything if isinstance(layer, keras.layers.Dropout)]
-    momenta, rates = [layer.momentum for layer in layers], [layer.rate for layer in dropouts]
-    try:
-        for layer in dropouts:
-            layer.rate = 0.0
-        seen = 0
-        for part in batches:
-            for layer in layers:  # moving = moving * m + part * (1 - m): this m keeps the mean over all faces
-                layer.momentum = seen / (seen + len(part))
-            model(part, training=True)
-            seen += len(part)
-    finally:
-        for layer, momentum in zip(layers, momenta):
-            layer.momentum = momentum
-        for layer, rate in zip(dropouts, rates):
-            layer.rate = rate
-    return len(layers)
-
-
-def _all_layers(model) -> list:
-    """Every layer of `model`, nested models' layers included."""
-    found = []
-    for layer in model.layers:
-        found.append(layer)
-        if hasattr(layer, "layers"):
-            found.extend(_all_layers(layer))
-    return found
 
 
 def load_train_val(config: TrainConfig, input_size, *, progress: bool = False) -> tuple[FaceDataset, FaceDataset]:
