@@ -74,7 +74,7 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
         log.warning("%s already has %d epochs; pass a larger --epochs to train on", run, state.epochs_done)
         return run
     teacher = teacher_probabilities(config.teacher, train_set) if config.teacher else None
-    cached_features = spec.pretrained and config.cache_features and not (config.augment or config.mixup)
+    cached_features = _trains_on_cached_features(config)
     # Memory-mapped (packed) datasets and data-parallel jobs read one batch at a time (ferkit.data.batches);
     # faces in memory go to Keras whole, whose pipeline was measured faster on small networks.
     streamed = bool(topology.coordinator) or not isinstance(train_set.images, np.ndarray) or isinstance(train_set.images, np.memmap)
@@ -178,11 +178,14 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
     return run
 
 
+def _trains_on_cached_features(config: TrainConfig) -> bool:
+    """A frozen pretrained backbone without augmentation or mixup: its features are computed once."""
+    return get_model_spec(config.model).pretrained and config.cache_features and not (config.augment or config.mixup)
+
+
 def _check_distributable(config: TrainConfig) -> None:
-    spec = get_model_spec(config.model)
-    cached = spec.pretrained and config.cache_features and not config.augment
     unsupported = [name for name, used in (("--mixup", config.mixup), ("--ema", config.ema), ("cached features (pass "
-                   "--no-cache-features)", cached)) if used]
+                   "--no-cache-features)", _trains_on_cached_features(config))) if used]
     if unsupported:
         raise FerkitError(f"multi-process training does not support {' and '.join(unsupported)} yet")
 
