@@ -135,7 +135,7 @@ def config_options(config_class):
                 option = click.option(f"--{name}/--no-{name}", item.name, default=None, help=help)
             else:
                 kind = click.Choice(meta["choices"]) if meta.get("choices") else _OPTION_TYPES.get(item.type, str)
-                option = click.option(meta.get("flag") or f"--{name}", item.name, type=kind, help=help)
+                option = click.option(_flag(item), item.name, type=kind, help=help)
             command = option(command)
         return command
 
@@ -143,6 +143,11 @@ def config_options(config_class):
 
 
 _OPTION_TYPES = {"int": int, "float": float}
+
+
+def _flag(item) -> str:
+    """A TrainConfig field's option: its own flag (e.g. --lr), else --field-name."""
+    return item.metadata.get("flag") or f"--{item.name.replace('_', '-')}"
 
 
 def _shown_default(value) -> str:
@@ -164,7 +169,7 @@ def _flags_to_args(flags: dict) -> list[str]:
         if isinstance(value, bool):
             args.append(f"--{name}" if value else f"--no-{name}")
         else:
-            args += [item.metadata.get("flag") or f"--{name}", str(value)]
+            args += [_flag(item), str(value)]
     return args
 
 
