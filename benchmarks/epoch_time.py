@@ -23,7 +23,7 @@ from ferkit.config import TrainConfig
 from ferkit.data.batches import face_batches
 from ferkit.images import faces_to_batch
 from ferkit.models import get_model_spec
-from ferkit.train import _build_training_model
+from ferkit.training_model import build_training_model
 
 FER2013_TRAIN = 28_709
 
@@ -34,7 +34,7 @@ def seconds_per_epoch(model: str, augment: list[str], *, batch_size: int, steps:
     keras.mixed_precision.set_global_policy(precision)
     spec = get_model_spec(model)
     config = TrainConfig(model=model, augment=augment, batch_size=batch_size, precision=precision)
-    training_model = _build_training_model(keras, config, 7, train_size=steps * batch_size)
+    training_model = build_training_model(keras, config, 7, train_size=steps * batch_size)
     rng = np.random.default_rng(0)
     stored = rng.integers(0, 256, (batch_size * (steps + warmup), *spec.input_size), np.uint8)
     labels = rng.integers(0, 7, len(stored))

@@ -16,7 +16,7 @@ from ferkit.errors import FerkitError
 from ferkit.evaluate import evaluate
 from ferkit.labels import EMOTIONS
 from ferkit.runtime import read_metadata
-from ferkit.runs import RUN_FILES, RunState, read_history
+from ferkit.runs import HISTORY_COLUMNS, RUN_FILES, RunState, read_history
 from ferkit.train import TrainingInterrupted, train
 
 
@@ -64,6 +64,27 @@ def test_resume_continues_where_the_run_stopped(pattern_data, tmp_path):
 
     layers = [type(layer).__name__ for layer in load_classifier(run / "last.keras").model.layers]
     assert not any(name.startswith("Random") for name in layers)
+
+
+def test_a_resumed_run_starts_from_its_backed_up_weights_and_optimizer_step(pattern_data, tmp_path):
+    import keras
+
+    from ferkit.runtime import load_classifier
+
+    run = train(_config(pattern_data, tmp_path / "r", epochs=2, batch_size=32, optimizer="sgd"), verbose=0)
+    saved = load_classifier(run / "last.keras").model.get_weights()
+    seen = {}
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):  # after ferkit's callbacks have restored the run
+            seen["weights"] = self.model.get_weights()
+            seen["step"] = int(self.model.optimizer.iterations)
+
+    config = TrainConfig.load(run / "config.json")
+    config.epochs = 3
+    train(config, resume=True, verbose=0, callbacks=[Probe()])
+    assert all(np.array_equal(a, b) for a, b in zip(seen["weights"], saved))
+    assert seen["step"] == 2 * -(-len(load_dataset(pattern_data / "train")) // 32)
 
 
 def test_an_existing_run_is_never_overwritten_silently(pattern_data, trained_run, tmp_path):
@@ -176,7 +197,7 @@ def test_bad_options_are_refused(bad):
 
 
 def test_mixup_blends_two_faces_and_their_targets_alike():
-    from ferkit.train import mixup_batches
+    from ferkit.training_data import mixup_batches
 
     # Face i is the unit vector e_i, so a blended face shows which faces it mixes and in what shares:
     # its target must be the same blend of their targets (x @ targets), its weight of their weights.
@@ -220,7 +241,8 @@ def test_a_student_learns_from_its_teacher_rather_than_wrong_labels(pattern_data
 
 
 def test_distillation_mixes_the_teacher_with_the_true_label(pattern_data, trained_run):
-    from ferkit.train import _targets, teacher_probabilities
+    from ferkit.teacher import teacher_probabilities
+    from ferkit.training_data import targets as _targets
 
     train_set = load_dataset(pattern_data / "train")
     teacher = teacher_probabilities(str(trained_run), train_set)
@@ -245,9 +267,9 @@ def test_a_teacher_with_other_classes_is_refused(pattern_data, trained_run, tmp_
 JIT_PROBE = """
 import keras, numpy as np
 from ferkit.config import TrainConfig
-from ferkit.train import _build_training_model
+from ferkit.training_model import build_training_model
 config = TrainConfig(model="seed-cnn", data="unused", augment=["flip", "shift", "rotate", "zoom", "erase"])
-model = _build_training_model(keras, config, 7, 64)
+model = build_training_model(keras, config, 7, 64)
 model.fit(np.random.rand(64, *model.input_shape[1:]).astype("float32") * 255, np.arange(64) % 7, epochs=1, verbose=0)
 print(keras.backend.backend(), model.jit_compile)
 """
@@ -266,13 +288,13 @@ def test_under_jax_the_augmented_train_step_is_compiled():
 def test_random_crops_are_whole_windows_of_the_face():
     from ferkit._keras import import_keras
     from ferkit.models import get_model_spec
-    from ferkit.train import _random_crop_layer
+    from ferkit.training_model import random_crop_layer
 
     keras = import_keras()
     spec = get_model_spec("ferkit-net-l")
     side, crop = spec.input_size[0], spec.crop
     face = np.arange(side * side, dtype=np.float32).reshape(1, side, side, 1)  # every pixel value unique
-    layer = _random_crop_layer(keras, TrainConfig(model=spec.name, augment=["crop"]), seed=3)
+    layer = random_crop_layer(keras, TrainConfig(model=spec.name, augment=["crop"]), seed=3)
     shifted = keras.ops.convert_to_numpy(layer(np.repeat(face, 64, axis=0), training=True))
     start = (side - crop) // 2
     seen = set()
@@ -311,7 +333,7 @@ def test_ema_validates_and_saves_the_averaged_weights_and_resumes(pattern_data, 
     run = train(config, verbose=0)
     config.epochs = 3
     train(config, resume=True, verbose=0)
-    checkpoint = keras.saving.load_model(run / "checkpoint.keras")
+    checkpoint = _backed_up_training_model(run)
     optimizer = checkpoint.optimizer
     averages = {id(v): a for v, a in zip(optimizer._trainable_variables, optimizer._model_variables_moving_average)}
     trainable = [v for v in checkpoint.weights if v.trainable]  # no augmentation: the checkpoint is the network
@@ -326,7 +348,7 @@ def test_ema_validates_and_saves_the_averaged_weights_and_resumes(pattern_data, 
 
 def test_a_packed_run_resumes_on_the_same_schedule(pattern_data, tmp_path):
     from ferkit.runtime import load_classifier
-    from ferkit.train import save_compact_checkpoint
+    from ferkit.checkpoints import save_compact_checkpoint
 
     options = dict(optimizer="sgd", learning_rate=0.05, lr_schedule="cosine", warmup_epochs=1, ema=0.9,
                    augment=["flip"], epochs=4)
@@ -335,7 +357,7 @@ def test_a_packed_run_resumes_on_the_same_schedule(pattern_data, tmp_path):
     packed = save_compact_checkpoint(first, tmp_path / "packed")
     assert not (packed / "checkpoint.keras").exists()
     assert TrainConfig.load(packed / "config.json").out == str(packed)
-    assert (packed / "checkpoint.npz").stat().st_size < (first / "checkpoint.keras").stat().st_size / 2
+    assert (packed / "checkpoint.npz").stat().st_size < (first / "backup" / "latest.weights.h5").stat().st_size / 2
     with pytest.raises(FerkitError, match="already exists"):
         save_compact_checkpoint(first, packed)
 
@@ -363,7 +385,7 @@ def test_saved_teacher_probabilities_train_a_student_like_the_teacher_itself(pat
                                       "--tta", "flip", "--out", str(saved)])
     assert result.exit_code == 0, result.output
     train_set = load_dataset(pattern_data / "train")
-    from ferkit.train import teacher_probabilities
+    from ferkit.teacher import teacher_probabilities
 
     # the file gives, face for face, what the model itself gives as a teacher (flip-averaged)
     assert np.allclose(load_teacher_probabilities(saved, train_set), teacher_probabilities(str(trained_run), train_set), atol=1e-6)
@@ -397,3 +419,48 @@ def test_the_pack_tool_replaces_an_earlier_pack_and_nothing_else(pattern_data, t
     refused = subprocess.run([*tool, str(trained_run), str(mine)], capture_output=True, text=True)
     assert refused.returncode != 0 and "not a packed run" in refused.stderr
     assert (mine / "notes.txt").read_text() == "mine"
+
+
+def _backed_up_training_model(run: Path):
+    """The training model of a run with the weights and optimizer state of its backup."""
+    import keras
+
+    from ferkit.training_model import build_training_model
+
+    config = TrainConfig.load(run / "config.json")
+    model = build_training_model(keras, config, len(config.classes), train_size=1)
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(run / "backup" / "latest.weights.h5")
+    return model
+
+
+OLD_HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")
+
+
+def test_a_run_folder_of_the_older_layout_resumes_and_is_converted(pattern_data, tmp_path):
+    """Runs made before the Keras callbacks kept checkpoint.keras (the whole training model) and
+    another column order in history.csv; they resume on the same schedule, in the new layout."""
+    import csv
+
+    options = dict(optimizer="sgd", learning_rate=0.05, lr_schedule="cosine", augment=["flip"], epochs=3)
+    whole = read_history(train(_config(pattern_data, tmp_path / "whole", **options), verbose=0) / "history.csv")
+    run = train(_config(pattern_data, tmp_path / "old", **{**options, "epochs": 2}), verbose=0)
+    # what ferkit wrote before: the training model saved whole, history in the old column order
+    _backed_up_training_model(run).save(run / "checkpoint.keras")
+    shutil.rmtree(run / "backup")
+    rows = list(csv.DictReader(open(run / "history.csv", newline="")))
+    with open(run / "history.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=OLD_HISTORY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    config = TrainConfig.load(run / "config.json")
+    config.epochs = 3
+    train(config, resume=True, verbose=0)
+    resumed = read_history(run / "history.csv")
+    assert resumed["epoch"] == [1, 2, 3]
+    # the schedule went on from the step where the run stopped (its first two epochs had their own)
+    assert np.allclose(resumed["learning_rate"][2:], whole["learning_rate"][2:], rtol=1e-5)
+    assert np.allclose(resumed["loss"][:2], [float(row["loss"]) for row in rows])  # the old rows kept their values
+    assert (run / "backup" / "latest.weights.h5").exists() and not (run / "checkpoint.keras").exists()
+    assert open(run / "history.csv").readline().strip() == ",".join(HISTORY_COLUMNS)

@@ -68,7 +68,7 @@ def test_two_phase_fine_tuning(vgg_weights, pattern_data, tmp_path):
     assert history["learning_rate"][1] == pytest.approx(history["learning_rate"][0] / 10)
     from ferkit._keras import import_keras
 
-    backbone = import_keras().saving.load_model(run / "checkpoint.keras").get_layer("backbone")
+    backbone = import_keras().saving.load_model(run / "last.keras").get_layer("backbone")
     trainable = [layer.trainable for layer in backbone.layers if layer.weights]
     assert any(trainable[-4:]) and not any(trainable[:-4])
 
@@ -106,3 +106,33 @@ def test_wrong_or_corrupt_weights_files_are_refused(vgg_weights, tmp_path):
         create_model("mobilenetv2-transfer", weights=str(vgg_weights))
     with pytest.raises(FerkitError, match="no such weights file"):
         create_model("vgg19-transfer", weights=str(tmp_path / "missing.h5"))
+
+
+def test_fine_tuning_resumes_at_the_phase_boundary_and_within_it(vgg_weights, pattern_data, tmp_path):
+    """The head trained on cached features, then fine-tuning added on resume: it starts from the head's
+    backed-up weights, and a second resume continues the fine-tuning phase from its own backup."""
+    import keras
+
+    from ferkit.runtime import load_classifier
+
+    seen = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):  # after ferkit's callbacks have restored the run
+            seen.append(self.model.get_weights())
+
+    config = TrainConfig(model="vgg19-transfer", weights=str(vgg_weights), data=str(pattern_data / "train"),
+                         val=str(pattern_data / "val"), epochs=1, out=str(tmp_path / "ft"))
+    run = train(config, verbose=0)
+    after_head = load_classifier(run / "last.keras").model.get_weights()
+    config.fine_tune, config.fine_tune_epochs = 4, 1
+    train(config, resume=True, verbose=0, callbacks=[Probe()])
+    after_first_fine_tuning = load_classifier(run / "last.keras").model.get_weights()
+    config.fine_tune_epochs = 2
+    train(config, resume=True, verbose=0, callbacks=[Probe()])
+
+    assert all(np.array_equal(a, b) for a, b in zip(seen[0], after_head))
+    assert all(np.array_equal(a, b) for a, b in zip(seen[1], after_first_fine_tuning))
+    history = read_history(run / "history.csv")
+    assert history["epoch"] == [1, 2, 3]
+    assert history["learning_rate"][2] == pytest.approx(history["learning_rate"][1])  # still the tenth of the rate

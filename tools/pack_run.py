@@ -4,7 +4,7 @@ run's progress in the repository between working stretches:
     python tools/pack_run.py ~/ferkit-runs/ferkit-net-l-v1 training/ferkit-net-l-v1
 
 The folder gets the run's config, history, state and curves and checkpoint.npz: the network's weights
-in float16, without the optimizer's state (see ferkit.train.save_compact_checkpoint). To continue:
+in float16, without the optimizer's state (see ferkit.checkpoints.save_compact_checkpoint). To continue:
 
     cp -r training/ferkit-net-l-v1 ~/ferkit-runs/ && ferkit train --resume ~/ferkit-runs/ferkit-net-l-v1
 """
@@ -17,22 +17,22 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ferkit.checkpoints import COMPACT_CHECKPOINT, COMPACT_FILES, save_compact_checkpoint
 from ferkit.config import TrainConfig
 from ferkit.errors import FerkitError
-from ferkit.train import COMPACT_FILES, save_compact_checkpoint
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path, help="the run folder (with checkpoint.keras)")
+    parser.add_argument("run", type=Path, help="the run folder")
     parser.add_argument("out", type=Path, help="the packed folder; an earlier pack of the same run there is replaced")
     args = parser.parse_args()
-    if args.out.exists() and not (args.out / "checkpoint.npz").exists() and any(args.out.iterdir()):
+    if args.out.exists() and not (args.out / COMPACT_CHECKPOINT).exists() and any(args.out.iterdir()):
         sys.exit(f"error: {args.out} exists and is not a packed run; refusing to replace it")
     try:
         with tempfile.TemporaryDirectory(dir=args.out.parent if args.out.parent.exists() else None) as scratch:
             staged = save_compact_checkpoint(args.run, Path(scratch) / "packed")
-            for name in (*COMPACT_FILES, "checkpoint.npz"):  # replace only the files a pack writes
+            for name in (*COMPACT_FILES, COMPACT_CHECKPOINT):  # replace only the files a pack writes
                 (args.out / name).unlink(missing_ok=True)
             args.out.mkdir(parents=True, exist_ok=True)
             for item in staged.iterdir():

@@ -1,62 +1,113 @@
-"""The Keras callback that keeps a run folder current after every epoch."""
+"""The Keras callbacks of a training run. Keras' own keep the run's training checkpoint
+(BackupAndRestore) and its history (CSVLogger); ferkit's add what is its own: the network saved with
+ferkit's metadata, the run's state and curves, validation of averaged weights, and stopping on signals.
+run_callbacks puts them in order."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import time
 from pathlib import Path
 
 from ferkit._keras import import_keras
+from ferkit.checkpoints import COMPACT_CHECKPOINT, WHOLE_MODEL_CHECKPOINT, remove_checkpoints
 from ferkit.plots import plot_history
-from ferkit.runs import HISTORY_COLUMNS, RunState, append_history, read_history
+from ferkit.runs import HISTORY_COLUMNS, RunState, read_history
 from ferkit.runtime import ModelMetadata, save_keras_model
 
 keras = import_keras()
 
 
-class RunRecorder(keras.callbacks.Callback):
-    """Saves, in this order: checkpoint, last (and best) model, history row, state, curves plot."""
+def run_callbacks(run: Path, state: RunState, network, metadata: ModelMetadata, *, backup: Path, stop: "StopOnSignal",
+                  saved_model=None, averaged: "AveragedWeightsValidation | None" = None) -> list:
+    """The callbacks that keep the run folder current, in the order their files are written after each
+    epoch: history row, training checkpoint, then ferkit's models and state (which a resume trusts last)."""
+    return [
+        stop,
+        *([averaged] if averaged is not None else []),
+        HistoryLogger(run / "history.csv", stop),
+        Backup(backup, stop, run=run),
+        RunRecord(run, state, network, metadata, saved_model=saved_model, averaged=averaged, stop=stop),
+    ]
 
-    def __init__(self, run: Path, state: RunState, base_model, metadata: ModelMetadata, *, saved_model=None,
-                 averaged=None, stop: "StopOnSignal | None" = None):
-        """`base_model` is trained; `saved_model` (default: the same) is what best/last.keras hold, e.g. a
-        float32 twin of a mixed-precision network, which receives its weights before each save; with
-        `averaged` (an AveragedWeightsValidation), the weights it validated are saved. An epoch that `stop`
-        cut short is not recorded."""
-        super().__init__()
-        self.run, self.state, self.base_model, self.metadata = run, state, base_model, metadata
-        self.saved_model = saved_model if saved_model is not None else base_model
-        self.averaged, self.stop = averaged, stop
+
+class HistoryLogger(keras.callbacks.CSVLogger):
+    """history.csv, written by Keras' CSVLogger with epochs counted from 1, each epoch's learning rate and
+    seconds, and always the columns of ferkit.runs.HISTORY_COLUMNS. An epoch cut short by `stop` is left out."""
+
+    def __init__(self, path: Path, stop: "StopOnSignal"):
+        super().__init__(str(path), append=True)
+        self.stop = stop
         self._started = 0.0
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.keys = list(HISTORY_COLUMNS[1:])
 
     def on_epoch_begin(self, epoch, logs=None):
         self._started = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.stop.requested:
+            return
+        learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        seconds = round(time.perf_counter() - self._started, 2)
+        super().on_epoch_end(epoch + 1, {**(logs or {}), "learning_rate": learning_rate, "seconds": seconds})
+
+
+class Backup(keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore, which keeps the training model's weights, the optimizer's state and the
+    epoch in `folder` after every epoch (the last two, in case one is damaged) and restores them when
+    `fit` starts. An epoch cut short by `stop` is not backed up. Once a backup exists, the older forms
+    of a checkpoint in `run` (ferkit.checkpoints) are superseded and removed."""
+
+    def __init__(self, folder: Path, stop: "StopOnSignal", *, run: Path):
+        super().__init__(str(folder), double_checkpoint=True, delete_checkpoint=False)
+        self.stop, self.run = stop, run
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.stop.requested:
+            return
+        super().on_epoch_end(epoch, logs)
+        remove_checkpoints(self.run, (WHOLE_MODEL_CHECKPOINT, COMPACT_CHECKPOINT))
+
+    def on_train_end(self, logs=None):
+        super().on_train_end(logs)
+        # BackupAndRestore leaves its restored epoch on the model (Keras 3.15), where a later fit of the
+        # same model (the fine-tuning phase) would start from it
+        self.model._initial_epoch = None
+
+
+class RunRecord(keras.callbacks.Callback):
+    """ferkit's record of each epoch: the network saved with ferkit's metadata (last.keras; best.keras at
+    a new best val_accuracy), then state.json and the curves plot."""
+
+    def __init__(self, run: Path, state: RunState, network, metadata: ModelMetadata, *, saved_model=None,
+                 averaged=None, stop: "StopOnSignal | None" = None):
+        """`network` is trained; `saved_model` (default: the same) is what best/last.keras hold, e.g. a
+        float32 twin of a mixed-precision network, which receives its weights before each save; with
+        `averaged` (an AveragedWeightsValidation), the weights it validated are saved. An epoch that `stop`
+        cut short is not recorded."""
+        super().__init__()
+        self.run, self.state, self.network, self.metadata = run, state, network, metadata
+        self.saved_model = saved_model if saved_model is not None else network
+        self.averaged, self.stop = averaged, stop
+
+    def on_epoch_end(self, epoch, logs=None):
         if self.stop is not None and self.stop.requested:
             return
-        logs = logs or {}
         done = epoch + 1
-        seconds = time.perf_counter() - self._started
-        self.model.save(self.run / ".checkpoint.tmp.keras")  # the raw weights, with their averages in the optimizer
-        os.replace(self.run / ".checkpoint.tmp.keras", self.run / "checkpoint.keras")
-
-        val_accuracy = float(logs.get("val_accuracy", float("nan")))
+        val_accuracy = float((logs or {}).get("val_accuracy", float("nan")))
         self.metadata.extra = {"run": str(self.run), "epoch": done, "val_accuracy": val_accuracy}
         if self.averaged is not None and self.averaged.weights is not None:
             self.saved_model.set_weights(self.averaged.weights)
-        elif self.saved_model is not self.base_model:
-            self.saved_model.set_weights(self.base_model.get_weights())
+        elif self.saved_model is not self.network:
+            self.saved_model.set_weights(self.network.get_weights())
         save_keras_model(self.saved_model, self.run / "last.keras", self.metadata)
         if val_accuracy > self.state.best_val_accuracy:
             self.state.best_val_accuracy, self.state.best_epoch = val_accuracy, done
             save_keras_model(self.saved_model, self.run / "best.keras", self.metadata)
-
-        learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        row = {"epoch": done, **{k: logs.get(k, "") for k in HISTORY_COLUMNS[1:5]}}
-        append_history(self.run / "history.csv", {**row, "learning_rate": learning_rate, "seconds": round(seconds, 2)})
         self.state.epochs_done = done
         self.state.save(self.run)
         title = f"{self.metadata.model} — {self.run.name}"
@@ -108,7 +159,7 @@ def _moving_averages(optimizer) -> dict:
 
 class StopOnSignal(keras.callbacks.Callback):
     """Turns `kill` (SIGTERM) and Ctrl-C into `model.stop_training` at the end of the current batch, so a
-    stop never lands halfway through RunRecorder's saves. A second Ctrl-C raises KeyboardInterrupt at once."""
+    stop never lands halfway through the saves of an epoch. A second Ctrl-C raises KeyboardInterrupt at once."""
 
     def __init__(self):
         super().__init__()

@@ -2,15 +2,15 @@
 
     config.json      the TrainConfig (with the classes it resolved to)
     datasets.json    images per class in the training and validation sets
-    history.csv      one row per finished epoch: loss, accuracy, val_loss, val_accuracy, lr, seconds
+    history.csv      one row per finished epoch: accuracy, learning rate, loss, seconds, val accuracy and loss
     curves.png       accuracy and loss, train vs val, redrawn after every epoch
     best.keras       the model of the best val_accuracy so far (ferkit metadata inside)
     last.keras       the model after the last finished epoch
-    checkpoint.keras the training model with its optimizer state, for --resume
-    checkpoint.npz   instead of checkpoint.keras in a packed copy of a run in flight (ferkit.train.save_compact_checkpoint)
+    backup/          the training checkpoint for --resume: weights, optimizer state, epoch (ferkit.checkpoints)
     state.json       epochs done, best epoch and score, status (running / interrupted / finished)
 
-Every file is replaced atomically, so a run killed at any moment leaves a usable folder.
+A kill (SIGTERM) or Ctrl-C waits for the end of a batch and never lands halfway through an epoch's saves,
+so the folder holds complete epochs only; ferkit's own files are replaced atomically.
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")
-RUN_FILES = (
-    "config.json", "datasets.json", "history.csv", "curves.png",
-    "best.keras", "last.keras", "checkpoint.keras", "state.json",
-)
+from ferkit.errors import FerkitError
+
+# Keras' CSVLogger writes the columns after "epoch" in sorted order; older runs had another order
+HISTORY_COLUMNS = ("epoch", "accuracy", "learning_rate", "loss", "seconds", "val_accuracy", "val_loss")
+RUN_FILES = ("config.json", "datasets.json", "history.csv", "curves.png", "best.keras", "last.keras", "state.json")
 
 
 @dataclass
@@ -54,29 +55,54 @@ def read_history(path: str | Path) -> dict[str, list[float]]:
         for row in csv.DictReader(handle):
             for name in HISTORY_COLUMNS:
                 value = row.get(name, "")
-                columns[name].append(int(value) if name == "epoch" else float(value) if value else float("nan"))
+                columns[name].append(int(value) if name == "epoch" else float(value) if value not in ("", "NA") else float("nan"))
     return columns
 
 
-def append_history(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
-def trim_history(path: Path, epochs_done: int) -> None:
-    """Drop rows past the checkpoint (an epoch recorded just before a kill is trained again)."""
+def rewrite_history(path: Path, epochs_done: int) -> None:
+    """Keep the rows of the epochs done (an epoch recorded just before a kill is trained again), in the
+    columns of HISTORY_COLUMNS, which the history of older runs is converted to."""
     if not path.exists():
         return
     with open(path, newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if int(r["epoch"]) <= epochs_done]
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def check_run_folder(run: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse, before any work, to resume what is not a run or to replace anything silently."""
+    is_run = (run / "config.json").exists()
+    if resume:
+        if not is_run:
+            raise FerkitError(f"cannot resume: {run} is not a ferkit run folder (no config.json)")
+        return
+    if run.exists() and any(run.iterdir()):
+        if not overwrite:
+            raise FerkitError(f"{run} already exists; use --resume to continue it, --overwrite to replace it, or another --out")
+        if not is_run:
+            raise FerkitError(f"{run} is not a ferkit run folder; refusing to overwrite it, choose another --out")
+
+
+def clear_run_folder(run: Path) -> None:
+    """Remove what an earlier run wrote (only ferkit's own files), ready for a fresh run."""
+    from ferkit.checkpoints import remove_checkpoints
+
+    for name in RUN_FILES:
+        (run / name).unlink(missing_ok=True)
+    remove_checkpoints(run)
+    for folder in run.glob("eval-*"):
+        shutil.rmtree(folder)
+    run.mkdir(parents=True, exist_ok=True)
+
+
+def save_run_config(run: Path, config, train_set, val_set) -> None:
+    """config.json (the TrainConfig) and datasets.json (faces per class in each set)."""
+    config.save(run / "config.json")
+    sizes = {"train": train_set.class_counts(), "val": val_set.class_counts()}
+    write_atomic(run / "datasets.json", json.dumps(sizes, indent=2) + "\n")
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -11,6 +11,7 @@ The file holds one probability row per training face, keyed by the face's class 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from ferkit.errors import FerkitError
 from ferkit.runtime import load_classifier
 
 TEACHER_SUFFIX = ".npz"
+log = logging.getLogger("ferkit")
 
 
 def save_teacher_probabilities(models, dataset: FaceDataset, out: str | Path, *, tta: str | None = None,
@@ -67,3 +69,26 @@ def _face_keys(dataset: FaceDataset) -> list[str]:
     if dataset.paths is None:
         return [f"row {i}" for i in range(len(dataset))]
     return ["/".join(Path(p).parts[-2:]) for p in dataset.paths]
+
+
+def teacher_probabilities(teacher: str, train_set: FaceDataset) -> np.ndarray:
+    """The teacher model's class probabilities for every training face, averaged over the face and its
+    mirror image: the soft targets of distillation. A .npz `teacher` holds them already.
+
+    They are computed once, on the un-augmented faces, and serve for every augmented view of a face:
+    the augmentations are mild enough (small shifts, zoom, rotation, erased patches) that the teacher's
+    opinion of the face carries over, and training costs nothing more per step.
+    """
+    if Path(teacher).suffix == TEACHER_SUFFIX:
+        log.info("distilling from the probabilities saved in %s", teacher)
+        return load_teacher_probabilities(teacher, train_set)
+    classifier = load_classifier(teacher).with_tta("flip")
+    if classifier.classes != train_set.classes:
+        raise FerkitError(
+            f"the teacher {teacher} knows the classes {', '.join(classifier.classes)}, "
+            f"the training data {', '.join(train_set.classes)}"
+        )
+    if classifier.input_size != train_set.image_size:
+        raise FerkitError(f"the teacher {teacher} takes {classifier.input_size} faces, the model {train_set.image_size}")
+    log.info("distilling from %s: its probabilities for %d training faces", teacher, len(train_set))
+    return classifier.predict_proba(train_set.images)

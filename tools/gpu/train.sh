@@ -28,7 +28,7 @@ python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 
 excluded=(--exclude last.keras --exclude '.*.tmp.keras')
-[[ ${KEEP_CHECKPOINT:-0} == 1 ]] || excluded+=(--exclude checkpoint.keras)
+[[ ${KEEP_CHECKPOINT:-0} == 1 ]] || excluded+=(--exclude checkpoint.keras --exclude backup --exclude backup-fine-tune)
 
 pack_run() {  # NAME: its run folder and log into $OUT, replacing what an earlier snapshot left there
   local name=$1 tmp="$out/$1.tar.gz.tmp"

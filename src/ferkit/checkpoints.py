@@ -1,0 +1,154 @@
+"""The training checkpoint of a run folder: what `ferkit train --resume` continues from.
+
+Runs keep it as Keras' BackupAndRestore callback writes it: the training model's weights with the
+optimizer's state, and the epoch, in `backup/` (`backup-fine-tune/` for the fine-tuning phase). Two
+older forms still resume:
+
+    checkpoint.keras   the whole training model, as runs made by ferkit 0.x before BackupAndRestore kept it
+    checkpoint.npz     a packed copy of a run in flight (save_compact_checkpoint): the network's weights in
+                       float16, without the optimizer's state
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ferkit._keras import import_keras
+from ferkit.config import TrainConfig
+from ferkit.errors import FerkitError
+from ferkit.training_model import FEATURE_HEAD, build_training_model, feature_head, network_of
+
+BACKUP = "backup"
+FINE_TUNE_BACKUP = "backup-fine-tune"
+WHOLE_MODEL_CHECKPOINT = "checkpoint.keras"
+COMPACT_CHECKPOINT = "checkpoint.npz"
+CHECKPOINTS = (BACKUP, FINE_TUNE_BACKUP, WHOLE_MODEL_CHECKPOINT, COMPACT_CHECKPOINT)
+COMPACT_FILES = ("config.json", "datasets.json", "history.csv", "state.json", "curves.png")
+
+
+def backup_weights(folder: Path) -> Path:
+    """The weights file of a BackupAndRestore folder (Keras' own name for it)."""
+    return folder / "latest.weights.h5"
+
+
+def backed_up_epochs(run: Path) -> int | None:
+    """The epochs done according to the run's newest backup, or None without one."""
+    for name in (FINE_TUNE_BACKUP, BACKUP):
+        path = run / name / "training_metadata.json"
+        if path.exists():
+            return int(json.loads(path.read_text())["epoch"])
+    return None
+
+
+def has_checkpoint(run: Path) -> bool:
+    return any((run / name).exists() for name in CHECKPOINTS)
+
+
+def remove_checkpoints(run: Path, names=CHECKPOINTS) -> None:
+    for name in names:
+        path = run / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def resume_training_model(keras, run: Path, config: TrainConfig, num_classes: int, train_size: int, epochs_done: int):
+    """The training model to continue the run with, holding the weights it stopped at, or about to get
+    them: a backup is loaded by BackupAndRestore when `fit` starts, unless its phase is over (then here)."""
+    if (run / FINE_TUNE_BACKUP).exists():
+        model = build_training_model(keras, config, num_classes, train_size)
+        return model  # the fine-tuning phase's callbacks restore it (train unfreezes it first)
+    if (run / BACKUP).exists():
+        model = build_training_model(keras, config, num_classes, train_size)
+        if epochs_done >= config.epochs:  # the main phase is over: its weights start the fine-tuning phase
+            _load_main_phase_backup(keras, model, run / BACKUP, config, train_size)
+        return model
+    if (run / WHOLE_MODEL_CHECKPOINT).exists():
+        model = keras.saving.load_model(run / WHOLE_MODEL_CHECKPOINT)
+        if model.name == FEATURE_HEAD:  # stopped in a phase that trained on cached features
+            head_weights = model.get_weights()
+            model = build_training_model(keras, config, num_classes, train_size)
+            feature_head(keras, model, config, train_size)[1].set_weights(head_weights)
+        return model
+    if (run / COMPACT_CHECKPOINT).exists():
+        model = build_training_model(keras, config, num_classes, train_size)
+        _restore_compact_checkpoint(model, config, run / COMPACT_CHECKPOINT, epochs_done, train_size)
+        return model
+    raise FerkitError(f"cannot resume: {run} holds no checkpoint ({BACKUP}/ or {WHOLE_MODEL_CHECKPOINT})")
+
+
+def resumes_unfrozen(run: Path, epochs_done: int, config: TrainConfig) -> bool:
+    """Whether the model resume_training_model gives is in the fine-tuning phase already, unfrozen and
+    compiled for it: only a whole-model checkpoint keeps that."""
+    return epochs_done > config.epochs and not (run / BACKUP).exists() and (run / WHOLE_MODEL_CHECKPOINT).exists()
+
+
+def _load_main_phase_backup(keras, model, folder: Path, config: TrainConfig, train_size: int) -> None:
+    from ferkit.training_data import trains_on_cached_features
+
+    target = feature_head(keras, model, config, train_size)[1] if trains_on_cached_features(config) else model
+    target.optimizer.build(target.trainable_variables)
+    target.load_weights(backup_weights(folder))
+
+
+def save_compact_checkpoint(run: str | Path, out: str | Path) -> Path:
+    """A small copy of the run in flight at `run`, in a new folder `out` that `ferkit train --resume`
+    continues: its record (config, history, state, curves) and the network's weights in float16.
+
+    The optimizer's state is not kept, which makes the copy a third of the size: on resuming, momentum
+    restarts at zero and the weights' moving average at the weights themselves; the learning-rate
+    schedule goes on from the right step.
+    """
+    keras = import_keras()
+    run, out = Path(run), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FerkitError(f"{out} already exists; choose an empty or new folder")
+    config = TrainConfig.load(run / "config.json")
+    network = network_of(_trained_model(keras, run, config), config)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in COMPACT_FILES:
+        if (run / name).exists():
+            shutil.copy2(run / name, out / name)
+    config.out = str(out)  # the pack is a run folder of its own; where the run lived says nothing here
+    config.save(out / "config.json")
+    weights = [np.asarray(w, np.float16) for w in network.get_weights()]
+    np.savez_compressed(out / COMPACT_CHECKPOINT, *weights)
+    return out
+
+
+def _trained_model(keras, run: Path, config: TrainConfig):
+    """The training model of the run's checkpoint, with its weights (for packing)."""
+    from ferkit.training_data import trains_on_cached_features
+
+    if (run / BACKUP).exists() and not (run / FINE_TUNE_BACKUP).exists() and not trains_on_cached_features(config):
+        model = build_training_model(keras, config, len(config.classes), train_size=1)
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(backup_weights(run / BACKUP))
+        return model
+    if (run / WHOLE_MODEL_CHECKPOINT).exists() and not (run / BACKUP).exists():
+        model = keras.saving.load_model(run / WHOLE_MODEL_CHECKPOINT, compile=False)
+        if model.name != FEATURE_HEAD:
+            return model
+    raise FerkitError(f"{run} holds no checkpoint of its main phase's whole network to pack (only those are packed)")
+
+
+def _restore_compact_checkpoint(training_model, config: TrainConfig, path: Path, epochs_done: int, train_size: int) -> None:
+    """Load save_compact_checkpoint's weights into a freshly compiled training model, with the optimizer
+    at the step where the run stopped (so the learning-rate schedule continues)."""
+    with np.load(path) as stored:
+        weights = [stored[f"arr_{i}"] for i in range(len(stored.files))]
+    try:
+        network_of(training_model, config).set_weights([w.astype(np.float32) for w in weights])
+    except ValueError:
+        raise FerkitError(f"{path} does not hold the weights of a {config.model} network") from None
+    optimizer = training_model.optimizer
+    optimizer.build(training_model.trainable_variables)
+    optimizer.iterations.assign(epochs_done * -(-train_size // config.batch_size))
+    for variable, average in zip(optimizer._trainable_variables, getattr(optimizer, "_model_variables_moving_average", [])):
+        average.assign(variable)
+
