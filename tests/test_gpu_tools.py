@@ -1,4 +1,5 @@
-"""tools/gpu/train.sh, the script a lent GPU machine runs, on this machine's backend and generated faces."""
+"""tools/gpu/train.sh, which trains runs side by side on a GPU machine, here on this machine's backend and
+generated faces."""
 
 from __future__ import annotations
 
@@ -45,9 +46,11 @@ def test_gpu_train_script_stops_each_run_on_time_and_brings_back_its_folder(patt
     )
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "OUT": str(out), "KERAS_BACKEND": "tensorflow", "SNAPSHOT_S": "5",
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    script = subprocess.Popen(["bash", str(REPO / "tools" / "gpu" / "train.sh"), "1", "runs.txt"], cwd=tmp_path,
+    command = ["bash", str(REPO / "tools" / "gpu" / "train.sh"), "--snapshot-s", "5", "1", "runs.txt",
+               ".devdata/fer2013.tar.xz", str(out)]
+    script = subprocess.Popen(command, cwd=tmp_path,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     snapshot = _first_snapshot_while_running(script, out / "long.tar.gz", tmp_path / "snapshot.tar.gz")
     _, stderr = script.communicate(timeout=300)
@@ -65,7 +68,7 @@ def test_gpu_train_script_stops_each_run_on_time_and_brings_back_its_folder(patt
             archive.extractall(back, filter="data")
         files = {p.name for p in (back / name).iterdir()}
         assert {"best.keras", "config.json", "history.csv", "state.json", "train.log"} <= files
-        assert not {"last.keras", "checkpoint.keras"} & files
+        assert not {"last.keras", "backup"} & files
         assert json.loads((back / name / "config.json").read_text())["model"] == "seed-cnn"
 
     assert len(read_history(back / "short" / "history.csv")["epoch"]) == 1
