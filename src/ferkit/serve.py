@@ -1,0 +1,213 @@
+"""`ferkit serve`: a local web page and JSON API for emotion analysis, on FastAPI and uvicorn.
+
+    app = create_app()                        # the bundled model; any ASGI server runs it
+    serve(host="127.0.0.1", port=8000)        # or: ferkit serve
+
+Routes: `/` (the page: photo, webcam and video), `POST /v1/analyze` (an image: the JSON of `ferkit
+predict --json`), `POST /v1/video` (a short video: emotions over time as CSV and a plot), `GET /v1/models`,
+`GET /healthz`, and the OpenAPI docs at `/docs`.
+
+Safe by default: it binds to loopback; requests carry the file itself, never a path or a URL; bodies
+over the size limit get 413 (counted as read, whatever the declared length); anything that does not
+decode as an image gets 415, an image over the pixel limit 413; uploads are held in memory (videos in
+a temporary file, removed before the response); one loaded model serves all requests, at most
+`concurrency` analyses at a time, in worker threads, so slow or idle clients never hold the model.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations (Request), which
+# are imported inside create_app, only where the serve extra is installed.
+import base64
+import csv
+import io
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from ferkit.errors import FerkitError
+from ferkit.extras import require
+from ferkit.predict import model_version
+
+WEB = Path(__file__).parent / "web"
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "image/tiff")
+VIDEO_TYPES = ("video/mp4", "video/webm", "video/quicktime", "video/x-msvideo", "video/x-matroska")
+MB = 1024 * 1024
+
+
+@dataclass
+class ServeConfig:
+    model: str | None = None  # a run folder, .keras or .onnx file; None: the bundled model
+    detector: str = "auto"
+    max_upload_mb: float = 10.0  # photos
+    max_video_mb: float = 50.0
+    max_video_seconds: float = 60.0
+    max_megapixels: float = 40.0
+    concurrency: int = 2  # analyses at a time (each uses the CPU cores ONNX Runtime is given)
+    video_every: int = 5  # analyse every Nth frame of an uploaded video
+
+
+def create_app(config: ServeConfig | None = None):
+    """The FastAPI application: the model and detector are loaded once, here."""
+    require("fastapi", "ferkit serve", extra="serve")
+    import anyio
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
+    from ferkit.faces import get_detector
+    from ferkit.predict import analyze_images
+    from ferkit.runtime import load_classifier
+
+    config = config or ServeConfig()
+    classifier = load_classifier(config.model)
+    detector = get_detector(config.detector)
+    # A thread semaphore, not an anyio limiter: that one belongs to one event loop, and a test client may
+    # run each request on a loop of its own.
+    analyses = threading.BoundedSemaphore(config.concurrency)
+    app = FastAPI(title="ferkit", version=model_version(classifier), max_body_size=int(config.max_upload_mb * MB),
+                  summary="Facial expression recognition: faces and their emotions in photos and videos.")
+    app.mount("/static", StaticFiles(directory=WEB), name="static")
+
+    def analyze_bytes(data: bytes) -> dict:
+        image = _decode_image(data, config.max_megapixels)
+        with analyses:
+            [result] = analyze_images([("upload", image)], model=classifier, detector=detector)
+        if result.error:
+            raise HTTPException(422, result.error)
+        return result.to_dict()
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(WEB / "index.html")
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        """Whether the server is up, and the model it serves."""
+        return {"status": "ok", "model": classifier.name}
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        """The model this server uses: its name, version, classes and input."""
+        return {"models": [_model_info(classifier)]}
+
+    @app.post("/v1/analyze", openapi_extra=_upload_schema(IMAGE_TYPES))
+    async def analyze(request: Request) -> dict:
+        """Every face in the image, with its box and the probabilities of each emotion: the JSON of
+        `ferkit predict --json`. The body is the image (Content-Type image/*) or a multipart form with
+        the image in the field `file`."""
+        data = await _upload(request, IMAGE_TYPES, "an image")
+        return await anyio.to_thread.run_sync(analyze_bytes, data)
+
+    @app.post("/v1/video", openapi_extra=_upload_schema(VIDEO_TYPES), max_body_size=int(config.max_video_mb * MB))
+    async def video(request: Request) -> dict:
+        """Emotions over time in a short video: the timeline (also as CSV) and its plot (a PNG data URL)."""
+        data = await _upload(request, VIDEO_TYPES, "a video")
+        return await anyio.to_thread.run_sync(_analyze_video_bytes, data, classifier, detector, config, analyses)
+
+    return app
+
+
+def serve(config: ServeConfig | None = None, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the app with uvicorn until Ctrl-C."""
+    require("uvicorn", "ferkit serve", extra="serve")
+    import uvicorn
+
+    uvicorn.run(create_app(config), host=host, port=port, log_level="info")
+
+
+async def _upload(request, accepted: tuple[str, ...], what: str) -> bytes:
+    """The uploaded file's bytes: the body itself, or the multipart field `file`; 415 for other types."""
+    from fastapi import HTTPException
+
+    declared = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if declared == "multipart/form-data":
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise HTTPException(422, "the form has no file field 'file'")
+        declared = (upload.content_type or "").lower()
+        data = await upload.read()
+        await form.close()
+    else:
+        data = await request.body()
+    if declared not in (*accepted, "application/octet-stream"):
+        raise HTTPException(415, f"expected {what} ({', '.join(accepted)}), not {declared or 'no content type'}")
+    if not data:
+        raise HTTPException(422, f"the request holds no {what.split()[-1]}")
+    return data
+
+
+def _decode_image(data: bytes, max_megapixels: float):
+    """A PIL image, decoded in memory: 415 when the bytes are not an image, 413 when it is too large."""
+    from fastapi import HTTPException
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise HTTPException(413, f"the image has too many pixels; the limit is {max_megapixels:g} megapixels") from None
+    except (UnidentifiedImageError, OSError):
+        raise HTTPException(415, "the upload is not an image ferkit can decode (JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
+    megapixels = image.width * image.height / 1e6
+    if megapixels > max_megapixels:
+        raise HTTPException(413, f"the image has {megapixels:.1f} megapixels; the limit is {max_megapixels:g}")
+    try:
+        image.load()
+    except (OSError, ValueError) as err:
+        raise HTTPException(415, f"the image could not be decoded: {err}") from None
+    return image
+
+
+def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig, analyses) -> dict:
+    from fastapi import HTTPException
+
+    require("cv2", "video analysis", extra="video")
+    from ferkit.sources import open_video
+    from ferkit.video import analyze_video
+
+    with tempfile.TemporaryDirectory(prefix="ferkit-serve-") as folder:
+        path = Path(folder) / "upload.video"
+        path.write_bytes(data)
+        try:
+            capture, info = open_video(path)
+        except FerkitError:
+            raise HTTPException(415, "the upload is not a video ferkit can decode") from None
+        capture.release()
+        too_long = HTTPException(413, f"the video lasts over {config.max_video_seconds:g} s, the limit")
+        if info.frames / info.fps > config.max_video_seconds:  # as the container says (it may not know)
+            raise too_long
+
+        def stop_when_too_long(frame: int) -> None:
+            if frame / info.fps > config.max_video_seconds:
+                raise too_long
+
+        try:
+            with analyses:
+                timeline = analyze_video(path, model=classifier, detector=detector, every=config.video_every,
+                                         progress=stop_when_too_long)
+        except FerkitError as err:
+            raise HTTPException(422, str(err)) from None
+        plot = timeline.plot(Path(folder) / "emotions.png")
+        png = base64.b64encode(plot.read_bytes()).decode()
+    return {"frames_analysed": timeline.frames_analysed, "faces": len(timeline.rows),
+            "csv": _timeline_csv(timeline), "plot_png": f"data:image/png;base64,{png}"}
+
+
+def _timeline_csv(timeline) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(timeline.csv_header())
+    writer.writerows(timeline.csv_row(row) for row in timeline.rows)
+    return out.getvalue()
+
+
+def _model_info(classifier) -> dict:
+    return {"name": classifier.name, "version": model_version(classifier), "classes": list(classifier.classes),
+            "input_size": list(classifier.input_size)}
+
+
+def _upload_schema(types: tuple[str, ...]) -> dict:
+    """OpenAPI: the request body is the file itself, or a multipart form with it in `file`."""
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    form = {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}, "required": ["file"]}}
+    return {"requestBody": {"required": True, "content": {**{t: binary for t in types}, "multipart/form-data": form}}}

@@ -1,0 +1,204 @@
+// The ferkit page: photos, the webcam and short videos, sent to this server's JSON API. No other
+// network: every asset comes from the ferkit server.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const COLORS = { angry: "#dc2626", disgust: "#65a30d", fear: "#7c3aed", happy: "#f59e0b",
+                 neutral: "#64748b", sad: "#2563eb", surprise: "#db2777" };
+
+function say(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+async function post(url, blob) {
+  const response = await fetch(url, { method: "POST", body: blob,
+                                      headers: { "Content-Type": blob.type || "application/octet-stream" } });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(body.detail || `${response.status} ${response.statusText}`);
+  return body;
+}
+
+// --- tabs -------------------------------------------------------------------------------------
+for (const tab of document.querySelectorAll(".tab")) {
+  tab.addEventListener("click", () => {
+    for (const other of document.querySelectorAll(".tab")) {
+      const chosen = other === tab;
+      other.setAttribute("aria-selected", String(chosen));
+      $(other.dataset.tab).hidden = !chosen;
+    }
+    if (tab.dataset.tab !== "webcam") stopWebcam();
+    say("");
+  });
+}
+
+// --- drawing ----------------------------------------------------------------------------------
+function drawFaces(context, faces, scale = 1) {
+  context.lineWidth = Math.max(2, 3 * scale);
+  context.font = `${Math.max(12, Math.round(16 * scale))}px system-ui, sans-serif`;
+  for (const face of faces) {
+    const [x, y, w, h] = face.box.map((v) => v * scale);
+    const color = COLORS[face.emotion] || "#2f6fde";
+    context.strokeStyle = color;
+    context.strokeRect(x, y, w, h);
+    const label = `${face.emotion} ${Math.round(face.score * 100)}%${face.uncertain ? "?" : ""}`;
+    const height = Math.max(16, 20 * scale);
+    context.fillStyle = color;
+    context.fillRect(x, Math.max(0, y - height), context.measureText(label).width + 8, height);
+    context.fillStyle = "#fff";
+    context.fillText(label, x + 4, Math.max(0, y - height) + height * 0.78);
+  }
+}
+
+function listFaces(list, faces) {
+  list.replaceChildren();
+  faces.forEach((face, index) => {
+    const item = document.createElement("li");
+    item.className = "face";
+    item.dataset.emotion = face.emotion;
+    const title = document.createElement("h3");
+    title.textContent = `Face ${index + 1}: ${face.emotion} (${Math.round(face.score * 100)}%)`;
+    if (face.uncertain) {
+      const mark = document.createElement("span");
+      mark.className = "uncertain";
+      mark.textContent = "uncertain";
+      title.append(mark);
+    }
+    item.append(title);
+    for (const [name, p] of Object.entries(face.probabilities)) {
+      const bar = document.createElement("div");
+      bar.className = "bar";
+      bar.innerHTML = `<span></span><span class="track"><span class="fill"></span></span><span></span>`;
+      bar.children[0].textContent = name;
+      bar.querySelector(".fill").style.width = `${(p * 100).toFixed(1)}%`;
+      bar.querySelector(".fill").style.background = COLORS[name] || "";
+      bar.children[2].textContent = `${Math.round(p * 100)}%`;
+      item.append(bar);
+    }
+    list.append(item);
+  });
+}
+
+// --- photo ------------------------------------------------------------------------------------
+async function analyzePhoto(file) {
+  say(`Analysing ${file.name}…`);
+  try {
+    const [result, bitmap] = await Promise.all([post("/v1/analyze", file), createImageBitmap(file)]);
+    const canvas = $("photo-canvas");
+    const scale = Math.min(1, 640 / bitmap.width);
+    canvas.width = Math.round(bitmap.width * scale);
+    canvas.height = Math.round(bitmap.height * scale);
+    const context = canvas.getContext("2d");
+    context.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+    // boxes are in pixels of the upright image, which is how the browser shows it too
+    drawFaces(context, result.faces, canvas.width / result.image_size[0]);
+    canvas.hidden = false;
+    listFaces($("faces"), result.faces);
+    const count = result.faces.length;
+    say(count ? `${count} face${count > 1 ? "s" : ""} in ${file.name}` : `No face found in ${file.name}`);
+  } catch (error) {
+    say(error.message, true);
+  }
+}
+
+$("photo-input").addEventListener("change", (event) => {
+  if (event.target.files.length) analyzePhoto(event.target.files[0]);
+});
+const drop = $("drop");
+drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (event) => {
+  event.preventDefault();
+  drop.classList.remove("over");
+  if (event.dataTransfer.files.length) analyzePhoto(event.dataTransfer.files[0]);
+});
+
+// --- webcam: one request in flight; frames that arrive meanwhile are dropped, not queued --------
+let stream = null;
+let busy = false;
+const grab = document.createElement("canvas");
+
+async function startWebcam() {
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 } });
+  } catch (error) {
+    say(`No webcam: ${error.message}`, true);
+    return;
+  }
+  $("webcam-video").srcObject = stream;
+  $("webcam-start").hidden = true;
+  $("webcam-stop").hidden = false;
+  say("Webcam on");
+  requestAnimationFrame(sendFrame);
+}
+
+function stopWebcam() {
+  if (!stream) return;
+  for (const track of stream.getTracks()) track.stop();
+  stream = null;
+  $("webcam-video").srcObject = null;
+  $("webcam-start").hidden = false;
+  $("webcam-stop").hidden = true;
+  const overlay = $("webcam-overlay");
+  overlay.getContext("2d").clearRect(0, 0, overlay.width, overlay.height);
+}
+
+async function sendFrame() {
+  if (!stream) return;
+  const video = $("webcam-video");
+  if (!busy && video.videoWidth) {
+    busy = true;
+    grab.width = video.videoWidth;
+    grab.height = video.videoHeight;
+    grab.getContext("2d").drawImage(video, 0, 0);
+    try {
+      const frame = await new Promise((resolve) => grab.toBlob(resolve, "image/jpeg", 0.85));
+      const result = await post("/v1/analyze", frame);
+      const overlay = $("webcam-overlay");
+      overlay.width = grab.width;
+      overlay.height = grab.height;
+      const context = overlay.getContext("2d");
+      context.clearRect(0, 0, overlay.width, overlay.height);
+      if (stream) {
+        drawFaces(context, result.faces);
+        listFaces($("webcam-faces"), result.faces);
+      }
+    } catch (error) {
+      say(error.message, true);
+    } finally {
+      busy = false;
+    }
+  }
+  requestAnimationFrame(sendFrame);
+}
+
+$("webcam-start").addEventListener("click", startWebcam);
+$("webcam-stop").addEventListener("click", stopWebcam);
+
+// --- video ------------------------------------------------------------------------------------
+let csvLink = null;
+
+$("video-input").addEventListener("change", async (event) => {
+  if (!event.target.files.length) return;
+  const file = event.target.files[0];
+  say(`Analysing ${file.name}… (a minute of video takes a while)`);
+  try {
+    const result = await post("/v1/video", file);
+    $("video-plot").src = result.plot_png;
+    $("video-plot").hidden = false;
+    if (csvLink) URL.revokeObjectURL(csvLink);
+    csvLink = URL.createObjectURL(new Blob([result.csv], { type: "text/csv" }));
+    $("video-csv").href = csvLink;
+    $("video-csv").download = file.name.replace(/\.[^.]+$/, "") + ".emotions.csv";
+    $("video-csv").hidden = false;
+    say(`${result.faces} faces in ${result.frames_analysed} frames analysed`);
+  } catch (error) {
+    say(error.message, true);
+  }
+});
+
+// --- the model ----------------------------------------------------------------------------------
+fetch("/v1/models").then((r) => r.json()).then((body) => {
+  const model = body.models[0];
+  $("model").textContent = `model ${model.name} (${model.version})`;
+}).catch(() => {});

@@ -1,0 +1,208 @@
+"""`ferkit serve`: the JSON API against the real app and model, and a real server under uvicorn."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="ferkit[serve] is not installed")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from ferkit.predict import analyze_images  # noqa: E402
+from ferkit.serve import ServeConfig, create_app  # noqa: E402
+
+PEOPLE = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+
+
+@pytest.fixture(scope="module")
+def client():
+    return TestClient(create_app(ServeConfig(max_upload_mb=1, max_megapixels=4, max_video_mb=2, max_video_seconds=3)))
+
+
+def _faces(result: dict) -> list[tuple]:
+    return [(tuple(f["box"]), f["emotion"], round(f["score"], 4)) for f in result["faces"]]
+
+
+def test_a_photo_gives_the_json_of_ferkit_predict(client):
+    response = client.post("/v1/analyze", content=PEOPLE.read_bytes(), headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 200, response.text
+    served = response.json()
+    [expected] = analyze_images([PEOPLE])
+    expected = expected.to_dict()
+    assert set(served) == set(expected)
+    assert _faces(served) == _faces(expected) and len(served["faces"]) == 3
+    assert served["image_size"] == expected["image_size"] and served["model"] == expected["model"]
+
+
+def test_a_multipart_upload_gives_the_same_faces(client):
+    raw = client.post("/v1/analyze", content=PEOPLE.read_bytes(), headers={"Content-Type": "image/jpeg"}).json()
+    form = client.post("/v1/analyze", files={"file": ("people.jpg", PEOPLE.read_bytes(), "image/jpeg")})
+    assert form.status_code == 200, form.text
+    assert _faces(form.json()) == _faces(raw)
+
+
+def test_the_health_models_and_openapi_routes(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    [model] = client.get("/v1/models").json()["models"]
+    assert model["classes"] == ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/analyze", "/v1/video", "/v1/models", "/healthz"} <= set(paths)
+    assert client.get("/docs").status_code == 200
+
+
+def test_the_page_and_its_assets_are_served_with_no_other_source(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "<title>ferkit" in page.text
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert client.get(asset).status_code == 200
+    for text in (page.text, client.get("/static/app.js").text, client.get("/static/style.css").text):
+        assert "http://" not in text and "https://" not in text  # no CDN, no other server
+
+
+def test_an_upload_over_the_size_limit_is_413(client):
+    too_big = os.urandom(1024 * 1024 + 1)
+    response = client.post("/v1/analyze", content=too_big, headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 413
+
+
+def test_the_size_limit_counts_the_bytes_read_whatever_the_declared_length(client):
+    def chunks():  # no Content-Length: the body arrives in pieces, 1.5 MB in all
+        for _ in range(24):
+            yield os.urandom(64 * 1024)
+
+    response = client.post("/v1/analyze", content=chunks(), headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize("content_type, body", [
+    ("text/plain", b"hello"),
+    ("image/jpeg", b"not a jpeg at all"),
+    ("application/octet-stream", b"\x00" * 100),
+    ("image/png", PEOPLE.read_bytes()[:2000]),  # a cut-off file
+])
+def test_what_is_not_an_image_is_415_with_one_line(client, content_type, body):
+    response = client.post("/v1/analyze", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 415, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail
+
+
+def test_an_image_over_the_pixel_limit_is_413_before_it_is_decoded(client):
+    png = io.BytesIO()
+    Image.new("L", (3000, 2000)).save(png, "PNG")  # 6 megapixels in a few kilobytes
+    response = client.post("/v1/analyze", content=png.getvalue(), headers={"Content-Type": "image/png"})
+    assert response.status_code == 413 and "megapixels" in response.json()["detail"]
+
+
+def test_concurrent_requests_share_one_model_and_agree(client):
+    body = PEOPLE.read_bytes()
+    results, errors = [], []
+
+    def call():
+        try:
+            response = client.post("/v1/analyze", content=body, headers={"Content-Type": "image/jpeg"})
+            results.append(_faces(response.json()))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and len(results) == 8
+    assert all(result == results[0] for result in results)
+
+
+def test_a_short_video_gives_a_timeline_and_a_plot_and_leaves_no_file(client):
+    cv2 = pytest.importorskip("cv2", reason="ferkit[video] is not installed")
+    photo = cv2.imread(str(PEOPLE))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "pan.avi"
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (640, 360))
+        for i in range(10):
+            writer.write(np.ascontiguousarray(photo[:, 8 * i : 8 * i + 640]))
+        writer.release()
+        data = path.read_bytes()
+    before = set(Path(tempfile.gettempdir()).glob("ferkit-serve-*"))
+    response = client.post("/v1/video", files={"file": ("pan.avi", data, "video/x-msvideo")})
+    assert response.status_code == 200, response.text
+    result = response.json()
+    lines = result["csv"].splitlines()
+    assert lines[0].startswith("time_s,frame,track") and len(lines) - 1 == result["faces"] > 0
+    assert result["plot_png"].startswith("data:image/png;base64,")
+    assert set(Path(tempfile.gettempdir()).glob("ferkit-serve-*")) == before  # the upload is gone
+
+
+def test_a_video_over_the_duration_limit_is_413(client):
+    cv2 = pytest.importorskip("cv2", reason="ferkit[video] is not installed")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "long.avi"
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+        for _ in range(50):  # 5 s at 10 frames/s; the limit is 3 s
+            writer.write(np.zeros((48, 64, 3), np.uint8))
+        writer.release()
+        data = path.read_bytes()
+    response = client.post("/v1/video", content=data, headers={"Content-Type": "video/x-msvideo"})
+    assert response.status_code == 413 and "3 s" in response.json()["detail"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """`ferkit serve` itself, in a process of its own, on a free loopback port."""
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "ferkit.cli", "serve", "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=1):
+                break
+        except OSError:
+            assert process.poll() is None and time.time() < deadline, process.stdout.read() if process.poll() is not None else "no answer"
+            time.sleep(0.2)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_the_server_binds_to_loopback_only(server):
+    port = int(server.rsplit(":", 1)[1])
+    addresses = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)} - {"127.0.0.1"}
+    for address in addresses:  # this machine's other addresses do not answer
+        with pytest.raises(OSError), socket.create_connection((address, port), timeout=2):
+            pass
+
+
+def test_an_idle_client_does_not_block_others(server):
+    port = int(server.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as idle:
+        # headers and half a body, then nothing: the server waits for this client alone
+        idle.sendall(b"POST /v1/analyze HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n")
+        idle.sendall(PEOPLE.read_bytes()[:50000])
+        started = time.perf_counter()
+        request = urllib.request.Request(f"{server}/v1/analyze", data=PEOPLE.read_bytes(),
+                                         headers={"Content-Type": "image/jpeg"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            faces = json.loads(response.read())["faces"]
+        assert len(faces) == 3 and time.perf_counter() - started < 30

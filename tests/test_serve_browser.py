@@ -1,0 +1,89 @@
+"""`ferkit serve`'s page in a real browser: Debian's Chromium, driven by Playwright (never `playwright
+install`: it downloads browsers). Skips where Chromium or Playwright is missing; CI installs both."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="ferkit[serve] is not installed")
+sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
+
+from ferkit.predict import analyze_images  # noqa: E402
+from test_serve import PEOPLE, server  # noqa: E402,F401 - the running `ferkit serve`
+
+CHROMIUM = os.environ.get("FERKIT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(not CHROMIUM, reason="Chromium is not installed (apt-get install chromium)")
+
+
+def write_y4m(photo: Path, path: Path, *, size=(640, 360), frames: int = 10) -> Path:
+    """A raw YUV 4:2:0 video of the photo, still: what Chromium's fake camera plays in a loop."""
+    width, height = size
+    ycbcr = np.asarray(Image.open(photo).convert("RGB").resize(size).convert("YCbCr"))
+    y = ycbcr[:, :, 0]
+    cb, cr = (ycbcr[:, :, i].reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3)).astype(np.uint8) for i in (1, 2))
+    frame = b"FRAME\n" + y.tobytes() + cb.tobytes() + cr.tobytes()
+    path.write_bytes(f"YUV4MPEG2 W{width} H{height} F10:1 Ip A1:1 C420jpeg\n".encode() + frame * frames)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    camera = write_y4m(PEOPLE, tmp_path_factory.mktemp("camera") / "people.y4m")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                  f"--use-file-for-fake-video-capture={camera}"],
+        )
+        yield browser
+        browser.close()
+
+
+def _emotions(page, selector: str) -> list[str]:
+    return page.locator(selector).evaluate_all("items => items.map(item => item.dataset.emotion)")
+
+
+def test_a_photo_shows_its_faces_with_their_emotions(browser, server, tmp_path):  # noqa: F811
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(server)
+    page.set_input_files("#photo-input", str(PEOPLE))
+    page.wait_for_selector("#faces .face", timeout=30_000)
+    [expected] = analyze_images([PEOPLE])
+    assert _emotions(page, "#faces .face") == [face.emotion for face in expected.faces]
+    assert page.locator("#faces .face .bar").count() == 3 * 7  # seven probabilities per face
+    # the bars are drawn to scale: the top emotion's is the widest of its face, and visibly wide
+    widths = page.locator("#faces .face").first.locator(".fill").evaluate_all(
+        "fills => fills.map(fill => fill.getBoundingClientRect().width)")
+    top = list(expected.faces[0].probabilities).index(expected.faces[0].emotion)
+    assert widths[top] == max(widths) and widths[top] > 40 * expected.faces[0].score
+    assert "3 faces" in page.text_content("#status")
+    # the annotated photo is drawn: the canvas is no longer blank
+    painted = page.evaluate("""() => { const c = document.getElementById('photo-canvas');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 0; i < d.length; i += 4) n += d[i] + d[i + 1] + d[i + 2] > 0; return n / (d.length / 4); }""")
+    assert painted > 0.5
+    page.screenshot(path=str(tmp_path / "photo.png"), full_page=True)
+    assert (tmp_path / "photo.png").read_bytes()[:4] == b"\x89PNG"
+    page.close()
+
+
+def test_the_webcam_mode_draws_faces_and_emotions_live(browser, server):  # noqa: F811
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(server)
+    page.click("button[data-tab=webcam]")
+    page.click("#webcam-start")
+    page.wait_for_selector("#webcam-faces .face", timeout=60_000)
+    emotions = _emotions(page, "#webcam-faces .face")
+    assert emotions and all(emotion in expected_classes() for emotion in emotions)
+    page.click("#webcam-stop")
+    page.close()
+
+
+def expected_classes() -> set[str]:
+    return {"angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"}
