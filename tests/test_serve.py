@@ -206,3 +206,8 @@ def test_an_idle_client_does_not_block_others(server):
         with urllib.request.urlopen(request, timeout=30) as response:
             faces = json.loads(response.read())["faces"]
         assert len(faces) == 3 and time.perf_counter() - started < 30
+
+
+def test_a_form_without_the_file_field_is_refused_in_one_line(client):
+    response = client.post("/v1/analyze", files={"photo": ("people.jpg", PEOPLE.read_bytes(), "image/jpeg")})
+    assert response.status_code == 422 and response.json()["detail"] == "the form has no file field 'file'"

@@ -122,12 +122,14 @@ async def _upload(request, accepted: tuple[str, ...], what: str) -> bytes:
     declared = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if declared == "multipart/form-data":
         form = await request.form()
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise HTTPException(422, "the form has no file field 'file'")
-        declared = (upload.content_type or "").lower()
-        data = await upload.read()
-        await form.close()
+        try:  # closing the form deletes the files it spooled
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise HTTPException(422, "the form has no file field 'file'")
+            declared = (upload.content_type or "").lower()
+            data = await upload.read()
+        finally:
+            await form.close()
     else:
         data = await request.body()
     if declared not in (*accepted, "application/octet-stream"):
