@@ -36,12 +36,15 @@ def jpeg_of(photo: Path, width: int) -> bytes:
 
 def start_server(port: int, concurrency: int) -> subprocess.Popen:
     server = subprocess.Popen([sys.executable, "-m", "ferkit.cli", "serve", "--port", str(port),
-                               "--concurrency", str(concurrency)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--concurrency", str(concurrency)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
             connection.request("GET", "/healthz")
-            if connection.getresponse().status == 200:
+            ready = connection.getresponse().status == 200
+            connection.close()
+            if ready:
                 return server
         except OSError:
             time.sleep(0.2)
