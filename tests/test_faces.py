@@ -117,3 +117,33 @@ def test_yunet_runs_on_the_thread_count_asked_for():
     worker.start()
     worker.join()
     assert seen == [1]
+
+
+FIRST_CALLS_AT_ONCE = """
+import sys, threading
+import numpy as np
+from PIL import Image
+from ferkit.faces import YuNetDetector
+detector = YuNetDetector()
+image = np.asarray(Image.open(sys.argv[1]).convert("RGB"))
+found = []
+threads = [threading.Thread(target=lambda: found.append(len(detector(image)))) for _ in range(4)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(found)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("yuface") is None, reason="yuface has no wheel for this Python")
+def test_a_new_detector_serves_several_threads_at_once():
+    """A fresh process: the threads' calls are the detector's first (a server's first requests)."""
+    import subprocess
+    import sys
+
+    photo = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", FIRST_CALLS_AT_ONCE, str(photo)], capture_output=True, text=True,
+                              timeout=60)
+        assert done.stdout.strip() == "[3, 3, 3, 3]", done.stderr[-1000:]

@@ -64,6 +64,9 @@ class YuNetDetector:
         # (a server's worker threads took 470 ms per photo instead of 70 on a busy machine without it)
         self._openmp = _openmp_controllers("yuface")
         self._configured = threading.local()
+        # yuface's first call imports NumPy's C API lazily; two threads making their first calls at once
+        # deadlocked a server for good. One call here, in the thread that creates the detector, does it.
+        self._detect(np.zeros((32, 32, 3), np.uint8), conf=1.0)
 
     def __call__(self, rgb: np.ndarray) -> list[Detection]:
         if not getattr(self._configured, "done", False):
