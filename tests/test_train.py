@@ -427,10 +427,11 @@ def _backed_up_training_model(run: Path):
 
     from ferkit.training_model import build_training_model
 
+    from ferkit.checkpoints import load_backup
+
     config = TrainConfig.load(run / "config.json")
     model = build_training_model(keras, config, len(config.classes), train_size=1)
-    model.optimizer.build(model.trainable_variables)
-    model.load_weights(run / "backup" / "latest.weights.h5")
+    load_backup(model, run / "backup")
     return model
 
 

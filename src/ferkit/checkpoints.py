@@ -60,12 +60,10 @@ def remove_checkpoints(run: Path, names=CHECKPOINTS) -> None:
 def resume_training_model(keras, run: Path, config: TrainConfig, num_classes: int, train_size: int, epochs_done: int):
     """The training model to continue the run with, holding the weights it stopped at, or about to get
     them: a backup is loaded by BackupAndRestore when `fit` starts, unless its phase is over (then here)."""
-    if (run / FINE_TUNE_BACKUP).exists():
+    if (run / BACKUP).exists() or (run / FINE_TUNE_BACKUP).exists():
         model = build_training_model(keras, config, num_classes, train_size)
-        return model  # the fine-tuning phase's callbacks restore it (train unfreezes it first)
-    if (run / BACKUP).exists():
-        model = build_training_model(keras, config, num_classes, train_size)
-        if epochs_done >= config.epochs:  # the main phase is over: its weights start the fine-tuning phase
+        # the main phase is over, and fine-tuning has no backup yet: the main phase's weights start it
+        if epochs_done >= config.epochs and not (run / FINE_TUNE_BACKUP).exists():
             _load_main_phase_backup(keras, model, run / BACKUP, config, train_size)
         return model
     if (run / WHOLE_MODEL_CHECKPOINT).exists():
@@ -92,8 +90,13 @@ def _load_main_phase_backup(keras, model, folder: Path, config: TrainConfig, tra
     from ferkit.training_data import trains_on_cached_features
 
     target = feature_head(keras, model, config, train_size)[1] if trains_on_cached_features(config) else model
-    target.optimizer.build(target.trainable_variables)
-    target.load_weights(backup_weights(folder))
+    load_backup(target, folder)
+
+
+def load_backup(model, folder: Path) -> None:
+    """The weights and optimizer state of a BackupAndRestore folder, loaded as that callback loads them."""
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(backup_weights(folder))
 
 
 def save_compact_checkpoint(run: str | Path, out: str | Path) -> Path:
@@ -127,8 +130,7 @@ def _trained_model(keras, run: Path, config: TrainConfig):
 
     if (run / BACKUP).exists() and not (run / FINE_TUNE_BACKUP).exists() and not trains_on_cached_features(config):
         model = build_training_model(keras, config, len(config.classes), train_size=1)
-        model.optimizer.build(model.trainable_variables)
-        model.load_weights(backup_weights(run / BACKUP))
+        load_backup(model, run / BACKUP)
         return model
     if (run / WHOLE_MODEL_CHECKPOINT).exists() and not (run / BACKUP).exists():
         model = keras.saving.load_model(run / WHOLE_MODEL_CHECKPOINT, compile=False)

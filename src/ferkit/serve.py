@@ -17,7 +17,6 @@ a temporary file, removed before the response); one loaded model serves all requ
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations (Request), which
 # are imported inside create_app, only where the serve extra is installed.
 import base64
-import csv
 import io
 import tempfile
 import threading
@@ -189,18 +188,10 @@ def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig,
                                          progress=stop_when_too_long)
         except FerkitError as err:
             raise HTTPException(422, str(err)) from None
-        plot = timeline.plot(Path(folder) / "emotions.png")
-        png = base64.b64encode(plot.read_bytes()).decode()
-    return {"frames_analysed": timeline.frames_analysed, "faces": len(timeline.rows),
-            "csv": _timeline_csv(timeline), "plot_png": f"data:image/png;base64,{png}"}
-
-
-def _timeline_csv(timeline) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(timeline.csv_header())
-    writer.writerows(timeline.csv_row(row) for row in timeline.rows)
-    return out.getvalue()
+        png = base64.b64encode(timeline.plot(Path(folder) / "emotions.png").read_bytes()).decode()
+        table = timeline.to_csv(Path(folder) / "timeline.csv").read_text()
+    return {"frames_analysed": timeline.frames_analysed, "faces": len(timeline.rows), "csv": table,
+            "plot_png": f"data:image/png;base64,{png}"}
 
 
 def _model_info(classifier) -> dict:
