@@ -15,8 +15,8 @@ from ferkit.runtime import read_metadata
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs ferkit's 'distributed' extra (JAX)")
 
 
-def _train(pattern_data, out, processes: int, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "ferkit.cli", "train", "--data", str(pattern_data / "train"),
+def _train(pattern_data, out, processes: int, *extra: str, data=None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "ferkit.cli", "train", "--data", str(data or pattern_data / "train"),
                "--val", str(pattern_data / "val"), "--epochs", "2", "--batch-size", "32", "--augment", "flip",
                "--out", str(out), "--local-processes", str(processes), *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -41,6 +41,17 @@ def test_two_processes_train_exactly_like_one(pattern_data, tmp_path):
     topology = json.loads((tmp_path / "two" / "topology.json").read_text())
     assert topology["num_processes"] == 2 and len(topology["devices"]) == 2 and topology["backend"] == "jax"
     assert RunState.load(tmp_path / "two").status == "finished" and read_metadata(tmp_path / "two").classes
+
+
+def test_two_processes_train_on_their_own_shards_of_a_packed_dataset(pattern_data, tmp_path):
+    packed = subprocess.run([sys.executable, "-m", "ferkit.cli", "pack", str(pattern_data / "train"), str(tmp_path / "packed"),
+                             "--shard-size", "30"], capture_output=True, text=True, timeout=120)
+    assert packed.returncode == 0, packed.stderr[-3000:]
+    two = _train(pattern_data, tmp_path / "two", 2, data=tmp_path / "packed")
+    assert two.returncode == 0, two.stderr[-3000:]
+    history = read_history(tmp_path / "two" / "history.csv")
+    assert history["epoch"] == [1, 2] and all(np.isfinite(history["loss"]))
+    assert RunState.load(tmp_path / "two").status == "finished"
 
 
 def test_a_data_parallel_run_resumes(pattern_data, tmp_path):

@@ -75,3 +75,36 @@ def test_damaged_or_mismatched_packed_datasets_are_one_line_errors(pattern_data,
         ShardWriter(packed, ["a"], (48, 48))
     result = CliRunner().invoke(cli, ["pack", str(pattern_data / "train"), str(packed)])
     assert result.exit_code == 2 and "not empty" in result.output
+
+
+def test_in_a_data_parallel_job_each_process_reads_only_its_own_shards(pattern_data, tmp_path):
+    from ferkit.data.batches import face_batches, faces_per_epoch
+
+    packed_path = _pack(pattern_data / "train", tmp_path / "packed", 30)  # 140 faces: shards of 30, 30, 30, 30, 20
+    packed = load_dataset(packed_path)
+    shards = packed.images.num_shards
+    owner = np.repeat(np.arange(shards) % 2, np.diff(packed.images.offsets))  # shard s belongs to process s mod 2
+    rows = np.arange(len(packed))  # as targets, each batch's targets name its rows
+
+    def epoch_rows(images, process):
+        batches = face_batches(images, rows, batch_size=16, to_input=lambda f: f, seed=4, num_processes=2,
+                               process_id=process, drop_remainder=True, own_shards=True)
+        seen = []
+        for index in range(len(batches)):
+            faces, targets, weights = batches[index]
+            assert len(targets) == 8 and np.array_equal(faces, np.asarray(packed.images[targets]))
+            seen.append(targets)
+        return np.concatenate(seen), len(batches)
+
+    first, count_first = epoch_rows(packed.images, 0)
+    second, count_second = epoch_rows(packed.images, 1)
+    assert count_first == count_second == faces_per_epoch(packed.images, 16, 2) // 16  # the smallest group sets the pace
+    assert set(owner[first]) == {0} and set(owner[second]) == {1}  # each reads its own shards
+    assert len(set(first)) == len(first) and len(set(second)) == len(second)  # no face twice in an epoch
+    # a machine holding only process 0's shard files trains process 0 all the same
+    for shard in range(1, shards, 2):
+        (packed_path / f"faces-{shard:05d}.npy").unlink()
+    alone, _ = epoch_rows(load_dataset(packed_path).images, 0)
+    assert np.array_equal(alone, first)
+    with pytest.raises(FerkitError, match="cannot read the shard"):
+        epoch_rows(load_dataset(packed_path).images, 1)

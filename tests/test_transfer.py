@@ -1,5 +1,8 @@
 """ImageNet-backbone models, with weights from local files only (no test touches the network)."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -136,3 +139,61 @@ def test_fine_tuning_resumes_at_the_phase_boundary_and_within_it(vgg_weights, pa
     history = read_history(run / "history.csv")
     assert history["epoch"] == [1, 2, 3]
     assert history["learning_rate"][2] == pytest.approx(history["learning_rate"][1])  # still the tenth of the rate
+
+
+# --- EfficientNet-Lite0 from its PyTorch ImageNet weights ------------------------------------------
+
+
+def _lite0_state():
+    """A state dict with the names and shapes of the real PyTorch file (recorded from it in tests/data by
+    tools/convert_efficientnet_lite.py --record-shapes), random values."""
+    shapes = json.loads((Path(__file__).parent / "data" / "efficientnet_lite0_torch_shapes.json").read_text())
+    rng = np.random.default_rng(0)
+    return {name: rng.normal(size=shape).astype("float32") for name, shape in shapes.items()}
+
+
+def test_the_converter_uses_every_tensor_of_the_pytorch_file_but_the_classifier():
+    from ferkit.models.efficientnet_lite import efficientnet_lite0_backbone, torch_to_keras_weights
+
+    state = _lite0_state()
+    backbone = efficientnet_lite0_backbone((64, 64, 3))
+    used = torch_to_keras_weights(state, backbone)
+    assert used == {name for name in state if not name.startswith("_fc.")}
+    assert sum(np.prod(state[name].shape) for name in used) == backbone.count_params()
+    # PyTorch's (out, in, k, k) and depthwise (C, 1, k, k) kernels land in Keras' (k, k, in, out) and (k, k, C, 1)
+    np.testing.assert_array_equal(backbone.get_layer("stem_conv").get_weights()[0], state["_conv_stem.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(backbone.get_layer("block3_dwconv").get_weights()[0],
+                                  state["_blocks.3._depthwise_conv.weight"].transpose(2, 3, 0, 1))
+    gamma, beta, mean, variance = backbone.get_layer("top_bn").get_weights()
+    np.testing.assert_array_equal(variance, state["_bn1.running_var"])
+
+
+def test_a_pytorch_file_of_another_network_is_refused():
+    from ferkit.models.efficientnet_lite import efficientnet_lite0_backbone, torch_to_keras_weights
+
+    state = _lite0_state()
+    state["_blocks.3._project_conv.weight"] = state["_blocks.3._project_conv.weight"][:, :-1]
+    with pytest.raises(ValueError):
+        torch_to_keras_weights(state, efficientnet_lite0_backbone((64, 64, 3)))
+    state = _lite0_state()
+    del state["_conv_head.weight"]
+    with pytest.raises(KeyError):
+        torch_to_keras_weights(state, efficientnet_lite0_backbone((64, 64, 3)))
+
+
+def test_efficientnet_lite0_transfer_loads_a_converted_weights_file(tmp_path):
+    from ferkit.models.efficientnet_lite import efficientnet_lite0_backbone
+
+    source = efficientnet_lite0_backbone((96, 96, 3))
+    source.save_weights(tmp_path / "lite0.weights.h5")
+    model = create_model("efficientnet-lite0-transfer", weights=str(tmp_path / "lite0.weights.h5"))
+    backbone = model.get_layer("backbone")
+    assert not backbone.trainable
+    for a, b in zip(backbone.get_weights(), source.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_efficientnet_lite0_imagenet_weights_missing_says_how_to_make_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    with pytest.raises(FerkitError, match="tools/convert_efficientnet_lite.py"):
+        create_model("efficientnet-lite0-transfer")

@@ -17,6 +17,8 @@ from ferkit.errors import FerkitError
 from ferkit.faces import DETECTORS
 from ferkit.predict import UNCERTAIN_BELOW
 from ferkit.runtime import TTA_CHOICES
+from ferkit.study import ENTRIES as STUDY_ENTRIES
+from ferkit.study import TRANSFER_MODEL as STUDY_TRANSFER_MODEL
 
 log = logging.getLogger("ferkit")
 
@@ -225,6 +227,41 @@ def train_cmd(resume: Path | None, overwrite: bool, local_processes: int | None,
         f"done: {state.epochs_done} epochs, best val accuracy {state.best_val_accuracy:.4f} at epoch "
         f"{state.best_epoch}; run folder {run} (best.keras, history.csv, curves.png)"
     )
+
+
+# --- study --------------------------------------------------------------------------------------
+
+
+@cli.command("study")
+@click.option("--data", required=True, help="Training data: a class-folder tree, FER2013 CSV or packed dataset.")
+@click.option("--val", required=True, help="Validation data every model is scored on.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("study"), show_default=True,
+              help="Folder for report.html, study.json and the run folders (finished runs there are reused).")
+@click.option("--models", default=",".join(STUDY_ENTRIES), show_default=True, help="Comma-separated entries to include.")
+@click.option("--epochs", type=int, help="Epochs of the reference CNNs [default: 30; --quick: 2].")
+@click.option("--transfer-epochs", type=int, help="Epochs of the transfer models' head, backbone frozen [default: 10; --quick: 1].")
+@click.option("--fine-tune-epochs", type=int, help="Then epochs with the backbone's top layers trained [default: 10; --quick: 1] ...")
+@click.option("--fine-tune-layers", type=int, help="... this many of them [default: all; --quick: 10].")
+@click.option("--transfer-model", default=STUDY_TRANSFER_MODEL, show_default=True, help="The transfer network (`ferkit models`).")
+@click.option("--transfer-weights", default="imagenet", show_default=True,
+              help="Its ImageNet weights: imagenet, or a weights file (e.g. made by tools/convert_efficientnet_lite.py).")
+@click.option("--subset", type=int, help="Train on the first N faces of each class [--quick: 20].")
+@click.option("--photo", "photos", multiple=True, help="A photo to find faces and emotions in with every model (repeatable).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quick", is_flag=True, help="A few epochs on a small subset: checks the whole study in about a minute.")
+def study_cmd(data, val, out: Path, models: str, epochs, transfer_epochs, fine_tune_epochs, fine_tune_layers, transfer_model,
+              transfer_weights, subset, photos, seed, quick):
+    """The founding study in one command: train and compare its models, write one HTML report."""
+    from ferkit.study import StudyConfig, command_line, study
+
+    given = {"epochs": epochs, "transfer_epochs": transfer_epochs, "fine_tune_epochs": fine_tune_epochs,
+             "fine_tune_layers": fine_tune_layers, "subset": subset}
+    settings = {k: v for k, v in given.items() if v is not None}
+    settings.update(out=str(out), models=[m.strip() for m in models.split(",") if m.strip()], photos=list(photos),
+                    transfer_model=transfer_model, transfer_weights=transfer_weights, seed=seed, command=command_line())
+    config = StudyConfig.quick(data, val, **settings) if quick else StudyConfig(data=data, val=val, **settings)
+    report = study(config, verbose=1 if sys.stdout.isatty() else 2)
+    click.echo(f"done: {report} (open it in a browser); figures in {report.parent / 'study.json'}")
 
 
 # --- pack ---------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 from ferkit._keras import import_keras
 from ferkit.config import TrainConfig
 from ferkit.data import FaceDataset, load_dataset, split_dataset
-from ferkit.data.batches import face_batches
+from ferkit.data.batches import face_batches, faces_per_epoch
 from ferkit.distributed import Topology
 from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch
@@ -36,9 +36,10 @@ def trains_on_cached_features(config: TrainConfig) -> bool:
 
 
 def train_size(config: TrainConfig, train_set: FaceDataset, topology: Topology) -> int:
-    """The faces one epoch trains on: a data-parallel job drops each epoch's last incomplete batch."""
+    """The faces one epoch trains on: a data-parallel job drops each epoch's last incomplete batch (and,
+    where each process reads its own shards, what the smallest group of shards lacks)."""
     if topology.coordinator:
-        return len(train_set) // config.batch_size * config.batch_size
+        return faces_per_epoch(train_set.images, config.batch_size, topology.num_processes)
     return len(train_set)
 
 
@@ -68,7 +69,7 @@ def fit_data(config: TrainConfig, train_set: FaceDataset, val_set: FaceDataset, 
     common = dict(batch_size=config.batch_size, to_input=to_input, seed=config.seed,
                   num_processes=topology.num_processes, process_id=topology.process_id)
     x = face_batches(train_set.images, train_y, sample_weight=face_weight, first_epoch=first_epoch,
-                     drop_remainder=bool(topology.coordinator), **common)
+                     drop_remainder=bool(topology.coordinator), own_shards=bool(topology.coordinator), **common)
     return dict(x=x, validation_data=face_batches(val_set.images, val_y, shuffle=False, pad=bool(topology.coordinator), **common))
 
 

@@ -30,16 +30,35 @@ def is_packed(path: str | Path) -> bool:
 
 
 class ShardedFaces:
-    """Several (n, H, W) arrays (memory-mapped shards) read as one: rows by index, in any order."""
+    """Several (n, H, W) uint8 shard files read as one array: rows by index, in any order.
 
-    def __init__(self, shards: Sequence[np.ndarray]):
-        self.shards = list(shards)
-        self.offsets = np.cumsum([0, *(len(s) for s in self.shards)])
-        self.shape = (int(self.offsets[-1]), *self.shards[0].shape[1:])
-        self.dtype, self.ndim = self.shards[0].dtype, 3
+    Each file is memory-mapped when a row of it is first read, so a process reads, and needs on its disk,
+    only the shards it uses: in a data-parallel job each process trains on its own (ferkit.data.batches)."""
+
+    def __init__(self, paths: Sequence[Path], counts: Sequence[int], image_size: tuple[int, int]):
+        self.paths = [Path(p) for p in paths]
+        self.offsets = np.cumsum([0, *counts])
+        self.shape = (int(self.offsets[-1]), *image_size)
+        self.dtype, self.ndim = np.dtype(np.uint8), 3
+        self._opened: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.paths)
+
+    def shard_rows(self, shard: int) -> np.ndarray:
+        """The rows of the whole that shard `shard` holds."""
+        return np.arange(self.offsets[shard], self.offsets[shard + 1])
+
+    def shard(self, shard: int) -> np.ndarray:
+        """Shard `shard`'s faces, memory-mapped (opened and checked on first use)."""
+        if shard not in self._opened:
+            expected = (int(self.offsets[shard + 1] - self.offsets[shard]), *self.shape[1:])
+            self._opened[shard] = _open_faces(self.paths[shard], expected)
+        return self._opened[shard]
 
     def __getitem__(self, index):
         if isinstance(index, (int, np.integer)):
@@ -49,12 +68,22 @@ class ShardedFaces:
         out = np.empty((len(rows), *self.shape[1:]), self.dtype)
         for s in np.unique(shard):
             chosen = shard == s
-            out[chosen] = self.shards[s][rows[chosen] - self.offsets[s]]
+            out[chosen] = self.shard(s)[rows[chosen] - self.offsets[s]]
         return out
 
     def __array__(self, dtype=None, copy=None):
         whole = self[slice(None)]
         return whole if dtype is None else whole.astype(dtype)
+
+
+def _open_faces(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    try:
+        faces = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        raise FerkitError(f"cannot read the shard {path} ({type(err).__name__})") from None
+    if faces.shape != shape or faces.dtype != np.uint8:
+        raise FerkitError(f"{path}: its faces do not match {INDEX} ({faces.shape} {faces.dtype}, expected {shape} uint8)")
+    return faces
 
 
 class ShardWriter:
@@ -112,14 +141,12 @@ def load_packed(path: str | Path, *, classes: Sequence[str] | None = None, image
     try:
         index = json.loads((path / INDEX).read_text())
         stored_classes, size, shards = list(index["classes"]), tuple(index["image_size"]), index["shards"]
-        faces = [np.load(path / f, mmap_mode="r") for f, _ in shards]
-        labels = np.concatenate([np.load(path / l) for _, l in shards]).astype(np.int64)
+        shard_labels = [np.load(path / l) for _, l in shards]
+        labels = np.concatenate(shard_labels).astype(np.int64)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise FerkitError(f"{path} is not a readable packed dataset ({type(err).__name__})") from None
     if size != tuple(image_size):
         raise FerkitError(f"{path} holds {size[0]}x{size[1]} faces; this needs {image_size[0]}x{image_size[1]} (pack it again)")
-    if any(f.ndim != 3 or f.dtype != np.uint8 or f.shape[1:] != size for f in faces) or sum(map(len, faces)) != len(labels):
-        raise FerkitError(f"{path}: its shards do not match {INDEX}")
     if len(labels) and (labels.min() < 0 or labels.max() >= len(stored_classes)):
         raise FerkitError(f"{path}: a label outside its {len(stored_classes)} classes")
     if classes is not None and list(classes) != stored_classes:
@@ -128,5 +155,9 @@ def load_packed(path: str | Path, *, classes: Sequence[str] | None = None, image
             raise FerkitError(f"{path} has classes the model does not know: {', '.join(missing)}")
         labels = np.array([list(classes).index(name) for name in stored_classes])[labels]
         stored_classes = list(classes)
-    images = faces[0] if len(faces) == 1 else ShardedFaces(faces)
+    counts = [len(shard) for shard in shard_labels]
+    if len(shards) == 1:  # one file: checked now, and handed on as a plain memory-mapped array
+        images = _open_faces(path / shards[0][0], (counts[0], *size))
+    else:  # each file checked when first read (ShardedFaces): a process may hold only its own shards
+        images = ShardedFaces([path / f for f, _ in shards], counts, size)
     return FaceDataset(images=images, labels=labels, classes=tuple(stored_classes), source=str(path))

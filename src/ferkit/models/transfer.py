@@ -46,6 +46,19 @@ def resolve_weights(weights: str | None, filename: str, subfolder: str) -> str |
     return "imagenet"
 
 
+def resolve_local_weights(weights: str | None, cached: Path, hint: str) -> str | None:
+    """Like `resolve_weights` for backbones whose ImageNet weights are made locally, not downloaded:
+    "imagenet" is the file at `cached`, and `hint` says how to make it when it is missing."""
+    if weights in (None, "none"):
+        return None
+    path = cached if weights == "imagenet" else Path(weights)
+    if not path.is_file():
+        if weights == "imagenet":
+            raise FerkitError(f"no ImageNet weights at {cached}: make them once with `{hint}`, or pass --weights PATH or --weights none")
+        raise FerkitError(f"no such weights file: {path}")
+    return str(path)
+
+
 def _online(host: str = "storage.googleapis.com", timeout: float = 3.0) -> bool:
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
@@ -54,7 +67,9 @@ def _online(host: str = "storage.googleapis.com", timeout: float = 3.0) -> bool:
         return False
 
 
-def _transfer_model(backbone_fn, preprocessing, *, num_classes, input_shape, weights, name, head_units=256):
+def transfer_model(backbone_fn, preprocessing, *, num_classes, input_shape, weights, name, head_units=256):
+    """`backbone_fn(include_top=False, weights=..., input_shape=...)` (keras.applications' signature),
+    frozen, between `preprocessing(layers)` and a new dense head."""
     keras = import_keras()
     layers = keras.layers
     inputs = keras.Input(input_shape)
@@ -64,7 +79,7 @@ def _transfer_model(backbone_fn, preprocessing, *, num_classes, input_shape, wei
     except Exception as err:  # h5py, Keras and OS errors for a corrupt or mismatched file
         if weights in (None, "imagenet"):
             raise
-        raise FerkitError(f"{weights} does not hold {backbone_fn.__name__} weights ({type(err).__name__})") from None
+        raise FerkitError(f"{weights} does not hold {name.removesuffix('_transfer')} weights ({type(err).__name__})") from None
     backbone.name = "backbone"
     backbone.trainable = False  # phase one trains the head; --fine-tune N unfreezes the top N layers
     x = backbone(x, training=False)
@@ -88,7 +103,7 @@ def vgg19_transfer(*, num_classes: int = 7, input_shape=(48, 48, 3), weights: st
     """The study's transfer model: frozen VGG19 (ImageNet) at 48x48 with a new dense head."""
     keras = import_keras()
     filename = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
-    return _transfer_model(keras.applications.VGG19, _caffe, num_classes=num_classes, input_shape=input_shape,
+    return transfer_model(keras.applications.VGG19, _caffe, num_classes=num_classes, input_shape=input_shape,
                            weights=resolve_weights(weights, filename, "vgg19"), name="vgg19_transfer")
 
 
@@ -97,5 +112,5 @@ def mobilenetv2_transfer(*, num_classes: int = 7, input_shape=(96, 96, 3), weigh
     """A light transfer model: frozen MobileNetV2 (ImageNet, alpha 1.0) at 96x96 with a new dense head."""
     keras = import_keras()
     filename = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{input_shape[0]}_no_top.h5"
-    return _transfer_model(keras.applications.MobileNetV2, _tf, num_classes=num_classes, input_shape=input_shape,
+    return transfer_model(keras.applications.MobileNetV2, _tf, num_classes=num_classes, input_shape=input_shape,
                            weights=resolve_weights(weights, filename, "mobilenet_v2"), name="mobilenetv2_transfer")

@@ -1,0 +1,349 @@
+"""study(config) -> report.html: the founding study in one call.
+
+Trains (or reuses finished runs of) the reference CNN, the same with flip and zoom augmentation, an
+ImageNet transfer model (frozen, then fine-tuned) and the same network from random weights; evaluates
+them and the shipped model on one validation split; writes one self-contained HTML report
+(ferkit.study_report) with everything needed to compare and reproduce them.
+
+    study/
+      report.html      the report, images inside
+      study.json       every figure of the report, for scripts
+      runs/<entry>/    one ferkit run folder per trained entry (resumable), its ONNX export, its evaluation
+      data/            the training subset, when --subset is given
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ferkit.config import TrainConfig
+from ferkit.data import FaceDataset, load_dataset
+from ferkit.errors import FerkitError
+
+log = logging.getLogger("ferkit")
+
+# What the founding study published (FER2013, its own test split).
+PUBLISHED = {"reference": 0.525, "transfer": 0.633}
+TRANSFER_MODEL = "efficientnet-lite0-transfer"
+ALL_LAYERS = 10_000  # --fine-tune N: unfreezes the whole backbone (its batch norm stays frozen)
+SPEED_FACES = 1024  # faces classified to measure faces/s
+
+
+_LABELS = {
+    "reference": "reference CNN (the founding study's)",
+    "augmented": "reference CNN + flip and zoom",
+    "transfer": "ImageNet transfer, frozen then fine-tuned",
+    "transfer-random": "the transfer network from random weights, same recipe",
+    "shipped": "ferkit's shipped model (evaluated only)",
+}
+ENTRIES = tuple(_LABELS)
+
+
+def entry_label(name: str) -> str:
+    return _LABELS[name]
+
+
+@dataclass
+class StudyConfig:
+    data: str
+    val: str
+    out: str = "study"
+    models: list[str] = field(default_factory=lambda: list(ENTRIES))
+    epochs: int = 30  # reference and augmented
+    transfer_epochs: int = 10  # the transfer models' head, backbone frozen
+    fine_tune_epochs: int = 10  # then the backbone's top layers, at a tenth of the rate ...
+    fine_tune_layers: int = ALL_LAYERS  # ... this many (all by default; batch norm stays frozen)
+    transfer_model: str = TRANSFER_MODEL
+    transfer_weights: str = "imagenet"
+    subset: int | None = None  # training faces per class (the first, in file order)
+    photos: list[str] = field(default_factory=list)
+    seed: int = 0
+    command: str = ""
+
+    def __post_init__(self):
+        unknown = sorted(set(self.models) - set(ENTRIES))
+        if unknown:
+            raise FerkitError(f"unknown study entry {', '.join(unknown)} (choose from {', '.join(ENTRIES)})")
+        if min(self.epochs, self.transfer_epochs, self.fine_tune_epochs, self.fine_tune_layers) < 1:
+            raise FerkitError("every number of epochs must be at least 1")
+        if self.subset is not None and self.subset < 1:
+            raise FerkitError("--subset must be at least 1 face per class")
+        for photo in self.photos:
+            if not Path(photo).is_file():
+                raise FerkitError(f"no such photo: {photo}")
+
+    @classmethod
+    def quick(cls, data: str, val: str, **overrides) -> "StudyConfig":
+        """A study small enough for a test: 20 faces per class, 2 epochs of each model (the transfer models
+        fine-tune their top 10 layers only)."""
+        settings = {"epochs": 2, "transfer_epochs": 1, "fine_tune_epochs": 1, "fine_tune_layers": 10, "subset": 20,
+                    **overrides}
+        return cls(data=data, val=val, **settings)
+
+
+@dataclass
+class EntryResult:
+    """One row of the comparison, with what the report draws for it."""
+
+    name: str
+    label: str
+    model: str
+    run: str | None
+    parameters: int
+    accuracy: float
+    macro_f1: float
+    recall: dict[str, float]
+    faces_per_second: float
+    training_seconds: float | None = None
+    seconds_per_epoch: float | None = None
+    train_val_gap: float | None = None
+    epochs: int | None = None
+    published_accuracy: float | None = None
+    history: dict[str, list[float]] | None = None
+    confusion_matrix: list[list[int]] = field(default_factory=list)
+    wrong: list[tuple[int, str, str, float]] = field(default_factory=list)  # the most confident mistakes
+
+
+def study(config: StudyConfig, *, verbose: int = 2) -> Path:
+    """Run the study described by `config`; returns the path of report.html."""
+    from ferkit.study_report import write_report
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_data = _training_data(config, out)
+    val = load_dataset(config.val)
+    results = []
+    trained = [name for name in config.models if name != "shipped"]
+    for number, name in enumerate(config.models, start=1):
+        log.info("[%d/%d] %s", number, len(config.models), _LABELS[name])
+        if name == "shipped":
+            results.append(_score_entry(name, None, config.val))
+            continue
+        run = _train_or_reuse(_train_config(config, name, train_data, out), verbose)
+        results.append(_score_entry(name, run, config.val))
+        log.info("%s: val accuracy %.4f (%d of %d trained entries done)", name, results[-1].accuracy,
+                 trained.index(name) + 1, len(trained))
+    photos = [_analyze_photo(photo, results) for photo in config.photos]
+    facts = _reproduction(config, train_data, val)
+    (out / "study.json").write_text(json.dumps({
+        "config": asdict(config), "entries": [_without_history(r) for r in results],
+        "pretraining_gain": pretraining_gain(results), "reproduction": facts["text"],
+    }, indent=2) + "\n")
+    return write_report(out / "report.html", config, results, val, photos, facts)
+
+
+def _train_config(config: StudyConfig, name: str, data: str, out: Path) -> TrainConfig:
+    common = {"data": data, "val": config.val, "seed": config.seed, "out": str(out / "runs" / name)}
+    if name == "reference":
+        return TrainConfig(model="seed-cnn", epochs=config.epochs, **common)
+    if name == "augmented":
+        return TrainConfig(model="seed-cnn", epochs=config.epochs, augment=["flip", "zoom"], **common)
+    weights = config.transfer_weights if name == "transfer" else "none"
+    return TrainConfig(model=config.transfer_model, weights=weights, epochs=config.transfer_epochs,
+                       fine_tune=config.fine_tune_layers, fine_tune_epochs=config.fine_tune_epochs, **common)
+
+
+def _train_or_reuse(config: TrainConfig, verbose: int) -> Path:
+    """Train; or resume an interrupted run of the same settings; or reuse a finished one."""
+    from ferkit._keras import import_keras
+    from ferkit.runs import RunState
+    from ferkit.train import train
+
+    run = Path(config.out)
+    if (run / "config.json").exists():
+        earlier = TrainConfig.load(run / "config.json")
+        if _comparable(earlier) != _comparable(config):
+            raise FerkitError(f"{run} holds a run with other settings; remove it or choose another --out")
+        if RunState.load(run).status == "finished":
+            log.info("reusing the finished run %s", run)
+            return run
+        log.info("resuming %s", run)
+        train(config, resume=True, verbose=verbose)
+    else:
+        train(config, verbose=verbose)
+    import_keras().backend.clear_session()
+    return run
+
+
+def _comparable(config: TrainConfig) -> dict:
+    settings = asdict(config)
+    settings.pop("classes")  # filled in by training
+    return settings
+
+
+def _training_data(config: StudyConfig, out: Path) -> str:
+    """`config.data`, or a class-folder copy of its first `subset` faces per class (PNG files, which every
+    model reads at its own input size)."""
+    if config.subset is None:
+        return config.data
+    from PIL import Image
+
+    folder = out / "data" / f"train-{config.subset}-per-class"
+    if not folder.exists():
+        full = load_dataset(config.data)
+        partial = folder.with_name(f".{folder.name}.partial")
+        for k, name in enumerate(full.classes):
+            (partial / name).mkdir(parents=True, exist_ok=True)
+            for n, i in enumerate(np.flatnonzero(full.labels == k)[: config.subset]):
+                Image.fromarray(full.images[i]).save(partial / name / f"{n:06d}.png")
+        partial.rename(folder)
+    return str(folder)
+
+
+def _score_entry(name: str, run: Path | None, val_source: str) -> EntryResult:
+    from ferkit.evaluate import evaluate
+    from ferkit.runtime import load_classifier
+
+    model = _deployable(run)
+    classifier = load_classifier(model)
+    val = load_dataset(val_source, classes=classifier.classes, image_size=classifier.input_size)
+    report = evaluate(classifier, val)
+    if run is not None:
+        report.save(run / "eval-val")
+    result = EntryResult(
+        name=name, label=entry_label(name), model=classifier.name, run=str(run) if run else None,
+        parameters=_parameters(classifier), accuracy=report.accuracy, macro_f1=report.macro_f1,
+        recall={c: s.recall for c, s in report.per_class.items()}, faces_per_second=faces_per_second(classifier, val),
+        published_accuracy=PUBLISHED.get(name), confusion_matrix=report.confusion_matrix.tolist(),
+        wrong=_confidently_wrong(report),
+    )
+    if run is not None:
+        _add_training_figures(result, run)
+    return result
+
+
+def _deployable(run: Path | None):
+    """What the report scores: the run's best model exported to ONNX (what a user would deploy, and the
+    same runtime as the shipped model), or the shipped model for None."""
+    if run is None:
+        return None
+    from ferkit.export import export_onnx
+
+    onnx = run / "best.onnx"
+    if not onnx.exists() or onnx.stat().st_mtime < (run / "best.keras").stat().st_mtime:
+        export_onnx(run / "best.keras", onnx, overwrite=True)
+    return onnx
+
+
+def _parameters(classifier) -> int:
+    """The network's parameters; for an ensemble, those of all its members."""
+    from ferkit.models import create_model, get_model_spec
+
+    members = classifier.metadata.extra.get("members") or [{"model": classifier.name}]
+    total = 0
+    for member in members:
+        name = member.get("model") or member["config"]["model"]
+        total += create_model(name, weights="none" if get_model_spec(name).pretrained else None).count_params()
+    return total
+
+
+def faces_per_second(classifier, val: FaceDataset, faces: int = SPEED_FACES, batch_size: int = 256) -> float:
+    """Faces classified per second, in batches, after one warm-up batch (the best of three passes)."""
+    images = val.images[:faces]
+    classifier.predict_proba(images[:batch_size], batch_size=batch_size)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        classifier.predict_proba(images, batch_size=batch_size)
+        best = min(best, time.perf_counter() - start)
+    return len(images) / best
+
+
+def _add_training_figures(result: EntryResult, run: Path) -> None:
+    from ferkit.runs import read_history
+
+    history = read_history(run / "history.csv")
+    seconds = history["seconds"]
+    result.history = history
+    result.epochs = len(seconds)
+    result.training_seconds = float(sum(seconds))
+    result.seconds_per_epoch = statistics.median(seconds[1:] or seconds)  # the first includes graph tracing
+    result.train_val_gap = history["accuracy"][-1] - history["val_accuracy"][-1]
+
+
+def _confidently_wrong(report, count: int = 12) -> list[tuple[int, str, str, float]]:
+    """(val index, true class, predicted class, its probability) of the most confident mistakes."""
+    wrong = np.flatnonzero(report.y_pred != report.y_true)
+    confidence = report.probabilities[wrong].max(axis=1)
+    order = wrong[np.argsort(-confidence)][:count]
+    return [(int(i), report.classes[report.y_true[i]], report.classes[report.y_pred[i]],
+             float(report.probabilities[i].max())) for i in order]
+
+
+def pretraining_gain(results: list[EntryResult]) -> float | None:
+    """Val accuracy of the ImageNet-initialised transfer model minus that of the same network from random
+    weights on the same epochs; None unless both ran."""
+    by_name = {r.name: r for r in results}
+    if "transfer" in by_name and "transfer-random" in by_name:
+        return by_name["transfer"].accuracy - by_name["transfer-random"].accuracy
+    return None
+
+
+def _analyze_photo(photo: str, results: list[EntryResult]) -> dict:
+    """The faces of one photo as each model sees them (the same detected boxes for all)."""
+    from ferkit.predict import analyze
+
+    path = Path(photo)
+    models = {r.name: (Path(r.run) / "best.onnx" if r.run else None) for r in results}
+    boxes = [face.box for face in analyze(path)]  # detected once; every model classifies the same faces
+    faces = {name: analyze(path, model=model, boxes=boxes) if boxes else [] for name, model in models.items()}
+    return {"path": str(path), "boxes": boxes, "faces": faces}
+
+
+def _reproduction(config: StudyConfig, train_data: str, val: FaceDataset) -> dict:
+    import ferkit
+
+    train = load_dataset(train_data)
+    versions = {"ferkit": ferkit.__version__, "python": platform.python_version()}
+    for module in ("keras", "tensorflow", "onnxruntime", "numpy"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            pass
+    text = {
+        "command": config.command or "ferkit.study(...)",
+        "versions": versions,
+        "machine": f"{_cpu_name()}, {_cpu_count()} cores, {platform.system()} {platform.machine()}",
+        "seed": config.seed,
+        "train": {"source": train_data, "faces": len(train), "per_class": train.class_counts(),
+                  "subset_of": config.data if config.subset else None},
+        "val": {"source": config.val, "faces": len(val), "per_class": val.class_counts()},
+    }
+    return {"text": text, "train": train}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _without_history(result: EntryResult) -> dict:
+    data = asdict(result)
+    data.pop("history")
+    return data
+
+
+def command_line() -> str:
+    """The command as typed, for the report's reproduction section."""
+    return shlex.join(["ferkit", *sys.argv[1:]])

@@ -1,0 +1,145 @@
+"""`ferkit study --quick` on the bundled FER2013 sample: every model trained, scored and reported in one
+self-contained HTML file whose images decode (and render in Chromium, where it is installed)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("keras", reason="ferkit[train] is not installed")
+pytest.importorskip("sklearn", reason="ferkit[evaluate] is not installed")
+
+from click.testing import CliRunner  # noqa: E402
+
+from ferkit.cli import cli  # noqa: E402
+from ferkit.data import load_dataset  # noqa: E402
+from ferkit.evaluate import evaluate  # noqa: E402
+from ferkit.models.efficientnet_lite import efficientnet_lite0_backbone  # noqa: E402
+from ferkit.runtime import load_classifier  # noqa: E402
+from ferkit.study import ENTRIES, StudyConfig, study  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "examples" / "fer2013-sample"
+PEOPLE = ROOT / "examples" / "people.jpg"
+CHROMIUM = os.environ.get("FERKIT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources: list[str] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.sources.append(attrs["src"])
+        for name in ("href", "src"):
+            if tag != "img" and attrs.get(name):
+                self.links.append(attrs[name])
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    """One quick study of every entry, with a transfer weights file given by path."""
+    folder = tmp_path_factory.mktemp("study")
+    weights = folder / "backbone.weights.h5"
+    efficientnet_lite0_backbone((96, 96, 3)).save_weights(weights)
+    config = StudyConfig.quick(str(SAMPLE / "train"), str(SAMPLE / "val"), out=str(folder / "study"),
+                               photos=[str(PEOPLE)], transfer_weights=str(weights))
+    report = study(config, verbose=0)
+    return config, report
+
+
+def test_the_report_is_one_file_whose_images_all_decode(quick_study):
+    config, report = quick_study
+    parser = _Images()
+    parser.feed(report.read_text())
+    assert parser.links == []  # nothing outside the file: no scripts, styles or images to fetch
+    assert len(parser.sources) >= 6  # curves, confusions, mistakes per model, the photo, the data grid
+    for source in parser.sources:
+        kind, data = source.split(",", 1)
+        assert kind in ("data:image/png;base64", "data:image/jpeg;base64")
+        image = Image.open(io.BytesIO(base64.b64decode(data)))
+        image.load()
+        assert min(image.size) > 50
+
+
+def test_every_entry_is_scored_on_the_same_faces_as_evaluate_scores_it(quick_study):
+    config, report = quick_study
+    figures = json.loads((report.parent / "study.json").read_text())
+    entries = {e["name"]: e for e in figures["entries"]}
+    assert list(entries) == list(ENTRIES)
+    for name, entry in entries.items():
+        classifier = load_classifier(Path(entry["run"]) / "best.onnx" if entry["run"] else None)
+        val = load_dataset(config.val, image_size=classifier.input_size)
+        assert entry["accuracy"] == pytest.approx(evaluate(classifier, val).accuracy)
+        assert sum(map(sum, entry["confusion_matrix"])) == len(val)
+        assert entry["faces_per_second"] > 0 and entry["parameters"] > 0
+    for name in ("reference", "augmented", "transfer", "transfer-random"):
+        assert entries[name]["epochs"] == 2  # reference CNNs: --epochs 2; transfer: 1 frozen + 1 fine-tuned
+        assert entries[name]["training_seconds"] > 0
+    assert figures["pretraining_gain"] == pytest.approx(entries["transfer"]["accuracy"] - entries["transfer-random"]["accuracy"])
+    trained = load_dataset(figures["reproduction"]["train"]["source"])
+    assert set(trained.class_counts().values()) == {20}  # --subset 20 per class
+
+
+def test_the_report_names_every_model_and_the_photo(quick_study):
+    config, report = quick_study
+    html = report.read_text()
+    for entry in ENTRIES:
+        assert f"<td>{entry}</td>" in html  # in the per-class recall table
+    assert "people.jpg: 3 faces" in html
+    assert "What ImageNet pretraining buys" in html
+
+
+def test_a_second_study_reuses_the_finished_runs(quick_study):
+    config, report = quick_study
+    history = Path(config.out) / "runs" / "reference" / "history.csv"
+    before = history.stat().st_mtime_ns
+    study(StudyConfig.quick(config.data, config.val, out=config.out, models=["reference"]), verbose=0)
+    assert history.stat().st_mtime_ns == before
+
+
+def test_a_run_folder_with_other_settings_is_refused_not_replaced(quick_study, tmp_path):
+    config, _ = quick_study
+    shutil.copytree(Path(config.out) / "runs" / "reference", tmp_path / "runs" / "reference")
+    result = CliRunner().invoke(cli, ["study", "--quick", "--data", config.data, "--val", config.val, "--out", str(tmp_path),
+                                      "--models", "reference", "--epochs", "3"])
+    assert result.exit_code == 2
+    assert "holds a run with other settings" in result.output
+    assert (tmp_path / "runs" / "reference" / "best.keras").exists()
+
+
+def test_bad_study_options_are_one_line_errors(tmp_path):
+    for args, message in ((["--models", "reference,vgg"], "unknown study entry vgg"),
+                          (["--photo", str(tmp_path / "missing.jpg")], "no such photo"),
+                          (["--epochs", "0"], "at least 1")):
+        result = CliRunner().invoke(cli, ["study", "--data", str(SAMPLE / "train"), "--val", str(SAMPLE / "val"),
+                                          "--out", str(tmp_path / "s"), *args])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="Chromium is not installed (apt-get install chromium)")
+def test_the_report_renders_in_chromium(quick_study):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
+    _, report = quick_study
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.route("**/*", lambda route: route.abort() if not route.request.url.startswith(("file:", "data:")) else route.continue_())
+        page.goto(report.as_uri())
+        widths = page.locator("img").evaluate_all("images => images.map(i => i.complete ? i.naturalWidth : 0)")
+        browser.close()
+    assert widths and all(w > 50 for w in widths)
+    assert np.isfinite(widths).all()
