@@ -63,8 +63,9 @@ def _comparison(results, gain) -> str:
     notes = ("<p class='note'>Train − val gap: training minus validation accuracy at the last epoch (augmented "
              "training faces). Published: the founding study's figures (its own test split; its transfer model was "
              "VGG19). Faces/s: ONNX Runtime, batches of 256, on this machine's CPU (see Reproduction). "
-             "Training time and s/epoch: from each run's history (the first epoch includes graph tracing and "
-             "is left out of s/epoch).</p>")
+             "Training time and s/epoch: from each run's history; s/epoch is the median epoch, leaving out the "
+             "first (graph tracing) and, for the transfer models, the head's epochs on features computed once "
+             "(their fine-tuning epochs are what costs).</p>")
     if gain is not None:
         notes += (f"<p><b>What ImageNet pretraining buys:</b> {gain * 100:+.1f} points of val accuracy over the same "
                   "network, same recipe and epochs, started from random weights.</p>")

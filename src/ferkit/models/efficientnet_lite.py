@@ -77,7 +77,8 @@ def _lite_preprocessing(layers):
     return layers.Rescaling(1.0 / 128, offset=-127.0 / 128)
 
 
-def _backbone_with_weights(include_top, weights, input_shape):
+def EfficientNetLite0(include_top, weights, input_shape):  # noqa: N802 - named like keras.applications' builders
+    """keras.applications' signature for `transfer_model`: the backbone, with `weights` (a file) loaded."""
     del include_top  # the backbone never has ImageNet's classifier
     backbone = efficientnet_lite0_backbone(input_shape)
     if weights is not None:
@@ -88,7 +89,7 @@ def _backbone_with_weights(include_top, weights, input_shape):
 @register_model("efficientnet-lite0-transfer", input_size=(96, 96), channels=3, pretrained=True)
 def efficientnet_lite0_transfer(*, num_classes: int = 7, input_shape=(96, 96, 3), weights: str | None = "imagenet"):
     """ImageNet transfer: frozen EfficientNet-Lite0 (3.4M parameters) at 96x96 with a new dense head."""
-    return transfer_model(_backbone_with_weights, _lite_preprocessing, num_classes=num_classes,
+    return transfer_model(EfficientNetLite0, _lite_preprocessing, num_classes=num_classes,
                           input_shape=input_shape, weights=resolve_local_weights(weights, default_weights_path(), CONVERT_HINT),
                           name="efficientnet_lite0_transfer")
 

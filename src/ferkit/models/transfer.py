@@ -79,7 +79,7 @@ def transfer_model(backbone_fn, preprocessing, *, num_classes, input_shape, weig
     except Exception as err:  # h5py, Keras and OS errors for a corrupt or mismatched file
         if weights in (None, "imagenet"):
             raise
-        raise FerkitError(f"{weights} does not hold {name.removesuffix('_transfer')} weights ({type(err).__name__})") from None
+        raise FerkitError(f"{weights} does not hold {backbone_fn.__name__} weights ({type(err).__name__})") from None
     backbone.name = "backbone"
     backbone.trainable = False  # phase one trains the head; --fine-tune N unfreezes the top N layers
     x = backbone(x, training=False)
