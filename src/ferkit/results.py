@@ -75,3 +75,19 @@ class ImageResult:
         if not self.faces:
             return f"{self.source}: no face"
         return "; ".join(f"{self.source}: {f.emotion} ({f.score:.0%})" for f in self.faces)
+
+
+def face_columns(classes) -> list[str]:
+    """The columns of a table with a row per face (faces.csv, and the Parquet parts of a Ray run)."""
+    return ["source", "face", "x", "y", "width", "height", "detector_score", "emotion", "score", *classes, "uncertain"]
+
+
+def face_rows(result: ImageResult, classes) -> list[dict]:
+    """A row per face of `result`, keyed by `face_columns(classes)`, numbered from 1 (largest first)."""
+    rows = []
+    for number, face in enumerate(result.faces, start=1):
+        x, y, width, height = face.box
+        rows.append({"source": result.source, "face": number, "x": x, "y": y, "width": width, "height": height,
+                     "detector_score": face.detector_score, "emotion": face.emotion, "score": face.score,
+                     **{name: face.probabilities[name] for name in classes}, "uncertain": face.uncertain})
+    return rows

@@ -99,6 +99,11 @@ class IouTracker:
 FRAMES_PER_BATCH = 8
 
 
+def frame_step(fps: float, every: int | None = None, target_fps: float | None = None) -> int:
+    """Analyse every Nth frame: `every` if given, else about `target_fps` (default 5) frames per second."""
+    return every or max(1, round(fps / (target_fps or 5.0)))
+
+
 def analyze_video(
     path: str | Path,
     *,

@@ -1,0 +1,373 @@
+"""`ferkit predict --engine ray`: the same detect → crop → classify as `ferkit predict`, spread over a
+Ray cluster with Ray Data, for collections larger than one machine.
+
+The inputs (images of folders, globs, list files and object-storage prefixes; videos) are cut into
+tasks: `shard_size` images each, or one video. A pool of Ray actors, each holding one model and one
+detector, runs the tasks through `ferkit.predict.analyze_images` (videos through
+`ferkit.video.analyze_video`) and writes one output part per task:
+
+    OUT/manifest.json               what the run was asked (inputs, model, settings), to resume it
+    OUT/faces/part-00000.parquet    a row per face: the columns of `ferkit predict`'s faces.csv
+    OUT/results/part-00000.jsonl    a line per image: the records of `ferkit predict`'s results.jsonl
+    OUT/results/video-00000.jsonl   a video's summary line; its timeline and plot are in OUT/videos/
+    OUT/summary.json                images, faces, failed (and videos), over all parts
+
+A part is written under a temporary name and renamed when complete, the results part last, so a task
+is done exactly when its results part exists: a run killed part-way resumes (`resume=True`) by
+running only the tasks without one, and the summary, counted from the parts, counts nothing twice.
+OUT may be a local (or shared) folder or an object-storage URI; inputs may be local paths or URIs
+(s3://, gs://, hdfs://, file://: whatever pyarrow's filesystems read, as Ray's own readers do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ferkit.errors import FerkitError
+from ferkit.extras import require
+from ferkit.images import IMAGE_SUFFIXES
+from ferkit.predict import UNCERTAIN_BELOW, check_uncertain_below
+from ferkit.results import ImageResult, face_columns, face_rows
+from ferkit.sources import VIDEO_SUFFIXES, list_images, source_kind
+
+SHARD_IMAGES = 256
+LIST_SUFFIXES = (".txt", ".lst")
+
+
+@dataclass
+class RayPredictConfig:
+    sources: list[str]  # images, folders, globs, list files (.txt: a path or URI per line), URIs, videos
+    out: str  # a folder or an object-storage URI
+    model: str | None = None  # a run folder, .keras or .onnx file; None: the bundled model
+    detector: str = "auto"
+    address: str | None = None  # a running cluster ("auto", "HOST:PORT"); None starts one on this machine
+    workers: int | None = None  # actors, one model each; None: one per CPU of the cluster
+    shard_size: int = SHARD_IMAGES  # images per task (and per output part)
+    uncertain_below: float = UNCERTAIN_BELOW
+    tta: str | None = None
+    every: int | None = None  # videos: every Nth frame (default: about `target_fps` per second)
+    target_fps: float | None = None
+    smooth: int = 1
+    resume: bool = False
+
+    def settings(self) -> dict:
+        """What a resumed run must share with the run it continues."""
+        return {key: value for key, value in asdict(self).items() if key not in ("address", "workers", "resume")}
+
+
+@dataclass
+class Task:
+    name: str  # "part-00000" or "video-00000": the output parts' name
+    kind: str  # "images" or "video"
+    items: list[tuple[str, str]] = field(default_factory=list)  # (label in the outputs, where to read it)
+
+
+def predict_with_ray(config: RayPredictConfig, *, progress: bool = True) -> dict:
+    """Run `config` on Ray; the summary (images, faces, failed, videos, video_faces, skipped_tasks,
+    errors: the inputs that could not even be listed). Raises FerkitError for what stops the run."""
+    ray = require("ray", "prediction on a Ray cluster", extra="ray")
+    check_uncertain_below(config.uncertain_below)
+    if config.shard_size < 1:
+        raise FerkitError(f"--shard-size must be at least 1, not {config.shard_size}")
+    images, videos, errors = list_inputs(config.sources)
+    if not images and not videos:
+        raise FerkitError("; ".join(errors) or "nothing to analyse")
+    tasks = plan_tasks(images, videos, config.shard_size)
+    fs, root = output_filesystem(config.out)
+    _start_or_resume(fs, root, config, tasks)
+    todo = [t for t in tasks if not _exists(fs, f"{root}/results/{t.name}.jsonl")]
+    if todo:
+        _start_ray(ray, config)
+        _run_tasks(ray, todo, config, root_uri(config.out), progress)
+    summary = {**count_outputs(fs, root), "skipped_tasks": len(tasks) - len(todo), "errors": errors}
+    _write_bytes(fs, f"{root}/summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return summary
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+
+
+def list_inputs(sources: list[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]:
+    """(images, videos, errors): images and videos as (label, location) pairs. A local file's label is
+    the path as `ferkit predict` prints it, its location the absolute path (Ray workers run elsewhere);
+    a URI is both. An input that cannot be listed is an error line, and the others go on."""
+    images, videos, errors = [], [], []
+    for source in sources:
+        try:
+            for label, location in _expand(source):
+                (videos if label.lower().endswith(VIDEO_SUFFIXES) else images).append((label, location))
+        except FerkitError as err:
+            errors.append(str(err))
+    return images, videos, errors
+
+
+def _expand(source: str) -> Iterator[tuple[str, str]]:
+    if "://" in source:
+        yield from ((uri, uri) for uri in list_uri(source))
+        return
+    if source.lower().endswith(LIST_SUFFIXES) and Path(source).is_file():
+        # each line is a file, taken as given (no look-up per line: lists may hold millions);
+        # one that cannot be read is reported by the worker, like any bad image
+        for line in Path(source).read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                yield line, line if "://" in line else os.path.abspath(line)
+        return
+    kind = source_kind(source)
+    paths = list_images(source) if kind in ("folder", "glob") else [Path(source)]
+    yield from ((str(path), str(path.resolve())) for path in paths)
+
+
+def list_uri(uri: str) -> list[str]:
+    """An object (file) URI as is, or the images and videos under a prefix (folder) URI, sorted."""
+    pafs = require("pyarrow.fs", "reading object storage", extra="ray")
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        info = fs.get_file_info(path)
+    except Exception as err:  # pyarrow raises OSError, ValueError or its own types by scheme
+        raise FerkitError(f"{uri}: cannot be read ({_first_line(err)})") from None
+    if info.type == pafs.FileType.NotFound:
+        raise FerkitError(f"no such file or folder: {uri}")
+    if info.type == pafs.FileType.File:
+        return [uri]
+    scheme = uri.split("://", 1)[0]
+    found = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                   if f.type == pafs.FileType.File and f.path.lower().endswith(IMAGE_SUFFIXES + VIDEO_SUFFIXES))
+    if not found:
+        raise FerkitError(f"no image or video files under {uri}")
+    return [f"{scheme}://{p}" for p in found]
+
+
+def plan_tasks(images: list[tuple[str, str]], videos: list[tuple[str, str]], shard_size: int) -> list[Task]:
+    """Images in order, `shard_size` a task; then a task per video. The same inputs give the same tasks."""
+    tasks = [Task(f"part-{n:05d}", "images", images[start:start + shard_size])
+             for n, start in enumerate(range(0, len(images), shard_size))]
+    return tasks + [Task(f"video-{n:05d}", "video", [item]) for n, item in enumerate(videos)]
+
+
+# --- the run folder --------------------------------------------------------------------------------
+
+
+def output_filesystem(out: str):
+    """(pyarrow filesystem, root path in it) for a folder or an object-storage URI."""
+    pafs = require("pyarrow.fs", "writing the outputs", extra="ray")
+    try:
+        fs, root = pafs.FileSystem.from_uri(root_uri(out))
+    except Exception as err:
+        raise FerkitError(f"{out}: cannot be written ({_first_line(err)})") from None
+    return fs, root.rstrip("/")
+
+
+def root_uri(out: str) -> str:
+    return out if "://" in out else Path(out).resolve().as_uri()
+
+
+def _start_or_resume(fs, root: str, config: RayPredictConfig, tasks: list[Task]) -> None:
+    """Record the run in OUT/manifest.json, or check that the run there is this one when resuming.
+    An earlier run is never written over: without `resume` it is an error."""
+    manifest = {"engine": "ray", "settings": config.settings(), "tasks": len(tasks), "inputs": _fingerprint(tasks)}
+    path = f"{root}/manifest.json"
+    if _exists(fs, path):
+        with fs.open_input_stream(path) as stream:
+            earlier = json.loads(stream.read())
+        if not config.resume:
+            raise FerkitError(f"{config.out} holds an earlier run: pass --resume to continue it, or choose another --out")
+        if earlier != manifest:
+            raise FerkitError(f"{config.out} holds a run of other inputs or settings; it cannot be resumed with these")
+        return
+    fs.create_dir(root, recursive=True)
+    _write_bytes(fs, path, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def _fingerprint(tasks: list[Task]) -> str:
+    digest = hashlib.sha256()
+    for task in tasks:
+        digest.update(json.dumps([task.name, task.items]).encode())
+    return digest.hexdigest()
+
+
+def _exists(fs, path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def _write_bytes(fs, path: str, data: bytes) -> None:
+    """Write under a temporary name, then rename: a reader sees the whole file or none."""
+    partial = f"{path}.partial"
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(partial) as stream:
+        stream.write(data)
+    fs.move(partial, path)
+
+
+def count_outputs(fs, root: str) -> dict:
+    """images, faces, failed, videos, video_faces: counted from the results parts, each task once."""
+    import pyarrow.fs as pafs
+
+    counts = dict.fromkeys(("images", "faces", "failed", "videos", "video_faces"), 0)
+    selector = pafs.FileSelector(f"{root}/results", allow_not_found=True)
+    for info in fs.get_file_info(selector):
+        if not info.path.endswith(".jsonl"):
+            continue
+        with fs.open_input_stream(info.path) as stream:
+            records = [json.loads(line) for line in stream.read().decode().splitlines() if line]
+        video = info.base_name.startswith("video-")
+        for record in records:
+            counts["videos" if video else "images"] += 1
+            counts["failed"] += bool(record.get("error"))
+            counts["video_faces" if video else "faces"] += record["faces"] if video and "error" not in record else len(record.get("faces") or [])
+    return counts
+
+
+# --- the cluster -----------------------------------------------------------------------------------
+
+
+def _start_ray(ray, config: RayPredictConfig) -> None:
+    import logging
+
+    if ray.is_initialized():
+        return
+    if config.address:
+        ray.init(address=config.address, logging_level=logging.WARNING)
+    else:
+        # "local": a new instance even where this machine has joined a cluster (--address joins one)
+        ray.init(address="local", num_cpus=config.workers, include_dashboard=False, logging_level=logging.WARNING)
+
+
+def _run_tasks(ray, tasks: list[Task], config: RayPredictConfig, out_uri: str, progress: bool) -> None:
+    from ferkit.progress import progress_bar
+
+    workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    rows = [{"task": json.dumps(asdict(task))} for task in tasks]
+    # One task at a time per actor: with Ray's default of several, the first actor up takes them all.
+    dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        TaskWorker, fn_constructor_kwargs={"config": config, "out_uri": out_uri}, batch_size=1, num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows)), max_tasks_in_flight_per_actor=1),
+    )
+    failed = []
+    with progress_bar(sum(len(t.items) for t in tasks), "analysing", enabled=progress) as advance:
+        for row in dataset.iter_rows():
+            for _ in range(row["items"]):
+                advance()
+            if row["error"]:
+                failed.append(f"{row['name']}: {row['error']}")
+    if failed:
+        raise FerkitError(f"{len(failed)} task(s) failed and wrote nothing (--resume retries them); first: {failed[0]}")
+
+
+class TaskWorker:
+    """A Ray actor: one model and one detector, loaded once, for every task it is given."""
+
+    def __init__(self, config: RayPredictConfig, out_uri: str):
+        from ferkit.faces import get_detector
+        from ferkit.runtime import load_classifier
+
+        os.environ.setdefault("FERKIT_CLASSIFIER_THREADS", "1")  # one CPU per actor: threads would only fight
+        self.config = config
+        self.classifier = load_classifier(config.model).with_tta(config.tta)
+        self.find = get_detector(config.detector)
+        self.fs, self.root = output_filesystem(out_uri)
+
+    def __call__(self, batch: dict) -> dict:
+        names, counts, errors = [], [], []
+        for text in batch["task"]:
+            task = Task(**json.loads(text))
+            names.append(task.name)
+            counts.append(len(task.items))
+            try:
+                self.run_video(task) if task.kind == "video" else self.run_images(task)
+                errors.append("")
+            except Exception as err:  # an unexpected failure of one task: reported, the others go on
+                errors.append(f"{type(err).__name__}: {_first_line(err)}")
+        return {"name": names, "items": counts, "error": errors}
+
+    def run_images(self, task: Task) -> None:
+        from ferkit.predict import analyze_images
+
+        with contextlib.ExitStack() as stack:
+            paths = [stack.enter_context(_readable(location)) for _, location in task.items]
+            pairs = [(label, path) for (label, _), path in zip(task.items, paths)]
+            results = list(analyze_images(pairs, model=self.classifier, detector=self.find,
+                                          uncertain_below=self.config.uncertain_below))
+        for result, path in zip(results, paths):
+            if result.error:  # name the file as the user gave it, not where this worker read it
+                result.error = result.error.replace(path, result.source)
+        self._write_parquet(f"{self.root}/faces/{task.name}.parquet", results)
+        lines = "".join(json.dumps(result.to_dict()) + "\n" for result in results)
+        _write_bytes(self.fs, f"{self.root}/results/{task.name}.jsonl", lines.encode())
+
+    def _write_parquet(self, path: str, results: list[ImageResult]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        classes = self.classifier.classes
+        types = {"source": pa.string(), "face": pa.int32(), "x": pa.int32(), "y": pa.int32(), "width": pa.int32(),
+                 "height": pa.int32(), "detector_score": pa.float64(), "emotion": pa.string(), "score": pa.float64(),
+                 **{name: pa.float64() for name in classes}, "uncertain": pa.bool_()}
+        schema = pa.schema([(column, types[column]) for column in face_columns(classes)])
+        rows = [row for result in results for row in face_rows(result, classes)]
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
+        _write_bytes(self.fs, path, buffer.getvalue())
+
+    def run_video(self, task: Task) -> None:
+        from ferkit.sources import open_video
+        from ferkit.video import analyze_video, frame_step
+
+        [(label, location)] = task.items
+        stem = f"{task.name}-{Path(label).stem}"
+        with _readable(location) as path, tempfile.TemporaryDirectory(prefix="ferkit-video-") as scratch:
+            try:
+                capture, info = open_video(path)
+                capture.release()
+            except FerkitError as err:
+                record = {"source": label, "error": str(err).replace(path, label)}
+            else:
+                step = frame_step(info.fps, self.config.every, self.config.target_fps)
+                local = {"timeline": Path(scratch) / f"{stem}.timeline.csv", "plot": Path(scratch) / f"{stem}.emotions.png"}
+                timeline = analyze_video(path, model=self.classifier, detector=self.find, every=step,
+                                         smooth=self.config.smooth, uncertain_below=self.config.uncertain_below,
+                                         timeline_csv=local["timeline"])
+                timeline.plot(local["plot"])
+                files = []
+                for file in local.values():
+                    files.append(f"{self.root}/videos/{file.name}")
+                    _write_bytes(self.fs, files[-1], file.read_bytes())
+                record = {"source": label, "frames_analysed": timeline.frames_analysed, "every": step,
+                          "tracks": len(timeline.tracks), "faces": len(timeline.rows), "files": files}
+        _write_bytes(self.fs, f"{self.root}/results/{task.name}.jsonl", (json.dumps(record) + "\n").encode())
+
+
+@contextlib.contextmanager
+def _readable(location: str) -> Iterator[str]:
+    """A local path to read `location` from: itself, or a temporary copy of a URI's object. An object
+    that cannot be fetched gives a path that does not exist, so the image is reported as missing."""
+    if "://" not in location:
+        yield location
+        return
+    import pyarrow.fs as pafs
+
+    suffix = Path(location.split("://", 1)[1]).suffix
+    with tempfile.TemporaryDirectory(prefix="ferkit-") as scratch:
+        local = os.path.join(scratch, f"object{suffix}")
+        try:
+            fs, path = pafs.FileSystem.from_uri(location)
+            with fs.open_input_stream(path) as stream, open(local, "wb") as handle:
+                handle.write(stream.read())
+        except (OSError, ValueError):
+            pass
+        yield local
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -1,0 +1,145 @@
+"""`ferkit predict --engine ray` on a local two-CPU Ray cluster: the same rows as `ferkit predict`, bad
+files reported, killed runs resumed without counting twice, URIs and list files, videos."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ferkit.cli import cli
+from ferkit.errors import FerkitError
+from ferkit.ray_predict import RayPredictConfig, predict_with_ray
+
+from conftest import REAL_PHOTOS
+
+ray = pytest.importorskip("ray", reason="needs ferkit[ray]")
+pq = pytest.importorskip("pyarrow.parquet", reason="needs ferkit[ray]")
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    """Three real photos (one in a subfolder) and a file that is not an image."""
+    folder = tmp_path / "photos"
+    (folder / "more").mkdir(parents=True)
+    shutil.copy(EXAMPLE, folder / "people.jpg")
+    shutil.copy(REAL_PHOTOS / "partial-face.jpg", folder / "partial-face.jpg")
+    shutil.copy(REAL_PHOTOS / "partial-face2.jpg", folder / "more" / "partial-face2.jpg")
+    (folder / "broken.jpg").write_text("not a photo")
+    return folder
+
+
+def _local_results(folder: Path, out: Path) -> dict[str, dict]:
+    """`ferkit predict FOLDER` (the local engine): its results.jsonl records by source."""
+    result = CliRunner().invoke(cli, ["predict", str(folder), "--out", str(out)])
+    assert result.exit_code == 1, result.output  # the broken file
+    return {r["source"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+
+
+def _ray_results(out: Path) -> dict[str, dict]:
+    records = [json.loads(line) for part in sorted((out / "results").glob("*.jsonl"))
+               for line in part.read_text().splitlines()]
+    return {r["source"]: r for r in records}
+
+
+def _without_timings(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "timings_ms"}
+
+
+def test_ray_engine_writes_the_rows_of_ferkit_predict(cluster, photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
+    local = _local_results(Path("photos"), tmp_path / "local")
+    run = CliRunner().invoke(cli, ["predict", "photos", "--engine", "ray", "--shard-size", "2",
+                                   "--out", str(tmp_path / "ray")])
+    assert run.exit_code == 1, run.output  # the broken file fails, the others go on
+    assert "4 images" in run.output and "1 failed" in run.output
+
+    remote = _ray_results(tmp_path / "ray")
+    assert sorted(remote) == sorted(local) and len(local) == 4
+    for source, record in local.items():
+        assert _without_timings(remote[source]) == _without_timings(record)
+    assert "not an image" in remote[str(Path("photos") / "broken.jpg")]["error"]
+
+    table = pq.read_table(tmp_path / "ray" / "faces").to_pylist()
+    with open(tmp_path / "local" / "faces.csv", newline="") as handle:
+        header = next(csv.reader(handle))
+    assert list(table[0]) == header
+    expected = {(r["source"], n): f for r in local.values() for n, f in enumerate(r["faces"], 1)}
+    assert len(table) == len(expected) >= 3
+    for row in table:
+        face = expected[(row["source"], row["face"])]
+        assert [row["x"], row["y"], row["width"], row["height"]] == face["box"]
+        assert row["emotion"] == face["emotion"] and row["uncertain"] == face["uncertain"]
+        assert np.allclose([row[c] for c in face["probabilities"]], list(face["probabilities"].values()), atol=1e-5)
+
+    summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert (summary["images"], summary["faces"], summary["failed"]) == (4, len(expected), 1)
+
+
+def test_a_killed_run_resumes_its_missing_parts_only(cluster, photos, tmp_path):
+    config = RayPredictConfig(sources=[str(photos)], out=str(tmp_path / "ray"), shard_size=2, workers=2)
+    first = predict_with_ray(config, progress=False)
+    results, faces = tmp_path / "ray" / "results", tmp_path / "ray" / "faces"
+    kept = (results / "part-00000.jsonl").stat().st_mtime_ns
+    # A kill between a task's two writes: its Parquet part is there, its results part is not.
+    (results / "part-00001.jsonl").unlink()
+
+    with pytest.raises(FerkitError, match="earlier run"):
+        predict_with_ray(config, progress=False)  # never written over without --resume
+    with pytest.raises(FerkitError, match="other inputs or settings"):
+        predict_with_ray(RayPredictConfig(**{**vars(config), "shard_size": 3, "resume": True}), progress=False)
+
+    config.resume = True
+    second = predict_with_ray(config, progress=False)
+    assert second["skipped_tasks"] == 1
+    assert {k: second[k] for k in ("images", "faces", "failed")} == {k: first[k] for k in ("images", "faces", "failed")}
+    assert (results / "part-00000.jsonl").stat().st_mtime_ns == kept
+    assert sorted(p.name for p in faces.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    assert not list((tmp_path / "ray").rglob("*.partial"))
+
+
+def test_list_files_and_uris(cluster, photos, tmp_path):
+    listing = tmp_path / "inputs.txt"
+    listing.write_text(f"# photos on shared storage\n{(photos / 'people.jpg').as_uri()}\n\n"
+                       f"{(photos / 'missing.jpg').as_uri()}\n{photos / 'partial-face.jpg'}\n")
+    summary = predict_with_ray(RayPredictConfig(sources=[str(listing)], out=(tmp_path / "ray").as_uri()),
+                               progress=False)
+    assert (summary["images"], summary["failed"]) == (3, 1)
+    records = _ray_results(tmp_path / "ray")
+    uri = (photos / "people.jpg").as_uri()
+    assert "no such file" in records[(photos / "missing.jpg").as_uri()]["error"]
+    local = _local_results(photos, tmp_path / "local")
+    assert _without_timings(records[uri])["faces"] == local[str(photos / "people.jpg")]["faces"]
+
+
+def test_one_task_per_video(cluster, tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    photo = cv2.resize(cv2.imread(str(EXAMPLE)), (320, 240))
+    path = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (320, 240))
+    for shift in range(10):
+        writer.write(np.roll(photo, shift * 2, axis=1))
+    writer.release()
+    local = CliRunner().invoke(cli, ["predict", str(path), "--every", "2", "--out", str(tmp_path / "local")])
+    assert local.exit_code == 0, local.output
+
+    summary = predict_with_ray(RayPredictConfig(sources=[str(path)], out=str(tmp_path / "ray"), every=2), progress=False)
+    assert summary["videos"] == 1 and summary["video_faces"] > 0 and summary["images"] == 0
+    [record] = _ray_results(tmp_path / "ray").values()
+    assert record["frames_analysed"] == 5 and record["faces"] == summary["video_faces"]
+    timeline = tmp_path / "ray" / "videos" / "video-00000-clip.timeline.csv"
+    assert timeline.read_text() == (tmp_path / "local" / "clip.timeline.csv").read_text()
