@@ -38,7 +38,8 @@ test: setup
 
 # The suite again on the oldest releases pyproject.toml admits (each direct dependency at its floor,
 # by uv's lowest-direct resolution), so that the lower bounds stay true. Without the distributed extra:
-# JAX needs NumPy 2, which would lift NumPy's floor (its tests skip here and run in `make test`).
+# JAX needs NumPy 2, which would lift NumPy's floor (its tests skip here and run in `make test`); without
+# the ray extra, whose floor is the release `make test` installs (its tests skip here too).
 $(VENV)-minimum/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)-minimum
 	$(VENV)-minimum/bin/pip install --quiet uv
