@@ -138,7 +138,8 @@ class AveragedWeightsValidation(keras.callbacks.Callback):
         averages = _moving_averages(self.model.optimizer)
         for variable in variables:
             if id(variable) in averages:
-                variable.assign(averages[id(variable)])
+                # a copy: on JAX, evaluate() donates the weights' buffers, which would delete the average's own
+                variable.assign(keras.ops.convert_to_numpy(averages[id(variable)]))
         batches = (self.faces[i : i + self.batch_size] for i in range(0, len(self.faces), self.batch_size))
         recalibrate_batch_norm(self.base_model, batches)
         self.weights = [keras.ops.convert_to_numpy(v) for v in variables]

@@ -173,7 +173,7 @@ def _fit(keras, model, config: TrainConfig, fit: dict, callbacks: list, size: in
 
 
 def _check_distributable(config: TrainConfig) -> None:
-    unsupported = [name for name, used in (("--mixup", config.mixup), ("--ema", config.ema), ("cached features (pass "
+    unsupported = [name for name, used in (("--mixup", config.mixup), ("cached features (pass "
                    "--no-cache-features)", trains_on_cached_features(config))) if used]
     if unsupported:
         raise FerkitError(f"multi-process training does not support {' and '.join(unsupported)} yet")
