@@ -123,6 +123,25 @@ def test_a_killed_run_is_usable_and_resumes(pattern_data, tmp_path):
     assert read_history(run / "history.csv")["epoch"] == list(range(1, done + 2))
 
 
+def test_an_epoch_cut_short_prints_no_progress_line(pattern_data, tmp_path, capsys):
+    import keras
+
+    class KillInEpochThree(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.epoch == 2 and batch == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    config = _config(pattern_data, tmp_path / "run", epochs=5, batch_size=16)
+    with pytest.raises(TrainingInterrupted, match="interrupted after 2 of 5 epochs"):
+        train(config, verbose=2, callbacks=[KillInEpochThree()])
+    lines = capsys.readouterr().out.splitlines()
+    # a line per recorded epoch; epoch 3, dropped, has its heading but no line that reads like a finished epoch
+    assert sum("/step" in line for line in lines) == 2 and "Epoch 3/5" in lines
+
+
 def test_a_kill_during_the_saves_of_an_epoch_lets_them_finish(pattern_data, tmp_path, monkeypatch):
     """SIGTERM arrives while epoch 2's models are being written: epoch 2 is recorded whole, and the run
     stops in epoch 3, which leaves no trace."""

@@ -25,11 +25,27 @@ def run_callbacks(run: Path, state: RunState, network, metadata: ModelMetadata, 
     epoch: history row, training checkpoint, then ferkit's models and state (which a resume trusts last)."""
     return [
         stop,
+        EpochProgress(stop),
         *([averaged] if averaged is not None else []),
         HistoryLogger(run / "history.csv", stop),
         Backup(backup, stop, run=run),
         RunRecord(run, state, network, metadata, saved_model=saved_model, averaged=averaged, stop=stop),
     ]
+
+
+class EpochProgress(keras.callbacks.ProgbarLogger):
+    """Keras' progress display (which `fit` then uses instead of its own), without the closing line of an
+    epoch that `stop` cut short: that epoch is dropped, and its line would read like a finished one."""
+
+    def __init__(self, stop: "StopOnSignal"):
+        super().__init__()
+        self.stop = stop
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.stop.requested:
+            super().on_epoch_end(epoch, logs)
+        elif self.verbose == 1:  # end the bar's line, left open
+            print(flush=True)
 
 
 class HistoryLogger(keras.callbacks.CSVLogger):
