@@ -216,25 +216,27 @@ def test_bad_options_are_refused(bad):
 
 
 def test_mixup_blends_two_faces_and_their_targets_alike():
-    from ferkit.training_data import mixup_batches
+    from ferkit.data.batches import face_batches
 
     # Face i is the unit vector e_i, so a blended face shows which faces it mixes and in what shares:
     # its target must be the same blend of their targets (x @ targets), its weight of their weights.
     n, classes = 50, 7
     labels = np.arange(n) % classes
     targets = np.eye(classes, dtype=np.float32)[labels] * 0.9 + 0.1 / classes
-    batches = mixup_batches(np.eye(n, dtype=np.float32), targets, 16, alpha=0.4, sample_weight=1.0 + labels, seed=3)
+    batches = face_batches(np.eye(n, dtype=np.float32), targets, batch_size=16, to_input=lambda f: f, mixup=0.4,
+                           sample_weight=1.0 + labels, seed=3)
     assert len(batches) == 4
     for epoch in range(2):
-        seen = np.zeros(n)
+        seen, blended = np.zeros(n), 0
         for index in range(len(batches)):
             x, y, weight = batches[index]
             assert np.allclose(x.sum(axis=1), 1) and (x >= 0).all() and ((x > 0).sum(axis=1) <= 2).all()
             assert np.allclose(y, x @ targets, atol=1e-6)
             assert np.allclose(weight, x @ (1.0 + labels), atol=1e-5)
             seen += (x > 0).sum(axis=0)
+            blended += ((x > 0).sum(axis=1) == 2).sum()
         assert (seen > 0).all()  # every face takes part in every epoch
-        assert not np.allclose(x, np.round(x))  # faces are blended, not just copied
+        assert blended > n // 2  # faces are blended, not just copied
         batches.on_epoch_end()
 
 

@@ -173,10 +173,8 @@ def _fit(keras, model, config: TrainConfig, fit: dict, callbacks: list, size: in
 
 
 def _check_distributable(config: TrainConfig) -> None:
-    unsupported = [name for name, used in (("--mixup", config.mixup), ("cached features (pass "
-                   "--no-cache-features)", trains_on_cached_features(config))) if used]
-    if unsupported:
-        raise FerkitError(f"multi-process training does not support {' and '.join(unsupported)} yet")
+    if trains_on_cached_features(config):
+        raise FerkitError("multi-process training does not support cached features yet (pass --no-cache-features)")
 
 
 BATCH_NORM_FACES = 2048  # un-augmented training faces that measure the averaged weights' batch-norm statistics

@@ -1,6 +1,7 @@
 """The data stage of training: the training and validation faces, their targets (class indices, or
 probability rows for label smoothing, distillation and mixup), class weights, and how they reach
-`Model.fit`: whole arrays, mixup batches, or batches made one at a time."""
+`Model.fit`: whole arrays, or batches made one at a time (ferkit.data.batches: packed data, data-parallel
+jobs, mixup)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import functools
 
 import numpy as np
 
-from ferkit._keras import import_keras
 from ferkit.config import TrainConfig
 from ferkit.data import FaceDataset, load_dataset, split_dataset
 from ferkit.data.batches import face_batches, faces_per_epoch
@@ -53,23 +53,20 @@ def fit_data(config: TrainConfig, train_set: FaceDataset, val_set: FaceDataset, 
     val_y = targets(val_set.labels, num_classes, config)
     class_weight = class_weights(config, train_set.labels, num_classes)
     face_weight = None if class_weight is None else np.array([class_weight[c] for c in train_set.labels], np.float32)
-    if config.mixup:  # whole arrays that mixup blends
-        x = mixup_batches(to_input(train_set.images), train_y, config.batch_size, alpha=config.mixup,
-                          sample_weight=face_weight, seed=config.seed + first_epoch)
-        return dict(x=x, validation_data=(to_input(val_set.images), val_y))
     if trains_on_cached_features(config):  # whole arrays: the backbone's features are computed once
         return dict(x=to_input(train_set.images), y=train_y, batch_size=config.batch_size, shuffle=True,
                     class_weight=class_weight, validation_data=(to_input(val_set.images), val_y))
-    # Memory-mapped (packed) datasets and data-parallel jobs read one batch at a time (ferkit.data.batches);
-    # faces in memory go to Keras whole, whose pipeline was measured faster on small networks.
+    # Memory-mapped (packed) datasets, data-parallel jobs and mixup read one batch at a time
+    # (ferkit.data.batches); faces in memory go to Keras whole, whose pipeline was measured faster on small networks.
     in_memory = isinstance(train_set.images, np.ndarray) and not isinstance(train_set.images, np.memmap)
-    if in_memory and not topology.coordinator:  # 8-bit faces: the network casts them
+    if in_memory and not topology.coordinator and not config.mixup:  # 8-bit faces: the network casts them
         return dict(x=faces_to_batch(train_set.images, channels, np.uint8), y=train_y, batch_size=config.batch_size,
                     shuffle=True, class_weight=class_weight, validation_data=(to_input(val_set.images), val_y))
     common = dict(batch_size=config.batch_size, to_input=to_input, seed=config.seed,
                   num_processes=topology.num_processes, process_id=topology.process_id)
     x = face_batches(train_set.images, train_y, sample_weight=face_weight, first_epoch=first_epoch,
-                     drop_remainder=bool(topology.coordinator), own_shards=bool(topology.coordinator), **common)
+                     drop_remainder=bool(topology.coordinator), own_shards=bool(topology.coordinator),
+                     mixup=config.mixup, **common)
     return dict(x=x, validation_data=face_batches(val_set.images, val_y, shuffle=False, pad=bool(topology.coordinator), **common))
 
 
@@ -92,44 +89,3 @@ def targets(labels: np.ndarray, num_classes: int, config: TrainConfig, teacher: 
     if teacher is None:
         return one_hot
     return ((1.0 - config.distill) * one_hot + config.distill * teacher).astype(np.float32)
-
-
-def mixup_batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, alpha: float,
-                  sample_weight: np.ndarray | None = None, seed: int = 0):
-    """Training batches for mixup (Zhang et al. 2018), as a Keras PyDataset: each face blended with
-    another face of its batch, weight lam ~ Beta(alpha, alpha) per face, and its target row and sample
-    weight blended the same way. Reshuffled every epoch, reproducibly from `seed`."""
-    batches_class = _mixup_batches_class(import_keras())
-    return batches_class(x, y, batch_size, alpha=alpha, sample_weight=sample_weight, seed=seed)
-
-
-@functools.cache
-def _mixup_batches_class(keras):
-    """The PyDataset subclass behind mixup_batches: defined once Keras is imported, not at ferkit's import."""
-
-    class MixupBatches(keras.utils.PyDataset):
-        def __init__(self, x, y, batch_size, *, alpha, sample_weight=None, seed=0):
-            super().__init__()
-            self.x, self.y, self.weight, self.batch_size, self.alpha = x, y, sample_weight, batch_size, alpha
-            self.rng = np.random.default_rng(seed)
-            self.order = self.rng.permutation(len(x))
-
-        def __len__(self):
-            return -(-len(self.x) // self.batch_size)
-
-        def __getitem__(self, index):
-            picked = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-            partner = picked[self.rng.permutation(len(picked))]
-            lam = self.rng.beta(self.alpha, self.alpha, size=len(picked)).astype(np.float32)
-            return tuple(_blend(a[picked], a[partner], lam) for a in (self.x, self.y, self.weight) if a is not None)
-
-        def on_epoch_end(self):
-            self.order = self.rng.permutation(len(self.x))
-
-    return MixupBatches
-
-
-def _blend(a: np.ndarray, b: np.ndarray, lam: np.ndarray) -> np.ndarray:
-    """lam * a + (1 - lam) * b, one lam per row."""
-    lam = lam.reshape((-1,) + (1,) * (a.ndim - 1))
-    return (lam * a + (1 - lam) * b).astype(np.float32)

@@ -21,7 +21,7 @@ from ferkit.errors import FerkitError
 def face_batches(faces, targets: np.ndarray, *, batch_size: int, to_input: Callable[[np.ndarray], np.ndarray],
                  sample_weight: np.ndarray | None = None, shuffle: bool = True, seed: int = 0, first_epoch: int = 0,
                  num_processes: int = 1, process_id: int = 0, drop_remainder: bool = False, pad: bool = False,
-                 own_shards: bool = False):
+                 own_shards: bool = False, mixup: float = 0.0):
     """A Keras PyDataset of (inputs, targets, sample weights) batches.
 
     `faces`: (N, H, W) uint8, anything indexable by an array of rows; `to_input` turns a batch of them
@@ -31,14 +31,19 @@ def face_batches(faces, targets: np.ndarray, *, batch_size: int, to_input: Calla
     there: every face counts once). With `shuffle`, the order is drawn from (`seed`, epoch).
 
     `own_shards` (training in a data-parallel job): where `shard_groups` gives each process shards of its
-    own, this process reads only those, b rows a batch, and an epoch lasts as long as the smallest group."""
+    own, this process reads only those, b rows a batch, and an epoch lasts as long as the smallest group.
+
+    `mixup` (alpha > 0, Zhang et al. 2018): each face of a batch is blended with another face of the same
+    batch, weight lam ~ Beta(alpha, alpha) per face, and its target and sample weight alike. Partners and
+    weights are drawn over the global batch from (`seed`, epoch, batch), so processes blend as one process
+    would; reading their own shards, each process blends within its local batch."""
     from ferkit._keras import import_keras
 
     if batch_size % num_processes:
         raise FerkitError(f"the batch size ({batch_size}) must be a multiple of the number of processes ({num_processes})")
     return _face_batches_class(import_keras())(
         faces, targets, batch_size, to_input, sample_weight, shuffle, seed, first_epoch, num_processes, process_id,
-        drop_remainder, pad, shard_groups(faces, num_processes) if own_shards else None,
+        drop_remainder, pad, shard_groups(faces, num_processes) if own_shards else None, mixup,
     )
 
 
@@ -65,7 +70,7 @@ def _face_batches_class(keras):
 
     class FaceBatches(keras.utils.PyDataset):
         def __init__(self, faces, targets, batch_size, to_input, sample_weight, shuffle, seed, first_epoch,
-                     num_processes, process_id, drop_remainder, pad, groups):
+                     num_processes, process_id, drop_remainder, pad, groups, mixup):
             super().__init__()
             self.faces, self.targets, self.to_input, self.weight = faces, targets, to_input, sample_weight
             self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, first_epoch
@@ -73,7 +78,7 @@ def _face_batches_class(keras):
             self.local_size = batch_size // num_processes
             start = process_id * self.local_size
             self.local = slice(start, start + self.local_size) if num_processes > 1 else slice(None)
-            self.drop_remainder, self.pad = drop_remainder, pad
+            self.drop_remainder, self.pad, self.mixup = drop_remainder, pad, mixup
             self._order_epoch, self._order = None, None
 
         def __len__(self):
@@ -93,14 +98,25 @@ def _face_batches_class(keras):
         def __getitem__(self, index):
             if self.groups is not None:  # this process's own shards: its whole local batch from them
                 rows = self.order()[index * self.local_size : (index + 1) * self.local_size]
-                return self._read(rows, self._weights(rows))
+                return self._mixed(rows, self._weights(rows), slice(None), [self.seed, self.epoch, index, self.process_id])
             rows = self.order()[index * self.batch_size : (index + 1) * self.batch_size]
             weights = self._weights(rows)
             if self.pad and len(rows) < self.batch_size:
                 missing = self.batch_size - len(rows)
                 rows = np.concatenate([rows, np.zeros(missing, rows.dtype)])
                 weights = np.concatenate([weights, np.zeros(missing, np.float32)])
-            return self._read(rows[self.local], weights[self.local])
+            return self._mixed(rows, weights, self.local, [self.seed, self.epoch, index])
+
+        def _mixed(self, rows, weights, local, key):
+            """The `local` part of the batch `rows`, each face blended with its partner when mixing up."""
+            batch = self._read(rows[local], weights[local])
+            if not self.mixup:
+                return batch
+            rng = np.random.default_rng(key)
+            partner = rng.permutation(len(rows))
+            lam = rng.beta(self.mixup, self.mixup, size=len(rows)).astype(np.float32)[local]
+            partners = self._read(rows[partner][local], weights[partner][local])
+            return tuple(_blend(a, b, lam) for a, b in zip(batch, partners))
 
         def _weights(self, rows):
             return np.ones(len(rows), np.float32) if self.weight is None else self.weight[rows].astype(np.float32)
@@ -114,3 +130,9 @@ def _face_batches_class(keras):
             self.epoch += 1
 
     return FaceBatches
+
+
+def _blend(a: np.ndarray, b: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """lam * a + (1 - lam) * b, one lam per row."""
+    lam = lam.reshape((-1,) + (1,) * (np.ndim(a) - 1))
+    return (lam * a + (1 - lam) * b).astype(np.float32)
