@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,12 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
 
 @pytest.fixture(scope="module")
 def cluster():
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
+    for sig, handler in handlers.items():  # ray.init replaced SIGTERM's; the other tests need theirs
+        signal.signal(sig, handler)
 
 
 @pytest.fixture
@@ -41,6 +45,15 @@ def photos(tmp_path) -> Path:
     shutil.copy(REAL_PHOTOS / "partial-face2.jpg", folder / "more" / "partial-face2.jpg")
     (folder / "broken.jpg").write_text("not a photo")
     return folder
+
+
+def test_a_ray_instance_it_starts_is_closed_and_leaves_the_signal_handlers_alone(photos, tmp_path):
+    assert not ray.is_initialized()  # the first test: the module's cluster is not up yet
+    before = signal.getsignal(signal.SIGTERM)
+    summary = predict_with_ray(RayPredictConfig(sources=[str(photos / "people.jpg")], out=str(tmp_path / "ray"),
+                                                workers=1), progress=False)
+    assert summary["images"] == 1 and summary["faces"] == 3
+    assert not ray.is_initialized() and signal.getsignal(signal.SIGTERM) is before
 
 
 def _local_results(folder: Path, out: Path) -> dict[str, dict]:

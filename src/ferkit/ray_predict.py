@@ -85,8 +85,8 @@ def predict_with_ray(config: RayPredictConfig, *, progress: bool = True) -> dict
     _start_or_resume(fs, root, config, tasks)
     todo = [t for t in tasks if not _exists(fs, f"{root}/results/{t.name}.jsonl")]
     if todo:
-        _start_ray(ray, config)
-        _run_tasks(ray, todo, config, root_uri(config.out), progress)
+        with _ray_session(ray, config):
+            _run_tasks(ray, todo, config, root_uri(config.out), progress)
     summary = {**count_outputs(fs, root), "skipped_tasks": len(tasks) - len(todo), "errors": errors}
     _write_bytes(fs, f"{root}/summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
@@ -231,16 +231,29 @@ def count_outputs(fs, root: str) -> dict:
 # --- the cluster -----------------------------------------------------------------------------------
 
 
-def _start_ray(ray, config: RayPredictConfig) -> None:
+@contextlib.contextmanager
+def _ray_session(ray, config: RayPredictConfig) -> Iterator[None]:
+    """Ray, connected for the block: the caller's connection if there is one, else a new one (to
+    `config.address`, or a new instance here), closed afterwards with the caller's signal handlers
+    restored (ray.init replaces SIGTERM's)."""
     import logging
+    import signal
 
     if ray.is_initialized():
+        yield
         return
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     if config.address:
         ray.init(address=config.address, logging_level=logging.WARNING)
     else:
         # "local": a new instance even where this machine has joined a cluster (--address joins one)
         ray.init(address="local", num_cpus=config.workers, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def _run_tasks(ray, tasks: list[Task], config: RayPredictConfig, out_uri: str, progress: bool) -> None:
