@@ -670,10 +670,10 @@ def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate:
 
 
 def _write_rows(writer, result, classifier) -> None:
-    for row in face_rows(result, classifier.classes):
-        score = "" if row["detector_score"] is None else f"{row['detector_score']:.3f}"
-        writer.writerow([*(row[c] for c in ("source", "face", "x", "y", "width", "height")), score, row["emotion"],
-                         f"{row['score']:.4f}", *(f"{row[c]:.4f}" for c in classifier.classes), int(row["uncertain"])])
+    for row in face_rows(result, classifier.classes):  # in face_columns' order
+        row["detector_score"] = "" if row["detector_score"] is None else f"{row['detector_score']:.3f}"
+        row.update({c: f"{row[c]:.4f}" for c in ("score", *classifier.classes)}, uncertain=int(row["uncertain"]))
+        writer.writerow(row.values())
 
 
 def _finished_sources(out: Path) -> set[str]:

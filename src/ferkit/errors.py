@@ -5,3 +5,9 @@ class FerkitError(Exception):
     """A problem the user can fix (bad path, bad file, bad option). Its message is one line."""
 
     exit_code = 2
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ferkit.errors import FerkitError
+from ferkit.errors import FerkitError, first_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -72,7 +72,7 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, channels
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(path, "not an image", f"{path} is not an image ferkit can read") from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(path, _first_line(err), f"{path} could not be decoded ({_first_line(err)})") from None
+        raise ImageError(path, first_line(err), f"{path} could not be decoded ({first_line(err)})") from None
     return ImageOps.exif_transpose(image)
 
 
@@ -135,11 +135,6 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
         scale = 255.0 if array.dtype.kind == "f" and array.max(initial=0) <= 1.0 else 1.0
         array = np.clip(array * scale, 0, 255).astype(np.uint8)
     return Image.fromarray(array)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def faces_to_batch(faces: np.ndarray, channels: int, dtype=np.float32) -> np.ndarray:

@@ -26,12 +26,13 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ferkit.errors import FerkitError
+from ferkit.errors import FerkitError, first_line
 from ferkit.extras import require
 from ferkit.images import IMAGE_SUFFIXES
 from ferkit.predict import UNCERTAIN_BELOW, check_uncertain_below
@@ -123,7 +124,7 @@ def _expand(source: str) -> Iterator[tuple[str, str]]:
         return
     kind = source_kind(source)
     paths = list_images(source) if kind in ("folder", "glob") else [Path(source)]
-    yield from ((str(path), str(path.resolve())) for path in paths)
+    yield from ((str(path), os.path.abspath(path)) for path in paths)
 
 
 def list_uri(uri: str) -> list[str]:
@@ -133,7 +134,7 @@ def list_uri(uri: str) -> list[str]:
         fs, path = pafs.FileSystem.from_uri(uri)
         info = fs.get_file_info(path)
     except Exception as err:  # pyarrow raises OSError, ValueError or its own types by scheme
-        raise FerkitError(f"{uri}: cannot be read ({_first_line(err)})") from None
+        raise FerkitError(f"{uri}: cannot be read ({first_line(err)})") from None
     if info.type == pafs.FileType.NotFound:
         raise FerkitError(f"no such file or folder: {uri}")
     if info.type == pafs.FileType.File:
@@ -162,7 +163,7 @@ def output_filesystem(out: str):
     try:
         fs, root = pafs.FileSystem.from_uri(root_uri(out))
     except Exception as err:
-        raise FerkitError(f"{out}: cannot be written ({_first_line(err)})") from None
+        raise FerkitError(f"{out}: cannot be written ({first_line(err)})") from None
     return fs, root.rstrip("/")
 
 
@@ -222,9 +223,13 @@ def count_outputs(fs, root: str) -> dict:
             records = [json.loads(line) for line in stream.read().decode().splitlines() if line]
         video = info.base_name.startswith("video-")
         for record in records:
-            counts["videos" if video else "images"] += 1
             counts["failed"] += bool(record.get("error"))
-            counts["video_faces" if video else "faces"] += record["faces"] if video and "error" not in record else len(record.get("faces") or [])
+            if video:  # a video's summary line: its faces are a count (none when it failed)
+                counts["videos"] += 1
+                counts["video_faces"] += record.get("faces", 0)
+            else:
+                counts["images"] += 1
+                counts["faces"] += len(record["faces"])
     return counts
 
 
@@ -300,7 +305,7 @@ class TaskWorker:
                 self.run_video(task) if task.kind == "video" else self.run_images(task)
                 errors.append("")
             except Exception as err:  # an unexpected failure of one task: reported, the others go on
-                errors.append(f"{type(err).__name__}: {_first_line(err)}")
+                errors.append(f"{type(err).__name__}: {first_line(err)}")
         return {"name": names, "items": counts, "error": errors}
 
     def run_images(self, task: Task) -> None:
@@ -375,12 +380,8 @@ def _readable(location: str) -> Iterator[str]:
         try:
             fs, path = pafs.FileSystem.from_uri(location)
             with fs.open_input_stream(path) as stream, open(local, "wb") as handle:
-                handle.write(stream.read())
+                shutil.copyfileobj(stream, handle)  # in chunks: videos can be large
         except (OSError, ValueError):
             pass
         yield local
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
