@@ -23,7 +23,7 @@ from ferkit.config import TrainConfig
 from ferkit.data import load_dataset
 from ferkit.evaluate import evaluate
 from ferkit.labels import EMOTIONS
-from ferkit.runtime import bundled_manifest
+from ferkit.runtime import shipped_model
 from ferkit.train import train
 
 
@@ -43,7 +43,7 @@ def make_split(source: Path, out: Path, train_n: int, score_n: int, seed: int) -
 
 def run_pair(train_dir: Path, score_dir: Path, tmp: Path, epochs: int) -> dict[str, float]:
     scores = {}
-    model = bundled_manifest()["model"]
+    model = shipped_model()["model"]
     for label, extra in (("fine-tuned", {"init": "default", "learning_rate": 1e-4}), ("scratch", {"model": model})):
         config = TrainConfig(data=str(train_dir), val=str(score_dir), epochs=epochs, augment=["flip"],
                              out=str(tmp / label), **extra)

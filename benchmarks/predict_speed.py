@@ -22,7 +22,7 @@ from PIL import Image
 
 from ferkit.faces import get_detector
 from ferkit.predict import analyze_images
-from ferkit.runtime import load_classifier
+from ferkit.runtime import classifier_speed, load_classifier
 from ferkit.video import analyze_video
 
 
@@ -48,15 +48,6 @@ def pan_video(photos: list[Path], out: Path, frames_per_photo: int = 20) -> Path
     return path
 
 
-def classifier_rate(classifier, batch: int, repeat: int = 20) -> float:
-    faces = np.random.default_rng(0).integers(0, 256, (batch, *classifier.input_size), dtype=np.uint8)
-    classifier.predict_proba(faces)
-    started = time.perf_counter()
-    for _ in range(repeat):
-        classifier.predict_proba(faces, batch_size=batch)
-    return (time.perf_counter() - started) / repeat
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model to time (default: the bundled one)")
@@ -72,10 +63,10 @@ def main() -> None:
         timed.append(("model single view", classifier.with_tta("none")))
     rates = {}
     for label, model in [*timed, *([("baseline", baseline)] if baseline else [])]:
-        big, one = classifier_rate(model, 256), classifier_rate(model, 1, repeat=200)
-        rates[label] = 256 / big
-        print(f"{label} {model.name} (tta {model.tta}): {256 / big:,.0f} faces/s batched (256), "
-              f"{one * 1e3:.2f} ms for one face")
+        speed = classifier_speed(model)
+        rates[label] = speed["faces_per_second"]
+        print(f"{label} {model.name} (tta {model.tta}): {speed['faces_per_second']:,} faces/s batched (256), "
+              f"{speed['ms_per_face']:.2f} ms for one face")
     if baseline:
         for label, _ in timed:
             print(f"ratio {label} / baseline: {rates[label] / rates['baseline']:.3f} (faces/s)")

@@ -12,13 +12,13 @@ from conftest import FER2013, needs_fer2013
 from ferkit.cli import cli
 from ferkit.data import load_dataset
 from ferkit.evaluate import evaluate
-from ferkit.runtime import OnnxClassifier, bundled_manifest, default_model_path, load_classifier, sha256_of
+from ferkit.runtime import OnnxClassifier, default_model_path, load_classifier, sha256_of, shipped_model
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
 
 
 def test_the_bundled_file_matches_its_recorded_hash():
-    manifest = bundled_manifest()
+    manifest = shipped_model()
     path = default_model_path()
     assert path.name == manifest["file"] and sha256_of(path) == manifest["sha256"]
     assert path.stat().st_size <= 25 * 1024 * 1024
@@ -40,7 +40,7 @@ def test_predict_on_the_example_photo_with_no_options(tmp_path):
     result = CliRunner().invoke(cli, ["predict", str(EXAMPLE), "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "people.faces.json").read_text())
-    assert len(data["faces"]) == 3 and data["model"] == bundled_manifest()["model"]
+    assert len(data["faces"]) == 3 and data["model"] == shipped_model()["model"]
     assert (tmp_path / "people.annotated.jpg").stat().st_size > 0
     # the broad smile of the official 2012 portrait (the middle face, left to right)
     middle = sorted(data["faces"], key=lambda f: f["box"][0])[1]
@@ -51,7 +51,7 @@ def test_predict_on_the_example_photo_with_no_options(tmp_path):
 def test_the_bundled_model_scores_on_val_what_its_manifest_records():
     val = load_dataset(FER2013 / "val")
     report, single_view = evaluate(None, val), evaluate(None, val, tta="none")
-    manifest = bundled_manifest()
+    manifest = shipped_model()
     assert report.tta == manifest["tta"] and report.accuracy == pytest.approx(manifest["val_accuracy"], abs=1e-6)
     assert single_view.accuracy == pytest.approx(manifest["val_accuracy_single_view"], abs=1e-6)
     # the shipped network (batch norm re-measured, int8), one view, loses no more than a point against
@@ -71,16 +71,16 @@ def test_evaluate_with_the_bundled_model_imports_no_tensorflow(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out.strip().splitlines()[-1]) == [False, False]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["samples"] == len(list(sample.rglob("*.jpg"))) and metrics["tta"] == bundled_manifest()["tta"]
+    assert metrics["samples"] == len(list(sample.rglob("*.jpg"))) and metrics["tta"] == shipped_model()["tta"]
     # real PublicTest faces (30 per class) that any decent model gets right: clearly happy and surprised
     assert metrics["per_class"]["happy"]["recall"] >= 0.8 and metrics["per_class"]["surprise"]["recall"] >= 0.6
     assert metrics["accuracy"] > 0.5  # chance is 1/7
 
 
 def test_the_bundled_files_match_their_hashes_and_name_no_machine_paths():
-    from ferkit.runtime import bundled_manifest, files_path, sha256_of
+    from ferkit.runtime import files_path, sha256_of, shipped_model
 
-    manifest = bundled_manifest()
+    manifest = shipped_model()
     assert sha256_of(files_path("weights", manifest["file"])) == manifest["sha256"]
     assert sha256_of(files_path("weights", manifest["keras_file"])) == manifest["keras_sha256"]
     assert manifest["keras_file"] == f"{manifest['keras_file_run']}.keras"  # named for the network it is

@@ -1,16 +1,15 @@
 """Fine-tuning from a trained model (--init): what it learnt is kept, and new classes can be added."""
 
 import numpy as np
-import pytest
 from PIL import Image
 
-from conftest import pattern_face, write_pattern_dataset
+from conftest import write_pattern_dataset
 from ferkit.config import TrainConfig
 from ferkit.data import load_dataset
 from ferkit.evaluate import evaluate
 from ferkit.labels import EMOTIONS
 from ferkit.runs import read_history
-from ferkit.runtime import bundled_manifest, files_path, read_metadata
+from ferkit.runtime import files_path, read_metadata, shipped_model
 from ferkit.train import train
 
 
@@ -57,7 +56,7 @@ def test_init_default_starts_from_the_bundled_model(pattern_data, tmp_path):
                          epochs=1, learning_rate=1e-5, out=str(tmp_path / "run"))
     run = train(config, verbose=0)
     # the bundled Keras twin (for an ensemble: its best member) is what training starts from
-    bundled = files_path("weights", bundled_manifest()["keras_file"])
+    bundled = files_path("weights", shipped_model()["keras_file"])
     assert read_metadata(run).model == read_metadata(bundled).model
     import keras
 

@@ -1,19 +1,22 @@
-"""Make a run's best model (or the ensemble of several runs' best models) the one bundled with ferkit:
-export it to ONNX under src/ferkit/weights/ and record its SHA-256, each run's config and the validation
-score in manifest.json.
+"""Ship a run's best model (or the ensemble of several runs' best models) inside ferkit: export it to
+ONNX under src/ferkit/weights/ and record its SHA-256, each run's config, the validation score and the
+speed in manifest.json, beside the models already shipped. `--model NAME` then picks it by name and
+`ferkit models` lists it; `--default` makes it the model used when none is named.
 
     python tools/bundle_model.py runs/ferkit-net-s-v1 --val ../shared/data/fer2013/val \
-        --recalibrate-bn --int8 --tta flip
+        --recalibrate-bn --int8 --tta flip --speed --default
     python tools/bundle_model.py runs/a runs/b --name ab --val ... # the mean of both models' probabilities
+    python tools/bundle_model.py --remove ab                       # ship it no more
 
 With --val, the exported ONNX model itself is scored there, as shipped and with a single view; the
 scores are recorded and printed as a table for the model card (--report DIR keeps the evaluation's
 files). Training-time scores differ: mixed-precision validation, batch-norm statistics from training.
+--speed times it here (faces/s in batches of 256, ms for one face) and records the machine with it.
 --recalibrate-bn and --int8 calibrate on the (first) run's training data (its config.json names it).
 --temperature-data DATA fits the temperature that calibrates the model's confidence on those held-out
 labelled faces (not the training data; a FER2013 CSV gives its PublicTest rows) and ships it in the model.
 The same faces as --val then score a calibration fitted on them: optimistic; prefer other held-out faces.
-The Keras file shipped beside the ONNX one, what `ferkit train --init default` starts from, is the best
+The Keras file shipped beside each ONNX one, what `ferkit train --init NAME` starts from, is the best
 single run's model.
 """
 
@@ -29,16 +32,19 @@ from ferkit.data import load_dataset
 from ferkit.ensemble import ensemble_models
 from ferkit.export import export_onnx
 from ferkit.runs import RunState
-from ferkit.runtime import TTA_CHOICES, read_metadata, sha256_of
+from ferkit.runtime import MANIFEST, TTA_CHOICES, OnnxClassifier, classifier_speed, read_metadata, sha256_of
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "ferkit" / "weights"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", type=Path, nargs="+", help="a run folder, or several to bundle their ensemble")
+    parser.add_argument("runs", type=Path, nargs="*", help="a run folder, or several to bundle their ensemble")
     parser.add_argument("--name", help="file name without .onnx (default: the run folder's name; needed for several)")
+    parser.add_argument("--default", action="store_true", help="make it the model used when none is named")
+    parser.add_argument("--remove", metavar="NAME", help="remove the shipped model NAME (not the default one)")
     parser.add_argument("--val", help="validation data to score the exported model on")
+    parser.add_argument("--speed", action="store_true", help="time the exported model here and record it")
     parser.add_argument("--recalibrate-bn", action="store_true",
                         help="re-measure batch-norm statistics on the run's un-augmented training data")
     parser.add_argument("--int8", action="store_true", help="quantize to int8, calibrated on the run's training data")
@@ -46,32 +52,40 @@ def main() -> None:
     parser.add_argument("--temperature-data",
                         help="held-out labelled faces to fit the confidence-calibrating temperature on")
     parser.add_argument("--report", type=Path, help="with --val: write the evaluation's files (JSON, CSV, PNG, HTML) here")
+    parser.add_argument("--weights", type=Path, default=WEIGHTS, help=argparse.SUPPRESS)  # for tests
     args = parser.parse_args()
+    manifest = _read_manifest(args.weights)
+    if args.remove:
+        if args.runs:
+            parser.error("--remove takes no run folders")
+        return _remove(manifest, args.remove, args.weights)
+    if not args.runs:
+        parser.error("give the run folder(s) to bundle, or --remove NAME")
     if len(args.runs) > 1 and not args.name:
         parser.error("--name is needed to bundle several runs")
     members = [_member(run) for run in args.runs]
     calibration = load_dataset(members[0]["config"]["data"]) if args.int8 or args.recalibrate_bn else None
     held_out = _temperature_data(args.runs[0], args.temperature_data) if args.temperature_data else None
     name = args.name or args.runs[0].name
-    target = WEIGHTS / f"{name}.onnx"
-    staged = WEIGHTS / f".{name}.staged.onnx"  # the bundled files are replaced only once the export succeeded
+    target = args.weights / f"{name}.onnx"
+    staged = args.weights / f".{name}.staged.onnx"  # the shipped files are replaced only once the export succeeded
     with tempfile.TemporaryDirectory() as scratch:
         source = args.runs[0] if len(args.runs) == 1 else ensemble_models(args.runs, Path(scratch) / f"{name}.keras")
         export_onnx(source, staged, overwrite=True, calibration=calibration, int8=args.int8,
                     recalibrate_bn=args.recalibrate_bn, tta=args.tta, temperature_data=held_out)
-    for old in [*WEIGHTS.glob("*.onnx"), *WEIGHTS.glob("*.keras")]:
-        if old != staged:
-            old.unlink()
-    staged.rename(target)
     best = max(members, key=lambda member: member["val_accuracy_during_training"])
-    keras_file = WEIGHTS / f"{best['run']}.keras"  # the best single network: what `train --init default` starts from
+    keras_file = args.weights / f"{best['run']}.keras"  # the best single network: what `train --init NAME` starts from
+    keras_sha256 = sha256_of(Path(best["path"]) / "best.keras")
+    _check_keras_file_free(manifest, name, keras_file.name, keras_sha256)
+    old_entry = manifest["models"].pop(name, None)
+    staged.replace(target)
     shutil.copy(Path(best["path"]) / "best.keras", keras_file)
     meta = read_metadata(target)
-    manifest = {
+    manifest["models"][name] = {
         "file": target.name,
         "sha256": sha256_of(target),
         "keras_file": keras_file.name,
-        "keras_sha256": sha256_of(keras_file),
+        "keras_sha256": keras_sha256,
         "keras_file_run": best["run"],
         "model": meta.model,
         "classes": meta.classes,
@@ -82,10 +96,55 @@ def main() -> None:
         "temperature_fit": meta.extra.get("temperature"),
         "val_accuracy_during_training": best["val_accuracy_during_training"],  # the best single run's
         **(_score(target, args.val, args.report) if args.val else {}),
+        **({"speed": classifier_speed(OnnxClassifier(target))} if args.speed else {}),
         "members": [{key: value for key, value in member.items() if key != "path"} for member in members],
     }
-    (WEIGHTS / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    print(f"bundled {target} ({target.stat().st_size / 1e6:.1f} MB), sha256 {manifest['sha256'][:16]}...")
+    if args.default or not manifest.get("default"):
+        manifest["default"] = name
+    if old_entry:
+        _delete_unused_files(manifest, old_entry, args.weights)
+    _write_manifest(manifest, args.weights)
+    role = "the default model" if manifest["default"] == name else f"beside the default {manifest['default']}"
+    print(f"shipped {name}: {target} ({target.stat().st_size / 1e6:.1f} MB), sha256 {manifest['models'][name]['sha256'][:16]}..., "
+          f"{role}")
+
+
+def _read_manifest(weights: Path) -> dict:
+    path = weights / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {"default": None, "models": {}}
+
+
+def _write_manifest(manifest: dict, weights: Path) -> None:
+    tmp = weights / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(weights / MANIFEST)
+
+
+def _remove(manifest: dict, name: str, weights: Path) -> None:
+    if name not in manifest["models"]:
+        raise SystemExit(f"ferkit ships no model named {name!r} (it ships {', '.join(manifest['models'])})")
+    if manifest["default"] == name:
+        raise SystemExit(f"{name} is the default model: bundle another with --default first")
+    entry = manifest["models"].pop(name)
+    _delete_unused_files(manifest, entry, weights)
+    _write_manifest(manifest, weights)
+    print(f"removed {name}; ferkit ships {', '.join(manifest['models'])}")
+
+
+def _check_keras_file_free(manifest: dict, name: str, keras_file: str, sha256: str) -> None:
+    """Two shipped models may share a Keras file only if it is the same network."""
+    for other, entry in manifest["models"].items():
+        if other != name and entry.get("keras_file") == keras_file and entry.get("keras_sha256") != sha256:
+            raise SystemExit(f"{keras_file} is already shipped with {other} and holds another network; "
+                             "rename the run folder")
+
+
+def _delete_unused_files(manifest: dict, entry: dict, weights: Path) -> None:
+    """Delete the files of a replaced or removed entry that no shipped model uses any more."""
+    in_use = {entry_file for kept in manifest["models"].values() for entry_file in (kept["file"], kept.get("keras_file"))}
+    for old in (entry["file"], entry.get("keras_file")):
+        if old and old not in in_use:
+            (weights / old).unlink(missing_ok=True)
 
 
 def _member(run: Path) -> dict:

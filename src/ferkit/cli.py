@@ -82,7 +82,8 @@ def cli(debug: bool):
 @cli.group("models", invoke_without_command=True)
 @click.pass_context
 def models_cmd(ctx):
-    """List the registered models; `models show NAME` prints one's layers."""
+    """List the models shipped with ferkit and the networks it can train; `models show NAME` prints
+    a network's layers."""
     if not ctx.invoked_subcommand:
         ctx.invoke(models_list)
 
@@ -90,18 +91,38 @@ def models_cmd(ctx):
 @models_cmd.command("list")
 @click.argument("pattern", required=False, default="*")
 def models_list(pattern: str):
-    """List the registered models (optionally matching a PATTERN such as 'seed-*')."""
-    from ferkit.models import get_model_spec, list_models
+    """List the shipped models and the registered networks (optionally those matching a PATTERN such
+    as 'seed-*')."""
+    from fnmatch import fnmatch
 
+    from ferkit.models import get_model_spec, list_models
+    from ferkit.runtime import shipped_models
+
+    shipped = {name: entry for name, entry in shipped_models().items() if fnmatch(name, pattern)}
     names = list_models(pattern)
-    if not names:
+    if not shipped and not names:
         raise FerkitError(f"no model matches {pattern!r}")
-    rows = [(n, get_model_spec(n)) for n in names]
-    _print_table(
-        ["model", "input", "description"],
-        [[n, f"{s.input_size[0]}x{s.input_size[1]}x{s.channels}", s.description] for n, s in rows],
-        right=(),
-    )
+    if shipped:
+        _print_table(["shipped model", "network", "val acc", "views", "faces/s", "ms/face"],
+                     [_shipped_row(name, entry) for name, entry in shipped.items()], right=(2, 4, 5),
+                     title="Shipped with ferkit (--model NAME; the first is the default)")
+        machines = sorted({entry["speed"]["machine"] for entry in shipped.values() if "speed" in entry})
+        if machines:
+            click.echo(f"faces/s in batches of 256, measured on {'; '.join(machines)}")
+    if names:
+        rows = [(n, get_model_spec(n)) for n in names]
+        _print_table(
+            ["network", "input", "description"],
+            [[n, f"{s.input_size[0]}x{s.input_size[1]}x{s.channels}", s.description] for n, s in rows],
+            right=(), title="Networks to train (ferkit train --model NAME)",
+        )
+
+
+def _shipped_row(name: str, entry: dict) -> list[str]:
+    accuracy, speed = entry.get("val_accuracy"), entry.get("speed")
+    return [name, entry["model"], f"{accuracy:.1%}" if accuracy is not None else "-",
+            "1" if entry["tta"] == "none" else entry["tta"],
+            f"{speed['faces_per_second']:,}" if speed else "-", f"{speed['ms_per_face']:.2f}" if speed else "-"]
 
 
 @models_cmd.command("show")
@@ -301,8 +322,8 @@ def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_siz
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
 @TTA_OPTION
 def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, batch_size: int, as_json: bool, tta):
-    """Score MODEL (a run folder or model file; default: the bundled model) on labelled data; write
-    JSON, CSV and PNG reports."""
+    """Score MODEL (a run folder, model file or shipped model's name; default: the default shipped
+    model) on labelled data; write JSON, CSV and PNG reports."""
     from ferkit.data import load_dataset
     from ferkit.evaluate import evaluate
     from ferkit.runtime import load_classifier, resolve_model_path
@@ -469,7 +490,7 @@ def cache_cmd(action: str):
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; 0.0.0.0 opens the server to your network.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--model", default=None, help="Run folder, .keras or .onnx file (default: the bundled model).")
+@click.option("--model", default=None, help="Run folder, .keras or .onnx file, or a shipped model by name (default: the default one).")
 @click.option("--detector", type=click.Choice(["auto", "yunet", "mtcnn"]), default="auto", show_default=True)
 @click.option("--max-upload-mb", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Largest photo accepted (larger ones get HTTP 413).")
@@ -492,7 +513,7 @@ def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, 
 
 @cli.command("predict")
 @click.argument("sources", nargs=-1, required=True)
-@click.option("--model", help="A run folder, .keras or .onnx file (default: the model bundled with ferkit).")
+@click.option("--model", help="A run folder, .keras or .onnx file, or a shipped model by name (default: the default one).")
 @click.option("--detector", type=click.Choice(DETECTORS), default="auto", show_default=True,
               help="Face detector; 'none' treats each whole image as one face (for cropped face photos).")
 @click.option("--box", "boxes", multiple=True, metavar="X,Y,W,H",

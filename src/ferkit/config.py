@@ -54,7 +54,7 @@ class TrainConfig:
                              choices=PRECISIONS)
     seed: int = setting(0, "Seeds weights, shuffling, augmentation and the val split.")
     out: str = setting("runs/train", "Run folder.")
-    init: str | None = setting(None, "Start from a trained model: default (the bundled one), a run folder or .keras file.")
+    init: str | None = setting(None, "Start from a trained model: 'default' or another shipped model by name, a run folder or .keras file.")
     weights: str | None = setting(None, "Pretrained backbones: imagenet, a local weights file, or none.",
                                   default_text="the backbone's own, imagenet")
     cache_features: bool = setting(True, "Frozen backbones without augmentation: compute their features once, train the head.")

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import time
 import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from ferkit.calibration import apply_temperature, check_temperature
 from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch
 
+MANIFEST = "manifest.json"  # in ferkit/weights: the shipped models
 METADATA_NAME = "ferkit.json"  # inside a .keras zip; the metadata_props key in an .onnx file
 PREPROCESSING = "exif-upright, grayscale (ITU-R 601-2 luma), resized to input_size, gray repeated to channels, raw 0-255"
 # test-time augmentation: flip averages each face with its mirror image; tencrop (models that crop their
@@ -94,10 +96,10 @@ def save_keras_model(model, path: str | Path, metadata: ModelMetadata) -> Path:
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
-    """A model file (.keras or .onnx), a run folder (its best model, else its last), or None / "default"
-    for the model shipped inside ferkit."""
+    """A model file (.keras or .onnx), a run folder (its best model, else its last), the name of a model
+    shipped inside ferkit (`ferkit models` lists them), or None / "default" for the default shipped one."""
     if model is None or str(model) == "default":
-        return default_model_path()
+        return shipped_model_path()
     path = Path(model)
     if path.is_dir():
         for name in ("best.keras", "last.keras"):
@@ -105,28 +107,63 @@ def resolve_model_path(model: str | Path | None) -> Path:
                 return path / name
         raise FerkitError(f"{path} holds no model (no best.keras or last.keras): is it a ferkit run folder?")
     if not path.exists():
-        raise FerkitError(f"no such model or run folder: {path}")
+        if names_shipped_model(model):
+            return shipped_model_path(str(model))
+        shipped = shipped_models() if files_path("weights", MANIFEST).is_file() else {}
+        known = f" (the models shipped with ferkit: {', '.join(shipped)})" if shipped else ""
+        raise FerkitError(f"no such model or run folder: {path}{known}")
     if path.suffix not in (".keras", ".onnx"):
         raise FerkitError(f"{path} is not a ferkit model (expected a .keras or .onnx file, or a run folder)")
     return path
 
 
-def bundled_manifest() -> dict:
-    """ferkit/weights/manifest.json: the bundled model's file name, SHA-256 and how it was made."""
-    manifest = files_path("weights", "manifest.json")
+def read_manifest() -> dict:
+    """ferkit/weights/manifest.json: {"default": NAME, "models": {NAME: entry}}, where an entry records
+    the model's file and SHA-256, how it was made and how it scored (tools/bundle_model.py writes it)."""
+    manifest = files_path("weights", MANIFEST)
     if not manifest.is_file():
         raise FerkitError("this ferkit has no bundled model; pass --model RUN_OR_MODEL")
     return json.loads(manifest.read_text())
 
 
-def default_model_path() -> Path:
-    """The ONNX model shipped in the package, checked against its recorded SHA-256 once per process."""
-    manifest = bundled_manifest()
-    path = files_path("weights", manifest["file"])
+def shipped_models() -> dict[str, dict]:
+    """The models inside the package by name, the default one first."""
+    manifest = read_manifest()
+    default = manifest["default"]
+    return {default: manifest["models"][default], **manifest["models"]}
+
+
+def names_shipped_model(model: str | Path | None) -> bool:
+    """Whether `model` is "default" or the name of a shipped model (and not a file or folder here)."""
+    if model is None or str(model) == "default":
+        return True
+    if Path(model).exists() or not files_path("weights", MANIFEST).is_file():
+        return False
+    return str(model) in read_manifest()["models"]
+
+
+def shipped_model(name: str = "default") -> dict:
+    """The manifest entry of a shipped model: "default" or one of `shipped_models()`."""
+    manifest = read_manifest()
+    name = manifest["default"] if name == "default" else name
+    if name not in manifest["models"]:
+        raise FerkitError(f"ferkit ships no model named {name!r} (it ships {', '.join(manifest['models'])})")
+    return {"name": name, **manifest["models"][name]}
+
+
+def shipped_model_path(name: str = "default") -> Path:
+    """The ONNX file of a shipped model, checked against its recorded SHA-256 once per process."""
+    entry = shipped_model(name)
+    path = files_path("weights", entry["file"])
     if not path.is_file():
         raise FerkitError(f"the bundled model {path} is missing from this installation; reinstall ferkit")
-    _check_hash(path, manifest["sha256"])
+    _check_hash(path, entry["sha256"])
     return path
+
+
+def default_model_path() -> Path:
+    """The ONNX file of the model `ferkit predict` uses when given none."""
+    return shipped_model_path()
 
 
 def files_path(*parts: str) -> Path:
@@ -336,6 +373,36 @@ def load_classifier(model: str | Path | Classifier | None = None) -> Classifier:
         return model
     path = resolve_model_path(model).resolve()
     return _load_cached(path, path.stat().st_mtime_ns)
+
+
+def classifier_speed(classifier: Classifier, *, batch: int = 256, repeat: int = 20) -> dict:
+    """How fast `classifier` runs here, as it is (with its test-time augmentation), on random faces:
+    faces per second in batches of `batch` and milliseconds for one face alone, after a warm-up call."""
+
+    def seconds_per_call(size: int, calls: int) -> float:
+        faces = np.random.default_rng(0).integers(0, 256, (size, *classifier.input_size), dtype=np.uint8)
+        classifier.predict_proba(faces, batch_size=size)
+        started = time.perf_counter()
+        for _ in range(calls):
+            classifier.predict_proba(faces, batch_size=size)
+        return (time.perf_counter() - started) / calls
+
+    return {"faces_per_second": round(batch / seconds_per_call(batch, repeat)),
+            "ms_per_face": round(seconds_per_call(1, repeat * 10) * 1e3, 2), "machine": machine_description()}
+
+
+def machine_description() -> str:
+    """This machine's CPU model and usable cores, e.g. "AMD EPYC 7B13, 2 cores, Linux x86_64"."""
+    import platform
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return f"{cpu}, {cores} cores, {platform.system()} {platform.machine()}"
 
 
 @functools.lru_cache(maxsize=4)

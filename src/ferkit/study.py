@@ -29,6 +29,7 @@ import numpy as np
 from ferkit.config import TrainConfig
 from ferkit.data import FaceDataset, load_dataset
 from ferkit.errors import FerkitError
+from ferkit.runtime import machine_description
 
 log = logging.getLogger("ferkit")
 
@@ -316,29 +317,13 @@ def _reproduction(config: StudyConfig, train_data: str, val: FaceDataset) -> dic
     text = {
         "command": config.command or "ferkit.study(...)",
         "versions": versions,
-        "machine": f"{_cpu_name()}, {_cpu_count()} cores, {platform.system()} {platform.machine()}",
+        "machine": machine_description(),
         "seed": config.seed,
         "train": {"source": train_data, "faces": len(train), "per_class": train.class_counts(),
                   "subset_of": config.data if config.subset else None},
         "val": {"source": config.val, "faces": len(val), "per_class": val.class_counts()},
     }
     return {"text": text, "train": train}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _without_history(result: EntryResult) -> dict:

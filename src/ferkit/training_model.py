@@ -100,16 +100,16 @@ def random_crop_layer(keras, config: TrainConfig, seed: int):
 
 
 def init_model_path(init: str) -> Path:
-    """The .keras model that --init names: "default" (the bundled model's Keras twin), a run or a file."""
-    if init == "default":
-        from ferkit.runtime import _check_hash, bundled_manifest, files_path
+    """The .keras model that --init names: "default" or a shipped model's name (its Keras twin), a run
+    or a file."""
+    from ferkit.runtime import _check_hash, files_path, names_shipped_model, shipped_model
 
-        manifest = bundled_manifest()
-        if "keras_file" not in manifest:
-            raise FerkitError("the bundled model has no Keras version to start from; pass --init RUN")
-        path = files_path("weights", manifest["keras_file"])
-        if "keras_sha256" in manifest:
-            _check_hash(path, manifest["keras_sha256"])
+    if names_shipped_model(init):
+        entry = shipped_model(init)
+        if "keras_file" not in entry:
+            raise FerkitError(f"the shipped model {entry['name']} has no Keras version to start from; pass --init RUN")
+        path = files_path("weights", entry["keras_file"])
+        _check_hash(path, entry["keras_sha256"])
         return path
     path = resolve_model_path(init)
     if path.suffix != ".keras":
