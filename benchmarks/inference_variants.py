@@ -18,14 +18,12 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from predict_speed import classifier_rate
-
 from ferkit.config import TrainConfig
 from ferkit.data import load_dataset
 from ferkit.ensemble import ensemble_models
 from ferkit.evaluate import evaluate
 from ferkit.export import export_onnx
-from ferkit.runtime import load_classifier
+from ferkit.runtime import classifier_speed, load_classifier
 
 
 def main() -> None:
@@ -46,15 +44,15 @@ def main() -> None:
             "int8+bn": export_onnx(model, Path(tmp) / "int8.onnx", calibration=training, recalibrate_bn=True, int8=True),
         }
         baseline = load_classifier(_as_onnx(args.baseline, Path(tmp))) if args.baseline else None
-        base_rate = 256 / classifier_rate(baseline, 256) if baseline else None
+        base_rate = classifier_speed(baseline)["faces_per_second"] if baseline else None
         print(f"{'variant':<18} {'val accuracy':>12} {'macro-F1':>9} {'faces/s':>9} {'ms/face':>8}"
               + (f" {'ratio':>6}" if baseline else ""))
         for precision, path in models.items():
             for tta in ("none", "flip"):
                 classifier = load_classifier(path).with_tta(tta)
                 report = evaluate(classifier, val)
-                rate = 256 / classifier_rate(classifier, 256)
-                one = classifier_rate(classifier, 1, repeat=200) * 1e3
+                speed = classifier_speed(classifier)
+                rate, one = speed["faces_per_second"], speed["ms_per_face"]
                 ratio = f" {rate / base_rate:>6.3f}" if baseline else ""
                 print(f"{precision + ' ' + tta:<18} {report.accuracy:>12.4f} {report.macro_f1:>9.4f} "
                       f"{rate:>9,.0f} {one:>8.2f}{ratio}")

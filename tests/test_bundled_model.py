@@ -77,13 +77,19 @@ def test_evaluate_with_the_bundled_model_imports_no_tensorflow(tmp_path):
     assert metrics["accuracy"] > 0.5  # chance is 1/7
 
 
-def test_the_bundled_files_match_their_hashes_and_name_no_machine_paths():
-    from ferkit.runtime import files_path, sha256_of, shipped_model
+def test_the_shipped_files_match_their_hashes_and_name_no_machine_paths():
+    from ferkit.runtime import MANIFEST, files_path, read_manifest, sha256_of, shipped_models
 
-    manifest = shipped_model()
-    assert sha256_of(files_path("weights", manifest["file"])) == manifest["sha256"]
-    assert sha256_of(files_path("weights", manifest["keras_file"])) == manifest["keras_sha256"]
-    assert manifest["keras_file"] == f"{manifest['keras_file_run']}.keras"  # named for the network it is
+    named = {MANIFEST}
+    for entry in shipped_models().values():
+        assert sha256_of(files_path("weights", entry["file"])) == entry["sha256"]
+        assert sha256_of(files_path("weights", entry["keras_file"])) == entry["keras_sha256"]
+        assert entry["keras_file"] == f"{entry['keras_file_run']}.keras"  # named for the network it is
+        assert files_path("weights", entry["file"]).stat().st_size <= 25 * 1024 * 1024
+        named |= {entry["file"], entry["keras_file"]}
+    # nothing else lies in the package's weights: every file there is one a user downloads
+    assert {p.name for p in files_path("weights").iterdir() if p.name != "__pycache__"} == named
+    manifest = read_manifest()
 
     def strings(value):
         if isinstance(value, dict):

@@ -12,6 +12,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from ferkit.cli import cli
+from ferkit.data import load_dataset
 from ferkit.runtime import (OnnxClassifier, default_model_path, files_path, load_classifier, resolve_model_path,
                             sha256_of, shipped_model, shipped_models)
 from ferkit.training_model import init_model_path
@@ -25,10 +26,10 @@ def bundle(*args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
-def test_the_bundle_tool_adds_replaces_and_removes_shipped_models(trained_run, pattern_data, tmp_path):
+def test_the_bundle_tool_adds_replaces_and_removes_shipped_models(trained_run, pattern_data, tmp_path, monkeypatch):
     weights = tmp_path / "weights"
     weights.mkdir()
-    first = bundle(trained_run, "--name", "small", "--val", pattern_data / "val", "--speed", "--weights", weights)
+    first = bundle(trained_run, "--name", "small", "--val", pattern_data / "val", "--speed", "--weights-dir", weights)
     assert first.returncode == 0, first.stderr
     manifest = json.loads((weights / "manifest.json").read_text())
     assert manifest["default"] == "small"  # the first model shipped is the default
@@ -36,39 +37,58 @@ def test_the_bundle_tool_adds_replaces_and_removes_shipped_models(trained_run, p
     assert sha256_of(weights / "small.onnx") == entry["sha256"]
     assert sha256_of(weights / entry["keras_file"]) == entry["keras_sha256"]
     assert entry["speed"]["faces_per_second"] > 0 and entry["speed"]["ms_per_face"] > 0
-    # the recorded score is the exported file's own on that data
+    # the recorded score is the shipped file's own on that data
     classifier = OnnxClassifier(weights / "small.onnx")
-    from ferkit.data import load_dataset
-
     val = load_dataset(pattern_data / "val", classes=classifier.classes)
     accuracy = float(np.mean(classifier.predict_proba(val.images).argmax(axis=1) == val.labels))
     assert abs(entry["val_accuracy"] - accuracy) < 1e-9
 
-    second = bundle(trained_run, "--name", "flipped", "--tta", "flip", "--weights", weights)
+    second = bundle(trained_run, "--name", "flipped", "--tta", "flip", "--default", "--weights-dir", weights)
     assert second.returncode == 0, second.stderr
     manifest = json.loads((weights / "manifest.json").read_text())
-    assert manifest["default"] == "small" and set(manifest["models"]) == {"small", "flipped"}
+    assert manifest["default"] == "flipped" and set(manifest["models"]) == {"small", "flipped"}
     assert manifest["models"]["flipped"]["tta"] == "flip" and "speed" not in manifest["models"]["flipped"]
     assert sha256_of(weights / "small.onnx") == manifest["models"]["small"]["sha256"]  # left as it was
 
-    assert bundle(trained_run, "--name", "flipped", "--tta", "flip", "--default", "--weights", weights).returncode == 0
-    assert json.loads((weights / "manifest.json").read_text())["default"] == "flipped"
+    # ferkit, reading this folder, picks each by name and lists the default first
+    monkeypatch.setattr("ferkit.runtime.files_path", lambda *parts: weights.joinpath(*parts[1:]))
+    assert resolve_model_path("small") == weights / "small.onnx"
+    assert resolve_model_path(None) == resolve_model_path("flipped") == weights / "flipped.onnx"
+    assert load_classifier("flipped").tta == "flip" and load_classifier("small").tta == "none"
+    listing = CliRunner().invoke(cli, ["models", "list", "*"], env={"COLUMNS": "200"})
+    rows = [line for line in listing.output.splitlines() if " small " in line or " flipped " in line]
+    assert [row.split()[1] for row in rows] == ["flipped", "small"]
 
-    refused = bundle("--remove", "flipped", "--weights", weights)
+    assert bundle("--set-default", "small", "--weights-dir", weights).returncode == 0
+    assert json.loads((weights / "manifest.json").read_text())["default"] == "small"
+    refused = bundle("--remove", "small", "--weights-dir", weights)
     assert refused.returncode != 0 and refused.stderr.strip().splitlines() == [
-        "flipped is the default model: bundle another with --default first"]
-    removed = bundle("--remove", "small", "--weights", weights)
+        "small is the default model: make another the default first (--set-default NAME)"]
+    removed = bundle("--remove", "flipped", "--weights-dir", weights)
     assert removed.returncode == 0, removed.stderr
     manifest = json.loads((weights / "manifest.json").read_text())
-    assert set(manifest["models"]) == {"flipped"} and not (weights / "small.onnx").exists()
-    # the Keras file both were made from is still shipped with the one left
-    assert (weights / manifest["models"]["flipped"]["keras_file"]).is_file()
-    assert sorted(p.name for p in weights.iterdir()) == sorted(["manifest.json", "flipped.onnx",
-                                                                manifest["models"]["flipped"]["keras_file"]])
+    assert set(manifest["models"]) == {"small"} and not (weights / "flipped.onnx").exists()
+    # the Keras file both were made from is still shipped with the one left; no staging files stay
+    assert sorted(p.name for p in weights.iterdir()) == sorted(["manifest.json", "small.onnx",
+                                                                manifest["models"]["small"]["keras_file"]])
+
+
+def test_the_bundle_tool_refuses_bad_names_and_leaves_the_shipped_files_on_failure(trained_run, tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    assert bundle(trained_run, "--name", "small", "--weights-dir", weights).returncode == 0
+    before = {p.name: sha256_of(p) for p in weights.iterdir()}
+    for name in ("default", "a/b", "small.onnx"):
+        refused = bundle(trained_run, "--name", name, "--weights-dir", weights)
+        assert refused.returncode == 2 and "--name" in refused.stderr
+    # scoring on data that is not there fails after the export: the shipped model is untouched
+    failed = bundle(trained_run, "--name", "small", "--tta", "flip", "--val", tmp_path / "missing", "--weights-dir", weights)
+    assert failed.returncode != 0
+    assert {p.name: sha256_of(p) for p in weights.iterdir()} == before
 
 
 def test_models_lists_each_shipped_model_with_its_score_and_speed():
-    listing = CliRunner().invoke(cli, ["models"], terminal_width=200)
+    listing = CliRunner().invoke(cli, ["models"], env={"COLUMNS": "200"})
     assert listing.exit_code == 0, listing.output
     lines = listing.output.splitlines()
     for name, entry in shipped_models().items():
@@ -94,3 +114,24 @@ def test_an_unknown_model_name_gets_one_line_naming_the_shipped_ones():
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
         f"error: no such model or run folder: no-such-model (the models shipped with ferkit: {', '.join(shipped_models())})"]
+
+
+def test_a_folder_here_wins_over_a_shipped_model_of_its_name(tmp_path, monkeypatch):
+    name = shipped_model()["name"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).mkdir()
+    result = CliRunner().invoke(cli, ["predict", str(EXAMPLE), "--model", name])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"error: {name} holds no model (no best.keras or last.keras): is it a ferkit run folder? "
+        f"It hides the shipped model {name}: run from another folder to use that."]
+
+
+def test_models_lists_the_networks_when_the_build_ships_no_model(tmp_path, monkeypatch):
+    monkeypatch.setattr("ferkit.runtime.files_path", lambda *parts: tmp_path.joinpath(*parts[1:]))
+    listing = CliRunner().invoke(cli, ["models"])
+    assert listing.exit_code == 0, listing.output
+    assert "seed-cnn" in listing.output and "Shipped" not in listing.output
+    result = CliRunner().invoke(cli, ["predict", str(EXAMPLE)])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "error: this ferkit build ships no model: give a run folder or a model file"]

@@ -42,7 +42,8 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="*", help="a run folder, or several to bundle their ensemble")
     parser.add_argument("--name", help="file name without .onnx (default: the run folder's name; needed for several)")
     parser.add_argument("--default", action="store_true", help="make it the model used when none is named")
-    parser.add_argument("--remove", metavar="NAME", help="remove the shipped model NAME (not the default one)")
+    parser.add_argument("--remove", metavar="NAME", help="ship the model NAME no more (not the default one)")
+    parser.add_argument("--set-default", metavar="NAME", help="make the shipped model NAME the default")
     parser.add_argument("--val", help="validation data to score the exported model on")
     parser.add_argument("--speed", action="store_true", help="time the exported model here and record it")
     parser.add_argument("--recalibrate-bn", action="store_true",
@@ -52,61 +53,73 @@ def main() -> None:
     parser.add_argument("--temperature-data",
                         help="held-out labelled faces to fit the confidence-calibrating temperature on")
     parser.add_argument("--report", type=Path, help="with --val: write the evaluation's files (JSON, CSV, PNG, HTML) here")
-    parser.add_argument("--weights", type=Path, default=WEIGHTS, help=argparse.SUPPRESS)  # for tests
+    parser.add_argument("--weights-dir", type=Path, default=WEIGHTS, help=argparse.SUPPRESS)  # for tests
     args = parser.parse_args()
-    manifest = _read_manifest(args.weights)
-    if args.remove:
-        if args.runs:
-            parser.error("--remove takes no run folders")
-        return _remove(manifest, args.remove, args.weights)
+    manifest = _read_manifest(args.weights_dir)
+    if args.remove or args.set_default:
+        if args.runs or (args.remove and args.set_default):
+            parser.error("--remove and --set-default take one shipped model's name and nothing else")
+        name = args.remove or args.set_default
+        if name not in manifest["models"]:
+            raise SystemExit(f"ferkit ships no model named {name!r} (it ships {', '.join(manifest['models']) or 'none'})")
+        return _remove(manifest, name, args.weights_dir) if args.remove else _set_default(manifest, name, args.weights_dir)
     if not args.runs:
-        parser.error("give the run folder(s) to bundle, or --remove NAME")
+        parser.error("give the run folder(s) to bundle, or --remove NAME, or --set-default NAME")
     if len(args.runs) > 1 and not args.name:
         parser.error("--name is needed to bundle several runs")
+    name = args.name or args.runs[0].name
+    if name == "default" or not name.replace("-", "").replace("_", "").replace(".", "").isalnum() or name.endswith(".onnx"):
+        parser.error(f"--name {name!r}: use letters, digits, '-', '_' and '.', not 'default', without .onnx")
+    bundle(args, manifest, name)
+
+
+def bundle(args, manifest: dict, name: str) -> None:
+    """Export, score and time the model in a staging folder; only then replace the shipped files and
+    write the manifest, so a failure leaves every shipped model as it was."""
     members = [_member(run) for run in args.runs]
+    best = max(members, key=lambda member: member["val_accuracy_during_training"])
+    best_keras = Path(best["path"]) / "best.keras"  # the best single network: what `train --init NAME` starts from
+    keras_file, keras_sha256 = f"{best['run']}.keras", sha256_of(best_keras)
+    _check_keras_file_free(manifest, name, keras_file, keras_sha256)
     calibration = load_dataset(members[0]["config"]["data"]) if args.int8 or args.recalibrate_bn else None
     held_out = _temperature_data(args.runs[0], args.temperature_data) if args.temperature_data else None
-    name = args.name or args.runs[0].name
-    target = args.weights / f"{name}.onnx"
-    staged = args.weights / f".{name}.staged.onnx"  # the shipped files are replaced only once the export succeeded
-    with tempfile.TemporaryDirectory() as scratch:
-        source = args.runs[0] if len(args.runs) == 1 else ensemble_models(args.runs, Path(scratch) / f"{name}.keras")
+    with tempfile.TemporaryDirectory(dir=args.weights_dir, prefix=".staging-") as staging:
+        staged = Path(staging) / f"{name}.onnx"
+        source = args.runs[0] if len(args.runs) == 1 else ensemble_models(args.runs, Path(staging) / f"{name}.keras")
         export_onnx(source, staged, overwrite=True, calibration=calibration, int8=args.int8,
                     recalibrate_bn=args.recalibrate_bn, tta=args.tta, temperature_data=held_out)
-    best = max(members, key=lambda member: member["val_accuracy_during_training"])
-    keras_file = args.weights / f"{best['run']}.keras"  # the best single network: what `train --init NAME` starts from
-    keras_sha256 = sha256_of(Path(best["path"]) / "best.keras")
-    _check_keras_file_free(manifest, name, keras_file.name, keras_sha256)
-    old_entry = manifest["models"].pop(name, None)
-    staged.replace(target)
-    shutil.copy(Path(best["path"]) / "best.keras", keras_file)
-    meta = read_metadata(target)
-    manifest["models"][name] = {
-        "file": target.name,
-        "sha256": sha256_of(target),
-        "keras_file": keras_file.name,
-        "keras_sha256": keras_sha256,
-        "keras_file_run": best["run"],
-        "model": meta.model,
-        "classes": meta.classes,
-        "tta": meta.tta,
-        "batch_norm_recalibrated": meta.extra.get("batch_norm_recalibrated"),
-        "int8": meta.extra.get("int8"),
-        "temperature": meta.temperature,
-        "temperature_fit": meta.extra.get("temperature"),
-        "val_accuracy_during_training": best["val_accuracy_during_training"],  # the best single run's
-        **(_score(target, args.val, args.report) if args.val else {}),
-        **({"speed": classifier_speed(OnnxClassifier(target))} if args.speed else {}),
-        "members": [{key: value for key, value in member.items() if key != "path"} for member in members],
-    }
+        meta = read_metadata(staged)
+        entry = {
+            "file": staged.name,
+            "sha256": sha256_of(staged),
+            "keras_file": keras_file,
+            "keras_sha256": keras_sha256,
+            "keras_file_run": best["run"],
+            "model": meta.model,
+            "classes": meta.classes,
+            "tta": meta.tta,
+            "batch_norm_recalibrated": meta.extra.get("batch_norm_recalibrated"),
+            "int8": meta.extra.get("int8"),
+            "temperature": meta.temperature,
+            "temperature_fit": meta.extra.get("temperature"),
+            "val_accuracy_during_training": best["val_accuracy_during_training"],  # the best single run's
+            **(_score(staged, args.val, args.report) if args.val else {}),
+            **({"speed": classifier_speed(OnnxClassifier(staged))} if args.speed else {}),
+            "members": [{key: value for key, value in member.items() if key != "path"} for member in members],
+        }
+        shutil.copy(best_keras, Path(staging) / keras_file)
+        old_entry = manifest["models"].pop(name, None)
+        staged.replace(args.weights_dir / staged.name)
+        (Path(staging) / keras_file).replace(args.weights_dir / keras_file)
+    manifest["models"][name] = entry
     if args.default or not manifest.get("default"):
         manifest["default"] = name
     if old_entry:
-        _delete_unused_files(manifest, old_entry, args.weights)
-    _write_manifest(manifest, args.weights)
+        _delete_unused_files(manifest, old_entry, args.weights_dir)
+    _write_manifest(manifest, args.weights_dir)
+    size = (args.weights_dir / entry["file"]).stat().st_size / 1e6
     role = "the default model" if manifest["default"] == name else f"beside the default {manifest['default']}"
-    print(f"shipped {name}: {target} ({target.stat().st_size / 1e6:.1f} MB), sha256 {manifest['models'][name]['sha256'][:16]}..., "
-          f"{role}")
+    print(f"shipped {name} ({size:.1f} MB, sha256 {entry['sha256'][:16]}...), {role}")
 
 
 def _read_manifest(weights: Path) -> dict:
@@ -121,14 +134,18 @@ def _write_manifest(manifest: dict, weights: Path) -> None:
 
 
 def _remove(manifest: dict, name: str, weights: Path) -> None:
-    if name not in manifest["models"]:
-        raise SystemExit(f"ferkit ships no model named {name!r} (it ships {', '.join(manifest['models'])})")
     if manifest["default"] == name:
-        raise SystemExit(f"{name} is the default model: bundle another with --default first")
+        raise SystemExit(f"{name} is the default model: make another the default first (--set-default NAME)")
     entry = manifest["models"].pop(name)
     _delete_unused_files(manifest, entry, weights)
     _write_manifest(manifest, weights)
     print(f"removed {name}; ferkit ships {', '.join(manifest['models'])}")
+
+
+def _set_default(manifest: dict, name: str, weights: Path) -> None:
+    manifest["default"] = name
+    _write_manifest(manifest, weights)
+    print(f"{name} is now the default model")
 
 
 def _check_keras_file_free(manifest: dict, name: str, keras_file: str, sha256: str) -> None:

@@ -96,14 +96,14 @@ def models_list(pattern: str):
     from fnmatch import fnmatch
 
     from ferkit.models import get_model_spec, list_models
-    from ferkit.runtime import shipped_models
+    from ferkit.runtime import shipped_model_names, shipped_models
 
-    shipped = {name: entry for name, entry in shipped_models().items() if fnmatch(name, pattern)}
+    shipped = {name: entry for name, entry in shipped_models().items() if fnmatch(name, pattern)} if shipped_model_names() else {}
     names = list_models(pattern)
     if not shipped and not names:
         raise FerkitError(f"no model matches {pattern!r}")
     if shipped:
-        _print_table(["shipped model", "network", "val acc", "views", "faces/s", "ms/face"],
+        _print_table(["shipped model", "network", "val acc", "tta", "faces/s", "ms/face"],
                      [_shipped_row(name, entry) for name, entry in shipped.items()], right=(2, 4, 5),
                      title="Shipped with ferkit (--model NAME; the first is the default)")
         machines = sorted({entry["speed"]["machine"] for entry in shipped.values() if "speed" in entry})
@@ -121,16 +121,20 @@ def models_list(pattern: str):
 def _shipped_row(name: str, entry: dict) -> list[str]:
     accuracy, speed = entry.get("val_accuracy"), entry.get("speed")
     return [name, entry["model"], f"{accuracy:.1%}" if accuracy is not None else "-",
-            "1" if entry["tta"] == "none" else entry["tta"],
+            entry["tta"],
             f"{speed['faces_per_second']:,}" if speed else "-", f"{speed['ms_per_face']:.2f}" if speed else "-"]
 
 
 @models_cmd.command("show")
 @click.argument("name")
 def models_show(name: str):
-    """Print the layer table of model NAME: layers, output shapes and parameter counts."""
-    from ferkit.models import create_model, get_model_spec
+    """Print the layer table of network NAME: layers, output shapes and parameter counts."""
+    from ferkit.models import create_model, get_model_spec, list_models
+    from ferkit.runtime import shipped_model, shipped_model_names
 
+    if name not in list_models() and name in shipped_model_names():
+        raise FerkitError(f"{name} is a shipped model, made of {shipped_model(name)['model']}; "
+                          "`ferkit models show` takes the name of a network")
     model = create_model(name, weights="none" if get_model_spec(name).pretrained else None)
     rows = [[layer.name, type(layer).__name__, str(_output_shape(layer)), f"{layer.count_params():,}"] for layer in model.layers]
     _print_table(["layer", "type", "output shape", "params"], rows, right=(3,), title=f"{name}: {model.count_params():,} parameters")

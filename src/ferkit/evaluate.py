@@ -197,7 +197,8 @@ def normalize_rows(matrix: np.ndarray) -> np.ndarray:
 def evaluate(
     model: str | Path | Classifier | None, dataset: FaceDataset, *, batch_size: int = 256, tta: str | None = None
 ) -> EvaluationReport:
-    """Classify every face of `dataset` with `model` (None: the bundled model) and score the predictions.
+    """Classify every face of `dataset` with `model` (a run, model file or shipped model's name; None: the
+    default shipped model) and score the predictions.
 
     `tta`: "none" or "flip" overrides the test-time augmentation the model file asks for.
     The probabilities are scored with the model's temperature; a model whose temperature is not 1 is also

@@ -36,11 +36,11 @@ def analyze(
 ) -> list[Face]:
     """Every face in `image` (path, PIL image, or RGB array) with its emotion, largest first.
 
-    `model`: a run folder, .keras or .onnx file; None for the bundled model. `detector`: "auto", "yunet",
-    "mtcnn", "none" (the whole image is one face) or a callable. `boxes`: (x, y, width, height) faces
-    to classify instead of detecting. `uncertain_below`: faces whose top probability is below it are
-    marked `uncertain` (0: none are). `channels`: "bgr" for arrays in OpenCV's channel order (what
-    `cv2.imread` returns), "rgb" otherwise. Raises FerkitError for an unreadable image.
+    `model`: a run folder, .keras or .onnx file, or a shipped model's name; None for the default one.
+    `detector`: "auto", "yunet", "mtcnn", "none" (the whole image is one face) or a callable. `boxes`:
+    (x, y, width, height) faces to classify instead of detecting. `uncertain_below`: faces whose top
+    probability is below it are marked `uncertain` (0: none are). `channels`: "bgr" for arrays in
+    OpenCV's channel order (what `cv2.imread` returns), "rgb" otherwise. Raises FerkitError for an unreadable image.
     """
     result = next(iter(analyze_images([image], model=model, detector=detector, boxes=boxes,
                                       uncertain_below=uncertain_below, channels=channels)))

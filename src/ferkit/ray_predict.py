@@ -47,7 +47,7 @@ LIST_SUFFIXES = (".txt", ".lst")
 class RayPredictConfig:
     sources: list[str]  # images, folders, globs, list files (.txt: a path or URI per line), URIs, videos
     out: str  # a folder or an object-storage URI
-    model: str | None = None  # a run folder, .keras or .onnx file; None: the bundled model
+    model: str | None = None  # a run folder, .keras or .onnx file, a shipped model's name; None: the default
     detector: str = "auto"
     address: str | None = None  # a running cluster ("auto", "HOST:PORT"); None starts one on this machine
     workers: int | None = None  # actors, one model each; None: one per CPU of the cluster

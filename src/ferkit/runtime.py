@@ -97,19 +97,22 @@ def save_keras_model(model, path: str | Path, metadata: ModelMetadata) -> Path:
 
 def resolve_model_path(model: str | Path | None) -> Path:
     """A model file (.keras or .onnx), a run folder (its best model, else its last), the name of a model
-    shipped inside ferkit (`ferkit models` lists them), or None / "default" for the default shipped one."""
+    shipped inside ferkit (`ferkit models` lists them), or None / "default" for the default shipped one.
+    A file or folder here wins over a shipped model of the same name."""
     if model is None or str(model) == "default":
         return shipped_model_path()
     path = Path(model)
+    if is_shipped_model_name(model):
+        return shipped_model_path(str(model))
     if path.is_dir():
         for name in ("best.keras", "last.keras"):
             if (path / name).is_file():
                 return path / name
-        raise FerkitError(f"{path} holds no model (no best.keras or last.keras): is it a ferkit run folder?")
+        hidden = str(model) in shipped_model_names()
+        raise FerkitError(f"{path} holds no model (no best.keras or last.keras): is it a ferkit run folder?"
+                          + (f" It hides the shipped model {model}: run from another folder to use that." if hidden else ""))
     if not path.exists():
-        if names_shipped_model(model):
-            return shipped_model_path(str(model))
-        shipped = shipped_models() if files_path("weights", MANIFEST).is_file() else {}
+        shipped = shipped_model_names()
         known = f" (the models shipped with ferkit: {', '.join(shipped)})" if shipped else ""
         raise FerkitError(f"no such model or run folder: {path}{known}")
     if path.suffix not in (".keras", ".onnx"):
@@ -122,28 +125,31 @@ def read_manifest() -> dict:
     the model's file and SHA-256, how it was made and how it scored (tools/bundle_model.py writes it)."""
     manifest = files_path("weights", MANIFEST)
     if not manifest.is_file():
-        raise FerkitError("this ferkit has no bundled model; pass --model RUN_OR_MODEL")
+        raise FerkitError("this ferkit build ships no model: give a run folder or a model file")
     return json.loads(manifest.read_text())
 
 
 def shipped_models() -> dict[str, dict]:
-    """The models inside the package by name, the default one first."""
+    """The models inside the package by name, the default one first; each entry as `shipped_model` gives it."""
     manifest = read_manifest()
-    default = manifest["default"]
-    return {default: manifest["models"][default], **manifest["models"]}
+    names = [manifest["default"], *(name for name in manifest["models"] if name != manifest["default"])]
+    return {name: {"name": name, **manifest["models"][name]} for name in names}
 
 
-def names_shipped_model(model: str | Path | None) -> bool:
+def shipped_model_names() -> list[str]:
+    """The names of the shipped models, the default one first; none when this build ships none."""
+    return list(shipped_models()) if files_path("weights", MANIFEST).is_file() else []
+
+
+def is_shipped_model_name(model: str | Path | None) -> bool:
     """Whether `model` is "default" or the name of a shipped model (and not a file or folder here)."""
     if model is None or str(model) == "default":
         return True
-    if Path(model).exists() or not files_path("weights", MANIFEST).is_file():
-        return False
-    return str(model) in read_manifest()["models"]
+    return not Path(model).exists() and str(model) in shipped_model_names()
 
 
 def shipped_model(name: str = "default") -> dict:
-    """The manifest entry of a shipped model: "default" or one of `shipped_models()`."""
+    """The manifest entry of a shipped model ("default" or one of `shipped_model_names()`), with its name."""
     manifest = read_manifest()
     name = manifest["default"] if name == "default" else name
     if name not in manifest["models"]:
@@ -153,11 +159,15 @@ def shipped_model(name: str = "default") -> dict:
 
 def shipped_model_path(name: str = "default") -> Path:
     """The ONNX file of a shipped model, checked against its recorded SHA-256 once per process."""
-    entry = shipped_model(name)
-    path = files_path("weights", entry["file"])
+    return shipped_file(shipped_model(name), "file", "sha256")
+
+
+def shipped_file(entry: dict, key: str, hash_key: str) -> Path:
+    """A file that a shipped model's manifest entry names under `key`, checked against its SHA-256."""
+    path = files_path("weights", entry[key])
     if not path.is_file():
-        raise FerkitError(f"the bundled model {path} is missing from this installation; reinstall ferkit")
-    _check_hash(path, entry["sha256"])
+        raise FerkitError(f"the shipped file {path} is missing from this installation; reinstall ferkit")
+    _check_hash(path, entry[hash_key])
     return path
 
 
@@ -172,10 +182,10 @@ def files_path(*parts: str) -> Path:
     return Path(str(files("ferkit").joinpath(*parts)))
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=32)
 def _check_hash(path: Path, expected: str) -> None:
     if sha256_of(path) != expected:
-        raise FerkitError(f"the bundled model {path} does not match its recorded SHA-256; reinstall ferkit")
+        raise FerkitError(f"the shipped file {path} does not match its recorded SHA-256; reinstall ferkit")
 
 
 def sha256_of(path: str | Path) -> str:
@@ -364,7 +374,8 @@ class OnnxClassifier(Classifier):
 
 
 def load_classifier(model: str | Path | Classifier | None = None) -> Classifier:
-    """A ready classifier from a model file or run folder (or one already loaded); None: the bundled model.
+    """A ready classifier from a model file or run folder (or one already loaded), or a shipped
+    model's name; None: the default shipped model.
 
     Loaded models are kept, so calling this per image costs nothing after the first call; a model
     file that changes on disk is loaded afresh.
@@ -395,12 +406,11 @@ def machine_description() -> str:
     """This machine's CPU model and usable cores, e.g. "AMD EPYC 7B13, 2 cores, Linux x86_64"."""
     import platform
 
-    cpu = platform.processor() or "unknown CPU"
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        cpu = platform.processor() or "unknown CPU"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return f"{cpu}, {cores} cores, {platform.system()} {platform.machine()}"
 

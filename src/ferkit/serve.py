@@ -35,7 +35,7 @@ MB = 1024 * 1024
 
 @dataclass
 class ServeConfig:
-    model: str | None = None  # a run folder, .keras or .onnx file; None: the bundled model
+    model: str | None = None  # a run folder, .keras or .onnx file, a shipped model's name; None: the default
     detector: str = "auto"
     max_upload_mb: float = 10.0  # photos
     max_video_mb: float = 50.0

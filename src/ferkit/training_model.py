@@ -102,15 +102,13 @@ def random_crop_layer(keras, config: TrainConfig, seed: int):
 def init_model_path(init: str) -> Path:
     """The .keras model that --init names: "default" or a shipped model's name (its Keras twin), a run
     or a file."""
-    from ferkit.runtime import _check_hash, files_path, names_shipped_model, shipped_model
+    from ferkit.runtime import is_shipped_model_name, shipped_file, shipped_model
 
-    if names_shipped_model(init):
+    if is_shipped_model_name(init):
         entry = shipped_model(init)
         if "keras_file" not in entry:
             raise FerkitError(f"the shipped model {entry['name']} has no Keras version to start from; pass --init RUN")
-        path = files_path("weights", entry["keras_file"])
-        _check_hash(path, entry["keras_sha256"])
-        return path
+        return shipped_file(entry, "keras_file", "keras_sha256")
     path = resolve_model_path(init)
     if path.suffix != ".keras":
         raise FerkitError(f"--init needs a Keras model (a run folder or .keras file), not {path}")
