@@ -1,6 +1,8 @@
 """The CLI in-process, on real files: what a user types and what they see."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,13 @@ def test_models_lists_and_shows_the_layer_table():
     assert shown.exit_code == 0
     for count in ("422,375", "416", "4,128", "410,112", "3,591"):
         assert count in shown.output
+
+
+def test_output_piped_into_a_reader_that_stops_ends_quietly():
+    # `ferkit models | head -1`: the reader is gone before ferkit writes
+    process = subprocess.Popen([sys.executable, "-m", "ferkit", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    assert process.wait(timeout=120) == 141 and process.stderr.read() == b""
 
 
 def test_train_evaluate_predict_end_to_end(pattern_data, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -32,8 +33,9 @@ TTA_OPTION = click.option(
 
 # Exit codes: 0 done; 1 done, but some items of a batch failed (each was reported); 2 a problem with the
 # input or options (one line says which); 3 ferkit failed unexpectedly (a bug: please report it);
-# 130 interrupted.
+# 130 interrupted; 141 the output pipe was closed.
 EXIT_INTERNAL_ERROR = 3
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a command ended by SIGPIPE
 
 
 class _Cli(click.Group):
@@ -52,6 +54,9 @@ class _Cli(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except BrokenPipeError:  # the reader went away (`ferkit models | head`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+            ctx.exit(EXIT_BROKEN_PIPE)
         except Exception as err:  # a bug or an unforeseen failure: still one line unless --debug
             if _debug(ctx):
                 raise
@@ -799,7 +804,13 @@ def _print_table(columns, rows, *, title: str | None = None, right=None) -> None
         table.add_column(column, justify="right" if i in right else "left")
     for row in rows:
         table.add_row(*row)
-    Console(soft_wrap=True).print(table)
+    console = Console(soft_wrap=True)
+    console.on_broken_pipe = _raise_broken_pipe  # rich would exit 1; the CLI ends a closed pipe one way
+    console.print(table)
+
+
+def _raise_broken_pipe():
+    raise BrokenPipeError
 
 
 def main(argv: list[str] | None = None) -> None:
