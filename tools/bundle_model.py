@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -68,7 +69,7 @@ def main() -> None:
     if len(args.runs) > 1 and not args.name:
         parser.error("--name is needed to bundle several runs")
     name = args.name or args.runs[0].name
-    if name == "default" or not name.replace("-", "").replace("_", "").replace(".", "").isalnum() or name.endswith(".onnx"):
+    if name == "default" or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.endswith(".onnx"):
         parser.error(f"--name {name!r}: use letters, digits, '-', '_' and '.', not 'default', without .onnx")
     bundle(args, manifest, name)
 
