@@ -101,9 +101,9 @@ def models_list(pattern: str):
     from fnmatch import fnmatch
 
     from ferkit.models import get_model_spec, list_models
-    from ferkit.runtime import shipped_model_names, shipped_models
+    from ferkit.runtime import shipped_models
 
-    shipped = {name: entry for name, entry in shipped_models().items() if fnmatch(name, pattern)} if shipped_model_names() else {}
+    shipped = {name: entry for name, entry in shipped_models().items() if fnmatch(name, pattern)}
     names = list_models(pattern)
     if not shipped and not names:
         raise FerkitError(f"no model matches {pattern!r}")
@@ -135,9 +135,9 @@ def _shipped_row(name: str, entry: dict) -> list[str]:
 def models_show(name: str):
     """Print the layer table of network NAME: layers, output shapes and parameter counts."""
     from ferkit.models import create_model, get_model_spec, list_models
-    from ferkit.runtime import shipped_model, shipped_model_names
+    from ferkit.runtime import shipped_model, shipped_models
 
-    if name not in list_models() and name in shipped_model_names():
+    if name not in list_models() and name in shipped_models():
         raise FerkitError(f"{name} is a shipped model, made of {shipped_model(name)['model']}; "
                           "`ferkit models show` takes the name of a network")
     model = create_model(name, weights="none" if get_model_spec(name).pretrained else None)

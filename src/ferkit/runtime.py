@@ -108,11 +108,11 @@ def resolve_model_path(model: str | Path | None) -> Path:
         for name in ("best.keras", "last.keras"):
             if (path / name).is_file():
                 return path / name
-        hidden = str(model) in shipped_model_names()
+        hidden = str(model) in shipped_models()
         raise FerkitError(f"{path} holds no model (no best.keras or last.keras): is it a ferkit run folder?"
                           + (f" It hides the shipped model {model}: run from another folder to use that." if hidden else ""))
     if not path.exists():
-        shipped = shipped_model_names()
+        shipped = shipped_models()
         known = f" (the models shipped with ferkit: {', '.join(shipped)})" if shipped else ""
         raise FerkitError(f"no such model or run folder: {path}{known}")
     if path.suffix not in (".keras", ".onnx"):
@@ -126,35 +126,38 @@ def read_manifest() -> dict:
     manifest = files_path("weights", MANIFEST)
     if not manifest.is_file():
         raise FerkitError("this ferkit build ships no model: give a run folder or a model file")
-    return json.loads(manifest.read_text())
+    return _parsed_manifest(manifest, manifest.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed_manifest(path: Path, mtime_ns: int) -> dict:
+    return json.loads(path.read_text())  # callers copy what they hand out: the cached dict stays as read
 
 
 def shipped_models() -> dict[str, dict]:
-    """The models inside the package by name, the default one first; each entry as `shipped_model` gives it."""
+    """The models inside the package by name, the default one first, each entry with its name; empty
+    when this build ships none."""
+    if not files_path("weights", MANIFEST).is_file():
+        return {}
     manifest = read_manifest()
     names = [manifest["default"], *(name for name in manifest["models"] if name != manifest["default"])]
     return {name: {"name": name, **manifest["models"][name]} for name in names}
-
-
-def shipped_model_names() -> list[str]:
-    """The names of the shipped models, the default one first; none when this build ships none."""
-    return list(shipped_models()) if files_path("weights", MANIFEST).is_file() else []
 
 
 def is_shipped_model_name(model: str | Path | None) -> bool:
     """Whether `model` is "default" or the name of a shipped model (and not a file or folder here)."""
     if model is None or str(model) == "default":
         return True
-    return not Path(model).exists() and str(model) in shipped_model_names()
+    return not Path(model).exists() and str(model) in shipped_models()
 
 
 def shipped_model(name: str = "default") -> dict:
-    """The manifest entry of a shipped model ("default" or one of `shipped_model_names()`), with its name."""
-    manifest = read_manifest()
-    name = manifest["default"] if name == "default" else name
-    if name not in manifest["models"]:
-        raise FerkitError(f"ferkit ships no model named {name!r} (it ships {', '.join(manifest['models'])})")
-    return {"name": name, **manifest["models"][name]}
+    """The manifest entry of a shipped model ("default" or one of `shipped_models()`), with its name."""
+    models = shipped_models() or read_manifest()  # read_manifest says what is wrong when nothing is shipped
+    name = next(iter(models)) if name == "default" else name
+    if name not in models:
+        raise FerkitError(f"ferkit ships no model named {name!r} (it ships {', '.join(models)})")
+    return models[name]
 
 
 def shipped_model_path(name: str = "default") -> Path:
