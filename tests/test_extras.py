@@ -76,3 +76,23 @@ def test_an_empty_folder_in_a_batch_is_a_failed_item_and_the_rest_goes_on(tmp_pa
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and f"no image files in {tmp_path / 'empty'}" in result.output
     assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == len(list((SAMPLE_VAL / "sad").glob("*.jpg")))
+
+
+def test_the_other_modules_are_reached_from_ferkit_without_loading_them_at_import():
+    code = (
+        "import json, sys\n"
+        "import ferkit\n"
+        "before = sorted(m for m in ('ferkit.video', 'ferkit.export', 'ferkit.serve') if m in sys.modules)\n"
+        "names = [ferkit.video.analyze_video.__name__, ferkit.export.export_onnx.__name__, ferkit.serve.create_app.__name__]\n"
+        "try:\n"
+        "    ferkit.no_such_module\n"
+        "    missing = 'found'\n"
+        "except AttributeError as err:\n"
+        "    missing = str(err)\n"
+        "print(json.dumps([before, names, missing, 'tensorflow' in sys.modules]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    before, names, missing, tensorflow = json.loads(result.stdout)
+    assert before == [] and names == ["analyze_video", "export_onnx", "create_app"]
+    assert missing == "module 'ferkit' has no attribute 'no_such_module'" and not tensorflow

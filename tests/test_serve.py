@@ -160,6 +160,12 @@ def test_a_video_over_the_duration_limit_is_413(client):
     assert response.status_code == 413 and "3 s" in response.json()["detail"]
 
 
+def test_a_video_without_opencv_installed_is_501_saying_which_extra(client, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import raises ImportError, as when ferkit[video] is absent
+    response = client.post("/v1/video", content=b"RIFF....AVI ", headers={"Content-Type": "video/x-msvideo"})
+    assert response.status_code == 501 and "pip install 'ferkit[video]'" in response.json()["detail"]
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -26,6 +26,17 @@ from ferkit.runtime import load_classifier
 from ferkit.train import train
 
 
+def __getattr__(name: str):
+    """The other modules on first use (`ferkit.video.analyze_video(...)` after `import ferkit`), so that
+    importing ferkit stays light."""
+    import importlib
+    import importlib.util
+
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "EMOTIONS",
     "analyze",

@@ -162,7 +162,10 @@ def _decode_image(data: bytes, max_megapixels: float):
 def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig, analyses) -> dict:
     from fastapi import HTTPException
 
-    require("cv2", "video analysis", extra="video")
+    try:
+        require("cv2", "video analysis", extra="video")
+    except FerkitError as err:
+        raise HTTPException(501, str(err)) from None
     from ferkit.sources import open_video
     from ferkit.video import analyze_video
 
