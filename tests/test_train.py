@@ -172,6 +172,29 @@ def test_a_kill_during_the_saves_of_an_epoch_lets_them_finish(pattern_data, tmp_
     assert read_history(run / "history.csv")["epoch"] == [1, 2, 3, 4, 5]
 
 
+def test_a_kill_between_the_history_row_and_the_models_still_records_the_epoch_whole(pattern_data, tmp_path, monkeypatch):
+    """SIGTERM arrives after epoch 2's history row and backup, before its models and state: every record
+    of the run still says 2 epochs."""
+    import ferkit.callbacks
+
+    real_remove, calls = ferkit.callbacks.remove_checkpoints, []
+
+    def remove_with_a_kill(run, names):  # the last step of the backup, which follows the history row
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_remove(run, names)
+
+    monkeypatch.setattr(ferkit.callbacks, "remove_checkpoints", remove_with_a_kill)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted, match="interrupted after 2 of 5 epochs"):
+        train(_config(pattern_data, run, epochs=5, batch_size=16), verbose=0)
+    state = RunState.load(run)
+    assert state.status == "interrupted" and state.epochs_done == 2
+    assert read_history(run / "history.csv")["epoch"] == [1, 2]
+    assert read_metadata(run / "last.keras").extra["epoch"] == 2
+
+
 @pytest.mark.parametrize(
     "options",
     [

@@ -42,7 +42,7 @@ class EpochProgress(keras.callbacks.ProgbarLogger):
         self.stop = stop
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self.stop.requested:
+        if not self.stop.cut_short:
             super().on_epoch_end(epoch, logs)
         elif self.verbose == 1:  # end the bar's line, left open
             print(flush=True)
@@ -65,7 +65,7 @@ class HistoryLogger(keras.callbacks.CSVLogger):
         self._started = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.stop.requested:
+        if self.stop.cut_short:
             return
         learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         seconds = round(time.perf_counter() - self._started, 2)
@@ -83,7 +83,7 @@ class Backup(keras.callbacks.BackupAndRestore):
         self.stop, self.run = stop, run
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.stop.requested:
+        if self.stop.cut_short:
             return
         super().on_epoch_end(epoch, logs)
         remove_checkpoints(self.run, (WHOLE_MODEL_CHECKPOINT, COMPACT_CHECKPOINT))
@@ -111,7 +111,7 @@ class RunRecord(keras.callbacks.Callback):
         self.averaged, self.stop = averaged, stop
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.stop is not None and self.stop.requested:
+        if self.stop is not None and self.stop.cut_short:
             return
         done = epoch + 1
         val_accuracy = float((logs or {}).get("val_accuracy", float("nan")))
@@ -181,6 +181,7 @@ class StopOnSignal(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
         self.requested = False
+        self.cut_short = False  # whether the epoch that just ended is dropped (see on_epoch_end)
 
     @contextlib.contextmanager
     def listening(self):
@@ -205,6 +206,11 @@ class StopOnSignal(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self.requested:
             self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Decided once, before the other callbacks write anything: a signal that arrives while they save
+        # the epoch lets every one of them finish it (the run stops after it), so the records always agree.
+        self.cut_short = self.requested
 
     def on_test_batch_end(self, batch, logs=None):
         if self.requested:  # the epoch cut short is dropped: no need to validate it
