@@ -33,8 +33,12 @@ demo: setup
 	$(BIN)/ferkit evaluate $(DEMO) --data $(SAMPLE)/val
 	$(BIN)/ferkit predict $(SAMPLE)/val/happy/$(shell ls $(SAMPLE)/val/happy | head -n 1) --model $(DEMO) --detector none
 
+# The test files run side by side, one process per core (pytest-xdist); each file stays in one process,
+# so a file's shared fixtures (a trained model, a study) are built once.
+PYTEST_ARGS ?= -n auto --dist loadfile
+
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The suite again on the oldest releases pyproject.toml admits (each direct dependency at its floor,
 # by uv's lowest-direct resolution), so that the lower bounds stay true. Without the distributed extra:
@@ -47,7 +51,7 @@ $(VENV)-minimum/.installed: pyproject.toml
 	touch $@
 
 test-minimum: $(VENV)-minimum/.installed
-	$(VENV)-minimum/bin/python -m pytest
+	$(VENV)-minimum/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV)-minimum runs build src/*.egg-info .pytest_cache

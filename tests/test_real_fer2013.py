@@ -18,7 +18,7 @@ def _balanced_subset(dataset, per_class, seed):
 
 
 def test_seed_cnn_learns_real_faces(tmp_path):
-    config = TrainConfig(data=str(FER2013 / "train"), val=str(FER2013 / "val"), epochs=4, out=str(tmp_path / "run"))
+    config = TrainConfig(data=str(FER2013 / "train"), val=str(FER2013 / "val"), epochs=2, out=str(tmp_path / "run"))
     run = train(config, verbose=0)
     val = _balanced_subset(load_dataset(FER2013 / "val"), 50, seed=0)
     report = evaluate(run, val)
