@@ -131,23 +131,34 @@ def main() -> None:
     odd = np.array([box_is_odd(d.box, scene.size) for scene, d in zip(scenes, detections_kept)])[half:]
     test = slice(half, None)
 
-    def accuracy(faces, rows=slice(None)) -> float:
-        faces = np.stack(faces)[test][rows]
-        return float(np.mean(classifier.predict_proba(faces).argmax(1) == labels[test][rows]))
+    def correct(faces) -> np.ndarray:
+        return classifier.predict_proba(np.stack(faces)[test]).argmax(1) == labels[test]
 
-    base, base_odd = accuracy(direct), accuracy(direct, odd)
+    direct_correct = correct(direct)
+    base, base_odd = float(direct_correct.mean()), float(direct_correct[odd].mean())
     print(f"{len(found)} of {len(picked)} faces found again by the detector ({seconds:.0f} s); landmark box fitted on "
           f"{half}: side = {side_ratio:.3f} x eye-to-mouth distance, centre {centre_shift:+.3f} of it below the eyes' midpoint")
     print(f"framing fitted on the same: side {framing[0]:.3f} x box height, centre moved {framing[1]:+.3f}, "
           f"{framing[2]:+.3f} box heights (right, down)")
     print(f"scored on the other {len(found) - half}, of which {int(odd.sum())} have an odd box (far from square or partly outside)")
+    print("gap: points against the faces as given, with the standard error of that paired difference")
     print(f"{'crop':<44} {'accuracy':>8} {'gap (points)':>13} {'odd boxes':>10} {'gap':>6}")
     print(f"{'the face as given (48x48)':<44} {base:>8.4f} {0.0:>13.1f} {base_odd:>10.4f} {0.0:>6.1f}")
     for name, faces in [("ideal (the pasted square)", ideal)] + [
         (_policy_name(margin, level), faces) for (margin, level), faces in crops.items()
     ]:
-        score, score_odd = accuracy(faces), accuracy(faces, odd)
-        print(f"{name:<44} {score:>8.4f} {100 * (score - base):>13.1f} {score_odd:>10.4f} {100 * (score_odd - base_odd):>6.1f}")
+        policy_correct = correct(faces)
+        gap, error = paired_gap(policy_correct, direct_correct)
+        score_odd = float(policy_correct[odd].mean())
+        print(f"{name:<44} {policy_correct.mean():>8.4f} {gap:>+7.1f} ±{error:>4.1f} {score_odd:>10.4f} "
+              f"{100 * (score_odd - base_odd):>+6.1f}")
+
+
+def paired_gap(correct: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """The accuracy difference of two scorings of the same faces, in points, and its standard error: the
+    faces both get right or both get wrong carry no information about which is better."""
+    differences = correct.astype(float) - reference.astype(float)
+    return 100 * float(differences.mean()), 100 * float(differences.std(ddof=1) / np.sqrt(len(differences)))
 
 
 def _policy_name(margin, level) -> str:
