@@ -174,3 +174,53 @@ def test_bgr_arrays_give_the_answers_of_the_same_photo_in_rgb():
     assert all(a.probabilities == b.probabilities for a, b in zip(got, expected))
     with pytest.raises(FerkitError, match="channels"):
         analyze(rgb, channels="rbg")
+
+
+def test_a_very_large_jpeg_decoded_smaller_still_reports_the_photos_own_pixels(tmp_path, monkeypatch):
+    from ferkit import images
+    from ferkit.faces import box_iou
+
+    photo = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"  # 920x360
+    full = next(analyze_images([photo]))
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100_000)  # so it decodes at half size, 460x180
+    assert images.load_image(photo).size == (460, 180)
+    half = next(analyze_images([photo]))
+    assert half.ok and half.image_size == full.image_size == (920, 360)
+    assert len(half.faces) == len(full.faces) == 3
+    for a, b in zip(half.faces, full.faces):
+        assert box_iou(a.box, b.box) > 0.7, (a.box, b.box)
+        assert all(abs(pa - pb) <= 8 for (pa, pb) in zip(np.ravel(a.landmarks), np.ravel(b.landmarks)))
+    given = next(analyze_images([photo], boxes=[f.box for f in full.faces]))
+    assert [f.box for f in given.faces] == [f.box for f in full.faces]
+    assert [f.emotion for f in given.faces] == [f.emotion for f in full.faces]
+    drawn = np.asarray(half.draw(), int)  # boxes drawn where the faces are in the smaller picture
+    x, y, w, h = (round(v / 2) for v in half.faces[0].box)
+    plain = np.asarray(images.load_image(photo).convert("RGB"), int)
+    assert np.abs(drawn[y, x + 2 : x + w - 2] - plain[y, x + 2 : x + w - 2]).mean() > 40
+    assert np.array_equal(drawn[y + h // 2, x + 5 : x + w - 5], plain[y + h // 2, x + 5 : x + w - 5])
+
+
+def test_a_box_outside_one_image_of_a_stream_fails_that_image_only(trained_run):
+    big = _canvas_with_faces([(10, 20, 48, 48)], [2])  # 300x200
+    small = np.zeros((30, 30, 3), np.uint8)
+    results = list(analyze_images([("a", big), ("b", small), ("c", big)], model=trained_run, boxes=[(100, 50, 60, 60)]))
+    assert [r.ok for r in results] == [True, False, True]
+    assert "outside the 30x30 image" in results[1].error
+    assert results[0].faces[0].probabilities == pytest.approx(results[2].faces[0].probabilities, abs=1e-5)
+
+
+def test_a_detector_may_return_bare_boxes_and_given_boxes_keep_their_order(trained_run):
+    boxes = [(10, 20, 48, 48), (200, 100, 60, 60)]
+    picture = _canvas_with_faces(boxes, [5, 3])
+    faces = analyze(picture, model=trained_run, detector=lambda rgb: [np.array(b) for b in boxes])
+    assert [f.box for f in faces] == [boxes[1], boxes[0]]  # detected: largest first
+    assert all(f.detector_score is None for f in faces)
+    assert [f.box for f in analyze(picture, model=trained_run, boxes=boxes)] == boxes  # given: as given
+    results = list(analyze_images([picture], model=trained_run, detector=lambda rgb: ["face"]))
+    assert "must return Detections or (x, y, width, height) boxes" in results[0].error
+
+
+@pytest.mark.parametrize("size", [(5000, 2), (2, 5000)])
+def test_long_thin_images_are_searched_for_faces_without_failing(size):
+    result = next(analyze_images([np.full((size[1], size[0], 3), 128, np.uint8)]))
+    assert result.ok and result.faces == []

@@ -351,3 +351,42 @@ def test_every_training_option_reaches_the_config():
     assert config_from_flags({k: v for k, v in context.params.items() if k in names}) == wanted
     # the options that are not settings: how to run, never recorded in the config
     assert set(context.params) - names == {"resume", "overwrite", "local_processes", "coordinator", "num_processes", "process_id"}
+
+
+def test_an_out_that_is_a_file_or_bad_video_options_are_one_line_errors(trained_run, pattern_data, tmp_path):
+    photo = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+    (tmp_path / "notes.txt").write_text("mine")
+    line = _one_line_error(run("predict", photo, "--model", trained_run, "--out", tmp_path / "notes.txt"))
+    assert "is a file" in line and (tmp_path / "notes.txt").read_text() == "mine"
+    assert "notes.txt" in _one_line_error(run("evaluate", trained_run, "--data", pattern_data / "val", "--out", tmp_path / "notes.txt"))
+    for option, value in [("--smooth", "0"), ("--smooth", "-1"), ("--every", "0"), ("--every", "-1"), ("--fps", "-3")]:
+        result = run("predict", photo, "--model", trained_run, option, value, "--out", tmp_path / "o")
+        assert result.exit_code == 2 and option in result.output and "Traceback" not in result.output
+
+
+def test_a_second_run_into_a_folder_inside_the_photos_reads_only_the_photos(trained_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for i in range(2):
+        Image.fromarray(pattern_face(i, np.random.default_rng(i))).save(f"p{i}.png")
+    args = ["predict", ".", "--model", str(trained_run), "--detector", "none", "--annotate", "--out", "results"]
+    first, second = run(*args), run(*args)
+    assert first.exit_code == second.exit_code == 0
+    assert "2 images" in first.output and "2 images" in second.output
+    assert sorted(p.name for p in Path("results").glob("*.jpg")) == ["p0.annotated.jpg", "p1.annotated.jpg"]
+
+
+def test_a_resumed_folder_run_names_its_annotated_copies_as_a_whole_run_does(trained_run, tmp_path):
+    folder = tmp_path / "tree"
+    for i, relative in enumerate(["x/a.jpg", "y/a.png", "y/z/a.jpeg"]):
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pattern_face(i, np.random.default_rng(i))).convert("RGB").save(folder / relative)
+    args = ["predict", str(folder), "--model", str(trained_run), "--detector", "none", "--annotate"]
+    assert run(*args, "--out", tmp_path / "whole").exit_code == 0
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "results.jsonl").write_text((tmp_path / "whole" / "results.jsonl").read_text().splitlines(keepends=True)[0])
+    assert run(*args, "--out", cut, "--resume").exit_code == 0
+    names = ["a.annotated.jpg", "a-2.annotated.jpg", "a-3.annotated.jpg"]
+    assert sorted(p.name for p in cut.glob("*.jpg")) == names[1:]  # the first was done before the cut
+    for name in names[1:]:
+        assert (cut / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()

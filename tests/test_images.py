@@ -102,6 +102,27 @@ def test_arrays_are_accepted_as_images():
         load_image(np.zeros((3, 3, 3, 3)))
 
 
+@pytest.mark.parametrize("kind", ["uint16", "float 0-1", "float 0-255", "int64", "bool"])
+def test_arrays_of_every_dtype_read_like_the_same_image_as_a_file(tmp_path, kind):
+    gradient = _gradient()
+    array = {
+        "uint16": gradient.astype(np.uint16) * 257,  # what a 16-bit PNG holds
+        "float 0-1": gradient / 255.0,
+        "float 0-255": gradient.astype(np.float32),
+        "int64": gradient.astype(np.int64),
+        "bool": gradient > 127,
+    }[kind]
+    expected = np.where(gradient > 127, 255, 0) if kind == "bool" else gradient
+    for channels in (None, 3):
+        given = array if channels is None else np.repeat(array[..., None], channels, axis=2)
+        read = np.asarray(load_image(given).convert("L"), dtype=int)
+        assert np.abs(read - expected).max() <= 1, kind
+    Image.fromarray(gradient.astype(np.uint16) * 257).save(tmp_path / "16bit.png")
+    from_file = np.asarray(to_model_input(load_image(tmp_path / "16bit.png"), (48, 48)), dtype=int)
+    from_array = np.asarray(to_model_input(load_image(gradient.astype(np.uint16) * 257), (48, 48)), dtype=int)
+    assert np.abs(from_file - from_array).max() <= 1
+
+
 def test_faces_to_batch_repeats_gray_to_the_model_channels():
     faces = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4)
     batch = faces_to_batch(faces, 3)

@@ -96,3 +96,21 @@ def test_the_classifier_thread_count_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("FERKIT_CLASSIFIER_THREADS", "two")
     with pytest.raises(FerkitError, match="whole number"):
         classifier_threads()
+
+
+def test_a_model_behind_a_link_or_with_an_upper_case_suffix_loads(tmp_path):
+    """Model caches keep files under hashes and link them by name (as Hugging Face's does)."""
+    import shutil
+
+    from ferkit.runtime import resolve_model_path
+
+    shipped = resolve_model_path(None)
+    (tmp_path / "blobs").mkdir()
+    shutil.copy(shipped, tmp_path / "blobs" / "a62b3ef6")
+    (tmp_path / "snapshot").mkdir()
+    (tmp_path / "snapshot" / "model.onnx").symlink_to(tmp_path / "blobs" / "a62b3ef6")
+    shutil.copy(shipped, tmp_path / "MODEL.ONNX")
+    expected = load_classifier(shipped).classes
+    for path in (tmp_path / "snapshot" / "model.onnx", tmp_path / "MODEL.ONNX"):
+        assert load_classifier(path).classes == expected
+        assert list(read_metadata(path).classes) == list(expected)

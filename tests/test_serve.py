@@ -52,6 +52,12 @@ def test_a_multipart_upload_gives_the_same_faces(client):
     form = client.post("/v1/analyze", files={"file": ("people.jpg", PEOPLE.read_bytes(), "image/jpeg")})
     assert form.status_code == 200, form.text
     assert _faces(form.json()) == _faces(raw)
+    for upload in (("people.jpg", PEOPLE.read_bytes(), "image/jpg"), ("people.jpg", PEOPLE.read_bytes())):
+        form = client.post("/v1/analyze", files={"file": upload})  # the type some browsers send, and none at all
+        assert form.status_code == 200, form.text
+        assert _faces(form.json()) == _faces(raw)
+    alias = client.post("/v1/analyze", content=PEOPLE.read_bytes(), headers={"Content-Type": "image/jpg"})
+    assert alias.status_code == 200 and _faces(alias.json()) == _faces(raw)
 
 
 def test_the_health_models_and_openapi_routes(client):

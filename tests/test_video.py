@@ -177,3 +177,28 @@ def test_the_timeline_is_written_as_frames_are_analysed(trained_run, squares_vid
                              timeline_csv=streamed, progress=look)
     assert seen_rows == list(range(2, 2 * len(seen_rows) + 1, 2))  # two faces a frame, flushed each frame
     assert streamed.read_text() == timeline.to_csv(tmp_path / "whole.csv").read_text()
+
+
+def test_videos_with_the_same_name_keep_their_own_results(trained_run, tmp_path):
+    for sub, n in (("v1", 10), ("v2", 20)):
+        (tmp_path / sub).mkdir()
+        _write_video(tmp_path / sub / "clip.mp4", _two_squares(n))
+    result = CliRunner().invoke(cli, ["predict", str(tmp_path / "v1" / "clip.mp4"), str(tmp_path / "v2" / "clip.mp4"),
+                                      "--model", str(trained_run), "--every", "1", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    first, second = result.output.strip().splitlines()[-2:]
+    assert "10 frames analysed" in first and "o/clip.timeline.csv" in first
+    assert "20 frames analysed" in second and "o/clip-2.timeline.csv" in second
+    assert {p.name for p in (tmp_path / "o").iterdir()} == {
+        "clip.timeline.csv", "clip.emotions.png", "clip-2.timeline.csv", "clip-2.emotions.png"}
+
+
+def test_smoothing_and_frame_steps_below_one_are_refused():
+    from ferkit.video import frame_step
+
+    with pytest.raises(FerkitError, match="smooth"):
+        analyze_video("any.mp4", smooth=0)
+    with pytest.raises(FerkitError, match="at least 1"):
+        frame_step(25.0, every=0)
+    with pytest.raises(FerkitError, match="above 0"):
+        frame_step(25.0, target_fps=-3)

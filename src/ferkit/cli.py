@@ -51,6 +51,11 @@ class _Cli(click.Group):
                 raise
             click.echo(f"error: {err}", err=True)
             ctx.exit(err.exit_code)
+        except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+            if _debug(ctx):
+                raise  # a path the user named cannot be used as asked (a file where a folder must go, ...)
+            click.echo(f"error: {err.filename}: {err.strerror}", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
@@ -531,9 +536,11 @@ def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, 
               help="Folder for annotated images, JSON, CSV, timelines and plots.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON (JSON lines for several images).")
 @click.option("--annotate/--no-annotate", default=None, help="Write annotated images (default: for single images).")
-@click.option("--every", type=int, help="Videos: analyse every Nth frame (default: about 5 per second).")
-@click.option("--fps", "target_fps", type=float, help="Videos: analyse about this many frames per second.")
-@click.option("--smooth", type=int, default=1, show_default=True, help="Videos: smooth each face over ~N analysed frames.")
+@click.option("--every", type=click.IntRange(min=1), help="Videos: analyse every Nth frame (default: about 5 per second).")
+@click.option("--fps", "target_fps", type=click.FloatRange(min=0, min_open=True),
+              help="Videos: analyse about this many frames per second.")
+@click.option("--smooth", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Videos: smooth each face over ~N analysed frames.")
 @click.option("--save-video", is_flag=True, help="Videos: also write an annotated video.")
 @click.option("--uncertain-below", type=float, default=UNCERTAIN_BELOW, show_default=True,
               help="Mark faces whose top probability is below this as uncertain ('?' after the emotion); 0: never.")
@@ -585,6 +592,8 @@ def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, e
         raise FerkitError("--box applies to a single image")
     classifier = load_classifier(model).with_tta(tta)
     find = get_detector(detector)
+    if out.exists() and not out.is_dir():
+        raise FerkitError(f"--out {out} is a file; give a folder for the results")
     out.mkdir(parents=True, exist_ok=True)
     failures = len(sources) - len(kinds)
     images = [s for s, kind in kinds if kind == "image"]
@@ -594,9 +603,11 @@ def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, e
     elif images or any(kind in ("folder", "glob") for _, kind in kinds):
         batch = [s for s, kind in kinds if kind != "video"]
         failures += _predict_many(batch, classifier, find, out, as_json, bool(annotate), uncertain_below, resume)
+    stems: set[str] = set()  # videos of the same name from different folders: clip, clip-2, ...
     for source in (s for s, kind in kinds if kind == "video"):
+        stem = _unique(out, Path(source).stem, "", stems).name
         failures += _predict_video(source, classifier, find, out, every, target_fps, smooth, save_video, as_json,
-                                   uncertain_below)
+                                   uncertain_below, stem=stem)
     if failures:
         sys.exit(1)
 
@@ -630,6 +641,8 @@ def _predict_one(source, classifier, find, out: Path, as_json: bool, annotate: b
     from ferkit.predict import analyze_images
 
     [result] = analyze_images([source], model=classifier, detector=find, boxes=boxes, uncertain_below=uncertain_below)
+    if result.error and boxes and result.image_size != (0, 0):
+        raise FerkitError(result.error)  # the photo was read, so a box the user gave is wrong for it
     if result.error:
         click.echo(f"error: {result.error}", err=True)
         return 1
@@ -657,7 +670,7 @@ def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate:
     for source in sources:
         if not Path(source).is_file():
             try:
-                paths += list_images(source)
+                paths += list_images(source, skip=out)
             except FerkitError as err:
                 if len(sources) == 1:
                     raise
@@ -665,7 +678,8 @@ def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate:
                 empty += 1
     images = faces = 0
     failed = empty
-    used: set[str] = set()
+    used: set[str] = set()  # named in listing order, so a resumed run names its copies as a whole run would
+    annotated = {str(p): _unique(out, p.stem, ".annotated.jpg", used) for p in paths} if annotate else {}
     done = _finished_sources(out) if resume else set()
     if done:
         before = len(paths)
@@ -693,7 +707,7 @@ def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate:
                 continue
             faces += len(result.faces)
             if annotate:
-                result.draw(result.source).save(_unique(out, Path(result.source).stem, ".annotated.jpg", used), quality=92)
+                result.draw(result.source).save(annotated[result.source], quality=92)
     if not as_json:
         click.echo(f"{images} images, {faces} faces, {failed} failed; wrote {out / 'faces.csv'} and {out / 'results.jsonl'}")
     return failed
@@ -733,7 +747,7 @@ def _finished_sources(out: Path) -> set[str]:
 
 
 def _predict_video(source, classifier, find, out: Path, every, target_fps, smooth, save_video, as_json,
-                   uncertain_below: float = UNCERTAIN_BELOW) -> int:
+                   uncertain_below: float = UNCERTAIN_BELOW, *, stem: str) -> int:
     from ferkit.progress import progress_bar
     from ferkit.sources import open_video
     from ferkit.video import analyze_video, frame_step
@@ -745,7 +759,6 @@ def _predict_video(source, classifier, find, out: Path, every, target_fps, smoot
         return 1
     capture.release()
     step = frame_step(info.fps, every, target_fps)
-    stem = Path(source).stem
     annotated = out / f"{stem}.annotated.mp4" if save_video else None
     total = max(1, -(-info.frames // step)) if info.frames > 0 else None
     with progress_bar(total, f"analysing {Path(source).name}", enabled=not as_json) as advance:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ferkit.images import to_rgb
+from ferkit.images import decoded_scale, to_rgb
 from ferkit.results import Face
 
 # One colour per emotion, readable on photos (Okabe-Ito palette, colour-blind safe).
@@ -23,7 +23,9 @@ COLOURS = {
 
 
 def draw_faces(image: Image.Image, faces: Sequence[Face]) -> Image.Image:
-    """A copy of `image` (RGB) with every face's box, number and top emotion drawn on it."""
+    """A copy of `image` (RGB) with every face's box, number and top emotion drawn on it. Boxes are in
+    the photo's pixels, also where load_image decoded a very large JPEG at a reduced scale."""
+    across, down = decoded_scale(image)
     canvas = to_rgb(image).copy()
     draw = ImageDraw.Draw(canvas)
     scale = max(canvas.size) / 640
@@ -31,6 +33,7 @@ def draw_faces(image: Image.Image, faces: Sequence[Face]) -> Image.Image:
     font = ImageFont.load_default(size=max(11, round(16 * scale)))
     for number, face in enumerate(faces, start=1):
         x, y, w, h = face.box
+        x, y, w, h = round(x / across), round(y / down), round(w / across), round(h / down)
         colour = COLOURS.get(face.emotion, (255, 255, 255))
         draw.rectangle((x, y, x + w, y + h), outline=colour, width=line)
         label = f"{number} {face.emotion}{'?' if face.uncertain else ''} {face.score:.0%}"

@@ -198,7 +198,7 @@ def _shrink(rgb: np.ndarray, max_side: int) -> tuple[float, np.ndarray]:
     if longest <= max_side:
         return 1.0, rgb
     scale = max_side / longest
-    size = (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale))
+    size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
     return scale, np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
 
 

@@ -20,6 +20,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 # Pillow's own bomb guard warns at 89 Mpx and fails at twice that; we refuse anything past this.
 MAX_IMAGE_PIXELS = 64_000_000
 
+# Where load_image records the (width, height) of a JPEG it decoded at a reduced scale.
+FULL_SIZE = "ferkit.full_size"
+
 
 class ImageError(FerkitError):
     """An unreadable image file; `reason` is the short cause ("empty file"), the message names the path."""
@@ -54,11 +57,13 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, channels
         raise ImageError(path, "a folder", f"{path} is a folder, not an image")
     if path.stat().st_size == 0:
         raise ImageError(path, "empty file", f"{path} is an empty file")
+    photo_size = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
             if image.format == "JPEG" and image.width * image.height > MAX_IMAGE_PIXELS:
+                photo_size = image.size
                 _decode_smaller(image)
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise ImageError(
@@ -73,12 +78,29 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, channels
         raise ImageError(path, "not an image", f"{path} is not an image ferkit can read") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(path, first_line(err), f"{path} could not be decoded ({first_line(err)})") from None
-    return ImageOps.exif_transpose(image)
+    upright = ImageOps.exif_transpose(image)
+    if photo_size:
+        upright.info[FULL_SIZE] = photo_size if upright.size == image.size else photo_size[::-1]
+    return upright
+
+
+def full_size(image: Image.Image) -> tuple[int, int]:
+    """The (width, height) of the photo `image` was decoded from: its own size unless load_image
+    decoded a very large JPEG at a reduced scale."""
+    return tuple(image.info.get(FULL_SIZE, image.size))
+
+
+def decoded_scale(image: Image.Image) -> tuple[float, float]:
+    """How many of the photo's pixels one of `image`'s pixels stands for, across and down (1, 1 unless
+    load_image decoded it at a reduced scale): photo coordinates = image coordinates x this."""
+    width, height = full_size(image)
+    return width / image.width, height / image.height
 
 
 def _decode_smaller(jpeg: Image.Image) -> None:
     """Make a JPEG over the pixel limit decode at 1/2, 1/4 or 1/8 scale (Pillow's draft mode: the
-    decoder skips the detail, so a 108 Mpx phone photo costs what a 27 or 7 Mpx one does)."""
+    decoder skips the detail, so a 108 Mpx phone photo costs what a 27 or 7 Mpx one does). Results are
+    still given in the photo's own pixels (`decoded_scale`)."""
     for factor in (2, 4, 8):
         if jpeg.width * jpeg.height / factor**2 <= MAX_IMAGE_PIXELS:
             break
@@ -132,9 +154,18 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
     if array.size == 0:
         raise FerkitError(f"an image array needs at least one pixel, got shape {array.shape}")
     if array.dtype != np.uint8:
-        scale = 255.0 if array.dtype.kind == "f" and array.max(initial=0) <= 1.0 else 1.0
-        array = np.clip(array * scale, 0, 255).astype(np.uint8)
+        array = np.clip(array.astype(np.float64) * _to_8bit_scale(array) + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(array)
+
+
+def _to_8bit_scale(array: np.ndarray) -> float:
+    """What brings `array`'s values to 0-255, read as image files of its kind are: floats up to 1 and
+    booleans are 0-1, 16-bit integers (and other integers past 255) span 0-65535, the rest is 0-255 already."""
+    if array.dtype == bool or (array.dtype.kind == "f" and array.max(initial=0) <= 1.0):
+        return 255.0
+    if array.dtype.kind in "ui" and (array.dtype.itemsize == 2 or array.max(initial=0) > 255):
+        return 255.0 / 65535.0
+    return 1.0
 
 
 def faces_to_batch(faces: np.ndarray, channels: int, dtype=np.float32) -> np.ndarray:

@@ -113,7 +113,10 @@ def plot_emotion_timeline(series: dict, path: str | Path, *, title: str = "") ->
         ax.set_ylim(0, 1)
         ax.set_ylabel(f"face {track}")
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(ncol=7, loc="upper center", bbox_to_anchor=(0.5, 1.45), fontsize=8, frameon=False)
+    if series:
+        axes[0, 0].legend(ncol=7, loc="upper center", bbox_to_anchor=(0.5, 1.45), fontsize=8, frameon=False)
+    else:
+        axes[0, 0].text(0.5, 0.5, "no face found", ha="center", va="center", transform=axes[0, 0].transAxes)
     axes[-1, 0].set_xlabel("time (s)")
     if title:
         fig.suptitle(title)

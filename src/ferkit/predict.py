@@ -13,7 +13,7 @@ from PIL import Image
 
 from ferkit.errors import FerkitError
 from ferkit.faces import Box, Detection, face_crop, get_detector
-from ferkit.images import CHANNEL_ORDERS, load_image, to_model_input, to_rgb
+from ferkit.images import CHANNEL_ORDERS, decoded_scale, full_size, load_image, to_model_input, to_rgb
 from ferkit.results import Face, ImageResult
 from ferkit.runtime import Classifier, load_classifier
 
@@ -34,7 +34,8 @@ def analyze(
     uncertain_below: float = UNCERTAIN_BELOW,
     channels: str = "rgb",
 ) -> list[Face]:
-    """Every face in `image` (path, PIL image, or RGB array) with its emotion, largest first.
+    """Every face in `image` (path, PIL image, or RGB array) with its emotion, largest first (given
+    `boxes`: in their order).
 
     `model`: a run folder, .keras or .onnx file, or a shipped model's name; None for the default one.
     `detector`: "auto", "yunet", "mtcnn", "none" (the whole image is one face) or a callable. `boxes`:
@@ -118,15 +119,20 @@ def _find_faces(label, image, classifier: Classifier, find, boxes, channels: str
     result = ImageResult(source=label, image_size=(0, 0), model=classifier.name, model_version=model_version(classifier))
     started = time.perf_counter()
     try:
-        picture = to_rgb(load_image(image, channels=channels))
+        loaded = load_image(image, channels=channels)
+        result.image_size = full_size(loaded)
+        given = None if boxes is None else [checked_box(b, result.image_size) for b in boxes]
     except FerkitError as err:
         result.error = str(err)
         return result, []
+    picture = to_rgb(loaded)
+    # Boxes are reported in the photo's pixels, and crops cut from the picture as decoded: the same
+    # unless a very large JPEG was decoded at a reduced scale.
+    across, down = decoded_scale(loaded)
     decoded = time.perf_counter()
-    result.image_size = picture.size
     whole_image = boxes is None and find is None
-    if boxes is not None:
-        detections = [Detection(checked_box(b, picture.size), None) for b in boxes]
+    if given is not None:
+        detections = [Detection(_scaled_box(b, 1 / across, 1 / down), None) for b in given]
         result.detector = "boxes"
     elif whole_image:
         detections = [Detection((0, 0, picture.width, picture.height), None)]
@@ -134,16 +140,42 @@ def _find_faces(label, image, classifier: Classifier, find, boxes, channels: str
     else:
         result.detector = getattr(find, "name", "custom")
         try:
-            detections = find(np.asarray(picture))
+            detections = [_as_detection(found) for found in find(np.asarray(picture))]
         except Exception as err:  # any detector, ours or the user's: report this image, go on with the rest
             result.error = f"face detection failed on {label}: {type(err).__name__}: {err}".splitlines()[0]
             return result, []
-    detections = sorted(detections, key=lambda d: -d.box[2] * d.box[3])
+        detections.sort(key=lambda d: -d.box[2] * d.box[3])  # largest first; given boxes keep their order
     crops = [to_model_input(picture if whole_image else _crop(picture, d, classifier), classifier.input_size)
              for d in detections]
-    result.faces = [Face(d.box, "", 0.0, {}, d.score, d.landmarks) for d in detections]
+    reported = given or [_scaled_box(d.box, across, down) for d in detections]
+    result.faces = [Face(box, "", 0.0, {}, d.score, _scaled_points(d.landmarks, across, down))
+                    for box, d in zip(reported, detections)]
     result.timings_ms = {"decode": (decoded - started) * 1e3, "detect": (time.perf_counter() - decoded) * 1e3}
     return result, crops
+
+
+def _as_detection(found) -> Detection:
+    """A detector's answer for one face: a Detection, or a bare (x, y, width, height) box."""
+    if isinstance(found, Detection):
+        return found
+    try:
+        x, y, width, height = (int(round(float(v))) for v in found)
+    except (TypeError, ValueError):
+        raise TypeError(f"a detector must return Detections or (x, y, width, height) boxes, not {found!r}") from None
+    return Detection((x, y, width, height), None)
+
+
+def _scaled_box(box: Box, across: float, down: float) -> Box:
+    if across == down == 1:
+        return tuple(box)
+    x, y, width, height = box
+    return round(x * across), round(y * down), round(width * across), round(height * down)
+
+
+def _scaled_points(points, across: float, down: float):
+    if points is None or across == down == 1:
+        return points
+    return [(round(px * across), round(py * down)) for px, py in points]
 
 
 def _classify(pending, classifier: Classifier, uncertain_below: float = UNCERTAIN_BELOW) -> Iterator[ImageResult]:

@@ -115,7 +115,7 @@ def resolve_model_path(model: str | Path | None) -> Path:
         shipped = shipped_models()
         known = f" (the models shipped with ferkit: {', '.join(shipped)})" if shipped else ""
         raise FerkitError(f"no such model or run folder: {path}{known}")
-    if path.suffix not in (".keras", ".onnx"):
+    if path.suffix.lower() not in (".keras", ".onnx"):
         raise FerkitError(f"{path} is not a ferkit model (expected a .keras or .onnx file, or a run folder)")
     return path
 
@@ -201,7 +201,7 @@ def sha256_of(path: str | Path) -> str:
 
 def read_metadata(path: str | Path) -> ModelMetadata:
     path = resolve_model_path(path)
-    if path.suffix == ".onnx":
+    if path.suffix.lower() == ".onnx":
         return _onnx_session(path)[1]
     try:
         with zipfile.ZipFile(path) as archive:
@@ -385,7 +385,7 @@ def load_classifier(model: str | Path | Classifier | None = None) -> Classifier:
     """
     if isinstance(model, Classifier):
         return model
-    path = resolve_model_path(model).resolve()
+    path = resolve_model_path(model).absolute()  # not resolved: a link's own name says what the file is
     return _load_cached(path, path.stat().st_mtime_ns)
 
 
@@ -420,6 +420,6 @@ def machine_description() -> str:
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(path: Path, mtime_ns: int) -> Classifier:
-    if path.suffix == ".onnx":
+    if path.suffix.lower() == ".onnx":
         return OnnxClassifier(path)
     return KerasClassifier(read_metadata(path), path)

@@ -29,6 +29,7 @@ from ferkit.predict import model_version
 
 WEB = Path(__file__).parent / "web"
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "image/tiff")
+ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png"}  # seen in the wild
 VIDEO_TYPES = ("video/mp4", "video/webm", "video/quicktime", "video/x-msvideo", "video/x-matroska")
 MB = 1024 * 1024
 
@@ -125,12 +126,13 @@ async def _upload(request, accepted: tuple[str, ...], what: str) -> bytes:
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
                 raise HTTPException(422, "the form has no file field 'file'")
-            declared = (upload.content_type or "").lower()
+            declared = (upload.content_type or "application/octet-stream").lower()  # a file field without a type
             data = await upload.read()
         finally:
             await form.close()
     else:
         data = await request.body()
+    declared = ALIASES.get(declared, declared)
     if declared not in (*accepted, "application/octet-stream"):
         raise HTTPException(415, f"expected {what} ({', '.join(accepted)}), not {declared or 'no content type'}")
     if not data:

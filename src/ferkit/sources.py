@@ -30,12 +30,19 @@ def source_kind(source: str) -> str:
     return "video" if path.suffix.lower() in VIDEO_SUFFIXES else "image"
 
 
-def list_images(source: str) -> list[Path]:
-    """The image files of a folder (recursively, hidden ones left out) or a glob, sorted."""
-    if source_kind(source) == "glob":
+def list_images(source: str, *, skip: str | Path | None = None) -> list[Path]:
+    """The image files of a folder (recursively, hidden ones left out) or a glob, sorted; none inside
+    the folder `skip` when it lies within the folder listed (where ferkit writes its results, so that a
+    second run does not read the first one's annotated copies)."""
+    kind = source_kind(source)
+    if kind == "glob":
         paths = [Path(p) for p in glob.glob(source, recursive=True)]
     else:
         paths = [p for p in Path(source).rglob("*") if not any(part.startswith(".") for part in p.relative_to(source).parts)]
+    if skip is not None and Path(skip).is_dir() and kind == "folder":
+        skipped = Path(skip).resolve()
+        if skipped != Path(source).resolve():
+            paths = [p for p in paths if not p.resolve().is_relative_to(skipped)]
     images = sorted(p for p in paths if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise FerkitError(f"no image files in {source}")

@@ -101,6 +101,10 @@ FRAMES_PER_BATCH = 8
 
 def frame_step(fps: float, every: int | None = None, target_fps: float | None = None) -> int:
     """Analyse every Nth frame: `every` if given, else about `target_fps` (default 5) frames per second."""
+    if every is not None and every < 1:
+        raise FerkitError(f"every must be a whole number of frames, at least 1, not {every}")
+    if target_fps is not None and not target_fps > 0:
+        raise FerkitError(f"the frames per second to analyse must be above 0, not {target_fps}")
     return every or max(1, round(fps / (target_fps or 5.0)))
 
 
@@ -122,6 +126,8 @@ def analyze_video(
     probabilities) whose top probability is below `uncertain_below` are marked `uncertain`.
     `timeline_csv`: write the timeline there row by row as frames are analysed, so that a run cut short
     keeps what it did."""
+    if smooth < 1 or every < 1:
+        raise FerkitError(f"smooth and every must be at least 1, not {smooth} and {every}")
     classifier = load_classifier(model)
     capture, info = open_video(path)
     timeline = Timeline(str(path), info.fps, classifier.classes)
