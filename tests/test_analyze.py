@@ -215,6 +215,9 @@ def test_a_detector_may_return_bare_boxes_and_given_boxes_keep_their_order(train
     faces = analyze(picture, model=trained_run, detector=lambda rgb: [np.array(b) for b in boxes])
     assert [f.box for f in faces] == [boxes[1], boxes[0]]  # detected: largest first
     assert all(f.detector_score is None for f in faces)
+    with pytest.raises(FerkitError, match="result.draw"):
+        next(analyze_images([picture], model=trained_run, boxes=boxes)).draw()
+    assert next(analyze_images([picture], model=trained_run, boxes=boxes)).draw(picture).size == (300, 200)
     assert [f.box for f in analyze(picture, model=trained_run, boxes=boxes)] == boxes  # given: as given
     results = list(analyze_images([picture], model=trained_run, detector=lambda rgb: ["face"]))
     assert "must return Detections or (x, y, width, height) boxes" in results[0].error

@@ -140,6 +140,9 @@ def test_several_sources_go_on_past_a_missing_one(trained_run, tmp_path):
                  "--json", "--out", tmp_path / "out")
     assert result.exit_code == 1 and "no such file" in result.output
     assert json.loads(result.output.strip().splitlines()[-1])["source"] == str(good)
+    summary = run("predict", tmp_path / "missing.png", good, good, "--model", trained_run, "--detector", "none",
+                  "--out", tmp_path / "out")
+    assert summary.exit_code == 1 and "2 images, 2 faces, 0 failed, 1 source(s) not found" in summary.output
 
 
 def test_a_photo_with_no_face_says_so(trained_run, tmp_path):

@@ -68,6 +68,7 @@ def test_video_timeline_follows_each_face(trained_run, squares_video, tmp_path):
     assert all(abs(sum(r.face.probabilities.values()) - 1) < 1e-4 for r in timeline.rows)
     rows = list(csv.DictReader(open(timeline.to_csv(tmp_path / "t.csv"))))
     assert len(rows) == 20 and rows[0]["track"] in ("1", "2") and float(rows[-1]["time_s"]) == pytest.approx(1.8)
+    assert [row["uncertain"] for row in rows] == [str(int(r.face.uncertain)) for r in timeline.rows]
     assert timeline.plot(tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
     capture, info = open_video(tmp_path / "out.mp4")
     assert info.frames == 10 and info.size == SIZE

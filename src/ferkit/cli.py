@@ -602,7 +602,8 @@ def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, e
                                  uncertain_below=uncertain_below)
     elif images or any(kind in ("folder", "glob") for _, kind in kinds):
         batch = [s for s, kind in kinds if kind != "video"]
-        failures += _predict_many(batch, classifier, find, out, as_json, bool(annotate), uncertain_below, resume)
+        failures += _predict_many(batch, classifier, find, out, as_json, bool(annotate), uncertain_below, resume,
+                                  unreadable_sources=failures)
     stems: set[str] = set()  # videos of the same name from different folders: clip, clip-2, ...
     for source in (s for s, kind in kinds if kind == "video"):
         stem = _unique(out, Path(source).stem, "", stems).name
@@ -660,7 +661,7 @@ def _predict_one(source, classifier, find, out: Path, as_json: bool, annotate: b
 
 
 def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate: bool,
-                  uncertain_below: float = UNCERTAIN_BELOW, resume: bool = False) -> int:
+                  uncertain_below: float = UNCERTAIN_BELOW, resume: bool = False, unreadable_sources: int = 0) -> int:
     from ferkit.predict import analyze_images
     from ferkit.progress import progress_bar
     from ferkit.sources import list_images
@@ -709,7 +710,8 @@ def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate:
             if annotate:
                 result.draw(result.source).save(annotated[result.source], quality=92)
     if not as_json:
-        click.echo(f"{images} images, {faces} faces, {failed} failed; wrote {out / 'faces.csv'} and {out / 'results.jsonl'}")
+        missing = f", {unreadable_sources} source(s) not found" if unreadable_sources else ""
+        click.echo(f"{images} images, {faces} faces, {failed} failed{missing}; wrote {out / 'faces.csv'} and {out / 'results.jsonl'}")
     return failed
 
 

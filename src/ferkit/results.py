@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ferkit.errors import FerkitError
+
 
 @dataclass
 class Face:
@@ -67,6 +69,8 @@ class ImageResult:
         from ferkit.draw import draw_faces
         from ferkit.images import load_image
 
+        if image is None and self.source == "<array>":
+            raise FerkitError("this result came from an array, not a file: pass the image, result.draw(image)")
         return draw_faces(load_image(image if image is not None else self.source), self.faces)
 
     def summary(self) -> str:

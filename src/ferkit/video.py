@@ -50,11 +50,11 @@ class Timeline:
         return Path(path)
 
     def csv_header(self) -> list[str]:
-        return ["time_s", "frame", "track", "x", "y", "width", "height", "emotion", "score", *self.classes]
+        return ["time_s", "frame", "track", "x", "y", "width", "height", "emotion", "score", *self.classes, "uncertain"]
 
     def csv_row(self, r: TimelineRow) -> list:
         return [f"{r.time_s:.3f}", r.frame, r.track, *r.face.box, r.face.emotion, f"{r.face.score:.4f}",
-                *(f"{r.face.probabilities[c]:.4f}" for c in self.classes)]
+                *(f"{r.face.probabilities[c]:.4f}" for c in self.classes), int(r.face.uncertain)]
 
     def plot(self, path: str | Path, *, max_tracks: int = 6) -> Path:
         from ferkit.plots import plot_emotion_timeline
