@@ -441,6 +441,35 @@ def test_saved_teacher_probabilities_train_a_student_like_the_teacher_itself(pat
     assert CliRunner().invoke(cli, ["teacher", str(trained_run), "--data", str(pattern_data / "train"), "--out", str(saved)]).exit_code == 2
 
 
+def test_saved_teacher_probabilities_follow_each_face_through_a_split(trained_run, tmp_path):
+    """Faces in nested folders, and CSV rows, keep their own probabilities in the subset a
+    validation split leaves for training."""
+    from conftest import pattern_face
+    from ferkit.data import split_dataset
+    from ferkit.labels import FER2013_CSV_CODES
+    from ferkit.teacher import load_teacher_probabilities, save_teacher_probabilities, teacher_probabilities
+
+    rng = np.random.default_rng(3)
+    codes = {name: code for code, name in FER2013_CSV_CODES.items()}
+    rows = ["emotion,pixels,Usage"]
+    for i in range(70):
+        label = i % 7
+        face = pattern_face(label, rng)
+        rows.append(f"{codes[EMOTIONS[label]]},{' '.join(map(str, face.ravel()))},Training")
+        folder = tmp_path / "nested" / EMOTIONS[label] / f"session{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        from PIL import Image
+
+        Image.fromarray(face).save(folder / f"{i // 7 // 2}.png")  # the same file names in every class
+    (tmp_path / "faces.csv").write_text("\n".join(rows) + "\n")
+    for data in (tmp_path / "faces.csv", tmp_path / "nested"):
+        dataset = load_dataset(data, usage="Training")
+        saved = save_teacher_probabilities([trained_run], dataset, tmp_path / "teacher.npz", tta="flip")
+        train_set, _ = split_dataset(dataset, val_fraction=0.2, seed=1)
+        assert np.allclose(load_teacher_probabilities(saved, train_set),
+                           teacher_probabilities(str(trained_run), train_set), atol=1e-6), data.name
+
+
 def test_teacher_probabilities_that_miss_faces_are_refused(pattern_data, trained_run, tmp_path):
     from ferkit.teacher import load_teacher_probabilities, save_teacher_probabilities
 

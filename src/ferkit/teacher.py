@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -65,10 +66,15 @@ def load_teacher_probabilities(path: str | Path, dataset: FaceDataset) -> np.nda
 
 
 def _face_keys(dataset: FaceDataset) -> list[str]:
-    """'class folder/file name' per face (stable wherever the data lies), or 'row N' without paths."""
+    """Per face, its file's path inside the data folder ('happy/123.jpg', stable wherever the folder
+    lies), or 'row N', its position in the source as loaded (a CSV's rows), for data without files.
+    Both survive splitting off a validation set."""
     if dataset.paths is None:
-        return [f"row {i}" for i in range(len(dataset))]
-    return ["/".join(Path(p).parts[-2:]) for p in dataset.paths]
+        positions = dataset.positions if dataset.positions is not None else range(len(dataset))
+        return [f"row {int(i)}" for i in positions]
+    if not dataset.source:
+        return ["/".join(Path(p).parts[-2:]) for p in dataset.paths]
+    return [Path(os.path.relpath(p, dataset.source)).as_posix() for p in dataset.paths]
 
 
 def teacher_probabilities(teacher: str, train_set: FaceDataset) -> np.ndarray:

@@ -20,6 +20,8 @@ class FaceDataset:
     source: str = ""
     paths: list[str] | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable files
+    # Each face's position in the source as loaded (its CSV row among those read, say): kept by `subset`.
+    positions: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -40,6 +42,7 @@ class FaceDataset:
             classes=self.classes,
             source=self.source,
             paths=[self.paths[i] for i in indices] if self.paths is not None else None,
+            positions=(self.positions if self.positions is not None else np.arange(len(self)))[indices],
         )
 
 
