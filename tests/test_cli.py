@@ -89,6 +89,12 @@ def test_evaluate_with_flip_tta_records_it(trained_run, pattern_data, tmp_path):
     assert plain.exit_code == 0 and flip.exit_code == 0, flip.output
     assert json.loads(plain.output)["tta"] == "none" and json.loads(flip.output)["tta"] == "flip"
     assert "(flip TTA)" in (tmp_path / "flip" / "report.html").read_text()
+    import shutil
+
+    model = shutil.copy(trained_run / "best.keras", tmp_path / "best.keras")
+    for extra in ([], ["--tta", "flip"]):  # without --out: a folder each, beside the model
+        assert run("evaluate", model, "--data", pattern_data / "val", *extra).exit_code == 0
+    assert sorted(p.name for p in tmp_path.glob("eval-*")) == ["eval-best-val", "eval-best-val-flip"]
 
 
 def _one_line_error(result, code=2):

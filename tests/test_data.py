@@ -105,6 +105,9 @@ def test_fer2013_csv_codes_map_to_class_names(tmp_path):
     # images come through unchanged
     assert np.array_equal(train.images[0].ravel(), rows[0][1])
     assert len(load_dataset(tmp_path / "fer.csv")) == 14
+    # as Excel saves a CSV: a byte-order mark before the header
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "fer.csv").read_bytes())
+    assert np.array_equal(load_fer2013_csv(tmp_path / "excel.csv", usage="Training").images, train.images)
 
 
 @pytest.mark.parametrize(

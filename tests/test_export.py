@@ -31,9 +31,17 @@ def test_onnx_carries_the_metadata(trained_run, onnx_model):
     assert read_metadata(onnx_model) == read_metadata(trained_run)
 
 
-def test_export_never_overwrites_silently(trained_run, onnx_model):
+def test_export_never_overwrites_silently(trained_run, onnx_model, tmp_path):
     with pytest.raises(FerkitError, match="already exists"):
         export_onnx(trained_run, onnx_model)
+    model = trained_run / "best.keras"
+    before = model.read_bytes()
+    with pytest.raises(FerkitError, match="an .onnx file"):
+        export_onnx(trained_run, model, overwrite=True)  # not even when asked: it would be ONNX in a .keras file
+    (tmp_path / "folder.onnx").mkdir()
+    with pytest.raises(FerkitError, match="is a folder"):
+        export_onnx(trained_run, tmp_path / "folder.onnx", overwrite=True)
+    assert model.read_bytes() == before
 
 
 def test_predict_with_onnx_imports_no_tensorflow(onnx_model, tmp_path):

@@ -63,3 +63,19 @@ def test_init_default_starts_from_the_bundled_model(pattern_data, tmp_path):
     start, after = keras.saving.load_model(bundled, compile=False), keras.saving.load_model(run / "last.keras", compile=False)
     kernels = [(a.kernel, b.kernel) for a, b in zip(start.layers, after.layers) if hasattr(a, "kernel")]
     assert kernels and all(np.abs(np.asarray(a) - np.asarray(b)).max() < 1e-3 for a, b in kernels)  # barely moved
+
+
+def test_options_that_contradict_the_network_are_refused_before_any_training(trained_run, pattern_data, tmp_path):
+    import pytest
+
+    from ferkit.errors import FerkitError
+
+    common = dict(data=str(pattern_data / "train"), val=str(pattern_data / "val"), epochs=1)
+    with pytest.raises(FerkitError, match="is a seed-cnn network, not ferkit-net-l"):
+        train(TrainConfig(init=str(trained_run), model="ferkit-net-l", out=str(tmp_path / "a"), **common), verbose=0)
+    with pytest.raises(FerkitError, match="--fine-tune unfreezes a pretrained backbone"):
+        train(TrainConfig(fine_tune=2, fine_tune_epochs=1, out=str(tmp_path / "b"), **common), verbose=0)
+    assert not (tmp_path / "a" / "history.csv").exists() and not (tmp_path / "b" / "history.csv").exists()
+    # naming the network it already is, is fine
+    run = train(TrainConfig(init=str(trained_run), model="seed-cnn", learning_rate=1e-6, out=str(tmp_path / "c"), **common), verbose=0)
+    assert read_metadata(run).model == "seed-cnn"

@@ -98,6 +98,17 @@ def test_an_existing_run_is_never_overwritten_silently(pattern_data, trained_run
     assert (other / "notes.txt").read_text() == "mine"
 
 
+def test_replacing_a_run_removes_its_default_exports_and_keeps_other_files(tmp_path):
+    from ferkit.runs import clear_run_folder
+
+    run = tmp_path / "run"
+    (run / "eval-best-val").mkdir(parents=True)
+    for name in ("config.json", "best.keras", "best.onnx", "last.onnx", "mine-int8.onnx", "notes.txt"):
+        (run / name).write_text("x")
+    clear_run_folder(run)
+    assert sorted(p.name for p in run.iterdir()) == ["mine-int8.onnx", "notes.txt"]
+
+
 def test_a_killed_run_is_usable_and_resumes(pattern_data, tmp_path):
     run = tmp_path / "killed"
     command = [sys.executable, "-m", "ferkit.cli", "train", "--data", str(pattern_data / "train"),
@@ -477,6 +488,8 @@ def test_teacher_probabilities_that_miss_faces_are_refused(pattern_data, trained
     saved = save_teacher_probabilities([trained_run], val, tmp_path / "val.npz")
     with pytest.raises(FerkitError, match="no probabilities for"):
         load_teacher_probabilities(saved, load_dataset(pattern_data / "train"))
+    with pytest.raises(FerkitError, match="takes 48x48 faces, the data is 40x40"):
+        save_teacher_probabilities([trained_run], load_dataset(pattern_data / "val", image_size=(40, 40)), tmp_path / "x.npz")
 
 
 def test_the_pack_tool_replaces_an_earlier_pack_and_nothing_else(pattern_data, trained_run, tmp_path):

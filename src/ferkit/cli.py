@@ -347,7 +347,7 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
         data, classes=classifier.classes, image_size=classifier.input_size, usage=usage, progress=not as_json
     )
     report = evaluate(classifier, dataset, batch_size=batch_size)
-    folder = out or _default_eval_folder(resolve_model_path(model), Path(model or "."), Path(data), usage)
+    folder = out or _default_eval_folder(resolve_model_path(model), Path(model or "."), Path(data), usage, tta)
     written = report.save(folder)
     if as_json:
         click.echo(json.dumps({**report.to_dict(), "files": [str(p) for p in written]}, indent=2))
@@ -357,13 +357,16 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     click.echo(f"wrote {', '.join(p.name for p in written)} to {folder}")
 
 
-def _default_eval_folder(model_path: Path, given: Path, data: Path, usage: str) -> Path:
-    name = data.name if data.is_dir() else f"{data.stem}-{usage}"
+def _default_eval_folder(model_path: Path, given: Path, data: Path, usage: str, tta: str | None = None) -> Path:
+    """eval-[MODEL-]DATA[-TTA] beside the model: best.keras and best.onnx, or one model scored with and
+    without --tta, get folders of their own."""
+    name = (data.name if data.is_dir() else f"{data.stem}-{usage}") + (f"-{tta}" if tta else "")
+    model = f"{model_path.stem}{'-onnx' if model_path.suffix.lower() == '.onnx' else ''}"
     if model_path.parent.name == "weights" and model_path.parent.parent.name == "ferkit":
-        return Path("runs") / f"eval-{model_path.stem}-{name}"  # never write into the installed package
+        return Path("runs") / f"eval-{model}-{name}"  # never write into the installed package
     if given.is_dir():
         return given / f"eval-{name}"
-    return model_path.parent / f"eval-{model_path.stem}-{name}"
+    return model_path.parent / f"eval-{model}-{name}"
 
 
 def _print_report(report) -> None:

@@ -55,6 +55,10 @@ def export_onnx(
     if (recalibrate_bn or int8) and calibration is None:
         raise FerkitError("batch-norm recalibration and int8 need calibration faces")
     out = Path(out) if out else source.with_suffix(".onnx")
+    if out.suffix.lower() != ".onnx":
+        raise FerkitError(f"an exported model is an .onnx file, not {out.name}")
+    if out.is_dir():
+        raise FerkitError(f"{out} is a folder; give the .onnx file to write")
     if out.exists() and not overwrite:
         raise FerkitError(f"{out} already exists; pass --overwrite to replace it")
     keras_model = _load_keras(source).with_tta(tta)

@@ -27,6 +27,7 @@ from ferkit.errors import FerkitError
 # Keras' CSVLogger writes the columns after "epoch" in sorted order; older runs had another order
 HISTORY_COLUMNS = ("epoch", "accuracy", "learning_rate", "loss", "seconds", "val_accuracy", "val_loss")
 RUN_FILES = ("config.json", "datasets.json", "history.csv", "curves.png", "best.keras", "last.keras", "state.json")
+EXPORTED_FILES = ("best.onnx", "last.onnx")  # where `ferkit export RUN` writes by default: stale once the run is replaced
 
 
 @dataclass
@@ -90,7 +91,7 @@ def clear_run_folder(run: Path) -> None:
     """Remove what an earlier run wrote (only ferkit's own files), ready for a fresh run."""
     from ferkit.checkpoints import remove_checkpoints
 
-    for name in RUN_FILES:
+    for name in (*RUN_FILES, *EXPORTED_FILES):
         (run / name).unlink(missing_ok=True)
     remove_checkpoints(run)
     for folder in run.glob("eval-*"):

@@ -34,6 +34,9 @@ def save_teacher_probabilities(models, dataset: FaceDataset, out: str | Path, *,
         raise FerkitError(f"teacher probabilities are saved as a {TEACHER_SUFFIX} file, not {out.name}")
     classifiers = [load_classifier(model).with_tta(tta) for model in models]
     for model, classifier in zip(models, classifiers):
+        if tuple(classifier.input_size) != tuple(dataset.image_size):
+            raise FerkitError(f"{model} takes {classifier.input_size[0]}x{classifier.input_size[1]} faces, the data "
+                              f"is {dataset.image_size[0]}x{dataset.image_size[1]}: average models of one input size")
         if classifier.classes != dataset.classes:
             raise FerkitError(f"{model} knows the classes {', '.join(classifier.classes)}, the data {', '.join(dataset.classes)}")
     probabilities = np.mean([c.predict_proba(dataset.images, batch_size=batch_size) for c in classifiers], axis=0)

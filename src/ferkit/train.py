@@ -28,7 +28,7 @@ from ferkit.runtime import ModelMetadata
 from ferkit.teacher import teacher_probabilities
 from ferkit.training_data import fit_data, load_train_val, train_size, trains_on_cached_features
 from ferkit.training_model import (
-    adopt_init_model, build_training_model, feature_head, float32_twin, init_model, network_of, prepare_fine_tuning,
+    adopt_init_model, build_training_model, check_fine_tuning, feature_head, float32_twin, init_model, network_of, prepare_fine_tuning,
 )
 
 log = logging.getLogger("ferkit")
@@ -67,6 +67,7 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
     check_run_folder(run, resume=resume, overwrite=overwrite)
     if config.init and not resume:
         adopt_init_model(config)
+    check_fine_tuning(config)
     train_set, val_set = load_train_val(config, get_model_spec(config.model).input_size, progress=verbose > 0)
     config.classes = list(train_set.classes)
     state = RunState.load(run) if resume else RunState()

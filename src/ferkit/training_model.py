@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ferkit.config import TrainConfig
 from ferkit.errors import FerkitError
-from ferkit.models import create_model, get_model_spec
+from ferkit.models import create_model, get_model_spec, list_models
 from ferkit.runtime import read_metadata, resolve_model_path
 
 FEATURE_HEAD = "feature_head"  # the name of the model trained on cached features (split_at_backbone)
@@ -118,8 +118,20 @@ def init_model_path(init: str) -> Path:
 def adopt_init_model(config: TrainConfig) -> None:
     """With --init, the run trains the initial model's network, and keeps its classes unless told others."""
     metadata = read_metadata(init_model_path(config.init))
+    if metadata.model not in list_models():
+        raise FerkitError(f"--init {config.init} is a {metadata.model}, which does not train further: start from "
+                          "one of its members' run folders")
+    default_model = TrainConfig.__dataclass_fields__["model"].default
+    if config.model not in (default_model, metadata.model):
+        raise FerkitError(f"--init {config.init} is a {metadata.model} network, not {config.model}: leave --model out")
     config.model = metadata.model
     config.classes = config.classes or list(metadata.classes)
+
+
+def check_fine_tuning(config: TrainConfig) -> None:
+    """Refuse --fine-tune before any training for a network without a pretrained backbone to unfreeze."""
+    if config.fine_tune and not get_model_spec(config.model).pretrained:
+        raise FerkitError(f"--fine-tune unfreezes a pretrained backbone, which {config.model} does not have")
 
 
 def init_model(keras, init: str, classes: list[str], model_name: str):

@@ -73,7 +73,7 @@ def _check_usages(usage) -> tuple[str, ...]:
 
 def _parse(path: Path) -> dict[str, np.ndarray]:
     codes, images, usages = [], [], []
-    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
         reader = csv.reader(handle)
         header = [h.strip().lower() for h in next(reader, [])]
         if "emotion" not in header or "pixels" not in header:
