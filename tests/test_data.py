@@ -108,6 +108,10 @@ def test_fer2013_csv_codes_map_to_class_names(tmp_path):
     # as Excel saves a CSV: a byte-order mark before the header
     (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "fer.csv").read_bytes())
     assert np.array_equal(load_fer2013_csv(tmp_path / "excel.csv", usage="Training").images, train.images)
+    # without a Usage column (Kaggle's train.csv): every row, whatever usage is asked for
+    lines = (tmp_path / "fer.csv").read_text().splitlines()
+    (tmp_path / "plain.csv").write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+    assert len(load_fer2013_csv(tmp_path / "plain.csv", usage="Training")) == 14
 
 
 @pytest.mark.parametrize(

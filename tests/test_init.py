@@ -49,6 +49,14 @@ def test_init_with_a_new_class_replaces_the_head_and_keeps_the_old_classes(train
     # the seven known classes are still recognised on their own validation faces
     report = evaluate(run, load_dataset(pattern_data / "val", classes=classes))
     assert report.accuracy > 0.6
+    # int8 export calibrates on the run's own training data, eighth class included
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+
+    exported = CliRunner().invoke(cli, ["export", str(run), "--onnx", "--int8", "--out", str(tmp_path / "m.onnx")])
+    assert exported.exit_code == 0, exported.output
+    assert read_metadata(tmp_path / "m.onnx").classes == classes
 
 
 def test_init_default_starts_from_the_bundled_model(pattern_data, tmp_path):

@@ -437,6 +437,7 @@ def _temperature_faces(model: str, data: str):
 def _calibration_faces(model: str, calibration: str | None):
     """The faces to calibrate an int8 export with: given data, else the training data the run recorded."""
     from ferkit.data import load_dataset
+    from ferkit.runtime import read_metadata, resolve_model_path
 
     if calibration is None:
         config = Path(model) / "config.json"
@@ -445,7 +446,7 @@ def _calibration_faces(model: str, calibration: str | None):
         calibration = TrainConfig.load(config).data
         if not calibration or not Path(calibration).exists():
             raise FerkitError(f"the run's training data {calibration} is not here; pass --calibration DATA")
-    return load_dataset(calibration)
+    return load_dataset(calibration, classes=read_metadata(resolve_model_path(model)).classes)  # the model's own
 
 
 # --- ensemble -----------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ def load_fer2013_csv(
     image_size: tuple[int, int] = (48, 48),
     cache: bool = True,
 ) -> FaceDataset:
-    """Rows of the given `usage` ("Training", "PublicTest", "PrivateTest", a list, or None for all).
+    """Rows of the given `usage` ("Training", "PublicTest", "PrivateTest", a list, or None for all);
+    every row of a CSV without a Usage column.
 
     Labels are remapped from the CSV's codes (0 angry ... 4 sad, 5 surprise, 6 neutral) to `classes`
     by name, so the class order matches folder datasets. A malformed row is an error naming its line.
@@ -43,6 +44,8 @@ def load_fer2013_csv(
         if cache:
             save_cached(key, parsed)
 
+    if not (parsed["usage"] != "").any():
+        usages = ()  # a CSV without a Usage column (Kaggle's train.csv, a CSV of one's own): every row
     selected = np.isin(parsed["usage"], usages) if usages else np.ones(len(parsed["usage"]), bool)
     names = [FER2013_CSV_CODES[int(code)] for code in parsed["codes"][selected]]
     missing = sorted(set(names) - set(classes))
