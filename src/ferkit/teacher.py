@@ -32,6 +32,8 @@ def save_teacher_probabilities(models, dataset: FaceDataset, out: str | Path, *,
     out = Path(out)
     if out.suffix != TEACHER_SUFFIX:
         raise FerkitError(f"teacher probabilities are saved as a {TEACHER_SUFFIX} file, not {out.name}")
+    if out.is_dir():
+        raise FerkitError(f"{out} is a folder; give the {TEACHER_SUFFIX} file to write")
     classifiers = [load_classifier(model).with_tta(tta) for model in models]
     for model, classifier in zip(models, classifiers):
         if tuple(classifier.input_size) != tuple(dataset.image_size):

@@ -74,7 +74,7 @@ def _list_class_files(root: Path, classes: tuple[str, ...]) -> tuple[list[Path],
     if unknown:
         raise FerkitError(
             f"folder(s) in {root} match no class: {', '.join(unknown)} "
-            f"(classes: {', '.join(classes)}; pass an explicit class list to keep others)"
+            f"(classes: {', '.join(classes)}; `ferkit train --classes` trains with others)"
         )
     files: list[Path] = []
     labels: list[int] = []
