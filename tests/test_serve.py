@@ -58,6 +58,8 @@ def test_a_multipart_upload_gives_the_same_faces(client):
         assert _faces(form.json()) == _faces(raw)
     alias = client.post("/v1/analyze", content=PEOPLE.read_bytes(), headers={"Content-Type": "image/jpg"})
     assert alias.status_code == 200 and _faces(alias.json()) == _faces(raw)
+    two = client.post("/v1/analyze", files=[("file", ("a.jpg", PEOPLE.read_bytes(), "image/jpeg"))] * 2)
+    assert two.status_code == 422 and "one per request" in two.json()["detail"]
 
 
 def test_the_health_models_and_openapi_routes(client):
@@ -223,3 +225,15 @@ def test_an_idle_client_does_not_block_others(server):
 def test_a_form_without_the_file_field_is_refused_in_one_line(client):
     response = client.post("/v1/analyze", files={"photo": ("people.jpg", PEOPLE.read_bytes(), "image/jpeg")})
     assert response.status_code == 422 and response.json()["detail"] == "the form has no file field 'file'"
+
+
+def test_a_port_in_use_is_one_line_and_exit_2():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "ferkit.cli", "serve", "--port", str(port)],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot listen on 127.0.0.1:{port}")

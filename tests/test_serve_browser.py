@@ -70,6 +70,18 @@ def test_a_photo_shows_its_faces_with_their_emotions(browser, server, tmp_path):
     assert painted > 0.5
     page.screenshot(path=str(tmp_path / "photo.png"), full_page=True)
     assert (tmp_path / "photo.png").read_bytes()[:4] == b"\x89PNG"
+
+    # what the server says about a file that is no image, and nothing of the photo before it
+    (tmp_path / "notes.jpg").write_text("not a photo")
+    page.set_input_files("#photo-input", str(tmp_path / "notes.jpg"))
+    page.wait_for_selector("#status.error", timeout=30_000)
+    assert "not an image ferkit can decode" in page.text_content("#status")
+    assert page.locator("#faces .face").count() == 0 and page.locator("#photo-canvas").is_hidden()
+    # a TIFF, which Chromium cannot show: its faces are still listed
+    Image.open(PEOPLE).save(tmp_path / "people.tif")
+    page.set_input_files("#photo-input", str(tmp_path / "people.tif"))
+    page.wait_for_selector("#faces .face", timeout=30_000)
+    assert page.locator("#faces .face").count() == 3 and "3 faces" in page.text_content("#status")
     page.close()
 
 
@@ -82,6 +94,7 @@ def test_the_webcam_mode_draws_faces_and_emotions_live(browser, server):  # noqa
     emotions = _emotions(page, "#webcam-faces .face")
     assert emotions and all(emotion in expected_classes() for emotion in emotions)
     page.click("#webcam-stop")
+    assert page.locator("#webcam-faces .face").count() == 0
     page.close()
 
 

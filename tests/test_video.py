@@ -203,3 +203,10 @@ def test_smoothing_and_frame_steps_below_one_are_refused():
         frame_step(25.0, every=0)
     with pytest.raises(FerkitError, match="above 0"):
         frame_step(25.0, target_fps=-3)
+
+
+def test_a_still_photo_given_as_a_video_is_one_frame_not_none(tmp_path):
+    still = tmp_path / "still.mp4"
+    still.write_bytes((EXAMPLES / "people.jpg").read_bytes())
+    timeline = analyze_video(still)
+    assert timeline.frames_analysed == 1 and len(timeline.rows) == 3

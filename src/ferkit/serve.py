@@ -5,7 +5,7 @@
 
 Routes: `/` (the page: photo, webcam and video), `POST /v1/analyze` (an image: the JSON of `ferkit
 predict --json`), `POST /v1/video` (a short video: emotions over time as CSV and a plot), `GET /v1/models`,
-`GET /healthz`, and the OpenAPI docs at `/docs`.
+`GET /healthz`, and the OpenAPI schema at `/openapi.json` (`/docs` renders it with Swagger UI from a CDN).
 
 Safe by default: it binds to loopback; requests carry the file itself, never a path or a URL; bodies
 over the size limit get 413 (counted as read, whatever the declared length); anything that does not
@@ -112,7 +112,22 @@ def serve(config: ServeConfig | None = None, *, host: str = "127.0.0.1", port: i
     require("uvicorn", "ferkit serve", extra="serve")
     import uvicorn
 
+    check_port_free(host, port)
     uvicorn.run(create_app(config), host=host, port=port, log_level="info")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A one-line FerkitError, before the model loads, when nothing can listen at host:port (another
+    server holds it, or the address is not this machine's)."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            probe.bind((host, port))
+    except OSError as err:
+        raise FerkitError(f"cannot listen on {host}:{port}: {err.strerror or err} (is another server there? try --port)") from None
 
 
 async def _upload(request, accepted: tuple[str, ...], what: str) -> bytes:
@@ -123,7 +138,10 @@ async def _upload(request, accepted: tuple[str, ...], what: str) -> bytes:
     if declared == "multipart/form-data":
         form = await request.form()
         try:  # closing the form deletes the files it spooled
-            upload = form.get("file")
+            uploads = form.getlist("file")
+            if len(uploads) > 1:
+                raise HTTPException(422, f"the form holds {len(uploads)} files in 'file'; send one per request")
+            upload = uploads[0] if uploads else None
             if upload is None or isinstance(upload, str):
                 raise HTTPException(422, "the form has no file field 'file'")
             declared = (upload.content_type or "application/octet-stream").lower()  # a file field without a type
@@ -166,6 +184,7 @@ def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig,
 
     try:
         require("cv2", "video analysis", extra="video")
+        require("matplotlib", "plotting emotions over time", extra="video")
     except FerkitError as err:
         raise HTTPException(501, str(err)) from None
     from ferkit.sources import open_video

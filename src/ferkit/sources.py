@@ -67,7 +67,8 @@ def open_video(path: str | Path):
     if not ok:
         capture.release()
         raise FerkitError(f"{path} is not a video ferkit can read")
-    capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+    capture.release()  # back to the first frame by opening it again: seeking fails in some files (stills, streams)
+    capture = cv2.VideoCapture(str(path))
     fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
     info = VideoInfo(path, fps, int(capture.get(cv2.CAP_PROP_FRAME_COUNT)),
                      (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))))

@@ -163,6 +163,8 @@ def analyze_video(
             writer.release()
         if table is not None:
             table.close()
+    if timeline.frames_analysed == 0:
+        raise FerkitError(f"no frame of {path} could be decoded: is it a video?")
     return timeline
 
 

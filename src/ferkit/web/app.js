@@ -82,20 +82,28 @@ function listFaces(list, faces) {
 // --- photo ------------------------------------------------------------------------------------
 async function analyzePhoto(file) {
   say(`Analysing ${file.name}…`);
+  const canvas = $("photo-canvas");
+  canvas.hidden = true;  // nothing of the previous photo stays up beside this one's answer or error
+  $("faces").replaceChildren();
   try {
-    const [result, bitmap] = await Promise.all([post("/v1/analyze", file), createImageBitmap(file)]);
-    const canvas = $("photo-canvas");
-    const scale = Math.min(1, 640 / bitmap.width);
-    canvas.width = Math.round(bitmap.width * scale);
-    canvas.height = Math.round(bitmap.height * scale);
-    const context = canvas.getContext("2d");
-    context.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
-    // boxes are in pixels of the upright image, which is how the browser shows it too
-    drawFaces(context, result.faces, canvas.width / result.image_size[0]);
-    canvas.hidden = false;
+    const result = await post("/v1/analyze", file);  // the server's answer, or its error, comes first
     listFaces($("faces"), result.faces);
     const count = result.faces.length;
-    say(count ? `${count} face${count > 1 ? "s" : ""} in ${file.name}` : `No face found in ${file.name}`);
+    let note = "";
+    try {
+      const bitmap = await createImageBitmap(file);
+      const scale = Math.min(1, 640 / bitmap.width);
+      canvas.width = Math.round(bitmap.width * scale);
+      canvas.height = Math.round(bitmap.height * scale);
+      const context = canvas.getContext("2d");
+      context.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+      // boxes are in pixels of the upright image, which is how the browser shows it too
+      drawFaces(context, result.faces, canvas.width / result.image_size[0]);
+      canvas.hidden = false;
+    } catch {
+      note = " (this browser cannot show the image itself)";  // TIFF, say: the faces are still listed
+    }
+    say((count ? `${count} face${count > 1 ? "s" : ""} in ${file.name}` : `No face found in ${file.name}`) + note);
   } catch (error) {
     say(error.message, true);
   }
@@ -119,6 +127,10 @@ let busy = false;
 const grab = document.createElement("canvas");
 
 async function startWebcam() {
+  if (!navigator.mediaDevices) {
+    say("No webcam here: browsers allow the camera only on https or localhost pages", true);
+    return;
+  }
   try {
     stream = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 } });
   } catch (error) {
@@ -141,6 +153,7 @@ function stopWebcam() {
   $("webcam-stop").hidden = true;
   const overlay = $("webcam-overlay");
   overlay.getContext("2d").clearRect(0, 0, overlay.width, overlay.height);
+  $("webcam-faces").replaceChildren();
 }
 
 async function sendFrame() {
@@ -162,6 +175,7 @@ async function sendFrame() {
       if (stream) {
         drawFaces(context, result.faces);
         listFaces($("webcam-faces"), result.faces);
+        if ($("status").classList.contains("error")) say("Webcam on");  // a failed frame is behind us
       }
     } catch (error) {
       say(error.message, true);
@@ -182,6 +196,8 @@ $("video-input").addEventListener("change", async (event) => {
   if (!event.target.files.length) return;
   const file = event.target.files[0];
   say(`Analysing ${file.name}… (a minute of video takes a while)`);
+  $("video-plot").hidden = true;
+  $("video-csv").hidden = true;
   try {
     const result = await post("/v1/video", file);
     $("video-plot").src = result.plot_png;
