@@ -20,8 +20,8 @@ from ferkit.runtime import Classifier, load_classifier
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 # Faces whose top probability is below this are marked `uncertain`. Measured for the bundled model on
-# FER2013 PublicTest (`ferkit evaluate`'s confidence levels): the 10% of faces under 0.4 are right 37%
-# of the time, the 90% at or above it 72% (0.5 would mark 25% of faces).
+# FER2013 PublicTest (`ferkit evaluate`'s confidence levels): the 12.6% of faces under 0.4 are right 39%
+# of the time, the 87% at or above it 72% (0.5 would mark 29% of faces).
 UNCERTAIN_BELOW = 0.4
 
 
