@@ -175,3 +175,29 @@ def test_the_cache_command_shows_and_clears_the_cache(tmp_path):
     cleared = CliRunner().invoke(cli, ["cache", "clear"])
     assert cleared.exit_code == 0 and "removed 2" in cleared.output
     assert not list((cache_dir() / "datasets").iterdir())
+
+
+def test_subfolders_linked_in_are_read_and_a_link_back_up_does_not_loop(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    write_pattern_dataset(elsewhere, 2, folder_names=["happy", "sad"])
+    data_root = tmp_path / "data"
+    write_pattern_dataset(data_root, 3, folder_names=["happy", "sad"])
+    os.symlink(elsewhere / "happy", data_root / "happy" / "more")  # a class's faces kept in another folder
+    os.symlink(data_root / "sad", data_root / "sad" / "again")  # a link back up: a loop
+    data = load_folder(data_root, cache=False)
+    assert data.class_counts()["happy"] == 5 and data.class_counts()["sad"] == 3
+    assert sum("more" in path for path in data.paths) == 2
+
+
+def test_the_images_of_a_folder_include_linked_subfolders_and_leave_out_hidden_ones(tmp_path):
+    from ferkit.sources import list_images
+
+    photos, trip = tmp_path / "photos", tmp_path / "trip"
+    for folder, names in ((photos, ["a.jpg", ".hidden.jpg"]), (trip, ["b.png", "c.JPG"])):
+        folder.mkdir()
+        for name in names:
+            Image.new("RGB", (8, 8)).save(folder / name, format="PNG" if name.endswith(".png") else "JPEG")
+    os.symlink(trip, photos / "trip")
+    (photos / ".thumbnails").mkdir()
+    Image.new("RGB", (8, 8)).save(photos / ".thumbnails" / "d.jpg")
+    assert [p.relative_to(photos).as_posix() for p in list_images(str(photos))] == ["a.jpg", "trip/b.png", "trip/c.JPG"]

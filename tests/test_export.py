@@ -231,6 +231,15 @@ def test_export_command_int8_then_temperature(trained_run, pattern_data, tmp_pat
     assert meta.extra["temperature"]["faces"] == 56
 
 
+def test_a_temperature_is_not_fitted_on_the_faces_the_model_was_trained_on(trained_run, pattern_data, tmp_path):
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(cli, ["export", str(trained_run), "--onnx", "--out", str(out),
+                                      "--calibrate-temperature", str(pattern_data / "train")])
+    assert result.exit_code == 2 and not out.exists()
+    assert result.output.strip() == (f"error: {pattern_data / 'train'} is the data the model was trained on; "
+                                     f"fit the temperature on held-out faces (its validation data: {pattern_data / 'val'})")
+
+
 def test_an_unexpected_failure_is_one_line_and_exit_code_3(onnx_model, pattern_data, tmp_path):
     """A model whose metadata lies about its input (1 channel for a 3-channel graph) fails inside
     ONNX Runtime, not in ferkit's checks: the CLI still answers in one line, with its own exit code."""

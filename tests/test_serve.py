@@ -69,6 +69,9 @@ def test_the_health_models_and_openapi_routes(client):
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/analyze", "/v1/video", "/v1/models", "/healthz"} <= set(paths)
     assert client.get("/docs").status_code == 200
+    for path in ("/", "/healthz", "/v1/models"):  # as uptime checks and curl -I ask
+        head = client.head(path)
+        assert head.status_code == 200 and head.headers["content-type"] == client.get(path).headers["content-type"]
 
 
 def test_the_page_and_its_assets_are_served_with_no_other_source(client):
@@ -84,6 +87,12 @@ def test_an_upload_over_the_size_limit_is_413(client):
     too_big = os.urandom(1024 * 1024 + 1)
     response = client.post("/v1/analyze", content=too_big, headers={"Content-Type": "image/jpeg"})
     assert response.status_code == 413
+    assert response.json()["detail"] == "the upload is over 1 MB, this server's limit (--max-upload-mb)"
+    form = client.post("/v1/analyze", files={"file": ("big.jpg", too_big, "image/jpeg")})
+    assert form.status_code == 413 and "--max-upload-mb" in form.json()["detail"]
+    video = client.post("/v1/video", content=os.urandom(2 * 1024 * 1024 + 1), headers={"Content-Type": "video/mp4"})
+    assert video.status_code == 413
+    assert video.json()["detail"] == "the upload is over 2 MB, this server's limit (--max-video-mb)"
 
 
 def test_the_size_limit_counts_the_bytes_read_whatever_the_declared_length(client):
@@ -92,7 +101,7 @@ def test_the_size_limit_counts_the_bytes_read_whatever_the_declared_length(clien
             yield os.urandom(64 * 1024)
 
     response = client.post("/v1/analyze", content=chunks(), headers={"Content-Type": "image/jpeg"})
-    assert response.status_code == 413
+    assert response.status_code == 413 and "--max-upload-mb" in response.json()["detail"]
 
 
 @pytest.mark.parametrize("content_type, body", [

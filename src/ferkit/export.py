@@ -54,6 +54,8 @@ def export_onnx(
         raise FerkitError(f"{source} is already not a Keras model; only .keras models are exported")
     if (recalibrate_bn or int8) and calibration is None:
         raise FerkitError("batch-norm recalibration and int8 need calibration faces")
+    if temperature_data is not None:
+        _refuse_training_faces(source, temperature_data)
     out = Path(out) if out else source.with_suffix(".onnx")
     if out.suffix.lower() != ".onnx":
         raise FerkitError(f"an exported model is an .onnx file, not {out.name}")
@@ -147,6 +149,21 @@ def _quantize_int8(path: Path, dataset: FaceDataset) -> None:
     finally:
         prepared.unlink(missing_ok=True)
         quantized.unlink(missing_ok=True)
+
+
+def _refuse_training_faces(source: Path, dataset: FaceDataset) -> None:
+    """A FerkitError when the faces given for the temperature are the run's own training data: the
+    model is surest on the faces it learned, so the fitted temperature would make it more confident,
+    not calibrated."""
+    config = source.parent / "config.json"
+    if not config.is_file():
+        return
+    from ferkit.config import TrainConfig
+
+    run = TrainConfig.load(config)
+    if run.data and Path(run.data).exists() and Path(run.data).resolve() == Path(dataset.source).resolve():
+        held_out = f" (its validation data: {run.val})" if run.val else ""
+        raise FerkitError(f"{dataset.source} is the data the model was trained on; fit the temperature on held-out faces{held_out}")
 
 
 def _fit_temperature(path: Path, dataset: FaceDataset) -> float:

@@ -18,6 +18,7 @@ a temporary file, removed before the response); one loaded model serves all requ
 # are imported inside create_app, only where the serve extra is installed.
 import base64
 import io
+import json
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -64,9 +65,11 @@ def create_app(config: ServeConfig | None = None):
     # A thread semaphore, not an anyio limiter: that one belongs to one event loop, and a test client may
     # run each request on a loop of its own.
     analyses = threading.BoundedSemaphore(config.concurrency)
-    app = FastAPI(title="ferkit", version=model_version(classifier), max_body_size=int(config.max_upload_mb * MB),
+    app = FastAPI(title="ferkit", version=model_version(classifier),
                   summary="Facial expression recognition: faces and their emotions in photos and videos.")
     app.mount("/static", StaticFiles(directory=WEB), name="static")
+    size_limits = {"/v1/analyze": ("--max-upload-mb", config.max_upload_mb), "/v1/video": ("--max-video-mb", config.max_video_mb)}
+    app.add_middleware(TooLargeAsJson, limits=size_limits)
 
     def analyze_bytes(data: bytes) -> dict:
         image = _decode_image(data, config.max_megapixels)
@@ -76,35 +79,67 @@ def create_app(config: ServeConfig | None = None):
             raise HTTPException(422, result.error)
         return result.to_dict()
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     def page():
         return FileResponse(WEB / "index.html")
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     def healthz() -> dict:
         """Whether the server is up, and the model it serves."""
         return {"status": "ok", "model": classifier.name}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     def models() -> dict:
         """The model this server uses: its name, version, classes and input."""
         return {"models": [_model_info(classifier)]}
 
-    @app.post("/v1/analyze", openapi_extra=_upload_schema(IMAGE_TYPES))
+    @app.post("/v1/analyze", openapi_extra=_upload_schema(IMAGE_TYPES), max_body_size=int(config.max_upload_mb * MB))
     async def analyze(request: Request) -> dict:
         """Every face in the image, with its box and the probabilities of each emotion: the JSON of
         `ferkit predict --json`. The body is the image (Content-Type image/*) or a multipart form with
         the image in the field `file`."""
-        data = await _upload(request, IMAGE_TYPES, "an image")
+        data = await _upload(request, IMAGE_TYPES, "an image", size_limits["/v1/analyze"])
         return await anyio.to_thread.run_sync(analyze_bytes, data)
 
     @app.post("/v1/video", openapi_extra=_upload_schema(VIDEO_TYPES), max_body_size=int(config.max_video_mb * MB))
     async def video(request: Request) -> dict:
         """Emotions over time in a short video: the timeline (also as CSV) and its plot (a PNG data URL)."""
-        data = await _upload(request, VIDEO_TYPES, "a video")
+        data = await _upload(request, VIDEO_TYPES, "a video", size_limits["/v1/video"])
         return await anyio.to_thread.run_sync(_analyze_video_bytes, data, classifier, detector, config, analyses)
 
     return app
+
+
+class TooLargeAsJson:
+    """Answers a body declared over the size limit as every other error is answered, JSON with a
+    `detail` that names the limit, instead of the framework's plain-text "Content Too Large" (ASGI
+    middleware; a body that goes over the limit as it arrives is caught in `_upload`)."""
+
+    def __init__(self, app, *, limits: dict[str, tuple[str, float]]):
+        self.app, self.limits = app, limits  # path: (the option that sets its limit, megabytes)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in self.limits:
+            return await self.app(scope, receive, send)
+        replaced = False
+
+        async def send_detail(message):
+            nonlocal replaced
+            plain_text = dict(message.get("headers", [])).get(b"content-type", b"").startswith(b"text/plain")
+            if message["type"] == "http.response.start" and message["status"] == 413 and plain_text:
+                replaced = True
+                body = json.dumps({"detail": _too_large(*self.limits[scope["path"]])}).encode()
+                await send({"type": "http.response.start", "status": 413,
+                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+            elif not replaced:  # the framework's own body of a replaced answer is dropped
+                await send(message)
+
+        await self.app(scope, receive, send_detail)
+
+
+def _too_large(option: str, megabytes: float) -> str:
+    return f"the upload is over {megabytes:g} MB, this server's limit ({option})"
 
 
 def serve(config: ServeConfig | None = None, *, host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -130,8 +165,21 @@ def check_port_free(host: str, port: int) -> None:
         raise FerkitError(f"cannot listen on {host}:{port}: {err.strerror or err} (is another server there? try --port)") from None
 
 
-async def _upload(request, accepted: tuple[str, ...], what: str) -> bytes:
-    """The uploaded file's bytes: the body itself, or the multipart field `file`; 415 for other types."""
+async def _upload(request, accepted: tuple[str, ...], what: str, size_limit: tuple[str, float]) -> bytes:
+    """The uploaded file's bytes: the body itself, or the multipart field `file`; 415 for other types,
+    413 naming the limit (`size_limit`: its option and megabytes) when the body grows over it."""
+    from fastapi import HTTPException
+    from starlette.exceptions import HTTPException as AnyHTTPException  # the framework's own, raised as the body arrives
+
+    try:
+        return await _read_upload(request, accepted, what)
+    except AnyHTTPException as err:
+        if err.status_code == 413:  # the framework's limit, reached as the body arrived
+            raise HTTPException(413, _too_large(*size_limit)) from None
+        raise
+
+
+async def _read_upload(request, accepted: tuple[str, ...], what: str) -> bytes:
     from fastapi import HTTPException
 
     declared = request.headers.get("content-type", "").split(";")[0].strip().lower()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ def list_images(source: str, *, skip: str | Path | None = None) -> list[Path]:
     if kind == "glob":
         paths = [Path(p) for p in glob.glob(source, recursive=True)]
     else:
-        paths = [p for p in Path(source).rglob("*") if not any(part.startswith(".") for part in p.relative_to(source).parts)]
+        paths = files_under(source)
     if skip is not None and Path(skip).is_dir() and kind == "folder":
         skipped = Path(skip).resolve()
         if skipped != Path(source).resolve():
@@ -47,6 +48,23 @@ def list_images(source: str, *, skip: str | Path | None = None) -> list[Path]:
     if not images:
         raise FerkitError(f"no image files in {source}")
     return images
+
+
+def files_under(folder: str | Path) -> list[Path]:
+    """Every file in `folder` and its subfolders, sorted, hidden names left out. Subfolders reached
+    through symbolic links are followed (a dataset often links its parts in), each real folder once,
+    so a link back up does not loop."""
+    seen: set[str] = set()
+    files: list[Path] = []
+    for root, subfolders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        files += [Path(root, name) for name in names if not name.startswith(".")]
+    return sorted(files)
 
 
 @dataclass

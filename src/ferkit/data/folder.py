@@ -14,6 +14,7 @@ from ferkit.errors import FerkitError
 from ferkit.images import ImageError, load_image, to_model_input
 from ferkit.labels import EMOTIONS, canonical_label
 from ferkit.progress import track
+from ferkit.sources import files_under
 
 log = logging.getLogger("ferkit")
 
@@ -80,8 +81,8 @@ def _list_class_files(root: Path, classes: tuple[str, ...]) -> tuple[list[Path],
     labels: list[int] = []
     for folder in folders:
         label = classes.index(canonical_label(folder.name))
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and not path.name.startswith("."):
+        for path in files_under(folder):
+            if path.is_file():
                 files.append(path)
                 labels.append(label)
     return files, labels
