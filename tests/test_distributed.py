@@ -9,8 +9,9 @@ import sys
 import numpy as np
 import pytest
 
+from ferkit.data import load_dataset
 from ferkit.runs import RunState, read_history
-from ferkit.runtime import read_metadata
+from ferkit.runtime import load_classifier, read_metadata
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs ferkit's 'distributed' extra (JAX)")
 
@@ -40,6 +41,12 @@ def test_two_processes_train_exactly_like_one(pattern_data, tmp_path):
     history_one, history_two = read_history(tmp_path / "one" / "history.csv"), read_history(tmp_path / "two" / "history.csv")
     assert history_two["epoch"] == [1, 2]
     np.testing.assert_allclose(history_one["val_accuracy"], history_two["val_accuracy"], atol=1e-6)
+    # 56 val faces in batches of 32: the padding of the last batch counts for nothing
+    val = load_dataset(pattern_data / "val")
+    probabilities = load_classifier(tmp_path / "two" / "last.keras").with_tta("none").predict_proba(val.images)
+    cross_entropy = -np.mean(np.log(np.clip(probabilities[np.arange(len(val)), val.labels], 1e-7, 1)))
+    assert history_two["val_loss"][-1] == pytest.approx(cross_entropy, rel=1e-3)
+    assert history_two["val_accuracy"][-1] == pytest.approx(np.mean(probabilities.argmax(1) == val.labels), abs=1e-6)
     topology = json.loads((tmp_path / "two" / "topology.json").read_text())
     assert topology["num_processes"] == 2 and len(topology["devices"]) == 2 and topology["backend"] == "jax"
     assert RunState.load(tmp_path / "two").status == "finished" and read_metadata(tmp_path / "two").classes

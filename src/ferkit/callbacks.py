@@ -20,11 +20,13 @@ keras = import_keras()
 
 
 def run_callbacks(run: Path, state: RunState, network, metadata: ModelMetadata, *, backup: Path, stop: "StopOnSignal",
-                  saved_model=None, averaged: "AveragedWeightsValidation | None" = None) -> list:
+                  saved_model=None, averaged: "AveragedWeightsValidation | None" = None,
+                  unpadded: "UnpaddedValidation | None" = None) -> list:
     """The callbacks that keep the run folder current, in the order their files are written after each
     epoch: history row, training checkpoint, then ferkit's models and state (which a resume trusts last)."""
     return [
         stop,
+        *([unpadded] if unpadded is not None else []),
         EpochProgress(stop),
         *([averaged] if averaged is not None else []),
         HistoryLogger(run / "history.csv", stop),
@@ -172,6 +174,28 @@ def _moving_averages(optimizer) -> dict:
     if not getattr(optimizer, "use_ema", False):
         return {}
     return {id(v): average for v, average in zip(optimizer._trainable_variables, optimizer._model_variables_moving_average)}
+
+
+class UnpaddedValidation(keras.callbacks.Callback):
+    """The validation scores of the faces themselves in a data-parallel job, whose last validation batch
+    is padded to full size with faces of weight 0. Accuracy comes from the weighted metric (compiled
+    beside the plain one there), and the loss, which Keras divides by every face including the padding,
+    is scaled back to the real faces. Runs before the callbacks that show or record the scores."""
+
+    def __init__(self, faces: int, padded: int):
+        super().__init__()
+        self.faces, self.padded = faces, padded
+
+    def on_train_batch_end(self, batch, logs=None):
+        (logs or {}).pop("weighted_accuracy", None)  # the training faces' own accuracy is the plain one
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        logs.pop("weighted_accuracy", None)
+        if "val_weighted_accuracy" in logs:
+            logs["val_accuracy"] = logs.pop("val_weighted_accuracy")
+        if "val_loss" in logs:
+            logs["val_loss"] = float(logs["val_loss"]) * self.padded / self.faces
 
 
 class StopOnSignal(keras.callbacks.Callback):

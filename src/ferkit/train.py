@@ -26,7 +26,7 @@ from ferkit.models import get_model_spec
 from ferkit.runs import RunState, check_run_folder, clear_run_folder, rewrite_history, save_run_config
 from ferkit.runtime import ModelMetadata
 from ferkit.teacher import teacher_probabilities
-from ferkit.training_data import fit_data, load_train_val, train_size, trains_on_cached_features
+from ferkit.training_data import fit_data, load_train_val, train_size, trains_on_cached_features, validation_size
 from ferkit.training_model import (
     adopt_init_model, build_training_model, check_fine_tuning, feature_head, float32_twin, init_model, network_of, prepare_fine_tuning,
 )
@@ -99,7 +99,8 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
         rewrite_history(run / "history.csv", state.epochs_done)
         if topology.coordinator and topology.is_chief:
             topology.save(run / "topology.json", device_names())
-        record = _run_callbacks(keras, run, config, state, model, train_set, stop)
+        record = _run_callbacks(keras, run, config, state, model, train_set, stop, val_faces=len(val_set),
+                                padded_val_faces=validation_size(config, val_set, topology))
         fit = dict(**data, verbose=verbose)
         state.status = "running"
         state.save(run)
@@ -134,9 +135,10 @@ def _new_training_model(keras, config: TrainConfig, size: int):
     return build_training_model(keras, config, len(config.classes), size, base=base)
 
 
-def _run_callbacks(keras, run: Path, config: TrainConfig, state: RunState, model, train_set, stop):
+def _run_callbacks(keras, run: Path, config: TrainConfig, state: RunState, model, train_set, stop, *,
+                   val_faces: int, padded_val_faces: int):
     """A function of the phase's backup folder that gives the callbacks recording the run."""
-    from ferkit.callbacks import AveragedWeightsValidation, run_callbacks
+    from ferkit.callbacks import AveragedWeightsValidation, UnpaddedValidation, run_callbacks
 
     spec = get_model_spec(config.model)
     network = network_of(model, config)
@@ -148,8 +150,10 @@ def _run_callbacks(keras, run: Path, config: TrainConfig, state: RunState, model
     if config.ema:  # validation scores the averaged weights, and RunRecord saves them
         picked = np.random.default_rng(config.seed).permutation(len(train_set))[:BATCH_NORM_FACES]
         averaged = AveragedWeightsValidation(network, faces_to_batch(train_set.images[picked], spec.channels))
+    data_parallel = keras.distribution.distribution() is not None  # compiled with a weighted accuracy (compile_model)
+    unpadded = UnpaddedValidation(val_faces, padded_val_faces) if data_parallel else None
     return lambda backup: run_callbacks(run, state, network, metadata, backup=run / backup, stop=stop,
-                                        saved_model=saved_model, averaged=averaged)
+                                        saved_model=saved_model, averaged=averaged, unpadded=unpadded)
 
 
 def _schedule_callbacks(keras, config: TrainConfig) -> list:

@@ -43,6 +43,14 @@ def train_size(config: TrainConfig, train_set: FaceDataset, topology: Topology) 
     return len(train_set)
 
 
+def validation_size(config: TrainConfig, val_set: FaceDataset, topology: Topology) -> int:
+    """The faces one validation pass reads: a data-parallel job pads the last batch to full size (with
+    faces of weight 0) so that every process gets its share."""
+    if topology.coordinator:
+        return -(-len(val_set) // config.batch_size) * config.batch_size
+    return len(val_set)
+
+
 def fit_data(config: TrainConfig, train_set: FaceDataset, val_set: FaceDataset, *, topology: Topology,
              first_epoch: int, teacher: np.ndarray | None = None) -> dict:
     """The data arguments of `Model.fit`: x, y and validation_data, with batch size and class weights."""

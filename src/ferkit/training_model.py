@@ -34,7 +34,11 @@ def compile_model(keras, model, config: TrainConfig, train_size: int, learning_r
     else:
         loss = keras.losses.SparseCategoricalCrossentropy()
     steps_per_epoch = -(-train_size // config.batch_size)
-    model.compile(optimizer=_optimizer(keras, config, steps_per_epoch, learning_rate), loss=loss, metrics=["accuracy"])
+    # A data-parallel job pads its last validation batch with faces of weight 0, which only a weighted
+    # accuracy leaves out (callbacks.UnpaddedValidation reports that one as val_accuracy).
+    weighted = ["accuracy"] if keras.distribution.distribution() is not None else None
+    model.compile(optimizer=_optimizer(keras, config, steps_per_epoch, learning_rate), loss=loss, metrics=["accuracy"],
+                  weighted_metrics=weighted)
 
 
 def needs_one_hot(config: TrainConfig) -> bool:
