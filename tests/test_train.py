@@ -153,6 +153,29 @@ def test_an_epoch_cut_short_prints_no_progress_line(pattern_data, tmp_path, caps
     assert sum("/step" in line for line in lines) == 2 and "Epoch 3/5" in lines
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_training_starts_up_is_kept_and_leaves_the_run_folder_alone(pattern_data, tmp_path, monkeypatch, signum):
+    """Ctrl-C or kill while the model and data are made ready: the run stops before its first epoch, even
+    where a KeyboardInterrupt would be lost (raised in a garbage-collection callback), and an earlier run
+    that --overwrite would replace is kept as it was."""
+    training = sys.modules["ferkit.train"]  # the module (ferkit.train is also the function, ferkit's API)
+    run = tmp_path / "run"
+    config = _config(pattern_data, run, epochs=1, batch_size=16)
+    train(config, verbose=0)
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    real_fit_data = training.fit_data
+
+    def fit_data_with_a_signal(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return real_fit_data(*args, **kwargs)
+
+    monkeypatch.setattr(training, "fit_data", fit_data_with_a_signal)
+    with pytest.raises(TrainingInterrupted, match=f"interrupted before training began; {run} was not written"):
+        train(_config(pattern_data, run, epochs=3, batch_size=16), overwrite=True, verbose=0)
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+    assert signal.getsignal(signum) is (signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+
 def test_a_kill_during_the_saves_of_an_epoch_lets_them_finish(pattern_data, tmp_path, monkeypatch):
     """SIGTERM arrives while epoch 2's models are being written: epoch 2 is recorded whole, and the run
     stops in epoch 3, which leaves no trace."""

@@ -86,25 +86,31 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
     keras.utils.set_random_seed(config.seed + state.epochs_done)
     keras.mixed_precision.set_global_policy(config.precision)
     stop = StopOnSignal()
+    started = False  # whether the run folder holds this run yet
     try:
-        if resume and has_checkpoint(run):
-            model = resume_training_model(keras, run, config, len(config.classes), size, state.epochs_done)
-        else:  # a new run, or one stopped before its first epoch ended
-            state, model = RunState(), _new_training_model(keras, config, size)
-        data = fit_data(config, train_set, val_set, topology=topology, first_epoch=state.epochs_done, teacher=teacher)
-        # Only now that data and model are known to be good does the run folder change.
-        if not resume:
-            clear_run_folder(run)
-        save_run_config(run, config, train_set, val_set)
-        rewrite_history(run / "history.csv", state.epochs_done)
-        if topology.coordinator and topology.is_chief:
-            topology.save(run / "topology.json", device_names())
-        record = _run_callbacks(keras, run, config, state, model, train_set, stop, val_faces=len(val_set),
-                                padded_val_faces=validation_size(config, val_set, topology))
-        fit = dict(**data, verbose=verbose)
-        state.status = "running"
-        state.save(run)
+        # Ctrl-C and kill from here on stop the run at the end of a batch; before fit, on its way in. (Python's
+        # own handler can lose a Ctrl-C: one raised inside a garbage-collection callback, as JAX has, is dropped.)
         with stop.listening():
+            if resume and has_checkpoint(run):
+                model = resume_training_model(keras, run, config, len(config.classes), size, state.epochs_done)
+            else:  # a new run, or one stopped before its first epoch ended
+                state, model = RunState(), _new_training_model(keras, config, size)
+            data = fit_data(config, train_set, val_set, topology=topology, first_epoch=state.epochs_done, teacher=teacher)
+            if stop.requested:
+                raise KeyboardInterrupt
+            # Only now that data and model are known to be good does the run folder change.
+            if not resume:
+                clear_run_folder(run)
+            started = True
+            save_run_config(run, config, train_set, val_set)
+            rewrite_history(run / "history.csv", state.epochs_done)
+            if topology.coordinator and topology.is_chief:
+                topology.save(run / "topology.json", device_names())
+            record = _run_callbacks(keras, run, config, state, model, train_set, stop, val_faces=len(val_set),
+                                    padded_val_faces=validation_size(config, val_set, topology))
+            fit = dict(**data, verbose=verbose)
+            state.status = "running"
+            state.save(run)
             if state.epochs_done < config.epochs:
                 phase = [*record(BACKUP), *_schedule_callbacks(keras, config), *(callbacks or [])]
                 _fit(keras, model, config, fit, phase, size, epochs=config.epochs, initial_epoch=state.epochs_done)
@@ -116,6 +122,8 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
         if stop.requested:
             raise KeyboardInterrupt
     except KeyboardInterrupt:
+        if not (started or resume):
+            raise TrainingInterrupted(f"interrupted before training began; {run} was not written") from None
         state.status = "interrupted"
         if (run / "config.json").exists():
             state.save(run)
