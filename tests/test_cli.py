@@ -399,3 +399,22 @@ def test_a_resumed_folder_run_names_its_annotated_copies_as_a_whole_run_does(tra
     assert sorted(p.name for p in cut.glob("*.jpg")) == names[1:]  # the first was done before the cut
     for name in names[1:]:
         assert (cut / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+def test_a_run_started_with_relative_paths_resumes_from_anywhere_told_where_its_data_is(pattern_data, tmp_path, monkeypatch):
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(pattern_data, project / "faces")
+    monkeypatch.chdir(project)
+    started = run("train", "--data", "faces/train", "--val", "faces/val", "--epochs", "1", "--out", "runs/r")
+    assert started.exit_code == 0, started.output
+    monkeypatch.chdir(tmp_path)
+    line = _one_line_error(run("train", "--resume", "project/runs/r", "--epochs", "2"))
+    assert line == ("error: the run's --data faces/train is not here (a relative path counts from where the run "
+                    "started); pass --data with where it is now")
+    resumed = run("train", "--resume", "project/runs/r", "--epochs", "2",
+                  "--data", "project/faces/train", "--val", "project/faces/val")
+    assert resumed.exit_code == 0, resumed.output
+    assert "done: 2 epochs" in resumed.output
+    assert "only --epochs may change" in _one_line_error(run("train", "--resume", "project/runs/r", "--lr", "0.1"))

@@ -242,13 +242,7 @@ def train_cmd(resume: Path | None, overwrite: bool, local_processes: int | None,
         sys.exit(launch_local(local_processes, args))
     topology = Topology(coordinator, num_processes, process_id)
     if resume:
-        if {k for k, v in flags.items() if v is not None} - {"epochs"}:
-            raise FerkitError("with --resume only --epochs may change; the rest comes from the run's config.json")
-        config = TrainConfig.load(resume / "config.json") if (resume / "config.json").exists() else None
-        if config is None:
-            raise FerkitError(f"cannot resume: {resume} is not a ferkit run folder (no config.json)")
-        config.epochs = flags["epochs"] or config.epochs
-        config.out = str(resume)
+        config = _resumed_config(resume, flags)
     else:
         config = config_from_flags(flags)
 
@@ -264,6 +258,27 @@ def train_cmd(resume: Path | None, overwrite: bool, local_processes: int | None,
         f"done: {state.epochs_done} epochs, best val accuracy {state.best_val_accuracy:.4f} at epoch "
         f"{state.best_epoch}; run folder {run} (best.keras, history.csv, curves.png)"
     )
+
+
+def _resumed_config(run: Path, flags: dict) -> TrainConfig:
+    """The run's own config, with a new --epochs total, and --data, --val or --teacher where the run's data
+    now is (moved, or the run started in another folder: relative paths count from there)."""
+    movable = {"data": "--data", "val": "--val", "teacher": "--teacher"}
+    if {k for k, v in flags.items() if v is not None} - {"epochs", *movable}:
+        raise FerkitError("with --resume only --epochs may change (and --data, --val, --teacher say where the run's "
+                          "data is now); the rest comes from the run's config.json")
+    if not (run / "config.json").exists():
+        raise FerkitError(f"cannot resume: {run} is not a ferkit run folder (no config.json)")
+    config = TrainConfig.load(run / "config.json")
+    config.epochs = flags["epochs"] or config.epochs
+    config.out = str(run)
+    for key, flag in movable.items():
+        setattr(config, key, flags[key] or getattr(config, key))
+        where = getattr(config, key)
+        if where and not Path(where).exists():
+            raise FerkitError(f"the run's {flag} {where} is not here (a relative path counts from where the run "
+                              f"started); pass {flag} with where it is now")
+    return config
 
 
 # --- study --------------------------------------------------------------------------------------
