@@ -371,6 +371,8 @@ def test_an_out_that_is_a_file_or_bad_video_options_are_one_line_errors(trained_
     for option, value in [("--smooth", "0"), ("--smooth", "-1"), ("--every", "0"), ("--every", "-1"), ("--fps", "-3")]:
         result = run("predict", photo, "--model", trained_run, option, value, "--out", tmp_path / "o")
         assert result.exit_code == 2 and option in result.output and "Traceback" not in result.output
+    both = _one_line_error(run("predict", photo, "--model", trained_run, "--every", "5", "--fps", "2", "--out", tmp_path / "o"))
+    assert "--every" in both and "--fps" in both and "alternatives" in both
 
 
 def test_a_second_run_into_a_folder_inside_the_photos_reads_only_the_photos(trained_run, tmp_path, monkeypatch):

@@ -1,13 +1,18 @@
 """Videos: frames, IoU tracking, timelines, plots and annotated output, on videos written here."""
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
+from conftest import pattern_face
 from ferkit.cli import cli
 from ferkit.errors import FerkitError
 from ferkit.faces import Detection
@@ -99,9 +104,21 @@ def test_unreadable_videos_are_refused(trained_run, tmp_path):
     (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
     with pytest.raises(FerkitError, match="not a video"):
         open_video(tmp_path / "broken.mp4")
-    result = CliRunner().invoke(cli, ["predict", str(tmp_path / "broken.mp4"), "--detector", "none",
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(FerkitError, match="empty.mp4 is an empty file"):
+        open_video(tmp_path / "empty.mp4")
+    # alone, a bad video is bad input (exit 2), in one line: FFmpeg's own notes ("moov atom not found") are kept quiet
+    command = [sys.executable, "-m", "ferkit.cli", "predict", str(tmp_path / "broken.mp4"), "--detector", "none",
+               "--model", str(trained_run), "--out", str(tmp_path / "o")]
+    alone = subprocess.run(command, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "FERKIT_DEBUG"})
+    assert alone.returncode == 2 and alone.stderr.strip() == f"error: {tmp_path / 'broken.mp4'} is not a video ferkit can read"
+    # one of several sources: reported, the others analysed, exit 1
+    photo = tmp_path / "face.png"
+    Image.fromarray(pattern_face(3, np.random.default_rng(0))).save(photo)
+    result = CliRunner().invoke(cli, ["predict", str(tmp_path / "empty.mp4"), str(photo), "--detector", "none",
                                       "--model", str(trained_run), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 1 and result.output.strip() == f"error: {tmp_path / 'broken.mp4'} is not a video ferkit can read"
+    assert result.exit_code == 1 and f"error: {tmp_path / 'empty.mp4'} is an empty file" in result.output
+    assert (tmp_path / "o" / "faces.csv").read_text().count("\n") == 2  # the header and the photo's face
 
 
 def test_video_command_writes_timeline_plot_and_video(trained_run, squares_video, tmp_path):

@@ -593,6 +593,8 @@ def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, e
         return
     if address or workers:
         raise FerkitError("--address and --workers apply to --engine ray")
+    if every is not None and target_fps is not None:
+        raise FerkitError("--every (a frame count) and --fps (frames per second) are alternatives; give one")
     kinds = []
     for source in sources:
         try:
@@ -627,7 +629,7 @@ def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, e
     for source in (s for s, kind in kinds if kind == "video"):
         stem = _unique(out, Path(source).stem, "", stems).name
         failures += _predict_video(source, classifier, find, out, every, target_fps, smooth, save_video, as_json,
-                                   uncertain_below, stem=stem)
+                                   uncertain_below, stem=stem, alone=len(sources) == 1)
     if failures:
         sys.exit(1)
 
@@ -768,7 +770,8 @@ def _finished_sources(out: Path) -> set[str]:
 
 
 def _predict_video(source, classifier, find, out: Path, every, target_fps, smooth, save_video, as_json,
-                   uncertain_below: float = UNCERTAIN_BELOW, *, stem: str) -> int:
+                   uncertain_below: float = UNCERTAIN_BELOW, *, stem: str, alone: bool = False) -> int:
+    """Analyse one video; 1 if it cannot be read, one of several sources (a single one is bad input: raised)."""
     from ferkit.progress import progress_bar
     from ferkit.sources import open_video
     from ferkit.video import analyze_video, frame_step
@@ -776,6 +779,8 @@ def _predict_video(source, classifier, find, out: Path, every, target_fps, smoot
     try:
         capture, info = open_video(source)
     except FerkitError as err:
+        if alone:
+            raise
         click.echo(f"error: {err}", err=True)
         return 1
     capture.release()

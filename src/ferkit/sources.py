@@ -80,6 +80,10 @@ def open_video(path: str | Path):
     cv2 = require("cv2", "reading videos")
 
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise FerkitError(f"{path} is an empty file")
+    if not os.environ.get("FERKIT_DEBUG"):  # FFmpeg's own lines ("moov atom not found") would precede ferkit's one
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     capture = cv2.VideoCapture(str(path))
     ok, _ = capture.read() if capture.isOpened() else (False, None)
     if not ok:

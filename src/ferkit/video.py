@@ -105,6 +105,8 @@ def frame_step(fps: float, every: int | None = None, target_fps: float | None = 
         raise FerkitError(f"every must be a whole number of frames, at least 1, not {every}")
     if target_fps is not None and not target_fps > 0:
         raise FerkitError(f"the frames per second to analyse must be above 0, not {target_fps}")
+    if every is not None and target_fps is not None:
+        raise FerkitError("give every (a frame count) or target_fps (frames per second), not both")
     return every or max(1, round(fps / (target_fps or 5.0)))
 
 
