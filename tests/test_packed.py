@@ -36,6 +36,19 @@ def test_a_packed_dataset_reads_back_as_the_faces_it_was_packed_from(pattern_dat
     assert names == [original.classes[i] for i in original.labels]
 
 
+def test_a_class_beyond_the_seven_is_packed_when_named(tmp_path):
+    from conftest import write_pattern_dataset
+
+    write_pattern_dataset(tmp_path / "faces", 3, folder_names=["happy", "sad", "smirk"])
+    refused = CliRunner().invoke(cli, ["pack", str(tmp_path / "faces"), str(tmp_path / "p")])
+    assert refused.exit_code == 2 and "smirk" in refused.output and "--classes keeps others" in refused.output
+    classes = "angry,disgust,fear,happy,neutral,sad,surprise,smirk"
+    packed = CliRunner().invoke(cli, ["pack", str(tmp_path / "faces"), str(tmp_path / "p"), "--classes", classes])
+    assert packed.exit_code == 0, packed.output
+    dataset = load_dataset(tmp_path / "p")
+    assert dataset.classes[-1] == "smirk" and dataset.class_counts()["smirk"] == 3 and len(dataset) == 9
+
+
 def test_packed_faces_give_the_batches_their_folder_gives(pattern_data, tmp_path):
     from ferkit.data.batches import face_batches
     from ferkit.images import faces_to_batch

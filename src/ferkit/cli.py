@@ -325,7 +325,8 @@ def study_cmd(data, val, out: Path, models: str, epochs, transfer_epochs, fine_t
 @click.option("--usage", help="FER2013 CSV rows to pack: Training, PublicTest or PrivateTest (default: all).")
 @click.option("--image-size", type=int, default=48, show_default=True, help="Side of the stored faces in pixels.")
 @click.option("--shard-size", type=int, default=100_000, show_default=True, help="Faces per .npy shard.")
-def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_size: int):
+@click.option("--classes", help="Comma-separated class list, to keep classes beyond the seven emotions (default: the seven).")
+def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_size: int, classes: str | None):
     """Write DATA (a class-folder tree or a FER2013 CSV) as a packed dataset in the new folder OUT: decoded
     faces in .npy shards, which training reads memory-mapped, a batch at a time."""
     from ferkit.data import load_dataset
@@ -333,7 +334,8 @@ def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_siz
 
     if shard_size < 1:
         raise FerkitError("--shard-size must be at least 1")
-    dataset = load_dataset(data, image_size=(image_size, image_size), usage=usage, progress=True)
+    names = [name.strip() for name in classes.split(",") if name.strip()] if classes else None
+    dataset = load_dataset(data, image_size=(image_size, image_size), usage=usage, classes=names, progress=True)
     folder = pack_dataset(dataset, out, shard_size=shard_size)
     shards = -(-len(dataset) // shard_size)
     click.echo(f"packed {len(dataset)} faces ({len(dataset.classes)} classes) into {shards} shard(s) in {folder}")

@@ -37,8 +37,9 @@ def load_folder(
     root = Path(root)
     if not root.is_dir():
         raise FerkitError(f"no such dataset folder: {root}" if not root.exists() else f"{root} is not a folder")
+    chosen = classes is not None
     classes = tuple(canonical_label(c) for c in (classes or EMOTIONS))
-    files, labels = _list_class_files(root, classes)
+    files, labels = _list_class_files(root, classes, chosen=chosen)
     if not files:
         raise FerkitError(f"{root} holds no image files in its class folders")
 
@@ -67,16 +68,16 @@ def load_folder(
     )
 
 
-def _list_class_files(root: Path, classes: tuple[str, ...]) -> tuple[list[Path], list[int]]:
+def _list_class_files(root: Path, classes: tuple[str, ...], *, chosen: bool) -> tuple[list[Path], list[int]]:
+    """The files of each class folder and their labels. `chosen`: the classes were given (a model's own,
+    say), so a folder of another class cannot be kept by asking for it."""
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise FerkitError(f"{root} has no class folders (expected {root}/<class>/<image>)")
     unknown = [p.name for p in folders if canonical_label(p.name) not in classes]
     if unknown:
-        raise FerkitError(
-            f"folder(s) in {root} match no class: {', '.join(unknown)} "
-            f"(classes: {', '.join(classes)}; `ferkit train --classes` trains with others)"
-        )
+        keep = "" if chosen else "; --classes keeps others, in train and pack"
+        raise FerkitError(f"folder(s) in {root} match no class: {', '.join(unknown)} (classes: {', '.join(classes)}{keep})")
     files: list[Path] = []
     labels: list[int] = []
     for folder in folders:
