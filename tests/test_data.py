@@ -141,6 +141,16 @@ def test_split_is_stratified_and_repeatable(tmp_path):
     assert len(train_a) + len(val_a) == len(data) and not set(train_a.paths) & set(val_a.paths)
 
 
+def test_a_split_too_small_to_hold_every_class_says_what_would(tmp_path):
+    write_pattern_dataset(tmp_path, 6)  # 42 faces, 7 classes: 10% is 5 faces
+    with pytest.raises(FerkitError) as refused:
+        split_dataset(load_folder(tmp_path), val_fraction=0.1)
+    assert str(refused.value) == ("a validation split of 0.1 of 42 faces cannot hold each of their 7 classes; "
+                                  "give validation faces with --val, or --val-split 0.17 or more")
+    train_set, val_set = split_dataset(load_folder(tmp_path), val_fraction=0.17)
+    assert min(val_set.class_counts().values()) >= 1 and len(train_set) + len(val_set) == 42
+
+
 @needs_fer2013()
 def test_real_fer2013_val_loads_every_file():
     files = {c: len(list((FER2013 / "val" / c).iterdir())) for c in EMOTIONS}

@@ -1,11 +1,13 @@
 """Fine-tuning from a trained model (--init): what it learnt is kept, and new classes can be added."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import write_pattern_dataset
 from ferkit.config import TrainConfig
 from ferkit.data import load_dataset
+from ferkit.errors import FerkitError
 from ferkit.evaluate import evaluate
 from ferkit.labels import EMOTIONS
 from ferkit.runs import read_history
@@ -74,10 +76,6 @@ def test_init_default_starts_from_the_bundled_model(pattern_data, tmp_path):
 
 
 def test_options_that_contradict_the_network_are_refused_before_any_training(trained_run, pattern_data, tmp_path):
-    import pytest
-
-    from ferkit.errors import FerkitError
-
     common = dict(data=str(pattern_data / "train"), val=str(pattern_data / "val"), epochs=1)
     with pytest.raises(FerkitError, match="is a seed-cnn network, not ferkit-net-l"):
         train(TrainConfig(init=str(trained_run), model="ferkit-net-l", out=str(tmp_path / "a"), **common), verbose=0)
@@ -87,3 +85,16 @@ def test_options_that_contradict_the_network_are_refused_before_any_training(tra
     # naming the network it already is, is fine
     run = train(TrainConfig(init=str(trained_run), model="seed-cnn", learning_rate=1e-6, out=str(tmp_path / "c"), **common), verbose=0)
     assert read_metadata(run).model == "seed-cnn"
+
+
+def test_faces_of_one_class_are_refused_and_classes_without_faces_are_named(trained_run, pattern_data, tmp_path, caplog):
+    one = write_pattern_dataset(tmp_path / "one", 6, folder_names=["happy"])
+    config = TrainConfig(init=str(trained_run), data=str(one), val=str(pattern_data / "val"), epochs=1, out=str(tmp_path / "a"))
+    with pytest.raises(FerkitError, match="holds faces of happy only; training needs faces of at least two classes"):
+        train(config, verbose=0)
+    assert not (tmp_path / "a").exists()
+    two = write_pattern_dataset(tmp_path / "two", 6, folder_names=["happy", "sad"])
+    config = TrainConfig(init=str(trained_run), data=str(two), val=str(pattern_data / "val"), epochs=1, out=str(tmp_path / "b"))
+    with caplog.at_level("WARNING", logger="ferkit"):
+        train(config, verbose=0)
+    assert "no training faces of angry, disgust, fear, neutral, surprise: the model will hardly ever predict them" in caplog.text

@@ -6,6 +6,7 @@ jobs, mixup)."""
 from __future__ import annotations
 
 import functools
+import logging
 
 import numpy as np
 
@@ -18,6 +19,8 @@ from ferkit.images import faces_to_batch
 from ferkit.models import get_model_spec
 from ferkit.training_model import needs_one_hot
 
+log = logging.getLogger("ferkit")
+
 
 def load_train_val(config: TrainConfig, input_size, *, progress: bool = False) -> tuple[FaceDataset, FaceDataset]:
     """The training set and the validation set (its own source, or a stratified split of the data)."""
@@ -25,9 +28,24 @@ def load_train_val(config: TrainConfig, input_size, *, progress: bool = False) -
         raise FerkitError("no training data given (--data DIR_OR_CSV)")
     common = {"classes": config.classes, "image_size": tuple(input_size), "progress": progress}
     data = load_dataset(config.data, usage="Training", **common)
+    check_classes_present(data)
     if config.val:
         return data, load_dataset(config.val, usage="PublicTest", **{**common, "classes": data.classes})
     return split_dataset(data, val_fraction=config.val_split, seed=config.seed)
+
+
+def check_classes_present(data: FaceDataset) -> None:
+    """A FerkitError when the training faces are of fewer than two classes; a warning naming the classes
+    without any, which the model will then hardly ever predict."""
+    counts = data.class_counts()
+    present = [name for name, count in counts.items() if count]
+    if len(present) < 2:
+        raise FerkitError(f"{data.source} holds faces of {present[0] if present else 'no class'} only; "
+                          "training needs faces of at least two classes")
+    missing = [name for name, count in counts.items() if not count]
+    if missing:
+        log.warning("no training faces of %s: the model will hardly ever predict %s", ", ".join(missing),
+                    "it" if len(missing) == 1 else "them")
 
 
 def trains_on_cached_features(config: TrainConfig) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,6 +56,13 @@ def split_dataset(dataset: FaceDataset, *, val_fraction: float, seed: int = 0) -
     indices = np.arange(len(dataset))
     counts = np.bincount(dataset.labels)
     stratify = dataset.labels if counts[counts > 0].min() >= 2 else None
+    present = int((counts > 0).sum())
+    if stratify is not None and math.ceil(val_fraction * len(dataset)) < present:
+        least = math.ceil(100 * present / len(dataset)) / 100
+        raise FerkitError(
+            f"a validation split of {val_fraction:g} of {len(dataset)} faces cannot hold each of their {present} classes; "
+            f"give validation faces with --val, or --val-split {least:g} or more"
+        )
     try:
         train_idx, val_idx = train_test_split(
             indices, test_size=val_fraction, random_state=seed, stratify=stratify
