@@ -256,3 +256,12 @@ def test_an_unexpected_failure_is_one_line_and_exit_code_3(onnx_model, pattern_d
     lines = result.output.strip().splitlines()
     assert lines[-1].startswith("internal error: ") and "--debug" in lines[-1]
     assert "Traceback" not in result.output
+
+
+def test_results_name_the_model_file_they_came_from(trained_run, onnx_model):
+    from ferkit.predict import model_version
+
+    run_version = model_version(load_classifier(trained_run))
+    assert run_version.endswith(" (best.keras)") and str(trained_run.name) in run_version
+    assert model_version(load_classifier(onnx_model)) == run_version.replace("best.keras", onnx_model.name)
+    assert model_version(load_classifier(trained_run / "last.keras")).endswith(" (last.keras)")

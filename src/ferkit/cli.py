@@ -440,6 +440,9 @@ def export_cmd(model: str, to_onnx: bool, out: Path | None, overwrite: bool, rec
         fitted = meta.extra["temperature"]
         click.echo(f"temperature {meta.temperature:.3f} fitted on {fitted['faces']} faces: "
                    f"ECE {fitted['ece_before']:.4f} -> {fitted['ece_after']:.4f} (one view)")
+        if fitted["ece_after"] > fitted["ece_before"]:
+            click.echo(f"warning: the temperature lowers the faces' log loss but raises their ECE; {fitted['faces']} faces "
+                       "may be too few to fit it on (a few hundred or more held-out faces give a steadier one)", err=True)
 
 
 def _temperature_faces(model: str, data: str):

@@ -222,6 +222,10 @@ def _label(image) -> str:
 
 
 def model_version(classifier: Classifier) -> str:
-    """The model's version as results report it: its recorded version, the run it came from, or its file name."""
+    """The model's version as results report it: a shipped model's recorded version; else the run it came from
+    and its file (a run's best.keras, last.keras and exports differ), or its file name."""
     meta = classifier.metadata
-    return str(meta.extra.get("version") or meta.extra.get("run") or classifier.path.name)
+    if meta.extra.get("version"):
+        return str(meta.extra["version"])
+    run = meta.extra.get("run")
+    return f"{run} ({classifier.path.name})" if run else classifier.path.name
