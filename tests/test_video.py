@@ -227,3 +227,11 @@ def test_a_still_photo_given_as_a_video_is_one_frame_not_none(tmp_path):
     still.write_bytes((EXAMPLES / "people.jpg").read_bytes())
     timeline = analyze_video(still)
     assert timeline.frames_analysed == 1 and len(timeline.rows) == 3
+
+
+def test_a_video_without_faces_plots_its_whole_length_and_says_so(trained_run, tmp_path):
+    dark = _write_video(tmp_path / "dark.mp4", [np.zeros((SIZE[1], SIZE[0], 3), np.uint8)] * 20)
+    timeline = analyze_video(dark, model=trained_run, detector=_bright_squares, every=3)
+    assert timeline.rows == [] and timeline.frames_analysed == 7
+    assert timeline.last_time_s == pytest.approx(18 / timeline.fps)
+    assert Image.open(timeline.plot(tmp_path / "dark.png")).size[0] > 0

@@ -97,8 +97,9 @@ def plot_reliability_diagram(bins: dict, path: str | Path, *, title: str = "") -
     return Path(path)
 
 
-def plot_emotion_timeline(series: dict, path: str | Path, *, title: str = "") -> Path:
-    """One panel per track: each emotion's probability over time. `series`: track -> (times, {class: values})."""
+def plot_emotion_timeline(series: dict, path: str | Path, *, title: str = "", until: float | None = None) -> Path:
+    """One panel per track: each emotion's probability over time, from 0 to `until` seconds where given.
+    `series`: track -> (times, {class: values}); none: one empty panel that says no face was found."""
     plt = _pyplot()
     from ferkit.draw import COLOURS
 
@@ -111,7 +112,9 @@ def plot_emotion_timeline(series: dict, path: str | Path, *, title: str = "") ->
             colour = tuple(c / 255 for c in COLOURS.get(name, (90, 90, 90)))
             ax.plot(times, ys, label=name, color=colour if name != "neutral" else (0.4, 0.4, 0.4), linewidth=1.6)
         ax.set_ylim(0, 1)
-        ax.set_ylabel(f"face {track}")
+        ax.set_ylabel(f"face {track}" if series else "")
+        if until:
+            ax.set_xlim(0, until)
         ax.grid(alpha=0.3)
     if series:
         axes[0, 0].legend(ncol=7, loc="upper center", bbox_to_anchor=(0.5, 1.45), fontsize=8, frameon=False)

@@ -37,6 +37,7 @@ class Timeline:
     classes: tuple[str, ...]
     rows: list[TimelineRow] = field(default_factory=list)
     frames_analysed: int = 0
+    last_time_s: float = 0.0  # the time of the last frame analysed: how far the plot's time axis reaches
 
     @property
     def tracks(self) -> list[int]:
@@ -65,7 +66,7 @@ class Timeline:
                 {c: [r.face.probabilities[c] for r in self.rows if r.track == t] for c in self.classes})
             for t in sorted(longest)
         }
-        return plot_emotion_timeline(series, path, title=Path(self.source).name)
+        return plot_emotion_timeline(series, path, title=Path(self.source).name, until=self.last_time_s)
 
 
 class IouTracker:
@@ -155,6 +156,7 @@ def analyze_video(
             if table:
                 table.flush()
             timeline.frames_analysed += 1
+            timeline.last_time_s = index / info.fps
             frame = frames.pop(result.source)
             if writer is not None:
                 _write_frame(writer, draw_faces(_to_image(frame), result.faces))
