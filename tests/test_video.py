@@ -233,5 +233,22 @@ def test_a_video_without_faces_plots_its_whole_length_and_says_so(trained_run, t
     dark = _write_video(tmp_path / "dark.mp4", [np.zeros((SIZE[1], SIZE[0], 3), np.uint8)] * 20)
     timeline = analyze_video(dark, model=trained_run, detector=_bright_squares, every=3)
     assert timeline.rows == [] and timeline.frames_analysed == 7
-    assert timeline.last_time_s == pytest.approx(18 / timeline.fps)
+    assert timeline.last_frame == 18
     assert Image.open(timeline.plot(tmp_path / "dark.png")).size[0] > 0
+
+
+def test_a_video_cut_short_is_analysed_as_far_as_it_goes_and_said_to_be(trained_run, tmp_path, caplog):
+    whole = tmp_path / "whole.avi"
+    writer = cv2.VideoWriter(str(whole), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, SIZE)
+    for frame in _two_squares(40):
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with caplog.at_level("WARNING", logger="ferkit"):
+        analyze_video(whole, model=trained_run, detector=_bright_squares, every=1)
+    assert "cut short" not in caplog.text
+    with caplog.at_level("WARNING", logger="ferkit"):
+        timeline = analyze_video(cut, model=trained_run, detector=_bright_squares, every=1)
+    assert 0 < timeline.frames_analysed < 40
+    assert f"frames stopped coming after frame {timeline.frames_analysed} of the 40 its container lists" in caplog.text

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from ferkit.predict import UNCERTAIN_BELOW, analyze_images
 from ferkit.results import Face
 from ferkit.runtime import load_classifier
 from ferkit.sources import open_video, video_frames
+
+log = logging.getLogger("ferkit")
 
 
 @dataclass
@@ -37,7 +40,7 @@ class Timeline:
     classes: tuple[str, ...]
     rows: list[TimelineRow] = field(default_factory=list)
     frames_analysed: int = 0
-    last_time_s: float = 0.0  # the time of the last frame analysed: how far the plot's time axis reaches
+    last_frame: int = 0  # the index of the last frame analysed: how far the plot's time axis reaches
 
     @property
     def tracks(self) -> list[int]:
@@ -66,7 +69,7 @@ class Timeline:
                 {c: [r.face.probabilities[c] for r in self.rows if r.track == t] for c in self.classes})
             for t in sorted(longest)
         }
-        return plot_emotion_timeline(series, path, title=Path(self.source).name, until=self.last_time_s)
+        return plot_emotion_timeline(series, path, title=Path(self.source).name, until=self.last_frame / self.fps)
 
 
 class IouTracker:
@@ -156,7 +159,7 @@ def analyze_video(
             if table:
                 table.flush()
             timeline.frames_analysed += 1
-            timeline.last_time_s = index / info.fps
+            timeline.last_frame = index
             frame = frames.pop(result.source)
             if writer is not None:
                 _write_frame(writer, draw_faces(_to_image(frame), result.faces))
@@ -169,6 +172,9 @@ def analyze_video(
             table.close()
     if timeline.frames_analysed == 0:
         raise FerkitError(f"no frame of {path} could be decoded: is it a video?")
+    if info.frames > 0 and timeline.last_frame + 1 + every <= 0.95 * info.frames:  # containers' counts are approximate
+        log.warning("%s: frames stopped coming after frame %d of the %d its container lists; the file may be cut short",
+                    path, timeline.last_frame + 1, info.frames)
     return timeline
 
 
