@@ -120,14 +120,36 @@ def test_a_run_folder_with_other_settings_is_refused_not_replaced(quick_study, t
     assert (tmp_path / "runs" / "reference" / "best.keras").exists()
 
 
+def test_a_study_folder_of_other_data_is_refused_not_reused(quick_study, tmp_path):
+    config, _ = quick_study
+    other = shutil.copytree(config.data, tmp_path / "other")
+    result = CliRunner().invoke(cli, ["study", "--quick", "--data", str(other), "--val", config.val, "--out", config.out,
+                                      "--models", "reference"])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {config.out} holds a study of {Path(config.data).resolve()}; choose another --out for {other}"
+
+
+def test_missing_imagenet_weights_are_named_before_anything_trains(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    result = CliRunner().invoke(cli, ["study", "--quick", "--data", str(SAMPLE / "train"), "--val", str(SAMPLE / "val"),
+                                      "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "no ImageNet weights at" in result.output and "--transfer-weights" in result.output
+    assert not (tmp_path / "s").exists()
+
+
 def test_bad_study_options_are_one_line_errors(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
     for args, message in ((["--models", "reference,vgg"], "unknown study entry vgg"),
+                          (["--models", ""], "--models names no entry"),
+                          (["--models", "transfer", "--transfer-weights", "none"], "transfer-random is the one"),
                           (["--photo", str(tmp_path / "missing.jpg")], "no such photo"),
+                          (["--photo", str(tmp_path / "empty.jpg")], "empty.jpg: empty file"),
                           (["--epochs", "0"], "at least 1")):
         result = CliRunner().invoke(cli, ["study", "--data", str(SAMPLE / "train"), "--val", str(SAMPLE / "val"),
                                           "--out", str(tmp_path / "s"), *args])
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "s").exists()  # nothing written before the options are known to be good
 
 
 @pytest.mark.skipif(not CHROMIUM, reason="Chromium is not installed (apt-get install chromium)")

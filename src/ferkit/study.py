@@ -29,7 +29,9 @@ import numpy as np
 from ferkit.config import TrainConfig
 from ferkit.data import FaceDataset, load_dataset
 from ferkit.errors import FerkitError
+from ferkit.images import ImageError, load_image
 from ferkit.runtime import machine_description
+from ferkit.train import TrainingInterrupted
 
 log = logging.getLogger("ferkit")
 
@@ -38,6 +40,7 @@ PUBLISHED = {"reference": 0.525, "transfer": 0.633}
 TRANSFER_MODEL = "efficientnet-lite0-transfer"
 ALL_LAYERS = 10_000  # --fine-tune N: unfreezes the whole backbone (its batch norm stays frozen)
 SPEED_FACES = 2048  # faces classified to measure faces/s
+SUBSET_SOURCE = "source.json"  # in a study's copy of its training faces: the data they were taken from
 
 
 _LABELS = {
@@ -75,6 +78,10 @@ class StudyConfig:
         unknown = sorted(set(self.models) - set(ENTRIES))
         if unknown:
             raise FerkitError(f"unknown study entry {', '.join(unknown)} (choose from {', '.join(ENTRIES)})")
+        if not self.models:
+            raise FerkitError(f"--models names no entry (choose from {', '.join(ENTRIES)})")
+        if "transfer" in self.models and self.transfer_weights == "none":
+            raise FerkitError("the transfer entry starts from pretrained weights; transfer-random is the one from random weights")
         if min(self.epochs, self.transfer_epochs, self.fine_tune_epochs, self.fine_tune_layers) < 1:
             raise FerkitError("every number of epochs must be at least 1")
         if self.subset is not None and self.subset < 1:
@@ -82,6 +89,10 @@ class StudyConfig:
         for photo in self.photos:
             if not Path(photo).is_file():
                 raise FerkitError(f"no such photo: {photo}")
+            try:
+                load_image(photo)
+            except ImageError as err:
+                raise FerkitError(f"--photo {photo}: {err.reason}") from None
 
     @classmethod
     def quick(cls, data: str, val: str, **overrides) -> "StudyConfig":
@@ -120,9 +131,12 @@ def study(config: StudyConfig, *, verbose: int = 2) -> Path:
     from ferkit.study_report import write_report
 
     out = Path(config.out)
+    val = load_dataset(config.val)
+    if not Path(config.data).exists():
+        raise FerkitError(f"no such dataset: {config.data}")
+    _check_transfer_weights(config)
     out.mkdir(parents=True, exist_ok=True)
     train_data = _training_data(config, out)
-    val = load_dataset(config.val)
     results = []
     trained = [name for name in config.models if name != "shipped"]
     for number, name in enumerate(config.models, start=1):
@@ -130,7 +144,11 @@ def study(config: StudyConfig, *, verbose: int = 2) -> Path:
         if name == "shipped":
             results.append(_score_entry(name, None, config.val))
             continue
-        run = _train_or_reuse(_train_config(config, name, train_data, out), verbose)
+        try:
+            run = _train_or_reuse(_train_config(config, name, train_data, out), verbose)
+        except TrainingInterrupted:
+            raise TrainingInterrupted(f"the study was interrupted while training {name}; run the same command again "
+                                      "to continue where it stopped") from None
         results.append(_score_entry(name, run, config.val))
         log.info("%s: val accuracy %.4f (%d of %d trained entries done)", name, results[-1].accuracy,
                  trained.index(name) + 1, len(trained))
@@ -141,6 +159,17 @@ def study(config: StudyConfig, *, verbose: int = 2) -> Path:
         "pretraining_gain": pretraining_gain(results), "reproduction": facts["text"],
     }, indent=2) + "\n")
     return write_report(out / "report.html", config, results, val, photos, facts)
+
+
+def _check_transfer_weights(config: StudyConfig) -> None:
+    """Before anything trains: the transfer entry's pretrained weights are here (building it finds them)."""
+    if "transfer" not in config.models:
+        return
+    from ferkit._keras import import_keras
+    from ferkit.models import create_model
+
+    create_model(config.transfer_model, weights=config.transfer_weights)
+    import_keras().backend.clear_session()
 
 
 def _train_config(config: StudyConfig, name: str, data: str, out: Path) -> TrainConfig:
@@ -190,14 +219,20 @@ def _training_data(config: StudyConfig, out: Path) -> str:
     from PIL import Image
 
     folder = out / "data" / f"train-{config.subset}-per-class"
-    if not folder.exists():
-        full = load_dataset(config.data)
-        partial = folder.with_name(f".{folder.name}.partial")
-        for k, name in enumerate(full.classes):
-            (partial / name).mkdir(parents=True, exist_ok=True)
-            for n, i in enumerate(np.flatnonzero(full.labels == k)[: config.subset]):
-                Image.fromarray(full.images[i]).save(partial / name / f"{n:06d}.png")
-        partial.rename(folder)
+    source = str(Path(config.data).resolve())
+    if folder.exists():
+        recorded = json.loads((folder / SUBSET_SOURCE).read_text())["data"] if (folder / SUBSET_SOURCE).exists() else None
+        if recorded not in (None, source):
+            raise FerkitError(f"{out} holds a study of {recorded}; choose another --out for {config.data}")
+        return str(folder)
+    full = load_dataset(config.data)
+    partial = folder.with_name(f".{folder.name}.partial")
+    for k, name in enumerate(full.classes):
+        (partial / name).mkdir(parents=True, exist_ok=True)
+        for n, i in enumerate(np.flatnonzero(full.labels == k)[: config.subset]):
+            Image.fromarray(full.images[i]).save(partial / name / f"{n:06d}.png")
+    (partial / SUBSET_SOURCE).write_text(json.dumps({"data": source}) + "\n")
+    partial.rename(folder)
     return str(folder)
 
 

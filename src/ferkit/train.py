@@ -127,10 +127,9 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
         state.status = "interrupted"
         if (run / "config.json").exists():
             state.save(run)
-        raise TrainingInterrupted(
-            f"interrupted after {state.epochs_done} of {total} epochs (the epoch under way is dropped); {run} is usable, "
-            f"continue with: ferkit train --resume {run}"
-        ) from None
+        done = (f"interrupted after {state.epochs_done} of {total} epochs (the epoch under way is dropped); {run} is usable"
+                if state.epochs_done else f"interrupted before the first of {total} epochs ended")
+        raise TrainingInterrupted(f"{done}, continue with: ferkit train --resume {run}") from None
     finally:
         keras.mixed_precision.set_global_policy("float32")
     state.status = "finished"
