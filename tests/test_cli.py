@@ -420,3 +420,34 @@ def test_a_run_started_with_relative_paths_resumes_from_anywhere_told_where_its_
     assert resumed.exit_code == 0, resumed.output
     assert "done: 2 epochs" in resumed.output
     assert "only --epochs may change" in _one_line_error(run("train", "--resume", "project/runs/r", "--lr", "0.1"))
+
+
+def test_ctrl_c_inside_a_garbage_collection_callback_still_stops_the_command():
+    """Python drops a KeyboardInterrupt raised inside a gc callback (JAX registers one); ferkit's handler
+    raises it again just after, so the command stops instead of running on."""
+    import gc
+    import os
+    import signal
+    import time
+
+    from ferkit.cli import interrupt
+
+    armed = [True]
+
+    def callback(phase, info):
+        if phase == "start" and armed:
+            armed.clear()
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(1000))  # Python code after the signal: its handler runs here, in the callback
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    gc.callbacks.append(callback)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            gc.collect()
+            time.sleep(2)
+        assert not armed
+    finally:
+        gc.callbacks.remove(callback)
+        signal.signal(signal.SIGINT, previous)
+        signal.setitimer(signal.ITIMER_REAL, 0)

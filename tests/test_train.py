@@ -575,3 +575,17 @@ def test_a_run_folder_of_the_older_layout_resumes_and_is_converted(pattern_data,
     assert np.allclose(resumed["loss"][:2], [float(row["loss"]) for row in rows])  # the old rows kept their values
     assert (run / "backup" / "latest.weights.h5").exists() and not (run / "checkpoint.keras").exists()
     assert open(run / "history.csv").readline().strip() == ",".join(HISTORY_COLUMNS)
+
+
+def test_keras_that_is_installed_but_fails_to_import_is_not_called_missing(tmp_path, monkeypatch):
+    from ferkit._keras import import_keras
+
+    (tmp_path / "keras").mkdir()
+    (tmp_path / "keras" / "__init__.py").write_text("raise ImportError('libcudart.so.12: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "keras", raising=False)
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
+    with pytest.raises(FerkitError) as failed:
+        import_keras()
+    assert str(failed.value) == ("Keras is installed but failed to import on the tensorflow backend: "
+                                 "libcudart.so.12: cannot open shared object file")

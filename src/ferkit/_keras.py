@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 
@@ -17,10 +18,13 @@ def import_keras():
     try:
         with _stderr_silenced():
             import keras
-    except ImportError:
-        raise FerkitError(
-            "this needs the training extra (Keras and TensorFlow): pip install 'ferkit[train]'"
-        ) from None
+    except ImportError as err:
+        if isinstance(err.__context__, KeyboardInterrupt):  # Ctrl-C during the import, turned into this by a library
+            raise KeyboardInterrupt from None
+        backend = os.environ["KERAS_BACKEND"]
+        if importlib.util.find_spec("keras") is None or importlib.util.find_spec(backend) is None:
+            raise FerkitError("this needs the training extra (Keras and TensorFlow): pip install 'ferkit[train]'") from None
+        raise FerkitError(f"Keras is installed but failed to import on the {backend} backend: {err}") from None
     return keras
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import logging
 import os
+import signal
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -84,6 +86,28 @@ def cli(debug: bool):
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if debug else logging.INFO)
     log.propagate = False
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored (nohup, &)
+        signal.signal(signal.SIGINT, interrupt)
+
+
+def interrupt(signum, frame):
+    """Ctrl-C: KeyboardInterrupt, as Python's own handler raises it, except inside a garbage-collection
+    callback (JAX registers one), where Python would print it and drop it, and the command would run on
+    to the end. There it comes again a moment later, outside."""
+    if _in_gc_callback(frame) and hasattr(signal, "setitimer"):
+        signal.signal(signal.SIGALRM, interrupt)
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        return
+    raise KeyboardInterrupt
+
+
+def _in_gc_callback(frame) -> bool:
+    callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callbacks:
+            return True
+        frame = frame.f_back
+    return False
 
 
 # --- models -------------------------------------------------------------------------------------
