@@ -147,7 +147,7 @@ def test_several_sources_go_on_past_a_missing_one(trained_run, tmp_path):
     assert result.exit_code == 1 and "no such file" in result.output
     assert json.loads(result.output.strip().splitlines()[-1])["source"] == str(good)
     summary = run("predict", tmp_path / "missing.png", good, good, "--model", trained_run, "--detector", "none",
-                  "--out", tmp_path / "out")
+                  "--out", tmp_path / "out2")
     assert summary.exit_code == 1 and "2 images, 2 faces, 0 failed, 1 source(s) not found" in summary.output
 
 
@@ -380,8 +380,10 @@ def test_a_second_run_into_a_folder_inside_the_photos_reads_only_the_photos(trai
     for i in range(2):
         Image.fromarray(pattern_face(i, np.random.default_rng(i))).save(f"p{i}.png")
     args = ["predict", ".", "--model", str(trained_run), "--detector", "none", "--annotate", "--out", "results"]
-    first, second = run(*args), run(*args)
+    first, refused, second = run(*args), run(*args), run(*args, "--overwrite")
     assert first.exit_code == second.exit_code == 0
+    assert _one_line_error(refused) == ("error: results holds the results of an earlier batch (results.jsonl): --resume "
+                                        "continues it, --overwrite replaces it, or choose another --out")
     assert "2 images" in first.output and "2 images" in second.output
     assert sorted(p.name for p in Path("results").glob("*.jpg")) == ["p0.annotated.jpg", "p1.annotated.jpg"]
 
@@ -423,14 +425,15 @@ def test_a_run_started_with_relative_paths_resumes_from_anywhere_told_where_its_
 
 
 def test_ctrl_c_inside_a_garbage_collection_callback_still_stops_the_command():
-    """Python drops a KeyboardInterrupt raised inside a gc callback (JAX registers one); ferkit's handler
-    raises it again just after, so the command stops instead of running on."""
+    """Python drops a KeyboardInterrupt raised inside a gc callback (JAX registers one) or a weakref callback
+    run by a collection; ferkit raises it again just after, so the command stops instead of running on."""
+    import functools
     import gc
     import os
     import signal
     import time
 
-    from ferkit.cli import interrupt
+    from ferkit.cli import redeliver_interrupt
 
     armed = [True]
 
@@ -440,7 +443,10 @@ def test_ctrl_c_inside_a_garbage_collection_callback_still_stops_the_command():
             os.kill(os.getpid(), signal.SIGINT)
             sum(range(1000))  # Python code after the signal: its handler runs here, in the callback
 
-    previous = signal.signal(signal.SIGINT, interrupt)
+    previous_hook = sys.unraisablehook
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.unraisablehook = functools.partial(redeliver_interrupt, previous=previous_hook)
+    gc.disable()  # only the collection below runs the callback
     gc.callbacks.append(callback)
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -449,5 +455,7 @@ def test_ctrl_c_inside_a_garbage_collection_callback_still_stops_the_command():
         assert not armed
     finally:
         gc.callbacks.remove(callback)
-        signal.signal(signal.SIGINT, previous)
+        gc.enable()
+        sys.unraisablehook = previous_hook
+        signal.signal(signal.SIGINT, previous_handler)
         signal.setitimer(signal.ITIMER_REAL, 0)

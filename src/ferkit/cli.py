@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import gc
+import functools
 import json
 import logging
 import os
@@ -86,28 +86,26 @@ def cli(debug: bool):
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if debug else logging.INFO)
     log.propagate = False
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored (nohup, &)
-        signal.signal(signal.SIGINT, interrupt)
+    hook = sys.unraisablehook
+    already = isinstance(hook, functools.partial) and hook.func is redeliver_interrupt
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler and hasattr(signal, "setitimer") and not already:
+        sys.unraisablehook = functools.partial(redeliver_interrupt, previous=hook)
 
 
-def interrupt(signum, frame):
-    """Ctrl-C: KeyboardInterrupt, as Python's own handler raises it, except inside a garbage-collection
-    callback (JAX registers one), where Python would print it and drop it, and the command would run on
-    to the end. There it comes again a moment later, outside."""
-    if _in_gc_callback(frame) and hasattr(signal, "setitimer"):
-        signal.signal(signal.SIGALRM, interrupt)
-        signal.setitimer(signal.ITIMER_REAL, 0.05)
+def redeliver_interrupt(unraisable, *, previous) -> None:
+    """A Ctrl-C whose KeyboardInterrupt Python dropped, raised where nothing could catch it (inside a
+    garbage-collection callback, as JAX registers one, or a weakref callback run by a collection), comes
+    again a moment later, so the command stops instead of running on to the end. Other exceptions go on
+    to the `previous` hook (an `sys.unraisablehook`)."""
+    if unraisable.exc_type is not KeyboardInterrupt:
+        previous(unraisable)
         return
+    signal.signal(signal.SIGALRM, _raise_interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.05)
+
+
+def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-def _in_gc_callback(frame) -> bool:
-    callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
-    while frame is not None:
-        if frame.f_code in callbacks:
-            return True
-        frame = frame.f_back
-    return False
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -594,6 +592,7 @@ def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, 
               help="Mark faces whose top probability is below this as uncertain ('?' after the emotion); 0: never.")
 @click.option("--resume", is_flag=True,
               help="Folders and globs: skip the images already in --out's results.jsonl (a run cut short) and append; --engine ray: run only the tasks without output parts.")
+@click.option("--overwrite", is_flag=True, help="Folders and globs: replace the results of an earlier batch in --out.")
 @TTA_OPTION
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="'ray': run on a Ray cluster (ferkit[ray]) and write sharded Parquet and JSONL to --out; "
@@ -603,7 +602,7 @@ def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, 
 @click.option("--shard-size", type=click.IntRange(min=1), default=SHARD_IMAGES, show_default=True,
               help="--engine ray: images per task and per output part.")
 def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, every, target_fps, smooth, save_video,
-                uncertain_below, resume, tta, engine, address, workers, shard_size):
+                uncertain_below, resume, overwrite, tta, engine, address, workers, shard_size):
     """Find every face in each SOURCE (image, folder, glob or video) and predict its emotion."""
     from ferkit.faces import get_detector
     from ferkit.predict import check_uncertain_below
@@ -624,6 +623,8 @@ def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, e
         raise FerkitError("--address and --workers apply to --engine ray")
     if every is not None and target_fps is not None:
         raise FerkitError("--every (a frame count) and --fps (frames per second) are alternatives; give one")
+    if resume and overwrite:
+        raise FerkitError("--resume continues the results in --out and --overwrite replaces them; give one")
     kinds = []
     for source in sources:
         try:
@@ -652,6 +653,10 @@ def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, e
                                  uncertain_below=uncertain_below)
     elif images or any(kind in ("folder", "glob") for _, kind in kinds):
         batch = [s for s, kind in kinds if kind != "video"]
+        earlier = out / "results.jsonl"
+        if not (resume or overwrite) and earlier.exists() and earlier.stat().st_size:
+            raise FerkitError(f"{out} holds the results of an earlier batch ({earlier.name}): --resume continues it, "
+                              "--overwrite replaces it, or choose another --out")
         failures += _predict_many(batch, classifier, find, out, as_json, bool(annotate), uncertain_below, resume,
                                   unreadable_sources=failures)
     stems: set[str] = set()  # videos of the same name from different folders: clip, clip-2, ...
