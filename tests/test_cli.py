@@ -112,6 +112,8 @@ def test_bad_input_gives_one_line_and_an_exit_code(trained_run, tmp_path):
     assert "no such" in _one_line_error(run("evaluate", trained_run, "--data", tmp_path / "nowhere"))
     assert "no class folders" in _one_line_error(run("evaluate", trained_run, "--data", tmp_path / "empty"))
     assert "line 2" in _one_line_error(run("evaluate", trained_run, "--data", tmp_path / "bad.csv"))
+    zero = run("evaluate", trained_run, "--data", tmp_path / "bad.csv", "--batch-size", "0")
+    assert zero.exit_code == 2 and "--batch-size" in zero.output and not (tmp_path / "eval-bad-PublicTest").exists()
     Image.new("RGB", (60, 60)).save(tmp_path / "x.png")
     assert "not a valid" in _one_line_error(run("predict", tmp_path / "x.png", "--model", tmp_path / "notes.keras"))
     assert "unknown model" in _one_line_error(run("train", "--model", "nope", "--data", tmp_path))

@@ -217,6 +217,7 @@ def test_evaluate_reports_the_calibration_error_before_and_after_the_temperature
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["temperature"] == calibrated.temperature
     assert metrics["ece_before_temperature"] == pytest.approx(report.ece_before_temperature, abs=1e-6)
+    assert f"at temperature {calibrated.temperature:.4f}; " in (tmp_path / "report.html").read_text()
     assert "before (temperature 1)" in (tmp_path / "report.html").read_text()
 
 

@@ -370,13 +370,14 @@ def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_siz
 @click.argument("model", required=False)
 @click.option("--data", required=True, help="A class-folder tree or a FER2013 CSV.")
 @click.option("--usage", default="PublicTest", show_default=True, help="CSV rows to use: Training, PublicTest or PrivateTest.")
-@click.option("--out", type=click.Path(path_type=Path), help="Folder for the report files (default: beside the model).")
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Folder for the report files (default: beside the model; runs/ for a shipped model).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Faces per model call.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
 @TTA_OPTION
 def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, batch_size: int, as_json: bool, tta):
     """Score MODEL (a run folder, model file or shipped model's name; default: the default shipped
-    model) on labelled data; write JSON, CSV and PNG reports."""
+    model) on labelled data; write JSON, CSV, PNG and HTML reports."""
     from ferkit.data import load_dataset
     from ferkit.evaluate import evaluate
     from ferkit.runtime import load_classifier, resolve_model_path

@@ -60,12 +60,12 @@ class EvaluationReport:
 
     @property
     def ece_summary(self) -> str | None:
-        """One line on calibration, e.g. "ECE 0.031 (15 bins) at temperature 1.42; 0.087 at temperature 1"."""
+        """One line on calibration, e.g. "ECE 0.0310 (15 bins) at temperature 1.4200; 0.0870 before (temperature 1)"."""
         if self.probabilities is None:
             return None
         line = f"ECE {self.ece:.4f} ({ECE_BINS} bins)"
         if self.ece_before_temperature is not None:
-            line += f" at temperature {self.temperature:.3g}; {self.ece_before_temperature:.4f} before (temperature 1)"
+            line += f" at temperature {self.temperature:.4f}; {self.ece_before_temperature:.4f} before (temperature 1)"
         return line
 
     @property
