@@ -97,6 +97,45 @@ def test_evaluate_with_flip_tta_records_it(trained_run, pattern_data, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("eval-*")) == ["eval-best-val", "eval-best-val-flip"]
 
 
+def test_evaluate_never_replaces_reports_of_another_evaluation(trained_run, pattern_data, tmp_path):
+    import shutil
+
+    model = shutil.copy(trained_run / "best.keras", tmp_path / "best.keras")
+    for name, keep in (("a", 8), ("b", 4)):  # two datasets whose last folder name is the same
+        for folder in sorted((pattern_data / "val").iterdir()):
+            (tmp_path / name / "val" / folder.name).mkdir(parents=True)
+            for face in sorted(folder.iterdir())[:keep]:
+                shutil.copy(face, tmp_path / name / "val" / folder.name)
+    for data in ("a", "b", "a"):  # without --out: a folder each; the same evaluation again replaces its own
+        result = run("evaluate", model, "--data", tmp_path / data / "val")
+        assert result.exit_code == 0, result.output
+    folders = sorted(tmp_path.glob("eval-*"))
+    assert [f.name for f in folders] == ["eval-best-val", "eval-best-val-2"]
+    assert [json.loads((f / "metrics.json").read_text())["samples"] for f in folders] == [7 * 8, 7 * 4]
+
+    refused = run("evaluate", model, "--data", tmp_path / "b" / "val", "--out", folders[0])
+    line = _one_line_error(refused)
+    assert f"{folders[0]} holds the evaluation of" in line and f"on {tmp_path / 'a' / 'val'}" in line and "--overwrite" in line
+    assert json.loads((folders[0] / "metrics.json").read_text())["samples"] == 7 * 8
+    replaced = run("evaluate", model, "--data", tmp_path / "b" / "val", "--out", folders[0], "--overwrite")
+    assert replaced.exit_code == 0 and json.loads((folders[0] / "metrics.json").read_text())["samples"] == 7 * 4
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.html").write_text("my own report")
+    line = _one_line_error(run("evaluate", model, "--data", tmp_path / "a" / "val", "--out", mine))
+    assert "holds files that are not a ferkit evaluation" in line
+    assert (mine / "report.html").read_text() == "my own report" and sorted(p.name for p in mine.iterdir()) == ["report.html"]
+
+
+def test_usage_with_a_folder_dataset_is_refused_not_ignored(trained_run, pattern_data, tmp_path):
+    line = _one_line_error(run("evaluate", trained_run, "--data", pattern_data / "val", "--usage", "PrivateTest",
+                               "--out", tmp_path / "e"))
+    assert "--usage selects rows of a FER2013 .csv file" in line and not (tmp_path / "e").exists()
+    line = _one_line_error(run("pack", pattern_data / "val", tmp_path / "packed", "--usage", "Training"))
+    assert "--usage" in line and not (tmp_path / "packed").exists()
+
+
 def _one_line_error(result, code=2):
     assert result.exit_code == code, result.output
     lines = result.output.strip().splitlines()

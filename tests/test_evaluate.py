@@ -18,6 +18,24 @@ def test_confusion_matrix_is_7x7_even_without_a_class():
     assert report.accuracy == np.trace(report.confusion_matrix) / 200
 
 
+def test_a_class_without_faces_is_named_with_what_its_scores_mean(tmp_path):
+    y_true = np.array([0, 0, 2, 3, 3, 4, 5, 6])  # no disgust (1)
+    never = score_predictions(y_true, y_true, EMOTIONS)
+    assert never.absent_classes == ["disgust"] and never.macro_f1 == 1.0  # left out: neither true nor predicted
+    assert "no faces of disgust in the data" in never.absent_classes_note and "leaves out" in never.absent_classes_note
+
+    y_pred = y_true.copy()
+    y_pred[0] = 1  # an angry face called disgust
+    wrong = score_predictions(y_true, y_pred, EMOTIONS, model="m", data="d")
+    scores = [s.f1 for name, s in wrong.per_class.items() if name != "disgust" and s.support]
+    assert wrong.macro_f1 == pytest.approx(sum(scores) / (len(scores) + 1))  # disgust counts, with F1 0
+    assert "wrongly predicted as disgust count in macro-F1" in wrong.absent_classes_note
+    wrong.save(tmp_path)
+    assert "Note: no faces of disgust" in (tmp_path / "report.html").read_text()
+    assert json.loads((tmp_path / "metrics.json").read_text())["absent_classes"] == ["disgust"]
+    assert score_predictions(np.arange(7), np.arange(7), EMOTIONS).absent_classes_note is None
+
+
 def test_per_class_scores_agree_with_the_confusion_matrix():
     rng = np.random.default_rng(1)
     y_true = rng.integers(0, 7, 500)

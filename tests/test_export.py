@@ -241,6 +241,30 @@ def test_a_temperature_is_not_fitted_on_the_faces_the_model_was_trained_on(train
                                      f"fit the temperature on held-out faces (its validation data: {pattern_data / 'val'})")
 
 
+def test_a_temperature_that_raises_the_faces_ece_is_exported_with_a_warning(tmp_path):
+    """The temperature minimises log loss, which can raise the ECE of a few faces: the shipped network on
+    the sample's disgust and neutral faces (60) is such a case; the warning follows the recorded figures."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sample = root / "examples" / "fer2013-sample" / "val"
+    for name in ("disgust", "neutral"):
+        shutil.copytree(sample / name, tmp_path / "held" / name)
+    model = root / "src" / "ferkit" / "weights" / "ferkit-net-s-v1.keras"
+    warned = []
+    for data in (tmp_path / "held", sample):
+        out = tmp_path / f"{data.name}.onnx"
+        result = CliRunner().invoke(cli, ["export", str(model), "--onnx", "--out", str(out),
+                                          "--calibrate-temperature", str(data)])
+        assert result.exit_code == 0, result.output
+        fitted = read_metadata(out).extra["temperature"]
+        warning = "warning: the temperature lowers the faces' log loss but raises their ECE" in result.output
+        assert warning == (fitted["ece_after"] > fitted["ece_before"])
+        warned.append(warning)
+    assert warned[0]
+
+
 def test_an_unexpected_failure_is_one_line_and_exit_code_3(onnx_model, pattern_data, tmp_path):
     """A model whose metadata lies about its input (1 channel for a 3-channel graph) fails inside
     ONNX Runtime, not in ferkit's checks: the CLI still answers in one line, with its own exit code."""

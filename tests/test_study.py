@@ -129,6 +129,22 @@ def test_a_study_folder_of_other_data_is_refused_not_reused(quick_study, tmp_pat
     assert result.output.strip() == f"error: {config.out} holds a study of {Path(config.data).resolve()}; choose another --out for {other}"
 
 
+def test_a_folder_of_the_users_own_is_refused_not_written_into(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.html").write_text("my own report")
+    result = CliRunner().invoke(cli, ["study", "--quick", "--data", str(SAMPLE / "train"), "--val", str(SAMPLE / "val"),
+                                      "--out", str(mine), "--models", "reference"])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {mine} holds files that are not a ferkit study; choose a new or empty --out"
+    assert sorted(p.name for p in mine.iterdir()) == ["report.html"]
+    assert (mine / "report.html").read_text() == "my own report"
+    (tmp_path / "file").write_text("x")
+    result = CliRunner().invoke(cli, ["study", "--quick", "--data", str(SAMPLE / "train"), "--val", str(SAMPLE / "val"),
+                                      "--out", str(tmp_path / "file"), "--models", "reference"])
+    assert result.exit_code == 2 and "is a file" in result.output
+
+
 def test_missing_imagenet_weights_are_named_before_anything_trains(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     result = CliRunner().invoke(cli, ["study", "--quick", "--data", str(SAMPLE / "train"), "--val", str(SAMPLE / "val"),

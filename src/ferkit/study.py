@@ -40,6 +40,7 @@ PUBLISHED = {"reference": 0.525, "transfer": 0.633}
 TRANSFER_MODEL = "efficientnet-lite0-transfer"
 ALL_LAYERS = 10_000  # --fine-tune N: unfreezes the whole backbone (its batch norm stays frozen)
 SPEED_FACES = 2048  # faces classified to measure faces/s
+STUDY_FILES = ("study.json", "runs", "data")  # what marks a folder as a study's, finished or not
 SUBSET_SOURCE = "source.json"  # in a study's copy of its training faces: the data they were taken from
 
 
@@ -135,6 +136,7 @@ def study(config: StudyConfig, *, verbose: int = 2) -> Path:
     if not Path(config.data).exists():
         raise FerkitError(f"no such dataset: {config.data}")
     _check_transfer_weights(config)
+    _check_study_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     train_data = _training_data(config, out)
     results = []
@@ -159,6 +161,15 @@ def study(config: StudyConfig, *, verbose: int = 2) -> Path:
         "pretraining_gain": pretraining_gain(results), "reproduction": facts["text"],
     }, indent=2) + "\n")
     return write_report(out / "report.html", config, results, val, photos, facts)
+
+
+def _check_study_folder(out: Path) -> None:
+    """`out` is new, empty or an earlier study's folder (which the study continues); never a folder of the
+    user's own, whose report.html and study.json the study would replace."""
+    if out.exists() and not out.is_dir():
+        raise FerkitError(f"--out {out} is a file; give a folder for the study")
+    if out.is_dir() and any(out.iterdir()) and not any((out / name).exists() for name in STUDY_FILES):
+        raise FerkitError(f"{out} holds files that are not a ferkit study; choose a new or empty --out")
 
 
 def _check_transfer_weights(config: StudyConfig) -> None:
@@ -245,7 +256,7 @@ def _score_entry(name: str, run: Path | None, val_source: str) -> EntryResult:
     val = load_dataset(val_source, classes=classifier.classes, image_size=classifier.input_size)
     report = evaluate(classifier, val)
     if run is not None:
-        report.save(run / "eval-val")
+        report.save(run / "eval-val", overwrite=True)  # the study's own run folder
     result = EntryResult(
         name=name, label=entry_label(name), model=classifier.name, run=str(run) if run else None,
         parameters=_parameters(classifier), accuracy=report.accuracy, macro_f1=report.macro_f1,

