@@ -139,6 +139,16 @@ def test_list_files_and_uris(cluster, photos, tmp_path):
     assert _without_timings(records[uri])["faces"] == local[str(photos / "people.jpg")]["faces"]
 
 
+def test_the_command_writes_to_an_out_uri_as_given(cluster, photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = (tmp_path / "elsewhere" / "run").as_uri()  # file:///...: a path would collapse its slashes
+    run = CliRunner().invoke(cli, ["predict", str(photos / "people.jpg"), "--engine", "ray", "--out", uri])
+    assert run.exit_code == 0, run.output
+    assert _ray_results(tmp_path / "elsewhere" / "run") and not (tmp_path / "file:").exists()
+    local = CliRunner().invoke(cli, ["predict", str(photos / "people.jpg"), "--out", uri])
+    assert local.exit_code == 2 and "an object-storage URI needs --engine ray" in local.output
+
+
 def test_one_task_per_video(cluster, tmp_path):
     cv2 = pytest.importorskip("cv2")
     photo = cv2.resize(cv2.imread(str(EXAMPLE)), (320, 240))

@@ -609,8 +609,8 @@ def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, 
               help="Face detector; 'none' treats each whole image as one face (for cropped face photos).")
 @click.option("--box", "boxes", multiple=True, metavar="X,Y,W,H",
               help="A face box to classify instead of detecting (repeatable); for single images.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/predict"), show_default=True,
-              help="Folder for annotated images, JSON, CSV, timelines and plots.")
+@click.option("--out", default="runs/predict", show_default=True,
+              help="Folder for annotated images, JSON, CSV, timelines and plots (--engine ray: also an object-storage URI).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON (JSON lines for several images).")
 @click.option("--annotate/--no-annotate", default=None, help="Write annotated images (default: for single images).")
 @click.option("--every", type=click.IntRange(min=1), help="Videos: analyse every Nth frame (default: about 5 per second).")
@@ -632,7 +632,7 @@ def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, 
 @click.option("--workers", type=click.IntRange(min=1), help="--engine ray: model copies (actors); default: one per CPU.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=SHARD_IMAGES, show_default=True,
               help="--engine ray: images per task and per output part.")
-def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, every, target_fps, smooth, save_video,
+def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, every, target_fps, smooth, save_video,
                 uncertain_below, resume, overwrite, tta, engine, address, workers, shard_size):
     """Find every face in each SOURCE (image, folder, glob or video) and predict its emotion."""
     from ferkit.faces import get_detector
@@ -646,12 +646,15 @@ def predict_cmd(sources, model, detector, boxes, out: Path, as_json, annotate, e
         if any(given.values()):
             raise FerkitError(f"{', '.join(k for k, v in given.items() if v)}: not with --engine ray")
         _predict_on_ray(RayPredictConfig(
-            sources=list(sources), out=str(out), model=model, detector=detector, address=address, workers=workers,
+            sources=list(sources), out=out, model=model, detector=detector, address=address, workers=workers,
             shard_size=shard_size, uncertain_below=uncertain_below, tta=tta, every=every, target_fps=target_fps,
             smooth=smooth, resume=resume))
         return
     if address or workers:
         raise FerkitError("--address and --workers apply to --engine ray")
+    if "://" in out:
+        raise FerkitError(f"--out {out}: an object-storage URI needs --engine ray; give a folder here")
+    out = Path(out)
     if every is not None and target_fps is not None:
         raise FerkitError("--every (a frame count) and --fps (frames per second) are alternatives; give one")
     if resume and overwrite:
