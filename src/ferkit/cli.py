@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import logging
@@ -20,7 +19,7 @@ from ferkit.errors import FerkitError
 from ferkit.faces import DETECTORS
 from ferkit.predict import UNCERTAIN_BELOW
 from ferkit.ray_predict import SHARD_IMAGES, RayPredictConfig
-from ferkit.results import face_columns, face_rows
+from ferkit.results import ResultsFolder
 from ferkit.runtime import TTA_CHOICES
 from ferkit.study import ENTRIES as STUDY_ENTRIES
 from ferkit.study import TRANSFER_MODEL as STUDY_TRANSFER_MODEL
@@ -687,7 +686,7 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
                                  uncertain_below=uncertain_below)
     elif images or any(kind in ("folder", "glob") for _, kind in kinds):
         batch = [s for s, kind in kinds if kind != "video"]
-        earlier = out / "results.jsonl"
+        earlier = out / ResultsFolder.LINES
         if not (resume or overwrite) and earlier.exists() and earlier.stat().st_size:
             raise FerkitError(f"{out} holds the results of an earlier batch ({earlier.name}): --resume continues it, "
                               "--overwrite replaces it, or choose another --out")
@@ -770,25 +769,16 @@ def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate:
     failed = empty
     used: set[str] = set()  # named in listing order, so a resumed run names its copies as a whole run would
     annotated = {str(p): _unique(out, p.stem, ".annotated.jpg", used) for p in paths} if annotate else {}
-    done = _finished_sources(out) if resume else set()
-    if done:
+    results = ResultsFolder(out, classifier.classes, resume=resume)
+    if results.finished:
         before = len(paths)
-        paths = [p for p in paths if str(p) not in done]
-        click.echo(f"resuming: {before - len(paths)} images already in {out / 'results.jsonl'}", err=True)
-    mode = "a" if resume else "w"
-    with open(out / "faces.csv", mode, newline="") as table, open(out / "results.jsonl", mode) as lines, \
-            progress_bar(len(paths), "analysing images", enabled=not as_json) as advance:
-        writer = csv.writer(table)
-        if table.tell() == 0:
-            writer.writerow(face_columns(classifier.classes))
+        paths = [p for p in paths if str(p) not in results.finished]
+        click.echo(f"resuming: {before - len(paths)} images already in {out / results.LINES}", err=True)
+    with results, progress_bar(len(paths), "analysing images", enabled=not as_json) as advance:
         for result in analyze_images(paths, model=classifier, detector=find, uncertain_below=uncertain_below):
             advance()
             images += 1
-            record = result.to_dict()
-            _write_rows(writer, result, classifier)
-            table.flush()
-            lines.write(json.dumps(record) + "\n")  # last: an image is done once its line is complete
-            lines.flush()
+            record = results.write(result)
             if as_json:
                 click.echo(json.dumps(record))
             if result.error:
@@ -800,41 +790,8 @@ def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate:
                 result.draw(result.source).save(annotated[result.source], quality=92)
     if not as_json:
         missing = f", {unreadable_sources} source(s) not found" if unreadable_sources else ""
-        click.echo(f"{images} images, {faces} faces, {failed} failed{missing}; wrote {out / 'faces.csv'} and {out / 'results.jsonl'}")
+        click.echo(f"{images} images, {faces} faces, {failed} failed{missing}; wrote {out / results.TABLE} and {out / results.LINES}")
     return failed
-
-
-def _write_rows(writer, result, classifier) -> None:
-    for row in face_rows(result, classifier.classes):  # in face_columns' order
-        row["detector_score"] = "" if row["detector_score"] is None else f"{row['detector_score']:.3f}"
-        row.update({c: f"{row[c]:.4f}" for c in ("score", *classifier.classes)}, uncertain=int(row["uncertain"]))
-        writer.writerow(row.values())
-
-
-def _finished_sources(out: Path) -> set[str]:
-    """The images a run cut short had finished (a complete line in results.jsonl, no error), with both
-    files cut back to them: a half-written last line, and table rows of an image without its line, go."""
-    jsonl, table = out / "results.jsonl", out / "faces.csv"
-    if not jsonl.exists():
-        return set()
-    done, kept = set(), []
-    for line in jsonl.read_text().splitlines(keepends=True):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            break  # the line a kill cut short, and anything after it
-        if not line.endswith("\n"):
-            break
-        if not record.get("error"):
-            done.add(record["source"])
-            kept.append(line)
-    jsonl.write_text("".join(kept))
-    if table.exists():
-        with open(table, newline="") as handle:
-            rows = list(csv.reader(handle))
-        with open(table, "w", newline="") as handle:
-            csv.writer(handle).writerows(rows[:1] + [row for row in rows[1:] if row and row[0] in done])
-    return done
 
 
 def _predict_video(source, classifier, find, out: Path, every, target_fps, smooth, save_video, as_json,

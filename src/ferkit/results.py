@@ -5,7 +5,10 @@ Boxes are `(x, y, width, height)` in pixels of the upright (EXIF-rotated) origin
 
 from __future__ import annotations
 
+import csv
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ferkit.errors import FerkitError
 
@@ -95,3 +98,72 @@ def face_rows(result: ImageResult, classes) -> list[dict]:
                      "detector_score": face.detector_score, "emotion": face.emotion, "score": face.score,
                      **{name: face.probabilities[name] for name in classes}, "uncertain": face.uncertain})
     return rows
+
+
+class ResultsFolder:
+    """A batch's results in a folder, written as they come: `faces.csv` (a row per face, `face_columns`)
+    and `results.jsonl` (an ImageResult per line, failures included). An image is done once its line is
+    complete, so a batch cut short can go on where it stopped:
+
+        with ResultsFolder(out, classifier.classes, resume=True) as results:
+            for result in analyze_images([p for p in paths if str(p) not in results.finished]):
+                results.write(result)
+    """
+
+    TABLE, LINES = "faces.csv", "results.jsonl"
+
+    def __init__(self, folder: str | Path, classes, *, resume: bool = False):
+        self.folder, self.classes, self.resume = Path(folder), tuple(classes), resume
+        # the images an earlier run finished (no error), with both files cut back to them
+        self.finished: set[str] = self._cut_back_to_finished() if resume else set()
+        self._table = self._lines = self._writer = None
+
+    def __enter__(self) -> ResultsFolder:
+        mode = "a" if self.resume else "w"
+        self._table = open(self.folder / self.TABLE, mode, newline="")
+        self._lines = open(self.folder / self.LINES, mode)
+        self._writer = csv.writer(self._table)
+        if self._table.tell() == 0:
+            self._writer.writerow(face_columns(self.classes))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._table.close()
+        self._lines.close()
+
+    def write(self, result: ImageResult) -> dict:
+        """Add `result` to both files; returns its dictionary, as written to results.jsonl."""
+        record = result.to_dict()
+        for row in face_rows(result, self.classes):  # in face_columns' order
+            row["detector_score"] = "" if row["detector_score"] is None else f"{row['detector_score']:.3f}"
+            row.update({c: f"{row[c]:.4f}" for c in ("score", *self.classes)}, uncertain=int(row["uncertain"]))
+            self._writer.writerow(row.values())
+        self._table.flush()
+        self._lines.write(json.dumps(record) + "\n")  # last: an image is done once its line is complete
+        self._lines.flush()
+        return record
+
+    def _cut_back_to_finished(self) -> set[str]:
+        """The images a run cut short had finished (a complete line in results.jsonl, no error), with both
+        files cut back to them: a half-written last line, and table rows of an image without its line, go."""
+        lines, table = self.folder / self.LINES, self.folder / self.TABLE
+        if not lines.exists():
+            return set()
+        done, kept = set(), []
+        for line in lines.read_text().splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break  # the line a kill cut short, and anything after it
+            if not line.endswith("\n"):
+                break
+            if not record.get("error"):
+                done.add(record["source"])
+                kept.append(line)
+        lines.write_text("".join(kept))
+        if table.exists():
+            with open(table, newline="") as handle:
+                rows = list(csv.reader(handle))
+            with open(table, "w", newline="") as handle:
+                csv.writer(handle).writerows(rows[:1] + [row for row in rows[1:] if row and row[0] in done])
+        return done
