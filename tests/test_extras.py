@@ -59,6 +59,36 @@ def test_the_ray_engine_without_its_extra_names_it_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_training_and_a_study_without_their_extra_name_it_first(tmp_path):
+    """Not the evaluate extra that splitting a validation set needs, nor the ImageNet weights of the study's
+    transfer entry: installing either would not be enough."""
+    train = _ferkit_without_extras("train", "--data", str(EXAMPLES / "fer2013-sample" / "train"), "--epochs", "1",
+                                   "--out", str(tmp_path / "run"))
+    expected = ["error: this needs the training extra (Keras and TensorFlow): pip install 'ferkit[train]'"]
+    assert train.returncode == 2 and train.stderr.strip().splitlines() == expected
+    study = _ferkit_without_extras("study", "--quick", "--data", str(EXAMPLES / "fer2013-sample" / "train"),
+                                   "--val", str(SAMPLE_VAL), "--out", str(tmp_path / "study"))
+    assert study.returncode == 2 and study.stderr.strip().splitlines() == expected
+    assert not (tmp_path / "run").exists() and not (tmp_path / "study").exists()
+
+
+def test_a_run_folder_without_the_training_extra_points_to_its_onnx_export(trained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copy(trained_run / "best.keras", run.mkdir() or run / "best.keras")
+    exported = CliRunner().invoke(cli, ["export", str(run), "--onnx"])
+    assert exported.exit_code == 0, exported.output
+    result = _ferkit_without_extras("predict", str(EXAMPLES / "people.jpg"), "--model", str(run), "--out", str(tmp_path / "p"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: best.keras: this needs the training extra (Keras and TensorFlow): pip install 'ferkit[train]'; "
+        f"or use its ONNX export, {run / 'best.onnx'}"]
+    onnx = _ferkit_without_extras("predict", str(EXAMPLES / "people.jpg"), "--model", str(run / "best.onnx"),
+                                  "--out", str(tmp_path / "p"))
+    assert onnx.returncode == 0, onnx.stderr
+
+
 def test_the_mtcnn_detector_without_its_extra_names_it(tmp_path):
     result = _ferkit_without_extras("predict", str(EXAMPLES / "people.jpg"), "--detector", "mtcnn", "--out", str(tmp_path))
     assert result.returncode == 2 and "pip install 'ferkit[video]'" in result.stderr

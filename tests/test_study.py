@@ -150,6 +150,8 @@ def test_missing_imagenet_weights_are_named_before_anything_trains(tmp_path, mon
     result = CliRunner().invoke(cli, ["study", "--quick", "--data", str(SAMPLE / "train"), "--val", str(SAMPLE / "val"),
                                       "--out", str(tmp_path / "s")])
     assert result.exit_code == 2 and "no ImageNet weights at" in result.output and "--transfer-weights" in result.output
+    others = ",".join(name for name in ENTRIES if name != "transfer")
+    assert result.output.strip().endswith(f"; or leave the transfer entry out: --models {others}")
     assert not (tmp_path / "s").exists()
 
 

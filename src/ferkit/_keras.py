@@ -10,8 +10,18 @@ import sys
 from ferkit.errors import FerkitError
 
 
+MISSING = "this needs the training extra (Keras and TensorFlow): pip install 'ferkit[train]'"
+
+
+def check_keras_installed() -> None:
+    """A FerkitError naming the training extra when Keras or its backend is not installed; cheap (imports nothing)."""
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if sys.modules.get("keras") is None and (importlib.util.find_spec("keras") is None or importlib.util.find_spec(backend) is None):
+        raise FerkitError(MISSING)
+
+
 def import_keras():
-    if "keras" in sys.modules:
+    if sys.modules.get("keras") is not None:
         return sys.modules["keras"]
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -23,7 +33,7 @@ def import_keras():
             raise KeyboardInterrupt from None
         backend = os.environ["KERAS_BACKEND"]
         if importlib.util.find_spec("keras") is None or importlib.util.find_spec(backend) is None:
-            raise FerkitError("this needs the training extra (Keras and TensorFlow): pip install 'ferkit[train]'") from None
+            raise FerkitError(MISSING) from None
         raise FerkitError(f"Keras is installed but failed to import on the {backend} backend: {err}") from None
     return keras
 

@@ -352,9 +352,15 @@ def face_views(faces: np.ndarray, tta: str, margin: int = 0) -> list[np.ndarray]
 class KerasClassifier(Classifier):
     def __init__(self, metadata: ModelMetadata, path: Path):
         super().__init__(metadata, path)
-        from ferkit._keras import import_keras
+        from ferkit._keras import MISSING, import_keras
 
-        keras = import_keras()
+        try:
+            keras = import_keras()
+        except FerkitError as err:
+            exported = sorted(path.parent.glob("*.onnx"))
+            if exported and str(err) == MISSING:  # an ONNX export beside it runs without Keras
+                raise FerkitError(f"{path.name}: {err}; or use its ONNX export, {exported[0]}") from None
+            raise
         try:
             self.model = keras.saving.load_model(path, compile=False)
         except Exception as err:  # Keras raises many types for a damaged file

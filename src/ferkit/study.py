@@ -174,12 +174,18 @@ def _check_study_folder(out: Path) -> None:
 
 def _check_transfer_weights(config: StudyConfig) -> None:
     """Before anything trains: the transfer entry's pretrained weights are here (building it finds them)."""
-    if "transfer" not in config.models:
-        return
-    from ferkit._keras import import_keras
+    from ferkit._keras import check_keras_installed, import_keras
     from ferkit.models import create_model
 
-    create_model(config.transfer_model, weights=config.transfer_weights)
+    if any(name != "shipped" for name in config.models):
+        check_keras_installed()
+    if "transfer" not in config.models:
+        return
+    try:
+        create_model(config.transfer_model, weights=config.transfer_weights)
+    except FerkitError as err:
+        others = ",".join(name for name in config.models if name != "transfer")
+        raise FerkitError(f"{err}; or leave the transfer entry out: --models {others}" if others else str(err)) from None
     import_keras().backend.clear_session()
 
 

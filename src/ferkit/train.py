@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ferkit._keras import import_keras
+from ferkit._keras import check_keras_installed, import_keras
 from ferkit.checkpoints import BACKUP, FINE_TUNE_BACKUP, backed_up_epochs, has_checkpoint, resume_training_model, resumes_unfrozen
 from ferkit.config import TrainConfig
 from ferkit.distributed import Topology, device_names
@@ -49,6 +49,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
     `topology`: this process's place in a data-parallel job (ferkit.distributed); process 0 writes the
     run folder, the others a temporary copy."""
+    check_keras_installed()  # before data loading asks for the evaluate extra that training's includes
     topology = topology or Topology()
     if topology.coordinator:
         _check_distributable(config)

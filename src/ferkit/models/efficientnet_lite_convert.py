@@ -75,6 +75,7 @@ def compare_with_torch(backbone, state: dict[str, np.ndarray], source: Path, pho
 
 
 def main() -> None:
+    from ferkit._keras import check_keras_installed
     from ferkit.models.efficientnet_lite import default_weights_path, efficientnet_lite0_backbone, torch_to_keras_weights
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,6 +92,7 @@ def main() -> None:
     if not args.out.name.endswith(".weights.h5"):
         sys.exit("--out must end in .weights.h5")
 
+    check_keras_installed()  # the weights file is written by the Keras network
     try:
         import torch  # noqa: F401
     except ImportError:
