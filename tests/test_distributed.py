@@ -37,7 +37,9 @@ def test_two_processes_train_exactly_like_one(pattern_data, tmp_path):
     two = _train(pattern_data, tmp_path / "two", 2, "--ema", "0.9", "--mixup", "0.2")
     assert two.returncode == 0, two.stderr[-3000:]
     for a, b in zip(_weights(tmp_path / "one" / "last.keras"), _weights(tmp_path / "two" / "last.keras")):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        # gradients summed in another order across two processes: a few of the float32 weights land up to
+        # 3e-5 apart after two epochs on an AVX-512 machine; wrong sharding or averaging moves them far more
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
     history_one, history_two = read_history(tmp_path / "one" / "history.csv"), read_history(tmp_path / "two" / "history.csv")
     assert history_two["epoch"] == [1, 2]
     np.testing.assert_allclose(history_one["val_accuracy"], history_two["val_accuracy"], atol=1e-6)

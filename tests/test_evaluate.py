@@ -107,3 +107,17 @@ def test_evaluate_scores_the_calibration_of_a_trained_model(trained_run, pattern
     report.save(tmp_path)
     assert json.loads((tmp_path / "metrics.json").read_text())["ece"] == pytest.approx(report.ece, abs=1e-6)
     assert (tmp_path / "reliability_diagram.png").stat().st_size > 0
+
+
+def test_data_with_a_class_the_model_does_not_know_is_refused_before_scoring(trained_run, pattern_data, tmp_path):
+    import shutil
+
+    from ferkit.data import load_dataset
+    from ferkit.errors import FerkitError
+    from ferkit.evaluate import evaluate
+
+    shutil.copytree(pattern_data / "val", tmp_path / "val")
+    shutil.copytree(tmp_path / "val" / "happy", tmp_path / "val" / "contempt")
+    data = load_dataset(tmp_path / "val", classes=[*EMOTIONS, "contempt"])
+    with pytest.raises(FerkitError, match=r"the data has classes the model does not know: contempt \(the model's: angry,"):
+        evaluate(trained_run, data)  # was a bare ValueError, an internal error to the CLI

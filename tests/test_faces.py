@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -117,6 +118,24 @@ def test_yunet_runs_on_the_thread_count_asked_for():
     worker.start()
     worker.join()
     assert seen == [1]
+
+
+def test_the_detector_thread_count_comes_from_the_environment_when_a_detector_is_made(monkeypatch):
+    import subprocess
+    import sys
+
+    from ferkit.faces import detector_threads
+
+    monkeypatch.setenv("FERKIT_DETECTOR_THREADS", "3")
+    assert detector_threads() == 3
+    for bad in ("two", "0"):
+        monkeypatch.setenv("FERKIT_DETECTOR_THREADS", bad)
+        with pytest.raises(FerkitError, match="FERKIT_DETECTOR_THREADS must be a whole number"):
+            detector_threads()
+    # a bad value no longer breaks `import ferkit` or `ferkit --version`
+    version = subprocess.run([sys.executable, "-m", "ferkit", "--version"], capture_output=True, text=True,
+                             env={**os.environ, "FERKIT_DETECTOR_THREADS": "two"}, timeout=120)
+    assert version.returncode == 0 and version.stderr == ""
 
 
 FIRST_CALLS_AT_ONCE = """

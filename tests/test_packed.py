@@ -86,6 +86,9 @@ def test_damaged_or_mismatched_packed_datasets_are_one_line_errors(pattern_data,
         load_dataset(packed)
     with pytest.raises(FerkitError, match="not empty"):
         ShardWriter(packed, ["a"], (48, 48))
+    with pytest.raises(FerkitError, match="at least 1 face"):
+        ShardWriter(tmp_path / "none", ["a"], (48, 48), shard_size=0)  # would write empty shards for ever
+    assert not (tmp_path / "none").exists()
     result = CliRunner().invoke(cli, ["pack", str(pattern_data / "train"), str(packed)])
     assert result.exit_code == 2 and "not empty" in result.output
 

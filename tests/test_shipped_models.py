@@ -73,6 +73,20 @@ def test_the_bundle_tool_adds_replaces_and_removes_shipped_models(trained_run, p
                                                                 manifest["models"]["small"]["keras_file"]])
 
 
+def test_the_bundle_tool_calibrates_int8_on_the_runs_own_training_data(trained_run, pattern_data, tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shipped = bundle(trained_run, "--name", "small", "--int8", "--temperature-data", pattern_data / "val",
+                     "--weights-dir", weights)
+    assert shipped.returncode == 0, shipped.stderr
+    entry = json.loads((weights / "manifest.json").read_text())["models"]["small"]
+    faces = len(load_dataset(pattern_data / "train"))  # found where the run's config.json says, on any machine
+    assert entry["int8"]["calibration_faces"] + entry["int8"]["agreement_faces"] == faces  # split between the two
+    assert entry["int8"]["top1_agreement_with_float"] >= 0.95
+    assert entry["members"][0]["config"]["data"] == "/".join((pattern_data / "train").parts[-2:])  # the manifest's copy
+    assert entry["temperature_fit"]["faces"] == len(load_dataset(pattern_data / "val"))
+
+
 def test_the_bundle_tool_refuses_bad_names_and_leaves_the_shipped_files_on_failure(trained_run, tmp_path):
     weights = tmp_path / "weights"
     weights.mkdir()

@@ -145,6 +145,29 @@ def test_a_folder_of_the_users_own_is_refused_not_written_into(tmp_path):
     assert result.exit_code == 2 and "is a file" in result.output
 
 
+def test_a_fer2013_csv_trains_on_its_training_rows_and_scores_on_its_publictest_rows(tmp_path):
+    from ferkit.labels import FER2013_CSV_CODES
+
+    codes = {name: code for code, name in FER2013_CSV_CODES.items()}
+    lines = ["emotion,pixels,Usage"]
+    for split, usage in (("train", "Training"), ("val", "PublicTest"), ("val", "PrivateTest")):
+        faces = load_dataset(SAMPLE / split)
+        for image, label in list(zip(faces.images, faces.labels))[::3]:
+            lines.append(f"{codes[faces.classes[label]]},{' '.join(map(str, image.ravel()))},{usage}")
+    csv_file = tmp_path / "fer2013.csv"
+    csv_file.write_text("\n".join(lines) + "\n")
+    public = load_dataset(csv_file, usage="PublicTest")
+
+    config = StudyConfig.quick(str(csv_file), str(csv_file), out=str(tmp_path / "study"), models=["shipped"])
+    study(config, verbose=0)
+    [entry] = json.loads((tmp_path / "study" / "study.json").read_text())["entries"]
+    assert np.sum(entry["confusion_matrix"]) == len(public)  # not the Training or PrivateTest rows
+    assert entry["accuracy"] == pytest.approx(evaluate("default", public).accuracy)
+    copied = load_dataset(tmp_path / "study" / "data" / f"train-{config.subset}-per-class")
+    training = load_dataset(csv_file, usage="Training")
+    assert len(copied) == sum(min(config.subset, int(np.sum(training.labels == k))) for k in range(len(training.classes)))
+
+
 def test_missing_imagenet_weights_are_named_before_anything_trains(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     result = CliRunner().invoke(cli, ["study", "--quick", "--data", str(SAMPLE / "train"), "--val", str(SAMPLE / "val"),

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shutil
@@ -59,6 +60,11 @@ def test_resume_continues_where_the_run_stopped(pattern_data, tmp_path):
     history = read_history(run / "history.csv")
     assert history["epoch"] == [1, 2, 3, 4]
     assert RunState.load(run).epochs_done == 4
+    # other settings would make it another run, recorded as this one: refused, the run left as it was
+    recorded = (run / "config.json").read_text()
+    with pytest.raises(FerkitError, match=r"was trained with other settings \(learning_rate, augment\)"):
+        train(dataclasses.replace(config, epochs=6, learning_rate=0.5, augment=["flip"]), resume=True, verbose=0)
+    assert (run / "config.json").read_text() == recorded and RunState.load(run).epochs_done == 4
     # the saved models are the bare network: augmentation layers stay out of them
     from ferkit.runtime import load_classifier
 
@@ -499,7 +505,7 @@ def test_saved_teacher_probabilities_follow_each_face_through_a_split(trained_ru
     (tmp_path / "faces.csv").write_text("\n".join(rows) + "\n")
     for data in (tmp_path / "faces.csv", tmp_path / "nested"):
         dataset = load_dataset(data, usage="Training")
-        saved = save_teacher_probabilities([trained_run], dataset, tmp_path / "teacher.npz", tta="flip")
+        saved = save_teacher_probabilities([trained_run], dataset, tmp_path / "teacher.npz", tta="flip", overwrite=True)
         train_set, _ = split_dataset(dataset, val_fraction=0.2, seed=1)
         assert np.allclose(load_teacher_probabilities(saved, train_set),
                            teacher_probabilities(str(trained_run), train_set), atol=1e-6), data.name
@@ -514,6 +520,10 @@ def test_teacher_probabilities_that_miss_faces_are_refused(pattern_data, trained
         load_teacher_probabilities(saved, load_dataset(pattern_data / "train"))
     with pytest.raises(FerkitError, match="takes 48x48 faces, the data is 40x40"):
         save_teacher_probabilities([trained_run], load_dataset(pattern_data / "val", image_size=(40, 40)), tmp_path / "x.npz")
+    before = saved.read_bytes()
+    with pytest.raises(FerkitError, match="already exists; pass --overwrite"):
+        save_teacher_probabilities([trained_run], load_dataset(pattern_data / "train"), saved)
+    assert saved.read_bytes() == before
 
 
 def test_the_pack_tool_replaces_an_earlier_pack_and_nothing_else(pattern_data, trained_run, tmp_path):

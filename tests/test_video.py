@@ -81,8 +81,8 @@ def test_video_timeline_follows_each_face(trained_run, squares_video, tmp_path):
 
 
 def test_smoothing_damps_changes(trained_run, squares_video):
-    raw = analyze_video(squares_video, model=trained_run, detector=_bright_squares, smooth=1)
-    smooth = analyze_video(squares_video, model=trained_run, detector=_bright_squares, smooth=9)
+    raw = analyze_video(squares_video, model=trained_run, detector=_bright_squares, every=1, smooth=1)
+    smooth = analyze_video(squares_video, model=trained_run, detector=_bright_squares, every=1, smooth=9)
 
     def jitter(timeline):
         series = np.array([list(r.face.probabilities.values()) for r in timeline.rows if r.track == 1])
@@ -139,7 +139,7 @@ def test_real_faces_in_a_panning_video_are_tracked(trained_run, tmp_path):
     for i in range(12):
         writer.write(cv2.cvtColor(np.ascontiguousarray(photo[:, 8 * i : 8 * i + 640]), cv2.COLOR_RGB2BGR))
     writer.release()
-    timeline = analyze_video(path, model=trained_run)
+    timeline = analyze_video(path, model=trained_run, every=1)
     per_frame = {}
     for row in timeline.rows:
         per_frame.setdefault(row.frame, []).append(row.track)
@@ -162,7 +162,7 @@ def test_frames_wait_in_small_batches(trained_run, squares_video):
     from ferkit.video import FRAMES_PER_BATCH
 
     analysed = []
-    analyze_video(squares_video, model=trained_run, detector=_bright_squares,
+    analyze_video(squares_video, model=trained_run, detector=_bright_squares, every=1,
                   progress=lambda index: analysed.append(index))
     assert analysed == list(range(20))
     # results arrive batch by batch: progress for frame i comes before frame i + FRAMES_PER_BATCH is read
@@ -178,7 +178,7 @@ def test_frames_wait_in_small_batches(trained_run, squares_video):
 
     video._labelled = watching
     try:
-        analyze_video(squares_video, model=trained_run, detector=_bright_squares)
+        analyze_video(squares_video, model=trained_run, detector=_bright_squares, every=1)
     finally:
         video._labelled = original
     assert max(held) == FRAMES_PER_BATCH
@@ -220,6 +220,21 @@ def test_smoothing_and_frame_steps_below_one_are_refused():
         frame_step(25.0, every=0)
     with pytest.raises(FerkitError, match="above 0"):
         frame_step(25.0, target_fps=-3)
+
+
+def test_the_api_samples_a_video_as_the_command_does(trained_run, squares_video, tmp_path):
+    """About 5 frames per second unless told otherwise, in `analyze_video` as in `ferkit predict`."""
+    from ferkit.sources import open_video
+    from ferkit.video import frame_step
+
+    capture, info = open_video(squares_video)
+    capture.release()
+    timeline = analyze_video(squares_video, model=trained_run, detector=_bright_squares)
+    assert {row.frame for row in timeline.rows} == set(range(0, info.frames, frame_step(info.fps)))
+    faster = analyze_video(squares_video, model=trained_run, detector=_bright_squares, target_fps=info.fps)
+    assert faster.frames_analysed == info.frames
+    with pytest.raises(FerkitError, match="not both"):
+        analyze_video(squares_video, every=2, target_fps=5)
 
 
 def test_a_still_photo_given_as_a_video_is_one_frame_not_none(tmp_path):

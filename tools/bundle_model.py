@@ -30,8 +30,9 @@ import tempfile
 from pathlib import Path
 
 from ferkit.data import load_dataset
+from ferkit.data.fer2013_csv import VAL_USAGE
 from ferkit.ensemble import ensemble_models
-from ferkit.export import export_onnx
+from ferkit.export import calibration_faces, export_onnx, temperature_faces
 from ferkit.runs import RunState
 from ferkit.runtime import MANIFEST, TTA_CHOICES, OnnxClassifier, classifier_speed, read_metadata, sha256_of
 
@@ -82,8 +83,9 @@ def bundle(args, manifest: dict, name: str) -> None:
     best_keras = Path(best["path"]) / "best.keras"  # the best single network: what `train --init NAME` starts from
     keras_file, keras_sha256 = f"{best['run']}.keras", sha256_of(best_keras)
     _check_keras_file_free(manifest, name, keras_file, keras_sha256)
-    calibration = load_dataset(members[0]["config"]["data"]) if args.int8 or args.recalibrate_bn else None
-    held_out = _temperature_data(args.runs[0], args.temperature_data) if args.temperature_data else None
+    # the first run's own config: the manifest's copy keeps only the last two parts of each path
+    calibration = calibration_faces(args.runs[0]) if args.int8 or args.recalibrate_bn else None
+    held_out = temperature_faces(args.runs[0], args.temperature_data) if args.temperature_data else None
     with tempfile.TemporaryDirectory(dir=args.weights_dir, prefix=".staging-") as staging:
         staged = Path(staging) / f"{name}.onnx"
         source = args.runs[0] if len(args.runs) == 1 else ensemble_models(args.runs, Path(staging) / f"{name}.keras")
@@ -181,16 +183,10 @@ def portable_config(config: dict) -> dict:
             for key, value in config.items()}
 
 
-def _temperature_data(run: Path, data: str):
-    """The faces to fit the temperature on, with the (first) run's classes and input size."""
-    meta = read_metadata(run)
-    return load_dataset(data, classes=meta.classes, image_size=tuple(meta.input_size), usage="PublicTest")
-
-
 def _score(model: Path, val: str, report_folder: Path | None) -> dict:
     from ferkit.evaluate import evaluate
 
-    dataset = load_dataset(val)
+    dataset = load_dataset(val, usage=VAL_USAGE)  # a FER2013 CSV's PublicTest rows, as training validates on
     report, single_view = evaluate(model, dataset), evaluate(model, dataset, tta="none")
     if report_folder:
         report.save(report_folder)

@@ -153,7 +153,7 @@ class AveragedWeightsValidation(keras.callbacks.Callback):
 
         variables = self.base_model.weights
         self._raw = [keras.ops.convert_to_numpy(v) for v in variables]
-        averages = _moving_averages(self.model.optimizer)
+        averages = moving_averages(self.model.optimizer)
         for variable in variables:
             if id(variable) in averages:
                 # a copy: on JAX, evaluate() donates the weights' buffers, which would delete the average's own
@@ -168,8 +168,12 @@ class AveragedWeightsValidation(keras.callbacks.Callback):
         self._raw = None
 
 
-def _moving_averages(optimizer) -> dict:
-    """{id(weight variable): its moving average} when the optimizer keeps one (use_ema), else {}."""
+def moving_averages(optimizer) -> dict:
+    """{id(weight variable): its moving average} when the optimizer keeps one (use_ema), else {}.
+
+    Keras keeps no public handle on the averages: `BaseOptimizer.build` (Keras 3) makes them in
+    `_model_variables_moving_average`, in the order of `_trainable_variables`. A Keras that renames either
+    fails here, loudly (tests/test_train.py checks both exist), rather than validating the raw weights."""
     optimizer = getattr(optimizer, "inner_optimizer", optimizer)
     if not getattr(optimizer, "use_ema", False):
         return {}

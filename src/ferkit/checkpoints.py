@@ -155,6 +155,10 @@ def _restore_compact_checkpoint(training_model, config: TrainConfig, path: Path,
     optimizer = training_model.optimizer
     optimizer.build(training_model.trainable_variables)
     optimizer.iterations.assign(epochs_done * -(-train_size // config.batch_size))
-    for variable, average in zip(optimizer._trainable_variables, getattr(optimizer, "_model_variables_moving_average", [])):
-        average.assign(variable)
+    from ferkit.callbacks import moving_averages
+
+    averages = moving_averages(optimizer)
+    for variable in training_model.trainable_variables:
+        if id(variable) in averages:
+            averages[id(variable)].assign(variable)
 

@@ -469,15 +469,15 @@ def _print_report(report) -> None:
 def export_cmd(model: str, to_onnx: bool, out: Path | None, overwrite: bool, recalibrate_bn: bool, int8: bool,
                calibration: str | None, tta, temperature_data: str | None):
     """Export MODEL (a run folder or .keras file) to ONNX, checked to agree with Keras."""
-    from ferkit.export import TOLERANCE, export_onnx
+    from ferkit.export import TOLERANCE, calibration_faces, export_onnx, temperature_faces
     from ferkit.runtime import read_metadata
 
     if not to_onnx:
         raise FerkitError("choose an export format: --onnx")
     if calibration and not (int8 or recalibrate_bn):
         raise FerkitError("--calibration applies to --int8 and --recalibrate-bn exports")
-    faces = _calibration_faces(model, calibration) if int8 or recalibrate_bn else None
-    held_out = _temperature_faces(model, temperature_data) if temperature_data else None
+    faces = calibration_faces(model, calibration) if int8 or recalibrate_bn else None
+    held_out = temperature_faces(model, temperature_data) if temperature_data else None
     path = export_onnx(model, out, overwrite=overwrite, calibration=faces, recalibrate_bn=recalibrate_bn, int8=int8, tta=tta,
                        temperature_data=held_out)
     click.echo(f"wrote {path} (the float model agrees with Keras within {TOLERANCE})")
@@ -495,30 +495,6 @@ def export_cmd(model: str, to_onnx: bool, out: Path | None, overwrite: bool, rec
         if fitted["ece_after"] > fitted["ece_before"]:
             click.echo(f"warning: the temperature lowers the faces' log loss but raises their ECE; {fitted['faces']} faces "
                        "may be too few to fit it on (a few hundred or more held-out faces give a steadier one)", err=True)
-
-
-def _temperature_faces(model: str, data: str):
-    """The labelled faces to fit a temperature on, loaded with the model's classes and input size."""
-    from ferkit.data import load_dataset
-    from ferkit.runtime import read_metadata
-
-    meta = read_metadata(model)
-    return load_dataset(data, classes=meta.classes, image_size=tuple(meta.input_size), usage="PublicTest")
-
-
-def _calibration_faces(model: str, calibration: str | None):
-    """The faces to calibrate an int8 export with: given data, else the training data the run recorded."""
-    from ferkit.data import load_dataset
-    from ferkit.runtime import read_metadata, resolve_model_path
-
-    if calibration is None:
-        config = Path(model) / "config.json"
-        if not config.is_file():
-            raise FerkitError("--int8 and --recalibrate-bn need --calibration DATA (faces like those the model will see)")
-        calibration = TrainConfig.load(config).data
-        if not calibration or not Path(calibration).exists():
-            raise FerkitError(f"the run's training data {calibration} is not here; pass --calibration DATA")
-    return load_dataset(calibration, classes=read_metadata(resolve_model_path(model)).classes)  # the model's own
 
 
 # --- ensemble -----------------------------------------------------------------------------------
@@ -547,14 +523,15 @@ def teacher_cmd(models: tuple[str, ...], data: str, out: Path, overwrite: bool, 
     """Save the averaged probabilities of MODELS (each with --tta, e.g. tencrop) for every face of
     --data, once, for `ferkit train --teacher FILE.npz`."""
     from ferkit.data import load_dataset
+    from ferkit.data.fer2013_csv import TRAIN_USAGE
     from ferkit.runtime import load_classifier
     from ferkit.teacher import save_teacher_probabilities
 
-    if out.exists() and not overwrite:
+    if out.exists() and not overwrite:  # before minutes of loading, as save_teacher_probabilities would after
         raise FerkitError(f"{out} already exists; pass --overwrite to replace it")
     first = load_classifier(models[0])
-    dataset = load_dataset(data, classes=first.classes, image_size=first.input_size, usage="Training", progress=True)
-    path = save_teacher_probabilities(list(models), dataset, out, tta=tta)
+    dataset = load_dataset(data, classes=first.classes, image_size=first.input_size, usage=TRAIN_USAGE, progress=True)
+    path = save_teacher_probabilities(list(models), dataset, out, tta=tta, overwrite=overwrite)
     click.echo(f"wrote {path}: {len(models)} model(s), {len(dataset)} faces")
 
 
@@ -640,6 +617,8 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     from ferkit.sources import source_kind
 
     check_uncertain_below(uncertain_below)
+    if every is not None and target_fps is not None:
+        raise FerkitError("--every (a frame count) and --fps (frames per second) are alternatives; give one")
     if engine == "ray":
         given = {"--box": bool(boxes), "--json": as_json, "--annotate": bool(annotate), "--save-video": save_video}
         if any(given.values()):
@@ -654,8 +633,6 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     if "://" in out:
         raise FerkitError(f"--out {out}: an object-storage URI needs --engine ray; give a folder here")
     out = Path(out)
-    if every is not None and target_fps is not None:
-        raise FerkitError("--every (a frame count) and --fps (frames per second) are alternatives; give one")
     if resume and overwrite:
         raise FerkitError("--resume continues the results in --out and --overwrite replaces them; give one")
     kinds = []

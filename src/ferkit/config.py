@@ -25,6 +25,11 @@ def setting(default, help: str, *, flag: str | None = None, choices: tuple[str, 
     return field(default=default, metadata=metadata)
 
 
+# What may differ when a run resumes: a longer or shorter schedule (fine-tuning phase included), and where
+# its data is now; the run folder itself; the classes, which training reads from the data.
+RESUMABLE = ("epochs", "fine_tune", "fine_tune_epochs", "data", "val", "teacher", "out", "classes")
+
+
 @dataclass
 class TrainConfig:
     model: str = setting("seed-cnn", "Model name from `ferkit models`.")
@@ -97,6 +102,13 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    def settings_changed_from(self, recorded: "TrainConfig") -> list[str]:
+        """The settings in which this config, asked to resume a run, differs from the run's `recorded`
+        config: all but RESUMABLE (and the model, which `init` chose, when the run started from one)."""
+        free = set(RESUMABLE) | ({"model", "weights"} if self.init and self.init == recorded.init else set())
+        mine, theirs = asdict(self), asdict(recorded)
+        return [name for name in mine if name not in free and mine[name] != theirs.get(name)]
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":

@@ -42,10 +42,6 @@ class Topology:
             raise FerkitError("several processes need --coordinator HOST:PORT (where process 0 listens)")
 
     @property
-    def distributed(self) -> bool:
-        return self.num_processes > 1
-
-    @property
     def is_chief(self) -> bool:
         return self.process_id == 0
 

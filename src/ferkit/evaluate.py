@@ -267,20 +267,18 @@ def evaluate(
     """Classify every face of `dataset` with `model` (a run, model file or shipped model's name; None: the
     default shipped model) and score the predictions.
 
-    `tta`: "none" or "flip" overrides the test-time augmentation the model file asks for.
+    `tta`: "none", "flip" or "tencrop" overrides the test-time augmentation the model file asks for.
     The probabilities are scored with the model's temperature; a model whose temperature is not 1 is also
     scored at temperature 1 (`ece_before_temperature`), from the same run of the network.
     """
     for module in ("sklearn", "matplotlib"):  # before minutes of inference, not after
         require(module, "ferkit evaluate")
     classifier = load_classifier(model).with_tta(tta)
+    y_true = dataset.labels_for(classifier.classes)  # before minutes of inference, not after
     temperatures = [classifier.temperature] if classifier.temperature == 1.0 else [classifier.temperature, 1.0]
     outputs = classifier.predict_proba_at_temperatures(dataset.images, temperatures, batch_size=batch_size)
     probabilities = outputs[0]
     y_pred = probabilities.argmax(axis=1)
-    # Dataset labels index dataset.classes; map them onto the model's class order by name.
-    to_model = np.array([classifier.classes.index(name) for name in dataset.classes])
-    y_true = to_model[dataset.labels]
     before = expected_calibration_error(outputs[1], y_true, ECE_BINS) if len(outputs) > 1 else None
     return score_predictions(
         y_true, y_pred, classifier.classes, model=classifier.name, data=dataset.source, tta=classifier.tta,

@@ -25,6 +25,35 @@ CALIBRATION_FACES = 512
 AGREEMENT_FACES = 1024
 
 
+def calibration_faces(model: str | Path, data: str | Path | None = None) -> FaceDataset:
+    """The faces to re-measure batch norm on and calibrate an int8 export with: `data`, else the training
+    data that `model`'s run folder records (of a FER2013 CSV, the Training rows it trained on), with the
+    model's classes."""
+    from ferkit.config import TrainConfig
+    from ferkit.data import load_dataset
+    from ferkit.data.fer2013_csv import TRAIN_USAGE
+
+    usage = None
+    if data is None:
+        config = Path(model) / "config.json"
+        if not config.is_file():
+            raise FerkitError("--int8 and --recalibrate-bn need --calibration DATA (faces like those the model will see)")
+        data, usage = TrainConfig.load(config).data, TRAIN_USAGE
+        if not data or not Path(data).exists():
+            raise FerkitError(f"the run's training data {data} is not here; pass --calibration DATA")
+    return load_dataset(data, classes=read_metadata(resolve_model_path(model)).classes, usage=usage)
+
+
+def temperature_faces(model: str | Path, data: str | Path) -> FaceDataset:
+    """The labelled held-out faces to fit `model`'s temperature on (a FER2013 CSV gives its PublicTest
+    rows), loaded with the model's classes and input size."""
+    from ferkit.data import load_dataset
+    from ferkit.data.fer2013_csv import VAL_USAGE
+
+    meta = read_metadata(model)
+    return load_dataset(data, classes=meta.classes, image_size=tuple(meta.input_size), usage=VAL_USAGE)
+
+
 def export_onnx(
     model: str | Path,
     out: str | Path | None = None,
@@ -42,7 +71,7 @@ def export_onnx(
     `recalibrate_bn`: batch-norm statistics measured afresh on these faces, un-augmented (see
     ferkit.batch_norm.recalibrate_batch_norm), and by `int8`: quantization calibrated on some of them, its
     agreement with the float model on others recorded in the metadata.
-    `tta`: the test-time augmentation recorded as the model's default ("none" or "flip").
+    `tta`: the test-time augmentation recorded as the model's default ("none", "flip" or "tencrop").
     `temperature_data`: labelled faces the model was not trained on (e.g. validation data). The exported
     model (after int8, if asked) classifies them, one view each, uncalibrated; the temperature that fits
     them best is stored in the model, with the calibration error before and after in `extra["temperature"]`.
@@ -171,13 +200,9 @@ def _fit_temperature(path: Path, dataset: FaceDataset) -> float:
     from ferkit.calibration import expected_calibration_error, fit_temperature, negative_log_likelihood
 
     classifier = OnnxClassifier(path)
-    missing = [name for name in dataset.classes if name not in classifier.classes]
-    if missing:
-        raise FerkitError(f"the temperature data has classes the model does not know: {', '.join(missing)}")
+    labels = dataset.labels_for(classifier.classes)
     if len(dataset) == 0:
         raise FerkitError("fitting a temperature needs labelled faces; the temperature data has none")
-    to_model = np.array([classifier.classes.index(name) for name in dataset.classes])
-    labels = to_model[dataset.labels]
     faces = _resized(dataset.images, classifier.input_size)
     probabilities = classifier.with_tta("none").with_temperature(1.0).predict_proba(faces)
     temperature = fit_temperature(probabilities, labels)

@@ -37,7 +37,15 @@ DETECTORS = ("auto", "yunet", "mtcnn", "none")
 # (2.3-2.6x), 1 thread 69-84 -> 98-162 (1.3-2.0x). One thread keeps a server or a video steadier under
 # load. $FERKIT_DETECTOR_THREADS overrides it; $FERKIT_CLASSIFIER_THREADS sets ONNX Runtime's (default:
 # one per core; one thread measured no better).
-DETECTOR_THREADS = int(os.environ.get("FERKIT_DETECTOR_THREADS", "1") or 1)
+DETECTOR_THREADS = 1
+
+
+def detector_threads() -> int:
+    """Threads for YuNet: $FERKIT_DETECTOR_THREADS, else DETECTOR_THREADS; read when a detector is made."""
+    value = os.environ.get("FERKIT_DETECTOR_THREADS") or str(DETECTOR_THREADS)
+    if not value.isdigit() or int(value) < 1:
+        raise FerkitError(f"FERKIT_DETECTOR_THREADS must be a whole number of threads (1 or more), not {value!r}")
+    return int(value)
 
 
 @dataclass
@@ -53,13 +61,13 @@ class YuNetDetector:
 
     name = "yunet"
 
-    def __init__(self, *, threshold: float = 0.7, max_side: int = 960, threads: int = DETECTOR_THREADS):
+    def __init__(self, *, threshold: float = 0.7, max_side: int = 960, threads: int | None = None):
         try:
             import yuface
         except ImportError:
             raise FerkitError("the yunet detector needs the 'yuface' package (wheels for Python 3.10-3.11)") from None
         self._detect = yuface.detect
-        self.threshold, self.max_side, self.threads = threshold, max_side, threads
+        self.threshold, self.max_side, self.threads = threshold, max_side, threads or detector_threads()
         # OpenMP's thread count holds for the thread that sets it: each thread that detects sets it once
         # (a server's worker threads took 470 ms per photo instead of 70 on a busy machine without it)
         self._openmp = _openmp_controllers("yuface")

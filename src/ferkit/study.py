@@ -28,6 +28,7 @@ import numpy as np
 
 from ferkit.config import TrainConfig
 from ferkit.data import FaceDataset, load_dataset
+from ferkit.data.fer2013_csv import TRAIN_USAGE, VAL_USAGE
 from ferkit.errors import FerkitError
 from ferkit.images import ImageError, load_image
 from ferkit.runtime import machine_description
@@ -132,7 +133,7 @@ def study(config: StudyConfig, *, verbose: int = 2) -> Path:
     from ferkit.study_report import write_report
 
     out = Path(config.out)
-    val = load_dataset(config.val)
+    val = load_dataset(config.val, usage=VAL_USAGE)
     if not Path(config.data).exists():
         raise FerkitError(f"no such dataset: {config.data}")
     _check_transfer_weights(config)
@@ -242,7 +243,7 @@ def _training_data(config: StudyConfig, out: Path) -> str:
         if recorded not in (None, source):
             raise FerkitError(f"{out} holds a study of {recorded}; choose another --out for {config.data}")
         return str(folder)
-    full = load_dataset(config.data)
+    full = load_dataset(config.data, usage=TRAIN_USAGE)
     partial = folder.with_name(f".{folder.name}.partial")
     for k, name in enumerate(full.classes):
         (partial / name).mkdir(parents=True, exist_ok=True)
@@ -259,7 +260,7 @@ def _score_entry(name: str, run: Path | None, val_source: str) -> EntryResult:
 
     model = _deployable(run)
     classifier = load_classifier(model)
-    val = load_dataset(val_source, classes=classifier.classes, image_size=classifier.input_size)
+    val = load_dataset(val_source, classes=classifier.classes, image_size=classifier.input_size, usage=VAL_USAGE)
     report = evaluate(classifier, val)
     if run is not None:
         report.save(run / "eval-val", overwrite=True)  # the study's own run folder
@@ -359,7 +360,7 @@ def _analyze_photo(photo: str, results: list[EntryResult]) -> dict:
 def _reproduction(config: StudyConfig, train_data: str, val: FaceDataset) -> dict:
     import ferkit
 
-    train = load_dataset(train_data)
+    train = load_dataset(train_data, usage=TRAIN_USAGE)
     versions = {"ferkit": ferkit.__version__, "python": platform.python_version()}
     for module in ("keras", "tensorflow", "onnxruntime", "numpy"):
         try:

@@ -26,14 +26,17 @@ log = logging.getLogger("ferkit")
 
 
 def save_teacher_probabilities(models, dataset: FaceDataset, out: str | Path, *, tta: str | None = None,
-                               batch_size: int = 256) -> Path:
+                               batch_size: int = 256, overwrite: bool = False) -> Path:
     """Average the probabilities of `models` (run folders or model files; each with `tta`, default its
-    own) over every face of `dataset` and save them at `out` (.npz), written atomically."""
+    own) over every face of `dataset` and save them at `out` (.npz), written atomically; an existing
+    file is replaced only with `overwrite`."""
     out = Path(out)
     if out.suffix != TEACHER_SUFFIX:
         raise FerkitError(f"teacher probabilities are saved as a {TEACHER_SUFFIX} file, not {out.name}")
     if out.is_dir():
         raise FerkitError(f"{out} is a folder; give the {TEACHER_SUFFIX} file to write")
+    if out.exists() and not overwrite:
+        raise FerkitError(f"{out} already exists; pass --overwrite to replace it")
     classifiers = [load_classifier(model).with_tta(tta) for model in models]
     for model, classifier in zip(models, classifiers):
         if tuple(classifier.input_size) != tuple(dataset.image_size):

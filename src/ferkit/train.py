@@ -64,8 +64,18 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     return Path(config.out)
 
 
+def _check_resumes_its_own_run(config: TrainConfig, run: Path) -> None:
+    """Resuming continues the run as it was set up; its config.json is rewritten with what may change only."""
+    changed = config.settings_changed_from(TrainConfig.load(run / "config.json"))
+    if changed:
+        raise FerkitError(f"{run} was trained with other settings ({', '.join(changed)}); resume it with its own "
+                          "config.json, changing only the epochs (fine-tuning's too) and where its data is")
+
+
 def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbose: int, callbacks, topology) -> Path:
     check_run_folder(run, resume=resume, overwrite=overwrite)
+    if resume and (run / "config.json").exists():
+        _check_resumes_its_own_run(config, run)
     if config.init and not resume:
         adopt_init_model(config)
     check_fine_tuning(config)

@@ -12,6 +12,7 @@ import numpy as np
 
 from ferkit.config import TrainConfig
 from ferkit.data import FaceDataset, load_dataset, split_dataset
+from ferkit.data.fer2013_csv import TRAIN_USAGE, VAL_USAGE
 from ferkit.data.batches import face_batches, faces_per_epoch
 from ferkit.distributed import Topology
 from ferkit.errors import FerkitError
@@ -27,10 +28,10 @@ def load_train_val(config: TrainConfig, input_size, *, progress: bool = False) -
     if not config.data:
         raise FerkitError("no training data given (--data DIR_OR_CSV)")
     common = {"classes": config.classes, "image_size": tuple(input_size), "progress": progress}
-    data = load_dataset(config.data, usage="Training", **common)
+    data = load_dataset(config.data, usage=TRAIN_USAGE, **common)
     check_classes_present(data)
     if config.val:
-        return data, load_dataset(config.val, usage="PublicTest", **{**common, "classes": data.classes})
+        return data, load_dataset(config.val, usage=VAL_USAGE, **{**common, "classes": data.classes})
     return split_dataset(data, val_fraction=config.val_split, seed=config.seed)
 
 

@@ -119,23 +119,27 @@ def analyze_video(
     *,
     model=None,
     detector="auto",
-    every: int = 1,
+    every: int | None = None,
+    target_fps: float | None = None,
     smooth: int = 1,
     annotated: str | Path | None = None,
     progress: Callable[[int], None] | None = None,
     uncertain_below: float = UNCERTAIN_BELOW,
     timeline_csv: str | Path | None = None,
 ) -> Timeline:
-    """Analyse every `every`-th frame. `smooth` > 1 averages each track's probabilities exponentially
+    """Analyse every `every`-th frame, or about `target_fps` frames per second (default: about 5, as
+    `ferkit predict` does; `every=1` for every frame). `smooth` > 1 averages each track's probabilities exponentially
     over about that many analysed frames. `annotated`: write an annotated video there (mp4).
     `progress(frame_index)` is called after each analysed frame. Faces (smoothed ones by their smoothed
     probabilities) whose top probability is below `uncertain_below` are marked `uncertain`.
     `timeline_csv`: write the timeline there row by row as frames are analysed, so that a run cut short
     keeps what it did."""
-    if smooth < 1 or every < 1:
-        raise FerkitError(f"smooth and every must be at least 1, not {smooth} and {every}")
+    if smooth < 1:
+        raise FerkitError(f"smooth must be at least 1, not {smooth}")
+    frame_step(25.0, every, target_fps)  # refuses bad values before the model and the video are opened
     classifier = load_classifier(model)
     capture, info = open_video(path)
+    every = frame_step(info.fps, every, target_fps)
     timeline = Timeline(str(path), info.fps, classifier.classes)
     tracker, smoothed = IouTracker(), {}
     alpha = 2.0 / (smooth + 1)

@@ -35,6 +35,16 @@ class FaceDataset:
         counts = np.bincount(self.labels, minlength=len(self.classes))
         return {name: int(n) for name, n in zip(self.classes, counts)}
 
+    def labels_for(self, classes) -> np.ndarray:
+        """The labels as indices into `classes` (a model's), matched by name; a FerkitError names the
+        dataset's classes that `classes` lacks."""
+        classes = list(classes)
+        missing = [name for name in self.classes if name not in classes]
+        if missing:
+            raise FerkitError(f"the data has classes the model does not know: {', '.join(missing)} "
+                              f"(the model's: {', '.join(classes)})")
+        return np.array([classes.index(name) for name in self.classes], dtype=np.int64)[self.labels]
+
     def subset(self, indices: np.ndarray) -> "FaceDataset":
         indices = np.asarray(indices)
         return FaceDataset(

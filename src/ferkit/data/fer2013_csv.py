@@ -15,6 +15,7 @@ from ferkit.errors import FerkitError
 from ferkit.labels import EMOTIONS, FER2013_CSV_CODES
 
 USAGES = ("Training", "PublicTest", "PrivateTest")
+TRAIN_USAGE, VAL_USAGE = "Training", "PublicTest"  # the rows that train, and those that validate, wherever a CSV is read
 _SIDE = 48
 
 

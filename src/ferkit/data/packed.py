@@ -92,6 +92,8 @@ class ShardWriter:
 
     def __init__(self, out: str | Path, classes: Sequence[str], image_size: tuple[int, int], *, shard_size: int = 100_000):
         self.out, self.classes, self.image_size, self.shard_size = Path(out), list(classes), tuple(image_size), shard_size
+        if shard_size < 1:
+            raise FerkitError(f"a shard holds at least 1 face, not {shard_size}")
         if self.out.exists() and any(self.out.iterdir()):
             raise FerkitError(f"{self.out} already exists and is not empty; choose a new folder")
         self.out.mkdir(parents=True, exist_ok=True)

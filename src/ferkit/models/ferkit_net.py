@@ -82,9 +82,9 @@ def ferkit_net_m(*, num_classes: int = 7, input_shape=(48, 48, 1)):
 
 
 @register_model("ferkit-net-l", input_size=(48, 48), channels=1, crop=40)
-def ferkit_net_l(*, num_classes: int = 7, input_shape=(48, 48, 1)):
+def ferkit_net_l(*, num_classes: int = 7, input_shape=(48, 48, 1), crop: int):
     """VGG-style, two convs per stage (64-128-256-512, 4.8M parameters) on the central 40x40 of the face."""
     return build_vgg_bn(
         num_classes=num_classes, input_shape=input_shape, widths=(64, 128, 256, 512),
-        convs_per_stage=(2, 2, 2, 2), name="ferkit_net_l", crop=40,
+        convs_per_stage=(2, 2, 2, 2), name="ferkit_net_l", crop=crop,
     )

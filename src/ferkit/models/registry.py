@@ -63,4 +63,6 @@ def create_model(
         if not spec.pretrained:
             raise FerkitError(f"{name} has no pretrained backbone; --weights applies to {', '.join(n for n in list_models() if _REGISTRY[n].pretrained)}")
         kwargs["weights"] = weights
+    if spec.crop:
+        kwargs["crop"] = spec.crop  # declared once, in register_model: ten-crop scoring and training read it there too
     return spec.builder(num_classes=num_classes, input_shape=(height, width, spec.channels), **kwargs)

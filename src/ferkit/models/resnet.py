@@ -45,7 +45,7 @@ def build_resnet(*, num_classes, input_shape, widths, blocks_per_stage, crop=Non
 
 
 @register_model("ferkit-resnet18-h", input_size=(48, 48), channels=1, crop=44)
-def ferkit_resnet18_h(*, num_classes: int = 7, input_shape=(48, 48, 1)):
+def ferkit_resnet18_h(*, num_classes: int = 7, input_shape=(48, 48, 1), crop: int):
     """ResNet-18 at half width (32-64-128-256, 2.8M parameters) on the central 44x44 of the face."""
     return build_resnet(num_classes=num_classes, input_shape=input_shape, widths=(32, 64, 128, 256),
-                        blocks_per_stage=(2, 2, 2, 2), crop=44, name="ferkit_resnet18_h")
+                        blocks_per_stage=(2, 2, 2, 2), crop=crop, name="ferkit_resnet18_h")
