@@ -53,7 +53,11 @@ def test_training_is_repeatable_with_a_seed(pattern_data, tmp_path):
 
 
 def test_resume_continues_where_the_run_stopped(pattern_data, tmp_path):
-    run = train(_config(pattern_data, tmp_path / "r", epochs=2, augment=["flip", "zoom"]), verbose=0)
+    given = _config(pattern_data, tmp_path / "r", epochs=2, augment=["flip", "zoom"])
+    before = dataclasses.asdict(given)
+    run = train(given, verbose=0)
+    assert dataclasses.asdict(given) == before  # what training resolves goes to the run folder, not back into it
+    assert TrainConfig.load(run / "config.json").classes == list(EMOTIONS)
     config = TrainConfig.load(run / "config.json")
     config.epochs = 4
     train(config, resume=True, verbose=0)

@@ -8,6 +8,7 @@ Keras is imported only when training starts.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -48,8 +49,12 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     Ctrl-C stops at once.
 
     `topology`: this process's place in a data-parallel job (ferkit.distributed); process 0 writes the
-    run folder, the others a temporary copy."""
-    check_keras_installed()  # before data loading asks for the evaluate extra that training's includes
+    run folder, the others a temporary copy.
+
+    `config` itself is left as it was given; the run folder's config.json records what training resolved
+    (the data's classes, the network an `init` model brought)."""
+    check_keras_installed()
+    config = dataclasses.replace(config)  # before data loading asks for the evaluate extra that training's includes
     topology = topology or Topology()
     if topology.coordinator:
         _check_distributable(config)
