@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,3 +122,23 @@ def test_data_with_a_class_the_model_does_not_know_is_refused_before_scoring(tra
     data = load_dataset(tmp_path / "val", classes=[*EMOTIONS, "contempt"])
     with pytest.raises(FerkitError, match=r"the data has classes the model does not know: contempt \(the model's: angry,"):
         evaluate(trained_run, data)  # was a bare ValueError, an internal error to the CLI
+
+
+def test_default_report_folders_never_write_into_the_package_and_keep_other_evaluations(trained_run, tmp_path, monkeypatch):
+    import shutil
+
+    from ferkit.evaluate import default_report_folder
+    from ferkit.runtime import resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "val").mkdir()
+    (tmp_path / "fer.csv").write_text("emotion,pixels,Usage\n")
+    model = shutil.copy(trained_run / "best.keras", tmp_path / "best.keras")
+    this = ("m", "val", "none")
+    shipped = resolve_model_path(None)
+    assert default_report_folder(None, "val", this) == Path("runs") / f"eval-{shipped.stem}-onnx-val"
+    assert default_report_folder(trained_run, "val", this, tta="flip") == trained_run / "eval-val-flip"
+    assert default_report_folder(model, "fer.csv", this, usage="PrivateTest") == tmp_path / "eval-best-fer-PrivateTest"
+    score_predictions(np.arange(7), np.arange(7), EMOTIONS, model="other", data="val").save(tmp_path / "eval-best-val")
+    assert default_report_folder(model, "val", this) == tmp_path / "eval-best-val-2"
+    assert default_report_folder(model, "val", ("other", "val", "none")) == tmp_path / "eval-best-val"

@@ -387,8 +387,8 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     """Score MODEL (a run folder, model file or shipped model's name; default: the default shipped
     model) on labelled data; write JSON, CSV, PNG and HTML reports."""
     from ferkit.data import load_dataset
-    from ferkit.evaluate import check_report_folder, evaluate
-    from ferkit.runtime import load_classifier, resolve_model_path
+    from ferkit.evaluate import check_report_folder, default_report_folder, evaluate
+    from ferkit.runtime import load_classifier
 
     given = click.get_current_context().get_parameter_source("usage") is not click.core.ParameterSource.DEFAULT
     _check_usage_applies(data, given)
@@ -398,8 +398,7 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     )
     evaluation = (classifier.name, dataset.source, classifier.tta)
     if out is None:
-        default = _default_eval_folder(resolve_model_path(model), Path(model or "."), Path(data), usage, tta)
-        out = _free_eval_folder(default, evaluation)
+        out = default_report_folder(model, data, evaluation, usage=usage, tta=tta)
     elif not overwrite:
         check_report_folder(out, *evaluation)  # before the minutes of scoring, not after
     report = evaluate(classifier, dataset, batch_size=batch_size)
@@ -410,30 +409,6 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     _print_report(report)
     click.echo(f"calibration: {report.ece_summary}")
     click.echo(f"wrote {', '.join(p.name for p in written)} to {out}")
-
-
-def _default_eval_folder(model_path: Path, given: Path, data: Path, usage: str, tta: str | None = None) -> Path:
-    """eval-[MODEL-]DATA[-TTA] beside the model: best.keras and best.onnx, or one model scored with and
-    without --tta, get folders of their own."""
-    name = (data.name if data.is_dir() else f"{data.stem}-{usage}") + (f"-{tta}" if tta else "")
-    model = f"{model_path.stem}{'-onnx' if model_path.suffix.lower() == '.onnx' else ''}"
-    if model_path.parent.name == "weights" and model_path.parent.parent.name == "ferkit":
-        return Path("runs") / f"eval-{model}-{name}"  # never write into the installed package
-    if given.is_dir():
-        return given / f"eval-{name}"
-    return model_path.parent / f"eval-{model}-{name}"
-
-
-def _free_eval_folder(folder: Path, evaluation: tuple[str, str, str]) -> Path:
-    """`folder`, or `folder`-2, -3, ... : the first that is new or holds this same evaluation's reports, so that
-    `--data a/val` and `--data b/val` do not share one."""
-    from ferkit.evaluate import report_folder_accepts
-
-    candidate, number = folder, 1
-    while not report_folder_accepts(candidate, *evaluation):
-        number += 1
-        candidate = folder.with_name(f"{folder.name}-{number}")
-    return candidate
 
 
 def _print_report(report) -> None:

@@ -18,7 +18,7 @@ from ferkit.calibration import CONFIDENCE_LEVELS, ECE_BINS, confidence_accuracy_
 from ferkit.data import FaceDataset
 from ferkit.errors import FerkitError
 from ferkit.extras import require
-from ferkit.runtime import Classifier, load_classifier
+from ferkit.runtime import Classifier, load_classifier, resolve_model_path
 
 
 REPORT_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.json", "confusion_matrix.png",
@@ -220,6 +220,29 @@ def normalize_rows(matrix: np.ndarray) -> np.ndarray:
     matrix = np.asarray(matrix)
     totals = matrix.sum(axis=1, keepdims=True)
     return np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+
+
+def default_report_folder(model: str | Path | None, data: str | Path, evaluation: tuple[str, str, str], *,
+                          usage: str = "PublicTest", tta: str | None = None) -> Path:
+    """Where `ferkit evaluate` puts the reports of `model` (as given: a run folder, model file, shipped
+    model's name or None) on `data` without --out: eval-DATA in a run folder, eval-MODEL-DATA beside a model
+    file, runs/eval-MODEL-DATA for a shipped model (DATA: the folder's name, or NAME-USAGE for a CSV, and
+    -TTA when one is asked for); -2, -3, ... when that folder holds another `evaluation`'s reports
+    ((model name, data source, tta), as check_report_folder takes them)."""
+    model_path, given, data = resolve_model_path(model), Path(model or "."), Path(data)
+    name = (data.name if data.is_dir() else f"{data.stem}-{usage}") + (f"-{tta}" if tta else "")
+    stem = f"{model_path.stem}{'-onnx' if model_path.suffix.lower() == '.onnx' else ''}"
+    if model_path.parent.name == "weights" and model_path.parent.parent.name == "ferkit":
+        folder = Path("runs") / f"eval-{stem}-{name}"  # never write into the installed package
+    elif given.is_dir():
+        folder = given / f"eval-{name}"
+    else:
+        folder = model_path.parent / f"eval-{stem}-{name}"
+    candidate, number = folder, 1
+    while not report_folder_accepts(candidate, *evaluation):
+        number += 1
+        candidate = folder.with_name(f"{folder.name}-{number}")
+    return candidate
 
 
 def report_folder_accepts(folder: str | Path, model: str, data: str, tta: str) -> bool:
