@@ -147,6 +147,8 @@ def test_the_command_writes_to_an_out_uri_as_given(cluster, photos, tmp_path, mo
     assert _ray_results(tmp_path / "elsewhere" / "run") and not (tmp_path / "file:").exists()
     local = CliRunner().invoke(cli, ["predict", str(photos / "people.jpg"), "--out", uri])
     assert local.exit_code == 2 and "an object-storage URI needs --engine ray" in local.output
+    again = CliRunner().invoke(cli, ["predict", str(photos / "people.jpg"), "--engine", "ray", "--out", uri, "--overwrite"])
+    assert again.exit_code == 2 and "--overwrite: not with --engine ray" in again.output
 
 
 def test_one_task_per_video(cluster, tmp_path):

@@ -595,7 +595,8 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     if every is not None and target_fps is not None:
         raise FerkitError("--every (a frame count) and --fps (frames per second) are alternatives; give one")
     if engine == "ray":
-        given = {"--box": bool(boxes), "--json": as_json, "--annotate": bool(annotate), "--save-video": save_video}
+        given = {"--box": bool(boxes), "--json": as_json, "--annotate": bool(annotate), "--save-video": save_video,
+                 "--overwrite": overwrite}  # a Ray run's parts are never written over: choose another --out
         if any(given.values()):
             raise FerkitError(f"{', '.join(k for k, v in given.items() if v)}: not with --engine ray")
         _predict_on_ray(RayPredictConfig(
