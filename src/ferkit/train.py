@@ -53,8 +53,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
     `config` itself is left as it was given; the run folder's config.json records what training resolved
     (the data's classes, the network an `init` model brought)."""
-    check_keras_installed()
-    config = dataclasses.replace(config)  # before data loading asks for the evaluate extra that training's includes
+    check_keras_installed()  # before data loading asks for the evaluate extra, which training's includes
+    config = dataclasses.replace(config)
     topology = topology or Topology()
     if topology.coordinator:
         _check_distributable(config)
