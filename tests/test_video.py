@@ -267,3 +267,15 @@ def test_a_video_cut_short_is_analysed_as_far_as_it_goes_and_said_to_be(trained_
         timeline = analyze_video(cut, model=trained_run, detector=_bright_squares, every=1)
     assert 0 < timeline.frames_analysed < 40
     assert f"frames stopped coming after frame {timeline.frames_analysed} of the 40 its container lists" in caplog.text
+
+
+def test_a_video_analysed_into_a_folder_reports_its_progress_and_files(trained_run, squares_video, tmp_path):
+    from ferkit.batch import analyze_video_into_folder
+
+    seen = []
+    summary = analyze_video_into_folder(squares_video, tmp_path, stem="clip", model=trained_run,
+                                        detector=_bright_squares, every=4, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(n, 5) for n in range(1, 6)]  # 20 frames, every 4th
+    assert summary == {"source": str(squares_video), "frames_analysed": 5, "every": 4, "tracks": 2, "faces": 10,
+                       "files": [str(tmp_path / "clip.timeline.csv"), str(tmp_path / "clip.emotions.png")]}
+    assert (tmp_path / "clip.timeline.csv").read_text().count("\n") == 1 + 10

@@ -19,7 +19,6 @@ from ferkit.errors import FerkitError
 from ferkit.faces import DETECTORS
 from ferkit.predict import UNCERTAIN_BELOW
 from ferkit.ray_predict import SHARD_IMAGES, RayPredictConfig
-from ferkit.results import ResultsFolder
 from ferkit.runtime import TTA_CHOICES
 from ferkit.study import ENTRIES as STUDY_ENTRIES
 from ferkit.study import TRANSFER_MODEL as STUDY_TRANSFER_MODEL
@@ -586,6 +585,7 @@ def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, 
 def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, every, target_fps, smooth, save_video,
                 uncertain_below, resume, overwrite, tta, engine, address, workers, shard_size):
     """Find every face in each SOURCE (image, folder, glob or video) and predict its emotion."""
+    from ferkit.batch import FolderBatch, check_results_folder, unique_path
     from ferkit.faces import get_detector
     from ferkit.predict import check_uncertain_below
     from ferkit.runtime import load_classifier
@@ -627,29 +627,29 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     given = [_parse_box(text) for text in boxes] or None
     if given and (len(sources) != 1 or kinds[0][1] != "image"):
         raise FerkitError("--box applies to a single image")
+    images = [s for s, kind in kinds if kind == "image"]
+    batch = [s for s, kind in kinds if kind != "video"] if len(sources) > 1 or not images else []
+    if batch:
+        check_results_folder(out, resume=resume, overwrite=overwrite)
+    elif out.exists() and not out.is_dir():
+        raise FerkitError(f"--out {out} is a file; give a folder for the results")
     classifier = load_classifier(model).with_tta(tta)
     find = get_detector(detector)
-    if out.exists() and not out.is_dir():
-        raise FerkitError(f"--out {out} is a file; give a folder for the results")
     out.mkdir(parents=True, exist_ok=True)
     failures = len(sources) - len(kinds)
-    images = [s for s, kind in kinds if kind == "image"]
-    if len(sources) == 1 and images:
+    if images and not batch:
         failures += _predict_one(images[0], classifier, find, out, as_json, annotate is not False, given,
                                  uncertain_below=uncertain_below)
-    elif images or any(kind in ("folder", "glob") for _, kind in kinds):
-        batch = [s for s, kind in kinds if kind != "video"]
-        earlier = out / ResultsFolder.LINES
-        if not (resume or overwrite) and earlier.exists() and earlier.stat().st_size:
-            raise FerkitError(f"{out} holds the results of an earlier batch ({earlier.name}): --resume continues it, "
-                              "--overwrite replaces it, or choose another --out")
-        failures += _predict_many(batch, classifier, find, out, as_json, bool(annotate), uncertain_below, resume,
-                                  unreadable_sources=failures)
+    elif batch:
+        failures += _predict_many(FolderBatch(batch, out, model=classifier, detector=find, annotate=bool(annotate),
+                                              uncertain_below=uncertain_below, resume=resume, overwrite=overwrite),
+                                  as_json, unreadable_sources=failures)
     stems: set[str] = set()  # videos of the same name from different folders: clip, clip-2, ...
     for source in (s for s, kind in kinds if kind == "video"):
-        stem = _unique(out, Path(source).stem, "", stems).name
-        failures += _predict_video(source, classifier, find, out, every, target_fps, smooth, save_video, as_json,
-                                   uncertain_below, stem=stem, alone=len(sources) == 1)
+        stem = unique_path(out, Path(source).stem, "", stems).name
+        failures += _predict_video(source, out, as_json, stem=stem, alone=len(sources) == 1, model=classifier,
+                                   detector=find, every=every, target_fps=target_fps, smooth=smooth,
+                                   save_video=save_video, uncertain_below=uncertain_below)
     if failures:
         sys.exit(1)
 
@@ -701,84 +701,45 @@ def _predict_one(source, classifier, find, out: Path, as_json: bool, annotate: b
     return 0
 
 
-def _predict_many(sources, classifier, find, out: Path, as_json: bool, annotate: bool,
-                  uncertain_below: float = UNCERTAIN_BELOW, resume: bool = False, unreadable_sources: int = 0) -> int:
-    from ferkit.predict import analyze_images
+def _predict_many(batch, as_json: bool, unreadable_sources: int = 0) -> int:
     from ferkit.progress import progress_bar
-    from ferkit.sources import list_images
 
-    paths = [Path(s) for s in sources if Path(s).is_file()]
-    empty = 0  # folders and globs without a single image: each is a failed item of the batch
-    for source in sources:
-        if not Path(source).is_file():
-            try:
-                paths += list_images(source, skip=out)
-            except FerkitError as err:
-                if len(sources) == 1:
-                    raise
-                click.echo(f"error: {err}", err=True)
-                empty += 1
-    images = faces = 0
-    failed = empty
-    used: set[str] = set()  # named in listing order, so a resumed run names its copies as a whole run would
-    annotated = {str(p): _unique(out, p.stem, ".annotated.jpg", used) for p in paths} if annotate else {}
-    results = ResultsFolder(out, classifier.classes, resume=resume)
-    if results.finished:
-        before = len(paths)
-        paths = [p for p in paths if str(p) not in results.finished]
-        click.echo(f"resuming: {before - len(paths)} images already in {out / results.LINES}", err=True)
-    with results, progress_bar(len(paths), "analysing images", enabled=not as_json) as advance:
-        for result in analyze_images(paths, model=classifier, detector=find, uncertain_below=uncertain_below):
+    for error in batch.errors:
+        click.echo(f"error: {error}", err=True)
+    if batch.skipped:
+        click.echo(f"resuming: {batch.skipped} images already in {batch.out / batch.results.LINES}", err=True)
+    with progress_bar(len(batch.todo), "analysing images", enabled=not as_json) as advance:
+        for result in batch.run():
             advance()
-            images += 1
-            record = results.write(result)
             if as_json:
-                click.echo(json.dumps(record))
+                click.echo(json.dumps(result.to_dict()))
             if result.error:
-                failed += 1
                 click.echo(f"error: {result.error}", err=True)
-                continue
-            faces += len(result.faces)
-            if annotate:
-                result.draw(result.source).save(annotated[result.source], quality=92)
     if not as_json:
         missing = f", {unreadable_sources} source(s) not found" if unreadable_sources else ""
-        click.echo(f"{images} images, {faces} faces, {failed} failed{missing}; wrote {out / results.TABLE} and {out / results.LINES}")
-    return failed
+        click.echo(f"{batch.images} images, {batch.faces} faces, {batch.failed} failed{missing}; "
+                   f"wrote {batch.out / batch.results.TABLE} and {batch.out / batch.results.LINES}")
+    return batch.failed
 
 
-def _predict_video(source, classifier, find, out: Path, every, target_fps, smooth, save_video, as_json,
-                   uncertain_below: float = UNCERTAIN_BELOW, *, stem: str, alone: bool = False) -> int:
+def _predict_video(source, out: Path, as_json: bool, *, stem: str, alone: bool, **options) -> int:
     """Analyse one video; 1 if it cannot be read, one of several sources (a single one is bad input: raised)."""
+    from ferkit.batch import analyze_video_into_folder
     from ferkit.progress import progress_bar
-    from ferkit.sources import open_video
-    from ferkit.video import analyze_video, frame_step
 
-    try:
-        capture, info = open_video(source)
-    except FerkitError as err:
-        if alone:
-            raise
-        click.echo(f"error: {err}", err=True)
-        return 1
-    capture.release()
-    step = frame_step(info.fps, every, target_fps)
-    annotated = out / f"{stem}.annotated.mp4" if save_video else None
-    total = max(1, -(-info.frames // step)) if info.frames > 0 else None
-    with progress_bar(total, f"analysing {Path(source).name}", enabled=not as_json) as advance:
-        timeline = analyze_video(source, model=classifier, detector=find, every=step, smooth=smooth,
-                                 annotated=annotated, progress=lambda _: advance(), uncertain_below=uncertain_below,
-                                 timeline_csv=out / f"{stem}.timeline.csv")
-    written = [out / f"{stem}.timeline.csv", timeline.plot(out / f"{stem}.emotions.png")]
-    if annotated:
-        written.append(annotated)
-    summary = {"source": source, "frames_analysed": timeline.frames_analysed, "every": step,
-               "tracks": len(timeline.tracks), "faces": len(timeline.rows), "files": [str(p) for p in written]}
+    with progress_bar(None, f"analysing {Path(source).name}", enabled=not as_json) as advance:
+        try:
+            summary = analyze_video_into_folder(source, out, stem=stem, progress=advance, **options)
+        except FerkitError as err:
+            if alone:
+                raise
+            click.echo(f"error: {err}", err=True)
+            return 1
     if as_json:
         click.echo(json.dumps(summary))
     else:
-        click.echo(f"{source}: {timeline.frames_analysed} frames analysed (every {step}), {len(timeline.tracks)} "
-                   f"face tracks; wrote {', '.join(str(p) for p in written)}")
+        click.echo(f"{source}: {summary['frames_analysed']} frames analysed (every {summary['every']}), "
+                   f"{summary['tracks']} face tracks; wrote {', '.join(summary['files'])}")
     return 0
 
 
@@ -790,16 +751,6 @@ def _print_faces(result) -> None:
             for i, f in enumerate(result.faces, 1)]
     _print_table(["face", "box (x, y, w, h)", "emotion", "confidence"], rows, right=(0, 3),
                  title=f"{result.source}: {len(result.faces)} face(s), model {result.model}")
-
-
-def _unique(folder: Path, stem: str, suffix: str, used: set[str]) -> Path:
-    """folder/stem+suffix, or stem-2, stem-3, ... when photos from different folders share a name."""
-    name, n = f"{stem}{suffix}", 1
-    while name in used:
-        n += 1
-        name = f"{stem}-{n}{suffix}"
-    used.add(name)
-    return folder / name
 
 
 def _write_json(path: Path, data) -> Path:

@@ -26,9 +26,10 @@ def track(items: Sequence[T], *, description: str, enabled: bool = True) -> Iter
 
 @contextlib.contextmanager
 def progress_bar(total: int | None, description: str, *, enabled: bool = True):
-    """A context giving `advance()`; shows count, rate and ETA when `total` is known."""
+    """A context giving `advance()`: one more done, or `advance(done, total)`: so many of so many (the
+    total may become known, or change, on the way). Shows count, rate and ETA when `total` is known."""
     if not _visible(enabled):
-        yield lambda: None
+        yield lambda done=None, total=None: None
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -36,4 +37,11 @@ def progress_bar(total: int | None, description: str, *, enabled: bool = True):
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(description, total=total)
-        yield lambda: progress.advance(task)
+
+        def advance(done: int | None = None, total: int | None = None) -> None:
+            if done is None:
+                progress.advance(task)
+            else:
+                progress.update(task, completed=done, total=total)
+
+        yield advance

@@ -338,30 +338,25 @@ class TaskWorker:
         _write_bytes(self.fs, path, buffer.getvalue())
 
     def run_video(self, task: Task) -> None:
-        from ferkit.sources import open_video
-        from ferkit.video import analyze_video, frame_step
+        from ferkit.video import analyze_video
 
         [(label, location)] = task.items
         stem = f"{task.name}-{Path(label).stem}"
         with _readable(location) as path, tempfile.TemporaryDirectory(prefix="ferkit-video-") as scratch:
+            local = {"timeline": Path(scratch) / f"{stem}.timeline.csv", "plot": Path(scratch) / f"{stem}.emotions.png"}
             try:
-                capture, info = open_video(path)
-                capture.release()
+                timeline = analyze_video(path, model=self.classifier, detector=self.find, every=self.config.every,
+                                         target_fps=self.config.target_fps, smooth=self.config.smooth,
+                                         uncertain_below=self.config.uncertain_below, timeline_csv=local["timeline"])
             except FerkitError as err:
                 record = {"source": label, "error": str(err).replace(path, label)}
             else:
-                step = frame_step(info.fps, self.config.every, self.config.target_fps)
-                local = {"timeline": Path(scratch) / f"{stem}.timeline.csv", "plot": Path(scratch) / f"{stem}.emotions.png"}
-                timeline = analyze_video(path, model=self.classifier, detector=self.find, every=step,
-                                         smooth=self.config.smooth, uncertain_below=self.config.uncertain_below,
-                                         timeline_csv=local["timeline"])
                 timeline.plot(local["plot"])
                 files = []
                 for file in local.values():
                     files.append(f"{self.root}/videos/{file.name}")
                     _write_bytes(self.fs, files[-1], file.read_bytes())
-                record = {"source": label, "frames_analysed": timeline.frames_analysed, "every": step,
-                          "tracks": len(timeline.tracks), "faces": len(timeline.rows), "files": files}
+                record = timeline.summary(source=label, files=files)
         _write_bytes(self.fs, f"{self.root}/results/{task.name}.jsonl", (json.dumps(record) + "\n").encode())
 
 

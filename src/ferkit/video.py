@@ -39,12 +39,18 @@ class Timeline:
     fps: float
     classes: tuple[str, ...]
     rows: list[TimelineRow] = field(default_factory=list)
+    every: int = 1  # every how many frames one was analysed
     frames_analysed: int = 0
     last_frame: int = 0  # the index of the last frame analysed: how far the plot's time axis reaches
 
     @property
     def tracks(self) -> list[int]:
         return sorted({row.track for row in self.rows})
+
+    def summary(self, **more) -> dict:
+        """What was analysed, as `ferkit predict` reports it per video (JSON); `more` is added to it."""
+        return {"source": self.source, "frames_analysed": self.frames_analysed, "every": self.every,
+                "tracks": len(self.tracks), "faces": len(self.rows), **more}
 
     def to_csv(self, path: str | Path) -> Path:
         with open(path, "w", newline="") as handle:
@@ -140,7 +146,7 @@ def analyze_video(
     classifier = load_classifier(model)
     capture, info = open_video(path)
     every = frame_step(info.fps, every, target_fps)
-    timeline = Timeline(str(path), info.fps, classifier.classes)
+    timeline = Timeline(str(path), info.fps, classifier.classes, every=every)
     tracker, smoothed = IouTracker(), {}
     alpha = 2.0 / (smooth + 1)
     writer = _video_writer(annotated, info, every) if annotated else None

@@ -1,0 +1,128 @@
+"""Photos, folders and videos analysed into one results folder, as `ferkit predict` writes them.
+
+    batch = FolderBatch(["shoot/", "extra.jpg"], "runs/predict", annotate=True)
+    for result in batch.run():          # faces.csv and results.jsonl grow as it goes
+        print(result.summary())
+    print(batch.images, batch.faces, batch.failed)
+
+    files = analyze_video_into_folder("talk.mp4", "runs/predict")   # timeline CSV and plot
+
+A batch cut short goes on with `resume=True`: the images already in results.jsonl are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from ferkit.errors import FerkitError
+from ferkit.predict import UNCERTAIN_BELOW, analyze_images
+from ferkit.results import ImageResult, ResultsFolder
+from ferkit.runtime import load_classifier
+
+
+class FolderBatch:
+    """The images of `sources` (files, folders, globs) analysed into the folder `out`: `faces.csv` and
+    `results.jsonl` (see ResultsFolder), and `NAME.annotated.jpg` per image when `annotate`.
+
+    An earlier batch's results in `out` are continued with `resume` (images already there are skipped)
+    or replaced with `overwrite`; otherwise they are refused. `errors` lists the sources without a single
+    image; each counts as a failed item, as does each image that cannot be analysed."""
+
+    def __init__(self, sources, out: str | Path, *, model=None, detector="auto", annotate: bool = False,
+                 uncertain_below: float = UNCERTAIN_BELOW, resume: bool = False, overwrite: bool = False):
+        self.out = Path(out)
+        check_results_folder(self.out, resume=resume, overwrite=overwrite)
+        self.classifier, self.detector, self.uncertain_below = load_classifier(model), detector, uncertain_below
+        paths, self.errors = list_batch_images([str(s) for s in sources], skip=self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results = ResultsFolder(self.out, self.classifier.classes, resume=resume)
+        used: set[str] = set()  # named in listing order, so a resumed run names its copies as a whole run would
+        self.annotated = {str(p): unique_path(self.out, p.stem, ".annotated.jpg", used) for p in paths} if annotate else {}
+        self.todo = [p for p in paths if str(p) not in self.results.finished]
+        self.skipped = len(paths) - len(self.todo)  # done by an earlier run (resume)
+        self.images = self.faces = 0
+        self.failed = len(self.errors)
+
+    def run(self) -> Iterator[ImageResult]:
+        """Analyse the images still to do, yielding each result once it is written."""
+        with self.results:
+            for result in analyze_images(self.todo, model=self.classifier, detector=self.detector,
+                                         uncertain_below=self.uncertain_below):
+                self.results.write(result)
+                self.images += 1
+                if result.error:
+                    self.failed += 1
+                else:
+                    self.faces += len(result.faces)
+                    if self.annotated:
+                        result.draw(result.source).save(self.annotated[result.source], quality=92)
+                yield result
+
+
+def check_results_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder that holds an earlier batch's results unless told to continue or replace them."""
+    if resume and overwrite:
+        raise FerkitError("resume continues the results in the folder and overwrite replaces them; give one")
+    if out.exists() and not out.is_dir():
+        raise FerkitError(f"{out} is a file; give a folder for the results")
+    earlier = out / ResultsFolder.LINES
+    if not (resume or overwrite) and earlier.exists() and earlier.stat().st_size:
+        raise FerkitError(f"{out} holds the results of an earlier batch ({earlier.name}): --resume continues it, "
+                          "--overwrite replaces it, or choose another --out")
+
+
+def list_batch_images(sources: list[str], *, skip: Path | None = None) -> tuple[list[Path], list[str]]:
+    """The images of `sources` in order (files as given, folders and globs listed, `skip` left out), and an
+    error per folder or glob without one. A single source without images is bad input: raised."""
+    from ferkit.sources import list_images
+
+    paths, errors = [], []
+    for source in sources:
+        if Path(source).is_file():
+            paths.append(Path(source))
+            continue
+        try:
+            paths += list_images(source, skip=skip)
+        except FerkitError as err:
+            if len(sources) == 1:
+                raise
+            errors.append(str(err))
+    return paths, errors
+
+
+def analyze_video_into_folder(source: str | Path, out: str | Path, *, stem: str | None = None, model=None,
+                              detector="auto", every: int | None = None, target_fps: float | None = None,
+                              smooth: int = 1, save_video: bool = False, uncertain_below: float = UNCERTAIN_BELOW,
+                              progress: Callable[[int, int | None], None] | None = None) -> dict:
+    """Analyse a video into `out`: STEM.timeline.csv (written as frames are analysed), STEM.emotions.png,
+    and STEM.annotated.mp4 with `save_video`. Returns the summary (Timeline.summary) with the files.
+    `progress(frames_analysed, frames_to_analyse)` after each analysed frame; the total is as the
+    container says (None when it does not know)."""
+    from ferkit.sources import open_video
+    from ferkit.video import analyze_video, frame_step
+
+    out = Path(out)
+    stem = stem or Path(source).stem
+    capture, info = open_video(source)
+    capture.release()
+    step = frame_step(info.fps, every, target_fps)
+    total = max(1, -(-info.frames // step)) if info.frames > 0 else None
+    annotated = out / f"{stem}.annotated.mp4" if save_video else None
+    timeline = analyze_video(source, model=model, detector=detector, every=step, smooth=smooth, annotated=annotated,
+                             uncertain_below=uncertain_below, timeline_csv=out / f"{stem}.timeline.csv",
+                             progress=(lambda index: progress(index // step + 1, total)) if progress else None)
+    written = [out / f"{stem}.timeline.csv", timeline.plot(out / f"{stem}.emotions.png")]
+    if annotated:
+        written.append(annotated)
+    return timeline.summary(files=[str(p) for p in written])
+
+
+def unique_path(folder: Path, stem: str, suffix: str, used: set[str]) -> Path:
+    """folder/stem+suffix, or stem-2, stem-3, ... when files from different folders share a name."""
+    name, n = f"{stem}{suffix}", 1
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}{suffix}"
+    used.add(name)
+    return folder / name
