@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ferkit.config import TrainConfig
 from ferkit.runs import read_history
-from ferkit.train import train
+from ferkit.training import train
 
 
 def main() -> None:

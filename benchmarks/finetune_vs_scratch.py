@@ -21,10 +21,10 @@ import numpy as np
 
 from ferkit.config import TrainConfig
 from ferkit.data import load_dataset
-from ferkit.evaluate import evaluate
+from ferkit.evaluation import evaluate
 from ferkit.labels import EMOTIONS
 from ferkit.runtime import shipped_model
-from ferkit.train import train
+from ferkit.training import train
 
 
 def make_split(source: Path, out: Path, train_n: int, score_n: int, seed: int) -> tuple[Path, Path]:

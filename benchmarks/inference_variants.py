@@ -21,7 +21,7 @@ from pathlib import Path
 from ferkit.config import TrainConfig
 from ferkit.data import load_dataset
 from ferkit.ensemble import ensemble_models
-from ferkit.evaluate import evaluate
+from ferkit.evaluation import evaluate
 from ferkit.export import export_onnx
 from ferkit.runtime import classifier_speed, load_classifier
 

@@ -28,7 +28,7 @@ TRAIN_A_LITTLE = """
 import json, sys
 import keras
 from ferkit.config import TrainConfig
-from ferkit.train import train
+from ferkit.training import train
 
 def status(field):
     for line in open("/proc/self/status"):

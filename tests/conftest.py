@@ -75,7 +75,7 @@ def pattern_data(tmp_path_factory) -> Path:
 def trained_run(pattern_data, tmp_path_factory) -> Path:
     """A seed-cnn run trained for a few epochs on the pattern data (shared by read-only tests)."""
     from ferkit.config import TrainConfig
-    from ferkit.train import train
+    from ferkit.training import train
 
     out = tmp_path_factory.mktemp("runs") / "pattern"
     config = TrainConfig(data=str(pattern_data / "train"), val=str(pattern_data / "val"), epochs=8, out=str(out))

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import FER2013, needs_fer2013
 from ferkit.cli import cli
 from ferkit.data import load_dataset
-from ferkit.evaluate import evaluate
+from ferkit.evaluation import evaluate
 from ferkit.runtime import OnnxClassifier, default_model_path, load_classifier, sha256_of, shipped_model
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"

@@ -16,7 +16,7 @@ from ferkit.runtime import KerasClassifier, load_classifier, read_metadata, save
 def second_run(pattern_data, tmp_path_factory):
     """Another seed-cnn trained on the pattern data, from another seed: different weights."""
     from ferkit.config import TrainConfig
-    from ferkit.train import train
+    from ferkit.training import train
 
     out = tmp_path_factory.mktemp("runs") / "second"
     return train(TrainConfig(data=str(pattern_data / "train"), val=str(pattern_data / "val"), epochs=3, seed=1,

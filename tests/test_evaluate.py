@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ferkit.evaluate import score_predictions
+from ferkit.evaluation import score_predictions
 from ferkit.labels import EMOTIONS
 
 
@@ -97,7 +97,7 @@ def test_report_without_probabilities_has_no_calibration(tmp_path):
 def test_evaluate_scores_the_calibration_of_a_trained_model(trained_run, pattern_data, tmp_path):
     from ferkit.calibration import expected_calibration_error
     from ferkit.data import load_dataset
-    from ferkit.evaluate import evaluate
+    from ferkit.evaluation import evaluate
     from ferkit.runtime import load_classifier
 
     val = load_dataset(pattern_data / "val")
@@ -115,7 +115,7 @@ def test_data_with_a_class_the_model_does_not_know_is_refused_before_scoring(tra
 
     from ferkit.data import load_dataset
     from ferkit.errors import FerkitError
-    from ferkit.evaluate import evaluate
+    from ferkit.evaluation import evaluate
 
     shutil.copytree(pattern_data / "val", tmp_path / "val")
     shutil.copytree(tmp_path / "val" / "happy", tmp_path / "val" / "contempt")
@@ -127,7 +127,7 @@ def test_data_with_a_class_the_model_does_not_know_is_refused_before_scoring(tra
 def test_default_report_folders_never_write_into_the_package_and_keep_other_evaluations(trained_run, tmp_path, monkeypatch):
     import shutil
 
-    from ferkit.evaluate import default_report_folder
+    from ferkit.evaluation import default_report_folder
     from ferkit.runtime import resolve_model_path
 
     monkeypatch.chdir(tmp_path)

@@ -120,7 +120,7 @@ def test_batch_norm_recalibration_measures_the_statistics_of_the_given_faces(tra
 
 def test_export_with_recalibrated_batch_norm_records_it(tmp_path, pattern_data):
     from ferkit.config import TrainConfig
-    from ferkit.train import train
+    from ferkit.training import train
 
     run = train(TrainConfig(model="ferkit-net-s", data=str(pattern_data / "train"), val=str(pattern_data / "val"),
                             epochs=1, augment=["erase"], out=str(tmp_path / "run")), verbose=0)
@@ -203,7 +203,7 @@ def test_the_temperature_calibrates_each_view_before_tta_averages_them(calibrate
 
 def test_evaluate_reports_the_calibration_error_before_and_after_the_temperature(calibrated_model, pattern_data, tmp_path):
     from ferkit.calibration import expected_calibration_error
-    from ferkit.evaluate import evaluate
+    from ferkit.evaluation import evaluate
 
     val = load_dataset(pattern_data / "val")
     report = evaluate(calibrated_model, val)

@@ -8,11 +8,11 @@ from conftest import write_pattern_dataset
 from ferkit.config import TrainConfig
 from ferkit.data import load_dataset
 from ferkit.errors import FerkitError
-from ferkit.evaluate import evaluate
+from ferkit.evaluation import evaluate
 from ferkit.labels import EMOTIONS
 from ferkit.runs import read_history
 from ferkit.runtime import files_path, read_metadata, shipped_model
-from ferkit.train import train
+from ferkit.training import train
 
 
 def _contempt_face(rng):

@@ -12,7 +12,7 @@ from ferkit.data import load_dataset
 from ferkit.data.packed import ShardWriter
 from ferkit.errors import FerkitError
 from ferkit.runs import read_history
-from ferkit.train import train
+from ferkit.training import train
 
 
 def _pack(source, out, shard_size):

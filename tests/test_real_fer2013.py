@@ -5,8 +5,8 @@ import numpy as np
 from conftest import FER2013, needs_fer2013
 from ferkit.config import TrainConfig
 from ferkit.data import load_dataset
-from ferkit.evaluate import evaluate
-from ferkit.train import train
+from ferkit.evaluation import evaluate
+from ferkit.training import train
 
 pytestmark = needs_fer2013()
 

@@ -22,7 +22,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from ferkit.cli import cli  # noqa: E402
 from ferkit.data import load_dataset  # noqa: E402
-from ferkit.evaluate import evaluate  # noqa: E402
+from ferkit.evaluation import evaluate  # noqa: E402
 from ferkit.models.efficientnet_lite import efficientnet_lite0_backbone  # noqa: E402
 from ferkit.runtime import load_classifier  # noqa: E402
 from ferkit.study import ENTRIES, StudyConfig, study  # noqa: E402

@@ -14,11 +14,11 @@ import pytest
 from ferkit.config import TrainConfig
 from ferkit.data import load_dataset
 from ferkit.errors import FerkitError
-from ferkit.evaluate import evaluate
+from ferkit.evaluation import evaluate
 from ferkit.labels import EMOTIONS
 from ferkit.runtime import read_metadata
 from ferkit.runs import HISTORY_COLUMNS, RUN_FILES, RunState, read_history
-from ferkit.train import TrainingInterrupted, train
+from ferkit.training import TrainingInterrupted, train
 
 
 def _config(pattern_data, out, **overrides):
@@ -168,7 +168,7 @@ def test_a_stop_while_training_starts_up_is_kept_and_leaves_the_run_folder_alone
     """Ctrl-C or kill while the model and data are made ready: the run stops before its first epoch, even
     where a KeyboardInterrupt would be lost (raised in a garbage-collection callback), and an earlier run
     that --overwrite would replace is kept as it was."""
-    training = sys.modules["ferkit.train"]  # the module (ferkit.train is also the function, ferkit's API)
+    import ferkit.training as training
     run = tmp_path / "run"
     config = _config(pattern_data, run, epochs=1, batch_size=16)
     train(config, verbose=0)

@@ -12,7 +12,7 @@ from ferkit.config import TrainConfig
 from ferkit.errors import FerkitError
 from ferkit.models import create_model
 from ferkit.runs import read_history
-from ferkit.train import train
+from ferkit.training import train
 
 VGG_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
@@ -90,7 +90,7 @@ def test_frozen_backbone_features_are_cached_and_resume_works(vgg_weights, patte
     # the same training, only cheaper: the losses agree and the saved whole models score alike
     assert np.allclose(a["loss"], b["loss"], rtol=0.05)
     from ferkit.data import load_dataset
-    from ferkit.evaluate import evaluate
+    from ferkit.evaluation import evaluate
 
     val = load_dataset(pattern_data / "val", image_size=(48, 48))
     assert evaluate(cached, val).accuracy == pytest.approx(max(a["val_accuracy"]), abs=1e-6)

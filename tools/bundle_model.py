@@ -184,7 +184,7 @@ def portable_config(config: dict) -> dict:
 
 
 def _score(model: Path, val: str, report_folder: Path | None) -> dict:
-    from ferkit.evaluate import evaluate
+    from ferkit.evaluation import evaluate
 
     dataset = load_dataset(val, usage=VAL_USAGE)  # a FER2013 CSV's PublicTest rows, as training validates on
     report, single_view = evaluate(model, dataset), evaluate(model, dataset, tta="none")

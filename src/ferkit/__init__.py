@@ -16,14 +16,14 @@ __version__ = "0.1.0"
 from ferkit.config import TrainConfig
 from ferkit.data import FaceDataset, load_dataset
 from ferkit.errors import FerkitError
-from ferkit.evaluate import EvaluationReport, evaluate
+from ferkit.evaluation import EvaluationReport, evaluate
 from ferkit.labels import EMOTIONS
 from ferkit.models import create_model, list_models
 from ferkit.draw import draw_faces
 from ferkit.predict import analyze, analyze_image, analyze_images, predict_image
 from ferkit.results import Face, ImageResult
 from ferkit.runtime import load_classifier
-from ferkit.train import train
+from ferkit.training import train
 
 
 def __getattr__(name: str):

@@ -267,7 +267,7 @@ def train_cmd(resume: Path | None, overwrite: bool, local_processes: int | None,
         config = config_from_flags(flags)
 
     from ferkit.runs import RunState
-    from ferkit.train import train
+    from ferkit.training import train
 
     run = train(config, resume=resume is not None, overwrite=overwrite, verbose=1 if sys.stdout.isatty() else 2,
                 topology=topology)
@@ -386,7 +386,7 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     """Score MODEL (a run folder, model file or shipped model's name; default: the default shipped
     model) on labelled data; write JSON, CSV, PNG and HTML reports."""
     from ferkit.data import load_dataset
-    from ferkit.evaluate import check_report_folder, default_report_folder, evaluate
+    from ferkit.evaluation import check_report_folder, default_report_folder, evaluate
     from ferkit.runtime import load_classifier
 
     given = click.get_current_context().get_parameter_source("usage") is not click.core.ParameterSource.DEFAULT

@@ -43,7 +43,7 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: str 
     """Counts and row-normalised (recall) matrices side by side, labelled, saved as a PNG."""
     ConfusionMatrixDisplay = require("sklearn.metrics", "drawing a confusion matrix").ConfusionMatrixDisplay
 
-    from ferkit.evaluate import normalize_rows
+    from ferkit.evaluation import normalize_rows
 
     plt = _pyplot()
     matrix = np.asarray(matrix)

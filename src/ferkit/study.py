@@ -32,7 +32,7 @@ from ferkit.data.fer2013_csv import TRAIN_USAGE, VAL_USAGE
 from ferkit.errors import FerkitError
 from ferkit.images import ImageError, load_image
 from ferkit.runtime import machine_description
-from ferkit.train import TrainingInterrupted
+from ferkit.training import TrainingInterrupted
 
 log = logging.getLogger("ferkit")
 
@@ -205,7 +205,7 @@ def _train_or_reuse(config: TrainConfig, verbose: int) -> Path:
     """Train; or resume an interrupted run of the same settings; or reuse a finished one."""
     from ferkit._keras import import_keras
     from ferkit.runs import RunState
-    from ferkit.train import train
+    from ferkit.training import train
 
     run = Path(config.out)
     if (run / "config.json").exists():
@@ -255,7 +255,7 @@ def _training_data(config: StudyConfig, out: Path) -> str:
 
 
 def _score_entry(name: str, run: Path | None, val_source: str) -> EntryResult:
-    from ferkit.evaluate import evaluate
+    from ferkit.evaluation import evaluate
     from ferkit.runtime import load_classifier
 
     model = _deployable(run)

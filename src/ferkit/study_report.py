@@ -102,7 +102,7 @@ def _recall_table(results) -> str:
 
 
 def _confusions(results) -> str:
-    from ferkit.evaluate import normalize_rows
+    from ferkit.evaluation import normalize_rows
 
     plt = _pyplot()
     classes = list(results[0].recall)
