@@ -100,6 +100,11 @@ class TrainConfig:
         if not 0.0 < self.distill <= 1.0:
             raise FerkitError("--distill must lie in (0, 1]")
 
+    @property
+    def total_epochs(self) -> int:
+        """The main phase's epochs, and fine-tuning's when there is one."""
+        return self.epochs + self.fine_tune_epochs if self.fine_tune else self.epochs
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 

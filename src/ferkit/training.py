@@ -78,18 +78,11 @@ def _check_resumes_its_own_run(config: TrainConfig, run: Path) -> None:
 
 
 def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbose: int, callbacks, topology) -> Path:
-    check_run_folder(run, resume=resume, overwrite=overwrite)
-    if resume and (run / "config.json").exists():
-        _check_resumes_its_own_run(config, run)
-    if config.init and not resume:
-        adopt_init_model(config)
-    check_fine_tuning(config)
-    train_set, val_set = load_train_val(config, get_model_spec(config.model).input_size, progress=verbose > 0)
-    config.classes = list(train_set.classes)
+    train_set, val_set = _check_and_load(config, run, resume, overwrite, verbose)
     state = RunState.load(run) if resume else RunState()
     if resume:  # a kill between the backup and state.json leaves the backup one epoch ahead
         state.epochs_done = backed_up_epochs(run) or state.epochs_done
-    total = config.epochs + config.fine_tune_epochs if config.fine_tune else config.epochs
+    total = config.total_epochs
     if state.epochs_done >= total:
         log.warning("%s already has %d epochs; pass a larger --epochs to train on", run, state.epochs_done)
         return run
@@ -118,23 +111,10 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
             if not resume:
                 clear_run_folder(run)
             started = True
-            save_run_config(run, config, train_set, val_set)
-            rewrite_history(run / "history.csv", state.epochs_done)
-            if topology.coordinator and topology.is_chief:
-                topology.save(run / "topology.json", device_names())
+            _start_run_folder(run, config, state, train_set, val_set, topology)
             record = _run_callbacks(keras, run, config, state, model, train_set, stop, val_faces=len(val_set),
                                     padded_val_faces=validation_size(config, val_set, topology))
-            fit = dict(**data, verbose=verbose)
-            state.status = "running"
-            state.save(run)
-            if state.epochs_done < config.epochs:
-                phase = [*record(BACKUP), *_schedule_callbacks(keras, config), *(callbacks or [])]
-                _fit(keras, model, config, fit, phase, size, epochs=config.epochs, initial_epoch=state.epochs_done)
-            if state.epochs_done < total and not stop.requested:
-                if not resumes_unfrozen(run, state.epochs_done, config):
-                    prepare_fine_tuning(keras, model, config, size)
-                phase = [*record(FINE_TUNE_BACKUP), *(callbacks or [])]
-                model.fit(epochs=total, initial_epoch=state.epochs_done, callbacks=phase, **fit)
+            _fit_phases(keras, model, config, dict(**data, verbose=verbose), record, callbacks, state, size, stop, run)
         if stop.requested:
             raise KeyboardInterrupt
     except KeyboardInterrupt:
@@ -143,14 +123,56 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
         state.status = "interrupted"
         if (run / "config.json").exists():
             state.save(run)
-        done = (f"interrupted after {state.epochs_done} of {total} epochs (the epoch under way is dropped); {run} is usable"
-                if state.epochs_done else f"interrupted before the first of {total} epochs ended")
-        raise TrainingInterrupted(f"{done}, continue with: ferkit train --resume {run}") from None
+        raise TrainingInterrupted(_interrupted_message(run, state.epochs_done, total)) from None
     finally:
         keras.mixed_precision.set_global_policy("float32")
     state.status = "finished"
     state.save(run)
     return run
+
+
+def _check_and_load(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbose: int):
+    """Everything checked that can be before training starts; the training and validation faces. `config`
+    gains the data's classes (and an `init` model's network)."""
+    check_run_folder(run, resume=resume, overwrite=overwrite)
+    if resume and (run / "config.json").exists():
+        _check_resumes_its_own_run(config, run)
+    if config.init and not resume:
+        adopt_init_model(config)
+    check_fine_tuning(config)
+    train_set, val_set = load_train_val(config, get_model_spec(config.model).input_size, progress=verbose > 0)
+    config.classes = list(train_set.classes)
+    return train_set, val_set
+
+
+def _start_run_folder(run: Path, config: TrainConfig, state: RunState, train_set, val_set, topology) -> None:
+    """The run folder as training (re)starts: its config, its history cut back to the epochs kept, status running."""
+    save_run_config(run, config, train_set, val_set)
+    rewrite_history(run / "history.csv", state.epochs_done)
+    if topology.coordinator and topology.is_chief:
+        topology.save(run / "topology.json", device_names())
+    state.status = "running"
+    state.save(run)
+
+
+def _fit_phases(keras, model, config: TrainConfig, fit: dict, record, callbacks, state: RunState, size: int, stop,
+                run: Path) -> None:
+    """The main phase, then fine-tuning's (backbone unfrozen) if the config asks for it, each from where the
+    run stopped. `record(backup)`: the callbacks that record the run, backing up into that folder."""
+    if state.epochs_done < config.epochs:
+        phase = [*record(BACKUP), *_schedule_callbacks(keras, config), *(callbacks or [])]
+        _fit(keras, model, config, fit, phase, size, epochs=config.epochs, initial_epoch=state.epochs_done)
+    if state.epochs_done < config.total_epochs and not stop.requested:
+        if not resumes_unfrozen(run, state.epochs_done, config):
+            prepare_fine_tuning(keras, model, config, size)
+        phase = [*record(FINE_TUNE_BACKUP), *(callbacks or [])]
+        model.fit(epochs=config.total_epochs, initial_epoch=state.epochs_done, callbacks=phase, **fit)
+
+
+def _interrupted_message(run: Path, epochs_done: int, total: int) -> str:
+    done = (f"interrupted after {epochs_done} of {total} epochs (the epoch under way is dropped); {run} is usable"
+            if epochs_done else f"interrupted before the first of {total} epochs ended")
+    return f"{done}, continue with: ferkit train --resume {run}"
 
 
 def _new_training_model(keras, config: TrainConfig, size: int):
