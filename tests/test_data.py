@@ -114,6 +114,22 @@ def test_fer2013_csv_codes_map_to_class_names(tmp_path):
     assert len(load_fer2013_csv(tmp_path / "plain.csv", usage="Training")) == 14
 
 
+@pytest.mark.parametrize("size", [(40, 40), (64, 64)])
+def test_a_csv_and_a_folder_of_the_same_faces_load_alike_at_another_size(tmp_path, size):
+    """Both are resized as predict resizes a face, so training at another size sees what inference will."""
+    rng = np.random.default_rng(1)
+    faces = [pattern_face(code, rng) for code in range(7)]
+    _write_csv(tmp_path / "fer.csv", [(code, face.ravel(), "Training") for code, face in enumerate(faces)])
+    for code, face in enumerate(faces):
+        (tmp_path / "faces" / FER2013_CSV_CODES[code]).mkdir(parents=True)
+        Image.fromarray(face).save(tmp_path / "faces" / FER2013_CSV_CODES[code] / "face.png")
+    from_csv = load_fer2013_csv(tmp_path / "fer.csv", usage="Training", image_size=size)
+    from_folder = load_folder(tmp_path / "faces", image_size=size, cache=False)
+    by_class = np.argsort(from_csv.labels)
+    assert from_csv.images.shape == (7, *size)
+    assert np.array_equal(from_csv.images[by_class], from_folder.images[np.argsort(from_folder.labels)])
+
+
 @pytest.mark.parametrize(
     "row, message",
     [("3,1 2 3,Training", "line 3: expected 2304"), ("9,{px},Training", "code 9"), ("x,{px},Training", "not a number")],

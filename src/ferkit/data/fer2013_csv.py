@@ -12,6 +12,7 @@ from PIL import Image
 from ferkit.data.cache import cache_key, load_cached, save_cached
 from ferkit.data.dataset import FaceDataset
 from ferkit.errors import FerkitError
+from ferkit.images import to_model_input
 from ferkit.labels import EMOTIONS, FER2013_CSV_CODES
 
 USAGES = ("Training", "PublicTest", "PrivateTest")
@@ -54,7 +55,8 @@ def load_fer2013_csv(
         raise FerkitError(f"{path} has classes missing from the class list: {', '.join(missing)}")
     images = parsed["images"][selected]
     if tuple(image_size) != (_SIDE, _SIDE):
-        images = np.stack([_resize(img, image_size) for img in images]) if len(images) else images
+        # as faces are resized at inference (images.to_model_input), so that training sees what predict will
+        images = np.stack([to_model_input(Image.fromarray(img, "L"), image_size) for img in images]) if len(images) else images
     if len(images) == 0:
         raise FerkitError(f"{path} has no rows with usage {', '.join(usages)}")
     return FaceDataset(
@@ -119,8 +121,3 @@ def _parse_pixels(row, index, path, line) -> np.ndarray:
     if values.min() < 0 or values.max() > 255:
         raise FerkitError(f"{path}, line {line}: pixel values must lie in 0-255")
     return values.astype(np.uint8).reshape(_SIDE, _SIDE)
-
-
-def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    height, width = size
-    return np.asarray(Image.fromarray(image, "L").resize((width, height), Image.Resampling.BILINEAR))
