@@ -20,7 +20,6 @@ import platform
 import shlex
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from ferkit.data import FaceDataset, load_dataset
 from ferkit.data.fer2013_csv import TRAIN_USAGE, VAL_USAGE
 from ferkit.errors import FerkitError
 from ferkit.images import ImageError, load_image
-from ferkit.runtime import machine_description
+from ferkit.runtime import faces_per_second, machine_description
 from ferkit.training import TrainingInterrupted
 
 log = logging.getLogger("ferkit")
@@ -40,7 +39,6 @@ log = logging.getLogger("ferkit")
 PUBLISHED = {"reference": 0.525, "transfer": 0.633}
 TRANSFER_MODEL = "efficientnet-lite0-transfer"
 ALL_LAYERS = 10_000  # --fine-tune N: unfreezes the whole backbone (its batch norm stays frozen)
-SPEED_FACES = 2048  # faces classified to measure faces/s
 STUDY_FILES = ("study.json", "runs", "data")  # what marks a folder as a study's, finished or not
 SUBSET_SOURCE = "source.json"  # in a study's copy of its training faces: the data they were taken from
 
@@ -267,7 +265,7 @@ def _score_entry(name: str, run: Path | None, val_source: str) -> EntryResult:
     result = EntryResult(
         name=name, label=entry_label(name), model=classifier.name, run=str(run) if run else None,
         parameters=_parameters(classifier), accuracy=report.accuracy, macro_f1=report.macro_f1,
-        recall={c: s.recall for c, s in report.per_class.items()}, faces_per_second=faces_per_second(classifier, val),
+        recall={c: s.recall for c, s in report.per_class.items()}, faces_per_second=faces_per_second(classifier),
         published_accuracy=PUBLISHED.get(name), confusion_matrix=report.confusion_matrix.tolist(),
         wrong=_confidently_wrong(report),
     )
@@ -299,18 +297,6 @@ def _parameters(classifier) -> int:
         name = member.get("model") or member["config"]["model"]
         total += create_model(name, weights="none" if get_model_spec(name).pretrained else None).count_params()
     return total
-
-
-def faces_per_second(classifier, val: FaceDataset, faces: int = SPEED_FACES, batch_size: int = 256) -> float:
-    """Faces classified per second, in batches, after one warm-up batch (the best of five passes)."""
-    images = val.images[:faces]
-    classifier.predict_proba(images[:batch_size], batch_size=batch_size)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        classifier.predict_proba(images, batch_size=batch_size)
-        best = min(best, time.perf_counter() - start)
-    return len(images) / best
 
 
 def _add_training_figures(result: EntryResult, run: Path) -> None:
