@@ -111,13 +111,18 @@ FRAMES_PER_BATCH = 8
 
 def frame_step(fps: float, every: int | None = None, target_fps: float | None = None) -> int:
     """Analyse every Nth frame: `every` if given, else about `target_fps` (default 5) frames per second."""
+    check_sampling(every, target_fps)
+    return every or max(1, round(fps / (target_fps or 5.0)))
+
+
+def check_sampling(every: int | None, target_fps: float | None) -> None:
+    """Refuse a frame step below 1, a rate not above 0, or both given."""
     if every is not None and every < 1:
         raise FerkitError(f"every must be a whole number of frames, at least 1, not {every}")
     if target_fps is not None and not target_fps > 0:
         raise FerkitError(f"the frames per second to analyse must be above 0, not {target_fps}")
     if every is not None and target_fps is not None:
         raise FerkitError("give every (a frame count) or target_fps (frames per second), not both")
-    return every or max(1, round(fps / (target_fps or 5.0)))
 
 
 def analyze_video(
@@ -142,7 +147,7 @@ def analyze_video(
     keeps what it did."""
     if smooth < 1:
         raise FerkitError(f"smooth must be at least 1, not {smooth}")
-    frame_step(25.0, every, target_fps)  # refuses bad values before the model and the video are opened
+    check_sampling(every, target_fps)  # before the model and the video are opened
     classifier = load_classifier(model)
     capture, info = open_video(path)
     every = frame_step(info.fps, every, target_fps)
