@@ -462,7 +462,7 @@ def test_a_run_started_with_relative_paths_resumes_from_anywhere_told_where_its_
                   "--data", "project/faces/train", "--val", "project/faces/val")
     assert resumed.exit_code == 0, resumed.output
     assert "done: 2 epochs" in resumed.output
-    assert "only --epochs may change" in _one_line_error(run("train", "--resume", "project/runs/r", "--lr", "0.1"))
+    assert "only --epochs and --precision may change" in _one_line_error(run("train", "--resume", "project/runs/r", "--lr", "0.1"))
 
 
 def test_ctrl_c_inside_a_garbage_collection_callback_still_stops_the_command():

@@ -436,6 +436,32 @@ def test_ema_validates_and_saves_the_averaged_weights_and_resumes(pattern_data, 
     assert report.accuracy == pytest.approx(read_history(run / "history.csv")["val_accuracy"][-1], abs=1e-6)
 
 
+def test_a_resumed_run_may_change_the_precision_of_its_arithmetic(pattern_data, tmp_path):
+    """bfloat16 pays on a CPU with bf16 instructions and costs several times over on one without: a run
+    that moves between machines resumes in what suits each. Its weights stay float32 either way."""
+    import keras
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+
+    run = train(_config(pattern_data, tmp_path / "r", epochs=1), verbose=0)
+    seen = []
+
+    class Policy(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            seen.append(keras.mixed_precision.global_policy().name)
+
+    config = dataclasses.replace(TrainConfig.load(run / "config.json"), epochs=2, precision="mixed_bfloat16")
+    train(config, resume=True, verbose=0, callbacks=[Policy()])
+    assert seen == ["mixed_bfloat16"]
+    assert TrainConfig.load(run / "config.json").precision == "mixed_bfloat16"
+    back = CliRunner().invoke(cli, ["train", "--resume", str(run), "--epochs", "3", "--precision", "float32"])
+    assert back.exit_code == 0, back.output
+    assert TrainConfig.load(run / "config.json").precision == "float32"
+    assert read_history(run / "history.csv")["epoch"] == [1, 2, 3]
+    assert all(w.dtype == "float32" for w in keras.saving.load_model(run / "last.keras").weights)
+
+
 def test_a_packed_run_resumes_on_the_same_schedule(pattern_data, tmp_path):
     from ferkit.runtime import load_classifier
     from ferkit.checkpoints import save_compact_checkpoint

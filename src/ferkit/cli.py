@@ -281,16 +281,17 @@ def train_cmd(resume: Path | None, overwrite: bool, local_processes: int | None,
 
 
 def _resumed_config(run: Path, flags: dict) -> TrainConfig:
-    """The run's own config, with a new --epochs total, and --data, --val or --teacher where the run's data
-    now is (moved, or the run started in another folder: relative paths count from there)."""
+    """The run's own config, with a new --epochs total or --precision, and --data, --val or --teacher where
+    the run's data now is (moved, or the run started in another folder: relative paths count from there)."""
     movable = {"data": "--data", "val": "--val", "teacher": "--teacher"}
-    if {k for k, v in flags.items() if v is not None} - {"epochs", *movable}:
-        raise FerkitError("with --resume only --epochs may change (and --data, --val, --teacher say where the run's "
-                          "data is now); the rest comes from the run's config.json")
+    if {k for k, v in flags.items() if v is not None} - {"epochs", "precision", *movable}:
+        raise FerkitError("with --resume only --epochs and --precision may change (and --data, --val, --teacher say "
+                          "where the run's data is now); the rest comes from the run's config.json")
     if not (run / "config.json").exists():
         raise FerkitError(f"cannot resume: {run} is not a ferkit run folder (no config.json)")
     config = TrainConfig.load(run / "config.json")
     config.epochs = flags["epochs"] or config.epochs
+    config.precision = flags["precision"] or config.precision
     config.out = str(run)
     for key, flag in movable.items():
         setattr(config, key, flags[key] or getattr(config, key))

@@ -26,8 +26,9 @@ def setting(default, help: str, *, flag: str | None = None, choices: tuple[str, 
 
 
 # What may differ when a run resumes: a longer or shorter schedule (fine-tuning phase included), and where
-# its data is now; the run folder itself; the classes, which training reads from the data.
-RESUMABLE = ("epochs", "fine_tune", "fine_tune_epochs", "data", "val", "teacher", "out", "classes")
+# its data is now; the run folder itself; the classes, which training reads from the data; the precision of
+# the arithmetic (the weights stay float32), which pays on one machine and not another.
+RESUMABLE = ("epochs", "fine_tune", "fine_tune_epochs", "data", "val", "teacher", "out", "classes", "precision")
 
 
 @dataclass
@@ -55,7 +56,7 @@ class TrainConfig:
     zoom: float = setting(0.2, "Plus or minus this fraction for the zoom augmentation, as in the study.")
     shift: float = setting(0.1, "Plus or minus this fraction of the side for the shift augmentation.")
     rotate: float = setting(10.0, "Plus or minus this many degrees for the rotate augmentation.")
-    precision: str = setting("float32", "mixed_bfloat16: bf16 compute, float32 weights (faster only on CPUs with bf16).",
+    precision: str = setting("float32", "mixed_bfloat16: bf16 compute, float32 weights (faster only on CPUs with bf16); may change on --resume.",
                              choices=PRECISIONS)
     seed: int = setting(0, "Seeds weights, shuffling, augmentation and the val split.")
     out: str = setting("runs/train", "Run folder.")
