@@ -48,6 +48,28 @@ def test_an_earlier_batch_is_continued_or_replaced_only_when_asked(trained_run, 
         FolderBatch([photos], out, model=trained_run, resume=True, overwrite=True)
 
 
+def test_one_folder_may_be_given_alone_and_bad_settings_are_refused_before_anything_is_replaced(trained_run, photos, tmp_path):
+    out = tmp_path / "out"
+    list(FolderBatch(photos, out, model=trained_run, detector="none").run())  # a folder, not a list of them
+    before = (out / "results.jsonl").read_text()
+    assert before.count("\n") == 4
+    for bad in ({"detector": "typo"}, {"uncertain_below": 1.5}):
+        with pytest.raises(FerkitError):
+            FolderBatch(str(photos), out, model=trained_run, overwrite=True, **{"detector": "none", **bad})
+    assert (out / "results.jsonl").read_text() == before
+
+
+def test_a_video_goes_into_a_folder_made_for_it_and_bad_settings_are_refused_first(tmp_path):
+    from ferkit.batch import analyze_video_into_folder
+
+    with pytest.raises(FerkitError, match="smooth"):
+        analyze_video_into_folder(tmp_path / "missing.mp4", tmp_path / "out", smooth=0)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(FerkitError, match="is a file"):
+        analyze_video_into_folder(tmp_path / "missing.mp4", tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_a_lone_source_without_images_is_bad_input(tmp_path):
     with pytest.raises(FerkitError):
         list_batch_images([str(tmp_path)])

@@ -608,6 +608,9 @@ def test_a_run_folder_of_the_older_layout_resumes_and_is_converted(pattern_data,
 
     config = TrainConfig.load(run / "config.json")
     config.epochs = 3
+    # a whole saved model keeps the precision it was saved with: another one is refused, not ignored
+    with pytest.raises(FerkitError, match="precision, which a whole saved model"):
+        train(dataclasses.replace(config, precision="mixed_bfloat16"), resume=True, verbose=0)
     train(config, resume=True, verbose=0)
     resumed = read_history(run / "history.csv")
     assert resumed["epoch"] == [1, 2, 3]

@@ -279,3 +279,11 @@ def test_a_video_analysed_into_a_folder_reports_its_progress_and_files(trained_r
     assert summary == {"source": str(squares_video), "frames_analysed": 5, "every": 4, "tracks": 2, "faces": 10,
                        "files": [str(tmp_path / "clip.timeline.csv"), str(tmp_path / "clip.emotions.png")]}
     assert (tmp_path / "clip.timeline.csv").read_text().count("\n") == 1 + 10
+
+
+def test_a_video_analysed_into_a_folder_that_does_not_exist_yet(trained_run, squares_video, tmp_path):
+    from ferkit.batch import analyze_video_into_folder
+
+    summary = analyze_video_into_folder(squares_video, tmp_path / "new" / "out", model=trained_run,
+                                        detector=_bright_squares, every=10)
+    assert summary["frames_analysed"] == 2 and all(Path(f).stat().st_size for f in summary["files"])

@@ -5,7 +5,7 @@
         print(result.summary())
     print(batch.images, batch.faces, batch.failed)
 
-    files = analyze_video_into_folder("talk.mp4", "runs/predict")   # timeline CSV and plot
+    summary = analyze_video_into_folder("talk.mp4", "runs/predict")   # timeline CSV and plot
 
 A batch cut short goes on with `resume=True`: the images already in results.jsonl are skipped.
 """
@@ -16,13 +16,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ferkit.errors import FerkitError
-from ferkit.predict import UNCERTAIN_BELOW, analyze_images
+from ferkit.predict import UNCERTAIN_BELOW, analyze_images, check_uncertain_below
 from ferkit.results import ImageResult, ResultsFolder
 from ferkit.runtime import load_classifier
 
 
 class FolderBatch:
-    """The images of `sources` (files, folders, globs) analysed into the folder `out`: `faces.csv` and
+    """The images of `sources` (a file, folder or glob, or a list of them) analysed into the folder `out`: `faces.csv` and
     `results.jsonl` (see ResultsFolder), and `NAME.annotated.jpg` per image when `annotate`.
 
     An earlier batch's results in `out` are continued with `resume` (images already there are skipped)
@@ -31,10 +31,16 @@ class FolderBatch:
 
     def __init__(self, sources, out: str | Path, *, model=None, detector="auto", annotate: bool = False,
                  uncertain_below: float = UNCERTAIN_BELOW, resume: bool = False, overwrite: bool = False):
+        from ferkit.faces import get_detector
+
         self.out = Path(out)
         check_results_folder(self.out, resume=resume, overwrite=overwrite)
-        self.classifier, self.detector, self.uncertain_below = load_classifier(model), detector, uncertain_below
+        self.uncertain_below = check_uncertain_below(uncertain_below)
+        sources = [sources] if isinstance(sources, (str, Path)) else sources
         paths, self.errors = list_batch_images([str(s) for s in sources], skip=self.out)
+        # everything checked before the model loads and before an earlier batch's files are replaced
+        self.detector = get_detector(detector)
+        self.classifier = load_classifier(model)
         self.out.mkdir(parents=True, exist_ok=True)
         self.results = ResultsFolder(self.out, self.classifier.classes, resume=resume)
         used: set[str] = set()  # named in listing order, so a resumed run names its copies as a whole run would
@@ -64,12 +70,16 @@ def check_results_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse a folder that holds an earlier batch's results unless told to continue or replace them."""
     if resume and overwrite:
         raise FerkitError("resume continues the results in the folder and overwrite replaces them; give one")
-    if out.exists() and not out.is_dir():
-        raise FerkitError(f"{out} is a file; give a folder for the results")
+    check_output_folder(out)
     earlier = out / ResultsFolder.LINES
     if not (resume or overwrite) and earlier.exists() and earlier.stat().st_size:
-        raise FerkitError(f"{out} holds the results of an earlier batch ({earlier.name}): --resume continues it, "
-                          "--overwrite replaces it, or choose another --out")
+        raise FerkitError(f"{out} holds the results of an earlier batch ({earlier.name}): resume continues it "
+                          "(--resume), overwrite replaces it (--overwrite), or choose another folder")
+
+
+def check_output_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise FerkitError(f"{out} is a file; give a folder for the results")
 
 
 def list_batch_images(sources: list[str], *, skip: Path | None = None) -> tuple[list[Path], list[str]]:
@@ -100,15 +110,18 @@ def analyze_video_into_folder(source: str | Path, out: str | Path, *, stem: str 
     `progress(frames_analysed, frames_to_analyse)` after each analysed frame; the total is as the
     container says (None when it does not know)."""
     from ferkit.sources import open_video
-    from ferkit.video import analyze_video, frame_step
+    from ferkit.video import analyze_video, check_video_options, frame_step
 
     out = Path(out)
+    check_video_options(every, target_fps, smooth)
+    check_output_folder(out)
     stem = stem or Path(source).stem
     capture, info = open_video(source)
     capture.release()
     step = frame_step(info.fps, every, target_fps)
     total = max(1, -(-info.frames // step)) if info.frames > 0 else None
     annotated = out / f"{stem}.annotated.mp4" if save_video else None
+    out.mkdir(parents=True, exist_ok=True)
     timeline = analyze_video(source, model=model, detector=detector, every=step, smooth=smooth, annotated=annotated,
                              uncertain_below=uncertain_below, timeline_csv=out / f"{stem}.timeline.csv",
                              progress=(lambda index: progress(index // step + 1, total)) if progress else None)

@@ -80,6 +80,12 @@ def resume_training_model(keras, run: Path, config: TrainConfig, num_classes: in
     raise FerkitError(f"cannot resume: {run} holds no checkpoint ({BACKUP}/ or {WHOLE_MODEL_CHECKPOINT})")
 
 
+def keeps_its_precision(run: Path) -> bool:
+    """Whether resuming `run` loads a whole saved model (a run folder of the older layout), whose layers
+    keep the precision they were saved with, rather than rebuilding the network and loading weights."""
+    return not (run / BACKUP).exists() and not (run / FINE_TUNE_BACKUP).exists() and (run / WHOLE_MODEL_CHECKPOINT).exists()
+
+
 def resumes_unfrozen(run: Path, epochs_done: int, config: TrainConfig) -> bool:
     """Whether the model resume_training_model gives is in the fine-tuning phase already, unfrozen and
     compiled for it: only a whole-model checkpoint keeps that."""

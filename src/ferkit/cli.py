@@ -724,7 +724,7 @@ def _predict_many(batch, as_json: bool, unreadable_sources: int = 0) -> int:
 
 
 def _predict_video(source, out: Path, as_json: bool, *, stem: str, alone: bool, **options) -> int:
-    """Analyse one video; 1 if it cannot be read, one of several sources (a single one is bad input: raised)."""
+    """Analyse one video; 1 if it cannot be analysed, one of several sources (a single one is bad input: raised)."""
     from ferkit.batch import analyze_video_into_folder
     from ferkit.progress import progress_bar
 

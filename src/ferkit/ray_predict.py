@@ -74,8 +74,11 @@ class Task:
 def predict_with_ray(config: RayPredictConfig, *, progress: bool = True) -> dict:
     """Run `config` on Ray; the summary (images, faces, failed, videos, video_faces, skipped_tasks,
     errors: the inputs that could not even be listed). Raises FerkitError for what stops the run."""
+    from ferkit.video import check_video_options
+
     ray = require("ray", "prediction on a Ray cluster", extra="ray")
     check_uncertain_below(config.uncertain_below)
+    check_video_options(config.every, config.target_fps, config.smooth)  # before the cluster, not per video
     if config.shard_size < 1:
         raise FerkitError(f"--shard-size must be at least 1, not {config.shard_size}")
     images, videos, errors = list_inputs(config.sources)

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from ferkit._keras import check_keras_installed, import_keras
-from ferkit.checkpoints import BACKUP, FINE_TUNE_BACKUP, backed_up_epochs, has_checkpoint, resume_training_model, resumes_unfrozen
+from ferkit.checkpoints import (
+    BACKUP, FINE_TUNE_BACKUP, backed_up_epochs, has_checkpoint, keeps_its_precision, resume_training_model, resumes_unfrozen,
+)
 from ferkit.config import TrainConfig
 from ferkit.distributed import Topology, device_names
 from ferkit.distributed import start as start_distributed
@@ -71,10 +73,14 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
 def _check_resumes_its_own_run(config: TrainConfig, run: Path) -> None:
     """Resuming continues the run as it was set up; its config.json is rewritten with what may change only."""
-    changed = config.settings_changed_from(TrainConfig.load(run / "config.json"))
+    recorded = TrainConfig.load(run / "config.json")
+    changed = config.settings_changed_from(recorded)
+    if config.precision != recorded.precision and keeps_its_precision(run):
+        changed.append("precision, which a whole saved model (an older run folder) keeps")
     if changed:
         raise FerkitError(f"{run} was trained with other settings ({', '.join(changed)}); resume it with its own "
-                          "config.json, changing only the epochs (fine-tuning's too) and where its data is")
+                          "config.json, changing only the epochs (fine-tuning's too), the precision and where its "
+                          "data is")
 
 
 def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbose: int, callbacks, topology) -> Path:

@@ -111,12 +111,14 @@ FRAMES_PER_BATCH = 8
 
 def frame_step(fps: float, every: int | None = None, target_fps: float | None = None) -> int:
     """Analyse every Nth frame: `every` if given, else about `target_fps` (default 5) frames per second."""
-    check_sampling(every, target_fps)
+    check_video_options(every, target_fps)
     return every or max(1, round(fps / (target_fps or 5.0)))
 
 
-def check_sampling(every: int | None, target_fps: float | None) -> None:
-    """Refuse a frame step below 1, a rate not above 0, or both given."""
+def check_video_options(every: int | None = None, target_fps: float | None = None, smooth: int = 1) -> None:
+    """Refuse a frame step below 1, a rate not above 0, both given, or smoothing over fewer than 1 frame."""
+    if smooth < 1:
+        raise FerkitError(f"smooth must be at least 1, not {smooth}")
     if every is not None and every < 1:
         raise FerkitError(f"every must be a whole number of frames, at least 1, not {every}")
     if target_fps is not None and not target_fps > 0:
@@ -145,9 +147,7 @@ def analyze_video(
     probabilities) whose top probability is below `uncertain_below` are marked `uncertain`.
     `timeline_csv`: write the timeline there row by row as frames are analysed, so that a run cut short
     keeps what it did."""
-    if smooth < 1:
-        raise FerkitError(f"smooth must be at least 1, not {smooth}")
-    check_sampling(every, target_fps)  # before the model and the video are opened
+    check_video_options(every, target_fps, smooth)  # before the model and the video are opened
     classifier = load_classifier(model)
     capture, info = open_video(path)
     every = frame_step(info.fps, every, target_fps)
