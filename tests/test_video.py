@@ -287,3 +287,11 @@ def test_a_video_analysed_into_a_folder_that_does_not_exist_yet(trained_run, squ
     summary = analyze_video_into_folder(squares_video, tmp_path / "new" / "out", model=trained_run,
                                         detector=_bright_squares, every=10)
     assert summary["frames_analysed"] == 2 and all(Path(f).stat().st_size for f in summary["files"])
+
+
+def test_a_folder_without_images_beside_a_video_is_reported_and_the_video_analysed(trained_run, squares_video, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(cli, ["predict", str(tmp_path / "empty"), str(squares_video), "--model", str(trained_run),
+                                      "--detector", "none", "--every", "10", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "error:" in result.output and "empty" in result.output
+    assert (tmp_path / "out" / "squares.timeline.csv").exists()

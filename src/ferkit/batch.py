@@ -27,17 +27,19 @@ class FolderBatch:
 
     An earlier batch's results in `out` are continued with `resume` (images already there are skipped)
     or replaced with `overwrite`; otherwise they are refused. `errors` lists the sources without a single
-    image; each counts as a failed item, as does each image that cannot be analysed."""
+    image; each counts as a failed item, as does each image that cannot be analysed. A lone source without
+    images is bad input (raised), unless `alone=False` says other work (videos) goes on beside it."""
 
     def __init__(self, sources, out: str | Path, *, model=None, detector="auto", annotate: bool = False,
-                 uncertain_below: float = UNCERTAIN_BELOW, resume: bool = False, overwrite: bool = False):
+                 uncertain_below: float = UNCERTAIN_BELOW, resume: bool = False, overwrite: bool = False,
+                 alone: bool | None = None):
         from ferkit.faces import get_detector
 
         self.out = Path(out)
         check_results_folder(self.out, resume=resume, overwrite=overwrite)
         self.uncertain_below = check_uncertain_below(uncertain_below)
         sources = [sources] if isinstance(sources, (str, Path)) else sources
-        paths, self.errors = list_batch_images([str(s) for s in sources], skip=self.out)
+        paths, self.errors = list_batch_images([str(s) for s in sources], skip=self.out, alone=alone)
         # everything checked before the model loads and before an earlier batch's files are replaced
         self.detector = get_detector(detector)
         self.classifier = load_classifier(model)
@@ -82,9 +84,11 @@ def check_output_folder(out: Path) -> None:
         raise FerkitError(f"{out} is a file; give a folder for the results")
 
 
-def list_batch_images(sources: list[str], *, skip: Path | None = None) -> tuple[list[Path], list[str]]:
+def list_batch_images(sources: list[str], *, skip: Path | None = None,
+                      alone: bool | None = None) -> tuple[list[Path], list[str]]:
     """The images of `sources` in order (files as given, folders and globs listed, `skip` left out), and an
-    error per folder or glob without one. A single source without images is bad input: raised."""
+    error per folder or glob without one. A lone source without images is bad input, raised (`alone`:
+    whether the sources are all there is to do; default: when there is one)."""
     from ferkit.sources import list_images
 
     paths, errors = [], []
@@ -95,7 +99,7 @@ def list_batch_images(sources: list[str], *, skip: Path | None = None) -> tuple[
         try:
             paths += list_images(source, skip=skip)
         except FerkitError as err:
-            if len(sources) == 1:
+            if (len(sources) == 1) if alone is None else alone:
                 raise
             errors.append(str(err))
     return paths, errors

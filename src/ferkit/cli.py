@@ -643,7 +643,8 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
                                  uncertain_below=uncertain_below)
     elif batch:
         failures += _predict_many(FolderBatch(batch, out, model=classifier, detector=find, annotate=bool(annotate),
-                                              uncertain_below=uncertain_below, resume=resume, overwrite=overwrite),
+                                              uncertain_below=uncertain_below, resume=resume, overwrite=overwrite,
+                                              alone=len(sources) == 1),
                                   as_json, unreadable_sources=failures)
     stems: set[str] = set()  # videos of the same name from different folders: clip, clip-2, ...
     for source in (s for s, kind in kinds if kind == "video"):
