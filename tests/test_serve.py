@@ -117,6 +117,23 @@ def test_what_is_not_an_image_is_415_with_one_line(client, content_type, body):
     assert isinstance(detail, str) and "\n" not in detail
 
 
+def test_only_the_image_decoders_ferkit_names_see_an_upload(client):
+    """PostScript opens in Pillow by running Ghostscript on the bytes: never for an upload."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\nshowpage\n"
+    ppm = io.BytesIO()
+    Image.open(PEOPLE).save(ppm, "PPM")  # a format Pillow decodes, and ferkit does not take from uploads
+    for body in (eps, ppm.getvalue()):
+        for content_type in ("image/x-portable-pixmap", "application/octet-stream"):
+            response = client.post("/v1/analyze", content=body, headers={"Content-Type": content_type})
+            assert response.status_code == 415, response.text
+
+
+def test_any_image_type_is_tried_by_decoding_it(client):
+    """What decodes is decided by decoding: a browser may name a file image/avif, image/heic, ..."""
+    response = client.post("/v1/analyze", content=PEOPLE.read_bytes(), headers={"Content-Type": "image/x-anything"})
+    assert response.status_code == 200 and len(_faces(response.json())) == 3
+
+
 def test_an_image_over_the_pixel_limit_is_413_before_it_is_decoded(client):
     png = io.BytesIO()
     Image.new("L", (3000, 2000)).save(png, "PNG")  # 6 megapixels in a few kilobytes

@@ -27,21 +27,20 @@ AGREEMENT_FACES = 1024
 
 def calibration_faces(model: str | Path, data: str | Path | None = None) -> FaceDataset:
     """The faces to re-measure batch norm on and calibrate an int8 export with: `data`, else the training
-    data that `model`'s run folder records (of a FER2013 CSV, the Training rows it trained on), with the
-    model's classes."""
+    data that the run folder of `model` (the folder, or a model file in it) records; of a FER2013 CSV,
+    the Training rows only (never test faces), with the model's classes."""
     from ferkit.config import TrainConfig
     from ferkit.data import load_dataset
     from ferkit.data.fer2013_csv import TRAIN_USAGE
 
-    usage = None
     if data is None:
-        config = Path(model) / "config.json"
-        if not config.is_file():
+        run = Path(model) if Path(model).is_dir() else Path(model).parent
+        if not (run / "config.json").is_file():
             raise FerkitError("--int8 and --recalibrate-bn need --calibration DATA (faces like those the model will see)")
-        data, usage = TrainConfig.load(config).data, TRAIN_USAGE
+        data = TrainConfig.load(run / "config.json").data
         if not data or not Path(data).exists():
             raise FerkitError(f"the run's training data {data} is not here; pass --calibration DATA")
-    return load_dataset(data, classes=read_metadata(resolve_model_path(model)).classes, usage=usage)
+    return load_dataset(data, classes=read_metadata(resolve_model_path(model)).classes, usage=TRAIN_USAGE)
 
 
 def temperature_faces(model: str | Path, data: str | Path) -> FaceDataset:

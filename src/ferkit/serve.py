@@ -9,7 +9,7 @@ predict --json`), `POST /v1/video` (a short video: emotions over time as CSV and
 
 Safe by default: it binds to loopback; requests carry the file itself, never a path or a URL; bodies
 over the size limit get 413 (counted as read, whatever the declared length); anything that does not
-decode as an image gets 415, an image over the pixel limit 413; uploads are held in memory (videos in
+decode as an image gets 415 (only IMAGE_FORMATS' decoders see an upload), an image over the pixel limit 413; uploads are held in memory (videos in
 a temporary file, removed before the response); one loaded model serves all requests, at most
 `concurrency` analyses at a time, in worker threads, so slow or idle clients never hold the model.
 """
@@ -29,10 +29,13 @@ from ferkit.extras import require
 from ferkit.predict import model_version
 
 WEB = Path(__file__).parent / "web"
-IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "image/tiff")
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "image/tiff")  # and any image/*
+# The only decoders an upload reaches: Pillow has dozens more (PostScript's runs Ghostscript on the bytes).
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF")
 ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png"}  # seen in the wild
-VIDEO_TYPES = ("video/mp4", "video/webm", "video/quicktime", "video/x-msvideo", "video/x-matroska")
+VIDEO_TYPES = ("video/mp4", "video/webm", "video/quicktime", "video/x-msvideo", "video/x-matroska")  # and any video/*
 MB = 1024 * 1024
+_PLOTTING = threading.Lock()
 
 
 @dataclass
@@ -199,7 +202,8 @@ async def _read_upload(request, accepted: tuple[str, ...], what: str) -> bytes:
     else:
         data = await request.body()
     declared = ALIASES.get(declared, declared)
-    if declared not in (*accepted, "application/octet-stream"):
+    family = accepted[0].split("/")[0] + "/"  # what decodes is decided by decoding: image/avif, video/3gpp, ...
+    if not declared.startswith(family) and declared != "application/octet-stream":
         raise HTTPException(415, f"expected {what} ({', '.join(accepted)}), not {declared or 'no content type'}")
     if not data:
         raise HTTPException(422, f"the request holds no {what.split()[-1]}")
@@ -211,8 +215,9 @@ def _decode_image(data: bytes, max_megapixels: float):
     from fastapi import HTTPException
     from PIL import Image, UnidentifiedImageError
 
+    Image.init()
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=[f for f in IMAGE_FORMATS if f in Image.OPEN])
     except Image.DecompressionBombError:
         raise HTTPException(413, f"the image has too many pixels; the limit is {max_megapixels:g} megapixels") from None
     except (UnidentifiedImageError, OSError):
@@ -260,7 +265,8 @@ def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig,
                                          progress=stop_when_too_long)
         except FerkitError as err:
             raise HTTPException(422, str(err)) from None
-        png = base64.b64encode(timeline.plot(Path(folder) / "emotions.png").read_bytes()).decode()
+        with _PLOTTING:  # pyplot's figures and fonts are shared state
+            png = base64.b64encode(timeline.plot(Path(folder) / "emotions.png").read_bytes()).decode()
         table = timeline.to_csv(Path(folder) / "timeline.csv").read_text()
     return {"frames_analysed": timeline.frames_analysed, "faces": len(timeline.rows), "csv": table,
             "plot_png": f"data:image/png;base64,{png}"}

@@ -80,18 +80,23 @@ function listFaces(list, faces) {
 }
 
 // --- photo ------------------------------------------------------------------------------------
+let latestPhoto = 0;  // photos given in quick succession: only the last one's answer is shown
+
 async function analyzePhoto(file) {
+  const mine = ++latestPhoto;
   say(`Analysing ${file.name}…`);
   const canvas = $("photo-canvas");
   canvas.hidden = true;  // nothing of the previous photo stays up beside this one's answer or error
   $("faces").replaceChildren();
   try {
     const result = await post("/v1/analyze", file);  // the server's answer, or its error, comes first
+    if (mine !== latestPhoto) return;
     listFaces($("faces"), result.faces);
     const count = result.faces.length;
     let note = "";
     try {
       const bitmap = await createImageBitmap(file);
+      if (mine !== latestPhoto) return;
       const scale = Math.min(1, 640 / bitmap.width);
       canvas.width = Math.round(bitmap.width * scale);
       canvas.height = Math.round(bitmap.height * scale);
@@ -105,7 +110,7 @@ async function analyzePhoto(file) {
     }
     say((count ? `${count} face${count > 1 ? "s" : ""} in ${file.name}` : `No face found in ${file.name}`) + note);
   } catch (error) {
-    say(error.message, true);
+    if (mine === latestPhoto) say(error.message, true);
   }
 }
 
@@ -131,11 +136,14 @@ async function startWebcam() {
     say("No webcam here: browsers allow the camera only on https or localhost pages", true);
     return;
   }
+  $("webcam-start").disabled = true;  // a second click while the browser asks would open a second camera stream
   try {
     stream = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 } });
   } catch (error) {
     say(`No webcam: ${error.message}`, true);
     return;
+  } finally {
+    $("webcam-start").disabled = false;
   }
   $("webcam-video").srcObject = stream;
   $("webcam-start").hidden = true;
