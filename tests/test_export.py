@@ -106,6 +106,14 @@ def test_calibration_faces_come_from_the_run_of_a_model_file_and_never_from_test
     assert len(calibration_faces(trained_run, tmp_path / "fer.csv")) == 7  # the Training rows alone
 
 
+def test_an_export_that_would_replace_a_file_is_refused_before_any_faces_are_loaded(trained_run, tmp_path):
+    (tmp_path / "mine.onnx").write_bytes(b"mine")
+    result = CliRunner().invoke(cli, ["export", str(trained_run), "--onnx", "--int8", "--calibration",
+                                      str(tmp_path / "faces-not-made-yet"), "--out", str(tmp_path / "mine.onnx")])
+    assert result.exit_code == 2 and "already exists" in result.output
+    assert (tmp_path / "mine.onnx").read_bytes() == b"mine"
+
+
 def test_export_command_refuses_calibration_without_int8(trained_run, tmp_path):
     result = CliRunner().invoke(cli, ["export", str(trained_run), "--onnx", "--calibration", str(tmp_path), "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2 and "--int8" in result.output

@@ -53,6 +53,19 @@ def temperature_faces(model: str | Path, data: str | Path) -> FaceDataset:
     return load_dataset(data, classes=meta.classes, image_size=tuple(meta.input_size), usage=VAL_USAGE)
 
 
+def export_path(model: str | Path, out: str | Path | None = None, *, overwrite: bool = False) -> Path:
+    """Where export_onnx writes `model`: `out`, default beside the model with the .onnx suffix; a
+    FerkitError if that is no .onnx file or is there already and `overwrite` is not given."""
+    out = Path(out) if out else resolve_model_path(model).with_suffix(".onnx")
+    if out.suffix.lower() != ".onnx":
+        raise FerkitError(f"an exported model is an .onnx file, not {out.name}")
+    if out.is_dir():
+        raise FerkitError(f"{out} is a folder; give the .onnx file to write")
+    if out.exists() and not overwrite:
+        raise FerkitError(f"{out} already exists; pass --overwrite to replace it")
+    return out
+
+
 def export_onnx(
     model: str | Path,
     out: str | Path | None = None,
@@ -84,13 +97,7 @@ def export_onnx(
         raise FerkitError("batch-norm recalibration and int8 need calibration faces")
     if temperature_data is not None:
         _refuse_training_faces(source, temperature_data)
-    out = Path(out) if out else source.with_suffix(".onnx")
-    if out.suffix.lower() != ".onnx":
-        raise FerkitError(f"an exported model is an .onnx file, not {out.name}")
-    if out.is_dir():
-        raise FerkitError(f"{out} is a folder; give the .onnx file to write")
-    if out.exists() and not overwrite:
-        raise FerkitError(f"{out} already exists; pass --overwrite to replace it")
+    out = export_path(model, out, overwrite=overwrite)
     keras_model = _load_keras(source).with_tta(tta)
     if recalibrate_bn:
         _recalibrate(keras_model, calibration)
