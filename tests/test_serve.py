@@ -161,6 +161,36 @@ def test_concurrent_requests_share_one_model_and_agree(client):
     assert all(result == results[0] for result in results)
 
 
+def test_queued_analyses_do_not_keep_the_health_check_waiting():
+    import asyncio
+
+    import httpx2 as httpx
+
+    app = create_app(ServeConfig(concurrency=1))
+    gate = threading.Event()
+    app.state.analyses.submit(gate.wait, 60)  # the one analysis slot is busy until the gate opens
+    body = PEOPLE.read_bytes()
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ferkit") as http:
+            uploads = [asyncio.create_task(http.post("/v1/analyze", content=body, headers={"Content-Type": "image/jpeg"}))
+                       for _ in range(60)]  # more than the framework's 40 shared threads
+            await asyncio.sleep(1)
+            health = await asyncio.wait_for(http.get("/healthz"), timeout=10)
+            models = await asyncio.wait_for(http.get("/v1/models"), timeout=10)
+            assert not any(upload.done() for upload in uploads)  # all still queued behind the gate
+            gate.set()
+            return health, models, await asyncio.gather(*uploads)
+
+    try:
+        health, models, answers = asyncio.run(scenario())
+    finally:
+        gate.set()
+    assert health.status_code == 200 and models.status_code == 200
+    assert [answer.status_code for answer in answers] == [200] * 60
+    assert all(len(answer.json()["faces"]) == 3 for answer in answers)
+
+
 def test_a_short_video_gives_a_timeline_and_a_plot_and_leaves_no_file(client):
     cv2 = pytest.importorskip("cv2", reason="ferkit[video] is not installed")
     photo = cv2.imread(str(PEOPLE))

@@ -11,16 +11,19 @@ Safe by default: it binds to loopback; requests carry the file itself, never a p
 over the size limit get 413 (counted as read, whatever the declared length); anything that does not
 decode as an image gets 415 (only IMAGE_FORMATS' decoders see an upload), an image over the pixel limit 413; uploads are held in memory (videos in
 a temporary file, removed before the response); one loaded model serves all requests, at most
-`concurrency` analyses at a time, in worker threads, so slow or idle clients never hold the model.
+`concurrency` analyses at a time (decoding included), in worker threads of their own: slow or idle
+clients never hold the model, and queued analyses never hold the threads that answer `/healthz` and the page.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations (Request), which
 # are imported inside create_app, only where the serve extra is installed.
+import asyncio
 import base64
 import io
 import json
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +56,6 @@ class ServeConfig:
 def create_app(config: ServeConfig | None = None):
     """The FastAPI application: the model and detector are loaded once, here."""
     require("fastapi", "ferkit serve", extra="serve")
-    import anyio
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import FileResponse
     from fastapi.staticfiles import StaticFiles
@@ -65,19 +67,19 @@ def create_app(config: ServeConfig | None = None):
     config = config or ServeConfig()
     classifier = load_classifier(config.model)
     detector = get_detector(config.detector)
-    # A thread semaphore, not an anyio limiter: that one belongs to one event loop, and a test client may
-    # run each request on a loop of its own.
-    analyses = threading.BoundedSemaphore(config.concurrency)
+    # Analyses queue for a pool of their own. Waiting inside the framework's shared thread pool instead
+    # would let ~40 queued uploads take every thread, and /healthz would wait behind them.
+    analyses = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="ferkit-analysis")
     app = FastAPI(title="ferkit", version=model_version(classifier),
                   summary="Facial expression recognition: faces and their emotions in photos and videos.")
+    app.state.analyses = analyses
     app.mount("/static", StaticFiles(directory=WEB), name="static")
     size_limits = {"/v1/analyze": ("--max-upload-mb", config.max_upload_mb), "/v1/video": ("--max-video-mb", config.max_video_mb)}
     app.add_middleware(TooLargeAsJson, limits=size_limits)
 
     def analyze_bytes(data: bytes) -> dict:
         image = _decode_image(data, config.max_megapixels)
-        with analyses:
-            [result] = analyze_images([("upload", image)], model=classifier, detector=detector)
+        [result] = analyze_images([("upload", image)], model=classifier, detector=detector)
         if result.error:
             raise HTTPException(422, result.error)
         return result.to_dict()
@@ -87,12 +89,12 @@ def create_app(config: ServeConfig | None = None):
         return FileResponse(WEB / "index.html")
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
-    def healthz() -> dict:
+    async def healthz() -> dict:
         """Whether the server is up, and the model it serves."""
         return {"status": "ok", "model": classifier.name}
 
     @app.api_route("/v1/models", methods=["GET", "HEAD"])
-    def models() -> dict:
+    async def models() -> dict:
         """The model this server uses: its name, version, classes and input."""
         return {"models": [_model_info(classifier)]}
 
@@ -102,15 +104,20 @@ def create_app(config: ServeConfig | None = None):
         `ferkit predict --json`. The body is the image (Content-Type image/*) or a multipart form with
         the image in the field `file`."""
         data = await _upload(request, IMAGE_TYPES, "an image", size_limits["/v1/analyze"])
-        return await anyio.to_thread.run_sync(analyze_bytes, data)
+        return await _run_in(analyses, analyze_bytes, data)
 
     @app.post("/v1/video", openapi_extra=_upload_schema(VIDEO_TYPES), max_body_size=int(config.max_video_mb * MB))
     async def video(request: Request) -> dict:
         """Emotions over time in a short video: the timeline (also as CSV) and its plot (a PNG data URL)."""
         data = await _upload(request, VIDEO_TYPES, "a video", size_limits["/v1/video"])
-        return await anyio.to_thread.run_sync(_analyze_video_bytes, data, classifier, detector, config, analyses)
+        return await _run_in(analyses, _analyze_video_bytes, data, classifier, detector, config)
 
     return app
+
+
+async def _run_in(pool: ThreadPoolExecutor, function, *args):
+    """`function(*args)` in one of the pool's threads, awaited without holding any other thread."""
+    return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
 
 
 class TooLargeAsJson:
@@ -232,7 +239,7 @@ def _decode_image(data: bytes, max_megapixels: float):
     return image
 
 
-def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig, analyses) -> dict:
+def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig) -> dict:
     from fastapi import HTTPException
 
     try:
@@ -260,9 +267,8 @@ def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig,
                 raise too_long
 
         try:
-            with analyses:
-                timeline = analyze_video(path, model=classifier, detector=detector, every=config.video_every,
-                                         progress=stop_when_too_long)
+            timeline = analyze_video(path, model=classifier, detector=detector, every=config.video_every,
+                                     progress=stop_when_too_long)
         except FerkitError as err:
             raise HTTPException(422, str(err)) from None
         with _PLOTTING:  # pyplot's figures and fonts are shared state
