@@ -295,3 +295,18 @@ def test_a_folder_without_images_beside_a_video_is_reported_and_the_video_analys
                                       "--detector", "none", "--every", "10", "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and "error:" in result.output and "empty" in result.output
     assert (tmp_path / "out" / "squares.timeline.csv").exists()
+
+
+def _open_by_this_process(path) -> bool:
+    fds = Path("/proc/self/fd")
+    return any(os.path.realpath(fd) == os.path.realpath(path) for fd in fds.iterdir())
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to list open files")
+def test_a_video_stopped_early_is_closed_while_the_error_is_still_held(trained_run, squares_video):
+    def stop(frame):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        analyze_video(squares_video, model=trained_run, detector=_bright_squares, every=1, progress=stop)
+    assert stopped.traceback and not _open_by_this_process(squares_video)

@@ -181,6 +181,9 @@ def analyze_video(
             if progress:
                 progress(index)
     finally:
+        # at once, not when the frame generator is collected: a caller's traceback keeps it alive, and
+        # Windows cannot remove a video that is still open
+        capture.release()
         if writer is not None:
             writer.release()
         if table is not None:
