@@ -47,7 +47,7 @@ test: setup
 $(VENV)-minimum/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)-minimum
 	$(VENV)-minimum/bin/pip install --quiet uv
-	$(VENV)-minimum/bin/uv pip install --quiet --python $(VENV)-minimum/bin/python --resolution lowest-direct -e ".[evaluate,video,train,serve,dev]"
+	$(VENV)-minimum/bin/uv pip install --quiet --python $(VENV)-minimum/bin/python --resolution lowest-direct -e ".[evaluate,video,train,serve,heic,dev]"
 	touch $@
 
 test-minimum: $(VENV)-minimum/.installed

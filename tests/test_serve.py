@@ -134,6 +134,19 @@ def test_any_image_type_is_tried_by_decoding_it(client):
     assert response.status_code == 200 and len(_faces(response.json())) == 3
 
 
+def test_a_heic_upload_gives_the_faces_of_the_jpeg(client):
+    from ferkit.images import enable_heif
+
+    if not enable_heif():
+        pytest.skip("ferkit[heic] (pillow-heif) is not installed")
+    heic = io.BytesIO()
+    Image.open(PEOPLE).save(heic, format="HEIF", quality=95)
+    jpeg = client.post("/v1/analyze", content=PEOPLE.read_bytes(), headers={"Content-Type": "image/jpeg"}).json()
+    response = client.post("/v1/analyze", content=heic.getvalue(), headers={"Content-Type": "image/heic"})
+    assert response.status_code == 200, response.text
+    assert [f["emotion"] for f in response.json()["faces"]] == [f["emotion"] for f in jpeg["faces"]]
+
+
 def test_an_image_over_the_pixel_limit_is_413_before_it_is_decoded(client):
     png = io.BytesIO()
     Image.new("L", (3000, 2000)).save(png, "PNG")  # 6 megapixels in a few kilobytes

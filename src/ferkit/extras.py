@@ -7,6 +7,7 @@
 - ``ferkit[serve]``: FastAPI and uvicorn, for `ferkit serve`'s web page and JSON API;
 - ``ferkit[distributed]``: JAX, for data-parallel training over several processes (ferkit.distributed);
 - ``ferkit[ray]``: Ray Data (with pyarrow), for `predict --engine ray` on a cluster (ferkit.ray_predict);
+- ``ferkit[heic]``: pillow-heif, for HEIC/HEIF photos (ferkit.images);
 - ``ferkit[all]``: all of these.
 
 Each of these packages is imported where it is used, through `require`, so a missing one costs a one-line

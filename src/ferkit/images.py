@@ -15,7 +15,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ferkit.errors import FerkitError, first_line
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# HEIC/HEIF (iPhones' photos) need the heic extra; AVIF needs Pillow 11.3 or later.
+HEIF_SUFFIXES = (".heic", ".heif")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif") + HEIF_SUFFIXES
 
 # Pillow's own bomb guard warns at 89 Mpx and fails at twice that; we refuse anything past this.
 MAX_IMAGE_PIXELS = 64_000_000
@@ -57,6 +59,8 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, channels
         raise ImageError(path, "a folder", f"{path} is a folder, not an image")
     if path.stat().st_size == 0:
         raise ImageError(path, "empty file", f"{path} is an empty file")
+    if path.suffix.lower() in HEIF_SUFFIXES:
+        _read_heif_with_pillow(path)
     photo_size = None
     try:
         with warnings.catch_warnings():
@@ -82,6 +86,24 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, channels
     if photo_size:
         upright.info[FULL_SIZE] = photo_size if upright.size == image.size else photo_size[::-1]
     return upright
+
+
+def _read_heif_with_pillow(path: Path) -> None:
+    """Teach Pillow HEIC/HEIF, or say in one line that `path` needs the heic extra."""
+    if not enable_heif():
+        raise ImageError(path, "needs the heic extra", f"{path} is a HEIC/HEIF photo; reading it needs ferkit's "
+                         "'heic' extra: pip install 'ferkit[heic]'")
+
+
+def enable_heif() -> bool:
+    """Let Pillow open HEIC/HEIF images where pillow-heif (the heic extra) is installed; whether it can."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    if "HEIF" not in Image.OPEN:
+        register_heif_opener()
+    return True
 
 
 def full_size(image: Image.Image) -> tuple[int, int]:

@@ -34,7 +34,7 @@ from ferkit.predict import model_version
 WEB = Path(__file__).parent / "web"
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "image/tiff")  # and any image/*
 # The only decoders an upload reaches: Pillow has dozens more (PostScript's runs Ghostscript on the bytes).
-IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF")
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF", "HEIF")  # HEIF: the heic extra
 ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png"}  # seen in the wild
 VIDEO_TYPES = ("video/mp4", "video/webm", "video/quicktime", "video/x-msvideo", "video/x-matroska")  # and any video/*
 MB = 1024 * 1024
@@ -61,10 +61,12 @@ def create_app(config: ServeConfig | None = None):
     from fastapi.staticfiles import StaticFiles
 
     from ferkit.faces import get_detector
+    from ferkit.images import enable_heif
     from ferkit.predict import analyze_images
     from ferkit.runtime import load_classifier
 
     config = config or ServeConfig()
+    enable_heif()
     classifier = load_classifier(config.model)
     detector = get_detector(config.detector)
     # Analyses queue for a pool of their own. Waiting inside the framework's shared thread pool instead
@@ -228,7 +230,7 @@ def _decode_image(data: bytes, max_megapixels: float):
     except Image.DecompressionBombError:
         raise HTTPException(413, f"the image has too many pixels; the limit is {max_megapixels:g} megapixels") from None
     except (UnidentifiedImageError, OSError):
-        raise HTTPException(415, "the upload is not an image ferkit can decode (JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
+        raise HTTPException(415, "the upload is not an image ferkit can decode (JPEG, PNG, WebP, BMP, GIF, TIFF, AVIF, HEIC)") from None
     megapixels = image.width * image.height / 1e6
     if megapixels > max_megapixels:
         raise HTTPException(413, f"the image has {megapixels:.1f} megapixels; the limit is {max_megapixels:g}")
