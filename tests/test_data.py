@@ -227,3 +227,23 @@ def test_the_images_of_a_folder_include_linked_subfolders_and_leave_out_hidden_o
     (photos / ".thumbnails").mkdir()
     Image.new("RGB", (8, 8)).save(photos / ".thumbnails" / "d.jpg")
     assert [p.relative_to(photos).as_posix() for p in list_images(str(photos))] == ["a.jpg", "trip/b.png", "trip/c.JPG"]
+
+
+def test_heic_faces_skipped_without_the_extra_are_read_once_it_is_installed(tmp_path):
+    """The dataset cache must not replay "needs the heic extra" after pillow-heif is installed."""
+    import subprocess
+    import sys
+
+    from ferkit.images import enable_heif
+
+    if not enable_heif():
+        pytest.skip("ferkit[heic] (pillow-heif) is not installed")
+    (tmp_path / "happy").mkdir()
+    face = Image.fromarray(pattern_face(3, np.random.default_rng(0)))
+    face.save(tmp_path / "happy" / "a.png")
+    face.convert("RGB").save(tmp_path / "happy" / "b.heic", format="HEIF")
+    code = ("import sys\n{hide}from ferkit.data import load_folder\n"
+            f"data = load_folder({str(tmp_path)!r})\nprint(len(data.labels), len(data.skipped))\n")
+    runs = [subprocess.run([sys.executable, "-c", code.format(hide=hide)], capture_output=True, text=True)
+            for hide in ("sys.modules['pillow_heif'] = None\n", "")]  # the extra missing, then installed
+    assert [run.stdout.split() for run in runs] == [["1", "1"], ["2", "0"]], [run.stderr for run in runs]

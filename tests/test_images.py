@@ -1,4 +1,5 @@
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,6 +8,8 @@ from PIL import Image
 from ferkit import images
 from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch, load_image, to_model_input
+
+PEOPLE = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
 
 
 def _gradient(width=64, height=40) -> np.ndarray:
@@ -139,3 +142,50 @@ def test_a_jpeg_over_the_pixel_limit_decodes_at_a_smaller_scale(tmp_path, monkey
     assert image.size == (200, 150)  # decoded at 1/4
     small = np.asarray(image.convert("L"), float)
     assert abs(small[:, 0].mean() - gradient[:, :4].mean()) < 8 and abs(small[:, -1].mean() - gradient[:, -4:].mean()) < 8
+
+
+def test_a_real_108_megapixel_jpeg_is_read_at_a_smaller_scale_not_refused(tmp_path):
+    """Pillow itself refuses images this large (its decompression-bomb guard); ferkit's guard comes after
+    the reduced decode."""
+    path = tmp_path / "phone.jpg"
+    Image.new("L", (12000, 9000), 128).save(path, quality=50)
+    image = load_image(path)
+    assert image.size == (6000, 4500) and images.full_size(image) == (12000, 9000)
+    assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's own guard is back for everyone else
+
+
+def _heic_of_people(path):
+    from ferkit.images import enable_heif
+
+    if not enable_heif():
+        pytest.skip("ferkit[heic] (pillow-heif) is not installed")
+    Image.open(PEOPLE).save(path, format="HEIF")
+    return path
+
+
+def test_a_damaged_heic_is_a_one_line_error(tmp_path):
+    path = _heic_of_people(tmp_path / "damaged.heic")
+    data = bytearray(path.read_bytes())
+    data[382] ^= 0xFF  # pillow-heif's decoder raises EOFError for this one
+    path.write_bytes(bytes(data))
+    with pytest.raises(FerkitError, match="could not be decoded") as caught:
+        load_image(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_heic_named_jpg_reads_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    path = _heic_of_people(tmp_path / "renamed.jpg")
+    code = f"from ferkit.images import load_image; print(load_image({str(path)!r}).size)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "(920, 360)", result.stderr
+
+
+@pytest.mark.skipif("AVIF" in images.image_decoders(), reason="this Pillow reads AVIF")
+def test_an_avif_photo_on_a_pillow_without_avif_says_to_upgrade(tmp_path):
+    path = tmp_path / "photo.avif"
+    path.write_bytes(b"\x00\x00\x00\x1cftypavif")
+    with pytest.raises(FerkitError, match="needs Pillow 11.3 or later"):
+        load_image(path)

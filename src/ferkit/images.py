@@ -7,7 +7,7 @@ preprocessing at predict time cannot drift from the one used in training.
 from __future__ import annotations
 
 import os
-import warnings
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ferkit.errors import FerkitError, first_line
 
 # HEIC/HEIF (iPhones' photos) need the heic extra; AVIF needs Pillow 11.3 or later.
-HEIF_SUFFIXES = (".heic", ".heif")
+HEIF_SUFFIXES = (".heic", ".heif", ".hif")  # .hif: Canon and Fujifilm cameras
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif") + HEIF_SUFFIXES
 
 # Pillow's own bomb guard warns at 89 Mpx and fails at twice that; we refuse anything past this.
@@ -59,28 +59,26 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, channels
         raise ImageError(path, "a folder", f"{path} is a folder, not an image")
     if path.stat().st_size == 0:
         raise ImageError(path, "empty file", f"{path} is an empty file")
-    if path.suffix.lower() in HEIF_SUFFIXES:
-        _read_heif_with_pillow(path)
+    _check_decoder_for(path)
     photo_size = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            if image.format == "JPEG" and image.width * image.height > MAX_IMAGE_PIXELS:
-                photo_size = image.size
-                _decode_smaller(image)
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ImageError(
-                    path, "over the pixel limit", f"{path} is {image.width}x{image.height} pixels, over the "
-                    f"limit of {MAX_IMAGE_PIXELS:,}; resize it first"
-                )
-            image.seek(0)
-            image.load()
+        image = _open(path)
+        if image.format == "JPEG" and image.width * image.height > MAX_IMAGE_PIXELS:
+            photo_size = image.size
+            _decode_smaller(image)
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise ImageError(
+                path, "over the pixel limit", f"{path} is {image.width}x{image.height} pixels, over the "
+                f"limit of {MAX_IMAGE_PIXELS:,}; resize it first"
+            )
+        image.seek(0)
+        image.load()
     except FerkitError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except UnidentifiedImageError:
         raise ImageError(path, "not an image", f"{path} is not an image ferkit can read") from None
-    except (OSError, SyntaxError, ValueError) as err:
+    # EOFError and RuntimeError: how pillow-heif's decoder reports a damaged HEIC
+    except (OSError, SyntaxError, ValueError, EOFError, RuntimeError) as err:
         raise ImageError(path, first_line(err), f"{path} could not be decoded ({first_line(err)})") from None
     upright = ImageOps.exif_transpose(image)
     if photo_size:
@@ -88,22 +86,66 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, channels
     return upright
 
 
-def _read_heif_with_pillow(path: Path) -> None:
-    """Teach Pillow HEIC/HEIF, or say in one line that `path` needs the heic extra."""
-    if not enable_heif():
+def _check_decoder_for(path: Path) -> None:
+    """A one-line error for a photo whose format needs what is not installed."""
+    suffix = path.suffix.lower()
+    if suffix in HEIF_SUFFIXES and not enable_heif():
         raise ImageError(path, "needs the heic extra", f"{path} is a HEIC/HEIF photo; reading it needs ferkit's "
                          "'heic' extra: pip install 'ferkit[heic]'")
+    Image.init()
+    if suffix == ".avif" and "AVIF" not in Image.OPEN:
+        raise ImageError(path, "needs Pillow 11.3", f"{path} is an AVIF photo; reading it needs Pillow 11.3 or "
+                         "later: pip install -U pillow")
 
 
 def enable_heif() -> bool:
     """Let Pillow open HEIC/HEIF images where pillow-heif (the heic extra) is installed; whether it can."""
+    global _HEIF
+    if _HEIF is None:
+        try:
+            from pillow_heif import register_heif_opener
+        except ImportError:
+            _HEIF = False
+        else:
+            register_heif_opener()
+            _HEIF = True
+    Image.init()
+    return _HEIF
+
+
+_HEIF: bool | None = None  # not looked for yet
+
+
+def image_decoders() -> tuple[str, ...]:
+    """The image formats this installation decodes (Pillow's, and HEIF with the heic extra)."""
+    enable_heif()
+    return tuple(sorted(Image.OPEN))
+
+
+def _open(path: Path) -> Image.Image:
+    """Image.open, HEIC/HEIF included where the heic extra is installed (pillow-heif is imported only
+    for a file Pillow cannot identify: a HEIC under any name, at no cost to JPEGs)."""
     try:
-        from pillow_heif import register_heif_opener
-    except ImportError:
-        return False
-    if "HEIF" not in Image.OPEN:
-        register_heif_opener()
-    return True
+        return _open_without_pillows_size_guard(path)
+    except UnidentifiedImageError:
+        if _HEIF is None and enable_heif():
+            return _open_without_pillows_size_guard(path)
+        raise
+
+
+_SIZE_GUARD = threading.Lock()
+
+
+def _open_without_pillows_size_guard(path: Path) -> Image.Image:
+    """Image.open (the header only) without Pillow's decompression-bomb check, which refuses a 108 Mpx
+    phone photo outright: ferkit decodes a JPEG that large at a reduced scale, then applies its own
+    limit. The check is a global setting, so it is off for the shortest time, one caller at a time."""
+    with _SIZE_GUARD:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
 
 
 def full_size(image: Image.Image) -> tuple[int, int]:

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ferkit.errors import FerkitError
+from ferkit.errors import FerkitError, first_line
 from ferkit.extras import require
 from ferkit.predict import model_version
 
@@ -229,15 +229,15 @@ def _decode_image(data: bytes, max_megapixels: float):
         image = Image.open(io.BytesIO(data), formats=[f for f in IMAGE_FORMATS if f in Image.OPEN])
     except Image.DecompressionBombError:
         raise HTTPException(413, f"the image has too many pixels; the limit is {max_megapixels:g} megapixels") from None
-    except (UnidentifiedImageError, OSError):
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, RuntimeError):
         raise HTTPException(415, "the upload is not an image ferkit can decode (JPEG, PNG, WebP, BMP, GIF, TIFF, AVIF, HEIC)") from None
     megapixels = image.width * image.height / 1e6
     if megapixels > max_megapixels:
         raise HTTPException(413, f"the image has {megapixels:.1f} megapixels; the limit is {max_megapixels:g}")
     try:
         image.load()
-    except (OSError, ValueError) as err:
-        raise HTTPException(415, f"the image could not be decoded: {err}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, RuntimeError) as err:  # pillow-heif: EOFError, RuntimeError
+        raise HTTPException(415, f"the image could not be decoded: {first_line(err)}") from None
     return image
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from ferkit.data.cache import cache_key, load_cached, save_cached
 from ferkit.data.dataset import FaceDataset
 from ferkit.errors import FerkitError
-from ferkit.images import ImageError, load_image, to_model_input
+from ferkit.images import ImageError, image_decoders, load_image, to_model_input
 from ferkit.labels import EMOTIONS, canonical_label
 from ferkit.progress import track
 from ferkit.sources import files_under
@@ -44,7 +44,9 @@ def load_folder(
         raise FerkitError(f"{root} holds no image files in its class folders")
 
     stats = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    key = cache_key(kind="folder", root=str(root.resolve()), size=image_size, classes=classes, files=stats)
+    # the decoders too: installing the heic extra or a newer Pillow changes which files can be read
+    key = cache_key(kind="folder", root=str(root.resolve()), size=image_size, classes=classes, files=stats,
+                    decoders=image_decoders())
     cached = load_cached(key) if cache else None
     if cached is None:
         cached = _decode_files(files, labels, root, image_size, progress)
