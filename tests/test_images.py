@@ -163,14 +163,15 @@ def _heic_of_people(path):
     return path
 
 
-def test_a_damaged_heic_is_a_one_line_error(tmp_path):
+def test_a_damaged_heic_is_a_one_line_error_or_a_picture_never_a_crash(tmp_path):
     path = _heic_of_people(tmp_path / "damaged.heic")
     data = bytearray(path.read_bytes())
-    data[382] ^= 0xFF  # pillow-heif's decoder raises EOFError for this one
+    data[382] ^= 0xFF  # pillow-heif 1.x's decoder raises EOFError for this one; 0.16's decodes it
     path.write_bytes(bytes(data))
-    with pytest.raises(FerkitError, match="could not be decoded") as caught:
-        load_image(path)
-    assert "\n" not in str(caught.value)
+    try:
+        assert load_image(path).size == (920, 360)
+    except FerkitError as err:
+        assert "could not be decoded" in str(err) and "\n" not in str(err)
 
 
 def test_a_heic_named_jpg_reads_in_a_fresh_process(tmp_path):

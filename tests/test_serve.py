@@ -147,7 +147,7 @@ def test_a_heic_upload_gives_the_faces_of_the_jpeg(client):
     assert [f["emotion"] for f in response.json()["faces"]] == [f["emotion"] for f in jpeg["faces"]]
 
 
-def test_a_damaged_heic_upload_is_415_not_a_server_error(client):
+def test_a_damaged_heic_upload_is_415_or_analysed_never_a_server_error(client):
     from ferkit.images import enable_heif
 
     if not enable_heif():
@@ -155,9 +155,11 @@ def test_a_damaged_heic_upload_is_415_not_a_server_error(client):
     heic = io.BytesIO()
     Image.open(PEOPLE).save(heic, format="HEIF")
     data = bytearray(heic.getvalue())
-    data[382] ^= 0xFF  # pillow-heif's decoder raises EOFError for this one
+    data[382] ^= 0xFF  # pillow-heif 1.x's decoder raises EOFError for this one; 0.16's decodes it
     response = client.post("/v1/analyze", content=bytes(data), headers={"Content-Type": "image/heic"})
-    assert response.status_code == 415 and "\n" not in response.json()["detail"]
+    assert response.status_code in (200, 415), response.text
+    if response.status_code == 415:
+        assert "\n" not in response.json()["detail"]
 
 
 def test_an_image_over_the_pixel_limit_is_413_before_it_is_decoded(client):
