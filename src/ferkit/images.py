@@ -19,8 +19,12 @@ from ferkit.errors import FerkitError, first_line
 HEIF_SUFFIXES = (".heic", ".heif", ".hif")  # .hif: Canon and Fujifilm cameras
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif") + HEIF_SUFFIXES
 
-# Pillow's own bomb guard warns at 89 Mpx and fails at twice that; we refuse anything past this.
+# ferkit's own size limit, applied after a reduced-scale decode; it stands in for Pillow's bomb guard,
+# which load_image turns off while opening (it would refuse a 108 Mpx phone photo outright).
 MAX_IMAGE_PIXELS = 64_000_000
+
+# What decoders raise for a damaged file (pillow-heif: EOFError and RuntimeError).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, RuntimeError)
 
 # Where load_image records the (width, height) of a JPEG it decoded at a reduced scale.
 FULL_SIZE = "ferkit.full_size"
@@ -77,8 +81,7 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, channels
         raise
     except UnidentifiedImageError:
         raise ImageError(path, "not an image", f"{path} is not an image ferkit can read") from None
-    # EOFError and RuntimeError: how pillow-heif's decoder reports a damaged HEIC
-    except (OSError, SyntaxError, ValueError, EOFError, RuntimeError) as err:
+    except DECODE_ERRORS as err:
         raise ImageError(path, first_line(err), f"{path} could not be decoded ({first_line(err)})") from None
     upright = ImageOps.exif_transpose(image)
     if photo_size:
@@ -92,8 +95,7 @@ def _check_decoder_for(path: Path) -> None:
     if suffix in HEIF_SUFFIXES and not enable_heif():
         raise ImageError(path, "needs the heic extra", f"{path} is a HEIC/HEIF photo; reading it needs ferkit's "
                          "'heic' extra: pip install 'ferkit[heic]'")
-    Image.init()
-    if suffix == ".avif" and "AVIF" not in Image.OPEN:
+    if suffix == ".avif" and "AVIF" not in image_decoders():
         raise ImageError(path, "needs Pillow 11.3", f"{path} is an AVIF photo; reading it needs Pillow 11.3 or "
                          "later: pip install -U pillow")
 
@@ -109,7 +111,6 @@ def enable_heif() -> bool:
         else:
             register_heif_opener()
             _HEIF = True
-    Image.init()
     return _HEIF
 
 
@@ -119,6 +120,7 @@ _HEIF: bool | None = None  # not looked for yet
 def image_decoders() -> tuple[str, ...]:
     """The image formats this installation decodes (Pillow's, and HEIF with the heic extra)."""
     enable_heif()
+    Image.init()
     return tuple(sorted(Image.OPEN))
 
 

@@ -61,12 +61,12 @@ def create_app(config: ServeConfig | None = None):
     from fastapi.staticfiles import StaticFiles
 
     from ferkit.faces import get_detector
-    from ferkit.images import enable_heif
+    from ferkit.images import image_decoders
     from ferkit.predict import analyze_images
     from ferkit.runtime import load_classifier
 
     config = config or ServeConfig()
-    enable_heif()
+    decoders = [f for f in IMAGE_FORMATS if f in image_decoders()]  # HEIF where the heic extra is installed
     classifier = load_classifier(config.model)
     detector = get_detector(config.detector)
     # Analyses queue for a pool of their own. Waiting inside the framework's shared thread pool instead
@@ -80,7 +80,7 @@ def create_app(config: ServeConfig | None = None):
     app.add_middleware(TooLargeAsJson, limits=size_limits)
 
     def analyze_bytes(data: bytes) -> dict:
-        image = _decode_image(data, config.max_megapixels)
+        image = _decode_image(data, decoders, config.max_megapixels)
         [result] = analyze_images([("upload", image)], model=classifier, detector=detector)
         if result.error:
             raise HTTPException(422, result.error)
@@ -219,24 +219,25 @@ async def _read_upload(request, accepted: tuple[str, ...], what: str) -> bytes:
     return data
 
 
-def _decode_image(data: bytes, max_megapixels: float):
+def _decode_image(data: bytes, decoders: list[str], max_megapixels: float):
     """A PIL image, decoded in memory: 415 when the bytes are not an image, 413 when it is too large."""
     from fastapi import HTTPException
     from PIL import Image, UnidentifiedImageError
 
-    Image.init()
+    from ferkit.images import DECODE_ERRORS
+
     try:
-        image = Image.open(io.BytesIO(data), formats=[f for f in IMAGE_FORMATS if f in Image.OPEN])
+        image = Image.open(io.BytesIO(data), formats=decoders)
     except Image.DecompressionBombError:
         raise HTTPException(413, f"the image has too many pixels; the limit is {max_megapixels:g} megapixels") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, RuntimeError):
+    except (UnidentifiedImageError, *DECODE_ERRORS):
         raise HTTPException(415, "the upload is not an image ferkit can decode (JPEG, PNG, WebP, BMP, GIF, TIFF, AVIF, HEIC)") from None
     megapixels = image.width * image.height / 1e6
     if megapixels > max_megapixels:
         raise HTTPException(413, f"the image has {megapixels:.1f} megapixels; the limit is {max_megapixels:g}")
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError, EOFError, RuntimeError) as err:  # pillow-heif: EOFError, RuntimeError
+    except DECODE_ERRORS as err:
         raise HTTPException(415, f"the image could not be decoded: {first_line(err)}") from None
     return image
 
