@@ -251,3 +251,40 @@ def test_heic_and_avif_photos_give_the_faces_and_emotions_of_the_jpeg(tmp_path, 
     assert [f.emotion for f in got.faces] == [f.emotion for f in jpeg.faces]
     for a, b in zip(got.faces, jpeg.faces):
         assert max(abs(u - v) for u, v in zip(a.box, b.box)) <= 3, (a.box, b.box)
+
+
+def test_a_folder_or_glob_given_as_one_path_is_listed(trained_run, tmp_path):
+    for name in ("b.png", "a.png", "notes.txt"):
+        if name.endswith(".png"):
+            Image.fromarray(pattern_face(1, np.random.default_rng(1))).save(tmp_path / name)
+        else:
+            (tmp_path / name).write_text("not a photo")
+    listed = [r.source for r in analyze_images(tmp_path, model=trained_run, detector="none")]
+    assert listed == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    assert [r.source for r in analyze_images(str(tmp_path / "b*"), model=trained_run, detector="none")] == listed[1:]
+
+
+def test_a_custom_detectors_empty_or_stray_boxes_are_left_out(trained_run):
+    picture = _canvas_with_faces([(10, 20, 48, 48)], [5])
+    stray = [(10, 20, 48, 48), (0, 0, 0, 0), (5000, 5000, 10, 10), (-50, -50, 20, 20)]
+    assert [f.box for f in analyze(picture, model=trained_run, detector=lambda rgb: stray)] == [(10, 20, 48, 48)]
+
+
+def test_a_url_is_refused_in_one_line_that_keeps_it_whole():
+    with pytest.raises(FerkitError, match="^http://example.com/a.jpg: URLs are not fetched"):
+        analyze("http://example.com/a.jpg")
+
+
+def test_faces_are_drawn_on_arrays_and_plain_boxes_too(trained_run):
+    from ferkit import draw_faces
+
+    boxes = [(10, 20, 48, 48), (200, 100, 60, 60)]
+    picture = _canvas_with_faces(boxes, [5, 3])
+    faces = analyze(picture, model=trained_run, boxes=boxes)
+    drawn = draw_faces(picture, faces)
+    assert drawn.size == (300, 200) and drawn.tobytes() == draw_faces(Image.fromarray(picture), faces).tobytes()
+    plain = np.asarray(draw_faces(picture[:, :, ::-1], boxes, channels="bgr"))
+    assert plain.shape == picture.shape and not np.array_equal(plain, picture)
+    assert np.array_equal(plain[150:, 100:180], picture[150:, 100:180])  # nothing drawn away from the boxes
+    with pytest.raises(FerkitError, match="outside"):
+        draw_faces(picture, [(400, 0, 10, 10)])

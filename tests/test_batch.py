@@ -75,3 +75,53 @@ def test_a_lone_source_without_images_is_bad_input(tmp_path):
         list_batch_images([str(tmp_path)])
     paths, errors = list_batch_images([str(tmp_path), str(tmp_path / "none-*.png")])
     assert paths == [] and len(errors) == 2
+
+
+def test_files_ferkit_did_not_write_are_never_replaced_without_overwrite(trained_run, photos, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("faces.csv", "batch.json", "a.annotated.jpg"):
+        (out / name).write_text("mine")
+        with pytest.raises(FerkitError, match=f"{name} exists and ferkit did not write it"):
+            FolderBatch([photos], out, model=trained_run, detector="none", annotate=True)
+        assert (out / name).read_text() == "mine"
+        (out / name).unlink()
+    batch = FolderBatch([photos], out, model=trained_run, detector="none", annotate=True)
+    list(batch.run())
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [line.get("annotated") for line in lines] == ["a.annotated.jpg", "b.annotated.jpg", None, "a-2.annotated.jpg"]
+    # ferkit's own copies are replaced by a later batch that is told to replace the results
+    list(FolderBatch([photos], out, model=trained_run, detector="none", annotate=True, overwrite=True).run())
+    (out / "results.jsonl").unlink()
+    list(FolderBatch([photos], out, model=trained_run, detector="none", annotate=True).run())
+
+
+def test_results_written_among_the_photos_are_not_read_back_as_photos(trained_run, photos):
+    list(FolderBatch([photos], photos, model=trained_run, detector="none", annotate=True).run())
+    again = FolderBatch([photos], photos, model=trained_run, detector="none", annotate=True, overwrite=True)
+    assert sorted(p.name for p in again.todo) == ["a.png", "a.png", "b.png", "broken.jpg"]
+
+
+def test_a_batch_resumes_only_with_the_model_and_settings_it_began_with(trained_run, photos, tmp_path):
+    from ferkit.runtime import load_classifier
+
+    out = tmp_path / "out"
+    list(FolderBatch([photos], out, model=trained_run, detector="none").run())
+    settings = json.loads((out / "batch.json").read_text())
+    assert settings["tta"] == "none" and settings["detector"] == "none" and len(settings["classes"]) == 7
+    for changed in ({"uncertain_below": 0.5}, {"model": load_classifier(trained_run).with_tta("flip")}):
+        with pytest.raises(FerkitError, match="made with other settings"):
+            FolderBatch([photos], out, **{"model": trained_run, "detector": "none", "resume": True, **changed})
+    assert FolderBatch([photos], out, model=trained_run, detector="none", resume=True).skipped == 3
+    # a folder of an older version, without batch.json: its table's header says the classes
+    (out / "batch.json").unlink()
+    header = (out / "faces.csv").read_text().splitlines()[0].replace("surprise", "contempt")
+    (out / "faces.csv").write_text(header + "\n")
+    with pytest.raises(FerkitError, match="classes"):
+        FolderBatch([photos], out, model=trained_run, detector="none", resume=True)
+
+
+def test_the_same_photo_given_twice_is_analysed_once(photos):
+    paths, errors = list_batch_images([str(photos / "a.png"), str(photos), str(photos / "sub" / ".." / "a.png")])
+    assert [str(p) for p in paths] == [str(photos / "a.png"), str(photos / "b.png"), str(photos / "broken.jpg"),
+                                       str(photos / "sub" / "a.png")] and errors == []

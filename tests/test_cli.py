@@ -189,7 +189,8 @@ def test_several_sources_go_on_past_a_missing_one(trained_run, tmp_path):
     assert json.loads(result.output.strip().splitlines()[-1])["source"] == str(good)
     summary = run("predict", tmp_path / "missing.png", good, good, "--model", trained_run, "--detector", "none",
                   "--out", tmp_path / "out2")
-    assert summary.exit_code == 1 and "2 images, 2 faces, 0 failed, 1 source(s) not found" in summary.output
+    # the same photo given twice is analysed once
+    assert summary.exit_code == 1 and "1 images, 1 faces, 0 failed, 1 source(s) not found" in summary.output
 
 
 def test_a_photo_with_no_face_says_so(trained_run, tmp_path):
@@ -501,3 +502,31 @@ def test_ctrl_c_inside_a_garbage_collection_callback_still_stops_the_command():
         sys.unraisablehook = previous_hook
         signal.signal(signal.SIGINT, previous_handler)
         signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def test_usage_mistakes_are_one_line_errors_that_point_to_help():
+    for args, words in [(["predict"], "Missing argument"), (["predict", "x.jpg", "--uncertain-below", "abc"], "abc"),
+                        (["predcit"], "No such command")]:
+        line = _one_line_error(run(*args))
+        assert words in line and line.endswith("--help)")
+
+
+def test_an_out_folder_that_cannot_be_made_is_bad_input_said_before_any_work(trained_run, pattern_data, tmp_path):
+    photo = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+    too_long = tmp_path / ("x" * 300)
+    assert "File name too long" in _one_line_error(run("predict", photo, "--model", trained_run, "--out", too_long))
+    (tmp_path / "file").write_text("mine")
+    line = _one_line_error(run("evaluate", trained_run, "--data", pattern_data / "val", "--out", too_long))
+    assert "File name too long" in line and not any(tmp_path.glob("x*"))
+
+
+def test_a_photos_results_replace_ferkits_own_but_not_a_users_file(trained_run, tmp_path):
+    photo = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+    args = ["predict", photo, "--model", trained_run, "--out", tmp_path]
+    assert run(*args).exit_code == 0 and run(*args).exit_code == 0  # the second run replaces the first's files
+    assert json.loads((tmp_path / "people.faces.json").read_text())["faces"]
+    (tmp_path / "people.annotated.jpg").write_bytes(b"my drawing")
+    line = _one_line_error(run(*args))
+    assert "people.annotated.jpg exists and ferkit did not write it" in line and "--overwrite" in line
+    assert (tmp_path / "people.annotated.jpg").read_bytes() == b"my drawing"
+    assert run(*args, "--overwrite").exit_code == 0 and Image.open(tmp_path / "people.annotated.jpg").size == (920, 360)

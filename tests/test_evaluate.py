@@ -142,3 +142,12 @@ def test_default_report_folders_never_write_into_the_package_and_keep_other_eval
     score_predictions(np.arange(7), np.arange(7), EMOTIONS, model="other", data="val").save(tmp_path / "eval-best-val")
     assert default_report_folder(model, "val", this) == tmp_path / "eval-best-val-2"
     assert default_report_folder(model, "val", ("other", "val", "none")) == tmp_path / "eval-best-val"
+
+
+def test_evaluate_takes_a_models_name_and_a_datasets_path(trained_run, pattern_data):
+    from ferkit.data import load_dataset
+    from ferkit.evaluation import evaluate
+
+    by_path = evaluate(str(trained_run), str(pattern_data / "val"))
+    loaded = evaluate(trained_run, load_dataset(pattern_data / "val"))
+    assert by_path.accuracy == loaded.accuracy and by_path.confusion_matrix.tolist() == loaded.confusion_matrix.tolist()

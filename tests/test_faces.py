@@ -202,3 +202,29 @@ def test_mtcnn_serves_two_threads_at_once():
                           timeout=300)
     assert done.returncode == 0, done.stderr[-1000:]
     assert done.stdout.split() == ["3", "0"]  # three faces found, and each thread found its own image's
+
+
+def test_a_crop_far_beyond_the_photo_stays_small_in_memory_and_partial_crops_repeat_the_edges():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    for box in [(-10, -5, 20, 20), (35, 25, 10, 10), (-40, -40, 120, 110), (39, 29, 1, 1)]:
+        x, y, w, h = box
+        side = max(w, h)
+        left, top = round(x + w / 2 - side / 2), round(y + h / 2 - side / 2)
+        rows = np.clip(np.arange(top, top + side), 0, 29)
+        cols = np.clip(np.arange(left, left + side), 0, 39)
+        assert np.array_equal(np.asarray(face_crop(image, box)), pixels[rows][:, cols])  # the nearest edge pixel
+    huge = face_crop(image, (0, 0, 60_000, 60_000))  # 10 GiB at full scale
+    assert huge.size == (2048, 2048)
+    assert face_crop(image, (0, 0, 10**20, 10)).size == (2048, 2048)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("yuface") is None, reason="yuface has no wheel for this Python")
+def test_yunet_finds_the_faces_of_a_panorama():
+    people = Image.open(Path(__file__).resolve().parents[1] / "examples" / "people.jpg").convert("RGB")
+    strip = people.resize((round(people.width * 300 / people.height), 300))
+    panorama = Image.new("RGB", (8000, 300), (90, 90, 90))
+    panorama.paste(strip, (3000, 0))
+    expected = len(get_detector("yunet")(np.asarray(strip)))
+    assert expected >= 3 and len(get_detector("yunet")(np.asarray(panorama))) == expected

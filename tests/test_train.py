@@ -415,8 +415,6 @@ def test_warmup_rises_to_the_peak_rate_then_cosine_decays(pattern_data, tmp_path
 
 @pytest.mark.parametrize("model", ["seed-cnn", "ferkit-net-s"])  # without and with batch norm
 def test_ema_validates_and_saves_the_averaged_weights_and_resumes(pattern_data, tmp_path, model):
-    import keras
-
     from ferkit.runtime import load_classifier
 
     config = _config(pattern_data, tmp_path / "ema", model=model, epochs=2, optimizer="sgd", learning_rate=0.05, ema=0.9)

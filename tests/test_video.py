@@ -310,3 +310,16 @@ def test_a_video_stopped_early_is_closed_while_the_error_is_still_held(trained_r
     with pytest.raises(KeyboardInterrupt) as stopped:
         analyze_video(squares_video, model=trained_run, detector=_bright_squares, every=1, progress=stop)
     assert stopped.traceback and not _open_by_this_process(squares_video)
+
+
+def test_a_globs_videos_are_analysed_and_a_folders_are_named_as_left_out(trained_run, squares_video, tmp_path):
+    Image.fromarray(pattern_face(3, np.random.default_rng(3))).save(squares_video.parent / "face.png")
+    common = ["--model", str(trained_run), "--detector", "none"]
+    videos_only = CliRunner().invoke(cli, ["predict", str(squares_video.parent / "*.mp4"), *common, "--out", str(tmp_path / "g")])
+    assert videos_only.exit_code == 0, videos_only.output
+    assert (tmp_path / "g" / "squares.timeline.csv").exists() and not (tmp_path / "g" / "faces.csv").exists()
+    both = CliRunner().invoke(cli, ["predict", str(squares_video.parent / "*.*"), *common, "--out", str(tmp_path / "b")])
+    assert both.exit_code == 0 and "1 images" in both.output and (tmp_path / "b" / "squares.timeline.csv").exists()
+    folder = CliRunner().invoke(cli, ["predict", str(squares_video.parent), *common, "--out", str(tmp_path / "f")])
+    assert folder.exit_code == 0 and "holds 1 video(s), left out" in folder.output
+    assert not (tmp_path / "f" / "squares.timeline.csv").exists()

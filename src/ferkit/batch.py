@@ -15,9 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ferkit.draw import save_annotated
 from ferkit.errors import FerkitError
 from ferkit.predict import UNCERTAIN_BELOW, analyze_images, check_uncertain_below
-from ferkit.results import ImageResult, ResultsFolder
+from ferkit.results import ImageResult, ResultsFolder, check_replaceable
+from ferkit.sources import ANNOTATED_SUFFIX
 from ferkit.runtime import load_classifier
 
 
@@ -43,10 +45,13 @@ class FolderBatch:
         # everything checked before the model loads and before an earlier batch's files are replaced
         self.detector = get_detector(detector)
         self.classifier = load_classifier(model)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.results = ResultsFolder(self.out, self.classifier.classes, resume=resume)
         used: set[str] = set()  # named in listing order, so a resumed run names its copies as a whole run would
-        self.annotated = {str(p): unique_path(self.out, p.stem, ".annotated.jpg", used) for p in paths} if annotate else {}
+        self.annotated = {str(p): unique_path(self.out, p.stem, ANNOTATED_SUFFIX, used) for p in paths} if annotate else {}
+        written = [self.out / name for name in (ResultsFolder.TABLE, ResultsFolder.LINES, ResultsFolder.SETTINGS)]
+        check_replaceable([*written, *self.annotated.values()], overwrite=overwrite)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results = ResultsFolder(self.out, self.classifier.classes, resume=resume,
+                                     settings=batch_settings(self.classifier, self.detector, self.uncertain_below))
         self.todo = [p for p in paths if str(p) not in self.results.finished]
         self.skipped = len(paths) - len(self.todo)  # done by an earlier run (resume)
         self.images = self.faces = 0
@@ -57,15 +62,25 @@ class FolderBatch:
         with self.results:
             for result in analyze_images(self.todo, model=self.classifier, detector=self.detector,
                                          uncertain_below=self.uncertain_below):
-                self.results.write(result)
+                annotated = None
+                if result.ok and self.annotated:
+                    annotated = save_annotated(result.draw(result.source), self.annotated[result.source]).name
+                self.results.write(result, **({"annotated": annotated} if annotated else {}))
                 self.images += 1
                 if result.error:
                     self.failed += 1
                 else:
                     self.faces += len(result.faces)
-                    if self.annotated:
-                        result.draw(result.source).save(self.annotated[result.source], quality=92)
                 yield result
+
+
+def batch_settings(classifier, detector, uncertain_below: float) -> dict:
+    """What a batch's results depend on beyond its images, kept with them so that a resumed run must match."""
+    from ferkit.predict import model_version
+
+    return {"model": classifier.name, "model_version": model_version(classifier), "tta": classifier.tta,
+            "detector": getattr(detector, "name", "custom") if detector is not None else "none",
+            "uncertain_below": uncertain_below}
 
 
 def check_results_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -102,7 +117,19 @@ def list_batch_images(sources: list[str], *, skip: Path | None = None,
             if (len(sources) == 1) if alone is None else alone:
                 raise
             errors.append(str(err))
-    return paths, errors
+    return _once_each(paths), errors
+
+
+def _once_each(paths: list[Path]) -> list[Path]:
+    """`paths` in order, each file once (the same photo given twice, or by two routes, is analysed once)."""
+    seen: set[Path] = set()
+    unique = []
+    for path in paths:
+        real = path.resolve()
+        if real not in seen:
+            seen.add(real)
+            unique.append(path)
+    return unique
 
 
 def analyze_video_into_folder(source: str | Path, out: str | Path, *, stem: str | None = None, model=None,

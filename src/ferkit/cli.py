@@ -44,6 +44,12 @@ class _Cli(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as err:  # one line, as every other error, instead of usage + hint + error
+            if _debug(ctx):
+                raise
+            where = err.ctx.command_path if err.ctx else "ferkit"
+            click.echo(f"error: {err.format_message()} (see: {where} --help)", err=True)
+            ctx.exit(err.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except FerkitError as err:
@@ -51,23 +57,32 @@ class _Cli(click.Group):
                 raise
             click.echo(f"error: {err}", err=True)
             ctx.exit(err.exit_code)
-        except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
-            if _debug(ctx):
-                raise  # a path the user named cannot be used as asked (a file where a folder must go, ...)
-            click.echo(f"error: {err.filename}: {err.strerror}", err=True)
-            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
         except BrokenPipeError:  # the reader went away (`ferkit models | head`): stop quietly, as Unix tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
             ctx.exit(EXIT_BROKEN_PIPE)
-        except Exception as err:  # a bug or an unforeseen failure: still one line unless --debug
+        except OSError as err:
+            if err.filename is None:
+                _report_unexpected(ctx, err)
             if _debug(ctx):
                 raise
-            first = (str(err).strip().splitlines() or [""])[0]
-            click.echo(f"internal error: {type(err).__name__}: {first} (run with --debug for the traceback)", err=True)
-            ctx.exit(EXIT_INTERNAL_ERROR)
+            # a path the user named cannot be used as asked: missing, a file where a folder must go, not
+            # writable, a name too long, a full disk
+            click.echo(f"error: {err.filename}: {err.strerror}", err=True)
+            ctx.exit(2)
+        except Exception as err:
+            _report_unexpected(ctx, err)
+
+
+def _report_unexpected(ctx, err: Exception) -> None:
+    """A bug or an unforeseen failure: still one line unless --debug."""
+    if _debug(ctx):
+        raise err
+    first = (str(err).strip().splitlines() or [""])[0]
+    click.echo(f"internal error: {type(err).__name__}: {first} (run with --debug for the traceback)", err=True)
+    ctx.exit(EXIT_INTERNAL_ERROR)
 
 
 def _debug(ctx) -> bool:
@@ -401,6 +416,7 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
         out = default_report_folder(model, data, evaluation, usage=usage, tta=tta)
     elif not overwrite:
         check_report_folder(out, *evaluation)  # before the minutes of scoring, not after
+    Path(out).mkdir(parents=True, exist_ok=True)  # a folder that cannot be made: said now, not after the scoring
     report = evaluate(classifier, dataset, batch_size=batch_size)
     written = report.save(out, overwrite=overwrite)
     if as_json:
@@ -575,7 +591,8 @@ def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, 
               help="Mark faces whose top probability is below this as uncertain ('?' after the emotion); 0: never.")
 @click.option("--resume", is_flag=True,
               help="Folders and globs: skip the images already in --out's results.jsonl (a run cut short) and append; --engine ray: run only the tasks without output parts.")
-@click.option("--overwrite", is_flag=True, help="Folders and globs: replace the results of an earlier batch in --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier batch's results in --out, and files there of the names ferkit writes that it did not write.")
 @TTA_OPTION
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="'ray': run on a Ray cluster (ferkit[ray]) and write sharded Parquet and JSONL to --out; "
@@ -590,8 +607,8 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     from ferkit.batch import FolderBatch, check_results_folder, unique_path
     from ferkit.faces import get_detector
     from ferkit.predict import check_uncertain_below
+    from ferkit.results import check_replaceable
     from ferkit.runtime import load_classifier
-    from ferkit.sources import source_kind
 
     check_uncertain_below(uncertain_below)
     if every is not None and target_fps is not None:
@@ -613,14 +630,15 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     out = Path(out)
     if resume and overwrite:
         raise FerkitError("--resume continues the results in --out and --overwrite replaces them; give one")
-    kinds = []
+    kinds, missing = [], 0
     for source in sources:
         try:
-            kinds.append((source, source_kind(source)))
+            kinds += _kinds_of(source)
         except FerkitError as err:
             if len(sources) == 1:
                 raise
             click.echo(f"error: {err}", err=True)
+            missing += 1
     if any(kind == "video" for _, kind in kinds):  # before any work, not after the photos of a batch
         from ferkit.extras import require
 
@@ -635,26 +653,52 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
         check_results_folder(out, resume=resume, overwrite=overwrite)
     elif out.exists() and not out.is_dir():
         raise FerkitError(f"--out {out} is a file; give a folder for the results")
+    else:
+        for image in images:
+            check_replaceable(_photo_outputs(out, image, annotate is not False), overwrite=overwrite)
     classifier = load_classifier(model).with_tta(tta)
     find = get_detector(detector)
     out.mkdir(parents=True, exist_ok=True)
-    failures = len(sources) - len(kinds)
+    failures = missing
     if images and not batch:
         failures += _predict_one(images[0], classifier, find, out, as_json, annotate is not False, given,
                                  uncertain_below=uncertain_below)
     elif batch:
         failures += _predict_many(FolderBatch(batch, out, model=classifier, detector=find, annotate=bool(annotate),
                                               uncertain_below=uncertain_below, resume=resume, overwrite=overwrite,
-                                              alone=len(sources) == 1),
+                                              alone=len(kinds) + missing == 1),
                                   as_json, unreadable_sources=failures)
     stems: set[str] = set()  # videos of the same name from different folders: clip, clip-2, ...
     for source in (s for s, kind in kinds if kind == "video"):
         stem = unique_path(out, Path(source).stem, "", stems).name
-        failures += _predict_video(source, out, as_json, stem=stem, alone=len(sources) == 1, model=classifier,
+        failures += _predict_video(source, out, as_json, stem=stem, alone=len(kinds) + missing == 1, model=classifier,
                                    detector=find, every=every, target_fps=target_fps, smooth=smooth,
                                    save_video=save_video, uncertain_below=uncertain_below)
     if failures:
         sys.exit(1)
+
+
+def _kinds_of(source: str) -> list[tuple[str, str]]:
+    """(source, kind) pairs for one SOURCE: a glob's videos become sources of their own, after its images;
+    a folder's videos are left out, with a note."""
+    from ferkit.sources import list_images, source_kind, videos_in
+
+    kind = source_kind(source)
+    if kind not in ("glob", "folder"):
+        return [(source, kind)]
+    videos = videos_in(source)
+    if kind == "folder":
+        if videos:
+            click.echo(f"note: {source} holds {len(videos)} video(s), left out: give videos by name or glob "
+                       "to analyse them", err=True)
+        return [(source, kind)]
+    try:
+        list_images(source)
+    except FerkitError:
+        if videos:
+            return [(str(v), "video") for v in videos]
+        raise
+    return [(source, kind)] + [(str(v), "video") for v in videos]
 
 
 def _predict_on_ray(config) -> None:
@@ -683,6 +727,7 @@ def _parse_box(text: str) -> tuple[int, int, int, int]:
 
 def _predict_one(source, classifier, find, out: Path, as_json: bool, annotate: bool, boxes=None, *,
                  uncertain_below: float = UNCERTAIN_BELOW) -> int:
+    from ferkit.draw import save_annotated
     from ferkit.predict import analyze_images
 
     [result] = analyze_images([source], model=classifier, detector=find, boxes=boxes, uncertain_below=uncertain_below)
@@ -691,17 +736,24 @@ def _predict_one(source, classifier, find, out: Path, as_json: bool, annotate: b
     if result.error:
         click.echo(f"error: {result.error}", err=True)
         return 1
-    stem = Path(source).stem
-    written = [_write_json(out / f"{stem}.faces.json", result.to_dict())]
+    written = _photo_outputs(out, source, annotate)
+    _write_json(written[0], result.to_dict())
     if annotate:
-        written.append(out / f"{stem}.annotated.jpg")
-        result.draw(source).save(written[-1], quality=92)
+        save_annotated(result.draw(source), written[1])
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return 0
     _print_faces(result)
     click.echo(f"wrote {', '.join(str(p) for p in written)}")
     return 0
+
+
+def _photo_outputs(out: Path, source: str, annotate: bool) -> list[Path]:
+    """The files `ferkit predict` writes for one photo: its JSON, then its annotated copy."""
+    from ferkit.sources import ANNOTATED_SUFFIX
+
+    stem = Path(source).stem
+    return [out / f"{stem}.faces.json"] + ([out / f"{stem}{ANNOTATED_SUFFIX}"] if annotate else [])
 
 
 def _predict_many(batch, as_json: bool, unreadable_sources: int = 0) -> int:

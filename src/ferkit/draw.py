@@ -3,12 +3,20 @@ stay readable on any photo."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ferkit.images import decoded_scale, to_rgb
+from ferkit import __version__
+from ferkit.faces import Box
+from ferkit.images import decoded_scale, full_size, load_image, to_rgb
+from ferkit.predict import checked_box
 from ferkit.results import Face
+
+SOFTWARE = 0x0131  # the EXIF tag naming the program that wrote an image
 
 # One colour per emotion, readable on photos (Okabe-Ito palette, colour-blind safe).
 COLOURS = {
@@ -22,9 +30,14 @@ COLOURS = {
 }
 
 
-def draw_faces(image: Image.Image, faces: Sequence[Face]) -> Image.Image:
-    """A copy of `image` (RGB) with every face's box, number and top emotion drawn on it. Boxes are in
-    the photo's pixels, also where load_image decoded a very large JPEG at a reduced scale."""
+def draw_faces(image: Image.Image | np.ndarray | str | os.PathLike, faces: Sequence[Face | Box], *,
+               channels: str = "rgb") -> Image.Image:
+    """A copy of `image` (RGB) with every face's box, number and top emotion drawn on it. `image` is what
+    `ferkit.analyze` takes: a PIL image, a path, or an array (`channels="bgr"` for OpenCV's); `faces` are
+    Faces, or plain (x, y, width, height) boxes, drawn numbered without an emotion. Boxes are in the
+    photo's pixels, also where load_image decoded a very large JPEG at a reduced scale."""
+    if not isinstance(image, Image.Image):
+        image = load_image(image, channels=channels)
     across, down = decoded_scale(image)
     canvas = to_rgb(image).copy()
     draw = ImageDraw.Draw(canvas)
@@ -32,11 +45,11 @@ def draw_faces(image: Image.Image, faces: Sequence[Face]) -> Image.Image:
     line = max(2, round(3 * scale))
     font = ImageFont.load_default(size=max(11, round(16 * scale)))
     for number, face in enumerate(faces, start=1):
-        x, y, w, h = face.box
+        x, y, w, h = face.box if isinstance(face, Face) else checked_box(face, full_size(image))
         x, y, w, h = round(x / across), round(y / down), round(w / across), round(h / down)
-        colour = COLOURS.get(face.emotion, (255, 255, 255))
+        colour = COLOURS.get(face.emotion, (255, 255, 255)) if isinstance(face, Face) else (255, 255, 255)
         draw.rectangle((x, y, x + w, y + h), outline=colour, width=line)
-        label = f"{number} {face.emotion}{'?' if face.uncertain else ''} {face.score:.0%}"
+        label = f"{number} {face.emotion}{'?' if face.uncertain else ''} {face.score:.0%}" if isinstance(face, Face) else str(number)
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
         text_w, text_h = right - left, bottom - top
         pad = max(2, line)
@@ -45,3 +58,21 @@ def draw_faces(image: Image.Image, faces: Sequence[Face]) -> Image.Image:
         draw.rectangle((x - line // 2, ty, x + text_w + 2 * pad, ty + text_h + 2 * pad), fill=colour)
         draw.text((x + pad - left, ty + pad - top), label, fill=(0, 0, 0), font=font)
     return canvas
+
+
+def save_annotated(image: Image.Image, path: str | Path) -> Path:
+    """Save an annotated copy as JPEG, marked as ferkit's in its EXIF data (so that a later run knows it
+    may replace it: see `ferkit.results.check_replaceable`)."""
+    exif = Image.Exif()
+    exif[SOFTWARE] = f"ferkit {__version__}"
+    image.save(path, format="JPEG", quality=92, exif=exif)
+    return Path(path)
+
+
+def written_by_ferkit(path: str | Path) -> bool:
+    """Whether the image at `path` is an annotated copy that ferkit saved (`save_annotated`)."""
+    try:
+        with Image.open(path) as image:
+            return str(image.getexif().get(SOFTWARE, "")).startswith("ferkit")
+    except (OSError, ValueError):
+        return False

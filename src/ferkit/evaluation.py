@@ -285,10 +285,12 @@ def _describe_report_folder(folder: str | Path) -> str:
 
 
 def evaluate(
-    model: str | Path | Classifier | None, dataset: FaceDataset, *, batch_size: int = 256, tta: str | None = None
+    model: str | Path | Classifier | None, dataset: FaceDataset | str | Path, *, batch_size: int = 256,
+    tta: str | None = None,
 ) -> EvaluationReport:
     """Classify every face of `dataset` with `model` (a run, model file or shipped model's name; None: the
-    default shipped model) and score the predictions.
+    default shipped model) and score the predictions. `dataset` may be a path, which `load_dataset` reads
+    at the model's input size (a FER2013 CSV: its PublicTest rows).
 
     `tta`: "none", "flip" or "tencrop" overrides the test-time augmentation the model file asks for.
     The probabilities are scored with the model's temperature; a model whose temperature is not 1 is also
@@ -297,6 +299,10 @@ def evaluate(
     for module in ("sklearn", "matplotlib"):  # before minutes of inference, not after
         require(module, "ferkit evaluate")
     classifier = load_classifier(model).with_tta(tta)
+    if isinstance(dataset, (str, Path)):
+        from ferkit.data import load_dataset
+
+        dataset = load_dataset(dataset, classes=classifier.classes, image_size=classifier.input_size, usage="PublicTest")
     y_true = dataset.labels_for(classifier.classes)  # before minutes of inference, not after
     temperatures = [classifier.temperature] if classifier.temperature == 1.0 else [classifier.temperature, 1.0]
     outputs = classifier.predict_proba_at_temperatures(dataset.images, temperatures, batch_size=batch_size)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,17 +58,22 @@ class Detection:
 
 class YuNetDetector:
     """YuNet via `yuface`. Images larger than `max_side` are scaled down for detection (YuNet's
-    accuracy drops past ~960 px) and the boxes scaled back."""
+    accuracy drops past ~960 px) and the boxes scaled back, but never so far that the shorter side falls
+    under `min_short_side`: a panorama keeps its faces large enough to be found."""
 
     name = "yunet"
 
-    def __init__(self, *, threshold: float = 0.7, max_side: int = 960, threads: int | None = None):
+    def __init__(self, *, threshold: float = 0.7, max_side: int = 960, min_short_side: int = 540,
+                 threads: int | None = None):
         try:
             import yuface
         except ImportError:
             raise FerkitError("the yunet detector needs the 'yuface' package (wheels for Python 3.10-3.11)") from None
         self._detect = yuface.detect
-        self.threshold, self.max_side, self.threads = threshold, max_side, threads or detector_threads()
+        # yuface warns about any side over 960 px; ferkit scales photos down itself and lets panoramas be wider
+        warnings.filterwarnings("ignore", message="Image size .* is too large", module="yuface")
+        self.threshold, self.threads = threshold, threads or detector_threads()
+        self.max_side, self.min_short_side = max_side, min_short_side
         # OpenMP's thread count holds for the thread that sets it: each thread that detects sets it once
         # (a server's worker threads took 470 ms per photo instead of 70 on a busy machine without it)
         self._openmp = _openmp_controllers("yuface")
@@ -81,7 +87,7 @@ class YuNetDetector:
             for library in self._openmp:
                 library.set_num_threads(self.threads)
             self._configured.done = True
-        scale, small = _shrink(rgb, self.max_side)
+        scale, small = _shrink(rgb, self.max_side, self.min_short_side)
         bgr = np.ascontiguousarray(small[:, :, ::-1])
         scores, boxes, landmarks = self._detect(bgr, conf=self.threshold)
         detections = []
@@ -143,6 +149,9 @@ def box_iou(a: Box, b: Box) -> float:
     return inter / union if union else 0.0
 
 
+MAX_PADDED_SIDE = 2048  # the largest square cut with padding at full scale; every face ends up far smaller
+
+
 def face_crop(image: Image.Image, box: Box, *, margin: float = 0.0, landmarks=None) -> Image.Image:
     """The square around `box`, enlarged by `margin` of its side on each side, padded with edge pixels
     where it leaves the image: FER2013 faces are square and show a little around the face.
@@ -159,12 +168,18 @@ def face_crop(image: Image.Image, box: Box, *, margin: float = 0.0, landmarks=No
     size = max(1, int(round(side)))
     if left >= 0 and top >= 0 and left + size <= image.width and top + size <= image.height:
         return image.crop((left, top, left + size, top + size))
-    array = np.asarray(image)
-    pad = [(max(0, -top), max(0, top + size - image.height)), (max(0, -left), max(0, left + size - image.width))]
-    pad += [(0, 0)] * (array.ndim - 2)
-    padded = np.pad(array, pad, mode="edge")
-    top, left = top + pad[0][0], left + pad[1][0]
-    return Image.fromarray(padded[top : top + size, left : left + size])
+    if size > MAX_PADDED_SIDE:  # a square far beyond the photo: cut it from a smaller copy, so memory stays bounded
+        shrink = MAX_PADDED_SIDE / size
+        image = image.resize((max(1, round(image.width * shrink)), max(1, round(image.height * shrink))),
+                             Image.Resampling.BOX)
+        left, top, size = int(round(left * shrink)), int(round(top * shrink)), MAX_PADDED_SIDE
+    # the part of the square inside the photo (at least its nearest pixel), then its edges repeated
+    x0, y0 = min(max(0, left), image.width - 1), min(max(0, top), image.height - 1)
+    x1, y1 = max(x0 + 1, min(image.width, left + size)), max(y0 + 1, min(image.height, top + size))
+    inside = np.asarray(image.crop((x0, y0, x1, y1)))
+    before = [min(size, max(0, y0 - top)), min(size, max(0, x0 - left))]
+    pad = [(b, max(0, size - b - n)) for b, n in zip(before, inside.shape[:2])] + [(0, 0)] * (inside.ndim - 2)
+    return Image.fromarray(np.pad(inside, pad, mode="edge")[:size, :size])
 
 
 def _level_crop(image: Image.Image, box: Box, margin: float, eye_a, eye_b) -> Image.Image:
@@ -203,11 +218,10 @@ def _bundled_library_names(package: str) -> set[str]:
     return {p.name for p in libs.glob("*.so*")} if libs.is_dir() else set()
 
 
-def _shrink(rgb: np.ndarray, max_side: int) -> tuple[float, np.ndarray]:
-    longest = max(rgb.shape[:2])
-    if longest <= max_side:
+def _shrink(rgb: np.ndarray, max_side: int, min_short_side: int) -> tuple[float, np.ndarray]:
+    scale = max(max_side / max(rgb.shape[:2]), min_short_side / min(rgb.shape[:2]))
+    if scale >= 1:
         return 1.0, rgb
-    scale = max_side / longest
     size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
     return scale, np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
 

@@ -56,6 +56,9 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, channels
         if channels == "bgr" and source.ndim == 3 and source.shape[2] in (3, 4):
             source = np.concatenate([source[:, :, 2::-1], source[:, :, 3:]], axis=2)
         return _array_to_image(source)
+    if "://" in str(source):
+        raise ImageError(Path(str(source)), "a URL",
+                         f"{source}: URLs are not fetched (ferkit works offline); download the file first")
     path = Path(source)
     if not path.exists():
         raise ImageError(path, "missing", f"no such file: {path}")

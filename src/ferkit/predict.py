@@ -79,7 +79,8 @@ def analyze_images(
     uncertain_below: float = UNCERTAIN_BELOW,
     channels: str = "rgb",
 ) -> Iterator[ImageResult]:
-    """Yield one ImageResult per image, in order. Items may be (label, image) pairs. A bad image gives
+    """Yield one ImageResult per image, in order. `images` is a list of paths, PIL images or arrays (items
+    may be (label, image) pairs), or one path of a folder or glob, whose images are listed. A bad image gives
     a result with `.error` set, and the stream goes on. Faces are classified together once
     `batch_faces` faces or `batch_images` images are waiting, so memory stays bounded on long streams.
     Faces whose top probability is below `uncertain_below` are marked `uncertain` (0: none are).
@@ -87,6 +88,8 @@ def analyze_images(
     check_uncertain_below(uncertain_below)
     if channels not in CHANNEL_ORDERS:
         raise FerkitError(f"channels must be 'rgb' or 'bgr', not {channels!r}")
+    if isinstance(images, (str, os.PathLike)):
+        images = _images_of(images)
     classifier = load_classifier(model)
     find = get_detector(detector) if boxes is None else None
     pending: list[tuple[ImageResult, list[np.ndarray]]] = []
@@ -100,6 +103,13 @@ def analyze_images(
             yield from _classify(pending, classifier, uncertain_below)
             pending, waiting = [], 0
     yield from _classify(pending, classifier, uncertain_below)
+
+
+def _images_of(source: str | os.PathLike) -> list[str]:
+    """The image files of one source: a folder or glob listed (as `ferkit predict` lists them), a file as it is."""
+    from ferkit.sources import list_images, source_kind
+
+    return [str(source)] if source_kind(str(source)) in ("image", "video") else [str(p) for p in list_images(str(source))]
 
 
 def _deprecated(old: str, new: str) -> None:
@@ -144,6 +154,7 @@ def _find_faces(label, image, classifier: Classifier, find, boxes, channels: str
         except Exception as err:  # any detector, ours or the user's: report this image, go on with the rest
             result.error = f"face detection failed on {label}: {type(err).__name__}: {err}".splitlines()[0]
             return result, []
+        detections = [d for d in detections if _on_picture(d.box, picture.size)]  # a custom detector's empty or stray boxes
         detections.sort(key=lambda d: -d.box[2] * d.box[3])  # largest first; given boxes keep their order
     crops = [to_model_input(picture if whole_image else _crop(picture, d, classifier), classifier.input_size)
              for d in detections]
@@ -163,6 +174,14 @@ def _as_detection(found) -> Detection:
     except (TypeError, ValueError):
         raise TypeError(f"a detector must return Detections or (x, y, width, height) boxes, not {found!r}") from None
     return Detection((x, y, width, height), None)
+
+
+def _on_picture(box: Box, size: tuple[int, int]) -> bool:
+    try:
+        checked_box(box, size)
+    except FerkitError:
+        return False
+    return True
 
 
 def _scaled_box(box: Box, across: float, down: float) -> Box:

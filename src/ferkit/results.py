@@ -100,6 +100,39 @@ def face_rows(result: ImageResult, classes) -> list[dict]:
     return rows
 
 
+def check_replaceable(paths, *, overwrite: bool = False) -> None:
+    """Refuse to write over a file that ferkit did not write (a user's own `faces.csv`, say) unless told
+    to `overwrite`: ferkit's own results of an earlier run are replaced, nothing else is."""
+    if overwrite:
+        return
+    for path in map(Path, paths):
+        if path.exists() and not _written_by_ferkit(path):
+            raise FerkitError(f"{path} exists and ferkit did not write it: overwrite it (--overwrite) or choose "
+                              "another folder for the results")
+
+
+def _written_by_ferkit(path: Path) -> bool:
+    """Whether `path` holds one of ferkit's result files: an image's JSON, a faces table, results lines,
+    a batch's settings, or an annotated copy (marked as ferkit's in its EXIF data)."""
+    from ferkit.draw import written_by_ferkit
+
+    if path.is_dir() or not path.is_file():
+        return False
+    if path.suffix in (".json", ".jsonl", ".csv"):
+        with open(path, errors="replace") as handle:
+            first = handle.readline()
+        if path.suffix == ".csv":
+            return first.startswith(",".join(face_columns(())[:6]))
+        if path.suffix == ".jsonl" and not first:
+            return True
+        try:
+            record = json.loads(first if path.suffix == ".jsonl" else path.read_text(errors="replace"))
+        except ValueError:
+            return False
+        return isinstance(record, dict) and ({"source", "faces"} <= record.keys() or {"classes", "model"} <= record.keys())
+    return written_by_ferkit(path)
+
+
 class ResultsFolder:
     """A batch's results in a folder, written as they come: `faces.csv` (a row per face, `face_columns`)
     and `results.jsonl` (an ImageResult per line, failures included). An image is done once its line is
@@ -110,13 +143,35 @@ class ResultsFolder:
                 results.write(result)
     """
 
-    TABLE, LINES = "faces.csv", "results.jsonl"
+    TABLE, LINES, SETTINGS = "faces.csv", "results.jsonl", "batch.json"
 
-    def __init__(self, folder: str | Path, classes, *, resume: bool = False):
+    def __init__(self, folder: str | Path, classes, *, resume: bool = False, settings: dict | None = None):
         self.folder, self.classes, self.resume = Path(folder), tuple(classes), resume
+        self.settings = {"classes": list(self.classes), **(settings or {})}
+        if resume:
+            self._check_same_settings()
         # the images an earlier run finished (no error), with both files cut back to them
         self.finished: set[str] = self._cut_back_to_finished() if resume else set()
         self._table = self._lines = self._writer = None
+
+    def _check_same_settings(self) -> None:
+        """A resumed batch must go on as it began: other classes or another model would put rows of another
+        meaning under the same header. `settings` (model, test-time augmentation, ...) are kept in batch.json."""
+        earlier = self.folder / self.SETTINGS
+        try:
+            before = json.loads(earlier.read_text()) if earlier.is_file() else {}
+        except ValueError:
+            before = {}  # damaged: the table's header still says the classes
+        table = self.folder / self.TABLE
+        if "classes" not in before and table.is_file():
+            with open(table, newline="") as handle:
+                header = next(csv.reader(handle), [])
+            before["classes"] = header[9:-1] if header[:1] == ["source"] else header
+        changed = [f"{key} {before[key]} (now {value})" for key, value in self.settings.items()
+                   if key in before and before[key] != value]
+        if changed:
+            raise FerkitError(f"the results in {self.folder} were made with other settings: {'; '.join(changed)}. "
+                              "Resume with the same ones, or choose another folder")
 
     def __enter__(self) -> ResultsFolder:
         mode = "a" if self.resume else "w"
@@ -125,15 +180,17 @@ class ResultsFolder:
         self._writer = csv.writer(self._table)
         if self._table.tell() == 0:
             self._writer.writerow(face_columns(self.classes))
+        (self.folder / self.SETTINGS).write_text(json.dumps(self.settings, indent=2) + "\n")
         return self
 
     def __exit__(self, *exc) -> None:
         self._table.close()
         self._lines.close()
 
-    def write(self, result: ImageResult) -> dict:
-        """Add `result` to both files; returns its dictionary, as written to results.jsonl."""
-        record = result.to_dict()
+    def write(self, result: ImageResult, **extra) -> dict:
+        """Add `result` to both files, `extra` keys (such as the name of its annotated copy) to its line;
+        returns its dictionary, as written to results.jsonl."""
+        record = {**result.to_dict(), **extra}
         for row in face_rows(result, self.classes):  # in face_columns' order
             row["detector_score"] = "" if row["detector_score"] is None else f"{row['detector_score']:.3f}"
             row.update({c: f"{row[c]:.4f}" for c in ("score", *self.classes)}, uncertain=int(row["uncertain"]))

@@ -14,6 +14,7 @@ from ferkit.errors import FerkitError
 from ferkit.extras import require
 from ferkit.images import IMAGE_SUFFIXES
 
+ANNOTATED_SUFFIX = ".annotated.jpg"  # ferkit's annotated copy of a photo: NAME.annotated.jpg
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 
 
@@ -33,21 +34,29 @@ def source_kind(source: str) -> str:
 
 def list_images(source: str, *, skip: str | Path | None = None) -> list[Path]:
     """The image files of a folder (recursively, hidden ones left out) or a glob, sorted; none inside
-    the folder `skip` when it lies within the folder listed (where ferkit writes its results, so that a
-    second run does not read the first one's annotated copies)."""
+    the folder `skip` when it lies within the folder listed, and no annotated copy in `skip` itself (where
+    ferkit writes its results, so that a second run does not read the first one's annotated copies)."""
     kind = source_kind(source)
     if kind == "glob":
         paths = [Path(p) for p in glob.glob(source, recursive=True)]
     else:
         paths = files_under(source)
-    if skip is not None and Path(skip).is_dir() and kind == "folder":
+    if skip is not None and Path(skip).is_dir():
         skipped = Path(skip).resolve()
-        if skipped != Path(source).resolve():
+        if kind == "folder" and skipped != Path(source).resolve():
             paths = [p for p in paths if not p.resolve().is_relative_to(skipped)]
+        # results written into the folder of the photos themselves: ferkit's annotated copies are not photos
+        paths = [p for p in paths if not (p.name.endswith(ANNOTATED_SUFFIX) and p.parent.resolve() == skipped)]
     images = sorted(p for p in paths if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise FerkitError(f"no image files in {source}")
     return images
+
+
+def videos_in(source: str) -> list[Path]:
+    """The video files of a folder (recursively) or a glob, sorted."""
+    paths = [Path(p) for p in glob.glob(source, recursive=True)] if source_kind(source) == "glob" else files_under(source)
+    return sorted(p for p in paths if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
 
 
 def files_under(folder: str | Path) -> list[Path]:
