@@ -190,3 +190,21 @@ def test_an_avif_photo_on_a_pillow_without_avif_says_to_upgrade(tmp_path):
     path.write_bytes(b"\x00\x00\x00\x1cftypavif")
     with pytest.raises(FerkitError, match="needs Pillow 11.3 or later"):
         load_image(path)
+
+
+@pytest.mark.parametrize("array, words", [
+    (np.full((4, 4, 3), -0.5), "-0.5 to -0.5; give values in 0-1 or 0-255"),
+    (np.full((4, 4), 300.0), "0-1 or 0-255"),
+    (np.full((4, 4), np.nan), "NaN"),
+    (np.full((4, 4), -3, np.int32), "0-255 or 0-65535"),
+    (np.full((4, 4), "a"), "numbers"),
+])
+def test_arrays_with_values_no_image_holds_are_refused_in_one_line(array, words):
+    with pytest.raises(FerkitError, match=words):
+        load_image(array)
+
+
+def test_small_integers_in_a_wide_type_are_8_bit_values():
+    gradient = _gradient()
+    for dtype in (np.int16, np.uint16, np.int32):  # arithmetic on an 8-bit photo gives such arrays
+        assert np.array_equal(np.asarray(load_image(gradient.astype(dtype)).convert("L")), gradient)

@@ -223,18 +223,29 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
     if array.size == 0:
         raise FerkitError(f"an image array needs at least one pixel, got shape {array.shape}")
     if array.dtype != np.uint8:
-        array = np.clip(array.astype(np.float64) * _to_8bit_scale(array) + 0.5, 0, 255).astype(np.uint8)
+        scale = _to_8bit_scale(array)
+        array = np.clip(array.astype(np.float64) * scale + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(array)
 
 
 def _to_8bit_scale(array: np.ndarray) -> float:
-    """What brings `array`'s values to 0-255, read as image files of its kind are: floats up to 1 and
-    booleans are 0-1, 16-bit integers (and other integers past 255) span 0-65535, the rest is 0-255 already."""
-    if array.dtype == bool or (array.dtype.kind == "f" and array.max(initial=0) <= 1.0):
+    """What brings `array`'s values to 0-255: floats up to 1 and booleans are 0-1, other floats 0-255;
+    integers past 255 span 0-65535 (16-bit), the rest 0-255. Values outside these, NaN and infinities are
+    a FerkitError rather than guessed at (a -1..1 normalised array, say)."""
+    if array.dtype == bool:
         return 255.0
-    if array.dtype.kind in "ui" and (array.dtype.itemsize == 2 or array.max(initial=0) > 255):
-        return 255.0 / 65535.0
-    return 1.0
+    if array.dtype.kind not in "uif":
+        raise FerkitError(f"an image array holds numbers, not {array.dtype}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise FerkitError("an image array must not hold NaN or infinite values")
+    low, high = array.min(), array.max()
+    top = 255 if array.dtype.kind == "f" else 65535
+    if low < 0 or high > top:
+        ranges = "0-1 or 0-255" if array.dtype.kind == "f" else "0-255 or 0-65535"
+        raise FerkitError(f"an image array of {array.dtype} holds {low:g} to {high:g}; give values in {ranges}")
+    if array.dtype.kind == "f":
+        return 255.0 if high <= 1.0 else 1.0
+    return 255.0 / 65535.0 if high > 255 else 1.0
 
 
 def faces_to_batch(faces: np.ndarray, channels: int, dtype=np.float32) -> np.ndarray:
