@@ -218,6 +218,29 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_resume_refuses_other_flags(trained_run):
     assert "only --epochs" in _one_line_error(run("train", "--resume", trained_run, "--model", "seed-cnn"))
+    assert "give one of them" in _one_line_error(run("train", "--resume", trained_run, "--overwrite"))
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["train", "--zoom", "5"], "--zoom must be a fraction"), (["train", "--shift", "-2"], "--shift must be"),
+    (["train", "--lr", "nan"], "--lr must be a finite number"), (["train", "--mixup", "inf"], "--mixup must be a finite"),
+    (["train", "--weight-decay", "-1"], "--weight-decay must be"), (["train", "--classes", "happy,happy,sad"], "happy more than once"),
+    (["serve", "--max-upload-mb", "nan"], "--max-upload-mb"), (["serve", "--max-video-mb", "inf"], "--max-video-mb"),
+    (["evaluate", "--data", "x.csv", "--usage", "bogus"], "unknown FER2013 usage bogus"),
+    (["pack", "x.csv", "out", "--usage", "bogus"], "unknown FER2013 usage bogus"),
+])
+def test_options_out_of_range_are_one_line_errors_before_any_work(args, words, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run(*args, "--data", tmp_path) if args[0] == "train" else run(*args)
+    assert words in _one_line_error(result) and result.exit_code == 2
+    assert list(tmp_path.iterdir()) == []  # nothing written, nothing loaded
+
+
+def test_a_run_stopped_before_its_first_epoch_says_to_resume_it(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    line = _one_line_error(run("evaluate", tmp_path / "run", "--data", tmp_path))
+    assert "before the first epoch ended" in line and "--resume" in line
 
 
 @pytest.mark.parametrize("args", [["--version"], ["--help"], ["train", "--help"]])

@@ -114,6 +114,18 @@ def test_fer2013_csv_codes_map_to_class_names(tmp_path):
     assert len(load_fer2013_csv(tmp_path / "plain.csv", usage="Training")) == 14
 
 
+def test_csv_usages_match_in_any_case_and_rows_of_no_known_usage_are_reported(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    rows = [(code, rng.integers(0, 256, 2304), usage) for code in range(7) for usage in ("training", "PUBLICTEST", "")]
+    _write_csv(tmp_path / "fer.csv", rows)
+    with caplog.at_level("WARNING", logger="ferkit"):
+        assert len(load_fer2013_csv(tmp_path / "fer.csv", usage="PublicTest")) == 7
+    assert "7 rows have no known Usage" in caplog.text
+    assert len(load_fer2013_csv(tmp_path / "fer.csv", usage="publictest")) == 7
+    with pytest.raises(FerkitError, match="unknown FER2013 usage bogus"):
+        load_fer2013_csv(tmp_path / "fer.csv", usage="bogus")
+
+
 @pytest.mark.parametrize("size", [(40, 40), (64, 64)])
 def test_a_csv_and_a_folder_of_the_same_faces_load_alike_at_another_size(tmp_path, size):
     """Both are resized as predict resizes a face, so training at another size sees what inference will."""
@@ -201,6 +213,19 @@ def test_the_cache_command_shows_and_clears_the_cache(tmp_path):
     cleared = CliRunner().invoke(cli, ["cache", "clear"])
     assert cleared.exit_code == 0 and "removed 2" in cleared.output
     assert not list((cache_dir() / "datasets").iterdir())
+
+
+def test_a_cache_folder_that_is_a_file_is_said_to_be(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+
+    (tmp_path / "cache").write_text("mine")
+    monkeypatch.setenv("FERKIT_CACHE_DIR", str(tmp_path / "cache"))
+    for args in (["cache"], ["cache", "clear"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2 and "is a file" in result.output
+    assert (tmp_path / "cache").read_text() == "mine"
 
 
 def test_subfolders_linked_in_are_read_and_a_link_back_up_does_not_loop(tmp_path):

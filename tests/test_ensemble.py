@@ -67,3 +67,6 @@ def test_ensemble_command(trained_run, second_run, tmp_path):
     assert again.exit_code == 2 and "already exists" in again.output
     single = CliRunner().invoke(cli, ["ensemble", str(trained_run), "--out", str(tmp_path / "one.keras")])
     assert single.exit_code == 2 and "at least two" in single.output
+    # the same model named twice, once as its run folder and once as its file
+    twice = CliRunner().invoke(cli, ["ensemble", str(trained_run), str(trained_run / "best.keras"), "--out", str(tmp_path / "two.keras")])
+    assert twice.exit_code == 2 and "given twice" in twice.output and not (tmp_path / "two.keras").exists()

@@ -152,6 +152,14 @@ def test_export_with_recalibrated_batch_norm_records_it(tmp_path, pattern_data):
     assert max_difference(load_classifier(plain), load_classifier(out)) > TOLERANCE  # the statistics changed
 
 
+def test_recalibrating_a_model_without_batch_norm_says_it_changes_nothing(trained_run, pattern_data, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="ferkit"):
+        out = export_onnx(trained_run, tmp_path / "no-bn.onnx", recalibrate_bn=True,
+                          calibration=load_dataset(pattern_data / "train"))
+    assert "no batch-norm layers to re-measure" in caplog.text
+    assert "batch_norm_recalibrated" not in read_metadata(out).extra
+
+
 def test_int8_probabilities_are_not_quantized(int8_model, pattern_data):
     probabilities = load_classifier(int8_model).with_tta("none").predict_proba(load_dataset(pattern_data / "val").images)
     steps = probabilities * 255

@@ -93,6 +93,28 @@ def test_damaged_or_mismatched_packed_datasets_are_one_line_errors(pattern_data,
     assert result.exit_code == 2 and "not empty" in result.output
 
 
+def test_a_packed_dataset_is_replaced_only_with_overwrite_and_other_folders_never(pattern_data, tmp_path):
+    from ferkit.data.packed import pack_dataset
+
+    packed = _pack(pattern_data / "train", tmp_path / "packed", 7)
+    (packed / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(cli, ["pack", str(pattern_data / "val"), str(packed), "--shard-size", "1000", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in packed.iterdir()) == ["faces-00000.npy", "ferkit-faces.json", "labels-00000.npy", "notes.txt"]
+    assert np.array_equal(np.asarray(load_dataset(packed).images), load_dataset(pattern_data / "val").images)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "photo.jpg").write_bytes(b"x")
+    result = CliRunner().invoke(cli, ["pack", str(pattern_data / "val"), str(mine), "--overwrite"])
+    assert result.exit_code == 2 and "not a packed dataset" in result.output
+    assert [p.name for p in mine.iterdir()] == ["photo.jpg"]
+    with pytest.raises(FerkitError, match="being read"):
+        pack_dataset(packed, packed, overwrite=True)
+    # the Python API takes a path as readily as a dataset
+    again = pack_dataset(pattern_data / "val", tmp_path / "again")
+    assert np.array_equal(np.asarray(load_dataset(again).images), load_dataset(pattern_data / "val").images)
+
+
 def test_in_a_data_parallel_job_each_process_reads_only_its_own_shards(pattern_data, tmp_path):
     from ferkit.data.batches import face_batches, faces_per_epoch
 

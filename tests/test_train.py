@@ -284,6 +284,35 @@ def test_bad_options_are_refused(bad):
         TrainConfig(**bad)
 
 
+@pytest.mark.parametrize(
+    ("bad", "flag"),
+    [({"zoom": 5.0}, "--zoom"), ({"shift": -2.0}, "--shift"), ({"rotate": 720.0}, "--rotate"), ({"val_split": 0.0}, "--val-split"),
+     ({"weight_decay": -1.0}, "--weight-decay"), ({"learning_rate": float("nan")}, "--lr"), ({"mixup": float("inf")}, "--mixup"),
+     ({"rotate": float("nan")}, "--rotate"), ({"weight_decay": float("nan")}, "--weight-decay"),
+     ({"classes": ["happy", "happy", "sad"]}, "--classes")],
+)
+def test_numbers_out_of_range_or_not_finite_are_refused_naming_their_option(bad, flag):
+    with pytest.raises(FerkitError, match=flag):
+        TrainConfig(**bad)
+
+
+def test_lists_may_be_given_as_comma_separated_names():
+    config = TrainConfig(augment="flip, crop", classes="happy,sad")
+    assert config.augment == ["flip", "crop"] and config.classes == ["happy", "sad"]
+
+
+def test_a_run_whose_loss_becomes_nan_stops_with_an_error_and_records_no_nan_epoch(pattern_data, tmp_path):
+    from ferkit.training import TrainingDiverged
+
+    run = tmp_path / "diverged"
+    config = _config(pattern_data, run, epochs=3, optimizer="sgd", learning_rate=1e30)
+    with pytest.raises(TrainingDiverged, match="epoch 1"):
+        train(config, verbose=0)
+    state = RunState.load(run)
+    assert (state.status, state.epochs_done) == ("diverged", 0)
+    assert not (run / "last.keras").exists() and read_history(run / "history.csv")["epoch"] == []
+
+
 def test_mixup_blends_two_faces_and_their_targets_alike():
     from ferkit.data.batches import face_batches
 
@@ -552,6 +581,21 @@ def test_teacher_probabilities_that_miss_faces_are_refused(pattern_data, trained
     with pytest.raises(FerkitError, match="already exists; pass --overwrite"):
         save_teacher_probabilities([trained_run], load_dataset(pattern_data / "train"), saved)
     assert saved.read_bytes() == before
+    # a path serves as well as a dataset, and gives the same probabilities
+    again = save_teacher_probabilities([trained_run], pattern_data / "val", tmp_path / "again.npz")
+    with np.load(saved) as first, np.load(again) as second:
+        assert np.array_equal(first["probabilities"], second["probabilities"])
+
+
+def test_a_missing_teacher_or_weights_file_is_named_before_any_data_is_read(tmp_path):
+    for options, message in (({"teacher": "nosuch.npz"}, "no such file of teacher probabilities: nosuch.npz"),
+                             ({"teacher": "nosuch-run"}, "no such model or run folder: nosuch-run"),
+                             ({"model": "vgg19-transfer", "weights": "nosuch.h5"}, "no such weights file: nosuch.h5")):
+        # data that is not there either: reading it first would have said so instead
+        config = TrainConfig(data=str(tmp_path / "no-data"), out=str(tmp_path / "student"), **options)
+        with pytest.raises(FerkitError, match=message):
+            train(config, verbose=0)
+        assert not (tmp_path / "student").exists()
 
 
 def test_the_pack_tool_replaces_an_earlier_pack_and_nothing_else(pattern_data, trained_run, tmp_path):

@@ -19,6 +19,8 @@ def recalibrate_batch_norm(model, batches) -> int:
     keras = import_keras()
     everything = _all_layers(model)
     layers = [layer for layer in everything if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    if not layers:
+        return 0
     dropouts = [layer for layer in everything if isinstance(layer, keras.layers.Dropout)]
     momenta, rates = [layer.momentum for layer in layers], [layer.rate for layer in dropouts]
     try:

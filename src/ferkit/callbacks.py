@@ -6,6 +6,7 @@ run_callbacks puts them in order."""
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import time
 from pathlib import Path
@@ -204,12 +205,16 @@ class UnpaddedValidation(keras.callbacks.Callback):
 
 class StopOnSignal(keras.callbacks.Callback):
     """Turns `kill` (SIGTERM) and Ctrl-C into `model.stop_training` at the end of the current batch, so a
-    stop never lands halfway through the saves of an epoch. A second Ctrl-C raises KeyboardInterrupt at once."""
+    stop never lands halfway through the saves of an epoch. A second Ctrl-C raises KeyboardInterrupt at once.
+    A training loss that becomes NaN or infinite stops the run the same way (`diverged_in` says in which
+    epoch), so that no epoch of NaN weights is recorded."""
 
     def __init__(self):
         super().__init__()
         self.requested = False
         self.cut_short = False  # whether the epoch that just ended is dropped (see on_epoch_end)
+        self.diverged_in: int | None = None  # the epoch (from 1) whose training loss stopped being finite
+        self._epoch = 0
 
     @contextlib.contextmanager
     def listening(self):
@@ -224,6 +229,10 @@ class StopOnSignal(keras.callbacks.Callback):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    @property
+    def stopping(self) -> bool:
+        return self.requested or self.diverged_in is not None
+
     def _request(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
@@ -231,15 +240,21 @@ class StopOnSignal(keras.callbacks.Callback):
         if self.model is not None:
             self.model.stop_training = True
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
     def on_train_batch_end(self, batch, logs=None):
-        if self.requested:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)) and self.diverged_in is None:
+            self.diverged_in = self._epoch + 1
+        if self.stopping:
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
         # Decided once, before the other callbacks write anything: a signal that arrives while they save
         # the epoch lets every one of them finish it (the run stops after it), so the records always agree.
-        self.cut_short = self.requested
+        self.cut_short = self.stopping
 
     def on_test_batch_end(self, batch, logs=None):
-        if self.requested:  # the epoch cut short is dropped: no need to validate it
+        if self.stopping:  # the epoch cut short is dropped: no need to validate it
             self.model.stop_evaluating = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import click
 
 from ferkit import __version__
-from ferkit.config import TrainConfig
+from ferkit.config import TrainConfig, option_flag
 from ferkit.errors import FerkitError
 from ferkit.faces import DETECTORS
 from ferkit.predict import UNCERTAIN_BELOW
@@ -29,6 +30,22 @@ TTA_OPTION = click.option(
     "--tta", type=click.Choice(TTA_CHOICES),
     help="Test-time augmentation: 'flip' averages each face with its mirror image (default: what the model file says).",
 )
+
+
+
+class PositiveNumber(click.ParamType):
+    """A finite number above 0 (click's FloatRange lets NaN and infinity through)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not (math.isfinite(number) and number > 0):
+            self.fail(f"{value!r} is not a positive number", param, ctx)
+        return number
+
+
+POSITIVE = PositiveNumber()
 
 
 # Exit codes: 0 done; 1 done, but some items of a batch failed (each was reported); 2 a problem with the
@@ -209,7 +226,7 @@ def config_options(config_class):
                 option = click.option(f"--{name}/--no-{name}", item.name, default=None, help=help)
             else:
                 kind = click.Choice(meta["choices"]) if meta.get("choices") else _OPTION_TYPES.get(item.type, str)
-                option = click.option(_flag(item), item.name, type=kind, help=help)
+                option = click.option(option_flag(item), item.name, type=kind, help=help)
             command = option(command)
         return command
 
@@ -217,11 +234,6 @@ def config_options(config_class):
 
 
 _OPTION_TYPES = {"int": int, "float": float}
-
-
-def _flag(item) -> str:
-    """A TrainConfig field's option: its own flag (e.g. --lr), else --field-name."""
-    return item.metadata.get("flag") or f"--{item.name.replace('_', '-')}"
 
 
 def _shown_default(value) -> str:
@@ -243,17 +255,13 @@ def _flags_to_args(flags: dict) -> list[str]:
         if isinstance(value, bool):
             args.append(f"--{name}" if value else f"--no-{name}")
         else:
-            args += [_flag(item), str(value)]
+            args += [option_flag(item), str(value)]
     return args
 
 
 def config_from_flags(flags: dict) -> TrainConfig:
     """The TrainConfig for `ferkit train`'s options (None: not given, the dataclass default stands)."""
-    given = {k: v for k, v in flags.items() if v is not None}
-    for item in fields(TrainConfig):
-        if item.name in given and item.type.startswith("list"):
-            given[item.name] = [part.strip() for part in given[item.name].split(",") if part.strip()]
-    return TrainConfig(**given)
+    return TrainConfig(**{k: v for k, v in flags.items() if v is not None})
 
 
 @cli.command("train")
@@ -362,26 +370,33 @@ def study_cmd(data, val, out: Path, models: str, epochs, transfer_epochs, fine_t
 @click.option("--image-size", type=int, default=48, show_default=True, help="Side of the stored faces in pixels.")
 @click.option("--shard-size", type=int, default=100_000, show_default=True, help="Faces per .npy shard.")
 @click.option("--classes", help="Comma-separated class list, to keep classes beyond the seven emotions (default: the seven).")
-def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_size: int, classes: str | None):
+@click.option("--overwrite", is_flag=True, help="Replace a packed dataset at OUT.")
+def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_size: int, classes: str | None,
+             overwrite: bool):
     """Write DATA (a class-folder tree or a FER2013 CSV) as a packed dataset in the new folder OUT: decoded
     faces in .npy shards, which training reads memory-mapped, a batch at a time."""
     from ferkit.data import load_dataset
-    from ferkit.data.packed import pack_dataset
+    from ferkit.data.packed import check_pack_folder, pack_dataset
 
     if shard_size < 1:
         raise FerkitError("--shard-size must be at least 1")
-    _check_usage_applies(data, usage is not None)
+    usage = _check_usage(data, usage, usage is not None)
+    check_pack_folder(out, overwrite=overwrite)  # before minutes of loading, not after
     names = [name.strip() for name in classes.split(",") if name.strip()] if classes else None
     dataset = load_dataset(data, image_size=(image_size, image_size), usage=usage, classes=names, progress=True)
-    folder = pack_dataset(dataset, out, shard_size=shard_size)
+    folder = pack_dataset(dataset, out, shard_size=shard_size, overwrite=overwrite)
     shards = -(-len(dataset) // shard_size)
     click.echo(f"packed {len(dataset)} faces ({len(dataset.classes)} classes) into {shards} shard(s) in {folder}")
 
 
-def _check_usage_applies(data: str, usage_given: bool) -> None:
-    """--usage picks rows of a FER2013 CSV; given with a folder it would be ignored without a word."""
+def _check_usage(data: str, usage: str | None, usage_given: bool) -> str | None:
+    """--usage as FER2013 spells it. It picks rows of a FER2013 CSV; given with a folder it would be
+    ignored without a word."""
+    from ferkit.data.fer2013_csv import check_usages
+
     if usage_given and Path(data).is_dir():
         raise FerkitError(f"--usage selects rows of a FER2013 .csv file; {data} is a folder, whose faces are all used")
+    return check_usages(usage)[0] if usage else None
 
 
 # --- evaluate -----------------------------------------------------------------------------------
@@ -406,7 +421,7 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     from ferkit.runtime import load_classifier
 
     given = click.get_current_context().get_parameter_source("usage") is not click.core.ParameterSource.DEFAULT
-    _check_usage_applies(data, given)
+    usage = _check_usage(data, usage, given)
     classifier = load_classifier(model).with_tta(tta)
     dataset = load_dataset(
         data, classes=classifier.classes, image_size=classifier.input_size, usage=usage, progress=not as_json
@@ -514,17 +529,13 @@ def ensemble_cmd(models: tuple[str, ...], out: Path, overwrite: bool):
 def teacher_cmd(models: tuple[str, ...], data: str, out: Path, overwrite: bool, tta):
     """Save the averaged probabilities of MODELS (each with --tta, e.g. tencrop) for every face of
     --data, once, for `ferkit train --teacher FILE.npz`."""
-    from ferkit.data import load_dataset
-    from ferkit.data.fer2013_csv import TRAIN_USAGE
-    from ferkit.runtime import load_classifier
     from ferkit.teacher import save_teacher_probabilities
 
-    if out.exists() and not overwrite:  # before minutes of loading, as save_teacher_probabilities would after
-        raise FerkitError(f"{out} already exists; pass --overwrite to replace it")
-    first = load_classifier(models[0])
-    dataset = load_dataset(data, classes=first.classes, image_size=first.input_size, usage=TRAIN_USAGE, progress=True)
-    path = save_teacher_probabilities(list(models), dataset, out, tta=tta, overwrite=overwrite)
-    click.echo(f"wrote {path}: {len(models)} model(s), {len(dataset)} faces")
+    import numpy as np
+
+    path = save_teacher_probabilities(list(models), data, out, tta=tta, overwrite=overwrite, progress=True)
+    with np.load(path) as saved:
+        click.echo(f"wrote {path}: {len(models)} model(s), {len(saved['labels'])} faces")
 
 
 @cli.command("cache")
@@ -533,6 +544,9 @@ def cache_cmd(action: str):
     """Show where decoded datasets are cached and how much space they take, or clear them."""
     from ferkit.data.cache import cache_dir, cache_files, clear_cache
 
+    if cache_dir().exists() and not cache_dir().is_dir():
+        raise FerkitError(f"the cache folder {cache_dir()} is a file, so nothing can be cached "
+                          "(set FERKIT_CACHE_DIR to a folder)")
     if action == "clear":
         count, size = clear_cache()
         click.echo(f"removed {count} cached dataset(s), {size / 1e6:.1f} MB, from {cache_dir()}")
@@ -551,10 +565,10 @@ def cache_cmd(action: str):
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--model", default=None, help="Run folder, .keras or .onnx file, or a shipped model by name (default: the default one).")
 @click.option("--detector", type=click.Choice(["auto", "yunet", "mtcnn"]), default="auto", show_default=True)
-@click.option("--max-upload-mb", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--max-upload-mb", default=10.0, show_default=True, type=POSITIVE,
               help="Largest photo accepted (larger ones get HTTP 413).")
-@click.option("--max-video-mb", default=50.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--max-video-seconds", default=60.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--max-video-mb", default=50.0, show_default=True, type=POSITIVE)
+@click.option("--max-video-seconds", default=60.0, show_default=True, type=POSITIVE)
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1, 64),
               help="Analyses at a time; more requests wait their turn.")
 def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, max_video_mb: float,
@@ -582,7 +596,7 @@ def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, 
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON (JSON lines for several images).")
 @click.option("--annotate/--no-annotate", default=None, help="Write annotated images (default: for single images).")
 @click.option("--every", type=click.IntRange(min=1), help="Videos: analyse every Nth frame (default: about 5 per second).")
-@click.option("--fps", "target_fps", type=click.FloatRange(min=0, min_open=True),
+@click.option("--fps", "target_fps", type=POSITIVE,
               help="Videos: analyse about this many frames per second.")
 @click.option("--smooth", type=click.IntRange(min=1), default=1, show_default=True,
               help="Videos: smooth each face over ~N analysed frames.")

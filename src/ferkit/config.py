@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -71,6 +72,9 @@ class TrainConfig:
     distill: float = setting(0.5, "... with this share of each target, the true label the rest.")
 
     def __post_init__(self):
+        self.augment = _names(self.augment)
+        self.classes = _names(self.classes) if self.classes is not None else None
+        self._check_numbers()
         unknown = sorted(set(self.augment) - set(AUGMENTATIONS))
         if unknown:
             raise FerkitError(f"unknown augmentation {', '.join(unknown)} (choose from {', '.join(AUGMENTATIONS)})")
@@ -100,6 +104,26 @@ class TrainConfig:
             raise FerkitError("--warmup-epochs goes with --lr-schedule cosine")
         if not 0.0 < self.distill <= 1.0:
             raise FerkitError("--distill must lie in (0, 1]")
+        if self.classes is not None:
+            repeated = sorted({name for name in self.classes if self.classes.count(name) > 1})
+            if repeated:
+                raise FerkitError(f"--classes names {', '.join(repeated)} more than once")
+
+    def _check_numbers(self) -> None:
+        """Every number a real one (no NaN or infinity, which would train a network of NaN) in its range."""
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise FerkitError(f"{option_flag(item)} must be a finite number, not {value}")
+        for name, within, meaning in (
+            ("weight_decay", self.weight_decay >= 0, "0 (off) or positive"),
+            ("zoom", 0 <= self.zoom < 1, "a fraction in [0, 1), e.g. 0.2"),
+            ("shift", 0 <= self.shift < 1, "a fraction of the side in [0, 1), e.g. 0.1"),
+            ("rotate", 0 <= self.rotate <= 180, "degrees from 0 to 180"),
+            ("val_split", 0 < self.val_split < 1, "a fraction in (0, 1), e.g. 0.1"),
+        ):
+            if not within:
+                raise FerkitError(f"{option_flag(_field(name))} must be {meaning}, not {getattr(self, name):g}")
 
     @property
     def total_epochs(self) -> int:
@@ -124,3 +148,19 @@ class TrainConfig:
             raise FerkitError(f"cannot read the run config {path}") from None
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _names(value) -> list[str]:
+    """A list of names from a list or a comma-separated string ("flip,crop")."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return list(value)
+
+
+def _field(name: str):
+    return next(item for item in fields(TrainConfig) if item.name == name)
+
+
+def option_flag(item) -> str:
+    """The `ferkit train` option of a TrainConfig field."""
+    return item.metadata.get("flag") or f"--{item.name.replace('_', '-')}"

@@ -26,6 +26,11 @@ def ensemble_models(members: list[str | Path], out: str | Path, *, overwrite: bo
     paths = [resolve_model_path(member) for member in members]
     if len(paths) < 2:
         raise FerkitError("an ensemble needs at least two models")
+    seen = set()
+    for member, path in zip(members, paths):
+        if path.resolve() in seen:
+            raise FerkitError(f"{member} is given twice; an ensemble of a model with itself is that model")
+        seen.add(path.resolve())
     if any(path.suffix != ".keras" for path in paths):
         raise FerkitError("ensemble members must be Keras models (.keras files or run folders)")
     metadata = [read_metadata(path) for path in paths]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import warnings
 from dataclasses import asdict
@@ -22,6 +23,7 @@ from ferkit.runtime import METADATA_NAME, KerasClassifier, OnnxClassifier, read_
 TOLERANCE = 1e-4  # max abs difference allowed between Keras and ONNX probabilities
 MIN_INT8_AGREEMENT = 0.95  # share of held-out faces whose top class the int8 model must keep
 CALIBRATION_FACES = 512
+log = logging.getLogger("ferkit")
 AGREEMENT_FACES = 1024
 
 
@@ -131,6 +133,9 @@ def _recalibrate(classifier: KerasClassifier, dataset: FaceDataset) -> None:
         for i in range(0, len(order), 256)
     )
     layers = recalibrate_batch_norm(classifier.model, batches)
+    if not layers:
+        log.warning("%s has no batch-norm layers to re-measure: --recalibrate-bn changes nothing", classifier.name)
+        return
     classifier.metadata = dataclasses.replace(
         classifier.metadata,
         extra={**classifier.metadata.extra, "batch_norm_recalibrated": {"faces": len(order), "layers": layers}},

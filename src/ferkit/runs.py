@@ -7,7 +7,7 @@
     best.keras       the model of the best val_accuracy so far (ferkit metadata inside)
     last.keras       the model after the last finished epoch
     backup/          the training checkpoint for --resume: weights, optimizer state, epoch (ferkit.checkpoints)
-    state.json       epochs done, best epoch and score, status (running / interrupted / finished)
+    state.json       epochs done, best epoch and score, status (running / interrupted / diverged / finished)
 
 A kill (SIGTERM) or Ctrl-C waits for the end of a batch and never lands halfway through an epoch's saves,
 so the folder holds complete epochs only; ferkit's own files are replaced atomically.
@@ -76,6 +76,8 @@ def rewrite_history(path: Path, epochs_done: int) -> None:
 def check_run_folder(run: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse, before any work, to resume what is not a run or to replace anything silently."""
     is_run = (run / "config.json").exists()
+    if resume and overwrite:
+        raise FerkitError("--resume continues a run and --overwrite replaces one: give one of them")
     if resume:
         if not is_run:
             raise FerkitError(f"cannot resume: {run} is not a ferkit run folder (no config.json)")

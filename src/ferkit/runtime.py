@@ -108,6 +108,9 @@ def resolve_model_path(model: str | Path | None) -> Path:
         for name in ("best.keras", "last.keras"):
             if (path / name).is_file():
                 return path / name
+        if (path / "config.json").is_file():
+            raise FerkitError(f"{path} holds no model yet: its run stopped before the first epoch ended "
+                              f"(continue it with `ferkit train --resume {path}`)")
         hidden = str(model) in shipped_models()
         raise FerkitError(f"{path} holds no model (no best.keras or last.keras): is it a ferkit run folder?"
                           + (f" It hides the shipped model {model}: run from another folder to use that." if hidden else ""))

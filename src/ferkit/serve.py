@@ -216,7 +216,8 @@ async def _read_upload(request, accepted: tuple[str, ...], what: str) -> bytes:
     declared = ALIASES.get(declared, declared)
     family = accepted[0].split("/")[0] + "/"  # what decodes is decided by decoding: image/avif, video/3gpp, ...
     if not declared.startswith(family) and declared != "application/octet-stream":
-        raise HTTPException(415, f"expected {what} ({', '.join(accepted)}), not {declared or 'no content type'}")
+        raise HTTPException(415, f"expected {what} (any {family}* type, e.g. {', '.join(accepted)}), "
+                                 f"not {declared or 'no content type'}")
     if not data:
         raise HTTPException(422, f"the request holds no {what.split()[-1]}")
     return data

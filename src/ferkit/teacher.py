@@ -19,25 +19,26 @@ import numpy as np
 
 from ferkit.data import FaceDataset
 from ferkit.errors import FerkitError
-from ferkit.runtime import load_classifier
+from ferkit.runtime import load_classifier, resolve_model_path
 
 TEACHER_SUFFIX = ".npz"
 log = logging.getLogger("ferkit")
 
 
-def save_teacher_probabilities(models, dataset: FaceDataset, out: str | Path, *, tta: str | None = None,
-                               batch_size: int = 256, overwrite: bool = False) -> Path:
+def save_teacher_probabilities(models, dataset: FaceDataset | str | Path, out: str | Path, *, tta: str | None = None,
+                               batch_size: int = 256, overwrite: bool = False, progress: bool = False) -> Path:
     """Average the probabilities of `models` (run folders or model files; each with `tta`, default its
     own) over every face of `dataset` and save them at `out` (.npz), written atomically; an existing
-    file is replaced only with `overwrite`."""
-    out = Path(out)
-    if out.suffix != TEACHER_SUFFIX:
-        raise FerkitError(f"teacher probabilities are saved as a {TEACHER_SUFFIX} file, not {out.name}")
-    if out.is_dir():
-        raise FerkitError(f"{out} is a folder; give the {TEACHER_SUFFIX} file to write")
-    if out.exists() and not overwrite:
-        raise FerkitError(f"{out} already exists; pass --overwrite to replace it")
+    file is replaced only with `overwrite`. `dataset` may be a path (a CSV gives its Training rows)."""
+    out = check_teacher_output(out, overwrite=overwrite)
     classifiers = [load_classifier(model).with_tta(tta) for model in models]
+    if not isinstance(dataset, FaceDataset):
+        from ferkit.data import load_dataset
+        from ferkit.data.fer2013_csv import TRAIN_USAGE
+
+        first = classifiers[0]
+        dataset = load_dataset(dataset, classes=first.classes, image_size=first.input_size, usage=TRAIN_USAGE,
+                               progress=progress)
     for model, classifier in zip(models, classifiers):
         if tuple(classifier.input_size) != tuple(dataset.image_size):
             raise FerkitError(f"{model} takes {classifier.input_size[0]}x{classifier.input_size[1]} faces, the data "
@@ -53,6 +54,27 @@ def save_teacher_probabilities(models, dataset: FaceDataset, out: str | Path, *,
                         about=np.array(json.dumps(about)))
     tmp.replace(out)
     return out
+
+
+def check_teacher_output(out: str | Path, *, overwrite: bool = False) -> Path:
+    """`out` if teacher probabilities may be written there, else a FerkitError saying why."""
+    out = Path(out)
+    if out.suffix != TEACHER_SUFFIX:
+        raise FerkitError(f"teacher probabilities are saved as a {TEACHER_SUFFIX} file, not {out.name}")
+    if out.is_dir():
+        raise FerkitError(f"{out} is a folder; give the {TEACHER_SUFFIX} file to write")
+    if out.exists() and not overwrite:
+        raise FerkitError(f"{out} already exists; pass --overwrite to replace it")
+    return out
+
+
+def check_teacher(teacher: str) -> None:
+    """A FerkitError, before any data is loaded, when `teacher` is neither saved probabilities nor a model."""
+    if Path(teacher).suffix == TEACHER_SUFFIX:
+        if not Path(teacher).is_file():
+            raise FerkitError(f"no such file of teacher probabilities: {teacher}")
+    else:
+        resolve_model_path(teacher)
 
 
 def load_teacher_probabilities(path: str | Path, dataset: FaceDataset) -> np.ndarray:

@@ -25,10 +25,10 @@ from ferkit.distributed import Topology, device_names
 from ferkit.distributed import start as start_distributed
 from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch
-from ferkit.models import get_model_spec
+from ferkit.models import check_weights, get_model_spec
 from ferkit.runs import RunState, check_run_folder, clear_run_folder, rewrite_history, save_run_config
 from ferkit.runtime import ModelMetadata
-from ferkit.teacher import teacher_probabilities
+from ferkit.teacher import check_teacher, teacher_probabilities
 from ferkit.training_data import fit_data, load_train_val, train_size, trains_on_cached_features, validation_size
 from ferkit.training_model import (
     adopt_init_model, build_training_model, check_fine_tuning, feature_head, float32_twin, init_model, network_of, prepare_fine_tuning,
@@ -39,6 +39,10 @@ log = logging.getLogger("ferkit")
 
 class TrainingInterrupted(FerkitError):
     exit_code = 130
+
+
+class TrainingDiverged(FerkitError):
+    exit_code = 1
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, verbose: int = 2,
@@ -123,6 +127,10 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
             _fit_phases(keras, model, config, dict(**data, verbose=verbose), record, callbacks, state, size, stop, run)
         if stop.requested:
             raise KeyboardInterrupt
+        if stop.diverged_in:
+            state.status = "diverged"
+            state.save(run)
+            raise TrainingDiverged(_diverged_message(run, stop.diverged_in, state.epochs_done))
     except KeyboardInterrupt:
         if not (started or resume):
             raise TrainingInterrupted(f"interrupted before training began; {run} was not written") from None
@@ -146,6 +154,10 @@ def _check_and_load(config: TrainConfig, run: Path, resume: bool, overwrite: boo
     if config.init and not resume:
         adopt_init_model(config)
     check_fine_tuning(config)
+    if not resume:
+        check_weights(config.model, config.weights)
+    if config.teacher:
+        check_teacher(config.teacher)
     train_set, val_set = load_train_val(config, get_model_spec(config.model).input_size, progress=verbose > 0)
     config.classes = list(train_set.classes)
     return train_set, val_set
@@ -168,11 +180,17 @@ def _fit_phases(keras, model, config: TrainConfig, fit: dict, record, callbacks,
     if state.epochs_done < config.epochs:
         phase = [*record(BACKUP), *_schedule_callbacks(keras, config), *(callbacks or [])]
         _fit(keras, model, config, fit, phase, size, epochs=config.epochs, initial_epoch=state.epochs_done)
-    if state.epochs_done < config.total_epochs and not stop.requested:
+    if state.epochs_done < config.total_epochs and not stop.stopping:
         if not resumes_unfrozen(run, state.epochs_done, config):
             prepare_fine_tuning(keras, model, config, size)
         phase = [*record(FINE_TUNE_BACKUP), *(callbacks or [])]
         model.fit(epochs=config.total_epochs, initial_epoch=state.epochs_done, callbacks=phase, **fit)
+
+
+def _diverged_message(run: Path, epoch: int, epochs_done: int) -> str:
+    kept = f"{run} keeps the {epochs_done} epochs before it" if epochs_done else f"{run} holds no epoch"
+    return (f"training diverged: the loss became NaN or infinite in epoch {epoch}, which is dropped; {kept}. "
+            "Train again with a lower --lr (or --mixup, --weight-decay)")
 
 
 def _interrupted_message(run: Path, epochs_done: int, total: int) -> str:

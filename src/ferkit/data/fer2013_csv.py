@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from ferkit.labels import EMOTIONS, FER2013_CSV_CODES
 USAGES = ("Training", "PublicTest", "PrivateTest")
 TRAIN_USAGE, VAL_USAGE = "Training", "PublicTest"  # the rows that train, and those that validate, wherever a CSV is read
 _SIDE = 48
+log = logging.getLogger("ferkit")
 
 
 def load_fer2013_csv(
@@ -37,7 +39,7 @@ def load_fer2013_csv(
     path = Path(path)
     if not path.is_file():
         raise FerkitError(f"no such CSV file: {path}")
-    usages = _check_usages(usage)
+    usages = check_usages(usage)
     stat = path.stat()
     key = cache_key(kind="fer2013-csv", path=str(path.resolve()), bytes=stat.st_size, mtime=stat.st_mtime_ns)
     parsed = load_cached(key) if cache else None
@@ -46,9 +48,12 @@ def load_fer2013_csv(
         if cache:
             save_cached(key, parsed)
 
-    if not (parsed["usage"] != "").any():
+    row_usages = _canonical_usages(parsed["usage"])
+    if not (row_usages != "").any():
         usages = ()  # a CSV without a Usage column (Kaggle's train.csv, a CSV of one's own): every row
-    selected = np.isin(parsed["usage"], usages) if usages else np.ones(len(parsed["usage"]), bool)
+    elif usages:
+        _warn_of_unknown_usages(path, row_usages)
+    selected = np.isin(row_usages, usages) if usages else np.ones(len(row_usages), bool)
     names = [FER2013_CSV_CODES[int(code)] for code in parsed["codes"][selected]]
     missing = sorted(set(names) - set(classes))
     if missing:
@@ -67,14 +72,29 @@ def load_fer2013_csv(
     )
 
 
-def _check_usages(usage) -> tuple[str, ...]:
+def check_usages(usage: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The usages named (in any case: "publictest" is PublicTest), or a FerkitError naming the unknown."""
     if usage is None:
         return ()
-    usages = (usage,) if isinstance(usage, str) else tuple(usage)
+    usages = _canonical_usages((usage,) if isinstance(usage, str) else tuple(usage))
     bad = [u for u in usages if u not in USAGES]
     if bad:
         raise FerkitError(f"unknown FER2013 usage {', '.join(bad)} (choose from {', '.join(USAGES)})")
-    return usages
+    return tuple(usages)
+
+
+def _canonical_usages(usages) -> np.ndarray:
+    """Usage values spelled as FER2013 does, whatever their case; others as they are."""
+    canonical = {u.lower(): u for u in USAGES}
+    return np.asarray([canonical.get(u.lower(), u) for u in usages], dtype=str)
+
+
+def _warn_of_unknown_usages(path: Path, row_usages: np.ndarray) -> None:
+    unknown = ~np.isin(row_usages, USAGES)
+    if unknown.any():
+        first = int(np.argmax(unknown))
+        log.warning("%s: %d rows have no known Usage and are left out (e.g. row %d: %r)", path, int(unknown.sum()),
+                    first + 1, str(row_usages[first]))
 
 
 def _parse(path: Path) -> dict[str, np.ndarray]:

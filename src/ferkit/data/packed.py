@@ -88,14 +88,16 @@ def _open_faces(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 class ShardWriter:
     """Write a packed dataset a chunk at a time: `add(faces, labels)` as often as you like, then `close()`.
-    Memory holds one chunk; a shard is closed every `shard_size` faces."""
+    Memory holds one chunk; a shard is closed every `shard_size` faces. With `overwrite`, a packed dataset
+    already at `out` is replaced (other files there are kept)."""
 
-    def __init__(self, out: str | Path, classes: Sequence[str], image_size: tuple[int, int], *, shard_size: int = 100_000):
+    def __init__(self, out: str | Path, classes: Sequence[str], image_size: tuple[int, int], *, shard_size: int = 100_000,
+                 overwrite: bool = False):
         self.out, self.classes, self.image_size, self.shard_size = Path(out), list(classes), tuple(image_size), shard_size
         if shard_size < 1:
             raise FerkitError(f"a shard holds at least 1 face, not {shard_size}")
-        if self.out.exists() and any(self.out.iterdir()):
-            raise FerkitError(f"{self.out} already exists and is not empty; choose a new folder")
+        check_pack_folder(self.out, overwrite=overwrite)
+        _remove_packed(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.shards: list[list[str]] = []
         self._faces, self._labels, self._count = [], [], 0
@@ -129,12 +131,44 @@ class ShardWriter:
         self._faces, self._labels, self._count = [], [], 0
 
 
-def pack_dataset(dataset: FaceDataset, out: str | Path, *, shard_size: int = 100_000, chunk: int = 10_000) -> Path:
-    """Write `dataset` as a packed dataset in the new folder `out`."""
-    writer = ShardWriter(out, dataset.classes, dataset.image_size, shard_size=shard_size)
+def pack_dataset(dataset: FaceDataset | str | Path, out: str | Path, *, shard_size: int = 100_000, chunk: int = 10_000,
+                 overwrite: bool = False) -> Path:
+    """Write `dataset` (or the dataset at that path, as `load_dataset` reads it) as a packed dataset in
+    the new folder `out`; with `overwrite`, in place of a packed dataset there."""
+    check_pack_folder(out, overwrite=overwrite)
+    if not isinstance(dataset, FaceDataset):
+        from ferkit.data import load_dataset
+
+        dataset = load_dataset(dataset)
+    if dataset.source and Path(out).resolve() == Path(dataset.source).resolve():
+        raise FerkitError(f"{out} is the packed dataset being read; pack it into another folder")
+    writer = ShardWriter(out, dataset.classes, dataset.image_size, shard_size=shard_size, overwrite=overwrite)
     for start in range(0, len(dataset), chunk):
         writer.add(dataset.images[start : start + chunk], dataset.labels[start : start + chunk])
     return writer.close()
+
+
+def check_pack_folder(out: str | Path, *, overwrite: bool = False) -> None:
+    """Refuse, before any work, to write a packed dataset where something else is (or, without
+    `overwrite`, where anything is)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FerkitError(f"{out} is a file; give a new folder for the packed dataset")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FerkitError(f"{out} already exists and is not empty; choose a new folder (or --overwrite to replace "
+                              "a packed dataset there)")
+        if not is_packed(out):
+            raise FerkitError(f"{out} is not a packed dataset; refusing to overwrite it, choose another folder")
+
+
+def _remove_packed(folder: Path) -> None:
+    """The files of the packed dataset in `folder`, if there is one, removed."""
+    if not is_packed(folder):
+        return
+    for pattern in ("faces-*.npy", "labels-*.npy", INDEX):
+        for path in folder.glob(pattern):
+            path.unlink()
 
 
 def load_packed(path: str | Path, *, classes: Sequence[str] | None = None, image_size: tuple[int, int] = (48, 48)) -> FaceDataset:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from ferkit.errors import FerkitError
 from ferkit.labels import EMOTIONS
@@ -60,9 +61,19 @@ def create_model(
     height, width = input_size or spec.input_size
     kwargs = {}
     if weights is not None:
-        if not spec.pretrained:
-            raise FerkitError(f"{name} has no pretrained backbone; --weights applies to {', '.join(n for n in list_models() if _REGISTRY[n].pretrained)}")
+        check_weights(name, weights)
         kwargs["weights"] = weights
     if spec.crop:
         kwargs["crop"] = spec.crop  # declared once, in register_model: ten-crop scoring and training read it there too
     return spec.builder(num_classes=num_classes, input_shape=(height, width, spec.channels), **kwargs)
+
+
+def check_weights(name: str, weights: str | None) -> None:
+    """A FerkitError, before anything is built or loaded, when `weights` cannot apply to the model `name`:
+    it has no pretrained backbone, or the weights file is not there."""
+    if weights is None:
+        return
+    if not get_model_spec(name).pretrained:
+        raise FerkitError(f"{name} has no pretrained backbone; --weights applies to {', '.join(n for n in list_models() if _REGISTRY[n].pretrained)}")
+    if weights not in ("imagenet", "none") and not Path(weights).is_file():
+        raise FerkitError(f"no such weights file: {weights}")
