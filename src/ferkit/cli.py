@@ -278,6 +278,8 @@ def train_cmd(resume: Path | None, overwrite: bool, local_processes: int | None,
     """Train a model and record everything in a run folder."""
     from ferkit.distributed import Topology, launch_local
 
+    if resume and overwrite:
+        raise FerkitError("--resume continues a run and --overwrite replaces one: give one of them")
     if local_processes is not None:
         if local_processes < 1 or coordinator:
             raise FerkitError("--local-processes takes a positive count and no --coordinator")

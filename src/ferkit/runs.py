@@ -76,8 +76,6 @@ def rewrite_history(path: Path, epochs_done: int) -> None:
 def check_run_folder(run: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse, before any work, to resume what is not a run or to replace anything silently."""
     is_run = (run / "config.json").exists()
-    if resume and overwrite:
-        raise FerkitError("--resume continues a run and --overwrite replaces one: give one of them")
     if resume:
         if not is_run:
             raise FerkitError(f"cannot resume: {run} is not a ferkit run folder (no config.json)")
