@@ -1,6 +1,7 @@
 """Many photos into one results folder through the Python API (`ferkit predict` on folders uses it)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,13 @@ def test_an_earlier_batch_is_continued_or_replaced_only_when_asked(trained_run, 
     assert resumed.skipped == 3 and [p.name for p in resumed.todo] == ["broken.jpg"]  # failures are tried again
     assert len(list(resumed.run())) == 1
     assert (out / "results.jsonl").read_text().count("\n") == 4
+    # resumed with other sources: the earlier failure stays on record, not tried and not dropped
+    (tmp_path / "more").mkdir()
+    Image.fromarray(pattern_face(4, np.random.default_rng(4))).save(tmp_path / "more" / "c.png")
+    other = FolderBatch([tmp_path / "more"], out, model=trained_run, detector="none", resume=True)
+    assert [p.name for p in other.todo] == ["c.png"] and len(list(other.run())) == 1
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 5 and [Path(line["source"]).name for line in lines if line.get("error")] == ["broken.jpg"]
     replaced = FolderBatch([photos], out, model=trained_run, detector="none", overwrite=True)
     assert replaced.skipped == 0 and len(replaced.todo) == 4
     with pytest.raises(FerkitError, match="give one"):

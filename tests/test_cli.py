@@ -127,6 +127,11 @@ def test_evaluate_never_replaces_reports_of_another_evaluation(trained_run, patt
     assert "holds files that are not a ferkit evaluation" in line
     assert (mine / "report.html").read_text() == "my own report" and sorted(p.name for p in mine.iterdir()) == ["report.html"]
 
+    (tmp_path / "broken" / "happy").mkdir(parents=True)  # data that would fail as it loads: the folder is refused first
+    (tmp_path / "broken" / "happy" / "face.jpg").write_text("not an image")
+    line = _one_line_error(run("evaluate", model, "--data", tmp_path / "broken", "--out", folders[0]))
+    assert f"{folders[0]} holds the evaluation of" in line
+
 
 def test_usage_with_a_folder_dataset_is_refused_not_ignored(trained_run, pattern_data, tmp_path):
     line = _one_line_error(run("evaluate", trained_run, "--data", pattern_data / "val", "--usage", "PrivateTest",
@@ -219,6 +224,10 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_resume_refuses_other_flags(trained_run):
     assert "only --epochs" in _one_line_error(run("train", "--resume", trained_run, "--model", "seed-cnn"))
     assert "give one of them" in _one_line_error(run("train", "--resume", trained_run, "--overwrite"))
+    before = (trained_run / "config.json").read_text()
+    for epochs, words in (("0", "at least 1"), ("-3", "at least 1"), ("nan", "is not a valid integer")):
+        assert words in _one_line_error(run("train", "--resume", trained_run, "--epochs", epochs))
+    assert (trained_run / "config.json").read_text() == before
 
 
 @pytest.mark.parametrize(("args", "words"), [

@@ -36,7 +36,7 @@ def test_export_never_overwrites_silently(trained_run, onnx_model, tmp_path):
         export_onnx(trained_run, onnx_model)
     model = trained_run / "best.keras"
     before = model.read_bytes()
-    with pytest.raises(FerkitError, match="an .onnx file"):
+    with pytest.raises(FerkitError, match="written as a .onnx file"):
         export_onnx(trained_run, model, overwrite=True)  # not even when asked: it would be ONNX in a .keras file
     (tmp_path / "folder.onnx").mkdir()
     with pytest.raises(FerkitError, match="is a folder"):

@@ -42,6 +42,8 @@ def test_a_class_beyond_the_seven_is_packed_when_named(tmp_path):
     write_pattern_dataset(tmp_path / "faces", 3, folder_names=["happy", "sad", "smirk"])
     refused = CliRunner().invoke(cli, ["pack", str(tmp_path / "faces"), str(tmp_path / "p")])
     assert refused.exit_code == 2 and "smirk" in refused.output and "--classes keeps others" in refused.output
+    twice = CliRunner().invoke(cli, ["pack", str(tmp_path / "faces"), str(tmp_path / "p"), "--classes", "happy,sad,smirk,sad"])
+    assert twice.exit_code == 2 and "name sad more than once" in twice.output and not (tmp_path / "p").exists()
     classes = "angry,disgust,fear,happy,neutral,sad,surprise,smirk"
     packed = CliRunner().invoke(cli, ["pack", str(tmp_path / "faces"), str(tmp_path / "p"), "--classes", classes])
     assert packed.exit_code == 0, packed.output

@@ -131,6 +131,28 @@ def test_video_command_writes_timeline_plot_and_video(trained_run, squares_video
     assert "5 frames analysed" in result.output
 
 
+def test_a_videos_results_replace_ferkits_own_but_not_a_users_files(trained_run, squares_video, tmp_path):
+    out = tmp_path / "out"
+    command = ["predict", str(squares_video), "--model", str(trained_run), "--detector", "none", "--every", "4",
+               "--save-video", "--out", str(out)]
+    assert CliRunner().invoke(cli, command).exit_code == 0
+    first = {name: (out / name).read_bytes() for name in ("squares.timeline.csv", "squares.emotions.png")}
+    again = CliRunner().invoke(cli, command)  # ferkit's own timeline, plot and video are replaced
+    assert again.exit_code == 0, again.output
+    assert (out / "squares.timeline.csv").read_bytes() == first["squares.timeline.csv"]
+    for mine in ("squares.emotions.png", "squares.timeline.csv", "squares.annotated.mp4"):
+        if mine.endswith(".mp4"):  # an annotated video counts as ferkit's when its timeline beside it is
+            (out / "squares.timeline.csv").unlink()
+        (out / mine).unlink()
+        Image.new("RGB", (8, 8)).save(out / "theirs.png")
+        (out / "theirs.png").rename(out / mine)  # the user's own file of that name
+        refused = CliRunner().invoke(cli, command)
+        assert refused.exit_code == 2 and "ferkit did not write it" in refused.output and mine in refused.output
+        assert (out / mine).stat().st_size < 200  # untouched
+        assert CliRunner().invoke(cli, [*command, "--overwrite"]).exit_code == 0
+        assert (out / mine).stat().st_size > 200
+
+
 def test_real_faces_in_a_panning_video_are_tracked(trained_run, tmp_path):
     """A 640x360 window pans 88 px across examples/people.jpg: two of its three faces stay in view."""
     photo = cv2.cvtColor(cv2.imread(str(EXAMPLES / "people.jpg")), cv2.COLOR_BGR2RGB)

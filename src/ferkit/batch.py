@@ -50,7 +50,7 @@ class FolderBatch:
         written = [self.out / name for name in (ResultsFolder.TABLE, ResultsFolder.LINES, ResultsFolder.SETTINGS)]
         check_replaceable([*written, *self.annotated.values()], overwrite=overwrite)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.results = ResultsFolder(self.out, self.classifier.classes, resume=resume,
+        self.results = ResultsFolder(self.out, self.classifier.classes, resume=resume, sources=paths,
                                      settings=batch_settings(self.classifier, self.detector, self.uncertain_below))
         self.todo = [p for p in paths if str(p) not in self.results.finished]
         self.skipped = len(paths) - len(self.todo)  # done by an earlier run (resume)
@@ -135,11 +135,13 @@ def _once_each(paths: list[Path]) -> list[Path]:
 def analyze_video_into_folder(source: str | Path, out: str | Path, *, stem: str | None = None, model=None,
                               detector="auto", every: int | None = None, target_fps: float | None = None,
                               smooth: int = 1, save_video: bool = False, uncertain_below: float = UNCERTAIN_BELOW,
-                              progress: Callable[[int, int | None], None] | None = None) -> dict:
+                              progress: Callable[[int, int | None], None] | None = None,
+                              overwrite: bool = False) -> dict:
     """Analyse a video into `out`: STEM.timeline.csv (written as frames are analysed), STEM.emotions.png,
-    and STEM.annotated.mp4 with `save_video`. Returns the summary (Timeline.summary) with the files.
-    `progress(frames_analysed, frames_to_analyse)` after each analysed frame; the total is as the
-    container says (None when it does not know)."""
+    and STEM.annotated.mp4 with `save_video` (`video_outputs`). Returns the summary (Timeline.summary) with
+    the files. `progress(frames_analysed, frames_to_analyse)` after each analysed frame; the total is as
+    the container says (None when it does not know). Files of those names that ferkit did not write are
+    refused unless `overwrite` (ferkit.results.check_replaceable)."""
     from ferkit.sources import open_video
     from ferkit.video import analyze_video, check_video_options, frame_step
 
@@ -147,19 +149,25 @@ def analyze_video_into_folder(source: str | Path, out: str | Path, *, stem: str 
     check_video_options(every, target_fps, smooth)
     check_output_folder(out)
     stem = stem or Path(source).stem
+    timeline_csv, plot, annotated = video_outputs(out, stem, save_video=True)
+    check_replaceable(video_outputs(out, stem, save_video), overwrite=overwrite)
     capture, info = open_video(source)
     capture.release()
     step = frame_step(info.fps, every, target_fps)
     total = max(1, -(-info.frames // step)) if info.frames > 0 else None
-    annotated = out / f"{stem}.annotated.mp4" if save_video else None
     out.mkdir(parents=True, exist_ok=True)
-    timeline = analyze_video(source, model=model, detector=detector, every=step, smooth=smooth, annotated=annotated,
-                             uncertain_below=uncertain_below, timeline_csv=out / f"{stem}.timeline.csv",
+    timeline = analyze_video(source, model=model, detector=detector, every=step, smooth=smooth,
+                             annotated=annotated if save_video else None, uncertain_below=uncertain_below,
+                             timeline_csv=timeline_csv,
                              progress=(lambda index: progress(index // step + 1, total)) if progress else None)
-    written = [out / f"{stem}.timeline.csv", timeline.plot(out / f"{stem}.emotions.png")]
-    if annotated:
-        written.append(annotated)
-    return timeline.summary(files=[str(p) for p in written])
+    timeline.plot(plot)
+    return timeline.summary(files=[str(p) for p in video_outputs(out, stem, save_video)])
+
+
+def video_outputs(out: Path, stem: str, save_video: bool = False) -> list[Path]:
+    """The files analyze_video_into_folder writes for a video: its timeline, its plot, its annotated copy."""
+    return [out / f"{stem}.timeline.csv", out / f"{stem}.emotions.png",
+            *([out / f"{stem}.annotated.mp4"] if save_video else [])]
 
 
 def unique_path(folder: Path, stem: str, suffix: str, used: set[str]) -> Path:

@@ -9,7 +9,7 @@ import math
 import os
 import signal
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
 import click
@@ -315,11 +315,9 @@ def _resumed_config(run: Path, flags: dict) -> TrainConfig:
     if not (run / "config.json").exists():
         raise FerkitError(f"cannot resume: {run} is not a ferkit run folder (no config.json)")
     config = TrainConfig.load(run / "config.json")
-    config.epochs = flags["epochs"] or config.epochs
-    config.precision = flags["precision"] or config.precision
-    config.out = str(run)
+    changes = {key: flags[key] for key in ("epochs", "precision", *movable) if flags[key] is not None}
+    config = replace(config, out=str(run), **changes)  # checked as a new config is: --epochs 0 is refused
     for key, flag in movable.items():
-        setattr(config, key, flags[key] or getattr(config, key))
         where = getattr(config, key)
         if where and not Path(where).exists():
             raise FerkitError(f"the run's {flag} {where} is not here (a relative path counts from where the run "
@@ -425,10 +423,12 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     given = click.get_current_context().get_parameter_source("usage") is not click.core.ParameterSource.DEFAULT
     usage = _check_usage(data, usage, given)
     classifier = load_classifier(model).with_tta(tta)
+    if out is not None and not overwrite and Path(data).is_dir():  # a folder's source is its path: checked before it loads
+        check_report_folder(out, classifier.name, str(Path(data)), classifier.tta)
     dataset = load_dataset(
         data, classes=classifier.classes, image_size=classifier.input_size, usage=usage, progress=not as_json
     )
-    evaluation = (classifier.name, dataset.source, classifier.tta)
+    evaluation = (classifier.name, dataset.source, classifier.tta)  # a CSV's says which rows, known once it is read
     if out is None:
         out = default_report_folder(model, data, evaluation, usage=usage, tta=tta)
     elif not overwrite:
@@ -620,7 +620,7 @@ def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, 
 def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, every, target_fps, smooth, save_video,
                 uncertain_below, resume, overwrite, tta, engine, address, workers, shard_size):
     """Find every face in each SOURCE (image, folder, glob or video) and predict its emotion."""
-    from ferkit.batch import FolderBatch, check_results_folder, unique_path
+    from ferkit.batch import FolderBatch, check_results_folder, unique_path, video_outputs
     from ferkit.faces import get_detector
     from ferkit.predict import check_uncertain_below
     from ferkit.results import check_replaceable
@@ -672,6 +672,10 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     else:
         for image in images:
             check_replaceable(_photo_outputs(out, image, annotate is not False), overwrite=overwrite)
+    stems: set[str] = set()  # videos of the same name from different folders: clip, clip-2, ...
+    videos = [(s, unique_path(out, Path(s).stem, "", stems).name) for s, kind in kinds if kind == "video"]
+    for _, stem in videos:
+        check_replaceable(video_outputs(out, stem, save_video), overwrite=overwrite)
     classifier = load_classifier(model).with_tta(tta)
     find = get_detector(detector)
     out.mkdir(parents=True, exist_ok=True)
@@ -684,12 +688,10 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
                                               uncertain_below=uncertain_below, resume=resume, overwrite=overwrite,
                                               alone=len(kinds) + missing == 1),
                                   as_json, unreadable_sources=failures)
-    stems: set[str] = set()  # videos of the same name from different folders: clip, clip-2, ...
-    for source in (s for s, kind in kinds if kind == "video"):
-        stem = unique_path(out, Path(source).stem, "", stems).name
+    for source, stem in videos:
         failures += _predict_video(source, out, as_json, stem=stem, alone=len(kinds) + missing == 1, model=classifier,
                                    detector=find, every=every, target_fps=target_fps, smooth=smooth,
-                                   save_video=save_video, uncertain_below=uncertain_below)
+                                   save_video=save_video, uncertain_below=uncertain_below, overwrite=overwrite)
     if failures:
         sys.exit(1)
 

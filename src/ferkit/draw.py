@@ -70,9 +70,11 @@ def save_annotated(image: Image.Image, path: str | Path) -> Path:
 
 
 def written_by_ferkit(path: str | Path) -> bool:
-    """Whether the image at `path` is an annotated copy that ferkit saved (`save_annotated`)."""
+    """Whether the image at `path` is one that ferkit saved: an annotated copy (`save_annotated`, EXIF) or a
+    plot (ferkit.plots, a PNG text chunk)."""
     try:
         with Image.open(path) as image:
-            return str(image.getexif().get(SOFTWARE, "")).startswith("ferkit")
+            software = image.getexif().get(SOFTWARE) or image.info.get("Software", "")
+            return str(software).startswith("ferkit")
     except (OSError, ValueError):
         return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ferkit.errors import FerkitError
+from ferkit.results import check_output_file
 from ferkit.runtime import ModelMetadata, read_metadata, resolve_model_path, save_keras_model
 
 
@@ -18,11 +19,7 @@ def ensemble_models(members: list[str | Path], out: str | Path, *, overwrite: bo
     from ferkit._keras import import_keras
 
     keras = import_keras()
-    out = Path(out)
-    if out.suffix != ".keras":
-        raise FerkitError(f"an ensemble is written as a .keras file, not {out.name}")
-    if out.exists() and not overwrite:
-        raise FerkitError(f"{out} already exists; pass --overwrite to replace it")
+    out = check_output_file(out, ".keras", "an ensemble", overwrite=overwrite)
     paths = [resolve_model_path(member) for member in members]
     if len(paths) < 2:
         raise FerkitError("an ensemble needs at least two models")

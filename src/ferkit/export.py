@@ -18,6 +18,7 @@ from ferkit.calibration import apply_temperature
 from ferkit.data.dataset import FaceDataset
 from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch, to_model_input
+from ferkit.results import check_output_file
 from ferkit.runtime import METADATA_NAME, KerasClassifier, OnnxClassifier, read_metadata, resolve_model_path
 
 TOLERANCE = 1e-4  # max abs difference allowed between Keras and ONNX probabilities
@@ -58,14 +59,8 @@ def temperature_faces(model: str | Path, data: str | Path) -> FaceDataset:
 def export_path(model: str | Path, out: str | Path | None = None, *, overwrite: bool = False) -> Path:
     """Where export_onnx writes `model`: `out`, default beside the model with the .onnx suffix; a
     FerkitError if that is no .onnx file or is there already and `overwrite` is not given."""
-    out = Path(out) if out else resolve_model_path(model).with_suffix(".onnx")
-    if out.suffix.lower() != ".onnx":
-        raise FerkitError(f"an exported model is an .onnx file, not {out.name}")
-    if out.is_dir():
-        raise FerkitError(f"{out} is a folder; give the .onnx file to write")
-    if out.exists() and not overwrite:
-        raise FerkitError(f"{out} already exists; pass --overwrite to replace it")
-    return out
+    out = out or resolve_model_path(model).with_suffix(".onnx")
+    return check_output_file(out, ".onnx", "an exported model", overwrite=overwrite)
 
 
 def export_onnx(

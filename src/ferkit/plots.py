@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ferkit import __version__
 from ferkit.extras import require
 
 
@@ -17,6 +18,15 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Save and close `fig`; a PNG is marked as ferkit's in a text chunk, so that a later run knows it may
+    replace it (ferkit.results.check_replaceable)."""
+    marked = {"metadata": {"Software": f"ferkit {__version__}"}} if Path(path).suffix.lower() == ".png" else {}
+    fig.savefig(path, dpi=110, **marked)
+    _pyplot().close(fig)
+    return Path(path)
 
 
 def plot_history(history: dict[str, Sequence[float]], path: str | Path, *, title: str = "") -> Path:
@@ -34,9 +44,7 @@ def plot_history(history: dict[str, Sequence[float]], path: str | Path, *, title
         ax.legend()
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: str | Path, *, title: str = "") -> Path:
@@ -59,9 +67,7 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: str 
     ax_norm.set_title("normalised by true class (recall)")
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_reliability_diagram(bins: dict, path: str | Path, *, title: str = "") -> Path:
@@ -92,9 +98,7 @@ def plot_reliability_diagram(bins: dict, path: str | Path, *, title: str = "") -
     ax.legend(loc="upper left", fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_emotion_timeline(series: dict, path: str | Path, *, title: str = "", until: float | None = None) -> Path:
@@ -123,6 +127,4 @@ def plot_emotion_timeline(series: dict, path: str | Path, *, title: str = "", un
     axes[-1, 0].set_xlabel("time (s)")
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

@@ -89,6 +89,11 @@ def face_columns(classes) -> list[str]:
     return ["source", "face", "x", "y", "width", "height", "detector_score", "emotion", "score", *classes, "uncertain"]
 
 
+def timeline_columns(classes) -> list[str]:
+    """The columns of a video's timeline (ferkit.video.Timeline): a row per face per analysed frame."""
+    return ["time_s", "frame", "track", "x", "y", "width", "height", "emotion", "score", *classes, "uncertain"]
+
+
 def face_rows(result: ImageResult, classes) -> list[dict]:
     """A row per face of `result`, keyed by `face_columns(classes)`, numbered from 1 (largest first)."""
     rows = []
@@ -98,6 +103,19 @@ def face_rows(result: ImageResult, classes) -> list[dict]:
                      "detector_score": face.detector_score, "emotion": face.emotion, "score": face.score,
                      **{name: face.probabilities[name] for name in classes}, "uncertain": face.uncertain})
     return rows
+
+
+def check_output_file(out: str | Path, suffix: str, what: str, *, overwrite: bool = False) -> Path:
+    """`out` as a Path if `what` (say "an exported model") may be written there as a `suffix` file, else a
+    FerkitError saying why: another suffix, a folder, or a file there already and no `overwrite`."""
+    out = Path(out)
+    if out.suffix.lower() != suffix:
+        raise FerkitError(f"{what} is written as a {suffix} file, not {out.name}")
+    if out.is_dir():
+        raise FerkitError(f"{out} is a folder; give the {suffix} file to write")
+    if out.exists() and not overwrite:
+        raise FerkitError(f"{out} already exists; pass --overwrite to replace it")
+    return out
 
 
 def check_replaceable(paths, *, overwrite: bool = False) -> None:
@@ -113,16 +131,19 @@ def check_replaceable(paths, *, overwrite: bool = False) -> None:
 
 def _written_by_ferkit(path: Path) -> bool:
     """Whether `path` holds one of ferkit's result files: an image's JSON, a faces table, results lines,
-    a batch's settings, or an annotated copy (marked as ferkit's in its EXIF data)."""
+    a batch's settings, a video's timeline, an annotated copy or a plot (marked as ferkit's inside), or an
+    annotated video beside its timeline."""
     from ferkit.draw import written_by_ferkit
 
     if path.is_dir() or not path.is_file():
         return False
+    if path.name.endswith(".annotated.mp4"):
+        return _written_by_ferkit(path.with_name(path.name.removesuffix(".annotated.mp4") + ".timeline.csv"))
     if path.suffix in (".json", ".jsonl", ".csv"):
         with open(path, errors="replace") as handle:
             first = handle.readline()
         if path.suffix == ".csv":
-            return first.startswith(",".join(face_columns(())[:6]))
+            return first.startswith((",".join(face_columns(())[:6]), ",".join(timeline_columns(())[:9])))
         if path.suffix == ".jsonl" and not first:
             return True
         try:
@@ -138,20 +159,25 @@ class ResultsFolder:
     and `results.jsonl` (an ImageResult per line, failures included). An image is done once its line is
     complete, so a batch cut short can go on where it stopped:
 
-        with ResultsFolder(out, classifier.classes, resume=True) as results:
+        with ResultsFolder(out, classifier.classes, resume=True, sources=paths) as results:
             for result in analyze_images([p for p in paths if str(p) not in results.finished]):
                 results.write(result)
+
+    A resumed run tries its failed images again: their lines go. `sources`, the images this run is given,
+    keeps the failures of other images on record (default: every earlier failure goes).
     """
 
     TABLE, LINES, SETTINGS = "faces.csv", "results.jsonl", "batch.json"
 
-    def __init__(self, folder: str | Path, classes, *, resume: bool = False, settings: dict | None = None):
+    def __init__(self, folder: str | Path, classes, *, resume: bool = False, settings: dict | None = None,
+                 sources=None):
         self.folder, self.classes, self.resume = Path(folder), tuple(classes), resume
         self.settings = {"classes": list(self.classes), **(settings or {})}
         if resume:
             self._check_same_settings()
         # the images an earlier run finished (no error), with both files cut back to them
-        self.finished: set[str] = self._cut_back_to_finished() if resume else set()
+        retried = None if sources is None else {str(s) for s in sources}
+        self.finished: set[str] = self._cut_back_to_finished(retried) if resume else set()
         self._table = self._lines = self._writer = None
 
     def _check_same_settings(self) -> None:
@@ -200,9 +226,10 @@ class ResultsFolder:
         self._lines.flush()
         return record
 
-    def _cut_back_to_finished(self) -> set[str]:
+    def _cut_back_to_finished(self, retried: set[str] | None) -> set[str]:
         """The images a run cut short had finished (a complete line in results.jsonl, no error), with both
-        files cut back to them: a half-written last line, and table rows of an image without its line, go."""
+        files cut back to them: a half-written last line, table rows of an image without its line, and the
+        failures of the images to be `retried` (None: all) go."""
         lines, table = self.folder / self.LINES, self.folder / self.TABLE
         if not lines.exists():
             return set()
@@ -216,6 +243,8 @@ class ResultsFolder:
                 break
             if not record.get("error"):
                 done.add(record["source"])
+                kept.append(line)
+            elif retried is not None and record["source"] not in retried:
                 kept.append(line)
         lines.write_text("".join(kept))
         if table.exists():

@@ -19,6 +19,7 @@ import numpy as np
 
 from ferkit.data import FaceDataset
 from ferkit.errors import FerkitError
+from ferkit.results import check_output_file
 from ferkit.runtime import load_classifier, resolve_model_path
 
 TEACHER_SUFFIX = ".npz"
@@ -58,14 +59,7 @@ def save_teacher_probabilities(models, dataset: FaceDataset | str | Path, out: s
 
 def check_teacher_output(out: str | Path, *, overwrite: bool = False) -> Path:
     """`out` if teacher probabilities may be written there, else a FerkitError saying why."""
-    out = Path(out)
-    if out.suffix != TEACHER_SUFFIX:
-        raise FerkitError(f"teacher probabilities are saved as a {TEACHER_SUFFIX} file, not {out.name}")
-    if out.is_dir():
-        raise FerkitError(f"{out} is a folder; give the {TEACHER_SUFFIX} file to write")
-    if out.exists() and not overwrite:
-        raise FerkitError(f"{out} already exists; pass --overwrite to replace it")
-    return out
+    return check_output_file(out, TEACHER_SUFFIX, "teacher probabilities", overwrite=overwrite)
 
 
 def check_teacher(teacher: str) -> None:

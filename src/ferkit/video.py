@@ -18,7 +18,7 @@ from ferkit.draw import draw_faces
 from ferkit.errors import FerkitError
 from ferkit.faces import box_iou
 from ferkit.predict import UNCERTAIN_BELOW, analyze_images
-from ferkit.results import Face
+from ferkit.results import Face, timeline_columns
 from ferkit.runtime import load_classifier
 from ferkit.sources import open_video, video_frames
 
@@ -60,7 +60,7 @@ class Timeline:
         return Path(path)
 
     def csv_header(self) -> list[str]:
-        return ["time_s", "frame", "track", "x", "y", "width", "height", "emotion", "score", *self.classes, "uncertain"]
+        return timeline_columns(self.classes)
 
     def csv_row(self, r: TimelineRow) -> list:
         return [f"{r.time_s:.3f}", r.frame, r.track, *r.face.box, r.face.emotion, f"{r.face.score:.4f}",

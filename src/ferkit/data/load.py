@@ -23,6 +23,10 @@ def load_dataset(
 ) -> FaceDataset:
     """Load a folder tree (`root/<class>/*`), a FER2013 CSV or a packed dataset (ferkit.data.packed, read
     memory-mapped); `usage` selects CSV rows only."""
+    if classes is not None:
+        repeated = sorted({name for name in classes if list(classes).count(name) > 1})
+        if repeated:
+            raise FerkitError(f"the classes name {', '.join(repeated)} more than once")
     path = Path(source)
     if not path.exists():
         raise FerkitError(f"no such dataset: {path}")
