@@ -51,6 +51,36 @@ def test_a_bad_image_in_a_stream_is_reported_and_the_rest_goes_on(trained_run, t
         analyze(tmp_path / "bad.jpg", model=trained_run)
 
 
+def test_an_image_files_bytes_or_file_object_give_the_answers_of_its_path(trained_run, tmp_path):
+    import io
+
+    photo = tmp_path / "face.png"
+    Image.fromarray(pattern_face(4, np.random.default_rng(4))).save(photo)
+    from_path = analyze(photo, model=trained_run, detector="none")
+    for given in (photo.read_bytes(), io.BytesIO(photo.read_bytes()), open(photo, "rb")):
+        assert [f.probabilities for f in analyze(given, model=trained_run, detector="none")] == [
+            f.probabilities for f in from_path]
+    results = list(analyze_images([photo, b"not an image", None, Image.open(photo), photo], model=trained_run,
+                                  detector="none"))
+    assert [r.ok for r in results] == [True, False, False, True, True]  # bad items reported, the stream goes on
+    assert [r.source for r in results[1:4]] == ["<bytes>", "<NoneType>", "<image>"]
+    assert "<bytes> is not an image" in results[1].error and "not NoneType" in results[2].error
+    with pytest.raises(FerkitError, match="from a PIL image, not a file: pass the image"):
+        results[3].draw()
+    for wrong in (5, None):
+        with pytest.raises(FerkitError, match="an image is a path, a PIL image, an array or an image file's bytes"):
+            analyze(wrong, model=trained_run)
+
+
+def test_one_image_or_one_box_where_a_list_belongs_is_refused_in_one_line(trained_run):
+    picture = _canvas_with_faces([(10, 10, 48, 48)], [3])
+    for one in (picture, Image.fromarray(picture)):
+        with pytest.raises(FerkitError, match="takes a list of images"):
+            list(analyze_images(one, model=trained_run))
+    with pytest.raises(FerkitError, match=r"for one box give \[\(10, 10, 48, 48\)\]"):
+        analyze(picture, model=trained_run, boxes=(10, 10, 48, 48))
+
+
 def test_batching_does_not_change_the_results(trained_run):
     images = [_canvas_with_faces([(10, 10, 48, 48), (120, 60, 48, 48)], [i % 7, (i + 3) % 7]) for i in range(9)]
     boxes = [(10, 10, 48, 48), (120, 60, 48, 48)]
@@ -97,6 +127,17 @@ def test_detected_boxes_given_back_reproduce_the_answers():
     assert [f.box for f in given] == [f.box for f in detected]
     for a, b in zip(detected, given):
         assert max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities) <= 0.01
+
+
+def test_a_face_photo_without_detection_is_framed_as_its_whole_box_would_be():
+    """detector="none" makes a non-square face photo square as a given box is framed, never stretched."""
+    photo = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+    x, y, w, h = analyze(photo)[0].box
+    face = Image.open(photo).crop((x, y, x + w, y + h))
+    assert w != h
+    [whole] = analyze(face, detector="none")
+    [boxed] = analyze(face, boxes=[(0, 0, w, h)])
+    assert whole.probabilities == boxed.probabilities
 
 
 @pytest.mark.parametrize("box", [(0, 0, 0, 0), (10, 10, -5, 20), (400, 10, 20, 20), (-50, -50, 40, 40), ("a", 1, 2, 3)])

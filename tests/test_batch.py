@@ -50,6 +50,9 @@ def test_an_earlier_batch_is_continued_or_replaced_only_when_asked(trained_run, 
     assert [p.name for p in other.todo] == ["c.png"] and len(list(other.run())) == 1
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(lines) == 5 and [Path(line["source"]).name for line in lines if line.get("error")] == ["broken.jpg"]
+    (tmp_path / "link").symlink_to(photos)  # the same photos by another path: done, not analysed twice
+    relinked = FolderBatch([tmp_path / "link"], out, model=trained_run, detector="none", resume=True)
+    assert relinked.skipped == 3 and [p.name for p in relinked.todo] == ["broken.jpg"]
     replaced = FolderBatch([photos], out, model=trained_run, detector="none", overwrite=True)
     assert replaced.skipped == 0 and len(replaced.todo) == 4
     with pytest.raises(FerkitError, match="give one"):
@@ -133,3 +136,54 @@ def test_the_same_photo_given_twice_is_analysed_once(photos):
     paths, errors = list_batch_images([str(photos / "a.png"), str(photos), str(photos / "sub" / ".." / "a.png")])
     assert [str(p) for p in paths] == [str(photos / "a.png"), str(photos / "b.png"), str(photos / "broken.jpg"),
                                        str(photos / "sub" / "a.png")] and errors == []
+
+
+def test_a_folder_listing_leaves_out_ferkits_annotated_copies_and_says_what_else_it_leaves_out(tmp_path, caplog):
+    from ferkit.draw import save_annotated
+    from ferkit.sources import list_images
+
+    face = Image.fromarray(pattern_face(1, np.random.default_rng(1))).convert("RGB")
+    (tmp_path / "photos" / "earlier").mkdir(parents=True)
+    for name in ("a.jpg", "b.jfif", "mine.annotated.jpg"):  # the last: a user's photo, not marked as ferkit's
+        face.save(tmp_path / "photos" / name, format="JPEG")
+    face.save(tmp_path / "photos" / "IMG_0001", format="JPEG")
+    save_annotated(face, tmp_path / "photos" / "earlier" / "a.annotated.jpg")
+    with caplog.at_level("INFO", logger="ferkit"):
+        listed = list_images(str(tmp_path / "photos"))
+    assert [p.name for p in listed] == ["a.jpg", "b.jfif", "mine.annotated.jpg"]
+    assert "1 annotated copies that ferkit made" in caplog.text and "1 files without a name suffix" in caplog.text
+    assert "IMG_0001" in caplog.text
+
+
+def test_folders_and_photos_that_cannot_be_read_are_named(trained_run, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    photos = tmp_path / "photos"
+    (photos / "locked").mkdir(parents=True)
+    for path in (photos / "a.png", photos / "c.png", photos / "locked" / "b.png"):
+        Image.fromarray(pattern_face(2, np.random.default_rng(2))).save(path)
+    prefix = []
+    if os.geteuid() == 0:  # root reads anything: run without the capabilities that let it
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv, so file permissions do not apply")
+        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    (photos / "c.png").chmod(0)
+    (photos / "locked").chmod(0)
+    try:
+        def predict(source, out):
+            command = [*prefix, sys.executable, "-m", "ferkit.cli", "predict", str(source), "--model", str(trained_run),
+                       "--detector", "none", "--out", str(tmp_path / out)]
+            return subprocess.run(command, capture_output=True, text=True)
+
+        batch = predict(photos, "o")
+        assert batch.returncode == 1, batch.stderr
+        assert f"cannot read 1 folder(s), their images left out: {photos / 'locked'}" in batch.stderr
+        assert f"{photos / 'c.png'} cannot be read: permission denied" in batch.stderr + batch.stdout
+        alone = predict(photos / "locked", "o2")
+        assert alone.returncode == 2 and f"cannot read the folder {photos / 'locked'}: permission denied" in alone.stderr
+    finally:
+        (photos / "c.png").chmod(0o644)
+        (photos / "locked").chmod(0o755)

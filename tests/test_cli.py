@@ -562,3 +562,41 @@ def test_a_photos_results_replace_ferkits_own_but_not_a_users_file(trained_run, 
     assert "people.annotated.jpg exists and ferkit did not write it" in line and "--overwrite" in line
     assert (tmp_path / "people.annotated.jpg").read_bytes() == b"my drawing"
     assert run(*args, "--overwrite").exit_code == 0 and Image.open(tmp_path / "people.annotated.jpg").size == (920, 360)
+
+
+def test_names_with_markup_or_math_characters_are_shown_as_they_are(trained_run, pattern_data, tmp_path):
+    """Square brackets are rich's markup and `$...$` matplotlib's math: in a file name they are neither."""
+    import shutil
+
+    from ferkit.evaluation import REPORT_FILES
+
+    odd = tmp_path / "price$5 \\frac$x [/red]"
+    shutil.copytree(pattern_data / "val", odd)
+    evaluated = run("evaluate", trained_run, "--data", odd, "--out", tmp_path / "r")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "[/red]" in evaluated.output and all((tmp_path / "r" / name).is_file() for name in REPORT_FILES)
+    (tmp_path / "x[").mkdir()
+    photo = tmp_path / "x[" / "red]face [b].png"  # its path holds "[/red]"
+    Image.fromarray(pattern_face(3, np.random.default_rng(0))).save(photo)
+    predicted = run("predict", photo, "--model", trained_run, "--detector", "none", "--out", tmp_path / "o")
+    assert predicted.exit_code == 0, predicted.output
+    assert "x[/red]face [b].png" in predicted.output.replace("\n", "") and (tmp_path / "o" / "red]face [b].faces.json").is_file()
+
+
+def test_the_same_data_written_another_way_is_the_same_evaluation(trained_run, pattern_data, tmp_path, monkeypatch):
+    assert run("evaluate", trained_run, "--data", pattern_data / "val", "--out", tmp_path / "r").exit_code == 0
+    monkeypatch.chdir(pattern_data)
+    again = run("evaluate", trained_run, "--data", "./val", "--out", tmp_path / "r")  # replaces its own report
+    assert again.exit_code == 0, again.output
+    other = run("evaluate", trained_run, "--data", "./train", "--out", tmp_path / "r")
+    assert other.exit_code == 2 and "holds the evaluation of" in other.output
+
+
+def test_an_empty_or_dangling_out_is_refused_before_any_work(trained_run, tmp_path):
+    photo = tmp_path / "face.png"
+    Image.fromarray(pattern_face(3, np.random.default_rng(0))).save(photo)
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    for out, words in (("", "--out is empty"), (tmp_path / "dangling", "which does not exist")):
+        line = _one_line_error(run("predict", photo, "--model", trained_run, "--detector", "none", "--out", out))
+        assert words in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "face.png"]

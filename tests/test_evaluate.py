@@ -35,6 +35,10 @@ def test_a_class_without_faces_is_named_with_what_its_scores_mean(tmp_path):
     assert "Note: no faces of disgust" in (tmp_path / "report.html").read_text()
     assert json.loads((tmp_path / "metrics.json").read_text())["absent_classes"] == ["disgust"]
     assert score_predictions(np.arange(7), np.arange(7), EMOTIONS).absent_classes_note is None
+    missed = np.arange(7).repeat(2)
+    unseen = score_predictions(missed, np.where(missed == 2, 5, missed), EMOTIONS)  # fear always called sad
+    assert unseen.per_class["fear"].precision == 0 and unseen.absent_classes == []
+    assert unseen.absent_classes_note == "fear never predicted: precision is undefined there (shown as 0.000)"
 
 
 def test_per_class_scores_agree_with_the_confusion_matrix():

@@ -12,6 +12,7 @@ A batch cut short goes on with `resume=True`: the images already in results.json
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -52,7 +53,7 @@ class FolderBatch:
         self.out.mkdir(parents=True, exist_ok=True)
         self.results = ResultsFolder(self.out, self.classifier.classes, resume=resume, sources=paths,
                                      settings=batch_settings(self.classifier, self.detector, self.uncertain_below))
-        self.todo = [p for p in paths if str(p) not in self.results.finished]
+        self.todo = [p for p in paths if not self.results.is_finished(p)]
         self.skipped = len(paths) - len(self.todo)  # done by an earlier run (resume)
         self.images = self.faces = 0
         self.failed = len(self.errors)
@@ -95,8 +96,15 @@ def check_results_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 def check_output_folder(out: Path) -> None:
+    """A FerkitError unless `out` is a folder results can be written to, or can become one."""
+    if not str(out).strip():
+        raise FerkitError("the results folder is empty text; give a folder for the results")
+    if out.is_symlink() and not out.exists():
+        raise FerkitError(f"{out} is a link to {os.readlink(out)}, which does not exist; give a folder for the results")
     if out.exists() and not out.is_dir():
         raise FerkitError(f"{out} is a file; give a folder for the results")
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise FerkitError(f"{out} cannot be written to: permission denied")
 
 
 def list_batch_images(sources: list[str], *, skip: Path | None = None,

@@ -590,7 +590,7 @@ def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, 
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--model", help="A run folder, .keras or .onnx file, or a shipped model by name (default: the default one).")
 @click.option("--detector", type=click.Choice(DETECTORS), default="auto", show_default=True,
-              help="Face detector; 'none' treats each whole image as one face (for cropped face photos).")
+              help="Face detector; 'none' treats each whole image as one face (for cropped face photos), made square.")
 @click.option("--box", "boxes", multiple=True, metavar="X,Y,W,H",
               help="A face box to classify instead of detecting (repeatable); for single images.")
 @click.option("--out", default="runs/predict", show_default=True,
@@ -620,7 +620,7 @@ def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, 
 def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, every, target_fps, smooth, save_video,
                 uncertain_below, resume, overwrite, tta, engine, address, workers, shard_size):
     """Find every face in each SOURCE (image, folder, glob or video) and predict its emotion."""
-    from ferkit.batch import FolderBatch, check_results_folder, unique_path, video_outputs
+    from ferkit.batch import FolderBatch, check_output_folder, check_results_folder, unique_path, video_outputs
     from ferkit.faces import get_detector
     from ferkit.predict import check_uncertain_below
     from ferkit.results import check_replaceable
@@ -643,6 +643,8 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
         raise FerkitError("--address and --workers apply to --engine ray")
     if "://" in out:
         raise FerkitError(f"--out {out}: an object-storage URI needs --engine ray; give a folder here")
+    if not out.strip():
+        raise FerkitError("--out is empty; give a folder for the results")
     out = Path(out)
     if resume and overwrite:
         raise FerkitError("--resume continues the results in --out and --overwrite replaces them; give one")
@@ -667,9 +669,8 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     batch = [s for s, kind in kinds if kind != "video"] if len(sources) > 1 or not images else []
     if batch:
         check_results_folder(out, resume=resume, overwrite=overwrite)
-    elif out.exists() and not out.is_dir():
-        raise FerkitError(f"--out {out} is a file; give a folder for the results")
     else:
+        check_output_folder(out)
         for image in images:
             check_replaceable(_photo_outputs(out, image, annotate is not False), overwrite=overwrite)
     stems: set[str] = set()  # videos of the same name from different folders: clip, clip-2, ...
@@ -711,7 +712,7 @@ def _kinds_of(source: str) -> list[tuple[str, str]]:
                        "to analyse them", err=True)
         return [(source, kind)]
     try:
-        list_images(source)
+        list_images(source, quiet=True)  # its notes come when the batch lists it
     except FerkitError:
         if videos:
             return [(str(v), "video") for v in videos]
@@ -838,13 +839,14 @@ def _print_table(columns, rows, *, title: str | None = None, right=None) -> None
     """A rich table; columns after the first are right-aligned unless `right` names the ones that are."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text  # plain text: "photo [copy].jpg" is a name, not rich markup
 
     right = range(1, len(columns)) if right is None else right
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(title) if title else None, title_justify="left")
     for i, column in enumerate(columns):
-        table.add_column(column, justify="right" if i in right else "left")
+        table.add_column(Text(column), justify="right" if i in right else "left")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(Text, row))
     console = Console(soft_wrap=True)
     console.on_broken_pipe = _raise_broken_pipe  # rich would exit 1; the CLI ends a closed pipe one way
     console.print(table)

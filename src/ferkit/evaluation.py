@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,15 +86,19 @@ class EvaluationReport:
 
     @property
     def absent_classes_note(self) -> str | None:
-        """What the scores of absent classes mean, for the terminal and the HTML report; None when none is absent."""
-        absent = self.absent_classes
-        if not absent:
-            return None
-        predicted = [name for name in absent if self.confusion_matrix[:, self.classes.index(name)].sum() > 0]
-        note = (f"no faces of {', '.join(absent)} in the data: recall is undefined there (shown as 0.000)")
-        if predicted:
-            return note + f"; faces wrongly predicted as {', '.join(predicted)} count in macro-F1 with an F1 of 0"
-        return note + "; macro-F1 leaves out classes that are neither in the data nor predicted"
+        """What the scores of classes absent from the data, or never predicted, mean, for the terminal and
+        the HTML report; None when every class is in the data and predicted."""
+        absent, notes = self.absent_classes, []
+        predicted = self.confusion_matrix.sum(axis=0) > 0
+        if absent:
+            wrongly = [name for name in absent if predicted[self.classes.index(name)]]
+            notes.append(f"no faces of {', '.join(absent)} in the data: recall is undefined there (shown as 0.000)")
+            notes.append(f"faces wrongly predicted as {', '.join(wrongly)} count in macro-F1 with an F1 of 0" if wrongly
+                         else "macro-F1 leaves out classes that are neither in the data nor predicted")
+        never = [name for name, i in zip(self.classes, predicted) if not i and name not in absent]
+        if never:
+            notes.append(f"{', '.join(never)} never predicted: precision is undefined there (shown as 0.000)")
+        return "; ".join(notes) or None
 
     @property
     def confusion_matrix_normalized(self) -> np.ndarray:
@@ -249,7 +254,16 @@ def report_folder_accepts(folder: str | Path, model: str, data: str, tta: str) -
     """Whether `folder` is new, holds no report files, or holds the report of this same evaluation (the
     model's name, the data's source and the test-time augmentation), which a new one may replace."""
     earlier = _earlier_evaluation(folder)
-    return not Path(folder).is_file() and (earlier is None or earlier == (model, data, tta))
+    if Path(folder).is_file() or earlier == "unknown":
+        return False
+    return earlier is None or (earlier[0], _data_key(earlier[1]), earlier[2]) == (model, _data_key(data), tta)
+
+
+def _data_key(data: str) -> str:
+    """A dataset's source, the same however its path was written ("val", "./val", "/home/me/val"); a CSV's
+    source is "PATH (ROWS)"."""
+    path, rows = data.rsplit(" (", 1) if data.endswith(")") and " (" in data else (data, None)
+    return os.path.realpath(path) + (f" ({rows}" if rows else "")
 
 
 def check_report_folder(folder: str | Path, model: str, data: str, tta: str) -> None:

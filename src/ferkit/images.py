@@ -6,6 +6,7 @@ preprocessing at predict time cannot drift from the one used in training.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from pathlib import Path
@@ -17,7 +18,7 @@ from ferkit.errors import FerkitError, first_line
 
 # HEIC/HEIF (iPhones' photos) need the heic extra; AVIF needs Pillow 11.3 or later.
 HEIF_SUFFIXES = (".heic", ".heif", ".hif")  # .hif: Canon and Fujifilm cameras
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif") + HEIF_SUFFIXES
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif") + HEIF_SUFFIXES
 
 # ferkit's own size limit, applied after a reduced-scale decode; it stands in for Pillow's bomb guard,
 # which load_image turns off while opening (it would refuse a 108 Mpx phone photo outright).
@@ -41,8 +42,9 @@ class ImageError(FerkitError):
 CHANNEL_ORDERS = ("rgb", "bgr")
 
 
-def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, channels: str = "rgb") -> Image.Image:
-    """Open an image upright (EXIF orientation applied), first frame of an animation, fully decoded.
+def load_image(source: str | os.PathLike | Image.Image | np.ndarray | bytes, *, channels: str = "rgb") -> Image.Image:
+    """Open an image upright (EXIF orientation applied), first frame of an animation, fully decoded:
+    a path, a PIL image, an array, or an image file's bytes (or a binary file object).
 
     `channels` says how a colour array's channels are ordered: "rgb" (Pillow, imageio, matplotlib) or
     "bgr" (OpenCV's `cv2.imread` and video frames); files and PIL images carry their own.
@@ -56,6 +58,10 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, channels
         if channels == "bgr" and source.ndim == 3 and source.shape[2] in (3, 4):
             source = np.concatenate([source[:, :, 2::-1], source[:, :, 3:]], axis=2)
         return _array_to_image(source)
+    if isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "read"):
+        return _decode(io.BytesIO(source) if not hasattr(source, "read") else source, Path(_BYTES))
+    if not isinstance(source, (str, os.PathLike)):
+        raise FerkitError(f"an image is a path, a PIL image, an array or an image file's bytes, not {type(source).__name__}")
     if "://" in str(source):
         raise ImageError(Path(str(source)), "a URL",
                          f"{source}: URLs are not fetched (ferkit works offline); download the file first")
@@ -67,9 +73,17 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, channels
     if path.stat().st_size == 0:
         raise ImageError(path, "empty file", f"{path} is an empty file")
     _check_decoder_for(path)
+    return _decode(path, path)
+
+
+_BYTES = "<bytes>"  # how an image given as bytes is named in messages
+
+
+def _decode(file, path: Path) -> Image.Image:
+    """The image in `file` (a path or a binary file object), upright; `path` names it in errors."""
     photo_size = None
     try:
-        image = _open(path)
+        image = _open(file)
         if image.format == "JPEG" and image.width * image.height > MAX_IMAGE_PIXELS:
             photo_size = image.size
             _decode_smaller(image)
@@ -84,6 +98,8 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, channels
         raise
     except UnidentifiedImageError:
         raise ImageError(path, "not an image", f"{path} is not an image ferkit can read") from None
+    except PermissionError:
+        raise ImageError(path, "permission denied", f"{path} cannot be read: permission denied") from None
     except DECODE_ERRORS as err:
         raise ImageError(path, first_line(err), f"{path} could not be decoded ({first_line(err)})") from None
     upright = ImageOps.exif_transpose(image)
@@ -127,28 +143,30 @@ def image_decoders() -> tuple[str, ...]:
     return tuple(sorted(Image.OPEN))
 
 
-def _open(path: Path) -> Image.Image:
-    """Image.open, HEIC/HEIF included where the heic extra is installed (pillow-heif is imported only
-    for a file Pillow cannot identify: a HEIC under any name, at no cost to JPEGs)."""
+def _open(file) -> Image.Image:
+    """Image.open of a path or file object, HEIC/HEIF included where the heic extra is installed
+    (pillow-heif is imported only for a file Pillow cannot identify: a HEIC under any name, at no cost to JPEGs)."""
     try:
-        return _open_without_pillows_size_guard(path)
+        return _open_without_pillows_size_guard(file)
     except UnidentifiedImageError:
         if _HEIF is None and enable_heif():
-            return _open_without_pillows_size_guard(path)
+            if hasattr(file, "seek"):
+                file.seek(0)
+            return _open_without_pillows_size_guard(file)
         raise
 
 
 _SIZE_GUARD = threading.Lock()
 
 
-def _open_without_pillows_size_guard(path: Path) -> Image.Image:
+def _open_without_pillows_size_guard(file) -> Image.Image:
     """Image.open (the header only) without Pillow's decompression-bomb check, which refuses a 108 Mpx
     phone photo outright: ferkit decodes a JPEG that large at a reduced scale, then applies its own
     limit. The check is a global setting, so it is off for the shortest time, one caller at a time."""
     with _SIZE_GUARD:
         limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            return Image.open(path)
+            return Image.open(file)
         finally:
             Image.MAX_IMAGE_PIXELS = limit
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +21,16 @@ def _pyplot():
     return plt
 
 
+def _plain_text(plot):
+    """Draw with `$` read as a dollar sign, not as the start of math: titles hold file names."""
+    @functools.wraps(plot)
+    def drawn(*args, **kwargs):
+        with _pyplot().rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+
+    return drawn
+
+
 def _save(fig, path: str | Path) -> Path:
     """Save and close `fig`; a PNG is marked as ferkit's in a text chunk, so that a later run knows it may
     replace it (ferkit.results.check_replaceable)."""
@@ -29,6 +40,7 @@ def _save(fig, path: str | Path) -> Path:
     return Path(path)
 
 
+@_plain_text
 def plot_history(history: dict[str, Sequence[float]], path: str | Path, *, title: str = "") -> Path:
     """Accuracy and loss per epoch, train vs val, side by side, saved as a PNG."""
     plt = _pyplot()
@@ -47,6 +59,7 @@ def plot_history(history: dict[str, Sequence[float]], path: str | Path, *, title
     return _save(fig, path)
 
 
+@_plain_text
 def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: str | Path, *, title: str = "") -> Path:
     """Counts and row-normalised (recall) matrices side by side, labelled, saved as a PNG."""
     ConfusionMatrixDisplay = require("sklearn.metrics", "drawing a confusion matrix").ConfusionMatrixDisplay
@@ -70,6 +83,7 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: str 
     return _save(fig, path)
 
 
+@_plain_text
 def plot_reliability_diagram(bins: dict, path: str | Path, *, title: str = "") -> Path:
     """Accuracy against confidence per bin (ferkit.calibration.reliability_bins), saved as a PNG.
 
@@ -101,6 +115,7 @@ def plot_reliability_diagram(bins: dict, path: str | Path, *, title: str = "") -
     return _save(fig, path)
 
 
+@_plain_text
 def plot_emotion_timeline(series: dict, path: str | Path, *, title: str = "", until: float | None = None) -> Path:
     """One panel per track: each emotion's probability over time, from 0 to `until` seconds where given.
     `series`: track -> (times, {class: values}); none: one empty panel that says no face was found."""

@@ -34,11 +34,12 @@ def analyze(
     uncertain_below: float = UNCERTAIN_BELOW,
     channels: str = "rgb",
 ) -> list[Face]:
-    """Every face in `image` (path, PIL image, or RGB array) with its emotion, largest first (given
-    `boxes`: in their order).
+    """Every face in `image` (path, PIL image, RGB array, or an image file's bytes) with its emotion,
+    largest first (given `boxes`: in their order).
 
     `model`: a run folder, .keras or .onnx file, or a shipped model's name; None for the default one.
-    `detector`: "auto", "yunet", "mtcnn", "none" (the whole image is one face) or a callable. `boxes`:
+    `detector`: "auto", "yunet", "mtcnn", "none" (the whole image is one face, made square by repeating
+    its edges rather than stretched) or a callable. `boxes`:
     (x, y, width, height) faces to classify instead of detecting. `uncertain_below`: faces whose top
     probability is below it are marked `uncertain` (0: none are). `channels`: "bgr" for arrays in
     OpenCV's channel order (what `cv2.imread` returns), "rgb" otherwise. Raises FerkitError for an unreadable image.
@@ -88,8 +89,13 @@ def analyze_images(
     check_uncertain_below(uncertain_below)
     if channels not in CHANNEL_ORDERS:
         raise FerkitError(f"channels must be 'rgb' or 'bgr', not {channels!r}")
+    if boxes is not None and len(boxes) == 4 and all(isinstance(v, (int, float, np.number)) for v in boxes):
+        raise FerkitError(f"boxes is a list of (x, y, width, height) boxes; for one box give [{tuple(boxes)}]")
     if isinstance(images, (str, os.PathLike)):
         images = _images_of(images)
+    elif isinstance(images, (np.ndarray, Image.Image, bytes, bytearray)):
+        raise FerkitError(f"analyze_images takes a list of images, not one {type(images).__name__}: "
+                          "analyze_images([image]), or analyze(image) for its faces")
     classifier = load_classifier(model)
     find = get_detector(detector) if boxes is None else None
     pending: list[tuple[ImageResult, list[np.ndarray]]] = []
@@ -156,8 +162,9 @@ def _find_faces(label, image, classifier: Classifier, find, boxes, channels: str
             return result, []
         detections = [d for d in detections if _on_picture(d.box, picture.size)]  # a custom detector's empty or stray boxes
         detections.sort(key=lambda d: -d.box[2] * d.box[3])  # largest first; given boxes keep their order
-    crops = [to_model_input(picture if whole_image else _crop(picture, d, classifier), classifier.input_size)
-             for d in detections]
+    # the whole image is a face framed already: made square (edges repeated), never stretched
+    crops = [to_model_input(face_crop(picture, d.box) if whole_image else _crop(picture, d, classifier),
+                            classifier.input_size) for d in detections]
     reported = given or [_scaled_box(d.box, across, down) for d in detections]
     result.faces = [Face(box, "", 0.0, {}, d.score, _scaled_points(d.landmarks, across, down))
                     for box, d in zip(reported, detections)]
@@ -237,7 +244,14 @@ def checked_box(box, image_size: tuple[int, int]) -> Box:
 
 
 def _label(image) -> str:
-    return str(image) if isinstance(image, (str, os.PathLike)) else "<array>"
+    """How a result names its image: the path, else what it was given as ("<array>", "<image>", "<bytes>")."""
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    if isinstance(image, np.ndarray):
+        return "<array>"
+    if isinstance(image, Image.Image):
+        return "<image>"
+    return "<bytes>" if isinstance(image, (bytes, bytearray, memoryview)) or hasattr(image, "read") else f"<{type(image).__name__}>"
 
 
 def model_version(classifier: Classifier) -> str:

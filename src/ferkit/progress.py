@@ -21,7 +21,9 @@ def track(items: Sequence[T], *, description: str, enabled: bool = True) -> Iter
     from rich.console import Console
     from rich.progress import track as rich_track
 
-    return rich_track(items, description=description, console=Console(stderr=True), transient=True)
+    from rich.markup import escape  # file names are shown as they are, never read as markup
+
+    return rich_track(items, description=escape(description), console=Console(stderr=True), transient=True)
 
 
 @contextlib.contextmanager
@@ -32,11 +34,12 @@ def progress_bar(total: int | None, description: str, *, enabled: bool = True):
         yield lambda done=None, total=None: None
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(description, total=total)
+        task = progress.add_task(escape(description), total=total)
 
         def advance(done: int | None = None, total: int | None = None) -> None:
             if done is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class Face:
 
 @dataclass
 class ImageResult:
-    source: str  # path, or "<array>"
+    source: str  # path, or "<array>", "<image>" (PIL) or "<bytes>"
     image_size: tuple[int, int]  # (width, height) of the upright image
     faces: list[Face] = field(default_factory=list)
     model: str = ""
@@ -72,8 +73,10 @@ class ImageResult:
         from ferkit.draw import draw_faces
         from ferkit.images import load_image
 
-        if image is None and self.source == "<array>":
-            raise FerkitError("this result came from an array, not a file: pass the image, result.draw(image)")
+        given_as = {"<array>": "an array", "<image>": "a PIL image", "<bytes>": "bytes"}
+        if image is None and self.source in given_as:
+            raise FerkitError(f"this result came from {given_as[self.source]}, not a file: pass the image, "
+                              "result.draw(image)")
         return draw_faces(load_image(image if image is not None else self.source), self.faces)
 
     def summary(self) -> str:
@@ -160,7 +163,7 @@ class ResultsFolder:
     complete, so a batch cut short can go on where it stopped:
 
         with ResultsFolder(out, classifier.classes, resume=True, sources=paths) as results:
-            for result in analyze_images([p for p in paths if str(p) not in results.finished]):
+            for result in analyze_images([p for p in paths if not results.is_finished(p)]):
                 results.write(result)
 
     A resumed run tries its failed images again: their lines go. `sources`, the images this run is given,
@@ -176,8 +179,9 @@ class ResultsFolder:
         if resume:
             self._check_same_settings()
         # the images an earlier run finished (no error), with both files cut back to them
-        retried = None if sources is None else {str(s) for s in sources}
+        retried = None if sources is None else {_file_key(s) for s in sources}
         self.finished: set[str] = self._cut_back_to_finished(retried) if resume else set()
+        self._finished_files = {_file_key(s) for s in self.finished}
         self._table = self._lines = self._writer = None
 
     def _check_same_settings(self) -> None:
@@ -226,6 +230,10 @@ class ResultsFolder:
         self._lines.flush()
         return record
 
+    def is_finished(self, path: str | Path) -> bool:
+        """Whether an earlier run finished the image at `path`, however either run spelled its path."""
+        return _file_key(path) in self._finished_files
+
     def _cut_back_to_finished(self, retried: set[str] | None) -> set[str]:
         """The images a run cut short had finished (a complete line in results.jsonl, no error), with both
         files cut back to them: a half-written last line, table rows of an image without its line, and the
@@ -244,7 +252,7 @@ class ResultsFolder:
             if not record.get("error"):
                 done.add(record["source"])
                 kept.append(line)
-            elif retried is not None and record["source"] not in retried:
+            elif retried is not None and _file_key(record["source"]) not in retried:
                 kept.append(line)
         lines.write_text("".join(kept))
         if table.exists():
@@ -253,3 +261,8 @@ class ResultsFolder:
             with open(table, "w", newline="") as handle:
                 csv.writer(handle).writerows(rows[:1] + [row for row in rows[1:] if row and row[0] in done])
         return done
+
+
+def _file_key(path: str | Path) -> str:
+    """The same file's key however its path is written (relative, absolute, through links)."""
+    return os.path.realpath(path)

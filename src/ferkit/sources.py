@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from ferkit.extras import require
 from ferkit.images import IMAGE_SUFFIXES
 
 ANNOTATED_SUFFIX = ".annotated.jpg"  # ferkit's annotated copy of a photo: NAME.annotated.jpg
+log = logging.getLogger("ferkit")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 
 
@@ -32,25 +34,55 @@ def source_kind(source: str) -> str:
     return "video" if path.suffix.lower() in VIDEO_SUFFIXES else "image"
 
 
-def list_images(source: str, *, skip: str | Path | None = None) -> list[Path]:
+def list_images(source: str, *, skip: str | Path | None = None, quiet: bool = False) -> list[Path]:
     """The image files of a folder (recursively, hidden ones left out) or a glob, sorted; none inside
     the folder `skip` when it lies within the folder listed, and no annotated copy in `skip` itself (where
-    ferkit writes its results, so that a second run does not read the first one's annotated copies)."""
+    ferkit writes its results, so that a second run does not read the first one's annotated copies).
+    Annotated copies that ferkit made (marked in their EXIF data) are left out wherever they are. What is
+    left out besides (files without a name suffix, folders that cannot be read) is logged, unless `quiet`."""
     kind = source_kind(source)
+    unreadable: list[str] = []
     if kind == "glob":
         paths = [Path(p) for p in glob.glob(source, recursive=True)]
     else:
-        paths = files_under(source)
+        paths = files_under(source, unreadable=unreadable)
     if skip is not None and Path(skip).is_dir():
         skipped = Path(skip).resolve()
         if kind == "folder" and skipped != Path(source).resolve():
             paths = [p for p in paths if not p.resolve().is_relative_to(skipped)]
         # results written into the folder of the photos themselves: ferkit's annotated copies are not photos
         paths = [p for p in paths if not (p.name.endswith(ANNOTATED_SUFFIX) and p.parent.resolve() == skipped)]
-    images = sorted(p for p in paths if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = [p for p in paths if p.is_file()]
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    ours = {p for p in images if p.name.endswith(ANNOTATED_SUFFIX) and _annotated_by_ferkit(p)}
+    images = sorted(p for p in images if p not in ours)
+    if not quiet:
+        _note_left_out(source, ours, [p for p in files if not p.suffix], unreadable)
     if not images:
+        if unreadable and os.path.realpath(unreadable[0]) == os.path.realpath(source):
+            raise FerkitError(f"cannot read the folder {source}: permission denied")
         raise FerkitError(f"no image files in {source}")
     return images
+
+
+def _annotated_by_ferkit(path: Path) -> bool:
+    from ferkit.draw import written_by_ferkit
+
+    return written_by_ferkit(path)
+
+
+def _note_left_out(source: str, annotated, unnamed: list[Path], unreadable: list[str]) -> None:
+    def some(paths) -> str:
+        names = [str(p) for p in paths]
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    if annotated:
+        log.info("%s: left out %d annotated copies that ferkit made (%s)", source, len(annotated), some(sorted(annotated)))
+    if unnamed:
+        log.warning("%s: left out %d files without a name suffix, which is how ferkit picks images (%s); "
+                    "rename them, e.g. to .jpg, or give them one by one", source, len(unnamed), some(unnamed))
+    if unreadable:
+        log.warning("%s: cannot read %d folder(s), their images left out: %s", source, len(unreadable), some(unreadable))
 
 
 def videos_in(source: str) -> list[Path]:
@@ -59,13 +91,14 @@ def videos_in(source: str) -> list[Path]:
     return sorted(p for p in paths if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
 
 
-def files_under(folder: str | Path) -> list[Path]:
+def files_under(folder: str | Path, *, unreadable: list[str] | None = None) -> list[Path]:
     """Every file in `folder` and its subfolders, sorted, hidden names left out. Subfolders reached
     through symbolic links are followed (a dataset often links its parts in), each real folder once,
-    so a link back up does not loop."""
+    so a link back up does not loop. Folders that cannot be read are added to `unreadable`."""
     seen: set[str] = set()
     files: list[Path] = []
-    for root, subfolders, names in os.walk(folder, followlinks=True):
+    note = (lambda err: unreadable.append(err.filename)) if unreadable is not None else None
+    for root, subfolders, names in os.walk(folder, followlinks=True, onerror=note):
         real = os.path.realpath(root)
         if real in seen:
             subfolders[:] = []

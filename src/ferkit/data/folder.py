@@ -82,12 +82,16 @@ def _list_class_files(root: Path, classes: tuple[str, ...], *, chosen: bool) -> 
         raise FerkitError(f"folder(s) in {root} match no class: {', '.join(unknown)} (classes: {', '.join(classes)}{keep})")
     files: list[Path] = []
     labels: list[int] = []
+    unreadable: list[str] = []
     for folder in folders:
         label = classes.index(canonical_label(folder.name))
-        for path in files_under(folder):
+        for path in files_under(folder, unreadable=unreadable):
             if path.is_file():
                 files.append(path)
                 labels.append(label)
+    if unreadable:
+        log.warning("cannot read %d folder(s) in %s, their images left out: %s", len(unreadable), root,
+                    ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""))
     return files, labels
 
 
