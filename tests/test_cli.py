@@ -26,6 +26,10 @@ def test_models_lists_and_shows_the_layer_table():
     assert shown.exit_code == 0
     for count in ("422,375", "416", "4,128", "410,112", "3,591"):
         assert count in shown.output
+    from ferkit.runtime import shipped_model
+
+    line = _one_line_error(run("models", "show", "default"))
+    assert f"default is a shipped model ({shipped_model()['name']}), made of {shipped_model()['model']}" in line
 
 
 def test_output_piped_into_a_reader_that_stops_ends_quietly():
@@ -600,3 +604,13 @@ def test_an_empty_or_dangling_out_is_refused_before_any_work(trained_run, tmp_pa
         line = _one_line_error(run("predict", photo, "--model", trained_run, "--detector", "none", "--out", out))
         assert words in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "face.png"]
+
+
+def test_video_options_for_photos_and_annotate_for_videos_are_refused_not_ignored(trained_run, tmp_path):
+    photo = tmp_path / "face.png"
+    Image.fromarray(pattern_face(3, np.random.default_rng(0))).save(photo)
+    line = _one_line_error(run("predict", photo, "--every", "3", "--save-video", "--out", tmp_path / "o"))
+    assert line == "error: --every, --save-video: for videos, and no source is one"
+    (tmp_path / "clip.mp4").write_bytes(b"")  # refused for its option before it is opened
+    line = _one_line_error(run("predict", tmp_path / "clip.mp4", "--annotate", "--out", tmp_path / "o"))
+    assert "--save-video writes an annotated copy" in line and not (tmp_path / "o").exists()

@@ -82,6 +82,17 @@ def test_options_that_contradict_the_network_are_refused_before_any_training(tra
     with pytest.raises(FerkitError, match="--fine-tune unfreezes a pretrained backbone"):
         train(TrainConfig(fine_tune=2, fine_tune_epochs=1, out=str(tmp_path / "b"), **common), verbose=0)
     assert not (tmp_path / "a" / "history.csv").exists() and not (tmp_path / "b" / "history.csv").exists()
+    # on the command line, a --model typed by the user counts, even the default one
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+
+    bundled = read_metadata(files_path("weights", shipped_model()["keras_file"])).model
+    typed = CliRunner().invoke(cli, ["train", "--init", "default", "--model", "seed-cnn", "--data", common["data"],
+                                     "--epochs", "1", "--out", str(tmp_path / "d")])
+    assert bundled != "seed-cnn"
+    assert typed.exit_code == 2 and f"is a {bundled} network, not seed-cnn: leave --model out" in typed.output
+    assert not (tmp_path / "d").exists()
     # naming the network it already is, is fine
     run = train(TrainConfig(init=str(trained_run), model="seed-cnn", learning_rate=1e-6, out=str(tmp_path / "c"), **common), verbose=0)
     assert read_metadata(run).model == "seed-cnn"

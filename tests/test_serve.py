@@ -21,6 +21,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="ferkit[serve] is not installed")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from ferkit.errors import FerkitError  # noqa: E402
 from ferkit.predict import analyze_images  # noqa: E402
 from ferkit.serve import ServeConfig, create_app  # noqa: E402
 
@@ -115,6 +116,19 @@ def test_what_is_not_an_image_is_415_with_one_line(client, content_type, body):
     assert response.status_code == 415, response.text
     detail = response.json()["detail"]
     assert isinstance(detail, str) and "\n" not in detail
+
+
+def test_an_upload_without_a_content_type_is_taken_as_bytes_to_decode(client):
+    response = client.post("/v1/analyze", content=PEOPLE.read_bytes())  # as requests.post(url, data=...) sends it
+    assert "content-type" not in response.request.headers
+    assert response.status_code == 200 and len(response.json()["faces"]) == 3
+
+
+@pytest.mark.parametrize("setting", [{"max_upload_mb": float("nan")}, {"max_upload_mb": -1}, {"concurrency": 0},
+                                     {"video_fps": 0}, {"max_megapixels": 0}, {"max_video_seconds": "60"}])
+def test_settings_no_server_can_run_with_are_refused_when_the_app_is_made(setting):
+    with pytest.raises(FerkitError, match=f"the server's {next(iter(setting))} must be"):
+        create_app(ServeConfig(**setting))
 
 
 def test_only_the_image_decoders_ferkit_names_see_an_upload(client):
@@ -235,6 +249,7 @@ def test_a_short_video_gives_a_timeline_and_a_plot_and_leaves_no_file(client):
     result = response.json()
     lines = result["csv"].splitlines()
     assert lines[0].startswith("time_s,frame,track") and len(lines) - 1 == result["faces"] > 0
+    assert result["frames_analysed"] == 5  # about 5 a second of its 10, as `ferkit predict` analyses a video
     assert result["plot_png"].startswith("data:image/png;base64,")
     assert set(Path(tempfile.gettempdir()).glob("ferkit-serve-*")) == before  # the upload is gone
 

@@ -94,7 +94,36 @@ def test_the_webcam_mode_draws_faces_and_emotions_live(browser, server):  # noqa
     emotions = _emotions(page, "#webcam-faces .face")
     assert emotions and all(emotion in expected_classes() for emotion in emotions)
     page.click("#webcam-stop")
-    assert page.locator("#webcam-faces .face").count() == 0
+    assert page.locator("#webcam-faces .face").count() == 0 and page.text_content("#status") == "Webcam off"
+    page.close()
+
+
+def test_only_the_last_video_given_is_answered_on_the_page(browser, server, tmp_path):  # noqa: F811
+    """A long video, then at once a short one without faces: the short one's answer stays on the page."""
+    cv2 = pytest.importorskip("cv2", reason="ferkit[video] is not installed")
+    photo = cv2.resize(cv2.imread(str(PEOPLE)), (1920, 1080))
+    for name, frame, count in (("long.mp4", photo, 30), ("dark.mp4", np.zeros((120, 160, 3), np.uint8), 5)):
+        writer = cv2.VideoWriter(str(tmp_path / name), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, frame.shape[1::-1])
+        for _ in range(count):
+            writer.write(frame)
+        writer.release()
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(server)
+    page.click("button[data-tab=video]")
+    answers = []
+    page.on("response", lambda response: answers.append(response) if response.url.endswith("/v1/video") else None)
+    page.set_input_files("#video-input", str(tmp_path / "long.mp4"))
+    page.set_input_files("#video-input", str(tmp_path / "dark.mp4"))
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('frames analysed')")
+    page.wait_for_timeout(200)
+    deadline = 600
+    while len(answers) < 2 and deadline:  # the long video's answer, too, has come back
+        page.wait_for_timeout(100)
+        deadline -= 1
+    assert len(answers) == 2 and [a.status for a in answers] == [200, 200]
+    page.wait_for_timeout(300)  # time for a stale answer to be drawn, were it drawn
+    assert page.text_content("#status").startswith("0 faces in")
+    assert page.get_attribute("#video-csv", "download") == "dark.emotions.csv"
     page.close()
 
 

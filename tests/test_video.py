@@ -207,7 +207,7 @@ def test_frames_wait_in_small_batches(trained_run, squares_video):
 
 
 def test_the_timeline_is_written_as_frames_are_analysed(trained_run, squares_video, tmp_path):
-    streamed = tmp_path / "streamed.csv"
+    streamed = tmp_path / "new" / "streamed.csv"  # its folder is made
     seen_rows = []
 
     def look(index):  # after each analysed frame, the file already holds that frame's rows
@@ -242,6 +242,9 @@ def test_smoothing_and_frame_steps_below_one_are_refused():
         frame_step(25.0, every=0)
     with pytest.raises(FerkitError, match="above 0"):
         frame_step(25.0, target_fps=-3)
+    for wrong in ({"every": 2.5}, {"every": True}, {"target_fps": "5"}, {"target_fps": float("nan")}, {"smooth": 1.5}):
+        with pytest.raises(FerkitError, match="must be"):
+            analyze_video("any.mp4", **wrong)
 
 
 def test_the_api_samples_a_video_as_the_command_does(trained_run, squares_video, tmp_path):
@@ -264,6 +267,29 @@ def test_a_still_photo_given_as_a_video_is_one_frame_not_none(tmp_path):
     still.write_bytes((EXAMPLES / "people.jpg").read_bytes())
     timeline = analyze_video(still)
     assert timeline.frames_analysed == 1 and len(timeline.rows) == 3
+
+
+def test_a_face_seen_in_one_analysed_frame_is_drawn_in_its_plot(tmp_path):
+    """One frame (a still photo as a video) gives one point per class and face: a dot each, not an invisible line."""
+    from ferkit.draw import colour_of
+
+    still = tmp_path / "still.mp4"
+    still.write_bytes((EXAMPLES / "people.jpg").read_bytes())
+    timeline = analyze_video(still)
+    assert len({row.track for row in timeline.rows}) == 3
+    picture = np.asarray(Image.open(timeline.plot(tmp_path / "still.png")).convert("RGB")).astype(int)
+    panels = picture[: int(picture.shape[0] * 0.85)]  # the legend, with its own sample of each colour, lies below
+    assert (np.abs(panels - colour_of("sad")).sum(axis=2) < 30).sum() > 0
+
+
+def test_an_annotated_videos_faces_carry_their_track_numbers():
+    from ferkit.draw import draw_faces
+    from ferkit.results import Face
+
+    frame = Image.new("RGB", (160, 120), (30, 30, 30))
+    face = Face((40, 30, 50, 50), "sad", 0.9, {})
+    assert np.array_equal(np.asarray(draw_faces(frame, [face], numbers=[1])), np.asarray(draw_faces(frame, [face])))
+    assert not np.array_equal(np.asarray(draw_faces(frame, [face], numbers=[7])), np.asarray(draw_faces(frame, [face])))
 
 
 def test_a_video_without_faces_plots_its_whole_length_and_says_so(trained_run, tmp_path):

@@ -194,8 +194,9 @@ def models_show(name: str):
     from ferkit.models import create_model, get_model_spec, list_models
     from ferkit.runtime import shipped_model, shipped_models
 
-    if name not in list_models() and name in shipped_models():
-        raise FerkitError(f"{name} is a shipped model, made of {shipped_model(name)['model']}; "
+    if name not in list_models() and (name == "default" or name in shipped_models()):
+        entry = shipped_model(name)
+        raise FerkitError(f"{name} is a shipped model ({entry['name']}), made of {entry['model']}; "
                           "`ferkit models show` takes the name of a network")
     model = create_model(name, weights="none" if get_model_spec(name).pretrained else None)
     rows = [[layer.name, type(layer).__name__, str(_output_shape(layer)), f"{layer.count_params():,}"] for layer in model.layers]
@@ -289,6 +290,10 @@ def train_cmd(resume: Path | None, overwrite: bool, local_processes: int | None,
     if resume:
         config = _resumed_config(resume, flags)
     else:
+        if flags.get("init") and flags.get("model"):  # typed, even the default: it must be the network --init brings
+            from ferkit.training_model import check_init_model
+
+            check_init_model(flags["init"], flags["model"])
         config = config_from_flags(flags)
 
     from ferkit.runs import RunState
@@ -657,6 +662,8 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
                 raise
             click.echo(f"error: {err}", err=True)
             missing += 1
+    _check_options_fit_sources(kinds, annotate=annotate, every=every, target_fps=target_fps, smooth=smooth,
+                               save_video=save_video)
     if any(kind == "video" for _, kind in kinds):  # before any work, not after the photos of a batch
         from ferkit.extras import require
 
@@ -695,6 +702,17 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
                                    save_video=save_video, uncertain_below=uncertain_below, overwrite=overwrite)
     if failures:
         sys.exit(1)
+
+
+def _check_options_fit_sources(kinds, *, annotate, every, target_fps, smooth, save_video) -> None:
+    """Options for videos with photos only, or --annotate with videos only, are refused, not ignored."""
+    videos = [kind == "video" for _, kind in kinds]
+    for_videos = {"--every": every is not None, "--fps": target_fps is not None, "--smooth": smooth != 1,
+                  "--save-video": save_video}
+    if videos and not any(videos) and any(for_videos.values()):
+        raise FerkitError(f"{', '.join(k for k, v in for_videos.items() if v)}: for videos, and no source is one")
+    if videos and all(videos) and annotate:
+        raise FerkitError("--annotate draws on photos; for a video, --save-video writes an annotated copy")
 
 
 def _kinds_of(source: str) -> list[tuple[str, str]]:

@@ -4,6 +4,7 @@ stay readable on any photo."""
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,14 +29,22 @@ COLOURS = {
     "sad": (0, 114, 178),
     "surprise": (230, 159, 0),
 }
+# Classes beyond the seven (a model trained with --classes): colours of their own, the same in every run.
+EXTRA_COLOURS = [(86, 180, 233), (148, 103, 189), (140, 86, 75), (188, 189, 34), (23, 190, 207), (247, 129, 191)]
+
+
+def colour_of(name: str) -> tuple[int, int, int]:
+    """The colour of a class in annotated images and plots."""
+    return COLOURS.get(name) or EXTRA_COLOURS[zlib.crc32(name.encode()) % len(EXTRA_COLOURS)]
 
 
 def draw_faces(image: Image.Image | np.ndarray | str | os.PathLike, faces: Sequence[Face | Box], *,
-               channels: str = "rgb") -> Image.Image:
+               channels: str = "rgb", numbers: Sequence[int] | None = None) -> Image.Image:
     """A copy of `image` (RGB) with every face's box, number and top emotion drawn on it. `image` is what
     `ferkit.analyze` takes: a PIL image, a path, or an array (`channels="bgr"` for OpenCV's); `faces` are
     Faces, or plain (x, y, width, height) boxes, drawn numbered without an emotion. Boxes are in the
-    photo's pixels, also where load_image decoded a very large JPEG at a reduced scale."""
+    photo's pixels, also where load_image decoded a very large JPEG at a reduced scale. `numbers`: the
+    faces' numbers (a video's track ids, say) instead of 1, 2, ..."""
     if not isinstance(image, Image.Image):
         image = load_image(image, channels=channels)
     across, down = decoded_scale(image)
@@ -44,10 +53,10 @@ def draw_faces(image: Image.Image | np.ndarray | str | os.PathLike, faces: Seque
     scale = max(canvas.size) / 640
     line = max(2, round(3 * scale))
     font = ImageFont.load_default(size=max(11, round(16 * scale)))
-    for number, face in enumerate(faces, start=1):
+    for number, face in zip(numbers if numbers is not None else range(1, len(faces) + 1), faces):
         x, y, w, h = face.box if isinstance(face, Face) else checked_box(face, full_size(image))
         x, y, w, h = round(x / across), round(y / down), round(w / across), round(h / down)
-        colour = COLOURS.get(face.emotion, (255, 255, 255)) if isinstance(face, Face) else (255, 255, 255)
+        colour = colour_of(face.emotion) if isinstance(face, Face) else (255, 255, 255)
         draw.rectangle((x, y, x + w, y + h), outline=colour, width=line)
         label = f"{number} {face.emotion}{'?' if face.uncertain else ''} {face.score:.0%}" if isinstance(face, Face) else str(number)
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)

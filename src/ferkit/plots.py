@@ -120,23 +120,27 @@ def plot_emotion_timeline(series: dict, path: str | Path, *, title: str = "", un
     """One panel per track: each emotion's probability over time, from 0 to `until` seconds where given.
     `series`: track -> (times, {class: values}); none: one empty panel that says no face was found."""
     plt = _pyplot()
-    from ferkit.draw import COLOURS
+    from ferkit.draw import colour_of
 
     tracks = list(series) or [0]
-    fig, axes = plt.subplots(len(tracks), 1, figsize=(10, 2.2 * len(tracks) + 0.6), sharex=True, squeeze=False,
+    fig, axes = plt.subplots(len(tracks), 1, figsize=(10, 2.2 * len(tracks) + 0.9), sharex=True, squeeze=False,
                              constrained_layout=True)
     for ax, track in zip(axes[:, 0], tracks):
         times, values = series.get(track, ([], {}))
         for name, ys in values.items():
-            colour = tuple(c / 255 for c in COLOURS.get(name, (90, 90, 90)))
-            ax.plot(times, ys, label=name, color=colour if name != "neutral" else (0.4, 0.4, 0.4), linewidth=1.6)
+            # neutral's light grey, readable on photos, is darkened on white; a face seen once is still a dot
+            colour = (0.4, 0.4, 0.4) if name == "neutral" else tuple(c / 255 for c in colour_of(name))
+            ax.plot(times, ys, label=name, color=colour, linewidth=1.6, marker="o" if len(times) <= 30 else None,
+                    markersize=3)
         ax.set_ylim(0, 1)
         ax.set_ylabel(f"face {track}" if series else "")
-        if until:
-            ax.set_xlim(0, until)
+        if until is not None:
+            end = until or 1.0
+            ax.set_xlim(-end / 50, end)  # a little room left of 0, where a face seen first is drawn
         ax.grid(alpha=0.3)
     if series:
-        axes[0, 0].legend(ncol=7, loc="upper center", bbox_to_anchor=(0.5, 1.45), fontsize=8, frameon=False)
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, ncol=min(len(labels), 8), loc="outside lower center", fontsize=8, frameon=False)
     else:
         axes[0, 0].text(0.5, 0.5, "no face found", ha="center", va="center", transform=axes[0, 0].transAxes)
     axes[-1, 0].set_xlabel("time (s)")

@@ -21,6 +21,7 @@ import asyncio
 import base64
 import io
 import json
+import math
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +51,15 @@ class ServeConfig:
     max_video_seconds: float = 60.0
     max_megapixels: float = 40.0
     concurrency: int = 2  # analyses at a time (each uses the CPU cores ONNX Runtime is given)
-    video_every: int = 5  # analyse every Nth frame of an uploaded video
+    video_fps: float = 5.0  # analyse about this many frames per second of an uploaded video, as `ferkit predict` does
+
+    def __post_init__(self):
+        for name in ("max_upload_mb", "max_video_mb", "max_video_seconds", "max_megapixels", "video_fps"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise FerkitError(f"the server's {name} must be a number above 0, not {value!r}")
+        if not (isinstance(self.concurrency, int) and self.concurrency >= 1):
+            raise FerkitError(f"the server's concurrency must be a whole number, at least 1, not {self.concurrency!r}")
 
 
 def create_app(config: ServeConfig | None = None):
@@ -108,14 +117,15 @@ def create_app(config: ServeConfig | None = None):
         """Every face in the image, with its box and the probabilities of each emotion: the JSON of
         `ferkit predict --json`. The body is the image (Content-Type image/*) or a multipart form with
         the image in the field `file`."""
-        data = await _upload(request, IMAGE_TYPES, "an image", size_limits["/v1/analyze"])
+        data, _ = await _upload(request, IMAGE_TYPES, "an image", size_limits["/v1/analyze"])
         return await _run_in(analyses, analyze_bytes, data)
 
     @app.post("/v1/video", openapi_extra=_upload_schema(VIDEO_TYPES), max_body_size=int(config.max_video_mb * MB))
     async def video(request: Request) -> dict:
-        """Emotions over time in a short video: the timeline (also as CSV) and its plot (a PNG data URL)."""
-        data = await _upload(request, VIDEO_TYPES, "a video", size_limits["/v1/video"])
-        return await _run_in(analyses, _analyze_video_bytes, data, classifier, detector, config)
+        """Emotions over time in a short video, about 5 frames a second: the timeline (also as CSV) and its
+        plot (a PNG data URL), titled with the file's name where a multipart form gives it."""
+        data, name = await _upload(request, VIDEO_TYPES, "a video", size_limits["/v1/video"])
+        return await _run_in(analyses, _analyze_video_bytes, data, classifier, detector, config, name)
 
     return app
 
@@ -180,9 +190,10 @@ def check_port_free(host: str, port: int) -> None:
         raise FerkitError(f"cannot listen on {host}:{port}: {err.strerror or err} (is another server there? try --port)") from None
 
 
-async def _upload(request, accepted: tuple[str, ...], what: str, size_limit: tuple[str, float]) -> bytes:
-    """The uploaded file's bytes: the body itself, or the multipart field `file`; 415 for other types,
-    413 naming the limit (`size_limit`: its option and megabytes) when the body grows over it."""
+async def _upload(request, accepted: tuple[str, ...], what: str, size_limit: tuple[str, float]) -> tuple[bytes, str | None]:
+    """The uploaded file's bytes and name (given only by a multipart form): the body itself, or the
+    multipart field `file`; 415 for other types, 413 naming the limit (`size_limit`: its option and
+    megabytes) when the body grows over it."""
     from fastapi import HTTPException
     from starlette.exceptions import HTTPException as AnyHTTPException  # the framework's own, raised as the body arrives
 
@@ -194,10 +205,12 @@ async def _upload(request, accepted: tuple[str, ...], what: str, size_limit: tup
         raise
 
 
-async def _read_upload(request, accepted: tuple[str, ...], what: str) -> bytes:
+async def _read_upload(request, accepted: tuple[str, ...], what: str) -> tuple[bytes, str | None]:
     from fastapi import HTTPException
 
-    declared = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    name = None
+    # no type at all (what `requests.post(url, data=bytes)` sends) is taken as "some bytes", like octet-stream
+    declared = request.headers.get("content-type", "").split(";")[0].strip().lower() or "application/octet-stream"
     if declared == "multipart/form-data":
         form = await request.form()
         try:  # closing the form deletes the files it spooled
@@ -208,7 +221,7 @@ async def _read_upload(request, accepted: tuple[str, ...], what: str) -> bytes:
             if upload is None or isinstance(upload, str):
                 raise HTTPException(422, "the form has no file field 'file'")
             declared = (upload.content_type or "application/octet-stream").lower()  # a file field without a type
-            data = await upload.read()
+            data, name = await upload.read(), upload.filename
         finally:
             await form.close()
     else:
@@ -216,11 +229,10 @@ async def _read_upload(request, accepted: tuple[str, ...], what: str) -> bytes:
     declared = ALIASES.get(declared, declared)
     family = accepted[0].split("/")[0] + "/"  # what decodes is decided by decoding: image/avif, video/3gpp, ...
     if not declared.startswith(family) and declared != "application/octet-stream":
-        raise HTTPException(415, f"expected {what} (any {family}* type, e.g. {', '.join(accepted)}), "
-                                 f"not {declared or 'no content type'}")
+        raise HTTPException(415, f"expected {what} (any {family}* type, e.g. {', '.join(accepted)}), not {declared}")
     if not data:
         raise HTTPException(422, f"the request holds no {what.split()[-1]}")
-    return data
+    return data, name
 
 
 def _decode_image(data: bytes, decoders: list[str], max_megapixels: float):
@@ -246,7 +258,7 @@ def _decode_image(data: bytes, decoders: list[str], max_megapixels: float):
     return image
 
 
-def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig) -> dict:
+def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig, name: str | None = None) -> dict:
     from fastapi import HTTPException
 
     try:
@@ -274,10 +286,11 @@ def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig)
                 raise too_long
 
         try:
-            timeline = analyze_video(path, model=classifier, detector=detector, every=config.video_every,
+            timeline = analyze_video(path, model=classifier, detector=detector, target_fps=config.video_fps,
                                      progress=stop_when_too_long)
         except FerkitError as err:
             raise HTTPException(422, str(err)) from None
+        timeline.source = Path(name).name if name else "uploaded video"  # the plot's title, not the temporary file
         with _PLOTTING:  # pyplot's figures and fonts are shared state
             png = base64.b64encode(timeline.plot(Path(folder) / "emotions.png").read_bytes()).decode()
         table = timeline.to_csv(Path(folder) / "timeline.csv").read_text()

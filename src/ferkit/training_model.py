@@ -120,16 +120,24 @@ def init_model_path(init: str) -> Path:
 
 
 def adopt_init_model(config: TrainConfig) -> None:
-    """With --init, the run trains the initial model's network, and keeps its classes unless told others."""
-    metadata = read_metadata(init_model_path(config.init))
-    if metadata.model not in list_models():
-        raise FerkitError(f"--init {config.init} is a {metadata.model}, which does not train further: start from "
-                          "one of its members' run folders")
+    """With --init, the run trains the initial model's network, and keeps its classes unless told others.
+    A `model` other than the default must be that network."""
     default_model = TrainConfig.__dataclass_fields__["model"].default
-    if config.model not in (default_model, metadata.model):
-        raise FerkitError(f"--init {config.init} is a {metadata.model} network, not {config.model}: leave --model out")
+    metadata = check_init_model(config.init, None if config.model == default_model else config.model)
     config.model = metadata.model
     config.classes = config.classes or list(metadata.classes)
+
+
+def check_init_model(init: str, model: str | None = None):
+    """The metadata of the --init model, or a FerkitError if it does not train further (an ensemble) or is
+    another network than `model` (when given)."""
+    metadata = read_metadata(init_model_path(init))
+    if metadata.model not in list_models():
+        raise FerkitError(f"--init {init} is a {metadata.model}, which does not train further: start from "
+                          "one of its members' run folders")
+    if model is not None and model != metadata.model:
+        raise FerkitError(f"--init {init} is a {metadata.model} network, not {model}: leave --model out")
+    return metadata
 
 
 def check_fine_tuning(config: TrainConfig) -> None:

@@ -117,14 +117,19 @@ def frame_step(fps: float, every: int | None = None, target_fps: float | None = 
 
 def check_video_options(every: int | None = None, target_fps: float | None = None, smooth: int = 1) -> None:
     """Refuse a frame step below 1, a rate not above 0, both given, or smoothing over fewer than 1 frame."""
-    if smooth < 1:
-        raise FerkitError(f"smooth must be at least 1, not {smooth}")
-    if every is not None and every < 1:
-        raise FerkitError(f"every must be a whole number of frames, at least 1, not {every}")
-    if target_fps is not None and not target_fps > 0:
-        raise FerkitError(f"the frames per second to analyse must be above 0, not {target_fps}")
+    if not _whole(smooth) or smooth < 1:
+        raise FerkitError(f"smooth must be a whole number of frames, at least 1, not {smooth!r}")
+    if every is not None and (not _whole(every) or every < 1):
+        raise FerkitError(f"every must be a whole number of frames, at least 1, not {every!r}")
+    if target_fps is not None and (isinstance(target_fps, bool) or not isinstance(target_fps, (int, float, np.number))
+                                   or not 0 < target_fps < float("inf")):
+        raise FerkitError(f"the frames per second to analyse must be a number above 0, not {target_fps!r}")
     if every is not None and target_fps is not None:
         raise FerkitError("give every (a frame count) or target_fps (frames per second), not both")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def analyze_video(
@@ -155,6 +160,8 @@ def analyze_video(
     tracker, smoothed = IouTracker(), {}
     alpha = 2.0 / (smooth + 1)
     writer = _video_writer(annotated, info, every) if annotated else None
+    if timeline_csv:
+        Path(timeline_csv).parent.mkdir(parents=True, exist_ok=True)
     table = open(timeline_csv, "w", newline="") if timeline_csv else None
     rows = csv.writer(table) if table else None
     if rows:
@@ -166,8 +173,10 @@ def analyze_video(
         for result in analyze_images(labelled, model=classifier, detector=detector, uncertain_below=uncertain_below,
                                      batch_images=FRAMES_PER_BATCH):
             index = int(result.source.rsplit("=", 1)[1])
-            for face, track in zip(result.faces, tracker.update([f.box for f in result.faces])):
-                face = _smooth(face, track, smoothed, alpha, classifier.classes, uncertain_below)
+            tracks = tracker.update([f.box for f in result.faces])
+            faces = [_smooth(face, track, smoothed, alpha, classifier.classes, uncertain_below)
+                     for face, track in zip(result.faces, tracks)]
+            for face, track in zip(faces, tracks):
                 timeline.rows.append(TimelineRow(index, index / info.fps, track, face))
                 if rows:
                     rows.writerow(timeline.csv_row(timeline.rows[-1]))
@@ -177,7 +186,8 @@ def analyze_video(
             timeline.last_frame = index
             frame = frames.pop(result.source)
             if writer is not None:
-                _write_frame(writer, draw_faces(_to_image(frame), result.faces))
+                # as the timeline and the plot have them: numbered by track, smoothed
+                _write_frame(writer, draw_faces(_to_image(frame), faces, numbers=tracks))
             if progress:
                 progress(index)
     finally:

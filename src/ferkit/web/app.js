@@ -162,6 +162,7 @@ function stopWebcam() {
   const overlay = $("webcam-overlay");
   overlay.getContext("2d").clearRect(0, 0, overlay.width, overlay.height);
   $("webcam-faces").replaceChildren();
+  say("Webcam off");
 }
 
 async function sendFrame() {
@@ -199,15 +200,22 @@ $("webcam-stop").addEventListener("click", stopWebcam);
 
 // --- video ------------------------------------------------------------------------------------
 let csvLink = null;
+let latestVideo = 0;  // videos given in quick succession: only the last one's answer is shown
 
 $("video-input").addEventListener("change", async (event) => {
   if (!event.target.files.length) return;
   const file = event.target.files[0];
+  const mine = ++latestVideo;
   say(`Analysing ${file.name}… (a minute of video takes a while)`);
   $("video-plot").hidden = true;
   $("video-csv").hidden = true;
   try {
-    const result = await post("/v1/video", file);
+    const form = new FormData();  // a form, so that the plot carries the file's name
+    form.append("file", file);
+    const answer = await fetch("/v1/video", { method: "POST", body: form });
+    const result = await answer.json().catch(() => ({}));
+    if (!answer.ok) throw new Error(result.detail || `${answer.status} ${answer.statusText}`);
+    if (mine !== latestVideo) return;
     $("video-plot").src = result.plot_png;
     $("video-plot").hidden = false;
     if (csvLink) URL.revokeObjectURL(csvLink);
@@ -217,7 +225,7 @@ $("video-input").addEventListener("change", async (event) => {
     $("video-csv").hidden = false;
     say(`${result.faces} faces in ${result.frames_analysed} frames analysed`);
   } catch (error) {
-    say(error.message, true);
+    if (mine === latestVideo) say(error.message, true);
   }
 });
 
