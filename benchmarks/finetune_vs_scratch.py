@@ -23,7 +23,8 @@ from ferkit.config import TrainConfig
 from ferkit.data import load_dataset
 from ferkit.evaluation import evaluate
 from ferkit.labels import EMOTIONS
-from ferkit.runtime import shipped_model
+from ferkit.runtime import read_metadata
+from ferkit.training_model import init_model_path
 from ferkit.training import train
 
 
@@ -43,7 +44,7 @@ def make_split(source: Path, out: Path, train_n: int, score_n: int, seed: int) -
 
 def run_pair(train_dir: Path, score_dir: Path, tmp: Path, epochs: int) -> dict[str, float]:
     scores = {}
-    model = shipped_model()["model"]
+    model = read_metadata(init_model_path("default")).model  # the network --init default trains (an ensemble's member)
     for label, extra in (("fine-tuned", {"init": "default", "learning_rate": 1e-4}), ("scratch", {"model": model})):
         config = TrainConfig(data=str(train_dir), val=str(score_dir), epochs=epochs, augment=["flip"],
                              out=str(tmp / label), **extra)
