@@ -64,6 +64,16 @@ def test_tracker_keeps_ids_through_motion_and_gaps():
     assert tracker.update([(200, 200, 10, 10)]) == [3]  # somewhere new
 
 
+
+def test_a_face_moving_fast_between_analysed_frames_keeps_its_track():
+    tracker = IouTracker()
+    assert tracker.update([(100, 100, 40, 40), (400, 100, 40, 40)]) == [1, 2]
+    assert tracker.update([(150, 110, 40, 40), (400, 100, 40, 40)]) == [1, 2]  # moved more than its width: no overlap
+    assert tracker.update([(200, 120, 42, 42)]) == [1]
+    assert tracker.update([(210, 120, 120, 120)]) == [3]  # near, but of another size: another face
+    assert tracker.update([(900, 500, 40, 40)]) == [4]  # far away: another face
+
+
 def test_video_timeline_follows_each_face(trained_run, squares_video, tmp_path):
     timeline = analyze_video(squares_video, model=trained_run, detector=_bright_squares, every=2, smooth=3,
                              annotated=tmp_path / "out.mp4")

@@ -79,11 +79,13 @@ class Timeline:
 
 
 class IouTracker:
-    """Gives each face the id of the track whose last box overlaps it most (IoU >= min_iou), else a new id.
-    Tracks unseen for more than `max_gap` analysed frames are closed."""
+    """Gives each face the id of the track whose last box overlaps it most (IoU >= min_iou); failing that,
+    of the track whose last box is the nearest, of about its size, with its centre within `reach` of that
+    box's side (a face moving fast between analysed frames); else a new id. Tracks unseen for more than
+    `max_gap` analysed frames are closed."""
 
-    def __init__(self, *, min_iou: float = 0.3, max_gap: int = 5):
-        self.min_iou, self.max_gap = min_iou, max_gap
+    def __init__(self, *, min_iou: float = 0.3, max_gap: int = 5, reach: float = 1.5):
+        self.min_iou, self.max_gap, self.reach = min_iou, max_gap, reach
         self._tracks: dict[int, tuple[tuple, int]] = {}  # id -> (last box, last step)
         self._next, self._step = 1, 0
 
@@ -97,6 +99,12 @@ class IouTracker:
                 break
             if i not in ids and t not in ids.values():
                 ids[i] = t
+        near = sorted((_centre_distance(b, live[t][0]), i, t) for i, b in enumerate(boxes) for t in live
+                      if i not in ids and t not in ids.values() and _alike(b, live[t][0]))
+        for distance, i, t in near:
+            side = (live[t][0][2] + live[t][0][3]) / 2
+            if distance <= self.reach * side and i not in ids and t not in ids.values():
+                ids[i] = t
         for i in range(len(boxes)):
             if i not in ids:
                 ids[i], self._next = self._next, self._next + 1
@@ -104,6 +112,15 @@ class IouTracker:
             live[ids[i]] = (box, self._step)
         self._tracks = live
         return [ids[i] for i in range(len(boxes))]
+
+
+def _centre_distance(a: tuple, b: tuple) -> float:
+    return float(np.hypot(a[0] + a[2] / 2 - b[0] - b[2] / 2, a[1] + a[3] / 2 - b[1] - b[3] / 2))
+
+
+def _alike(a: tuple, b: tuple) -> bool:
+    """Boxes of about one size (areas within a factor of 2): the same face, near or far, not another."""
+    return 0.5 <= (a[2] * a[3]) / max(1, b[2] * b[3]) <= 2.0
 
 
 FRAMES_PER_BATCH = 8
