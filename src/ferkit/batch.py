@@ -97,8 +97,6 @@ def check_results_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
 
 def check_output_folder(out: Path) -> None:
     """A FerkitError unless `out` is a folder results can be written to, or can become one."""
-    if not str(out).strip():
-        raise FerkitError("the results folder is empty text; give a folder for the results")
     if out.is_symlink() and not out.exists():
         raise FerkitError(f"{out} is a link to {os.readlink(out)}, which does not exist; give a folder for the results")
     if out.exists() and not out.is_dir():
@@ -157,19 +155,20 @@ def analyze_video_into_folder(source: str | Path, out: str | Path, *, stem: str 
     check_video_options(every, target_fps, smooth)
     check_output_folder(out)
     stem = stem or Path(source).stem
-    timeline_csv, plot, annotated = video_outputs(out, stem, save_video=True)
-    check_replaceable(video_outputs(out, stem, save_video), overwrite=overwrite)
+    outputs = video_outputs(out, stem, save_video)
+    check_replaceable(outputs, overwrite=overwrite)
+    timeline_csv, plot, annotated = outputs[0], outputs[1], outputs[2] if save_video else None
     capture, info = open_video(source)
     capture.release()
     step = frame_step(info.fps, every, target_fps)
     total = max(1, -(-info.frames // step)) if info.frames > 0 else None
     out.mkdir(parents=True, exist_ok=True)
     timeline = analyze_video(source, model=model, detector=detector, every=step, smooth=smooth,
-                             annotated=annotated if save_video else None, uncertain_below=uncertain_below,
+                             annotated=annotated, uncertain_below=uncertain_below,
                              timeline_csv=timeline_csv,
                              progress=(lambda index: progress(index // step + 1, total)) if progress else None)
     timeline.plot(plot)
-    return timeline.summary(files=[str(p) for p in video_outputs(out, stem, save_video)])
+    return timeline.summary(files=[str(p) for p in outputs])
 
 
 def video_outputs(out: Path, stem: str, save_video: bool = False) -> list[Path]:
