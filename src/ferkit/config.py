@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ferkit.errors import FerkitError
+from ferkit.labels import repeated
 
 AUGMENTATIONS = ("flip", "zoom", "shift", "crop", "rotate", "erase", "contrast")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -105,9 +106,9 @@ class TrainConfig:
         if not 0.0 < self.distill <= 1.0:
             raise FerkitError("--distill must lie in (0, 1]")
         if self.classes is not None:
-            repeated = sorted({name for name in self.classes if self.classes.count(name) > 1})
-            if repeated:
-                raise FerkitError(f"--classes names {', '.join(repeated)} more than once")
+            twice = repeated(self.classes)
+            if twice:
+                raise FerkitError(f"--classes names {', '.join(twice)} more than once")
 
     def _check_numbers(self) -> None:
         """Every number a real one (no NaN or infinity, which would train a network of NaN) in its range."""

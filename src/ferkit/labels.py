@@ -43,3 +43,9 @@ def canonical_label(name: str) -> str:
     """Lower-case `name` and map a known alias to its canonical class name ("Happiness" -> "happy")."""
     key = name.strip().lower().replace(" ", "_").replace("-", "_")
     return ALIASES.get(key, key)
+
+
+def repeated(names) -> list[str]:
+    """The names that occur more than once in `names`, sorted."""
+    names = list(names)
+    return sorted({name for name in names if names.count(name) > 1})

@@ -10,6 +10,7 @@ from ferkit.data.fer2013_csv import load_fer2013_csv
 from ferkit.data.folder import load_folder
 from ferkit.data.packed import is_packed, load_packed
 from ferkit.errors import FerkitError
+from ferkit.labels import repeated
 
 
 def load_dataset(
@@ -24,9 +25,9 @@ def load_dataset(
     """Load a folder tree (`root/<class>/*`), a FER2013 CSV or a packed dataset (ferkit.data.packed, read
     memory-mapped); `usage` selects CSV rows only."""
     if classes is not None:
-        repeated = sorted({name for name in classes if list(classes).count(name) > 1})
-        if repeated:
-            raise FerkitError(f"the classes name {', '.join(repeated)} more than once")
+        twice = repeated(classes)
+        if twice:
+            raise FerkitError(f"the classes name {', '.join(twice)} more than once")
     path = Path(source)
     if not path.exists():
         raise FerkitError(f"no such dataset: {path}")
