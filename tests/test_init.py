@@ -43,6 +43,8 @@ def test_init_with_a_new_class_replaces_the_head_and_keeps_the_old_classes(train
     for i in range(6):
         Image.fromarray(_contempt_face(rng)).save(root / "contempt" / f"c{i}.png")
     classes = [*EMOTIONS, "contempt"]
+    with pytest.raises(FerkitError, match=f"match no class: contempt .*; --classes {','.join(classes)} trains contempt too"):
+        train(TrainConfig(init=str(trained_run), data=str(root), epochs=1, out=str(tmp_path / "refused")), verbose=0)
     config = TrainConfig(init=str(trained_run), data=str(root), val=str(pattern_data / "val"), classes=classes,
                          epochs=2, learning_rate=1e-4, out=str(tmp_path / "run"))
     run = train(config, verbose=0)

@@ -75,6 +75,17 @@ def test_the_health_models_and_openapi_routes(client):
         assert head.status_code == 200 and head.headers["content-type"] == client.get(path).headers["content-type"]
 
 
+def test_a_served_run_names_its_run_but_not_where_it_lies(trained_run):
+    served = TestClient(create_app(ServeConfig(model=str(trained_run))))
+    [model] = served.get("/v1/models").json()["models"]
+    assert model["version"] == f"{trained_run.name} (best.keras)"
+    answer = served.post("/v1/analyze", content=PEOPLE.read_bytes(), headers={"Content-Type": "image/jpeg"})
+    assert answer.json()["model_version"] == model["version"]
+    assert served.get("/openapi.json").json()["info"]["version"] == model["version"]
+    for text in (served.get("/v1/models").text, answer.text, served.get("/openapi.json").text):
+        assert str(trained_run.parent) not in text
+
+
 def test_the_page_and_its_assets_are_served_with_no_other_source(client):
     page = client.get("/")
     assert page.status_code == 200 and "<title>ferkit" in page.text
@@ -249,9 +260,33 @@ def test_a_short_video_gives_a_timeline_and_a_plot_and_leaves_no_file(client):
     result = response.json()
     lines = result["csv"].splitlines()
     assert lines[0].startswith("time_s,frame,track") and len(lines) - 1 == result["faces"] > 0
+    assert result["cut_short"] is False
     assert result["frames_analysed"] == 5  # about 5 a second of its 10, as `ferkit predict` analyses a video
     assert result["plot_png"].startswith("data:image/png;base64,")
     assert set(Path(tempfile.gettempdir()).glob("ferkit-serve-*")) == before  # the upload is gone
+
+
+def test_a_video_cut_short_is_analysed_as_far_as_it_goes_and_said_to_be(client):
+    cv2 = pytest.importorskip("cv2", reason="ferkit[video] is not installed")
+    photo = cv2.imread(str(PEOPLE))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "pan.avi"
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (640, 360))
+        for i in range(20):
+            writer.write(np.ascontiguousarray(photo[:, 4 * i : 4 * i + 640]))
+        writer.release()
+        data = path.read_bytes()
+    whole = client.post("/v1/video", files={"file": ("pan.avi", data, "video/x-msvideo")}).json()
+    cut = client.post("/v1/video", files={"file": ("pan.avi", data[: len(data) // 2], "video/x-msvideo")})
+    assert cut.status_code == 200, cut.text
+    assert whole["cut_short"] is False and cut.json()["cut_short"] is True
+    assert 0 < cut.json()["frames_analysed"] < whole["frames_analysed"]
+
+
+def test_query_parameters_are_refused_not_ignored(client):
+    for route in ("/v1/analyze", "/v1/video"):
+        answer = client.post(f"{route}?fps=10", content=PEOPLE.read_bytes(), headers={"Content-Type": "image/jpeg"})
+        assert answer.status_code == 422 and "no query parameters" in answer.json()["detail"] and "fps" in answer.json()["detail"]
 
 
 def test_a_video_over_the_duration_limit_is_413(client):

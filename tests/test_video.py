@@ -128,6 +128,7 @@ def test_unreadable_videos_are_refused(trained_run, tmp_path):
     result = CliRunner().invoke(cli, ["predict", str(tmp_path / "empty.mp4"), str(photo), "--detector", "none",
                                       "--model", str(trained_run), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and f"error: {tmp_path / 'empty.mp4'} is an empty file" in result.output
+    assert result.output.rstrip().endswith("1 of 1 video(s) failed")  # after the photos' summary, which does not count it
     assert (tmp_path / "o" / "faces.csv").read_text().count("\n") == 2  # the header and the photo's face
 
 
@@ -319,12 +320,15 @@ def test_a_video_cut_short_is_analysed_as_far_as_it_goes_and_said_to_be(trained_
     cut = tmp_path / "cut.avi"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     with caplog.at_level("WARNING", logger="ferkit"):
-        analyze_video(whole, model=trained_run, detector=_bright_squares, every=1)
-    assert "cut short" not in caplog.text
+        complete = analyze_video(whole, model=trained_run, detector=_bright_squares, every=1)
+    assert "cut short" not in caplog.text and not complete.cut_short
     with caplog.at_level("WARNING", logger="ferkit"):
         timeline = analyze_video(cut, model=trained_run, detector=_bright_squares, every=1)
-    assert 0 < timeline.frames_analysed < 40
+    assert 0 < timeline.frames_analysed < 40 and timeline.cut_short and timeline.summary()["cut_short"]
     assert f"frames stopped coming after frame {timeline.frames_analysed} of the 40 its container lists" in caplog.text
+    told = CliRunner().invoke(cli, ["predict", str(cut), "--model", str(trained_run), "--detector", "none", "--every", "1",
+                                    "--out", str(tmp_path / "out")])
+    assert told.exit_code == 0 and f"{timeline.frames_analysed} frames analysed (every 1) (the file seems cut short)" in told.output
 
 
 def test_a_video_analysed_into_a_folder_reports_its_progress_and_files(trained_run, squares_video, tmp_path):
@@ -335,7 +339,7 @@ def test_a_video_analysed_into_a_folder_reports_its_progress_and_files(trained_r
                                         detector=_bright_squares, every=4, progress=lambda done, total: seen.append((done, total)))
     assert seen == [(n, 5) for n in range(1, 6)]  # 20 frames, every 4th
     assert summary == {"source": str(squares_video), "frames_analysed": 5, "every": 4, "tracks": 2, "faces": 10,
-                       "files": [str(tmp_path / "clip.timeline.csv"), str(tmp_path / "clip.emotions.png")]}
+                       "cut_short": False, "files": [str(tmp_path / "clip.timeline.csv"), str(tmp_path / "clip.emotions.png")]}
     assert (tmp_path / "clip.timeline.csv").read_text().count("\n") == 1 + 10
 
 

@@ -696,10 +696,13 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
                                               uncertain_below=uncertain_below, resume=resume, overwrite=overwrite,
                                               alone=len(kinds) + missing == 1),
                                   as_json, unreadable_sources=failures)
-    for source, stem in videos:
-        failures += _predict_video(source, out, as_json, stem=stem, alone=len(kinds) + missing == 1, model=classifier,
-                                   detector=find, every=every, target_fps=target_fps, smooth=smooth,
-                                   save_video=save_video, uncertain_below=uncertain_below, overwrite=overwrite)
+    failed_videos = sum(_predict_video(source, out, as_json, stem=stem, alone=len(kinds) + missing == 1, model=classifier,
+                                       detector=find, every=every, target_fps=target_fps, smooth=smooth,
+                                       save_video=save_video, uncertain_below=uncertain_below, overwrite=overwrite)
+                        for source, stem in videos)
+    if failed_videos and not as_json:  # the photos' summary line, printed before the videos, does not count them
+        click.echo(f"{failed_videos} of {len(videos)} video(s) failed")
+    failures += failed_videos
     if failures:
         sys.exit(1)
 
@@ -830,7 +833,8 @@ def _predict_video(source, out: Path, as_json: bool, *, stem: str, alone: bool, 
     if as_json:
         click.echo(json.dumps(summary))
     else:
-        click.echo(f"{source}: {summary['frames_analysed']} frames analysed (every {summary['every']}), "
+        cut = " (the file seems cut short)" if summary["cut_short"] else ""
+        click.echo(f"{source}: {summary['frames_analysed']} frames analysed (every {summary['every']}){cut}, "
                    f"{summary['tracks']} face tracks; wrote {', '.join(summary['files'])}")
     return 0
 

@@ -81,7 +81,8 @@ def create_app(config: ServeConfig | None = None):
     # Analyses queue for a pool of their own. Waiting inside the framework's shared thread pool instead
     # would let ~40 queued uploads take every thread, and /healthz would wait behind them.
     analyses = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="ferkit-analysis")
-    app = FastAPI(title="ferkit", version=model_version(classifier),
+    version = model_version(classifier, public=True)
+    app = FastAPI(title="ferkit", version=version,
                   summary="Facial expression recognition: faces and their emotions in photos and videos.")
     app.state.analyses = analyses
     app.mount("/static", StaticFiles(directory=WEB), name="static")
@@ -93,6 +94,7 @@ def create_app(config: ServeConfig | None = None):
         [result] = analyze_images([("upload", image)], model=classifier, detector=detector)
         if result.error:
             raise HTTPException(422, result.error)
+        result.model_version = version
         return result.to_dict()
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
@@ -107,7 +109,8 @@ def create_app(config: ServeConfig | None = None):
     @app.get("/v1/models")
     async def models() -> dict:
         """The model this server uses: its name, version, classes and input."""
-        return {"models": [_model_info(classifier)]}
+        return {"models": [{"name": classifier.name, "version": version, "classes": list(classifier.classes),
+                            "input_size": list(classifier.input_size)}]}
 
     for path, endpoint in (("/healthz", healthz), ("/v1/models", models)):  # HEAD too, for probes; one operation each in the schema
         app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
@@ -123,7 +126,8 @@ def create_app(config: ServeConfig | None = None):
     @app.post("/v1/video", openapi_extra=_upload_schema(VIDEO_TYPES), max_body_size=int(config.max_video_mb * MB))
     async def video(request: Request) -> dict:
         """Emotions over time in a short video, about 5 frames a second: the timeline (also as CSV) and its
-        plot (a PNG data URL), titled with the file's name where a multipart form gives it."""
+        plot (a PNG data URL), titled with the file's name where a multipart form gives it. `cut_short`:
+        frames stopped coming well before the count the file's container lists (a truncated upload)."""
         data, name = await _upload(request, VIDEO_TYPES, "a video", size_limits["/v1/video"])
         return await _run_in(analyses, _analyze_video_bytes, data, classifier, detector, config, name)
 
@@ -197,6 +201,8 @@ async def _upload(request, accepted: tuple[str, ...], what: str, size_limit: tup
     from fastapi import HTTPException
     from starlette.exceptions import HTTPException as AnyHTTPException  # the framework's own, raised as the body arrives
 
+    if request.query_params:  # a setting such as ?fps=10 would otherwise be silently ignored
+        raise HTTPException(422, f"{request.url.path} takes no query parameters, only the file (got {', '.join(request.query_params)})")
     try:
         return await _read_upload(request, accepted, what)
     except AnyHTTPException as err:
@@ -294,13 +300,8 @@ def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig,
         with _PLOTTING:  # pyplot's figures and fonts are shared state
             png = base64.b64encode(timeline.plot(Path(folder) / "emotions.png").read_bytes()).decode()
         table = timeline.to_csv(Path(folder) / "timeline.csv").read_text()
-    return {"frames_analysed": timeline.frames_analysed, "faces": len(timeline.rows), "csv": table,
+    return {"frames_analysed": timeline.frames_analysed, "faces": len(timeline.rows), "cut_short": timeline.cut_short, "csv": table,
             "plot_png": f"data:image/png;base64,{png}"}
-
-
-def _model_info(classifier) -> dict:
-    return {"name": classifier.name, "version": model_version(classifier), "classes": list(classifier.classes),
-            "input_size": list(classifier.input_size)}
 
 
 def _upload_schema(types: tuple[str, ...]) -> dict:

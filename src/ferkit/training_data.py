@@ -13,6 +13,7 @@ import numpy as np
 from ferkit.config import TrainConfig
 from ferkit.data import FaceDataset, load_dataset, split_dataset
 from ferkit.data.fer2013_csv import TRAIN_USAGE, VAL_USAGE
+from ferkit.data.folder import UnknownClassFolders
 from ferkit.data.batches import face_batches, faces_per_epoch
 from ferkit.distributed import Topology
 from ferkit.errors import FerkitError
@@ -28,7 +29,13 @@ def load_train_val(config: TrainConfig, input_size, *, progress: bool = False) -
     if not config.data:
         raise FerkitError("no training data given (--data DIR_OR_CSV)")
     common = {"classes": config.classes, "image_size": tuple(input_size), "progress": progress}
-    data = load_dataset(config.data, usage=TRAIN_USAGE, **common)
+    try:
+        data = load_dataset(config.data, usage=TRAIN_USAGE, **common)
+    except UnknownClassFolders as err:
+        if not config.init:
+            raise
+        more = ",".join([*config.classes, *err.folders])  # the init model's classes, unless others were given
+        raise FerkitError(f"{err}; --classes {more} trains {', '.join(err.folders)} too (a new class starts from fresh weights)") from None
     check_classes_present(data)
     if config.val:
         return data, load_dataset(config.val, usage=VAL_USAGE, **{**common, "classes": data.classes})

@@ -42,6 +42,7 @@ class Timeline:
     every: int = 1  # every how many frames one was analysed
     frames_analysed: int = 0
     last_frame: int = 0  # the index of the last frame analysed: how far the plot's time axis reaches
+    cut_short: bool = False  # frames stopped coming well before the count its container lists
 
     @property
     def tracks(self) -> list[int]:
@@ -50,7 +51,7 @@ class Timeline:
     def summary(self, **more) -> dict:
         """What was analysed, as `ferkit predict` reports it per video (JSON); `more` is added to it."""
         return {"source": self.source, "frames_analysed": self.frames_analysed, "every": self.every,
-                "tracks": len(self.tracks), "faces": len(self.rows), **more}
+                "tracks": len(self.tracks), "faces": len(self.rows), "cut_short": self.cut_short, **more}
 
     def to_csv(self, path: str | Path) -> Path:
         with open(path, "w", newline="") as handle:
@@ -218,6 +219,7 @@ def analyze_video(
     if timeline.frames_analysed == 0:
         raise FerkitError(f"no frame of {path} could be decoded: is it a video?")
     if info.frames > 0 and timeline.last_frame + 1 + every <= 0.95 * info.frames:  # containers' counts are approximate
+        timeline.cut_short = True
         log.warning("%s: frames stopped coming after frame %d of the %d its container lists; the file may be cut short",
                     path, timeline.last_frame + 1, info.frames)
     return timeline

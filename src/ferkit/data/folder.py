@@ -70,6 +70,14 @@ def load_folder(
     )
 
 
+class UnknownClassFolders(FerkitError):
+    """Class folders whose names are none of the classes asked for (`folders`)."""
+
+    def __init__(self, message: str, folders: list[str]):
+        super().__init__(message)
+        self.folders = folders
+
+
 def _list_class_files(root: Path, classes: tuple[str, ...], *, chosen: bool) -> tuple[list[Path], list[int]]:
     """The files of each class folder and their labels. `chosen`: the classes were given (a model's own,
     say), so a folder of another class cannot be kept by asking for it."""
@@ -79,7 +87,8 @@ def _list_class_files(root: Path, classes: tuple[str, ...], *, chosen: bool) -> 
     unknown = [p.name for p in folders if canonical_label(p.name) not in classes]
     if unknown:
         keep = "" if chosen else "; --classes keeps others, in train and pack"
-        raise FerkitError(f"folder(s) in {root} match no class: {', '.join(unknown)} (classes: {', '.join(classes)}{keep})")
+        raise UnknownClassFolders(f"folder(s) in {root} match no class: {', '.join(unknown)} (classes: {', '.join(classes)}{keep})",
+                                  unknown)
     files: list[Path] = []
     labels: list[int] = []
     unreadable: list[str] = []

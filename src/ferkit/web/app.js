@@ -223,7 +223,8 @@ $("video-input").addEventListener("change", async (event) => {
     $("video-csv").href = csvLink;
     $("video-csv").download = file.name.replace(/\.[^.]+$/, "") + ".emotions.csv";
     $("video-csv").hidden = false;
-    say(`${result.faces} faces in ${result.frames_analysed} frames analysed`);
+    say(`${result.faces} faces in ${result.frames_analysed} frames analysed` +
+        (result.cut_short ? " (the file seems cut short: frames stopped before its end)" : ""));
   } catch (error) {
     if (mine === latestVideo) say(error.message, true);
   }
