@@ -311,6 +311,33 @@ def test_a_custom_detectors_empty_or_stray_boxes_are_left_out(trained_run):
     assert [f.box for f in analyze(picture, model=trained_run, detector=lambda rgb: stray)] == [(10, 20, 48, 48)]
 
 
+def test_labels_stay_inside_the_picture_and_clear_of_each_other():
+    from ferkit.draw import _label_place
+
+    size = (90, 20)
+    # a box as large as the picture (a face crop, --detector none): the label goes inside it
+    assert _label_place((0, 0, 200, 200), size, (200, 200), [], [], 2) == (0, 0)
+    # at the right edge: moved left until it is whole
+    assert _label_place((170, 50, 30, 30), size, (200, 200), [], [], 2)[0] == 200 - 90
+    # neighbours side by side: the second label does not cover the first
+    first = _label_place((10, 60, 60, 60), size, (300, 200), [], [(60, 60, 60, 60)], 2)
+    placed = [(first[0], first[1], first[0] + 90, first[1] + 20)]
+    second = _label_place((60, 60, 60, 60), size, (300, 200), placed, [(10, 60, 60, 60)], 2)
+    assert second[0] + 90 <= placed[0][0] or second[0] >= placed[0][2] or second[1] + 20 <= placed[0][1] or second[1] >= placed[0][3]
+
+
+def test_a_tiny_face_crop_is_drawn_enlarged_with_its_label_inside(trained_run):
+    from ferkit import draw_faces
+    from ferkit.draw import TINY_SIDE, colour_of
+
+    crop = np.full((48, 48, 3), 90, np.uint8)
+    [face] = analyze(crop, model=trained_run, detector="none")
+    drawn = np.asarray(draw_faces(crop, [face]))
+    assert drawn.shape[:2] == (TINY_SIDE, TINY_SIDE)
+    label = np.all(drawn == colour_of(face.emotion), axis=2)
+    assert label[4:14, 4:60].mean() > 0.4  # the label's fill, inside the picture's top left corner, not its edge only
+
+
 def test_a_url_is_refused_in_one_line_that_keeps_it_whole():
     with pytest.raises(FerkitError, match="^http://example.com/a.jpg: URLs are not fetched"):
         analyze("http://example.com/a.jpg")

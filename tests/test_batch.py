@@ -59,6 +59,27 @@ def test_an_earlier_batch_is_continued_or_replaced_only_when_asked(trained_run, 
         FolderBatch([photos], out, model=trained_run, resume=True, overwrite=True)
 
 
+def test_a_results_folder_creates_its_folder_and_keeps_a_users_own_files(trained_run, photos, tmp_path):
+    from ferkit.predict import analyze_images
+    from ferkit.results import ResultsFolder
+
+    results = list(analyze_images([photos / "a.png"], model=trained_run, detector="none"))
+    with ResultsFolder(tmp_path / "new" / "out", results[0].faces[0].probabilities) as folder:
+        folder.write(results[0])
+    assert (tmp_path / "new" / "out" / "faces.csv").read_text().count("\n") == 2
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "faces.csv").write_text("my own notes\n")
+    with pytest.raises(FerkitError, match="faces.csv exists and ferkit did not write it"):
+        ResultsFolder(mine, results[0].faces[0].probabilities)
+    assert (mine / "faces.csv").read_text() == "my own notes\n"
+    with ResultsFolder(mine, results[0].faces[0].probabilities, overwrite=True) as folder:
+        folder.write(results[0])
+    with ResultsFolder(mine, results[0].faces[0].probabilities) as folder:  # its own files: replaced
+        folder.write(results[0])
+    assert (mine / "faces.csv").read_text().count("\n") == 2
+
+
 def test_one_folder_may_be_given_alone_and_bad_settings_are_refused_before_anything_is_replaced(trained_run, photos, tmp_path):
     out = tmp_path / "out"
     list(FolderBatch(photos, out, model=trained_run, detector="none").run())  # a folder, not a list of them
@@ -153,6 +174,26 @@ def test_a_folder_listing_leaves_out_ferkits_annotated_copies_and_says_what_else
     assert [p.name for p in listed] == ["a.jpg", "b.jfif", "mine.annotated.jpg"]
     assert "1 annotated copies that ferkit made" in caplog.text and "1 files without a name suffix" in caplog.text
     assert "IMG_0001" in caplog.text
+
+
+def test_a_folder_listing_follows_links_in_but_not_back_up_and_names_links_to_nothing(tmp_path, caplog):
+    from ferkit.sources import list_images
+
+    face = Image.fromarray(pattern_face(1, np.random.default_rng(1)))
+    (tmp_path / "elsewhere").mkdir()
+    face.save(tmp_path / "elsewhere" / "linked.png")
+    face.save(tmp_path / "outside.png")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    face.save(photos / "a.png")
+    (photos / "part").symlink_to(tmp_path / "elsewhere")  # a dataset's part linked in: followed
+    (photos / "up").symlink_to(tmp_path)  # back up: would list the whole tree around the folder
+    (photos / "gone.png").symlink_to(tmp_path / "nothing.png")
+    with caplog.at_level("WARNING", logger="ferkit"):
+        listed = list_images(str(photos))
+    assert [p.relative_to(photos).as_posix() for p in listed] == ["a.png", "part/linked.png"]
+    assert f"{photos / 'up'}: a link back up to {tmp_path.resolve()}, not followed" in caplog.text
+    assert f"left out 1 link(s) to nothing: {photos / 'gone.png'}" in caplog.text
 
 
 def test_folders_and_photos_that_cannot_be_read_are_named(trained_run, tmp_path):

@@ -278,6 +278,19 @@ def test_annotated_copies_never_replace_the_photo(trained_run, tmp_path, monkeyp
     assert (tmp_path / "face.jpg").read_bytes() == before and (tmp_path / "face.annotated.jpg").exists()
 
 
+def test_a_users_photo_named_like_an_annotated_copy_is_analysed_and_never_written_over(trained_run, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, label in (("cat.jpg", 3), ("cat.annotated.jpg", 5)):
+        Image.fromarray(pattern_face(label, np.random.default_rng(label))).convert("RGB").save(photos / name)
+    before = (photos / "cat.annotated.jpg").read_bytes()
+    result = run("predict", photos, "--model", trained_run, "--detector", "none", "--annotate", "--overwrite", "--out", photos)
+    assert result.exit_code == 0, result.output
+    assert "2 images" in result.output and (photos / "cat.annotated.jpg").read_bytes() == before
+    assert {p.name for p in photos.iterdir() if p.suffix == ".jpg"} == {
+        "cat.jpg", "cat.annotated.jpg", "cat-2.annotated.jpg", "cat.annotated.annotated.jpg"}
+
+
 def test_folder_annotations_with_the_same_name_do_not_collide(trained_run, tmp_path):
     for sub in ("a", "b"):
         (tmp_path / "in" / sub).mkdir(parents=True)

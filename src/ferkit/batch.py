@@ -46,12 +46,14 @@ class FolderBatch:
         # everything checked before the model loads and before an earlier batch's files are replaced
         self.detector = get_detector(detector)
         self.classifier = load_classifier(model)
-        used: set[str] = set()  # named in listing order, so a resumed run names its copies as a whole run would
+        # named in listing order, so a resumed run names its copies as a whole run would; never as a photo
+        # of the batch that lies in the results folder (a user's own NAME.annotated.jpg)
+        used = {p.name for p in paths if p.parent.resolve() == self.out.resolve()}
         self.annotated = {str(p): unique_path(self.out, p.stem, ANNOTATED_SUFFIX, used) for p in paths} if annotate else {}
         written = [self.out / name for name in (ResultsFolder.TABLE, ResultsFolder.LINES, ResultsFolder.SETTINGS)]
         check_replaceable([*written, *self.annotated.values()], overwrite=overwrite)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.results = ResultsFolder(self.out, self.classifier.classes, resume=resume, sources=paths,
+        self.results = ResultsFolder(self.out, self.classifier.classes, resume=resume, sources=paths, overwrite=overwrite,
                                      settings=batch_settings(self.classifier, self.detector, self.uncertain_below))
         self.todo = [p for p in paths if not self.results.is_finished(p)]
         self.skipped = len(paths) - len(self.todo)  # done by an earlier run (resume)

@@ -44,29 +44,73 @@ def draw_faces(image: Image.Image | np.ndarray | str | os.PathLike, faces: Seque
     `ferkit.analyze` takes: a PIL image, a path, or an array (`channels="bgr"` for OpenCV's); `faces` are
     Faces, or plain (x, y, width, height) boxes, drawn numbered without an emotion. Boxes are in the
     photo's pixels, also where load_image decoded a very large JPEG at a reduced scale. `numbers`: the
-    faces' numbers (a video's track ids, say) instead of 1, 2, ..."""
+    faces' numbers (a video's track ids, say) instead of 1, 2, ... Labels stay inside the picture and
+    clear of each other where they can; a tiny picture (a face crop) is enlarged so that they can be read."""
     if not isinstance(image, Image.Image):
         image = load_image(image, channels=channels)
     across, down = decoded_scale(image)
     canvas = to_rgb(image).copy()
+    enlarge = -(-TINY_SIDE // max(canvas.size)) if max(canvas.size) < TINY_SIDE else 1
+    if enlarge > 1:
+        canvas = canvas.resize((canvas.width * enlarge, canvas.height * enlarge), Image.Resampling.LANCZOS)
+        across, down = across / enlarge, down / enlarge
     draw = ImageDraw.Draw(canvas)
     scale = max(canvas.size) / 640
     line = max(2, round(3 * scale))
     font = ImageFont.load_default(size=max(11, round(16 * scale)))
-    for number, face in zip(numbers if numbers is not None else range(1, len(faces) + 1), faces):
+    numbers = numbers if numbers is not None else range(1, len(faces) + 1)
+    drawn = []  # every box first, then every label, so that no box line runs through a label
+    for number, face in zip(numbers, faces):
         x, y, w, h = face.box if isinstance(face, Face) else checked_box(face, full_size(image))
-        x, y, w, h = round(x / across), round(y / down), round(w / across), round(h / down)
+        box = (round(x / across), round(y / down), round(w / across), round(h / down))
         colour = colour_of(face.emotion) if isinstance(face, Face) else (255, 255, 255)
-        draw.rectangle((x, y, x + w, y + h), outline=colour, width=line)
+        draw.rectangle((box[0], box[1], box[0] + box[2], box[1] + box[3]), outline=colour, width=line)
         label = f"{number} {face.emotion}{'?' if face.uncertain else ''} {face.score:.0%}" if isinstance(face, Face) else str(number)
+        drawn.append((box, colour, label))
+    placed: list[tuple[int, int, int, int]] = []
+    boxes = [box for box, _, _ in drawn]
+    for box, colour, label in drawn:
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
-        text_w, text_h = right - left, bottom - top
         pad = max(2, line)
-        above = y - text_h - 2 * pad >= 0
-        ty = y - text_h - 2 * pad if above else y + h
-        draw.rectangle((x - line // 2, ty, x + text_w + 2 * pad, ty + text_h + 2 * pad), fill=colour)
-        draw.text((x + pad - left, ty + pad - top), label, fill=(0, 0, 0), font=font)
+        size = (right - left + 2 * pad, bottom - top + 2 * pad)
+        tx, ty = _label_place(box, size, canvas.size, placed, [b for b in boxes if b is not box], line)
+        placed.append((tx, ty, tx + size[0], ty + size[1]))
+        draw.rectangle((tx, ty, tx + size[0], ty + size[1]), fill=colour)
+        draw.text((tx + pad - left, ty + pad - top), label, fill=_text_colour(colour), font=font)
     return canvas
+
+
+def _text_colour(background) -> tuple[int, int, int]:
+    """Black on light label colours, white on dark ones (sad's blue)."""
+    red, green, blue = background
+    return (0, 0, 0) if 0.299 * red + 0.587 * green + 0.114 * blue > 120 else (255, 255, 255)
+
+
+TINY_SIDE = 240  # pictures smaller than this are enlarged for drawing: labels of a readable size fit
+
+
+def _label_place(box, size, canvas_size, placed, others, line) -> tuple[int, int]:
+    """Where a label of `size` goes: above the box, else below it, else inside its top or bottom edge,
+    moved into the picture; first of all clear of the labels already `placed`, then whole where it was
+    meant to be, then covering as little of the `others` faces' boxes as it can."""
+    x, y, w, h = box
+    width, height = size
+    left = min(max(0, x - line // 2), max(0, canvas_size[0] - width))
+    tops = (y - height, y + h, y, y + h - height)
+
+    def inside(top):
+        return 0 <= top and top + height <= canvas_size[1]
+
+    def cover(top, rects):
+        area = (left, top, left + width, top + height)
+        return sum(max(0, min(area[2], r[2]) - max(area[0], r[0])) * max(0, min(area[3], r[3]) - max(area[1], r[1]))
+                   for r in rects)
+
+    faces = [(ox, oy, ox + ow, oy + oh) for ox, oy, ow, oh in others]
+    candidates = [min(max(0, top), max(0, canvas_size[1] - height)) for top in tops]
+    best = min(range(len(tops)), key=lambda i: (cover(candidates[i], placed) > 0, not inside(tops[i]),
+                                                 cover(candidates[i], faces), i))
+    return left, candidates[best]
 
 
 def save_annotated(image: Image.Image, path: str | Path) -> Path:

@@ -153,7 +153,8 @@ def _written_by_ferkit(path: Path) -> bool:
             record = json.loads(first if path.suffix == ".jsonl" else path.read_text(errors="replace"))
         except ValueError:
             return False
-        return isinstance(record, dict) and ({"source", "faces"} <= record.keys() or {"classes", "model"} <= record.keys())
+        ours = {"classes"} if path.name == ResultsFolder.SETTINGS else {"classes", "model"}  # settings: classes at least
+        return isinstance(record, dict) and ({"source", "faces"} <= record.keys() or ours <= record.keys())
     return written_by_ferkit(path)
 
 
@@ -167,17 +168,21 @@ class ResultsFolder:
                 results.write(result)
 
     A resumed run tries its failed images again: their lines go. `sources`, the images this run is given,
-    keeps the failures of other images on record (default: every earlier failure goes).
+    keeps the failures of other images on record (default: every earlier failure goes). A fresh run
+    replaces an earlier batch's files, but not a user's own `faces.csv` (say) unless told to `overwrite`.
+    The folder is created if need be.
     """
 
     TABLE, LINES, SETTINGS = "faces.csv", "results.jsonl", "batch.json"
 
     def __init__(self, folder: str | Path, classes, *, resume: bool = False, settings: dict | None = None,
-                 sources=None):
+                 sources=None, overwrite: bool = False):
         self.folder, self.classes, self.resume = Path(folder), tuple(classes), resume
         self.settings = {"classes": list(self.classes), **(settings or {})}
         if resume:
             self._check_same_settings()
+        else:
+            check_replaceable([self.folder / name for name in (self.TABLE, self.LINES, self.SETTINGS)], overwrite=overwrite)
         # the images an earlier run finished (no error), with both files cut back to them
         retried = None if sources is None else {_file_key(s) for s in sources}
         self.finished: set[str] = self._cut_back_to_finished(retried) if resume else set()
@@ -204,6 +209,10 @@ class ResultsFolder:
                               "Resume with the same ones, or choose another folder")
 
     def __enter__(self) -> ResultsFolder:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise FerkitError(f"cannot create the results folder {self.folder}: {err.strerror or err}") from None
         mode = "a" if self.resume else "w"
         self._table = open(self.folder / self.TABLE, mode, newline="")
         self._lines = open(self.folder / self.LINES, mode)

@@ -36,10 +36,10 @@ def source_kind(source: str) -> str:
 
 def list_images(source: str, *, skip: str | Path | None = None, quiet: bool = False) -> list[Path]:
     """The image files of a folder (recursively, hidden ones left out) or a glob, sorted; none inside
-    the folder `skip` when it lies within the folder listed, and no annotated copy in `skip` itself (where
-    ferkit writes its results, so that a second run does not read the first one's annotated copies).
-    Annotated copies that ferkit made (marked in their EXIF data) are left out wherever they are. What is
-    left out besides (files without a name suffix, folders that cannot be read) is logged, unless `quiet`."""
+    the folder `skip` (where ferkit writes its results) when it lies within the folder listed.
+    Annotated copies that ferkit made (marked in their EXIF data) are left out wherever they are; a user's
+    own photo named like one is listed. What is left out besides (files without a name suffix, links to
+    nothing, folders that cannot be read or that lead back up) is logged, unless `quiet`."""
     kind = source_kind(source)
     unreadable: list[str] = []
     if kind == "glob":
@@ -50,14 +50,13 @@ def list_images(source: str, *, skip: str | Path | None = None, quiet: bool = Fa
         skipped = Path(skip).resolve()
         if kind == "folder" and skipped != Path(source).resolve():
             paths = [p for p in paths if not p.resolve().is_relative_to(skipped)]
-        # results written into the folder of the photos themselves: ferkit's annotated copies are not photos
-        paths = [p for p in paths if not (p.name.endswith(ANNOTATED_SUFFIX) and p.parent.resolve() == skipped)]
     files = [p for p in paths if p.is_file()]
+    dangling = [p for p in paths if p.is_symlink() and not p.exists()]
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     ours = {p for p in images if p.name.endswith(ANNOTATED_SUFFIX) and _annotated_by_ferkit(p)}
     images = sorted(p for p in images if p not in ours)
     if not quiet:
-        _note_left_out(source, ours, [p for p in files if not p.suffix], unreadable)
+        _note_left_out(source, ours, [p for p in files if not p.suffix], unreadable, dangling)
     if not images:
         if unreadable and os.path.realpath(unreadable[0]) == os.path.realpath(source):
             raise FerkitError(f"cannot read the folder {source}: permission denied")
@@ -71,7 +70,7 @@ def _annotated_by_ferkit(path: Path) -> bool:
     return written_by_ferkit(path)
 
 
-def _note_left_out(source: str, annotated, unnamed: list[Path], unreadable: list[str]) -> None:
+def _note_left_out(source: str, annotated, unnamed: list[Path], unreadable: list[str], dangling: list[Path]) -> None:
     def some(paths) -> str:
         names = [str(p) for p in paths]
         return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
@@ -83,6 +82,8 @@ def _note_left_out(source: str, annotated, unnamed: list[Path], unreadable: list
                     "rename them, e.g. to .jpg, or give them one by one", source, len(unnamed), some(unnamed))
     if unreadable:
         log.warning("%s: cannot read %d folder(s), their images left out: %s", source, len(unreadable), some(unreadable))
+    if dangling:
+        log.warning("%s: left out %d link(s) to nothing: %s", source, len(dangling), some(dangling))
 
 
 def videos_in(source: str) -> list[Path]:
@@ -93,14 +94,20 @@ def videos_in(source: str) -> list[Path]:
 
 def files_under(folder: str | Path, *, unreadable: list[str] | None = None) -> list[Path]:
     """Every file in `folder` and its subfolders, sorted, hidden names left out. Subfolders reached
-    through symbolic links are followed (a dataset often links its parts in), each real folder once,
-    so a link back up does not loop. Folders that cannot be read are added to `unreadable`."""
+    through symbolic links are followed (a dataset often links its parts in), each real folder once;
+    a link to the folder itself or to a folder above it is not (it would list far more than was given).
+    Folders that cannot be read are added to `unreadable`; links back up are logged."""
     seen: set[str] = set()
     files: list[Path] = []
     note = (lambda err: unreadable.append(err.filename)) if unreadable is not None else None
+    top = Path(os.path.realpath(folder))
     for root, subfolders, names in os.walk(folder, followlinks=True, onerror=note):
         real = os.path.realpath(root)
         if real in seen:
+            subfolders[:] = []
+            continue
+        if root != str(folder) and top.is_relative_to(real):
+            log.warning("%s: a link back up to %s, not followed", root, real)
             subfolders[:] = []
             continue
         seen.add(real)
