@@ -219,10 +219,75 @@ def test_an_image_over_the_pixel_limit_is_refused(trained_run, tmp_path, monkeyp
     assert "over the limit" in line
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    result = run("--debug", "evaluate", tmp_path / "nope", "--data", tmp_path)
-    assert result.exit_code != 0 and result.exception is not None
-    assert type(result.exception).__name__ == "FerkitError"
+def test_an_error_in_a_batch_on_a_terminal_is_printed_on_a_line_of_its_own(trained_run, tmp_path):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(pattern_face(i, np.random.default_rng(i))).save(photos / f"{i}.png")
+    (photos / "bad.jpg").write_text("not an image")
+    main, terminal = pty.openpty()  # stderr a terminal: the progress bar shows
+    command = [sys.executable, "-m", "ferkit.cli", "predict", str(photos), "--model", str(trained_run),
+               "--detector", "none", "--out", str(tmp_path / "o")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=terminal, env={**os.environ, "COLUMNS": "100"})
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the other end closed
+            break
+        if not chunk:
+            break
+        shown += chunk
+    assert process.wait(timeout=60) == 1
+    before = shown.decode(errors="replace").split(f"error: {photos / 'bad.jpg'}")[0]
+    assert "analysing images" in before
+    assert before.endswith(("\n", "\x1b[2K")), repr(before[-80:])  # the bar's line cleared first, not glued onto
+
+
+def test_a_librarys_warning_is_one_line(trained_run, tmp_path):
+    import io
+    import subprocess
+    import sys
+
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = "Camera", "Model"
+    buffer = io.BytesIO()
+    Image.fromarray(pattern_face(3, np.random.default_rng(3))).save(buffer, "JPEG", exif=exif.tobytes()[:-6] + b"\0\0")
+    (tmp_path / "bad-exif.jpg").write_bytes(buffer.getvalue())  # Pillow warns while it reads the EXIF block
+    command = [sys.executable, "-m", "ferkit.cli", "predict", str(tmp_path / "bad-exif.jpg"), "--model", str(trained_run),
+               "--detector", "none", "--out", str(tmp_path / "o")]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines and all(line.startswith("WARNING: ") for line in lines), lines
+
+
+def test_a_results_folder_that_cannot_be_made_is_named_as_such(trained_run, tmp_path, pattern_data):
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "results"
+    photo = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+    line = _one_line_error(run("predict", photo, "--model", trained_run, "--detector", "none", "--out", out))
+    assert line.startswith(f"error: cannot create the results folder {out}: ")
+    line = _one_line_error(run("evaluate", trained_run, "--data", pattern_data / "val", "--out", out))
+    assert line.startswith(f"error: cannot create the report folder {out}: ")
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "ferkit.cli", "--debug", "evaluate", str(tmp_path / "nope"), "--data", str(tmp_path)]
+    shown = subprocess.run(command, capture_output=True, text=True)
+    plain = subprocess.run([c for c in command if c != "--debug"], capture_output=True, text=True)
+    assert shown.returncode == plain.returncode == 2
+    assert "Traceback (most recent call last)" in shown.stderr and "ferkit.errors.FerkitError" in shown.stderr
+    assert shown.stderr.rstrip().splitlines()[-1] == plain.stderr.strip()
 
 
 def test_resume_refuses_other_flags(trained_run):
@@ -289,6 +354,18 @@ def test_a_users_photo_named_like_an_annotated_copy_is_analysed_and_never_writte
     assert "2 images" in result.output and (photos / "cat.annotated.jpg").read_bytes() == before
     assert {p.name for p in photos.iterdir() if p.suffix == ".jpg"} == {
         "cat.jpg", "cat.annotated.jpg", "cat-2.annotated.jpg", "cat.annotated.annotated.jpg"}
+
+
+def test_a_batchs_json_lines_are_its_results_lines(trained_run, tmp_path):
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        Image.fromarray(pattern_face(i, np.random.default_rng(i))).save(tmp_path / "in" / f"{i}.png")
+    result = run("predict", tmp_path / "in", "--model", trained_run, "--detector", "none", "--annotate", "--json",
+                 "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    printed = [json.loads(line) for line in result.stdout.splitlines()]
+    written = [json.loads(line) for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
+    assert printed == written and [r["annotated"] for r in printed] == ["0.annotated.jpg", "1.annotated.jpg"]
 
 
 def test_folder_annotations_with_the_same_name_do_not_collide(trained_run, tmp_path):

@@ -84,6 +84,17 @@ def test_bad_files_raise_one_line_errors(tmp_path, content, message):
     assert "\n" not in str(info.value)
 
 
+def test_postscript_is_never_handed_to_ghostscript_whatever_its_name(tmp_path):
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\nshowpage\n"
+    (tmp_path / "drawing.jpg").write_bytes(eps)
+    for source in (tmp_path / "drawing.jpg", eps):
+        with pytest.raises(FerkitError, match="is not an image ferkit can read$"):
+            load_image(source)
+    ppm = tmp_path / "people.ppm"  # other formats Pillow decodes itself still read
+    Image.open(PEOPLE).save(ppm)
+    assert load_image(ppm).size == Image.open(PEOPLE).size
+
+
 def test_missing_file_and_folder_are_named(tmp_path):
     with pytest.raises(FerkitError, match="no such file"):
         load_image(tmp_path / "nope.jpg")

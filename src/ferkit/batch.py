@@ -19,7 +19,7 @@ from pathlib import Path
 from ferkit.draw import save_annotated
 from ferkit.errors import FerkitError
 from ferkit.predict import UNCERTAIN_BELOW, analyze_images, check_uncertain_below
-from ferkit.results import ImageResult, ResultsFolder, check_replaceable
+from ferkit.results import ImageResult, ResultsFolder, check_replaceable, create_folder
 from ferkit.sources import ANNOTATED_SUFFIX
 from ferkit.runtime import load_classifier
 
@@ -52,7 +52,7 @@ class FolderBatch:
         self.annotated = {str(p): unique_path(self.out, p.stem, ANNOTATED_SUFFIX, used) for p in paths} if annotate else {}
         written = [self.out / name for name in (ResultsFolder.TABLE, ResultsFolder.LINES, ResultsFolder.SETTINGS)]
         check_replaceable([*written, *self.annotated.values()], overwrite=overwrite)
-        self.out.mkdir(parents=True, exist_ok=True)
+        create_folder(self.out)
         self.results = ResultsFolder(self.out, self.classifier.classes, resume=resume, sources=paths, overwrite=overwrite,
                                      settings=batch_settings(self.classifier, self.detector, self.uncertain_below))
         self.todo = [p for p in paths if not self.results.is_finished(p)]
@@ -62,19 +62,24 @@ class FolderBatch:
 
     def run(self) -> Iterator[ImageResult]:
         """Analyse the images still to do, yielding each result once it is written."""
+        for result, _ in self.run_records():
+            yield result
+
+    def run_records(self) -> Iterator[tuple[ImageResult, dict]]:
+        """As `run`, with each result's line of results.jsonl as written (its annotated copy named)."""
         with self.results:
             for result in analyze_images(self.todo, model=self.classifier, detector=self.detector,
                                          uncertain_below=self.uncertain_below):
                 annotated = None
                 if result.ok and self.annotated:
                     annotated = save_annotated(result.draw(result.source), self.annotated[result.source]).name
-                self.results.write(result, **({"annotated": annotated} if annotated else {}))
+                record = self.results.write(result, **({"annotated": annotated} if annotated else {}))
                 self.images += 1
                 if result.error:
                     self.failed += 1
                 else:
                     self.faces += len(result.faces)
-                yield result
+                yield result, record
 
 
 def batch_settings(classifier, detector, uncertain_below: float) -> dict:
@@ -164,7 +169,7 @@ def analyze_video_into_folder(source: str | Path, out: str | Path, *, stem: str 
     capture.release()
     step = frame_step(info.fps, every, target_fps)
     total = max(1, -(-info.frames // step)) if info.frames > 0 else None
-    out.mkdir(parents=True, exist_ok=True)
+    create_folder(out)
     timeline = analyze_video(source, model=model, detector=detector, every=step, smooth=smooth,
                              annotated=annotated, uncertain_below=uncertain_below,
                              timeline_csv=timeline_csv,

@@ -9,6 +9,8 @@ import math
 import os
 import signal
 import sys
+import traceback
+import warnings
 from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from ferkit.config import TrainConfig, option_flag
 from ferkit.errors import FerkitError
 from ferkit.faces import DETECTORS
 from ferkit.predict import UNCERTAIN_BELOW
+from ferkit.progress import LineHandler
 from ferkit.ray_predict import SHARD_IMAGES, RayPredictConfig
 from ferkit.runtime import TTA_CHOICES
 from ferkit.study import ENTRIES as STUDY_ENTRIES
@@ -62,16 +65,14 @@ class _Cli(click.Group):
         try:
             return super().invoke(ctx)
         except click.UsageError as err:  # one line, as every other error, instead of usage + hint + error
-            if _debug(ctx):
-                raise
+            _traceback_if_debug(ctx)
             where = err.ctx.command_path if err.ctx else "ferkit"
             click.echo(f"error: {err.format_message()} (see: {where} --help)", err=True)
             ctx.exit(err.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except FerkitError as err:
-            if _debug(ctx):
-                raise
+            _traceback_if_debug(ctx)
             click.echo(f"error: {err}", err=True)
             ctx.exit(err.exit_code)
         except KeyboardInterrupt:
@@ -83,8 +84,7 @@ class _Cli(click.Group):
         except OSError as err:
             if err.filename is None:
                 _report_unexpected(ctx, err)
-            if _debug(ctx):
-                raise
+            _traceback_if_debug(ctx)
             # a path the user named cannot be used as asked: missing, a file where a folder must go, not
             # writable, a name too long, a full disk
             click.echo(f"error: {err.filename}: {err.strerror}", err=True)
@@ -94,12 +94,18 @@ class _Cli(click.Group):
 
 
 def _report_unexpected(ctx, err: Exception) -> None:
-    """A bug or an unforeseen failure: still one line unless --debug."""
-    if _debug(ctx):
-        raise err
+    """A bug or an unforeseen failure: still one line, after the traceback with --debug."""
+    _traceback_if_debug(ctx)
     first = (str(err).strip().splitlines() or [""])[0]
     click.echo(f"internal error: {type(err).__name__}: {first} (run with --debug for the traceback)", err=True)
     ctx.exit(EXIT_INTERNAL_ERROR)
+
+
+def _traceback_if_debug(ctx) -> None:
+    """With --debug, the traceback of the error being handled, before its one line: the exit code stays
+    the one it would be without --debug, so that scripts read it the same."""
+    if _debug(ctx):
+        traceback.print_exc()
 
 
 def _debug(ctx) -> bool:
@@ -111,11 +117,13 @@ def _debug(ctx) -> bool:
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def cli(debug: bool):
     """Facial expression recognition: predict, train, evaluate."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LineHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if debug else logging.INFO)
     log.propagate = False
+    if not debug:  # a library's warning (Pillow's "Corrupt EXIF data") in one line, not with its source line
+        warnings.showwarning = lambda message, category, *_, **__: log.warning("%s", message)
     hook = sys.unraisablehook
     already = isinstance(hook, functools.partial) and hook.func is redeliver_interrupt
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler and hasattr(signal, "setitimer") and not already:
@@ -423,6 +431,7 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     model) on labelled data; write JSON, CSV, PNG and HTML reports."""
     from ferkit.data import load_dataset
     from ferkit.evaluation import check_report_folder, default_report_folder, evaluate
+    from ferkit.results import create_folder
     from ferkit.runtime import load_classifier
 
     given = click.get_current_context().get_parameter_source("usage") is not click.core.ParameterSource.DEFAULT
@@ -438,7 +447,7 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
         out = default_report_folder(model, data, evaluation, usage=usage, tta=tta)
     elif not overwrite:
         check_report_folder(out, *evaluation)  # before the minutes of scoring, not after
-    Path(out).mkdir(parents=True, exist_ok=True)  # a folder that cannot be made: said now, not after the scoring
+    create_folder(out, "report folder")  # a folder that cannot be made: said now, not after the scoring
     report = evaluate(classifier, dataset, batch_size=batch_size)
     written = report.save(out, overwrite=overwrite)
     if as_json:
@@ -628,7 +637,7 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     from ferkit.batch import FolderBatch, check_output_folder, check_results_folder, unique_path, video_outputs
     from ferkit.faces import get_detector
     from ferkit.predict import check_uncertain_below
-    from ferkit.results import check_replaceable
+    from ferkit.results import check_replaceable, create_folder
     from ferkit.runtime import load_classifier
 
     check_uncertain_below(uncertain_below)
@@ -686,7 +695,7 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
         check_replaceable(video_outputs(out, stem, save_video), overwrite=overwrite)
     classifier = load_classifier(model).with_tta(tta)
     find = get_detector(detector)
-    out.mkdir(parents=True, exist_ok=True)
+    create_folder(out)
     failures = missing
     if images and not batch:
         failures += _predict_one(images[0], classifier, find, out, as_json, annotate is not False, given,
@@ -797,19 +806,19 @@ def _photo_outputs(out: Path, source: str, annotate: bool) -> list[Path]:
 
 
 def _predict_many(batch, as_json: bool, unreadable_sources: int = 0) -> int:
-    from ferkit.progress import progress_bar
+    from ferkit.progress import echo_error, progress_bar
 
     for error in batch.errors:
         click.echo(f"error: {error}", err=True)
     if batch.skipped:
         click.echo(f"resuming: {batch.skipped} images already in {batch.out / batch.results.LINES}", err=True)
     with progress_bar(len(batch.todo), "analysing images", enabled=not as_json) as advance:
-        for result in batch.run():
+        for result, record in batch.run_records():
             advance()
             if as_json:
-                click.echo(json.dumps(result.to_dict()))
+                click.echo(json.dumps(record))  # as results.jsonl has it
             if result.error:
-                click.echo(f"error: {result.error}", err=True)
+                echo_error(f"error: {result.error}")
     if not as_json:
         missing = f", {unreadable_sources} source(s) not found" if unreadable_sources else ""
         click.echo(f"{batch.images} images, {batch.faces} faces, {batch.failed} failed{missing}; "

@@ -24,6 +24,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".ti
 # which load_image turns off while opening (it would refuse a 108 Mpx phone photo outright).
 MAX_IMAGE_PIXELS = 64_000_000
 
+# Pillow decoders that run another program on the file (PostScript: Ghostscript); never used, whatever
+# the file's name, since a photo may come from anywhere.
+EXTERNAL_DECODERS = ("EPS",)
+
 # What decoders raise for a damaged file (pillow-heif: EOFError and RuntimeError).
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, RuntimeError)
 
@@ -163,10 +167,12 @@ def _open_without_pillows_size_guard(file) -> Image.Image:
     """Image.open (the header only) without Pillow's decompression-bomb check, which refuses a 108 Mpx
     phone photo outright: ferkit decodes a JPEG that large at a reduced scale, then applies its own
     limit. The check is a global setting, so it is off for the shortest time, one caller at a time."""
+    Image.init()
+    formats = [name for name in Image.OPEN if name not in EXTERNAL_DECODERS]
     with _SIZE_GUARD:
         limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            return Image.open(file)
+            return Image.open(file, formats=formats)
         finally:
             Image.MAX_IMAGE_PIXELS = limit
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
@@ -38,8 +39,10 @@ def progress_bar(total: int | None, description: str, *, enabled: bool = True):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    global _LIVE
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(escape(description), total=total)
+        _LIVE = progress
 
         def advance(done: int | None = None, total: int | None = None) -> None:
             if done is None:
@@ -47,4 +50,30 @@ def progress_bar(total: int | None, description: str, *, enabled: bool = True):
             else:
                 progress.update(task, completed=done, total=total)
 
-        yield advance
+        try:
+            yield advance
+        finally:
+            _LIVE = None
+
+
+_LIVE = None  # the bar on screen, if any
+
+
+def echo_error(message: str) -> None:
+    """A line on stderr, printed above the progress bar on screen (if any), never glued onto it."""
+    if _LIVE is not None:
+        _LIVE.console.print(message, markup=False, highlight=False, soft_wrap=True)
+    else:
+        import click
+
+        click.echo(message, err=True)
+
+
+class LineHandler(logging.Handler):
+    """A logging handler writing each record as a line on stderr, above the progress bar on screen (if any)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            echo_error(self.format(record))
+        except Exception:
+            self.handleError(record)

@@ -158,6 +158,16 @@ def _written_by_ferkit(path: Path) -> bool:
     return written_by_ferkit(path)
 
 
+def create_folder(folder: str | Path, what: str = "results folder") -> Path:
+    """`folder` made (with its parents) if need be; a one-line FerkitError that names it as the `what`
+    when it cannot be (a read-only place, /proc, a file on the way)."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FerkitError(f"cannot create the {what} {folder}: {err.strerror or err}") from None
+    return Path(folder)
+
+
 class ResultsFolder:
     """A batch's results in a folder, written as they come: `faces.csv` (a row per face, `face_columns`)
     and `results.jsonl` (an ImageResult per line, failures included). An image is done once its line is
@@ -209,10 +219,7 @@ class ResultsFolder:
                               "Resume with the same ones, or choose another folder")
 
     def __enter__(self) -> ResultsFolder:
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise FerkitError(f"cannot create the results folder {self.folder}: {err.strerror or err}") from None
+        create_folder(self.folder)
         mode = "a" if self.resume else "w"
         self._table = open(self.folder / self.TABLE, mode, newline="")
         self._lines = open(self.folder / self.LINES, mode)
