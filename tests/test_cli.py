@@ -368,6 +368,21 @@ def test_a_batchs_json_lines_are_its_results_lines(trained_run, tmp_path):
     assert printed == written and [r["annotated"] for r in printed] == ["0.annotated.jpg", "1.annotated.jpg"]
 
 
+def test_a_finished_batch_resumed_says_there_is_nothing_left(trained_run, tmp_path):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(pattern_face(1, np.random.default_rng(1))).save(tmp_path / "in" / "a.png")
+    args = ("predict", tmp_path / "in", "--model", trained_run, "--detector", "none", "--out", tmp_path / "o")
+    assert run(*args).exit_code == 0
+    again = run(*args, "--resume")
+    assert again.exit_code == 0 and f"nothing left to do: all 1 images are in {tmp_path / 'o' / 'results.jsonl'}" in again.output
+
+
+def test_no_face_in_a_small_picture_suggests_taking_it_as_the_face(trained_run, tmp_path):
+    Image.new("L", (48, 48), 128).save(tmp_path / "crop.png")
+    result = run("predict", tmp_path / "crop.png", "--model", trained_run, "--out", tmp_path / "o")
+    assert result.exit_code == 0 and "no face found (a cropped face? --detector none takes the whole image" in result.output
+
+
 def test_folder_annotations_with_the_same_name_do_not_collide(trained_run, tmp_path):
     for sub in ("a", "b"):
         (tmp_path / "in" / sub).mkdir(parents=True)

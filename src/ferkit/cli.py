@@ -819,7 +819,9 @@ def _predict_many(batch, as_json: bool, unreadable_sources: int = 0) -> int:
                 click.echo(json.dumps(record))  # as results.jsonl has it
             if result.error:
                 echo_error(f"error: {result.error}")
-    if not as_json:
+    if not as_json and batch.skipped and not batch.todo and not batch.errors:
+        click.echo(f"nothing left to do: all {batch.skipped} images are in {batch.out / batch.results.LINES}")
+    elif not as_json:
         missing = f", {unreadable_sources} source(s) not found" if unreadable_sources else ""
         click.echo(f"{batch.images} images, {batch.faces} faces, {batch.failed} failed{missing}; "
                    f"wrote {batch.out / batch.results.TABLE} and {batch.out / batch.results.LINES}")
@@ -848,9 +850,14 @@ def _predict_video(source, out: Path, as_json: bool, *, stem: str, alone: bool, 
     return 0
 
 
+CROP_SIDE = 128  # photos this small are more likely face crops (FER2013's are 48x48) than scenes
+
+
 def _print_faces(result) -> None:
     if not result.faces:
-        click.echo(f"{result.source}: no face found")
+        # a detector needs a face with some of the photo around it; a crop of the face alone is no photo to it
+        crop = " (a cropped face? --detector none takes the whole image as the face)" if max(result.image_size) <= CROP_SIDE else ""
+        click.echo(f"{result.source}: no face found{crop}")
         return
     rows = [[str(i), ", ".join(map(str, f.box)), f.emotion + ("?" if f.uncertain else ""), f"{f.score:.1%}"]
             for i, f in enumerate(result.faces, 1)]
