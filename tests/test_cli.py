@@ -278,6 +278,17 @@ def test_a_results_folder_that_cannot_be_made_is_named_as_such(trained_run, tmp_
     assert line.startswith(f"error: cannot create the report folder {out}: ")
 
 
+def test_a_model_file_that_cannot_be_written_is_refused_before_any_work(trained_run, pattern_data, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for command, name in (("export", "m.onnx"), ("ensemble", "e.keras"), ("teacher", "t.npz")):
+        out = tmp_path / "a-file" / name
+        args = {"export": [trained_run, "--onnx"], "ensemble": [trained_run, trained_run / "last.keras"],
+                "teacher": [trained_run, "--data", pattern_data / "train"]}[command]
+        line = _one_line_error(run(command, *args, "--out", out))
+        assert line.startswith("error: cannot create the folder for ") and str(tmp_path / "a-file") in line, line
+    assert list(tmp_path.iterdir()) == [tmp_path / "a-file"]
+
+
 def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path):
     import subprocess
     import sys

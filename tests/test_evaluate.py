@@ -148,6 +148,23 @@ def test_default_report_folders_never_write_into_the_package_and_keep_other_eval
     assert default_report_folder(model, "val", ("other", "val", "none")) == tmp_path / "eval-best-val"
 
 
+def test_another_model_of_the_same_network_never_replaces_a_report(trained_run, pattern_data, tmp_path):
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+
+    val = str(pattern_data / "val")
+    out = str(tmp_path / "eval")
+    assert CliRunner().invoke(cli, ["evaluate", str(trained_run), "--data", val, "--out", out]).exit_code == 0
+    before = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert before["model_version"].endswith("(best.keras)")
+    again = CliRunner().invoke(cli, ["evaluate", str(trained_run), "--data", val, "--out", out])
+    assert again.exit_code == 0  # the same evaluation: replaced
+    other = CliRunner().invoke(cli, ["evaluate", str(trained_run / "last.keras"), "--data", val, "--out", out])
+    assert other.exit_code == 2 and "holds the evaluation of seed-cnn" in other.output and "(best.keras)" in other.output
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == before
+
+
 def test_evaluate_takes_a_models_name_and_a_datasets_path(trained_run, pattern_data):
     from ferkit.data import load_dataset
     from ferkit.evaluation import evaluate

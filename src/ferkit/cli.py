@@ -431,6 +431,7 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     model) on labelled data; write JSON, CSV, PNG and HTML reports."""
     from ferkit.data import load_dataset
     from ferkit.evaluation import check_report_folder, default_report_folder, evaluate
+    from ferkit.predict import model_version
     from ferkit.results import create_folder
     from ferkit.runtime import load_classifier
 
@@ -438,11 +439,12 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     usage = _check_usage(data, usage, given)
     classifier = load_classifier(model).with_tta(tta)
     if out is not None and not overwrite and Path(data).is_dir():  # a folder's source is its path: checked before it loads
-        check_report_folder(out, classifier.name, str(Path(data)), classifier.tta)
+        check_report_folder(out, classifier.name, str(Path(data)), classifier.tta, model_version(classifier))
     dataset = load_dataset(
         data, classes=classifier.classes, image_size=classifier.input_size, usage=usage, progress=not as_json
     )
-    evaluation = (classifier.name, dataset.source, classifier.tta)  # a CSV's says which rows, known once it is read
+    # a CSV's source says which rows, known once it is read
+    evaluation = (classifier.name, dataset.source, classifier.tta, model_version(classifier))
     if out is None:
         out = default_report_folder(model, data, evaluation, usage=usage, tta=tta)
     elif not overwrite:

@@ -46,6 +46,7 @@ class EvaluationReport:
     y_true: np.ndarray
     y_pred: np.ndarray
     tta: str = "none"  # the test-time augmentation the model ran with
+    model_version: str = ""  # which model of that name: its run and file, or a shipped model's version
     probabilities: np.ndarray | None = None  # (N, classes) as scored, the model's temperature applied
     temperature: float = 1.0  # the model's temperature
     ece_before_temperature: float | None = None  # ECE of the same model at temperature 1, when its own is not 1
@@ -108,6 +109,7 @@ class EvaluationReport:
     def to_dict(self) -> dict:
         return {
             "model": self.model,
+            "model_version": self.model_version,
             "tta": self.tta,
             "data": self.data,
             "samples": int(len(self.y_true)),
@@ -148,7 +150,7 @@ class EvaluationReport:
         from ferkit.plots import plot_confusion_matrix, plot_reliability_diagram
 
         if not overwrite or Path(folder).is_file():
-            check_report_folder(folder, self.model, self.data, self.tta)
+            check_report_folder(folder, self.model, self.data, self.tta, self.model_version)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         data = self.to_dict()
@@ -227,13 +229,13 @@ def normalize_rows(matrix: np.ndarray) -> np.ndarray:
     return np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
 
 
-def default_report_folder(model: str | Path | None, data: str | Path, evaluation: tuple[str, str, str], *,
+def default_report_folder(model: str | Path | None, data: str | Path, evaluation: tuple[str, ...], *,
                           usage: str = "PublicTest", tta: str | None = None) -> Path:
     """Where `ferkit evaluate` puts the reports of `model` (as given: a run folder, model file, shipped
     model's name or None) on `data` without --out: eval-DATA in a run folder, eval-MODEL-DATA beside a model
     file, runs/eval-MODEL-DATA for a shipped model (DATA: the folder's name, or NAME-USAGE for a CSV, and
     -TTA when one is asked for); -2, -3, ... when that folder holds another `evaluation`'s reports
-    ((model name, data source, tta), as check_report_folder takes them)."""
+    ((model name, data source, tta, model version), as check_report_folder takes them)."""
     model_path, given, data = resolve_model_path(model), Path(model or "."), Path(data)
     name = (data.name if data.is_dir() else f"{data.stem}-{usage}") + (f"-{tta}" if tta else "")
     stem = f"{model_path.stem}{'-onnx' if model_path.suffix.lower() == '.onnx' else ''}"
@@ -250,13 +252,17 @@ def default_report_folder(model: str | Path | None, data: str | Path, evaluation
     return candidate
 
 
-def report_folder_accepts(folder: str | Path, model: str, data: str, tta: str) -> bool:
+def report_folder_accepts(folder: str | Path, model: str, data: str, tta: str, version: str = "") -> bool:
     """Whether `folder` is new, holds no report files, or holds the report of this same evaluation (the
-    model's name, the data's source and the test-time augmentation), which a new one may replace."""
+    model's name and version, the data's source and the test-time augmentation), which a new one may
+    replace. A report without a version (written by an older ferkit) is matched by the model's name."""
     earlier = _earlier_evaluation(folder)
     if Path(folder).is_file() or earlier == "unknown":
         return False
-    return earlier is None or (earlier[0], _data_key(earlier[1]), earlier[2]) == (model, _data_key(data), tta)
+    if earlier is None:
+        return True
+    same_version = not (earlier[3] and version) or earlier[3] == version
+    return same_version and (earlier[0], _data_key(earlier[1]), earlier[2]) == (model, _data_key(data), tta)
 
 
 def _data_key(data: str) -> str:
@@ -266,25 +272,25 @@ def _data_key(data: str) -> str:
     return os.path.realpath(path) + (f" ({rows}" if rows else "")
 
 
-def check_report_folder(folder: str | Path, model: str, data: str, tta: str) -> None:
+def check_report_folder(folder: str | Path, model: str, data: str, tta: str, version: str = "") -> None:
     """Refuse (FerkitError) a `folder` that report_folder_accepts does not: a file, the report of another
     evaluation, or files of the report's names that no evaluation wrote."""
     if Path(folder).is_file():
         raise FerkitError(f"{folder} is a file; give a folder for the reports")
-    if not report_folder_accepts(folder, model, data, tta):
+    if not report_folder_accepts(folder, model, data, tta, version):
         raise FerkitError(f"{folder} holds {_describe_report_folder(folder)}; pass --overwrite to replace it, "
                           "or choose another --out")
 
 
-def _earlier_evaluation(folder: str | Path) -> tuple[str, str, str] | str | None:
-    """What the report files in `folder` are of: (model, data, tta) from its metrics.json; "unknown"
+def _earlier_evaluation(folder: str | Path) -> tuple[str, str, str, str] | str | None:
+    """What the report files in `folder` are of: (model, data, tta, version) from its metrics.json; "unknown"
     when report files are there without a readable metrics.json; None when there are none."""
     folder = Path(folder)
     if not any((folder / name).exists() for name in REPORT_FILES):
         return None
     try:
         metrics = json.loads((folder / "metrics.json").read_text())
-        return (metrics["model"], metrics["data"], metrics.get("tta", "none"))
+        return (metrics["model"], metrics["data"], metrics.get("tta", "none"), metrics.get("model_version", ""))
     except (OSError, ValueError, KeyError, TypeError):
         return "unknown"
 
@@ -293,8 +299,9 @@ def _describe_report_folder(folder: str | Path) -> str:
     """For messages: "the evaluation of MODEL on DATA", or that the files are not a ferkit evaluation's."""
     earlier = _earlier_evaluation(folder)
     if isinstance(earlier, tuple):
-        model, data, tta = earlier
-        return f"the evaluation of {model}{'' if tta == 'none' else f' ({tta} TTA)'} on {data}"
+        model, data, tta, version = earlier
+        which = f" {version}" if version and version != model else ""
+        return f"the evaluation of {model}{which}{'' if tta == 'none' else f' ({tta} TTA)'} on {data}"
     return "files that are not a ferkit evaluation"
 
 
@@ -323,10 +330,14 @@ def evaluate(
     probabilities = outputs[0]
     y_pred = probabilities.argmax(axis=1)
     before = expected_calibration_error(outputs[1], y_true, ECE_BINS) if len(outputs) > 1 else None
-    return score_predictions(
+    report = score_predictions(
         y_true, y_pred, classifier.classes, model=classifier.name, data=dataset.source, tta=classifier.tta,
         probabilities=probabilities, temperature=classifier.temperature, ece_before_temperature=before,
     )
+    from ferkit.predict import model_version
+
+    report.model_version = model_version(classifier)
+    return report
 
 
 def score_predictions(

@@ -118,7 +118,20 @@ def check_output_file(out: str | Path, suffix: str, what: str, *, overwrite: boo
         raise FerkitError(f"{out} is a folder; give the {suffix} file to write")
     if out.exists() and not overwrite:
         raise FerkitError(f"{out} already exists; pass --overwrite to replace it")
+    check_writable_folder(create_folder(out.parent, f"folder for {what}"))  # now, not after the work
     return out
+
+
+def check_writable_folder(folder: Path) -> None:
+    """A one-line FerkitError unless a file can be created in `folder` (tried: permissions alone do not
+    say it for root, or for /proc and read-only mounts)."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ferkit-check-"):
+            pass
+    except OSError as err:
+        raise FerkitError(f"cannot write in {folder}: {err.strerror or err}") from None
 
 
 def check_replaceable(paths, *, overwrite: bool = False) -> None:
