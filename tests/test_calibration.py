@@ -44,9 +44,17 @@ def test_fit_temperature_recovers_the_temperature_the_labels_were_drawn_at(true_
         assert negative_log_likelihood(probabilities, labels, nudged) > negative_log_likelihood(probabilities, labels, fitted)
 
 
-def test_fit_temperature_stays_within_its_bounds():
+def test_fit_temperature_stays_within_its_bounds_and_says_when_it_stops_at_one(caplog):
     probabilities = np.tile([0.6, 0.3, 0.1], (50, 1))
-    assert fit_temperature(probabilities, np.zeros(50, int)) == pytest.approx(TEMPERATURE_BOUNDS[0], rel=1e-3)
+    with caplog.at_level("WARNING", logger="ferkit"):
+        assert fit_temperature(probabilities, np.zeros(50, int)) == pytest.approx(TEMPERATURE_BOUNDS[0], rel=1e-3)
+    assert "at the end of the range searched" in caplog.text
+    caplog.clear()
+    rng = np.random.default_rng(0)
+    mixed = rng.dirichlet(np.ones(3), 400)
+    with caplog.at_level("WARNING", logger="ferkit"):
+        fit_temperature(mixed, np.array([rng.choice(3, p=p) for p in mixed]))  # calibrated: T near 1
+    assert "end of the range" not in caplog.text
     with pytest.raises(ValueError):
         fit_temperature(np.zeros((0, 3)), np.zeros(0, int))
 

@@ -146,11 +146,17 @@ def test_a_csv_and_a_folder_of_the_same_faces_load_alike_at_another_size(tmp_pat
     "row, message",
     [("3,1 2 3,Training", "line 3: expected 2304"), ("9,{px},Training", "code 9"), ("x,{px},Training", "not a number")],
 )
-def test_malformed_csv_rows_name_their_line(tmp_path, row, message):
+def test_malformed_csv_rows_are_left_out_naming_their_line(tmp_path, row, message, caplog):
     pixels = " ".join(["7"] * 2304)
     (tmp_path / "bad.csv").write_text(f"emotion,pixels,Usage\n0,{pixels},Training\n{row.format(px=pixels)}\n")
-    with pytest.raises(FerkitError, match=message):
-        load_fer2013_csv(tmp_path / "bad.csv")
+    for cached in (False, True):  # said again when the parsed rows come from the cache
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ferkit"):
+            loaded = load_fer2013_csv(tmp_path / "bad.csv")
+        assert len(loaded) == 1 and "1 malformed rows left out (the first: line 3: " in caplog.text and message in caplog.text
+    (tmp_path / "only-bad.csv").write_text(f"emotion,pixels,Usage\n{row.format(px=pixels)}\n")
+    with pytest.raises(FerkitError, match=f"line 2: .*{message.removeprefix('line 3: ')}.*; no row is a face"):
+        load_fer2013_csv(tmp_path / "only-bad.csv")
 
 
 def test_a_csv_without_the_columns_is_refused(tmp_path):
@@ -177,6 +183,12 @@ def test_a_split_too_small_to_hold_every_class_says_what_would(tmp_path):
                                   "give validation faces with --val, or --val-split 0.17 or more")
     train_set, val_set = split_dataset(load_folder(tmp_path), val_fraction=0.17)
     assert min(val_set.class_counts().values()) >= 1 and len(train_set) + len(val_set) == 42
+
+
+def test_a_class_of_one_face_is_refused_a_split_it_would_be_missing_from(tmp_path):
+    write_pattern_dataset(tmp_path, 1, folder_names=["angry", "happy", "sad"])
+    with pytest.raises(FerkitError, match="^angry, happy, sad have one face only, too few to split off validation faces"):
+        split_dataset(load_folder(tmp_path), val_fraction=0.5)
 
 
 @needs_fer2013()

@@ -93,6 +93,9 @@ def test_damaged_or_mismatched_packed_datasets_are_one_line_errors(pattern_data,
     assert not (tmp_path / "none").exists()
     result = CliRunner().invoke(cli, ["pack", str(pattern_data / "train"), str(packed)])
     assert result.exit_code == 2 and "not empty" in result.output
+    for size in ("0", "-3", "5000"):  # no face of no pixels, nor gigabytes of a blown-up one
+        result = CliRunner().invoke(cli, ["pack", str(pattern_data / "train"), str(tmp_path / "sized"), "--image-size", size])
+        assert result.exit_code == 2 and "--image-size" in result.output and not (tmp_path / "sized").exists()
 
 
 def test_a_packed_dataset_is_replaced_only_with_overwrite_and_other_folders_never(pattern_data, tmp_path):

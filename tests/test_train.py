@@ -97,14 +97,26 @@ def test_a_resumed_run_starts_from_its_backed_up_weights_and_optimizer_step(patt
     assert seen["step"] == 2 * -(-len(load_dataset(pattern_data / "train")) // 32)
 
 
+def test_a_cosine_run_given_more_epochs_on_resume_says_its_schedule_was_stretched(pattern_data, tmp_path, caplog):
+    import dataclasses
+
+    config = _config(pattern_data, tmp_path / "run", epochs=1, lr_schedule="cosine")
+    train(config, verbose=0)
+    with caplog.at_level("INFO", logger="ferkit"):
+        train(dataclasses.replace(config, epochs=2), resume=True, verbose=0)
+    assert "the cosine schedule now spans 2 epochs instead of 1" in caplog.text
+    assert read_history(tmp_path / "run" / "history.csv")["epoch"] == [1, 2]
+
+
 def test_an_existing_run_is_never_overwritten_silently(pattern_data, trained_run, tmp_path):
     with pytest.raises(FerkitError, match="already exists"):
         train(_config(pattern_data, trained_run, epochs=1), verbose=0)
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(FerkitError, match="not a ferkit run folder"):
-        train(_config(pattern_data, other, epochs=1), overwrite=True, verbose=0)
+    for overwrite in (False, True):  # neither --resume nor --overwrite is suggested for it
+        with pytest.raises(FerkitError, match="^.*mine holds files and is not a ferkit run folder; choose another --out$"):
+            train(_config(pattern_data, other, epochs=1), overwrite=overwrite, verbose=0)
     assert (other / "notes.txt").read_text() == "mine"
 
 
@@ -289,11 +301,40 @@ def test_bad_options_are_refused(bad):
     [({"zoom": 5.0}, "--zoom"), ({"shift": -2.0}, "--shift"), ({"rotate": 720.0}, "--rotate"), ({"val_split": 0.0}, "--val-split"),
      ({"weight_decay": -1.0}, "--weight-decay"), ({"learning_rate": float("nan")}, "--lr"), ({"mixup": float("inf")}, "--mixup"),
      ({"rotate": float("nan")}, "--rotate"), ({"weight_decay": float("nan")}, "--weight-decay"),
-     ({"classes": ["happy", "happy", "sad"]}, "--classes")],
+     ({"classes": ["happy", "happy", "sad"]}, "--classes"), ({"epochs": "2"}, "--epochs must be a number, not '2'")],
 )
 def test_numbers_out_of_range_or_not_finite_are_refused_naming_their_option(bad, flag):
     with pytest.raises(FerkitError, match=flag):
         TrainConfig(**bad)
+
+
+@pytest.mark.parametrize(
+    ("given", "words"),
+    [({"val": "val", "val_split": 0.3}, "--val-split applies without --val"), ({"distill": 0.7}, "--distill goes with --teacher"),
+     ({"fine_tune_epochs": 3}, "--fine-tune-epochs goes with --fine-tune"),
+     ({"lr_patience": 2, "lr_schedule": "cosine"}, "--lr-patience goes with --lr-schedule plateau"),
+     ({"weight_decay": 1e-4}, "--weight-decay is decoupled weight decay, for --optimizer adamw or sgd"),
+     ({"shift": 0.3, "augment": "flip"}, "--shift goes with --augment shift"), ({"rotate": 30.0}, "--rotate goes with --augment rotate")],
+)
+def test_a_setting_that_would_change_nothing_is_refused_before_a_run_starts(pattern_data, tmp_path, given, words):
+    config = TrainConfig(data=str(pattern_data / "train"), epochs=1, out=str(tmp_path / "run"), **given)
+    with pytest.raises(FerkitError, match=f"{words}.*; as given it would change nothing"):
+        train(config, verbose=0)
+    assert not (tmp_path / "run").exists()
+    TrainConfig(**given).save(tmp_path / "config.json")  # a recorded config is read as it was written
+    assert TrainConfig.load(tmp_path / "config.json") == TrainConfig(**given)
+
+
+def test_train_given_a_run_folder_instead_of_a_config_says_how_to_go_on_with_it(trained_run):
+    with pytest.raises(FerkitError, match="train takes a TrainConfig, not PosixPath"):
+        train(trained_run)
+
+
+def test_the_training_data_is_refused_as_its_own_validation_data(pattern_data, tmp_path):
+    train_data = pattern_data / "train"
+    config = TrainConfig(data=str(train_data), val=str(train_data / ".." / "train"), epochs=1, out=str(tmp_path / "run"))
+    with pytest.raises(FerkitError, match="--val is the training data itself"):
+        train(config, verbose=0)
 
 
 def test_lists_may_be_given_as_comma_separated_names():
@@ -311,6 +352,10 @@ def test_a_run_whose_loss_becomes_nan_stops_with_an_error_and_records_no_nan_epo
     state = RunState.load(run)
     assert (state.status, state.epochs_done) == ("diverged", 0)
     assert not (run / "last.keras").exists() and read_history(run / "history.csv")["epoch"] == []
+    from ferkit.runtime import resolve_model_path
+
+    with pytest.raises(FerkitError, match="its training diverged in the first epoch; train it again with a lower --lr"):
+        resolve_model_path(run)  # what evaluate and predict say of it: not to resume it, which diverges again
 
 
 def test_mixup_blends_two_faces_and_their_targets_alike():
@@ -569,6 +614,9 @@ def test_saved_teacher_probabilities_follow_each_face_through_a_split(trained_ru
 
 
 def test_teacher_probabilities_that_miss_faces_are_refused(pattern_data, trained_run, tmp_path):
+    from PIL import Image
+
+    from conftest import write_pattern_dataset
     from ferkit.teacher import load_teacher_probabilities, save_teacher_probabilities
 
     val = load_dataset(pattern_data / "val")
@@ -585,6 +633,16 @@ def test_teacher_probabilities_that_miss_faces_are_refused(pattern_data, trained
     again = save_teacher_probabilities([trained_run], pattern_data / "val", tmp_path / "again.npz")
     with np.load(saved) as first, np.load(again) as second:
         assert np.array_equal(first["probabilities"], second["probabilities"])
+    # other faces under the same names (a dataset written with another seed) are refused; the same faces at
+    # another input size are not
+    first_faces = write_pattern_dataset(tmp_path / "first", 3, seed=8)
+    other_faces = write_pattern_dataset(tmp_path / "other", 3, seed=9)
+    for photo in other_faces.rglob("*.png"):  # other photos under the same names and classes
+        Image.open(photo).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(photo)
+    for_first = save_teacher_probabilities([trained_run], first_faces, tmp_path / "first.npz")
+    with pytest.raises(FerkitError, match="was saved for other faces: .* of the 21 training faces differ"):
+        load_teacher_probabilities(for_first, load_dataset(other_faces))
+    assert load_teacher_probabilities(saved, load_dataset(pattern_data / "val", image_size=(40, 40))).shape == (len(val), 7)
 
 
 def test_a_missing_teacher_or_weights_file_is_named_before_any_data_is_read(tmp_path):

@@ -11,6 +11,8 @@ without slowing `import ferkit`.
 
 from __future__ import annotations
 
+import logging
+
 from collections.abc import Sequence
 
 import numpy as np
@@ -67,7 +69,12 @@ def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
     # searched over log T: the likelihood changes as much from 0.5 to 1 as from 1 to 2
     found = minimize_scalar(lambda log_t: _nll(log_p, labels, np.exp(log_t)), bounds=(low, high),
                             method="bounded", options={"xatol": 1e-5})
-    return float(np.exp(found.x))
+    temperature = float(np.exp(found.x))
+    if min(abs(found.x - low), abs(found.x - high)) < 1e-3:
+        logging.getLogger("ferkit").warning(
+            "the fitted temperature %.3g is at the end of the range searched (%g to %g): the best fit lies beyond "
+            "it, so these faces say little about calibration (too few, or unlike the model's)", temperature, *TEMPERATURE_BOUNDS)
+    return temperature
 
 
 def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> dict:

@@ -380,8 +380,9 @@ def study_cmd(data, val, out: Path, models: str, epochs, transfer_epochs, fine_t
 @click.argument("data")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--usage", help="FER2013 CSV rows to pack: Training, PublicTest or PrivateTest (default: all).")
-@click.option("--image-size", type=int, default=48, show_default=True, help="Side of the stored faces in pixels.")
-@click.option("--shard-size", type=int, default=100_000, show_default=True, help="Faces per .npy shard.")
+@click.option("--image-size", type=click.IntRange(8, 512), default=48, show_default=True,
+              help="Side of the stored faces in pixels (the model's input size).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=100_000, show_default=True, help="Faces per .npy shard.")
 @click.option("--classes", help="Comma-separated class list, to keep classes beyond the seven emotions (default: the seven).")
 @click.option("--overwrite", is_flag=True, help="Replace a packed dataset at OUT.")
 def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_size: int, classes: str | None,

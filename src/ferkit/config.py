@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -110,10 +111,37 @@ class TrainConfig:
             if twice:
                 raise FerkitError(f"--classes names {', '.join(twice)} more than once")
 
+    def check_every_setting_applies(self) -> None:
+        """Refuse (FerkitError) a setting that would be recorded in the run's config.json but have no effect:
+        --val-split beside --val, --distill without --teacher, an augmentation's amount without the
+        augmentation, and the like. Checked when a run starts, not when a recorded config is read."""
+        default = {item.name: item.default for item in fields(self)}
+
+        def given(name: str) -> bool:
+            return getattr(self, name) != default[name]
+
+        unused = [
+            ("val_split", self.val is not None, "applies without --val (which gives the validation faces)"),
+            ("distill", self.teacher is None, "goes with --teacher"),
+            ("fine_tune_epochs", not self.fine_tune, "goes with --fine-tune N"),
+            ("lr_patience", self.lr_schedule != "plateau", "goes with --lr-schedule plateau"),
+            ("weight_decay", self.optimizer == "adam", "is decoupled weight decay, for --optimizer adamw or sgd"),
+            *((name, name not in self.augment, f"goes with --augment {name}") for name in ("zoom", "shift", "rotate")),
+        ]
+        for name, unused_here, why in unused:
+            if given(name) and unused_here:
+                raise FerkitError(f"{option_flag(_field(name))} {why}; as given it would change nothing")
+        if self.val is not None and self.data and os.path.realpath(self.val) == os.path.realpath(self.data):
+            raise FerkitError("--val is the training data itself: validation faces must be others (or leave --val "
+                              "out to split some off)")
+
     def _check_numbers(self) -> None:
         """Every number a real one (no NaN or infinity, which would train a network of NaN) in its range."""
         for item in fields(self):
             value = getattr(self, item.name)
+            number = isinstance(item.default, (int, float)) and not isinstance(item.default, bool)
+            if number and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise FerkitError(f"{option_flag(item)} must be a number, not {value!r}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise FerkitError(f"{option_flag(item)} must be a finite number, not {value}")
         for name, within, meaning in (

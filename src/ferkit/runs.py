@@ -81,10 +81,10 @@ def check_run_folder(run: Path, *, resume: bool, overwrite: bool) -> None:
             raise FerkitError(f"cannot resume: {run} is not a ferkit run folder (no config.json)")
         return
     if run.exists() and any(run.iterdir()):
+        if not is_run:
+            raise FerkitError(f"{run} holds files and is not a ferkit run folder; choose another --out")
         if not overwrite:
             raise FerkitError(f"{run} already exists; use --resume to continue it, --overwrite to replace it, or another --out")
-        if not is_run:
-            raise FerkitError(f"{run} is not a ferkit run folder; refusing to overwrite it, choose another --out")
 
 
 def clear_run_folder(run: Path) -> None:

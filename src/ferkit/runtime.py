@@ -109,6 +109,9 @@ def resolve_model_path(model: str | Path | None) -> Path:
             if (path / name).is_file():
                 return path / name
         if (path / "config.json").is_file():
+            if _run_status(path) == "diverged":  # resuming would diverge again
+                raise FerkitError(f"{path} holds no model: its training diverged in the first epoch; train it again "
+                                  "with a lower --lr (ferkit train ... --overwrite)")
             raise FerkitError(f"{path} holds no model yet: its run stopped before the first epoch ended "
                               f"(continue it with `ferkit train --resume {path}`)")
         hidden = str(model) in shipped_models()
@@ -145,6 +148,14 @@ def shipped_models() -> dict[str, dict]:
     manifest = read_manifest()
     names = [manifest["default"], *(name for name in manifest["models"] if name != manifest["default"])]
     return {name: {"name": name, **manifest["models"][name]} for name in names}
+
+
+def _run_status(run: Path) -> str | None:
+    """The status a run folder's state.json records (running, interrupted, diverged, finished), if any."""
+    try:
+        return json.loads((run / "state.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def is_shipped_model_name(model: str | Path | None) -> bool:

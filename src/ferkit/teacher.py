@@ -52,7 +52,7 @@ def save_teacher_probabilities(models, dataset: FaceDataset | str | Path, out: s
     tmp = out.with_name(f".{out.stem}.tmp{TEACHER_SUFFIX}")
     np.savez_compressed(tmp, probabilities=probabilities.astype(np.float32), labels=dataset.labels,
                         classes=np.array(dataset.classes), keys=np.array(_face_keys(dataset)),
-                        about=np.array(json.dumps(about)))
+                        thumbnails=_thumbnails(dataset), about=np.array(json.dumps(about)))
     tmp.replace(out)
     return out
 
@@ -73,10 +73,13 @@ def check_teacher(teacher: str) -> None:
 
 def load_teacher_probabilities(path: str | Path, dataset: FaceDataset) -> np.ndarray:
     """The saved probabilities for the faces of `dataset`, row for row; a FerkitError if the file does
-    not cover every face or was made for other classes."""
+    not cover every face, was made for other classes, or for other faces under the same names (their
+    labels or 8x8 thumbnails differ)."""
     try:
         with np.load(path) as stored:
             probabilities, classes, keys = stored["probabilities"], tuple(stored["classes"]), list(stored["keys"])
+            labels = stored["labels"]
+            thumbnails = stored["thumbnails"] if "thumbnails" in stored else None  # files made before they were kept
     except (OSError, ValueError, KeyError):
         raise FerkitError(f"{path} is not a file of teacher probabilities (made by `ferkit teacher`)") from None
     if classes != tuple(dataset.classes):
@@ -86,7 +89,32 @@ def load_teacher_probabilities(path: str | Path, dataset: FaceDataset) -> np.nda
     missing = [key for key in wanted if key not in row]
     if missing:
         raise FerkitError(f"{path} has no probabilities for {len(missing)} of the {len(wanted)} training faces (e.g. {missing[0]})")
-    return probabilities[[row[key] for key in wanted]]
+    rows = [row[key] for key in wanted]
+    other = labels[rows] != dataset.labels
+    if thumbnails is not None:
+        difference = np.abs(thumbnails[rows].astype(np.float32) - _thumbnails(dataset)).reshape(len(rows), -1).mean(axis=1)
+        other |= difference > THUMBNAIL_TOLERANCE
+    if other.any():
+        first = wanted[int(np.argmax(other))]
+        raise FerkitError(f"{path} was saved for other faces: {int(other.sum())} of the {len(wanted)} training faces "
+                          f"differ from the faces of the same names it was made from (e.g. {first}); make it again "
+                          "from this data with `ferkit teacher`")
+    return probabilities[rows]
+
+
+# Mean grey-level difference of two faces' thumbnails beyond which they are other faces. On FER2013's
+# PublicTest, the same faces decoded at 40x40 and 48x48 differ by 7.3 at most; two different faces by 27.6 at least.
+THUMBNAIL_TOLERANCE = 15.0
+
+
+def _thumbnails(dataset: FaceDataset) -> np.ndarray:
+    """Each face shrunk to 8x8 grey levels (box filter): a fingerprint that tells another photo under the
+    same name, and holds whatever size the faces were decoded at."""
+    from PIL import Image
+
+    faces = dataset.images.reshape(len(dataset), *dataset.image_size, -1)[..., 0]
+    return np.stack([np.asarray(Image.fromarray(face).resize((8, 8), Image.Resampling.BOX)) for face in faces]) \
+        if len(faces) else np.zeros((0, 8, 8), np.uint8)
 
 
 def _face_keys(dataset: FaceDataset) -> list[str]:

@@ -59,6 +59,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
     `config` itself is left as it was given; the run folder's config.json records what training resolved
     (the data's classes, the network an `init` model brought)."""
+    if not isinstance(config, TrainConfig):
+        raise FerkitError(f"train takes a TrainConfig, not {type(config).__name__}; to go on with a run folder: "
+                          "train(TrainConfig.load(run / 'config.json'), resume=True)")
     check_keras_installed()  # before data loading asks for the evaluate extra, which training's includes
     config = dataclasses.replace(config)
     topology = topology or Topology()
@@ -81,6 +84,9 @@ def _check_resumes_its_own_run(config: TrainConfig, run: Path) -> None:
     changed = config.settings_changed_from(recorded)
     if config.precision != recorded.precision and keeps_its_precision(run):
         changed.append("precision, which a whole saved model (an older run folder) keeps")
+    if config.lr_schedule == "cosine" and config.epochs != recorded.epochs:
+        log.info("the cosine schedule now spans %d epochs instead of %d: the learning rate follows the new curve "
+                 "from the epoch where the run stopped", config.epochs, recorded.epochs)
     if changed:
         raise FerkitError(f"{run} was trained with other settings ({', '.join(changed)}); resume it with its own "
                           "config.json, changing only the epochs (fine-tuning's too), the precision and where its "
@@ -151,6 +157,8 @@ def _check_and_load(config: TrainConfig, run: Path, resume: bool, overwrite: boo
     check_run_folder(run, resume=resume, overwrite=overwrite)
     if resume and (run / "config.json").exists():
         _check_resumes_its_own_run(config, run)
+    if not resume:
+        config.check_every_setting_applies()
     if config.init and not resume:
         adopt_init_model(config)
     check_fine_tuning(config)

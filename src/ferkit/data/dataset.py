@@ -65,9 +65,13 @@ def split_dataset(dataset: FaceDataset, *, val_fraction: float, seed: int = 0) -
         raise FerkitError(f"the validation fraction must be between 0 and 1, got {val_fraction}")
     indices = np.arange(len(dataset))
     counts = np.bincount(dataset.labels)
-    stratify = dataset.labels if counts[counts > 0].min() >= 2 else None
+    single = [dataset.classes[i] for i in np.flatnonzero(counts == 1)]
+    if single:  # its one face would go to training or to validation, never to both
+        raise FerkitError(f"{', '.join(single)} {'has' if len(single) == 1 else 'have'} one face only, too few to "
+                          "split off validation faces; add faces, or give validation faces with --val")
+    stratify = dataset.labels
     present = int((counts > 0).sum())
-    if stratify is not None and math.ceil(val_fraction * len(dataset)) < present:
+    if math.ceil(val_fraction * len(dataset)) < present:
         least = math.ceil(100 * present / len(dataset)) / 100
         raise FerkitError(
             f"a validation split of {val_fraction:g} of {len(dataset)} faces cannot hold each of their {present} classes; "

@@ -34,7 +34,8 @@ def load_fer2013_csv(
     every row of a CSV without a Usage column.
 
     Labels are remapped from the CSV's codes (0 angry ... 4 sad, 5 surprise, 6 neutral) to `classes`
-    by name, so the class order matches folder datasets. A malformed row is an error naming its line.
+    by name, so the class order matches folder datasets. Malformed rows are left out, with a warning
+    that counts them and names the first one's line; a CSV of malformed rows only is an error.
     """
     path = Path(path)
     if not path.is_file():
@@ -48,6 +49,9 @@ def load_fer2013_csv(
         if cache:
             save_cached(key, parsed)
 
+    skipped = parsed.get("skipped", np.zeros(0, str))
+    if len(skipped):
+        log.warning("%s: %d malformed rows left out (the first: %s)", path, len(skipped), skipped[0])
     row_usages = _canonical_usages(parsed["usage"])
     if not (row_usages != "").any():
         usages = ()  # a CSV without a Usage column (Kaggle's train.csv, a CSV of one's own): every row
@@ -98,7 +102,7 @@ def _warn_of_unknown_usages(path: Path, row_usages: np.ndarray) -> None:
 
 
 def _parse(path: Path) -> dict[str, np.ndarray]:
-    codes, images, usages = [], [], []
+    codes, images, usages, skipped = [], [], [], []
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
         reader = csv.reader(handle)
         header = [h.strip().lower() for h in next(reader, [])]
@@ -109,15 +113,21 @@ def _parse(path: Path) -> dict[str, np.ndarray]:
         for line, row in enumerate(reader, start=2):
             if not row:
                 continue
-            codes.append(_parse_code(row, i_emotion, path, line))
-            images.append(_parse_pixels(row, i_pixels, path, line))
+            try:
+                code, pixels = _parse_code(row, i_emotion, path, line), _parse_pixels(row, i_pixels, path, line)
+            except FerkitError as err:
+                skipped.append(str(err).removeprefix(f"{path}, "))
+                continue
+            codes.append(code)
+            images.append(pixels)
             usages.append(row[i_usage].strip() if i_usage is not None and i_usage < len(row) else "")
     if not codes:
-        raise FerkitError(f"{path} has a header but no rows")
+        raise FerkitError(f"{path}, {skipped[0]}; no row is a face" if skipped else f"{path} has a header but no rows")
     return {
         "codes": np.asarray(codes, dtype=np.int64),
         "images": np.stack(images),
         "usage": np.asarray(usages, dtype=str),
+        "skipped": np.asarray(skipped, dtype=str),  # "line N: why", as the warning names them
     }
 
 
