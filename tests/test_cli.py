@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import pattern_face
+from conftest import pattern_face, write_pattern_dataset
 from ferkit.cli import cli
 from ferkit.labels import EMOTIONS, FER2013_CSV_CODES
 
@@ -617,6 +617,12 @@ def test_a_run_started_with_relative_paths_resumes_from_anywhere_told_where_its_
     assert resumed.exit_code == 0, resumed.output
     assert "done: 2 epochs" in resumed.output
     assert "only --epochs and --precision may change" in _one_line_error(run("train", "--resume", "project/runs/r", "--lr", "0.1"))
+    line = _one_line_error(run("train", "--resume", "project/runs/r", "--epochs", "3", "--data", "nope"))
+    assert line == "error: --data nope: no such file or folder"
+    write_pattern_dataset(tmp_path / "other", 2)  # other faces: not where the run's data is now
+    line = _one_line_error(run("train", "--resume", "project/runs/r", "--epochs", "3", "--data", tmp_path / "other",
+                               "--val", "project/faces/val"))
+    assert line.startswith("error: the train data given holds other faces than project/runs/r was trained with")
 
 
 def test_ctrl_c_inside_a_garbage_collection_callback_still_stops_the_command():

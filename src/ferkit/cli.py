@@ -333,6 +333,8 @@ def _resumed_config(run: Path, flags: dict) -> TrainConfig:
     for key, flag in movable.items():
         where = getattr(config, key)
         if where and not Path(where).exists():
+            if flags[key] is not None:
+                raise FerkitError(f"{flag} {where}: no such file or folder")
             raise FerkitError(f"the run's {flag} {where} is not here (a relative path counts from where the run "
                               f"started); pass {flag} with where it is now")
     return config

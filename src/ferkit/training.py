@@ -9,6 +9,7 @@ Keras is imported only when training starts.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import tempfile
@@ -167,8 +168,23 @@ def _check_and_load(config: TrainConfig, run: Path, resume: bool, overwrite: boo
     if config.teacher:
         check_teacher(config.teacher)
     train_set, val_set = load_train_val(config, get_model_spec(config.model).input_size, progress=verbose > 0)
+    if resume:
+        _check_same_faces(run, train_set, val_set)
     config.classes = list(train_set.classes)
     return train_set, val_set
+
+
+def _check_same_faces(run: Path, train_set, val_set) -> None:
+    """A resumed run goes on with the faces it began with (--data and --val say where they are now, not
+    which): refused when the faces per class differ from those its datasets.json records."""
+    try:
+        recorded = json.loads((run / "datasets.json").read_text())
+    except (OSError, ValueError):
+        return  # a run stopped before it was recorded
+    for name, faces in (("train", train_set), ("val", val_set)):
+        if name in recorded and recorded[name] != faces.class_counts():
+            raise FerkitError(f"the {name} data given holds other faces than {run} was trained with (faces per class "
+                              f"{faces.class_counts()}, the run recorded {recorded[name]}); resume it with its own data")
 
 
 def _start_run_folder(run: Path, config: TrainConfig, state: RunState, train_set, val_set, topology) -> None:
