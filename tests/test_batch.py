@@ -80,6 +80,15 @@ def test_a_results_folder_creates_its_folder_and_keeps_a_users_own_files(trained
     assert (mine / "faces.csv").read_text().count("\n") == 2
 
 
+def test_a_batch_replaced_takes_the_earlier_batchs_annotated_copies_with_it(trained_run, photos, tmp_path):
+    out = tmp_path / "out"
+    list(FolderBatch([photos], out, model=trained_run, detector="none", annotate=True).run())
+    assert len(list(out.glob("*.annotated.jpg"))) == 3
+    (out / "mine.annotated.jpg").write_bytes((photos / "a.png").read_bytes())  # not ferkit's: stays
+    list(FolderBatch([photos / "b.png"], out, model=trained_run, detector="none", annotate=True, overwrite=True).run())
+    assert sorted(p.name for p in out.glob("*.annotated.jpg")) == ["b.annotated.jpg", "mine.annotated.jpg"]
+
+
 def test_one_folder_may_be_given_alone_and_bad_settings_are_refused_before_anything_is_replaced(trained_run, photos, tmp_path):
     out = tmp_path / "out"
     list(FolderBatch(photos, out, model=trained_run, detector="none").run())  # a folder, not a list of them

@@ -53,6 +53,8 @@ class FolderBatch:
         written = [self.out / name for name in (ResultsFolder.TABLE, ResultsFolder.LINES, ResultsFolder.SETTINGS)]
         check_replaceable([*written, *self.annotated.values()], overwrite=overwrite)
         create_folder(self.out)
+        if overwrite and not resume:
+            _remove_earlier_annotated_copies(self.out)
         self.results = ResultsFolder(self.out, self.classifier.classes, resume=resume, sources=paths, overwrite=overwrite,
                                      settings=batch_settings(self.classifier, self.detector, self.uncertain_below))
         self.todo = [p for p in paths if not self.results.is_finished(p)]
@@ -80,6 +82,27 @@ class FolderBatch:
                 else:
                     self.faces += len(result.faces)
                 yield result, record
+
+
+def _remove_earlier_annotated_copies(out: Path) -> None:
+    """The annotated copies an earlier batch in `out` made (its results.jsonl names them), removed when a
+    new batch replaces it: they would no longer match the results beside them. Only ferkit's own copies go."""
+    import json
+
+    from ferkit.draw import written_by_ferkit
+
+    try:
+        lines = (out / ResultsFolder.LINES).read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        try:
+            name = json.loads(line).get("annotated")
+        except (ValueError, AttributeError):
+            continue
+        copy = out / Path(str(name)).name if name else None
+        if copy is not None and copy.is_file() and written_by_ferkit(copy):
+            copy.unlink()
 
 
 def batch_settings(classifier, detector, uncertain_below: float) -> dict:
