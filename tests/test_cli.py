@@ -403,6 +403,13 @@ def test_folder_annotations_with_the_same_name_do_not_collide(trained_run, tmp_p
     assert {p.name for p in (tmp_path / "o").glob("*.jpg")} == {"x.annotated.jpg", "x-2.annotated.jpg"}
 
 
+def test_boxes_and_a_detector_are_alternatives(trained_run, tmp_path):
+    Image.new("L", (100, 100), 90).save(tmp_path / "p.png")
+    line = _one_line_error(run("predict", tmp_path / "p.png", "--model", trained_run, "--box", "10,10,40,40",
+                               "--detector", "yunet", "--out", tmp_path / "o"))
+    assert line == "error: --box gives the faces, so no detector looks for them; give --box or --detector"
+
+
 def test_boxes_can_be_given_on_the_command_line(trained_run, tmp_path):
     canvas = np.full((100, 200), 90, np.uint8)
     canvas[10:58, 20:68] = pattern_face(0, np.random.default_rng(1))

@@ -648,6 +648,9 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     check_uncertain_below(uncertain_below)
     if every is not None and target_fps is not None:
         raise FerkitError("--every (a frame count) and --fps (frames per second) are alternatives; give one")
+    detector_given = click.get_current_context().get_parameter_source("detector") is not click.core.ParameterSource.DEFAULT
+    if boxes and detector_given:
+        raise FerkitError("--box gives the faces, so no detector looks for them; give --box or --detector")
     if engine == "ray":
         given = {"--box": bool(boxes), "--json": as_json, "--annotate": bool(annotate), "--save-video": save_video,
                  "--overwrite": overwrite}  # a Ray run's parts are never written over: choose another --out
