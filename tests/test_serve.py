@@ -244,16 +244,22 @@ def test_queued_analyses_do_not_keep_the_health_check_waiting():
     assert all(len(answer.json()["faces"]) == 3 for answer in answers)
 
 
-def test_a_short_video_gives_a_timeline_and_a_plot_and_leaves_no_file(client):
+def _panning_video(frames: int) -> bytes:
+    """An MJPG AVI at 10 frames a second, panning across examples/people.jpg (640x360)."""
     cv2 = pytest.importorskip("cv2", reason="ferkit[video] is not installed")
     photo = cv2.imread(str(PEOPLE))
+    step = (photo.shape[1] - 640) // frames
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "pan.avi"
         writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (640, 360))
-        for i in range(10):
-            writer.write(np.ascontiguousarray(photo[:, 8 * i : 8 * i + 640]))
+        for i in range(frames):
+            writer.write(np.ascontiguousarray(photo[:, step * i : step * i + 640]))
         writer.release()
-        data = path.read_bytes()
+        return path.read_bytes()
+
+
+def test_a_short_video_gives_a_timeline_and_a_plot_and_leaves_no_file(client):
+    data = _panning_video(10)
     before = set(Path(tempfile.gettempdir()).glob("ferkit-serve-*"))
     response = client.post("/v1/video", files={"file": ("pan.avi", data, "video/x-msvideo")})
     assert response.status_code == 200, response.text
@@ -267,15 +273,7 @@ def test_a_short_video_gives_a_timeline_and_a_plot_and_leaves_no_file(client):
 
 
 def test_a_video_cut_short_is_analysed_as_far_as_it_goes_and_said_to_be(client):
-    cv2 = pytest.importorskip("cv2", reason="ferkit[video] is not installed")
-    photo = cv2.imread(str(PEOPLE))
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "pan.avi"
-        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (640, 360))
-        for i in range(20):
-            writer.write(np.ascontiguousarray(photo[:, 4 * i : 4 * i + 640]))
-        writer.release()
-        data = path.read_bytes()
+    data = _panning_video(20)
     whole = client.post("/v1/video", files={"file": ("pan.avi", data, "video/x-msvideo")}).json()
     cut = client.post("/v1/video", files={"file": ("pan.avi", data[: len(data) // 2], "video/x-msvideo")})
     assert cut.status_code == 200, cut.text
