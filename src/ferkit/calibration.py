@@ -12,7 +12,6 @@ without slowing `import ferkit`.
 from __future__ import annotations
 
 import logging
-
 from collections.abc import Sequence
 
 import numpy as np
