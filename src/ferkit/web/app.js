@@ -3,8 +3,9 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const COLORS = { angry: "#dc2626", disgust: "#65a30d", fear: "#7c3aed", happy: "#f59e0b",
-                 neutral: "#64748b", sad: "#2563eb", surprise: "#db2777" };
+// as ferkit's annotated images have them (ferkit.draw.COLOURS: Okabe-Ito, colour-blind safe)
+const COLORS = { angry: "#d55e00", disgust: "#009e73", fear: "#cc79a7", happy: "#f0e442",
+                 neutral: "#c8c8c8", sad: "#0072b2", surprise: "#e69f00" };
 
 function say(text, isError = false) {
   $("status").textContent = text;
@@ -34,20 +35,32 @@ for (const tab of document.querySelectorAll(".tab")) {
 
 // --- drawing ----------------------------------------------------------------------------------
 function drawFaces(context, faces, scale = 1) {
+  // every box first, then every label, so that no box line runs through a label; labels kept inside
   context.lineWidth = Math.max(2, 3 * scale);
   context.font = `${Math.max(12, Math.round(16 * scale))}px system-ui, sans-serif`;
   for (const face of faces) {
     const [x, y, w, h] = face.box.map((v) => v * scale);
-    const color = COLORS[face.emotion] || "#2f6fde";
-    context.strokeStyle = color;
+    context.strokeStyle = COLORS[face.emotion] || "#56b4e9";
     context.strokeRect(x, y, w, h);
-    const label = `${face.emotion} ${Math.round(face.score * 100)}%${face.uncertain ? "?" : ""}`;
-    const height = Math.max(16, 20 * scale);
-    context.fillStyle = color;
-    context.fillRect(x, Math.max(0, y - height), context.measureText(label).width + 8, height);
-    context.fillStyle = "#fff";
-    context.fillText(label, x + 4, Math.max(0, y - height) + height * 0.78);
   }
+  const height = Math.max(16, 20 * scale);
+  for (const face of faces) {
+    const [x, y, , h] = face.box.map((v) => v * scale);
+    const color = COLORS[face.emotion] || "#56b4e9";
+    const label = `${face.emotion}${face.uncertain ? "?" : ""} ${Math.round(face.score * 100)}%`;
+    const width = context.measureText(label).width + 8;
+    const left = Math.max(0, Math.min(x, context.canvas.width - width));
+    const top = y - height >= 0 ? y - height : Math.min(y + h, context.canvas.height - height);
+    context.fillStyle = color;
+    context.fillRect(left, top, width, height);
+    context.fillStyle = isLight(color) ? "#000" : "#fff";
+    context.fillText(label, left + 4, top + height * 0.78);
+  }
+}
+
+function isLight(hex) {  // black text on light label colours, white on dark ones
+  const [r, g, b] = [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16));
+  return 0.299 * r + 0.587 * g + 0.114 * b > 120;
 }
 
 function listFaces(list, faces) {
