@@ -39,18 +39,19 @@ def colour_of(name: str) -> tuple[int, int, int]:
 
 
 def draw_faces(image: Image.Image | np.ndarray | str | os.PathLike, faces: Sequence[Face | Box], *,
-               channels: str = "rgb", numbers: Sequence[int] | None = None) -> Image.Image:
+               channels: str = "rgb", numbers: Sequence[int] | None = None, enlarge_tiny: bool = True) -> Image.Image:
     """A copy of `image` (RGB) with every face's box, number and top emotion drawn on it. `image` is what
     `ferkit.analyze` takes: a PIL image, a path, or an array (`channels="bgr"` for OpenCV's); `faces` are
     Faces, or plain (x, y, width, height) boxes, drawn numbered without an emotion. Boxes are in the
     photo's pixels, also where load_image decoded a very large JPEG at a reduced scale. `numbers`: the
     faces' numbers (a video's track ids, say) instead of 1, 2, ... Labels stay inside the picture and
-    clear of each other where they can; a tiny picture (a face crop) is enlarged so that they can be read."""
+    clear of each other where they can; a tiny picture (a face crop) is enlarged so that they can be read,
+    unless not `enlarge_tiny` (a video's frames keep their size)."""
     if not isinstance(image, Image.Image):
         image = load_image(image, channels=channels)
     across, down = decoded_scale(image)
     canvas = to_rgb(image).copy()
-    enlarge = -(-TINY_SIDE // max(canvas.size)) if max(canvas.size) < TINY_SIDE else 1
+    enlarge = -(-TINY_SIDE // max(canvas.size)) if enlarge_tiny and max(canvas.size) < TINY_SIDE else 1
     if enlarge > 1:
         canvas = canvas.resize((canvas.width * enlarge, canvas.height * enlarge), Image.Resampling.LANCZOS)
         across, down = across / enlarge, down / enlarge

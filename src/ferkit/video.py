@@ -205,7 +205,7 @@ def analyze_video(
             frame = frames.pop(result.source)
             if writer is not None:
                 # as the timeline and the plot have them: numbered by track, smoothed
-                _write_frame(writer, draw_faces(_to_image(frame), faces, numbers=tracks))
+                _write_frame(writer, draw_faces(_to_image(frame), faces, numbers=tracks, enlarge_tiny=False))
             if progress:
                 progress(index)
     finally:
