@@ -356,3 +356,17 @@ def test_faces_are_drawn_on_arrays_and_plain_boxes_too(trained_run):
     assert np.array_equal(plain[150:, 100:180], picture[150:, 100:180])  # nothing drawn away from the boxes
     with pytest.raises(FerkitError, match="outside"):
         draw_faces(picture, [(400, 0, 10, 10)])
+
+
+def test_test_time_augmentation_is_chosen_per_call():
+    from ferkit.runtime import load_classifier
+
+    photo = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+    default = load_classifier()
+    other = "none" if default.tta != "none" else "flip"
+    chosen = analyze(photo, tta=other)
+    assert chosen == analyze(photo, model=default.with_tta(other))
+    assert [f.probabilities for f in chosen] != [f.probabilities for f in analyze(photo)]
+    assert analyze(photo, tta=None) == analyze(photo)
+    with pytest.raises(FerkitError, match="test-time augmentation"):
+        analyze(photo, tta="ten-crop")

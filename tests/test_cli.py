@@ -219,21 +219,24 @@ def test_an_image_over_the_pixel_limit_is_refused(trained_run, tmp_path, monkeyp
     assert "over the limit" in line
 
 
-def test_an_error_in_a_batch_on_a_terminal_is_printed_on_a_line_of_its_own(trained_run, tmp_path):
+def _photo_folder_with_a_bad_file(folder: Path) -> Path:
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(pattern_face(i, np.random.default_rng(i))).save(folder / f"{i}.png")
+    (folder / "bad.jpg").write_text("not an image")
+    return folder
+
+
+def _run_with_stderr_on_a_terminal(arguments, **popen) -> tuple[int, str]:
+    """Exit code and what a terminal on stderr (where the progress bar shows) was sent."""
     import os
     import pty
     import subprocess
     import sys
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(3):
-        Image.fromarray(pattern_face(i, np.random.default_rng(i))).save(photos / f"{i}.png")
-    (photos / "bad.jpg").write_text("not an image")
-    main, terminal = pty.openpty()  # stderr a terminal: the progress bar shows
-    command = [sys.executable, "-m", "ferkit.cli", "predict", str(photos), "--model", str(trained_run),
-               "--detector", "none", "--out", str(tmp_path / "o")]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=terminal, env={**os.environ, "COLUMNS": "100"})
+    main, terminal = pty.openpty()
+    command = [sys.executable, "-m", "ferkit.cli", *map(str, arguments)]
+    process = subprocess.Popen(command, stderr=terminal, env={**os.environ, "COLUMNS": "100"}, **popen)
     os.close(terminal)
     shown = b""
     while True:
@@ -244,10 +247,29 @@ def test_an_error_in_a_batch_on_a_terminal_is_printed_on_a_line_of_its_own(train
         if not chunk:
             break
         shown += chunk
-    assert process.wait(timeout=60) == 1
-    before = shown.decode(errors="replace").split(f"error: {photos / 'bad.jpg'}")[0]
+    return process.wait(timeout=60), shown.decode(errors="replace")
+
+
+def test_an_error_in_a_batch_on_a_terminal_is_printed_on_a_line_of_its_own(trained_run, tmp_path):
+    import subprocess
+
+    photos = _photo_folder_with_a_bad_file(tmp_path / "photos")
+    code, shown = _run_with_stderr_on_a_terminal(
+        ["predict", photos, "--model", trained_run, "--detector", "none", "--out", tmp_path / "o"], stdout=subprocess.DEVNULL)
+    assert code == 1
+    before = shown.split(f"error: {photos / 'bad.jpg'}")[0]
     assert "analysing images" in before
     assert before.endswith(("\n", "\x1b[2K")), repr(before[-80:])  # the bar's line cleared first, not glued onto
+
+
+def test_json_lines_sent_to_a_file_leave_the_progress_bar_on_the_terminal(trained_run, tmp_path):
+    photos = _photo_folder_with_a_bad_file(tmp_path / "photos")
+    with open(tmp_path / "lines.jsonl", "w") as lines:
+        code, shown = _run_with_stderr_on_a_terminal(
+            ["predict", photos, "--model", trained_run, "--detector", "none", "--out", tmp_path / "o", "--json"], stdout=lines)
+    assert code == 1
+    assert "analysing images" in shown and "{" not in shown
+    assert (tmp_path / "lines.jsonl").read_text() == (tmp_path / "o" / "results.jsonl").read_text()
 
 
 def test_a_librarys_warning_is_one_line(trained_run, tmp_path):

@@ -199,6 +199,22 @@ def test_a_stop_while_training_starts_up_is_kept_and_leaves_the_run_folder_alone
     assert signal.getsignal(signum) is handler  # the run's own handler is gone with it
 
 
+def test_overwrite_replaces_the_runs_own_files_and_names_the_users_it_keeps(pattern_data, tmp_path, caplog):
+    run = tmp_path / "run"
+    train(_config(pattern_data, run, epochs=1, batch_size=16), verbose=0)
+    (run / "best.onnx").write_bytes(b"an export of the first model")  # where `ferkit export RUN` writes
+    (run / "eval-val").mkdir()
+    (run / "int8.onnx").write_bytes(b"an export the user named")
+    first = (run / "last.keras").read_bytes()
+    with caplog.at_level("WARNING", logger="ferkit"):
+        train(_config(pattern_data, run, epochs=1, batch_size=16, seed=7), overwrite=True, verbose=0)
+    assert not (run / "best.onnx").exists() and not (run / "eval-val").exists()
+    assert (run / "int8.onnx").read_bytes() == b"an export the user named"
+    assert (run / "last.keras").read_bytes() != first
+    kept = [r.getMessage() for r in caplog.records if "kept what ferkit did not write" in r.getMessage()]
+    assert len(kept) == 1 and "int8.onnx" in kept[0] and "best.onnx" not in kept[0]
+
+
 def test_a_kill_during_the_saves_of_an_epoch_lets_them_finish(pattern_data, tmp_path, monkeypatch):
     """SIGTERM arrives while epoch 2's models are being written: epoch 2 is recorded whole, and the run
     stops in epoch 3, which leaves no trace."""

@@ -444,8 +444,8 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     if out is not None and not overwrite and Path(data).is_dir():  # a folder's source is its path: checked before it loads
         check_report_folder(out, classifier.name, str(Path(data)), classifier.tta, model_version(classifier))
     dataset = load_dataset(
-        data, classes=classifier.classes, image_size=classifier.input_size, usage=usage, progress=not as_json
-    )
+        data, classes=classifier.classes, image_size=classifier.input_size, usage=usage, progress=True
+    )  # the bar is gone before the JSON is printed
     # a CSV's source says which rows, known once it is read
     evaluation = (classifier.name, dataset.source, classifier.tta, model_version(classifier))
     if out is None:
@@ -813,6 +813,12 @@ def _photo_outputs(out: Path, source: str, annotate: bool) -> list[Path]:
     return [out / f"{stem}.faces.json"] + ([out / f"{stem}{ANNOTATED_SUFFIX}"] if annotate else [])
 
 
+def _bar_beside(as_json: bool) -> bool:
+    """Whether a progress bar may show while results are printed: not when JSON lines go to the terminal
+    that shows the bar, where they would be torn through it."""
+    return not (as_json and sys.stdout.isatty())
+
+
 def _predict_many(batch, as_json: bool, unreadable_sources: int = 0) -> int:
     from ferkit.progress import echo_error, progress_bar
 
@@ -820,7 +826,7 @@ def _predict_many(batch, as_json: bool, unreadable_sources: int = 0) -> int:
         click.echo(f"error: {error}", err=True)
     if batch.skipped:
         click.echo(f"resuming: {batch.skipped} images already in {batch.out / batch.results.LINES}", err=True)
-    with progress_bar(len(batch.todo), "analysing images", enabled=not as_json) as advance:
+    with progress_bar(len(batch.todo), "analysing images", enabled=_bar_beside(as_json)) as advance:
         for result, record in batch.run_records():
             advance()
             if as_json:
@@ -841,7 +847,7 @@ def _predict_video(source, out: Path, as_json: bool, *, stem: str, alone: bool, 
     from ferkit.batch import analyze_video_into_folder
     from ferkit.progress import progress_bar
 
-    with progress_bar(None, f"analysing {Path(source).name}", enabled=not as_json) as advance:
+    with progress_bar(None, f"analysing {Path(source).name}", enabled=_bar_beside(as_json)) as advance:
         try:
             summary = analyze_video_into_folder(source, out, stem=stem, progress=advance, **options)
         except FerkitError as err:

@@ -33,6 +33,7 @@ def analyze(
     boxes: Sequence[Box] | None = None,
     uncertain_below: float = UNCERTAIN_BELOW,
     channels: str = "rgb",
+    tta: str | None = None,
 ) -> list[Face]:
     """Every face in `image` (path, PIL image, RGB array, or an image file's bytes) with its emotion,
     largest first (given `boxes`: in their order).
@@ -42,10 +43,12 @@ def analyze(
     its edges rather than stretched) or a callable. `boxes`:
     (x, y, width, height) faces to classify instead of detecting. `uncertain_below`: faces whose top
     probability is below it are marked `uncertain` (0: none are). `channels`: "bgr" for arrays in
-    OpenCV's channel order (what `cv2.imread` returns), "rgb" otherwise. Raises FerkitError for an unreadable image.
+    OpenCV's channel order (what `cv2.imread` returns), "rgb" otherwise. `tta`: test-time augmentation,
+    "none", "flip" or "tencrop" (models that crop their input); None keeps the model's own.
+    Raises FerkitError for an unreadable image.
     """
     result = next(iter(analyze_images([image], model=model, detector=detector, boxes=boxes,
-                                      uncertain_below=uncertain_below, channels=channels)))
+                                      uncertain_below=uncertain_below, channels=channels, tta=tta)))
     if result.error:
         raise FerkitError(result.error)
     return result.faces
@@ -79,13 +82,14 @@ def analyze_images(
     batch_images: int = 32,
     uncertain_below: float = UNCERTAIN_BELOW,
     channels: str = "rgb",
+    tta: str | None = None,
 ) -> Iterator[ImageResult]:
     """Yield one ImageResult per image, in order. `images` is a list of paths, PIL images or arrays (items
     may be (label, image) pairs), or one path of a folder or glob, whose images are listed. A bad image gives
     a result with `.error` set, and the stream goes on. Faces are classified together once
     `batch_faces` faces or `batch_images` images are waiting, so memory stays bounded on long streams.
     Faces whose top probability is below `uncertain_below` are marked `uncertain` (0: none are).
-    `channels`: "bgr" for arrays in OpenCV's order, as in `analyze`."""
+    `channels` and `tta` as in `analyze`."""
     check_uncertain_below(uncertain_below)
     if channels not in CHANNEL_ORDERS:
         raise FerkitError(f"channels must be 'rgb' or 'bgr', not {channels!r}")
@@ -96,7 +100,7 @@ def analyze_images(
     elif isinstance(images, (np.ndarray, Image.Image, bytes, bytearray)):
         raise FerkitError(f"analyze_images takes a list of images, not one {type(images).__name__}: "
                           "analyze_images([image]), or analyze(image) for its faces")
-    classifier = load_classifier(model)
+    classifier = load_classifier(model).with_tta(tta)
     find = get_detector(detector) if boxes is None else None
     pending: list[tuple[ImageResult, list[np.ndarray]]] = []
     waiting = 0

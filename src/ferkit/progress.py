@@ -40,7 +40,8 @@ def progress_bar(total: int | None, description: str, *, enabled: bool = True):
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     global _LIVE
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+    # what is printed on stdout goes above the bar when both share the terminal, and where it belongs otherwise
+    with Progress(*columns, console=Console(stderr=True), transient=True, redirect_stdout=sys.stdout.isatty()) as progress:
         task = progress.add_task(escape(description), total=total)
         _LIVE = progress
 

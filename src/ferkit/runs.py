@@ -87,8 +87,9 @@ def check_run_folder(run: Path, *, resume: bool, overwrite: bool) -> None:
             raise FerkitError(f"{run} already exists; use --resume to continue it, --overwrite to replace it, or another --out")
 
 
-def clear_run_folder(run: Path) -> None:
-    """Remove what an earlier run wrote (only ferkit's own files), ready for a fresh run."""
+def clear_run_folder(run: Path) -> list[str]:
+    """Remove what an earlier run wrote (only ferkit's own files), ready for a fresh run; the names of
+    what is kept (the user's own files, such as an export under a name of their choosing)."""
     from ferkit.checkpoints import remove_checkpoints
 
     for name in (*RUN_FILES, *EXPORTED_FILES):
@@ -97,6 +98,7 @@ def clear_run_folder(run: Path) -> None:
     for folder in run.glob("eval-*"):
         shutil.rmtree(folder)
     run.mkdir(parents=True, exist_ok=True)
+    return sorted(path.name for path in run.iterdir())
 
 
 def save_run_config(run: Path, config, train_set, val_set) -> None:

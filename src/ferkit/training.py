@@ -126,7 +126,7 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
                 raise KeyboardInterrupt
             # Only now that data and model are known to be good does the run folder change.
             if not resume:
-                clear_run_folder(run)
+                _say_what_is_kept(run, clear_run_folder(run))
             started = True
             _start_run_folder(run, config, state, train_set, val_set, topology)
             record = _run_callbacks(keras, run, config, state, model, train_set, stop, val_faces=len(val_set),
@@ -150,6 +150,12 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
     state.status = "finished"
     state.save(run)
     return run
+
+
+def _say_what_is_kept(run: Path, kept: list[str]) -> None:
+    if kept:
+        log.warning("kept what ferkit did not write in %s: %s; anything made from the replaced model is out of date",
+                    run, ", ".join(kept))
 
 
 def _check_and_load(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbose: int):
