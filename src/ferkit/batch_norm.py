@@ -3,7 +3,20 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from ferkit._keras import import_keras
+
+
+def recalibrate_on_faces(model, faces: np.ndarray, input_size, channels: int, *, limit: int | None = None) -> int:
+    """recalibrate_batch_norm on (N, H, W) uint8 faces (`limit` of them at most, picked at random with a
+    fixed seed), resized to the model's `input_size` as at inference; returns how many layers were re-measured."""
+    from ferkit.images import faces_to_batch, resized_faces
+
+    order = np.random.default_rng(0).permutation(len(faces))[:limit]
+    batches = (faces_to_batch(resized_faces(faces[order[i : i + 256]], tuple(input_size)), channels)
+               for i in range(0, len(order), 256))
+    return recalibrate_batch_norm(model, batches)
 
 
 def recalibrate_batch_norm(model, batches) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 from ferkit.calibration import apply_temperature
 from ferkit.data.dataset import FaceDataset
 from ferkit.errors import FerkitError
-from ferkit.images import faces_to_batch, to_model_input
+from ferkit.images import faces_to_batch, resized_faces
 from ferkit.results import check_output_file
 from ferkit.runtime import METADATA_NAME, KerasClassifier, OnnxClassifier, read_metadata, resolve_model_path
 
@@ -120,20 +120,15 @@ def _load_keras(source: Path) -> KerasClassifier:
 
 
 def _recalibrate(classifier: KerasClassifier, dataset: FaceDataset) -> None:
-    from ferkit.batch_norm import recalibrate_batch_norm
+    from ferkit.batch_norm import recalibrate_on_faces
 
-    order = np.random.default_rng(0).permutation(len(dataset))
-    batches = (
-        faces_to_batch(_resized(dataset.images[order[i : i + 256]], classifier.input_size), classifier.metadata.channels)
-        for i in range(0, len(order), 256)
-    )
-    layers = recalibrate_batch_norm(classifier.model, batches)
+    layers = recalibrate_on_faces(classifier.model, dataset.images, classifier.input_size, classifier.metadata.channels)
     if not layers:
         log.warning("%s has no batch-norm layers to re-measure: --recalibrate-bn changes nothing", classifier.name)
         return
     classifier.metadata = dataclasses.replace(
         classifier.metadata,
-        extra={**classifier.metadata.extra, "batch_norm_recalibrated": {"faces": len(order), "layers": layers}},
+        extra={**classifier.metadata.extra, "batch_norm_recalibrated": {"faces": len(dataset), "layers": layers}},
     )
 
 
@@ -209,7 +204,7 @@ def _fit_temperature(path: Path, dataset: FaceDataset) -> float:
     labels = dataset.labels_for(classifier.classes)
     if len(dataset) == 0:
         raise FerkitError("fitting a temperature needs labelled faces; the temperature data has none")
-    faces = _resized(dataset.images, classifier.input_size)
+    faces = resized_faces(dataset.images, classifier.input_size)
     probabilities = classifier.with_tta("none").with_temperature(1.0).predict_proba(faces)
     temperature = fit_temperature(probabilities, labels)
     calibrated = apply_temperature(probabilities, temperature)
@@ -242,17 +237,8 @@ def _calibration_split(dataset: FaceDataset, size: tuple[int, int]) -> tuple[np.
     """Disjoint random faces for calibration and for the agreement check, resized to the model's size."""
     order = np.random.default_rng(0).permutation(len(dataset))
     n_calibration = min(CALIBRATION_FACES, len(order) // 2)
-    faces = _resized(dataset.images, size)
+    faces = resized_faces(dataset.images, size)
     return faces[order[:n_calibration]], faces[order[n_calibration : n_calibration + AGREEMENT_FACES]]
-
-
-def _resized(faces: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(N, H, W) uint8 faces at the model's (height, width), resized as faces are at inference."""
-    from PIL import Image
-
-    if tuple(faces.shape[1:3]) == tuple(size):
-        return faces
-    return np.stack([to_model_input(Image.fromarray(face), size) for face in faces])
 
 
 def top1_agreement(first, second, faces: np.ndarray) -> float:

@@ -239,6 +239,13 @@ def to_model_input(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(gray, dtype=np.uint8)
 
 
+def resized_faces(faces: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, H, W) uint8 faces at a model's (height, width), resized as faces are at inference."""
+    if tuple(faces.shape[1:3]) == tuple(size):
+        return faces
+    return np.stack([to_model_input(Image.fromarray(face), size) for face in faces])
+
+
 def _array_to_image(array: np.ndarray) -> Image.Image:
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]

@@ -28,11 +28,11 @@ from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch
 from ferkit.models import check_weights, get_model_spec
 from ferkit.runs import RunState, check_run_folder, clear_run_folder, rewrite_history, save_run_config
-from ferkit.runtime import ModelMetadata
 from ferkit.teacher import check_teacher, teacher_probabilities
 from ferkit.training_data import fit_data, load_train_val, train_size, trains_on_cached_features, validation_size
 from ferkit.training_model import (
-    adopt_init_model, build_training_model, check_fine_tuning, feature_head, float32_twin, init_model, network_of, prepare_fine_tuning,
+    adopt_init_model, build_training_model, check_fine_tuning, feature_head, float32_twin, init_model, network_metadata, network_of,
+    prepare_fine_tuning,
 )
 
 log = logging.getLogger("ferkit")
@@ -241,8 +241,7 @@ def _run_callbacks(keras, run: Path, config: TrainConfig, state: RunState, model
 
     spec = get_model_spec(config.model)
     network = network_of(model, config)
-    metadata = ModelMetadata(model=config.model, classes=config.classes, input_size=list(spec.input_size),
-                             channels=spec.channels, crop=spec.crop)
+    metadata = network_metadata(config.model, config.classes)
     # a separate network receives what is saved: float32 weights of a mixed-precision one, or the averages
     saved_model = float32_twin(keras, config.model, len(config.classes)) if config.precision != "float32" or config.ema else network
     averaged = None

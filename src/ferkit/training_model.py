@@ -9,7 +9,7 @@ from pathlib import Path
 from ferkit.config import TrainConfig
 from ferkit.errors import FerkitError
 from ferkit.models import create_model, get_model_spec, list_models
-from ferkit.runtime import read_metadata, resolve_model_path
+from ferkit.runtime import ModelMetadata, read_metadata, resolve_model_path
 
 FEATURE_HEAD = "feature_head"  # the name of the model trained on cached features (split_at_backbone)
 
@@ -166,6 +166,13 @@ def init_model(keras, init: str, classes: list[str], model_name: str):
             new_kernel[:, i], new_bias[i] = kernel[:, known.index(name)], bias[known.index(name)]
     model.layers[-1].set_weights([new_kernel, new_bias])
     return model
+
+
+def network_metadata(model_name: str, classes) -> ModelMetadata:
+    """What a saved model of the network `model_name` records about its input."""
+    spec = get_model_spec(model_name)
+    return ModelMetadata(model=model_name, classes=list(classes), input_size=list(spec.input_size),
+                         channels=spec.channels, crop=spec.crop)
 
 
 def float32_twin(keras, model_name: str, num_classes: int):
