@@ -152,6 +152,12 @@ def box_iou(a: Box, b: Box) -> float:
 MAX_PADDED_SIDE = 2048  # the largest square cut with padding at full scale; every face ends up far smaller
 
 
+def whole_image_face(image: Image.Image) -> Image.Image:
+    """A picture taken as one face, framed already: made square by repeating its edges, never stretched.
+    Training images and `--detector none` pictures are both framed so."""
+    return face_crop(image, (0, 0, image.width, image.height))
+
+
 def face_crop(image: Image.Image, box: Box, *, margin: float = 0.0, landmarks=None) -> Image.Image:
     """The square around `box`, enlarged by `margin` of its side on each side, padded with edge pixels
     where it leaves the image: FER2013 faces are square and show a little around the face.

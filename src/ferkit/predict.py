@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ferkit.errors import FerkitError
-from ferkit.faces import Box, Detection, face_crop, get_detector
+from ferkit.faces import Box, Detection, face_crop, get_detector, whole_image_face
 from ferkit.images import CHANNEL_ORDERS, decoded_scale, full_size, load_image, to_model_input, to_rgb
 from ferkit.results import Face, ImageResult
 from ferkit.runtime import Classifier, load_classifier
@@ -166,8 +166,7 @@ def _find_faces(label, image, classifier: Classifier, find, boxes, channels: str
             return result, []
         detections = [d for d in detections if _on_picture(d.box, picture.size)]  # a custom detector's empty or stray boxes
         detections.sort(key=lambda d: -d.box[2] * d.box[3])  # largest first; given boxes keep their order
-    # the whole image is a face framed already: made square (edges repeated), never stretched
-    crops = [to_model_input(face_crop(picture, d.box) if whole_image else _crop(picture, d, classifier),
+    crops = [to_model_input(whole_image_face(picture) if whole_image else _crop(picture, d, classifier),
                             classifier.input_size) for d in detections]
     reported = given or [_scaled_box(d.box, across, down) for d in detections]
     result.faces = [Face(box, "", 0.0, {}, d.score, _scaled_points(d.landmarks, across, down))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: pictures that are not square are made square by repeating edges, not stretched
 
 
 def cache_dir() -> Path:
