@@ -111,3 +111,29 @@ def test_faces_of_one_class_are_refused_and_classes_without_faces_are_named(trai
     with caplog.at_level("WARNING", logger="ferkit"):
         train(config, verbose=0)
     assert "no training faces of angry, disgust, fear, neutral, surprise: the model will hardly ever predict them" in caplog.text
+
+
+def test_a_misspelt_class_is_refused_with_what_it_may_mean(trained_run, pattern_data, tmp_path):
+    mine = write_pattern_dataset(tmp_path / "mine", 6, seed=4)
+    misspelt = [("hapy" if name == "happy" else name) for name in EMOTIONS]
+    common = dict(init=str(trained_run), val=str(pattern_data / "val"), epochs=1, out=str(tmp_path / "run"))
+    with pytest.raises(FerkitError, match="the folder happy is close to the class hapy: is one of them misspelt"):
+        train(TrainConfig(data=str(mine), classes=misspelt, **common), verbose=0)
+    with pytest.raises(FerkitError, match=r"holds no faces of contempt, so the model cannot learn it$"):
+        train(TrainConfig(data=str(mine), classes=[*EMOTIONS, "contempt"], **common), verbose=0)
+    with pytest.raises(FerkitError, match="looks like the folder of one class \\(happy\\)"):
+        (mine / "happy" / "more").mkdir()
+        train(TrainConfig(data=str(mine / "happy"), **common), verbose=0)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_hint_to_train_more_classes_says_which_are_new_to_the_model(trained_run, pattern_data, tmp_path):
+    mine = write_pattern_dataset(tmp_path / "mine", 6, seed=4)
+    (mine / "contempt").mkdir()
+    Image.fromarray(_contempt_face(np.random.default_rng(0))).save(mine / "contempt" / "c.png")
+    config = TrainConfig(init=str(trained_run), data=str(mine), classes=["happy", "sad", "surprise"], epochs=1,
+                         out=str(tmp_path / "run"))
+    with pytest.raises(FerkitError) as refused:
+        train(config, verbose=0)
+    assert str(refused.value).endswith("trains angry, contempt, disgust, fear, neutral too (contempt new to the model, "
+                                       "from fresh weights)")

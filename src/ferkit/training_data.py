@@ -5,6 +5,7 @@ jobs, mixup)."""
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 
@@ -32,28 +33,64 @@ def load_train_val(config: TrainConfig, input_size, *, progress: bool = False) -
     try:
         data = load_dataset(config.data, usage=TRAIN_USAGE, **common)
     except UnknownClassFolders as err:
-        if not config.init:
-            raise
-        more = ",".join([*config.classes, *err.folders])  # the init model's classes, unless others were given
-        raise FerkitError(f"{err}; --classes {more} trains {', '.join(err.folders)} too (a new class starts from fresh weights)") from None
-    check_classes_present(data)
+        raise _unknown_folders_error(config, err) from None
+    check_classes_present(data, known=_init_classes(config))
     if config.val:
         return data, load_dataset(config.val, usage=VAL_USAGE, **{**common, "classes": data.classes})
     return split_dataset(data, val_fraction=config.val_split, seed=config.seed)
 
 
-def check_classes_present(data: FaceDataset) -> None:
-    """A FerkitError when the training faces are of fewer than two classes; a warning naming the classes
+def check_classes_present(data: FaceDataset, known=()) -> None:
+    """A FerkitError when the training faces are of fewer than two classes, or of none of a class the
+    model does not `known` already (a misspelt --classes name, say); a warning naming the known classes
     without any, which the model will then hardly ever predict."""
     counts = data.class_counts()
     present = [name for name, count in counts.items() if count]
     if len(present) < 2:
         raise FerkitError(f"{data.source} holds faces of {present[0] if present else 'no class'} only; "
                           "training needs faces of at least two classes")
+    unlearnable = [name for name, count in counts.items() if not count and name not in known]
+    if unlearnable:
+        guesses = [f"{name}: did you mean {close[0]}?" for name in unlearnable
+                   for close in [difflib.get_close_matches(name, present, n=1, cutoff=0.6)] if close]
+        raise FerkitError(f"{data.source} holds no faces of {', '.join(unlearnable)}, so the model cannot learn "
+                          f"{'it' if len(unlearnable) == 1 else 'them'}" + (f" ({'; '.join(guesses)})" if guesses else ""))
     missing = [name for name, count in counts.items() if not count]
     if missing:
         log.warning("no training faces of %s: the model will hardly ever predict %s", ", ".join(missing),
                     "it" if len(missing) == 1 else "them")
+
+
+def _init_classes(config: TrainConfig) -> tuple[str, ...]:
+    """The classes the --init model knows already (none without --init)."""
+    from ferkit.training_model import check_init_model
+
+    return tuple(check_init_model(config.init).classes) if config.init else ()
+
+
+def _unknown_folders_error(config: TrainConfig, err: UnknownClassFolders) -> FerkitError:
+    """`err`, with what to do about it: a folder that is a listed class misspelt, the folder of one class
+    given as the data, or --classes that trains the folders' classes too (with --init)."""
+    from pathlib import Path
+
+    from ferkit.labels import canonical_label
+
+    root = Path(config.data)
+    if root.is_dir() and canonical_label(root.name) in config.classes:
+        return FerkitError(f"{err}; {root} looks like the folder of one class ({canonical_label(root.name)}): "
+                           f"give the folder that holds the class folders, {root.parent}")
+    for folder in err.folders:
+        close = difflib.get_close_matches(canonical_label(folder), config.classes, n=1, cutoff=0.6)
+        if close:
+            return FerkitError(f"{err}; the folder {folder} is close to the class {close[0]}: is one of them misspelt? "
+                               "Rename the folder or mend --classes")
+    if not config.init:
+        return err
+    known = _init_classes(config)
+    more = ",".join([*config.classes, *err.folders])
+    new = [f for f in err.folders if canonical_label(f) not in known]
+    fresh = f" ({', '.join(new)} new to the model, from fresh weights)" if new else ""
+    return FerkitError(f"{err}; --classes {more} trains {', '.join(err.folders)} too{fresh}")
 
 
 def trains_on_cached_features(config: TrainConfig) -> bool:
