@@ -765,3 +765,23 @@ def test_video_options_for_photos_and_annotate_for_videos_are_refused_not_ignore
     (tmp_path / "clip.mp4").write_bytes(b"")  # refused for its option before it is opened
     line = _one_line_error(run("predict", tmp_path / "clip.mp4", "--annotate", "--out", tmp_path / "o"))
     assert "--save-video writes an annotated copy" in line and not (tmp_path / "o").exists()
+
+
+def test_train_names_a_missing_val_or_a_file_given_as_out_before_reading_the_data(pattern_data, tmp_path):
+    line = _one_line_error(run("train", "--data", pattern_data / "train", "--val", tmp_path / "nope", "--out", tmp_path / "r"))
+    assert line == f"error: --val {tmp_path / 'nope'}: no such file or folder"
+    (tmp_path / "afile").write_text("mine")
+    line = _one_line_error(run("train", "--data", pattern_data / "train", "--out", tmp_path / "afile"))
+    assert line == f"error: {tmp_path / 'afile'} is a file; the run folder (--out) must be a folder"
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_evaluating_a_run_on_its_own_training_data_is_warned_of(trained_run, tmp_path):
+    from ferkit.config import TrainConfig
+
+    data = TrainConfig.load(trained_run / "config.json").data
+    result = run("evaluate", trained_run, "--data", data, "--json", "--out", tmp_path / "on-train")
+    assert result.exit_code == 0
+    assert "is the data" in result.output and "was trained on" in result.output
+    held_out = run("evaluate", trained_run, "--data", Path(data).parent / "val", "--json", "--out", tmp_path / "on-val")
+    assert held_out.exit_code == 0 and "was trained on" not in held_out.output

@@ -749,3 +749,14 @@ def test_keras_that_is_installed_but_fails_to_import_is_not_called_missing(tmp_p
         import_keras()
     assert str(failed.value) == ("Keras is installed but failed to import on the tensorflow backend: "
                                  "libcudart.so.12: cannot open shared object file")
+
+
+def test_validation_faces_without_some_classes_are_warned_of(pattern_data, tmp_path, caplog):
+    val = tmp_path / "val"
+    for name in ("happy", "sad"):
+        shutil.copytree(pattern_data / "val" / name, val / name)
+    config = TrainConfig(data=str(pattern_data / "train"), val=str(val), epochs=1, out=str(tmp_path / "run"))
+    with caplog.at_level("WARNING", logger="ferkit"):
+        train(config, verbose=0)
+    assert ("the validation faces (--val) hold none of angry, disgust, fear, neutral, surprise: the best epoch is "
+            "picked without them") in caplog.text

@@ -73,7 +73,8 @@ class _Cli(click.Group):
             raise
         except FerkitError as err:
             _traceback_if_debug(ctx)
-            click.echo(f"error: {err}", err=True)
+            # an interruption the user asked for is said as it is, not as an error
+            click.echo(str(err) if err.exit_code == 130 else f"error: {err}", err=True)
             ctx.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -313,7 +314,7 @@ def train_cmd(resume: Path | None, overwrite: bool, local_processes: int | None,
         return
     state = RunState.load(run)
     click.echo(
-        f"done: {state.epochs_done} epochs, best val accuracy {state.best_val_accuracy:.4f} at epoch "
+        f"done: {state.epochs_done} epoch{'s' if state.epochs_done != 1 else ''}, best val accuracy {state.best_val_accuracy:.4f} at epoch "
         f"{state.best_epoch}; run folder {run} (best.keras, history.csv, curves.png)"
     )
 
@@ -436,11 +437,15 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     from ferkit.evaluation import check_report_folder, default_report_folder, evaluate
     from ferkit.predict import model_version
     from ferkit.results import create_folder
+    from ferkit.runs import trained_on
     from ferkit.runtime import load_classifier
 
     given = click.get_current_context().get_parameter_source("usage") is not click.core.ParameterSource.DEFAULT
     usage = _check_usage(data, usage, given)
     classifier = load_classifier(model).with_tta(tta)
+    if trained_on(classifier.path, data):
+        log.warning("%s is the data %s was trained on: its accuracy there says little about faces it has not seen",
+                    data, classifier.path.parent)
     if out is not None and not overwrite and Path(data).is_dir():  # a folder's source is its path: checked before it loads
         check_report_folder(out, classifier.name, str(Path(data)), classifier.tta, model_version(classifier))
     dataset = load_dataset(

@@ -185,13 +185,10 @@ def _refuse_training_faces(source: Path, dataset: FaceDataset) -> None:
     """A FerkitError when the faces given for the temperature are the run's own training data: the
     model is surest on the faces it learned, so the fitted temperature would make it more confident,
     not calibrated."""
-    config = source.parent / "config.json"
-    if not config.is_file():
-        return
-    from ferkit.config import TrainConfig
+    from ferkit.runs import trained_on
 
-    run = TrainConfig.load(config)
-    if run.data and Path(run.data).exists() and Path(run.data).resolve() == Path(dataset.source).resolve():
+    run = trained_on(source, dataset.source)
+    if run:
         held_out = f" (its validation data: {run.val})" if run.val else ""
         raise FerkitError(f"{dataset.source} is the data the model was trained on; fit the temperature on held-out faces{held_out}")
 

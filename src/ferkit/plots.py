@@ -51,6 +51,7 @@ def plot_history(history: dict[str, Sequence[float]], path: str | Path, *, title
         if history.get(f"val_{metric}"):
             ax.plot(epochs, history[f"val_{metric}"], marker=".", label=f"val {metric}")
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)  # no epoch 1.5 on short runs
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -75,6 +75,8 @@ def rewrite_history(path: Path, epochs_done: int) -> None:
 
 def check_run_folder(run: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse, before any work, to resume what is not a run or to replace anything silently."""
+    if run.is_file():
+        raise FerkitError(f"{run} is a file; the run folder (--out) must be a folder")
     is_run = (run / "config.json").exists()
     if resume:
         if not is_run:
@@ -106,6 +108,20 @@ def save_run_config(run: Path, config, train_set, val_set) -> None:
     config.save(run / "config.json")
     sizes = {"train": train_set.class_counts(), "val": val_set.class_counts()}
     write_atomic(run / "datasets.json", json.dumps(sizes, indent=2) + "\n")
+
+
+def trained_on(model: Path, source):
+    """The config of the run that trained `model` (a file in its run folder) if `source` is that run's
+    training data (a TrainConfig), else None."""
+    from ferkit.config import TrainConfig
+
+    config = Path(model).parent / "config.json"
+    if not config.is_file() or not source:
+        return None
+    run = TrainConfig.load(config)
+    if run.data and Path(run.data).exists() and Path(source).exists() and Path(run.data).resolve() == Path(source).resolve():
+        return run
+    return None
 
 
 def write_atomic(path: Path, text: str) -> None:

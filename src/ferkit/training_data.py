@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -29,6 +30,9 @@ def load_train_val(config: TrainConfig, input_size, *, progress: bool = False) -
     """The training set and the validation set (its own source, or a stratified split of the data)."""
     if not config.data:
         raise FerkitError("no training data given (--data DIR_OR_CSV)")
+    for option, source in (("--data", config.data), ("--val", config.val)):
+        if source and not Path(source).exists():  # said before the minutes of reading the other
+            raise FerkitError(f"{option} {source}: no such file or folder")
     common = {"classes": config.classes, "image_size": tuple(input_size), "progress": progress}
     try:
         data = load_dataset(config.data, usage=TRAIN_USAGE, **common)
@@ -36,8 +40,18 @@ def load_train_val(config: TrainConfig, input_size, *, progress: bool = False) -
         raise _unknown_folders_error(config, err) from None
     check_classes_present(data, known=_init_classes(config))
     if config.val:
-        return data, load_dataset(config.val, usage=VAL_USAGE, **{**common, "classes": data.classes})
+        val = load_dataset(config.val, usage=VAL_USAGE, **{**common, "classes": data.classes})
+        _warn_of_classes_missing_from_val(data, val)
+        return data, val
     return split_dataset(data, val_fraction=config.val_split, seed=config.seed)
+
+
+def _warn_of_classes_missing_from_val(data: FaceDataset, val: FaceDataset) -> None:
+    trained = data.class_counts()
+    missing = [name for name, count in val.class_counts().items() if not count and trained[name]]
+    if missing:
+        log.warning("the validation faces (--val) hold none of %s: the best epoch is picked without %s",
+                    ", ".join(missing), "it" if len(missing) == 1 else "them")
 
 
 def check_classes_present(data: FaceDataset, known=()) -> None:
@@ -71,8 +85,6 @@ def _init_classes(config: TrainConfig) -> tuple[str, ...]:
 def _unknown_folders_error(config: TrainConfig, err: UnknownClassFolders) -> FerkitError:
     """`err`, with what to do about it: a folder that is a listed class misspelt, the folder of one class
     given as the data, or --classes that trains the folders' classes too (with --init)."""
-    from pathlib import Path
-
     from ferkit.labels import canonical_label
 
     root = Path(config.data)
