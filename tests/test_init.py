@@ -63,10 +63,16 @@ def test_init_with_a_new_class_replaces_the_head_and_keeps_the_old_classes(train
     assert read_metadata(tmp_path / "m.onnx").classes == classes
 
 
-def test_init_default_starts_from_the_bundled_model(pattern_data, tmp_path):
+def test_init_default_starts_from_the_bundled_model(pattern_data, tmp_path, caplog):
     config = TrainConfig(init="default", data=str(pattern_data / "train"), val=str(pattern_data / "val"),
                          epochs=1, learning_rate=1e-5, out=str(tmp_path / "run"))
-    run = train(config, verbose=0)
+    with caplog.at_level("INFO", logger="ferkit"):
+        run = train(config, verbose=0)
+    faces = len(load_dataset(pattern_data / "val"))
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("before training")]
+    assert [line.split(" scores ")[0] for line in said] == [  # the network that trains, then the ensemble it came from
+        f"before training, the --init network ({shipped_model()['keras_file']})", "before training, the shipped default model itself"]
+    assert all(line.endswith(f"on the {faces} validation faces") for line in said)
     # the bundled Keras twin (for an ensemble: its best member) is what training starts from
     bundled = files_path("weights", shipped_model()["keras_file"])
     assert read_metadata(run).model == read_metadata(bundled).model
@@ -137,3 +143,13 @@ def test_the_hint_to_train_more_classes_says_which_are_new_to_the_model(trained_
         train(config, verbose=0)
     assert str(refused.value).endswith("trains angry, contempt, disgust, fear, neutral too (contempt new to the model, "
                                        "from fresh weights)")
+
+
+def test_a_run_from_init_says_what_its_model_scored_before_training(trained_run, pattern_data, tmp_path, caplog):
+    val = load_dataset(pattern_data / "val")
+    before = evaluate(trained_run, val).accuracy
+    config = TrainConfig(init=str(trained_run), data=str(pattern_data / "train"), val=str(pattern_data / "val"),
+                         epochs=1, learning_rate=1e-4, out=str(tmp_path / "run"))
+    with caplog.at_level("INFO", logger="ferkit"):
+        train(config, verbose=0)
+    assert f"before training, the --init network (best.keras) scores {before:.4f} on the {len(val)} validation faces" in caplog.text

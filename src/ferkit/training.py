@@ -127,6 +127,7 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
             # Only now that data and model are known to be good does the run folder change.
             if not resume:
                 _say_what_is_kept(run, clear_run_folder(run))
+                _log_starting_score(config, val_set)
             started = True
             _start_run_folder(run, config, state, train_set, val_set, topology)
             record = _run_callbacks(keras, run, config, state, model, train_set, stop, val_faces=len(val_set),
@@ -150,6 +151,26 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
     state.status = "finished"
     state.save(run)
     return run
+
+
+def _log_starting_score(config: TrainConfig, val_set) -> None:
+    """With --init, what the model trained from scores on the validation faces before any training: the
+    figure the run has to beat (and, from a shipped ensemble, which trains its first network, the
+    ensemble's own)."""
+    if not config.init or len(val_set) == 0:
+        return
+    from ferkit.runtime import is_shipped_model_name, load_classifier
+    from ferkit.training_model import init_model_path
+
+    starts = [(f"the --init network ({init_model_path(config.init).name})", init_model_path(config.init))]
+    if is_shipped_model_name(config.init) and load_classifier(config.init).path != starts[0][1]:
+        starts.append((f"the shipped {config.init} model itself", config.init))
+    for what, model in starts:
+        classifier = load_classifier(model)
+        if list(classifier.classes) != list(val_set.classes) or tuple(classifier.input_size) != val_set.images.shape[1:]:
+            return  # other classes: its score would not compare with the run's
+        accuracy = float(np.mean(classifier.predict_proba(val_set.images).argmax(axis=1) == val_set.labels))
+        log.info("before training, %s scores %.4f on the %d validation faces", what, accuracy, len(val_set))
 
 
 def _say_what_is_kept(run: Path, kept: list[str]) -> None:
