@@ -52,7 +52,7 @@ def test_training_is_repeatable_with_a_seed(pattern_data, tmp_path):
     assert first["val_accuracy"] == second["val_accuracy"]
 
 
-def test_resume_continues_where_the_run_stopped(pattern_data, tmp_path):
+def test_resume_continues_where_the_run_stopped(pattern_data, tmp_path, caplog):
     given = _config(pattern_data, tmp_path / "r", epochs=2, augment=["flip", "zoom"])
     before = dataclasses.asdict(given)
     run = train(given, verbose=0)
@@ -60,7 +60,12 @@ def test_resume_continues_where_the_run_stopped(pattern_data, tmp_path):
     assert TrainConfig.load(run / "config.json").classes == list(EMOTIONS)
     config = TrainConfig.load(run / "config.json")
     config.epochs = 4
-    train(config, resume=True, verbose=0)
+    from ferkit.export import export_onnx
+
+    export_onnx(run, run / "best.onnx")
+    with caplog.at_level("WARNING", logger="ferkit"):
+        train(config, resume=True, verbose=0)
+    assert "holds exports of the model as it was before this resume (best.onnx)" in caplog.text
     history = read_history(run / "history.csv")
     assert history["epoch"] == [1, 2, 3, 4]
     assert RunState.load(run).epochs_done == 4

@@ -103,6 +103,8 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
     if state.epochs_done >= total:
         log.warning("%s already has %d epochs; pass a larger --epochs to train on", run, state.epochs_done)
         return run
+    if resume:
+        _warn_of_exports(run)
     size = train_size(config, train_set, topology)
     teacher = teacher_probabilities(config.teacher, train_set) if config.teacher else None
 
@@ -171,6 +173,13 @@ def _log_starting_score(config: TrainConfig, val_set) -> None:
             return  # other classes: its score would not compare with the run's
         accuracy = float(np.mean(classifier.predict_proba(val_set.images).argmax(axis=1) == val_set.labels))
         log.info("before training, %s scores %.4f on the %d validation faces", what, accuracy, len(val_set))
+
+
+def _warn_of_exports(run: Path) -> None:
+    exports = sorted(path.name for path in run.glob("*.onnx"))
+    if exports:
+        log.warning("%s holds exports of the model as it was before this resume (%s): export again, with "
+                    "--overwrite, once the run ends", run, ", ".join(exports))
 
 
 def _say_what_is_kept(run: Path, kept: list[str]) -> None:
