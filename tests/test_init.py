@@ -1,5 +1,7 @@
 """Fine-tuning from a trained model (--init): what it learnt is kept, and new classes can be added."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -153,3 +155,17 @@ def test_a_run_from_init_says_what_its_model_scored_before_training(trained_run,
     with caplog.at_level("INFO", logger="ferkit"):
         train(config, verbose=0)
     assert f"before training, the --init network (best.keras) scores {before:.4f} on the {len(val)} validation faces" in caplog.text
+
+
+def test_a_run_from_init_resumes_once_its_init_model_is_gone(trained_run, pattern_data, tmp_path):
+    import shutil
+
+    start = shutil.copy(trained_run / "best.keras", tmp_path / "start.keras")
+    config = TrainConfig(init=str(start), data=str(pattern_data / "train"), val=str(pattern_data / "val"),
+                         epochs=1, learning_rate=1e-4, out=str(tmp_path / "run"))
+    run = train(config, verbose=0)
+    Path(start).unlink()  # a run moved to another machine: it goes on from its checkpoint, not from --init
+    resumed = TrainConfig.load(run / "config.json")
+    resumed.epochs = 2
+    train(resumed, resume=True, verbose=0)
+    assert read_history(run / "history.csv")["epoch"] == [1, 2]

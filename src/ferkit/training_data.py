@@ -76,10 +76,16 @@ def check_classes_present(data: FaceDataset, known=()) -> None:
 
 
 def _init_classes(config: TrainConfig) -> tuple[str, ...]:
-    """The classes the --init model knows already (none without --init)."""
+    """The classes the --init model knows already (none without --init). A resumed run whose --init model
+    is no longer there (it starts from its checkpoint) counts all its classes as known."""
     from ferkit.training_model import check_init_model
 
-    return tuple(check_init_model(config.init).classes) if config.init else ()
+    if not config.init:
+        return ()
+    try:
+        return tuple(check_init_model(config.init).classes)
+    except FerkitError:
+        return tuple(config.classes or ())
 
 
 def _unknown_folders_error(config: TrainConfig, err: UnknownClassFolders) -> FerkitError:
