@@ -406,6 +406,35 @@ def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_siz
     click.echo(f"packed {len(dataset)} faces ({len(dataset.classes)} classes) into {shards} shard(s) in {folder}")
 
 
+@cli.command("crop")
+@click.argument("source")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the face crops.")
+@click.option("--detector", type=click.Choice(DETECTORS), default="auto", show_default=True,
+              help="Face detector; none takes each whole image as one face, made square.")
+@click.option("--model", help="The model whose face framing the crops take (default: the default shipped model).")
+@click.option("--overwrite", is_flag=True, help="Replace files in --out that ferkit did not write.")
+def crop_cmd(source: str, out: Path, detector: str, model: str | None, overwrite: bool):
+    """Crop every face out of the photos in SOURCE (a folder, read recursively, a glob or a photo) into
+    --out, keeping their folders: class folders of photos become class folders of faces to train on."""
+    from ferkit.data.crops import crop_faces
+    from ferkit.progress import echo_error, progress_bar
+
+    with progress_bar(None, "cropping faces") as advance:
+        summary = crop_faces(source, out, detector=detector, model=model, overwrite=overwrite, progress=advance)
+        for line in summary.failed:
+            echo_error(f"error: {line}")
+    for photo in summary.without_faces:
+        click.echo(f"no face found: {photo}", err=True)
+    if summary.several_faces:
+        click.echo(f"{len(summary.several_faces)} photo(s) with several faces, each crop in the photo's folder "
+                   f"(so of its class): {', '.join(summary.several_faces[:3])}"
+                   + (" ..." if len(summary.several_faces) > 3 else ""), err=True)
+    click.echo(f"{summary.photos} photos, {len(summary.written)} faces written to {out}, "
+               f"{len(summary.without_faces)} without a face, {len(summary.failed)} failed")
+    if summary.failed:
+        sys.exit(1)
+
+
 def _check_usage(data: str, usage: str | None, usage_given: bool) -> str | None:
     """--usage as FER2013 spells it. It picks rows of a FER2013 CSV; given with a folder it would be
     ignored without a word."""

@@ -152,6 +152,12 @@ def box_iou(a: Box, b: Box) -> float:
 MAX_PADDED_SIDE = 2048  # the largest square cut with padding at full scale; every face ends up far smaller
 
 
+def crop_for_model(picture: Image.Image, detection: Detection, metadata) -> Image.Image:
+    """The face as a model wants it framed (its metadata's crop policy: margin, eyes levelled or not)."""
+    landmarks = detection.landmarks if metadata.level_eyes else None
+    return face_crop(picture, detection.box, margin=metadata.face_margin, landmarks=landmarks)
+
+
 def whole_image_face(image: Image.Image) -> Image.Image:
     """A picture taken as one face, framed already: made square by repeating its edges, never stretched.
     Training images and `--detector none` pictures are both framed so."""

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ferkit.errors import FerkitError
-from ferkit.faces import Box, Detection, face_crop, get_detector, whole_image_face
+from ferkit.faces import Box, Detection, crop_for_model, get_detector, whole_image_face
 from ferkit.images import CHANNEL_ORDERS, decoded_scale, full_size, load_image, to_model_input, to_rgb
 from ferkit.results import Face, ImageResult
 from ferkit.runtime import Classifier, load_classifier
@@ -160,19 +160,25 @@ def _find_faces(label, image, classifier: Classifier, find, boxes, channels: str
     else:
         result.detector = getattr(find, "name", "custom")
         try:
-            detections = [_as_detection(found) for found in find(np.asarray(picture))]
+            detections = detected_faces(find, picture)
         except Exception as err:  # any detector, ours or the user's: report this image, go on with the rest
             result.error = f"face detection failed on {label}: {type(err).__name__}: {err}".splitlines()[0]
             return result, []
-        detections = [d for d in detections if _on_picture(d.box, picture.size)]  # a custom detector's empty or stray boxes
-        detections.sort(key=lambda d: -d.box[2] * d.box[3])  # largest first; given boxes keep their order
-    crops = [to_model_input(whole_image_face(picture) if whole_image else _crop(picture, d, classifier),
+    crops = [to_model_input(whole_image_face(picture) if whole_image else crop_for_model(picture, d, classifier.metadata),
                             classifier.input_size) for d in detections]
     reported = given or [_scaled_box(d.box, across, down) for d in detections]
     result.faces = [Face(box, "", 0.0, {}, d.score, _scaled_points(d.landmarks, across, down))
                     for box, d in zip(reported, detections)]
     result.timings_ms = {"decode": (decoded - started) * 1e3, "detect": (time.perf_counter() - decoded) * 1e3}
     return result, crops
+
+
+def detected_faces(find: Callable, picture: Image.Image) -> list[Detection]:
+    """What the detector `find` finds in the RGB `picture`, largest first, less a custom detector's empty
+    or stray boxes."""
+    detections = [_as_detection(found) for found in find(np.asarray(picture))]
+    detections = [d for d in detections if _on_picture(d.box, picture.size)]
+    return sorted(detections, key=lambda d: -d.box[2] * d.box[3])
 
 
 def _as_detection(found) -> Detection:
@@ -224,13 +230,6 @@ def _classify(pending, classifier: Classifier, uncertain_below: float = UNCERTAI
         if result.ok:
             result.timings_ms["classify"] = per_face_ms * len(image_crops)
         yield result
-
-
-def _crop(picture: Image.Image, detection: Detection, classifier: Classifier) -> Image.Image:
-    """The face as the model wants it framed (its metadata's crop policy): detected and given boxes alike."""
-    meta = classifier.metadata
-    landmarks = detection.landmarks if meta.level_eyes else None
-    return face_crop(picture, detection.box, margin=meta.face_margin, landmarks=landmarks)
 
 
 def checked_box(box, image_size: tuple[int, int]) -> Box:

@@ -1,0 +1,77 @@
+"""Face crops for training (`ferkit crop`, ferkit.data.crops): photos in class folders become faces in
+class folders, framed as predict frames the faces it finds."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import pattern_face
+from ferkit import analyze
+from ferkit.cli import cli
+from ferkit.data import load_dataset
+from ferkit.data.crops import crop_faces
+from ferkit.errors import FerkitError
+
+PEOPLE = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+
+
+def _photos(root: Path) -> Path:
+    (root / "happy").mkdir(parents=True)
+    (root / "sad").mkdir()
+    shutil.copy(PEOPLE, root / "happy" / "people.jpg")
+    Image.fromarray(np.full((120, 160, 3), 128, np.uint8)).save(root / "sad" / "wall.png")  # no face
+    (root / "sad" / "broken.jpg").write_text("not an image")
+    return root
+
+
+def test_class_folders_of_photos_become_class_folders_of_faces_framed_as_predict_frames_them(tmp_path):
+    photos = _photos(tmp_path / "photos")
+    summary = crop_faces(photos, tmp_path / "faces")
+    expected = [tmp_path / "faces" / "happy" / f"people.face{k}.png" for k in (1, 2, 3)]
+    assert summary.written == expected and summary.photos == 3
+    assert summary.without_faces == [str(photos / "sad" / "wall.png")]
+    assert summary.several_faces == [str(photos / "happy" / "people.jpg")]
+    assert len(summary.failed) == 1 and "broken.jpg" in summary.failed[0]
+    assert load_dataset(tmp_path / "faces", cache=False).class_counts()["happy"] == 3
+    # each crop, classified as a face photo, gets the answer its face gets in the whole photo
+    in_photo = analyze(PEOPLE)
+    for face, crop in zip(in_photo, expected):
+        assert analyze(crop, detector="none")[0].probabilities == pytest.approx(face.probabilities, abs=1e-6)
+
+
+def test_crops_never_replace_a_users_file_but_replace_their_own(tmp_path):
+    photos = _photos(tmp_path / "photos")
+    crop_faces(photos, tmp_path / "faces")
+    again = crop_faces(photos, tmp_path / "faces")  # ferkit's own crops: replaced
+    assert len(again.written) == 3
+    mine = tmp_path / "faces" / "happy" / "people.face1.png"
+    Image.fromarray(pattern_face(1, np.random.default_rng(1))).save(mine)
+    before = mine.read_bytes()
+    with pytest.raises(FerkitError, match="ferkit did not write it"):
+        crop_faces(photos, tmp_path / "faces")
+    assert mine.read_bytes() == before
+    assert len(crop_faces(photos, tmp_path / "faces", overwrite=True).written) == 3
+    assert mine.read_bytes() != before
+
+
+def test_photos_of_one_name_in_one_folder_keep_their_crops_apart(tmp_path):
+    (tmp_path / "photos").mkdir()
+    for suffix in ("jpg", "png"):
+        Image.fromarray(pattern_face(2, np.random.default_rng(2), size=96)).save(tmp_path / "photos" / f"a.{suffix}")
+    summary = crop_faces(tmp_path / "photos", tmp_path / "faces", detector="none")
+    assert sorted(p.name for p in summary.written) == ["a.jpg.face1.png", "a.png.face1.png"]
+
+
+def test_the_crop_command_reports_each_photo_it_cannot_use_and_goes_on(tmp_path):
+    photos = _photos(tmp_path / "photos")
+    result = CliRunner().invoke(cli, ["crop", str(photos), "--out", str(tmp_path / "faces")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"no face found: {photos / 'sad' / 'wall.png'}" in result.output
+    assert "broken.jpg" in result.output
+    assert "3 photos, 3 faces written to" in result.output and "1 without a face, 1 failed" in result.output
+    missing = CliRunner().invoke(cli, ["crop", str(tmp_path / "nowhere"), "--out", str(tmp_path / "faces")])
+    assert missing.exit_code == 2 and missing.output.strip().startswith("error: ") and len(missing.output.strip().splitlines()) == 1
