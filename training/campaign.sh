@@ -1,0 +1,47 @@
+#!/bin/bash
+# How the large default-model candidate is trained on a CPU: a chain of stages, each resuming its run
+# folder, so that the whole chain can be stopped at any time and started again with the same command:
+#
+#     bash training/campaign.sh          (runs in $FERKIT_RUNS, default ~/ferkit-runs)
+#
+# 1. ferkit-net-l-v1: ferkit-net-l, 150-epoch cosine. Stopped after epoch 127 (STOPPED in its folder): val
+#    peaked at epoch 83 (0.6963) and fell to 0.680 by epoch 127 while train accuracy rose to 0.89. Its
+#    best.keras was lost when the run moved machines (a pack keeps the last epoch only), so later stages
+#    use L_AVG: the mean of its packs at epochs 50, 67, 92, 96 and 120 and its last model
+#    (tools/average_checkpoints.py, batch norm re-measured), val 0.6916 one view, 0.6977 ten-crop; its
+#    last model alone scored 0.6796. The packs are in git history (training/ferkit-net-l-v1 at 9d5b85b,
+#    4f3db10, 0eb2504, 55ab31d and 70e41c9).
+# 2. ferkit-resnet18-h-v1: a second family for the teacher, 40-epoch cosine with mixup 0.2 (l overfitted
+#    from about epoch 85 of 150; an r18h epoch takes ~1,300 s on 2 cores, twice l's).
+# 3. The teacher: every training face's probabilities, averaged over l and r18h (ten-crop each, recorded
+#    at their float ONNX export) and the shipped default pair (as it ships). On val, l ten-crop scored
+#    0.6977 alone and 0.6999-0.7041 with the default pair averaged in. ONNX Runtime ran l's ten-crop in
+#    50 s per 384 faces against 80-88 s in Keras.
+# 4. ferkit-net-l-distilled-v1: ferkit-net-l from L_AVG's weights, trained on the teacher (--distill 0.7).
+cd "$(dirname "$0")/.."
+if grep -q avx512_bf16 /proc/cpuinfo; then P=mixed_bfloat16; else P=float32; fi  # bf16 is slow without it
+R=${FERKIT_RUNS:-~/ferkit-runs}
+DATA=${FER2013_TRAIN:-../shared/data/fer2013/train}
+VAL=${FER2013_VAL:-../shared/data/fer2013/val}
+FERKIT=.venv/bin/ferkit
+stage_done() { grep -q '"status": "finished"' "$1/state.json" 2>/dev/null || [ -f "$1/STOPPED" ]; }
+run_stage() {  # run folder, epochs in all, then the other flags of a fresh start
+  local run=$1 epochs=$2; shift 2
+  stage_done $run && return 0
+  if [ -f $run/config.json ]; then
+    $FERKIT train --resume $run --epochs $epochs --precision $P >> $run.log 2>&1
+  else
+    $FERKIT train "$@" --epochs $epochs --precision $P --out $run >> $run.log 2>&1
+  fi
+  stage_done $run
+}
+L_AVG=$R/ferkit-net-l-v1-averaged.keras
+COMMON="--data $DATA --val $VAL --batch-size 128 --optimizer sgd --weight-decay 5e-3 --lr-schedule cosine --ema 0.999 --label-smoothing 0.1 --class-weight sqrt --augment flip,crop,rotate,zoom,erase"
+run_stage $R/ferkit-net-l-v1 150 || exit 1
+run_stage $R/ferkit-resnet18-h-v1 40 --model ferkit-resnet18-h $COMMON --lr 0.05 --warmup-epochs 3 --mixup 0.2 --seed 41 || exit 1
+if [ ! -f $R/teacher-l-r18h.npz ]; then
+  [ -f $R/teacher-l.onnx ] || $FERKIT export $L_AVG --onnx --tta tencrop --out $R/teacher-l.onnx >> $R/teacher.log 2>&1 || exit 1
+  [ -f $R/teacher-r18h.onnx ] || $FERKIT export $R/ferkit-resnet18-h-v1 --onnx --tta tencrop --out $R/teacher-r18h.onnx >> $R/teacher.log 2>&1 || exit 1
+  $FERKIT teacher $R/teacher-l.onnx $R/teacher-r18h.onnx default --data $DATA --out $R/teacher-l-r18h.npz >> $R/teacher.log 2>&1 || exit 1
+fi
+run_stage $R/ferkit-net-l-distilled-v1 60 --model ferkit-net-l --init $L_AVG --teacher $R/teacher-l-r18h.npz --distill 0.7 $COMMON --lr 0.02 --warmup-epochs 2 --seed 42 || exit 1
