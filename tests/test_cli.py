@@ -772,7 +772,7 @@ def test_train_names_a_missing_val_or_a_file_given_as_out_before_reading_the_dat
     assert line == f"error: --val {tmp_path / 'nope'}: no such file or folder"
     (tmp_path / "afile").write_text("mine")
     line = _one_line_error(run("train", "--data", pattern_data / "train", "--out", tmp_path / "afile"))
-    assert line == f"error: {tmp_path / 'afile'} is a file; the run folder (--out) must be a folder"
+    assert line == f"error: {tmp_path / 'afile'} is a file, not a run folder"
     assert (tmp_path / "afile").read_text() == "mine"
 
 

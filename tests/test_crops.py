@@ -75,3 +75,38 @@ def test_the_crop_command_reports_each_photo_it_cannot_use_and_goes_on(tmp_path)
     assert "3 photos, 3 faces written to" in result.output and "1 without a face, 1 failed" in result.output
     missing = CliRunner().invoke(cli, ["crop", str(tmp_path / "nowhere"), "--out", str(tmp_path / "faces")])
     assert missing.exit_code == 2 and missing.output.strip().startswith("error: ") and len(missing.output.strip().splitlines()) == 1
+
+
+def test_one_photo_or_a_glob_keeps_the_folders_below_where_it_points(tmp_path, monkeypatch):
+    photos = _photos(tmp_path / "photos")
+    one = crop_faces(photos / "happy" / "people.jpg", tmp_path / "one")
+    assert [p.relative_to(tmp_path / "one") for p in one.written] == [Path(f"people.face{k}.png") for k in (1, 2, 3)]
+    monkeypatch.chdir(tmp_path)
+    globbed = crop_faces("photos/*/*.jpg", "globbed")  # only the happy folder has JPEGs, and keeps its name
+    assert [p.relative_to("globbed").parent for p in globbed.written] == [Path("happy")] * 3
+
+
+def test_crops_written_into_the_photos_folder_are_not_cropped_again(tmp_path):
+    photos = _photos(tmp_path / "photos")
+    first = crop_faces(photos, photos)
+    second = crop_faces(photos, photos)
+    assert second.photos == first.photos == 3 and second.written == first.written
+
+
+def test_a_photo_with_fewer_faces_than_before_leaves_no_stale_crops(tmp_path):
+    photos = _photos(tmp_path / "photos")
+    crop_faces(photos, tmp_path / "faces")
+    shutil.copy(photos / "happy" / "people.jpg", tmp_path / "people.jpg")
+    Image.open(tmp_path / "people.jpg").crop((600, 0, 920, 360)).save(photos / "happy" / "people.jpg")  # one face left
+    summary = crop_faces(photos, tmp_path / "faces")
+    assert sorted(p.name for p in (tmp_path / "faces" / "happy").iterdir()) == ["people.face1.png"]
+    assert [p.name for p in summary.written] == ["people.face1.png"]
+
+
+def test_names_that_would_collide_are_kept_apart(tmp_path):
+    (tmp_path / "photos").mkdir()
+    for name in ("a.jpg", "a.png", "a.jpg.png", "b.png", "B.jpg"):
+        Image.fromarray(pattern_face(2, np.random.default_rng(2), size=64)).convert("RGB").save(tmp_path / "photos" / name)
+    summary = crop_faces(tmp_path / "photos", tmp_path / "faces", detector="none")
+    names = [p.name.casefold() for p in summary.written]
+    assert len(summary.written) == 5 and len(set(names)) == 5

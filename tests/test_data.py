@@ -286,16 +286,18 @@ def test_heic_faces_skipped_without_the_extra_are_read_once_it_is_installed(tmp_
     assert [run.stdout.split() for run in runs] == [["1", "1"], ["2", "0"]], [run.stderr for run in runs]
 
 
-def test_a_picture_that_is_not_square_is_framed_as_predict_frames_it(trained_run, tmp_path):
+@pytest.mark.parametrize("mode, suffix", [("L", "png"), ("P", "png"), ("RGBA", "png"), ("CMYK", "jpg")])
+def test_a_picture_that_is_not_square_is_framed_as_predict_frames_it(trained_run, tmp_path, mode, suffix):
     from ferkit import analyze
     from ferkit.runtime import load_classifier
 
     face = pattern_face(3, np.random.default_rng(3), size=96)
     wide = np.concatenate([np.full((96, 40), 30, np.uint8), face, np.full((96, 70), 200, np.uint8)], axis=1)
     (tmp_path / "data" / "happy").mkdir(parents=True)
-    Image.fromarray(wide).save(tmp_path / "data" / "happy" / "wide.png")
+    picture = tmp_path / "data" / "happy" / f"wide.{suffix}"
+    Image.fromarray(np.stack([wide, wide // 2, 255 - wide], axis=-1)).convert(mode).save(picture)
     dataset = load_dataset(tmp_path / "data", cache=False)
     classifier = load_classifier(trained_run)
     trained_on = classifier.predict_proba(dataset.images)[0]
-    predicted = analyze(Image.fromarray(wide), model=classifier, detector="none")[0].probabilities
+    predicted = analyze(picture, model=classifier, detector="none")[0].probabilities
     assert np.allclose(trained_on, [predicted[name] for name in classifier.classes], atol=1e-6)

@@ -149,7 +149,9 @@ def test_the_hint_to_train_more_classes_says_which_are_new_to_the_model(trained_
 
 def test_a_run_from_init_says_what_its_model_scored_before_training(trained_run, pattern_data, tmp_path, caplog):
     val = load_dataset(pattern_data / "val")
-    before = evaluate(trained_run, val).accuracy
+    from ferkit.runtime import load_classifier
+
+    before = evaluate(load_classifier(trained_run).with_tta("none"), val).accuracy  # one view, as validation scores
     config = TrainConfig(init=str(trained_run), data=str(pattern_data / "train"), val=str(pattern_data / "val"),
                          epochs=1, learning_rate=1e-4, out=str(tmp_path / "run"))
     with caplog.at_level("INFO", logger="ferkit"):
@@ -169,3 +171,18 @@ def test_a_run_from_init_resumes_once_its_init_model_is_gone(trained_run, patter
     resumed.epochs = 2
     train(resumed, resume=True, verbose=0)
     assert read_history(run / "history.csv")["epoch"] == [1, 2]
+
+
+def test_without_init_an_unknown_folder_is_named_and_missing_emotions_are_only_warned_of(pattern_data, tmp_path, caplog):
+    odd = write_pattern_dataset(tmp_path / "odd", 6, folder_names=["happy", "sad"])
+    (odd / "contempt").mkdir()
+    Image.fromarray(_contempt_face(np.random.default_rng(0))).save(odd / "contempt" / "c.png")
+    with pytest.raises(FerkitError, match="match no class: contempt .*--classes keeps others"):
+        train(TrainConfig(data=str(odd), epochs=1, out=str(tmp_path / "a")), verbose=0)
+    (odd / "happy" / "more").mkdir()
+    with pytest.raises(FerkitError, match="looks like the folder of one class \\(happy\\)"):
+        train(TrainConfig(data=str(odd / "happy"), epochs=1, out=str(tmp_path / "b")), verbose=0)
+    two = write_pattern_dataset(tmp_path / "two", 6, folder_names=["happy", "sad"])
+    with caplog.at_level("WARNING", logger="ferkit"):
+        train(TrainConfig(data=str(two), val=str(pattern_data / "val"), epochs=1, out=str(tmp_path / "c")), verbose=0)
+    assert "no training faces of angry, disgust, fear, neutral, surprise" in caplog.text

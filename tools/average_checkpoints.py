@@ -27,11 +27,8 @@ def main() -> None:
     args = parser.parse_args()
     try:
         from ferkit.averaging import average_checkpoints
-        from ferkit.data import load_dataset
-        from ferkit.data.fer2013_csv import TRAIN_USAGE
 
-        calibration = load_dataset(args.calibration, usage=TRAIN_USAGE) if args.calibration else None
-        out = average_checkpoints(args.checkpoints, args.out, calibration=calibration, overwrite=args.overwrite)
+        out = average_checkpoints(args.checkpoints, args.out, calibration=args.calibration, overwrite=args.overwrite)
     except FerkitError as err:
         sys.exit(f"error: {err}")
     print(f"wrote {out}: the mean of {len(args.checkpoints)} checkpoints")

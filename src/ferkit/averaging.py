@@ -29,9 +29,10 @@ BATCH_NORM_FACES = 5000  # training faces the mean network's batch-norm statisti
 def average_checkpoints(sources, out: str | Path, *, calibration=None, overwrite: bool = False) -> Path:
     """Write to `out` (.keras) the network whose weights are the mean of those of `sources`: .keras
     files, run folders (their best model, else their last) or packed runs (tools/pack_run.py), all of one
-    network and classes. `calibration`: a FaceDataset of training faces, un-augmented, to measure the
-    batch-norm statistics on (BATCH_NORM_FACES of them, picked at random); without it they are averaged
-    like the weights, which is only right for networks without batch norm."""
+    network and classes. `calibration`: training faces (a FaceDataset, or a dataset's path, read after
+    the checkpoints are checked) to measure the batch-norm statistics on, un-augmented
+    (BATCH_NORM_FACES of them, picked at random); without it they are averaged like the weights, which
+    is only right for networks without batch norm."""
     out = check_output_file(out, ".keras", "the averaged model", overwrite=overwrite)
     if len(sources) < 2:
         raise FerkitError("averaging needs two checkpoints or more")
@@ -47,6 +48,11 @@ def average_checkpoints(sources, out: str | Path, *, calibration=None, overwrite
     network = float32_twin(keras, metadata.model, len(metadata.classes))
     network.set_weights([np.mean([weights[i] for _, weights in loaded], axis=0) for i in range(len(loaded[0][1]))])
     averaged = {"sources": [str(s) for s in sources]}
+    if isinstance(calibration, (str, Path)):
+        from ferkit.data import load_dataset
+        from ferkit.data.fer2013_csv import TRAIN_USAGE
+
+        calibration = load_dataset(calibration, classes=metadata.classes, usage=TRAIN_USAGE)
     if calibration is not None:
         averaged["batch_norm_faces"] = _measure_batch_norm(network, calibration, metadata)
     # the crop policy and test-time augmentation carry over; a temperature fitted to one checkpoint does not

@@ -76,7 +76,7 @@ def rewrite_history(path: Path, epochs_done: int) -> None:
 def check_run_folder(run: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse, before any work, to resume what is not a run or to replace anything silently."""
     if run.is_file():
-        raise FerkitError(f"{run} is a file; the run folder (--out) must be a folder")
+        raise FerkitError(f"{run} is a file, not a run folder")
     is_run = (run / "config.json").exists()
     if resume:
         if not is_run:
@@ -100,7 +100,7 @@ def clear_run_folder(run: Path) -> list[str]:
     for folder in run.glob("eval-*"):
         shutil.rmtree(folder)
     run.mkdir(parents=True, exist_ok=True)
-    return sorted(path.name for path in run.iterdir())
+    return sorted(path.name for path in run.iterdir() if not path.name.startswith("."))
 
 
 def save_run_config(run: Path, config, train_set, val_set) -> None:

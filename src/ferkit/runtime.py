@@ -452,6 +452,13 @@ def machine_description() -> str:
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(path: Path, mtime_ns: int) -> Classifier:
+    return open_classifier(path)
+
+
+def open_classifier(model: str | Path | None = None) -> Classifier:
+    """A classifier of its own, as load_classifier gives, but loaded afresh and not kept: for a model
+    used once, or one whose weights will change."""
+    path = resolve_model_path(model).absolute()
     if path.suffix.lower() == ".onnx":
         return OnnxClassifier(path)
     return KerasClassifier(read_metadata(path), path)

@@ -128,8 +128,8 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
                 raise KeyboardInterrupt
             # Only now that data and model are known to be good does the run folder change.
             if not resume:
-                _say_what_is_kept(run, clear_run_folder(run))
                 _log_starting_score(config, val_set)
+                _say_what_is_kept(run, clear_run_folder(run))
             started = True
             _start_run_folder(run, config, state, train_set, val_set, topology)
             record = _run_callbacks(keras, run, config, state, model, train_set, stop, val_faces=len(val_set),
@@ -156,22 +156,27 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
 
 
 def _log_starting_score(config: TrainConfig, val_set) -> None:
-    """With --init, what the model trained from scores on the validation faces before any training: the
-    figure the run has to beat (and, from a shipped ensemble, which trains its first network, the
-    ensemble's own)."""
+    """With --init, what the model trained from scores on the validation faces before any training, one
+    view as validation scores: the figure the run has to beat (and, from a shipped ensemble, which trains
+    its first network, the ensemble's own). A model that cannot be scored is passed over."""
     if not config.init or len(val_set) == 0:
         return
-    from ferkit.runtime import is_shipped_model_name, load_classifier
+    from ferkit.runtime import is_shipped_model_name, open_classifier, resolve_model_path
     from ferkit.training_model import init_model_path
 
-    starts = [(f"the --init network ({init_model_path(config.init).name})", init_model_path(config.init))]
-    if is_shipped_model_name(config.init) and load_classifier(config.init).path != starts[0][1]:
+    network = init_model_path(config.init)
+    starts = [(f"the --init network ({network.name})", network)]
+    if is_shipped_model_name(config.init) and resolve_model_path(config.init) != network:
         starts.append((f"the shipped {config.init} model itself", config.init))
     for what, model in starts:
-        classifier = load_classifier(model)
-        if list(classifier.classes) != list(val_set.classes) or tuple(classifier.input_size) != val_set.images.shape[1:]:
-            return  # other classes: its score would not compare with the run's
-        accuracy = float(np.mean(classifier.predict_proba(val_set.images).argmax(axis=1) == val_set.labels))
+        try:
+            classifier = open_classifier(model).with_tta("none")
+            if list(classifier.classes) != list(val_set.classes) or tuple(classifier.input_size) != val_set.images.shape[1:]:
+                return  # other classes: its score would not compare with the run's
+            accuracy = float(np.mean(classifier.predict_proba(val_set.images).argmax(axis=1) == val_set.labels))
+        except Exception as err:  # a figure to compare with, never a reason to stop the run
+            log.debug("could not score %s before training: %s", model, err)
+            return
         log.info("before training, %s scores %.4f on the %d validation faces", what, accuracy, len(val_set))
 
 

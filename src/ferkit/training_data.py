@@ -20,6 +20,7 @@ from ferkit.data.batches import face_batches, faces_per_epoch
 from ferkit.distributed import Topology
 from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch
+from ferkit.labels import EMOTIONS
 from ferkit.models import get_model_spec
 from ferkit.training_model import needs_one_hot
 
@@ -55,15 +56,16 @@ def _warn_of_classes_missing_from_val(data: FaceDataset, val: FaceDataset) -> No
 
 
 def check_classes_present(data: FaceDataset, known=()) -> None:
-    """A FerkitError when the training faces are of fewer than two classes, or of none of a class the
-    model does not `known` already (a misspelt --classes name, say); a warning naming the known classes
-    without any, which the model will then hardly ever predict."""
+    """A FerkitError when the training faces are of fewer than two classes, or of none of a class beyond
+    the seven emotions that the model does not `known` already (a misspelt --classes name, say); a
+    warning naming the other classes without any, which the model will then hardly ever predict."""
     counts = data.class_counts()
     present = [name for name, count in counts.items() if count]
     if len(present) < 2:
         raise FerkitError(f"{data.source} holds faces of {present[0] if present else 'no class'} only; "
                           "training needs faces of at least two classes")
-    unlearnable = [name for name, count in counts.items() if not count and name not in known]
+    # a class of its own (not one of the seven) without faces, which the model does not know either: a typo, say
+    unlearnable = [name for name, count in counts.items() if not count and name not in known and name not in EMOTIONS]
     if unlearnable:
         guesses = [f"{name}: did you mean {close[0]}?" for name in unlearnable
                    for close in [difflib.get_close_matches(name, present, n=1, cutoff=0.6)] if close]
@@ -93,19 +95,20 @@ def _unknown_folders_error(config: TrainConfig, err: UnknownClassFolders) -> Fer
     given as the data, or --classes that trains the folders' classes too (with --init)."""
     from ferkit.labels import canonical_label
 
+    classes = list(config.classes or EMOTIONS)
     root = Path(config.data)
-    if root.is_dir() and canonical_label(root.name) in config.classes:
+    if root.is_dir() and canonical_label(root.name) in classes:
         return FerkitError(f"{err}; {root} looks like the folder of one class ({canonical_label(root.name)}): "
                            f"give the folder that holds the class folders, {root.parent}")
     for folder in err.folders:
-        close = difflib.get_close_matches(canonical_label(folder), config.classes, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(canonical_label(folder), classes, n=1, cutoff=0.6)
         if close:
             return FerkitError(f"{err}; the folder {folder} is close to the class {close[0]}: is one of them misspelt? "
                                "Rename the folder or mend --classes")
     if not config.init:
         return err
     known = _init_classes(config)
-    more = ",".join([*config.classes, *err.folders])
+    more = ",".join([*classes, *err.folders])
     new = [f for f in err.folders if canonical_label(f) not in known]
     fresh = f" ({', '.join(new)} new to the model, from fresh weights)" if new else ""
     return FerkitError(f"{err}; --classes {more} trains {', '.join(err.folders)} too{fresh}")

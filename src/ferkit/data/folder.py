@@ -12,7 +12,7 @@ from ferkit.data.cache import cache_key, load_cached, save_cached
 from ferkit.data.dataset import FaceDataset
 from ferkit.errors import FerkitError
 from ferkit.faces import whole_image_face
-from ferkit.images import ImageError, image_decoders, load_image, to_model_input
+from ferkit.images import ImageError, image_decoders, load_image, to_model_input, to_rgb
 from ferkit.labels import EMOTIONS, canonical_label
 from ferkit.progress import track
 from ferkit.sources import files_under
@@ -109,7 +109,7 @@ def _decode_files(files, labels, root, image_size, progress) -> dict[str, np.nda
     images, kept_labels, kept_paths, skipped_paths, skipped_reasons = [], [], [], [], []
     for path, label in track(list(zip(files, labels)), description=f"reading {root}", enabled=progress):
         try:
-            images.append(to_model_input(whole_image_face(load_image(path)), image_size))
+            images.append(to_model_input(whole_image_face(to_rgb(load_image(path))), image_size))  # as predict does
         except ImageError as err:
             skipped_paths.append(str(path.relative_to(root)))
             skipped_reasons.append(err.reason)
