@@ -54,9 +54,8 @@ def crop_faces(source: str | Path, out: str | Path, *, detector="auto", model=No
     check_writable_folder(create_folder(out, "folder for the face crops"))
     bases = _base_names(photos)
     check_replaceable([_crop_path(out, photo, root, bases[photo], 1) for photo in photos], overwrite=overwrite)
-    summary = CropSummary()
+    summary = CropSummary(photos=len(photos))
     for done, photo in enumerate(photos, 1):
-        summary.photos += 1
         try:
             faces = _faces_of(photo, find, metadata)
         except FerkitError as err:
