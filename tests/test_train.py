@@ -556,8 +556,10 @@ def test_a_resumed_run_may_change_the_precision_of_its_arithmetic(pattern_data, 
 
 
 def test_a_packed_run_resumes_on_the_same_schedule(pattern_data, tmp_path):
+    import keras
+
+    from ferkit.checkpoints import restore_packed_best_model, save_compact_checkpoint
     from ferkit.runtime import load_classifier
-    from ferkit.checkpoints import save_compact_checkpoint
 
     options = dict(optimizer="sgd", learning_rate=0.05, lr_schedule="cosine", warmup_epochs=1, ema=0.9,
                    augment=["flip"], epochs=4)
@@ -569,10 +571,21 @@ def test_a_packed_run_resumes_on_the_same_schedule(pattern_data, tmp_path):
     assert (packed / "checkpoint.npz").stat().st_size < (first / "backup" / "latest.weights.h5").stat().st_size / 2
     with pytest.raises(FerkitError, match="already exists"):
         save_compact_checkpoint(first, packed)
+    # the best model travels too, and comes back as best.keras on resuming
+    assert (packed / "best.npz").exists() and not (packed / "best.keras").exists()
+    restored = shutil.copytree(packed, tmp_path / "restored")
+    restore_packed_best_model(keras, restored, TrainConfig.load(restored / "config.json"))
+    faces = load_dataset(pattern_data / "val").images
+    best_before, best_after = (load_classifier(run / "best.keras").predict_proba(faces) for run in (first, restored))
+    assert np.abs(best_after - best_before).max() < 0.01  # the same model, to float16's precision
+    before, after = read_metadata(first / "best.keras"), read_metadata(restored / "best.keras")
+    assert after.extra.pop("run") == str(restored) and before.extra.pop("run") == str(first)
+    assert after == before  # the same classes, input, epoch and score
 
     config = TrainConfig.load(packed / "config.json")
     config.epochs, config.out = 4, str(packed)
     train(config, resume=True, verbose=0)
+    assert (packed / "best.keras").exists() and not (packed / "best.npz").exists()
     resumed = read_history(packed / "history.csv")
     assert resumed["epoch"] == [1, 2, 3, 4]
     # the schedule went on from the step where the packed run stopped (the first two epochs had their own)
@@ -683,8 +696,10 @@ def test_the_pack_tool_replaces_an_earlier_pack_and_nothing_else(pattern_data, t
     first = subprocess.run([*tool, str(trained_run), str(out)], capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     assert TrainConfig.load(out / "config.json").out == str(out) and (out / "checkpoint.npz").exists()
+    best = (out / "best.npz").read_bytes()
     again = subprocess.run([*tool, str(trained_run), str(out)], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr  # an earlier pack of the run is replaced
+    assert (out / "best.npz").read_bytes() == best  # byte for byte, for version control to keep once
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")

@@ -3,8 +3,10 @@ run's progress in the repository between working stretches:
 
     python tools/pack_run.py ~/ferkit-runs/ferkit-net-l-v1 training/ferkit-net-l-v1
 
-The folder gets the run's config, history, state and curves and checkpoint.npz: the network's weights
-in float16, without the optimizer's state (see ferkit.checkpoints.save_compact_checkpoint). To continue:
+The folder gets the run's config, history, state and curves, checkpoint.npz: the network's weights in
+float16, without the optimizer's state (see ferkit.checkpoints.save_compact_checkpoint), and best.npz: the
+best model's weights, the same way. A best model unchanged since the last pack is written byte for byte
+as before, so git keeps it once. To continue:
 
     cp -r training/ferkit-net-l-v1 ~/ferkit-runs/ && ferkit train --resume ~/ferkit-runs/ferkit-net-l-v1
 """
@@ -17,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ferkit.checkpoints import COMPACT_CHECKPOINT, COMPACT_FILES, save_compact_checkpoint
+from ferkit.checkpoints import COMPACT_BEST, COMPACT_CHECKPOINT, COMPACT_FILES, save_compact_checkpoint
 from ferkit.config import TrainConfig
 from ferkit.errors import FerkitError
 
@@ -32,7 +34,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(dir=args.out.parent if args.out.parent.exists() else None) as scratch:
             staged = save_compact_checkpoint(args.run, Path(scratch) / "packed")
-            for name in (*COMPACT_FILES, COMPACT_CHECKPOINT):  # replace only the files a pack writes
+            for name in (*COMPACT_FILES, COMPACT_CHECKPOINT, COMPACT_BEST):  # replace only the files a pack writes
                 (args.out / name).unlink(missing_ok=True)
             args.out.mkdir(parents=True, exist_ok=True)
             for item in staged.iterdir():

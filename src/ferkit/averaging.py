@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ferkit._keras import import_keras
-from ferkit.checkpoints import COMPACT_CHECKPOINT
+from ferkit.checkpoints import COMPACT_CHECKPOINT, load_float16_weights
 from ferkit.config import TrainConfig
 from ferkit.errors import FerkitError
 from ferkit.results import check_output_file
@@ -73,9 +73,7 @@ def _metadata_and_weights(keras, source) -> tuple[ModelMetadata, list[np.ndarray
 
 def _packed(folder: Path) -> tuple[ModelMetadata, list[np.ndarray]]:
     config = TrainConfig.load(folder / "config.json")
-    with np.load(folder / COMPACT_CHECKPOINT) as stored:
-        weights = [stored[f"arr_{i}"].astype(np.float32) for i in range(len(stored.files))]
-    return network_metadata(config.model, config.classes), weights
+    return network_metadata(config.model, config.classes), load_float16_weights(folder / COMPACT_CHECKPOINT)
 
 
 def _measure_batch_norm(network, dataset, metadata: ModelMetadata) -> int:

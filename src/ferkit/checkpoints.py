@@ -7,12 +7,16 @@ older forms still resume:
     checkpoint.keras   the whole training model, as runs made by ferkit 0.x before BackupAndRestore kept it
     checkpoint.npz     a packed copy of a run in flight (save_compact_checkpoint): the network's weights in
                        float16, without the optimizer's state
+
+A packed run also keeps its best model's weights (best.npz), which become best.keras again on resuming.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,7 @@ BACKUP = "backup"
 FINE_TUNE_BACKUP = "backup-fine-tune"
 WHOLE_MODEL_CHECKPOINT = "checkpoint.keras"
 COMPACT_CHECKPOINT = "checkpoint.npz"
+COMPACT_BEST = "best.npz"  # the weights of a packed run's best.keras, in float16
 CHECKPOINTS = (BACKUP, FINE_TUNE_BACKUP, WHOLE_MODEL_CHECKPOINT, COMPACT_CHECKPOINT)
 COMPACT_FILES = ("config.json", "datasets.json", "history.csv", "state.json", "curves.png")
 
@@ -48,7 +53,7 @@ def has_checkpoint(run: Path) -> bool:
     return any((run / name).exists() for name in CHECKPOINTS)
 
 
-def remove_checkpoints(run: Path, names=CHECKPOINTS) -> None:
+def remove_checkpoints(run: Path, names=(*CHECKPOINTS, COMPACT_BEST)) -> None:
     for name in names:
         path = run / name
         if path.is_dir():
@@ -109,7 +114,8 @@ def save_compact_checkpoint(run: str | Path, out: str | Path) -> Path:
     """A small copy of the run in flight at `run`, in a new folder `out` that `ferkit train --resume`
     continues: its record (config, history, state, curves) and the network's weights in float16.
 
-    The optimizer's state is not kept, which makes the copy a third of the size: on resuming, momentum
+    The best model's weights are kept beside them, in float16 (best.npz), since the best epoch is often
+    not the last. The optimizer's state is not kept, which makes the copy a third of the size: on resuming, momentum
     restarts at zero and the weights' moving average at the weights themselves; the learning-rate
     schedule goes on from the right step. Validation, which scores the average, reads lower for the few
     epochs the average takes to settle again (ferkit-net-l, EMA 0.999, epoch 51 of 150: 0.6553 in the
@@ -129,9 +135,50 @@ def save_compact_checkpoint(run: str | Path, out: str | Path) -> Path:
             shutil.copy2(run / name, out / name)
     config.out = str(out)  # the pack is a run folder of its own; where the run lived says nothing here
     config.save(out / "config.json")
-    weights = [np.asarray(w, np.float16) for w in network.get_weights()]
-    np.savez_compressed(out / COMPACT_CHECKPOINT, *weights)
+    save_float16_weights(out / COMPACT_CHECKPOINT, network.get_weights())
+    if (run / "best.keras").exists():
+        best = keras.saving.load_model(run / "best.keras", compile=False)
+        save_float16_weights(out / COMPACT_BEST, best.get_weights())
     return out
+
+
+def save_float16_weights(path: Path, weights) -> None:
+    """Weights as np.load reads them (arr_0, arr_1, ...), in float16, compressed. The same weights always
+    give the same bytes (no time stamps inside), so version control stores a file repacked unchanged once."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for i, weight in enumerate(weights):
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.asarray(weight, np.float16), allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"arr_{i}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue(),
+                             compress_type=zipfile.ZIP_DEFLATED)
+
+
+def load_float16_weights(path: Path) -> list:
+    """save_float16_weights' weights, in float32."""
+    with np.load(path) as stored:
+        return [stored[f"arr_{i}"].astype(np.float32) for i in range(len(stored.files))]
+
+
+def restore_packed_best_model(keras, run: Path, config: TrainConfig) -> None:
+    """best.keras again from a packed run's best.npz, which it then replaces."""
+    from ferkit.runs import RunState
+    from ferkit.runtime import save_keras_model
+    from ferkit.training_model import float32_twin, network_metadata
+
+    packed = run / COMPACT_BEST
+    if not packed.exists():
+        return
+    if not (run / "best.keras").exists():
+        network = float32_twin(keras, config.model, len(config.classes))
+        try:
+            network.set_weights(load_float16_weights(packed))
+        except ValueError:
+            raise FerkitError(f"{packed} does not hold the weights of a {config.model} network") from None
+        metadata = network_metadata(config.model, config.classes)
+        state = RunState.load(run)
+        metadata.extra = {"run": str(run), "epoch": state.best_epoch, "val_accuracy": state.best_val_accuracy}
+        save_keras_model(network, run / "best.keras", metadata)
+    packed.unlink()
 
 
 def _trained_model(keras, run: Path, config: TrainConfig):
@@ -152,10 +199,8 @@ def _trained_model(keras, run: Path, config: TrainConfig):
 def _restore_compact_checkpoint(training_model, config: TrainConfig, path: Path, epochs_done: int, train_size: int) -> None:
     """Load save_compact_checkpoint's weights into a freshly compiled training model, with the optimizer
     at the step where the run stopped (so the learning-rate schedule continues)."""
-    with np.load(path) as stored:
-        weights = [stored[f"arr_{i}"] for i in range(len(stored.files))]
     try:
-        network_of(training_model, config).set_weights([w.astype(np.float32) for w in weights])
+        network_of(training_model, config).set_weights(load_float16_weights(path))
     except ValueError:
         raise FerkitError(f"{path} does not hold the weights of a {config.model} network") from None
     optimizer = training_model.optimizer

@@ -19,7 +19,8 @@ import numpy as np
 
 from ferkit._keras import check_keras_installed, import_keras
 from ferkit.checkpoints import (
-    BACKUP, FINE_TUNE_BACKUP, backed_up_epochs, has_checkpoint, keeps_its_precision, resume_training_model, resumes_unfrozen,
+    BACKUP, FINE_TUNE_BACKUP, backed_up_epochs, has_checkpoint, keeps_its_precision, restore_packed_best_model,
+    resume_training_model, resumes_unfrozen,
 )
 from ferkit.config import TrainConfig
 from ferkit.distributed import Topology, device_names
@@ -99,6 +100,7 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
     state = RunState.load(run) if resume else RunState()
     if resume:  # a kill between the backup and state.json leaves the backup one epoch ahead
         state.epochs_done = backed_up_epochs(run) or state.epochs_done
+        restore_packed_best_model(import_keras(), run, config)
     total = config.total_epochs
     if state.epochs_done >= total:
         log.warning("%s already has %d epochs; pass a larger --epochs to train on", run, state.epochs_done)
