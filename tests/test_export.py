@@ -317,3 +317,37 @@ def test_results_name_the_model_file_they_came_from(trained_run, onnx_model):
     assert run_version.endswith(" (best.keras)") and str(trained_run.name) in run_version
     assert model_version(load_classifier(onnx_model)) == run_version.replace("best.keras", onnx_model.name)
     assert model_version(load_classifier(trained_run / "last.keras")).endswith(" (last.keras)")
+
+
+def test_a_run_folder_predicts_with_its_onnx_export_while_that_is_current(trained_run, tmp_path, caplog):
+    import shutil
+
+    from ferkit.runtime import inference_model_path, save_keras_model
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    assert export_onnx(run) == run / "best.onnx"  # where `ferkit export RUN` writes
+    assert inference_model_path(run) == run / "best.onnx"
+    face = tmp_path / "face.png"
+    from PIL import Image
+
+    Image.fromarray(pattern_face(3, np.random.default_rng(3))).save(face)
+    code = (
+        "import sys, json, ferkit;"
+        f"r = next(ferkit.analyze_images([{str(face)!r}], model={str(run)!r}, detector='none'));"
+        "print(json.dumps([r.faces[0].emotion, 'tensorflow' in sys.modules]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == ["happy", False]
+
+    # a later best model (as a resumed run writes) makes the export out of date: the model itself is used
+    import keras
+
+    metadata = read_metadata(run / "best.keras")
+    metadata.extra = {**metadata.extra, "epoch": metadata.extra["epoch"] + 1}
+    save_keras_model(keras.saving.load_model(run / "best.keras"), run / "best.keras", metadata)
+    with caplog.at_level("WARNING", logger="ferkit"):
+        assert inference_model_path(run) == run / "best.keras"
+    assert "was not exported from best.keras as it is now" in caplog.text
+    assert not isinstance(load_classifier(run), OnnxClassifier)
+    (run / "best.keras").unlink()  # an export alone serves
+    assert isinstance(load_classifier(run), OnnxClassifier)

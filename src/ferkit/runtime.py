@@ -10,6 +10,7 @@ import copy
 import functools
 import hashlib
 import json
+import logging
 import os
 import time
 import zipfile
@@ -22,6 +23,8 @@ from ferkit import __version__
 from ferkit.calibration import apply_temperature, check_temperature
 from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch
+
+log = logging.getLogger("ferkit")
 
 MANIFEST = "manifest.json"  # in ferkit/weights: the shipped models
 METADATA_NAME = "ferkit.json"  # inside a .keras zip; the metadata_props key in an .onnx file
@@ -405,8 +408,41 @@ def load_classifier(model: str | Path | Classifier | None = None) -> Classifier:
     """
     if isinstance(model, Classifier):
         return model
-    path = resolve_model_path(model).absolute()  # not resolved: a link's own name says what the file is
+    path = inference_model_path(model).absolute()  # not resolved: a link's own name says what the file is
     return _load_cached(path, path.stat().st_mtime_ns)
+
+
+def inference_model_path(model: str | Path | None) -> Path:
+    """The file that load_classifier runs for `model`: as resolve_model_path, except that a run folder's
+    model is its ONNX export (`ferkit export RUN` writes best.onnx beside best.keras) when that export
+    was made from the model as it is now. ONNX Runtime runs it faster, and without TensorFlow."""
+    folder = Path(model) if model is not None else None
+    if folder is None or not folder.is_dir() or is_shipped_model_name(model):
+        return resolve_model_path(model)
+    for stem in ("best", "last"):
+        model_file, export = folder / f"{stem}.keras", folder / f"{stem}.onnx"
+        if export.is_file() and (not model_file.is_file() or _exported_from(export, model_file)):
+            return export
+        if model_file.is_file():
+            return model_file
+    return resolve_model_path(model)
+
+
+def _exported_from(export: Path, model_file: Path) -> bool:
+    return _export_matches(export, model_file, export.stat().st_mtime_ns, model_file.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _export_matches(export: Path, model_file: Path, *modified) -> bool:
+    """Whether `export` was made from `model_file` as it is now: the same epoch with the same score
+    (said once for each state of the two files)."""
+    made_from, model = read_metadata(export).extra, read_metadata(model_file).extra
+    keys = ("epoch", "val_accuracy")
+    if all(key in model for key in keys) and all(made_from.get(key) == model[key] for key in keys):
+        return True
+    log.warning("%s was not exported from %s as it is now; using %s (export again, with --overwrite, to run "
+                "it with ONNX Runtime)", export, model_file.name, model_file)
+    return False
 
 
 def classifier_speed(classifier: Classifier, *, batch: int = 256, repeat: int = 20) -> dict:
@@ -458,7 +494,7 @@ def _load_cached(path: Path, mtime_ns: int) -> Classifier:
 def open_classifier(model: str | Path | None = None) -> Classifier:
     """A classifier of its own, as load_classifier gives, but loaded afresh and not kept: for a model
     used once, or one whose weights will change."""
-    path = resolve_model_path(model).absolute()
+    path = inference_model_path(model).absolute()
     if path.suffix.lower() == ".onnx":
         return OnnxClassifier(path)
     return KerasClassifier(read_metadata(path), path)
