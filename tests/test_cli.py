@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import pattern_face, write_pattern_dataset
 from ferkit.cli import cli
 from ferkit.labels import EMOTIONS, FER2013_CSV_CODES
+from ferkit.runs import RunState
 
 
 def run(*args):
@@ -92,7 +93,12 @@ def test_evaluate_with_flip_tta_records_it(trained_run, pattern_data, tmp_path):
     flip = run("evaluate", trained_run, "--data", pattern_data / "val", "--json", "--tta", "flip", "--out", tmp_path / "flip")
     assert plain.exit_code == 0 and flip.exit_code == 0, flip.output
     assert json.loads(plain.output)["tta"] == "none" and json.loads(flip.output)["tta"] == "flip"
-    assert "(flip TTA)" in (tmp_path / "flip" / "report.html").read_text()
+    # which epoch of the run made the model, as its best.keras records it
+    epoch = RunState.load(trained_run).best_epoch
+    assert json.loads(flip.output)["model_epoch"] == epoch
+    assert f"(epoch {epoch}, flip TTA)" in (tmp_path / "flip" / "report.html").read_text()
+    assert f"(epoch {epoch})" in run("evaluate", trained_run, "--data", pattern_data / "val", "--out", tmp_path / "plain",
+                                     "--overwrite").output
     import shutil
 
     model = shutil.copy(trained_run / "best.keras", tmp_path / "best.keras")

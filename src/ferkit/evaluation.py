@@ -47,6 +47,7 @@ class EvaluationReport:
     y_pred: np.ndarray
     tta: str = "none"  # the test-time augmentation the model ran with
     model_version: str = ""  # which model of that name: its run and file, or a shipped model's version
+    model_epoch: int | None = None  # the training epoch that made the model, where it records one (a run's models)
     probabilities: np.ndarray | None = None  # (N, classes) as scored, the model's temperature applied
     temperature: float = 1.0  # the model's temperature
     ece_before_temperature: float | None = None  # ECE of the same model at temperature 1, when its own is not 1
@@ -77,8 +78,10 @@ class EvaluationReport:
 
     @property
     def model_label(self) -> str:
-        """The model's name, with its test-time augmentation when it used one."""
-        return self.model if self.tta == "none" else f"{self.model} ({self.tta} TTA)"
+        """The model's name, with its training epoch where known and its test-time augmentation when it used one."""
+        details = ([f"epoch {self.model_epoch}"] if self.model_epoch is not None else []) + (
+            [f"{self.tta} TTA"] if self.tta != "none" else [])
+        return f"{self.model} ({', '.join(details)})" if details else self.model
 
     @property
     def absent_classes(self) -> list[str]:
@@ -110,6 +113,7 @@ class EvaluationReport:
         return {
             "model": self.model,
             "model_version": self.model_version,
+            "model_epoch": self.model_epoch,
             "tta": self.tta,
             "data": self.data,
             "samples": int(len(self.y_true)),
@@ -337,6 +341,8 @@ def evaluate(
     from ferkit.predict import model_version
 
     report.model_version = model_version(classifier)
+    epoch = classifier.metadata.extra.get("epoch")
+    report.model_epoch = int(epoch) if isinstance(epoch, (int, float)) else None
     return report
 
 
