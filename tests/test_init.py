@@ -15,6 +15,7 @@ from ferkit.labels import EMOTIONS
 from ferkit.runs import read_history
 from ferkit.runtime import files_path, read_metadata, shipped_model
 from ferkit.training import train
+from ferkit.training_data import load_train_val
 
 
 def _contempt_face(rng):
@@ -119,6 +120,11 @@ def test_faces_of_one_class_are_refused_and_classes_without_faces_are_named(trai
     with caplog.at_level("WARNING", logger="ferkit"):
         train(config, verbose=0)
     assert "no training faces of angry, disgust, fear, neutral, surprise: the model will hardly ever predict them" in caplog.text
+    assert "few training faces of happy (6), sad (6): the model will learn them poorly" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ferkit"):  # 20 faces of each class are not few
+        load_train_val(TrainConfig(data=str(pattern_data / "train"), val=str(pattern_data / "val")), (48, 48))
+    assert "few training faces" not in caplog.text
 
 
 def test_a_misspelt_class_is_refused_with_what_it_may_mean(trained_run, pattern_data, tmp_path):

@@ -43,8 +43,21 @@ def load_train_val(config: TrainConfig, input_size, *, progress: bool = False) -
     if config.val:
         val = load_dataset(config.val, usage=VAL_USAGE, **{**common, "classes": data.classes})
         _warn_of_classes_missing_from_val(data, val)
-        return data, val
-    return split_dataset(data, val_fraction=config.val_split, seed=config.seed)
+    else:
+        data, val = split_dataset(data, val_fraction=config.val_split, seed=config.seed)
+    _warn_of_classes_with_few_faces(data)
+    return data, val
+
+
+FEW_FACES = 10  # training faces of a class below which its scores say little
+
+
+def _warn_of_classes_with_few_faces(data: FaceDataset) -> None:
+    few = {name: count for name, count in data.class_counts().items() if 0 < count < FEW_FACES}
+    if few:
+        listed = ", ".join(f"{name} ({count})" for name, count in few.items())
+        log.warning("few training faces of %s: the model will learn %s poorly; a few dozen faces of each class "
+                    "are a sensible least", listed, "it" if len(few) == 1 else "them")
 
 
 def _warn_of_classes_missing_from_val(data: FaceDataset, val: FaceDataset) -> None:
