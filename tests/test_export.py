@@ -44,18 +44,23 @@ def test_export_never_overwrites_silently(trained_run, onnx_model, tmp_path):
     assert model.read_bytes() == before
 
 
-def test_predict_with_onnx_imports_no_tensorflow(onnx_model, tmp_path):
+def emotion_and_imports_of_a_fresh_process(model, tmp_path) -> list:
+    """[emotion of a happy face, whether TensorFlow was imported, whether Keras was], predicting with
+    `model` in a Python process of its own."""
     face = tmp_path / "face.png"
     from PIL import Image
 
     Image.fromarray(pattern_face(3, np.random.default_rng(3))).save(face)
     code = (
         "import sys, json, ferkit;"
-        f"r = next(ferkit.analyze_images([{str(face)!r}], model={str(onnx_model)!r}, detector='none'));"
+        f"r = next(ferkit.analyze_images([{str(face)!r}], model={str(model)!r}, detector='none'));"
         "print(json.dumps([r.faces[0].emotion, 'tensorflow' in sys.modules, 'keras' in sys.modules]))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert json.loads(out) == ["happy", False, False]
+    return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def test_predict_with_onnx_imports_no_tensorflow(onnx_model, tmp_path):
+    assert emotion_and_imports_of_a_fresh_process(onnx_model, tmp_path) == ["happy", False, False]
 
 
 def test_export_command(trained_run, tmp_path):
@@ -327,17 +332,7 @@ def test_a_run_folder_predicts_with_its_onnx_export_while_that_is_current(traine
     run = shutil.copytree(trained_run, tmp_path / "run")
     assert export_onnx(run) == run / "best.onnx"  # where `ferkit export RUN` writes
     assert inference_model_path(run) == run / "best.onnx"
-    face = tmp_path / "face.png"
-    from PIL import Image
-
-    Image.fromarray(pattern_face(3, np.random.default_rng(3))).save(face)
-    code = (
-        "import sys, json, ferkit;"
-        f"r = next(ferkit.analyze_images([{str(face)!r}], model={str(run)!r}, detector='none'));"
-        "print(json.dumps([r.faces[0].emotion, 'tensorflow' in sys.modules]))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert json.loads(out) == ["happy", False]
+    assert emotion_and_imports_of_a_fresh_process(run, tmp_path) == ["happy", False, False]
 
     # a later best model (as a resumed run writes) makes the export out of date: the model itself is used
     import keras
