@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import write_pattern_dataset
-from ferkit.config import TrainConfig
+from ferkit.config import INIT_LEARNING_RATE, LEARNING_RATE, TrainConfig
 from ferkit.data import load_dataset
 from ferkit.errors import FerkitError
 from ferkit.evaluation import evaluate
@@ -121,6 +121,8 @@ def test_faces_of_one_class_are_refused_and_classes_without_faces_are_named(trai
         train(config, verbose=0)
     assert "no training faces of angry, disgust, fear, neutral, surprise: the model will hardly ever predict them" in caplog.text
     assert "few training faces of happy (6), sad (6): the model will learn them poorly" in caplog.text
+    # a trained network starts at a tenth of the from-scratch learning rate, unless told otherwise
+    assert TrainConfig.load(tmp_path / "b" / "config.json").learning_rate == INIT_LEARNING_RATE == LEARNING_RATE / 10
     caplog.clear()
     with caplog.at_level("WARNING", logger="ferkit"):  # 20 faces of each class are not few
         load_train_val(TrainConfig(data=str(pattern_data / "train"), val=str(pattern_data / "val")), (48, 48))

@@ -243,7 +243,7 @@ def config_options(config_class):
     return decorate
 
 
-_OPTION_TYPES = {"int": int, "float": float}
+_OPTION_TYPES = {"int": int, "float": float, "float | None": float}
 
 
 def _shown_default(value) -> str:
