@@ -28,7 +28,11 @@ def test_onnx_agrees_with_keras_on_real_inputs(trained_run, onnx_model):
 
 
 def test_onnx_carries_the_metadata(trained_run, onnx_model):
-    assert read_metadata(onnx_model) == read_metadata(trained_run)
+    from ferkit.runtime import EXPORT_SOURCE, sha256_of
+
+    exported = read_metadata(onnx_model)
+    assert exported.extra.pop(EXPORT_SOURCE) == sha256_of(trained_run / "best.keras")  # what it was made from
+    assert exported == read_metadata(trained_run)
 
 
 def test_export_never_overwrites_silently(trained_run, onnx_model, tmp_path):
@@ -324,25 +328,30 @@ def test_results_name_the_model_file_they_came_from(trained_run, onnx_model):
     assert model_version(load_classifier(trained_run / "last.keras")).endswith(" (last.keras)")
 
 
-def test_a_run_folder_predicts_with_its_onnx_export_while_that_is_current(trained_run, tmp_path, caplog):
+def test_a_run_folder_predicts_with_its_onnx_export_while_that_is_current(trained_run, pattern_data, tmp_path, caplog):
     import shutil
 
-    from ferkit.runtime import inference_model_path, save_keras_model
+    import keras
+
+    from ferkit.runtime import KerasClassifier, exported_model_path, save_keras_model
 
     run = shutil.copytree(trained_run, tmp_path / "run")
     assert export_onnx(run) == run / "best.onnx"  # where `ferkit export RUN` writes
-    assert inference_model_path(run) == run / "best.onnx"
+    assert exported_model_path(run) == run / "best.onnx"
     assert emotion_and_imports_of_a_fresh_process(run, tmp_path) == ["happy", False, False]
+    assert isinstance(load_classifier(run), KerasClassifier)  # evaluation and teachers keep to the model itself
 
-    # a later best model (as a resumed run writes) makes the export out of date: the model itself is used
-    import keras
-
-    metadata = read_metadata(run / "best.keras")
-    metadata.extra = {**metadata.extra, "epoch": metadata.extra["epoch"] + 1}
-    save_keras_model(keras.saving.load_model(run / "best.keras"), run / "best.keras", metadata)
+    # a best model saved again (as a resumed run does) makes the export out of date: the model itself predicts
+    save_keras_model(keras.saving.load_model(run / "best.keras"), run / "best.keras", read_metadata(run / "best.keras"))
     with caplog.at_level("WARNING", logger="ferkit"):
-        assert inference_model_path(run) == run / "best.keras"
-    assert "was not exported from best.keras as it is now" in caplog.text
-    assert not isinstance(load_classifier(run), OnnxClassifier)
-    (run / "best.keras").unlink()  # an export alone serves
+        assert exported_model_path(run) == run / "best.keras"
+    assert "was exported from another best.keras" in caplog.text
+    assert isinstance(load_classifier(run, prefer_export=True), KerasClassifier)
+
+    # a run folder holding only its export serves, for prediction and evaluation alike
+    for name in ("best.keras", "last.keras"):
+        (run / name).unlink()
     assert isinstance(load_classifier(run), OnnxClassifier)
+    result = CliRunner().invoke(cli, ["evaluate", str(run), "--data", str(pattern_data / "val"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "(best.onnx)" in json.loads(result.output)["model_version"]

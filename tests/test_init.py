@@ -123,6 +123,7 @@ def test_faces_of_one_class_are_refused_and_classes_without_faces_are_named(trai
     assert "few training faces of happy (6), sad (6): the model will learn them poorly" in caplog.text
     # a trained network starts at a tenth of the from-scratch learning rate, unless told otherwise
     assert TrainConfig.load(tmp_path / "b" / "config.json").learning_rate == INIT_LEARNING_RATE == LEARNING_RATE / 10
+    assert read_history(tmp_path / "b" / "history.csv")["learning_rate"] == pytest.approx([INIT_LEARNING_RATE])
     caplog.clear()
     with caplog.at_level("WARNING", logger="ferkit"):  # 20 faces of each class are not few
         load_train_val(TrainConfig(data=str(pattern_data / "train"), val=str(pattern_data / "val")), (48, 48))

@@ -555,11 +555,11 @@ def test_a_resumed_run_may_change_the_precision_of_its_arithmetic(pattern_data, 
     assert all(w.dtype == "float32" for w in keras.saving.load_model(run / "last.keras").weights)
 
 
-def test_a_packed_run_resumes_on_the_same_schedule(pattern_data, tmp_path):
+def test_a_packed_run_resumes_on_the_same_schedule(pattern_data, tmp_path, caplog):
     import keras
 
     from ferkit.checkpoints import restore_packed_best_model, save_compact_checkpoint
-    from ferkit.runtime import load_classifier
+    from ferkit.runtime import load_classifier, save_keras_model
 
     options = dict(optimizer="sgd", learning_rate=0.05, lr_schedule="cosine", warmup_epochs=1, ema=0.9,
                    augment=["flip"], epochs=4)
@@ -573,6 +573,8 @@ def test_a_packed_run_resumes_on_the_same_schedule(pattern_data, tmp_path):
         save_compact_checkpoint(first, packed)
     # the best model travels too, and comes back as best.keras on resuming
     assert (packed / "best.npz").exists() and not (packed / "best.keras").exists()
+    with pytest.raises(FerkitError, match="is a packed run: its models come back when it resumes"):
+        load_classifier(packed)
     restored = shutil.copytree(packed, tmp_path / "restored")
     restore_packed_best_model(keras, restored, TrainConfig.load(restored / "config.json"))
     faces = load_dataset(pattern_data / "val").images
@@ -581,6 +583,15 @@ def test_a_packed_run_resumes_on_the_same_schedule(pattern_data, tmp_path):
     before, after = read_metadata(first / "best.keras"), read_metadata(restored / "best.keras")
     assert after.extra.pop("run") == str(restored) and before.extra.pop("run") == str(first)
     assert after == before  # the same classes, input, epoch and score
+    # a best model of another epoch in the folder (an older copy of the run) gives way to the pack's, with a warning
+    older = shutil.copytree(packed, tmp_path / "older")
+    stale = read_metadata(first / "best.keras")
+    stale.extra["epoch"] = 99
+    save_keras_model(keras.saving.load_model(first / "best.keras"), older / "best.keras", stale)
+    with caplog.at_level("WARNING", logger="ferkit"):
+        restore_packed_best_model(keras, older, TrainConfig.load(older / "config.json"))
+    assert "another best model than the pack's (epoch 99)" in caplog.text
+    assert read_metadata(older / "best.keras").extra["epoch"] == before.extra["epoch"] and not (older / "best.npz").exists()
 
     config = TrainConfig.load(packed / "config.json")
     config.epochs, config.out = 4, str(packed)

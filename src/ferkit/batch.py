@@ -45,7 +45,7 @@ class FolderBatch:
         paths, self.errors = list_batch_images([str(s) for s in sources], skip=self.out, alone=alone)
         # everything checked before the model loads and before an earlier batch's files are replaced
         self.detector = get_detector(detector)
-        self.classifier = load_classifier(model)
+        self.classifier = load_classifier(model, prefer_export=True)
         # named in listing order, so a resumed run names its copies as a whole run would; never as a photo
         # of the batch that lies in the results folder (a user's own NAME.annotated.jpg)
         used = {p.name for p in paths if p.parent.resolve() == self.out.resolve()}

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,10 @@ import numpy as np
 from ferkit._keras import import_keras
 from ferkit.config import TrainConfig
 from ferkit.errors import FerkitError
+from ferkit.runtime import METADATA_NAME, ModelMetadata, read_metadata, save_keras_model
 from ferkit.training_model import FEATURE_HEAD, build_training_model, feature_head, network_of
+
+log = logging.getLogger("ferkit")
 
 BACKUP = "backup"
 FINE_TUNE_BACKUP = "backup-fine-tune"
@@ -138,47 +143,66 @@ def save_compact_checkpoint(run: str | Path, out: str | Path) -> Path:
     save_float16_weights(out / COMPACT_CHECKPOINT, network.get_weights())
     if (run / "best.keras").exists():
         best = keras.saving.load_model(run / "best.keras", compile=False)
-        save_float16_weights(out / COMPACT_BEST, best.get_weights())
+        metadata = read_metadata(run / "best.keras")
+        metadata.extra.pop("run", None)  # where the run lived says nothing in the pack (and would change its bytes)
+        save_float16_weights(out / COMPACT_BEST, best.get_weights(), asdict(metadata))
     return out
 
 
-def save_float16_weights(path: Path, weights) -> None:
-    """Weights as np.load reads them (arr_0, arr_1, ...), in float16, compressed. The same weights always
-    give the same bytes (no time stamps inside), so version control stores a file repacked unchanged once."""
+def save_float16_weights(path: Path, weights, metadata: dict | None = None) -> None:
+    """Weights as np.load reads them (arr_0, arr_1, ...), in float16, compressed, with the model's ferkit
+    metadata (METADATA_NAME) if given. The same weights always give the same bytes (no time stamps
+    inside), so version control stores a file repacked unchanged once."""
+    def entry(name: str) -> zipfile.ZipInfo:
+        return zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
         for i, weight in enumerate(weights):
             buffer = io.BytesIO()
             np.lib.format.write_array(buffer, np.asarray(weight, np.float16), allow_pickle=False)
-            archive.writestr(zipfile.ZipInfo(f"arr_{i}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue(),
-                             compress_type=zipfile.ZIP_DEFLATED)
+            archive.writestr(entry(f"arr_{i}.npy"), buffer.getvalue(), compress_type=zipfile.ZIP_DEFLATED)
+        if metadata is not None:
+            archive.writestr(entry(METADATA_NAME), json.dumps(metadata, sort_keys=True), compress_type=zipfile.ZIP_DEFLATED)
 
 
 def load_float16_weights(path: Path) -> list:
     """save_float16_weights' weights, in float32."""
     with np.load(path) as stored:
-        return [stored[f"arr_{i}"].astype(np.float32) for i in range(len(stored.files))]
+        count = sum(name.startswith("arr_") for name in stored.files)
+        return [stored[f"arr_{i}"].astype(np.float32) for i in range(count)]
 
 
 def restore_packed_best_model(keras, run: Path, config: TrainConfig) -> None:
-    """best.keras again from a packed run's best.npz, which it then replaces."""
-    from ferkit.runs import RunState
-    from ferkit.runtime import save_keras_model
+    """best.keras again from a packed run's best.npz, which it then replaces. A best.keras already there
+    (an older copy of the run, say) gives way, with a warning, unless it is the same epoch's."""
     from ferkit.training_model import float32_twin, network_metadata
 
     packed = run / COMPACT_BEST
     if not packed.exists():
         return
-    if not (run / "best.keras").exists():
-        network = float32_twin(keras, config.model, len(config.classes))
-        try:
-            network.set_weights(load_float16_weights(packed))
-        except ValueError:
-            raise FerkitError(f"{packed} does not hold the weights of a {config.model} network") from None
-        metadata = network_metadata(config.model, config.classes)
-        state = RunState.load(run)
-        metadata.extra = {"run": str(run), "epoch": state.best_epoch, "val_accuracy": state.best_val_accuracy}
-        save_keras_model(network, run / "best.keras", metadata)
+    metadata = _packed_metadata(packed) or network_metadata(config.model, config.classes)
+    metadata.extra = {**metadata.extra, "run": str(run)}
+    existing = run / "best.keras"
+    if existing.exists():
+        if read_metadata(existing).extra.get("epoch") == metadata.extra.get("epoch"):
+            packed.unlink()
+            return
+        log.warning("%s holds another best model than the pack's (epoch %s): replaced by the pack's (epoch %s)", run,
+                    read_metadata(existing).extra.get("epoch", "unknown"), metadata.extra.get("epoch", "unknown"))
+    network = float32_twin(keras, config.model, len(config.classes))
+    try:
+        network.set_weights(load_float16_weights(packed))
+    except ValueError:
+        raise FerkitError(f"{packed} does not hold the weights of a {config.model} network") from None
+    save_keras_model(network, existing, metadata)
     packed.unlink()
+
+
+def _packed_metadata(path: Path) -> ModelMetadata | None:
+    with zipfile.ZipFile(path) as archive:
+        if METADATA_NAME not in archive.namelist():
+            return None
+        return ModelMetadata.from_dict(json.loads(archive.read(METADATA_NAME)))
 
 
 def _trained_model(keras, run: Path, config: TrainConfig):

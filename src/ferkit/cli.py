@@ -735,7 +735,7 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     videos = [(s, unique_path(out, Path(s).stem, "", stems).name) for s, kind in kinds if kind == "video"]
     for _, stem in videos:
         check_replaceable(video_outputs(out, stem, save_video), overwrite=overwrite)
-    classifier = load_classifier(model).with_tta(tta)
+    classifier = load_classifier(model, prefer_export=True).with_tta(tta)
     find = get_detector(detector)
     create_folder(out)
     failures = missing

@@ -28,14 +28,14 @@ def setting(default, help: str, *, flag: str | None = None, choices: tuple[str, 
     return field(default=default, metadata=metadata)
 
 
-# What may differ when a run resumes: a longer or shorter schedule (fine-tuning phase included), and where
-# its data is now; the run folder itself; the classes, which training reads from the data; the precision of
-# the arithmetic (the weights stay float32), which pays on one machine and not another.
 # Fine-tuning a trained network (--init) with Adam at the from-scratch rate undoes much of what it knew: on 175
 # PublicTest faces, 15 epochs, scored on 631 others, its member of the default model went from 0.658 to 0.580
 # at 1e-3, 0.605 at 3e-4, 0.643 at 1e-4 and 0.661 at 3e-5 (benchmarks/finetune_vs_scratch.py's split).
 LEARNING_RATE, INIT_LEARNING_RATE = 1e-3, 1e-4
 
+# What may differ when a run resumes: a longer or shorter schedule (fine-tuning phase included), and where
+# its data is now; the run folder itself; the classes, which training reads from the data; the precision of
+# the arithmetic (the weights stay float32), which pays on one machine and not another.
 RESUMABLE = ("epochs", "fine_tune", "fine_tune_epochs", "data", "val", "teacher", "out", "classes", "precision")
 
 
@@ -49,6 +49,7 @@ class TrainConfig:
     epochs: int = setting(30, "Epochs to train in all; with --resume, the new total.")
     batch_size: int = setting(64, "Faces per training step.")
     optimizer: str = setting("adam", "adam, adamw, or sgd (Nesterov momentum 0.9).", choices=OPTIMIZERS)
+    # None becomes one of the two rates when the config is made: dataclasses.replace(config, init=...) keeps it
     learning_rate: float | None = setting(None, "Learning rate.", flag="--lr",
                                           default_text=f"{LEARNING_RATE:g}; {INIT_LEARNING_RATE:g} with --init")
     weight_decay: float = setting(0.0, "Decoupled weight decay for adamw and sgd.")
@@ -147,7 +148,7 @@ class TrainConfig:
         """Every number a real one (no NaN or infinity, which would train a network of NaN) in its range."""
         for item in fields(self):
             value = getattr(self, item.name)
-            number = isinstance(item.default, (int, float)) and not isinstance(item.default, bool)
+            number = (isinstance(item.default, (int, float)) and not isinstance(item.default, bool)) or item.type == "float | None"
             if number and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise FerkitError(f"{option_flag(item)} must be a number, not {value!r}")
             if isinstance(value, float) and not math.isfinite(value):

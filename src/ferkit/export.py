@@ -19,7 +19,9 @@ from ferkit.data.dataset import FaceDataset
 from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch, resized_faces
 from ferkit.results import check_output_file
-from ferkit.runtime import METADATA_NAME, KerasClassifier, OnnxClassifier, read_metadata, resolve_model_path
+from ferkit.runtime import (
+    EXPORT_SOURCE, METADATA_NAME, KerasClassifier, OnnxClassifier, read_metadata, resolve_model_path, sha256_of,
+)
 
 TOLERANCE = 1e-4  # max abs difference allowed between Keras and ONNX probabilities
 MIN_INT8_AGREEMENT = 0.95  # share of held-out faces whose top class the int8 model must keep
@@ -96,6 +98,8 @@ def export_onnx(
         _refuse_training_faces(source, temperature_data)
     out = export_path(model, out, overwrite=overwrite)
     keras_model = _load_keras(source).with_tta(tta)
+    keras_model.metadata = dataclasses.replace(keras_model.metadata,
+                                               extra={**keras_model.metadata.extra, EXPORT_SOURCE: sha256_of(source)})
     if recalibrate_bn:
         _recalibrate(keras_model, calibration)
     tmp = out.with_name(f".{out.stem}.tmp.onnx")

@@ -100,7 +100,7 @@ def analyze_images(
     elif isinstance(images, (np.ndarray, Image.Image, bytes, bytearray)):
         raise FerkitError(f"analyze_images takes a list of images, not one {type(images).__name__}: "
                           "analyze_images([image]), or analyze(image) for its faces")
-    classifier = load_classifier(model).with_tta(tta)
+    classifier = load_classifier(model, prefer_export=True).with_tta(tta)
     find = get_detector(detector) if boxes is None else None
     pending: list[tuple[ImageResult, list[np.ndarray]]] = []
     waiting = 0

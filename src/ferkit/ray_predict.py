@@ -294,7 +294,7 @@ class TaskWorker:
 
         os.environ.setdefault("FERKIT_CLASSIFIER_THREADS", "1")  # one CPU per actor: threads would only fight
         self.config = config
-        self.classifier = load_classifier(config.model).with_tta(config.tta)
+        self.classifier = load_classifier(config.model, prefer_export=True).with_tta(config.tta)
         self.find = get_detector(config.detector)
         self.fs, self.root = output_filesystem(out_uri)
 

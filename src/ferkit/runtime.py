@@ -28,6 +28,7 @@ log = logging.getLogger("ferkit")
 
 MANIFEST = "manifest.json"  # in ferkit/weights: the shipped models
 METADATA_NAME = "ferkit.json"  # inside a .keras zip; the metadata_props key in an .onnx file
+EXPORT_SOURCE = "source_sha256"  # in an ONNX export's metadata.extra: the SHA-256 of the .keras file it came from
 PREPROCESSING = "exif-upright, grayscale (ITU-R 601-2 luma), resized to input_size, gray repeated to channels, raw 0-255"
 # test-time augmentation: flip averages each face with its mirror image; tencrop (models that crop their
 # input) averages the centre and four corner crops of the face and of its mirror image
@@ -108,10 +109,14 @@ def resolve_model_path(model: str | Path | None) -> Path:
     if is_shipped_model_name(model):
         return shipped_model_path(str(model))
     if path.is_dir():
-        for name in ("best.keras", "last.keras"):
+        for name in ("best.keras", "last.keras", "best.onnx", "last.onnx"):  # the exports of a run without its models
             if (path / name).is_file():
                 return path / name
         if (path / "config.json").is_file():
+            if (path / "checkpoint.npz").is_file():  # a packed run (tools/pack_run.py)
+                raise FerkitError(f"{path} is a packed run: its models come back when it resumes (`ferkit train "
+                                  f"--resume {path}`, after copying it elsewhere), or average it "
+                                  "(tools/average_checkpoints.py)")
             if _run_status(path) == "diverged":  # resuming would diverge again
                 raise FerkitError(f"{path} holds no model: its training diverged in the first epoch; train it again "
                                   "with a lower --lr (ferkit train ... --overwrite)")
@@ -399,33 +404,32 @@ class OnnxClassifier(Classifier):
         return self.session.run(None, {self._input: batch})[0]
 
 
-def load_classifier(model: str | Path | Classifier | None = None) -> Classifier:
+def load_classifier(model: str | Path | Classifier | None = None, *, prefer_export: bool = False) -> Classifier:
     """A ready classifier from a model file or run folder (or one already loaded), or a shipped
-    model's name; None: the default shipped model.
+    model's name; None: the default shipped model. With `prefer_export` (what predicting uses), a run
+    folder's ONNX export is run in place of its Keras model when it was made from that model as it is
+    now (see exported_model_path).
 
     Loaded models are kept, so calling this per image costs nothing after the first call; a model
     file that changes on disk is loaded afresh.
     """
     if isinstance(model, Classifier):
         return model
-    path = inference_model_path(model).absolute()  # not resolved: a link's own name says what the file is
+    path = exported_model_path(model) if prefer_export else resolve_model_path(model)
+    path = path.absolute()  # not resolved: a link's own name says what the file is
     return _load_cached(path, path.stat().st_mtime_ns)
 
 
-def inference_model_path(model: str | Path | None) -> Path:
-    """The file that load_classifier runs for `model`: as resolve_model_path, except that a run folder's
-    model is its ONNX export (`ferkit export RUN` writes best.onnx beside best.keras) when that export
-    was made from the model as it is now. ONNX Runtime runs it faster, and without TensorFlow."""
-    folder = Path(model) if model is not None else None
-    if folder is None or not folder.is_dir() or is_shipped_model_name(model):
-        return resolve_model_path(model)
-    for stem in ("best", "last"):
-        model_file, export = folder / f"{stem}.keras", folder / f"{stem}.onnx"
-        if export.is_file() and (not model_file.is_file() or _exported_from(export, model_file)):
-            return export
-        if model_file.is_file():
-            return model_file
-    return resolve_model_path(model)
+def exported_model_path(model: str | Path | None) -> Path:
+    """resolve_model_path's file, or for a run folder its ONNX export (`ferkit export RUN` writes best.onnx
+    beside best.keras) when that was exported from the model as it is now: ONNX Runtime runs it faster,
+    and without TensorFlow. The export runs as it was made: int8, its test-time augmentation, its
+    temperature."""
+    path = resolve_model_path(model)
+    export = path.with_suffix(".onnx")
+    if model is None or path.suffix != ".keras" or not Path(model).is_dir() or not export.is_file():
+        return path
+    return export if _exported_from(export, path) else path
 
 
 def _exported_from(export: Path, model_file: Path) -> bool:
@@ -434,14 +438,14 @@ def _exported_from(export: Path, model_file: Path) -> bool:
 
 @functools.lru_cache(maxsize=32)
 def _export_matches(export: Path, model_file: Path, *modified) -> bool:
-    """Whether `export` was made from `model_file` as it is now: the same epoch with the same score
-    (said once for each state of the two files)."""
-    made_from, model = read_metadata(export).extra, read_metadata(model_file).extra
-    keys = ("epoch", "val_accuracy")
-    if all(key in model for key in keys) and all(made_from.get(key) == model[key] for key in keys):
+    """Whether `export` was made from `model_file` as it is now, by the SHA-256 the export records of its
+    source (said once for each state of the two files)."""
+    source = read_metadata(export).extra.get(EXPORT_SOURCE)
+    if source == sha256_of(model_file):
         return True
-    log.warning("%s was not exported from %s as it is now; using %s (export again, with --overwrite, to run "
-                "it with ONNX Runtime)", export, model_file.name, model_file)
+    log.warning("%s was %s; using %s (export again, with --overwrite, to run it with ONNX Runtime)", export,
+                f"exported from another {model_file.name}" if source else "exported by an older ferkit, which "
+                "did not record its source", model_file)
     return False
 
 
@@ -494,7 +498,7 @@ def _load_cached(path: Path, mtime_ns: int) -> Classifier:
 def open_classifier(model: str | Path | None = None) -> Classifier:
     """A classifier of its own, as load_classifier gives, but loaded afresh and not kept: for a model
     used once, or one whose weights will change."""
-    path = inference_model_path(model).absolute()
+    path = resolve_model_path(model).absolute()
     if path.suffix.lower() == ".onnx":
         return OnnxClassifier(path)
     return KerasClassifier(read_metadata(path), path)

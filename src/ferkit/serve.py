@@ -76,7 +76,7 @@ def create_app(config: ServeConfig | None = None):
 
     config = config or ServeConfig()
     decoders = [f for f in IMAGE_FORMATS if f in image_decoders()]  # HEIF where the heic extra is installed
-    classifier = load_classifier(config.model)
+    classifier = load_classifier(config.model, prefer_export=True)
     detector = get_detector(config.detector)
     # Analyses queue for a pool of their own. Waiting inside the framework's shared thread pool instead
     # would let ~40 queued uploads take every thread, and /healthz would wait behind them.

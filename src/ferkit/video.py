@@ -171,7 +171,7 @@ def analyze_video(
     `timeline_csv`: write the timeline there row by row as frames are analysed, so that a run cut short
     keeps what it did."""
     check_video_options(every, target_fps, smooth)  # before the model and the video are opened
-    classifier = load_classifier(model)
+    classifier = load_classifier(model, prefer_export=True)
     capture, info = open_video(path)
     every = frame_step(info.fps, every, target_fps)
     timeline = Timeline(str(path), info.fps, classifier.classes, every=every)
