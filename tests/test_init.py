@@ -15,7 +15,7 @@ from ferkit.labels import EMOTIONS
 from ferkit.runs import read_history
 from ferkit.runtime import files_path, read_metadata, shipped_model
 from ferkit.training import train
-from ferkit.training_data import load_train_val
+from ferkit.training_data import warn_of_classes_with_few_faces
 
 
 def _contempt_face(rng):
@@ -126,7 +126,7 @@ def test_faces_of_one_class_are_refused_and_classes_without_faces_are_named(trai
     assert read_history(tmp_path / "b" / "history.csv")["learning_rate"] == pytest.approx([INIT_LEARNING_RATE])
     caplog.clear()
     with caplog.at_level("WARNING", logger="ferkit"):  # 20 faces of each class are not few
-        load_train_val(TrainConfig(data=str(pattern_data / "train"), val=str(pattern_data / "val")), (48, 48))
+        warn_of_classes_with_few_faces(load_dataset(pattern_data / "train"))
     assert "few training faces" not in caplog.text
 
 

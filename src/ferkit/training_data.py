@@ -45,14 +45,13 @@ def load_train_val(config: TrainConfig, input_size, *, progress: bool = False) -
         _warn_of_classes_missing_from_val(data, val)
     else:
         data, val = split_dataset(data, val_fraction=config.val_split, seed=config.seed)
-    _warn_of_classes_with_few_faces(data)
     return data, val
 
 
 FEW_FACES = 10  # training faces of a class below which its scores say little
 
 
-def _warn_of_classes_with_few_faces(data: FaceDataset) -> None:
+def warn_of_classes_with_few_faces(data: FaceDataset) -> None:
     few = {name: count for name, count in data.class_counts().items() if 0 < count < FEW_FACES}
     if few:
         listed = ", ".join(f"{name} ({count})" for name, count in few.items())
