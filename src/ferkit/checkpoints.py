@@ -184,11 +184,12 @@ def restore_packed_best_model(keras, run: Path, config: TrainConfig) -> None:
     metadata.extra = {**metadata.extra, "run": str(run)}
     existing = run / "best.keras"
     if existing.exists():
-        if read_metadata(existing).extra.get("epoch") == metadata.extra.get("epoch"):
+        existing_epoch = read_metadata(existing).extra.get("epoch")
+        if existing_epoch == metadata.extra.get("epoch"):
             packed.unlink()
             return
         log.warning("%s holds another best model than the pack's (epoch %s): replaced by the pack's (epoch %s)", run,
-                    read_metadata(existing).extra.get("epoch", "unknown"), metadata.extra.get("epoch", "unknown"))
+                    existing_epoch or "unknown", metadata.extra.get("epoch", "unknown"))
     network = float32_twin(keras, config.model, len(config.classes))
     try:
         network.set_weights(load_float16_weights(packed))

@@ -148,7 +148,7 @@ class TrainConfig:
         """Every number a real one (no NaN or infinity, which would train a network of NaN) in its range."""
         for item in fields(self):
             value = getattr(self, item.name)
-            number = (isinstance(item.default, (int, float)) and not isinstance(item.default, bool)) or item.type == "float | None"
+            number = item.type in ("int", "float", "float | None")
             if number and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise FerkitError(f"{option_flag(item)} must be a number, not {value!r}")
             if isinstance(value, float) and not math.isfinite(value):
