@@ -690,6 +690,28 @@ def test_teacher_probabilities_that_miss_faces_are_refused(pattern_data, trained
     assert load_teacher_probabilities(saved, load_dataset(pattern_data / "val", image_size=(40, 40))).shape == (len(val), 7)
 
 
+def test_a_teacher_made_one_model_at_a_time_equals_one_made_at_once(pattern_data, trained_run, tmp_path):
+    from ferkit.teacher import load_teacher_probabilities, save_teacher_probabilities
+
+    val = load_dataset(pattern_data / "val")
+    at_once = save_teacher_probabilities([trained_run, "default"], val, tmp_path / "both.npz", tta="flip")
+    first = save_teacher_probabilities([trained_run], val, tmp_path / "run.npz", tta="flip")
+    in_steps = save_teacher_probabilities([first, "default"], pattern_data / "val", tmp_path / "steps.npz", tta="flip")
+    assert np.allclose(load_teacher_probabilities(in_steps, val), load_teacher_probabilities(at_once, val), atol=1e-6)
+    with np.load(in_steps) as saved:
+        assert json.loads(str(saved["about"]))["tta"] == ["saved", "flip"]
+    # saved files alone need no model: their faces are read at the default size and matched by name
+    default_only = save_teacher_probabilities(["default"], val, tmp_path / "default.npz", tta="flip")
+    from_files = save_teacher_probabilities([first, default_only], pattern_data / "val", tmp_path / "files.npz")
+    assert np.allclose(load_teacher_probabilities(from_files, val), load_teacher_probabilities(at_once, val), atol=1e-6)
+    # a saved member must cover the faces
+    with pytest.raises(FerkitError, match="no probabilities for"):
+        save_teacher_probabilities([first, "default"], pattern_data / "train", tmp_path / "x.npz")
+    with pytest.raises(FerkitError, match="no such file of teacher probabilities"):
+        save_teacher_probabilities([tmp_path / "nosuch.npz"], val, tmp_path / "y.npz")
+    assert not (tmp_path / "x.npz").exists() and not (tmp_path / "y.npz").exists()
+
+
 def test_a_missing_teacher_or_weights_file_is_named_before_any_data_is_read(tmp_path):
     for options, message in (({"teacher": "nosuch.npz"}, "no such file of teacher probabilities: nosuch.npz"),
                              ({"teacher": "nosuch-run"}, "no such model or run folder: nosuch-run"),

@@ -16,7 +16,7 @@
 # 3. The teacher: every training face's probabilities, averaged over l and r18h (ten-crop each, recorded
 #    at their float ONNX export) and the shipped default pair (as it ships). On val, l ten-crop scored
 #    0.6977 alone and 0.6999-0.7041 with the default pair averaged in. ONNX Runtime ran l's ten-crop in
-#    50 s per 384 faces against 80-88 s in Keras.
+#    50 s per 384 faces against 80-88 s in Keras. Each model's share is saved as it is made, then averaged.
 # 4. ferkit-net-l-distilled-v1: ferkit-net-l from L_AVG's weights, trained on the teacher (--distill 0.7).
 cd "$(dirname "$0")/.."
 if grep -q avx512_bf16 /proc/cpuinfo; then P=mixed_bfloat16; else P=float32; fi  # bf16 is slow without it
@@ -39,9 +39,14 @@ L_AVG=$R/ferkit-net-l-v1-averaged.keras
 COMMON="--data $DATA --val $VAL --batch-size 128 --optimizer sgd --weight-decay 5e-3 --lr-schedule cosine --ema 0.999 --label-smoothing 0.1 --class-weight sqrt --augment flip,crop,rotate,zoom,erase"
 run_stage $R/ferkit-net-l-v1 150 || exit 1
 run_stage $R/ferkit-resnet18-h-v1 40 --model ferkit-resnet18-h $COMMON --lr 0.05 --warmup-epochs 3 --mixup 0.2 --seed 41 || exit 1
+teacher_part() {  # name, model: the model's ten-crop ONNX export, then its probabilities, each kept once made
+  [ -f $R/teacher-$1.npz ] && return 0
+  [ -f $R/teacher-$1.onnx ] || $FERKIT export $2 --onnx --tta tencrop --out $R/teacher-$1.onnx >> $R/teacher.log 2>&1 || return 1
+  $FERKIT teacher $R/teacher-$1.onnx --data $DATA --out $R/teacher-$1.npz >> $R/teacher.log 2>&1
+}
 if [ ! -f $R/teacher-l-r18h.npz ]; then
-  [ -f $R/teacher-l.onnx ] || $FERKIT export $L_AVG --onnx --tta tencrop --out $R/teacher-l.onnx >> $R/teacher.log 2>&1 || exit 1
-  [ -f $R/teacher-r18h.onnx ] || $FERKIT export $R/ferkit-resnet18-h-v1 --onnx --tta tencrop --out $R/teacher-r18h.onnx >> $R/teacher.log 2>&1 || exit 1
-  $FERKIT teacher $R/teacher-l.onnx $R/teacher-r18h.onnx default --data $DATA --out $R/teacher-l-r18h.npz >> $R/teacher.log 2>&1 || exit 1
+  teacher_part l $L_AVG || exit 1
+  teacher_part r18h $R/ferkit-resnet18-h-v1 || exit 1
+  $FERKIT teacher $R/teacher-l.npz $R/teacher-r18h.npz default --data $DATA --out $R/teacher-l-r18h.npz >> $R/teacher.log 2>&1 || exit 1
 fi
 run_stage $R/ferkit-net-l-distilled-v1 60 --model ferkit-net-l --init $L_AVG --teacher $R/teacher-l-r18h.npz --distill 0.7 $COMMON --lr 0.02 --warmup-epochs 2 --seed 42 || exit 1

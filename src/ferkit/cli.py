@@ -583,7 +583,8 @@ def ensemble_cmd(models: tuple[str, ...], out: Path, overwrite: bool):
 @TTA_OPTION
 def teacher_cmd(models: tuple[str, ...], data: str, out: Path, overwrite: bool, tta):
     """Save the averaged probabilities of MODELS (each with --tta, e.g. tencrop) for every face of
-    --data, once, for `ferkit train --teacher FILE.npz`."""
+    --data, once, for `ferkit train --teacher FILE.npz`. A member given as such a file (.npz) joins the
+    average as it is saved: make a slow teacher one model at a time."""
     from ferkit.teacher import save_teacher_probabilities
 
     import numpy as np

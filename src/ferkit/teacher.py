@@ -4,6 +4,11 @@ averaging) is run once over the training faces, and any number of students train
     ferkit teacher RUN_A RUN_B --data fer2013/train --tta tencrop --out teacher.npz
     ferkit train --model ferkit-net-l --data fer2013/train --teacher teacher.npz --distill 0.7 ...
 
+A slow teacher can be made one model at a time: each member's file, then their average.
+
+    ferkit teacher RUN_A --data fer2013/train --tta tencrop --out a.npz
+    ferkit teacher a.npz RUN_B --data fer2013/train --tta tencrop --out ab.npz
+
 The file holds one probability row per training face, keyed by the face's class folder and file name
 (or by its row, for a CSV), with the classes, the models and the test-time augmentation that made it.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,24 +36,28 @@ def save_teacher_probabilities(models, dataset: FaceDataset | str | Path, out: s
                                batch_size: int = 256, overwrite: bool = False, progress: bool = False) -> Path:
     """Average the probabilities of `models` (run folders or model files; each with `tta`, default its
     own) over every face of `dataset` and save them at `out` (.npz), written atomically; an existing
-    file is replaced only with `overwrite`. `dataset` may be a path (a CSV gives its Training rows)."""
-    out = check_teacher_output(out, overwrite=overwrite)
-    classifiers = [load_classifier(model).with_tta(tta) for model in models]
-    if not isinstance(dataset, FaceDataset):
-        from ferkit.data import load_dataset
-        from ferkit.data.fer2013_csv import TRAIN_USAGE
+    file is replaced only with `overwrite`. `dataset` may be a path (a CSV gives its Training rows).
 
-        first = classifiers[0]
-        dataset = load_dataset(dataset, classes=first.classes, image_size=first.input_size, usage=TRAIN_USAGE,
-                               progress=progress)
-    for model, classifier in zip(models, classifiers):
+    A member that is itself a saved file (.npz) joins the average as one member without running its
+    models again, so a slow teacher can be made one model at a time, each step kept on disk."""
+    out = check_teacher_output(out, overwrite=overwrite)
+    members = [str(model) for model in models]
+    for member in members:
+        check_teacher(member)
+    classifiers = {member: load_classifier(member).with_tta(tta) for member in members if not _is_saved(member)}
+    if not isinstance(dataset, FaceDataset):
+        dataset = _load_training_faces(dataset, classifiers, members, progress=progress)
+    for model, classifier in classifiers.items():
         if tuple(classifier.input_size) != tuple(dataset.image_size):
             raise FerkitError(f"{model} takes {classifier.input_size[0]}x{classifier.input_size[1]} faces, the data "
                               f"is {dataset.image_size[0]}x{dataset.image_size[1]}: average models of one input size")
         if classifier.classes != dataset.classes:
             raise FerkitError(f"{model} knows the classes {', '.join(classifier.classes)}, the data {', '.join(dataset.classes)}")
-    probabilities = np.mean([c.predict_proba(dataset.images, batch_size=batch_size) for c in classifiers], axis=0)
-    about = {"models": [str(m) for m in models], "tta": [c.tta for c in classifiers], "source": dataset.source}
+    probabilities = np.mean([load_teacher_probabilities(member, dataset) if _is_saved(member)
+                             else _predict_with_progress(classifiers[member], member, dataset, batch_size, progress)
+                             for member in members], axis=0)
+    about = {"models": members, "tta": [classifiers[m].tta if m in classifiers else "saved" for m in members],
+             "source": dataset.source}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp{TEACHER_SUFFIX}")
     np.savez_compressed(tmp, probabilities=probabilities.astype(np.float32), labels=dataset.labels,
@@ -55,6 +65,38 @@ def save_teacher_probabilities(models, dataset: FaceDataset | str | Path, out: s
                         thumbnails=_thumbnails(dataset), about=np.array(json.dumps(about)))
     tmp.replace(out)
     return out
+
+
+def _is_saved(member: str) -> bool:
+    return Path(member).suffix == TEACHER_SUFFIX
+
+
+def _load_training_faces(source: str | Path, classifiers: dict, members: list[str], *, progress: bool) -> FaceDataset:
+    """The training faces at the first model's input size and classes (a saved file's classes if every
+    member is one: its faces are matched by name and thumbnail, at any size)."""
+    from ferkit.data import load_dataset
+    from ferkit.data.fer2013_csv import TRAIN_USAGE
+
+    first = next(iter(classifiers.values()), None)
+    if first is not None:
+        classes, image_size = first.classes, first.input_size
+    else:
+        with np.load(members[0]) as stored:
+            classes, image_size = [str(name) for name in stored["classes"]], (48, 48)
+    return load_dataset(source, classes=classes, image_size=tuple(image_size), usage=TRAIN_USAGE, progress=progress)
+
+
+def _predict_with_progress(classifier, name: str, dataset: FaceDataset, batch_size: int, progress: bool) -> np.ndarray:
+    """The model's probabilities for every face, a chunk at a time under a progress bar; a log line when done."""
+    from ferkit.progress import progress_bar
+
+    started, chunk, rows = time.monotonic(), max(batch_size, 2048), []
+    with progress_bar(len(dataset), f"teacher {Path(name).name} ({classifier.tta})", enabled=progress) as advance:
+        for start in range(0, len(dataset), chunk):
+            rows.append(classifier.predict_proba(dataset.images[start:start + chunk], batch_size=batch_size))
+            advance(min(start + chunk, len(dataset)), len(dataset))
+    log.info("teacher %s (%s): %d faces in %.0f s", name, classifier.tta, len(dataset), time.monotonic() - started)
+    return np.concatenate(rows) if rows else np.zeros((0, len(classifier.classes)), np.float32)
 
 
 def check_teacher_output(out: str | Path, *, overwrite: bool = False) -> Path:
