@@ -338,6 +338,45 @@ def test_a_tiny_face_crop_is_drawn_enlarged_with_its_label_inside(trained_run):
     assert label[4:14, 4:60].mean() > 0.4  # the label's fill, inside the picture's top left corner, not its edge only
 
 
+@pytest.mark.parametrize("size", [(6000, 300), (300, 3000)])
+def test_a_panoramas_labels_and_lines_leave_its_faces_visible(size):
+    from ferkit import draw_faces
+    from ferkit.results import Face
+
+    width, height = size
+    picture = np.full((height, width, 3), 90, np.uint8)
+    box = (120, 120, 90, 110)
+    face = Face(box, "happy", 0.9, {"happy": 0.9})
+    drawn = np.asarray(draw_faces(picture, [face]))
+    x, y, w, h = box
+    inside = drawn[y + 8 : y + h - 8, x + 8 : x + w - 8]
+    assert (inside == 90).all(axis=2).mean() > 0.8  # the face is not hidden under its own label or outline
+
+
+def test_a_pil_photo_is_drawn_upright_as_analyze_saw_it(tmp_path):
+    from ferkit import draw_faces
+
+    photo = tmp_path / "sideways.jpg"
+    image = Image.new("RGB", (400, 300), (90, 90, 90))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view": the upright photo is 300 x 400
+    image.save(photo, exif=exif.tobytes())
+    boxes = [(10, 350, 40, 40)]  # only inside the upright photo
+    assert draw_faces(Image.open(photo), boxes).size == (300, 400) == draw_faces(photo, boxes).size
+    assert draw_faces(Image.open(photo), boxes).tobytes() == draw_faces(photo, boxes).tobytes()
+
+
+def test_misgiven_arguments_get_a_one_line_reason(tmp_path):
+    with pytest.raises(FerkitError, match="a list of images"):
+        list(analyze_images(None))
+    with pytest.raises(FerkitError, match="not text"):
+        analyze(np.zeros((64, 64, 3), np.uint8), boxes="1,2,3,4")
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    with pytest.raises(FerkitError, match="not an image ferkit can read .a video: ferkit.video.analyze_video"):
+        analyze(video)
+
+
 def test_a_url_is_refused_in_one_line_that_keeps_it_whole():
     with pytest.raises(FerkitError, match="^http://example.com/a.jpg: URLs are not fetched"):
         analyze("http://example.com/a.jpg")

@@ -208,6 +208,15 @@ def test_several_sources_go_on_past_a_missing_one(trained_run, tmp_path):
     assert summary.exit_code == 1 and "1 images, 1 faces, 0 failed, 1 source(s) not found" in summary.output
 
 
+def test_one_photo_named_twice_is_one_photo(trained_run, tmp_path):
+    photo = tmp_path / "face.png"
+    Image.fromarray(pattern_face(3, np.random.default_rng(0))).save(photo)
+    result = run("predict", photo, tmp_path / ".." / tmp_path.name / "face.png", "--model", trained_run,
+                 "--box", "0,0,48,48", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"face.faces.json", "face.annotated.jpg"}
+
+
 def test_a_photo_with_no_face_says_so(trained_run, tmp_path):
     noise = tmp_path / "noise.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(noise)

@@ -244,6 +244,21 @@ def test_videos_with_the_same_name_keep_their_own_results(trained_run, tmp_path)
         "clip.timeline.csv", "clip.emotions.png", "clip-2.timeline.csv", "clip-2.emotions.png"}
 
 
+def test_the_same_video_given_twice_is_analysed_once(trained_run, squares_video, tmp_path):
+    twice = [str(squares_video), str(squares_video.parent / ".." / squares_video.parent.name / squares_video.name)]
+    result = CliRunner().invoke(cli, ["predict", *twice, "--model", str(trained_run), "--detector", "none",
+                                      "--every", "4", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in (tmp_path / "o").iterdir()} == {"squares.timeline.csv", "squares.emotions.png"}
+
+
+def test_a_missing_video_is_named_as_missing(tmp_path):
+    with pytest.raises(FerkitError, match="^no such file: .*nope.mp4$"):
+        open_video(tmp_path / "nope.mp4")
+    with pytest.raises(FerkitError, match="is a folder, not a video"):
+        open_video(tmp_path)
+
+
 def test_smoothing_and_frame_steps_below_one_are_refused():
     from ferkit.video import frame_step
 

@@ -714,6 +714,7 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
                 raise
             click.echo(f"error: {err}", err=True)
             missing += 1
+    kinds = _each_file_once(kinds)
     _check_options_fit_sources(kinds, annotate=annotate, every=every, target_fps=target_fps, smooth=smooth,
                                save_video=save_video)
     if any(kind == "video" for _, kind in kinds):  # before any work, not after the photos of a batch
@@ -722,10 +723,10 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
         require("cv2", "reading videos")
         require("matplotlib", "plotting emotions over time", extra="video")
     given = [_parse_box(text) for text in boxes] or None
-    if given and (len(sources) != 1 or kinds[0][1] != "image"):
+    if given and (len(kinds) + missing != 1 or kinds[0][1] != "image"):
         raise FerkitError("--box applies to a single image")
     images = [s for s, kind in kinds if kind == "image"]
-    batch = [s for s, kind in kinds if kind != "video"] if len(sources) > 1 or not images else []
+    batch = [s for s, kind in kinds if kind != "video"] if len(kinds) + missing > 1 or not images else []
     if batch:
         check_results_folder(out, resume=resume, overwrite=overwrite)
     else:
@@ -768,6 +769,20 @@ def _check_options_fit_sources(kinds, *, annotate, every, target_fps, smooth, sa
         raise FerkitError(f"{', '.join(k for k, v in for_videos.items() if v)}: for videos, and no source is one")
     if videos and all(videos) and annotate:
         raise FerkitError("--annotate draws on photos; for a video, --save-video writes an annotated copy")
+
+
+def _each_file_once(kinds: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The photos and videos given, each file once however often (or by whatever route) it was named;
+    folders and globs keep their place (a batch lists each of their files once)."""
+    seen, once = set(), []
+    for source, kind in kinds:
+        if kind in ("image", "video"):
+            real = Path(source).resolve()
+            if real in seen:
+                continue
+            seen.add(real)
+        once.append((source, kind))
+    return once
 
 
 def _kinds_of(source: str) -> list[tuple[str, str]]:

@@ -47,8 +47,7 @@ def draw_faces(image: Image.Image | np.ndarray | str | os.PathLike, faces: Seque
     faces' numbers (a video's track ids, say) instead of 1, 2, ... Labels stay inside the picture and
     clear of each other where they can; a tiny picture (a face crop) is enlarged so that they can be read,
     unless not `enlarge_tiny` (a video's frames keep their size)."""
-    if not isinstance(image, Image.Image):
-        image = load_image(image, channels=channels)
+    image = load_image(image, channels=channels)  # upright, as ferkit.analyze saw it (a PIL image too)
     across, down = decoded_scale(image)
     canvas = to_rgb(image).copy()
     enlarge = -(-TINY_SIDE // max(canvas.size)) if enlarge_tiny and max(canvas.size) < TINY_SIDE else 1
@@ -56,7 +55,7 @@ def draw_faces(image: Image.Image | np.ndarray | str | os.PathLike, faces: Seque
         canvas = canvas.resize((canvas.width * enlarge, canvas.height * enlarge), Image.Resampling.LANCZOS)
         across, down = across / enlarge, down / enlarge
     draw = ImageDraw.Draw(canvas)
-    scale = max(canvas.size) / 640
+    scale = min(max(canvas.size) / 640, min(canvas.size) / 360)  # a panorama's strip is no taller for its width
     line = max(2, round(3 * scale))
     font = ImageFont.load_default(size=max(11, round(16 * scale)))
     numbers = numbers if numbers is not None else range(1, len(faces) + 1)

@@ -101,7 +101,10 @@ def _decode(file, path: Path) -> Image.Image:
     except FerkitError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(path, "not an image", f"{path} is not an image ferkit can read") from None
+        from ferkit.sources import VIDEO_SUFFIXES  # sources imports this module
+
+        hint = " (a video: ferkit.video.analyze_video reads it)" if path.suffix.lower() in VIDEO_SUFFIXES else ""
+        raise ImageError(path, "not an image", f"{path} is not an image ferkit can read{hint}") from None
     except PermissionError:
         raise ImageError(path, "permission denied", f"{path} cannot be read: permission denied") from None
     except DECODE_ERRORS as err:

@@ -93,10 +93,14 @@ def analyze_images(
     check_uncertain_below(uncertain_below)
     if channels not in CHANNEL_ORDERS:
         raise FerkitError(f"channels must be 'rgb' or 'bgr', not {channels!r}")
+    if isinstance(boxes, (str, bytes)):
+        raise FerkitError(f"boxes is a list of (x, y, width, height) boxes, not text: e.g. [(10, 20, 64, 64)], not {boxes!r}")
     if boxes is not None and len(boxes) == 4 and all(isinstance(v, (int, float, np.number)) for v in boxes):
         raise FerkitError(f"boxes is a list of (x, y, width, height) boxes; for one box give [{tuple(boxes)}]")
     if isinstance(images, (str, os.PathLike)):
         images = _images_of(images)
+    elif images is None or not isinstance(images, Iterable):
+        raise FerkitError(f"analyze_images takes a list of images (paths, PIL images, arrays), or a folder, not {images!r}")
     elif isinstance(images, (np.ndarray, Image.Image, bytes, bytearray)):
         raise FerkitError(f"analyze_images takes a list of images, not one {type(images).__name__}: "
                           "analyze_images([image]), or analyze(image) for its faces")

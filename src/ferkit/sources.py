@@ -129,7 +129,11 @@ def open_video(path: str | Path):
     cv2 = require("cv2", "reading videos")
 
     path = Path(path)
-    if path.is_file() and path.stat().st_size == 0:
+    if not path.exists():
+        raise FerkitError(f"no such file: {path}")
+    if path.is_dir():
+        raise FerkitError(f"{path} is a folder, not a video")
+    if path.stat().st_size == 0:
         raise FerkitError(f"{path} is an empty file")
     if not os.environ.get("FERKIT_DEBUG"):  # FFmpeg's own lines ("moov atom not found") would precede ferkit's one
         os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
