@@ -106,7 +106,7 @@ def check_teacher_output(out: str | Path, *, overwrite: bool = False) -> Path:
 
 def check_teacher(teacher: str) -> None:
     """A FerkitError, before any data is loaded, when `teacher` is neither saved probabilities nor a model."""
-    if Path(teacher).suffix == TEACHER_SUFFIX:
+    if _is_saved(teacher):
         if not Path(teacher).is_file():
             raise FerkitError(f"no such file of teacher probabilities: {teacher}")
     else:
@@ -179,7 +179,7 @@ def teacher_probabilities(teacher: str, train_set: FaceDataset) -> np.ndarray:
     the augmentations are mild enough (small shifts, zoom, rotation, erased patches) that the teacher's
     opinion of the face carries over, and training costs nothing more per step.
     """
-    if Path(teacher).suffix == TEACHER_SUFFIX:
+    if _is_saved(teacher):
         log.info("distilling from the probabilities saved in %s", teacher)
         return load_teacher_probabilities(teacher, train_set)
     classifier = load_classifier(teacher).with_tta("flip")
