@@ -565,6 +565,7 @@ def test_a_packed_run_resumes_on_the_same_schedule(pattern_data, tmp_path, caplo
                    augment=["flip"], epochs=4)
     whole = read_history(train(_config(pattern_data, tmp_path / "whole", **options), verbose=0) / "history.csv")
     first = train(_config(pattern_data, tmp_path / "first", **{**options, "epochs": 2}), verbose=0)
+    _call_best_model_of_epoch(first, 1)  # as when epoch 2 scores lower: the pack keeps it beside the checkpoint
     packed = save_compact_checkpoint(first, tmp_path / "packed")
     assert not (packed / "checkpoint.keras").exists()
     assert TrainConfig.load(packed / "config.json").out == str(packed)
@@ -605,6 +606,51 @@ def test_a_packed_run_resumes_on_the_same_schedule(pattern_data, tmp_path, caplo
     assert resumed["val_accuracy"][-1] >= resumed["val_accuracy"][1] - 0.05
     report = evaluate(load_classifier(packed / "last.keras"), load_dataset(pattern_data / "val"))
     assert report.accuracy > 0.6  # chance is 1/7
+
+
+def test_a_pack_whose_best_model_is_its_last_epoch_holds_it_once(pattern_data, tmp_path):
+    import keras
+
+    from ferkit.checkpoints import restore_packed_best_model, save_compact_checkpoint
+    from ferkit.runtime import load_classifier
+
+    run = train(_config(pattern_data, tmp_path / "run", ema=0.9, epochs=1), verbose=0)  # its one epoch is its best
+    packed = save_compact_checkpoint(run, tmp_path / "packed")
+    assert (packed / "checkpoint.npz").exists() and not (packed / "best.npz").exists()
+    restored = shutil.copytree(packed, tmp_path / "restored")
+    restore_packed_best_model(keras, restored, TrainConfig.load(restored / "config.json"))
+    assert (restored / "checkpoint.npz").exists()  # still there to resume from
+    faces = load_dataset(pattern_data / "val").images
+    before, after = (load_classifier(folder / "best.keras").predict_proba(faces) for folder in (run, restored))
+    assert np.abs(after - before).max() < 0.01  # the averaged weights it validated, to float16's precision
+    assert read_metadata(restored / "best.keras").extra["epoch"] == 1
+    # once a later epoch is not the best, the next pack keeps epoch 1's model in the same bytes (stored once)
+    later = shutil.copytree(run, tmp_path / "later")
+    config = dataclasses.replace(TrainConfig.load(later / "config.json"), epochs=2, out=str(later))
+    train(config, resume=True, verbose=0)
+    shutil.copy2(run / "best.keras", later / "best.keras")
+    _call_best_model_of_epoch(later, 1)
+    repacked = save_compact_checkpoint(later, tmp_path / "repacked")
+    assert (repacked / "best.npz").read_bytes() == (packed / "checkpoint.npz").read_bytes()
+    # the one-file pack resumes
+    config = dataclasses.replace(TrainConfig.load(packed / "config.json"), epochs=2)
+    train(config, resume=True, verbose=0)
+    assert read_history(packed / "history.csv")["epoch"] == [1, 2]
+    assert not (packed / "checkpoint.npz").exists() and read_metadata(packed / "best.keras").extra["epoch"] in (1, 2)
+
+
+def _call_best_model_of_epoch(run: Path, epoch: int) -> None:
+    """Record the run's best.keras, and its state, as epoch `epoch`'s best model."""
+    import keras
+
+    from ferkit.runtime import save_keras_model
+
+    metadata = read_metadata(run / "best.keras")
+    metadata.extra["epoch"] = epoch
+    save_keras_model(keras.saving.load_model(run / "best.keras"), run / "best.keras", metadata)
+    state = RunState.load(run)
+    state.best_epoch = epoch
+    state.save(run)
 
 
 def test_saved_teacher_probabilities_train_a_student_like_the_teacher_itself(pattern_data, trained_run, tmp_path):
@@ -729,10 +775,11 @@ def test_the_pack_tool_replaces_an_earlier_pack_and_nothing_else(pattern_data, t
     first = subprocess.run([*tool, str(trained_run), str(out)], capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     assert TrainConfig.load(out / "config.json").out == str(out) and (out / "checkpoint.npz").exists()
-    best = (out / "best.npz").read_bytes()
+    weights = {path.name: path.read_bytes() for path in out.glob("*.npz")}
     again = subprocess.run([*tool, str(trained_run), str(out)], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr  # an earlier pack of the run is replaced
-    assert (out / "best.npz").read_bytes() == best  # byte for byte, for version control to keep once
+    # byte for byte, for version control to keep once
+    assert {path.name: path.read_bytes() for path in out.glob("*.npz")} == weights
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")

@@ -5,8 +5,9 @@ run's progress in the repository between working stretches:
 
 The folder gets the run's config, history, state and curves, checkpoint.npz: the network's weights in
 float16, without the optimizer's state (see ferkit.checkpoints.save_compact_checkpoint), and best.npz: the
-best model's weights, the same way. A best model unchanged since the last pack is written byte for byte
-as before, so git keeps it once. To continue:
+best model's weights, the same way, unless the best model is the last epoch's, which checkpoint.npz then
+holds. A best model unchanged since the last pack is written byte for byte as before, so git keeps it
+once. To continue:
 
     cp -r training/ferkit-net-l-v1 ~/ferkit-runs/ && ferkit train --resume ~/ferkit-runs/ferkit-net-l-v1
 """

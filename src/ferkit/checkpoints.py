@@ -8,7 +8,8 @@ older forms still resume:
     checkpoint.npz     a packed copy of a run in flight (save_compact_checkpoint): the network's weights in
                        float16, without the optimizer's state
 
-A packed run also keeps its best model's weights (best.npz), which become best.keras again on resuming.
+A packed run also keeps its best model's weights (best.npz), which become best.keras again on resuming;
+when the best model is the last epoch's, checkpoint.npz holds it, with its metadata, and serves as both.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 from ferkit._keras import import_keras
 from ferkit.config import TrainConfig
 from ferkit.errors import FerkitError
+from ferkit.runs import RunState
 from ferkit.runtime import METADATA_NAME, ModelMetadata, read_metadata, save_keras_model
 from ferkit.training_model import FEATURE_HEAD, build_training_model, feature_head, network_of
 
@@ -119,34 +121,58 @@ def save_compact_checkpoint(run: str | Path, out: str | Path) -> Path:
     """A small copy of the run in flight at `run`, in a new folder `out` that `ferkit train --resume`
     continues: its record (config, history, state, curves) and the network's weights in float16.
 
-    The best model's weights are kept beside them, in float16 (best.npz), since the best epoch is often
-    not the last. The optimizer's state is not kept, which makes the copy a third of the size: on resuming, momentum
+    The optimizer's state is not kept, which makes the copy a third of the size: on resuming, momentum
     restarts at zero and the weights' moving average at the weights themselves; the learning-rate
     schedule goes on from the right step. Validation, which scores the average, reads lower for the few
     epochs the average takes to settle again (ferkit-net-l, EMA 0.999, epoch 51 of 150: 0.6553 in the
     first epoch after resuming from a pack; 0.6665 for the same epoch where the run went on with its
-    full checkpoint). Packing the average in
-    place of the weights was tried and is worse early in a run, where the average lags the weights.
+    full checkpoint).
+
+    The best model's weights are kept beside them, in float16 (best.npz), since the best epoch is often
+    not the last. When it is the last, one file serves as both, which halves the pack: checkpoint.npz
+    then holds the best model, with its metadata. Without a moving average those are the checkpoint's
+    own weights; with one, the run resumes from the average it validated (ferkit-net-l-distilled-v1,
+    packed so after epoch 6 of 60: 0.6916 in the first epoch after resuming, 0.6941 where the run went on
+    with its full checkpoint). A later pack whose best model
+    is still that one writes it as best.npz in the same bytes, which version control keeps once.
     """
     keras = import_keras()
     run, out = Path(run), Path(out)
     if out.exists() and any(out.iterdir()):
         raise FerkitError(f"{out} already exists; choose an empty or new folder")
     config = TrainConfig.load(run / "config.json")
-    network = network_of(_trained_model(keras, run, config), config)
+    best = _best_model_to_pack(keras, run)
+    if best is not None and _is_last_epoch(best[1], run):
+        files = {COMPACT_CHECKPOINT: best}
+    else:
+        files = {COMPACT_CHECKPOINT: (network_of(_trained_model(keras, run, config), config), None)}
+        if best is not None:
+            files[COMPACT_BEST] = best
     out.mkdir(parents=True, exist_ok=True)
     for name in COMPACT_FILES:
         if (run / name).exists():
             shutil.copy2(run / name, out / name)
     config.out = str(out)  # the pack is a run folder of its own; where the run lived says nothing here
     config.save(out / "config.json")
-    save_float16_weights(out / COMPACT_CHECKPOINT, network.get_weights())
-    if (run / "best.keras").exists():
-        best = keras.saving.load_model(run / "best.keras", compile=False)
-        metadata = read_metadata(run / "best.keras")
-        metadata.extra.pop("run", None)  # where the run lived says nothing in the pack (and would change its bytes)
-        save_float16_weights(out / COMPACT_BEST, best.get_weights(), asdict(metadata))
+    for name, (network, metadata) in files.items():
+        save_float16_weights(out / name, network.get_weights(), metadata and asdict(metadata))
     return out
+
+
+def _best_model_to_pack(keras, run: Path) -> tuple | None:
+    """(network, metadata) of the run's best.keras, without where the run lived (which says nothing in
+    a pack and would change its bytes), or None when the run has none yet."""
+    if not (run / "best.keras").exists():
+        return None
+    metadata = read_metadata(run / "best.keras")
+    metadata.extra.pop("run", None)
+    return keras.saving.load_model(run / "best.keras", compile=False), metadata
+
+
+def _is_last_epoch(metadata: ModelMetadata, run: Path) -> bool:
+    """Whether a model saved by the run is of the epoch its checkpoint and state.json are at."""
+    done = RunState.load(run).epochs_done
+    return metadata.extra.get("epoch") == done and backed_up_epochs(run) in (None, done)
 
 
 def save_float16_weights(path: Path, weights, metadata: dict | None = None) -> None:
@@ -178,15 +204,17 @@ def restore_packed_best_model(keras, run: Path, config: TrainConfig) -> None:
     from ferkit.training_model import float32_twin, network_metadata
 
     packed = run / COMPACT_BEST
-    if not packed.exists():
-        return
+    if not packed.exists():  # the best model may be the checkpoint itself, which then carries its metadata
+        packed = run / COMPACT_CHECKPOINT
+        if not packed.exists() or _packed_metadata(packed) is None:
+            return
     metadata = _packed_metadata(packed) or network_metadata(config.model, config.classes)
     metadata.extra = {**metadata.extra, "run": str(run)}
     existing = run / "best.keras"
     if existing.exists():
         existing_epoch = read_metadata(existing).extra.get("epoch")
         if existing_epoch == metadata.extra.get("epoch"):
-            packed.unlink()
+            _remove_packed_best(packed)
             return
         log.warning("%s holds another best model than the pack's (epoch %s): replaced by the pack's (epoch %s)", run,
                     existing_epoch or "unknown", metadata.extra.get("epoch", "unknown"))
@@ -196,7 +224,12 @@ def restore_packed_best_model(keras, run: Path, config: TrainConfig) -> None:
     except ValueError:
         raise FerkitError(f"{packed} does not hold the weights of a {config.model} network") from None
     save_keras_model(network, existing, metadata)
-    packed.unlink()
+    _remove_packed_best(packed)
+
+
+def _remove_packed_best(packed: Path) -> None:
+    if packed.name == COMPACT_BEST:  # a checkpoint that is also the best model stays, to resume from
+        packed.unlink()
 
 
 def _packed_metadata(path: Path) -> ModelMetadata | None:
