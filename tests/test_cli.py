@@ -351,6 +351,8 @@ def test_resume_refuses_other_flags(trained_run):
     (["train", "--zoom", "5"], "--zoom must be a fraction"), (["train", "--shift", "-2"], "--shift must be"),
     (["train", "--lr", "nan"], "--lr must be a finite number"), (["train", "--mixup", "inf"], "--mixup must be a finite"),
     (["train", "--weight-decay", "-1"], "--weight-decay must be"), (["train", "--classes", "happy,happy,sad"], "happy more than once"),
+    (["train", "--augment", "flip,crop,flip"], "--augment names flip more than once"), (["train", "--classes", ","], "names no class"),
+    (["train", "--seed", "-1"], "--seed must be a whole number from 0 to"), (["train", "--seed", str(2**32)], "not 4294967296"),
     (["serve", "--max-upload-mb", "nan"], "--max-upload-mb"), (["serve", "--max-video-mb", "inf"], "--max-video-mb"),
     (["evaluate", "--data", "x.csv", "--usage", "bogus"], "unknown FER2013 usage bogus"),
     (["pack", "x.csv", "out", "--usage", "bogus"], "unknown FER2013 usage bogus"),

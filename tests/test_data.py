@@ -114,6 +114,15 @@ def test_fer2013_csv_codes_map_to_class_names(tmp_path):
     assert len(load_fer2013_csv(tmp_path / "plain.csv", usage="Training")) == 14
 
 
+def test_a_row_of_no_known_usage_is_named_by_its_line_past_malformed_rows(tmp_path, caplog):
+    face = " ".join(["128"] * 2304)
+    lines = ["emotion,pixels,Usage", "3,1 2 3,Training", f"3,{face},Training", f"4,{face},Weird"]
+    (tmp_path / "fer.csv").write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING", logger="ferkit"):
+        assert len(load_fer2013_csv(tmp_path / "fer.csv", usage="Training", cache=False)) == 1
+    assert "1 rows have no known Usage and are left out (e.g. line 4: 'Weird')" in caplog.text
+
+
 def test_csv_usages_match_in_any_case_and_rows_of_no_known_usage_are_reported(tmp_path, caplog):
     rng = np.random.default_rng(0)
     rows = [(code, rng.integers(0, 256, 2304), usage) for code in range(7) for usage in ("training", "PUBLICTEST", "")]
@@ -301,3 +310,36 @@ def test_a_picture_that_is_not_square_is_framed_as_predict_frames_it(trained_run
     trained_on = classifier.predict_proba(dataset.images)[0]
     predicted = analyze(picture, model=classifier, detector="none")[0].probabilities
     assert np.allclose(trained_on, [predicted[name] for name in classifier.classes], atol=1e-6)
+
+
+def test_one_fer2013_csv_trains_on_its_training_rows_and_packs_only_those(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+    from ferkit.runs import RunState
+
+    rng = np.random.default_rng(0)
+    rows = [(code, rng.integers(0, 256, 2304), usage) for code in range(7)
+            for usage in ("Training", "Training", "PublicTest", "PrivateTest")]
+    _write_csv(tmp_path / "fer.csv", rows)
+    runner = CliRunner()
+    # the same CSV as --data and --val: its Training rows train and its PublicTest rows validate
+    trained = runner.invoke(cli, ["train", "--data", str(tmp_path / "fer.csv"), "--val", str(tmp_path / "fer.csv"),
+                                  "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    assert RunState.load(tmp_path / "run").epochs_done == 1
+    sizes = json.loads((tmp_path / "run" / "datasets.json").read_text())
+    assert sum(sizes["train"].values()) == 14 and sum(sizes["val"].values()) == 7
+    # a folder given twice is refused as before
+    write_pattern_dataset(tmp_path / "faces", per_class=2)
+    same = runner.invoke(cli, ["train", "--data", str(tmp_path / "faces"), "--val", str(tmp_path / "faces"),
+                               "--epochs", "1", "--out", str(tmp_path / "run2")])
+    assert same.exit_code == 2 and "--val is the training data itself" in same.output
+    # packing a CSV keeps its Training rows, unless asked for all
+    packed = runner.invoke(cli, ["pack", str(tmp_path / "fer.csv"), str(tmp_path / "packed")])
+    assert packed.exit_code == 0 and "packed 14 faces (Training rows)" in packed.output, packed.output
+    assert len(load_dataset(tmp_path / "packed")) == 14
+    every = runner.invoke(cli, ["pack", str(tmp_path / "fer.csv"), str(tmp_path / "every"), "--usage", "all"])
+    assert every.exit_code == 0 and len(load_dataset(tmp_path / "every")) == 28, every.output

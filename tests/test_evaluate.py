@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 
 from ferkit.evaluation import score_predictions
 from ferkit.labels import EMOTIONS
+from ferkit.runtime import read_metadata
 
 
 def test_confusion_matrix_is_7x7_even_without_a_class():
@@ -157,12 +159,34 @@ def test_another_model_of_the_same_network_never_replaces_a_report(trained_run, 
     out = str(tmp_path / "eval")
     assert CliRunner().invoke(cli, ["evaluate", str(trained_run), "--data", val, "--out", out]).exit_code == 0
     before = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert before["model_version"].endswith("(best.keras)")
+    epoch = read_metadata(trained_run / "best.keras").extra["epoch"]
+    assert before["model_version"].endswith(f"(best.keras, epoch {epoch})")
     again = CliRunner().invoke(cli, ["evaluate", str(trained_run), "--data", val, "--out", out])
     assert again.exit_code == 0  # the same evaluation: replaced
     other = CliRunner().invoke(cli, ["evaluate", str(trained_run / "last.keras"), "--data", val, "--out", out])
-    assert other.exit_code == 2 and "holds the evaluation of seed-cnn" in other.output and "(best.keras)" in other.output
+    assert other.exit_code == 2 and "holds the evaluation of seed-cnn" in other.output
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == before
+
+
+def test_a_runs_best_model_of_a_later_epoch_reports_beside_the_earlier_one(trained_run, pattern_data, tmp_path):
+    import keras
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+    from ferkit.runtime import save_keras_model
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    val = str(pattern_data / "val")
+    assert CliRunner().invoke(cli, ["evaluate", str(run), "--data", val]).exit_code == 0
+    first = json.loads((run / "eval-val" / "metrics.json").read_text())
+    # the run trains on and finds a better model (here: its last one, recorded as a later epoch's best)
+    later = read_metadata(run / "last.keras")
+    later.extra["epoch"] = read_metadata(run / "best.keras").extra["epoch"] + 1
+    save_keras_model(keras.saving.load_model(run / "last.keras"), run / "best.keras", later)
+    result = CliRunner().invoke(cli, ["evaluate", str(run), "--data", val])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "eval-val" / "metrics.json").read_text()) == first  # kept
+    assert f"epoch {later.extra['epoch']})" in json.loads((run / "eval-val-2" / "metrics.json").read_text())["model_version"]
 
 
 def test_evaluate_takes_a_models_name_and_a_datasets_path(trained_run, pattern_data):

@@ -123,6 +123,13 @@ def test_an_export_that_would_replace_a_file_is_refused_before_any_faces_are_loa
     assert (tmp_path / "mine.onnx").read_bytes() == b"mine"
 
 
+def test_exporting_an_onnx_model_says_only_keras_models_export_even_where_its_output_exists(onnx_model):
+    # its default output is the file itself: what to fix is the model given, not --overwrite
+    result = CliRunner().invoke(cli, ["export", str(onnx_model), "--onnx"])
+    assert result.exit_code != 0 and "is not a Keras model; only .keras models (or run folders) are exported" in result.output
+    assert "--overwrite" not in result.output
+
+
 def test_export_command_refuses_calibration_without_int8(trained_run, tmp_path):
     result = CliRunner().invoke(cli, ["export", str(trained_run), "--onnx", "--calibration", str(tmp_path), "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2 and "--int8" in result.output
@@ -323,9 +330,10 @@ def test_results_name_the_model_file_they_came_from(trained_run, onnx_model):
     from ferkit.predict import model_version
 
     run_version = model_version(load_classifier(trained_run))
-    assert run_version.endswith(" (best.keras)") and str(trained_run.name) in run_version
+    epochs = {name: read_metadata(trained_run / name).extra["epoch"] for name in ("best.keras", "last.keras")}
+    assert run_version.endswith(f" (best.keras, epoch {epochs['best.keras']})") and str(trained_run.name) in run_version
     assert model_version(load_classifier(onnx_model)) == run_version.replace("best.keras", onnx_model.name)
-    assert model_version(load_classifier(trained_run / "last.keras")).endswith(" (last.keras)")
+    assert model_version(load_classifier(trained_run / "last.keras")).endswith(f" (last.keras, epoch {epochs['last.keras']})")
 
 
 def test_a_run_folder_predicts_with_its_onnx_export_while_that_is_current(trained_run, pattern_data, tmp_path, caplog):
@@ -354,4 +362,18 @@ def test_a_run_folder_predicts_with_its_onnx_export_while_that_is_current(traine
     assert isinstance(load_classifier(run), OnnxClassifier)
     result = CliRunner().invoke(cli, ["evaluate", str(run), "--data", str(pattern_data / "val"), "--json"])
     assert result.exit_code == 0, result.output
-    assert "(best.onnx)" in json.loads(result.output)["model_version"]
+    assert "(best.onnx, epoch " in json.loads(result.output)["model_version"]
+
+
+def test_a_temperature_or_an_int8_check_on_a_handful_of_faces_is_refused(trained_run, pattern_data, tmp_path):
+    import shutil
+
+    few = tmp_path / "few"
+    for name in ("happy", "sad"):  # 16 faces
+        shutil.copytree(pattern_data / "val" / name, few / name)
+    for options in (["--calibrate-temperature", str(few)], ["--int8", "--calibration", str(few)]):
+        out = tmp_path / "m.onnx"
+        result = CliRunner().invoke(cli, ["export", str(trained_run), "--onnx", "--out", str(out), *options])
+        assert result.exit_code != 0 and not out.exists(), result.output
+        assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1
+        assert "at least" in result.output and "16" in result.output

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from ferkit.errors import FerkitError  # noqa: E402
 from ferkit.predict import analyze_images  # noqa: E402
+from ferkit.runtime import read_metadata  # noqa: E402
 from ferkit.serve import ServeConfig, create_app  # noqa: E402
 
 PEOPLE = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
@@ -78,7 +79,7 @@ def test_the_health_models_and_openapi_routes(client):
 def test_a_served_run_names_its_run_but_not_where_it_lies(trained_run):
     served = TestClient(create_app(ServeConfig(model=str(trained_run))))
     [model] = served.get("/v1/models").json()["models"]
-    assert model["version"] == f"{trained_run.name} (best.keras)"
+    assert model["version"] == f"{trained_run.name} (best.keras, epoch {read_metadata(trained_run).extra['epoch']})"
     answer = served.post("/v1/analyze", content=PEOPLE.read_bytes(), headers={"Content-Type": "image/jpeg"})
     assert answer.json()["model_version"] == model["version"]
     assert served.get("/openapi.json").json()["info"]["version"] == model["version"]

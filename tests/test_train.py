@@ -447,6 +447,13 @@ def test_a_teacher_with_other_classes_is_refused(pattern_data, trained_run, tmp_
     with pytest.raises(FerkitError, match="the teacher"):
         train(config, verbose=0)
     assert not (tmp_path / "out").exists()
+    # nor are models of other classes averaged into one teacher: the message names the two models
+    from ferkit.teacher import save_teacher_probabilities
+
+    three = train(dataclasses.replace(config, teacher=None), verbose=0)
+    with pytest.raises(FerkitError, match=f"{three} knows the classes happy, sad, surprise, {trained_run} angry, "):
+        save_teacher_probabilities([trained_run, three], pattern_data / "train", tmp_path / "teacher.npz")
+    assert not (tmp_path / "teacher.npz").exists()
 
 
 JIT_PROBE = """

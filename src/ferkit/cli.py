@@ -382,7 +382,8 @@ def study_cmd(data, val, out: Path, models: str, epochs, transfer_epochs, fine_t
 @cli.command("pack")
 @click.argument("data")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--usage", help="FER2013 CSV rows to pack: Training, PublicTest or PrivateTest (default: all).")
+@click.option("--usage", help="FER2013 CSV rows to pack: Training, PublicTest, PrivateTest or all (default: "
+              "Training, the rows that train, as `ferkit train --data` reads a CSV).")
 @click.option("--image-size", type=click.IntRange(8, 512), default=48, show_default=True,
               help="Side of the stored faces in pixels (the model's input size).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=100_000, show_default=True, help="Faces per .npy shard.")
@@ -397,13 +398,19 @@ def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_siz
 
     if shard_size < 1:
         raise FerkitError("--shard-size must be at least 1")
-    usage = _check_usage(data, usage, usage is not None)
+    from ferkit.data.fer2013_csv import TRAIN_USAGE
+
+    if usage is not None and usage.lower() == "all":
+        usage = _check_usage(data, None, usage_given=True)
+    else:  # by default a CSV's Training rows: with PublicTest among them, validation faces would train
+        usage = _check_usage(data, usage or (TRAIN_USAGE if data.lower().endswith(".csv") else None), usage is not None)
     check_pack_folder(out, overwrite=overwrite)  # before minutes of loading, not after
     names = [name.strip() for name in classes.split(",") if name.strip()] if classes else None
     dataset = load_dataset(data, image_size=(image_size, image_size), usage=usage, classes=names, progress=True)
     folder = pack_dataset(dataset, out, shard_size=shard_size, overwrite=overwrite)
     shards = -(-len(dataset) // shard_size)
-    click.echo(f"packed {len(dataset)} faces ({len(dataset.classes)} classes) into {shards} shard(s) in {folder}")
+    rows = f" ({usage} rows)" if usage else ""
+    click.echo(f"packed {len(dataset)} faces{rows} ({len(dataset.classes)} classes) into {shards} shard(s) in {folder}")
 
 
 @cli.command("crop")
@@ -530,13 +537,14 @@ def _print_report(report) -> None:
 def export_cmd(model: str, to_onnx: bool, out: Path | None, overwrite: bool, recalibrate_bn: bool, int8: bool,
                calibration: str | None, tta, temperature_data: str | None):
     """Export MODEL (a run folder or .keras file) to ONNX, checked to agree with Keras."""
-    from ferkit.export import TOLERANCE, calibration_faces, export_onnx, export_path, temperature_faces
+    from ferkit.export import TOLERANCE, calibration_faces, export_onnx, export_path, exportable_model, temperature_faces
     from ferkit.runtime import read_metadata
 
     if not to_onnx:
         raise FerkitError("choose an export format: --onnx")
     if calibration and not (int8 or recalibrate_bn):
         raise FerkitError("--calibration applies to --int8 and --recalibrate-bn exports")
+    exportable_model(model)
     export_path(model, out, overwrite=overwrite)  # before minutes of loading faces, not after
     faces = calibration_faces(model, calibration) if int8 or recalibrate_bn else None
     held_out = temperature_faces(model, temperature_data) if temperature_data else None

@@ -15,6 +15,7 @@ AUGMENTATIONS = ("flip", "zoom", "shift", "crop", "rotate", "erase", "contrast")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "plateau", "cosine")
 CLASS_WEIGHTS = ("none", "balanced", "sqrt")
+SEEDS = 2**32  # seeds run from 0 to SEEDS - 1, as NumPy and TensorFlow take them
 PRECISIONS = ("float32", "mixed_bfloat16")
 
 
@@ -115,10 +116,12 @@ class TrainConfig:
             raise FerkitError("--warmup-epochs goes with --lr-schedule cosine")
         if not 0.0 < self.distill <= 1.0:
             raise FerkitError("--distill must lie in (0, 1]")
-        if self.classes is not None:
-            twice = repeated(self.classes)
+        if self.classes is not None and not self.classes:
+            raise FerkitError("--classes names no class: give them comma-separated, e.g. happy,sad,neutral")
+        for flag, names in (("--classes", self.classes or []), ("--augment", self.augment)):
+            twice = repeated(names)
             if twice:
-                raise FerkitError(f"--classes names {', '.join(twice)} more than once")
+                raise FerkitError(f"{flag} names {', '.join(twice)} more than once")
 
     def check_every_setting_applies(self) -> None:
         """Refuse (FerkitError) a setting that would be recorded in the run's config.json but have no effect:
@@ -140,7 +143,8 @@ class TrainConfig:
         for name, unused_here, why in unused:
             if given(name) and unused_here:
                 raise FerkitError(f"{option_flag(_field(name))} {why}; as given it would change nothing")
-        if self.val is not None and self.data and os.path.realpath(self.val) == os.path.realpath(self.data):
+        one_csv = str(self.data).lower().endswith(".csv")  # its Training rows train, its PublicTest rows validate
+        if self.val is not None and self.data and not one_csv and os.path.realpath(self.val) == os.path.realpath(self.data):
             raise FerkitError("--val is the training data itself: validation faces must be others (or leave --val "
                               "out to split some off)")
 
@@ -159,9 +163,11 @@ class TrainConfig:
             ("shift", 0 <= self.shift < 1, "a fraction of the side in [0, 1), e.g. 0.1"),
             ("rotate", 0 <= self.rotate <= 180, "degrees from 0 to 180"),
             ("val_split", 0 < self.val_split < 1, "a fraction in (0, 1), e.g. 0.1"),
+            ("seed", 0 <= self.seed < SEEDS, f"a whole number from 0 to {SEEDS - 1}"),
         ):
             if not within:
-                raise FerkitError(f"{option_flag(_field(name))} must be {meaning}, not {getattr(self, name):g}")
+                value = getattr(self, name)
+                raise FerkitError(f"{option_flag(_field(name))} must be {meaning}, not {value if isinstance(value, int) else f'{value:g}'}")
 
     @property
     def total_epochs(self) -> int:

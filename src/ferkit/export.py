@@ -28,6 +28,7 @@ MIN_INT8_AGREEMENT = 0.95  # share of held-out faces whose top class the int8 mo
 CALIBRATION_FACES = 512
 log = logging.getLogger("ferkit")
 AGREEMENT_FACES = 1024
+MIN_CHECK_FACES = 50  # fewer held-out faces make a temperature, or the int8 check, a matter of chance
 
 
 def calibration_faces(model: str | Path, data: str | Path | None = None) -> FaceDataset:
@@ -56,6 +57,15 @@ def temperature_faces(model: str | Path, data: str | Path) -> FaceDataset:
 
     meta = read_metadata(model)
     return load_dataset(data, classes=meta.classes, image_size=tuple(meta.input_size), usage=VAL_USAGE)
+
+
+def exportable_model(model: str | Path) -> Path:
+    """The .keras file that `model` (a run folder or model file) names, or a FerkitError: only Keras
+    models are exported."""
+    source = resolve_model_path(model)
+    if source.suffix != ".keras":
+        raise FerkitError(f"{source} is not a Keras model; only .keras models (or run folders) are exported")
+    return source
 
 
 def export_path(model: str | Path, out: str | Path | None = None, *, overwrite: bool = False) -> Path:
@@ -89,9 +99,7 @@ def export_onnx(
     Raises FerkitError if the export disagrees with Keras by more than TOLERANCE, or the int8 model keeps
     the float model's top class on fewer than MIN_INT8_AGREEMENT of the faces; nothing is written then.
     """
-    source = resolve_model_path(model)
-    if source.suffix != ".keras":
-        raise FerkitError(f"{source} is already not a Keras model; only .keras models are exported")
+    source = exportable_model(model)
     if (recalibrate_bn or int8) and calibration is None:
         raise FerkitError("batch-norm recalibration and int8 need calibration faces")
     if temperature_data is not None:
@@ -149,8 +157,9 @@ def _quantize_int8(path: Path, dataset: FaceDataset) -> None:
 
     floating = OnnxClassifier(path)
     calibration, held_out = _calibration_split(dataset, floating.input_size)
-    if len(calibration) == 0 or len(held_out) == 0:
-        raise FerkitError(f"int8 calibration needs at least 2 faces, got {len(dataset)}")
+    if len(held_out) < MIN_CHECK_FACES:
+        raise FerkitError(f"int8 export needs at least {2 * MIN_CHECK_FACES} calibration faces (half to calibrate, half "
+                          f"to check the int8 model on), got {len(dataset)}")
     batches = [faces_to_batch(calibration[i : i + 64], floating.metadata.channels) for i in range(0, len(calibration), 64)]
 
     class Batches(CalibrationDataReader):
@@ -203,8 +212,9 @@ def _fit_temperature(path: Path, dataset: FaceDataset) -> float:
 
     classifier = OnnxClassifier(path)
     labels = dataset.labels_for(classifier.classes)
-    if len(dataset) == 0:
-        raise FerkitError("fitting a temperature needs labelled faces; the temperature data has none")
+    if len(dataset) < MIN_CHECK_FACES:
+        raise FerkitError(f"fitting a temperature needs at least {MIN_CHECK_FACES} held-out labelled faces (a few hundred "
+                          f"give a steady one); {dataset.source or 'the temperature data'} has {len(dataset)}")
     faces = resized_faces(dataset.images, classifier.input_size)
     probabilities = classifier.with_tta("none").with_temperature(1.0).predict_proba(faces)
     temperature = fit_temperature(probabilities, labels)

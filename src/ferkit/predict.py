@@ -261,13 +261,17 @@ def _label(image) -> str:
 
 
 def model_version(classifier: Classifier, *, public: bool = False) -> str:
-    """The model's version as results report it: a shipped model's recorded version; else the run it came from
-    and its file (a run's best.keras, last.keras and exports differ), or its file name. public: the run
-    folder's name only, not where it lies on this machine (what a server tells its clients)."""
+    """The model's version as results report it: a shipped model's recorded version; else the run it came from,
+    its file and its epoch (a run's best.keras, last.keras and exports differ, and so does its best.keras
+    once the run trains on), or its file name. public: the run folder's name only, not where it lies on
+    this machine (what a server tells its clients)."""
     meta = classifier.metadata
     if meta.extra.get("version"):
         return str(meta.extra["version"])
     run = meta.extra.get("run")
     if run and public:
         run = Path(run).name
-    return f"{run} ({classifier.path.name})" if run else classifier.path.name
+    if not run:
+        return classifier.path.name
+    epoch = f", epoch {meta.extra['epoch']}" if meta.extra.get("epoch") is not None else ""
+    return f"{run} ({classifier.path.name}{epoch})"

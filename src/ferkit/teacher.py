@@ -45,6 +45,7 @@ def save_teacher_probabilities(models, dataset: FaceDataset | str | Path, out: s
     for member in members:
         check_teacher(member)
     classifiers = {member: load_classifier(member).with_tta(tta) for member in members if not _is_saved(member)}
+    _check_same_classes(classifiers)
     if not isinstance(dataset, FaceDataset):
         dataset = _load_training_faces(dataset, classifiers, members, progress=progress)
     for model, classifier in classifiers.items():
@@ -65,6 +66,16 @@ def save_teacher_probabilities(models, dataset: FaceDataset | str | Path, out: s
                         thumbnails=_thumbnails(dataset), about=np.array(json.dumps(about)))
     tmp.replace(out)
     return out
+
+
+def _check_same_classes(classifiers: dict) -> None:
+    """Models average only over the same classes, in the same order."""
+    members = list(classifiers.items())
+    for model, classifier in members[1:]:
+        first, reference = members[0]
+        if classifier.classes != reference.classes:
+            raise FerkitError(f"{model} knows the classes {', '.join(classifier.classes)}, {first} "
+                              f"{', '.join(reference.classes)}: average models of the same classes")
 
 
 def _is_saved(member: str) -> bool:

@@ -22,7 +22,7 @@ from ferkit.checkpoints import (
     BACKUP, FINE_TUNE_BACKUP, backed_up_epochs, has_checkpoint, keeps_its_precision, restore_packed_best_model,
     resume_training_model, resumes_unfrozen,
 )
-from ferkit.config import TrainConfig
+from ferkit.config import SEEDS, TrainConfig
 from ferkit.distributed import Topology, device_names
 from ferkit.distributed import start as start_distributed
 from ferkit.errors import FerkitError
@@ -117,7 +117,7 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
     keras = import_keras()
     from ferkit.callbacks import StopOnSignal
 
-    keras.utils.set_random_seed(config.seed + state.epochs_done)
+    keras.utils.set_random_seed((config.seed + state.epochs_done) % SEEDS)
     keras.mixed_precision.set_global_policy(config.precision)
     stop = StopOnSignal()
     started = False  # whether the run folder holds this run yet

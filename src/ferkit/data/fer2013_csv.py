@@ -56,7 +56,7 @@ def load_fer2013_csv(
     if not (row_usages != "").any():
         usages = ()  # a CSV without a Usage column (Kaggle's train.csv, a CSV of one's own): every row
     elif usages:
-        _warn_of_unknown_usages(path, row_usages)
+        _warn_of_unknown_usages(path, row_usages, parsed.get("lines"))
     selected = np.isin(row_usages, usages) if usages else np.ones(len(row_usages), bool)
     names = [FER2013_CSV_CODES[int(code)] for code in parsed["codes"][selected]]
     missing = sorted(set(names) - set(classes))
@@ -93,16 +93,18 @@ def _canonical_usages(usages) -> np.ndarray:
     return np.asarray([canonical.get(u.lower(), u) for u in usages], dtype=str)
 
 
-def _warn_of_unknown_usages(path: Path, row_usages: np.ndarray) -> None:
+def _warn_of_unknown_usages(path: Path, row_usages: np.ndarray, lines: np.ndarray | None) -> None:
+    """`lines`: each face row's line in the file (None in caches written before they were kept)."""
     unknown = ~np.isin(row_usages, USAGES)
     if unknown.any():
         first = int(np.argmax(unknown))
-        log.warning("%s: %d rows have no known Usage and are left out (e.g. row %d: %r)", path, int(unknown.sum()),
-                    first + 1, str(row_usages[first]))
+        where = f"line {int(lines[first])}" if lines is not None else f"face row {first + 1}"
+        log.warning("%s: %d rows have no known Usage and are left out (e.g. %s: %r)", path, int(unknown.sum()),
+                    where, str(row_usages[first]))
 
 
 def _parse(path: Path) -> dict[str, np.ndarray]:
-    codes, images, usages, skipped = [], [], [], []
+    codes, images, usages, lines, skipped = [], [], [], [], []
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
         reader = csv.reader(handle)
         header = [h.strip().lower() for h in next(reader, [])]
@@ -121,12 +123,14 @@ def _parse(path: Path) -> dict[str, np.ndarray]:
             codes.append(code)
             images.append(pixels)
             usages.append(row[i_usage].strip() if i_usage is not None and i_usage < len(row) else "")
+            lines.append(line)
     if not codes:
         raise FerkitError(f"{path}, {skipped[0]}; no row is a face" if skipped else f"{path} has a header but no rows")
     return {
         "codes": np.asarray(codes, dtype=np.int64),
         "images": np.stack(images),
         "usage": np.asarray(usages, dtype=str),
+        "lines": np.asarray(lines, dtype=np.int64),
         "skipped": np.asarray(skipped, dtype=str),  # "line N: why", as the warning names them
     }
 
