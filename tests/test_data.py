@@ -343,3 +343,10 @@ def test_one_fer2013_csv_trains_on_its_training_rows_and_packs_only_those(tmp_pa
     assert len(load_dataset(tmp_path / "packed")) == 14
     every = runner.invoke(cli, ["pack", str(tmp_path / "fer.csv"), str(tmp_path / "every"), "--usage", "all"])
     assert every.exit_code == 0 and len(load_dataset(tmp_path / "every")) == 28, every.output
+    # evaluating on the rows it trained on is said; on its validation rows, not
+    csv = str(tmp_path / "fer.csv")
+    for usage, warned in (("Training", True), ("PublicTest", False)):
+        result = runner.invoke(cli, ["evaluate", str(tmp_path / "run"), "--data", csv, "--usage", usage,
+                                     "--out", str(tmp_path / f"eval-{usage}")])
+        assert result.exit_code == 0, result.output
+        assert ("is the data" in result.output and "was trained on" in result.output) == warned, result.output

@@ -479,7 +479,8 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     given = click.get_current_context().get_parameter_source("usage") is not click.core.ParameterSource.DEFAULT
     usage = _check_usage(data, usage, given)
     classifier = load_classifier(model).with_tta(tta)
-    if Path(data).is_dir() and trained_on(classifier.path, data):  # a CSV's rows for evaluation are others
+    training_rows = Path(data).is_dir() or usage == "Training"  # a CSV trains on its Training rows alone
+    if training_rows and trained_on(classifier.path, data):
         log.warning("%s is the data %s was trained on: its accuracy there says little about faces it has not seen",
                     data, classifier.path.parent)
     if out is not None and not overwrite and Path(data).is_dir():  # a folder's source is its path: checked before it loads
