@@ -470,6 +470,7 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     """Score MODEL (a run folder, model file or shipped model's name; default: the default shipped
     model) on labelled data; write JSON, CSV, PNG and HTML reports."""
     from ferkit.data import load_dataset
+    from ferkit.data.fer2013_csv import TRAIN_USAGE
     from ferkit.evaluation import check_report_folder, default_report_folder, evaluate
     from ferkit.predict import model_version
     from ferkit.results import create_folder
@@ -479,7 +480,7 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     given = click.get_current_context().get_parameter_source("usage") is not click.core.ParameterSource.DEFAULT
     usage = _check_usage(data, usage, given)
     classifier = load_classifier(model).with_tta(tta)
-    training_rows = Path(data).is_dir() or usage == "Training"  # a CSV trains on its Training rows alone
+    training_rows = Path(data).is_dir() or usage == TRAIN_USAGE  # a CSV trains on its Training rows alone
     if training_rows and trained_on(classifier.path, data):
         log.warning("%s is the data %s was trained on: its accuracy there says little about faces it has not seen",
                     data, classifier.path.parent)
