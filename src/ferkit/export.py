@@ -28,7 +28,8 @@ MIN_INT8_AGREEMENT = 0.95  # share of held-out faces whose top class the int8 mo
 CALIBRATION_FACES = 512
 log = logging.getLogger("ferkit")
 AGREEMENT_FACES = 1024
-MIN_CHECK_FACES = 50  # fewer held-out faces make a temperature, or the int8 check, a matter of chance
+MIN_TEMPERATURE_FACES = 50  # a temperature fitted on fewer held-out faces is a matter of chance
+MIN_INT8_CHECK_FACES = 20  # at 95% agreement, one disagreement in 20: fewer faces would make the check meaningless
 
 
 def calibration_faces(model: str | Path, data: str | Path | None = None) -> FaceDataset:
@@ -157,8 +158,8 @@ def _quantize_int8(path: Path, dataset: FaceDataset) -> None:
 
     floating = OnnxClassifier(path)
     calibration, held_out = _calibration_split(dataset, floating.input_size)
-    if len(held_out) < MIN_CHECK_FACES:
-        raise FerkitError(f"int8 export needs at least {2 * MIN_CHECK_FACES} calibration faces (half to calibrate, half "
+    if len(held_out) < MIN_INT8_CHECK_FACES:
+        raise FerkitError(f"int8 export needs at least {2 * MIN_INT8_CHECK_FACES} calibration faces (half to calibrate, half "
                           f"to check the int8 model on), got {len(dataset)}")
     batches = [faces_to_batch(calibration[i : i + 64], floating.metadata.channels) for i in range(0, len(calibration), 64)]
 
@@ -212,8 +213,8 @@ def _fit_temperature(path: Path, dataset: FaceDataset) -> float:
 
     classifier = OnnxClassifier(path)
     labels = dataset.labels_for(classifier.classes)
-    if len(dataset) < MIN_CHECK_FACES:
-        raise FerkitError(f"fitting a temperature needs at least {MIN_CHECK_FACES} held-out labelled faces (a few hundred "
+    if len(dataset) < MIN_TEMPERATURE_FACES:
+        raise FerkitError(f"fitting a temperature needs at least {MIN_TEMPERATURE_FACES} held-out labelled faces (a few hundred "
                           f"give a steady one); {dataset.source or 'the temperature data'} has {len(dataset)}")
     faces = resized_faces(dataset.images, classifier.input_size)
     probabilities = classifier.with_tta("none").with_temperature(1.0).predict_proba(faces)
