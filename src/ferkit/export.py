@@ -103,8 +103,12 @@ def export_onnx(
     source = exportable_model(model)
     if (recalibrate_bn or int8) and calibration is None:
         raise FerkitError("batch-norm recalibration and int8 need calibration faces")
-    if temperature_data is not None:
+    if temperature_data is not None:  # checked before the minutes of exporting, not after
         _refuse_training_faces(source, temperature_data)
+        if len(temperature_data) < MIN_TEMPERATURE_FACES:
+            raise FerkitError(f"fitting a temperature needs at least {MIN_TEMPERATURE_FACES} held-out labelled faces (a few "
+                              f"hundred give a steady one); {temperature_data.source or 'the temperature data'} has "
+                              f"{len(temperature_data)}")
     out = export_path(model, out, overwrite=overwrite)
     keras_model = _load_keras(source).with_tta(tta)
     keras_model.metadata = dataclasses.replace(keras_model.metadata,
@@ -213,9 +217,6 @@ def _fit_temperature(path: Path, dataset: FaceDataset) -> float:
 
     classifier = OnnxClassifier(path)
     labels = dataset.labels_for(classifier.classes)
-    if len(dataset) < MIN_TEMPERATURE_FACES:
-        raise FerkitError(f"fitting a temperature needs at least {MIN_TEMPERATURE_FACES} held-out labelled faces (a few hundred "
-                          f"give a steady one); {dataset.source or 'the temperature data'} has {len(dataset)}")
     faces = resized_faces(dataset.images, classifier.input_size)
     probabilities = classifier.with_tta("none").with_temperature(1.0).predict_proba(faces)
     temperature = fit_temperature(probabilities, labels)
