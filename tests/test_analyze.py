@@ -46,6 +46,7 @@ def test_a_bad_image_in_a_stream_is_reported_and_the_rest_goes_on(trained_run, t
     results = list(analyze_images([good, tmp_path / "bad.jpg", good], model=trained_run, detector="none"))
     assert [r.ok for r in results] == [True, False, True]
     assert "not an image" in results[1].error and results[1].faces == []
+    assert results[1].image_size is None and results[1].to_dict()["image_size"] is None  # never decoded: no size
     assert results[0].faces[0].probabilities == results[2].faces[0].probabilities
     with pytest.raises(FerkitError):
         analyze(tmp_path / "bad.jpg", model=trained_run)

@@ -301,6 +301,14 @@ def test_a_video_over_the_duration_limit_is_413(client):
     assert response.status_code == 413 and "3 s" in response.json()["detail"]
 
 
+def test_a_photo_sent_as_a_video_is_415_pointing_to_the_photo_route(client):
+    bmp = io.BytesIO()
+    Image.open(PEOPLE).save(bmp, format="BMP")  # OpenCV alone would read it as a video of one frame
+    for data, kind in ((bmp.getvalue(), "video/mp4"), (PEOPLE.read_bytes(), "application/octet-stream")):
+        response = client.post("/v1/video", content=data, headers={"Content-Type": kind})
+        assert response.status_code == 415 and "/v1/analyze" in response.json()["detail"], response.text
+
+
 def test_a_video_without_opencv_installed_is_501_saying_which_extra(client, monkeypatch):
     monkeypatch.setitem(sys.modules, "cv2", None)  # import raises ImportError, as when ferkit[video] is absent
     response = client.post("/v1/video", content=b"RIFF....AVI ", headers={"Content-Type": "video/x-msvideo"})

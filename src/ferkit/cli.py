@@ -848,7 +848,7 @@ def _predict_one(source, classifier, find, out: Path, as_json: bool, annotate: b
     from ferkit.predict import analyze_images
 
     [result] = analyze_images([source], model=classifier, detector=find, boxes=boxes, uncertain_below=uncertain_below)
-    if result.error and (boxes or result.image_size == (0, 0)):
+    if result.error and (boxes or result.image_size is None):
         raise FerkitError(result.error)  # the photo given is not an image, or a box given is wrong for it: bad input
     if result.error:
         click.echo(f"error: {result.error}", err=True)

@@ -140,7 +140,7 @@ def check_uncertain_below(value: float) -> float:
 
 
 def _find_faces(label, image, classifier: Classifier, find, boxes, channels: str = "rgb") -> tuple[ImageResult, list[np.ndarray]]:
-    result = ImageResult(source=label, image_size=(0, 0), model=classifier.name, model_version=model_version(classifier))
+    result = ImageResult(source=label, image_size=None, model=classifier.name, model_version=model_version(classifier))
     started = time.perf_counter()
     try:
         loaded = load_image(image, channels=channels)

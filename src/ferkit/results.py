@@ -42,7 +42,7 @@ class Face:
 @dataclass
 class ImageResult:
     source: str  # path, or "<array>", "<image>" (PIL) or "<bytes>"
-    image_size: tuple[int, int]  # (width, height) of the upright image
+    image_size: tuple[int, int] | None  # (width, height) of the upright image; None when it could not be decoded
     faces: list[Face] = field(default_factory=list)
     model: str = ""
     model_version: str = ""
@@ -57,7 +57,7 @@ class ImageResult:
     def to_dict(self) -> dict:
         data = {
             "source": self.source,
-            "image_size": list(self.image_size),
+            "image_size": None if self.image_size is None else list(self.image_size),
             "model": self.model,
             "model_version": self.model_version,
             "detector": self.detector,

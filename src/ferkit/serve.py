@@ -129,6 +129,8 @@ def create_app(config: ServeConfig | None = None):
         plot (a PNG data URL), titled with the file's name where a multipart form gives it. `cut_short`:
         frames stopped coming well before the count the file's container lists (a truncated upload)."""
         data, name = await _upload(request, VIDEO_TYPES, "a video", size_limits["/v1/video"])
+        if _is_still_image(data, decoders):  # OpenCV would read it as a one-frame video
+            raise HTTPException(415, "the upload is a still image, not a video: POST it to /v1/analyze")
         return await _run_in(analyses, _analyze_video_bytes, data, classifier, detector, config, name)
 
     return app
@@ -262,6 +264,17 @@ def _decode_image(data: bytes, decoders: list[str], max_megapixels: float):
     except DECODE_ERRORS as err:
         raise HTTPException(415, f"the image could not be decoded: {first_line(err)}") from None
     return image
+
+
+def _is_still_image(data: bytes, decoders: list[str]) -> bool:
+    """Whether `data` is an image of one frame (an animated GIF or WebP may be sent as a video)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=decoders) as image:
+            return not getattr(image, "is_animated", False)
+    except Exception:  # not an image: a video, or bytes OpenCV will refuse
+        return False
 
 
 def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig, name: str | None = None) -> dict:
