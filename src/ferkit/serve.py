@@ -268,12 +268,16 @@ def _decode_image(data: bytes, decoders: list[str], max_megapixels: float):
 
 def _is_still_image(data: bytes, decoders: list[str]) -> bool:
     """Whether `data` is an image of one frame (an animated GIF or WebP may be sent as a video)."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
+
+    from ferkit.images import DECODE_ERRORS
 
     try:
         with Image.open(io.BytesIO(data), formats=decoders) as image:
             return not getattr(image, "is_animated", False)
-    except Exception:  # not an image: a video, or bytes OpenCV will refuse
+    except Image.DecompressionBombError:
+        return True
+    except (UnidentifiedImageError, *DECODE_ERRORS):  # not an image: a video, or bytes OpenCV will refuse
         return False
 
 
