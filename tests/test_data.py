@@ -49,12 +49,14 @@ def test_unreadable_files_are_skipped_with_one_warning(tmp_path, caplog):
     (tmp_path / "happy" / "empty.jpg").write_bytes(b"")
     (tmp_path / "sad" / "notes.txt").write_text("not an image")
     (tmp_path / "sad" / "half.png").write_bytes((tmp_path / "sad" / "sad_0.png").read_bytes()[:60])
+    os.symlink(tmp_path / "moved.png", tmp_path / "happy" / "gone.png")  # a link whose face was moved away
     with caplog.at_level(logging.WARNING, logger="ferkit"):
         data = load_folder(tmp_path)
     assert len(data) == 6
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "skipped 3" in warnings[0].getMessage()
-    assert {p.split("/")[-1] for p, _ in data.skipped} == {"empty.jpg", "notes.txt", "half.png"}
+    assert len(warnings) == 1 and "skipped 4" in warnings[0].getMessage()
+    assert {p.split("/")[-1] for p, _ in data.skipped} == {"empty.jpg", "notes.txt", "half.png", "gone.png"}
+    assert dict(data.skipped)[str(tmp_path / "happy" / "gone.png")] == "a link to a file that does not exist"
 
 
 @pytest.mark.parametrize("layout", ["missing", "empty", "no-images"])

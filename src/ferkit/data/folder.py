@@ -40,7 +40,7 @@ def load_folder(
         raise FerkitError(f"no such dataset folder: {root}" if not root.exists() else f"{root} is not a folder")
     chosen = classes is not None
     classes = tuple(canonical_label(c) for c in (classes or EMOTIONS))
-    files, labels = _list_class_files(root, classes, chosen=chosen)
+    files, labels, broken_links = _list_class_files(root, classes, chosen=chosen)
     if not files:
         raise FerkitError(f"{root} holds no image files in its class folders")
 
@@ -55,6 +55,7 @@ def load_folder(
             save_cached(key, cached)
 
     skipped = [(str(root / p), r) for p, r in zip(cached["skipped_paths"], cached["skipped_reasons"])]
+    skipped = sorted(skipped + [(str(link), "a link to a file that does not exist") for link in broken_links])
     if skipped:
         shown = ", ".join(f"{p} ({r})" for p, r in skipped[:10])
         more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
@@ -79,9 +80,10 @@ class UnknownClassFolders(FerkitError):
         self.folders = folders
 
 
-def _list_class_files(root: Path, classes: tuple[str, ...], *, chosen: bool) -> tuple[list[Path], list[int]]:
-    """The files of each class folder and their labels. `chosen`: the classes were given (a model's own,
-    say), so a folder of another class cannot be kept by asking for it."""
+def _list_class_files(root: Path, classes: tuple[str, ...], *, chosen: bool) -> tuple[list[Path], list[int], list[Path]]:
+    """The files of each class folder, their labels, and the links in them to files that do not exist.
+    `chosen`: the classes were given (a model's own, say), so a folder of another class cannot be kept by
+    asking for it."""
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise FerkitError(f"{root} has no class folders (expected {root}/<class>/<image>)")
@@ -92,6 +94,7 @@ def _list_class_files(root: Path, classes: tuple[str, ...], *, chosen: bool) -> 
                                   unknown)
     files: list[Path] = []
     labels: list[int] = []
+    broken_links: list[Path] = []
     unreadable: list[str] = []
     for folder in folders:
         label = classes.index(canonical_label(folder.name))
@@ -99,10 +102,12 @@ def _list_class_files(root: Path, classes: tuple[str, ...], *, chosen: bool) -> 
             if path.is_file():
                 files.append(path)
                 labels.append(label)
+            elif path.is_symlink() and not path.exists():
+                broken_links.append(path)
     if unreadable:
         log.warning("cannot read %d folder(s) in %s, their images left out: %s", len(unreadable), root,
                     ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""))
-    return files, labels
+    return files, labels, broken_links
 
 
 def _decode_files(files, labels, root, image_size, progress) -> dict[str, np.ndarray]:
