@@ -352,3 +352,11 @@ def test_one_fer2013_csv_trains_on_its_training_rows_and_packs_only_those(tmp_pa
                                      "--out", str(tmp_path / f"eval-{usage}")])
         assert result.exit_code == 0, result.output
         assert ("is the data" in result.output and "was trained on" in result.output) == warned, result.output
+    # and so are packed copies of those rows: the pack records what it was packed from
+    public = runner.invoke(cli, ["pack", csv, str(tmp_path / "public"), "--usage", "PublicTest"])
+    assert public.exit_code == 0, public.output
+    for copy, warned in (("packed", True), ("every", True), ("public", False)):
+        result = runner.invoke(cli, ["evaluate", str(tmp_path / "run"), "--data", str(tmp_path / copy),
+                                     "--out", str(tmp_path / f"eval-{copy}")])
+        assert result.exit_code == 0, result.output
+        assert ("is the data" in result.output and "was trained on" in result.output) == warned, (copy, result.output)

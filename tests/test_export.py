@@ -282,6 +282,12 @@ def test_a_temperature_is_not_fitted_on_the_faces_the_model_was_trained_on(train
     assert result.exit_code == 2 and not out.exists()
     assert result.output.strip() == (f"error: {pattern_data / 'train'} is the data the model was trained on; "
                                      f"fit the temperature on held-out faces (its validation data: {pattern_data / 'val'})")
+    from ferkit.data.packed import pack_dataset
+
+    copy = pack_dataset(pattern_data / "train", tmp_path / "packed-train")  # the same faces, packed elsewhere
+    result = CliRunner().invoke(cli, ["export", str(trained_run), "--onnx", "--out", str(out),
+                                      "--calibrate-temperature", str(copy)])
+    assert result.exit_code == 2 and "is the data the model was trained on" in result.output and not out.exists()
 
 
 def test_a_temperature_that_raises_the_faces_ece_is_exported_with_a_warning(tmp_path):

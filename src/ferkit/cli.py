@@ -407,7 +407,7 @@ def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_siz
     check_pack_folder(out, overwrite=overwrite)  # before minutes of loading, not after
     names = [name.strip() for name in classes.split(",") if name.strip()] if classes else None
     dataset = load_dataset(data, image_size=(image_size, image_size), usage=usage, classes=names, progress=True)
-    folder = pack_dataset(dataset, out, shard_size=shard_size, overwrite=overwrite)
+    folder = pack_dataset(dataset, out, shard_size=shard_size, overwrite=overwrite, packed_from=(data, usage))
     shards = -(-len(dataset) // shard_size)
     rows = f" ({usage} rows)" if usage else ""
     click.echo(f"packed {len(dataset)} faces{rows} ({len(dataset.classes)} classes) into {shards} shard(s) in {folder}")
@@ -470,7 +470,6 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     """Score MODEL (a run folder, model file or shipped model's name; default: the default shipped
     model) on labelled data; write JSON, CSV, PNG and HTML reports."""
     from ferkit.data import load_dataset
-    from ferkit.data.fer2013_csv import TRAIN_USAGE
     from ferkit.evaluation import check_report_folder, default_report_folder, evaluate
     from ferkit.predict import model_version
     from ferkit.results import create_folder
@@ -480,8 +479,7 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     given = click.get_current_context().get_parameter_source("usage") is not click.core.ParameterSource.DEFAULT
     usage = _check_usage(data, usage, given)
     classifier = load_classifier(model).with_tta(tta)
-    training_rows = Path(data).is_dir() or usage == TRAIN_USAGE  # a CSV trains on its Training rows alone
-    if training_rows and trained_on(classifier.path, data):
+    if trained_on(classifier.path, data, usage=None if Path(data).is_dir() else usage):
         log.warning("%s is the data %s was trained on: its accuracy there says little about faces it has not seen",
                     data, classifier.path.parent)
     if out is not None and not overwrite and Path(data).is_dir():  # a folder's source is its path: checked before it loads

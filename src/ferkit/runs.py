@@ -110,18 +110,30 @@ def save_run_config(run: Path, config, train_set, val_set) -> None:
     write_atomic(run / "datasets.json", json.dumps(sizes, indent=2) + "\n")
 
 
-def trained_on(model: Path, source):
-    """The config of the run that trained `model` (a file in its run folder) if `source` is that run's
-    training data (a TrainConfig), else None."""
+def trained_on(model: Path, source, usage: str | None = None):
+    """The config of the run that trained `model` (a file in its run folder) if `source` (with `usage`,
+    the rows of a FER2013 CSV; None: all) holds that run's training faces, else None. A packed dataset
+    counts as the data it was packed from."""
     from ferkit.config import TrainConfig
+    from ferkit.data.fer2013_csv import TRAIN_USAGE
 
     config = Path(model).parent / "config.json"
-    if not config.is_file() or not source:
+    if not config.is_file() or not source or not Path(source).exists():
         return None
     run = TrainConfig.load(config)
-    if run.data and Path(run.data).exists() and Path(source).exists() and Path(run.data).resolve() == Path(source).resolve():
-        return run
-    return None
+    if not run.data or not Path(run.data).exists():
+        return None
+    trained, trained_rows = _faces_origin(run.data, TRAIN_USAGE if run.data.lower().endswith(".csv") else None)
+    given, given_rows = _faces_origin(source, usage)
+    same_rows = trained_rows is None or given_rows is None or trained_rows.lower() == given_rows.lower()
+    return run if trained == given and same_rows else None
+
+
+def _faces_origin(source, usage: str | None) -> tuple[Path, str | None]:
+    """The folder or CSV file whose faces `source` holds, and which of a CSV's rows (None: all)."""
+    from ferkit.data.packed import packed_from
+
+    return packed_from(source) or (Path(source).resolve(), usage)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -2,7 +2,8 @@
 
 A packed dataset is a folder:
 
-    ferkit-faces.json        {"classes": [...], "image_size": [48, 48], "shards": [["faces-00000.npy", "labels-00000.npy"], ...]}
+    ferkit-faces.json        {"classes": [...], "image_size": [48, 48], "shards": [["faces-00000.npy", "labels-00000.npy"], ...],
+                              "packed_from": {"path": "/data/fer2013.csv", "usage": "Training"}}  (where it was packed from)
     faces-00000.npy          (n, height, width) uint8 grayscale faces
     labels-00000.npy         (n,) integer labels indexing "classes"
 
@@ -27,6 +28,18 @@ INDEX = "ferkit-faces.json"
 
 def is_packed(path: str | Path) -> bool:
     return (Path(path) / INDEX).is_file()
+
+
+def packed_from(path: str | Path) -> tuple[Path, str | None] | None:
+    """The folder or CSV file the packed dataset at `path` was packed from, and the CSV rows it took
+    (None: all of them), where its index records them; None for any other path."""
+    if not is_packed(path):
+        return None
+    try:
+        origin = json.loads((Path(path) / INDEX).read_text()).get("packed_from")
+        return Path(origin["path"]), origin["usage"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 class ShardedFaces:
@@ -92,8 +105,10 @@ class ShardWriter:
     already at `out` is replaced (other files there are kept)."""
 
     def __init__(self, out: str | Path, classes: Sequence[str], image_size: tuple[int, int], *, shard_size: int = 100_000,
-                 overwrite: bool = False):
+                 overwrite: bool = False, packed_from: tuple[str | Path, str | None] | None = None):
         self.out, self.classes, self.image_size, self.shard_size = Path(out), list(classes), tuple(image_size), shard_size
+        # recorded so that evaluating or calibrating on a packed copy of a model's training faces is noticed
+        self.packed_from = None if packed_from is None else {"path": str(Path(packed_from[0]).resolve()), "usage": packed_from[1]}
         if shard_size < 1:
             raise FerkitError(f"a shard holds at least 1 face, not {shard_size}")
         check_pack_folder(self.out, overwrite=overwrite)
@@ -119,6 +134,8 @@ class ShardWriter:
         if self._count or not self.shards:
             self._flush()
         index = {"classes": self.classes, "image_size": list(self.image_size), "shards": self.shards}
+        if self.packed_from:
+            index["packed_from"] = self.packed_from
         (self.out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         return self.out
 
@@ -132,17 +149,20 @@ class ShardWriter:
 
 
 def pack_dataset(dataset: FaceDataset | str | Path, out: str | Path, *, shard_size: int = 100_000, chunk: int = 10_000,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, packed_from: tuple[str | Path, str | None] | None = None) -> Path:
     """Write `dataset` (or the dataset at that path, as `load_dataset` reads it) as a packed dataset in
-    the new folder `out`; with `overwrite`, in place of a packed dataset there."""
+    the new folder `out`; with `overwrite`, in place of a packed dataset there. `packed_from`: the folder
+    or CSV file a FaceDataset was read from, and the CSV rows taken (None: all), to record in the index."""
     check_pack_folder(out, overwrite=overwrite)
     if not isinstance(dataset, FaceDataset):
         from ferkit.data import load_dataset
 
+        packed_from = packed_from or (dataset, None)
         dataset = load_dataset(dataset)
     if dataset.source and Path(out).resolve() == Path(dataset.source).resolve():
         raise FerkitError(f"{out} is the packed dataset being read; pack it into another folder")
-    writer = ShardWriter(out, dataset.classes, dataset.image_size, shard_size=shard_size, overwrite=overwrite)
+    writer = ShardWriter(out, dataset.classes, dataset.image_size, shard_size=shard_size, overwrite=overwrite,
+                         packed_from=packed_from)
     for start in range(0, len(dataset), chunk):
         writer.add(dataset.images[start : start + chunk], dataset.labels[start : start + chunk])
     return writer.close()
