@@ -427,6 +427,24 @@ def test_a_finished_batch_resumed_says_there_is_nothing_left(trained_run, tmp_pa
     assert again.exit_code == 0 and f"nothing left to do: all 1 images are in {tmp_path / 'o' / 'results.jsonl'}" in again.output
 
 
+def test_a_batch_begun_before_its_run_was_exported_resumes_with_the_model_it_began_with(trained_run, tmp_path):
+    import shutil
+
+    model = shutil.copytree(trained_run, tmp_path / "run")
+    (tmp_path / "in").mkdir()
+    Image.fromarray(pattern_face(1, np.random.default_rng(1))).save(tmp_path / "in" / "a.png")
+    args = ("predict", tmp_path / "in", "--model", model, "--detector", "none", "--out", tmp_path / "o")
+    assert run(*args).exit_code == 0
+    assert run("export", model, "--onnx").exit_code == 0 and (model / "best.onnx").is_file()
+    Image.fromarray(pattern_face(2, np.random.default_rng(2))).save(tmp_path / "in" / "b.png")
+    again = run(*args, "--resume")
+    assert again.exit_code == 0, again.output
+    versions = [json.loads(line)["model_version"] for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
+    assert len(versions) == 2 and versions[0] == versions[1] and "best.keras" in versions[0]
+    fresh = run("predict", tmp_path / "in", "--model", model, "--detector", "none", "--out", tmp_path / "new")
+    assert fresh.exit_code == 0 and "best.onnx" in (tmp_path / "new" / "results.jsonl").read_text()
+
+
 def test_no_face_in_a_small_picture_suggests_taking_it_as_the_face(trained_run, tmp_path):
     Image.new("L", (48, 48), 128).save(tmp_path / "crop.png")
     result = run("predict", tmp_path / "crop.png", "--model", trained_run, "--out", tmp_path / "o")
