@@ -130,7 +130,7 @@ def create_app(config: ServeConfig | None = None):
         frames stopped coming well before the count the file's container lists (a truncated upload)."""
         data, name = await _upload(request, VIDEO_TYPES, "a video", size_limits["/v1/video"])
         if _is_still_image(data, decoders):  # OpenCV would read it as a one-frame video
-            raise HTTPException(415, "the upload is a still image, not a video: POST it to /v1/analyze")
+            raise HTTPException(415, "the upload is a still image, not a video: send photos to /v1/analyze (the page's photo mode)")
         return await _run_in(analyses, _analyze_video_bytes, data, classifier, detector, config, name)
 
     return app
