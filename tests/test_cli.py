@@ -441,6 +441,11 @@ def test_a_batch_begun_before_its_run_was_exported_resumes_with_the_model_it_beg
     assert again.exit_code == 0, again.output
     versions = [json.loads(line)["model_version"] for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
     assert len(versions) == 2 and versions[0] == versions[1] and "best.keras" in versions[0]
+    from ferkit.batch import FolderBatch  # and so does the API's batch, given the run folder
+
+    Image.fromarray(pattern_face(3, np.random.default_rng(3))).save(tmp_path / "in" / "c.png")
+    batch = FolderBatch([tmp_path / "in"], tmp_path / "o", model=model, detector="none", resume=True)
+    assert [r.model_version for r in batch.run()] == versions[:1]
     fresh = run("predict", tmp_path / "in", "--model", model, "--detector", "none", "--out", tmp_path / "new")
     assert fresh.exit_code == 0 and "best.onnx" in (tmp_path / "new" / "results.jsonl").read_text()
 

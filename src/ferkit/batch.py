@@ -46,6 +46,8 @@ class FolderBatch:
         # everything checked before the model loads and before an earlier batch's files are replaced
         self.detector = get_detector(detector)
         self.classifier = load_classifier(model, prefer_export=True)
+        if resume:
+            self.classifier = model_the_batch_began_with(self.classifier, model, self.out)
         # named in listing order, so a resumed run names its copies as a whole run would; never as a photo
         # of the batch that lies in the results folder (a user's own NAME.annotated.jpg)
         used = {p.name for p in paths if p.parent.resolve() == self.out.resolve()}
@@ -103,6 +105,25 @@ def _remove_earlier_annotated_copies(out: Path) -> None:
         copy = out / Path(str(name)).name if name else None
         if copy is not None and copy.is_file() and written_by_ferkit(copy):
             copy.unlink()
+
+
+def model_the_batch_began_with(classifier, model, out: Path):
+    """`classifier` (loaded from `model`) or, for a run folder exported since the batch in `out` began, the
+    run's Keras model that the batch began with: a run folder predicts with its export once there is one
+    (ferkit.runtime.exported_model_path), and a resumed batch must go on with the model it began with."""
+    import json
+
+    from ferkit.predict import model_version
+    from ferkit.runtime import resolve_model_path
+
+    try:
+        began_with = json.loads((Path(out) / ResultsFolder.SETTINGS).read_text()).get("model_version")
+    except (OSError, ValueError, AttributeError):
+        return classifier
+    if began_with in (None, model_version(classifier)) or not isinstance(model, (str, Path)) or not Path(model).is_dir():
+        return classifier
+    keras_model = load_classifier(resolve_model_path(model)).with_tta(classifier.tta)
+    return keras_model if model_version(keras_model) == began_with else classifier
 
 
 def batch_settings(classifier, detector, uncertain_below: float) -> dict:

@@ -682,7 +682,14 @@ def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, 
 def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, every, target_fps, smooth, save_video,
                 uncertain_below, resume, overwrite, tta, engine, address, workers, shard_size):
     """Find every face in each SOURCE (image, folder, glob or video) and predict its emotion."""
-    from ferkit.batch import FolderBatch, check_output_folder, check_results_folder, unique_path, video_outputs
+    from ferkit.batch import (
+        FolderBatch,
+        check_output_folder,
+        check_results_folder,
+        model_the_batch_began_with,
+        unique_path,
+        video_outputs,
+    )
     from ferkit.faces import get_detector
     from ferkit.predict import check_uncertain_below
     from ferkit.results import check_replaceable, create_folder
@@ -747,7 +754,7 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
         check_replaceable(video_outputs(out, stem, save_video), overwrite=overwrite)
     classifier = load_classifier(model, prefer_export=True).with_tta(tta)
     if batch and resume:
-        classifier = _model_the_batch_began_with(classifier, model, out, tta)
+        classifier = model_the_batch_began_with(classifier, model, out)
     find = get_detector(detector)
     create_folder(out)
     failures = missing
@@ -768,25 +775,6 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     failures += failed_videos
     if failures:
         sys.exit(1)
-
-
-def _model_the_batch_began_with(classifier, model: str | None, out: Path, tta):
-    """A run folder exported since its batch in `out` began predicts with the export (ferkit.runtime.
-    exported_model_path); the batch resumes with the Keras model it began with."""
-    import json
-
-    from ferkit.predict import model_version
-    from ferkit.results import ResultsFolder
-    from ferkit.runtime import load_classifier, resolve_model_path
-
-    try:
-        began_with = json.loads((out / ResultsFolder.SETTINGS).read_text()).get("model_version")
-    except (OSError, ValueError, AttributeError):
-        return classifier
-    if began_with in (None, model_version(classifier)) or model is None or not Path(model).is_dir():
-        return classifier
-    keras_model = load_classifier(resolve_model_path(model)).with_tta(tta)
-    return keras_model if model_version(keras_model) == began_with else classifier
 
 
 def _check_options_fit_sources(kinds, *, annotate, every, target_fps, smooth, save_video) -> None:
