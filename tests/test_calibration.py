@@ -9,6 +9,7 @@ from ferkit.calibration import (
     confidence_accuracy_table,
     expected_calibration_error,
     fit_temperature,
+    held_out_ece,
     negative_log_likelihood,
     reliability_bins,
 )
@@ -57,6 +58,19 @@ def test_fit_temperature_stays_within_its_bounds_and_says_when_it_stops_at_one(c
     assert "end of the range" not in caplog.text
     with pytest.raises(ValueError):
         fit_temperature(np.zeros((0, 3)), np.zeros(0, int))
+
+
+def test_held_out_ece_shows_a_temperature_helping_an_overconfident_model_and_not_a_calibrated_one():
+    overconfident, labels = _model_at_temperature(2.0, n=4000)
+    checked = held_out_ece(overconfident, labels, splits=5)
+    assert checked["splits"] == 5 and checked["improved"] == 1.0
+    assert checked["ece_after"] < checked["ece_before"] / 3
+    calibrated, labels = _model_at_temperature(1.0, n=4000)
+    checked = held_out_ece(calibrated, labels, splits=5)
+    assert checked["ece_after"] == pytest.approx(checked["ece_before"], abs=0.01)  # nothing to gain
+    assert held_out_ece(calibrated, labels, splits=5) == checked  # the same halves each time (its seed)
+    with pytest.raises(ValueError):
+        held_out_ece(calibrated[:3], labels[:3])
 
 
 def test_ece_is_near_zero_when_calibrated_and_large_when_overconfident():

@@ -310,6 +310,11 @@ def test_a_temperature_that_raises_the_faces_ece_is_exported_with_a_warning(tmp_
         fitted = read_metadata(out).extra["temperature"]
         warning = "warning: the temperature lowers the faces' log loss but raises their ECE" in result.output
         assert warning == (fitted["ece_after"] > fitted["ece_before"])
+        unseen = fitted["held_out"]  # fitted on half the faces, scored on the other, 2 x 20 times
+        assert f"{unseen['ece_before']:.4f} -> {unseen['ece_after']:.4f} on the halves it was not fitted on" in result.output
+        assert unseen["splits"] == 20 and 0 <= unseen["improved"] <= 1
+        no_help = "warning: the temperature does not lower the ECE of faces it was not fitted on" in result.output
+        assert no_help == (not warning and unseen["ece_after"] >= unseen["ece_before"])
         warned.append(warning)
     assert warned[0]
 

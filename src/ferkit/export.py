@@ -213,7 +213,7 @@ def _refuse_training_faces(source: Path, dataset: FaceDataset) -> None:
 
 def _fit_temperature(path: Path, dataset: FaceDataset) -> float:
     """Fit the temperature of the ONNX model at `path` on `dataset` and store it in the model's metadata."""
-    from ferkit.calibration import expected_calibration_error, fit_temperature, negative_log_likelihood
+    from ferkit.calibration import expected_calibration_error, fit_temperature, held_out_ece, negative_log_likelihood
 
     classifier = OnnxClassifier(path)
     labels = dataset.labels_for(classifier.classes)
@@ -228,6 +228,8 @@ def _fit_temperature(path: Path, dataset: FaceDataset) -> float:
         "ece_after": round(expected_calibration_error(calibrated, labels), 6),
         "nll_before": round(negative_log_likelihood(probabilities, labels), 6),
         "nll_after": round(negative_log_likelihood(probabilities, labels, temperature), 6),
+        # fitted on one half of the faces and scored on the other: what a temperature does for unseen faces
+        "held_out": {key: round(value, 6) for key, value in held_out_ece(probabilities, labels).items()},
     }
     metadata = dataclasses.replace(classifier.metadata, temperature=temperature,
                                    extra={**classifier.metadata.extra, "temperature": record})
