@@ -57,6 +57,10 @@ def test_unreadable_files_are_skipped_with_one_warning(tmp_path, caplog):
     assert len(warnings) == 1 and "skipped 4" in warnings[0].getMessage()
     assert {p.split("/")[-1] for p, _ in data.skipped} == {"empty.jpg", "notes.txt", "half.png", "gone.png"}
     assert dict(data.skipped)[str(tmp_path / "happy" / "gone.png")] == "a link to a file that does not exist"
+    (tmp_path / "only-links" / "sad").mkdir(parents=True)
+    os.symlink(tmp_path / "moved.png", tmp_path / "only-links" / "sad" / "gone.png")
+    with pytest.raises(FerkitError, match=r"holds no image files in its class folders \(only 1 link\(s\) to files that"):
+        load_folder(tmp_path / "only-links")
 
 
 @pytest.mark.parametrize("layout", ["missing", "empty", "no-images"])
@@ -352,10 +356,14 @@ def test_one_fer2013_csv_trains_on_its_training_rows_and_packs_only_those(tmp_pa
                                      "--out", str(tmp_path / f"eval-{usage}")])
         assert result.exit_code == 0, result.output
         assert ("is the data" in result.output and "was trained on" in result.output) == warned, result.output
-    # and so are packed copies of those rows: the pack records what it was packed from
+    # and so are packed copies of those rows: the pack records what it was packed from, through a pack of a pack
     public = runner.invoke(cli, ["pack", csv, str(tmp_path / "public"), "--usage", "PublicTest"])
     assert public.exit_code == 0, public.output
-    for copy, warned in (("packed", True), ("every", True), ("public", False)):
+    assert runner.invoke(cli, ["pack", str(tmp_path / "packed"), str(tmp_path / "repacked")]).exit_code == 0
+    from ferkit.data.packed import pack_dataset
+
+    pack_dataset(load_dataset(tmp_path / "every"), tmp_path / "from-api")  # a FaceDataset knows its source
+    for copy, warned in (("packed", True), ("every", True), ("public", False), ("repacked", True), ("from-api", True)):
         result = runner.invoke(cli, ["evaluate", str(tmp_path / "run"), "--data", str(tmp_path / copy),
                                      "--out", str(tmp_path / f"eval-{copy}")])
         assert result.exit_code == 0, result.output

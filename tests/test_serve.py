@@ -304,7 +304,10 @@ def test_a_video_over_the_duration_limit_is_413(client):
 def test_a_photo_sent_as_a_video_is_415_pointing_to_the_photo_route(client):
     bmp = io.BytesIO()
     Image.open(PEOPLE).save(bmp, format="BMP")  # OpenCV alone would read it as a video of one frame
-    for data, kind in ((bmp.getvalue(), "video/mp4"), (PEOPLE.read_bytes(), "application/octet-stream")):
+    mpo = io.BytesIO()  # a camera JPEG with a second picture in it (Pillow calls it animated)
+    Image.open(PEOPLE).save(mpo, format="MPO", save_all=True, append_images=[Image.open(PEOPLE).rotate(180)])
+    for data, kind in ((bmp.getvalue(), "video/mp4"), (PEOPLE.read_bytes(), "application/octet-stream"),
+                       (mpo.getvalue(), "video/mp4")):
         response = client.post("/v1/video", content=data, headers={"Content-Type": kind})
         assert response.status_code == 415 and "/v1/analyze" in response.json()["detail"], response.text
 

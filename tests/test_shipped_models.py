@@ -85,6 +85,8 @@ def test_the_bundle_tool_calibrates_int8_on_the_runs_own_training_data(trained_r
     assert entry["int8"]["top1_agreement_with_float"] >= 0.95
     assert entry["members"][0]["config"]["data"] == "/".join((pattern_data / "train").parts[-2:])  # the manifest's copy
     assert entry["temperature_fit"]["faces"] == len(load_dataset(pattern_data / "val"))
+    unseen = entry["temperature_fit"]["held_out"]
+    assert f"{unseen['ece_before']:.4f} -> {unseen['ece_after']:.4f} on halves it was not fitted on" in shipped.stdout
 
 
 def test_the_bundle_tool_refuses_bad_names_and_leaves_the_shipped_files_on_failure(trained_run, tmp_path):

@@ -107,22 +107,27 @@ def _remove_earlier_annotated_copies(out: Path) -> None:
             copy.unlink()
 
 
-def model_the_batch_began_with(classifier, model, out: Path):
+def model_the_batch_began_with(classifier, model, out: Path, tta: str | None = None):
     """`classifier` (loaded from `model`) or, for a run folder exported since the batch in `out` began, the
     run's Keras model that the batch began with: a run folder predicts with its export once there is one
-    (ferkit.runtime.exported_model_path), and a resumed batch must go on with the model it began with."""
+    (ferkit.runtime.exported_model_path), and a resumed batch must go on with the model it began with.
+    `tta`: the test-time augmentation asked for now (None: the batch's own)."""
     import json
 
     from ferkit.predict import model_version
     from ferkit.runtime import resolve_model_path
 
     try:
-        began_with = json.loads((Path(out) / ResultsFolder.SETTINGS).read_text()).get("model_version")
+        began = json.loads((Path(out) / ResultsFolder.SETTINGS).read_text())
+        began_with = began.get("model_version")
     except (OSError, ValueError, AttributeError):
         return classifier
     if began_with in (None, model_version(classifier)) or not isinstance(model, (str, Path)) or not Path(model).is_dir():
         return classifier
-    keras_model = load_classifier(resolve_model_path(model)).with_tta(classifier.tta)
+    keras_file = resolve_model_path(model)
+    if f"({keras_file.name}" not in str(began_with):  # it began with another file: refused as other settings
+        return classifier
+    keras_model = load_classifier(keras_file).with_tta(tta or began.get("tta"))
     return keras_model if model_version(keras_model) == began_with else classifier
 
 

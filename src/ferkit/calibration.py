@@ -56,24 +56,28 @@ def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
     """The temperature T in TEMPERATURE_BOUNDS that minimises the negative log-likelihood of softmax(log p / T)
     on these faces: `probabilities` (N, classes) as the model gives them at T = 1, `labels` (N,) the true
     class indices (columns of `probabilities`). Fit it on faces the model was not trained on."""
-    from ferkit.extras import require
-
-    minimize_scalar = require("scipy.optimize", "fitting a temperature").minimize_scalar
-
     probabilities, labels = _checked(probabilities, labels)
     if len(labels) == 0:
         raise ValueError("fitting a temperature needs at least one labelled face")
+    temperature, at_an_end = _fit(probabilities, labels)
+    if at_an_end:
+        logging.getLogger("ferkit").warning(
+            "the fitted temperature %.3g is at the end of the range searched (%g to %g): the best fit lies beyond "
+            "it, so these faces say little about calibration (too few, or unlike the model's)", temperature, *TEMPERATURE_BOUNDS)
+    return temperature
+
+
+def _fit(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, bool]:
+    """fit_temperature's temperature, and whether it lies at an end of TEMPERATURE_BOUNDS."""
+    from ferkit.extras import require
+
+    minimize_scalar = require("scipy.optimize", "fitting a temperature").minimize_scalar
     log_p = _log_probabilities(probabilities)
     low, high = np.log(TEMPERATURE_BOUNDS)
     # searched over log T: the likelihood changes as much from 0.5 to 1 as from 1 to 2
     found = minimize_scalar(lambda log_t: _nll(log_p, labels, np.exp(log_t)), bounds=(low, high),
                             method="bounded", options={"xatol": 1e-5})
-    temperature = float(np.exp(found.x))
-    if min(abs(found.x - low), abs(found.x - high)) < 1e-3:
-        logging.getLogger("ferkit").warning(
-            "the fitted temperature %.3g is at the end of the range searched (%g to %g): the best fit lies beyond "
-            "it, so these faces say little about calibration (too few, or unlike the model's)", temperature, *TEMPERATURE_BOUNDS)
-    return temperature
+    return float(np.exp(found.x)), min(abs(found.x - low), abs(found.x - high)) < 1e-3
 
 
 def held_out_ece(probabilities: np.ndarray, labels: np.ndarray, *, splits: int = 20, seed: int = 0) -> dict:
@@ -91,7 +95,7 @@ def held_out_ece(probabilities: np.ndarray, labels: np.ndarray, *, splits: int =
         order = rng.permutation(len(labels))
         halves = order[: len(labels) // 2], order[len(labels) // 2 :]
         for fit, score in (halves, halves[::-1]):
-            temperature = fit_temperature(probabilities[fit], labels[fit])
+            temperature, _ = _fit(probabilities[fit], labels[fit])  # a fit at a bound was said of the whole fit
             before.append(expected_calibration_error(probabilities[score], labels[score]))
             after.append(expected_calibration_error(apply_temperature(probabilities[score], temperature), labels[score]))
     before, after = np.array(before), np.array(after)

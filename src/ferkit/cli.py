@@ -760,7 +760,7 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
         check_replaceable(video_outputs(out, stem, save_video), overwrite=overwrite)
     classifier = load_classifier(model, prefer_export=True).with_tta(tta)
     if batch and resume:
-        classifier = model_the_batch_began_with(classifier, model, out)
+        classifier = model_the_batch_began_with(classifier, model, out, tta)
     find = get_detector(detector)
     create_folder(out)
     failures = missing

@@ -121,7 +121,7 @@ def trained_on(model: Path, source, usage: str | None = None):
     if not config.is_file() or not source or not Path(source).exists():
         return None
     run = TrainConfig.load(config)
-    if not run.data or not Path(run.data).exists():
+    if not run.data:
         return None
     trained, trained_rows = _faces_origin(run.data, TRAIN_USAGE if run.data.lower().endswith(".csv") else None)
     given, given_rows = _faces_origin(source, usage)
@@ -131,9 +131,9 @@ def trained_on(model: Path, source, usage: str | None = None):
 
 def _faces_origin(source, usage: str | None) -> tuple[Path, str | None]:
     """The folder or CSV file whose faces `source` holds, and which of a CSV's rows (None: all)."""
-    from ferkit.data.packed import packed_from
+    from ferkit.data.packed import pack_origin
 
-    return packed_from(source) or (Path(source).resolve(), usage)
+    return pack_origin(source) or (Path(source).resolve(), usage)
 
 
 def write_atomic(path: Path, text: str) -> None:

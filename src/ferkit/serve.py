@@ -129,9 +129,7 @@ def create_app(config: ServeConfig | None = None):
         plot (a PNG data URL), titled with the file's name where a multipart form gives it. `cut_short`:
         frames stopped coming well before the count the file's container lists (a truncated upload)."""
         data, name = await _upload(request, VIDEO_TYPES, "a video", size_limits["/v1/video"])
-        if _is_still_image(data, decoders):  # OpenCV would read it as a one-frame video
-            raise HTTPException(415, "the upload is a still image, not a video: send photos to /v1/analyze (the page's photo mode)")
-        return await _run_in(analyses, _analyze_video_bytes, data, classifier, detector, config, name)
+        return await _run_in(analyses, _analyze_video_bytes, data, classifier, detector, config, name, decoders)
 
     return app
 
@@ -266,23 +264,30 @@ def _decode_image(data: bytes, decoders: list[str], max_megapixels: float):
     return image
 
 
+ANIMATED_FORMATS = ("GIF", "PNG", "WEBP")  # may be sent as a video; a JPEG of several pictures (MPO) is a photo
+
+
 def _is_still_image(data: bytes, decoders: list[str]) -> bool:
-    """Whether `data` is an image of one frame (an animated GIF or WebP may be sent as a video)."""
+    """Whether `data` is a photo: an image other than an animated GIF, PNG or WebP."""
     from PIL import Image, UnidentifiedImageError
 
     from ferkit.images import DECODE_ERRORS
 
     try:
         with Image.open(io.BytesIO(data), formats=decoders) as image:
-            return not getattr(image, "is_animated", False)
+            return not (image.format in ANIMATED_FORMATS and getattr(image, "is_animated", False))
     except Image.DecompressionBombError:
         return True
     except (UnidentifiedImageError, *DECODE_ERRORS):  # not an image: a video, or bytes OpenCV will refuse
         return False
 
 
-def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig, name: str | None = None) -> dict:
+def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig, name: str | None = None,
+                         decoders: tuple[str, ...] | list[str] = IMAGE_FORMATS) -> dict:
     from fastapi import HTTPException
+
+    if _is_still_image(data, decoders):  # OpenCV would read it as a one-frame video
+        raise HTTPException(415, "the upload is a still image, not a video: send photos to /v1/analyze (the page's photo mode)")
 
     try:
         require("cv2", "video analysis", extra="video")

@@ -42,7 +42,8 @@ def load_folder(
     classes = tuple(canonical_label(c) for c in (classes or EMOTIONS))
     files, labels, broken_links = _list_class_files(root, classes, chosen=chosen)
     if not files:
-        raise FerkitError(f"{root} holds no image files in its class folders")
+        broken = f" (only {len(broken_links)} link(s) to files that do not exist)" if broken_links else ""
+        raise FerkitError(f"{root} holds no image files in its class folders{broken}")
 
     stats = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     # the decoders too: installing the heic extra or a newer Pillow changes which files can be read

@@ -30,7 +30,7 @@ def is_packed(path: str | Path) -> bool:
     return (Path(path) / INDEX).is_file()
 
 
-def packed_from(path: str | Path) -> tuple[Path, str | None] | None:
+def pack_origin(path: str | Path) -> tuple[Path, str | None] | None:
     """The folder or CSV file the packed dataset at `path` was packed from, and the CSV rows it took
     (None: all of them), where its index records them; None for any other path."""
     if not is_packed(path):
@@ -107,8 +107,10 @@ class ShardWriter:
     def __init__(self, out: str | Path, classes: Sequence[str], image_size: tuple[int, int], *, shard_size: int = 100_000,
                  overwrite: bool = False, packed_from: tuple[str | Path, str | None] | None = None):
         self.out, self.classes, self.image_size, self.shard_size = Path(out), list(classes), tuple(image_size), shard_size
-        # recorded so that evaluating or calibrating on a packed copy of a model's training faces is noticed
-        self.packed_from = None if packed_from is None else {"path": str(Path(packed_from[0]).resolve()), "usage": packed_from[1]}
+        # recorded so that evaluating or calibrating on a packed copy of a model's training faces is noticed;
+        # a pack of a pack records what the first was packed from
+        origin = None if packed_from is None else pack_origin(packed_from[0]) or (Path(packed_from[0]).resolve(), packed_from[1])
+        self.packed_from = None if origin is None else {"path": str(origin[0]), "usage": origin[1]}
         if shard_size < 1:
             raise FerkitError(f"a shard holds at least 1 face, not {shard_size}")
         check_pack_folder(self.out, overwrite=overwrite)
@@ -159,6 +161,8 @@ def pack_dataset(dataset: FaceDataset | str | Path, out: str | Path, *, shard_si
 
         packed_from = packed_from or (dataset, None)
         dataset = load_dataset(dataset)
+    elif packed_from is None and dataset.source and Path(dataset.source).is_dir():  # a folder's or a pack's faces
+        packed_from = (dataset.source, None)
     if dataset.source and Path(out).resolve() == Path(dataset.source).resolve():
         raise FerkitError(f"{out} is the packed dataset being read; pack it into another folder")
     writer = ShardWriter(out, dataset.classes, dataset.image_size, shard_size=shard_size, overwrite=overwrite,
