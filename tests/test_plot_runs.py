@@ -1,0 +1,46 @@
+"""tools/plot_runs.py: the campaign's runs compared in one plot and one table."""
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("matplotlib", reason="ferkit[evaluate] is not installed")
+TOOL = [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "plot_runs.py")]
+
+
+def _val_column(run: Path) -> list[float]:
+    with open(run / "history.csv", newline="") as handle:
+        return [float(row["val_accuracy"]) for row in csv.DictReader(handle)]
+
+
+def test_runs_are_plotted_together_and_their_best_epochs_tabled(trained_run, tmp_path):
+    longer = shutil.copytree(trained_run, tmp_path / "longer")
+    with open(longer / "history.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rows = [{**row, "val_accuracy": "0.5"} for row in rows]
+    extra = {**rows[-1], "epoch": str(len(rows) + 1), "val_accuracy": "0.9"}  # a later, better epoch
+    with open(longer / "history.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows([*rows, extra])
+    out = tmp_path / "runs.png"
+    done = subprocess.run([*TOOL, str(trained_run), str(longer), "--line", "target=0.73", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert Image.open(out).size[0] > 500
+    table = done.stdout.splitlines()
+    val = _val_column(trained_run)
+    best = max(range(len(val)), key=val.__getitem__)
+    assert f"| {trained_run.name} | {len(val)} | {val[best]:.4f} ({best + 1}) | {val[-1]:.4f} |" in table
+    assert f"| longer | {len(val) + 1} | 0.9000 ({len(val) + 1}) | 0.9000 |" in table
+
+
+def test_a_folder_without_a_history_is_one_line_of_error(tmp_path):
+    done = subprocess.run([*TOOL, str(tmp_path), "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.strip() == f"error: {tmp_path} has no history.csv; give ferkit run folders"
+    assert not (tmp_path / "x.png").exists()
