@@ -368,3 +368,13 @@ def test_one_fer2013_csv_trains_on_its_training_rows_and_packs_only_those(tmp_pa
                                      "--out", str(tmp_path / f"eval-{copy}")])
         assert result.exit_code == 0, result.output
         assert ("is the data" in result.output and "was trained on" in result.output) == warned, (copy, result.output)
+    # a CSV without a Usage column trains on every row: its PublicTest rows are none of its own
+    from ferkit.config import TrainConfig
+    from ferkit.runs import trained_on
+
+    lines = (tmp_path / "fer.csv").read_text().splitlines()
+    (tmp_path / "plain.csv").write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+    (tmp_path / "plain-run").mkdir()
+    TrainConfig(data=str(tmp_path / "plain.csv")).save(tmp_path / "plain-run" / "config.json")
+    assert trained_on(tmp_path / "plain-run" / "best.keras", tmp_path / "plain.csv", usage="PublicTest")
+    assert trained_on(tmp_path / "run" / "best.keras", tmp_path / "fer.csv", usage="PublicTest") is None

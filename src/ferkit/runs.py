@@ -131,8 +131,11 @@ def trained_on(model: Path, source, usage: str | None = None):
 
 def _faces_origin(source, usage: str | None) -> tuple[Path, str | None]:
     """The folder or CSV file whose faces `source` holds, and which of a CSV's rows (None: all)."""
+    from ferkit.data.fer2013_csv import has_usage_column
     from ferkit.data.packed import pack_origin
 
+    if Path(source).is_file() and not has_usage_column(source):
+        usage = None  # every row is read, whatever the usage asked
     return pack_origin(source) or (Path(source).resolve(), usage)
 
 

@@ -103,6 +103,15 @@ def _warn_of_unknown_usages(path: Path, row_usages: np.ndarray, lines: np.ndarra
                     where, str(row_usages[first]))
 
 
+def has_usage_column(path: str | Path) -> bool:
+    """Whether the CSV at `path` has a Usage column (without one, every row is read whatever the usage asked)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
+            return "usage" in [h.strip().lower() for h in next(csv.reader(handle), [])]
+    except OSError:
+        return False
+
+
 def _parse(path: Path) -> dict[str, np.ndarray]:
     codes, images, usages, lines, skipped = [], [], [], [], []
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
