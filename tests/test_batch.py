@@ -10,6 +10,7 @@ from PIL import Image
 from conftest import pattern_face
 from ferkit.batch import FolderBatch, list_batch_images
 from ferkit.errors import FerkitError
+from ferkit.predict import UNCERTAIN_BELOW
 
 
 @pytest.fixture
@@ -150,7 +151,7 @@ def test_a_batch_resumes_only_with_the_model_and_settings_it_began_with(trained_
     list(FolderBatch([photos], out, model=trained_run, detector="none").run())
     settings = json.loads((out / "batch.json").read_text())
     assert settings["tta"] == "none" and settings["detector"] == "none" and len(settings["classes"]) == 7
-    for changed in ({"uncertain_below": 0.5}, {"model": load_classifier(trained_run).with_tta("flip")}):
+    for changed in ({"uncertain_below": UNCERTAIN_BELOW / 2}, {"model": load_classifier(trained_run).with_tta("flip")}):
         with pytest.raises(FerkitError, match="made with other settings"):
             FolderBatch([photos], out, **{"model": trained_run, "detector": "none", "resume": True, **changed})
     assert FolderBatch([photos], out, model=trained_run, detector="none", resume=True).skipped == 3
