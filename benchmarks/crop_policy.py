@@ -1,16 +1,17 @@
 """How faces found in photos should be cropped for the classifier, measured.
 
-    python benchmarks/crop_policy.py --val ../shared/data/fer2013/val --faces 700
+    python benchmarks/crop_policy.py --val ../shared/data/fer2013/val --faces 700 --scenes 3
 
 FER2013 validation faces are placed into larger scenes (upscaled to 64-160 px, at random positions on a
 smooth random background, some a quarter outside the border, some turned by up to 15 degrees), found
 again by the detector, cropped by each policy and classified. Each policy's accuracy is compared with
 the model's accuracy on the very same faces as given (48x48, classified directly); the gap is what the
-crop costs. The ideal crop (exactly the square that was pasted, unturned) is shown for reference.
+crop costs. With `--scenes N` each face is hidden in N different scenes, and the standard errors treat
+a face's scenes as one sample. The ideal crop (exactly the square that was pasted, unturned) is shown for reference.
 
 It also tries squares placed by the five landmarks instead of the detector's box (`landmark_box`):
-their two constants are fitted on the first half of the faces found, and every policy is scored on the
-second half. "landmarks where the box is odd" uses them only for boxes far from square or partly
+their two constants are fitted on the scenes of the first half of the faces, and every policy is scored
+on the scenes of the second half. "landmarks where the box is odd" uses them only for boxes far from square or partly
 outside the photo, where the detector's box is least trustworthy.
 """
 
@@ -27,7 +28,7 @@ from ferkit.faces import Box, box_iou, face_crop, get_detector
 from ferkit.images import to_model_input
 from ferkit.runtime import load_classifier
 
-MARGINS = (-0.05, 0.0, 0.05, 0.1, 0.2)
+MARGINS = (-0.05, 0.0, 0.025, 0.05, 0.075, 0.1, 0.2)
 
 
 def landmark_frame(landmarks) -> tuple[np.ndarray, np.ndarray, float]:
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--val", default="../shared/data/fer2013/val")
     parser.add_argument("--model", default=None, help="model to score with (default: the bundled one)")
     parser.add_argument("--faces", type=int, default=700, help="how many validation faces (a random sample)")
+    parser.add_argument("--scenes", type=int, default=1, help="scenes each face is hidden in")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -90,7 +92,7 @@ def main() -> None:
     found, labels, direct, ideal, detections_kept, scenes, pasted_squares = [], [], [], [], [], [], []
     crops = {(m, level): [] for m in MARGINS for level in (False, True)}
     started = time.perf_counter()
-    for index in picked:
+    for index in np.repeat(picked, args.scenes):
         face = data.images[index]
         scene, (x, y, side), angle = make_scene(face, rng)
         pasted = (x, y, side, side)
@@ -111,8 +113,9 @@ def main() -> None:
             crop = face_crop(scene, best.box, margin=margin, landmarks=best.landmarks if level else None)
             crops[margin, level].append(to_model_input(crop, classifier.input_size))
     seconds = time.perf_counter() - started
-    labels = np.array(labels)
-    half = len(found) // 2
+    labels, found = np.array(labels), np.array(found)
+    # fitted on the scenes of the first half of the faces, scored on the rest: no face is in both
+    half = int(np.searchsorted(np.isin(found, picked[len(picked) // 2:]), True))
     side_ratio, centre_shift = fit_landmark_box(detections_kept[:half], pasted_squares[:half])
     crops["landmarks", False] = [
         to_model_input(face_crop(scene, landmark_box(d.landmarks, side_ratio, centre_shift)), classifier.input_size)
@@ -136,11 +139,11 @@ def main() -> None:
 
     direct_correct = correct(direct)
     base, base_odd = float(direct_correct.mean()), float(direct_correct[odd].mean())
-    print(f"{len(found)} of {len(picked)} faces found again by the detector ({seconds:.0f} s); landmark box fitted on "
-          f"{half}: side = {side_ratio:.3f} x eye-to-mouth distance, centre {centre_shift:+.3f} of it below the eyes' midpoint")
+    print(f"{len(found)} of {len(picked) * args.scenes} scenes' faces found again by the detector ({seconds:.0f} s); "
+          f"landmark box fitted on {half}: side = {side_ratio:.3f} x eye-to-mouth distance, centre {centre_shift:+.3f} of it below the eyes' midpoint")
     print(f"framing fitted on the same: side {framing[0]:.3f} x box height, centre moved {framing[1]:+.3f}, "
           f"{framing[2]:+.3f} box heights (right, down)")
-    print(f"scored on the other {len(found) - half}, of which {int(odd.sum())} have an odd box (far from square or partly outside)")
+    print(f"scored on the other {len(found) - half} ({len(np.unique(found[test]))} faces), of which {int(odd.sum())} have an odd box (far from square or partly outside)")
     print("gap: points against the faces as given, with the standard error of that paired difference")
     print(f"{'crop':<44} {'accuracy':>8} {'gap (points)':>13} {'odd boxes':>10} {'gap':>6}")
     print(f"{'the face as given (48x48)':<44} {base:>8.4f} {0.0:>13.1f} {base_odd:>10.4f} {0.0:>6.1f}")
@@ -148,17 +151,24 @@ def main() -> None:
         (_policy_name(margin, level), faces) for (margin, level), faces in crops.items()
     ]:
         policy_correct = correct(faces)
-        gap, error = paired_gap(policy_correct, direct_correct)
+        gap, error = paired_gap(policy_correct, direct_correct, found[test])
         score_odd = float(policy_correct[odd].mean())
         print(f"{name:<44} {policy_correct.mean():>8.4f} {gap:>+7.1f} ±{error:>4.1f} {score_odd:>10.4f} "
               f"{100 * (score_odd - base_odd):>+6.1f}")
 
 
-def paired_gap(correct: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """The accuracy difference of two scorings of the same faces, in points, and its standard error: the
-    faces both get right or both get wrong carry no information about which is better."""
+def paired_gap(correct: np.ndarray, reference: np.ndarray, faces: np.ndarray) -> tuple[float, float]:
+    """The accuracy difference of two scorings of the same scenes, in points, and its standard error, with
+    the scenes of one face (`faces` names each scene's face) taken as one sample: the faces both get right
+    or both get wrong carry no information about which is better."""
     differences = correct.astype(float) - reference.astype(float)
-    return 100 * float(differences.mean()), 100 * float(differences.std(ddof=1) / np.sqrt(len(differences)))
+    _, face_of_scene = np.unique(faces, return_inverse=True)
+    per_face = np.bincount(face_of_scene, differences) / np.bincount(face_of_scene)
+    scenes_per_face = np.bincount(face_of_scene)
+    # the mean over scenes, and its error from the faces' (weighted) means
+    weights = scenes_per_face / scenes_per_face.sum()
+    error = np.sqrt(np.sum(weights ** 2 * (per_face - differences.mean()) ** 2) * len(per_face) / max(1, len(per_face) - 1))
+    return 100 * float(differences.mean()), 100 * float(error)
 
 
 def _policy_name(margin, level) -> str:
