@@ -29,6 +29,7 @@ from ferkit.images import to_model_input
 from ferkit.runtime import load_classifier
 
 MARGINS = (-0.05, 0.0, 0.025, 0.05, 0.075, 0.1, 0.2)
+SHIFTS = ((-0.05, 0.0), (0.05, 0.0), (0.0, -0.05), (0.0, 0.05))  # of the box's side: right, down
 
 
 def landmark_frame(landmarks) -> tuple[np.ndarray, np.ndarray, float]:
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--faces", type=int, default=700, help="how many validation faces (a random sample)")
     parser.add_argument("--scenes", type=int, default=1, help="scenes each face is hidden in")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", help="write every policy's probabilities, the labels and the faces to this .npz")
     args = parser.parse_args()
 
     classifier = load_classifier(args.model)
@@ -91,6 +93,7 @@ def main() -> None:
     detector = get_detector("auto")
     found, labels, direct, ideal, detections_kept, scenes, pasted_squares = [], [], [], [], [], [], []
     crops = {(m, level): [] for m in MARGINS for level in (False, True)}
+    crops |= {(f"detector box shifted {dx:+.2f}, {dy:+.2f}", False): [] for dx, dy in SHIFTS}
     started = time.perf_counter()
     for index in np.repeat(picked, args.scenes):
         face = data.images[index]
@@ -109,49 +112,63 @@ def main() -> None:
         labels.append(data.labels[index])
         direct.append(face)
         ideal.append(to_model_input(face_crop(scene, pasted, margin=0.0), classifier.input_size))
-        for margin, level in crops:
+        for margin, level in [key for key in crops if not isinstance(key[0], str)]:
             crop = face_crop(scene, best.box, margin=margin, landmarks=best.landmarks if level else None)
             crops[margin, level].append(to_model_input(crop, classifier.input_size))
+        for shift in SHIFTS:
+            shifted = shifted_box(best.box, *shift)
+            crops[f"detector box shifted {shift[0]:+.2f}, {shift[1]:+.2f}", False].append(
+                to_model_input(face_crop(scene, shifted), classifier.input_size))
     seconds = time.perf_counter() - started
     labels, found = np.array(labels), np.array(found)
-    # fitted on the scenes of the first half of the faces, scored on the rest: no face is in both
-    half = int(np.searchsorted(np.isin(found, picked[len(picked) // 2:]), True))
-    side_ratio, centre_shift = fit_landmark_box(detections_kept[:half], pasted_squares[:half])
-    crops["landmarks", False] = [
-        to_model_input(face_crop(scene, landmark_box(d.landmarks, side_ratio, centre_shift)), classifier.input_size)
-        for scene, d in zip(scenes, detections_kept)
-    ]
-    framing = fit_box_framing([d.box for d in detections_kept[:half]], pasted_squares[:half])
-    crops["detector box, framing fitted", False] = [
-        to_model_input(face_crop(scene, framed_box(d.box, *framing)), classifier.input_size)
-        for scene, d in zip(scenes, detections_kept)
-    ]
+    # the fitted framings are fitted on the scenes of one half of the faces and applied to the other's,
+    # both ways round, so every scene is scored and no face helps frame itself
+    first = np.isin(found, picked[: len(picked) // 2])
+    fits = [fit_framings([d for d, f in zip(detections_kept, half) if f], [s for s, f in zip(pasted_squares, half) if f])
+            for half in (first, ~first)]
+    fitted = [fits[1] if in_first else fits[0] for in_first in first]  # the other half's fit
+
+    def model_input(scene, box):
+        return to_model_input(face_crop(scene, box), classifier.input_size)
+
+    crops["landmarks", False] = [model_input(scene, landmark_box(d.landmarks, *fit[0]))
+                                 for scene, d, fit in zip(scenes, detections_kept, fitted)]
+    crops["detector box, framing fitted", False] = [model_input(scene, framed_box(d.box, *fit[1]))
+                                                    for scene, d, fit in zip(scenes, detections_kept, fitted)]
     crops["landmarks where the box is odd", False] = [
-        to_model_input(face_crop(scene, landmark_box(d.landmarks, side_ratio, centre_shift)
-                                 if box_is_odd(d.box, scene.size) else d.box), classifier.input_size)
-        for scene, d in zip(scenes, detections_kept)
+        model_input(scene, landmark_box(d.landmarks, *fit[0]) if box_is_odd(d.box, scene.size) else d.box)
+        for scene, d, fit in zip(scenes, detections_kept, fitted)
     ]
-    odd = np.array([box_is_odd(d.box, scene.size) for scene, d in zip(scenes, detections_kept)])[half:]
-    test = slice(half, None)
-
-    def correct(faces) -> np.ndarray:
-        return classifier.predict_proba(np.stack(faces)[test]).argmax(1) == labels[test]
-
-    direct_correct = correct(direct)
+    odd = np.array([box_is_odd(d.box, scene.size) for scene, d in zip(scenes, detections_kept)])
+    policies = {"ideal (the pasted square)": ideal} | {_policy_name(*key): faces for key, faces in crops.items()}
+    probabilities = {name: classifier.predict_proba(np.stack(faces)) for name, faces in policies.items()}
+    mirrored = classifier.predict_proba(np.stack(crops[0.0, False])[:, :, ::-1])
+    box = _policy_name(0.0, False)
+    probabilities["margins -0.05, 0, +0.05 averaged"] = np.mean(
+        [probabilities[_policy_name(m, False)] for m in (-0.05, 0.0, 0.05)], axis=0)
+    probabilities["margin 0, with and without eyes level"] = (probabilities[box] + probabilities[_policy_name(0.0, True)]) / 2
+    probabilities["margin 0 and its mirror image"] = (probabilities[box] + mirrored) / 2
+    direct_probabilities = classifier.predict_proba(np.stack(direct))
+    direct_correct = direct_probabilities.argmax(1) == labels
+    # what averaging with the mirror image gains on the faces as given, to compare with the crop's gain
+    probabilities["the face as given and its mirror image"] = (
+        direct_probabilities + classifier.predict_proba(np.stack(direct)[:, :, ::-1])) / 2
     base, base_odd = float(direct_correct.mean()), float(direct_correct[odd].mean())
-    print(f"{len(found)} of {len(picked) * args.scenes} scenes' faces found again by the detector ({seconds:.0f} s); "
-          f"landmark box fitted on {half}: side = {side_ratio:.3f} x eye-to-mouth distance, centre {centre_shift:+.3f} of it below the eyes' midpoint")
-    print(f"framing fitted on the same: side {framing[0]:.3f} x box height, centre moved {framing[1]:+.3f}, "
-          f"{framing[2]:+.3f} box heights (right, down)")
-    print(f"scored on the other {len(found) - half} ({len(np.unique(found[test]))} faces), of which {int(odd.sum())} have an odd box (far from square or partly outside)")
+    print(f"{len(found)} of {len(picked) * args.scenes} scenes' faces found again by the detector ({seconds:.0f} s), "
+          f"{len(np.unique(found))} faces; {int(odd.sum())} odd boxes (far from square or partly outside)")
+    for (side_ratio, centre_shift), framing in fits:
+        print(f"fitted on one half: landmark box side {side_ratio:.3f} x eye-to-mouth distance, centre {centre_shift:+.3f} "
+              f"of it below the eyes' midpoint; box framing side {framing[0]:.3f} x box height, centre moved "
+              f"{framing[1]:+.3f}, {framing[2]:+.3f} box heights (right, down)")
     print("gap: points against the faces as given, with the standard error of that paired difference")
     print(f"{'crop':<44} {'accuracy':>8} {'gap (points)':>13} {'odd boxes':>10} {'gap':>6}")
     print(f"{'the face as given (48x48)':<44} {base:>8.4f} {0.0:>13.1f} {base_odd:>10.4f} {0.0:>6.1f}")
-    for name, faces in [("ideal (the pasted square)", ideal)] + [
-        (_policy_name(margin, level), faces) for (margin, level), faces in crops.items()
-    ]:
-        policy_correct = correct(faces)
-        gap, error = paired_gap(policy_correct, direct_correct, found[test])
+    if args.save:
+        np.savez_compressed(args.save, labels=labels, faces=found, odd=odd, direct=direct_probabilities,
+                            names=np.array(list(probabilities)), probabilities=np.stack(list(probabilities.values())))
+    for name, policy in probabilities.items():
+        policy_correct = policy.argmax(1) == labels
+        gap, error = paired_gap(policy_correct, direct_correct, found)
         score_odd = float(policy_correct[odd].mean())
         print(f"{name:<44} {policy_correct.mean():>8.4f} {gap:>+7.1f} ±{error:>4.1f} {score_odd:>10.4f} "
               f"{100 * (score_odd - base_odd):>+6.1f}")
@@ -174,7 +191,13 @@ def paired_gap(correct: np.ndarray, reference: np.ndarray, faces: np.ndarray) ->
 def _policy_name(margin, level) -> str:
     if isinstance(margin, str):
         return margin
-    return f"detector box, margin {margin:+.2f}" + (", eyes level" if level else "")
+    return f"detector box, margin {margin:+.3g}" + (", eyes level" if level else "")
+
+
+def shifted_box(box: Box, right: float, down: float) -> Box:
+    """The box moved `right` and `down` fractions of its side."""
+    x, y, width, height = box
+    return int(round(x + right * width)), int(round(y + down * height)), width, height
 
 
 def framed_box(box: Box, side: float, right: float, down: float) -> Box:
@@ -194,6 +217,11 @@ def fit_box_framing(boxes, squares) -> tuple[float, float, float]:
         rights.append((px + side / 2 - x - width / 2) / height)
         downs.append((py + side / 2 - y - height / 2) / height)
     return float(np.median(sides)), float(np.median(rights)), float(np.median(downs))
+
+
+def fit_framings(detections, squares):
+    """fit_landmark_box's and fit_box_framing's constants, fitted on the same scenes."""
+    return fit_landmark_box(detections, squares), fit_box_framing([d.box for d in detections], squares)
 
 
 def fit_landmark_box(detections, squares) -> tuple[float, float]:
