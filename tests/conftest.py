@@ -44,6 +44,21 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FERKIT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
 
 
+def one_crop_per_face_model(folder: Path) -> Path:
+    """A copy of the default model in `folder` that classifies one crop of each face found in a photo,
+    as a face photo without detection is classified (no extra margins)."""
+    import dataclasses
+    import shutil
+
+    from ferkit.export import _set_metadata
+    from ferkit.runtime import default_model_path, read_metadata
+
+    copy = folder / "one-crop-per-face.onnx"
+    shutil.copy(default_model_path(), copy)
+    _set_metadata(copy, dataclasses.replace(read_metadata(copy), extra_margins=[]))
+    return copy
+
+
 def pattern_face(label: int, rng: np.random.Generator, size: int = 48) -> np.ndarray:
     """A noisy gray image whose class is written as a bright horizontal band at a class-specific row."""
     image = rng.normal(90, 25, (size, size))

@@ -11,7 +11,7 @@ from ferkit import analyze
 from ferkit.errors import FerkitError
 from ferkit.faces import Detection
 from ferkit.predict import analyze_images
-from conftest import real_photo_boxes, smiling_real_faces
+from conftest import one_crop_per_face_model, real_photo_boxes, smiling_real_faces
 
 
 def _canvas_with_faces(boxes, labels):
@@ -130,14 +130,15 @@ def test_detected_boxes_given_back_reproduce_the_answers():
         assert max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities) <= 0.01
 
 
-def test_a_face_photo_without_detection_is_framed_as_its_whole_box_would_be():
-    """detector="none" makes a non-square face photo square as a given box is framed, never stretched."""
+def test_a_face_photo_without_detection_is_framed_as_its_whole_box_would_be(tmp_path):
+    """detector="none" makes a non-square face photo square as a given box is framed, never stretched,
+    and classifies it in one view: it is framed already, like the faces a model is trained and evaluated on."""
     photo = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
     x, y, w, h = analyze(photo)[0].box
     face = Image.open(photo).crop((x, y, x + w, y + h))
     assert w != h
     [whole] = analyze(face, detector="none")
-    [boxed] = analyze(face, boxes=[(0, 0, w, h)])
+    [boxed] = analyze(face, boxes=[(0, 0, w, h)], model=one_crop_per_face_model(tmp_path))
     assert whole.probabilities == boxed.probabilities
 
 
@@ -410,3 +411,26 @@ def test_test_time_augmentation_is_chosen_per_call():
     assert analyze(photo, tta=None) == analyze(photo)
     with pytest.raises(FerkitError, match="test-time augmentation"):
         analyze(photo, tta="ten-crop")
+
+
+def test_a_face_from_a_photo_is_the_mean_of_its_crops_at_the_models_margins(tmp_path):
+    """A face cut from a photo is classified at face_margin and at each of the model's extra margins, and
+    the probabilities averaged; a model that records no extra margins classifies the one crop."""
+    from ferkit.faces import face_crop
+    from ferkit.images import to_model_input
+    from ferkit.runtime import load_classifier
+
+    photo = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+    box = analyze(photo)[0].box
+    classifier = load_classifier(None)
+    margins = [classifier.metadata.face_margin + m for m in (0.0, *classifier.metadata.extra_margins)]
+    assert len(margins) > 1
+    picture = Image.open(photo).convert("RGB")
+    crops = np.stack([to_model_input(face_crop(picture, box, margin=m), classifier.input_size) for m in margins])
+    each = classifier.predict_proba(crops)
+    [face] = analyze(photo, boxes=[box])
+    assert np.allclose([face.probabilities[c] for c in classifier.classes], each.mean(axis=0), atol=1e-6)
+
+    [single] = analyze(photo, boxes=[box], model=one_crop_per_face_model(tmp_path))
+    assert np.allclose([single.probabilities[c] for c in classifier.classes], each[0], atol=1e-6)
+    assert not np.allclose(each[0], each.mean(axis=0), atol=1e-3)  # the views differ, so the test can tell

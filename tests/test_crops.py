@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import pattern_face
+from conftest import one_crop_per_face_model, pattern_face
 from ferkit import analyze
 from ferkit.cli import cli
 from ferkit.data import load_dataset
@@ -37,8 +37,8 @@ def test_class_folders_of_photos_become_class_folders_of_faces_framed_as_predict
     assert summary.several_faces == [str(photos / "happy" / "people.jpg")]
     assert len(summary.failed) == 1 and "broken.jpg" in summary.failed[0]
     assert load_dataset(tmp_path / "faces", cache=False).class_counts()["happy"] == 3
-    # each crop, classified as a face photo, gets the answer its face gets in the whole photo
-    in_photo = analyze(PEOPLE)
+    # each crop, classified as a face photo, gets the answer its face's one crop gets in the whole photo
+    in_photo = analyze(PEOPLE, model=one_crop_per_face_model(tmp_path))
     for face, crop in zip(in_photo, expected):
         assert analyze(crop, detector="none")[0].probabilities == pytest.approx(face.probabilities, abs=1e-6)
 

@@ -86,7 +86,7 @@ _ANY = st.one_of(st.none(), st.booleans(), st.integers(-3, 100), st.text(max_siz
 @FUZZ
 @given(metadata=st.one_of(
     st.builds(lambda key, value: json.dumps({**_VALID, key: value}),
-              st.sampled_from([*_VALID, "crop", "temperature", "face_margin"]), _ANY),
+              st.sampled_from([*_VALID, "crop", "temperature", "face_margin", "extra_margins"]), _ANY),
     st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
     st.dictionaries(st.sampled_from(["model", "classes", "input_size", "channels", "tta", "crop", "temperature", "x"]),
                     st.one_of(st.none(), st.integers(-3, 100), st.text(max_size=5), st.lists(st.integers(0, 60), max_size=3),

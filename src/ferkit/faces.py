@@ -154,8 +154,15 @@ MAX_PADDED_SIDE = 2048  # the largest square cut with padding at full scale; eve
 
 def crop_for_model(picture: Image.Image, detection: Detection, metadata) -> Image.Image:
     """The face as a model wants it framed (its metadata's crop policy: margin, eyes levelled or not)."""
+    return crops_for_model(picture, detection, metadata, views=1)[0]
+
+
+def crops_for_model(picture: Image.Image, detection: Detection, metadata, views: int | None = None) -> list[Image.Image]:
+    """The crops of one face that a model classifies and averages: framed as it wants (crop_for_model),
+    then at each of its extra margins (metadata.extra_margins). The first `views` of them, if given."""
     landmarks = detection.landmarks if metadata.level_eyes else None
-    return face_crop(picture, detection.box, margin=metadata.face_margin, landmarks=landmarks)
+    margins = [metadata.face_margin + extra for extra in (0.0, *metadata.extra_margins)][:views]
+    return [face_crop(picture, detection.box, margin=margin, landmarks=landmarks) for margin in margins]
 
 
 def whole_image_face(image: Image.Image) -> Image.Image:

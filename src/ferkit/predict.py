@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ferkit.errors import FerkitError
-from ferkit.faces import Box, Detection, crop_for_model, get_detector, whole_image_face
+from ferkit.faces import Box, Detection, crops_for_model, get_detector, whole_image_face
 from ferkit.images import CHANNEL_ORDERS, decoded_scale, full_size, load_image, to_model_input, to_rgb
 from ferkit.results import Face, ImageResult
 from ferkit.runtime import Classifier, load_classifier
@@ -169,8 +169,10 @@ def _find_faces(label, image, classifier: Classifier, find, boxes, channels: str
         except Exception as err:  # any detector, ours or the user's: report this image, go on with the rest
             result.error = f"face detection failed on {label}: {type(err).__name__}: {err}".splitlines()[0]
             return result, []
-    crops = [to_model_input(whole_image_face(picture) if whole_image else crop_for_model(picture, d, classifier.metadata),
-                            classifier.input_size) for d in detections]
+    # a picture taken as one face is framed already, as training and evaluation faces are: one view
+    crops = [np.stack([to_model_input(view, classifier.input_size) for view in (
+        [whole_image_face(picture)] if whole_image else crops_for_model(picture, d, classifier.metadata))])
+        for d in detections]
     reported = given or [_scaled_box(d.box, across, down) for d in detections]
     result.faces = [Face(box, "", 0.0, {}, d.score, _scaled_points(d.landmarks, across, down))
                     for box, d in zip(reported, detections)]
@@ -219,9 +221,9 @@ def _scaled_points(points, across: float, down: float):
 
 
 def _classify(pending, classifier: Classifier, uncertain_below: float = UNCERTAIN_BELOW) -> Iterator[ImageResult]:
-    crops = [crop for _, image_crops in pending for crop in image_crops]
+    crops = [views for _, image_crops in pending for views in image_crops]  # each face's views
     started = time.perf_counter()
-    probabilities = classifier.predict_proba(np.stack(crops)) if crops else np.zeros((0, len(classifier.classes)))
+    probabilities = _averaged_over_views(classifier, crops)
     per_face_ms = (time.perf_counter() - started) * 1e3 / max(1, len(crops))
     row = 0
     for result, image_crops in pending:
@@ -235,6 +237,15 @@ def _classify(pending, classifier: Classifier, uncertain_below: float = UNCERTAI
         if result.ok:
             result.timings_ms["classify"] = per_face_ms * len(image_crops)
         yield result
+
+
+def _averaged_over_views(classifier: Classifier, faces: list[np.ndarray]) -> np.ndarray:
+    """Each face's probabilities: the mean over its views (crops_for_model), all classified in one batch."""
+    if not faces:
+        return np.zeros((0, len(classifier.classes)))
+    probabilities = classifier.predict_proba(np.concatenate(faces))
+    starts = np.cumsum([0] + [len(views) for views in faces[:-1]])
+    return np.add.reduceat(probabilities, starts, axis=0) / np.array([len(views) for views in faces])[:, None]
 
 
 def checked_box(box, image_size: tuple[int, int]) -> Box:
