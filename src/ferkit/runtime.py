@@ -51,8 +51,8 @@ class ModelMetadata:
     level_eyes: bool = False
     # A face cut from a photo is also classified in the crops at face_margin + each of these, and the
     # probabilities averaged: a detector's box is a little off in scale from face to face, and three scales
-    # cost 0.4 points less than one there (two samples of 8,100 scenes). Models saved before this field
-    # existed get the same.
+    # cost 0.3-0.6 points less than one in benchmarks/crop_policy.py (three samples of ~8,100 scenes).
+    # Models saved before this field existed get the same.
     extra_margins: list[float] = field(default_factory=lambda: list(EXTRA_MARGINS))
     preprocessing: str = PREPROCESSING
     tta: str = "none"  # the test-time augmentation the model is meant to run with (one of TTA_CHOICES)
