@@ -21,8 +21,11 @@ def run(*args):
 
 
 def test_models_lists_and_shows_the_layer_table():
+    from ferkit.runtime import shipped_models
+
     listing = run("models")
     assert listing.exit_code == 0 and "seed-cnn" in listing.output
+    assert all(name in listing.output for name in shipped_models())  # whole names, even in 80 columns
     shown = run("models", "show", "seed-cnn")
     assert shown.exit_code == 0
     for count in ("422,375", "416", "4,128", "410,112", "3,591"):
