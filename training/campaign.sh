@@ -54,7 +54,9 @@ teacher_part() {  # name, model: the model's ten-crop ONNX export, then its prob
   [ -f $R/teacher-$1.onnx ] || $FERKIT export $2 --onnx --tta tencrop --out $R/teacher-$1.onnx >> $R/teacher.log 2>&1 || return 1
   $FERKIT teacher $R/teacher-$1.onnx --data $DATA --out $R/teacher-$1.npz >> $R/teacher.log 2>&1
 }
-if [ ! -f $R/teacher-l-r18h.npz ]; then
+# "default" in the teacher below was the shipped model of that time, the pair ferkit-net-s-x2, which ferkit
+# no longer ships: the teacher is made again only where its student has not run yet.
+if ! stage_done $R/ferkit-net-l-distilled-v1 && [ ! -f $R/teacher-l-r18h.npz ]; then
   teacher_part l $L_AVG || exit 1
   teacher_part r18h $R/ferkit-resnet18-h-v1 || exit 1
   $FERKIT teacher $R/teacher-l.npz $R/teacher-r18h.npz default --data $DATA --out $R/teacher-l-r18h.npz >> $R/teacher.log 2>&1 || exit 1
