@@ -163,6 +163,21 @@ def test_a_batch_resumes_only_with_the_model_and_settings_it_began_with(trained_
         FolderBatch([photos], out, model=trained_run, detector="none", resume=True)
 
 
+def test_a_batch_begun_with_one_crop_per_face_is_not_resumed_with_three(trained_run, photos, tmp_path):
+    """Batches begun before faces were classified at several scales recorded no face_crops: one crop each.
+    Going on with three would mix two kinds of answers in one table."""
+    out = tmp_path / "out"
+    list(FolderBatch([photos], out, model=trained_run, detector="yunet").run())
+    settings = json.loads((out / "batch.json").read_text())
+    assert settings["face_crops"] == 3
+    del settings["face_crops"]
+    (out / "batch.json").write_text(json.dumps(settings))
+    with pytest.raises(FerkitError, match="face_crops 1 \\(now 3\\)"):
+        FolderBatch([photos], out, model=trained_run, detector="yunet", resume=True)
+    list(FolderBatch([photos], tmp_path / "whole", model=trained_run, detector="none").run())
+    assert json.loads((tmp_path / "whole" / "batch.json").read_text())["face_crops"] == 1  # pictures taken as one face
+
+
 def test_the_same_photo_given_twice_is_analysed_once(photos):
     paths, errors = list_batch_images([str(photos / "a.png"), str(photos), str(photos / "sub" / ".." / "a.png")])
     assert [str(p) for p in paths] == [str(photos / "a.png"), str(photos / "b.png"), str(photos / "broken.jpg"),

@@ -114,3 +114,16 @@ def test_a_model_behind_a_link_or_with_an_upper_case_suffix_loads(tmp_path):
     for path in (tmp_path / "snapshot" / "model.onnx", tmp_path / "MODEL.ONNX"):
         assert load_classifier(path).classes == expected
         assert list(read_metadata(path).classes) == list(expected)
+
+
+def test_a_model_saved_before_extra_margins_loads_whatever_its_face_margin():
+    """Files without extra_margins get the default scales, which must not make a valid face_margin invalid."""
+    from ferkit.runtime import EXTRA_MARGINS, ModelMetadata
+
+    for margin in (0.0, 0.5, 1.0):
+        meta = ModelMetadata.from_dict({"model": "seed-cnn", "classes": ["a", "b"], "input_size": [48, 48],
+                                        "channels": 1, "face_margin": margin})
+        assert meta.extra_margins == list(EXTRA_MARGINS)
+    with pytest.raises(ValueError, match="extra_margins"):
+        ModelMetadata.from_dict({"model": "seed-cnn", "classes": ["a"], "input_size": [48, 48], "channels": 1,
+                                 "extra_margins": [0.5]})

@@ -137,7 +137,12 @@ def batch_settings(classifier, detector, uncertain_below: float) -> dict:
 
     return {"model": classifier.name, "model_version": model_version(classifier), "tta": classifier.tta,
             "detector": getattr(detector, "name", "custom") if detector is not None else "none",
-            "uncertain_below": uncertain_below}
+            "uncertain_below": uncertain_below, "face_crops": face_crops(classifier, detector)}
+
+
+def face_crops(classifier, detector) -> int:
+    """How many crops of each face are classified and averaged: one for pictures taken as one face."""
+    return 1 if detector is None else 1 + len(classifier.metadata.extra_margins)
 
 
 def check_results_folder(out: Path, *, resume: bool, overwrite: bool) -> None:

@@ -968,9 +968,8 @@ def _print_table(columns, rows, *, title: str | None = None, right=None) -> None
 
     right = range(1, len(columns)) if right is None else right
     table = Table(title=Text(title) if title else None, title_justify="left")
-    names = max((len(row[0]) for row in rows), default=0)  # the first column names things: never cut short
-    for i, column in enumerate(columns):
-        table.add_column(Text(column), justify="right" if i in right else "left", min_width=min(names, 40) if i == 0 else None)
+    for i, column in enumerate(columns):  # the first column names things: folded when narrow, never cut short
+        table.add_column(Text(column), justify="right" if i in right else "left", overflow="fold" if i == 0 else "ellipsis")
     for row in rows:
         table.add_row(*map(Text, row))
     console = Console(soft_wrap=True)

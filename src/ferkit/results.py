@@ -225,6 +225,8 @@ class ResultsFolder:
             with open(table, newline="") as handle:
                 header = next(csv.reader(handle), [])
             before["classes"] = header[9:-1] if header[:1] == ["source"] else header
+        if "model" in before:  # a batch begun before faces were classified at several scales had one crop each
+            before.setdefault("face_crops", 1)
         changed = [f"{key} {before[key]} (now {value})" for key, value in self.settings.items()
                    if key in before and before[key] != value]
         if changed:

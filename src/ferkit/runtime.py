@@ -94,8 +94,8 @@ def _check_metadata(meta: ModelMetadata) -> None:
         raise ValueError("level_eyes must be true or false")
     extra = meta.extra_margins
     if not isinstance(extra, (list, tuple)) or len(extra) > 8 or not all(
-            isinstance(m, (int, float)) and not isinstance(m, bool) and -0.4 <= meta.face_margin + m <= 1 for m in extra):
-        raise ValueError("extra_margins must be up to 8 changes to face_margin, each leaving a margin between -0.4 and 1")
+            isinstance(m, (int, float)) and not isinstance(m, bool) and -0.4 <= m <= 0.4 for m in extra):
+        raise ValueError("extra_margins must be up to 8 changes to face_margin, each between -0.4 and 0.4")
 
 
 def save_keras_model(model, path: str | Path, metadata: ModelMetadata) -> Path:
