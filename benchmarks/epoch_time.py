@@ -7,13 +7,18 @@ scales to one epoch of the 28,709 FER2013 training images. Ratios are against th
 augmentation, measured in the same run. `--input arrays,arrays8,batches` compares how the faces reach
 the network: one float32 array handed to Keras (ferkit before), one 8-bit array (ferkit now, for
 faces in memory), and `ferkit.data.batches.face_batches` over the stored 8-bit faces (ferkit now, for
-packed datasets and data-parallel jobs).
+packed datasets and data-parallel jobs). `--backends tensorflow,jax` runs the whole set once per Keras
+backend, each in its own process, with the ratios against the first backend's first row.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -63,10 +68,27 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--precision", default="float32", help="comma-separated: float32, mixed_bfloat16")
     parser.add_argument("--input", default="arrays", help="comma-separated: arrays, batches")
+    parser.add_argument("--backends", help="comma-separated Keras backends (tensorflow, jax), one process each; "
+                                            "default: KERAS_BACKEND's, in this process")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # a child's rows, for --backends
     args = parser.parse_args()
 
-    baseline = None
-    print(f"{'model':<14} {'augment':<24} {'precision':<15} {'input':<8} {'s/epoch':>8} {'ratio':>6}")
+    if args.backends:
+        rows = [row for backend in args.backends.split(",") for row in rows_of_backend(backend)]
+    else:
+        rows = measured_rows(args)
+        if args.json:
+            print(json.dumps(rows))
+            return
+    print(f"{'backend':<11} {'model':<14} {'augment':<24} {'precision':<15} {'input':<8} {'s/epoch':>8} {'ratio':>6}")
+    for row in rows:
+        print(f"{row['backend']:<11} {row['model']:<14} {row['augment']:<24} {row['precision']:<15} {row['input']:<8} "
+              f"{row['seconds']:8.1f} {row['seconds'] / rows[0]['seconds']:6.2f}")
+
+
+def measured_rows(args) -> list[dict]:
+    backend = import_keras().backend.backend()
+    rows = []
     for model in args.models.split(","):
         for augment in args.augment.split(","):
             for precision in args.precision.split(","):
@@ -74,9 +96,30 @@ def main() -> None:
                     layers = [] if augment == "none" else augment.split("+")
                     seconds = seconds_per_epoch(model, layers, batch_size=args.batch_size, steps=args.steps,
                                                 warmup=args.warmup, precision=precision, feed=feed)
-                    baseline = baseline or seconds
-                    print(f"{model:<14} {augment:<24} {precision:<15} {feed:<8} {seconds:8.1f} {seconds / baseline:6.2f}",
-                          flush=True)
+                    rows.append(dict(backend=backend, model=model, augment=augment, precision=precision, input=feed,
+                                     seconds=seconds))
+                    if not args.json:
+                        print(f"{backend} {model} {augment} {precision} {feed}: {seconds:.1f} s/epoch", flush=True)
+    return rows
+
+
+def rows_of_backend(backend: str) -> list[dict]:
+    """This benchmark's rows from a fresh process on another Keras backend (the backend is fixed at import)."""
+    argv, given = [], iter(sys.argv[1:])
+    for arg in given:
+        if arg == "--backends":
+            next(given, None)
+        elif not arg.startswith("--backends="):
+            argv.append(arg)
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    done = subprocess.run([sys.executable, __file__, *argv, "--json"], env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"the {backend} backend failed:\n{done.stderr[-2000:]}")
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    for row in rows:
+        print(f"{backend} {row['model']} {row['augment']} {row['precision']} {row['input']}: {row['seconds']:.1f} s/epoch",
+              flush=True)
+    return rows
 
 
 if __name__ == "__main__":
