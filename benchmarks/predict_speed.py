@@ -112,5 +112,6 @@ def one_crop_per_face(classifier):
     single.metadata = dataclasses.replace(classifier.metadata, extra_margins=[])
     return single
 
+
 if __name__ == "__main__":
     main()

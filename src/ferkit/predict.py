@@ -169,10 +169,7 @@ def _find_faces(label, image, classifier: Classifier, find, boxes, channels: str
         except Exception as err:  # any detector, ours or the user's: report this image, go on with the rest
             result.error = f"face detection failed on {label}: {type(err).__name__}: {err}".splitlines()[0]
             return result, []
-    # a picture taken as one face is framed already, as training and evaluation faces are: one view
-    crops = [np.stack([to_model_input(view, classifier.input_size) for view in (
-        [whole_image_face(picture)] if whole_image else crops_for_model(picture, d, classifier.metadata))])
-        for d in detections]
+    crops = [_face_views(picture, d, classifier, whole_image) for d in detections]
     reported = given or [_scaled_box(d.box, across, down) for d in detections]
     result.faces = [Face(box, "", 0.0, {}, d.score, _scaled_points(d.landmarks, across, down))
                     for box, d in zip(reported, detections)]
@@ -218,6 +215,13 @@ def _scaled_points(points, across: float, down: float):
     if points is None or across == down == 1:
         return points
     return [(round(px * across), round(py * down)) for px, py in points]
+
+
+def _face_views(picture: Image.Image, detection: Detection, classifier: Classifier, whole_image: bool) -> np.ndarray:
+    """The model inputs a face is classified on, averaged by _classify: the crops at the model's margins
+    (crops_for_model), or, for a picture taken as one face, framed already as training faces are, one view."""
+    views = [whole_image_face(picture)] if whole_image else crops_for_model(picture, detection, classifier.metadata)
+    return np.stack([to_model_input(view, classifier.input_size) for view in views])
 
 
 def _classify(pending, classifier: Classifier, uncertain_below: float = UNCERTAIN_BELOW) -> Iterator[ImageResult]:
