@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from ferkit.cli import cli
 from ferkit.data import load_dataset
+from ferkit.predict import model_version
 from ferkit.runtime import (OnnxClassifier, default_model_path, files_path, load_classifier, resolve_model_path,
                             sha256_of, shipped_model, shipped_models)
 from ferkit.training_model import init_model_path
@@ -123,6 +124,13 @@ def test_a_shipped_model_is_picked_by_name_everywhere():
     result = CliRunner().invoke(cli, ["predict", str(EXAMPLE), "--model", default["name"], "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["model"] == default["model"]
+
+
+def test_a_shipped_model_names_its_run_not_where_it_was_trained():
+    classifier = load_classifier()
+    version = model_version(classifier)
+    assert version == model_version(classifier, public=True)
+    assert version.startswith(f"{Path(classifier.metadata.extra['run']).name} ({default_model_path().name}")
 
 
 def test_an_unknown_model_name_gets_one_line_naming_the_shipped_ones():

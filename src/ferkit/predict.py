@@ -15,7 +15,7 @@ from ferkit.errors import FerkitError
 from ferkit.faces import Box, Detection, crops_for_model, get_detector, whole_image_face
 from ferkit.images import CHANNEL_ORDERS, decoded_scale, full_size, load_image, to_model_input, to_rgb
 from ferkit.results import Face, ImageResult
-from ferkit.runtime import Classifier, load_classifier
+from ferkit.runtime import Classifier, is_shipped_file, load_classifier
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
@@ -280,12 +280,13 @@ def model_version(classifier: Classifier, *, public: bool = False) -> str:
     """The model's version as results report it: a shipped model's recorded version; else the run it came from,
     its file and its epoch (a run's best.keras, last.keras and exports differ, and so does its best.keras
     once the run trains on), or its file name. public: the run folder's name only, not where it lies on
-    this machine (what a server tells its clients)."""
+    this machine (what a server tells its clients); always so for a shipped model, whose run lay on the
+    machine that trained it."""
     meta = classifier.metadata
     if meta.extra.get("version"):
         return str(meta.extra["version"])
     run = meta.extra.get("run")
-    if run and public:
+    if run and (public or is_shipped_file(classifier.path)):
         run = Path(run).name
     if not run:
         return classifier.path.name

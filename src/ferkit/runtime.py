@@ -206,6 +206,11 @@ def shipped_file(entry: dict, key: str, hash_key: str) -> Path:
     return path
 
 
+def is_shipped_file(path: str | Path) -> bool:
+    """Whether `path` is one of the files inside the package's weights folder."""
+    return Path(path).resolve().parent == files_path("weights").resolve()
+
+
 def default_model_path() -> Path:
     """The ONNX file of the model `ferkit predict` uses when given none."""
     return shipped_model_path()
