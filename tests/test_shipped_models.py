@@ -59,6 +59,7 @@ def test_the_bundle_tool_adds_replaces_and_removes_shipped_models(trained_run, p
     listing = CliRunner().invoke(cli, ["models", "list", "*"], env={"COLUMNS": "200"})
     rows = [line for line in listing.output.splitlines() if " small " in line or " flipped " in line]
     assert [row.split()[1] for row in rows] == ["flipped", "small"]
+    assert " tta " in listing.output and [row.split()[7] for row in rows] == ["flip", "none"]
 
     assert bundle("--set-default", "small", "--weights-dir", weights).returncode == 0
     assert json.loads((weights / "manifest.json").read_text())["default"] == "small"
@@ -72,6 +73,17 @@ def test_the_bundle_tool_adds_replaces_and_removes_shipped_models(trained_run, p
     # the Keras file both were made from is still shipped with the one left; no staging files stay
     assert sorted(p.name for p in weights.iterdir()) == sorted(["manifest.json", "small.onnx",
                                                                 manifest["models"]["small"]["keras_file"]])
+
+
+def test_the_shipped_models_fit_an_80_column_terminal_unfolded():
+    listing = CliRunner().invoke(cli, ["models"], env={"COLUMNS": "80"})
+    assert listing.exit_code == 0, listing.output
+    shipped = listing.output.split("Networks to train")[0]
+    assert max(map(len, shipped.splitlines())) <= 80
+    for name, entry in shipped_models().items():  # each model's row holds its whole name, the default first
+        assert any(line.split()[1:2] == [name] for line in shipped.splitlines())
+    if all(entry["tta"] == "none" for entry in shipped_models().values()):
+        assert " tta " not in shipped  # no column that says nothing
 
 
 def test_the_bundle_tool_calibrates_int8_on_the_runs_own_training_data(trained_run, pattern_data, tmp_path):

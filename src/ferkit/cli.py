@@ -174,8 +174,11 @@ def models_list(pattern: str):
     if not shipped and not names:
         raise FerkitError(f"no model matches {pattern!r}")
     if shipped:
-        _print_table(["shipped model", "network", "val acc", "tta", "faces/s", "ms/face"],
-                     [_shipped_row(name, entry) for name, entry in shipped.items()], right=(2, 4, 5),
+        columns = ["shipped model", "network", "val acc", "tta", "faces/s", "ms/face"]
+        rows = [_shipped_row(name, entry) for name, entry in shipped.items()]
+        if all(row[3] == "none" for row in rows):  # a column saying nothing would fold the names at 80 columns
+            columns, rows = columns[:3] + columns[4:], [row[:3] + row[4:] for row in rows]
+        _print_table(columns, rows, right=range(2, len(columns)),
                      title="Shipped with ferkit (--model NAME; the first is the default)")
         machines = sorted({entry["speed"]["machine"] for entry in shipped.values() if "speed" in entry})
         if machines:
