@@ -478,10 +478,11 @@ def faces_per_second(classifier: Classifier, *, batch: int = 256, repeat: int = 
 
 def seconds_per_call(classifier: Classifier, size: int, calls: int, *, rounds: int = 5) -> float:
     """Seconds per `predict_proba` call on `size` random faces (speed does not depend on them), after a
-    warm-up call: the fastest of `rounds` rounds of calls/rounds calls, so that a moment when the machine
-    was busy elsewhere does not count."""
+    warm-up call: the fastest of `rounds` rounds (at most `calls`) of calls/rounds calls, so that a moment
+    when the machine was busy elsewhere does not count."""
     faces = np.random.default_rng(0).integers(0, 256, (size, *classifier.input_size), dtype=np.uint8)
     classifier.predict_proba(faces, batch_size=size)
+    rounds = min(rounds, calls)
     per_round = max(1, calls // rounds)
     best = float("inf")
     for _ in range(rounds):
