@@ -80,7 +80,7 @@ def test_the_shipped_models_fit_an_80_column_terminal_unfolded():
     assert listing.exit_code == 0, listing.output
     shipped = listing.output.split("Networks to train")[0]
     assert max(map(len, shipped.splitlines())) <= 80
-    for name, entry in shipped_models().items():  # each model's row holds its whole name, the default first
+    for name in shipped_models():  # each model's row holds its whole name
         assert any(line.split()[1:2] == [name] for line in shipped.splitlines())
     if all(entry["tta"] == "none" for entry in shipped_models().values()):
         assert " tta " not in shipped  # no column that says nothing

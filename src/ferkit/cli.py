@@ -174,10 +174,10 @@ def models_list(pattern: str):
     if not shipped and not names:
         raise FerkitError(f"no model matches {pattern!r}")
     if shipped:
-        columns = ["shipped model", "network", "val acc", "tta", "faces/s", "ms/face"]
-        rows = [_shipped_row(name, entry) for name, entry in shipped.items()]
-        if all(row[3] == "none" for row in rows):  # a column saying nothing would fold the names at 80 columns
-            columns, rows = columns[:3] + columns[4:], [row[:3] + row[4:] for row in rows]
+        # a tta column of "none" only would say nothing, and fold the names at 80 columns
+        tta = any(entry["tta"] != "none" for entry in shipped.values())
+        columns = ["shipped model", "network", "val acc", *(["tta"] if tta else []), "faces/s", "ms/face"]
+        rows = [_shipped_row(name, entry, tta=tta) for name, entry in shipped.items()]
         _print_table(columns, rows, right=range(2, len(columns)),
                      title="Shipped with ferkit (--model NAME; the first is the default)")
         machines = sorted({entry["speed"]["machine"] for entry in shipped.values() if "speed" in entry})
@@ -192,10 +192,10 @@ def models_list(pattern: str):
         )
 
 
-def _shipped_row(name: str, entry: dict) -> list[str]:
+def _shipped_row(name: str, entry: dict, *, tta: bool) -> list[str]:
     accuracy, speed = entry.get("val_accuracy"), entry.get("speed")
     return [name, entry["model"], f"{accuracy:.1%}" if accuracy is not None else "-",
-            entry["tta"],
+            *([entry["tta"]] if tta else []),
             f"{speed['faces_per_second']:,}" if speed else "-", f"{speed['ms_per_face']:.2f}" if speed else "-"]
 
 
