@@ -363,7 +363,7 @@ def _resumed_config(run: Path, flags: dict) -> TrainConfig:
 @click.option("--subset", type=int, help="Train on the first N faces of each class [--quick: 20].")
 @click.option("--photo", "photos", multiple=True, help="A photo to find faces and emotions in with every model (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--quick", is_flag=True, help="A few epochs on a small subset: checks the whole study in about a minute.")
+@click.option("--quick", is_flag=True, help="A few epochs on a small subset: checks the whole study in about two minutes.")
 def study_cmd(data, val, out: Path, models: str, epochs, transfer_epochs, fine_tune_epochs, fine_tune_layers, transfer_model,
               transfer_weights, subset, photos, seed, quick):
     """The founding study in one command: train and compare its models, write one HTML report."""
