@@ -322,7 +322,8 @@ def test_bad_options_are_refused(bad):
     [({"zoom": 5.0}, "--zoom"), ({"shift": -2.0}, "--shift"), ({"rotate": 720.0}, "--rotate"), ({"val_split": 0.0}, "--val-split"),
      ({"weight_decay": -1.0}, "--weight-decay"), ({"learning_rate": float("nan")}, "--lr"), ({"mixup": float("inf")}, "--mixup"),
      ({"rotate": float("nan")}, "--rotate"), ({"weight_decay": float("nan")}, "--weight-decay"),
-     ({"classes": ["happy", "happy", "sad"]}, "--classes"), ({"epochs": "2"}, "--epochs must be a number, not '2'")],
+     ({"classes": ["happy", "happy", "sad"]}, "--classes"), ({"epochs": "2"}, "--epochs must be a number, not '2'"),
+     ({"save_period": -1}, "--save-period must be 0 \\(off\\) or a number of epochs, not -1")],
 )
 def test_numbers_out_of_range_or_not_finite_are_refused_naming_their_option(bad, flag):
     with pytest.raises(FerkitError, match=flag):
@@ -867,3 +868,22 @@ def test_validation_faces_without_some_classes_are_warned_of(pattern_data, tmp_p
         train(config, verbose=0)
     assert ("the validation faces (--val) hold none of angry, disgust, fear, neutral, surprise: the best epoch is "
             "picked without them") in caplog.text
+
+
+def test_save_period_keeps_every_nth_epochs_model_and_may_change_on_resume(pattern_data, tmp_path):
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+
+    run = train(_config(pattern_data, tmp_path / "r", epochs=3, save_period=2), verbose=0)
+    kept = run / "epochs"
+    assert sorted(p.name for p in kept.iterdir()) == ["epoch-002.keras"]
+    assert read_metadata(kept / "epoch-002.keras").extra["epoch"] == 2
+    resumed = CliRunner().invoke(cli, ["train", "--resume", str(run), "--epochs", "4", "--save-period", "1"])
+    assert resumed.exit_code == 0, resumed.output
+    assert TrainConfig.load(run / "config.json").save_period == 1
+    assert sorted(p.name for p in kept.iterdir()) == ["epoch-002.keras", "epoch-004.keras"]  # epoch 3 came before
+    assert (kept / "epoch-004.keras").read_bytes() == (run / "last.keras").read_bytes()
+    # a fresh run in the same folder (--overwrite) starts without the old run's models
+    train(_config(pattern_data, run, epochs=1), overwrite=True, verbose=0)
+    assert not kept.exists()

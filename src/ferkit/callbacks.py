@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 from ferkit._keras import import_keras
 from ferkit.checkpoints import COMPACT_CHECKPOINT, WHOLE_MODEL_CHECKPOINT, remove_checkpoints
 from ferkit.plots import plot_history
-from ferkit.runs import HISTORY_COLUMNS, RunState, read_history
+from ferkit.runs import EPOCHS_FOLDER, HISTORY_COLUMNS, RunState, read_history
 from ferkit.runtime import ModelMetadata, save_keras_model
 
 keras = import_keras()
@@ -22,7 +23,7 @@ keras = import_keras()
 
 def run_callbacks(run: Path, state: RunState, network, metadata: ModelMetadata, *, backup: Path, stop: "StopOnSignal",
                   saved_model=None, averaged: "AveragedWeightsValidation | None" = None,
-                  unpadded: "UnpaddedValidation | None" = None) -> list:
+                  unpadded: "UnpaddedValidation | None" = None, save_period: int = 0) -> list:
     """The callbacks that keep the run folder current, in the order their files are written after each
     epoch: history row, training checkpoint, then ferkit's models and state (which a resume trusts last)."""
     return [
@@ -32,7 +33,8 @@ def run_callbacks(run: Path, state: RunState, network, metadata: ModelMetadata, 
         *([averaged] if averaged is not None else []),
         HistoryLogger(run / "history.csv", stop),
         Backup(backup, stop, run=run),
-        RunRecord(run, state, network, metadata, saved_model=saved_model, averaged=averaged, stop=stop),
+        RunRecord(run, state, network, metadata, saved_model=saved_model, averaged=averaged, stop=stop,
+                  save_period=save_period),
     ]
 
 
@@ -100,10 +102,11 @@ class Backup(keras.callbacks.BackupAndRestore):
 
 class RunRecord(keras.callbacks.Callback):
     """ferkit's record of each epoch: the network saved with ferkit's metadata (last.keras; best.keras at
-    a new best val_accuracy), then state.json and the curves plot."""
+    a new best val_accuracy; a copy in epochs/ every `save_period` epochs), then state.json and the curves
+    plot."""
 
     def __init__(self, run: Path, state: RunState, network, metadata: ModelMetadata, *, saved_model=None,
-                 averaged=None, stop: "StopOnSignal | None" = None):
+                 averaged=None, stop: "StopOnSignal | None" = None, save_period: int = 0):
         """`network` is trained; `saved_model` (default: the same) is what best/last.keras hold, e.g. a
         float32 twin of a mixed-precision network, which receives its weights before each save; with
         `averaged` (an AveragedWeightsValidation), the weights it validated are saved. An epoch that `stop`
@@ -111,7 +114,7 @@ class RunRecord(keras.callbacks.Callback):
         super().__init__()
         self.run, self.state, self.network, self.metadata = run, state, network, metadata
         self.saved_model = saved_model if saved_model is not None else network
-        self.averaged, self.stop = averaged, stop
+        self.averaged, self.stop, self.save_period = averaged, stop, save_period
 
     def on_epoch_end(self, epoch, logs=None):
         if self.stop is not None and self.stop.cut_short:
@@ -124,6 +127,10 @@ class RunRecord(keras.callbacks.Callback):
         elif self.saved_model is not self.network:
             self.saved_model.set_weights(self.network.get_weights())
         save_keras_model(self.saved_model, self.run / "last.keras", self.metadata)
+        if self.save_period and done % self.save_period == 0:
+            kept = self.run / EPOCHS_FOLDER / f"epoch-{done:03d}.keras"
+            kept.parent.mkdir(exist_ok=True)
+            shutil.copyfile(self.run / "last.keras", kept)
         if val_accuracy > self.state.best_val_accuracy:
             self.state.best_val_accuracy, self.state.best_epoch = val_accuracy, done
             save_keras_model(self.saved_model, self.run / "best.keras", self.metadata)

@@ -323,16 +323,16 @@ def train_cmd(resume: Path | None, overwrite: bool, local_processes: int | None,
 
 
 def _resumed_config(run: Path, flags: dict) -> TrainConfig:
-    """The run's own config, with a new --epochs total or --precision, and --data, --val or --teacher where
+    """The run's own config, with a new --epochs total, --precision or --save-period, and --data, --val or --teacher where
     the run's data now is (moved, or the run started in another folder: relative paths count from there)."""
     movable = {"data": "--data", "val": "--val", "teacher": "--teacher"}
-    if {k for k, v in flags.items() if v is not None} - {"epochs", "precision", *movable}:
-        raise FerkitError("with --resume only --epochs and --precision may change (and --data, --val, --teacher say "
+    if {k for k, v in flags.items() if v is not None} - {"epochs", "precision", "save_period", *movable}:
+        raise FerkitError("with --resume only --epochs, --precision and --save-period may change (and --data, --val, --teacher say "
                           "where the run's data is now); the rest comes from the run's config.json")
     if not (run / "config.json").exists():
         raise FerkitError(f"cannot resume: {run} is not a ferkit run folder (no config.json)")
     config = TrainConfig.load(run / "config.json")
-    changes = {key: flags[key] for key in ("epochs", "precision", *movable) if flags[key] is not None}
+    changes = {key: flags[key] for key in ("epochs", "precision", "save_period", *movable) if flags[key] is not None}
     config = replace(config, out=str(run), **changes)  # checked as a new config is: --epochs 0 is refused
     for key, flag in movable.items():
         where = getattr(config, key)

@@ -36,8 +36,10 @@ LEARNING_RATE, INIT_LEARNING_RATE = 1e-3, 1e-4
 
 # What may differ when a run resumes: a longer or shorter schedule (fine-tuning phase included), and where
 # its data is now; the run folder itself; the classes, which training reads from the data; the precision of
-# the arithmetic (the weights stay float32), which pays on one machine and not another.
-RESUMABLE = ("epochs", "fine_tune", "fine_tune_epochs", "data", "val", "teacher", "out", "classes", "precision")
+# the arithmetic (the weights stay float32), which pays on one machine and not another; which epochs' models
+# are kept, which changes no weight.
+RESUMABLE = ("epochs", "fine_tune", "fine_tune_epochs", "data", "val", "teacher", "out", "classes", "precision",
+             "save_period")
 
 
 @dataclass
@@ -71,6 +73,9 @@ class TrainConfig:
                              choices=PRECISIONS)
     seed: int = setting(0, "Seeds weights, shuffling, augmentation and the val split.")
     out: str = setting("runs/train", "Run folder.")
+    save_period: int = setting(0, "Also keep the saved model of every Nth epoch, as epochs/epoch-N.keras in the run folder "
+                                  "(e.g. to average the last few: tools/average_checkpoints.py); 0: best and last only; "
+                                  "may change on --resume.")
     init: str | None = setting(None, "Start from a trained model: 'default' or another shipped model by name, a run folder or .keras file.")
     weights: str | None = setting(None, "Pretrained backbones: imagenet, a local weights file, or none.",
                                   default_text="the backbone's own, imagenet")
@@ -164,6 +169,7 @@ class TrainConfig:
             ("rotate", 0 <= self.rotate <= 180, "degrees from 0 to 180"),
             ("val_split", 0 < self.val_split < 1, "a fraction in (0, 1), e.g. 0.1"),
             ("seed", 0 <= self.seed < SEEDS, f"a whole number from 0 to {SEEDS - 1}"),
+            ("save_period", self.save_period >= 0, "0 (off) or a number of epochs"),
         ):
             if not within:
                 value = getattr(self, name)

@@ -27,6 +27,7 @@ from ferkit.errors import FerkitError
 # Keras' CSVLogger writes the columns after "epoch" in sorted order; older runs had another order
 HISTORY_COLUMNS = ("epoch", "accuracy", "learning_rate", "loss", "seconds", "val_accuracy", "val_loss")
 RUN_FILES = ("config.json", "datasets.json", "history.csv", "curves.png", "best.keras", "last.keras", "state.json")
+EPOCHS_FOLDER = "epochs"  # the models that --save-period keeps, epoch-NNN.keras
 EXPORTED_FILES = ("best.onnx", "last.onnx")  # where `ferkit export RUN` writes by default: stale once the run is replaced
 
 
@@ -97,7 +98,7 @@ def clear_run_folder(run: Path) -> list[str]:
     for name in (*RUN_FILES, *EXPORTED_FILES):
         (run / name).unlink(missing_ok=True)
     remove_checkpoints(run)
-    for folder in run.glob("eval-*"):
+    for folder in (*run.glob("eval-*"), *run.glob(EPOCHS_FOLDER)):
         shutil.rmtree(folder)
     run.mkdir(parents=True, exist_ok=True)
     return sorted(path.name for path in run.iterdir() if not path.name.startswith("."))

@@ -28,7 +28,7 @@ from ferkit.distributed import start as start_distributed
 from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch
 from ferkit.models import check_weights, get_model_spec
-from ferkit.runs import RunState, check_run_folder, clear_run_folder, rewrite_history, save_run_config
+from ferkit.runs import EPOCHS_FOLDER, RunState, check_run_folder, clear_run_folder, rewrite_history, save_run_config
 from ferkit.teacher import check_teacher, teacher_probabilities
 from ferkit.training_data import (
     fit_data, load_train_val, train_size, trains_on_cached_features, validation_size, warn_of_classes_with_few_faces,
@@ -77,7 +77,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     check_run_folder(Path(config.out), resume=resume, overwrite=overwrite)  # fail as process 0 will
     with tempfile.TemporaryDirectory(prefix="ferkit-worker-") as folder:
         if resume:
-            shutil.copytree(config.out, folder, dirs_exist_ok=True)
+            shutil.copytree(config.out, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(EPOCHS_FOLDER))
         _train(config, Path(folder), resume, True, verbose, callbacks, topology)
     return Path(config.out)
 
@@ -292,7 +292,8 @@ def _run_callbacks(keras, run: Path, config: TrainConfig, state: RunState, model
     data_parallel = keras.distribution.distribution() is not None  # compiled with a weighted accuracy (compile_model)
     unpadded = UnpaddedValidation(val_faces, padded_val_faces) if data_parallel else None
     return lambda backup: run_callbacks(run, state, network, metadata, backup=run / backup, stop=stop,
-                                        saved_model=saved_model, averaged=averaged, unpadded=unpadded)
+                                        saved_model=saved_model, averaged=averaged, unpadded=unpadded,
+                                        save_period=config.save_period)
 
 
 def _schedule_callbacks(keras, config: TrainConfig) -> list:
