@@ -40,13 +40,14 @@ FERKIT=.venv/bin/ferkit
 # batches) 1,211 s against 1,563 and 1,643 when the host ran fast, no difference when it was throttled.
 export MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=268435456
 stage_done() { grep -q '"status": "finished"' "$1/state.json" 2>/dev/null || [ -f "$1/STOPPED" ]; }
+# Every 5th epoch's model is kept in the run's epochs/ folder, to average the last few (tools/average_checkpoints.py).
 run_stage() {  # run folder, epochs in all, then the other flags of a fresh start
   local run=$1 epochs=$2; shift 2
   stage_done $run && return 0
   if [ -f $run/config.json ]; then
-    $FERKIT train --resume $run --epochs $epochs --precision $P >> $run.log 2>&1
+    $FERKIT train --resume $run --epochs $epochs --precision $P --save-period 5 >> $run.log 2>&1
   else
-    $FERKIT train "$@" --epochs $epochs --precision $P --out $run >> $run.log 2>&1
+    $FERKIT train "$@" --epochs $epochs --precision $P --save-period 5 --out $run >> $run.log 2>&1
   fi
   stage_done $run
 }
