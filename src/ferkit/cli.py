@@ -323,12 +323,13 @@ def train_cmd(resume: Path | None, overwrite: bool, local_processes: int | None,
 
 
 def _resumed_config(run: Path, flags: dict) -> TrainConfig:
-    """The run's own config, with a new --epochs total, --precision or --save-period, and --data, --val or --teacher where
-    the run's data now is (moved, or the run started in another folder: relative paths count from there)."""
+    """The run's own config, with a new --epochs total, --precision or --save-period, and --data, --val or
+    --teacher where the run's data now is (moved, or the run started in another folder: relative paths count
+    from there)."""
     movable = {"data": "--data", "val": "--val", "teacher": "--teacher"}
     if {k for k, v in flags.items() if v is not None} - {"epochs", "precision", "save_period", *movable}:
-        raise FerkitError("with --resume only --epochs, --precision and --save-period may change (and --data, --val, --teacher say "
-                          "where the run's data is now); the rest comes from the run's config.json")
+        raise FerkitError("with --resume only --epochs, --precision and --save-period may change (and --data, --val, "
+                          "--teacher say where the run's data is now); the rest comes from the run's config.json")
     if not (run / "config.json").exists():
         raise FerkitError(f"cannot resume: {run} is not a ferkit run folder (no config.json)")
     config = TrainConfig.load(run / "config.json")
