@@ -26,8 +26,12 @@
 #    stages after it train stronger teacher members:
 # 5. ferkit-net-l-v2: l again with mixup 0.4, which l-v1 lacked (train 0.87 against val 0.69 at epoch
 #    120), and 120 epochs, since l-v1 peaked at epoch 83 of 150.
-# 6. ferkit-resnet18-h-v2: r18h for 120 epochs in place of 40, with mixup 0.4.
-#    Then a second teacher from the strongest of these, and a second distillation.
+# 6. The second teacher: the first one's saved probabilities (git history: r18h-v1's weights were lost with
+#    a machine) and l-v2's, ten-crop, half each. l-v2 counts as the mean of its models at epochs 100-120
+#    (every 5th, kept by --save-period) where that scores higher on val, one view, than its best model.
+# 7. ferkit-net-l-distilled-v2: ferkit-net-l from that l-v2 member, trained on the second teacher with
+#    mixup 0.4, which the first student lacked when it fitted its teacher's fixed probabilities.
+# 8. ferkit-resnet18-h-v2: r18h for 120 epochs in place of 40, with mixup 0.4, for a third teacher.
 cd "$(dirname "$0")/.."
 if grep -q avx512_bf16 /proc/cpuinfo; then P=mixed_bfloat16; else P=float32; fi  # bf16 is slow without it
 R=${FERKIT_RUNS:-~/ferkit-runs}
@@ -70,4 +74,32 @@ if ! stage_done $R/ferkit-net-l-distilled-v1 && [ ! -f $R/teacher-l-r18h.npz ]; 
 fi
 run_stage $R/ferkit-net-l-distilled-v1 60 --model ferkit-net-l --init $L_AVG --teacher $R/teacher-l-r18h.npz --distill 0.7 $COMMON --lr 0.02 --warmup-epochs 2 --seed 42 || exit 1
 run_stage $R/ferkit-net-l-v2 120 --model ferkit-net-l $COMMON --lr 0.05 --warmup-epochs 3 --mixup 0.4 --seed 43 || exit 1
+val_accuracy() {  # model: its accuracy on $VAL, one view
+  $FERKIT evaluate $1 --data $VAL --tta none --json --overwrite --out $R/val-$(basename $1 .keras) 2>> $R/teacher.log |
+    .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["accuracy"])'
+}
+L2=$R/ferkit-net-l-v2-member.keras  # the l-v2 member of the second teacher: a copy of the chosen model
+l_v2_member() {
+  [ -f $L2 ] && return 0
+  local run=$R/ferkit-net-l-v2 tail=$R/ferkit-net-l-v2-averaged.keras
+  local snapshots=$(ls $run/epochs/epoch-1[01][05].keras $run/epochs/epoch-120.keras 2>/dev/null)
+  if [ $(echo $snapshots | wc -w) -ge 3 ]; then
+    [ -f $tail ] || .venv/bin/python tools/average_checkpoints.py $snapshots --calibration $DATA --out $tail >> $R/teacher.log 2>&1 || return 1
+    local a=$(val_accuracy $tail) b=$(val_accuracy $run/best.keras)
+    echo "l-v2 member: tail average $a, best model $b (val, one view)" >> $R/teacher.log
+    if .venv/bin/python -c "import sys; sys.exit(not $a > $b)"; then cp $tail $L2; return; fi
+  fi
+  cp $run/best.keras $L2
+}
+first_teacher() {  # the first teacher's saved probabilities, as committed with its student
+  [ -f $R/teacher-l-r18h.npz ] && return 0
+  git show 8e20c2c:training/ferkit-net-l-distilled-v1/teacher-l-r18h.npz > $R/teacher-l-r18h.npz.part &&
+    mv $R/teacher-l-r18h.npz.part $R/teacher-l-r18h.npz
+}
+if ! stage_done $R/ferkit-net-l-distilled-v2 && [ ! -f $R/teacher-2.npz ]; then
+  first_teacher || exit 1
+  l_v2_member && teacher_part l2 $L2 || exit 1
+  $FERKIT teacher $R/teacher-l-r18h.npz $R/teacher-l2.npz --data $DATA --out $R/teacher-2.npz >> $R/teacher.log 2>&1 || exit 1
+fi
+run_stage $R/ferkit-net-l-distilled-v2 50 --model ferkit-net-l --init $L2 --teacher $R/teacher-2.npz --distill 0.7 $COMMON --lr 0.02 --warmup-epochs 2 --mixup 0.4 --seed 45 || exit 1
 run_stage $R/ferkit-resnet18-h-v2 120 --model ferkit-resnet18-h $COMMON --lr 0.05 --warmup-epochs 3 --mixup 0.4 --seed 44 || exit 1
