@@ -25,10 +25,12 @@
 #    the shipped default (0.6966 as shipped, int8). A 0.70 teacher cannot lift a student to 73%, so the
 #    stages after it train stronger teacher members:
 # 5. ferkit-net-l-v2: l again with mixup 0.4, which l-v1 lacked (train 0.87 against val 0.69 at epoch
-#    120), and 120 epochs, since l-v1 peaked at epoch 83 of 150.
+#    120), and 120 epochs, since l-v1 peaked at epoch 83 of 150. Finished: val 0.6966 at epoch 110, 0.6910
+#    at 120 (train 0.76 on mixed faces): no overfitting, and no higher than l-v1's peak.
 # 6. The second teacher: the first one's saved probabilities (git history: r18h-v1's weights were lost with
 #    a machine) and l-v2's, ten-crop, half each. l-v2 counts as the mean of its models at epochs 100-120
-#    (every 5th, kept by --save-period) where that scores higher on val, one view, than its best model.
+#    (every 5th, kept by --save-period) where that scores higher on val, one view, than its best model. The
+#    run moved machines at epoch 112, which lost the snapshots before epoch 115, so the member is its best model.
 # 7. ferkit-net-l-distilled-v2: ferkit-net-l from that l-v2 member, trained on the second teacher with
 #    mixup 0.4, which the first student lacked when it fitted its teacher's fixed probabilities.
 # 8. ferkit-resnet18-h-v2: r18h for 120 epochs in place of 40, with mixup 0.4, for a third teacher.
