@@ -13,7 +13,7 @@
 #    4f3db10, 0eb2504, 55ab31d and 70e41c9).
 # 2. ferkit-resnet18-h-v1: a second family for the teacher, 40-epoch cosine with mixup 0.2 (l overfitted
 #    from about epoch 85 of 150). Finished: val 0.6601 one view, 0.6637 ten-crop; train accuracy 0.67, still
-#    rising at the end (it underfits at 40 epochs). Epochs took ~1,300 s in float32 on an AVX2 machine and
+#    rising at the end (it underfits at 40 epochs). Epochs took 1,100-2,650 s in float32 on an AVX2 machine and
 #    ~290 s in bfloat16 on one with AVX-512 BF16.
 # 3. The teacher: every training face's probabilities, averaged over l and r18h (ten-crop each, recorded
 #    at their float ONNX export) and the shipped default pair (as it ships). Each model's share is saved as
@@ -32,7 +32,9 @@
 #    (every 5th, kept by --save-period) where that scores higher on val, one view, than its best model. The
 #    run moved machines at epoch 112, which lost the snapshots before epoch 115, so the member is its best model.
 # 7. ferkit-net-l-distilled-v2: ferkit-net-l from that l-v2 member, trained on the second teacher with
-#    mixup 0.4, which the first student lacked when it fitted its teacher's fixed probabilities.
+#    mixup 0.4, which the first student lacked when it fitted its teacher's fixed probabilities. Finished:
+#    val fell from 0.6941 (epoch 1) to 0.6812 (epoch 23) while the learning rate was high, then rose to
+#    0.6966 at epoch 47 (0.6963 at 50, train 0.79 on mixed faces): no overfitting, no gain over the first.
 # 8. ferkit-resnet18-h-v2: r18h for 120 epochs in place of 40, with mixup 0.4, for a third teacher.
 cd "$(dirname "$0")/.."
 if grep -q avx512_bf16 /proc/cpuinfo; then P=mixed_bfloat16; else P=float32; fi  # bf16 is slow without it
