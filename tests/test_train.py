@@ -671,6 +671,9 @@ def test_saved_teacher_probabilities_train_a_student_like_the_teacher_itself(pat
     result = CliRunner().invoke(cli, ["teacher", str(trained_run), "--data", str(pattern_data / "train"),
                                       "--tta", "flip", "--out", str(saved)])
     assert result.exit_code == 0, result.output
+    with np.load(saved) as stored:  # the command says how often the teacher agrees with the labels
+        agree = np.mean(stored["probabilities"].argmax(axis=1) == stored["labels"])
+    assert f"for {agree:.2%} of them" in result.output
     train_set = load_dataset(pattern_data / "train")
     from ferkit.teacher import teacher_probabilities
 
