@@ -214,11 +214,16 @@ def test_a_folder_listing_follows_links_in_but_not_back_up_and_names_links_to_no
     (photos / "part").symlink_to(tmp_path / "elsewhere")  # a dataset's part linked in: followed
     (photos / "up").symlink_to(tmp_path)  # back up: would list the whole tree around the folder
     (photos / "gone.png").symlink_to(tmp_path / "nothing.png")
+    (photos / "loop-a.png").symlink_to(photos / "loop-b.png")  # two links to each other: to nothing
+    (photos / "loop-b.png").symlink_to(photos / "loop-a.png")
+    (photos / "results").mkdir()  # where the results go: skipped
+    face.save(photos / "results" / "a.png")
     with caplog.at_level("WARNING", logger="ferkit"):
-        listed = list_images(str(photos))
+        assert list_images(str(photos), skip=photos / "results", quiet=True) and not caplog.text
+        listed = list_images(str(photos), skip=photos / "results")
     assert [p.relative_to(photos).as_posix() for p in listed] == ["a.png", "part/linked.png"]
-    assert f"{photos / 'up'}: a link back up to {tmp_path.resolve()}, not followed" in caplog.text
-    assert f"left out 1 link(s) to nothing: {photos / 'gone.png'}" in caplog.text
+    assert caplog.text.count(f"{photos / 'up'}: a link back up to {tmp_path.resolve()}, not followed") == 1
+    assert f"left out 3 link(s) to nothing: {photos / 'gone.png'}, {photos / 'loop-a.png'}, {photos / 'loop-b.png'}" in caplog.text
 
 
 def test_folders_and_photos_that_cannot_be_read_are_named(trained_run, tmp_path):

@@ -45,11 +45,12 @@ def list_images(source: str, *, skip: str | Path | None = None, quiet: bool = Fa
     if kind == "glob":
         paths = [Path(p) for p in glob.glob(source, recursive=True)]
     else:
-        paths = files_under(source, unreadable=unreadable)
+        paths = files_under(source, unreadable=unreadable, quiet=quiet)
     if skip is not None and Path(skip).is_dir():
-        skipped = Path(skip).resolve()
-        if kind == "folder" and skipped != Path(source).resolve():
-            paths = [p for p in paths if not p.resolve().is_relative_to(skipped)]
+        skipped = Path(os.path.realpath(skip))
+        if kind == "folder" and skipped != Path(os.path.realpath(source)):
+            # os.path.realpath, unlike Path.resolve, takes links in a loop (left out below as links to nothing)
+            paths = [p for p in paths if not Path(os.path.realpath(p)).is_relative_to(skipped)]
     files = [p for p in paths if p.is_file()]
     dangling = [p for p in paths if p.is_symlink() and not p.exists()]
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -92,11 +93,11 @@ def videos_in(source: str) -> list[Path]:
     return sorted(p for p in paths if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
 
 
-def files_under(folder: str | Path, *, unreadable: list[str] | None = None) -> list[Path]:
+def files_under(folder: str | Path, *, unreadable: list[str] | None = None, quiet: bool = False) -> list[Path]:
     """Every file in `folder` and its subfolders, sorted, hidden names left out. Subfolders reached
     through symbolic links are followed (a dataset often links its parts in), each real folder once;
     a link to the folder itself or to a folder above it is not (it would list far more than was given).
-    Folders that cannot be read are added to `unreadable`; links back up are logged."""
+    Folders that cannot be read are added to `unreadable`; links back up are logged, unless `quiet`."""
     seen: set[str] = set()
     files: list[Path] = []
     note = (lambda err: unreadable.append(err.filename)) if unreadable is not None else None
@@ -107,7 +108,8 @@ def files_under(folder: str | Path, *, unreadable: list[str] | None = None) -> l
             subfolders[:] = []
             continue
         if root != str(folder) and top.is_relative_to(real):
-            log.warning("%s: a link back up to %s, not followed", root, real)
+            if not quiet:
+                log.warning("%s: a link back up to %s, not followed", root, real)
             subfolders[:] = []
             continue
         seen.add(real)
