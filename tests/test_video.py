@@ -74,6 +74,40 @@ def test_a_face_moving_fast_between_analysed_frames_keeps_its_track():
     assert tracker.update([(900, 500, 40, 40)]) == [4]  # far away: another face
 
 
+def test_a_cut_to_another_shot_is_told_from_a_pan_a_zoom_and_a_change_of_light():
+    from ferkit.video import frame_signature, is_scene_cut
+
+    photo = np.asarray(Image.open(EXAMPLES / "people.jpg").convert("RGB").resize((640, 480)))
+    other = np.asarray(Image.open(next(EXAMPLES.glob("fer2013-sample/*/*/*.*"))).convert("RGB").resize((640, 480)))
+    same_shot = {
+        "pan": cv2.warpAffine(photo, np.float32([[1, 0, 64], [0, 1, 0]]), (640, 480), borderMode=cv2.BORDER_REFLECT),
+        "zoom": cv2.warpAffine(photo, cv2.getRotationMatrix2D((320, 240), 0, 1.2), (640, 480), borderMode=cv2.BORDER_REFLECT),
+        "light": np.clip(photo.astype(int) * 1.3, 0, 255).astype(np.uint8),
+    }
+    before = frame_signature(photo)
+    assert not any(is_scene_cut(before, frame_signature(frame)) for frame in same_shot.values())
+    assert is_scene_cut(before, frame_signature(other))
+
+
+def _squares_then_a_cut(n):
+    """_two_squares, then another shot (a blue room) where two other faces are near where those were."""
+    for i, frame in enumerate(_two_squares(n)):
+        if i >= n // 2:
+            frame[:] = (30, 60, 200)
+            frame[20:50, 45 + i : 75 + i] = 240  # moved by less than the tracker's reach, without overlap
+            frame[70:100, 85 + i : 115 + i] = 240  # where the other face was
+        yield frame
+
+
+def test_tracks_and_smoothing_start_again_after_a_cut(trained_run, tmp_path):
+    video = _write_video(tmp_path / "cut.mp4", _squares_then_a_cut(20))
+    raw = analyze_video(video, model=trained_run, detector=_bright_squares, every=1, smooth=1)
+    smooth = analyze_video(video, model=trained_run, detector=_bright_squares, every=1, smooth=9)
+    assert {r.track for r in raw.rows if r.frame < 10} == {1, 2} and {r.track for r in raw.rows if r.frame >= 10} == {3, 4}
+    first_after_cut = [(r.track, r.face.probabilities) for r in raw.rows if r.frame == 10]
+    assert [(r.track, r.face.probabilities) for r in smooth.rows if r.frame == 10] == first_after_cut
+
+
 def test_video_timeline_follows_each_face(trained_run, squares_video, tmp_path):
     timeline = analyze_video(squares_video, model=trained_run, detector=_bright_squares, every=2, smooth=3,
                              annotated=tmp_path / "out.mp4")

@@ -1,4 +1,4 @@
-"""Emotions over time in a video: analyse every Nth frame, follow faces with IoU tracking, smooth.
+"""Emotions over time in a video: analyse every Nth frame, follow faces with IoU tracking (new tracks after a cut), smooth.
 
     timeline = analyze_video("talk.mp4", every=5, smooth=3)
     timeline.to_csv("talk.timeline.csv"); timeline.plot("talk.emotions.png")
@@ -90,6 +90,10 @@ class IouTracker:
         self._tracks: dict[int, tuple[tuple, int]] = {}  # id -> (last box, last step)
         self._next, self._step = 1, 0
 
+    def close_all(self) -> None:
+        """End every track: after a cut to another shot, faces are other faces wherever they are."""
+        self._tracks = {}
+
     def update(self, boxes: list[tuple]) -> list[int]:
         self._step += 1
         live = {t: v for t, v in self._tracks.items() if self._step - v[1] <= self.max_gap}
@@ -122,6 +126,33 @@ def _centre_distance(a: tuple, b: tuple) -> float:
 def _alike(a: tuple, b: tuple) -> bool:
     """Boxes of about one size (areas within a factor of 2): the same face, near or far, not another."""
     return 0.5 <= (a[2] * a[3]) / max(1, b[2] * b[3]) <= 2.0
+
+
+# A cut to another shot changes both the picture (32x32 grey thumbnail, mean difference in grey levels) and
+# how much of each grey level it holds (histogram, share of pixels moved). Measured on 9 real photos of
+# people (the detection check's), at 640x480: any two of them differ by at least 40.8 and 0.18; one photo
+# panned by a tenth of its width or zoomed 1.2x differs from itself by at most 0.13 in histogram, and
+# brightened 1.3x by at most 30.4 in thumbnail.
+CUT_THUMBNAIL_CHANGE = 35.0
+CUT_HISTOGRAM_CHANGE = 0.15
+
+
+def frame_signature(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB frame's 32x32 grey thumbnail and its grey-level histogram (32 bins, summing to 1)."""
+    import cv2
+
+    grey = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+    thumbnail = cv2.resize(grey, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+    histogram = np.bincount(grey.ravel() // 8, minlength=32).astype(np.float64)
+    return thumbnail, histogram / max(1, grey.size)
+
+
+def is_scene_cut(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray]) -> bool:
+    """Whether two frames' signatures (frame_signature) belong to different shots: a pan, a zoom or a
+    change of light alters one measure, a cut both."""
+    thumbnail_change = float(np.abs(before[0] - after[0]).mean())
+    histogram_change = 0.5 * float(np.abs(before[1] - after[1]).sum())
+    return thumbnail_change > CUT_THUMBNAIL_CHANGE and histogram_change > CUT_HISTOGRAM_CHANGE
 
 
 FRAMES_PER_BATCH = 8
@@ -185,12 +216,18 @@ def analyze_video(
     if rows:
         rows.writerow(timeline.csv_header())
     frames: dict[str, np.ndarray] = {}
+    signature = None
     labelled = _labelled(video_frames(capture, info, every=every), path, frames)
     try:
         # a few frames per batch: each waits, whole, in memory until its faces are classified (4K: 25 MB)
         for result in analyze_images(labelled, model=classifier, detector=detector, uncertain_below=uncertain_below,
                                      batch_images=FRAMES_PER_BATCH):
             index = int(result.source.rsplit("=", 1)[1])
+            frame = frames.pop(result.source)
+            signature, before = frame_signature(frame), signature
+            if before is not None and is_scene_cut(before, signature):  # no face carries over to another shot
+                tracker.close_all()
+                smoothed.clear()
             tracks = tracker.update([f.box for f in result.faces])
             faces = [_smooth(face, track, smoothed, alpha, classifier.classes, uncertain_below)
                      for face, track in zip(result.faces, tracks)]
@@ -202,7 +239,6 @@ def analyze_video(
                 table.flush()
             timeline.frames_analysed += 1
             timeline.last_frame = index
-            frame = frames.pop(result.source)
             if writer is not None:
                 # as the timeline and the plot have them: numbered by track, smoothed
                 _write_frame(writer, draw_faces(_to_image(frame), faces, numbers=tracks, enlarge_tiny=False))
