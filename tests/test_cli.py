@@ -832,3 +832,17 @@ def test_evaluating_a_run_on_its_own_training_data_is_warned_of(trained_run, tmp
     assert "is the data" in result.output and "was trained on" in result.output
     held_out = run("evaluate", trained_run, "--data", Path(data).parent / "val", "--json", "--out", tmp_path / "on-val")
     assert held_out.exit_code == 0 and "was trained on" not in held_out.output
+
+
+def test_a_photo_is_said_to_be_scored_by_a_model_that_predict_takes_back(tmp_path, monkeypatch):
+    import re
+    import shutil
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "examples" / "people.jpg", tmp_path / "p.jpg")
+    monkeypatch.chdir(tmp_path)
+    first = CliRunner().invoke(cli, ["predict", "p.jpg", "--out", "a"])
+    assert first.exit_code == 0, first.output
+    named = re.search(r"face\(s\), model (\S+)", first.output).group(1)
+    again = CliRunner().invoke(cli, ["predict", "p.jpg", "--model", named, "--out", "b"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(Path("a/p.faces.json").read_text())["faces"] == json.loads(Path("b/p.faces.json").read_text())["faces"]

@@ -98,7 +98,7 @@ def _report_unexpected(ctx, err: Exception) -> None:
     """A bug or an unforeseen failure: still one line, after the traceback with --debug."""
     _traceback_if_debug(ctx)
     first = (str(err).strip().splitlines() or [""])[0]
-    click.echo(f"internal error: {type(err).__name__}: {first} (run with --debug for the traceback)", err=True)
+    click.echo(f"internal error: {type(err).__name__}: {first} (run `ferkit --debug ...` for the traceback)", err=True)
     ctx.exit(EXIT_INTERNAL_ERROR)
 
 
@@ -955,7 +955,13 @@ def _print_faces(result) -> None:
     rows = [[str(i), ", ".join(map(str, f.box)), f.emotion + ("?" if f.uncertain else ""), f"{f.score:.1%}"]
             for i, f in enumerate(result.faces, 1)]
     _print_table(["face", "box (x, y, w, h)", "emotion", "confidence"], rows, right=(0, 3),
-                 title=f"{result.source}: {len(result.faces)} face(s), model {result.model}")
+                 title=f"{result.source}: {len(result.faces)} face(s), model {_model_name(result)}")
+
+
+def _model_name(result) -> str:
+    """What --model takes to score with the same model again: a shipped model's name, a run folder or a
+    file name (its version up to the parenthesis), rather than the network's name."""
+    return result.model_version.split(" (")[0] or result.model
 
 
 def _write_json(path: Path, data) -> Path:
