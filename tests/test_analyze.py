@@ -149,10 +149,15 @@ def test_empty_or_outside_boxes_are_refused(trained_run, box):
         analyze(picture, model=trained_run, boxes=[box])
 
 
-def test_a_box_partly_outside_is_padded_not_refused(trained_run):
-    picture = _canvas_with_faces([(10, 20, 48, 48)], [2])
-    [face] = analyze(picture, model=trained_run, boxes=[(280, 180, 48, 48)])
+def test_a_box_partly_outside_is_padded_not_refused_and_one_mostly_outside_is_warned_of(trained_run, caplog):
+    picture = _canvas_with_faces([(10, 20, 48, 48)], [2])  # 300x200
+    with caplog.at_level("WARNING", logger="ferkit"):
+        [face] = analyze(picture, model=trained_run, boxes=[(260, 160, 48, 48)])  # 40x40 of 48x48 inside
+    assert face.box == (260, 160, 48, 48) and face.emotion and not caplog.text
+    with caplog.at_level("WARNING", logger="ferkit"):
+        [face] = analyze(picture, model=trained_run, boxes=[(280, 180, 48, 48)])
     assert face.box == (280, 180, 48, 48) and face.emotion
+    assert "the box (280, 180, 48, 48) lies mostly outside the 300x200 image (17% inside)" in caplog.text
 
 
 def test_the_crop_is_the_square_around_the_box_with_the_models_margin(trained_run):

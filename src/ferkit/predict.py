@@ -3,6 +3,7 @@ are classified together in real batches."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -16,6 +17,8 @@ from ferkit.faces import Box, Detection, crops_for_model, get_detector, whole_im
 from ferkit.images import CHANNEL_ORDERS, decoded_scale, full_size, load_image, to_model_input, to_rgb
 from ferkit.results import Face, ImageResult
 from ferkit.runtime import Classifier, is_shipped_file, load_classifier
+
+log = logging.getLogger("ferkit")
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
@@ -262,6 +265,10 @@ def checked_box(box, image_size: tuple[int, int]) -> Box:
         raise FerkitError(f"the box {(x, y, width, height)} is empty: width and height must be positive")
     if x >= image_size[0] or y >= image_size[1] or x + width <= 0 or y + height <= 0:
         raise FerkitError(f"the box {(x, y, width, height)} lies outside the {image_size[0]}x{image_size[1]} image")
+    inside = (min(x + width, image_size[0]) - max(x, 0)) * (min(y + height, image_size[1]) - max(y, 0)) / (width * height)
+    if inside < 0.5:  # a face at the photo's edge is cut off a little; this much is more likely a mistaken box
+        log.warning("the box %s lies mostly outside the %dx%d image (%.0f%% inside): the rest is filled with the "
+                    "edge's pixels, so its emotion says little", (x, y, width, height), *image_size, 100 * inside)
     return x, y, width, height
 
 
