@@ -378,6 +378,9 @@ def test_misgiven_arguments_get_a_one_line_reason(tmp_path):
         list(analyze_images(None))
     with pytest.raises(FerkitError, match="not text"):
         analyze(np.zeros((64, 64, 3), np.uint8), boxes="1,2,3,4")
+    for sizes in ({"batch_faces": 0}, {"batch_images": -1}, {"batch_faces": 2.5}):
+        with pytest.raises(FerkitError, match="is a whole number of at least 1"):
+            list(analyze_images([np.zeros((64, 64, 3), np.uint8)], **sizes))
     video = tmp_path / "clip.mp4"
     video.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
     with pytest.raises(FerkitError, match="not an image ferkit can read .a video: ferkit.video.analyze_video"):

@@ -97,6 +97,9 @@ def analyze_images(
     check_uncertain_below(uncertain_below)
     if channels not in CHANNEL_ORDERS:
         raise FerkitError(f"channels must be 'rgb' or 'bgr', not {channels!r}")
+    for name, value in (("batch_faces", batch_faces), ("batch_images", batch_images)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise FerkitError(f"{name} is a whole number of at least 1, not {value!r}")
     if isinstance(boxes, (str, bytes)):
         raise FerkitError(f"boxes is a list of (x, y, width, height) boxes, not text: e.g. [(10, 20, 64, 64)], not {boxes!r}")
     if boxes is not None and len(boxes) == 4 and all(isinstance(v, (int, float, np.number)) for v in boxes):
