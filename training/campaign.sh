@@ -36,6 +36,11 @@
 #    val fell from 0.6941 (epoch 1) to 0.6812 (epoch 23) while the learning rate was high, then rose to
 #    0.6966 at epoch 47 (0.6963 at 50, train 0.79 on mixed faces): no overfitting, no gain over the first.
 # 8. ferkit-resnet18-h-v2: r18h for 120 epochs in place of 40, with mixup 0.4, for a third teacher.
+# 9. The third teacher: the second teacher's saved probabilities and r18h-v2's (ten-crop; its member chosen
+#    as l-v2's was), half each. The l runs make much the same mistakes (l-v2 averaged with the default
+#    gains less than a point), so the other family gets half the say.
+# 10. ferkit-net-l-distilled-v3: the second student's recipe, from the default model (its Keras twin, shipped
+#    with ferkit), trained on the third teacher: what a stronger teacher alone is worth.
 cd "$(dirname "$0")/.."
 if grep -q avx512_bf16 /proc/cpuinfo; then P=mixed_bfloat16; else P=float32; fi  # bf16 is slow without it
 R=${FERKIT_RUNS:-~/ferkit-runs}
@@ -82,28 +87,34 @@ val_accuracy() {  # model: its accuracy on $VAL, one view
   $FERKIT evaluate $1 --data $VAL --tta none --json --overwrite --out $R/val-$(basename $1 .keras) 2>> $R/teacher.log |
     .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["accuracy"])'
 }
-L2=$R/ferkit-net-l-v2-member.keras  # the l-v2 member of the second teacher: a copy of the chosen model
-l_v2_member() {
-  [ -f $L2 ] && return 0
-  local run=$R/ferkit-net-l-v2 tail=$R/ferkit-net-l-v2-averaged.keras
+member_model() {  # run folder, file: the run's member of a teacher, a copy of the chosen model
+  [ -f $2 ] && return 0
+  local run=$1 out=$2 tail=$1-averaged.keras
   local snapshots=$(ls $run/epochs/epoch-1[01][05].keras $run/epochs/epoch-120.keras 2>/dev/null)
   if [ $(echo $snapshots | wc -w) -ge 3 ]; then
     [ -f $tail ] || .venv/bin/python tools/average_checkpoints.py $snapshots --calibration $DATA --out $tail >> $R/teacher.log 2>&1 || return 1
     local a=$(val_accuracy $tail) b=$(val_accuracy $run/best.keras)
-    echo "l-v2 member: tail average $a, best model $b (val, one view)" >> $R/teacher.log
-    if .venv/bin/python -c "import sys; sys.exit(not $a > $b)"; then cp $tail $L2; return; fi
+    echo "$(basename $run) member: tail average $a, best model $b (val, one view)" >> $R/teacher.log
+    if .venv/bin/python -c "import sys; sys.exit(not $a > $b)"; then cp $tail $out; return; fi
   fi
-  cp $run/best.keras $L2
+  cp $run/best.keras $out
 }
-first_teacher() {  # the first teacher's saved probabilities, as committed with its student
-  [ -f $R/teacher-l-r18h.npz ] && return 0
-  git show 8e20c2c:training/ferkit-net-l-distilled-v1/teacher-l-r18h.npz > $R/teacher-l-r18h.npz.part &&
-    mv $R/teacher-l-r18h.npz.part $R/teacher-l-r18h.npz
+L2=$R/ferkit-net-l-v2-member.keras  # the l-v2 member of the second teacher
+saved_teacher() {  # name, commit, run: a teacher's saved probabilities, as committed with the run of its student
+  [ -f $R/teacher-$1.npz ] && return 0
+  git show $2:training/$3/teacher-$1.npz > $R/teacher-$1.npz.part && mv $R/teacher-$1.npz.part $R/teacher-$1.npz
 }
 if ! stage_done $R/ferkit-net-l-distilled-v2 && [ ! -f $R/teacher-2.npz ]; then
-  first_teacher || exit 1
-  l_v2_member && teacher_part l2 $L2 || exit 1
+  saved_teacher l-r18h 8e20c2c ferkit-net-l-distilled-v1 || exit 1
+  member_model $R/ferkit-net-l-v2 $L2 && teacher_part l2 $L2 || exit 1
   $FERKIT teacher $R/teacher-l-r18h.npz $R/teacher-l2.npz --data $DATA --out $R/teacher-2.npz >> $R/teacher.log 2>&1 || exit 1
 fi
 run_stage $R/ferkit-net-l-distilled-v2 50 --model ferkit-net-l --init $L2 --teacher $R/teacher-2.npz --distill 0.7 $COMMON --lr 0.02 --warmup-epochs 2 --mixup 0.4 --seed 45 || exit 1
 run_stage $R/ferkit-resnet18-h-v2 120 --model ferkit-resnet18-h $COMMON --lr 0.05 --warmup-epochs 3 --mixup 0.4 --seed 44 || exit 1
+R18H2=$R/ferkit-resnet18-h-v2-member.keras
+if ! stage_done $R/ferkit-net-l-distilled-v3 && [ ! -f $R/teacher-3.npz ]; then
+  saved_teacher 2 da192c8 ferkit-net-l-distilled-v2 || exit 1
+  member_model $R/ferkit-resnet18-h-v2 $R18H2 && teacher_part r18h2 $R18H2 || exit 1
+  $FERKIT teacher $R/teacher-2.npz $R/teacher-r18h2.npz --data $DATA --out $R/teacher-3.npz >> $R/teacher.log 2>&1 || exit 1
+fi
+run_stage $R/ferkit-net-l-distilled-v3 50 --model ferkit-net-l --init default --teacher $R/teacher-3.npz --distill 0.7 $COMMON --lr 0.02 --warmup-epochs 2 --mixup 0.4 --seed 46 || exit 1
