@@ -846,3 +846,12 @@ def test_a_photo_is_said_to_be_scored_by_a_model_that_predict_takes_back(tmp_pat
     again = CliRunner().invoke(cli, ["predict", "p.jpg", "--model", named, "--out", "b"])
     assert again.exit_code == 0, again.output
     assert json.loads(Path("a/p.faces.json").read_text())["faces"] == json.loads(Path("b/p.faces.json").read_text())["faces"]
+
+
+def test_resume_is_refused_where_there_is_no_batch_to_continue(tmp_path):
+    import shutil
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "examples" / "people.jpg", tmp_path / "p.jpg")
+    result = CliRunner().invoke(cli, ["predict", str(tmp_path / "p.jpg"), "--resume", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--resume continues a batch of photos" in result.output
+    assert not (tmp_path / "out").exists()

@@ -754,6 +754,9 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
         raise FerkitError("--box applies to a single image")
     images = [s for s, kind in kinds if kind == "image"]
     batch = [s for s, kind in kinds if kind != "video"] if len(kinds) + missing > 1 or not images else []
+    if resume and not batch:
+        raise FerkitError("--resume continues a batch of photos (a folder, a glob, several sources); "
+                          "a single photo or video has none to continue")
     if batch:
         check_results_folder(out, resume=resume, overwrite=overwrite)
     else:
