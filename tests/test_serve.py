@@ -137,7 +137,8 @@ def test_an_upload_without_a_content_type_is_taken_as_bytes_to_decode(client):
 
 
 @pytest.mark.parametrize("setting", [{"max_upload_mb": float("nan")}, {"max_upload_mb": -1}, {"concurrency": 0},
-                                     {"video_fps": 0}, {"max_megapixels": 0}, {"max_video_seconds": "60"}])
+                                     {"video_fps": 0}, {"max_megapixels": 0}, {"max_video_seconds": "60"},
+                                     {"max_upload_mb": 1e308}, {"max_video_mb": 2e6}])
 def test_settings_no_server_can_run_with_are_refused_when_the_app_is_made(setting):
     with pytest.raises(FerkitError, match=f"the server's {next(iter(setting))} must be"):
         create_app(ServeConfig(**setting))
@@ -312,6 +313,25 @@ def test_a_photo_sent_as_a_video_is_415_pointing_to_the_photo_route(client):
         assert response.status_code == 415 and "/v1/analyze" in response.json()["detail"], response.text
 
 
+def test_an_animated_gif_may_be_sent_as_a_video_by_its_own_type(client):
+    frames = [Image.open(PEOPLE).crop((40 * i, 0, 40 * i + 640, 360)) for i in range(12)]
+    animated, still = io.BytesIO(), io.BytesIO()
+    frames[0].save(animated, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    frames[0].save(still, format="GIF")
+    answer = client.post("/v1/video", content=animated.getvalue(), headers={"Content-Type": "image/gif"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["frames_analysed"] >= 2 and answer.json()["faces"] > 0
+    refused = client.post("/v1/video", content=still.getvalue(), headers={"Content-Type": "image/gif"})
+    assert refused.status_code == 415 and "/v1/analyze" in refused.json()["detail"]
+    jpeg = client.post("/v1/video", content=PEOPLE.read_bytes(), headers={"Content-Type": "image/jpeg"})
+    assert jpeg.status_code == 415 and "expected a video" in jpeg.json()["detail"]
+
+
+def test_the_page_asks_for_nothing_that_is_not_there_or_not_here(client):
+    assert client.get("/favicon.ico").status_code == 204  # no 404 in the log on every page load
+    assert client.get("/redoc").status_code == 404  # it would load its script and fonts from the internet
+
+
 def test_a_video_without_opencv_installed_is_501_saying_which_extra(client, monkeypatch):
     monkeypatch.setitem(sys.modules, "cv2", None)  # import raises ImportError, as when ferkit[video] is absent
     response = client.post("/v1/video", content=b"RIFF....AVI ", headers={"Content-Type": "video/x-msvideo"})
@@ -371,6 +391,14 @@ def test_a_form_without_the_file_field_is_refused_in_one_line(client):
     assert response.status_code == 422 and response.json()["detail"] == "the form has no file field 'file'"
 
 
+def test_a_host_that_is_not_this_machine_is_one_line_about_the_host():
+    from ferkit.serve import check_port_free
+
+    for host in ("nosuchhost.invalid", "192.0.2.1"):  # no such name; an address of the documentation range
+        with pytest.raises(FerkitError, match=f"^cannot listen on {host}:8000: .*--host takes an address of this machine"):
+            check_port_free(host, 8000)
+
+
 def test_a_port_in_use_is_one_line_and_exit_2():
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
@@ -381,3 +409,51 @@ def test_a_port_in_use_is_one_line_and_exit_2():
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot listen on 127.0.0.1:{port}")
+
+
+def test_clients_that_leave_are_neither_a_traceback_nor_work_for_the_model():
+    """An upload cut off midway is one line in the log; uploads whose clients left while they waited for
+    the (one) analysis slot are skipped, not analysed for no one."""
+    photo = Image.open(PEOPLE)
+    large = io.BytesIO()
+    photo.resize((photo.width * 7, photo.height * 7)).save(large, format="JPEG")  # a second or so to analyse
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "ferkit.cli", "serve", "--port", str(port), "--concurrency", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/healthz", timeout=1):
+                    break
+            except OSError:
+                assert process.poll() is None and time.time() < deadline
+                time.sleep(0.2)
+
+        def request_head(length: int) -> bytes:
+            return (f"POST /v1/analyze HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                    f"Content-Length: {length}\r\n\r\n").encode()
+
+        with socket.create_connection(("127.0.0.1", port)) as cancelled:
+            cancelled.sendall(request_head(100000) + PEOPLE.read_bytes()[:100])
+        answers = []
+        busy = threading.Thread(target=lambda: answers.append(urllib.request.urlopen(urllib.request.Request(
+            f"{url}/v1/analyze", data=large.getvalue(), headers={"Content-Type": "image/jpeg"}), timeout=60).status))
+        busy.start()
+        time.sleep(0.3)  # the slot is taken; the next three wait for it, and leave
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port)) as impatient:
+                impatient.sendall(request_head(len(large.getvalue())) + large.getvalue())
+        busy.join()
+        request = urllib.request.Request(f"{url}/v1/analyze", data=PEOPLE.read_bytes(), headers={"Content-Type": "image/jpeg"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answers.append(response.status)
+    finally:
+        process.terminate()
+        log = process.communicate(timeout=30)[0]
+    assert answers == [200, 200]
+    assert "Traceback" not in log and "Exception in ASGI application" not in log
+    assert log.count("/v1/analyze: the client closed the connection during the upload") == 1
+    assert log.count("/v1/analyze: not analysed, its client left before its turn came") == 3
+    assert log.count('"POST /v1/analyze HTTP/1.1" 200') == 2

@@ -642,8 +642,8 @@ def cache_cmd(action: str):
 @click.option("--model", default=None, help="Run folder, .keras or .onnx file, or a shipped model by name (default: the default one).")
 @click.option("--detector", type=click.Choice(["auto", "yunet", "mtcnn"]), default="auto", show_default=True)
 @click.option("--max-upload-mb", default=10.0, show_default=True, type=POSITIVE,
-              help="Largest photo accepted (larger ones get HTTP 413).")
-@click.option("--max-video-mb", default=50.0, show_default=True, type=POSITIVE)
+              help="Largest photo upload in MB of 2^20 bytes, a form's own bytes included (larger ones get HTTP 413).")
+@click.option("--max-video-mb", default=50.0, show_default=True, type=POSITIVE, help="The same for a video.")
 @click.option("--max-video-seconds", default=60.0, show_default=True, type=POSITIVE)
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1, 64),
               help="Analyses at a time; more requests wait their turn.")

@@ -21,6 +21,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import math
 import tempfile
 import threading
@@ -39,6 +40,8 @@ IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF", "HE
 ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png"}  # seen in the wild
 VIDEO_TYPES = ("video/mp4", "video/webm", "video/quicktime", "video/x-msvideo", "video/x-matroska")  # and any video/*
 MB = 1024 * 1024
+log = logging.getLogger("ferkit")
+MAX_MB = 1_000_000  # a size limit's ceiling (about a terabyte): larger values would overflow the byte count
 _PLOTTING = threading.Lock()
 
 
@@ -58,6 +61,9 @@ class ServeConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise FerkitError(f"the server's {name} must be a number above 0, not {value!r}")
+        for name in ("max_upload_mb", "max_video_mb"):
+            if getattr(self, name) > MAX_MB:
+                raise FerkitError(f"the server's {name} must be at most {MAX_MB:,} (MB), not {getattr(self, name)!r}")
         if not (isinstance(self.concurrency, int) and self.concurrency >= 1):
             raise FerkitError(f"the server's concurrency must be a whole number, at least 1, not {self.concurrency!r}")
 
@@ -66,7 +72,7 @@ def create_app(config: ServeConfig | None = None):
     """The FastAPI application: the model and detector are loaded once, here."""
     require("fastapi", "ferkit serve", extra="serve")
     from fastapi import FastAPI, HTTPException, Request
-    from fastapi.responses import FileResponse
+    from fastapi.responses import FileResponse, Response
     from fastapi.staticfiles import StaticFiles
 
     from ferkit.faces import get_detector
@@ -82,7 +88,8 @@ def create_app(config: ServeConfig | None = None):
     # would let ~40 queued uploads take every thread, and /healthz would wait behind them.
     analyses = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="ferkit-analysis")
     version = model_version(classifier, public=True)
-    app = FastAPI(title="ferkit", version=version,
+    # no /redoc: it loads its script and fonts from the internet; /docs (Swagger UI) is the one documented
+    app = FastAPI(title="ferkit", version=version, redoc_url=None,
                   summary="Facial expression recognition: faces and their emotions in photos and videos.")
     app.state.analyses = analyses
     app.mount("/static", StaticFiles(directory=WEB), name="static")
@@ -100,6 +107,10 @@ def create_app(config: ServeConfig | None = None):
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     def page():
         return FileResponse(WEB / "index.html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():  # browsers ask for one on every page load; "none" without a 404 in the log
+        return Response(status_code=204)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -121,22 +132,37 @@ def create_app(config: ServeConfig | None = None):
         `ferkit predict --json`. The body is the image (Content-Type image/*) or a multipart form with
         the image in the field `file`."""
         data, _ = await _upload(request, IMAGE_TYPES, "an image", size_limits["/v1/analyze"])
-        return await _run_in(analyses, analyze_bytes, data)
+        return await _run_for(request, analyses, analyze_bytes, data)
 
     @app.post("/v1/video", openapi_extra=_upload_schema(VIDEO_TYPES), max_body_size=int(config.max_video_mb * MB))
     async def video(request: Request) -> dict:
         """Emotions over time in a short video, about 5 frames a second: the timeline (also as CSV) and its
         plot (a PNG data URL), titled with the file's name where a multipart form gives it. `cut_short`:
         frames stopped coming well before the count the file's container lists (a truncated upload)."""
-        data, name = await _upload(request, VIDEO_TYPES, "a video", size_limits["/v1/video"])
-        return await _run_in(analyses, _analyze_video_bytes, data, classifier, detector, config, name, decoders)
+        data, name = await _upload(request, VIDEO_TYPES, "a video", size_limits["/v1/video"], also=ANIMATED_TYPES)
+        return await _run_for(request, analyses, _analyze_video_bytes, data, classifier, detector, config, name, decoders)
 
     return app
 
 
-async def _run_in(pool: ThreadPoolExecutor, function, *args):
-    """`function(*args)` in one of the pool's threads, awaited without holding any other thread."""
-    return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
+CLIENT_GONE = 499  # as nginx logs a request whose client closed the connection before the answer
+
+
+async def _run_for(request, pool: ThreadPoolExecutor, function, *args):
+    """`function(*args)` in one of the pool's threads, awaited without holding any other thread; skipped
+    if the client has gone by the time its turn comes (a client that timed out and retried would
+    otherwise queue the same work again and again ahead of everyone else)."""
+    from fastapi import HTTPException
+
+    loop = asyncio.get_running_loop()
+
+    def unless_client_gone():
+        if asyncio.run_coroutine_threadsafe(request.is_disconnected(), loop).result():
+            log.info("%s: not analysed, its client left before its turn came", request.url.path)
+            raise HTTPException(CLIENT_GONE, "the client closed the connection before its turn came")
+        return function(*args)
+
+    return await loop.run_in_executor(pool, unless_client_gone)
 
 
 class TooLargeAsJson:
@@ -183,6 +209,7 @@ def serve(config: ServeConfig | None = None, *, host: str = "127.0.0.1", port: i
 def check_port_free(host: str, port: int) -> None:
     """A one-line FerkitError, before the model loads, when nothing can listen at host:port (another
     server holds it, or the address is not this machine's)."""
+    import errno
     import socket
 
     try:
@@ -191,27 +218,36 @@ def check_port_free(host: str, port: int) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
             probe.bind((host, port))
     except OSError as err:
-        raise FerkitError(f"cannot listen on {host}:{port}: {err.strerror or err} (is another server there? try --port)") from None
+        if isinstance(err, socket.gaierror) or err.errno == errno.EADDRNOTAVAIL:  # not a name or address of this machine
+            hint = "--host takes an address of this machine, e.g. 127.0.0.1, or 0.0.0.0 for all of them"
+        else:
+            hint = "is another server there? try --port"
+        raise FerkitError(f"cannot listen on {host}:{port}: {err.strerror or err} ({hint})") from None
 
 
-async def _upload(request, accepted: tuple[str, ...], what: str, size_limit: tuple[str, float]) -> tuple[bytes, str | None]:
+async def _upload(request, accepted: tuple[str, ...], what: str, size_limit: tuple[str, float],
+                  also: tuple[str, ...] = ()) -> tuple[bytes, str | None]:
     """The uploaded file's bytes and name (given only by a multipart form): the body itself, or the
-    multipart field `file`; 415 for other types, 413 naming the limit (`size_limit`: its option and
-    megabytes) when the body grows over it."""
+    multipart field `file`; 415 for types other than `accepted`'s family and `also`, 413 naming the
+    limit (`size_limit`: its option and megabytes) when the body grows over it."""
     from fastapi import HTTPException
     from starlette.exceptions import HTTPException as AnyHTTPException  # the framework's own, raised as the body arrives
+    from starlette.requests import ClientDisconnect
 
     if request.query_params:  # a setting such as ?fps=10 would otherwise be silently ignored
         raise HTTPException(422, f"{request.url.path} takes no query parameters, only the file (got {', '.join(request.query_params)})")
     try:
-        return await _read_upload(request, accepted, what)
+        return await _read_upload(request, accepted, what, also)
+    except ClientDisconnect:  # a cancelled upload: no one is left to answer, and nothing went wrong here
+        log.info("%s: the client closed the connection during the upload", request.url.path)
+        raise HTTPException(CLIENT_GONE, "the client closed the connection during the upload") from None
     except AnyHTTPException as err:
         if err.status_code == 413:  # the framework's limit, reached as the body arrived
             raise HTTPException(413, _too_large(*size_limit)) from None
         raise
 
 
-async def _read_upload(request, accepted: tuple[str, ...], what: str) -> tuple[bytes, str | None]:
+async def _read_upload(request, accepted: tuple[str, ...], what: str, also: tuple[str, ...] = ()) -> tuple[bytes, str | None]:
     from fastapi import HTTPException
 
     name = None
@@ -234,7 +270,7 @@ async def _read_upload(request, accepted: tuple[str, ...], what: str) -> tuple[b
         data = await request.body()
     declared = ALIASES.get(declared, declared)
     family = accepted[0].split("/")[0] + "/"  # what decodes is decided by decoding: image/avif, video/3gpp, ...
-    if not declared.startswith(family) and declared != "application/octet-stream":
+    if not declared.startswith(family) and declared not in ("application/octet-stream", *also):
         raise HTTPException(415, f"expected {what} (any {family}* type, e.g. {', '.join(accepted)}), not {declared}")
     if not data:
         raise HTTPException(422, f"the request holds no {what.split()[-1]}")
@@ -265,6 +301,7 @@ def _decode_image(data: bytes, decoders: list[str], max_megapixels: float):
 
 
 ANIMATED_FORMATS = ("GIF", "PNG", "WEBP")  # may be sent as a video; a JPEG of several pictures (MPO) is a photo
+ANIMATED_TYPES = ("image/gif", "image/png", "image/apng", "image/webp")  # their types, accepted by the video route
 
 
 def _is_still_image(data: bytes, decoders: list[str]) -> bool:
