@@ -196,3 +196,17 @@ def test_evaluate_takes_a_models_name_and_a_datasets_path(trained_run, pattern_d
     by_path = evaluate(str(trained_run), str(pattern_data / "val"))
     loaded = evaluate(trained_run, load_dataset(pattern_data / "val"))
     assert by_path.accuracy == loaded.accuracy and by_path.confusion_matrix.tolist() == loaded.confusion_matrix.tolist()
+
+
+def test_a_report_folder_inside_the_data_is_refused_before_anything_is_written(trained_run, pattern_data, tmp_path):
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+
+    data = tmp_path / "faces"
+    shutil.copytree(pattern_data / "val", data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    for out in (data / "happy", data / "reports"):  # its pictures would be read as faces the next time
+        result = CliRunner().invoke(cli, ["evaluate", str(trained_run), "--data", str(data), "--out", str(out)])
+        assert result.exit_code == 2 and "lies inside the data folder" in result.output
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before

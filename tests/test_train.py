@@ -74,6 +74,11 @@ def test_resume_continues_where_the_run_stopped(pattern_data, tmp_path, caplog):
     with pytest.raises(FerkitError, match=r"was trained with other settings \(learning_rate, augment\)"):
         train(dataclasses.replace(config, epochs=6, learning_rate=0.5, augment=["flip"]), resume=True, verbose=0)
     assert (run / "config.json").read_text() == recorded and RunState.load(run).epochs_done == 4
+    # without its checkpoint it cannot go on where it stopped: refused, not started again over its records
+    shutil.rmtree(run / "backup")
+    with pytest.raises(FerkitError, match=r"has 4 epoch\(s\) done but its checkpoint \(backup/\) is gone.*--init"):
+        train(dataclasses.replace(config, epochs=6), resume=True, verbose=0)
+    assert read_history(run / "history.csv")["epoch"] == [1, 2, 3, 4] and RunState.load(run).epochs_done == 4
     # the saved models are the bare network: augmentation layers stay out of them
     from ferkit.runtime import load_classifier
 

@@ -482,6 +482,9 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
 
     given = click.get_current_context().get_parameter_source("usage") is not click.core.ParameterSource.DEFAULT
     usage = _check_usage(data, usage, given)
+    if out is not None and Path(data).is_dir() and Path(os.path.realpath(out)).is_relative_to(os.path.realpath(data)):
+        raise FerkitError(f"--out {out} lies inside the data folder {data}: the report's pictures would be read as "
+                          "faces the next time; choose a folder outside it")
     classifier = load_classifier(model).with_tta(tta)
     if trained_on(classifier.path, data, usage=None if Path(data).is_dir() else usage):
         log.warning("%s is the data %s was trained on: its accuracy there says little about faces it has not seen",

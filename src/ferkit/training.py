@@ -205,6 +205,7 @@ def _check_and_load(config: TrainConfig, run: Path, resume: bool, overwrite: boo
     check_run_folder(run, resume=resume, overwrite=overwrite)
     if resume and (run / "config.json").exists():
         _check_resumes_its_own_run(config, run)
+        _check_has_its_checkpoint(run)
     if not resume:
         config.check_every_setting_applies()
     if config.init and not resume:
@@ -219,6 +220,16 @@ def _check_and_load(config: TrainConfig, run: Path, resume: bool, overwrite: boo
         _check_same_faces(run, train_set, val_set)
     config.classes = list(train_set.classes)
     return train_set, val_set
+
+
+def _check_has_its_checkpoint(run: Path) -> None:
+    """A run with epochs done goes on from its checkpoint; without one, it would start again from
+    nothing and write over its records, so it is refused."""
+    done = RunState.load(run).epochs_done if (run / "state.json").exists() else 0
+    if done and not has_checkpoint(run):
+        raise FerkitError(f"cannot resume {run}: it has {done} epoch(s) done but its checkpoint ({BACKUP}/) is gone, "
+                          f"so it cannot go on where it stopped; start a new run from its last model "
+                          f"(--init {run / 'last.keras'} --out NEW_FOLDER)")
 
 
 def _check_same_faces(run: Path, train_set, val_set) -> None:
