@@ -101,8 +101,8 @@ def test_evaluate_with_flip_tta_records_it(trained_run, pattern_data, tmp_path):
     # which epoch of the run made the model, as its best.keras records it
     epoch = RunState.load(trained_run).best_epoch
     assert json.loads(flip.output)["model_epoch"] == epoch
-    assert f"(epoch {epoch}, flip TTA)" in (tmp_path / "flip" / "report.html").read_text()
-    assert f"(epoch {epoch})" in run("evaluate", trained_run, "--data", pattern_data / "val", "--out", tmp_path / "plain",
+    assert f"{trained_run.name} (epoch {epoch}, flip TTA)" in (tmp_path / "flip" / "report.html").read_text()
+    assert f"{trained_run.name} (epoch {epoch})" in run("evaluate", trained_run, "--data", pattern_data / "val", "--out", tmp_path / "plain",
                                      "--overwrite").output
     import shutil
 

@@ -78,10 +78,12 @@ class EvaluationReport:
 
     @property
     def model_label(self) -> str:
-        """The model's name, with its training epoch where known and its test-time augmentation when it used one."""
+        """The model's name as --model takes it (a shipped model's, a run folder's, a file's; else the
+        network's), with its training epoch where known and its test-time augmentation when it used one."""
+        name = Path(self.model_version.split(" (")[0]).name if self.model_version else self.model
         details = ([f"epoch {self.model_epoch}"] if self.model_epoch is not None else []) + (
             [f"{self.tta} TTA"] if self.tta != "none" else [])
-        return f"{self.model} ({', '.join(details)})" if details else self.model
+        return f"{name} ({', '.join(details)})" if details else name
 
     @property
     def absent_classes(self) -> list[str]:
