@@ -71,7 +71,9 @@ class TrainConfig:
     rotate: float = setting(10.0, "Plus or minus this many degrees for the rotate augmentation.")
     precision: str = setting("float32", "mixed_bfloat16: bf16 compute, float32 weights (faster only on CPUs with bf16); may change on --resume.",
                              choices=PRECISIONS)
-    seed: int = setting(0, "Seeds weights, shuffling, augmentation and the val split.")
+    seed: int = setting(0, "Seeds weights, shuffling, augmentation and the val split. A run resumed after epoch N "
+                           "draws its shuffles and augmentations from seed + N, so it does not repeat an uninterrupted "
+                           "run exactly.")
     out: str = setting("runs/train", "Run folder.")
     save_period: int = setting(0, "Also keep the saved model of every Nth epoch, as epochs/epoch-N.keras in the run folder "
                                   "(e.g. to average the last few: tools/average_checkpoints.py); 0: best and last only; "
