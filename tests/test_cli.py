@@ -60,7 +60,10 @@ def test_train_evaluate_predict_end_to_end(pattern_data, tmp_path):
     assert (out / "eval-val" / "confusion_matrix.png").exists()
     assert len([line for line in evaluated.output.splitlines() if line.startswith("calibration: ECE ")]) == 1
     assert (out / "eval-val" / "reliability_diagram.png").exists()
-    assert 'src="reliability_diagram.png"' in (out / "eval-val" / "report.html").read_text()
+    import base64
+
+    embedded = base64.b64encode((out / "eval-val" / "reliability_diagram.png").read_bytes()).decode()
+    assert f'src="data:image/png;base64,{embedded}"' in (out / "eval-val" / "report.html").read_text()  # a page on its own
 
     as_json = run("evaluate", out, "--data", pattern_data / "val", "--json")
     metrics = json.loads(as_json.output)

@@ -67,7 +67,8 @@ def test_report_files(tmp_path):
     assert (tmp_path / "per_class.csv").read_text().splitlines()[0] == "class,precision,recall,f1,support"
     assert (tmp_path / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     html = (tmp_path / "report.html").read_text()
-    assert "accuracy <b>1.0000</b>" in html and html.count("<tr>") == 8 and 'src="confusion_matrix.png"' in html
+    assert "accuracy <b>1.0000</b>" in html and html.count("<tr>") == 8
+    assert f'src="data:image/png;base64,{_base64(tmp_path / "confusion_matrix.png")}"' in html  # moves with the page
 
 
 def test_report_with_probabilities_measures_calibration_and_draws_the_reliability_diagram(tmp_path):
@@ -88,7 +89,8 @@ def test_report_with_probabilities_measures_calibration_and_draws_the_reliabilit
     assert metrics["confidence_levels"][-1] == {"confidence": 0.9, "faces": 20, "share": 1.0, "accuracy": 0.6}
     assert sum(metrics["reliability"]["count"]) == 20 and metrics["reliability"]["accuracy"][13] == 0.6
     html = (tmp_path / "report.html").read_text()
-    assert "ECE 0.3000 (15 bins)" in html and 'src="reliability_diagram.png"' in html and "their accuracy" in html
+    assert "ECE 0.3000 (15 bins)" in html and "their accuracy" in html
+    assert f'src="data:image/png;base64,{_base64(tmp_path / "reliability_diagram.png")}"' in html
 
 
 def test_report_without_probabilities_has_no_calibration(tmp_path):
@@ -210,3 +212,9 @@ def test_a_report_folder_inside_the_data_is_refused_before_anything_is_written(t
         result = CliRunner().invoke(cli, ["evaluate", str(trained_run), "--data", str(data), "--out", str(out)])
         assert result.exit_code == 2 and "lies inside the data folder" in result.output
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
+def _base64(path: Path) -> str:
+    import base64
+
+    return base64.b64encode(path.read_bytes()).decode()

@@ -178,13 +178,15 @@ class EvaluationReport:
             plot_reliability_diagram(reliability_bins(self.probabilities, self.y_true, ECE_BINS), folder / reliability,
                                      title=f"{self.model_label} on {self.data}\n{self.ece_summary}")
             names.append(reliability)
-        (folder / "report.html").write_text(self.to_html(image="confusion_matrix.png", reliability_image=reliability))
+        (folder / "report.html").write_text(self.to_html(image=folder / "confusion_matrix.png",
+                                                         reliability_image=folder / reliability if reliability else None))
         names.append("report.html")
         return [folder / n for n in names]
 
-    def to_html(self, *, image: str | None = None, reliability_image: str | None = None) -> str:
-        """A one-page report: headline scores, the per-class table, (a link to) the confusion matrix and,
-        with probabilities, calibration: ECE, accuracy above each confidence level, the reliability diagram."""
+    def to_html(self, *, image: str | Path | None = None, reliability_image: str | Path | None = None) -> str:
+        """A one-page report: headline scores, the per-class table, the confusion matrix and, with
+        probabilities, calibration: ECE, accuracy above each confidence level, the reliability diagram.
+        The pictures (PNG files) are embedded, so the page may be moved or mailed on its own."""
         from html import escape
 
         rows = "".join(
@@ -192,7 +194,7 @@ class EvaluationReport:
             f"<td>{s.f1:.3f}</td><td>{s.support}</td></tr>"
             for name, s in self.per_class.items()
         )
-        picture = f'<p><img src="{escape(image)}" alt="confusion matrix" style="max-width:100%"></p>' if image else ""
+        picture = f'<p><img src="{_data_url(image)}" alt="confusion matrix" style="max-width:100%"></p>' if image else ""
         return (
             "<!doctype html><meta charset='utf-8'><title>ferkit evaluation</title>"
             "<style>body{font-family:sans-serif;margin:2em}td,th{padding:.2em .8em;text-align:right}"
@@ -203,7 +205,7 @@ class EvaluationReport:
             f"{rows}</table>{f'<p>Note: {escape(note)}.</p>' if (note := self.absent_classes_note) else ''}{picture}{self._calibration_html(reliability_image)}\n"
         )
 
-    def _calibration_html(self, image: str | None) -> str:
+    def _calibration_html(self, image: str | Path | None) -> str:
         from html import escape
 
         if self.probabilities is None:
@@ -213,7 +215,7 @@ class EvaluationReport:
             f"<td>{'—' if row['accuracy'] is None else format(row['accuracy'], '.3f')}</td></tr>"
             for row in self.confidence_levels
         )
-        picture = (f'<p><img src="{escape(image)}" alt="reliability diagram" style="max-width:100%"></p>'
+        picture = (f'<p><img src="{_data_url(image)}" alt="reliability diagram" style="max-width:100%"></p>'
                    if image else "")
         return (
             f"<h2>Confidence</h2><p>{escape(self.ece_summary)}: the gap between confidence and accuracy, "
@@ -221,6 +223,13 @@ class EvaluationReport:
             "<table><tr><th>confidence at least</th><th>share of faces</th><th>faces</th><th>their accuracy</th></tr>"
             f"{rows}</table>{picture}"
         )
+
+
+def _data_url(png: str | Path) -> str:
+    """A PNG file as a data: URL, for a page that holds its pictures."""
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(Path(png).read_bytes()).decode()
 
 
 def _rounded(value: float | None) -> float | None:
