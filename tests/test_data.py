@@ -168,7 +168,7 @@ def test_malformed_csv_rows_are_left_out_naming_their_line(tmp_path, row, messag
         caplog.clear()
         with caplog.at_level("WARNING", logger="ferkit"):
             loaded = load_fer2013_csv(tmp_path / "bad.csv")
-        assert len(loaded) == 1 and "1 malformed rows left out (the first: line 3: " in caplog.text and message in caplog.text
+        assert len(loaded) == 1 and "1 malformed row left out (the first: line 3: " in caplog.text and message in caplog.text
     (tmp_path / "only-bad.csv").write_text(f"emotion,pixels,Usage\n{row.format(px=pixels)}\n")
     with pytest.raises(FerkitError, match=f"line 2: .*{message.removeprefix('line 3: ')}.*; no row is a face"):
         load_fer2013_csv(tmp_path / "only-bad.csv")

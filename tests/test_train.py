@@ -315,7 +315,7 @@ def test_plateau_halves_the_rate_when_val_accuracy_stalls(pattern_data, tmp_path
 @pytest.mark.parametrize(
     "bad",
     [{"optimizer": "rmsprop"}, {"lr_schedule": "step"}, {"class_weight": "inverse"}, {"label_smoothing": 1.5}, {"distill": 0}, {"mixup": -0.2},
-     {"ema": 1.0}, {"warmup_epochs": 2, "lr_schedule": "plateau"}, {"warmup_epochs": 30, "lr_schedule": "cosine"}],
+     {"ema": 1.0}, {"lr_patience": 0, "lr_schedule": "plateau"}, {"warmup_epochs": 2, "lr_schedule": "plateau"}, {"warmup_epochs": 30, "lr_schedule": "cosine"}],
 )
 def test_bad_options_are_refused(bad):
     with pytest.raises(FerkitError):

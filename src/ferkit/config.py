@@ -117,6 +117,8 @@ class TrainConfig:
             raise FerkitError("--mixup (the Beta distribution's alpha) must be 0 (off) or positive")
         if not 0.0 <= self.ema < 1.0:
             raise FerkitError("--ema (the moving average's momentum, e.g. 0.999) must lie in [0, 1)")
+        if self.lr_patience < 1:
+            raise FerkitError("--lr-patience (epochs without a val gain before the rate halves) must be at least 1")
         if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
             raise FerkitError("--warmup-epochs must be at least 0 and fewer than --epochs")
         if self.warmup_epochs and self.lr_schedule != "cosine":

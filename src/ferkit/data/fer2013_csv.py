@@ -51,7 +51,8 @@ def load_fer2013_csv(
 
     skipped = parsed.get("skipped", np.zeros(0, str))
     if len(skipped):
-        log.warning("%s: %d malformed rows left out (the first: %s)", path, len(skipped), skipped[0])
+        log.warning("%s: %d malformed row%s left out (the first: %s)", path, len(skipped),
+                    "" if len(skipped) == 1 else "s", skipped[0])
     row_usages = _canonical_usages(parsed["usage"])
     if not (row_usages != "").any():
         usages = ()  # a CSV without a Usage column (Kaggle's train.csv, a CSV of one's own): every row
