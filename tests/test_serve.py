@@ -344,21 +344,26 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
-    """`ferkit serve` itself, in a process of its own, on a free loopback port."""
+def _start_server(*options: str) -> tuple[subprocess.Popen, str]:
+    """`ferkit serve` itself, in a process of its own, on a free loopback port, once it answers: the
+    process (its log on stdout) and its URL."""
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "ferkit.cli", "serve", "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "ferkit.cli", "serve", "--port", str(port), *options],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while True:
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=1):
-                break
+                return process, url
         except OSError:
             assert process.poll() is None and time.time() < deadline, process.stdout.read() if process.poll() is not None else "no answer"
             time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server():
+    process, url = _start_server()
     yield url
     process.terminate()
     process.wait(timeout=30)
@@ -417,20 +422,9 @@ def test_clients_that_leave_are_neither_a_traceback_nor_work_for_the_model():
     photo = Image.open(PEOPLE)
     large = io.BytesIO()
     photo.resize((photo.width * 7, photo.height * 7)).save(large, format="JPEG")  # a second or so to analyse
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "ferkit.cli", "serve", "--port", str(port), "--concurrency", "1"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    process, url = _start_server("--concurrency", "1")
+    port = int(url.rsplit(":", 1)[1])
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/healthz", timeout=1):
-                    break
-            except OSError:
-                assert process.poll() is None and time.time() < deadline
-                time.sleep(0.2)
-
         def request_head(length: int) -> bytes:
             return (f"POST /v1/analyze HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
                     f"Content-Length: {length}\r\n\r\n").encode()
