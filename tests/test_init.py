@@ -39,7 +39,7 @@ def test_init_trains_in_mixed_precision_from_a_float32_model(trained_run, patter
     assert read_history(run / "history.csv")["val_accuracy"][0] > 0.6
 
 
-def test_init_with_a_new_class_replaces_the_head_and_keeps_the_old_classes(trained_run, pattern_data, tmp_path):
+def test_init_with_a_new_class_replaces_the_head_and_keeps_the_old_classes(trained_run, pattern_data, tmp_path, caplog):
     rng = np.random.default_rng(0)
     root = write_pattern_dataset(tmp_path / "mine", 6, seed=4)
     (root / "contempt").mkdir()
@@ -50,9 +50,17 @@ def test_init_with_a_new_class_replaces_the_head_and_keeps_the_old_classes(train
         train(TrainConfig(init=str(trained_run), data=str(root), epochs=1, out=str(tmp_path / "refused")), verbose=0)
     config = TrainConfig(init=str(trained_run), data=str(root), val=str(pattern_data / "val"), classes=classes,
                          epochs=2, learning_rate=1e-4, out=str(tmp_path / "run"))
-    run = train(config, verbose=0)
+    with caplog.at_level("INFO", logger="ferkit"):
+        run = train(config, verbose=0)
     meta = read_metadata(run)
     assert meta.classes == classes and meta.model == "seed-cnn"
+    # the figure to beat: the model as it was, answering with the seven classes it knows
+    val = load_dataset(pattern_data / "val")
+    from ferkit.runtime import load_classifier
+
+    before = evaluate(load_classifier(trained_run).with_tta("none"), val).accuracy
+    assert (f"before training, the --init network (best.keras) scores {before:.4f} on the {len(val)} validation faces, "
+            "choosing among the run's classes it knows (contempt new to it)") in caplog.text
     # the seven known classes are still recognised on their own validation faces
     report = evaluate(run, load_dataset(pattern_data / "val", classes=classes))
     assert report.accuracy > 0.6

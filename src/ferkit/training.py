@@ -164,7 +164,9 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
 def _log_starting_score(config: TrainConfig, val_set) -> None:
     """With --init, what the model trained from scores on the validation faces before any training, one
     view as validation scores: the figure the run has to beat (and, from a shipped ensemble, which trains
-    its first network, the ensemble's own). A model that cannot be scored is passed over."""
+    its first network, the ensemble's own). Where the run's classes differ from the model's, it chooses
+    among the run's classes it knows (a new class is never its answer). A model that cannot be scored is
+    passed over."""
     if not config.init or len(val_set) == 0:
         return
     from ferkit.runtime import is_shipped_model_name, open_classifier, resolve_model_path
@@ -177,13 +179,27 @@ def _log_starting_score(config: TrainConfig, val_set) -> None:
     for what, model in starts:
         try:
             classifier = open_classifier(model).with_tta("none")
-            if list(classifier.classes) != list(val_set.classes) or tuple(classifier.input_size) != val_set.images.shape[1:]:
-                return  # other classes: its score would not compare with the run's
-            accuracy = float(np.mean(classifier.predict_proba(val_set.images).argmax(axis=1) == val_set.labels))
+            if tuple(classifier.input_size) != val_set.images.shape[1:]:
+                return
+            accuracy, unknown = _score_among(classifier, val_set)
         except Exception as err:  # a figure to compare with, never a reason to stop the run
             log.debug("could not score %s before training: %s", model, err)
             return
-        log.info("before training, %s scores %.4f on the %d validation faces", what, accuracy, len(val_set))
+        among = "" if list(classifier.classes) == list(val_set.classes) else (
+            f", choosing among the run's classes it knows" + (f" ({', '.join(unknown)} new to it)" if unknown else ""))
+        log.info("before training, %s scores %.4f on the %d validation faces%s", what, accuracy, len(val_set), among)
+
+
+def _score_among(classifier, val_set) -> tuple[float, list[str]]:
+    """The classifier's accuracy on `val_set` answering only with the set's classes it knows, and the
+    set's classes it does not know."""
+    known = [name for name in val_set.classes if name in classifier.classes]
+    if not known:
+        raise ValueError("the model knows none of the run's classes")
+    columns = [list(classifier.classes).index(name) for name in known]
+    answers = classifier.predict_proba(val_set.images)[:, columns].argmax(axis=1)
+    predicted = np.array([list(val_set.classes).index(known[i]) for i in answers])
+    return float(np.mean(predicted == val_set.labels)), [name for name in val_set.classes if name not in known]
 
 
 def _warn_of_exports(run: Path) -> None:
