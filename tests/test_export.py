@@ -102,6 +102,12 @@ def test_export_command_int8_calibrates_on_the_runs_training_data(trained_run, t
     result = CliRunner().invoke(cli, ["export", str(trained_run), "--onnx", "--int8", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "held-out faces" in result.output and read_metadata(out).extra["int8"]["calibration_faces"] > 0
+    # in Python too, by default; or on the faces of a folder given by its path
+    from ferkit.config import TrainConfig
+
+    for calibration, name in ((None, "default.onnx"), (TrainConfig.load(trained_run / "config.json").data, "folder.onnx")):
+        exported = export_onnx(trained_run, tmp_path / name, int8=True, calibration=calibration)
+        assert read_metadata(exported).extra["int8"]["calibration_faces"] == read_metadata(out).extra["int8"]["calibration_faces"]
 
 
 def test_calibration_faces_come_from_the_run_of_a_model_file_and_never_from_test_rows(trained_run, tmp_path):

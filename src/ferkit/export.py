@@ -43,10 +43,11 @@ def calibration_faces(model: str | Path, data: str | Path | None = None) -> Face
     if data is None:
         run = Path(model) if Path(model).is_dir() else Path(model).parent
         if not (run / "config.json").is_file():
-            raise FerkitError("--int8 and --recalibrate-bn need --calibration DATA (faces like those the model will see)")
+            raise FerkitError("int8 and batch-norm recalibration need faces like those the model will see "
+                              "(--calibration DATA; in Python, calibration=DATA)")
         data = TrainConfig.load(run / "config.json").data
         if not data or not Path(data).exists():
-            raise FerkitError(f"the run's training data {data} is not here; pass --calibration DATA")
+            raise FerkitError(f"the run's training data {data} is not here; pass --calibration DATA (in Python, calibration=DATA)")
     return load_dataset(data, classes=read_metadata(resolve_model_path(model)).classes, usage=TRAIN_USAGE)
 
 
@@ -81,7 +82,7 @@ def export_onnx(
     out: str | Path | None = None,
     *,
     overwrite: bool = False,
-    calibration: FaceDataset | None = None,
+    calibration: FaceDataset | str | Path | None = None,
     recalibrate_bn: bool = False,
     int8: bool = False,
     tta: str | None = None,
@@ -89,7 +90,8 @@ def export_onnx(
 ) -> Path:
     """Write `model` (a run folder or .keras file) as ONNX, default beside it with the .onnx suffix.
 
-    `calibration`: faces like those the model will see (e.g. its training data), needed by
+    `calibration`: faces like those the model will see (a dataset, or a folder or CSV to load; default: the
+    training data its run folder records), needed by
     `recalibrate_bn`: batch-norm statistics measured afresh on these faces, un-augmented (see
     ferkit.batch_norm.recalibrate_batch_norm), and by `int8`: quantization calibrated on some of them, its
     agreement with the float model on others recorded in the metadata.
@@ -101,8 +103,8 @@ def export_onnx(
     the float model's top class on fewer than MIN_INT8_AGREEMENT of the faces; nothing is written then.
     """
     source = exportable_model(model)
-    if (recalibrate_bn or int8) and calibration is None:
-        raise FerkitError("batch-norm recalibration and int8 need calibration faces")
+    if (recalibrate_bn or int8) and not isinstance(calibration, FaceDataset):
+        calibration = calibration_faces(model, calibration)
     if temperature_data is not None:  # checked before the minutes of exporting, not after
         _refuse_training_faces(source, temperature_data)
         if len(temperature_data) < MIN_TEMPERATURE_FACES:
