@@ -103,6 +103,24 @@ def test_a_photo_with_fewer_faces_than_before_leaves_no_stale_crops(tmp_path):
     assert [p.name for p in summary.written] == ["people.face1.png"]
 
 
+def test_crops_of_photos_moved_or_gone_are_named_and_removed_when_asked(tmp_path):
+    photos = _photos(tmp_path / "photos")
+    shutil.copy(PEOPLE, photos / "sad" / "others.jpg")
+    crop_faces(photos, tmp_path / "faces")
+    (tmp_path / "faces" / "happy" / "mine.face1.png").write_bytes(b"my own file, named like a crop")
+    (photos / "happy" / "people.jpg").rename(photos / "sad" / "people.jpg")  # relabelled
+    (photos / "sad" / "others.jpg").unlink()
+    result = CliRunner().invoke(cli, ["crop", str(photos), "--out", str(tmp_path / "faces")])
+    assert result.exit_code == 1  # the broken photo
+    stale = ["happy/people.face1.png", "happy/people.face2.png", "happy/people.face3.png",
+             "sad/others.face1.png", "sad/others.face2.png", "sad/others.face3.png"]
+    assert f"6 face crop(s) in {tmp_path / 'faces'} that ferkit wrote of photos no longer in {photos}" in result.output
+    summary = crop_faces(photos, tmp_path / "faces", prune=True)
+    assert sorted(p.relative_to(tmp_path / "faces").as_posix() for p in summary.stale) == stale
+    assert sorted(p.relative_to(tmp_path / "faces").as_posix() for p in (tmp_path / "faces").rglob("*.png")) == [
+        "happy/mine.face1.png", "sad/people.face1.png", "sad/people.face2.png", "sad/people.face3.png"]
+
+
 def test_names_that_would_collide_are_kept_apart(tmp_path):
     (tmp_path / "photos").mkdir()
     for name in ("a.jpg", "a.png", "a.jpg.png", "b.png", "B.jpg"):

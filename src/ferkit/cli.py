@@ -424,14 +424,16 @@ def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_siz
               help="Face detector; none takes each whole image as one face, made square.")
 @click.option("--model", help="The model whose face framing the crops take (default: the default shipped model).")
 @click.option("--overwrite", is_flag=True, help="Replace files in --out that ferkit did not write.")
-def crop_cmd(source: str, out: Path, detector: str, model: str | None, overwrite: bool):
+@click.option("--prune", is_flag=True,
+              help="Remove the crops ferkit wrote in --out of photos no longer in SOURCE (moved to another class, deleted).")
+def crop_cmd(source: str, out: Path, detector: str, model: str | None, overwrite: bool, prune: bool):
     """Crop every face out of the photos in SOURCE (a folder, read recursively, a glob or a photo) into
     --out, keeping their folders: class folders of photos become class folders of faces to train on."""
     from ferkit.data.crops import crop_faces
     from ferkit.progress import echo_error, progress_bar
 
     with progress_bar(None, "cropping faces") as advance:
-        summary = crop_faces(source, out, detector=detector, model=model, overwrite=overwrite, progress=advance)
+        summary = crop_faces(source, out, detector=detector, model=model, overwrite=overwrite, prune=prune, progress=advance)
         for line in summary.failed:
             echo_error(f"error: {line}")
     for photo in summary.without_faces:
@@ -440,8 +442,13 @@ def crop_cmd(source: str, out: Path, detector: str, model: str | None, overwrite
         click.echo(f"{len(summary.several_faces)} photo(s) with several faces, each crop in the photo's folder "
                    f"(so of its class): {', '.join(summary.several_faces[:3])}"
                    + (" ..." if len(summary.several_faces) > 3 else ""), err=True)
+    if summary.stale and not summary.pruned:
+        click.echo(f"{len(summary.stale)} face crop(s) in {out} that ferkit wrote of photos no longer in {source} "
+                   f"(e.g. {summary.stale[0]}) are still there, and still training faces; if those photos moved to "
+                   "another class or went, --prune removes them", err=True)
+    pruned = f", {len(summary.stale)} crop(s) of photos no longer there removed" if summary.pruned and summary.stale else ""
     click.echo(f"{summary.photos} photos, {len(summary.written)} faces written to {out}, "
-               f"{len(summary.without_faces)} without a face, {len(summary.failed)} failed")
+               f"{len(summary.without_faces)} without a face, {len(summary.failed)} failed{pruned}")
     if summary.failed:
         sys.exit(1)
 

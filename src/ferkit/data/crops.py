@@ -36,17 +36,23 @@ class CropSummary:
     without_faces: list[str] = field(default_factory=list)
     several_faces: list[str] = field(default_factory=list)  # each crop takes the photo's folder, and so its class
     failed: list[str] = field(default_factory=list)  # "path: why"
+    # crops ferkit wrote in `out` of photos no longer in the source (moved to another class, or deleted):
+    # removed with `prune`, else left, and listed here
+    stale: list[Path] = field(default_factory=list)
+    pruned: bool = False
 
 
 def crop_faces(source: str | Path, out: str | Path, *, detector="auto", model=None, overwrite: bool = False,
-               progress: Callable[[int, int], None] | None = None) -> CropSummary:
+               prune: bool = False, progress: Callable[[int, int], None] | None = None) -> CropSummary:
     """Write every face of the photos in `source` (a folder, read recursively, a glob or one photo) to
     `out` as `<photo name>.face<k>.png`, largest face first, each in the folder of its photo relative
     to `source` (for a glob: to its folder before the first wildcard). Crops an earlier run wrote of a
     photo beyond the faces found now are removed; crops ferkit wrote are never read as photos. Faces are framed as `model` (default: the default shipped model) frames the faces it
     is shown, and kept in colour, at most MAX_SIDE pixels a side. A photo that cannot be read, or whose
     detection fails, is named in `failed` and the rest goes on. Files in `out` that ferkit did not
-    write are never replaced unless `overwrite`."""
+    write are never replaced unless `overwrite`. Crops ferkit wrote in `out` of photos that are no longer
+    in `source` (a photo moved to another class folder, or deleted) are listed in `stale`, and removed
+    with `prune`: `out` may also hold the crops of other sources."""
     source, out = Path(source), Path(out)
     photos, root = _photos_and_root(source, out)
     metadata = read_metadata(resolve_model_path(model))
@@ -81,7 +87,23 @@ def crop_faces(source: str | Path, out: str | Path, *, detector="auto", model=No
             _remove_earlier_crops(_crop_path(out, photo, root, bases[photo], 1), beyond=len(faces))
         if progress:
             progress(done, len(photos))
+    summary.stale = _crops_of_other_photos(out, {_crop_path(out, photo, root, bases[photo], 1) for photo in photos})
+    if prune:
+        for path in summary.stale:
+            path.unlink()
+        summary.pruned = True
     return summary
+
+
+def _crops_of_other_photos(out: Path, firsts: set[Path]) -> list[Path]:
+    """The crops ferkit wrote in `out` of photos other than those whose first crops are `firsts`."""
+    ours = {(first.parent.absolute(), first.name.removesuffix(".face1.png")) for first in firsts}
+    found = []
+    for path in sorted(out.rglob("*.face*.png")):
+        number = CROP_NAME.search(path.name)
+        if number and (path.parent.absolute(), path.name[: number.start()]) not in ours and written_by_ferkit(path):
+            found.append(path)
+    return found
 
 
 def _faces_of(photo: Path, find, metadata) -> list[Image.Image]:
