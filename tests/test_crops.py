@@ -114,7 +114,8 @@ def test_crops_of_photos_moved_or_gone_are_named_and_removed_when_asked(tmp_path
     assert result.exit_code == 1  # the broken photo
     stale = ["happy/people.face1.png", "happy/people.face2.png", "happy/people.face3.png",
              "sad/others.face1.png", "sad/others.face2.png", "sad/others.face3.png"]
-    assert f"6 face crop(s) in {tmp_path / 'faces'} that ferkit wrote of photos no longer in {photos}" in result.output
+    assert f"6 face crop(s) in {tmp_path / 'faces'} that ferkit wrote of photos not in {photos}" in result.output
+    assert not crop_faces(photos / "sad" / "people.jpg", tmp_path / "faces" / "sad").stale  # one photo: a part of the folder
     summary = crop_faces(photos, tmp_path / "faces", prune=True)
     assert sorted(p.relative_to(tmp_path / "faces").as_posix() for p in summary.stale) == stale
     assert sorted(p.relative_to(tmp_path / "faces").as_posix() for p in (tmp_path / "faces").rglob("*.png")) == [

@@ -425,7 +425,7 @@ def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_siz
 @click.option("--model", help="The model whose face framing the crops take (default: the default shipped model).")
 @click.option("--overwrite", is_flag=True, help="Replace files in --out that ferkit did not write.")
 @click.option("--prune", is_flag=True,
-              help="Remove the crops ferkit wrote in --out of photos no longer in SOURCE (moved to another class, deleted).")
+              help="Remove the crops ferkit wrote in --out of photos not in the SOURCE folder (moved to another class, deleted).")
 def crop_cmd(source: str, out: Path, detector: str, model: str | None, overwrite: bool, prune: bool):
     """Crop every face out of the photos in SOURCE (a folder, read recursively, a glob or a photo) into
     --out, keeping their folders: class folders of photos become class folders of faces to train on."""
@@ -443,9 +443,9 @@ def crop_cmd(source: str, out: Path, detector: str, model: str | None, overwrite
                    f"(so of its class): {', '.join(summary.several_faces[:3])}"
                    + (" ..." if len(summary.several_faces) > 3 else ""), err=True)
     if summary.stale and not summary.pruned:
-        click.echo(f"{len(summary.stale)} face crop(s) in {out} that ferkit wrote of photos no longer in {source} "
+        click.echo(f"{len(summary.stale)} face crop(s) in {out} that ferkit wrote of photos not in {source} "
                    f"(e.g. {summary.stale[0]}) are still there, and still training faces; if those photos moved to "
-                   "another class or went, --prune removes them", err=True)
+                   "another class or went (rather than came from another folder), --prune removes them", err=True)
     pruned = f", {len(summary.stale)} crop(s) of photos no longer there removed" if summary.pruned and summary.stale else ""
     click.echo(f"{summary.photos} photos, {len(summary.written)} faces written to {out}, "
                f"{len(summary.without_faces)} without a face, {len(summary.failed)} failed{pruned}")

@@ -50,8 +50,8 @@ def crop_faces(source: str | Path, out: str | Path, *, detector="auto", model=No
     photo beyond the faces found now are removed; crops ferkit wrote are never read as photos. Faces are framed as `model` (default: the default shipped model) frames the faces it
     is shown, and kept in colour, at most MAX_SIDE pixels a side. A photo that cannot be read, or whose
     detection fails, is named in `failed` and the rest goes on. Files in `out` that ferkit did not
-    write are never replaced unless `overwrite`. Crops ferkit wrote in `out` of photos that are no longer
-    in `source` (a photo moved to another class folder, or deleted) are listed in `stale`, and removed
+    write are never replaced unless `overwrite`. Of a folder, crops ferkit wrote in `out` of photos that
+    are not in it (a photo moved to another class folder, or deleted) are listed in `stale`, and removed
     with `prune`: `out` may also hold the crops of other sources."""
     source, out = Path(source), Path(out)
     photos, root = _photos_and_root(source, out)
@@ -87,7 +87,8 @@ def crop_faces(source: str | Path, out: str | Path, *, detector="auto", model=No
             _remove_earlier_crops(_crop_path(out, photo, root, bases[photo], 1), beyond=len(faces))
         if progress:
             progress(done, len(photos))
-    summary.stale = _crops_of_other_photos(out, {_crop_path(out, photo, root, bases[photo], 1) for photo in photos})
+    if source.is_dir():  # one photo or a glob is a part of what `out` may hold
+        summary.stale = _crops_of_other_photos(out, {_crop_path(out, photo, root, bases[photo], 1) for photo in photos})
     if prune:
         for path in summary.stale:
             path.unlink()
