@@ -895,3 +895,17 @@ def test_save_period_keeps_every_nth_epochs_model_and_may_change_on_resume(patte
     # a fresh run in the same folder (--overwrite) starts without the old run's models
     train(_config(pattern_data, run, epochs=1), overwrite=True, verbose=0)
     assert not kept.exists()
+
+
+def test_saved_models_hold_the_weights_without_the_optimizers_state(trained_run):
+    """best.keras and last.keras are for predicting and --init (a run resumes from backup/): the Adam state of
+    a network trained without augmentation layers would triple them."""
+    import io
+    import zipfile
+
+    import h5py
+
+    for name in ("best.keras", "last.keras"):
+        with zipfile.ZipFile(trained_run / name) as archive:
+            weights = h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r")
+            assert "layers" in weights and "optimizer" not in weights, list(weights)

@@ -310,8 +310,12 @@ def _run_callbacks(keras, run: Path, config: TrainConfig, state: RunState, model
     spec = get_model_spec(config.model)
     network = network_of(model, config)
     metadata = network_metadata(config.model, config.classes)
-    # a separate network receives what is saved: float32 weights of a mixed-precision one, or the averages
-    saved_model = float32_twin(keras, config.model, len(config.classes)) if config.precision != "float32" or config.ema else network
+    # a separate network receives what is saved: float32 weights of a mixed-precision one, the averages, or
+    # the weights alone of a network compiled itself (without augmentation layers), whose file would
+    # otherwise hold the optimizer's state too (3x the size with Adam); a pretrained backbone's file keeps
+    # which of its layers fine-tuning unfroze, so it is saved as it trains
+    separate = config.precision != "float32" or config.ema or (network is model and not spec.pretrained)
+    saved_model = float32_twin(keras, config.model, len(config.classes)) if separate else network
     averaged = None
     if config.ema:  # validation scores the averaged weights, and RunRecord saves them
         picked = np.random.default_rng(config.seed).permutation(len(train_set))[:BATCH_NORM_FACES]
