@@ -1,5 +1,6 @@
 """Fine-tuning from a trained model (--init): what it learnt is kept, and new classes can be added."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,13 @@ def test_faces_of_one_class_are_refused_and_classes_without_faces_are_named(trai
         train(config, verbose=0)
     assert "no training faces of angry, disgust, fear, neutral, surprise: the model will hardly ever predict them" in caplog.text
     assert "few training faces of happy (6), sad (6): the model will learn them poorly" in caplog.text
+    assert "validation faces: one face moves" not in caplog.text  # 56 are enough to pick an epoch by
+    caplog.clear()
+    config = TrainConfig(init=str(trained_run), data=str(two), epochs=1, out=str(tmp_path / "c"))  # --val-split 0.1
+    with caplog.at_level("WARNING", logger="ferkit"):
+        train(config, verbose=0)
+    held_out = sum(json.loads((tmp_path / "c" / "datasets.json").read_text())["val"].values())
+    assert f"only {held_out} validation faces: one face moves the val accuracy by {100 / held_out:.1f} points" in caplog.text
     # a trained network starts at a tenth of the from-scratch learning rate, unless told otherwise
     assert TrainConfig.load(tmp_path / "b" / "config.json").learning_rate == INIT_LEARNING_RATE == LEARNING_RATE / 10
     assert read_history(tmp_path / "b" / "history.csv")["learning_rate"] == pytest.approx([INIT_LEARNING_RATE])

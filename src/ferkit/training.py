@@ -31,7 +31,8 @@ from ferkit.models import check_weights, get_model_spec
 from ferkit.runs import EPOCHS_FOLDER, RunState, check_run_folder, clear_run_folder, rewrite_history, save_run_config
 from ferkit.teacher import check_teacher, teacher_probabilities
 from ferkit.training_data import (
-    fit_data, load_train_val, train_size, trains_on_cached_features, validation_size, warn_of_classes_with_few_faces,
+    fit_data, load_train_val, train_size, trains_on_cached_features, validation_size, warn_of_a_small_validation_set,
+    warn_of_classes_with_few_faces,
 )
 from ferkit.training_model import (
     adopt_init_model, build_training_model, check_fine_tuning, feature_head, float32_twin, init_model, network_metadata, network_of,
@@ -101,6 +102,7 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
     train_set, val_set = _check_and_load(config, run, resume, overwrite, verbose)
     if not resume:
         warn_of_classes_with_few_faces(train_set)
+        warn_of_a_small_validation_set(val_set)
     state = RunState.load(run) if resume else RunState()
     if resume:  # a kill between the backup and state.json leaves the backup one epoch ahead
         state.epochs_done = backed_up_epochs(run) or state.epochs_done

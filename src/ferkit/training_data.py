@@ -59,6 +59,16 @@ def warn_of_classes_with_few_faces(data: FaceDataset) -> None:
                     "are a sensible least", listed, "it" if len(few) == 1 else "them")
 
 
+FEW_VAL_FACES = 50  # validation faces below which one face moves the accuracy by 2 points or more
+
+
+def warn_of_a_small_validation_set(val: FaceDataset) -> None:
+    if 0 < len(val) < FEW_VAL_FACES:
+        log.warning("only %d validation faces: one face moves the val accuracy by %.1f points, so the best epoch is "
+                    "picked by chance as much as by skill; give --val a folder of more faces, or --val-split a larger "
+                    "share", len(val), 100 / len(val))
+
+
 def _warn_of_classes_missing_from_val(data: FaceDataset, val: FaceDataset) -> None:
     trained = data.class_counts()
     missing = [name for name, count in val.class_counts().items() if not count and trained[name]]
