@@ -156,8 +156,14 @@ async def _run_for(request, pool: ThreadPoolExecutor, function, *args):
 
     loop = asyncio.get_running_loop()
 
+    def client_gone() -> bool:
+        try:
+            return asyncio.run_coroutine_threadsafe(request.is_disconnected(), loop).result(timeout=5)
+        except Exception:  # a loop too busy, or closing: do the work rather than wait on it
+            return False
+
     def unless_client_gone():
-        if asyncio.run_coroutine_threadsafe(request.is_disconnected(), loop).result():
+        if client_gone():
             log.info("%s: not analysed, its client left before its turn came", request.url.path)
             raise HTTPException(CLIENT_GONE, "the client closed the connection before its turn came")
         return function(*args)
