@@ -144,7 +144,7 @@ def test_results_written_among_the_photos_are_not_read_back_as_photos(trained_ru
     assert sorted(p.name for p in again.todo) == ["a.png", "a.png", "b.png", "broken.jpg"]
 
 
-def test_a_batch_resumes_only_with_the_model_and_settings_it_began_with(trained_run, photos, tmp_path):
+def test_a_batch_resumes_only_with_the_model_and_settings_it_began_with(trained_run, photos, tmp_path, caplog):
     from ferkit.runtime import load_classifier
 
     out = tmp_path / "out"
@@ -155,6 +155,12 @@ def test_a_batch_resumes_only_with_the_model_and_settings_it_began_with(trained_
         with pytest.raises(FerkitError, match="made with other settings"):
             FolderBatch([photos], out, **{"model": trained_run, "detector": "none", "resume": True, **changed})
     assert FolderBatch([photos], out, model=trained_run, detector="none", resume=True).skipped == 3
+    other = tmp_path / "other"  # resuming with another folder by mistake: said, since the results would be one
+    other.mkdir()
+    Image.fromarray(pattern_face(4, np.random.default_rng(4))).save(other / "c.png")
+    with caplog.at_level("WARNING", logger="ferkit"):
+        assert FolderBatch([other], out, model=trained_run, detector="none", resume=True).skipped == 0
+    assert f"{out} holds the results of 3 images, none of them among these" in caplog.text
     # a folder of an older version, without batch.json: its table's header says the classes
     (out / "batch.json").unlink()
     header = (out / "faces.csv").read_text().splitlines()[0].replace("surprise", "contempt")

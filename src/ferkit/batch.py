@@ -12,6 +12,7 @@ A batch cut short goes on with `resume=True`: the images already in results.json
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from ferkit.results import ImageResult, ResultsFolder, check_replaceable, create
 from ferkit.sources import ANNOTATED_SUFFIX
 from ferkit.runtime import load_classifier
 
+log = logging.getLogger("ferkit")
 
 class FolderBatch:
     """The images of `sources` (a file, folder or glob, or a list of them) analysed into the folder `out`: `faces.csv` and
@@ -61,6 +63,9 @@ class FolderBatch:
                                      settings=batch_settings(self.classifier, self.detector, self.uncertain_below))
         self.todo = [p for p in paths if not self.results.is_finished(p)]
         self.skipped = len(paths) - len(self.todo)  # done by an earlier run (resume)
+        if resume and self.results.finished and not self.skipped:
+            log.warning("%s holds the results of %d images, none of them among these: resumed, the two batches' "
+                        "results are one", self.out, len(self.results.finished))
         self.images = self.faces = 0
         self.failed = len(self.errors)
 
