@@ -173,3 +173,14 @@ def test_one_task_per_video(cluster, tmp_path):
         with pytest.raises(FerkitError):
             predict_with_ray(RayPredictConfig(sources=[str(path)], out=str(tmp_path / "bad"), **bad), progress=False)
     assert not (tmp_path / "bad").exists()
+    # a glob's videos are analysed as `ferkit predict` analyses them; a folder's are left out, with a note
+    (tmp_path / "mixed").mkdir()
+    shutil.copy(path, tmp_path / "mixed" / "clip.mp4")
+    shutil.copy(EXAMPLE, tmp_path / "mixed" / "people.jpg")
+    globbed = predict_with_ray(RayPredictConfig(sources=[str(tmp_path / "mixed" / "*")], out=str(tmp_path / "glob"),
+                                                every=2), progress=False)
+    assert globbed["videos"] == 1 and globbed["images"] == 1
+    folder = CliRunner().invoke(cli, ["predict", str(tmp_path / "mixed"), "--engine", "ray", "--every", "2",
+                                      "--out", str(tmp_path / "folder")])
+    assert folder.exit_code == 0 and f"{tmp_path / 'mixed'} holds 1 video(s), left out" in folder.output
+    assert "1 images, 3 faces" in folder.output and "videos" not in folder.output.splitlines()[-1]

@@ -830,16 +830,13 @@ def _each_file_once(kinds: list[tuple[str, str]]) -> list[tuple[str, str]]:
 def _kinds_of(source: str) -> list[tuple[str, str]]:
     """(source, kind) pairs for one SOURCE: a glob's videos become sources of their own, after its images;
     a folder's videos are left out, with a note."""
-    from ferkit.sources import list_images, source_kind, videos_in
+    from ferkit.sources import list_images, source_kind, videos_of
 
     kind = source_kind(source)
     if kind not in ("glob", "folder"):
         return [(source, kind)]
-    videos = videos_in(source)
+    videos = videos_of(source)
     if kind == "folder":
-        if videos:
-            click.echo(f"note: {source} holds {len(videos)} video(s), left out: give videos by name or glob "
-                       "to analyse them", err=True)
         return [(source, kind)]
     try:
         list_images(source, quiet=True)  # its notes come when the batch lists it

@@ -37,7 +37,7 @@ from ferkit.extras import require
 from ferkit.images import IMAGE_SUFFIXES
 from ferkit.predict import UNCERTAIN_BELOW, check_uncertain_below
 from ferkit.results import ImageResult, face_columns, face_rows
-from ferkit.sources import VIDEO_SUFFIXES, list_images, source_kind
+from ferkit.sources import VIDEO_SUFFIXES, list_images, source_kind, videos_of
 
 SHARD_IMAGES = 256
 LIST_SUFFIXES = (".txt", ".lst")
@@ -125,8 +125,17 @@ def _expand(source: str) -> Iterator[tuple[str, str]]:
             if line and not line.startswith("#"):
                 yield line, line if "://" in line else os.path.abspath(line)
         return
-    kind = source_kind(source)
-    paths = list_images(source) if kind in ("folder", "glob") else [Path(source)]
+    if source_kind(source) in ("folder", "glob"):  # its images, then a glob's videos, as `ferkit predict` takes them
+        videos = videos_of(source)
+        try:
+            images = list_images(source)
+        except FerkitError:
+            if not videos:
+                raise
+            images = []
+        paths = [*images, *videos]
+    else:
+        paths = [Path(source)]
     yield from ((str(path), os.path.abspath(path)) for path in paths)
 
 

@@ -87,6 +87,17 @@ def _note_left_out(source: str, annotated, unnamed: list[Path], unreadable: list
         log.warning("%s: left out %d link(s) to nothing: %s", source, len(dangling), some(dangling))
 
 
+def videos_of(source: str) -> list[Path]:
+    """The videos that a folder or glob SOURCE gives to analyse: a glob's, like videos named one by one;
+    none of a folder's (which are logged as left out: a folder of photos often holds clips not meant)."""
+    videos = videos_in(source)
+    if source_kind(source) == "folder":
+        if videos:
+            log.warning("%s holds %d video(s), left out: give videos by name or glob to analyse them", source, len(videos))
+        return []
+    return videos
+
+
 def videos_in(source: str) -> list[Path]:
     """The video files of a folder (recursively) or a glob, sorted."""
     paths = [Path(p) for p in glob.glob(source, recursive=True)] if source_kind(source) == "glob" else files_under(source)
