@@ -102,7 +102,6 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
     train_set, val_set = _check_and_load(config, run, resume, overwrite, verbose)
     if not resume:
         warn_of_classes_with_few_faces(train_set)
-        warn_of_a_small_validation_set(val_set)
     state = RunState.load(run) if resume else RunState()
     if resume:  # a kill between the backup and state.json leaves the backup one epoch ahead
         state.epochs_done = backed_up_epochs(run) or state.epochs_done
@@ -136,6 +135,7 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
                 raise KeyboardInterrupt
             # Only now that data and model are known to be good does the run folder change.
             if not resume:
+                warn_of_a_small_validation_set(val_set)  # once training is sure to start: not before an error
                 _log_starting_score(config, val_set)
                 _say_what_is_kept(run, clear_run_folder(run))
             started = True
