@@ -442,11 +442,11 @@ def crop_cmd(source: str, out: Path, detector: str, model: str | None, overwrite
         click.echo(f"{len(summary.several_faces)} photo(s) with several faces, each crop in the photo's folder "
                    f"(so of its class): {', '.join(summary.several_faces[:3])}"
                    + (" ..." if len(summary.several_faces) > 3 else ""), err=True)
-    if summary.stale and not summary.pruned:
+    if summary.stale and not prune:
         click.echo(f"{len(summary.stale)} face crop(s) in {out} that ferkit wrote of photos not in {source} "
                    f"(e.g. {summary.stale[0]}) are still there, and still training faces; if those photos moved to "
                    "another class or went (rather than came from another folder), --prune removes them", err=True)
-    pruned = f", {len(summary.stale)} crop(s) of photos no longer there removed" if summary.pruned and summary.stale else ""
+    pruned = f", {len(summary.stale)} crop(s) of photos no longer there removed" if prune and summary.stale else ""
     click.echo(f"{summary.photos} photos, {len(summary.written)} faces written to {out}, "
                f"{len(summary.without_faces)} without a face, {len(summary.failed)} failed{pruned}")
     if summary.failed:

@@ -200,7 +200,7 @@ def _score_among(classifier, val_set) -> tuple[float, list[str]]:
         raise ValueError("the model knows none of the run's classes")
     columns = [list(classifier.classes).index(name) for name in known]
     answers = classifier.predict_proba(val_set.images)[:, columns].argmax(axis=1)
-    predicted = np.array([list(val_set.classes).index(known[i]) for i in answers])
+    predicted = np.array([list(val_set.classes).index(name) for name in known])[answers]  # the run's class indices
     return float(np.mean(predicted == val_set.labels)), [name for name in val_set.classes if name not in known]
 
 

@@ -39,7 +39,6 @@ class CropSummary:
     # crops ferkit wrote in `out` of photos no longer in the source (moved to another class, or deleted):
     # removed with `prune`, else left, and listed here
     stale: list[Path] = field(default_factory=list)
-    pruned: bool = False
 
 
 def crop_faces(source: str | Path, out: str | Path, *, detector="auto", model=None, overwrite: bool = False,
@@ -92,7 +91,6 @@ def crop_faces(source: str | Path, out: str | Path, *, detector="auto", model=No
     if prune:
         for path in summary.stale:
             path.unlink()
-        summary.pruned = True
     return summary
 
 
