@@ -21,6 +21,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="ferkit[serve] is not installed")
 from fastapi.testclient import TestClient  # noqa: E402
 
+import ferkit  # noqa: E402
 from ferkit.errors import FerkitError  # noqa: E402
 from ferkit.predict import analyze_images  # noqa: E402
 from ferkit.runtime import read_metadata  # noqa: E402
@@ -65,7 +66,8 @@ def test_a_multipart_upload_gives_the_same_faces(client):
 
 
 def test_the_health_models_and_openapi_routes(client):
-    assert client.get("/healthz").json()["status"] == "ok"
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["ferkit"] == ferkit.__version__
     [model] = client.get("/v1/models").json()["models"]
     assert model["classes"] == ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
     paths = client.get("/openapi.json").json()["paths"]

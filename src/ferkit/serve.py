@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferkit import __version__
 from ferkit.errors import FerkitError, first_line
 from ferkit.extras import require
 from ferkit.predict import model_version
@@ -114,8 +115,8 @@ def create_app(config: ServeConfig | None = None):
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        """Whether the server is up, and the model it serves."""
-        return {"status": "ok", "model": classifier.name}
+        """Whether the server is up, the model it serves and ferkit's version."""
+        return {"status": "ok", "model": classifier.name, "ferkit": __version__}
 
     @app.get("/v1/models")
     async def models() -> dict:
