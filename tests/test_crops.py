@@ -71,6 +71,7 @@ def test_the_crop_command_reports_each_photo_it_cannot_use_and_goes_on(tmp_path)
     result = CliRunner().invoke(cli, ["crop", str(photos), "--out", str(tmp_path / "faces")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"no face found: {photos / 'sad' / 'wall.png'}" in result.output
+    assert f"several faces, each cropped into the photo's class: {photos / 'happy' / 'people.jpg'}" in result.output
     assert "broken.jpg" in result.output
     assert "3 photos, 3 faces written to" in result.output and "1 without a face, 1 failed" in result.output
     missing = CliRunner().invoke(cli, ["crop", str(tmp_path / "nowhere"), "--out", str(tmp_path / "faces")])

@@ -438,10 +438,8 @@ def crop_cmd(source: str, out: Path, detector: str, model: str | None, overwrite
             echo_error(f"error: {line}")
     for photo in summary.without_faces:
         click.echo(f"no face found: {photo}", err=True)
-    if summary.several_faces:
-        click.echo(f"{len(summary.several_faces)} photo(s) with several faces, each crop in the photo's folder "
-                   f"(so of its class): {', '.join(summary.several_faces[:3])}"
-                   + (" ..." if len(summary.several_faces) > 3 else ""), err=True)
+    for photo in summary.several_faces:  # a group photo's class may not be every face's: worth a look
+        click.echo(f"several faces, each cropped into the photo's class: {photo}", err=True)
     if summary.stale and not prune:
         click.echo(f"{len(summary.stale)} face crop(s) in {out} that ferkit wrote of photos not in {source} "
                    f"(e.g. {summary.stale[0]}) are still there, and still training faces; if those photos moved to "
