@@ -3,13 +3,16 @@ same global batches, and only process 0 writes the run folder."""
 
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from ferkit.data import load_dataset
+from ferkit.distributed import run_together
 from ferkit.runs import RunState, read_history
 from ferkit.runtime import load_classifier, read_metadata
 
@@ -80,3 +83,26 @@ def test_unsupported_options_and_bad_topologies_are_one_line_errors(pattern_data
     bad = subprocess.run([sys.executable, "-m", "ferkit.cli", "train", "--data", "x", "--num-processes", "2"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--coordinator" in bad.stderr
+    (tmp_path / "taken" / "config.json").parent.mkdir()
+    (tmp_path / "taken" / "config.json").write_text("{}")
+    for extra, error in ((["--batch-size", "9"], "must be a multiple of the number of processes (2)"),
+                         (["--out", str(tmp_path / "taken")], "already exists")):
+        command = [sys.executable, "-m", "ferkit.cli", "train", "--data", str(pattern_data / "train"), "--epochs", "1",
+                   "--out", str(tmp_path / "new"), "--local-processes", "2", *extra]
+        refused = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert refused.returncode == 2 and refused.stderr.count(error) == 1 and len(refused.stderr.splitlines()) == 1
+
+
+def test_when_one_process_dies_the_others_are_stopped_and_the_job_fails(capfd):
+    python = [sys.executable, "-c"]
+    # a process stuck waiting for a dead peer never reaches the end of a batch, where SIGTERM would stop it
+    stuck = [*python, "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"]
+    killed = [*python, "import os, signal, time; time.sleep(1); os.kill(os.getpid(), signal.SIGKILL)"]
+    began = time.monotonic()
+    assert run_together([stuck, killed], grace_s=1) == 128 + signal.SIGKILL
+    assert time.monotonic() - began < 60
+    assert "error: process 1 of the training job was stopped by SIGKILL" in capfd.readouterr().err
+    failing = [*python, "import sys; sys.stderr.write('bad data\\n'); sys.exit(2)"]
+    assert run_together([stuck, failing], grace_s=1) == 2
+    assert "bad data" in capfd.readouterr().err  # a failed process's own output is shown
+    assert run_together([[*python, "pass"], [*python, "pass"]]) == 0

@@ -293,11 +293,8 @@ def train_cmd(resume: Path | None, overwrite: bool, local_processes: int | None,
 
     if resume and overwrite:
         raise FerkitError("--resume continues a run and --overwrite replaces one: give one of them")
-    if local_processes is not None:
-        if local_processes < 1 or coordinator:
-            raise FerkitError("--local-processes takes a positive count and no --coordinator")
-        args = _flags_to_args(flags) + (["--resume", str(resume)] if resume else []) + (["--overwrite"] if overwrite else [])
-        sys.exit(launch_local(local_processes, args))
+    if local_processes is not None and (local_processes < 1 or coordinator):
+        raise FerkitError("--local-processes takes a positive count and no --coordinator")
     topology = Topology(coordinator, num_processes, process_id)
     if resume:
         config = _resumed_config(resume, flags)
@@ -308,9 +305,14 @@ def train_cmd(resume: Path | None, overwrite: bool, local_processes: int | None,
             check_init_model(flags["init"], flags["model"])
         config = config_from_flags(flags)
 
-    from ferkit.runs import RunState
-    from ferkit.training import train
+    from ferkit.runs import RunState, check_run_folder
+    from ferkit.training import check_distributable, train
 
+    if local_processes is not None:  # checked here once, not by every process after loading the data
+        check_distributable(config, local_processes)
+        check_run_folder(Path(config.out), resume=resume is not None, overwrite=overwrite)
+        args = _flags_to_args(flags) + (["--resume", str(resume)] if resume else []) + (["--overwrite"] if overwrite else [])
+        sys.exit(launch_local(local_processes, args))
     run = train(config, resume=resume is not None, overwrite=overwrite, verbose=1 if sys.stdout.isatty() else 2,
                 topology=topology)
     if not topology.is_chief:

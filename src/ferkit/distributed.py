@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -80,29 +81,54 @@ def free_port() -> int:
 
 def launch_local(num_processes: int, args: list[str]) -> int:
     """Run `ferkit train ARGS` as `num_processes` processes of one job on this machine; process 0's
-    output is shown, the others' only when they fail. Returns the first non-zero exit code, or 0."""
+    output is shown, the others' only when they fail. Returns the first failed process's exit code, or 0."""
     coordinator = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "KERAS_BACKEND": "jax"}
-    workers, logs = [], [None] + [tempfile.TemporaryFile("w+") for _ in range(num_processes - 1)]
-    for process_id in range(num_processes):
-        command = [sys.executable, "-m", "ferkit.cli", "train", *args, "--coordinator", coordinator,
-                   "--num-processes", str(num_processes), "--process-id", str(process_id)]
-        quiet = process_id > 0
-        workers.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL if quiet else None,
-                                        stderr=logs[process_id]))
+    commands = [[sys.executable, "-m", "ferkit.cli", "train", *args, "--coordinator", coordinator,
+                 "--num-processes", str(num_processes), "--process-id", str(process_id)]
+                for process_id in range(num_processes)]
+    return run_together(commands, env={**os.environ, "KERAS_BACKEND": "jax"})
+
+
+def run_together(commands: list[list[str]], env: dict | None = None, grace_s: float = 10.0) -> int:
+    """Run the processes of one job; the first's output is shown, and that of the first other one to fail. When one
+    fails (an exit code, or a signal), the others are stopped: SIGTERM, which lets training stop at the end of
+    a batch, then SIGKILL after `grace_s`, since a process waiting for a dead peer never gets there.
+    Returns the first failure's exit code (128 + the signal's number for a signal), or 0."""
+    workers, logs = [], [None] + [tempfile.TemporaryFile("w+") for _ in commands[1:]]
+    for command, log in zip(commands, logs):
+        workers.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL if log else None, stderr=log))
+    failed = None
     try:
-        while any(worker.poll() is None for worker in workers):
-            if any(worker.poll() for worker in workers):  # one failed: the others would wait for it forever
-                break
+        while failed is None and any(worker.poll() is None for worker in workers):
+            failed = next((k for k, worker in enumerate(workers) if worker.poll()), None)
             time.sleep(0.2)
     finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.terminate()
-                worker.wait()
-    for worker, log in zip(workers[1:], logs[1:]):
-        if worker.returncode and worker.returncode > 0:
-            log.seek(0)
-            sys.stderr.write(log.read())
+        _stop(workers, grace_s)
+    failed = failed if failed is not None else next((k for k, worker in enumerate(workers) if worker.returncode), None)
+    if failed:  # process 0's output was shown; of the others, that of the one that failed first (the rest would repeat it)
+        logs[failed].seek(0)
+        sys.stderr.write(logs[failed].read())
+    for log in logs[1:]:
         log.close()
-    return next((worker.returncode for worker in workers if worker.returncode and worker.returncode > 0), 0)
+    if failed is None:
+        return 0
+    code = workers[failed].returncode
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        sys.stderr.write(f"error: process {failed} of the training job was stopped by {name}; "
+                         f"the other {len(workers) - 1} were stopped too\n")
+        return 128 - code
+    return code
+
+
+def _stop(workers: list[subprocess.Popen], grace_s: float) -> None:
+    running = [worker for worker in workers if worker.poll() is None]
+    for worker in running:
+        worker.terminate()
+    deadline = time.monotonic() + grace_s
+    for worker in running:
+        try:
+            worker.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()

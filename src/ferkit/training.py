@@ -71,7 +71,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     config = dataclasses.replace(config)
     topology = topology or Topology()
     if topology.coordinator:
-        _check_distributable(config)
+        check_distributable(config, topology.num_processes)
         start_distributed(topology)
     if topology.is_chief:
         return _train(config, Path(config.out), resume, overwrite, verbose, callbacks, topology)
@@ -350,9 +350,13 @@ def _fit(keras, model, config: TrainConfig, fit: dict, callbacks: list, size: in
              initial_epoch=initial_epoch, callbacks=callbacks)
 
 
-def _check_distributable(config: TrainConfig) -> None:
+def check_distributable(config: TrainConfig, num_processes: int) -> None:
+    """What multi-process training refuses, checked before any process loads the data."""
     if trains_on_cached_features(config):
         raise FerkitError("multi-process training does not support cached features yet (pass --no-cache-features)")
+    if config.batch_size % num_processes:
+        raise FerkitError(f"--batch-size {config.batch_size} must be a multiple of the number of processes ({num_processes}): "
+                          "each takes an equal part of every batch")
 
 
 BATCH_NORM_FACES = 2048  # un-augmented training faces that measure the averaged weights' batch-norm statistics
