@@ -80,6 +80,8 @@ def test_ray_engine_writes_the_rows_of_ferkit_predict(cluster, photos, tmp_path,
                                    "--out", str(tmp_path / "ray")])
     assert run.exit_code == 1, run.output  # the broken file fails, the others go on
     assert "4 images" in run.output and "1 failed" in run.output
+    [error] = [line for line in run.output.splitlines() if line.startswith("error: ")]
+    assert str(Path("photos") / "broken.jpg") in error and "not an image" in error  # named, as the local engine does
 
     remote = _ray_results(tmp_path / "ray")
     assert sorted(remote) == sorted(local) and len(local) == 4
@@ -116,13 +118,25 @@ def test_a_killed_run_resumes_its_missing_parts_only(cluster, photos, tmp_path):
     with pytest.raises(FerkitError, match="other inputs or settings"):
         predict_with_ray(RayPredictConfig(**{**vars(config), "shard_size": 3, "resume": True}), progress=False)
 
-    config.resume = True
-    second = predict_with_ray(config, progress=False)
+    # the same run, however its folders are spelled
+    second = predict_with_ray(RayPredictConfig(sources=[f"{photos}/"], out=f"{tmp_path}/./ray/", shard_size=2, workers=2,
+                                               resume=True), progress=False)
     assert second["skipped_tasks"] == 1
     assert {k: second[k] for k in ("images", "faces", "failed")} == {k: first[k] for k in ("images", "faces", "failed")}
     assert (results / "part-00000.jsonl").stat().st_mtime_ns == kept
     assert sorted(p.name for p in faces.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
     assert not list((tmp_path / "ray").rglob("*.partial"))
+
+
+def test_an_out_that_is_a_file_or_holds_other_files_is_refused_untouched(photos, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "mine" / "faces").mkdir(parents=True)
+    (tmp_path / "mine" / "summary.json").write_text('{"my": "data"}')
+    for out, error in ((tmp_path / "notes.txt", "is a file"), (tmp_path / "mine", "holds files and no ferkit run")):
+        with pytest.raises(FerkitError, match=error):
+            predict_with_ray(RayPredictConfig(sources=[str(photos)], out=str(out)), progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "mine" / "summary.json").read_text() == '{"my": "data"}' and not list((tmp_path / "mine" / "faces").iterdir())
 
 
 def test_list_files_and_uris(cluster, photos, tmp_path):

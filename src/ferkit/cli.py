@@ -851,7 +851,7 @@ def _predict_on_ray(config) -> None:
     from ferkit.ray_predict import predict_with_ray
 
     summary = predict_with_ray(config)
-    for error in summary["errors"]:
+    for error in summary["errors"] + summary["failures"]:
         click.echo(f"error: {error}", err=True)
     videos = f", {summary['videos']} videos ({summary['video_faces']} faces)" if summary["videos"] else ""
     skipped = f" ({summary['skipped_tasks']} tasks done before)" if summary["skipped_tasks"] else ""

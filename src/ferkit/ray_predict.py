@@ -60,8 +60,11 @@ class RayPredictConfig:
     resume: bool = False
 
     def settings(self) -> dict:
-        """What a resumed run must share with the run it continues."""
-        return {key: value for key, value in asdict(self).items() if key not in ("address", "workers", "resume")}
+        """What a resumed run must share with the run it continues, besides its inputs (the tasks'
+        fingerprint): the same files however the sources and OUT are spelled, or wherever it is run from."""
+        settings = {key: value for key, value in asdict(self).items()
+                    if key not in ("address", "workers", "resume", "sources", "out")}
+        return {**settings, "out": root_uri(self.out)}
 
 
 @dataclass
@@ -73,7 +76,8 @@ class Task:
 
 def predict_with_ray(config: RayPredictConfig, *, progress: bool = True) -> dict:
     """Run `config` on Ray; the summary (images, faces, failed, videos, video_faces, skipped_tasks,
-    errors: the inputs that could not even be listed). Raises FerkitError for what stops the run."""
+    errors: the inputs that could not even be listed; failures: why each failed image or video did, not
+    in OUT/summary.json, since the results parts hold them). Raises FerkitError for what stops the run."""
     from ferkit.video import check_video_options
 
     ray = require("ray", "prediction on a Ray cluster", extra="ray")
@@ -91,9 +95,11 @@ def predict_with_ray(config: RayPredictConfig, *, progress: bool = True) -> dict
     if todo:
         with _ray_session(ray, config):
             _run_tasks(ray, todo, config, root_uri(config.out), progress)
-    summary = {**count_outputs(fs, root), "skipped_tasks": len(tasks) - len(todo), "errors": errors}
+    counts = count_outputs(fs, root)
+    failures = counts.pop("failures")
+    summary = {**counts, "skipped_tasks": len(tasks) - len(todo), "errors": errors}
     _write_bytes(fs, f"{root}/summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-    return summary
+    return {**summary, "failures": failures}
 
 
 # --- inputs ----------------------------------------------------------------------------------------
@@ -185,9 +191,19 @@ def root_uri(out: str) -> str:
 
 def _start_or_resume(fs, root: str, config: RayPredictConfig, tasks: list[Task]) -> None:
     """Record the run in OUT/manifest.json, or check that the run there is this one when resuming.
-    An earlier run is never written over: without `resume` it is an error."""
+    An earlier run is never written over: without `resume` it is an error; nor is a folder of other files."""
+    import pyarrow.fs as pafs
+
     manifest = {"engine": "ray", "settings": config.settings(), "tasks": len(tasks), "inputs": _fingerprint(tasks)}
     path = f"{root}/manifest.json"
+    try:
+        kind = fs.get_file_info(root).type
+        if kind == pafs.FileType.File:
+            raise FerkitError(f"--out {config.out} is a file, not a folder")
+        if kind == pafs.FileType.Directory and not _exists(fs, path) and fs.get_file_info(pafs.FileSelector(root)):
+            raise FerkitError(f"--out {config.out} holds files and no ferkit run; choose a new or empty folder")
+    except OSError as err:
+        raise FerkitError(f"--out {config.out}: cannot be read ({first_line(err)})") from None
     if _exists(fs, path):
         with fs.open_input_stream(path) as stream:
             earlier = json.loads(stream.read())
@@ -196,14 +212,18 @@ def _start_or_resume(fs, root: str, config: RayPredictConfig, tasks: list[Task])
         if earlier != manifest:
             raise FerkitError(f"{config.out} holds a run of other inputs or settings; it cannot be resumed with these")
         return
-    fs.create_dir(root, recursive=True)
-    _write_bytes(fs, path, (json.dumps(manifest, indent=2) + "\n").encode())
+    try:
+        fs.create_dir(root, recursive=True)
+        _write_bytes(fs, path, (json.dumps(manifest, indent=2) + "\n").encode())
+    except OSError as err:
+        raise FerkitError(f"--out {config.out}: cannot be written ({first_line(err)})") from None
 
 
 def _fingerprint(tasks: list[Task]) -> str:
+    """The tasks and where their inputs are read (absolute paths or URIs), not how they were spelled."""
     digest = hashlib.sha256()
     for task in tasks:
-        digest.update(json.dumps([task.name, task.items]).encode())
+        digest.update(json.dumps([task.name, [location for _, location in task.items]]).encode())
     return digest.hexdigest()
 
 
@@ -223,26 +243,30 @@ def _write_bytes(fs, path: str, data: bytes) -> None:
 
 
 def count_outputs(fs, root: str) -> dict:
-    """images, faces, failed, videos, video_faces: counted from the results parts, each task once."""
+    """images, faces, failed, videos, video_faces: counted from the results parts, each task once; and
+    failures, a line per failed image or video that names it."""
     import pyarrow.fs as pafs
 
     counts = dict.fromkeys(("images", "faces", "failed", "videos", "video_faces"), 0)
+    failures = []
     selector = pafs.FileSelector(f"{root}/results", allow_not_found=True)
-    for info in fs.get_file_info(selector):
+    for info in sorted(fs.get_file_info(selector), key=lambda info: info.path):  # in the inputs' order
         if not info.path.endswith(".jsonl"):
             continue
         with fs.open_input_stream(info.path) as stream:
             records = [json.loads(line) for line in stream.read().decode().splitlines() if line]
         video = info.base_name.startswith("video-")
         for record in records:
-            counts["failed"] += bool(record.get("error"))
+            if record.get("error"):
+                counts["failed"] += 1
+                failures.append(record["error"] if record["source"] in record["error"] else f"{record['source']}: {record['error']}")
             if video:  # a video's summary line: its faces are a count (none when it failed)
                 counts["videos"] += 1
                 counts["video_faces"] += record.get("faces", 0)
             else:
                 counts["images"] += 1
                 counts["faces"] += len(record["faces"])
-    return counts
+    return {**counts, "failures": failures}
 
 
 # --- the cluster -----------------------------------------------------------------------------------
