@@ -25,6 +25,8 @@ def main() -> None:
     parser.add_argument("--data", default="examples/fer2013-sample", help="folder with train/ and val/")
     parser.add_argument("--epochs", type=int, default=4)
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: the first epoch (graph tracing, filling the cache) is left out")
     data = Path(args.data)
     seconds, wall = {}, {}
     with tempfile.TemporaryDirectory() as tmp:

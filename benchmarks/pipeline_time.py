@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--side-by-side", action="store_true",
                         help="run each pair at once, one version per core, swapping cores between pairs")
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: the first epoch (graph tracing) is left out")
     models = args.models.split(",")
     pairs = [int(n) for n in args.pairs.split(",")] + [1] * len(models)
     with tempfile.TemporaryDirectory(prefix="ferkit-before-") as scratch:

@@ -13,6 +13,8 @@ Each round times, as whole commands (start-up included), in alternating order:
 - `ray-cluster-wN`: the same with `--workers N`, for N in 1, 2, 4, ... up to the cores of this machine.
 
 Prints the median seconds and images/s per variant, and each one's time over `local`'s: the overhead.
+It starts a Ray cluster of its own on this machine and stops it with `ray stop`, which stops every Ray
+process here: it refuses to run while another Ray cluster runs on this machine.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ def main() -> None:
         scratch = Path(scratch)
         photos = args.photos or make_photos(scratch / "photos", args.count)
         images = sum(1 for p in photos.rglob("*") if p.is_file())
+        if subprocess.run([RAY, "status"], capture_output=True).returncode == 0:
+            sys.exit("a Ray cluster already runs on this machine; this benchmark's `ray stop` would stop it too")
         subprocess.run([RAY, "start", "--head", f"--num-cpus={cores}", "--include-dashboard=false"],
                        check=True, capture_output=True)
         try:
