@@ -21,6 +21,7 @@ from ferkit.video import IouTracker, analyze_video
 
 SIZE = (160, 120)
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+DATA = Path(__file__).resolve().parent / "data"  # vfr.mp4: examples/people.jpg panned, frames 0.1 s apart with gaps of 1 and 2 s
 
 
 def _write_video(path, frames, fps=10.0):
@@ -106,6 +107,23 @@ def test_tracks_and_smoothing_start_again_after_a_cut(trained_run, tmp_path):
     assert {r.track for r in raw.rows if r.frame < 10} == {1, 2} and {r.track for r in raw.rows if r.frame >= 10} == {3, 4}
     first_after_cut = [(r.track, r.face.probabilities) for r in raw.rows if r.frame == 10]
     assert [(r.track, r.face.probabilities) for r in smooth.rows if r.frame == 10] == first_after_cut
+
+
+def test_a_plot_of_more_face_tracks_than_it_shows_says_so(trained_run, tmp_path):
+    from ferkit.batch import analyze_video_into_folder
+
+    shots = [frame for shot in range(4) for frame in _squares_then_a_cut(10) if (frame[0, 0, 2] == 200) == shot % 2]
+    video = _write_video(tmp_path / "shots.mp4", shots)  # four shots of two faces each
+    summary = analyze_video_into_folder(video, tmp_path, model=trained_run, detector=_bright_squares, every=1)
+    assert summary["tracks"] >= 8 and summary["tracks_plotted"] == 6
+
+
+def test_a_video_without_a_fixed_frame_rate_keeps_each_frames_own_time():
+    """A phone's video: its frames' timestamps, not their index over the container's average rate (3 fps here)."""
+    timeline = analyze_video(DATA / "vfr.mp4", every=1)
+    assert timeline.fps == 3
+    assert sorted({round(r.time_s, 3) for r in timeline.rows}) == [0, .1, .2, .3, 1.3, 1.4, 1.5, 1.6, 3.6, 3.7, 3.8, 3.9]
+    assert timeline.last_time_s == pytest.approx(3.9)
 
 
 def test_video_timeline_follows_each_face(trained_run, squares_video, tmp_path):
@@ -387,7 +405,7 @@ def test_a_video_analysed_into_a_folder_reports_its_progress_and_files(trained_r
     summary = analyze_video_into_folder(squares_video, tmp_path, stem="clip", model=trained_run,
                                         detector=_bright_squares, every=4, progress=lambda done, total: seen.append((done, total)))
     assert seen == [(n, 5) for n in range(1, 6)]  # 20 frames, every 4th
-    assert summary == {"source": str(squares_video), "frames_analysed": 5, "every": 4, "tracks": 2, "faces": 10,
+    assert summary == {"source": str(squares_video), "frames_analysed": 5, "every": 4, "tracks": 2, "tracks_plotted": 2, "faces": 10,
                        "cut_short": False, "files": [str(tmp_path / "clip.timeline.csv"), str(tmp_path / "clip.emotions.png")]}
     assert (tmp_path / "clip.timeline.csv").read_text().count("\n") == 1 + 10
 

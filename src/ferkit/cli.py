@@ -948,8 +948,9 @@ def _predict_video(source, out: Path, as_json: bool, *, stem: str, alone: bool, 
         click.echo(json.dumps(summary))
     else:
         cut = " (the file seems cut short)" if summary["cut_short"] else ""
+        plotted = f" (the plot shows the {summary['tracks_plotted']} longest)" if summary["tracks_plotted"] < summary["tracks"] else ""
         click.echo(f"{source}: {summary['frames_analysed']} frames analysed (every {summary['every']}){cut}, "
-                   f"{summary['tracks']} face tracks; wrote {', '.join(summary['files'])}")
+                   f"{summary['tracks']} face tracks{plotted}; wrote {', '.join(summary['files'])}")
     return 0
 
 

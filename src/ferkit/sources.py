@@ -164,7 +164,9 @@ def open_video(path: str | Path):
 
 
 def video_frames(capture, info: VideoInfo, *, every: int = 1) -> Iterator[tuple[int, float, np.ndarray]]:
-    """(frame index, time in seconds, RGB array) for every `every`-th frame; frames are decoded in order."""
+    """(frame index, time in seconds, RGB array) for every `every`-th frame; frames are decoded in order.
+    The time is the frame's own timestamp where the container has one: a phone's video has no fixed frame
+    rate, and the index over the average rate would drift from it."""
     import cv2
 
     index = 0
@@ -174,7 +176,8 @@ def video_frames(capture, info: VideoInfo, *, every: int = 1) -> Iterator[tuple[
                 ok, frame = capture.read()
                 if not ok:
                     break
-                yield index, index / info.fps, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+                stamp = capture.get(cv2.CAP_PROP_POS_MSEC) / 1000  # 0 where the backend has none
+                yield index, stamp if stamp > 0 else index / info.fps, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
             elif not capture.grab():  # skip without decoding
                 break
             index += 1

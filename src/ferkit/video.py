@@ -33,6 +33,9 @@ class TimelineRow:
     face: Face  # probabilities smoothed over the track when smoothing is on
 
 
+PLOT_TRACKS = 6  # the plot's panels: more would be unreadable
+
+
 @dataclass
 class Timeline:
     source: str
@@ -41,7 +44,8 @@ class Timeline:
     rows: list[TimelineRow] = field(default_factory=list)
     every: int = 1  # every how many frames one was analysed
     frames_analysed: int = 0
-    last_frame: int = 0  # the index of the last frame analysed: how far the plot's time axis reaches
+    last_frame: int = 0  # the index of the last frame analysed
+    last_time_s: float = 0.0  # its time: how far the plot's time axis reaches
     cut_short: bool = False  # frames stopped coming well before the count its container lists
 
     @property
@@ -51,7 +55,8 @@ class Timeline:
     def summary(self, **more) -> dict:
         """What was analysed, as `ferkit predict` reports it per video (JSON); `more` is added to it."""
         return {"source": self.source, "frames_analysed": self.frames_analysed, "every": self.every,
-                "tracks": len(self.tracks), "faces": len(self.rows), "cut_short": self.cut_short, **more}
+                "tracks": len(self.tracks), "tracks_plotted": min(len(self.tracks), PLOT_TRACKS), "faces": len(self.rows),
+                "cut_short": self.cut_short, **more}
 
     def to_csv(self, path: str | Path) -> Path:
         with open(path, "w", newline="") as handle:
@@ -67,7 +72,8 @@ class Timeline:
         return [f"{r.time_s:.3f}", r.frame, r.track, *r.face.box, r.face.emotion, f"{r.face.score:.4f}",
                 *(f"{r.face.probabilities[c]:.4f}" for c in self.classes), int(r.face.uncertain)]
 
-    def plot(self, path: str | Path, *, max_tracks: int = 6) -> Path:
+    def plot(self, path: str | Path, *, max_tracks: int = PLOT_TRACKS) -> Path:
+        """The emotions over time of the `max_tracks` longest face tracks (the title says when there are more)."""
         from ferkit.plots import plot_emotion_timeline
 
         longest = sorted(self.tracks, key=lambda t: -sum(r.track == t for r in self.rows))[:max_tracks]
@@ -76,7 +82,10 @@ class Timeline:
                 {c: [r.face.probabilities[c] for r in self.rows if r.track == t] for c in self.classes})
             for t in sorted(longest)
         }
-        return plot_emotion_timeline(series, path, title=Path(self.source).name, until=self.last_frame / self.fps)
+        title = Path(self.source).name
+        if len(self.tracks) > max_tracks:
+            title += f": the {max_tracks} longest of {len(self.tracks)} face tracks"
+        return plot_emotion_timeline(series, path, title=title, until=self.last_time_s)
 
 
 class IouTracker:
@@ -223,7 +232,7 @@ def analyze_video(
         for result in analyze_images(labelled, model=classifier, detector=detector, uncertain_below=uncertain_below,
                                      batch_images=FRAMES_PER_BATCH):
             index = int(result.source.rsplit("=", 1)[1])
-            frame = frames.pop(result.source)
+            frame, time_s = frames.pop(result.source)
             signature, before = frame_signature(frame), signature
             if before is not None and is_scene_cut(before, signature):  # no face carries over to another shot
                 tracker.close_all()
@@ -232,13 +241,13 @@ def analyze_video(
             faces = [_smooth(face, track, smoothed, alpha, classifier.classes, uncertain_below)
                      for face, track in zip(result.faces, tracks)]
             for face, track in zip(faces, tracks):
-                timeline.rows.append(TimelineRow(index, index / info.fps, track, face))
+                timeline.rows.append(TimelineRow(index, time_s, track, face))
                 if rows:
                     rows.writerow(timeline.csv_row(timeline.rows[-1]))
             if table:
                 table.flush()
             timeline.frames_analysed += 1
-            timeline.last_frame = index
+            timeline.last_frame, timeline.last_time_s = index, time_s
             if writer is not None:
                 # as the timeline and the plot have them: numbered by track, smoothed
                 _write_frame(writer, draw_faces(_to_image(frame), faces, numbers=tracks, enlarge_tiny=False))
@@ -256,16 +265,16 @@ def analyze_video(
         raise FerkitError(f"no frame of {path} could be decoded: is it a video?")
     if info.frames > 0 and timeline.last_frame + 1 + every <= 0.95 * info.frames:  # containers' counts are approximate
         timeline.cut_short = True
-        log.warning("%s: frames stopped coming after frame %d of the %d its container lists; the file may be cut short",
+        log.warning("%s: frames stopped coming after frame %d of the %d its container lists; the file may be cut short or damaged",
                     path, timeline.last_frame + 1, info.frames)
     return timeline
 
 
 def _labelled(frames, path, store):
-    """(label, frame) pairs; each frame is kept in `store` until its result comes back."""
-    for index, _, frame in frames:
+    """(label, frame) pairs; each frame and its time are kept in `store` until its result comes back."""
+    for index, time_s, frame in frames:
         label = f"{path}#frame={index}"
-        store[label] = frame
+        store[label] = frame, time_s
         yield label, frame
 
 
