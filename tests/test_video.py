@@ -203,10 +203,11 @@ def test_a_videos_results_replace_ferkits_own_but_not_a_users_files(trained_run,
     again = CliRunner().invoke(cli, command)  # ferkit's own timeline, plot and video are replaced
     assert again.exit_code == 0, again.output
     assert (out / "squares.timeline.csv").read_bytes() == first["squares.timeline.csv"]
+    capture, info = open_video(out / "squares.annotated.mp4")  # ferkit's mark at its end leaves it a video
+    capture.release()
+    assert info.frames == 5
     for mine in ("squares.emotions.png", "squares.timeline.csv", "squares.annotated.mp4"):
-        if mine.endswith(".mp4"):  # an annotated video counts as ferkit's when its timeline beside it is
-            (out / "squares.timeline.csv").unlink()
-        (out / mine).unlink()
+        (out / mine).unlink()  # an annotated video of the user's is refused even beside ferkit's own timeline
         Image.new("RGB", (8, 8)).save(out / "theirs.png")
         (out / "theirs.png").rename(out / mine)  # the user's own file of that name
         refused = CliRunner().invoke(cli, command)

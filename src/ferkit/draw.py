@@ -122,9 +122,26 @@ def save_annotated(image: Image.Image, path: str | Path) -> Path:
     return Path(path)
 
 
+MP4_MARK = b"free" + b"ferkit"  # an MP4 box players skip ("free" space), holding ferkit's name
+
+
+def mark_video(path: str | Path) -> None:
+    """Mark an annotated MP4 video as ferkit's: a `free` box after its others, which players skip."""
+    payload = f"ferkit {__version__}".encode()
+    with open(path, "ab") as video:
+        video.write((8 + len(payload)).to_bytes(4, "big") + b"free" + payload)
+
+
 def written_by_ferkit(path: str | Path) -> bool:
-    """Whether the image at `path` is one that ferkit saved: an annotated copy (`save_annotated`, EXIF) or a
-    plot (ferkit.plots, a PNG text chunk)."""
+    """Whether the image at `path` is one that ferkit saved: an annotated copy (`save_annotated`, EXIF), a
+    plot (ferkit.plots, a PNG text chunk) or an annotated video (`mark_video`)."""
+    if str(path).lower().endswith(".mp4"):
+        try:
+            with open(path, "rb") as video:
+                video.seek(max(0, Path(path).stat().st_size - 64))
+                return MP4_MARK in video.read()
+        except OSError:
+            return False
     try:
         with Image.open(path) as image:
             software = image.getexif().get(SOFTWARE) or image.info.get("Software", "")

@@ -147,14 +147,11 @@ def check_replaceable(paths, *, overwrite: bool = False) -> None:
 
 def _written_by_ferkit(path: Path) -> bool:
     """Whether `path` holds one of ferkit's result files: an image's JSON, a faces table, results lines,
-    a batch's settings, a video's timeline, an annotated copy or a plot (marked as ferkit's inside), or an
-    annotated video beside its timeline."""
+    a batch's settings, a video's timeline, or an annotated copy, video or plot (marked as ferkit's inside)."""
     from ferkit.draw import written_by_ferkit
 
     if path.is_dir() or not path.is_file():
         return False
-    if path.name.endswith(".annotated.mp4"):
-        return _written_by_ferkit(path.with_name(path.name.removesuffix(".annotated.mp4") + ".timeline.csv"))
     if path.suffix in (".json", ".jsonl", ".csv"):
         with open(path, errors="replace") as handle:
             first = handle.readline()

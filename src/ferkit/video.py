@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ferkit.draw import draw_faces
+from ferkit.draw import draw_faces, mark_video
 from ferkit.errors import FerkitError
 from ferkit.faces import box_iou
 from ferkit.predict import UNCERTAIN_BELOW, analyze_images
@@ -259,6 +259,8 @@ def analyze_video(
         capture.release()
         if writer is not None:
             writer.release()
+            if Path(annotated).is_file():
+                mark_video(annotated)
         if table is not None:
             table.close()
     if timeline.frames_analysed == 0:
