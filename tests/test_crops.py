@@ -43,19 +43,48 @@ def test_class_folders_of_photos_become_class_folders_of_faces_framed_as_predict
         assert analyze(crop, detector="none")[0].probabilities == pytest.approx(face.probabilities, abs=1e-6)
 
 
-def test_crops_never_replace_a_users_file_but_replace_their_own(tmp_path):
+def test_a_rerun_crops_new_and_changed_photos_only_and_never_replaces_a_users_file(tmp_path):
     photos = _photos(tmp_path / "photos")
     crop_faces(photos, tmp_path / "faces")
-    again = crop_faces(photos, tmp_path / "faces")  # ferkit's own crops: replaced
-    assert len(again.written) == 3
+    again = crop_faces(photos, tmp_path / "faces")
+    assert again.written == [] and len(again.unchanged) == 2 and len(again.failed) == 1  # the broken photo, tried again
     mine = tmp_path / "faces" / "happy" / "people.face1.png"
     Image.fromarray(pattern_face(1, np.random.default_rng(1))).save(mine)
     before = mine.read_bytes()
+    assert crop_faces(photos, tmp_path / "faces").written == [] and mine.read_bytes() == before
+    shutil.copy(PEOPLE, photos / "happy" / "people.jpg")  # the photo changed (its time, here): cropped again
     with pytest.raises(FerkitError, match="ferkit did not write it"):
         crop_faces(photos, tmp_path / "faces")
     assert mine.read_bytes() == before
     assert len(crop_faces(photos, tmp_path / "faces", overwrite=True).written) == 3
     assert mine.read_bytes() != before
+    assert len(crop_faces(photos, tmp_path / "faces", detector="none").written) == 2  # other framing: all cropped again
+
+
+def test_crops_moved_to_another_class_or_deleted_by_hand_stay_so(tmp_path):
+    photos = _photos(tmp_path / "photos")
+    faces = tmp_path / "faces"
+    crop_faces(photos, faces)
+    (faces / "sad").mkdir()
+    (faces / "happy" / "people.face2.png").rename(faces / "sad" / "people.face2.png")  # this face is not happy
+    (faces / "happy" / "people.face3.png").unlink()  # a bad crop
+    for prune in (False, True):
+        summary = crop_faces(photos, faces, prune=prune)
+        assert summary.written == [] and summary.stale == []
+    assert sorted(p.relative_to(faces).as_posix() for p in faces.rglob("*.png")) == [
+        "happy/people.face1.png", "sad/people.face2.png"]
+
+
+def test_photos_of_one_name_from_two_sources_do_not_replace_each_others_crops(tmp_path):
+    for source in ("a", "b"):
+        (tmp_path / source / "happy").mkdir(parents=True)
+        shutil.copy(PEOPLE, tmp_path / source / "happy" / "people.jpg")
+    crop_faces(tmp_path / "a", tmp_path / "faces")
+    before = {p: p.read_bytes() for p in (tmp_path / "faces").rglob("*.png")}
+    summary = crop_faces(tmp_path / "b", tmp_path / "faces")
+    assert summary.written == [] and len(summary.failed) == 3
+    assert f"is the crop of another photo, {tmp_path / 'a' / 'happy' / 'people.jpg'}" in summary.failed[0]
+    assert {p: p.read_bytes() for p in (tmp_path / "faces").rglob("*.png")} == before
 
 
 def test_photos_of_one_name_in_one_folder_keep_their_crops_apart(tmp_path):
@@ -74,8 +103,12 @@ def test_the_crop_command_reports_each_photo_it_cannot_use_and_goes_on(tmp_path)
     assert f"several faces, each cropped into the photo's class: {photos / 'happy' / 'people.jpg'}" in result.output
     assert "broken.jpg" in result.output
     assert "3 photos, 3 faces written to" in result.output and "1 without a face, 1 failed" in result.output
-    missing = CliRunner().invoke(cli, ["crop", str(tmp_path / "nowhere"), "--out", str(tmp_path / "faces")])
-    assert missing.exit_code == 2 and missing.output.strip().startswith("error: ") and len(missing.output.strip().splitlines()) == 1
+    (tmp_path / "clip.mp4").write_bytes(b"a video")
+    for source, error in ((tmp_path / "nowhere", "no such file"), ("http://example.com/a.jpg", "URLs are not fetched"),
+                          (tmp_path / "clip.mp4", "is a video; ferkit crop takes photos")):
+        refused = CliRunner().invoke(cli, ["crop", str(source), "--out", str(tmp_path / "faces")])
+        assert refused.exit_code == 2 and refused.output.startswith("error: ") and error in refused.output
+        assert len(refused.output.strip().splitlines()) == 1
 
 
 def test_one_photo_or_a_glob_keeps_the_folders_below_where_it_points(tmp_path, monkeypatch):
@@ -90,8 +123,8 @@ def test_one_photo_or_a_glob_keeps_the_folders_below_where_it_points(tmp_path, m
 def test_crops_written_into_the_photos_folder_are_not_cropped_again(tmp_path):
     photos = _photos(tmp_path / "photos")
     first = crop_faces(photos, photos)
-    second = crop_faces(photos, photos)
-    assert second.photos == first.photos == 3 and second.written == first.written
+    second = crop_faces(photos, photos, detector="none")  # other framing: every photo cropped again
+    assert second.photos == first.photos == 3 and len(second.written) == 2
 
 
 def test_a_photo_with_fewer_faces_than_before_leaves_no_stale_crops(tmp_path):
@@ -115,9 +148,8 @@ def test_crops_of_photos_moved_or_gone_are_named_and_removed_when_asked(tmp_path
     assert result.exit_code == 1  # the broken photo
     stale = ["happy/people.face1.png", "happy/people.face2.png", "happy/people.face3.png",
              "sad/others.face1.png", "sad/others.face2.png", "sad/others.face3.png"]
-    assert f"6 face crop(s) in {tmp_path / 'faces'} that ferkit wrote of photos not in {photos}" in result.output
-    assert not crop_faces(photos / "sad" / "people.jpg", tmp_path / "faces" / "sad").stale  # one photo: a part of the folder
-    summary = crop_faces(photos, tmp_path / "faces", prune=True)
+    assert f"6 face crop(s) in {tmp_path / 'faces'} of photos that are no longer there" in result.output
+    summary = crop_faces(photos / "*" / "*.jpg", tmp_path / "faces", prune=True)  # a glob too
     assert sorted(p.relative_to(tmp_path / "faces").as_posix() for p in summary.stale) == stale
     assert sorted(p.relative_to(tmp_path / "faces").as_posix() for p in (tmp_path / "faces").rglob("*.png")) == [
         "happy/mine.face1.png", "sad/people.face1.png", "sad/people.face2.png", "sad/people.face3.png"]

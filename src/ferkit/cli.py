@@ -425,12 +425,13 @@ def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_siz
 @click.option("--detector", type=click.Choice(DETECTORS), default="auto", show_default=True,
               help="Face detector; none takes each whole image as one face, made square.")
 @click.option("--model", help="The model whose face framing the crops take (default: the default shipped model).")
-@click.option("--overwrite", is_flag=True, help="Replace files in --out that ferkit did not write.")
+@click.option("--overwrite", is_flag=True, help="Replace files in --out that ferkit did not write, and crops of other photos of the same name.")
 @click.option("--prune", is_flag=True,
-              help="Remove the crops ferkit wrote in --out of photos not in the SOURCE folder (moved to another class, deleted).")
+              help="Remove the crops ferkit wrote in --out of photos that are no longer there (moved to another class, deleted).")
 def crop_cmd(source: str, out: Path, detector: str, model: str | None, overwrite: bool, prune: bool):
     """Crop every face out of the photos in SOURCE (a folder, read recursively, a glob or a photo) into
-    --out, keeping their folders: class folders of photos become class folders of faces to train on."""
+    --out, keeping their folders: class folders of photos become class folders of faces to train on.
+    Run again, it crops only new and changed photos: crops moved to another class or deleted by hand stay so."""
     from ferkit.data.crops import crop_faces
     from ferkit.progress import echo_error, progress_bar
 
@@ -443,11 +444,12 @@ def crop_cmd(source: str, out: Path, detector: str, model: str | None, overwrite
     for photo in summary.several_faces:  # a group photo's class may not be every face's: worth a look
         click.echo(f"several faces, each cropped into the photo's class: {photo}", err=True)
     if summary.stale and not prune:
-        click.echo(f"{len(summary.stale)} face crop(s) in {out} that ferkit wrote of photos not in {source} "
-                   f"(e.g. {summary.stale[0]}) are still there, and still training faces; if those photos moved to "
-                   "another class or went (rather than came from another folder), --prune removes them", err=True)
+        click.echo(f"{len(summary.stale)} face crop(s) in {out} of photos that are no longer there (moved to another "
+                   f"class folder, or deleted), e.g. {summary.stale[0]}, are still training faces; --prune removes them",
+                   err=True)
     pruned = f", {len(summary.stale)} crop(s) of photos no longer there removed" if prune and summary.stale else ""
-    click.echo(f"{summary.photos} photos, {len(summary.written)} faces written to {out}, "
+    unchanged = f" ({len(summary.unchanged)} cropped before and unchanged, left as they are)" if summary.unchanged else ""
+    click.echo(f"{summary.photos} photos{unchanged}, {len(summary.written)} faces written to {out}, "
                f"{len(summary.without_faces)} without a face, {len(summary.failed)} failed{pruned}")
     if summary.failed:
         sys.exit(1)

@@ -5,7 +5,11 @@ taken whole, each as one face; ordinary photos need this step first."""
 
 from __future__ import annotations
 
+import functools
 import glob
+import json
+import logging
+import os
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -15,7 +19,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from ferkit import __version__
-from ferkit.errors import FerkitError
+from ferkit.errors import FerkitError, first_line
 from ferkit.faces import crop_for_model, get_detector, whole_image_face
 from ferkit.images import load_image, to_rgb
 from ferkit.results import check_replaceable, check_writable_folder, create_folder
@@ -23,8 +27,12 @@ from ferkit.runtime import read_metadata, resolve_model_path
 from ferkit.draw import written_by_ferkit
 from ferkit.sources import list_images, source_kind
 
+log = logging.getLogger("ferkit")
+
 MAX_SIDE = 256  # larger crops are scaled down: a model sees 40-64 pixels of a face
 CROP_NAME = re.compile(r"\.face(\d+)\.png$")
+RECORD = ".ferkit-crops.json"  # in `out`: which photo each crop was made of, and how (hidden from datasets)
+SAVE_EVERY = 100  # photos between saves of the record, so that a run cut short keeps most of what it did
 
 
 @dataclass
@@ -33,10 +41,11 @@ class CropSummary:
 
     photos: int = 0
     written: list[Path] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)  # cropped by an earlier run and unchanged since: left as they are
     without_faces: list[str] = field(default_factory=list)
     several_faces: list[str] = field(default_factory=list)  # each crop takes the photo's folder, and so its class
     failed: list[str] = field(default_factory=list)  # "path: why"
-    # crops ferkit wrote in `out` of photos no longer in the source (moved to another class, or deleted):
+    # crops ferkit wrote in `out` of photos that are no longer there (moved to another class, or deleted):
     # removed with `prune`, else left, and listed here
     stale: list[Path] = field(default_factory=list)
 
@@ -45,64 +54,152 @@ def crop_faces(source: str | Path, out: str | Path, *, detector="auto", model=No
                prune: bool = False, progress: Callable[[int, int], None] | None = None) -> CropSummary:
     """Write every face of the photos in `source` (a folder, read recursively, a glob or one photo) to
     `out` as `<photo name>.face<k>.png`, largest face first, each in the folder of its photo relative
-    to `source` (for a glob: to its folder before the first wildcard). Crops an earlier run wrote of a
-    photo beyond the faces found now are removed; crops ferkit wrote are never read as photos. Faces are framed as `model` (default: the default shipped model) frames the faces it
-    is shown, and kept in colour, at most MAX_SIDE pixels a side. A photo that cannot be read, or whose
-    detection fails, is named in `failed` and the rest goes on. Files in `out` that ferkit did not
-    write are never replaced unless `overwrite`. Of a folder, crops ferkit wrote in `out` of photos that
-    are not in it (a photo moved to another class folder, or deleted) are listed in `stale`, and removed
-    with `prune`: `out` may also hold the crops of other sources."""
+    to `source` (for a glob: to its folder before the first wildcard). Faces are framed as `model`
+    (default: the default shipped model) frames the faces it is shown, and kept in colour, at most
+    MAX_SIDE pixels a side. A photo that cannot be read, or whose detection fails, is named in `failed`
+    and the rest goes on.
+
+    `out/.ferkit-crops.json` records which photo each crop was made of. A photo cropped before (with the
+    same detector and model) and unchanged since is not cropped again, so crops moved to another class
+    folder or deleted by hand stay so; a changed photo is cropped anew. Crops of photos that are no longer
+    there (moved to another class folder, deleted) are listed in `stale`, and removed with `prune`. Files
+    in `out` that ferkit did not write, or crops of another photo that is still there (two sources of one
+    name cropped into one `out`), are never replaced unless `overwrite`."""
+    photos, root = _photos_and_root(str(source), Path(out))
     source, out = Path(source), Path(out)
-    photos, root = _photos_and_root(source, out)
     metadata = read_metadata(resolve_model_path(model))
     find = get_detector(detector)
     check_writable_folder(create_folder(out, "folder for the face crops"))
+    record = CropRecord.load(out, {"detector": detector, "model": str(resolve_model_path(model))})
     bases = _base_names(photos)
-    check_replaceable([_crop_path(out, photo, root, bases[photo], 1) for photo in photos], overwrite=overwrite)
+    first_crops = {photo: _crop_path(out, photo, root, bases[photo], 1) for photo in photos}
+    todo = {photo for photo in photos if not record.is_unchanged(photo, first_crops[photo])}
+    check_replaceable([first_crops[photo] for photo in photos if photo in todo], overwrite=overwrite)  # before any work
     summary = CropSummary(photos=len(photos))
-    for done, photo in enumerate(photos, 1):
-        try:
-            faces = _faces_of(photo, find, metadata)
-        except FerkitError as err:
-            summary.failed.append(str(err))  # it names the photo
-            faces = None
-        except Exception as err:  # a detector's failure on one photo: report it, go on with the rest
-            summary.failed.append(f"{photo}: face detection failed: {type(err).__name__}: {err}".splitlines()[0])
-            faces = None
-        else:
-            if not faces:
-                summary.without_faces.append(str(photo))
-            elif len(faces) > 1:
-                summary.several_faces.append(str(photo))
-        for k, face in enumerate(faces or [], 1):
-            path = _crop_path(out, photo, root, bases[photo], k)
-            try:
-                check_replaceable([path], overwrite=overwrite)
-            except FerkitError as err:
-                summary.failed.append(str(err))
-                continue
-            summary.written.append(_save_crop(face, path))
-        if faces is not None:
-            _remove_earlier_crops(_crop_path(out, photo, root, bases[photo], 1), beyond=len(faces))
-        if progress:
-            progress(done, len(photos))
-    if source.is_dir():  # one photo or a glob is a part of what `out` may hold
-        summary.stale = _crops_of_other_photos(out, {_crop_path(out, photo, root, bases[photo], 1) for photo in photos})
-    if prune:
-        for path in summary.stale:
-            path.unlink()
+    try:
+        for done, photo in enumerate(photos, 1):
+            if photo in todo:
+                path_of = functools.partial(_crop_path, out, photo, root, bases[photo])
+                _crop_one(photo, path_of, find, metadata, record, summary, overwrite)
+            else:
+                summary.unchanged.append(str(photo))
+            if progress:
+                progress(done, len(photos))
+            if done % SAVE_EVERY == 0:
+                record.save()
+        summary.stale = record.crops_of_photos_gone()
+        if prune:
+            record.remove(summary.stale)
+    finally:
+        record.save()
     return summary
 
 
-def _crops_of_other_photos(out: Path, firsts: set[Path]) -> list[Path]:
-    """The crops ferkit wrote in `out` of photos other than those whose first crops are `firsts`."""
-    ours = {(first.parent.absolute(), first.name.removesuffix(".face1.png")) for first in firsts}
-    found = []
-    for path in sorted(out.rglob("*.face*.png")):
-        number = CROP_NAME.search(path.name)
-        if number and (path.parent.absolute(), path.name[: number.start()]) not in ours and written_by_ferkit(path):
-            found.append(path)
-    return found
+def _crop_one(photo: Path, path_of: Callable[[int], Path], find, metadata, record: CropRecord,
+              summary: CropSummary, overwrite: bool) -> None:
+    try:
+        faces = _faces_of(photo, find, metadata)
+    except FerkitError as err:
+        summary.failed.append(str(err))  # it names the photo
+        return
+    except Exception as err:  # a detector's failure on one photo: report it, go on with the rest
+        summary.failed.append(f"{photo}: face detection failed: {type(err).__name__}: {err}".splitlines()[0])
+        return
+    if not faces:
+        summary.without_faces.append(str(photo))
+    elif len(faces) > 1:
+        summary.several_faces.append(str(photo))
+    written = []
+    for k, face in enumerate(faces, 1):
+        path = path_of(k)
+        try:
+            check_replaceable([path], overwrite=overwrite)
+            if not overwrite:
+                record.check_not_anothers(path, photo)
+        except FerkitError as err:
+            summary.failed.append(str(err))
+            continue
+        written.append(_save_crop(face, path))
+    summary.written.extend(written)
+    _remove_earlier_crops(path_of(1), beyond=len(faces))
+    record.cropped(photo, written, complete=len(written) == len(faces))
+
+
+class CropRecord:
+    """`out/.ferkit-crops.json`: each photo cropped into `out` (its absolute path), its size and time when
+    cropped, and its crops (relative to `out`); and the detector and model they were cropped with."""
+
+    def __init__(self, out: Path, settings: dict, photos: dict[str, dict]):
+        self.out, self.settings, self.photos = out, settings, photos
+        self.owners = {crop: photo for photo, entry in photos.items() for crop in entry["crops"]}
+
+    @classmethod
+    def load(cls, out: Path, settings: dict) -> CropRecord:
+        try:
+            saved = json.loads((out / RECORD).read_text())
+            photos = {str(k): {"stamp": list(v["stamp"]), "crops": list(v["crops"])} for k, v in saved["photos"].items()}
+            same = saved.get("settings") == settings
+        except FileNotFoundError:
+            return cls(out, settings, {})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            log.warning("%s cannot be read (%s): every photo is cropped again", out / RECORD, first_line(err))
+            return cls(out, settings, {})
+        if not same:  # other framing: every photo is cropped again, and replaces its crops
+            photos = {k: {"stamp": None, "crops": v["crops"]} for k, v in photos.items()}
+        return cls(out, settings, photos)
+
+    def is_unchanged(self, photo: Path, first_crop: Path) -> bool:
+        """Cropped before, with these settings, into this folder, and not changed since."""
+        entry = self.photos.get(_key(photo))
+        return (entry is not None and entry["stamp"] == _stamp(photo)
+                and (not entry["crops"] or Path(entry["crops"][0]).parent == first_crop.relative_to(self.out).parent))
+
+    def check_not_anothers(self, path: Path, photo: Path) -> None:
+        owner = self.owners.get(path.relative_to(self.out).as_posix())
+        if owner is not None and owner != _key(photo) and os.path.exists(owner):
+            raise FerkitError(f"{path} is the crop of another photo, {owner}: crop photos of the same name into "
+                              "different --out folders (or replace it: --overwrite)")
+
+    def cropped(self, photo: Path, crops: list[Path], complete: bool) -> None:
+        """`photo`'s crops are now `crops`: those of an earlier version of it, still where ferkit wrote them
+        and not written over, are removed (crops moved or replaced by hand are elsewhere, or not ferkit's)."""
+        key = _key(photo)
+        relative = [crop.relative_to(self.out).as_posix() for crop in crops]
+        for crop in self.photos.get(key, {"crops": []})["crops"]:
+            if crop not in relative and written_by_ferkit(self.out / crop):
+                (self.out / crop).unlink()
+            self.owners.pop(crop, None)
+        for crop in relative:
+            if self.owners.get(crop) not in (None, key):  # a photo's that is gone: no longer its
+                self.photos[self.owners[crop]]["crops"].remove(crop)
+            self.owners[crop] = key
+        self.photos[key] = {"stamp": _stamp(photo) if complete else None, "crops": relative}
+
+    def crops_of_photos_gone(self) -> list[Path]:
+        """The crops, still where ferkit wrote them, of the photos that are no longer where they were."""
+        return sorted(self.out / crop for photo, entry in self.photos.items() if not os.path.exists(photo)
+                      for crop in entry["crops"] if written_by_ferkit(self.out / crop))
+
+    def remove(self, crops: list[Path]) -> None:
+        for path in crops:
+            path.unlink()
+        for photo in [p for p in self.photos if not os.path.exists(p)]:
+            for crop in self.photos.pop(photo)["crops"]:
+                self.owners.pop(crop, None)
+
+    def save(self) -> None:
+        partial = self.out / f"{RECORD}.partial"
+        partial.write_text(json.dumps({"settings": self.settings, "photos": self.photos}, indent=1) + "\n")
+        os.replace(partial, self.out / RECORD)
+
+
+def _key(photo: Path) -> str:
+    return os.path.realpath(photo)
+
+
+def _stamp(photo: Path) -> list[int]:
+    stat = photo.stat()
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def _faces_of(photo: Path, find, metadata) -> list[Image.Image]:
@@ -114,19 +211,23 @@ def _faces_of(photo: Path, find, metadata) -> list[Image.Image]:
     return [crop_for_model(picture, d, metadata) for d in detected_faces(find, picture)]
 
 
-def _photos_and_root(source: Path, out: Path) -> tuple[list[Path], Path]:
+def _photos_and_root(source: str, out: Path) -> tuple[list[Path], Path]:
     """The photos to crop, less crops that ferkit wrote (where --out lies in the source), and the folder
     below which their folders are kept: the source folder, a glob's folder before its first wildcard,
     or a photo's own folder."""
-    if source_kind(str(source)) == "image":
-        return [source], source.parent
-    photos = [p for p in list_images(str(source), skip=out) if not _a_crop_of_ours(p)]
+    kind = source_kind(source)  # before Path(), which would fold a URL's // and hide what it is
+    if kind == "image":
+        return [Path(source)], Path(source).parent
+    if kind == "video":
+        raise FerkitError(f"{source} is a video; ferkit crop takes photos (extract frames first)")
+    photos = [p for p in list_images(source, skip=out) if not _a_crop_of_ours(p)]
     if not photos:
         raise FerkitError(f"no photos in {source} but face crops that ferkit wrote")
-    if source.is_dir():
-        return photos, source
-    wild = next(i for i, part in enumerate(source.parts) if glob.has_magic(part))
-    return photos, Path(*source.parts[:wild]) if wild else Path(".")
+    if Path(source).is_dir():
+        return photos, Path(source)
+    parts = Path(source).parts
+    wild = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    return photos, Path(*parts[:wild]) if wild else Path(".")
 
 
 def _a_crop_of_ours(path: Path) -> bool:
