@@ -771,6 +771,13 @@ def test_a_teacher_made_one_model_at_a_time_equals_one_made_at_once(pattern_data
         save_teacher_probabilities([first, "default"], pattern_data / "train", tmp_path / "x.npz")
     with pytest.raises(FerkitError, match="no such file of teacher probabilities"):
         save_teacher_probabilities([tmp_path / "nosuch.npz"], val, tmp_path / "y.npz")
+    with pytest.raises(FerkitError, match="a test-time augmentation applies to models only"):
+        save_teacher_probabilities([first, default_only], val, tmp_path / "y.npz", tta="flip")
+    (tmp_path / "junk.npz").write_text("junk")
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    for other in ("junk.npz", "other.npz"):  # read for the data's classes when no model is among the members
+        with pytest.raises(FerkitError, match="is not a file of teacher probabilities"):
+            save_teacher_probabilities([tmp_path / other], pattern_data / "val", tmp_path / "y.npz")
     assert not (tmp_path / "x.npz").exists() and not (tmp_path / "y.npz").exists()
 
 

@@ -45,6 +45,9 @@ def save_teacher_probabilities(models, dataset: FaceDataset | str | Path, out: s
     for member in members:
         check_teacher(member)
     classifiers = {member: load_classifier(member).with_tta(tta) for member in members if not _is_saved(member)}
+    if tta is not None and not classifiers:
+        raise FerkitError("every member is saved probabilities, scored with the views they were made with: "
+                          "a test-time augmentation applies to models only")
     _check_same_classes(classifiers)
     if not isinstance(dataset, FaceDataset):
         dataset = _load_training_faces(dataset, classifiers, members, progress=progress)
@@ -92,9 +95,16 @@ def _load_training_faces(source: str | Path, classifiers: dict, members: list[st
     if first is not None:
         classes, image_size = first.classes, first.input_size
     else:
-        with np.load(members[0]) as stored:
-            classes, image_size = [str(name) for name in stored["classes"]], (48, 48)
+        classes, image_size = _saved_classes(members[0]), (48, 48)
     return load_dataset(source, classes=classes, image_size=tuple(image_size), usage=TRAIN_USAGE, progress=progress)
+
+
+def _saved_classes(path: str) -> list[str]:
+    try:
+        with np.load(path) as stored:
+            return [str(name) for name in stored["classes"]]
+    except (OSError, ValueError, KeyError):
+        raise FerkitError(f"{path} is not a file of teacher probabilities (made by `ferkit teacher`)") from None
 
 
 def _predict_with_progress(classifier, name: str, dataset: FaceDataset, batch_size: int, progress: bool) -> np.ndarray:
