@@ -102,6 +102,8 @@ def test_export_command_int8_calibrates_on_the_runs_training_data(trained_run, t
     result = CliRunner().invoke(cli, ["export", str(trained_run), "--onnx", "--int8", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "held-out faces" in result.output and read_metadata(out).extra["int8"]["calibration_faces"] > 0
+    calibrated = read_metadata(out).extra["int8"]["calibration_faces"]
+    assert f"quantizing to int8: calibrating on {calibrated} faces" in result.output  # minutes of work, said as it begins
     # in Python too, by default; or on the faces of a folder given by its path
     from ferkit.config import TrainConfig
 

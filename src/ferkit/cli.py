@@ -562,8 +562,8 @@ def export_cmd(model: str, to_onnx: bool, out: Path | None, overwrite: bool, rec
         raise FerkitError("--calibration applies to --int8 and --recalibrate-bn exports")
     exportable_model(model)
     export_path(model, out, overwrite=overwrite)  # before minutes of loading faces, not after
-    faces = calibration_faces(model, calibration) if int8 or recalibrate_bn else None
-    held_out = temperature_faces(model, temperature_data) if temperature_data else None
+    faces = calibration_faces(model, calibration, progress=True) if int8 or recalibrate_bn else None
+    held_out = temperature_faces(model, temperature_data, progress=True) if temperature_data else None
     path = export_onnx(model, out, overwrite=overwrite, calibration=faces, recalibrate_bn=recalibrate_bn, int8=int8, tta=tta,
                        temperature_data=held_out)
     click.echo(f"wrote {path} (the float model agrees with Keras within {TOLERANCE})")

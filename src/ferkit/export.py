@@ -32,7 +32,7 @@ MIN_TEMPERATURE_FACES = 50  # a temperature fitted on fewer held-out faces is a 
 MIN_INT8_CHECK_FACES = 20  # at 95% agreement, one disagreement in 20: fewer faces would make the check meaningless
 
 
-def calibration_faces(model: str | Path, data: str | Path | None = None) -> FaceDataset:
+def calibration_faces(model: str | Path, data: str | Path | None = None, *, progress: bool = False) -> FaceDataset:
     """The faces to re-measure batch norm on and calibrate an int8 export with: `data`, else the training
     data that the run folder of `model` (the folder, or a model file in it) records; of a FER2013 CSV,
     the Training rows only (never test faces), with the model's classes."""
@@ -48,17 +48,17 @@ def calibration_faces(model: str | Path, data: str | Path | None = None) -> Face
         data = TrainConfig.load(run / "config.json").data
         if not data or not Path(data).exists():
             raise FerkitError(f"the run's training data {data} is not here; pass --calibration DATA (in Python, calibration=DATA)")
-    return load_dataset(data, classes=read_metadata(resolve_model_path(model)).classes, usage=TRAIN_USAGE)
+    return load_dataset(data, classes=read_metadata(resolve_model_path(model)).classes, usage=TRAIN_USAGE, progress=progress)
 
 
-def temperature_faces(model: str | Path, data: str | Path) -> FaceDataset:
+def temperature_faces(model: str | Path, data: str | Path, *, progress: bool = False) -> FaceDataset:
     """The labelled held-out faces to fit `model`'s temperature on (a FER2013 CSV gives its PublicTest
     rows), loaded with the model's classes and input size."""
     from ferkit.data import load_dataset
     from ferkit.data.fer2013_csv import VAL_USAGE
 
     meta = read_metadata(model)
-    return load_dataset(data, classes=meta.classes, image_size=tuple(meta.input_size), usage=VAL_USAGE)
+    return load_dataset(data, classes=meta.classes, image_size=tuple(meta.input_size), usage=VAL_USAGE, progress=progress)
 
 
 def exportable_model(model: str | Path) -> Path:
@@ -141,6 +141,7 @@ def _load_keras(source: Path) -> KerasClassifier:
 def _recalibrate(classifier: KerasClassifier, dataset: FaceDataset) -> None:
     from ferkit.batch_norm import recalibrate_on_faces
 
+    log.info("re-measuring batch norm on %d faces", len(dataset))
     layers = recalibrate_on_faces(classifier.model, dataset.images, classifier.input_size, classifier.metadata.channels)
     if not layers:
         log.warning("%s has no batch-norm layers to re-measure: --recalibrate-bn changes nothing", classifier.name)
@@ -168,6 +169,8 @@ def _quantize_int8(path: Path, dataset: FaceDataset) -> None:
         raise FerkitError(f"int8 export needs at least {2 * MIN_INT8_CHECK_FACES} calibration faces (half to calibrate, half "
                           f"to check the int8 model on), got {len(dataset)}")
     batches = [faces_to_batch(calibration[i : i + 64], floating.metadata.channels) for i in range(0, len(calibration), 64)]
+    log.info("quantizing to int8: calibrating on %d faces, then checking it against the float model on %d others",
+             len(calibration), len(held_out))
 
     class Batches(CalibrationDataReader):
         def __init__(self):
