@@ -82,6 +82,16 @@ def test_one_image_or_one_box_where_a_list_belongs_is_refused_in_one_line(traine
         analyze(picture, model=trained_run, boxes=(10, 10, 48, 48))
 
 
+def test_an_empty_or_closed_pil_image_and_a_threshold_that_is_no_number_are_one_line_errors(trained_run):
+    closed = Image.fromarray(_canvas_with_faces([(10, 10, 48, 48)], [3]))
+    closed.close()
+    for image, message in ((Image.new("RGB", (0, 0)), "needs at least one pixel"), (closed, "cannot be read")):
+        with pytest.raises(FerkitError, match=message):
+            analyze(image, model=trained_run)
+    with pytest.raises(FerkitError, match="must be a number at least 0 and below 1, not '0.5'"):
+        analyze(_canvas_with_faces([(10, 10, 48, 48)], [3]), model=trained_run, uncertain_below="0.5")
+
+
 def test_batching_does_not_change_the_results(trained_run):
     images = [_canvas_with_faces([(10, 10, 48, 48), (120, 60, 48, 48)], [i % 7, (i + 3) % 7]) for i in range(9)]
     boxes = [(10, 10, 48, 48), (120, 60, 48, 48)]

@@ -57,6 +57,12 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray | bytes, *, 
     if channels not in CHANNEL_ORDERS:
         raise FerkitError(f"channels must be 'rgb' or 'bgr', not {channels!r}")
     if isinstance(source, Image.Image):
+        if 0 in source.size:
+            raise FerkitError(f"an image needs at least one pixel, got a PIL image of {source.size[0]}x{source.size[1]}")
+        try:
+            source.load()
+        except (OSError, ValueError) as err:  # a closed image, a file cut short
+            raise FerkitError(f"the PIL image cannot be read: {first_line(err)}") from None
         return ImageOps.exif_transpose(source)
     if isinstance(source, np.ndarray):
         if channels == "bgr" and source.ndim == 3 and source.shape[2] in (3, 4):

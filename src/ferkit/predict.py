@@ -141,8 +141,8 @@ def _deprecated(old: str, new: str) -> None:
 
 def check_uncertain_below(value: float) -> float:
     """`value` if it can be an uncertainty threshold (0 <= value < 1), else FerkitError."""
-    if not 0.0 <= value < 1.0:
-        raise FerkitError(f"the uncertainty threshold must be at least 0 and below 1, not {value}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0.0 <= value < 1.0:
+        raise FerkitError(f"the uncertainty threshold must be a number at least 0 and below 1, not {value!r}")
     return value
 
 
