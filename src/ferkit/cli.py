@@ -182,7 +182,10 @@ def models_list(pattern: str):
                      title="Shipped with ferkit (--model NAME; the first is the default)")
         machines = sorted({entry["speed"]["machine"] for entry in shipped.values() if "speed" in entry})
         if machines:
-            click.echo(f"faces/s in batches of 256, measured on {'; '.join(machines)}")
+            click.echo("faces/s in batches of 256, ms for one face alone, measured on")
+            for machine in machines:
+                click.echo(f"  {machine}")
+            click.echo("int8 models run 2-3 times slower on CPUs without VNNI (docs/model-card.md)")
     if names:
         rows = [(n, get_model_spec(n)) for n in names]
         _print_table(

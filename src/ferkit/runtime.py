@@ -494,14 +494,20 @@ def seconds_per_call(classifier: Classifier, size: int, calls: int, *, rounds: i
 
 
 def machine_description() -> str:
-    """This machine's CPU model and usable cores, e.g. "AMD EPYC 7B13, 2 cores, Linux x86_64"."""
+    """This machine's CPU model, the instructions int8 models depend on, and its usable cores, e.g.
+    "AMD EPYC 7B13 (AVX-512 VNNI), 2 cores, Linux x86_64"."""
     import platform
 
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
     except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
+        cpu, flags = platform.processor() or "unknown CPU", set()
+    # int8 ONNX models run 2-3 times faster with VNNI than with AVX2 alone (docs/model-card.md)
+    kind = next((name for flag, name in (("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"), ("avx2", "AVX2"))
+                 if flag in flags), None)
+    cpu += f" ({kind})" if kind else ""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return f"{cpu}, {cores} cores, {platform.system()} {platform.machine()}"
 
