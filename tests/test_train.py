@@ -364,6 +364,35 @@ def test_the_training_data_is_refused_as_its_own_validation_data(pattern_data, t
         train(config, verbose=0)
 
 
+def test_a_copy_of_the_training_data_is_refused_as_validation_data_and_a_few_copied_faces_are_warned_of(pattern_data, tmp_path):
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+
+    shutil.copytree(pattern_data / "train", tmp_path / "copy")
+    config = TrainConfig(data=str(pattern_data / "train"), val=str(tmp_path / "copy"), epochs=1, out=str(tmp_path / "run"))
+    faces = len(list((tmp_path / "copy").rglob("*.png")))
+    with pytest.raises(FerkitError, match=f"{faces} of the {faces} faces of --val .* are copies of training faces"):
+        train(config, verbose=0)
+    assert not (tmp_path / "run").exists()
+    shutil.copytree(pattern_data / "val", tmp_path / "val")
+    for face in sorted((pattern_data / "train" / "happy").iterdir())[:3]:
+        shutil.copy(face, tmp_path / "val" / "happy" / f"copy-{face.name}")
+    result = CliRunner().invoke(cli, ["train", "--data", str(pattern_data / "train"), "--val", str(tmp_path / "val"),
+                                      "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    val = len(list((tmp_path / "val").rglob("*.png")))
+    assert f"3 of the {val} validation faces ({300 / val:.1f}%) are identical to training faces" in result.output
+    tool = Path(__file__).resolve().parents[1] / "tools" / "seen_in_training.py"
+    scored = subprocess.run([sys.executable, str(tool), str(tmp_path / "run"), "--data", str(pattern_data / "train"),
+                             "--val", str(tmp_path / "val")], capture_output=True, text=True)
+    assert scored.returncode == 0, scored.stderr
+    lines = scored.stdout.splitlines()
+    overall, seen, unseen = (float(line.rsplit(" ", 1)[1]) for line in lines)
+    assert "3 faces identical to training faces" in lines[1] and f"{val - 3} faces not among" in lines[2]
+    assert overall == pytest.approx((3 * seen + (val - 3) * unseen) / val, abs=1e-4)
+
+
 def test_lists_may_be_given_as_comma_separated_names():
     config = TrainConfig(augment="flip, crop", classes="happy,sad")
     assert config.augment == ["flip", "crop"] and config.classes == ["happy", "sad"]

@@ -32,6 +32,7 @@ from ferkit.runs import EPOCHS_FOLDER, RunState, check_run_folder, clear_run_fol
 from ferkit.teacher import check_teacher, teacher_probabilities
 from ferkit.training_data import (
     fit_data, load_train_val, train_size, trains_on_cached_features, validation_size, warn_of_a_small_validation_set,
+    warn_of_validation_faces_seen_in_training,
     warn_of_classes_with_few_faces,
 )
 from ferkit.training_model import (
@@ -136,6 +137,7 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
             # Only now that data and model are known to be good does the run folder change.
             if not resume:
                 warn_of_a_small_validation_set(val_set)  # once training is sure to start: not before an error
+                warn_of_validation_faces_seen_in_training(train_set, val_set)
                 _log_starting_score(config, val_set)
                 _say_what_is_kept(run, clear_run_folder(run))
             started = True

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import logging
 from pathlib import Path
 
@@ -42,6 +43,10 @@ def load_train_val(config: TrainConfig, input_size, *, progress: bool = False) -
     check_classes_present(data, known=_init_classes(config))
     if config.val:
         val = load_dataset(config.val, usage=VAL_USAGE, **{**common, "classes": data.classes})
+        seen = faces_seen_in_training(data, val)
+        if len(val) and seen.mean() >= COPIED_VAL:
+            raise FerkitError(f"{int(seen.sum())} of the {len(val)} faces of --val {config.val} are copies of training faces: "
+                              "validation faces must be others")
         _warn_of_classes_missing_from_val(data, val)
     else:
         data, val = split_dataset(data, val_fraction=config.val_split, seed=config.seed)
@@ -60,6 +65,27 @@ def warn_of_classes_with_few_faces(data: FaceDataset) -> None:
 
 
 FEW_VAL_FACES = 50  # validation faces below which one face moves the accuracy by 2 points or more
+COPIED_VAL = 0.9  # the share of validation faces identical to training faces that makes --val a copy of --data
+
+
+def faces_seen_in_training(data: FaceDataset, val: FaceDataset) -> np.ndarray:
+    """Which of `val`'s faces are, pixel for pixel, one of `data`'s (FER2013 has 280 such among PublicTest's
+    3,589): a model may have learnt them by heart."""
+    seen = set(_face_digests(data.images))
+    return np.array([digest in seen for digest in _face_digests(val.images)], dtype=bool)
+
+
+def _face_digests(images, chunk: int = 4096):
+    for start in range(0, len(images), chunk):  # a chunk at a time: packed data is read from disk
+        for face in np.ascontiguousarray(images[start:start + chunk]):
+            yield hashlib.blake2b(face.tobytes(), digest_size=8).digest()
+
+
+def warn_of_validation_faces_seen_in_training(data: FaceDataset, val: FaceDataset) -> None:
+    seen = faces_seen_in_training(data, val)
+    if seen.any():
+        log.warning("%d of the %d validation faces (%.1f%%) are identical to training faces: a model may know them by "
+                    "heart, so they raise its val accuracy", seen.sum(), len(val), 100 * seen.mean())
 
 
 def warn_of_a_small_validation_set(val: FaceDataset) -> None:
