@@ -52,7 +52,9 @@ def test_a_rerun_crops_new_and_changed_photos_only_and_never_replaces_a_users_fi
     Image.fromarray(pattern_face(1, np.random.default_rng(1))).save(mine)
     before = mine.read_bytes()
     assert crop_faces(photos, tmp_path / "faces").written == [] and mine.read_bytes() == before
-    shutil.copy(PEOPLE, photos / "happy" / "people.jpg")  # the photo changed (its time, here): cropped again
+    shutil.copy(PEOPLE, photos / "happy" / "people.jpg")  # copied again: a new time, the same content
+    assert crop_faces(photos, tmp_path / "faces").written == []
+    Image.open(PEOPLE).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photos / "happy" / "people.jpg")  # changed
     with pytest.raises(FerkitError, match="ferkit did not write it"):
         crop_faces(photos, tmp_path / "faces")
     assert mine.read_bytes() == before
@@ -73,6 +75,44 @@ def test_crops_moved_to_another_class_or_deleted_by_hand_stay_so(tmp_path):
         assert summary.written == [] and summary.stale == []
     assert sorted(p.relative_to(faces).as_posix() for p in faces.rglob("*.png")) == [
         "happy/people.face1.png", "sad/people.face2.png"]
+
+
+def test_a_source_folder_renamed_and_renamed_back_keeps_its_crops_even_when_pruned(tmp_path):
+    photos = _photos(tmp_path / "photos")
+    faces = tmp_path / "faces"
+    crop_faces(photos, faces)
+    photos.rename(tmp_path / "pics")
+    assert len(crop_faces(tmp_path / "pics", faces, prune=True).written) == 3  # the crops of photos gone: theirs now
+    (tmp_path / "pics").rename(photos)
+    again = crop_faces(photos, faces, prune=True)
+    assert again.stale == [] and len(again.written) == 3
+    assert sorted(p.name for p in faces.rglob("*.png")) == [f"people.face{k}.png" for k in (1, 2, 3)]
+
+
+def test_a_changed_photo_whose_crops_were_sorted_by_hand_is_named_and_the_record_stays_readable(tmp_path, caplog):
+    photos = _photos(tmp_path / "photos")
+    faces = tmp_path / "faces"
+    crop_faces(photos, faces)
+    (faces / "sad").mkdir()
+    (faces / "happy" / "people.face2.png").rename(faces / "sad" / "people.face2.png")
+    mine = faces / "happy" / "people.face3.png"
+    Image.fromarray(pattern_face(1, np.random.default_rng(1))).save(mine)  # a user's own file: that crop fails
+    Image.open(PEOPLE).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photos / "happy" / "people.jpg")
+    summary = crop_faces(photos, faces)
+    assert summary.edited_before == [str(photos / "happy" / "people.jpg")] and len(summary.failed) == 2
+    again = crop_faces(photos, faces)  # the photo whose crop failed is tried again, the rest are not
+    assert "cannot be read" not in caplog.text and len(again.unchanged) == 1 and len(again.failed) == 2
+
+
+def test_crops_at_the_top_of_out_and_face_crops_given_as_photos_are_pointed_out(tmp_path):
+    photos = _photos(tmp_path / "photos")
+    Image.fromarray(pattern_face(2, np.random.default_rng(2), size=48)).save(photos / "sad" / "crop.png")
+    result = CliRunner().invoke(cli, ["crop", str(photos / "happy" / "people.jpg"), "--out", str(tmp_path / "faces")])
+    assert f"3 face crop(s) written at the top of {tmp_path / 'faces'}" in result.output
+    assert "are not training faces" in result.output
+    result = CliRunner().invoke(cli, ["crop", str(photos), "--out", str(tmp_path / "more")])
+    assert f"no face found: {photos / 'sad' / 'crop.png'} (a cropped face? --detector none" in result.output
+    assert f"no face found: {photos / 'sad' / 'wall.png'}\n" in result.output  # a scene: no hint
 
 
 def test_photos_of_one_name_from_two_sources_do_not_replace_each_others_crops(tmp_path):
@@ -100,7 +140,7 @@ def test_the_crop_command_reports_each_photo_it_cannot_use_and_goes_on(tmp_path)
     result = CliRunner().invoke(cli, ["crop", str(photos), "--out", str(tmp_path / "faces")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"no face found: {photos / 'sad' / 'wall.png'}" in result.output
-    assert f"several faces, each cropped into the photo's class: {photos / 'happy' / 'people.jpg'}" in result.output
+    assert f"several faces, each cropped into the photo's folder: {photos / 'happy' / 'people.jpg'}" in result.output
     assert "broken.jpg" in result.output
     assert "3 photos, 3 faces written to" in result.output and "1 without a face, 1 failed" in result.output
     (tmp_path / "clip.mp4").write_bytes(b"a video")

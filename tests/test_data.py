@@ -1,5 +1,6 @@
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -61,6 +62,15 @@ def test_unreadable_files_are_skipped_with_one_warning(tmp_path, caplog):
     os.symlink(tmp_path / "moved.png", tmp_path / "only-links" / "sad" / "gone.png")
     with pytest.raises(FerkitError, match=r"holds no image files in its class folders \(only 1 link\(s\) to files that"):
         load_folder(tmp_path / "only-links")
+
+
+def test_images_outside_the_class_folders_are_said_to_be_left_out(tmp_path, caplog):
+    write_pattern_dataset(tmp_path, 3, folder_names=["happy", "sad"])
+    shutil.copy(tmp_path / "sad" / "sad_0.png", tmp_path / "new.face1.png")  # a crop written in no class folder
+    with caplog.at_level(logging.WARNING, logger="ferkit"):
+        data = load_folder(tmp_path)
+    assert len(data) == 6
+    assert f"1 image(s) at the top of {tmp_path}, in no class folder, are left out (e.g. new.face1.png)" in caplog.text
 
 
 @pytest.mark.parametrize("layout", ["missing", "empty", "no-images"])

@@ -19,7 +19,7 @@ import click
 from ferkit import __version__
 from ferkit.config import TrainConfig, option_flag
 from ferkit.errors import FerkitError
-from ferkit.faces import DETECTORS
+from ferkit.faces import CROPPED_FACE_SIDE, DETECTORS
 from ferkit.predict import UNCERTAIN_BELOW
 from ferkit.progress import LineHandler
 from ferkit.ray_predict import SHARD_IMAGES, RayPredictConfig
@@ -445,7 +445,14 @@ def crop_cmd(source: str, out: Path, detector: str, model: str | None, overwrite
     for photo in summary.without_faces:
         click.echo(f"no face found: {photo}", err=True)
     for photo in summary.several_faces:  # a group photo's class may not be every face's: worth a look
-        click.echo(f"several faces, each cropped into the photo's class: {photo}", err=True)
+        click.echo(f"several faces, each cropped into the photo's folder: {photo}", err=True)
+    for photo in summary.edited_before:
+        click.echo(f"cropped again (changed, or cropped before with another detector or model), though some of its "
+                   f"earlier crops had been moved or deleted by hand (check its crops in {out}): {photo}", err=True)
+    loose = [path for path in summary.written if path.parent == out]
+    if loose:
+        click.echo(f"{len(loose)} face crop(s) written at the top of {out} (e.g. {loose[0].name}), in no class folder, "
+                   f"are not training faces: crop a folder of class folders, or give --out {out / 'CLASS'}", err=True)
     if summary.stale and not prune:
         click.echo(f"{len(summary.stale)} face crop(s) in {out} of photos that are no longer there (moved to another "
                    f"class folder, or deleted), e.g. {summary.stale[0]}, are still training faces; --prune removes them",
@@ -959,13 +966,10 @@ def _predict_video(source, out: Path, as_json: bool, *, stem: str, alone: bool, 
     return 0
 
 
-CROP_SIDE = 128  # photos this small are more likely face crops (FER2013's are 48x48) than scenes
-
-
 def _print_faces(result) -> None:
     if not result.faces:
         # a detector needs a face with some of the photo around it; a crop of the face alone is no photo to it
-        crop = " (a cropped face? --detector none takes the whole image as the face)" if max(result.image_size) <= CROP_SIDE else ""
+        crop = " (a cropped face? --detector none takes the whole image as the face)" if max(result.image_size) <= CROPPED_FACE_SIDE else ""
         click.echo(f"{result.source}: no face found{crop}")
         return
     rows = [[str(i), ", ".join(map(str, f.box)), f.emotion + ("?" if f.uncertain else ""), f"{f.score:.1%}"]

@@ -39,6 +39,7 @@ DETECTORS = ("auto", "yunet", "mtcnn", "none")
 # load. $FERKIT_DETECTOR_THREADS overrides it; $FERKIT_CLASSIFIER_THREADS sets ONNX Runtime's (default:
 # one per core; one thread measured no better).
 DETECTOR_THREADS = 1
+CROPPED_FACE_SIDE = 128  # images this small are more likely face crops (FER2013's are 48x48) than scenes
 
 
 def detector_threads() -> int:

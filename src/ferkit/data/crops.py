@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from PIL import Image, PngImagePlugin
 
 from ferkit import __version__
 from ferkit.errors import FerkitError, first_line
-from ferkit.faces import crop_for_model, get_detector, whole_image_face
+from ferkit.faces import CROPPED_FACE_SIDE, crop_for_model, get_detector, whole_image_face
 from ferkit.images import load_image, to_rgb
 from ferkit.results import check_replaceable, check_writable_folder, create_folder
 from ferkit.runtime import read_metadata, resolve_model_path
@@ -42,6 +43,8 @@ class CropSummary:
     photos: int = 0
     written: list[Path] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)  # cropped by an earlier run and unchanged since: left as they are
+    # changed since an earlier run had cropped them, and some of those crops moved or deleted by hand since
+    edited_before: list[str] = field(default_factory=list)
     without_faces: list[str] = field(default_factory=list)
     several_faces: list[str] = field(default_factory=list)  # each crop takes the photo's folder, and so its class
     failed: list[str] = field(default_factory=list)  # "path: why"
@@ -60,8 +63,9 @@ def crop_faces(source: str | Path, out: str | Path, *, detector="auto", model=No
     and the rest goes on.
 
     `out/.ferkit-crops.json` records which photo each crop was made of. A photo cropped before (with the
-    same detector and model) and unchanged since is not cropped again, so crops moved to another class
-    folder or deleted by hand stay so; a changed photo is cropped anew. Crops of photos that are no longer
+    same detector and model) whose content is unchanged since is not cropped again, so crops moved to
+    another class folder or deleted by hand stay so; a changed photo is cropped anew (and named in
+    `edited_before` if some of its earlier crops had been moved or deleted by hand). Crops of photos that are no longer
     there (moved to another class folder, deleted) are listed in `stale`, and removed with `prune`. Files
     in `out` that ferkit did not write, or crops of another photo that is still there (two sources of one
     name cropped into one `out`), are never replaced unless `overwrite`."""
@@ -106,9 +110,12 @@ def _crop_one(photo: Path, path_of: Callable[[int], Path], find, metadata, recor
         summary.failed.append(f"{photo}: face detection failed: {type(err).__name__}: {err}".splitlines()[0])
         return
     if not faces:
-        summary.without_faces.append(str(photo))
+        summary.without_faces.append(str(photo) + (" (a cropped face? --detector none takes the whole image as the face)"
+                                                   if find is not None and _is_small(photo) else ""))
     elif len(faces) > 1:
         summary.several_faces.append(str(photo))
+    if record.edited_by_hand(photo):
+        summary.edited_before.append(str(photo))
     written = []
     for k, face in enumerate(faces, 1):
         path = path_of(k)
@@ -126,8 +133,8 @@ def _crop_one(photo: Path, path_of: Callable[[int], Path], find, metadata, recor
 
 
 class CropRecord:
-    """`out/.ferkit-crops.json`: each photo cropped into `out` (its absolute path), its size and time when
-    cropped, and its crops (relative to `out`); and the detector and model they were cropped with."""
+    """`out/.ferkit-crops.json`: each photo cropped into `out` (its absolute path), its size, time and
+    SHA-256 when cropped, the detector and model it was cropped with, and its crops (relative to `out`)."""
 
     def __init__(self, out: Path, settings: dict, photos: dict[str, dict]):
         self.out, self.settings, self.photos = out, settings, photos
@@ -136,29 +143,41 @@ class CropRecord:
     @classmethod
     def load(cls, out: Path, settings: dict) -> CropRecord:
         try:
-            saved = json.loads((out / RECORD).read_text())
-            photos = {str(k): {"stamp": list(v["stamp"]), "crops": list(v["crops"])} for k, v in saved["photos"].items()}
-            same = saved.get("settings") == settings
+            saved = json.loads((out / RECORD).read_text())["photos"]
+            photos = {str(photo): {"stamp": entry.get("stamp"), "sha256": entry.get("sha256"),
+                                   "settings": entry.get("settings"), "crops": [str(crop) for crop in entry["crops"]]}
+                      for photo, entry in saved.items()}
         except FileNotFoundError:
             return cls(out, settings, {})
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             log.warning("%s cannot be read (%s): every photo is cropped again", out / RECORD, first_line(err))
             return cls(out, settings, {})
-        if not same:  # other framing: every photo is cropped again, and replaces its crops
-            photos = {k: {"stamp": None, "crops": v["crops"]} for k, v in photos.items()}
         return cls(out, settings, photos)
 
     def is_unchanged(self, photo: Path, first_crop: Path) -> bool:
-        """Cropped before, with these settings, into this folder, and not changed since."""
+        """Cropped before, with these settings, into this folder, and its content not changed since (a
+        copy or `touch` changes its time, not its content)."""
         entry = self.photos.get(_key(photo))
-        return (entry is not None and entry["stamp"] == _stamp(photo)
-                and (not entry["crops"] or Path(entry["crops"][0]).parent == first_crop.relative_to(self.out).parent))
+        if entry is None or entry["settings"] != self.settings or entry["sha256"] is None:
+            return False
+        if entry["crops"] and Path(entry["crops"][0]).parent != first_crop.relative_to(self.out).parent:
+            return False
+        if entry["stamp"] != _stamp(photo):
+            if _sha256(photo) != entry["sha256"]:
+                return False
+            entry["stamp"] = _stamp(photo)
+        return True
 
     def check_not_anothers(self, path: Path, photo: Path) -> None:
         owner = self.owners.get(path.relative_to(self.out).as_posix())
         if owner is not None and owner != _key(photo) and os.path.exists(owner):
             raise FerkitError(f"{path} is the crop of another photo, {owner}: crop photos of the same name into "
                               "different --out folders (or replace it: --overwrite)")
+
+    def edited_by_hand(self, photo: Path) -> bool:
+        """Whether some of the crops an earlier run made of `photo` were moved, deleted or replaced since."""
+        crops = self.photos.get(_key(photo), {"crops": []})["crops"]
+        return any(not written_by_ferkit(self.out / crop) for crop in crops)
 
     def cropped(self, photo: Path, crops: list[Path], complete: bool) -> None:
         """`photo`'s crops are now `crops`: those of an earlier version of it, still where ferkit wrote them
@@ -170,10 +189,13 @@ class CropRecord:
                 (self.out / crop).unlink()
             self.owners.pop(crop, None)
         for crop in relative:
-            if self.owners.get(crop) not in (None, key):  # a photo's that is gone: no longer its
-                self.photos[self.owners[crop]]["crops"].remove(crop)
+            owner = self.owners.get(crop)
+            if owner not in (None, key):  # the crop of a photo that is gone (or moved): no longer its
+                self.photos[owner]["crops"].remove(crop)
+                self.photos[owner]["sha256"] = None  # were it seen again, it is cropped again
             self.owners[crop] = key
-        self.photos[key] = {"stamp": _stamp(photo) if complete else None, "crops": relative}
+        self.photos[key] = {"stamp": _stamp(photo), "sha256": _sha256(photo) if complete else None,
+                            "settings": self.settings, "crops": relative}
 
     def crops_of_photos_gone(self) -> list[Path]:
         """The crops, still where ferkit wrote them, of the photos that are no longer where they were."""
@@ -189,12 +211,26 @@ class CropRecord:
 
     def save(self) -> None:
         partial = self.out / f"{RECORD}.partial"
-        partial.write_text(json.dumps({"settings": self.settings, "photos": self.photos}, indent=1) + "\n")
+        partial.write_text(json.dumps({"photos": self.photos}, indent=1) + "\n")
         os.replace(partial, self.out / RECORD)
+
+
+def _is_small(photo: Path) -> bool:
+    """Whether the photo is as small as face crops are (FER2013's are 48x48): a detector needs more around a face."""
+    with Image.open(photo) as image:
+        return max(image.size) <= CROPPED_FACE_SIDE
 
 
 def _key(photo: Path) -> str:
     return os.path.realpath(photo)
+
+
+def _sha256(photo: Path) -> str:
+    digest = hashlib.sha256()
+    with open(photo, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _stamp(photo: Path) -> list[int]:

@@ -12,7 +12,7 @@ from ferkit.data.cache import cache_key, load_cached, save_cached
 from ferkit.data.dataset import FaceDataset
 from ferkit.errors import FerkitError
 from ferkit.faces import whole_image_face
-from ferkit.images import ImageError, image_decoders, load_image, to_model_input, to_rgb
+from ferkit.images import IMAGE_SUFFIXES, ImageError, image_decoders, load_image, to_model_input, to_rgb
 from ferkit.labels import EMOTIONS, canonical_label
 from ferkit.progress import track
 from ferkit.sources import files_under
@@ -88,6 +88,9 @@ def _list_class_files(root: Path, classes: tuple[str, ...], *, chosen: bool) -> 
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise FerkitError(f"{root} has no class folders (expected {root}/<class>/<image>)")
+    loose = sorted(p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if loose:
+        log.warning("%d image(s) at the top of %s, in no class folder, are left out (e.g. %s)", len(loose), root, loose[0])
     unknown = [p.name for p in folders if canonical_label(p.name) not in classes]
     if unknown:
         keep = "" if chosen else "; --classes keeps others, in train and pack"
