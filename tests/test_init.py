@@ -13,7 +13,7 @@ from ferkit.data import load_dataset
 from ferkit.errors import FerkitError
 from ferkit.evaluation import evaluate
 from ferkit.labels import EMOTIONS
-from ferkit.runs import read_history
+from ferkit.runs import RunState, read_history
 from ferkit.runtime import files_path, read_metadata, shipped_model
 from ferkit.training import train
 from ferkit.training_data import warn_of_classes_with_few_faces
@@ -75,6 +75,21 @@ def test_init_with_a_new_class_replaces_the_head_and_keeps_the_old_classes(train
     assert read_metadata(tmp_path / "m.onnx").classes == classes
 
 
+def test_a_run_that_ends_below_the_model_it_started_from_says_so(trained_run, pattern_data, tmp_path):
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+
+    result = CliRunner().invoke(cli, ["train", "--init", str(trained_run), "--data", str(pattern_data / "train"),
+                                      "--val", str(pattern_data / "val"), "--epochs", "1", "--lr", "0.5",
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    state = RunState.load(tmp_path / "run")
+    assert state.best_val_accuracy < state.start_val_accuracy  # a learning rate that wrecks what it knew
+    assert (f"warning: the --init network (best.keras) scored {state.start_val_accuracy:.4f} on the same validation faces "
+            "before training: this run did not improve on it") in result.output
+
+
 def test_init_default_starts_from_the_bundled_model(pattern_data, tmp_path, caplog):
     config = TrainConfig(init="default", data=str(pattern_data / "train"), val=str(pattern_data / "val"),
                          epochs=1, learning_rate=1e-5, out=str(tmp_path / "run"))
@@ -85,6 +100,10 @@ def test_init_default_starts_from_the_bundled_model(pattern_data, tmp_path, capl
     assert [line.split(" scores ")[0] for line in said] == [  # the network that trains, then the ensemble it came from
         f"before training, the --init network ({shipped_model()['keras_file']})", "before training, the shipped default model itself"]
     assert all(line.endswith(f"on the {faces} validation faces") for line in said)
+    scores = {line.split(" scores ")[0].removeprefix("before training, "): float(line.split(" scores ")[1].split()[0])
+              for line in said}
+    state = RunState.load(run)  # the figure to beat is kept with the run
+    assert (state.start_model, state.start_val_accuracy) == max(scores.items(), key=lambda item: item[1])
     # the bundled Keras twin (for an ensemble: its best member) is what training starts from
     bundled = files_path("weights", shipped_model()["keras_file"])
     assert read_metadata(run).model == read_metadata(bundled).model

@@ -325,6 +325,9 @@ def train_cmd(resume: Path | None, overwrite: bool, local_processes: int | None,
         f"done: {state.epochs_done} epoch{'s' if state.epochs_done != 1 else ''}, best val accuracy {state.best_val_accuracy:.4f} at epoch "
         f"{state.best_epoch}; run folder {run} (best.keras, history.csv, curves.png)"
     )
+    if state.start_val_accuracy is not None and state.best_val_accuracy <= state.start_val_accuracy:
+        click.echo(f"warning: {state.start_model} scored {state.start_val_accuracy:.4f} on the same validation faces before "
+                   "training: this run did not improve on it (a lower --lr, more faces or more epochs may)", err=True)
 
 
 def _resumed_config(run: Path, flags: dict) -> TrainConfig:

@@ -37,6 +37,9 @@ class RunState:
     best_epoch: int = 0
     best_val_accuracy: float = -1.0
     status: str = "running"
+    # with --init: the best score on the validation faces before training, and of what (the figure to beat)
+    start_val_accuracy: float | None = None
+    start_model: str | None = None
 
     @classmethod
     def load(cls, run: str | Path) -> "RunState":

@@ -138,7 +138,7 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
             if not resume:
                 warn_of_a_small_validation_set(val_set)  # once training is sure to start: not before an error
                 warn_of_validation_faces_seen_in_training(train_set, val_set)
-                _log_starting_score(config, val_set)
+                state.start_val_accuracy, state.start_model = _log_starting_score(config, val_set)
                 _say_what_is_kept(run, clear_run_folder(run))
             started = True
             _start_run_folder(run, config, state, train_set, val_set, topology)
@@ -165,14 +165,15 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
     return run
 
 
-def _log_starting_score(config: TrainConfig, val_set) -> None:
+def _log_starting_score(config: TrainConfig, val_set) -> tuple[float | None, str | None]:
     """With --init, what the model trained from scores on the validation faces before any training, one
     view as validation scores: the figure the run has to beat (and, from a shipped ensemble, which trains
     its first network, the ensemble's own). Where the run's classes differ from the model's, it chooses
     among the run's classes it knows (a new class is never its answer). A model that cannot be scored is
-    passed over."""
+    passed over. Returns the best of these scores and what scored it (None, None without one)."""
+    best: tuple[float | None, str | None] = (None, None)
     if not config.init or len(val_set) == 0:
-        return
+        return best
     from ferkit.runtime import is_shipped_model_name, open_classifier, resolve_model_path
     from ferkit.training_model import init_model_path
 
@@ -184,14 +185,17 @@ def _log_starting_score(config: TrainConfig, val_set) -> None:
         try:
             classifier = open_classifier(model).with_tta("none")
             if tuple(classifier.input_size) != val_set.images.shape[1:]:
-                return
+                return best
             accuracy, unknown = _score_among(classifier, val_set)
         except Exception as err:  # a figure to compare with, never a reason to stop the run
             log.debug("could not score %s before training: %s", model, err)
-            return
+            return best
         among = "" if list(classifier.classes) == list(val_set.classes) else (
             f", choosing among the run's classes it knows" + (f" ({', '.join(unknown)} new to it)" if unknown else ""))
         log.info("before training, %s scores %.4f on the %d validation faces%s", what, accuracy, len(val_set), among)
+        if best[0] is None or accuracy > best[0]:
+            best = (accuracy, what)
+    return best
 
 
 def _score_among(classifier, val_set) -> tuple[float, list[str]]:
