@@ -357,6 +357,18 @@ def test_results_name_the_model_file_they_came_from(trained_run, onnx_model):
     assert model_version(load_classifier(trained_run / "last.keras")).endswith(f" (last.keras, epoch {epochs['last.keras']})")
 
 
+def test_a_run_folder_moved_since_it_trained_is_named_where_it_lies_now(trained_run, tmp_path, monkeypatch):
+    import shutil
+
+    from ferkit.predict import model_version
+
+    shutil.copytree(trained_run, tmp_path / "renamed")
+    monkeypatch.chdir(tmp_path)
+    classifier = load_classifier(tmp_path / "renamed")
+    assert model_version(classifier).startswith("renamed (best.keras, epoch ")
+    assert model_version(classifier, public=True).startswith("renamed (best.keras")
+
+
 def test_a_run_folder_predicts_with_its_onnx_export_while_that_is_current(trained_run, pattern_data, tmp_path, caplog):
     import shutil
 

@@ -82,6 +82,7 @@ def test_a_served_run_names_its_run_but_not_where_it_lies(trained_run):
     served = TestClient(create_app(ServeConfig(model=str(trained_run))))
     [model] = served.get("/v1/models").json()["models"]
     assert model["version"] == f"{trained_run.name} (best.keras, epoch {read_metadata(trained_run).extra['epoch']})"
+    assert model["name"] == served.get("/healthz").json()["model"] == trained_run.name and model["network"] == "seed-cnn"
     answer = served.post("/v1/analyze", content=PEOPLE.read_bytes(), headers={"Content-Type": "image/jpeg"})
     assert answer.json()["model_version"] == model["version"]
     assert served.get("/openapi.json").json()["info"]["version"] == model["version"]

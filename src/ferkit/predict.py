@@ -286,6 +286,15 @@ def _label(image) -> str:
     return "<bytes>" if isinstance(image, (bytes, bytearray, memoryview)) or hasattr(image, "read") else f"<{type(image).__name__}>"
 
 
+def _as_given(folder: Path) -> str:
+    """A folder as a user would type it here: relative to the working folder when it lies below it."""
+    try:
+        relative = os.path.relpath(folder.resolve())
+    except ValueError:  # another drive (Windows)
+        return str(folder.resolve())
+    return str(folder.resolve()) if relative.startswith("..") else relative
+
+
 def model_version(classifier: Classifier, *, public: bool = False) -> str:
     """The model's version as results report it: a shipped model's recorded version; else the run it came from,
     its file and its epoch (a run's best.keras, last.keras and exports differ, and so does its best.keras
@@ -296,6 +305,9 @@ def model_version(classifier: Classifier, *, public: bool = False) -> str:
     if meta.extra.get("version"):
         return str(meta.extra["version"])
     run = meta.extra.get("run")
+    folder = classifier.path.parent
+    if run and Path(run).resolve() != folder.resolve() and (folder / "config.json").is_file():
+        run = _as_given(folder)  # the run folder was moved or renamed since it trained
     if run and (public or is_shipped_file(classifier.path)):
         run = Path(run).name
     if not run:

@@ -89,6 +89,7 @@ def create_app(config: ServeConfig | None = None):
     # would let ~40 queued uploads take every thread, and /healthz would wait behind them.
     analyses = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="ferkit-analysis")
     version = model_version(classifier, public=True)
+    name = version.split(" (")[0]  # as --model takes it: a shipped model's name, a run folder's or a file's
     # no /redoc: it loads its script and fonts from the internet; /docs (Swagger UI) is the one documented
     app = FastAPI(title="ferkit", version=version, redoc_url=None,
                   summary="Facial expression recognition: faces and their emotions in photos and videos.")
@@ -116,12 +117,12 @@ def create_app(config: ServeConfig | None = None):
     @app.get("/healthz")
     async def healthz() -> dict:
         """Whether the server is up, the model it serves and ferkit's version."""
-        return {"status": "ok", "model": classifier.name, "ferkit": __version__}
+        return {"status": "ok", "model": name, "ferkit": __version__}
 
     @app.get("/v1/models")
     async def models() -> dict:
-        """The model this server uses: its name, version, classes and input."""
-        return {"models": [{"name": classifier.name, "version": version, "classes": list(classifier.classes),
+        """The model this server uses: its name (as --model takes it), network, version, classes and input."""
+        return {"models": [{"name": name, "network": classifier.name, "version": version, "classes": list(classifier.classes),
                             "input_size": list(classifier.input_size)}]}
 
     for path, endpoint in (("/healthz", healthz), ("/v1/models", models)):  # HEAD too, for probes; one operation each in the schema

@@ -246,5 +246,5 @@ $("video-input").addEventListener("change", async (event) => {
 // --- the model ----------------------------------------------------------------------------------
 fetch("/v1/models").then((r) => r.json()).then((body) => {
   const model = body.models[0];
-  $("model").textContent = `model ${model.name} (${model.version})`;
+  $("model").textContent = `model ${model.version}`;
 }).catch(() => {});
