@@ -23,7 +23,7 @@ def main() -> None:
     classifier = load_classifier(args.model).with_tta("none")
     options = {"classes": list(classifier.classes), "image_size": tuple(classifier.input_size)}
     data, val = load_dataset(args.data, **options), load_dataset(args.val, **options)
-    seen = faces_seen_in_training(data, val)
+    seen = faces_seen_in_training(data, val) >= 0
     right = classifier.predict_proba(val.images, batch_size=256).argmax(axis=1) == val.labels
     print(f"{args.model}, val accuracy, one view, all {len(val)} faces: {right.mean():.4f}")
     for name, part in (("identical to training faces", seen), ("not among the training faces", ~seen)):

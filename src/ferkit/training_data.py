@@ -43,7 +43,7 @@ def load_train_val(config: TrainConfig, input_size, *, progress: bool = False) -
     check_classes_present(data, known=_init_classes(config))
     if config.val:
         val = load_dataset(config.val, usage=VAL_USAGE, **{**common, "classes": data.classes})
-        seen = faces_seen_in_training(data, val)
+        seen = faces_seen_in_training(data, val) >= 0
         if len(val) and seen.mean() >= COPIED_VAL:
             raise FerkitError(f"{int(seen.sum())} of the {len(val)} faces of --val {config.val} are copies of training faces: "
                               "validation faces must be others")
@@ -70,9 +70,12 @@ COPIED_VAL = 0.9  # the share of validation faces identical to training faces th
 
 def faces_seen_in_training(data: FaceDataset, val: FaceDataset) -> np.ndarray:
     """Which of `val`'s faces are, pixel for pixel, one of `data`'s (FER2013 has 280 such among PublicTest's
-    3,589): a model may have learnt them by heart."""
-    seen = set(_face_digests(data.images))
-    return np.array([digest in seen for digest in _face_digests(val.images)], dtype=bool)
+    3,589): a model may have learnt them by heart. For each, the index of the first such training face;
+    -1 for the others."""
+    first: dict[bytes, int] = {}
+    for index, digest in enumerate(_face_digests(data.images)):
+        first.setdefault(digest, index)
+    return np.array([first.get(digest, -1) for digest in _face_digests(val.images)], dtype=np.int64)
 
 
 def _face_digests(images, chunk: int = 4096):
@@ -82,10 +85,17 @@ def _face_digests(images, chunk: int = 4096):
 
 
 def warn_of_validation_faces_seen_in_training(data: FaceDataset, val: FaceDataset) -> None:
-    seen = faces_seen_in_training(data, val)
-    if seen.any():
-        log.warning("%d of the %d validation faces (%.1f%%) are identical to training faces: a model may know them by "
-                    "heart, so they raise its val accuracy", seen.sum(), len(val), 100 * seen.mean())
+    twins = faces_seen_in_training(data, val)
+    seen = np.flatnonzero(twins >= 0)
+    if len(seen):
+        pairs = [f"{_name_of(val, i)} = {_name_of(data, twins[i])}" for i in seen[:3]]
+        log.warning("%d of the %d validation faces (%.1f%%) are identical to training faces (%s%s): a model may know "
+                    "them by heart, so they raise its val accuracy", len(seen), len(val), 100 * len(seen) / len(val),
+                    ", ".join(pairs), ", ..." if len(seen) > 3 else "")
+
+
+def _name_of(dataset: FaceDataset, index: int) -> str:
+    return Path(dataset.paths[index]).name if dataset.paths else f"face {index + 1} of {dataset.source or 'the data'}"
 
 
 def warn_of_a_small_validation_set(val: FaceDataset) -> None:
