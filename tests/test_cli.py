@@ -837,6 +837,21 @@ def test_evaluating_a_run_on_its_own_training_data_is_warned_of(trained_run, tmp
     assert held_out.exit_code == 0 and "was trained on" not in held_out.output
 
 
+def test_a_run_that_split_off_its_validation_faces_is_scored_on_those_when_given_its_training_data(pattern_data, tmp_path):
+    from ferkit.runs import RunState
+
+    trained = run("train", "--data", pattern_data / "train", "--val-split", "0.2", "--epochs", "2", "--out", tmp_path / "r")
+    assert trained.exit_code == 0, trained.output
+    result = run("evaluate", tmp_path / "r", "--data", pattern_data / "train", "--tta", "none", "--json",
+                 "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    held = round(0.2 * len(list((pattern_data / "train").rglob("*.png"))))
+    assert f"scoring the {held} faces it held out for validation" in result.output and "says little" not in result.output
+    assert report["samples"] == held and "(the faces its run held out: --val-split 0.2, seed 0)" in report["data"]
+    assert report["accuracy"] == pytest.approx(RunState.load(tmp_path / "r").best_val_accuracy, abs=1e-4)  # what training measured
+
+
 def test_a_photo_is_said_to_be_scored_by_a_model_that_predict_takes_back(tmp_path, monkeypatch):
     import re
     import shutil

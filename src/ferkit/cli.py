@@ -499,7 +499,7 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     from ferkit.evaluation import check_report_folder, default_report_folder, evaluate
     from ferkit.predict import model_version
     from ferkit.results import create_folder
-    from ferkit.runs import trained_on
+    from ferkit.runs import held_out_faces, trained_on
     from ferkit.runtime import load_classifier
 
     given = click.get_current_context().get_parameter_source("usage") is not click.core.ParameterSource.DEFAULT
@@ -508,14 +508,22 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
         raise FerkitError(f"--out {out} lies inside the data folder {data}: the report's pictures would be read as "
                           "faces the next time; choose a folder outside it")
     classifier = load_classifier(model).with_tta(tta)
-    if trained_on(classifier.path, data, usage=None if Path(data).is_dir() else usage):
-        log.warning("%s is the data %s was trained on: its accuracy there says little about faces it has not seen",
-                    data, classifier.path.parent)
+    run = trained_on(classifier.path, data, usage=None if Path(data).is_dir() else usage)
+    # a run that split its validation faces off this data: scored on those, if they can be told again
+    split = f" (the faces its run held out: --val-split {run.val_split:g}, seed {run.seed})" if run and not run.val else ""
     if out is not None and not overwrite and Path(data).is_dir():  # a folder's source is its path: checked before it loads
-        check_report_folder(out, classifier.name, str(Path(data)), classifier.tta, model_version(classifier))
+        check_report_folder(out, classifier.name, str(Path(data)) + split, classifier.tta, model_version(classifier))
     dataset = load_dataset(
         data, classes=classifier.classes, image_size=classifier.input_size, usage=usage, progress=True
     )  # the bar is gone before the JSON is printed
+    held = held_out_faces(classifier.path.parent, run, dataset) if split else None
+    if held is not None:
+        dataset = replace(held, source=held.source + split)
+        log.info("%s is the data %s was trained on: scoring the %d faces it held out for validation", data,
+                 classifier.path.parent, len(dataset))
+    elif run:
+        log.warning("%s is the data %s was trained on: its accuracy there says little about faces it has not seen",
+                    data, classifier.path.parent)
     # a CSV's source says which rows, known once it is read
     evaluation = (classifier.name, dataset.source, classifier.tta, model_version(classifier))
     if out is None:

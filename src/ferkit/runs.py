@@ -114,6 +114,22 @@ def save_run_config(run: Path, config, train_set, val_set) -> None:
     write_atomic(run / "datasets.json", json.dumps(sizes, indent=2) + "\n")
 
 
+def held_out_faces(run_folder: Path, run, dataset):
+    """The faces that the run `run` (its config, trained on `dataset`'s data with no --val) held out of
+    it for validation: the same stratified split, checked against the class counts the run recorded in
+    its datasets.json (the data changed since gives other counts: None then)."""
+    from ferkit.data import split_dataset
+
+    try:
+        recorded = json.loads((Path(run_folder) / "datasets.json").read_text())
+        trained, held = split_dataset(dataset, val_fraction=run.val_split, seed=run.seed)
+    except (OSError, ValueError, FerkitError):
+        return None
+    if trained.class_counts() != recorded.get("train") or held.class_counts() != recorded.get("val"):
+        return None
+    return held
+
+
 def trained_on(model: Path, source, usage: str | None = None):
     """The config of the run that trained `model` (a file in its run folder) if `source` (with `usage`,
     the rows of a FER2013 CSV; None: all) holds that run's training faces, else None. A packed dataset
