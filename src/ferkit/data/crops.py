@@ -70,7 +70,7 @@ def crop_faces(source: str | Path, out: str | Path, *, detector="auto", model=No
     in `out` that ferkit did not write, or crops of another photo that is still there (two sources of one
     name cropped into one `out`), are never replaced unless `overwrite`."""
     photos, root = _photos_and_root(str(source), Path(out))
-    source, out = Path(source), Path(out)
+    out = Path(out)
     metadata = read_metadata(resolve_model_path(model))
     find = get_detector(detector)
     check_writable_folder(create_folder(out, "folder for the face crops"))
@@ -128,7 +128,7 @@ def _crop_one(photo: Path, path_of: Callable[[int], Path], find, metadata, recor
             continue
         written.append(_save_crop(face, path))
     summary.written.extend(written)
-    _remove_earlier_crops(path_of(1), beyond=len(faces))
+    _remove_earlier_crops(path_of(1), beyond=len(faces), anothers=lambda path: record.is_anothers(path, photo))
     record.cropped(photo, written, complete=len(written) == len(faces))
 
 
@@ -168,9 +168,14 @@ class CropRecord:
             entry["stamp"] = _stamp(photo)
         return True
 
-    def check_not_anothers(self, path: Path, photo: Path) -> None:
+    def is_anothers(self, path: Path, photo: Path) -> bool:
+        """Whether the crop at `path` is that of another photo, one that is still there."""
         owner = self.owners.get(path.relative_to(self.out).as_posix())
-        if owner is not None and owner != _key(photo) and os.path.exists(owner):
+        return owner is not None and owner != _key(photo) and os.path.exists(owner)
+
+    def check_not_anothers(self, path: Path, photo: Path) -> None:
+        if self.is_anothers(path, photo):
+            owner = self.owners[path.relative_to(self.out).as_posix()]
             raise FerkitError(f"{path} is the crop of another photo, {owner}: crop photos of the same name into "
                               "different --out folders (or replace it: --overwrite)")
 
@@ -290,12 +295,14 @@ def _base_names(photos: list[Path]) -> dict[Path, str]:
     return bases
 
 
-def _remove_earlier_crops(first: Path, *, beyond: int) -> None:
-    """Crops an earlier run wrote of this photo past its `beyond` faces (it may have found more then)."""
+def _remove_earlier_crops(first: Path, *, beyond: int, anothers: Callable[[Path], bool]) -> None:
+    """Crops an earlier run wrote of this photo past its `beyond` faces (it may have found more then), but
+    none that `anothers` says are another photo's (of the same name, from another source)."""
     stem = first.name.removesuffix(".face1.png")
     for path in first.parent.glob(f"{glob.escape(stem)}.face*.png"):
         number = CROP_NAME.search(path.name)
-        if number and path.name == f"{stem}.face{number[1]}.png" and int(number[1]) > beyond and written_by_ferkit(path):
+        if (number and path.name == f"{stem}.face{number[1]}.png" and int(number[1]) > beyond and written_by_ferkit(path)
+                and not anothers(path)):
             path.unlink()
 
 
