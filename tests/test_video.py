@@ -119,9 +119,9 @@ def test_a_plot_of_more_face_tracks_than_it_shows_says_so(trained_run, tmp_path)
 
 
 def test_a_video_without_a_fixed_frame_rate_keeps_each_frames_own_time():
-    """A phone's video: its frames' timestamps, not their index over the container's average rate (3 fps here)."""
+    """A phone's video: its frames' timestamps, not their index over the container's frame rate (which OpenCV
+    gives as 3 or 10 frames a second here, by version: either puts most frames at other times)."""
     timeline = analyze_video(DATA / "vfr.mp4", every=1)
-    assert timeline.fps == 3
     assert sorted({round(r.time_s, 3) for r in timeline.rows}) == [0, .1, .2, .3, 1.3, 1.4, 1.5, 1.6, 3.6, 3.7, 3.8, 3.9]
     assert timeline.last_time_s == pytest.approx(3.9)
 
