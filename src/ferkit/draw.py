@@ -127,9 +127,9 @@ MP4_MARK = b"free" + b"ferkit"  # an MP4 box players skip ("free" space), holdin
 
 def mark_video(path: str | Path) -> None:
     """Mark an annotated MP4 video as ferkit's: a `free` box after its others, which players skip."""
-    payload = f"ferkit {__version__}".encode()
+    box = MP4_MARK + f" {__version__}".encode()
     with open(path, "ab") as video:
-        video.write((8 + len(payload)).to_bytes(4, "big") + b"free" + payload)
+        video.write((4 + len(box)).to_bytes(4, "big") + box)
 
 
 def written_by_ferkit(path: str | Path) -> bool:

@@ -31,8 +31,8 @@ from ferkit.models import check_weights, get_model_spec
 from ferkit.runs import EPOCHS_FOLDER, RunState, check_run_folder, clear_run_folder, rewrite_history, save_run_config
 from ferkit.teacher import check_teacher, teacher_probabilities
 from ferkit.training_data import (
-    fit_data, load_train_val, train_size, trains_on_cached_features, validation_size, warn_of_a_small_validation_set,
-    warn_of_validation_faces_seen_in_training,
+    check_validation_faces_unseen, fit_data, load_train_val, train_size, trains_on_cached_features, validation_size,
+    warn_of_a_small_validation_set,
     warn_of_classes_with_few_faces,
 )
 from ferkit.training_model import (
@@ -136,8 +136,8 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
                 raise KeyboardInterrupt
             # Only now that data and model are known to be good does the run folder change.
             if not resume:
+                check_validation_faces_unseen(train_set, val_set, given=config.val)
                 warn_of_a_small_validation_set(val_set)  # once training is sure to start: not before an error
-                warn_of_validation_faces_seen_in_training(train_set, val_set)
                 state.start_val_accuracy, state.start_model = _log_starting_score(config, val_set)
                 _say_what_is_kept(run, clear_run_folder(run))
             started = True

@@ -43,10 +43,6 @@ def load_train_val(config: TrainConfig, input_size, *, progress: bool = False) -
     check_classes_present(data, known=_init_classes(config))
     if config.val:
         val = load_dataset(config.val, usage=VAL_USAGE, **{**common, "classes": data.classes})
-        seen = faces_seen_in_training(data, val) >= 0
-        if len(val) and seen.mean() >= COPIED_VAL:
-            raise FerkitError(f"{int(seen.sum())} of the {len(val)} faces of --val {config.val} are copies of training faces: "
-                              "validation faces must be others")
         _warn_of_classes_missing_from_val(data, val)
     else:
         data, val = split_dataset(data, val_fraction=config.val_split, seed=config.seed)
@@ -84,9 +80,14 @@ def _face_digests(images, chunk: int = 4096):
             yield hashlib.blake2b(face.tobytes(), digest_size=8).digest()
 
 
-def warn_of_validation_faces_seen_in_training(data: FaceDataset, val: FaceDataset) -> None:
+def check_validation_faces_unseen(data: FaceDataset, val: FaceDataset, *, given: str | None) -> None:
+    """Refuse validation faces given (--val `given`) that are copies of the training faces; warn of those
+    that are identical to training faces, naming the first."""
     twins = faces_seen_in_training(data, val)
     seen = np.flatnonzero(twins >= 0)
+    if given and len(val) and len(seen) >= COPIED_VAL * len(val):
+        raise FerkitError(f"{len(seen)} of the {len(val)} faces of --val {given} are copies of training faces: "
+                          "validation faces must be others")
     if len(seen):
         pairs = [f"{_name_of(val, i)} = {_name_of(data, twins[i])}" for i in seen[:3]]
         log.warning("%d of the %d validation faces (%.1f%%) are identical to training faces (%s%s): a model may know "
