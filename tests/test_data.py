@@ -1,6 +1,7 @@
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from PIL import Image
 from conftest import FER2013, needs_fer2013, pattern_face, write_pattern_dataset
 from ferkit.data import load_dataset, load_fer2013_csv, load_folder, split_dataset
 from ferkit.data.cache import cache_dir
+from ferkit.data.crops import crop_faces
 from ferkit.errors import FerkitError
 from ferkit.labels import EMOTIONS, FER2013_CSV_CODES
 
@@ -388,3 +390,26 @@ def test_one_fer2013_csv_trains_on_its_training_rows_and_packs_only_those(tmp_pa
     TrainConfig(data=str(tmp_path / "plain.csv")).save(tmp_path / "plain-run" / "config.json")
     assert trained_on(tmp_path / "plain-run" / "best.keras", tmp_path / "plain.csv", usage="PublicTest")
     assert trained_on(tmp_path / "run" / "best.keras", tmp_path / "fer.csv", usage="PublicTest") is None
+
+
+def test_photos_given_as_a_dataset_are_said_to_be_photos_and_their_face_crops_are_not(tmp_path, caplog):
+    people = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+    photos = tmp_path / "photos"
+    for label in ("happy", "sad"):
+        (photos / label).mkdir(parents=True)
+        shutil.copy(people, photos / label / "people.jpg")
+    with caplog.at_level(logging.WARNING, logger="ferkit"):
+        load_folder(photos, cache=False)
+    assert (f"2 of 2 images checked in {photos} look like photos, not face crops (happy/people.jpg: 3 faces); each "
+            f"image is taken whole as one face: `ferkit crop {photos} --out FACES`") in caplog.text
+
+    crop_faces(photos, tmp_path / "faces")
+    crops = sorted((tmp_path / "faces").rglob("*.png")) + sorted((tmp_path / "faces").rglob("*.jpg"))
+    assert len(crops) == 6
+    for crop in crops:  # larger than face crops usually are, so the detector does look at them
+        with Image.open(crop) as image:
+            image.resize((256, 256)).save(crop)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ferkit"):
+        assert len(load_folder(tmp_path / "faces", cache=False)) == 6
+    assert "look like photos" not in caplog.text

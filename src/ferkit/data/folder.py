@@ -11,7 +11,7 @@ import numpy as np
 from ferkit.data.cache import cache_key, load_cached, save_cached
 from ferkit.data.dataset import FaceDataset
 from ferkit.errors import FerkitError
-from ferkit.faces import whole_image_face
+from ferkit.faces import CROPPED_FACE_SIDE, get_detector, whole_image_face
 from ferkit.images import IMAGE_SUFFIXES, ImageError, image_decoders, load_image, to_model_input, to_rgb
 from ferkit.labels import EMOTIONS, canonical_label
 from ferkit.progress import track
@@ -63,6 +63,7 @@ def load_folder(
         log.warning("skipped %d unreadable file(s) in %s: %s%s", len(skipped), root, shown, more)
     if len(cached["labels"]) == 0:
         raise FerkitError(f"none of the {len(files)} files under {root} is a readable image")
+    _warn_if_photos(root, [root / p for p in cached["paths"]])
     return FaceDataset(
         images=cached["images"],
         labels=cached["labels"].astype(np.int64),
@@ -112,6 +113,39 @@ def _list_class_files(root: Path, classes: tuple[str, ...], *, chosen: bool) -> 
         log.warning("cannot read %d folder(s) in %s, their images left out: %s", len(unreadable), root,
                     ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""))
     return files, labels, broken_links
+
+
+PHOTOS_CHECKED = 8  # images, spread over the dataset, that a detector looks at for photos among face crops
+FACE_SHARE_OF_A_CROP = 0.25  # a face crop's face fills more of it than this; a photo's face, less
+
+
+def _warn_if_photos(root: Path, paths: list[Path]) -> None:
+    """Say so when a dataset's images look like photos, not face crops: each image is taken whole as one
+    face, so a group photo or a face small in its picture trains and scores as nothing like a face."""
+    from ferkit.predict import detected_faces
+
+    sample = paths[:: max(1, len(paths) // PHOTOS_CHECKED)][:PHOTOS_CHECKED]
+    find, photos = None, []
+    for path in sample:
+        try:
+            picture = to_rgb(load_image(path))
+        except ImageError:  # changed since it was read into the cache: its next load says so
+            continue
+        if max(picture.size) <= CROPPED_FACE_SIDE:
+            continue
+        try:
+            find = find or get_detector("auto")
+        except FerkitError:
+            return  # no detector installed: nothing to look with
+        faces = detected_faces(find, picture)
+        if len(faces) > 1 or (faces and faces[0].box[2] * faces[0].box[3] < FACE_SHARE_OF_A_CROP * picture.width * picture.height):
+            photos.append((path, len(faces)))
+    if photos and len(photos) * 2 >= len(sample):
+        path, count = photos[0]
+        what = f"{count} faces" if count > 1 else "a face small in the picture"
+        log.warning("%d of %d images checked in %s look like photos, not face crops (%s: %s); each image is taken "
+                    "whole as one face: `ferkit crop %s --out FACES` crops the faces into the same class folders",
+                    len(photos), len(sample), root, path.relative_to(root), what, root)
 
 
 def _decode_files(files, labels, root, image_size, progress) -> dict[str, np.ndarray]:
