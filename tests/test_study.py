@@ -110,13 +110,32 @@ def test_a_second_study_reuses_the_finished_runs(quick_study):
     assert history.stat().st_mtime_ns == before
 
 
+def test_a_moved_study_with_its_paths_spelled_otherwise_reuses_its_runs_but_not_for_other_faces(quick_study, tmp_path):
+    config, _ = quick_study
+    moved = shutil.copytree(config.out, tmp_path / "moved")
+    history = moved / "runs" / "reference" / "history.csv"
+    before = history.stat().st_mtime_ns
+    val = os.path.relpath(config.val) + "/"
+    result = CliRunner().invoke(cli, ["study", "--quick", "--data", config.data + "/.", "--val", val, "--out", str(moved),
+                                      "--models", "reference"])
+    assert result.exit_code == 0, result.output
+    assert history.stat().st_mtime_ns == before  # reused, not trained again
+
+    fewer = shutil.copytree(config.val, tmp_path / "fewer")
+    next(fewer.glob("happy/*")).unlink()
+    result = CliRunner().invoke(cli, ["study", "--quick", "--data", config.data, "--val", str(fewer), "--out", str(moved),
+                                      "--models", "reference"])
+    assert result.exit_code == 2 and "the val data given holds other faces than" in result.output
+    assert history.stat().st_mtime_ns == before
+
+
 def test_a_run_folder_with_other_settings_is_refused_not_replaced(quick_study, tmp_path):
     config, _ = quick_study
     shutil.copytree(Path(config.out) / "runs" / "reference", tmp_path / "runs" / "reference")
     result = CliRunner().invoke(cli, ["study", "--quick", "--data", config.data, "--val", config.val, "--out", str(tmp_path),
                                       "--models", "reference", "--epochs", "3"])
     assert result.exit_code == 2
-    assert "holds a run with other settings" in result.output
+    assert "holds a run with other settings (epochs)" in result.output
     assert (tmp_path / "runs" / "reference" / "best.keras").exists()
 
 
@@ -138,6 +157,12 @@ def test_a_folder_of_the_users_own_is_refused_not_written_into(tmp_path):
     assert result.exit_code == 2
     assert result.output.strip() == f"error: {mine} holds files that are not a ferkit study; choose a new or empty --out"
     assert sorted(p.name for p in mine.iterdir()) == ["report.html"]
+    assert (mine / "report.html").read_text() == "my own report"
+    (mine / "runs" / "my-run").mkdir(parents=True)  # a project folder: its runs/ is ferkit train's default
+    result = CliRunner().invoke(cli, ["study", "--quick", "--data", str(SAMPLE / "train"), "--val", str(SAMPLE / "val"),
+                                      "--out", str(mine), "--models", "reference"])
+    assert result.exit_code == 2 and "holds files that are not a ferkit study" in result.output
+    assert sorted(p.name for p in (mine / "runs").iterdir()) == ["my-run"]
     assert (mine / "report.html").read_text() == "my own report"
     (tmp_path / "file").write_text("x")
     result = CliRunner().invoke(cli, ["study", "--quick", "--data", str(SAMPLE / "train"), "--val", str(SAMPLE / "val"),
@@ -185,12 +210,30 @@ def test_bad_study_options_are_one_line_errors(tmp_path):
                           (["--models", "transfer", "--transfer-weights", "none"], "transfer-random is the one"),
                           (["--photo", str(tmp_path / "missing.jpg")], "no such photo"),
                           (["--photo", str(tmp_path / "empty.jpg")], "empty.jpg: empty file"),
-                          (["--epochs", "0"], "at least 1")):
+                          (["--epochs", "0"], "at least 1"),
+                          (["--fine-tune-layers", "0"], "--fine-tune-layers must be at least 1"),
+                          (["--models", "reference,transfer-random", "--transfer-model", "nope"], "unknown model 'nope'"),
+                          (["--models", "reference,transfer-random", "--transfer-model", "seed-cnn"],
+                           "--fine-tune unfreezes a pretrained backbone, which seed-cnn does not have")):
         result = CliRunner().invoke(cli, ["study", "--data", str(SAMPLE / "train"), "--val", str(SAMPLE / "val"),
                                           "--out", str(tmp_path / "s"), *args])
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "s").exists()  # nothing written before the options are known to be good
+
+
+def test_an_entry_named_twice_is_one_entry():
+    config = StudyConfig.quick(str(SAMPLE / "train"), str(SAMPLE / "val"), models=["reference", "shipped", "reference"])
+    assert config.models == ["reference", "shipped"]
+
+
+def test_a_photo_too_large_to_open_whole_is_drawn_as_analyze_reads_it(tmp_path):
+    big = tmp_path / "big.jpg"
+    Image.new("L", (13500, 13300), 128).save(big)  # over Pillow's decompression-bomb limit; read at a reduced scale
+    config = StudyConfig.quick(str(SAMPLE / "train"), str(SAMPLE / "val"), out=str(tmp_path / "s"), models=["shipped"],
+                               photos=[str(big)])
+    report = study(config, verbose=0)
+    assert "big.jpg: 0 faces" in report.read_text()
 
 
 @pytest.mark.skipif(not CHROMIUM, reason="Chromium is not installed (apt-get install chromium)")

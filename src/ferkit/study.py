@@ -10,6 +10,7 @@ them and the shipped model on one validation split; writes one self-contained HT
       study.json       every figure of the report, for scripts
       runs/<entry>/    one ferkit run folder per trained entry (resumable), its ONNX export, its evaluation
       data/            the training subset, when --subset is given
+      .ferkit-study    marks the folder as a study's, finished or not
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ log = logging.getLogger("ferkit")
 PUBLISHED = {"reference": 0.525, "transfer": 0.633}
 TRANSFER_MODEL = "efficientnet-lite0-transfer"
 ALL_LAYERS = 10_000  # --fine-tune N: unfreezes the whole backbone (its batch norm stays frozen)
-STUDY_FILES = ("study.json", "runs", "data")  # what marks a folder as a study's, finished or not
+STUDY_MARK = ".ferkit-study"  # written first into a study's folder: the study may continue there
 SUBSET_SOURCE = "source.json"  # in a study's copy of its training faces: the data they were taken from
 
 
@@ -83,8 +84,11 @@ class StudyConfig:
             raise FerkitError(f"--models names no entry (choose from {', '.join(ENTRIES)})")
         if "transfer" in self.models and self.transfer_weights == "none":
             raise FerkitError("the transfer entry starts from pretrained weights; transfer-random is the one from random weights")
-        if min(self.epochs, self.transfer_epochs, self.fine_tune_epochs, self.fine_tune_layers) < 1:
+        if min(self.epochs, self.transfer_epochs, self.fine_tune_epochs) < 1:
             raise FerkitError("every number of epochs must be at least 1")
+        if self.fine_tune_layers < 1:
+            raise FerkitError("--fine-tune-layers must be at least 1")
+        self.models = list(dict.fromkeys(self.models))  # an entry named twice is one entry
         if self.subset is not None and self.subset < 1:
             raise FerkitError("--subset must be at least 1 face per class")
         for photo in self.photos:
@@ -138,6 +142,7 @@ def study(config: StudyConfig, *, verbose: int = 2) -> Path:
     _check_transfer_weights(config)
     _check_study_folder(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / STUDY_MARK).touch()
     train_data = _training_data(config, out)
     results = []
     trained = [name for name in config.models if name != "shipped"]
@@ -168,17 +173,31 @@ def _check_study_folder(out: Path) -> None:
     user's own, whose report.html and study.json the study would replace."""
     if out.exists() and not out.is_dir():
         raise FerkitError(f"--out {out} is a file; give a folder for the study")
-    if out.is_dir() and any(out.iterdir()) and not any((out / name).exists() for name in STUDY_FILES):
+    if out.is_dir() and any(out.iterdir()) and not _is_study_folder(out):
         raise FerkitError(f"{out} holds files that are not a ferkit study; choose a new or empty --out")
 
 
+def _is_study_folder(out: Path) -> bool:
+    """Marked as a study's, finished (study.json) or not; or, made before studies were marked, holding
+    nothing but the runs of study entries and no report yet."""
+    if (out / STUDY_MARK).exists() or (out / "study.json").exists():
+        return True
+    runs = out / "runs"
+    return runs.is_dir() and not (out / "report.html").exists() and all(run.name in ENTRIES for run in runs.iterdir())
+
+
 def _check_transfer_weights(config: StudyConfig) -> None:
-    """Before anything trains: the transfer entry's pretrained weights are here (building it finds them)."""
+    """Before anything trains: the transfer network is one with a pretrained backbone, and the transfer
+    entry's pretrained weights are here (building it finds them)."""
     from ferkit._keras import check_keras_installed, import_keras
     from ferkit.models import create_model
+    from ferkit.training_model import check_fine_tuning
 
     if any(name != "shipped" for name in config.models):
         check_keras_installed()
+    for name in ("transfer", "transfer-random"):
+        if name in config.models:
+            check_fine_tuning(_train_config(config, name, config.data, Path(config.out)))
     if "transfer" not in config.models:
         return
     try:
@@ -204,14 +223,17 @@ def _train_or_reuse(config: TrainConfig, verbose: int) -> Path:
     """Train; or resume an interrupted run of the same settings; or reuse a finished one."""
     from ferkit._keras import import_keras
     from ferkit.runs import RunState
-    from ferkit.training import train
+    from ferkit.training import check_same_faces, train
 
     run = Path(config.out)
     if (run / "config.json").exists():
-        earlier = TrainConfig.load(run / "config.json")
-        if _comparable(earlier) != _comparable(config):
-            raise FerkitError(f"{run} holds a run with other settings; remove it or choose another --out")
+        earlier = _settings(TrainConfig.load(run / "config.json"))
+        changed = [name for name, value in _settings(config).items() if earlier.get(name) != value]
+        if changed:
+            raise FerkitError(f"{run} holds a run with other settings ({', '.join(changed)}); remove it or choose "
+                              "another --out")
         if RunState.load(run).status == "finished":
+            check_same_faces(run, load_dataset(config.data, usage=TRAIN_USAGE), load_dataset(config.val, usage=VAL_USAGE))
             log.info("reusing the finished run %s", run)
             return run
         log.info("resuming %s", run)
@@ -222,9 +244,12 @@ def _train_or_reuse(config: TrainConfig, verbose: int) -> Path:
     return run
 
 
-def _comparable(config: TrainConfig) -> dict:
+def _settings(config: TrainConfig) -> dict:
+    """How a run trains, less where it and its data are (a study folder renamed, or paths spelled another
+    way, is the same study: the faces themselves are checked) and what training fills in."""
     settings = asdict(config)
-    settings.pop("classes")  # filled in by training
+    for name in ("out", "data", "val", "classes"):
+        settings.pop(name)
     return settings
 
 

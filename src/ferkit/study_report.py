@@ -145,7 +145,7 @@ def _photos(photos: list[dict], results) -> str:
     for photo in photos:
         faces = photo["faces"]
         shown = "shipped" if "shipped" in faces else next(iter(faces))
-        picture = draw_faces(Image.open(photo["path"]), faces[shown])
+        picture = draw_faces(photo["path"], faces[shown])  # read as analyze read it (a huge JPEG at a reduced scale)
         picture.thumbnail((1200, 1200))
         header = "<tr><th>face</th>" + "".join(f"<th>{escape(name)}</th>" for name in faces) + "</tr>"
         rows = "".join(

@@ -241,7 +241,7 @@ def _check_and_load(config: TrainConfig, run: Path, resume: bool, overwrite: boo
         check_teacher(config.teacher)
     train_set, val_set = load_train_val(config, get_model_spec(config.model).input_size, progress=verbose > 0)
     if resume:
-        _check_same_faces(run, train_set, val_set)
+        check_same_faces(run, train_set, val_set)
     config.classes = list(train_set.classes)
     return train_set, val_set
 
@@ -256,7 +256,7 @@ def _check_has_its_checkpoint(run: Path) -> None:
                           f"(--init {run / 'last.keras'} --out NEW_FOLDER)")
 
 
-def _check_same_faces(run: Path, train_set, val_set) -> None:
+def check_same_faces(run: Path, train_set, val_set) -> None:
     """A resumed run goes on with the faces it began with (--data and --val say where they are now, not
     which): refused when the faces per class differ from those its datasets.json records."""
     try:
