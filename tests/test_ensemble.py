@@ -70,3 +70,17 @@ def test_ensemble_command(trained_run, second_run, tmp_path):
     # the same model named twice, once as its run folder and once as its file
     twice = CliRunner().invoke(cli, ["ensemble", str(trained_run), str(trained_run / "best.keras"), "--out", str(tmp_path / "two.keras")])
     assert twice.exit_code == 2 and "given twice" in twice.output and not (tmp_path / "two.keras").exists()
+
+
+def test_the_training_faces_of_its_members_are_known_to_the_ensemble(trained_run, second_run, ensemble, pattern_data, tmp_path):
+    train = str(pattern_data / "train")
+    result = CliRunner().invoke(cli, ["export", str(ensemble), "--onnx", "--out", str(tmp_path / "pair.onnx"),
+                                      "--calibrate-temperature", train])
+    assert result.exit_code == 2, result.output
+    assert f"error: {train} is the data the ensemble's seed-cnn, seed-cnn member(s) were trained on" in result.output
+    assert not (tmp_path / "pair.onnx").exists()
+    result = CliRunner().invoke(cli, ["evaluate", str(ensemble), "--data", train, "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    assert f"{train} is the data the ensemble's seed-cnn, seed-cnn member(s) were trained on" in result.output
+    result = CliRunner().invoke(cli, ["evaluate", str(ensemble), "--data", str(pattern_data / "val"), "--out", str(tmp_path / "val")])
+    assert result.exit_code == 0 and "were trained on" not in result.output

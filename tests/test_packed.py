@@ -1,6 +1,7 @@
 """Packed datasets: .npy shards read memory-mapped, identical to the data they were packed from."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -115,6 +116,10 @@ def test_a_packed_dataset_is_replaced_only_with_overwrite_and_other_folders_neve
     assert [p.name for p in mine.iterdir()] == ["photo.jpg"]
     with pytest.raises(FerkitError, match="being read"):
         pack_dataset(packed, packed, overwrite=True)
+    data = shutil.copytree(pattern_data / "val", tmp_path / "data")
+    result = CliRunner().invoke(cli, ["pack", str(data), str(data / "packed")])
+    assert result.exit_code == 2 and f"{data / 'packed'} lies inside the data folder {data}" in result.output
+    assert not (data / "packed").exists()
     # the Python API takes a path as readily as a dataset
     again = pack_dataset(pattern_data / "val", tmp_path / "again")
     assert np.array_equal(np.asarray(load_dataset(again).images), load_dataset(pattern_data / "val").images)

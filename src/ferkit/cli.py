@@ -416,6 +416,7 @@ def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_siz
         usage = _check_usage(data, None, usage_given=True)
     else:  # by default a CSV's Training rows: with PublicTest among them, validation faces would train
         usage = _check_usage(data, usage or (TRAIN_USAGE if data.lower().endswith(".csv") else None), usage is not None)
+    _check_out_outside_data(out, data, "the packed faces")
     check_pack_folder(out, overwrite=overwrite)  # before minutes of loading, not after
     names = [name.strip() for name in classes.split(",") if name.strip()] if classes else None
     dataset = load_dataset(data, image_size=(image_size, image_size), usage=usage, classes=names, progress=True)
@@ -423,6 +424,14 @@ def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_siz
     shards = -(-len(dataset) // shard_size)
     rows = f" ({usage} rows)" if usage else ""
     click.echo(f"packed {len(dataset)} faces{rows} ({len(dataset.classes)} classes) into {shards} shard(s) in {folder}")
+
+
+def _check_out_outside_data(out: Path | None, data: str, what: str) -> None:
+    """Refuse an output folder inside the class-folder tree it is made from: its files would be read as
+    faces, or as a class folder, the next time that data is read."""
+    if out is not None and Path(data).is_dir() and Path(os.path.realpath(out)).is_relative_to(os.path.realpath(data)):
+        raise FerkitError(f"{out} lies inside the data folder {data}: {what} would be read as faces the next "
+                          "time; choose a folder outside it")
 
 
 @cli.command("crop")
@@ -499,14 +508,12 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     from ferkit.evaluation import check_report_folder, default_report_folder, evaluate
     from ferkit.predict import model_version
     from ferkit.results import create_folder
-    from ferkit.runs import held_out_faces, trained_on
+    from ferkit.runs import held_out_faces, members_trained_on, trained_on
     from ferkit.runtime import load_classifier
 
     given = click.get_current_context().get_parameter_source("usage") is not click.core.ParameterSource.DEFAULT
     usage = _check_usage(data, usage, given)
-    if out is not None and Path(data).is_dir() and Path(os.path.realpath(out)).is_relative_to(os.path.realpath(data)):
-        raise FerkitError(f"--out {out} lies inside the data folder {data}: the report's pictures would be read as "
-                          "faces the next time; choose a folder outside it")
+    _check_out_outside_data(out, data, "the report's pictures")
     classifier = load_classifier(model).with_tta(tta)
     run = trained_on(classifier.path, data, usage=None if Path(data).is_dir() else usage)
     # a run that split its validation faces off this data: scored on those, if they can be told again
@@ -524,6 +531,9 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     elif run:
         log.warning("%s is the data %s was trained on: its accuracy there says little about faces it has not seen",
                     data, classifier.path.parent)
+    elif members := members_trained_on(classifier.metadata, data, usage=None if Path(data).is_dir() else usage):
+        log.warning("%s is the data the ensemble's %s member(s) were trained on: its accuracy there says little about "
+                    "faces it has not seen", data, ", ".join(members))
     # a CSV's source says which rows, known once it is read
     evaluation = (classifier.name, dataset.source, classifier.tta, model_version(classifier))
     if out is None:

@@ -42,7 +42,7 @@ def ensemble_models(members: list[str | Path], out: str | Path, *, overwrite: bo
     averaged = keras.layers.Average(dtype="float32", name="mean_probabilities")(outputs)
     model = keras.Model(inputs, averaged, name="ensemble")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return save_keras_model(model, out, _ensemble_metadata(metadata))
+    return save_keras_model(model, out, _ensemble_metadata(paths, metadata))
 
 
 def _check_compatible(paths: list[Path], metadata: list[ModelMetadata]) -> None:
@@ -56,8 +56,16 @@ def _check_compatible(paths: list[Path], metadata: list[ModelMetadata]) -> None:
                 )
 
 
-def _ensemble_metadata(metadata: list[ModelMetadata]) -> ModelMetadata:
+def _ensemble_metadata(paths: list[Path], metadata: list[ModelMetadata]) -> ModelMetadata:
+    """The members' networks and their runs' training data (so that a temperature is not fitted, or an
+    accuracy taken, on faces a member learned)."""
+    from ferkit.runs import TRAINED_ON, training_faces_origin
+
     first = metadata[0]
+    members = []
+    for path, meta in zip(paths, metadata):
+        origin = training_faces_origin(path)
+        members.append({"model": meta.model, **meta.extra, **({TRAINED_ON: origin} if origin else {})})
     names = [meta.model for meta in metadata]
     label = f"{names[0]} x{len(names)}" if len(set(names)) == 1 else " + ".join(names)
     return ModelMetadata(
@@ -67,5 +75,5 @@ def _ensemble_metadata(metadata: list[ModelMetadata]) -> ModelMetadata:
         channels=first.channels,
         crop=first.crop if len({meta.crop for meta in metadata}) == 1 else None,  # tencrop needs one shared crop
         tta=first.tta,
-        extra={"members": [{"model": meta.model, **meta.extra} for meta in metadata]},
+        extra={"members": members},
     )

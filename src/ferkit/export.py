@@ -208,12 +208,16 @@ def _refuse_training_faces(source: Path, dataset: FaceDataset) -> None:
     """A FerkitError when the faces given for the temperature are the run's own training data: the
     model is surest on the faces it learned, so the fitted temperature would make it more confident,
     not calibrated."""
-    from ferkit.runs import trained_on
+    from ferkit.runs import members_trained_on, trained_on
 
     run = trained_on(source, dataset.source)
     if run:
         held_out = f" (its validation data: {run.val})" if run.val else ""
         raise FerkitError(f"{dataset.source} is the data the model was trained on; fit the temperature on held-out faces{held_out}")
+    members = members_trained_on(read_metadata(source), dataset.source)
+    if members:
+        raise FerkitError(f"{dataset.source} is the data the ensemble's {', '.join(members)} member(s) were trained on; "
+                          "fit the temperature on held-out faces")
 
 
 def _fit_temperature(path: Path, dataset: FaceDataset) -> float:

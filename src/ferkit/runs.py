@@ -135,18 +135,47 @@ def trained_on(model: Path, source, usage: str | None = None):
     the rows of a FER2013 CSV; None: all) holds that run's training faces, else None. A packed dataset
     counts as the data it was packed from."""
     from ferkit.config import TrainConfig
+
+    origin = training_faces_origin(model)
+    if origin is None or not source or not Path(source).exists():
+        return None
+    return TrainConfig.load(Path(model).parent / "config.json") if _holds(origin, source, usage) else None
+
+
+def members_trained_on(metadata, source, usage: str | None = None) -> list[str]:
+    """The networks among an ensemble's members (its `metadata`) whose runs trained on faces that `source`
+    (with `usage`, as for trained_on) holds, as the ensemble recorded where each member's faces came from."""
+    if not source or not Path(source).exists():
+        return []
+    members = metadata.extra.get("members", [])
+    return [member["model"] for member in members if member.get(TRAINED_ON) and _holds(member[TRAINED_ON], source, usage)]
+
+
+TRAINED_ON = "trained_on"  # an ensemble member's entry: where its run's training faces came from
+
+
+def training_faces_origin(model: Path) -> dict | None:
+    """Where the run that trained `model` (a file in its run folder) took its training faces: {"data": the
+    folder or CSV file, "rows": a CSV's usage, None for all}; None where no run folder says."""
+    from ferkit.config import TrainConfig
     from ferkit.data.fer2013_csv import TRAIN_USAGE
 
     config = Path(model).parent / "config.json"
-    if not config.is_file() or not source or not Path(source).exists():
+    if not config.is_file():
         return None
     run = TrainConfig.load(config)
-    if not run.data:
+    if not run.data or not Path(run.data).exists():
         return None
-    trained, trained_rows = _faces_origin(run.data, TRAIN_USAGE if run.data.lower().endswith(".csv") else None)
+    data, rows = _faces_origin(run.data, TRAIN_USAGE if run.data.lower().endswith(".csv") else None)
+    return {"data": str(data), "rows": rows}
+
+
+def _holds(origin: dict, source, usage: str | None) -> bool:
+    """Whether `source` (with `usage`) holds the faces of a run's training `origin`."""
     given, given_rows = _faces_origin(source, usage)
+    trained_rows = origin["rows"]
     same_rows = trained_rows is None or given_rows is None or trained_rows.lower() == given_rows.lower()
-    return run if trained == given and same_rows else None
+    return Path(origin["data"]) == given and same_rows
 
 
 def _faces_origin(source, usage: str | None) -> tuple[Path, str | None]:
