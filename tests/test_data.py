@@ -246,12 +246,16 @@ def test_the_cache_command_shows_and_clears_the_cache(tmp_path):
 
     write_pattern_dataset(tmp_path / "data", 2)
     load_folder(tmp_path / "data")
-    (cache_dir() / "datasets" / "half.tmp").write_bytes(b"x")  # a write cut short
+    datasets = cache_dir() / "datasets"
+    (datasets / ".partial-k3j9x0.tmp").write_bytes(b"x" * 1000)  # writes cut short, by this version and earlier ones
+    (datasets / "tmpa8_Zk2q1.tmp").write_bytes(b"x" * 1000)
+    (datasets / "teacher-probs.npz").write_bytes(b"mine")  # not ferkit's
     shown = CliRunner().invoke(cli, ["cache"])
     assert shown.exit_code == 0 and "1 cached dataset" in shown.output
+    size = sum(p.stat().st_size for p in datasets.iterdir() if p.name != "teacher-probs.npz")
     cleared = CliRunner().invoke(cli, ["cache", "clear"])
-    assert cleared.exit_code == 0 and "removed 2" in cleared.output
-    assert not list((cache_dir() / "datasets").iterdir())
+    assert cleared.exit_code == 0 and f"removed 1 cached dataset(s), {size / 1e6:.1f} MB" in cleared.output
+    assert [p.name for p in datasets.iterdir()] == ["teacher-probs.npz"]
 
 
 def test_a_cache_folder_that_is_a_file_is_said_to_be(tmp_path, monkeypatch):

@@ -27,7 +27,12 @@ def markdown_table(study: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study_json", type=Path)
-    print(markdown_table(json.loads(parser.parse_args().study_json.read_text())))
+    path = parser.parse_args().study_json
+    try:
+        study = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        parser.error(f"cannot read {path}: {err}")
+    print(markdown_table(study))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -12,6 +13,9 @@ from pathlib import Path
 import numpy as np
 
 CACHE_VERSION = 2  # 2: pictures that are not square are made square by repeating edges, not stretched
+KEY_LENGTH = 32
+PARTIAL = (".partial-", ".tmp")  # a cache file being written: its name's start and end
+OLDER_PARTIAL = re.compile(r"tmp\w{8}\.tmp")  # as earlier versions of ferkit named a file being written
 
 
 def cache_dir() -> Path:
@@ -24,7 +28,7 @@ def cache_dir() -> Path:
 
 def cache_key(**parts) -> str:
     text = json.dumps({"version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
 
 
 def load_cached(key: str) -> dict[str, np.ndarray] | None:
@@ -45,7 +49,7 @@ def save_cached(key: str, arrays: dict[str, np.ndarray]) -> None:
     tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=PARTIAL[0], suffix=PARTIAL[1])
         with os.fdopen(fd, "wb") as handle:
             np.savez(handle, **arrays)
         os.replace(tmp, folder / f"{key}.npz")
@@ -55,16 +59,23 @@ def save_cached(key: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 def cache_files() -> list[Path]:
-    """The cached datasets, oldest first."""
-    folder = cache_dir() / "datasets"
-    return sorted(folder.glob("*.npz"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    """The cached datasets, oldest first: ferkit's files only, named by their key, never another's."""
+    named = re.compile(f"[0-9a-f]{{{KEY_LENGTH}}}\\.npz")
+    return sorted(_files(lambda name: named.fullmatch(name)), key=lambda p: p.stat().st_mtime)
 
 
 def clear_cache() -> tuple[int, int]:
-    """Delete every cached dataset (and any half-written one); returns (files, bytes) removed."""
-    folder = cache_dir() / "datasets"
-    removed = [p for p in [*cache_files(), *(folder.glob("*.tmp") if folder.is_dir() else [])]]
+    """Delete every cached dataset (and any half-written one); returns (datasets, bytes) removed."""
+    datasets = cache_files()
+    partial = [*_files(lambda name: name.startswith(PARTIAL[0]) and name.endswith(PARTIAL[1])),
+               *_files(OLDER_PARTIAL.fullmatch)]
+    removed = [*datasets, *partial]
     size = sum(p.stat().st_size for p in removed)
     for path in removed:
         path.unlink(missing_ok=True)
-    return len(removed), size
+    return len(datasets), size
+
+
+def _files(chosen) -> list[Path]:
+    folder = cache_dir() / "datasets"
+    return [path for path in folder.iterdir() if chosen(path.name)] if folder.is_dir() else []
