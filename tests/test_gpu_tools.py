@@ -43,10 +43,12 @@ def test_gpu_train_script_stops_each_run_on_time_and_brings_back_its_folder(patt
         "# name  flags\n"
         "short --model seed-cnn --epochs 1\n"
         "long  --model seed-cnn --epochs 100000 --seed 3\n"
+        "broken --model no-such-network"  # fails at once; the file's last line, without its newline
     )
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow",
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TMPDIR": str(tmp_path / "tmp"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     # two minutes: on a busy machine TensorFlow's start and the first epoch of the short run took over one
     command = ["bash", str(REPO / "tools" / "gpu" / "train.sh"), "--snapshot-s", "5", "2", "runs.txt",
@@ -55,8 +57,12 @@ def test_gpu_train_script_stops_each_run_on_time_and_brings_back_its_folder(patt
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     snapshot = _first_snapshot_while_running(script, out / "long.tar.gz", tmp_path / "snapshot.tar.gz")
     _, stderr = script.communicate(timeout=300)
-    assert script.returncode == 0, stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == ["long.tar.gz", "short.tar.gz"]
+    assert script.returncode == 1, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == f"error: failed: broken (exit 2); their logs are in their archives in {out}"
+    assert sorted(p.name for p in out.iterdir()) == ["broken.tar.gz", "long.tar.gz", "short.tar.gz"]
+    assert not list((tmp_path / "tmp").iterdir())  # the dataset's copy and the runs are gone once archived
+    with tarfile.open(out / "broken.tar.gz") as archive:
+        assert "unknown model 'no-such-network'" in archive.extractfile("broken.log").read().decode()
 
     # a call cut short still brings back the run as it stood at the last snapshot
     assert snapshot is not None, "no snapshot of the long run appeared while it trained"

@@ -76,8 +76,12 @@ def test_resume_continues_where_the_run_stopped(pattern_data, tmp_path, caplog):
     assert (run / "config.json").read_text() == recorded and RunState.load(run).epochs_done == 4
     # without its checkpoint it cannot go on where it stopped: refused, not started again over its records
     shutil.rmtree(run / "backup")
-    with pytest.raises(FerkitError, match=r"has 4 epoch\(s\) done but its checkpoint \(backup/\) is gone.*--init"):
+    with pytest.raises(FerkitError, match=r"has 4 epoch\(s\) done but its checkpoint \(backup/\) is gone.*its last model \(--init .*last.keras"):
         train(dataclasses.replace(config, epochs=6), resume=True, verbose=0)
+    (run / "last.keras").rename(run / "last.kept")  # as a run brought back from a GPU machine lacks it
+    with pytest.raises(FerkitError, match=r"is gone.*its best model \(--init .*best.keras"):
+        train(dataclasses.replace(config, epochs=6), resume=True, verbose=0)
+    (run / "last.kept").rename(run / "last.keras")
     assert read_history(run / "history.csv")["epoch"] == [1, 2, 3, 4] and RunState.load(run).epochs_done == 4
     # the saved models are the bare network: augmentation layers stay out of them
     from ferkit.runtime import load_classifier

@@ -251,9 +251,12 @@ def _check_has_its_checkpoint(run: Path) -> None:
     nothing and write over its records, so it is refused."""
     done = RunState.load(run).epochs_done if (run / "state.json").exists() else 0
     if done and not has_checkpoint(run):
+        start = next(((what, run / name) for what, name in (("last", "last.keras"), ("best", "best.keras"))
+                      if (run / name).exists()), None)
+        advice = f"start a new run from its {start[0]} model (--init {start[1]} --out NEW_FOLDER)" if start else \
+            "start it again in a new folder"
         raise FerkitError(f"cannot resume {run}: it has {done} epoch(s) done but its checkpoint ({BACKUP}/) is gone, "
-                          f"so it cannot go on where it stopped; start a new run from its last model "
-                          f"(--init {run / 'last.keras'} --out NEW_FOLDER)")
+                          f"so it cannot go on where it stopped; {advice}")
 
 
 def check_same_faces(run: Path, train_set, val_set) -> None:

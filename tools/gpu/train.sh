@@ -13,7 +13,8 @@
 # (needed to continue the run elsewhere); rewritten every S seconds (default 60) while the runs train,
 # so that a job killed early still leaves the runs as they stood. --split-mb N splits archives larger
 # than N MB into NAME.tar.gz.part-aa, -ab, ... --wheels DIR installs Keras from the wheels in DIR when
-# it is missing (an offline machine; tools/gpu/pack.sh downloads them).
+# it is missing (an offline machine; tools/gpu/pack.sh downloads them). Exits 1 if a run failed (other
+# than stopping at MINUTES), naming it; its log is archived all the same.
 set -uo pipefail
 keep_checkpoint=0; split_mb=0; snapshot_s=60; wheels=""
 while [[ ${1:-} == --* ]]; do
@@ -29,6 +30,7 @@ done
 minutes=$1; runs_file=$2; data_source=$3; out=$4
 mkdir -p "$out" || exit 2
 work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT  # the dataset's copy and the runs, archived in OUT by then
 runs=$work/runs
 mkdir -p "$runs"
 
@@ -54,11 +56,16 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 excluded=(--exclude last.keras --exclude '.*.tmp.keras')
 (( keep_checkpoint )) || excluded+=(--exclude checkpoint.keras --exclude backup --exclude backup-fine-tune)
 
-pack_run() {  # NAME: its run folder and log into $out, replacing what an earlier snapshot left there
+pack_run() {  # NAME [ended]: its run folder and log into $out, replacing what an earlier snapshot left there
   local name=$1 tmp="$out/$1.tar.gz.tmp"
-  [[ -d $runs/$name ]] || return 0
-  cp "$runs/$name.log" "$runs/$name/train.log" 2>/dev/null
-  tar czf "$tmp" "${excluded[@]}" -C "$runs" "$name" 2>/dev/null
+  if [[ -d $runs/$name ]]; then
+    cp "$runs/$name.log" "$runs/$name/train.log" 2>/dev/null
+    tar czf "$tmp" "${excluded[@]}" -C "$runs" "$name" 2>/dev/null
+  elif [[ ${2:-} == ended ]]; then  # a run that failed before its folder was made: its log says why
+    tar czf "$tmp" -C "$runs" "$name.log" 2>/dev/null
+  else
+    return 0
+  fi
   (( $? < 2 )) || { rm -f "$tmp"; return 0; }  # 1: a file changed while read (the log); 2: failed
   rm -f "$out/$name.tar.gz" "$out/$name.tar.gz.part-"*
   if (( split_mb > 0 && $(stat -c %s "$tmp") > split_mb * 1048576 )); then
@@ -70,7 +77,7 @@ pack_run() {  # NAME: its run folder and log into $out, replacing what an earlie
 
 started=$(date +%s)
 names=(); pids=()
-while read -r name flags; do
+while read -r name flags || [[ -n ${name:-} ]]; do  # the last line may lack its newline
   [[ -z ${name:-} || $name == \#* ]] && continue
   names+=("$name")
   # shellcheck disable=SC2086  # flags are meant to split
@@ -79,14 +86,24 @@ while read -r name flags; do
   pids+=($!)
 done <"$runs_file"
 (( ${#names[@]} )) || { echo "error: no runs in $runs_file" >&2; exit 2; }
-( while sleep "$snapshot_s"; do for name in "${names[@]}"; do pack_run "$name"; done; done ) &
+# TERM ends the snapshot loop between archives, never during one: bash runs the trap once tar is done
+( trap 'exit 0' TERM
+  while :; do sleep "$snapshot_s" & wait $!; for name in "${names[@]}"; do pack_run "$name"; done; done ) &
 snapshots=$!
-wait "${pids[@]}"
+failed=()
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}"; status=$?
+  (( status == 0 || status == 124 )) || failed+=("${names[$i]} (exit $status)")  # 124: stopped at MINUTES
+done
 kill "$snapshots" 2>/dev/null; wait "$snapshots" 2>/dev/null
 echo "trained for $(( $(date +%s) - started )) s"
 
 for name in "${names[@]}"; do
   tail -n 3 "$runs/$name.log"
-  pack_run "$name"
+  pack_run "$name" ended
 done
 ls -la "$out"
+if (( ${#failed[@]} )); then
+  echo "error: failed: ${failed[*]}; their logs are in their archives in $out" >&2
+  exit 1
+fi
