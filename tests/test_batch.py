@@ -32,6 +32,7 @@ def test_a_folder_batch_writes_every_result_and_counts_the_failures(trained_run,
     assert (batch.images, batch.faces, batch.failed) == (4, 3, 2)
     lines = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert [line["source"] for line in lines] == sources
+    assert {line["detector"] for line in lines} == {"none"}  # the unreadable image's line too, as batch.json says
     assert sorted(p.name for p in (tmp_path / "out").glob("*.annotated.jpg")) == ["a-2.annotated.jpg", "a.annotated.jpg", "b.annotated.jpg"]
 
 

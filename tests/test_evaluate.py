@@ -218,3 +218,22 @@ def _base64(path: Path) -> str:
     import base64
 
     return base64.b64encode(path.read_bytes()).decode()
+
+
+def test_a_csv_without_a_usage_column_is_scored_whole_and_named_without_a_usage(trained_run, pattern_data, tmp_path):
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+    from ferkit.data import load_dataset
+    from ferkit.labels import FER2013_CSV_CODES
+
+    codes = {name: code for code, name in FER2013_CSV_CODES.items()}
+    faces = load_dataset(pattern_data / "val")
+    rows = [f"{codes[faces.classes[label]]},{' '.join(map(str, image.ravel()))}" for image, label in zip(faces.images, faces.labels)]
+    (tmp_path / "mine.csv").write_text("emotion,pixels\n" + "\n".join(rows) + "\n")
+    result = CliRunner().invoke(cli, ["evaluate", str(trained_run), "--data", str(tmp_path / "mine.csv")])
+    assert result.exit_code == 0, result.output
+    assert f"({len(faces)} faces)" in result.output and (trained_run / "eval-mine").is_dir()
+    result = CliRunner().invoke(cli, ["evaluate", str(trained_run), "--data", str(tmp_path / "mine.csv"), "--usage", "PrivateTest"])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: --usage selects rows by their Usage column, which {tmp_path / 'mine.csv'} lacks: every row is used"

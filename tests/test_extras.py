@@ -97,7 +97,10 @@ def test_a_run_folder_without_the_training_extra_runs_or_points_to_its_onnx_expo
     # the export made from the run's model as it is runs in its place
     served = _ferkit_without_extras("predict", str(EXAMPLES / "people.jpg"), "--model", str(run), "--out", str(tmp_path / "e"))
     assert served.returncode == 0, served.stderr
-    # a model saved since (as a resumed run does) is what the run folder means: it needs Keras, and the export is named
+    result = _ferkit_without_extras("predict", str(EXAMPLES / "people.jpg"), "--model", str(run / "best.keras"), "--out", str(tmp_path / "k"))
+    assert result.returncode == 2 and result.stderr.strip().endswith(f"or use its ONNX export, {run / 'best.onnx'}")
+    # a model saved since (as a resumed run does) is what the run folder means: it needs Keras, and the export,
+    # of the model as it was, is named as such
     import keras
 
     from ferkit.runtime import read_metadata, save_keras_model
@@ -107,7 +110,7 @@ def test_a_run_folder_without_the_training_extra_runs_or_points_to_its_onnx_expo
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1:] == [
         "error: best.keras: this needs the training extra (Keras and TensorFlow): pip install 'ferkit[train]'; "
-        f"or use its ONNX export, {run / 'best.onnx'}"]
+        f"or use the ONNX export of an earlier best.keras beside it, {run / 'best.onnx'}"]
     onnx = _ferkit_without_extras("predict", str(EXAMPLES / "people.jpg"), "--model", str(run / "best.onnx"),
                                   "--out", str(tmp_path / "p"))
     assert onnx.returncode == 0, onnx.stderr

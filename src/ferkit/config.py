@@ -75,7 +75,7 @@ class TrainConfig:
                            "draws its shuffles and augmentations from seed + N, so it does not repeat an uninterrupted "
                            "run exactly.")
     out: str = setting("runs/train", "Run folder.")
-    save_period: int = setting(0, "Also keep the saved model of every Nth epoch, as epochs/epoch-N.keras in the run folder "
+    save_period: int = setting(0, "Also keep the saved model of every Nth epoch, as epochs/epoch-NNN.keras in the run folder "
                                   "(e.g. to average the last few: tools/average_checkpoints.py); 0: best and last only; "
                                   "may change on --resume.")
     init: str | None = setting(None, "Start from a trained model: 'default' or another shipped model by name, a run folder or .keras file.")

