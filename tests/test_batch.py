@@ -1,6 +1,7 @@
 """Many photos into one results folder through the Python API (`ferkit predict` on folders uses it)."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -265,3 +266,19 @@ def test_folders_and_photos_that_cannot_be_read_are_named(trained_run, tmp_path)
     finally:
         (photos / "c.png").chmod(0o644)
         (photos / "locked").chmod(0o755)
+
+
+def test_a_file_name_that_is_not_utf8_is_written_as_the_file_system_holds_it(trained_run, tmp_path):
+    from ferkit.results import ResultsFolder
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(pattern_face(0, np.random.default_rng(0))).save(os.fsdecode(bytes(folder) + b"/caf\xe9.png"))
+    Image.fromarray(pattern_face(1, np.random.default_rng(1))).save(folder / "ok.png")
+    out = tmp_path / "out"
+    batch = FolderBatch([folder], out, model=trained_run, detector="none")
+    list(batch.run())
+    assert (batch.images, batch.failed) == (2, 0)
+    assert b"/caf\xe9.png," in (out / ResultsFolder.TABLE).read_bytes()  # the very name, for the next tool to open
+    resumed = FolderBatch([folder], out, model=trained_run, detector="none", resume=True)
+    assert resumed.skipped == 2 and not resumed.todo

@@ -1,4 +1,5 @@
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -219,3 +220,62 @@ def test_small_integers_in_a_wide_type_are_8_bit_values():
     gradient = _gradient()
     for dtype in (np.int16, np.uint16, np.int32):  # arithmetic on an 8-bit photo gives such arrays
         assert np.array_equal(np.asarray(load_image(gradient.astype(dtype)).convert("L")), gradient)
+
+
+DAMAGED_EXIF = b"Exif\x00\x00" + b"\x13\x37" * 20  # not a TIFF block: Pillow's parser raises SyntaxError
+
+
+def test_a_photo_with_a_damaged_exif_block_is_read_as_it_is(tmp_path):
+    import ferkit
+
+    picture = Image.open(PEOPLE).convert("RGB")
+    for suffix in (".png", ".webp"):
+        picture.save(tmp_path / f"bad{suffix}", exif=DAMAGED_EXIF)
+        loaded = load_image(tmp_path / f"bad{suffix}")
+        assert loaded.size == picture.size
+        assert len(ferkit.analyze(tmp_path / f"bad{suffix}")) == 3
+    with Image.open(tmp_path / "bad.png") as opened:  # the Python API's PIL images too
+        assert load_image(opened).size == picture.size
+
+
+def test_a_multi_picture_jpeg_over_the_pixel_limit_decodes_at_a_smaller_scale(tmp_path, monkeypatch):
+    """Phones save JPEGs with a gain or depth map as a second picture, which Pillow opens as MPO."""
+    path = tmp_path / "phone.jpg"
+    picture = Image.fromarray(_gradient(800, 600)).convert("RGB")
+    picture.save(path, format="MPO", save_all=True, append_images=[picture.resize((80, 60))])
+    assert Image.open(path).format == "MPO"
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100_000)
+    image = load_image(path)
+    assert image.size == (200, 150) and images.full_size(image) == (800, 600)
+
+
+def test_black_and_white_and_premultiplied_and_16_bit_photos_show_their_faces(tmp_path):
+    import ferkit
+
+    people = Image.open(PEOPLE)
+    people.convert("1").save(tmp_path / "dithered.png")  # 1 bit per pixel: dots, not tones
+    gray16 = np.asarray(people.convert("L")).astype(np.uint16)  # 16-bit PNG of 8-bit values, as the array is read
+    Image.fromarray(gray16).save(tmp_path / "gray16.png")
+    for given in (tmp_path / "dithered.png", tmp_path / "gray16.png", people.convert("LA").convert("La"),
+                  people.convert("RGBA").convert("RGBa")):
+        assert len(ferkit.analyze(given)) == 3, given
+    from_file = to_model_input(load_image(tmp_path / "gray16.png"), (48, 48))
+    assert np.array_equal(from_file, to_model_input(load_image(gray16), (48, 48)))
+
+
+def test_names_that_are_no_file_are_said_to_be(tmp_path):
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+
+    with pytest.raises(FerkitError, match="an empty name is no image file"):
+        load_image("")
+    for given, message in (("", "error: an empty name is no file or folder"),
+                           ("-", "error: - (standard input) is not read: give the image's file name")):
+        result = CliRunner().invoke(cli, ["predict", given, "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2 and result.output.strip() == message
+    read, write = os.pipe()
+    os.close(write)
+    with pytest.raises(FerkitError, match=r"is not a file \(a pipe\?\); save the image to a file first"):
+        load_image(f"/proc/self/fd/{read}")
+    os.close(read)

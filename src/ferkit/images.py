@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from ferkit.errors import FerkitError, first_line
 
@@ -63,7 +63,7 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray | bytes, *, 
             source.load()
         except (OSError, ValueError) as err:  # a closed image, a file cut short
             raise FerkitError(f"the PIL image cannot be read: {first_line(err)}") from None
-        return ImageOps.exif_transpose(source)
+        return _upright(source)
     if isinstance(source, np.ndarray):
         if channels == "bgr" and source.ndim == 3 and source.shape[2] in (3, 4):
             source = np.concatenate([source[:, :, 2::-1], source[:, :, 3:]], axis=2)
@@ -75,11 +75,15 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray | bytes, *, 
     if "://" in str(source):
         raise ImageError(Path(str(source)), "a URL",
                          f"{source}: URLs are not fetched (ferkit works offline); download the file first")
+    if not str(source).strip():
+        raise ImageError(Path(str(source)), "missing", "an empty name is no image file")
     path = Path(source)
     if not path.exists():
         raise ImageError(path, "missing", f"no such file: {path}")
     if path.is_dir():
         raise ImageError(path, "a folder", f"{path} is a folder, not an image")
+    if not path.is_file():  # a pipe (/dev/stdin, say): ferkit reads a photo more than once
+        raise ImageError(path, "not a file", f"{path} is not a file (a pipe?); save the image to a file first")
     if path.stat().st_size == 0:
         raise ImageError(path, "empty file", f"{path} is an empty file")
     _check_decoder_for(path)
@@ -94,7 +98,8 @@ def _decode(file, path: Path) -> Image.Image:
     photo_size = None
     try:
         image = _open(file)
-        if image.format == "JPEG" and image.width * image.height > MAX_IMAGE_PIXELS:
+        # MPO: a phone's JPEG that carries a second picture (a gain or depth map), decoded as JPEG is
+        if image.format in ("JPEG", "MPO") and image.width * image.height > MAX_IMAGE_PIXELS:
             photo_size = image.size
             _decode_smaller(image)
         if image.width * image.height > MAX_IMAGE_PIXELS:
@@ -115,10 +120,19 @@ def _decode(file, path: Path) -> Image.Image:
         raise ImageError(path, "permission denied", f"{path} cannot be read: permission denied") from None
     except DECODE_ERRORS as err:
         raise ImageError(path, first_line(err), f"{path} could not be decoded ({first_line(err)})") from None
-    upright = ImageOps.exif_transpose(image)
+    upright = _upright(image)
     if photo_size:
         upright.info[FULL_SIZE] = photo_size if upright.size == image.size else photo_size[::-1]
     return upright
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """`image` turned as its EXIF orientation says; as it is where its EXIF block is damaged (Pillow then
+    raises SyntaxError, struct.error, ... as it parses it): the pixels themselves are fine."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - any error of the EXIF parser
+        return image
 
 
 def _check_decoder_for(path: Path) -> None:
@@ -211,9 +225,10 @@ def _decode_smaller(jpeg: Image.Image) -> None:
 
 def to_grayscale(image: Image.Image) -> Image.Image:
     """8-bit grayscale from any mode: L, RGB(A), P, CMYK, 1, and 16/32-bit integer or float images."""
+    image = _unpremultiplied(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        top = 65535.0 if values.max(initial=0) > 255 else 255.0  # as for arrays: 16-bit once past 255
         if image.mode == "F" and values.max(initial=0) <= 1.0:
             top = 1.0
         return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
@@ -227,8 +242,11 @@ def to_grayscale(image: Image.Image) -> Image.Image:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB from any mode (what detectors and annotated copies use); gray modes stay gray-looking."""
+    image = _unpremultiplied(image)
     if image.mode == "RGB":
         return image
+    if image.mode == "1":  # dithered black and white: detectors find faces in its gray tones, not its dots
+        return image.convert("L").filter(ImageFilter.GaussianBlur(DITHER_BLUR)).convert("RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F", "RGBA", "LA", "PA") or (
         image.mode == "P" and "transparency" in image.info
     ):
@@ -237,6 +255,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
             return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
         return to_grayscale(image).convert("RGB")
     return image.convert("RGB")
+
+
+DITHER_BLUR = 0.8  # pixels: enough to turn a 1-bit photo's dots back into tones for a detector
+
+
+def _unpremultiplied(image: Image.Image) -> Image.Image:
+    """La and RGBa (alpha premultiplied, which Pillow converts to little else) as LA and RGBA."""
+    return image.convert(image.mode.upper()) if image.mode in ("La", "RGBa") else image
 
 
 def to_model_input(image: Image.Image, size: tuple[int, int]) -> np.ndarray:

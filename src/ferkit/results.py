@@ -219,7 +219,7 @@ class ResultsFolder:
             before = {}  # damaged: the table's header still says the classes
         table = self.folder / self.TABLE
         if "classes" not in before and table.is_file():
-            with open(table, newline="") as handle:
+            with open(table, newline="", **TABLE_TEXT) as handle:
                 header = next(csv.reader(handle), [])
             before["classes"] = header[9:-1] if header[:1] == ["source"] else header
         if "model" in before:  # a batch begun before faces were classified at several scales had one crop each
@@ -233,8 +233,8 @@ class ResultsFolder:
     def __enter__(self) -> ResultsFolder:
         create_folder(self.folder)
         mode = "a" if self.resume else "w"
-        self._table = open(self.folder / self.TABLE, mode, newline="")
-        self._lines = open(self.folder / self.LINES, mode)
+        self._table = open(self.folder / self.TABLE, mode, newline="", **TABLE_TEXT)
+        self._lines = open(self.folder / self.LINES, mode, encoding="utf-8")  # JSON: ASCII, names escaped
         self._writer = csv.writer(self._table)
         if self._table.tell() == 0:
             self._writer.writerow(face_columns(self.classes))
@@ -284,11 +284,16 @@ class ResultsFolder:
                 kept.append(line)
         lines.write_text("".join(kept))
         if table.exists():
-            with open(table, newline="") as handle:
+            with open(table, newline="", **TABLE_TEXT) as handle:
                 rows = list(csv.reader(handle))
-            with open(table, "w", newline="") as handle:
+            with open(table, "w", newline="", **TABLE_TEXT) as handle:
                 csv.writer(handle).writerows(rows[:1] + [row for row in rows[1:] if row and row[0] in done])
         return done
+
+
+# A file name that is not UTF-8 (Latin-1 from an old camera or a zip file, say) is written to a table as
+# the bytes the file system holds, so that the table names the very file.
+TABLE_TEXT = {"encoding": "utf-8", "errors": "surrogateescape"}
 
 
 def _file_key(path: str | Path) -> str:

@@ -24,6 +24,10 @@ def source_kind(source: str) -> str:
     """"image", "folder", "glob" or "video"; a one-line FerkitError for URLs and missing paths."""
     if "://" in source:
         raise FerkitError(f"{source}: URLs are not fetched (ferkit works offline); download the file first")
+    if not source.strip():
+        raise FerkitError("an empty name is no file or folder")
+    if source == "-" and not Path(source).exists():
+        raise FerkitError("- (standard input) is not read: give the image's file name")
     if glob.has_magic(source) and not Path(source).exists():
         return "glob"
     path = Path(source)
