@@ -237,3 +237,21 @@ def test_a_csv_without_a_usage_column_is_scored_whole_and_named_without_a_usage(
     result = CliRunner().invoke(cli, ["evaluate", str(trained_run), "--data", str(tmp_path / "mine.csv"), "--usage", "PrivateTest"])
     assert result.exit_code == 2
     assert result.output.strip() == f"error: --usage selects rows by their Usage column, which {tmp_path / 'mine.csv'} lacks: every row is used"
+
+
+def test_every_row_of_a_csv_is_scored_with_usage_all(trained_run, pattern_data, tmp_path):
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+    from ferkit.data import load_dataset
+    from ferkit.labels import FER2013_CSV_CODES
+
+    codes = {name: code for code, name in FER2013_CSV_CODES.items()}
+    faces = load_dataset(pattern_data / "val")
+    usages = ["PublicTest", "PrivateTest"]
+    rows = [f"{codes[faces.classes[label]]},{' '.join(map(str, image.ravel()))},{usages[n % 2]}"
+            for n, (image, label) in enumerate(zip(faces.images, faces.labels))]
+    (tmp_path / "fer.csv").write_text("emotion,pixels,Usage\n" + "\n".join(rows) + "\n")
+    result = CliRunner().invoke(cli, ["evaluate", str(trained_run), "--data", str(tmp_path / "fer.csv"), "--usage", "all", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output[result.output.index("{"):])["samples"] == len(faces)

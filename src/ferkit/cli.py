@@ -412,10 +412,8 @@ def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_siz
         raise FerkitError("--shard-size must be at least 1")
     from ferkit.data.fer2013_csv import TRAIN_USAGE
 
-    if usage is not None and usage.lower() == "all":
-        usage = _check_usage(data, None, usage_given=True)
-    else:  # by default a CSV's Training rows: with PublicTest among them, validation faces would train
-        usage = _check_usage(data, usage or (TRAIN_USAGE if data.lower().endswith(".csv") else None), usage is not None)
+    # by default a CSV's Training rows: with PublicTest among them, validation faces would train
+    usage = _check_usage(data, usage or (TRAIN_USAGE if data.lower().endswith(".csv") else None), usage is not None)
     _check_out_outside_data(out, data, "the packed faces")
     check_pack_folder(out, overwrite=overwrite)  # before minutes of loading, not after
     names = [name.strip() for name in classes.split(",") if name.strip()] if classes else None
@@ -478,17 +476,19 @@ def crop_cmd(source: str, out: Path, detector: str, model: str | None, overwrite
 
 
 def _check_usage(data: str, usage: str | None, usage_given: bool) -> str | None:
-    """--usage as FER2013 spells it. It picks rows of a FER2013 CSV; given with a folder it would be
-    ignored without a word."""
+    """--usage as FER2013 spells it, None for all rows. It picks rows of a FER2013 CSV; given with a folder
+    it would be ignored without a word."""
     from ferkit.data.fer2013_csv import check_usages, has_usage_column
 
     if usage_given and Path(data).is_dir():
         raise FerkitError(f"--usage selects rows of a FER2013 .csv file; {data} is a folder, whose faces are all used")
+    if not usage or usage.lower() == "all":
+        return None
     if Path(data).is_file() and data.lower().endswith(".csv") and not has_usage_column(data):
-        if usage_given and usage:
+        if usage_given:
             raise FerkitError(f"--usage selects rows by their Usage column, which {data} lacks: every row is used")
         return None  # and no usage is named in what is written of it
-    return check_usages(usage)[0] if usage else None
+    return check_usages(usage)[0]
 
 
 # --- evaluate -----------------------------------------------------------------------------------
@@ -497,7 +497,8 @@ def _check_usage(data: str, usage: str | None, usage_given: bool) -> str | None:
 @cli.command("evaluate")
 @click.argument("model", required=False)
 @click.option("--data", required=True, help="A class-folder tree or a FER2013 CSV.")
-@click.option("--usage", default="PublicTest", show_default=True, help="CSV rows to use: Training, PublicTest or PrivateTest.")
+@click.option("--usage", default="PublicTest", show_default=True,
+              help="CSV rows to use: Training, PublicTest, PrivateTest or all.")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Folder for the report files (default: beside the model; runs/ for a shipped model).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Faces per model call.")
