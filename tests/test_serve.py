@@ -310,8 +310,10 @@ def test_a_photo_sent_as_a_video_is_415_pointing_to_the_photo_route(client):
     Image.open(PEOPLE).save(bmp, format="BMP")  # OpenCV alone would read it as a video of one frame
     mpo = io.BytesIO()  # a camera JPEG with a second picture in it (Pillow calls it animated)
     Image.open(PEOPLE).save(mpo, format="MPO", save_all=True, append_images=[Image.open(PEOPLE).rotate(180)])
+    ppm = io.BytesIO()  # a still that the photo route does not take, which OpenCV reads as a one-frame video
+    Image.open(PEOPLE).save(ppm, format="PPM")
     for data, kind in ((bmp.getvalue(), "video/mp4"), (PEOPLE.read_bytes(), "application/octet-stream"),
-                       (mpo.getvalue(), "video/mp4")):
+                       (mpo.getvalue(), "video/mp4"), (ppm.getvalue(), "application/octet-stream")):
         response = client.post("/v1/video", content=data, headers={"Content-Type": kind})
         assert response.status_code == 415 and "/v1/analyze" in response.json()["detail"], response.text
 
@@ -328,6 +330,11 @@ def test_an_animated_gif_may_be_sent_as_a_video_by_its_own_type(client):
     assert refused.status_code == 415 and "/v1/analyze" in refused.json()["detail"]
     jpeg = client.post("/v1/video", content=PEOPLE.read_bytes(), headers={"Content-Type": "image/jpeg"})
     assert jpeg.status_code == 415 and "expected a video" in jpeg.json()["detail"]
+    webp = io.BytesIO()  # OpenCV reads no animated WebP: refused by its type, not taken for a still image
+    frames[0].save(webp, format="WEBP", save_all=True, append_images=frames[1:], duration=100)
+    for kind in ("image/webp", "application/octet-stream"):
+        refused = client.post("/v1/video", content=webp.getvalue(), headers={"Content-Type": kind})
+        assert refused.status_code == 415 and "still image" not in refused.json()["detail"], refused.text
 
 
 def test_the_page_asks_for_nothing_that_is_not_there_or_not_here(client):

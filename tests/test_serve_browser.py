@@ -122,8 +122,51 @@ def test_only_the_last_video_given_is_answered_on_the_page(browser, server, tmp_
         deadline -= 1
     assert len(answers) == 2 and [a.status for a in answers] == [200, 200]
     page.wait_for_timeout(300)  # time for a stale answer to be drawn, were it drawn
-    assert page.text_content("#status").startswith("0 faces in")
+    assert page.text_content("#status").endswith(", 0 faces seen in them")
     assert page.get_attribute("#video-csv", "download") == "dark.emotions.csv"
+    page.close()
+
+
+def test_leaving_the_webcam_tab_while_the_camera_starts_leaves_it_off(browser, server):  # noqa: F811
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(server)
+    page.click("button[data-tab=webcam]")
+    sent = []
+    page.on("request", lambda request: sent.append(request) if request.url.endswith("/v1/analyze") else None)
+    # Start, then the Photo tab before the browser has given the camera (as a user does while it asks)
+    page.evaluate("() => { document.getElementById('webcam-start').click(); document.querySelector('[data-tab=photo]').click(); }")
+    page.wait_for_timeout(2000)
+    assert not sent and page.evaluate("() => document.getElementById('webcam-video').srcObject === null")
+    assert page.text_content("#status") == ""  # the Photo tab's own line
+    page.close()
+
+
+def test_a_video_dropped_on_its_zone_is_answered_on_its_own_tab(browser, server, tmp_path):  # noqa: F811
+    import base64
+
+    cv2 = pytest.importorskip("cv2", reason="ferkit[video] is not installed")
+    photo = cv2.resize(cv2.imread(str(PEOPLE)), (640, 250))
+    writer = cv2.VideoWriter(str(tmp_path / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, photo.shape[1::-1])
+    for _ in range(5):
+        writer.write(photo)
+    writer.release()
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(server)
+    page.click("button[data-tab=video]")
+    with page.expect_response(lambda response: response.url.endswith("/v1/video"), timeout=120_000):
+        page.evaluate("""([data, name]) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const dropped = new DataTransfer();
+            dropped.items.add(new File([bytes], name, { type: "video/mp4" }));
+            const drop = new DragEvent("drop", { dataTransfer: dropped, bubbles: true, cancelable: true });
+            document.getElementById("video-drop").dispatchEvent(drop);
+            document.querySelector("[data-tab=photo]").click();  // and away before the answer comes
+        }""", [base64.b64encode((tmp_path / "clip.mp4").read_bytes()).decode(), "clip.mp4"])
+    page.wait_for_timeout(300)
+    assert "frames analysed" not in page.text_content("#status")  # not on the Photo tab
+    page.click("button[data-tab=video]")
+    assert page.text_content("#status").startswith("5 frames analysed, ")
+    assert page.get_attribute("#video-csv", "download") == "clip.emotions.csv"
     page.close()
 
 

@@ -139,8 +139,9 @@ def create_app(config: ServeConfig | None = None):
     @app.post("/v1/video", openapi_extra=_upload_schema(VIDEO_TYPES), max_body_size=int(config.max_video_mb * MB))
     async def video(request: Request) -> dict:
         """Emotions over time in a short video, about 5 frames a second: the timeline (also as CSV) and its
-        plot (a PNG data URL), titled with the file's name where a multipart form gives it. `cut_short`:
-        frames stopped coming well before the count the file's container lists (a truncated upload)."""
+        plot (a PNG data URL), titled with the file's name where a multipart form gives it. `faces`: each face
+        counted once per frame it is found in (the timeline's rows). `cut_short`: frames stopped coming well
+        before the count the file's container lists (a truncated upload)."""
         data, name = await _upload(request, VIDEO_TYPES, "a video", size_limits["/v1/video"], also=ANIMATED_TYPES)
         return await _run_for(request, analyses, _analyze_video_bytes, data, classifier, detector, config, name, decoders)
 
@@ -308,19 +309,20 @@ def _decode_image(data: bytes, decoders: list[str], max_megapixels: float):
     return image
 
 
-ANIMATED_FORMATS = ("GIF", "PNG", "WEBP")  # may be sent as a video; a JPEG of several pictures (MPO) is a photo
-ANIMATED_TYPES = ("image/gif", "image/png", "image/apng", "image/webp")  # their types, accepted by the video route
+# Animations that may be sent as a video, as OpenCV reads them; it reads no animated WebP. A JPEG of several
+# pictures (MPO) is a photo.
+ANIMATED_TYPES = ("image/gif", "image/png", "image/apng")  # their types, accepted by the video route
 
 
 def _is_still_image(data: bytes, decoders: list[str]) -> bool:
-    """Whether `data` is a photo: an image other than an animated GIF, PNG or WebP."""
+    """Whether `data` is a photo: an image that is not animated."""
     from PIL import Image, UnidentifiedImageError
 
     from ferkit.images import DECODE_ERRORS
 
     try:
         with Image.open(io.BytesIO(data), formats=decoders) as image:
-            return not (image.format in ANIMATED_FORMATS and getattr(image, "is_animated", False))
+            return image.format == "MPO" or not getattr(image, "is_animated", False)
     except Image.DecompressionBombError:
         return True
     except (UnidentifiedImageError, *DECODE_ERRORS):  # not an image: a video, or bytes OpenCV will refuse
@@ -331,8 +333,9 @@ def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig,
                          decoders: tuple[str, ...] | list[str] = IMAGE_FORMATS) -> dict:
     from fastapi import HTTPException
 
+    still = HTTPException(415, "the upload is a still image, not a video: send photos to /v1/analyze (the page's photo mode)")
     if _is_still_image(data, decoders):  # OpenCV would read it as a one-frame video
-        raise HTTPException(415, "the upload is a still image, not a video: send photos to /v1/analyze (the page's photo mode)")
+        raise still
 
     try:
         require("cv2", "video analysis", extra="video")
@@ -349,7 +352,11 @@ def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig,
             capture, info = open_video(path)
         except FerkitError:
             raise HTTPException(415, "the upload is not a video ferkit can decode") from None
+        # a still image in a format the photo route does not take (PPM, JPEG 2000, ...): one frame, no more
+        one_frame = info.frames <= 1 and capture.read()[0] and not capture.read()[0]
         capture.release()
+        if one_frame:
+            raise still
         too_long = HTTPException(413, f"the video lasts over {config.max_video_seconds:g} s, the limit")
         if info.frames / info.fps > config.max_video_seconds:  # as the container says (it may not know)
             raise too_long

@@ -7,7 +7,17 @@ const $ = (id) => document.getElementById(id);
 const COLORS = { angry: "#d55e00", disgust: "#009e73", fear: "#cc79a7", happy: "#f0e442",
                  neutral: "#c8c8c8", sad: "#0072b2", surprise: "#e69f00" };
 
-function say(text, isError = false) {
+// Each tab has its own status line: an answer that arrives while another tab is shown waits for its own.
+const statuses = {};
+const shownTab = () => document.querySelector(".tab[aria-selected=true]").dataset.tab;
+
+function sayIn(tab, text, isError = false) {
+  statuses[tab] = { text, isError };
+  if (tab === shownTab()) showStatus(tab);
+}
+
+function showStatus(tab) {
+  const { text, isError } = statuses[tab] || { text: "", isError: false };
   $("status").textContent = text;
   $("status").classList.toggle("error", isError);
 }
@@ -29,7 +39,19 @@ for (const tab of document.querySelectorAll(".tab")) {
       $(other.dataset.tab).hidden = !chosen;
     }
     if (tab.dataset.tab !== "webcam") stopWebcam();
-    say("");
+    showStatus(tab.dataset.tab);
+  });
+}
+// a file dropped anywhere but on a drop zone would make the browser open it and leave the page
+for (const kind of ["dragover", "drop"]) document.addEventListener(kind, (event) => event.preventDefault());
+
+function dropZone(zone, take) {
+  zone.addEventListener("dragover", (event) => { event.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("over");
+    if (event.dataTransfer.files.length) take(event.dataTransfer.files[0]);
   });
 }
 
@@ -97,6 +119,7 @@ let latestPhoto = 0;  // photos given in quick succession: only the last one's a
 
 async function analyzePhoto(file) {
   const mine = ++latestPhoto;
+  const say = (text, isError) => sayIn("photo", text, isError);
   say(`Analysing ${file.name}…`);
   const canvas = $("photo-canvas");
   canvas.hidden = true;  // nothing of the previous photo stays up beside this one's answer or error
@@ -130,14 +153,7 @@ async function analyzePhoto(file) {
 $("photo-input").addEventListener("change", (event) => {
   if (event.target.files.length) analyzePhoto(event.target.files[0]);
 });
-const drop = $("drop");
-drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
-drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-drop.addEventListener("drop", (event) => {
-  event.preventDefault();
-  drop.classList.remove("over");
-  if (event.dataTransfer.files.length) analyzePhoto(event.dataTransfer.files[0]);
-});
+dropZone($("drop"), analyzePhoto);
 
 // --- webcam: one request in flight; frames that arrive meanwhile are dropped, not queued --------
 let stream = null;
@@ -146,22 +162,28 @@ const grab = document.createElement("canvas");
 
 async function startWebcam() {
   if (!navigator.mediaDevices) {
-    say("No webcam here: browsers allow the camera only on https or localhost pages", true);
+    sayIn("webcam", "No webcam here: browsers allow the camera only on https or localhost pages", true);
     return;
   }
   $("webcam-start").disabled = true;  // a second click while the browser asks would open a second camera stream
+  let started;
   try {
-    stream = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 } });
+    started = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 } });
   } catch (error) {
-    say(`No webcam: ${error.message}`, true);
+    sayIn("webcam", `No webcam: ${error.message}`, true);
     return;
   } finally {
     $("webcam-start").disabled = false;
   }
+  if ($("webcam").hidden) {  // the user went to another tab while the browser asked: no camera left on unseen
+    for (const track of started.getTracks()) track.stop();
+    return;
+  }
+  stream = started;
   $("webcam-video").srcObject = stream;
   $("webcam-start").hidden = true;
   $("webcam-stop").hidden = false;
-  say("Webcam on");
+  sayIn("webcam", "Webcam on");
   requestAnimationFrame(sendFrame);
 }
 
@@ -175,7 +197,7 @@ function stopWebcam() {
   const overlay = $("webcam-overlay");
   overlay.getContext("2d").clearRect(0, 0, overlay.width, overlay.height);
   $("webcam-faces").replaceChildren();
-  say("Webcam off");
+  sayIn("webcam", "Webcam off");
 }
 
 async function sendFrame() {
@@ -197,10 +219,10 @@ async function sendFrame() {
       if (stream) {
         drawFaces(context, result.faces);
         listFaces($("webcam-faces"), result.faces);
-        if ($("status").classList.contains("error")) say("Webcam on");  // a failed frame is behind us
+        if (statuses.webcam?.isError) sayIn("webcam", "Webcam on");  // a failed frame is behind us
       }
     } catch (error) {
-      say(error.message, true);
+      if (stream) sayIn("webcam", error.message, true);
     } finally {
       busy = false;
     }
@@ -215,10 +237,9 @@ $("webcam-stop").addEventListener("click", stopWebcam);
 let csvLink = null;
 let latestVideo = 0;  // videos given in quick succession: only the last one's answer is shown
 
-$("video-input").addEventListener("change", async (event) => {
-  if (!event.target.files.length) return;
-  const file = event.target.files[0];
+async function analyzeVideo(file) {
   const mine = ++latestVideo;
+  const say = (text, isError) => sayIn("video", text, isError);
   say(`Analysing ${file.name}… (a minute of video takes a while)`);
   $("video-plot").hidden = true;
   $("video-csv").hidden = true;
@@ -236,12 +257,18 @@ $("video-input").addEventListener("change", async (event) => {
     $("video-csv").href = csvLink;
     $("video-csv").download = file.name.replace(/\.[^.]+$/, "") + ".emotions.csv";
     $("video-csv").hidden = false;
-    say(`${result.faces} faces in ${result.frames_analysed} frames analysed` +
+    // `faces`: a face in each frame counts once per frame it is in
+    say(`${result.frames_analysed} frames analysed, ${result.faces} face${result.faces === 1 ? "" : "s"} seen in them` +
         (result.cut_short ? " (the file seems cut short: frames stopped before its end)" : ""));
   } catch (error) {
     if (mine === latestVideo) say(error.message, true);
   }
+}
+
+$("video-input").addEventListener("change", (event) => {
+  if (event.target.files.length) analyzeVideo(event.target.files[0]);
 });
+dropZone($("video-drop"), analyzeVideo);
 
 // --- the model ----------------------------------------------------------------------------------
 fetch("/v1/models").then((r) => r.json()).then((body) => {
