@@ -106,6 +106,7 @@ def test_a_run_folder_without_the_training_extra_runs_or_points_to_its_onnx_expo
     from ferkit.runtime import read_metadata, save_keras_model
 
     save_keras_model(keras.saving.load_model(run / "best.keras"), run / "best.keras", read_metadata(run / "best.keras"))
+    (run / "another.onnx").write_bytes(b"not ferkit's")  # a file of the user's, never offered
     result = _ferkit_without_extras("predict", str(EXAMPLES / "people.jpg"), "--model", str(run), "--out", str(tmp_path / "p"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1:] == [

@@ -409,11 +409,16 @@ class KerasClassifier(Classifier):
 def _onnx_export_hint(path: Path) -> str | None:
     """The ONNX export beside the Keras model `path` to use in its place: of the model as it is, else of an
     earlier one, said so."""
-    exports = sorted(path.parent.glob("*.onnx"))
-    own = [export for export in exports if read_metadata(export).extra.get(EXPORT_SOURCE) == sha256_of(path)]
+    sources = {}  # ferkit's exports beside it and the model each was made from; no other .onnx file
+    for export in sorted(path.parent.glob("*.onnx")):
+        try:
+            sources[export] = read_metadata(export).extra.get(EXPORT_SOURCE)
+        except FerkitError:
+            continue
+    own = [export for export, source in sources.items() if source == sha256_of(path)]
     if own:
         return f"its ONNX export, {own[0]}"
-    return f"the ONNX export of an earlier {path.name} beside it, {exports[0]}" if exports else None
+    return f"the ONNX export of an earlier {path.name} beside it, {next(iter(sources))}" if sources else None
 
 
 class OnnxClassifier(Classifier):
