@@ -33,6 +33,9 @@ from ferkit.training_model import build_training_model
 FER2013_TRAIN = 28_709
 
 
+FEEDS = ("arrays", "arrays8", "batches")
+
+
 def seconds_per_epoch(model: str, augment: list[str], *, batch_size: int, steps: int, warmup: int,
                       precision: str = "float32", feed: str = "arrays") -> float:
     keras = import_keras()
@@ -67,11 +70,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--precision", default="float32", help="comma-separated: float32, mixed_bfloat16")
-    parser.add_argument("--input", default="arrays", help="comma-separated: arrays, batches")
+    parser.add_argument("--input", default="arrays", help="comma-separated: arrays (float32), arrays8 (uint8), batches")
     parser.add_argument("--backends", help="comma-separated Keras backends (tensorflow, jax), one process each; "
                                             "default: KERAS_BACKEND's, in this process")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # a child's rows, for --backends
     args = parser.parse_args()
+    unknown = set(args.input.split(",")) - set(FEEDS)
+    if unknown:
+        parser.error(f"--input: no such way to feed faces: {', '.join(sorted(unknown))} (choose from {', '.join(FEEDS)})")
 
     if args.backends:
         rows = [row for backend in args.backends.split(",") for row in rows_of_backend(backend)]

@@ -9,6 +9,7 @@ Two small sets, each split into disjoint training and scoring images, with a fix
   val-split:   training and scoring images from PublicTest, which no model trained on (disgust has
                only 56 there, so fewer per class).
 Both runs train for --epochs; the last epoch's model is scored (no selection on the scoring images).
+The network fine-tuning starts from is scored too ("before"), and `--lr 1e-3,1e-4` fine-tunes at each rate.
 """
 
 from __future__ import annotations
@@ -42,12 +43,13 @@ def make_split(source: Path, out: Path, train_n: int, score_n: int, seed: int) -
     return out / "train", out / "score"
 
 
-def run_pair(train_dir: Path, score_dir: Path, tmp: Path, epochs: int) -> dict[str, float]:
-    scores = {}
-    model = read_metadata(init_model_path("default")).model  # the network --init default trains (an ensemble's member)
-    for label, extra in (("fine-tuned", {"init": "default", "learning_rate": 1e-4}), ("scratch", {"model": model})):
+def run_pair(train_dir: Path, score_dir: Path, tmp: Path, epochs: int, rates: list[float]) -> dict[str, float]:
+    start = init_model_path("default")  # the network --init default trains (an ensemble's member)
+    scores = {"before": evaluate(start, load_dataset(score_dir)).accuracy}
+    runs = [(f"fine-tuned at {rate:g}", {"init": "default", "learning_rate": rate}) for rate in rates]
+    for label, extra in (*runs, ("from scratch", {"model": read_metadata(start).model})):
         config = TrainConfig(data=str(train_dir), val=str(score_dir), epochs=epochs, augment=["flip"],
-                             out=str(tmp / label), **extra)
+                             out=str(tmp / label.replace(" ", "-")), **extra)
         run = train(config, verbose=0)
         scores[label] = evaluate(run / "last.keras", load_dataset(score_dir)).accuracy
     return scores
@@ -60,7 +62,12 @@ def main() -> None:
     parser.add_argument("--score-per-class", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", default="1e-4", help="fine-tuning learning rates, comma-separated (default: %(default)s)")
     args = parser.parse_args()
+    try:
+        rates = [float(rate) for rate in args.lr.split(",")]
+    except ValueError:
+        parser.error(f"--lr takes numbers, comma-separated, not {args.lr}")
     data = Path(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         for name, source, train_n, score_n in (
@@ -69,9 +76,9 @@ def main() -> None:
         ):
             train_dir, score_dir = make_split(source, Path(tmp) / name, train_n, score_n, args.seed)
             sizes = (len(load_dataset(train_dir)), len(load_dataset(score_dir)))
-            scores = run_pair(train_dir, score_dir, Path(tmp) / name / "runs", args.epochs)
-            print(f"{name}: {sizes[0]} training, {sizes[1]} scoring images; accuracy fine-tuned "
-                  f"{scores['fine-tuned']:.3f}, from scratch {scores['scratch']:.3f}", flush=True)
+            scores = run_pair(train_dir, score_dir, Path(tmp) / name / "runs", args.epochs, rates)
+            print(f"{name}: {sizes[0]} training, {sizes[1]} scoring images; accuracy "
+                  + ", ".join(f"{label} {score:.3f}" for label, score in scores.items()), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,20 @@
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 import tempfile
 import time
+from pathlib import Path
 
 
 def main() -> None:
-    source = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/fer2013/train"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", nargs="?", default="../shared/data/fer2013/train",
+                        help="a class-folder tree or a FER2013 CSV (default: %(default)s)")
+    source = parser.parse_args().source
+    if not Path(source).exists():
+        parser.error(f"no such dataset: {source}")
     with tempfile.TemporaryDirectory() as cache:
         os.environ["FERKIT_CACHE_DIR"] = cache  # a cold cache, removed afterwards
         from ferkit.data import load_dataset

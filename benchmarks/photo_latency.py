@@ -45,13 +45,17 @@ def latencies(photos, classifier, detector, repeat: int) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--faces", default="../shared/data/faces")
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", default=None, help="an ONNX model, or a run folder exported to one (default: the shipped default)")
     parser.add_argument("--threads", default="1,2", help="detector thread counts to compare")
     parser.add_argument("--classifier-threads", default="0", help="ONNX Runtime thread counts to compare (0: one per core)")
     parser.add_argument("--load", type=int, default=2, help="busy processes beside the loaded measurement")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    path = load_classifier(args.model).path
+    classifier = load_classifier(args.model, prefer_export=True)
+    if not isinstance(classifier, OnnxClassifier):
+        parser.error(f"--model {args.model}: this benchmark times ONNX models; export it first "
+                     f"(ferkit export {args.model} --onnx)")
+    path = classifier.path
     with tempfile.TemporaryDirectory() as scratch:
         photos = photos_640(Path(args.faces), Path(scratch))
         print(f"{len(photos)} photos 640x480, {args.repeat} passes each; load: {args.load} busy processes")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from PIL import Image, ImageOps
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "examples" / "people.jpg", *sorted((ROOT / "tests" / "data").glob("*.jpg"))]
 FERKIT = [sys.executable, "-m", "ferkit.cli"]
+SUMMARY = re.compile(r"(\d+) images, (\d+) faces.*?, (\d+) failed")  # predict's last line, either engine
 RAY = str(Path(sys.executable).parent / "ray")  # the `ray` command of this environment
 
 
@@ -52,12 +54,18 @@ def make_photos(folder: Path, count: int) -> Path:
     return folder
 
 
-def timed(command: list[str]) -> float:
+def timed(command: list[str]) -> tuple[float, dict[str, int]]:
+    """Seconds the command took, and the images, faces and failures its summary line counts."""
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode not in (0, 1):  # 1: some photo failed, which the counts below would show
+    seconds = time.perf_counter() - started
+    counts = SUMMARY.search(result.stdout)
+    if result.returncode not in (0, 1) or counts is None:  # 1: some photo failed, counted below
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr}")
-    return time.perf_counter() - started
+    images, faces, failed = map(int, counts.groups())
+    if failed == images:
+        raise SystemExit(f"{' '.join(command)}: every photo failed:\n{result.stderr}")
+    return seconds, {"images": images, "faces": faces, "failed": failed}
 
 
 def main() -> None:
@@ -70,7 +78,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ferkit-ray-bench-") as scratch:
         scratch = Path(scratch)
         photos = args.photos or make_photos(scratch / "photos", args.count)
-        images = sum(1 for p in photos.rglob("*") if p.is_file())
         if subprocess.run([RAY, "status"], capture_output=True).returncode == 0:
             sys.exit("a Ray cluster already runs on this machine; this benchmark's `ray stop` would stop it too")
         subprocess.run([RAY, "start", "--head", f"--num-cpus={cores}", "--include-dashboard=false"],
@@ -89,18 +96,24 @@ def main() -> None:
                     "--out", out])(workers)
                 workers *= 2
             seconds: dict[str, list[float]] = {name: [] for name in variants}
+            counted: dict[str, dict[str, int]] = {}
             for r in range(args.rounds):
                 order = list(variants) if r % 2 == 0 else list(reversed(variants))
                 for name in order:
-                    seconds[name].append(timed(variants[name](str(scratch / f"out-{name}-{r}"))))
-                    print(f"round {r + 1} {name:16s} {seconds[name][-1]:7.1f} s", flush=True)
+                    took, counted[name] = timed(variants[name](str(scratch / f"out-{name}-{r}")))
+                    seconds[name].append(took)
+                    print(f"round {r + 1} {name:16s} {took:7.1f} s  {counted[name]['images']} images, "
+                          f"{counted[name]['faces']} faces, {counted[name]['failed']} failed", flush=True)
         finally:
             subprocess.run([RAY, "stop", "--force"], capture_output=True)
         base = statistics.median(seconds["local"])
-        print(f"\n{images} photos, {cores} cores, median of {args.rounds} rounds (whole commands, start-up included)")
+        local = counted["local"]
+        print(f"\n{local['images']} photos ({local['faces']} faces, {local['failed']} failed), {cores} cores, median of "
+              f"{args.rounds} rounds (whole commands, start-up included)")
         for name, values in seconds.items():
             median = statistics.median(values)
-            print(f"{name:16s} {median:7.1f} s  {images / median:6.1f} images/s  time / local {median / base:.2f}")
+            analysed = counted[name]["images"] - counted[name]["failed"]
+            print(f"{name:16s} {median:7.1f} s  {analysed / median:6.1f} images/s  time / local {median / base:.2f}")
         if cores < 4:
             print(f"scaling past {cores} workers: not measured (this machine has {cores} cores)")
 

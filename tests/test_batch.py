@@ -205,7 +205,7 @@ def test_a_folder_listing_leaves_out_ferkits_annotated_copies_and_says_what_else
     with caplog.at_level("INFO", logger="ferkit"):
         listed = list_images(str(tmp_path / "photos"))
     assert [p.name for p in listed] == ["a.jpg", "b.jfif", "mine.annotated.jpg"]
-    assert "1 annotated copies that ferkit made" in caplog.text and "1 files without a name suffix" in caplog.text
+    assert "1 annotated copies or plots that ferkit made" in caplog.text and "1 files without a name suffix" in caplog.text
     assert "IMG_0001" in caplog.text
 
 
@@ -282,3 +282,63 @@ def test_a_file_name_that_is_not_utf8_is_written_as_the_file_system_holds_it(tra
     assert b"/caf\xe9.png," in (out / ResultsFolder.TABLE).read_bytes()  # the very name, for the next tool to open
     resumed = FolderBatch([folder], out, model=trained_run, detector="none", resume=True)
     assert resumed.skipped == 2 and not resumed.todo
+
+
+def test_a_resumed_batch_keeps_each_annotated_copy_to_its_photo_when_photos_of_that_name_were_added(trained_run, tmp_path):
+    out, photos = tmp_path / "out", tmp_path / "photos"
+    (photos / "b").mkdir(parents=True)
+    Image.fromarray(pattern_face(1, np.random.default_rng(1))).save(photos / "b" / "x.png")
+    list(FolderBatch([photos], out, model=trained_run, detector="none", annotate=True).run())
+    first_copy = (out / "x.annotated.jpg").read_bytes()
+    (photos / "a").mkdir()  # listed before b/: a whole run would name its copy x.annotated.jpg
+    Image.fromarray(pattern_face(2, np.random.default_rng(2), size=96)).save(photos / "a" / "x.png")
+    list(FolderBatch([photos], out, model=trained_run, detector="none", annotate=True, resume=True).run())
+    assert (out / "x.annotated.jpg").read_bytes() == first_copy
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {Path(line["source"]).parent.name: line["annotated"] for line in lines} == {
+        "b": "x.annotated.jpg", "a": "x-2.annotated.jpg"}
+    assert Image.open(out / "x-2.annotated.jpg").width > Image.open(out / "x.annotated.jpg").width  # a/x.png's, the larger
+
+
+def test_a_batch_that_replaces_another_never_removes_one_of_its_own_photos(trained_run, photos, tmp_path):
+    out = tmp_path / "out"
+    list(FolderBatch([photos], out, model=trained_run, detector="none", annotate=True).run())
+    again = FolderBatch([out / "b.annotated.jpg", photos / "a.png"], out, model=trained_run, detector="none",
+                       overwrite=True)  # an earlier copy given as a photo of this batch
+    assert [r.error for r in again.run()] == [None, None]
+    assert sorted(p.name for p in out.glob("*.annotated.jpg")) == ["b.annotated.jpg"]
+
+
+def test_photos_with_names_at_the_file_systems_limit_get_annotated_copies_and_a_panorama_too(trained_run, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    face = Image.fromarray(pattern_face(1, np.random.default_rng(1)))
+    for stem in ("é" * 120 + "a", "é" * 120 + "b"):  # 241 bytes, and the same first 240: cut short, kept apart
+        face.save(photos / f"{stem}.png")
+    Image.new("L", (66_000, 48), 128).save(photos / "wide.png")  # wider than a JPEG can be
+    batch = FolderBatch([photos], tmp_path / "out", model=trained_run, detector="none", annotate=True)
+    assert [r.error for r in batch.run()] == [None, None, None]
+    copies = sorted((tmp_path / "out").glob("*.annotated.jpg"))
+    assert len(copies) == 3 and all(len(os.fsencode(p.name)) <= 255 for p in copies)
+    assert max(Image.open(tmp_path / "out" / "wide.annotated.jpg").size) <= 65_500
+
+
+def test_a_folder_listing_leaves_out_ferkits_plots_and_annotated_videos_but_not_face_crops(trained_run, tmp_path, caplog):
+    from ferkit.data.crops import crop_faces
+    from ferkit.draw import mark_video
+    from ferkit.plots import plot_history
+    from ferkit.sources import list_images, videos_in
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(pattern_face(1, np.random.default_rng(1), size=96)).save(folder / "me.png")
+    crop_faces(folder, folder / "faces", detector="none")
+    plot_history({"epoch": [1, 2], "loss": [1.0, 0.5], "accuracy": [0.3, 0.5]}, folder / "curves.png")
+    for name in ("clip.mp4", "clip.annotated.mp4"):
+        (folder / name).write_bytes(b"\0\0\0\x08free")
+    mark_video(folder / "clip.annotated.mp4")
+    with caplog.at_level("INFO", logger="ferkit"):
+        listed = list_images(str(folder))
+    assert [p.relative_to(folder).as_posix() for p in listed] == ["faces/me.face1.png", "me.png"]
+    assert "1 annotated copies or plots that ferkit made" in caplog.text
+    assert [p.name for p in videos_in(str(folder))] == ["clip.mp4"]

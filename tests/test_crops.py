@@ -204,3 +204,34 @@ def test_names_that_would_collide_are_kept_apart(tmp_path):
     summary = crop_faces(tmp_path / "photos", tmp_path / "faces", detector="none")
     names = [p.name.casefold() for p in summary.written]
     assert len(summary.written) == 5 and len(set(names)) == 5
+
+
+def test_a_photo_linked_into_two_class_folders_is_cropped_once_and_its_crops_stay(tmp_path):
+    (tmp_path / "shared").mkdir()
+    shutil.copy(PEOPLE, tmp_path / "shared" / "x.jpg")
+    for label in ("happy", "sad"):
+        (tmp_path / "photos" / label).mkdir(parents=True)
+        (tmp_path / "photos" / label / f"{label}.jpg").symlink_to(tmp_path / "shared" / "x.jpg")
+    summary = crop_faces(tmp_path / "photos", tmp_path / "faces")
+    crops = sorted(p.relative_to(tmp_path / "faces").as_posix() for p in (tmp_path / "faces").rglob("*.png"))
+    assert crops == [f"happy/happy.face{k}.png" for k in (1, 2, 3)] and summary.photos == 1
+    assert summary.repeats == [f"{tmp_path / 'photos' / 'sad' / 'sad.jpg'} (as {tmp_path / 'photos' / 'happy' / 'happy.jpg'})"]
+    again = crop_faces(tmp_path / "photos", tmp_path / "faces")
+    assert again.written == [] and len(again.unchanged) == 1
+    assert sorted(p.relative_to(tmp_path / "faces").as_posix() for p in (tmp_path / "faces").rglob("*.png")) == crops
+
+
+def test_a_photo_named_at_the_file_systems_limit_is_cropped_under_a_shorter_name(tmp_path):
+    (tmp_path / "photos" / "sad").mkdir(parents=True)
+    long_name = "c" * 248 + ".jpg"
+    shutil.copy(PEOPLE, tmp_path / "photos" / "sad" / long_name)
+    summary = crop_faces(tmp_path / "photos", tmp_path / "faces")
+    assert len(summary.written) == 3 and not summary.failed
+    assert all(p.name.startswith("c" * 200) and len(p.name) <= 255 for p in summary.written)
+    assert crop_faces(tmp_path / "photos", tmp_path / "faces").written == []  # found again under that name
+
+
+def test_one_photos_crops_into_a_class_folder_given_as_out_raise_no_warning(tmp_path):
+    result = CliRunner().invoke(cli, ["crop", str(PEOPLE), "--out", str(tmp_path / "faces" / "Sad")])
+    assert result.exit_code == 0 and "are not training faces" not in result.output
+    assert len(list((tmp_path / "faces" / "Sad").glob("*.png"))) == 3

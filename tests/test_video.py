@@ -453,3 +453,17 @@ def test_a_globs_videos_are_analysed_and_a_folders_are_named_as_left_out(trained
     folder = CliRunner().invoke(cli, ["predict", str(squares_video.parent), *common, "--out", str(tmp_path / "f")])
     assert folder.exit_code == 0 and "holds 1 video(s), left out" in folder.output
     assert not (tmp_path / "f" / "squares.timeline.csv").exists()
+
+
+def test_a_videos_files_never_replace_another_video_given(trained_run, squares_video, tmp_path):
+    folder = squares_video.parent
+    (folder / "squares.annotated.mp4").write_bytes(squares_video.read_bytes())  # a user's own video, so named
+    before = (folder / "squares.annotated.mp4").read_bytes()
+    result = CliRunner().invoke(cli, ["predict", str(folder / "*.mp4"), "--model", str(trained_run), "--detector", "none",
+                                      "--every", "8", "--save-video", "--overwrite", "--out", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert (folder / "squares.annotated.mp4").read_bytes() == before
+    assert (folder / "squares-2.annotated.mp4").exists() and (folder / "squares.annotated.annotated.mp4").exists()
+    again = CliRunner().invoke(cli, ["predict", str(folder / "*.mp4"), "--model", str(trained_run), "--detector", "none",
+                                     "--every", "8", "--out", str(tmp_path / "o")])
+    assert again.exit_code == 0 and "squares-2.annotated" not in again.output  # ferkit's own video: not read back

@@ -21,7 +21,7 @@ from ferkit.draw import save_annotated
 from ferkit.errors import FerkitError
 from ferkit.predict import UNCERTAIN_BELOW, analyze_images, check_uncertain_below
 from ferkit.results import ImageResult, ResultsFolder, check_replaceable, create_folder
-from ferkit.sources import ANNOTATED_SUFFIX
+from ferkit.sources import ANNOTATED_SUFFIX, fitting_name
 from ferkit.runtime import load_classifier
 
 log = logging.getLogger("ferkit")
@@ -50,15 +50,12 @@ class FolderBatch:
         self.classifier = load_classifier(model, prefer_export=True)
         if resume:
             self.classifier = model_the_batch_began_with(self.classifier, model, self.out)
-        # named in listing order, so a resumed run names its copies as a whole run would; never as a photo
-        # of the batch that lies in the results folder (a user's own NAME.annotated.jpg)
-        used = {p.name for p in paths if p.parent.resolve() == self.out.resolve()}
-        self.annotated = {str(p): unique_path(self.out, p.stem, ANNOTATED_SUFFIX, used) for p in paths} if annotate else {}
+        self.annotated = annotated_copy_paths(self.out, paths, resume=resume) if annotate else {}
         written = [self.out / name for name in (ResultsFolder.TABLE, ResultsFolder.LINES, ResultsFolder.SETTINGS)]
         check_replaceable([*written, *self.annotated.values()], overwrite=overwrite)
         create_folder(self.out)
         if overwrite and not resume:
-            _remove_earlier_annotated_copies(self.out)
+            _remove_earlier_annotated_copies(self.out, keep=paths)
         self.results = ResultsFolder(self.out, self.classifier.classes, resume=resume, sources=paths, overwrite=overwrite,
                                      settings=batch_settings(self.classifier, self.detector, self.uncertain_below))
         self.todo = [p for p in paths if not self.results.is_finished(p)]
@@ -81,7 +78,7 @@ class FolderBatch:
                                          uncertain_below=self.uncertain_below):
                 annotated = None
                 if result.ok and self.annotated:
-                    annotated = save_annotated(result.draw(result.source), self.annotated[result.source]).name
+                    annotated = self._save_annotated_copy(result)
                 record = self.results.write(result, **({"annotated": annotated} if annotated else {}))
                 self.images += 1
                 if result.error:
@@ -90,25 +87,58 @@ class FolderBatch:
                     self.faces += len(result.faces)
                 yield result, record
 
+    def _save_annotated_copy(self, result: ImageResult) -> str | None:
+        """The name of the result's annotated copy, once saved; None, with a warning, if it cannot be (the
+        results are written all the same, and the batch goes on)."""
+        try:
+            return save_annotated(result.draw(result.source), self.annotated[result.source]).name
+        except OSError as err:
+            log.warning("%s: its annotated copy could not be written: %s", result.source, err.strerror or err)
+            return None
 
-def _remove_earlier_annotated_copies(out: Path) -> None:
-    """The annotated copies an earlier batch in `out` made (its results.jsonl names them), removed when a
-    new batch replaces it: they would no longer match the results beside them. Only ferkit's own copies go."""
+
+def annotated_copy_paths(out: Path, paths: list[Path], *, resume: bool = False) -> dict[str, Path]:
+    """Each image's annotated copy in `out`: NAME.annotated.jpg, NAME-2.annotated.jpg for a second image of
+    that name (named in listing order, as a whole run would), never the name of a photo of the batch that
+    lies in `out` (a user's own NAME.annotated.jpg). A resumed batch keeps the names its results.jsonl
+    gives, and gives no other image one of them, though images were added or removed since."""
+    recorded = recorded_annotated_copies(out) if resume else {}
+    used = {p.name for p in paths if p.parent.resolve() == out.resolve()} | set(recorded.values())
+    return {str(p): out / recorded[os.path.realpath(p)] if os.path.realpath(p) in recorded
+            else unique_path(out, p.stem, ANNOTATED_SUFFIX, used) for p in paths}
+
+
+def recorded_annotated_copies(out: Path) -> dict[str, str]:
+    """The annotated copies that an earlier batch's results.jsonl in `out` names: each image's real path
+    and the file name of its copy."""
     import json
 
-    from ferkit.draw import written_by_ferkit
-
     try:
-        lines = (out / ResultsFolder.LINES).read_text().splitlines()
+        lines = (out / ResultsFolder.LINES).read_text(errors="replace").splitlines()
     except OSError:
-        return
+        return {}
+    copies = {}
     for line in lines:
         try:
-            name = json.loads(line).get("annotated")
-        except (ValueError, AttributeError):
+            record = json.loads(line)
+            name, source = record.get("annotated"), record["source"]
+        except (ValueError, AttributeError, KeyError):
             continue
-        copy = out / Path(str(name)).name if name else None
-        if copy is not None and copy.is_file() and written_by_ferkit(copy):
+        if name:
+            copies[os.path.realpath(str(source))] = Path(str(name)).name
+    return copies
+
+
+def _remove_earlier_annotated_copies(out: Path, keep: list[Path]) -> None:
+    """The annotated copies an earlier batch in `out` made (its results.jsonl names them), removed when a
+    new batch replaces it: they would no longer match the results beside them. Only ferkit's own copies go,
+    and none that is an image of the new batch, `keep`."""
+    from ferkit.draw import written_by_ferkit
+
+    sources = {os.path.realpath(p) for p in keep}
+    for name in recorded_annotated_copies(out).values():
+        copy = out / name
+        if copy.is_file() and os.path.realpath(copy) not in sources and written_by_ferkit(copy):
             copy.unlink()
 
 
@@ -176,7 +206,7 @@ def list_batch_images(sources: list[str], *, skip: Path | None = None,
     """The images of `sources` in order (files as given, folders and globs listed, `skip` left out), and an
     error per folder or glob without one. A lone source without images is bad input, raised (`alone`:
     whether the sources are all there is to do; default: when there is one)."""
-    from ferkit.sources import list_images
+    from ferkit.sources import list_images, once_each
 
     paths, errors = [], []
     for source in sources:
@@ -189,19 +219,7 @@ def list_batch_images(sources: list[str], *, skip: Path | None = None,
             if (len(sources) == 1) if alone is None else alone:
                 raise
             errors.append(str(err))
-    return _once_each(paths), errors
-
-
-def _once_each(paths: list[Path]) -> list[Path]:
-    """`paths` in order, each file once (the same photo given twice, or by two routes, is analysed once)."""
-    seen: set[Path] = set()
-    unique = []
-    for path in paths:
-        real = path.resolve()
-        if real not in seen:
-            seen.add(real)
-            unique.append(path)
-    return unique
+    return once_each(paths)[0], errors  # the same photo given twice, or by two routes, is analysed once
 
 
 def analyze_video_into_folder(source: str | Path, out: str | Path, *, stem: str | None = None, model=None,
@@ -237,14 +255,25 @@ def analyze_video_into_folder(source: str | Path, out: str | Path, *, stem: str 
     return timeline.summary(files=[str(p) for p in outputs])
 
 
+VIDEO_SUFFIXES_WRITTEN = (".timeline.csv", ".emotions.png", ".annotated.mp4")
+
+
 def video_outputs(out: Path, stem: str, save_video: bool = False) -> list[Path]:
     """The files analyze_video_into_folder writes for a video: its timeline, its plot, its annotated copy."""
-    return [out / f"{stem}.timeline.csv", out / f"{stem}.emotions.png",
-            *([out / f"{stem}.annotated.mp4"] if save_video else [])]
+    stem = video_stem(stem)
+    return [out / f"{stem}{suffix}" for suffix in VIDEO_SUFFIXES_WRITTEN[:3 if save_video else 2]]
+
+
+def video_stem(stem: str) -> str:
+    """A video's name for its files, cut short where the longest of them would be too long a name."""
+    longest = max(VIDEO_SUFFIXES_WRITTEN, key=len)
+    return fitting_name(stem, longest).removesuffix(longest)
 
 
 def unique_path(folder: Path, stem: str, suffix: str, used: set[str]) -> Path:
-    """folder/stem+suffix, or stem-2, stem-3, ... when files from different folders share a name."""
+    """folder/stem+suffix, or stem-2, stem-3, ... when files from different folders share a name (a stem
+    too long for a file name cut short)."""
+    stem = fitting_name(stem, suffix).removesuffix(suffix)
     name, n = f"{stem}{suffix}", 1
     while name in used:
         n += 1

@@ -446,12 +446,15 @@ def crop_cmd(source: str, out: Path, detector: str, model: str | None, overwrite
     --out, keeping their folders: class folders of photos become class folders of faces to train on.
     Run again, it crops only new and changed photos: crops moved to another class or deleted by hand stay so."""
     from ferkit.data.crops import crop_faces
+    from ferkit.labels import EMOTIONS, canonical_label
     from ferkit.progress import echo_error, progress_bar
 
     with progress_bar(None, "cropping faces") as advance:
         summary = crop_faces(source, out, detector=detector, model=model, overwrite=overwrite, prune=prune, progress=advance)
         for line in summary.failed:
             echo_error(f"error: {line}")
+    for photo in summary.repeats:
+        click.echo(f"the same photo again, through a link, cropped once: {photo}", err=True)
     for photo in summary.without_faces:
         click.echo(f"no face found: {photo}", err=True)
     for photo in summary.several_faces:  # a group photo's class may not be every face's: worth a look
@@ -460,7 +463,7 @@ def crop_cmd(source: str, out: Path, detector: str, model: str | None, overwrite
         click.echo(f"cropped again (changed, or cropped before with another detector or model), though some of its "
                    f"earlier crops had been moved or deleted by hand (check its crops in {out}): {photo}", err=True)
     loose = [path for path in summary.written if path.parent == out]
-    if loose:
+    if loose and canonical_label(out.name) not in (*EMOTIONS, "contempt"):  # --out faces/sad is a class folder
         click.echo(f"{len(loose)} face crop(s) written at the top of {out} (e.g. {loose[0].name}), in no class folder, "
                    f"are not training faces: crop a folder of class folders, or give --out {out / 'CLASS'}", err=True)
     if summary.stale and not prune:
@@ -747,7 +750,6 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
         check_output_folder,
         check_results_folder,
         model_the_batch_began_with,
-        unique_path,
         video_outputs,
     )
     from ferkit.faces import get_detector
@@ -811,8 +813,7 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
         check_output_folder(out)
         for image in images:
             check_replaceable(_photo_outputs(out, image, annotate is not False), overwrite=overwrite)
-    stems: set[str] = set()  # videos of the same name from different folders: clip, clip-2, ...
-    videos = [(s, unique_path(out, Path(s).stem, "", stems).name) for s, kind in kinds if kind == "video"]
+    videos = _video_stems([s for s, kind in kinds if kind == "video"], out, save_video)
     for _, stem in videos:
         check_replaceable(video_outputs(out, stem, save_video), overwrite=overwrite)
     classifier = load_classifier(model, prefer_export=True).with_tta(tta)
@@ -838,6 +839,23 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     failures += failed_videos
     if failures:
         sys.exit(1)
+
+
+def _video_stems(videos: list[str], out: Path, save_video: bool) -> list[tuple[str, str]]:
+    """Each video with its name for its files in `out`: its own, or clip-2, clip-3, ... where videos of
+    different folders share one, or where a file it would write is one of the videos given (a user's
+    x.annotated.mp4 beside x.mp4, which --overwrite would otherwise write over)."""
+    from ferkit.batch import unique_path, video_outputs, video_stem
+
+    given = {os.path.realpath(video) for video in videos}
+    stems: set[str] = set()
+    named = []
+    for video in videos:
+        stem = unique_path(out, video_stem(Path(video).stem), "", stems).name
+        while any(os.path.realpath(path) in given for path in video_outputs(out, stem, save_video)):
+            stem = unique_path(out, video_stem(Path(video).stem), "", stems).name
+        named.append((video, stem))
+    return named
 
 
 def _check_options_fit_sources(kinds, *, annotate, every, target_fps, smooth, save_video) -> None:
@@ -934,9 +952,9 @@ def _predict_one(source, classifier, find, out: Path, as_json: bool, annotate: b
 
 def _photo_outputs(out: Path, source: str, annotate: bool) -> list[Path]:
     """The files `ferkit predict` writes for one photo: its JSON, then its annotated copy."""
-    from ferkit.sources import ANNOTATED_SUFFIX
+    from ferkit.sources import ANNOTATED_SUFFIX, fitting_name
 
-    stem = Path(source).stem
+    stem = fitting_name(Path(source).stem, ANNOTATED_SUFFIX).removesuffix(ANNOTATED_SUFFIX)  # the longer suffix
     return [out / f"{stem}.faces.json"] + ([out / f"{stem}{ANNOTATED_SUFFIX}"] if annotate else [])
 
 

@@ -18,6 +18,7 @@ from ferkit.predict import checked_box
 from ferkit.results import Face
 
 SOFTWARE = 0x0131  # the EXIF tag naming the program that wrote an image
+JPEG_MAX_SIDE = 65_500  # pixels: libjpeg's limit
 
 # One colour per emotion, readable on photos (Okabe-Ito palette, colour-blind safe).
 COLOURS = {
@@ -115,9 +116,12 @@ def _label_place(box, size, canvas_size, placed, others, line) -> tuple[int, int
 
 def save_annotated(image: Image.Image, path: str | Path) -> Path:
     """Save an annotated copy as JPEG, marked as ferkit's in its EXIF data (so that a later run knows it
-    may replace it: see `ferkit.results.check_replaceable`)."""
+    may replace it: see `ferkit.results.check_replaceable`); one wider or taller than JPEG allows, scaled down."""
     exif = Image.Exif()
     exif[SOFTWARE] = f"ferkit {__version__}"
+    if max(image.size) > JPEG_MAX_SIDE:  # a panorama: JPEG cannot hold it whole
+        image = image.copy()
+        image.thumbnail((JPEG_MAX_SIDE, JPEG_MAX_SIDE))
     image.save(path, format="JPEG", quality=92, exif=exif)
     return Path(path)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from ferkit.extras import require
 from ferkit.images import IMAGE_SUFFIXES
 
 ANNOTATED_SUFFIX = ".annotated.jpg"  # ferkit's annotated copy of a photo: NAME.annotated.jpg
+CROP_NAME = re.compile(r"\.face(\d+)\.png$")  # a face crop that `ferkit crop` wrote: NAME.face<k>.png
+NAME_MAX = 255  # bytes in a file name, on the common file systems
 log = logging.getLogger("ferkit")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 
@@ -41,8 +44,8 @@ def source_kind(source: str) -> str:
 def list_images(source: str, *, skip: str | Path | None = None, quiet: bool = False) -> list[Path]:
     """The image files of a folder (recursively, hidden ones left out) or a glob, sorted; none inside
     the folder `skip` (where ferkit writes its results) when it lies within the folder listed.
-    Annotated copies that ferkit made (marked in their EXIF data) are left out wherever they are; a user's
-    own photo named like one is listed. What is left out besides (files without a name suffix, links to
+    Annotated copies and plots that ferkit made (marked inside) are left out wherever they are, face crops
+    (which are faces) are not; a user's own photo named like one is listed. What is left out besides (files without a name suffix, links to
     nothing, folders that cannot be read or that lead back up) is logged, unless `quiet`."""
     kind = source_kind(source)
     unreadable: list[str] = []
@@ -58,7 +61,7 @@ def list_images(source: str, *, skip: str | Path | None = None, quiet: bool = Fa
     files = [p for p in paths if p.is_file()]
     dangling = [p for p in paths if p.is_symlink() and not p.exists()]
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    ours = {p for p in images if p.name.endswith(ANNOTATED_SUFFIX) and _annotated_by_ferkit(p)}
+    ours = {p for p in images if _annotated_or_plotted_by_ferkit(p)}
     images = sorted(p for p in images if p not in ours)
     if not quiet:
         _note_left_out(source, ours, [p for p in files if not p.suffix], unreadable, dangling)
@@ -69,9 +72,14 @@ def list_images(source: str, *, skip: str | Path | None = None, quiet: bool = Fa
     return images
 
 
-def _annotated_by_ferkit(path: Path) -> bool:
+def _annotated_or_plotted_by_ferkit(path: Path) -> bool:
+    """An annotated copy (NAME.annotated.jpg) or a plot (a PNG: a video's emotions, a report's figures)
+    that ferkit wrote: not a photo. Only names ferkit gives such files are opened to look."""
     from ferkit.draw import written_by_ferkit
 
+    name = path.name.lower()
+    if not (name.endswith(ANNOTATED_SUFFIX) or (name.endswith(".png") and not CROP_NAME.search(name))):
+        return False
     return written_by_ferkit(path)
 
 
@@ -81,7 +89,8 @@ def _note_left_out(source: str, annotated, unnamed: list[Path], unreadable: list
         return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
     if annotated:
-        log.info("%s: left out %d annotated copies that ferkit made (%s)", source, len(annotated), some(sorted(annotated)))
+        log.info("%s: left out %d annotated copies or plots that ferkit made (%s)", source, len(annotated),
+                 some(sorted(annotated)))
     if unnamed:
         log.warning("%s: left out %d files without a name suffix, which is how ferkit picks images (%s); "
                     "rename them, e.g. to .jpg, or give them one by one", source, len(unnamed), some(unnamed))
@@ -103,9 +112,37 @@ def videos_of(source: str) -> list[Path]:
 
 
 def videos_in(source: str) -> list[Path]:
-    """The video files of a folder (recursively) or a glob, sorted."""
+    """The video files of a folder (recursively) or a glob, sorted; annotated videos that ferkit made
+    (marked inside) left out."""
+    from ferkit.draw import written_by_ferkit
+
     paths = [Path(p) for p in glob.glob(source, recursive=True)] if source_kind(source) == "glob" else files_under(source)
-    return sorted(p for p in paths if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+    videos = [p for p in paths if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES]
+    return sorted(p for p in videos if not written_by_ferkit(p))
+
+
+def once_each(paths: list[Path]) -> tuple[list[Path], dict[Path, Path]]:
+    """`paths` in order, each file once however it is reached (given twice, or through a link), and each
+    path left out with the one kept of its file."""
+    kept: dict[str, Path] = {}
+    unique, repeats = [], {}
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in kept:
+            repeats[path] = kept[real]
+        else:
+            kept[real] = path
+            unique.append(path)
+    return unique, repeats
+
+
+def fitting_name(stem: str, suffix: str) -> str:
+    """stem + suffix, the stem cut short where the name would be too long for a file system (a photo's own
+    name may be at the limit, and ferkit adds a suffix to it), with room left for a "-NN" to tell two apart."""
+    if len(os.fsencode(stem + suffix)) <= NAME_MAX:
+        return stem + suffix
+    room = NAME_MAX - len(os.fsencode(suffix)) - 4
+    return os.fsencode(stem)[:room].decode("utf-8", "ignore") + suffix  # no character cut in two
 
 
 def files_under(folder: str | Path, *, unreadable: list[str] | None = None, quiet: bool = False) -> list[Path]:

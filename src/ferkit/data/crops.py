@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,12 +25,11 @@ from ferkit.images import load_image, to_rgb
 from ferkit.results import check_replaceable, check_writable_folder, create_folder
 from ferkit.runtime import read_metadata, resolve_model_path
 from ferkit.draw import written_by_ferkit
-from ferkit.sources import list_images, source_kind
+from ferkit.sources import CROP_NAME, fitting_name, list_images, once_each, source_kind
 
 log = logging.getLogger("ferkit")
 
 MAX_SIDE = 256  # larger crops are scaled down: a model sees 40-64 pixels of a face
-CROP_NAME = re.compile(r"\.face(\d+)\.png$")
 RECORD = ".ferkit-crops.json"  # in `out`: which photo each crop was made of, and how (hidden from datasets)
 SAVE_EVERY = 100  # photos between saves of the record, so that a run cut short keeps most of what it did
 
@@ -48,6 +46,7 @@ class CropSummary:
     without_faces: list[str] = field(default_factory=list)
     several_faces: list[str] = field(default_factory=list)  # each crop takes the photo's folder, and so its class
     failed: list[str] = field(default_factory=list)  # "path: why"
+    repeats: list[str] = field(default_factory=list)  # "path (as the path it was cropped as)": a photo listed twice
     # crops ferkit wrote in `out` of photos that are no longer there (moved to another class, or deleted):
     # removed with `prune`, else left, and listed here
     stale: list[Path] = field(default_factory=list)
@@ -60,7 +59,8 @@ def crop_faces(source: str | Path, out: str | Path, *, detector="auto", model=No
     to `source` (for a glob: to its folder before the first wildcard). Faces are framed as `model`
     (default: the default shipped model) frames the faces it is shown, and kept in colour, at most
     MAX_SIDE pixels a side. A photo that cannot be read, or whose detection fails, is named in `failed`
-    and the rest goes on.
+    and the rest goes on. A photo reached by two paths (a link to it) is cropped once, by the first; the
+    others are named in `repeats`.
 
     `out/.ferkit-crops.json` records which photo each crop was made of. A photo cropped before (with the
     same detector and model) whose content is unchanged since is not cropped again, so crops moved to
@@ -70,6 +70,7 @@ def crop_faces(source: str | Path, out: str | Path, *, detector="auto", model=No
     in `out` that ferkit did not write, or crops of another photo that is still there (two sources of one
     name cropped into one `out`), are never replaced unless `overwrite`."""
     photos, root = _photos_and_root(str(source), Path(out))
+    photos, repeats = once_each(photos)  # one photo reached by two paths (a link) is cropped once
     out = Path(out)
     metadata = read_metadata(resolve_model_path(model))
     find = get_detector(detector)
@@ -79,7 +80,7 @@ def crop_faces(source: str | Path, out: str | Path, *, detector="auto", model=No
     first_crops = {photo: _crop_path(out, photo, root, bases[photo], 1) for photo in photos}
     todo = {photo for photo in photos if not record.is_unchanged(photo, first_crops[photo])}
     check_replaceable([first_crops[photo] for photo in photos if photo in todo], overwrite=overwrite)  # before any work
-    summary = CropSummary(photos=len(photos))
+    summary = CropSummary(photos=len(photos), repeats=[f"{path} (as {kept})" for path, kept in repeats.items()])
     try:
         for done, photo in enumerate(photos, 1):
             if photo in todo:
@@ -290,6 +291,7 @@ def _base_names(photos: list[Path]) -> dict[Path, str]:
         taken: Counter = Counter()
         for photo in group:
             base = photo.stem if stems[key(photo.stem)] == 1 and key(photo.stem) not in names else photo.name
+            base = fitting_name(base, ".face99.png").removesuffix(".face99.png")  # a long name, cut short
             taken[key(base)] += 1
             bases[photo] = base if taken[key(base)] == 1 else f"{base}-{taken[key(base)]}"
     return bases
