@@ -26,6 +26,7 @@ from PIL import Image, ImageFilter
 from ferkit.data import load_dataset
 from ferkit.faces import Box, box_iou, face_crop, get_detector
 from ferkit.images import to_model_input
+from ferkit.predict import UNCERTAIN_BELOW
 from ferkit.runtime import load_classifier
 
 MARGINS = (-0.05, 0.0, 0.025, 0.05, 0.075, 0.1, 0.2)
@@ -172,6 +173,13 @@ def main() -> None:
         score_odd = float(policy_correct[odd].mean())
         print(f"{name:<44} {policy_correct.mean():>8.4f} {gap:>+7.1f} ±{error:>4.1f} {score_odd:>10.4f} "
               f"{100 * (score_odd - base_odd):>+6.1f}")
+    scales = probabilities["margins -0.05, 0, +0.05 averaged"]
+    gain, error = paired_gap(scales.argmax(1) == labels, probabilities[box].argmax(1) == labels, found)
+    print(f"three scales averaged against the box's one crop: {gain:+.2f} ± {error:.2f} points")
+    uncertain = scales.max(1) < UNCERTAIN_BELOW
+    right = scales.argmax(1) == labels
+    print(f"three scales averaged, top probability under {UNCERTAIN_BELOW}: {uncertain.mean():.1%} of the faces, "
+          f"{right[uncertain].mean():.1%} of those right, {right[~uncertain].mean():.1%} of the others")
 
 
 def paired_gap(correct: np.ndarray, reference: np.ndarray, faces: np.ndarray) -> tuple[float, float]:

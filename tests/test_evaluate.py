@@ -255,3 +255,15 @@ def test_every_row_of_a_csv_is_scored_with_usage_all(trained_run, pattern_data, 
     result = CliRunner().invoke(cli, ["evaluate", str(trained_run), "--data", str(tmp_path / "fer.csv"), "--usage", "all", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output[result.output.index("{"):])["samples"] == len(faces)
+
+
+def test_evaluate_reports_its_progress_as_it_classifies(trained_run, pattern_data):
+    from ferkit.data import load_dataset
+    from ferkit.evaluation import evaluate
+
+    faces = load_dataset(pattern_data / "val")
+    seen = []
+    report = evaluate(trained_run, faces, batch_size=16, tta="flip", progress=lambda done, total: seen.append((done, total)))
+    assert len(seen) == -(-len(faces) // 8) and seen[-1] == (len(faces), len(faces))  # 8 faces, two views each, a call
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+    assert report.accuracy == evaluate(trained_run, faces, batch_size=16, tta="flip").accuracy

@@ -230,3 +230,26 @@ def test_without_init_an_unknown_folder_is_named_and_missing_emotions_are_only_w
     with caplog.at_level("WARNING", logger="ferkit"):
         train(TrainConfig(data=str(two), val=str(pattern_data / "val"), epochs=1, out=str(tmp_path / "c")), verbose=0)
     assert "no training faces of angry, disgust, fear, neutral, surprise" in caplog.text
+
+
+def test_a_run_stopped_in_its_first_epoch_keeps_its_figure_to_beat_when_resumed(trained_run, pattern_data, tmp_path):
+    import os
+    import signal
+
+    import keras
+
+    from ferkit.training import TrainingInterrupted
+
+    class KillInFirstEpoch(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    config = TrainConfig(init=str(trained_run), data=str(pattern_data / "train"), val=str(pattern_data / "val"),
+                         epochs=1, learning_rate=0.5, batch_size=16, out=str(tmp_path / "run"))
+    with pytest.raises(TrainingInterrupted, match="interrupted before the first of 1 epochs ended"):
+        train(config, verbose=0, callbacks=[KillInFirstEpoch()])
+    before = RunState.load(tmp_path / "run").start_val_accuracy
+    assert before is not None
+    train(config, resume=True, verbose=0)
+    state = RunState.load(tmp_path / "run")
+    assert state.epochs_done == 1 and state.start_val_accuracy == before and state.start_model is not None

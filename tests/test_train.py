@@ -949,3 +949,59 @@ def test_saved_models_hold_the_weights_without_the_optimizers_state(trained_run)
         with zipfile.ZipFile(trained_run / name) as archive:
             weights = h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r")
             assert "layers" in weights and "optimizer" not in weights, list(weights)
+
+
+def test_a_plateau_run_resumed_halves_its_rate_as_an_unbroken_run_does(pattern_data, tmp_path):
+    """The plateau's best score and its count of epochs without a gain go on from the run's history, and a
+    halving decided at the last epoch before a stop is kept."""
+    settings = dict(lr_schedule="plateau", lr_patience=1, learning_rate=1e-6, batch_size=16, seed=3)
+    whole = read_history(train(_config(pattern_data, tmp_path / "whole", epochs=5, **settings), verbose=0) / "history.csv")
+    assert len(set(whole["learning_rate"])) > 2  # halved more than once: the test has something to compare
+    for stop_after in (2, 3):
+        run = train(_config(pattern_data, tmp_path / f"stopped-{stop_after}", epochs=stop_after, **settings), verbose=0)
+        train(_config(pattern_data, run, epochs=5, **settings), resume=True, verbose=0)
+        resumed = read_history(run / "history.csv")
+        assert resumed["learning_rate"] == pytest.approx(whole["learning_rate"], rel=1e-6), stop_after
+
+
+def test_an_epochs_change_that_would_rewind_fine_tuning_is_refused(pattern_data, tmp_path):
+    config = TrainConfig(model="mobilenetv2-transfer", weights="none", data=str(pattern_data / "train"),
+                         val=str(pattern_data / "val"), epochs=1, fine_tune=5, fine_tune_epochs=2, batch_size=32,
+                         out=str(tmp_path / "ft"))
+    run = train(config, verbose=0)
+    history = (run / "history.csv").read_text()
+    with pytest.raises(FerkitError, match=r"is fine-tuning \(epoch 3; its backbone was unfrozen after 1 epochs\).*--epochs 1"):
+        train(dataclasses.replace(config, epochs=2), resume=True, verbose=0)
+    assert (run / "history.csv").read_text() == history
+    train(dataclasses.replace(config, fine_tune_epochs=3), resume=True, verbose=0)  # fine-tuning itself may grow
+    assert read_history(run / "history.csv")["epoch"] == [1, 2, 3, 4]
+
+
+def test_a_run_may_not_be_written_inside_its_own_data(pattern_data, tmp_path):
+    shutil.copytree(pattern_data / "train", tmp_path / "train")
+    for out in (tmp_path / "train" / "run", tmp_path / "train" / "happy" / "run"):
+        with pytest.raises(FerkitError, match="lies inside the data folder .*the run's files would be read as faces"):
+            train(TrainConfig(data=str(tmp_path / "train"), val=str(pattern_data / "val"), epochs=1, out=str(out)), verbose=0)
+        assert not out.exists()
+
+
+def test_overwrite_keeps_the_users_own_files_inside_report_and_epoch_folders(pattern_data, tmp_path, caplog):
+    run = tmp_path / "run"
+    train(_config(pattern_data, run, epochs=2, batch_size=16, save_period=1), verbose=0)
+    (run / "eval-val").mkdir()
+    (run / "eval-val" / "report.html").write_text("<html>an earlier report</html>")
+    (run / "eval-mine").mkdir()
+    (run / "eval-mine" / "notes.md").write_text("my notes")
+    (run / "epochs" / "README.txt").write_text("mine")
+    with caplog.at_level("WARNING", logger="ferkit"):
+        train(_config(pattern_data, run, epochs=1, batch_size=16), overwrite=True, verbose=0)
+    assert not (run / "eval-val").exists()
+    assert (run / "eval-mine" / "notes.md").read_text() == "my notes"
+    assert [p.name for p in (run / "epochs").iterdir()] == ["README.txt"]
+    kept = [r.getMessage() for r in caplog.records if "kept what ferkit did not write" in r.getMessage()]
+    assert len(kept) == 1 and "epochs" in kept[0] and "eval-mine" in kept[0]
+
+
+def test_classes_named_twice_through_an_alias_are_refused_before_any_data_is_read(tmp_path):
+    with pytest.raises(FerkitError, match="--classes names happy more than once"):
+        TrainConfig(data=str(tmp_path / "nowhere"), classes=["angry", "happy", "Happiness"], out=str(tmp_path / "r"))

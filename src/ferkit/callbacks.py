@@ -23,14 +23,17 @@ keras = import_keras()
 
 def run_callbacks(run: Path, state: RunState, network, metadata: ModelMetadata, *, backup: Path, stop: "StopOnSignal",
                   saved_model=None, averaged: "AveragedWeightsValidation | None" = None,
-                  unpadded: "UnpaddedValidation | None" = None, save_period: int = 0) -> list:
+                  unpadded: "UnpaddedValidation | None" = None, save_period: int = 0, schedule: list = ()) -> list:
     """The callbacks that keep the run folder current, in the order their files are written after each
-    epoch: history row, training checkpoint, then ferkit's models and state (which a resume trusts last)."""
+    epoch: history row, training checkpoint, then ferkit's models and state (which a resume trusts last).
+    `schedule` (a PlateauSchedule) acts on the epoch's validation scores as they are final, and before the
+    checkpoint keeps the optimizer's learning rate."""
     return [
         stop,
         *([unpadded] if unpadded is not None else []),
         EpochProgress(stop),
         *([averaged] if averaged is not None else []),
+        *schedule,
         HistoryLogger(run / "history.csv", stop),
         Backup(backup, stop, run=run),
         RunRecord(run, state, network, metadata, saved_model=saved_model, averaged=averaged, stop=stop,
@@ -53,6 +56,43 @@ class EpochProgress(keras.callbacks.ProgbarLogger):
             print(flush=True)
 
 
+class PlateauSchedule(keras.callbacks.ReduceLROnPlateau):
+    """Halve the learning rate after `patience` epochs without a val accuracy gain (Keras'
+    ReduceLROnPlateau), going on where a resumed run stopped: the epochs done, as `history` (the run's
+    history.csv) records them, are replayed, so that its best score, its count of epochs without a gain
+    and the learning rate are an unbroken run's."""
+
+    def __init__(self, patience: int, history: dict[str, list[float]]):
+        super().__init__("val_accuracy", mode="max", factor=0.5, patience=patience)
+        self.history = history
+        self._resumed_rate = None
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._resumed_rate = self._replay()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._resumed_rate is not None:  # after every callback's on_train_begin, the checkpoint's restore too
+            self.model.optimizer.learning_rate = self._resumed_rate
+            self._resumed_rate = None
+
+    def _replay(self) -> float | None:
+        """Best and wait as after the recorded epochs; the rate the next epoch trains at (None: no epoch yet)."""
+        rates = self.history.get("learning_rate", [])
+        if not rates or math.isnan(rates[-1]):
+            return None
+        reduced = False
+        for value in self.history["val_accuracy"]:
+            reduced = False
+            if self.best is None or value - self.min_delta > self.best:
+                self.best, self.wait = value, 0
+            else:
+                self.wait += 1
+                if self.wait >= self.patience:
+                    reduced, self.wait = True, 0
+        return rates[-1] * self.factor if reduced else rates[-1]
+
+
 class HistoryLogger(keras.callbacks.CSVLogger):
     """history.csv, written by Keras' CSVLogger with epochs counted from 1, each epoch's learning rate and
     seconds, and always the columns of ferkit.runs.HISTORY_COLUMNS. An epoch cut short by `stop` is left out."""
@@ -72,9 +112,11 @@ class HistoryLogger(keras.callbacks.CSVLogger):
     def on_epoch_end(self, epoch, logs=None):
         if self.stop.cut_short:
             return
-        learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        logs = logs or {}
+        # the rate the epoch trained at: as the plateau schedule saw it before it halved it (the optimizer's now)
+        learning_rate = logs.get("learning_rate", float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
         seconds = round(time.perf_counter() - self._started, 2)
-        super().on_epoch_end(epoch + 1, {**(logs or {}), "learning_rate": learning_rate, "seconds": seconds})
+        super().on_epoch_end(epoch + 1, {**logs, "learning_rate": learning_rate, "seconds": seconds})
 
 
 class Backup(keras.callbacks.BackupAndRestore):

@@ -407,6 +407,7 @@ def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_siz
     faces in .npy shards, which training reads memory-mapped, a batch at a time."""
     from ferkit.data import load_dataset
     from ferkit.data.packed import check_pack_folder, pack_dataset
+    from ferkit.results import check_out_outside_data
 
     if shard_size < 1:
         raise FerkitError("--shard-size must be at least 1")
@@ -414,7 +415,7 @@ def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_siz
 
     # by default a CSV's Training rows: with PublicTest among them, validation faces would train
     usage = _check_usage(data, usage or (TRAIN_USAGE if data.lower().endswith(".csv") else None), usage is not None)
-    _check_out_outside_data(out, data, "the packed faces")
+    check_out_outside_data(out, data, "the packed faces")
     check_pack_folder(out, overwrite=overwrite)  # before minutes of loading, not after
     names = [name.strip() for name in classes.split(",") if name.strip()] if classes else None
     dataset = load_dataset(data, image_size=(image_size, image_size), usage=usage, classes=names, progress=True)
@@ -422,14 +423,6 @@ def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_siz
     shards = -(-len(dataset) // shard_size)
     rows = f" ({usage} rows)" if usage else ""
     click.echo(f"packed {len(dataset)} faces{rows} ({len(dataset.classes)} classes) into {shards} shard(s) in {folder}")
-
-
-def _check_out_outside_data(out: Path | None, data: str, what: str) -> None:
-    """Refuse an output folder inside the class-folder tree it is made from: its files would be read as
-    faces, or as a class folder, the next time that data is read."""
-    if out is not None and Path(data).is_dir() and Path(os.path.realpath(out)).is_relative_to(os.path.realpath(data)):
-        raise FerkitError(f"{out} lies inside the data folder {data}: {what} would be read as faces the next "
-                          "time; choose a folder outside it")
 
 
 @cli.command("crop")
@@ -515,13 +508,14 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     from ferkit.data import load_dataset
     from ferkit.evaluation import check_report_folder, default_report_folder, evaluate
     from ferkit.predict import model_version
-    from ferkit.results import create_folder
+    from ferkit.progress import progress_bar
+    from ferkit.results import check_out_outside_data, create_folder
     from ferkit.runs import held_out_faces, members_trained_on, trained_on
     from ferkit.runtime import load_classifier
 
     given = click.get_current_context().get_parameter_source("usage") is not click.core.ParameterSource.DEFAULT
     usage = _check_usage(data, usage, given)
-    _check_out_outside_data(out, data, "the report's pictures")
+    check_out_outside_data(out, data, "the report's pictures")
     classifier = load_classifier(model).with_tta(tta)
     run = trained_on(classifier.path, data, usage=None if Path(data).is_dir() else usage)
     # a run that split its validation faces off this data: scored on those, if they can be told again
@@ -549,7 +543,8 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     elif not overwrite:
         check_report_folder(out, *evaluation)  # before the minutes of scoring, not after
     create_folder(out, "report folder")  # a folder that cannot be made: said now, not after the scoring
-    report = evaluate(classifier, dataset, batch_size=batch_size)
+    with progress_bar(len(dataset), f"scoring ({classifier.tta})") as advance:
+        report = evaluate(classifier, dataset, batch_size=batch_size, progress=advance)
     written = report.save(out, overwrite=overwrite)
     if as_json:
         click.echo(json.dumps({**report.to_dict(), "files": [str(p) for p in written]}, indent=2))

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ferkit.errors import FerkitError
-from ferkit.labels import repeated
+from ferkit.labels import canonical_label, repeated
 
 AUGMENTATIONS = ("flip", "zoom", "shift", "crop", "rotate", "erase", "contrast")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -49,7 +49,7 @@ class TrainConfig:
     val: str | None = setting(None, "Validation data (a CSV gives its PublicTest rows); none: split off --val-split.")
     val_split: float = setting(0.1, "Stratified fraction of --data held out when --val is absent.")
     classes: list[str] | None = setting(None, "Comma-separated class list, to keep classes beyond the seven emotions (none: the seven).")
-    epochs: int = setting(30, "Epochs to train in all; with --resume, the new total.")
+    epochs: int = setting(30, "Epochs to train in all (with --fine-tune: before fine-tuning's); with --resume, the new number.")
     batch_size: int = setting(64, "Faces per training step.")
     optimizer: str = setting("adam", "adam, adamw, or sgd (Nesterov momentum 0.9).", choices=OPTIMIZERS)
     # None becomes one of the two rates when the config is made: dataclasses.replace(config, init=...) keeps it
@@ -127,7 +127,8 @@ class TrainConfig:
             raise FerkitError("--distill must lie in (0, 1]")
         if self.classes is not None and not self.classes:
             raise FerkitError("--classes names no class: give them comma-separated, e.g. happy,sad,neutral")
-        for flag, names in (("--classes", self.classes or []), ("--augment", self.augment)):
+        classes = [canonical_label(name) for name in self.classes or []]  # Happiness is happy, as in folder names
+        for flag, names in (("--classes", classes), ("--augment", self.augment)):
             twice = repeated(names)
             if twice:
                 raise FerkitError(f"{flag} names {', '.join(twice)} more than once")

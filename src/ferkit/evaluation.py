@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -323,7 +324,7 @@ def _describe_report_folder(folder: str | Path) -> str:
 
 def evaluate(
     model: str | Path | Classifier | None, dataset: FaceDataset | str | Path, *, batch_size: int = 256,
-    tta: str | None = None,
+    tta: str | None = None, progress: Callable[[int, int], None] | None = None,
 ) -> EvaluationReport:
     """Classify every face of `dataset` with `model` (a run, model file or shipped model's name; None: the
     default shipped model) and score the predictions. `dataset` may be a path, which `load_dataset` reads
@@ -332,6 +333,7 @@ def evaluate(
     `tta`: "none", "flip" or "tencrop" overrides the test-time augmentation the model file asks for.
     The probabilities are scored with the model's temperature; a model whose temperature is not 1 is also
     scored at temperature 1 (`ece_before_temperature`), from the same run of the network.
+    `progress(faces_classified, faces)` as the faces are classified.
     """
     for module in ("sklearn", "matplotlib"):  # before minutes of inference, not after
         require(module, "ferkit evaluate")
@@ -342,7 +344,8 @@ def evaluate(
         dataset = load_dataset(dataset, classes=classifier.classes, image_size=classifier.input_size, usage="PublicTest")
     y_true = dataset.labels_for(classifier.classes)  # before minutes of inference, not after
     temperatures = [classifier.temperature] if classifier.temperature == 1.0 else [classifier.temperature, 1.0]
-    outputs = classifier.predict_proba_at_temperatures(dataset.images, temperatures, batch_size=batch_size)
+    outputs = classifier.predict_proba_at_temperatures(dataset.images, temperatures, batch_size=batch_size,
+                                                       progress=progress)
     probabilities = outputs[0]
     y_pred = probabilities.argmax(axis=1)
     before = expected_calibration_error(outputs[1], y_true, ECE_BINS) if len(outputs) > 1 else None

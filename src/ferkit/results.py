@@ -122,6 +122,14 @@ def check_output_file(out: str | Path, suffix: str, what: str, *, overwrite: boo
     return out
 
 
+def check_out_outside_data(out: str | Path | None, data: str | None, what: str) -> None:
+    """Refuse an output folder inside the class-folder tree it is made from: its files would be read as
+    faces, or as a class folder, the next time that data is read."""
+    if out is not None and data and Path(data).is_dir() and Path(os.path.realpath(out)).is_relative_to(os.path.realpath(data)):
+        raise FerkitError(f"{out} lies inside the data folder {data}: {what} would be read as faces the next "
+                          "time; choose a folder outside it")
+
+
 def check_writable_folder(folder: Path) -> None:
     """A one-line FerkitError unless a file can be created in `folder` (tried: permissions alone do not
     say it for root, or for /proc and read-only mounts)."""

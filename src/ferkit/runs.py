@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,10 @@ HISTORY_COLUMNS = ("epoch", "accuracy", "learning_rate", "loss", "seconds", "val
 RUN_FILES = ("config.json", "datasets.json", "history.csv", "curves.png", "best.keras", "last.keras", "state.json")
 EPOCHS_FOLDER = "epochs"  # the models that --save-period keeps, epoch-NNN.keras
 EXPORTED_FILES = ("best.onnx", "last.onnx")  # where `ferkit export RUN` writes by default: stale once the run is replaced
+# what `ferkit evaluate` writes into a run's eval-* folders (ferkit.evaluation.EvaluationReport.save)
+REPORT_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.json", "confusion_matrix.png",
+                "reliability_diagram.png", "report.html")
+SAVED_EPOCH = re.compile(r"epoch-\d{3,}\.keras")  # a model --save-period kept, in EPOCHS_FOLDER
 
 
 @dataclass
@@ -101,10 +105,21 @@ def clear_run_folder(run: Path) -> list[str]:
     for name in (*RUN_FILES, *EXPORTED_FILES):
         (run / name).unlink(missing_ok=True)
     remove_checkpoints(run)
-    for folder in (*run.glob("eval-*"), *run.glob(EPOCHS_FOLDER)):
-        shutil.rmtree(folder)
+    for folder in [path for path in run.glob("eval-*") if path.is_dir()]:
+        _remove_files_and_empty_folder(folder, lambda name: name in REPORT_FILES)
+    if (run / EPOCHS_FOLDER).is_dir():
+        _remove_files_and_empty_folder(run / EPOCHS_FOLDER, SAVED_EPOCH.fullmatch)
     run.mkdir(parents=True, exist_ok=True)
     return sorted(path.name for path in run.iterdir() if not path.name.startswith("."))
+
+
+def _remove_files_and_empty_folder(folder: Path, ours) -> None:
+    """The files of `folder` whose names `ours` says ferkit wrote removed, and the folder if that empties it."""
+    for path in folder.iterdir():
+        if path.is_file() and ours(path.name):
+            path.unlink()
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def save_run_config(run: Path, config, train_set, val_set) -> None:

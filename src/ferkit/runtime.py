@@ -14,6 +14,7 @@ import logging
 import os
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -344,10 +345,12 @@ class Classifier:
         return self.predict_proba_at_temperatures(faces, [self.temperature], batch_size=batch_size)[0]
 
     def predict_proba_at_temperatures(
-        self, faces: np.ndarray, temperatures: list[float], *, batch_size: int = 256
+        self, faces: np.ndarray, temperatures: list[float], *, batch_size: int = 256,
+        progress: Callable[[int, int], None] | None = None,
     ) -> list[np.ndarray]:
         """`predict_proba` at each of several temperatures, running the model once: e.g. the model's own
-        and 1.0, to compare calibrated and uncalibrated probabilities."""
+        and 1.0, to compare calibrated and uncalibrated probabilities. `progress(faces_done, faces)` after
+        each batch."""
         temperatures = [check_temperature(t) for t in temperatures]
         faces = np.asarray(faces)
         if faces.ndim != 3 or tuple(faces.shape[1:]) != self.input_size:
@@ -363,6 +366,8 @@ class Classifier:
             probabilities = self._run(faces_to_batch(batch, self.metadata.channels)).reshape(views, len(chunk), -1)
             for output, temperature in zip(outputs, temperatures):
                 output.append(apply_temperature(probabilities, temperature).mean(axis=0))
+            if progress:
+                progress(i + len(chunk), len(faces))
         return [np.concatenate(output).astype(np.float32) for output in outputs]
 
     def _run(self, batch: np.ndarray) -> np.ndarray:

@@ -28,7 +28,10 @@ from ferkit.distributed import start as start_distributed
 from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch
 from ferkit.models import check_weights, get_model_spec
-from ferkit.runs import EPOCHS_FOLDER, RunState, check_run_folder, clear_run_folder, rewrite_history, save_run_config
+from ferkit.results import check_out_outside_data
+from ferkit.runs import (
+    EPOCHS_FOLDER, RunState, check_run_folder, clear_run_folder, read_history, rewrite_history, save_run_config,
+)
 from ferkit.teacher import check_teacher, teacher_probabilities
 from ferkit.training_data import (
     check_validation_faces_unseen, fit_data, load_train_val, train_size, trains_on_cached_features, validation_size,
@@ -90,6 +93,11 @@ def _check_resumes_its_own_run(config: TrainConfig, run: Path) -> None:
     changed = config.settings_changed_from(recorded)
     if config.precision != recorded.precision and keeps_its_precision(run):
         changed.append("precision, which a whole saved model (an older run folder) keeps")
+    done = RunState.load(run).epochs_done
+    if recorded.fine_tune and done > recorded.epochs and config.epochs != recorded.epochs:
+        raise FerkitError(f"{run} is fine-tuning (epoch {done}; its backbone was unfrozen after {recorded.epochs} "
+                          f"epochs), so its first phase can no longer change length: resume it with --epochs "
+                          f"{recorded.epochs}")
     if config.lr_schedule == "cosine" and config.epochs != recorded.epochs:
         log.info("the cosine schedule now spans %d epochs instead of %d: the learning rate follows the new curve "
                  "from the epoch where the run stopped", config.epochs, recorded.epochs)
@@ -129,8 +137,9 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
         with stop.listening():
             if resume and has_checkpoint(run):
                 model = resume_training_model(keras, run, config, len(config.classes), size, state.epochs_done)
-            else:  # a new run, or one stopped before its first epoch ended
-                state, model = RunState(), _new_training_model(keras, config, size)
+            else:  # a new run, or one stopped before its first epoch ended (its figure to beat kept)
+                state = RunState(start_val_accuracy=state.start_val_accuracy, start_model=state.start_model)
+                model = _new_training_model(keras, config, size)
             data = fit_data(config, train_set, val_set, topology=topology, first_epoch=state.epochs_done, teacher=teacher)
             if stop.requested:
                 raise KeyboardInterrupt
@@ -227,6 +236,9 @@ def _check_and_load(config: TrainConfig, run: Path, resume: bool, overwrite: boo
     """Everything checked that can be before training starts; the training and validation faces. `config`
     gains the data's classes (and an `init` model's network)."""
     check_run_folder(run, resume=resume, overwrite=overwrite)
+    if not resume:
+        for data in (config.data, config.val):
+            check_out_outside_data(run, data, "the run's files")
     if resume and (run / "config.json").exists():
         _check_resumes_its_own_run(config, run)
         _check_has_its_checkpoint(run)
@@ -287,7 +299,7 @@ def _fit_phases(keras, model, config: TrainConfig, fit: dict, record, callbacks,
     """The main phase, then fine-tuning's (backbone unfrozen) if the config asks for it, each from where the
     run stopped. `record(backup)`: the callbacks that record the run, backing up into that folder."""
     if state.epochs_done < config.epochs:
-        phase = [*record(BACKUP), *_schedule_callbacks(keras, config), *(callbacks or [])]
+        phase = [*record(BACKUP, _schedule_callbacks(config, run)), *(callbacks or [])]
         _fit(keras, model, config, fit, phase, size, epochs=config.epochs, initial_epoch=state.epochs_done)
     if state.epochs_done < config.total_epochs and not stop.stopping:
         if not resumes_unfrozen(run, state.epochs_done, config):
@@ -315,7 +327,8 @@ def _new_training_model(keras, config: TrainConfig, size: int):
 
 def _run_callbacks(keras, run: Path, config: TrainConfig, state: RunState, model, train_set, stop, *,
                    val_faces: int, padded_val_faces: int):
-    """A function of the phase's backup folder that gives the callbacks recording the run."""
+    """A function of the phase's backup folder (and its schedule's callbacks) that gives the callbacks
+    recording the run."""
     from ferkit.callbacks import AveragedWeightsValidation, UnpaddedValidation, run_callbacks
 
     spec = get_model_spec(config.model)
@@ -333,14 +346,17 @@ def _run_callbacks(keras, run: Path, config: TrainConfig, state: RunState, model
         averaged = AveragedWeightsValidation(network, faces_to_batch(train_set.images[picked], spec.channels))
     data_parallel = keras.distribution.distribution() is not None  # compiled with a weighted accuracy (compile_model)
     unpadded = UnpaddedValidation(val_faces, padded_val_faces) if data_parallel else None
-    return lambda backup: run_callbacks(run, state, network, metadata, backup=run / backup, stop=stop,
-                                        saved_model=saved_model, averaged=averaged, unpadded=unpadded,
-                                        save_period=config.save_period)
+    return lambda backup, schedule=(): run_callbacks(run, state, network, metadata, backup=run / backup, stop=stop,
+                                                     saved_model=saved_model, averaged=averaged, unpadded=unpadded,
+                                                     save_period=config.save_period, schedule=schedule)
 
 
-def _schedule_callbacks(keras, config: TrainConfig) -> list:
+def _schedule_callbacks(config: TrainConfig, run: Path) -> list:
+    """The plateau schedule, which goes on from the run's history (cut back to the epochs done)."""
     if config.lr_schedule == "plateau":
-        return [keras.callbacks.ReduceLROnPlateau("val_accuracy", mode="max", factor=0.5, patience=config.lr_patience)]
+        from ferkit.callbacks import PlateauSchedule
+
+        return [PlateauSchedule(config.lr_patience, read_history(run / "history.csv"))]
     return []
 
 
