@@ -452,3 +452,35 @@ def test_a_face_from_a_photo_is_the_mean_of_its_crops_at_the_models_margins(tmp_
     [single] = analyze(photo, boxes=[box], model=one_crop_per_face_model(tmp_path))
     assert np.allclose([single.probabilities[c] for c in classifier.classes], each[0], atol=1e-6)
     assert not np.allclose(each[0], each.mean(axis=0), atol=1e-3)  # the views differ, so the test can tell
+
+
+def test_bad_arguments_of_the_python_api_are_one_line_errors(tmp_path):
+    import ferkit
+
+    photo = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+    cases = [
+        (lambda: analyze(photo, boxes=[(float("inf"), 2, 30, 40)]), "a box is four numbers"),
+        (lambda: analyze(photo, model=3), "not an object of type int"),
+        (lambda: analyze(photo, model=b"default"), "not an object of type bytes"),
+        (lambda: analyze(photo, model=ferkit.create_model("seed-cnn")), r"save it first \(model.save"),
+        (lambda: list(analyze_images([("a", photo, "x")])), "not a 3-tuple"),
+        (lambda: ferkit.draw_faces(photo, analyze(photo)[0]), r"draw_faces\(image, \[face\]\)"),
+        (lambda: ferkit.evaluate(None, np.zeros((3, 48, 48), np.uint8)), "not a ndarray"),
+        (lambda: analyze(bytes(photo)), "is a file's name: give the name as a str"),
+        (lambda: ferkit.create_model("seed-cnn", num_classes=0), "num_classes is a whole number"),
+        (lambda: ferkit.create_model("ferkit-net-l", input_size=(32, 32)), "classifies 40x40 crops"),
+        (lambda: ferkit.create_model("seed-cnn", input_size=(4, 4)), "cannot be built for 4x4 faces"),
+    ]
+    for call, said in cases:
+        with pytest.raises(FerkitError, match=said):
+            call()
+    boxes = [(600, 0, 320, 360)]
+    assert analyze(photo, boxes=(box for box in boxes))[0].box == analyze(photo, boxes=boxes)[0].box  # a generator
+
+
+def test_a_pil_image_of_values_outside_0_255_is_refused_as_the_same_array_is():
+    photo = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+    gray = np.asarray(Image.open(photo).convert("L"), np.float32)
+    with pytest.raises(FerkitError, match="holds -1 to 1"):
+        analyze(Image.fromarray(gray / 127.5 - 1))
+    assert len(analyze(Image.fromarray(gray / 255))) == len(analyze(gray / 255)) == 3

@@ -510,7 +510,7 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     from ferkit.predict import model_version
     from ferkit.progress import progress_bar
     from ferkit.results import check_out_outside_data, create_folder
-    from ferkit.runs import held_out_faces, members_trained_on, trained_on
+    from ferkit.runs import held_out_faces, holds_its_training_faces, members_trained_on, trained_on
     from ferkit.runtime import load_classifier
 
     given = click.get_current_context().get_parameter_source("usage") is not click.core.ParameterSource.DEFAULT
@@ -530,7 +530,7 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
         dataset = replace(held, source=held.source + split)
         log.info("%s is the data %s was trained on: scoring the %d faces it held out for validation", data,
                  classifier.path.parent, len(dataset))
-    elif run:
+    elif run or holds_its_training_faces(classifier.path, dataset):
         log.warning("%s is the data %s was trained on: its accuracy there says little about faces it has not seen",
                     data, classifier.path.parent)
     elif members := members_trained_on(classifier.metadata, data, usage=None if Path(data).is_dir() else usage):

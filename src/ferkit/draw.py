@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ferkit import __version__
+from ferkit.errors import FerkitError
 from ferkit.faces import Box
 from ferkit.images import decoded_scale, full_size, load_image, to_rgb
 from ferkit.predict import checked_box
@@ -48,6 +49,8 @@ def draw_faces(image: Image.Image | np.ndarray | str | os.PathLike, faces: Seque
     faces' numbers (a video's track ids, say) instead of 1, 2, ... Labels stay inside the picture and
     clear of each other where they can; a tiny picture (a face crop) is enlarged so that they can be read,
     unless not `enlarge_tiny` (a video's frames keep their size)."""
+    if isinstance(faces, Face):
+        raise FerkitError("draw_faces takes a list of faces: draw_faces(image, [face])")
     image = load_image(image, channels=channels)  # upright, as ferkit.analyze saw it (a PIL image too)
     across, down = decoded_scale(image)
     canvas = to_rgb(image).copy()

@@ -338,6 +338,9 @@ def evaluate(
     for module in ("sklearn", "matplotlib"):  # before minutes of inference, not after
         require(module, "ferkit evaluate")
     classifier = load_classifier(model).with_tta(tta)
+    if not isinstance(dataset, (str, Path, FaceDataset)):
+        raise FerkitError(f"evaluate scores labelled faces: a FaceDataset (ferkit.data.load_dataset) or the path of "
+                          f"one, not a {type(dataset).__name__}")
     if isinstance(dataset, (str, Path)):
         from ferkit.data import load_dataset
 

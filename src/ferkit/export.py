@@ -39,15 +39,24 @@ def calibration_faces(model: str | Path, data: str | Path | None = None, *, prog
     from ferkit.config import TrainConfig
     from ferkit.data import load_dataset
     from ferkit.data.fer2013_csv import TRAIN_USAGE
+    from ferkit.runs import recorded_training_faces
 
     if data is None:
         run = Path(model) if Path(model).is_dir() else Path(model).parent
         if not (run / "config.json").is_file():
             raise FerkitError("int8 and batch-norm recalibration need faces like those the model will see "
                               "(--calibration DATA; in Python, calibration=DATA)")
-        data = TrainConfig.load(run / "config.json").data
+        config = TrainConfig.load(run / "config.json")
+        data = config.data
         if not data or not Path(data).exists():
             raise FerkitError(f"the run's training data {data} is not here; pass --calibration DATA (in Python, calibration=DATA)")
+        faces = load_dataset(data, classes=read_metadata(resolve_model_path(model)).classes, usage=TRAIN_USAGE,
+                             progress=progress)
+        recorded = recorded_training_faces(resolve_model_path(model))
+        if config.val and recorded and faces.class_counts() != recorded:  # a path relative to where the run trained
+            raise FerkitError(f"{data}, read from here, holds other faces than the run's training data (faces per class "
+                              f"{faces.class_counts()}, the run recorded {recorded}); pass --calibration DATA")
+        return faces
     return load_dataset(data, classes=read_metadata(resolve_model_path(model)).classes, usage=TRAIN_USAGE, progress=progress)
 
 
@@ -144,7 +153,8 @@ def _recalibrate(classifier: KerasClassifier, dataset: FaceDataset) -> None:
     log.info("re-measuring batch norm on %d faces", len(dataset))
     layers = recalibrate_on_faces(classifier.model, dataset.images, classifier.input_size, classifier.metadata.channels)
     if not layers:
-        log.warning("%s has no batch-norm layers to re-measure: --recalibrate-bn changes nothing", classifier.name)
+        log.warning("%s has no batch-norm layers that train (frozen ones are left as they are): --recalibrate-bn "
+                    "changes nothing", classifier.name)
         return
     classifier.metadata = dataclasses.replace(
         classifier.metadata,
@@ -208,11 +218,11 @@ def _refuse_training_faces(source: Path, dataset: FaceDataset) -> None:
     """A FerkitError when the faces given for the temperature are the run's own training data: the
     model is surest on the faces it learned, so the fitted temperature would make it more confident,
     not calibrated."""
-    from ferkit.runs import members_trained_on, trained_on
+    from ferkit.runs import holds_its_training_faces, members_trained_on, trained_on
 
     run = trained_on(source, dataset.source)
-    if run:
-        held_out = f" (its validation data: {run.val})" if run.val else ""
+    if run or holds_its_training_faces(source, dataset):
+        held_out = f" (its validation data: {run.val})" if run and run.val else ""
         raise FerkitError(f"{dataset.source} is the data the model was trained on; fit the temperature on held-out faces{held_out}")
     members = members_trained_on(read_metadata(source), dataset.source)
     if members:
@@ -290,7 +300,19 @@ def _write_onnx(classifier: KerasClassifier, path: Path) -> None:
             model.export(str(path), format="onnx", verbose=False)
     except Exception as err:
         raise FerkitError(f"ONNX export failed ({type(err).__name__}: {err})") from None
+    _check_faces_are_the_only_input(path, classifier.name)
     _set_metadata(path, classifier.metadata)
+
+
+def _check_faces_are_the_only_input(path: Path, name: str) -> None:
+    """Some Keras layers export their constants as graph inputs (Normalization's mean and variance), which
+    no caller feeds: such an export is refused here, in one line, not when it first runs."""
+    import onnx
+
+    inputs = [entry.name for entry in onnx.load(str(path)).graph.input]
+    if len(inputs) != 1:
+        raise FerkitError(f"the ONNX export of {name} takes {len(inputs)} inputs ({', '.join(inputs)}), not the faces "
+                          "alone: a layer of it keeps its constants outside the graph")
 
 
 def _set_metadata(path: Path, metadata) -> None:

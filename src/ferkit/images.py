@@ -69,7 +69,13 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray | bytes, *, 
             source = np.concatenate([source[:, :, 2::-1], source[:, :, 3:]], axis=2)
         return _array_to_image(source)
     if isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "read"):
-        return _decode(io.BytesIO(source) if not hasattr(source, "read") else source, Path(_BYTES))
+        try:
+            return _decode(io.BytesIO(source) if not hasattr(source, "read") else source, Path(_BYTES))
+        except ImageError:
+            if _names_a_file(source):
+                raise FerkitError(f"bytes are read as an image file's content, and {bytes(source)!r} is a file's name: "
+                                  "give the name as a str (os.fsdecode(name))") from None
+            raise
     if not isinstance(source, (str, os.PathLike)):
         raise FerkitError(f"an image is a path, a PIL image, an array or an image file's bytes, not {type(source).__name__}")
     if "://" in str(source):
@@ -91,6 +97,12 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray | bytes, *, 
 
 
 _BYTES = "<bytes>"  # how an image given as bytes is named in messages
+
+
+def _names_a_file(source) -> bool:
+    """Whether bytes given as an image are rather a file's name (b"photo.jpg")."""
+    return (isinstance(source, (bytes, bytearray)) and 0 < len(source) < 4096 and b"\0" not in source
+            and os.path.isfile(os.fsdecode(bytes(source))))
 
 
 def _decode(file, path: Path) -> Image.Image:
@@ -227,11 +239,9 @@ def to_grayscale(image: Image.Image) -> Image.Image:
     """8-bit grayscale from any mode: L, RGB(A), P, CMYK, 1, and 16/32-bit integer or float images."""
     image = _unpremultiplied(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if values.max(initial=0) > 255 else 255.0  # as for arrays: 16-bit once past 255
-        if image.mode == "F" and values.max(initial=0) <= 1.0:
-            top = 1.0
-        return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        values = np.asarray(image)
+        scale = _to_8bit_scale(values)  # as for arrays: 16-bit once past 255, floats up to 1 are 0-1, -1..1 refused
+        return Image.fromarray(np.clip(values.astype(np.float64) * scale + 0.5, 0, 255).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Flatten transparency onto white, the way viewers show it, instead of onto black.
         rgba = image.convert("RGBA")

@@ -102,6 +102,8 @@ def analyze_images(
             raise FerkitError(f"{name} is a whole number of at least 1, not {value!r}")
     if isinstance(boxes, (str, bytes)):
         raise FerkitError(f"boxes is a list of (x, y, width, height) boxes, not text: e.g. [(10, 20, 64, 64)], not {boxes!r}")
+    if boxes is not None:
+        boxes = _box_list(boxes)
     if boxes is not None and len(boxes) == 4 and all(isinstance(v, (int, float, np.number)) for v in boxes):
         raise FerkitError(f"boxes is a list of (x, y, width, height) boxes; for one box give [{tuple(boxes)}]")
     if isinstance(images, (str, os.PathLike)):
@@ -116,6 +118,8 @@ def analyze_images(
     pending: list[tuple[ImageResult, list[np.ndarray]]] = []
     waiting = 0
     for item in images:
+        if isinstance(item, tuple) and len(item) != 2:
+            raise FerkitError(f"an item of analyze_images is an image or a (label, image) pair, not a {len(item)}-tuple")
         label, image = item if isinstance(item, tuple) else (_label(item), item)
         result, crops = _find_faces(label, image, classifier, find, boxes, channels)
         pending.append((result, crops))
@@ -124,6 +128,14 @@ def analyze_images(
             yield from _classify(pending, classifier, uncertain_below)
             pending, waiting = [], 0
     yield from _classify(pending, classifier, uncertain_below)
+
+
+def _box_list(boxes) -> list:
+    """`boxes` as a list (a generator of them too), or a FerkitError for what holds no boxes."""
+    try:
+        return list(boxes)
+    except TypeError:
+        raise FerkitError(f"boxes is a list of (x, y, width, height) boxes, not {boxes!r}") from None
 
 
 def _images_of(source: str | os.PathLike) -> list[str]:
@@ -261,7 +273,7 @@ def checked_box(box, image_size: tuple[int, int]) -> Box:
     """`box` as four ints, or a FerkitError if it is empty or lies wholly outside the (width, height) image."""
     try:
         x, y, width, height = (int(round(float(v))) for v in box)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite number
         raise FerkitError(f"a box is four numbers (x, y, width, height), not {box!r}") from None
     if width <= 0 or height <= 0:
         raise FerkitError(f"the box {(x, y, width, height)} is empty: width and height must be positive")

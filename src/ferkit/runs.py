@@ -157,6 +157,22 @@ def trained_on(model: Path, source, usage: str | None = None):
     return TrainConfig.load(Path(model).parent / "config.json") if _holds(origin, source, usage) else None
 
 
+def holds_its_training_faces(model: Path, dataset) -> bool:
+    """Whether `dataset` holds as many faces of each class as the run that trained `model` (a file in its
+    run folder) recorded for its training set (datasets.json): its training data, wherever it was read
+    from (config.json keeps data paths as given, relative to where the run trained)."""
+    recorded = recorded_training_faces(model)
+    return bool(recorded) and dataset.class_counts() == recorded
+
+
+def recorded_training_faces(model: Path) -> dict | None:
+    """Faces per class of the training set of the run that trained `model`, as its datasets.json says."""
+    try:
+        return json.loads((Path(model).parent / "datasets.json").read_text()).get("train")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def members_trained_on(metadata, source, usage: str | None = None) -> list[str]:
     """The networks among an ensemble's members (its `metadata`) whose runs trained on faces that `source`
     (with `usage`, as for trained_on) holds, as the ensemble recorded where each member's faces came from."""

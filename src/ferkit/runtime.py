@@ -431,11 +431,27 @@ class OnnxClassifier(Classifier):
 
     def __init__(self, path: Path):
         self.session, metadata = _onnx_session(path)
+        _check_graph_fits_metadata(self.session, metadata, path)
         super().__init__(metadata, path)
         self._input = self.session.get_inputs()[0].name
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self._input: batch})[0]
+
+
+def _check_graph_fits_metadata(session, metadata: ModelMetadata, path: Path) -> None:
+    """A FerkitError when the graph takes other faces, or gives another number of classes, than its
+    metadata says (a file edited or made by hand): found on loading, not as a crash or a truncated answer later."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    expected = (*metadata.input_size, metadata.channels)
+    shape = tuple(inputs[0].shape[1:]) if inputs else ()
+    if len(inputs) != 1 or any(isinstance(n, int) and n != e for n, e in zip(shape, expected)) or len(shape) != 3:
+        raise FerkitError(f"{path}: its graph takes {', '.join(str(i.shape) for i in inputs)}, its metadata says faces "
+                          f"of {expected}")
+    classes = outputs[0].shape[-1] if outputs and outputs[0].shape else None
+    if isinstance(classes, int) and classes != len(metadata.classes):
+        raise FerkitError(f"{path}: its graph gives {classes} probabilities, its metadata names {len(metadata.classes)} "
+                          "classes")
 
 
 def load_classifier(model: str | Path | Classifier | None = None, *, prefer_export: bool = False) -> Classifier:
@@ -449,6 +465,10 @@ def load_classifier(model: str | Path | Classifier | None = None, *, prefer_expo
     """
     if isinstance(model, Classifier):
         return model
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise FerkitError(f"a model is a run folder, a .keras or .onnx file, or a shipped model's name, not an "
+                          f"object of type {type(model).__name__}" + (": save it first (model.save('model.keras'))"
+                                                       if hasattr(model, "predict") else ""))
     path = exported_model_path(model) if prefer_export else resolve_model_path(model)
     path = path.absolute()  # not resolved: a link's own name says what the file is
     return _load_cached(path, path.stat().st_mtime_ns)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ferkit.errors import FerkitError
+from ferkit.errors import FerkitError, first_line
 from ferkit.labels import EMOTIONS
 
 
@@ -58,14 +58,23 @@ def create_model(
     """Build the named model for `num_classes` outputs (softmax probabilities). `weights` is for
     pretrained backbones only: "imagenet" (their default), a local file, or "none"."""
     spec = get_model_spec(name)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise FerkitError(f"num_classes is a whole number of at least 1, not {num_classes!r}")
     height, width = input_size or spec.input_size
+    if spec.crop and min(height, width) < spec.crop:
+        raise FerkitError(f"{name} classifies {spec.crop}x{spec.crop} crops of its input: input_size must be at least that")
     kwargs = {}
     if weights is not None:
         check_weights(name, weights)
         kwargs["weights"] = weights
     if spec.crop:
         kwargs["crop"] = spec.crop  # declared once, in register_model: ten-crop scoring and training read it there too
-    return spec.builder(num_classes=num_classes, input_shape=(height, width, spec.channels), **kwargs)
+    try:
+        return spec.builder(num_classes=num_classes, input_shape=(height, width, spec.channels), **kwargs)
+    except ValueError as err:
+        if input_size is None:
+            raise
+        raise FerkitError(f"{name} cannot be built for {height}x{width} faces: {first_line(err)}") from None
 
 
 def check_weights(name: str, weights: str | None) -> None:

@@ -92,7 +92,8 @@ def transfer_model(backbone_fn, preprocessing, *, num_classes, input_shape, weig
 
 
 def _caffe(layers):
-    return layers.Normalization(mean=CAFFE_MEANS, variance=[1.0, 1.0, 1.0])
+    # the means as constants: a Normalization layer's become inputs of an exported ONNX graph, not part of it
+    return layers.Rescaling(1.0, offset=[-mean for mean in CAFFE_MEANS])
 
 
 def _tf(layers):
