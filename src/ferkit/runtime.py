@@ -467,8 +467,7 @@ def load_classifier(model: str | Path | Classifier | None = None, *, prefer_expo
         return model
     if model is not None and not isinstance(model, (str, os.PathLike)):
         raise FerkitError(f"a model is a run folder, a .keras or .onnx file, or a shipped model's name, not an "
-                          f"object of type {type(model).__name__}" + (": save it first (model.save('model.keras'))"
-                                                       if hasattr(model, "predict") else ""))
+                          f"object of type {type(model).__name__}")
     path = exported_model_path(model) if prefer_export else resolve_model_path(model)
     path = path.absolute()  # not resolved: a link's own name says what the file is
     return _load_cached(path, path.stat().st_mtime_ns)

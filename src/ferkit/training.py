@@ -93,7 +93,7 @@ def _check_resumes_its_own_run(config: TrainConfig, run: Path) -> None:
     changed = config.settings_changed_from(recorded)
     if config.precision != recorded.precision and keeps_its_precision(run):
         changed.append("precision, which a whole saved model (an older run folder) keeps")
-    done = RunState.load(run).epochs_done
+    done = backed_up_epochs(run) or RunState.load(run).epochs_done  # as _train counts them
     if recorded.fine_tune and done > recorded.epochs and config.epochs != recorded.epochs:
         raise FerkitError(f"{run} is fine-tuning (epoch {done}; its backbone was unfrozen after {recorded.epochs} "
                           f"epochs), so its first phase can no longer change length: resume it with --epochs "
