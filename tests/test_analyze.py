@@ -476,6 +476,8 @@ def test_bad_arguments_of_the_python_api_are_one_line_errors(tmp_path):
             call()
     boxes = [(600, 0, 320, 360)]
     assert analyze(photo, boxes=(box for box in boxes))[0].box == analyze(photo, boxes=boxes)[0].box  # a generator
+    faces = analyze(photo)
+    assert [face.box for face in analyze(photo, boxes=faces)] == [face.box for face in faces]  # Faces give their boxes
 
 
 def test_a_pil_image_of_values_outside_0_255_is_refused_as_the_same_array_is():

@@ -345,7 +345,8 @@ def test_numbers_out_of_range_or_not_finite_are_refused_naming_their_option(bad,
      ({"fine_tune_epochs": 3}, "--fine-tune-epochs goes with --fine-tune"),
      ({"lr_patience": 2, "lr_schedule": "cosine"}, "--lr-patience goes with --lr-schedule plateau"),
      ({"weight_decay": 1e-4}, "--weight-decay is decoupled weight decay, for --optimizer adamw or sgd"),
-     ({"shift": 0.3, "augment": "flip"}, "--shift goes with --augment shift"), ({"rotate": 30.0}, "--rotate goes with --augment rotate")],
+     ({"shift": 0.3, "augment": "flip"}, "--shift goes with --augment shift"), ({"rotate": 30.0}, "--rotate goes with --augment rotate"),
+     ({"cache_features": False}, "--no-cache-features applies to a frozen pretrained backbone")],
 )
 def test_a_setting_that_would_change_nothing_is_refused_before_a_run_starts(pattern_data, tmp_path, given, words):
     config = TrainConfig(data=str(pattern_data / "train"), epochs=1, out=str(tmp_path / "run"), **given)

@@ -149,10 +149,16 @@ class TrainConfig:
             ("lr_patience", self.lr_schedule != "plateau", "goes with --lr-schedule plateau"),
             ("weight_decay", self.optimizer == "adam", "is decoupled weight decay, for --optimizer adamw or sgd"),
             *((name, name not in self.augment, f"goes with --augment {name}") for name in ("zoom", "shift", "rotate")),
+            ("cache_features", not _has_pretrained_backbone(self.model) or bool(self.augment or self.mixup),
+             "applies to a frozen pretrained backbone trained without --augment or --mixup (whose features are "
+             "computed once)"),
         ]
         for name, unused_here, why in unused:
             if given(name) and unused_here:
-                raise FerkitError(f"{option_flag(_field(name))} {why}; as given it would change nothing")
+                flag = option_flag(_field(name))
+                if getattr(self, name) is False:  # a switch turned off: --no-cache-features
+                    flag = flag.replace("--", "--no-", 1)
+                raise FerkitError(f"{flag} {why}; as given it would change nothing")
         one_csv = str(self.data).lower().endswith(".csv")  # its Training rows train, its PublicTest rows validate
         if self.val is not None and self.data and not one_csv and os.path.realpath(self.val) == os.path.realpath(self.data):
             raise FerkitError("--val is the training data itself: validation faces must be others (or leave --val "
@@ -219,3 +225,12 @@ def _field(name: str):
 def option_flag(item) -> str:
     """The `ferkit train` option of a TrainConfig field."""
     return item.metadata.get("flag") or f"--{item.name.replace('_', '-')}"
+
+
+def _has_pretrained_backbone(model: str) -> bool:
+    from ferkit.models import get_model_spec  # the registry imports Keras' layers lazily, not this module
+
+    try:
+        return get_model_spec(model).pretrained
+    except FerkitError:
+        return True  # an unknown model is named by its own check

@@ -295,8 +295,8 @@ def check_report_folder(folder: str | Path, model: str, data: str, tta: str, ver
     if Path(folder).is_file():
         raise FerkitError(f"{folder} is a file; give a folder for the reports")
     if not report_folder_accepts(folder, model, data, tta, version):
-        raise FerkitError(f"{folder} holds {_describe_report_folder(folder)}; pass --overwrite to replace it, "
-                          "or choose another --out")
+        raise FerkitError(f"{folder} holds {_describe_report_folder(folder)}; pass --overwrite to replace it "
+                          "(in Python, overwrite=True), or choose another --out")
 
 
 def _earlier_evaluation(folder: str | Path) -> tuple[str, str, str, str] | str | None:

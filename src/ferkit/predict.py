@@ -45,7 +45,7 @@ def analyze(
     `model`: a run folder, .keras or .onnx file, or a shipped model's name; None for the default one.
     `detector`: "auto", "yunet", "mtcnn", "none" (the whole image is one face, made square by repeating
     its edges rather than stretched) or a callable. `boxes`:
-    (x, y, width, height) faces to classify instead of detecting. `uncertain_below`: faces whose top
+    (x, y, width, height) faces to classify instead of detecting (or Faces and Detections: their boxes). `uncertain_below`: faces whose top
     probability is below it are marked `uncertain` (0: none are). `channels`: "bgr" for arrays in
     OpenCV's channel order (what `cv2.imread` returns), "rgb" otherwise. `tta`: test-time augmentation,
     "none", "flip" or "tencrop" (models that crop their input); None keeps the model's own.
@@ -131,9 +131,10 @@ def analyze_images(
 
 
 def _box_list(boxes) -> list:
-    """`boxes` as a list (a generator of them too), or a FerkitError for what holds no boxes."""
+    """`boxes` as a list (a generator of them too; Faces and Detections give their boxes), or a FerkitError
+    for what holds no boxes."""
     try:
-        return list(boxes)
+        return [getattr(box, "box", box) for box in boxes]
     except TypeError:
         raise FerkitError(f"boxes is a list of (x, y, width, height) boxes, not {boxes!r}") from None
 
