@@ -171,7 +171,8 @@ def test_a_csv_and_a_folder_of_the_same_faces_load_alike_at_another_size(tmp_pat
 
 @pytest.mark.parametrize(
     "row, message",
-    [("3,1 2 3,Training", "line 3: expected 2304"), ("9,{px},Training", "code 9"), ("x,{px},Training", "not a number")],
+    [("3,1 2 3,Training", "line 3: expected 2304"), ("9,{px},Training", "code 9"), ("x,{px},Training", "not a number"),
+     ("3,99999999999999999999 {px},Training", "not whole numbers")],  # past 64 bits
 )
 def test_malformed_csv_rows_are_left_out_naming_their_line(tmp_path, row, message, caplog):
     pixels = " ".join(["7"] * 2304)
@@ -417,3 +418,39 @@ def test_photos_given_as_a_dataset_are_said_to_be_photos_and_their_face_crops_ar
     with caplog.at_level(logging.WARNING, logger="ferkit"):
         assert len(load_folder(tmp_path / "faces", cache=False)) == 6
     assert "look like photos" not in caplog.text
+
+
+def test_a_csv_row_with_a_stray_quote_is_named_by_the_lines_it_spans_and_an_endless_field_in_one_line(tmp_path, caplog):
+    pixels = " ".join(["7"] * 2304)
+    rows = [f"0,{pixels},Training", f'0,"{pixels},Training', f'0,{pixels}",Training', f"9,{pixels},Training"]
+    (tmp_path / "stray.csv").write_text("emotion,pixels,Usage\n" + "\n".join(rows) + "\n")  # lines 3-4: one field
+    with caplog.at_level("WARNING", logger="ferkit"):
+        loaded = load_fer2013_csv(tmp_path / "stray.csv")
+    assert len(loaded) == 1 and "2 malformed rows left out (the first: line 3-4: " in caplog.text
+    (tmp_path / "code.csv").write_text("emotion,pixels,Usage\n" + "\n".join(rows[1:]) + "\n")
+    with pytest.raises(FerkitError, match="line 2-3: "):  # the row after it is counted from its own line
+        load_fer2013_csv(tmp_path / "code.csv")
+    (tmp_path / "endless.csv").write_text(f'emotion,pixels,Usage\n0,"{pixels * 60}\n')
+    with pytest.raises(FerkitError, match=r"endless.csv, line 2: field larger than field limit"):
+        load_fer2013_csv(tmp_path / "endless.csv")
+
+
+def test_classes_given_in_another_case_or_by_an_alias_load_a_csv_and_a_pack_as_a_folder(tmp_path):
+    from ferkit.data.packed import pack_dataset
+
+    rng = np.random.default_rng(0)
+    _write_csv(tmp_path / "fer.csv", [(code, rng.integers(0, 256, 2304), "Training") for code in range(7)])
+    named = ["Anger", "disgust", "FEAR", "happiness", "neutral", "sadness", "surprised", "contempt"]
+    csv_faces = load_dataset(tmp_path / "fer.csv", classes=named)
+    assert csv_faces.classes == (*EMOTIONS, "contempt") and len(csv_faces) == 7
+    packed = pack_dataset(tmp_path / "fer.csv", tmp_path / "packed")
+    assert load_dataset(packed, classes=named).class_counts() == csv_faces.class_counts()
+    with pytest.raises(FerkitError, match="the classes name happy more than once"):
+        load_dataset(tmp_path / "fer.csv", classes=[*EMOTIONS, "Happiness"])
+
+
+def test_the_cache_size_leaves_out_files_removed_meanwhile(tmp_path):
+    from ferkit.data.cache import files_size
+
+    (tmp_path / "a.npz").write_bytes(b"x" * 10)
+    assert files_size([tmp_path / "a.npz", tmp_path / "gone.npz"]) == 10

@@ -664,7 +664,7 @@ def teacher_cmd(models: tuple[str, ...], data: str, out: Path, overwrite: bool, 
 @click.argument("action", type=click.Choice(["show", "clear"]), default="show")
 def cache_cmd(action: str):
     """Show where decoded datasets are cached and how much space they take, or clear them."""
-    from ferkit.data.cache import cache_dir, cache_files, clear_cache
+    from ferkit.data.cache import cache_dir, cache_files, clear_cache, files_size
 
     if cache_dir().exists() and not cache_dir().is_dir():
         raise FerkitError(f"the cache folder {cache_dir()} is a file, so nothing can be cached "
@@ -674,7 +674,7 @@ def cache_cmd(action: str):
         click.echo(f"removed {count} cached dataset(s), {size / 1e6:.1f} MB, from {cache_dir()}")
         return
     files = cache_files()
-    size = sum(p.stat().st_size for p in files)
+    size = files_size(files)
     click.echo(f"{cache_dir()}: {len(files)} cached dataset(s), {size / 1e6:.1f} MB (ferkit cache clear removes them)")
 
 

@@ -61,7 +61,20 @@ def save_cached(key: str, arrays: dict[str, np.ndarray]) -> None:
 def cache_files() -> list[Path]:
     """The cached datasets, oldest first: ferkit's files only, named by their key, never another's."""
     named = re.compile(f"[0-9a-f]{{{KEY_LENGTH}}}\\.npz")
-    return sorted(_files(lambda name: named.fullmatch(name)), key=lambda p: p.stat().st_mtime)
+    found = {path: _stat(path) for path in _files(lambda name: named.fullmatch(name))}
+    return sorted((path for path, stat in found.items() if stat), key=lambda path: found[path].st_mtime)
+
+
+def files_size(paths: list[Path]) -> int:
+    """Bytes of the files still there (another ferkit may be clearing the cache meanwhile)."""
+    return sum(stat.st_size for stat in map(_stat, paths) if stat)
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
 
 
 def clear_cache() -> tuple[int, int]:
@@ -69,11 +82,19 @@ def clear_cache() -> tuple[int, int]:
     datasets = cache_files()
     partial = [*_files(lambda name: name.startswith(PARTIAL[0]) and name.endswith(PARTIAL[1])),
                *_files(OLDER_PARTIAL.fullmatch)]
-    removed = [*datasets, *partial]
-    size = sum(p.stat().st_size for p in removed)
-    for path in removed:
-        path.unlink(missing_ok=True)
-    return len(datasets), size
+    sizes = [_removed_size(dataset) for dataset in datasets]  # None: removed meanwhile by another ferkit
+    size = sum(s for s in sizes if s is not None) + sum(_removed_size(path) or 0 for path in partial)
+    return sum(s is not None for s in sizes), size
+
+
+def _removed_size(path: Path) -> int | None:
+    """The size of the file at `path`, now removed; None if it was gone (another ferkit clearing the cache)."""
+    stat = _stat(path)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return None
+    return stat.st_size if stat else 0
 
 
 def _files(chosen) -> list[Path]:

@@ -122,7 +122,7 @@ def _parse(path: Path) -> dict[str, np.ndarray]:
             raise FerkitError(f"{path} is not a FER2013 CSV (its header needs 'emotion' and 'pixels' columns)")
         i_emotion, i_pixels = header.index("emotion"), header.index("pixels")
         i_usage = header.index("usage") if "usage" in header else None
-        for line, row in enumerate(reader, start=2):
+        for line, row in _rows_with_lines(reader, path):
             if not row:
                 continue
             try:
@@ -133,7 +133,7 @@ def _parse(path: Path) -> dict[str, np.ndarray]:
             codes.append(code)
             images.append(pixels)
             usages.append(row[i_usage].strip() if i_usage is not None and i_usage < len(row) else "")
-            lines.append(line)
+            lines.append(int(line.split("-")[0]))
     if not codes:
         raise FerkitError(f"{path}, {skipped[0]}; no row is a face" if skipped else f"{path} has a header but no rows")
     return {
@@ -143,6 +143,18 @@ def _parse(path: Path) -> dict[str, np.ndarray]:
         "lines": np.asarray(lines, dtype=np.int64),
         "skipped": np.asarray(skipped, dtype=str),  # "line N: why", as the warning names them
     }
+
+
+def _rows_with_lines(reader, path: Path):
+    """(where the row is in the file, row): "N", or "N-M" for a row whose quoted field spans lines (a stray
+    quote swallows the lines after it); a record too long to be a row is a one-line FerkitError."""
+    last = reader.line_num
+    try:
+        for row in reader:
+            first, last = last + 1, reader.line_num
+            yield (str(first) if first == last else f"{first}-{last}"), row
+    except csv.Error as err:
+        raise FerkitError(f"{path}, line {last + 1}: {err} (a stray quote?)") from None
 
 
 def _parse_code(row, index, path, line) -> int:
@@ -158,7 +170,7 @@ def _parse_code(row, index, path, line) -> int:
 def _parse_pixels(row, index, path, line) -> np.ndarray:
     try:
         values = np.array(row[index].split(), dtype=np.int64)
-    except (ValueError, IndexError):
+    except (ValueError, IndexError, OverflowError):  # OverflowError: a number past 64 bits
         raise FerkitError(f"{path}, line {line}: the pixels are not whole numbers") from None
     if values.size != _SIDE * _SIDE:
         raise FerkitError(f"{path}, line {line}: expected {_SIDE * _SIDE} pixel values, got {values.size}")

@@ -10,7 +10,7 @@ from ferkit.data.fer2013_csv import load_fer2013_csv
 from ferkit.data.folder import load_folder
 from ferkit.data.packed import is_packed, load_packed
 from ferkit.errors import FerkitError
-from ferkit.labels import repeated
+from ferkit.labels import canonical_label, repeated
 
 
 def load_dataset(
@@ -25,6 +25,7 @@ def load_dataset(
     """Load a folder tree (`root/<class>/*`), a FER2013 CSV or a packed dataset (ferkit.data.packed, read
     memory-mapped); `usage` selects CSV rows only."""
     if classes is not None:
+        classes = [canonical_label(name) for name in classes]  # as folder names match: Happy, happiness are happy
         twice = repeated(classes)
         if twice:
             raise FerkitError(f"the classes name {', '.join(twice)} more than once")
