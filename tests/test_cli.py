@@ -852,6 +852,22 @@ def test_a_run_that_split_off_its_validation_faces_is_scored_on_those_when_given
     assert report["accuracy"] == pytest.approx(RunState.load(tmp_path / "r").best_val_accuracy, abs=1e-4)  # what training measured
 
 
+def test_faces_renamed_since_a_run_split_them_are_not_taken_for_its_held_out_faces(pattern_data, tmp_path):
+    import shutil
+
+    data = shutil.copytree(pattern_data / "train", tmp_path / "data")
+    assert run("train", "--data", data, "--val-split", "0.2", "--epochs", "1", "--out", tmp_path / "r").exit_code == 0
+    for folder in data.iterdir():  # the same faces under names in the reverse order: the split picks others now
+        files = sorted(folder.iterdir())
+        for i, path in enumerate(files):
+            path.rename(folder / f"tmp-{i}.png")
+        for i in range(len(files)):
+            (folder / f"tmp-{i}.png").rename(folder / f"face-{len(files) - 1 - i:03d}.png")
+    result = run("evaluate", tmp_path / "r", "--data", data, "--tta", "none", "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    assert "held out for validation" not in result.output and "its accuracy there says little" in result.output
+
+
 def test_a_photo_is_said_to_be_scored_by_a_model_that_predict_takes_back(tmp_path, monkeypatch):
     import re
     import shutil

@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ferkit.errors import FerkitError
 
 # Keras' CSVLogger writes the columns after "epoch" in sorted order; older runs had another order
@@ -123,10 +125,26 @@ def _remove_files_and_empty_folder(folder: Path, ours) -> None:
 
 
 def save_run_config(run: Path, config, train_set, val_set) -> None:
-    """config.json (the TrainConfig) and datasets.json (faces per class in each set)."""
+    """config.json (the TrainConfig) and datasets.json (faces per class in each set, and for faces split off
+    the training data, which faces: a digest of them, as `held_out_faces` checks)."""
     config.save(run / "config.json")
     sizes = {"train": train_set.class_counts(), "val": val_set.class_counts()}
+    if config.val is None:
+        sizes[HELD_OUT_DIGEST] = faces_digest(val_set.images)
     write_atomic(run / "datasets.json", json.dumps(sizes, indent=2) + "\n")
+
+
+HELD_OUT_DIGEST = "val_faces_sha256"  # in datasets.json: the faces a run split off its data for validation
+
+
+def faces_digest(images) -> str:
+    """The SHA-256 of faces' pixels, in order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(memoryview(np.ascontiguousarray(image)))
+    return digest.hexdigest()
 
 
 def held_out_faces(run_folder: Path, run, dataset):
@@ -142,6 +160,8 @@ def held_out_faces(run_folder: Path, run, dataset):
         return None
     if trained.class_counts() != recorded.get("train") or held.class_counts() != recorded.get("val"):
         return None
+    if HELD_OUT_DIGEST in recorded and faces_digest(held.images) != recorded[HELD_OUT_DIGEST]:
+        return None  # the same counts, other faces: files renamed or replaced since, which reorders the split
     return held
 
 
