@@ -228,7 +228,7 @@ def option_flag(item) -> str:
 
 
 def _has_pretrained_backbone(model: str) -> bool:
-    from ferkit.models import get_model_spec  # the registry imports Keras' layers lazily, not this module
+    from ferkit.models import get_model_spec
 
     try:
         return get_model_spec(model).pretrained
