@@ -300,19 +300,7 @@ def _write_onnx(classifier: KerasClassifier, path: Path) -> None:
             model.export(str(path), format="onnx", verbose=False)
     except Exception as err:
         raise FerkitError(f"ONNX export failed ({type(err).__name__}: {err})") from None
-    _check_faces_are_the_only_input(path, classifier.name)
-    _set_metadata(path, classifier.metadata)
-
-
-def _check_faces_are_the_only_input(path: Path, name: str) -> None:
-    """Some Keras layers export their constants as graph inputs (Normalization's mean and variance), which
-    no caller feeds: such an export is refused here, in one line, not when it first runs."""
-    import onnx
-
-    inputs = [entry.name for entry in onnx.load(str(path)).graph.input]
-    if len(inputs) != 1:
-        raise FerkitError(f"the ONNX export of {name} takes {len(inputs)} inputs ({', '.join(inputs)}), not the faces "
-                          "alone: a layer of it keeps its constants outside the graph")
+    _set_metadata(path, classifier.metadata)  # an export that takes more than the faces is refused on loading
 
 
 def _set_metadata(path: Path, metadata) -> None:
