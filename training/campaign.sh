@@ -35,10 +35,14 @@
 #    mixup 0.4, which the first student lacked when it fitted its teacher's fixed probabilities. Finished:
 #    val fell from 0.6941 (epoch 1) to 0.6812 (epoch 23) while the learning rate was high, then rose to
 #    0.6966 at epoch 47 (0.6963 at 50, train 0.79 on mixed faces): no overfitting, no gain over the first.
-# 8. ferkit-resnet18-h-v2: r18h for 120 epochs in place of 40, with mixup 0.4, for a third teacher.
+# 8. ferkit-resnet18-h-v2: r18h for 120 epochs in place of 40, with mixup 0.4, for a third teacher. Cut to 100
+#    epochs after epoch 92 (val 0.6885, its best): on an AVX-512 BF16 machine epochs 93-107 had gained 0.14 points
+#    (best 0.6899 at epoch 106, in a run folder lost with that machine), and the run moved to an AVX2 machine, where
+#    an epoch costs about five times as much in float32. The cosine schedule then ends at epoch 100 instead.
 # 9. The third teacher: the second teacher's saved probabilities and r18h-v2's (ten-crop; its member chosen
 #    as l-v2's was), half each. The l runs make much the same mistakes (l-v2 averaged with the default
-#    gains less than a point), so the other family gets half the say.
+#    gains less than a point), so the other family gets half the say. Ending at epoch 100, r18h-v2 has one
+#    snapshot from epoch 100 on, so its member is its best model.
 # 10. ferkit-net-l-distilled-v3: the second student's recipe, from the default model (its Keras twin, shipped
 #    with ferkit), trained on the third teacher: what a stronger teacher alone is worth.
 cd "$(dirname "$0")/.."
@@ -110,7 +114,7 @@ if ! stage_done $R/ferkit-net-l-distilled-v2 && [ ! -f $R/teacher-2.npz ]; then
   $FERKIT teacher $R/teacher-l-r18h.npz $R/teacher-l2.npz --data $DATA --out $R/teacher-2.npz >> $R/teacher.log 2>&1 || exit 1
 fi
 run_stage $R/ferkit-net-l-distilled-v2 50 --model ferkit-net-l --init $L2 --teacher $R/teacher-2.npz --distill 0.7 $COMMON --lr 0.02 --warmup-epochs 2 --mixup 0.4 --seed 45 || exit 1
-run_stage $R/ferkit-resnet18-h-v2 120 --model ferkit-resnet18-h $COMMON --lr 0.05 --warmup-epochs 3 --mixup 0.4 --seed 44 || exit 1
+run_stage $R/ferkit-resnet18-h-v2 100 --model ferkit-resnet18-h $COMMON --lr 0.05 --warmup-epochs 3 --mixup 0.4 --seed 44 || exit 1
 R18H2=$R/ferkit-resnet18-h-v2-member.keras
 if ! stage_done $R/ferkit-net-l-distilled-v3 && [ ! -f $R/teacher-3.npz ]; then
   saved_teacher 2 da192c8 ferkit-net-l-distilled-v2 || exit 1
