@@ -27,6 +27,15 @@ def test_folder_names_match_loosely_and_keep_the_emotion_order(tmp_path):
         assert names[label] in path
 
 
+def test_two_folders_of_one_class_are_read_as_one_and_said_so(tmp_path, caplog):
+    write_pattern_dataset(tmp_path, 2)
+    shutil.copytree(tmp_path / "happy", tmp_path / "Happiness")
+    with caplog.at_level("WARNING", logger="ferkit"):
+        data = load_folder(tmp_path, cache=False)
+    assert data.class_counts()["happy"] == 4
+    assert "folders Happiness, happy in" in caplog.text and "all hold the class happy" in caplog.text
+
+
 def test_any_common_format_loads(tmp_path):
     rng = np.random.default_rng(0)
     for i, suffix in enumerate([".jpg", ".png", ".bmp", ".gif", ".tif", ".webp"]):
@@ -130,6 +139,17 @@ def test_fer2013_csv_codes_map_to_class_names(tmp_path):
     lines = (tmp_path / "fer.csv").read_text().splitlines()
     (tmp_path / "plain.csv").write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
     assert len(load_fer2013_csv(tmp_path / "plain.csv", usage="Training")) == 14
+
+
+def test_a_usage_column_left_empty_selects_no_row_of_a_usage_but_all_rows_for_none(tmp_path, caplog):
+    """Only a CSV without the column is read whole whatever usage is asked: one whose column is blank
+    holds no PublicTest rows, so it cannot validate a run that trains on all of it."""
+    rng = np.random.default_rng(0)
+    _write_csv(tmp_path / "blank.csv", [(code, rng.integers(0, 256, 2304), "") for code in range(7)])
+    with caplog.at_level("WARNING", logger="ferkit"), pytest.raises(FerkitError, match="no rows with usage PublicTest"):
+        load_fer2013_csv(tmp_path / "blank.csv", usage="PublicTest")
+    assert "7 rows have no known Usage" in caplog.text
+    assert len(load_fer2013_csv(tmp_path / "blank.csv")) == 7
 
 
 def test_a_row_of_no_known_usage_is_named_by_its_line_past_malformed_rows(tmp_path, caplog):

@@ -54,7 +54,7 @@ def load_fer2013_csv(
         log.warning("%s: %d malformed row%s left out (the first: %s)", path, len(skipped),
                     "" if len(skipped) == 1 else "s", skipped[0])
     row_usages = _canonical_usages(parsed["usage"])
-    if not (row_usages != "").any():
+    if not has_usage_column(path):
         usages = ()  # a CSV without a Usage column (Kaggle's train.csv, a CSV of one's own): every row
     elif usages:
         _warn_of_unknown_usages(path, row_usages, parsed.get("lines"))
@@ -68,7 +68,8 @@ def load_fer2013_csv(
         # as faces are resized at inference (images.to_model_input), so that training sees what predict will
         images = np.stack([to_model_input(Image.fromarray(img, "L"), image_size) for img in images]) if len(images) else images
     if len(images) == 0:
-        raise FerkitError(f"{path} has no rows with usage {', '.join(usages)}")
+        raise FerkitError(f"{path} has no rows with usage {', '.join(usages)} (--usage all, usage=None in Python, "
+                          "reads every row)")
     return FaceDataset(
         images=images,
         labels=np.asarray([list(classes).index(n) for n in names], dtype=np.int64),

@@ -97,6 +97,7 @@ def _list_class_files(root: Path, classes: tuple[str, ...], *, chosen: bool) -> 
         keep = "" if chosen else "; --classes keeps others, in train and pack"
         raise UnknownClassFolders(f"folder(s) in {root} match no class: {', '.join(unknown)} (classes: {', '.join(classes)}{keep})",
                                   unknown)
+    _warn_of_merged_folders(root, folders)
     files: list[Path] = []
     labels: list[int] = []
     broken_links: list[Path] = []
@@ -113,6 +114,17 @@ def _list_class_files(root: Path, classes: tuple[str, ...], *, chosen: bool) -> 
         log.warning("cannot read %d folder(s) in %s, their images left out: %s", len(unreadable), root,
                     ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""))
     return files, labels, broken_links
+
+
+def _warn_of_merged_folders(root: Path, folders: list[Path]) -> None:
+    """Folders named for one class ("happy" and "Happiness") are read as one: say so, as a typo may be behind it."""
+    by_class: dict[str, list[str]] = {}
+    for folder in folders:
+        by_class.setdefault(canonical_label(folder.name), []).append(folder.name)
+    for label, names in by_class.items():
+        if len(names) > 1:
+            log.warning("folders %s in %s all hold the class %s: their faces are read as one class",
+                        ", ".join(names), root, label)
 
 
 PHOTOS_CHECKED = 8  # images, spread over the dataset, that a detector looks at for photos among face crops
