@@ -31,6 +31,11 @@ def test_a_packed_dataset_reads_back_as_the_faces_it_was_packed_from(pattern_dat
     assert np.array_equal(np.asarray(packed.images), original.images)
     rows = np.random.default_rng(0).permutation(len(original))[:40]
     assert np.array_equal(packed.images[rows], original.images[rows])
+    # indexed as numpy indexes: from the end, by a mask, out of range refused
+    for index in (-1, [-3, 0, -len(original)], original.labels == 2, slice(-5, None)):
+        assert np.array_equal(packed.images[index], original.images[index])
+    with pytest.raises(IndexError):
+        packed.images[[len(original)]]
     # asked for in another class order, the labels follow the names
     reordered = load_dataset(tmp_path / "packed", classes=list(reversed(original.classes)))
     names = [reordered.classes[i] for i in reordered.labels]

@@ -76,13 +76,24 @@ class ShardedFaces:
     def __getitem__(self, index):
         if isinstance(index, (int, np.integer)):
             return self[np.array([index])][0]
-        rows = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index)
+        rows = np.arange(len(self))[index] if isinstance(index, slice) else self._rows(np.asarray(index))
         shard = np.searchsorted(self.offsets, rows, side="right") - 1
         out = np.empty((len(rows), *self.shape[1:]), self.dtype)
         for s in np.unique(shard):
             chosen = shard == s
             out[chosen] = self.shard(s)[rows[chosen] - self.offsets[s]]
         return out
+
+    def _rows(self, index: np.ndarray) -> np.ndarray:
+        """Row numbers as numpy reads an index: a boolean mask, or integers counted from the end when negative."""
+        if index.dtype == bool:
+            if index.shape != (len(self),):
+                raise IndexError(f"a boolean index of shape {index.shape} for {len(self)} faces")
+            return np.flatnonzero(index)
+        rows = index.astype(np.int64)
+        if rows.size and (rows.min() < -len(self) or rows.max() >= len(self)):
+            raise IndexError(f"index out of range for {len(self)} faces")
+        return np.where(rows < 0, rows + len(self), rows)
 
     def __array__(self, dtype=None, copy=None):
         whole = self[slice(None)]
