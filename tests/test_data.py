@@ -192,7 +192,8 @@ def test_a_csv_and_a_folder_of_the_same_faces_load_alike_at_another_size(tmp_pat
 @pytest.mark.parametrize(
     "row, message",
     [("3,1 2 3,Training", "line 3: expected 2304"), ("9,{px},Training", "code 9"), ("x,{px},Training", "not a number"),
-     ("3,99999999999999999999 {px},Training", "not whole numbers")],  # past 64 bits
+     ("3,99999999999999999999 {px},Training", "not whole numbers"),  # past 64 bits
+     ("3", "line 3: the row has no pixels column")],
 )
 def test_malformed_csv_rows_are_left_out_naming_their_line(tmp_path, row, message, caplog):
     pixels = " ".join(["7"] * 2304)

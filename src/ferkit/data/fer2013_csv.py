@@ -169,9 +169,11 @@ def _parse_code(row, index, path, line) -> int:
 
 
 def _parse_pixels(row, index, path, line) -> np.ndarray:
+    if index >= len(row):
+        raise FerkitError(f"{path}, line {line}: the row has no pixels column")
     try:
         values = np.array(row[index].split(), dtype=np.int64)
-    except (ValueError, IndexError, OverflowError):  # OverflowError: a number past 64 bits
+    except (ValueError, OverflowError):  # OverflowError: a number past 64 bits
         raise FerkitError(f"{path}, line {line}: the pixels are not whole numbers") from None
     if values.size != _SIDE * _SIDE:
         raise FerkitError(f"{path}, line {line}: expected {_SIDE * _SIDE} pixel values, got {values.size}")
