@@ -889,3 +889,30 @@ def test_resume_is_refused_where_there_is_no_batch_to_continue(tmp_path):
     result = CliRunner().invoke(cli, ["predict", str(tmp_path / "p.jpg"), "--resume", "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "--resume continues a batch of photos" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_kill_stops_a_batch_in_one_line_and_the_batch_resumes_where_it_stopped(trained_run, tmp_path):
+    """SIGTERM is handled as Ctrl-C is: the results written so far are kept, and exit code 143 says why."""
+    import os
+    import signal
+    import time
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(pattern_face(3, np.random.default_rng(0))).save(folder / "face.png")
+    for i in range(400):  # enough that the batch is still going when the signal comes
+        os.link(folder / "face.png", folder / f"face-{i:04d}.png")
+    command = [sys.executable, "-m", "ferkit.cli", "predict", folder, "--model", trained_run, "--detector", "none",
+               "--no-annotate", "--out", tmp_path / "out"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = tmp_path / "out" / "results.jsonl"
+    while process.poll() is None and not (results.exists() and results.read_text().count("\n")):
+        time.sleep(0.05)  # until the first image is done
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143 and stderr.strip().splitlines()[-1] == "terminated", stderr
+    kept = results.read_text().splitlines()
+    assert 1 <= len(kept) < 401
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(results.read_text().splitlines()) == 401

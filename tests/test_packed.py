@@ -125,6 +125,14 @@ def test_a_packed_dataset_is_replaced_only_with_overwrite_and_other_folders_neve
     result = CliRunner().invoke(cli, ["pack", str(data), str(data / "packed")])
     assert result.exit_code == 2 and f"{data / 'packed'} lies inside the data folder {data}" in result.output
     assert not (data / "packed").exists()
+    # a pack stopped before its index was written: named as such, and replaced with --overwrite
+    stopped = _pack(pattern_data / "train", tmp_path / "stopped", 30)
+    (stopped / "ferkit-faces.json").unlink()
+    result = CliRunner().invoke(cli, ["pack", str(pattern_data / "val"), str(stopped)])
+    assert result.exit_code == 2 and "stopped before its end" in result.output
+    result = CliRunner().invoke(cli, ["pack", str(pattern_data / "val"), str(stopped), "--shard-size", "1000", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in stopped.iterdir()) == ["faces-00000.npy", "ferkit-faces.json", "labels-00000.npy"]
     # the Python API takes a path as readily as a dataset
     again = pack_dataset(pattern_data / "val", tmp_path / "again")
     assert np.array_equal(np.asarray(load_dataset(again).images), load_dataset(pattern_data / "val").images)

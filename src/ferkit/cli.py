@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import traceback
 import warnings
 from dataclasses import MISSING, fields, replace
@@ -18,7 +19,7 @@ import click
 
 from ferkit import __version__
 from ferkit.config import TrainConfig, option_flag
-from ferkit.errors import FerkitError
+from ferkit.errors import FerkitError, Terminated
 from ferkit.faces import CROPPED_FACE_SIDE, DETECTORS
 from ferkit.predict import UNCERTAIN_BELOW
 from ferkit.progress import LineHandler
@@ -53,9 +54,10 @@ POSITIVE = PositiveNumber()
 
 # Exit codes: 0 done; 1 done, but some items of a batch failed (each was reported); 2 a problem with the
 # input or options (one line says which); 3 ferkit failed unexpectedly (a bug: please report it);
-# 130 interrupted; 141 the output pipe was closed.
+# 130 interrupted; 141 the output pipe was closed; 143 stopped by SIGTERM.
 EXIT_INTERNAL_ERROR = 3
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a command ended by SIGPIPE
+EXIT_TERMINATED = 143  # as a shell reports a command ended by SIGTERM
 
 
 class _Cli(click.Group):
@@ -76,6 +78,9 @@ class _Cli(click.Group):
             # an interruption the user asked for is said as it is, not as an error
             click.echo(str(err) if err.exit_code == 130 else f"error: {err}", err=True)
             ctx.exit(err.exit_code)
+        except Terminated:
+            click.echo("terminated", err=True)
+            ctx.exit(EXIT_TERMINATED)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
@@ -125,10 +130,24 @@ def cli(debug: bool):
     log.propagate = False
     if not debug:  # a library's warning (Pillow's "Corrupt EXIF data") in one line, not with its source line
         warnings.showwarning = lambda message, category, *_, **__: log.warning("%s", message)
+    _stop_cleanly_on_sigterm()
     hook = sys.unraisablehook
     already = isinstance(hook, functools.partial) and hook.func is redeliver_interrupt
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler and hasattr(signal, "setitimer") and not already:
         sys.unraisablehook = functools.partial(redeliver_interrupt, previous=hook)
+
+
+def _stop_cleanly_on_sigterm() -> None:
+    """`kill` stops a command as Ctrl-C does, with its clean-up (partial files removed, a summary written)
+    and one line; the default handler comes back when the command ends."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL or threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    click.get_current_context().call_on_close(functools.partial(signal.signal, signal.SIGTERM, signal.SIG_DFL))
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
 
 
 def redeliver_interrupt(unraisable, *, previous) -> None:
@@ -136,15 +155,15 @@ def redeliver_interrupt(unraisable, *, previous) -> None:
     garbage-collection callback, as JAX registers one, or a weakref callback run by a collection), comes
     again a moment later, so the command stops instead of running on to the end. Other exceptions go on
     to the `previous` hook (an `sys.unraisablehook`)."""
-    if unraisable.exc_type is not KeyboardInterrupt:
+    if not (isinstance(unraisable.exc_type, type) and issubclass(unraisable.exc_type, KeyboardInterrupt)):
         previous(unraisable)
         return
-    signal.signal(signal.SIGALRM, _raise_interrupt)
+    signal.signal(signal.SIGALRM, functools.partial(_raise_again, unraisable.exc_type))  # Terminated stays Terminated
     signal.setitimer(signal.ITIMER_REAL, 0.05)
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _raise_again(interrupt: type[KeyboardInterrupt], signum, frame):
+    raise interrupt
 
 
 # --- models -------------------------------------------------------------------------------------

@@ -7,6 +7,10 @@ class FerkitError(Exception):
     exit_code = 2
 
 
+class Terminated(KeyboardInterrupt):
+    """`kill` (SIGTERM) during a ferkit command: handled as Ctrl-C is, so that the same clean-up runs."""
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message, or its type's name when it has none."""
     text = str(err).strip().splitlines()

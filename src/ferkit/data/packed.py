@@ -15,6 +15,7 @@ any dataset ferkit reads; `ShardWriter` writes one from faces you make yourself,
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -191,18 +192,26 @@ def check_pack_folder(out: str | Path, *, overwrite: bool = False) -> None:
         raise FerkitError(f"{out} is a file; give a new folder for the packed dataset")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FerkitError(f"{out} already exists and is not empty; choose a new folder (or --overwrite to replace "
-                              "a packed dataset there)")
-        if not is_packed(out):
+            what = "holds a packed dataset stopped before its end" if _is_unfinished_pack(out) else "already exists and is not empty"
+            raise FerkitError(f"{out} {what}; choose a new folder (or --overwrite to replace a packed dataset there)")
+        if not is_packed(out) and not _is_unfinished_pack(out):
             raise FerkitError(f"{out} is not a packed dataset; refusing to overwrite it, choose another folder")
 
 
+_SHARD_FILE = re.compile(r"(faces|labels)-\d{5}\.npy")
+
+
+def _is_unfinished_pack(folder: Path) -> bool:
+    """Whether `folder` holds shard files only, without their index: a pack that was stopped before its end."""
+    return all(_SHARD_FILE.fullmatch(path.name) for path in folder.iterdir())
+
+
 def _remove_packed(folder: Path) -> None:
-    """The files of the packed dataset in `folder`, if there is one, removed."""
-    if not is_packed(folder):
+    """The files of the packed dataset in `folder`, finished or not, if there is one, removed."""
+    if not folder.is_dir() or not (is_packed(folder) or _is_unfinished_pack(folder)):
         return
-    for pattern in ("faces-*.npy", "labels-*.npy", INDEX):
-        for path in folder.glob(pattern):
+    for path in folder.iterdir():
+        if _SHARD_FILE.fullmatch(path.name) or path.name == INDEX:
             path.unlink()
 
 
