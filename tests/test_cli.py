@@ -28,6 +28,10 @@ def test_models_lists_and_shows_the_layer_table():
     # the first column's cells in order, so that a name folded over two lines reads whole again
     cells = "".join(line.split("│")[1].strip() for line in listing.output.splitlines() if line.startswith("│"))
     assert all(name in cells for name in shipped_models())  # whole names, even in 80 columns
+    for args in (["models", "seed*"], ["models", "list", "seed*"]):  # a pattern with or without `list`
+        matching = run(*args)
+        assert matching.exit_code == 0 and "seed-cnn" in matching.output and "resnet" not in matching.output
+    assert "no model matches 'nothing'" in _one_line_error(run("models", "nothing"))
     shown = run("models", "show", "seed-cnn")
     assert shown.exit_code == 0
     for count in ("422,375", "416", "4,128", "410,112", "3,591"):

@@ -169,11 +169,20 @@ def _raise_again(interrupt: type[KeyboardInterrupt], signum, frame):
 # --- models -------------------------------------------------------------------------------------
 
 
-@cli.group("models", invoke_without_command=True)
+class _ModelsGroup(click.Group):
+    """`ferkit models PATTERN` is `ferkit models list PATTERN`."""
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            return "list", self.commands["list"], args
+        return super().resolve_command(ctx, args)
+
+
+@cli.group("models", cls=_ModelsGroup, invoke_without_command=True)
 @click.pass_context
 def models_cmd(ctx):
-    """List the models shipped with ferkit and the networks it can train; `models show NAME` prints
-    a network's layers."""
+    """List the models shipped with ferkit and the networks it can train (`models PATTERN`: those
+    matching PATTERN, such as 'seed-*'); `models show NAME` prints a network's layers."""
     if not ctx.invoked_subcommand:
         ctx.invoke(models_list)
 
