@@ -159,6 +159,13 @@ def test_empty_or_outside_boxes_are_refused(trained_run, box):
         analyze(picture, model=trained_run, boxes=[box])
 
 
+def test_boxes_with_a_detector_named_are_refused_as_one_would_go_unused(trained_run):
+    picture = _canvas_with_faces([(10, 20, 48, 48)], [2])
+    for detector in ("none", "yunet"):
+        with pytest.raises(FerkitError, match=f"give boxes or detector='{detector}'"):
+            analyze(picture, model=trained_run, detector=detector, boxes=[(10, 20, 48, 48)])
+
+
 def test_a_box_partly_outside_is_padded_not_refused_and_one_mostly_outside_is_warned_of(trained_run, caplog):
     picture = _canvas_with_faces([(10, 20, 48, 48)], [2])  # 300x200
     with caplog.at_level("WARNING", logger="ferkit"):
