@@ -773,6 +773,25 @@ def test_a_photos_results_replace_ferkits_own_but_not_a_users_file(trained_run, 
     assert run(*args, "--overwrite").exit_code == 0 and Image.open(tmp_path / "people.annotated.jpg").size == (920, 360)
 
 
+def test_a_photo_predicted_into_a_batchs_folder_keeps_the_batchs_copy_of_another_image(trained_run, tmp_path):
+    import shutil
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+    (tmp_path / "photos").mkdir()
+    shutil.copy(example, tmp_path / "photos" / "people.jpg")
+    out = tmp_path / "out"
+    assert run("predict", tmp_path / "photos", "--model", trained_run, "--annotate", "--out", out).exit_code == 0
+    batch_copy = (out / "people.annotated.jpg").read_bytes()
+    other = tmp_path / "people.jpg"  # another photo of the same name
+    Image.open(example).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other)
+    line = _one_line_error(run("predict", other, "--model", trained_run, "--out", out))
+    assert f"is the annotated copy of {tmp_path / 'photos' / 'people.jpg'} in the batch results" in line
+    assert (out / "people.annotated.jpg").read_bytes() == batch_copy
+    # the batch's own photo again, or another with --overwrite, may replace it
+    assert run("predict", tmp_path / "photos" / "people.jpg", "--model", trained_run, "--out", out).exit_code == 0
+    assert run("predict", other, "--model", trained_run, "--out", out, "--overwrite").exit_code == 0
+
+
 def test_names_with_markup_or_math_characters_are_shown_as_they_are(trained_run, pattern_data, tmp_path):
     """Square brackets are rich's markup and `$...$` matplotlib's math: in a file name they are neither."""
     import shutil

@@ -129,6 +129,17 @@ def recorded_annotated_copies(out: Path) -> dict[str, str]:
     return copies
 
 
+def check_not_another_images_copy(out: Path, source: str | Path, copy: Path, *, overwrite: bool = False) -> None:
+    """Refuse, unless told to `overwrite`, to write one photo's annotated `copy` where a batch's results in
+    `out` name that file as the copy of another image: the batch's results would point to this photo."""
+    if overwrite:
+        return
+    owners = [s for s, name in recorded_annotated_copies(out).items() if name == copy.name]
+    if owners and os.path.realpath(str(source)) not in owners:
+        raise FerkitError(f"{copy} is the annotated copy of {owners[0]} in the batch results in {out}: choose "
+                          "another --out (or --overwrite)")
+
+
 def _remove_earlier_annotated_copies(out: Path, keep: list[Path]) -> None:
     """The annotated copies an earlier batch in `out` made (its results.jsonl names them), removed when a
     new batch replaces it: they would no longer match the results beside them. Only ferkit's own copies go,

@@ -770,6 +770,7 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     """Find every face in each SOURCE (image, folder, glob or video) and predict its emotion."""
     from ferkit.batch import (
         FolderBatch,
+        check_not_another_images_copy,
         check_output_folder,
         check_results_folder,
         model_the_batch_began_with,
@@ -835,7 +836,10 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     else:
         check_output_folder(out)
         for image in images:
-            check_replaceable(_photo_outputs(out, image, annotate is not False), overwrite=overwrite)
+            outputs = _photo_outputs(out, image, annotate is not False)
+            check_replaceable(outputs, overwrite=overwrite)
+            if annotate is not False:
+                check_not_another_images_copy(out, image, outputs[1], overwrite=overwrite)
     videos = _video_stems([s for s, kind in kinds if kind == "video"], out, save_video)
     for _, stem in videos:
         check_replaceable(video_outputs(out, stem, save_video), overwrite=overwrite)
