@@ -698,7 +698,7 @@ def test_a_run_started_with_relative_paths_resumes_from_anywhere_told_where_its_
     resumed = run("train", "--resume", "project/runs/r", "--epochs", "2",
                   "--data", "project/faces/train", "--val", "project/faces/val")
     assert resumed.exit_code == 0, resumed.output
-    assert "done: 2 epochs" in resumed.output
+    assert "done: 2 epochs" in resumed.output and "other pixels" not in resumed.output
     assert "only --epochs, --precision and --save-period may change" in _one_line_error(run("train", "--resume", "project/runs/r", "--lr", "0.1"))
     line = _one_line_error(run("train", "--resume", "project/runs/r", "--epochs", "3", "--data", "nope"))
     assert line == "error: --data nope: no such file or folder"
@@ -706,6 +706,13 @@ def test_a_run_started_with_relative_paths_resumes_from_anywhere_told_where_its_
     line = _one_line_error(run("train", "--resume", "project/runs/r", "--epochs", "3", "--data", tmp_path / "other",
                                "--val", "project/faces/val"))
     assert line.startswith("error: the train data given holds other faces than project/runs/r was trained with")
+    # as many faces per class, other pixels: said, and the run goes on
+    write_pattern_dataset(tmp_path / "same-counts", 20, seed=7)
+    resumed = run("train", "--resume", "project/runs/r", "--epochs", "3", "--data", tmp_path / "same-counts",
+                  "--val", "project/faces/val")
+    assert resumed.exit_code == 0, resumed.output
+    assert "the train data given has as many faces per class as project/runs/r recorded, but other pixels" in resumed.output
+    assert "the val data given" not in resumed.output
 
 
 def test_ctrl_c_inside_a_garbage_collection_callback_still_stops_the_command():

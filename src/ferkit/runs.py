@@ -125,25 +125,25 @@ def _remove_files_and_empty_folder(folder: Path, ours) -> None:
 
 
 def save_run_config(run: Path, config, train_set, val_set) -> None:
-    """config.json (the TrainConfig) and datasets.json (faces per class in each set, and for faces split off
-    the training data, which faces: a digest of them, as `held_out_faces` checks)."""
+    """config.json (the TrainConfig) and datasets.json (faces per class in each set, and which faces: a
+    digest of each set, as a resumed run and `held_out_faces` check)."""
     config.save(run / "config.json")
-    sizes = {"train": train_set.class_counts(), "val": val_set.class_counts()}
-    if config.val is None:
-        sizes[HELD_OUT_DIGEST] = faces_digest(val_set.images)
+    sizes = {"train": train_set.class_counts(), "val": val_set.class_counts(),
+             TRAIN_DIGEST: faces_digest(train_set.images), HELD_OUT_DIGEST: faces_digest(val_set.images)}
     write_atomic(run / "datasets.json", json.dumps(sizes, indent=2) + "\n")
 
 
-HELD_OUT_DIGEST = "val_faces_sha256"  # in datasets.json: the faces a run split off its data for validation
+TRAIN_DIGEST = "train_faces_sha256"  # in datasets.json: the faces a run trained on
+HELD_OUT_DIGEST = "val_faces_sha256"  # and those it validated on (split off its data, or given)
 
 
-def faces_digest(images) -> str:
-    """The SHA-256 of faces' pixels, in order."""
+def faces_digest(images, chunk: int = 4096) -> str:
+    """The SHA-256 of faces' pixels, in order (read a chunk at a time: a packed dataset stays on disk)."""
     import hashlib
 
     digest = hashlib.sha256()
-    for image in images:
-        digest.update(memoryview(np.ascontiguousarray(image)))
+    for start in range(0, len(images), chunk):
+        digest.update(memoryview(np.ascontiguousarray(images[start : start + chunk])))
     return digest.hexdigest()
 
 

@@ -30,7 +30,8 @@ from ferkit.images import faces_to_batch
 from ferkit.models import check_weights, get_model_spec
 from ferkit.results import check_out_outside_data
 from ferkit.runs import (
-    EPOCHS_FOLDER, RunState, check_run_folder, clear_run_folder, read_history, rewrite_history, save_run_config,
+    EPOCHS_FOLDER, HELD_OUT_DIGEST, TRAIN_DIGEST, RunState, check_run_folder, clear_run_folder, faces_digest, read_history,
+    rewrite_history, save_run_config,
 )
 from ferkit.teacher import check_teacher, teacher_probabilities
 from ferkit.training_data import (
@@ -278,10 +279,15 @@ def check_same_faces(run: Path, train_set, val_set) -> None:
         recorded = json.loads((run / "datasets.json").read_text())
     except (OSError, ValueError):
         return  # a run stopped before it was recorded
-    for name, faces in (("train", train_set), ("val", val_set)):
+    for name, faces, digest in (("train", train_set, TRAIN_DIGEST), ("val", val_set, HELD_OUT_DIGEST)):
         if name in recorded and recorded[name] != faces.class_counts():
             raise FerkitError(f"the {name} data given holds other faces than {run} was trained with (faces per class "
                               f"{faces.class_counts()}, the run recorded {recorded[name]}); resume it with its own data")
+        # a warning only: another version of an image decoder also changes a few pixels
+        if digest in recorded and recorded[digest] != faces_digest(faces.images):
+            log.warning("the %s data given has as many faces per class as %s recorded, but other pixels: files "
+                        "replaced or renamed since, or decoded by another version of an image library; training "
+                        "goes on with these", name, run)
 
 
 def _start_run_folder(run: Path, config: TrainConfig, state: RunState, train_set, val_set, topology) -> None:
