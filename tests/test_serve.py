@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -59,8 +60,10 @@ def test_a_multipart_upload_gives_the_same_faces(client):
         form = client.post("/v1/analyze", files={"file": upload})  # the type some browsers send, and none at all
         assert form.status_code == 200, form.text
         assert _faces(form.json()) == _faces(raw)
-    alias = client.post("/v1/analyze", content=PEOPLE.read_bytes(), headers={"Content-Type": "image/jpg"})
-    assert alias.status_code == 200 and _faces(alias.json()) == _faces(raw)
+    # "image/jpg", and the type `curl --data-binary @people.jpg` declares unless told otherwise
+    for declared in ("image/jpg", "application/x-www-form-urlencoded"):
+        alias = client.post("/v1/analyze", content=PEOPLE.read_bytes(), headers={"Content-Type": declared})
+        assert alias.status_code == 200 and _faces(alias.json()) == _faces(raw)
     two = client.post("/v1/analyze", files=[("file", ("a.jpg", PEOPLE.read_bytes(), "image/jpeg"))] * 2)
     assert two.status_code == 422 and "one per request" in two.json()["detail"]
 
@@ -196,7 +199,27 @@ def test_an_image_over_the_pixel_limit_is_413_before_it_is_decoded(client):
     png = io.BytesIO()
     Image.new("L", (3000, 2000)).save(png, "PNG")  # 6 megapixels in a few kilobytes
     response = client.post("/v1/analyze", content=png.getvalue(), headers={"Content-Type": "image/png"})
-    assert response.status_code == 413 and "megapixels" in response.json()["detail"]
+    detail = response.json()["detail"]
+    assert response.status_code == 413 and "3000x2000 pixels" in detail and "--max-megapixels 4" in detail
+
+
+def test_a_jpeg_over_the_pixel_limit_is_decoded_smaller_as_ferkit_predict_decodes_one(client):
+    """A phone's 100-megapixel photo is analysed, not refused: its faces are found at a reduced scale and
+    reported in the photo's own pixels."""
+    large = io.BytesIO()
+    with Image.open(PEOPLE) as people:
+        people.resize((people.width * 3, people.height * 3)).save(large, "JPEG", quality=90)  # 2760x1080: 3 Mpx
+    body = large.getvalue()
+    small = TestClient(create_app(ServeConfig(max_megapixels=1)))  # decoded at 1/2: 1380x540
+    answer = small.post("/v1/analyze", content=body, headers={"Content-Type": "image/jpeg"})
+    assert answer.status_code == 200, answer.text
+    found = answer.json()
+    assert found["image_size"] == [2760, 1080] and found["timings_ms"]["decode"] > 0
+    whole = ferkit.analyze(body)  # the whole photo, decoded at full scale
+    assert len(found["faces"]) == len(whole) == 3
+    for face, full in zip(found["faces"], whole):
+        assert face["emotion"] == full.emotion
+        assert np.allclose(face["box"], full.box, atol=0.05 * full.box[2])
 
 
 def test_concurrent_requests_share_one_model_and_agree(client):
@@ -387,11 +410,34 @@ def test_the_server_binds_to_loopback_only(server):
             pass
 
 
+def test_the_server_refuses_what_another_sites_page_makes_a_browser_send(server):
+    """A page elsewhere may post to localhost (its answer unread), or rebind its own name to 127.0.0.1 (its
+    answers read): uploads from another Origin, and requests naming another Host, are refused."""
+    def status(path, headers, data=None):
+        request = urllib.request.Request(f"{server}{path}", data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    photo = {"Content-Type": "image/jpeg"}
+    code, answer = status("/v1/analyze", {**photo, "Origin": "http://evil.example"}, PEOPLE.read_bytes())
+    assert code == 403 and "another site's page" in answer["detail"]
+    code, answer = status("/v1/models", {"Host": "evil.example:8000"})
+    assert code == 403 and "localhost only" in answer["detail"]
+    port = server.rsplit(":", 1)[1]
+    for own in (server, f"http://localhost:{port}"):  # the page itself, by either name
+        host = own.split("//")[1]
+        code, answer = status("/v1/analyze", {**photo, "Origin": own, "Host": host}, PEOPLE.read_bytes())
+        assert code == 200 and len(answer["faces"]) == 3
+
+
 def test_an_idle_client_does_not_block_others(server):
     port = int(server.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port)) as idle:
         # headers and half a body, then nothing: the server waits for this client alone
-        idle.sendall(b"POST /v1/analyze HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n")
+        idle.sendall(b"POST /v1/analyze HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n")
         idle.sendall(PEOPLE.read_bytes()[:50000])
         started = time.perf_counter()
         request = urllib.request.Request(f"{server}/v1/analyze", data=PEOPLE.read_bytes(),
@@ -436,7 +482,7 @@ def test_clients_that_leave_are_neither_a_traceback_nor_work_for_the_model():
     port = int(url.rsplit(":", 1)[1])
     try:
         def request_head(length: int) -> bytes:
-            return (f"POST /v1/analyze HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            return (f"POST /v1/analyze HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
                     f"Content-Length: {length}\r\n\r\n").encode()
 
         with socket.create_connection(("127.0.0.1", port)) as cancelled:

@@ -77,6 +77,7 @@ def test_a_photo_shows_its_faces_with_their_emotions(browser, server, tmp_path):
     page.wait_for_selector("#status.error", timeout=30_000)
     assert "not an image ferkit can decode" in page.text_content("#status")
     assert page.locator("#faces .face").count() == 0 and page.locator("#photo-canvas").is_hidden()
+    assert page.eval_on_selector("#photo-input", "input => input.value") == ""  # the same file again is a change
     # a TIFF, which Chromium cannot show: its faces are still listed
     Image.open(PEOPLE).save(tmp_path / "people.tif")
     page.set_input_files("#photo-input", str(tmp_path / "people.tif"))
@@ -95,6 +96,22 @@ def test_the_webcam_mode_draws_faces_and_emotions_live(browser, server):  # noqa
     assert emotions and all(emotion in expected_classes() for emotion in emotions)
     page.click("#webcam-stop")
     assert page.locator("#webcam-faces .face").count() == 0 and page.text_content("#status") == "Webcam off"
+    page.close()
+
+
+def test_the_webcam_waits_between_frames_the_server_does_not_answer_and_says_so(browser, server):  # noqa: F811
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    tried = []
+    page.route("**/v1/analyze", lambda route: (tried.append(1), route.abort()))  # as when the server is gone
+    page.goto(server)
+    page.click("button[data-tab=webcam]")
+    page.click("#webcam-start")
+    page.wait_for_selector("#status.error", timeout=30_000)
+    assert "The server is not answering" in page.text_content("#status")
+    first = len(tried)
+    page.wait_for_timeout(3000)
+    assert 1 <= len(tried) - first <= 4  # about one a second, not one a frame
+    page.click("#webcam-stop")
     page.close()
 
 

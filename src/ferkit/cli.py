@@ -719,15 +719,18 @@ def cache_cmd(action: str):
               help="Largest photo upload in MB of 2^20 bytes, a form's own bytes included (larger ones get HTTP 413).")
 @click.option("--max-video-mb", default=50.0, show_default=True, type=POSITIVE, help="The same for a video.")
 @click.option("--max-video-seconds", default=60.0, show_default=True, type=POSITIVE)
+@click.option("--max-megapixels", default=40.0, show_default=True, type=POSITIVE,
+              help="Most pixels a photo is decoded at; a larger JPEG is decoded at 1/2 to 1/8 scale to fit, other "
+                   "images get HTTP 413.")
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1, 64),
               help="Analyses at a time; more requests wait their turn.")
 def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, max_video_mb: float,
-              max_video_seconds: float, concurrency: int):
+              max_video_seconds: float, max_megapixels: float, concurrency: int):
     """A local web page (photos, webcam, videos) and JSON API (POST /v1/analyze) at http://HOST:PORT."""
     from ferkit.serve import ServeConfig, serve
 
     config = ServeConfig(model=model, detector=detector, max_upload_mb=max_upload_mb, max_video_mb=max_video_mb,
-                         max_video_seconds=max_video_seconds, concurrency=concurrency)
+                         max_video_seconds=max_video_seconds, max_megapixels=max_megapixels, concurrency=concurrency)
     serve(config, host=host, port=port)
 
 

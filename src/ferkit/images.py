@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -105,19 +106,28 @@ def _names_a_file(source) -> bool:
             and os.path.isfile(os.fsdecode(bytes(source))))
 
 
-def _decode(file, path: Path) -> Image.Image:
+def decode_image_bytes(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, formats: Sequence[str] | None = None,
+                       name: str = _BYTES) -> Image.Image:
+    """The image in `data`, upright, as `load_image` decodes it (a JPEG over `max_pixels` at a reduced
+    scale), with a pixel limit of one's own; an ImageError whose `reason` is "over the pixel limit" for an
+    image larger still, or says why the bytes are no image. `formats`: the only ones tried; `name`: the
+    image's name in messages."""
+    return _decode(io.BytesIO(data), Path(name), max_pixels=max_pixels, formats=formats)
+
+
+def _decode(file, path: Path, *, max_pixels: int = MAX_IMAGE_PIXELS, formats: Sequence[str] | None = None) -> Image.Image:
     """The image in `file` (a path or a binary file object), upright; `path` names it in errors."""
     photo_size = None
     try:
-        image = _open(file)
+        image = _open(file, formats)
         # MPO: a phone's JPEG that carries a second picture (a gain or depth map), decoded as JPEG is
-        if image.format in ("JPEG", "MPO") and image.width * image.height > MAX_IMAGE_PIXELS:
+        if image.format in ("JPEG", "MPO") and image.width * image.height > max_pixels:
             photo_size = image.size
-            _decode_smaller(image)
-        if image.width * image.height > MAX_IMAGE_PIXELS:
+            _decode_smaller(image, max_pixels)
+        if image.width * image.height > max_pixels:
             raise ImageError(
                 path, "over the pixel limit", f"{path} is {image.width}x{image.height} pixels, over the "
-                f"limit of {MAX_IMAGE_PIXELS:,}; resize it first"
+                f"limit of {max_pixels:,}; resize it first"
             )
         image.seek(0)
         image.load()
@@ -182,28 +192,30 @@ def image_decoders() -> tuple[str, ...]:
     return tuple(sorted(Image.OPEN))
 
 
-def _open(file) -> Image.Image:
+def _open(file, formats: Sequence[str] | None = None) -> Image.Image:
     """Image.open of a path or file object, HEIC/HEIF included where the heic extra is installed
-    (pillow-heif is imported only for a file Pillow cannot identify: a HEIC under any name, at no cost to JPEGs)."""
+    (pillow-heif is imported only for a file Pillow cannot identify: a HEIC under any name, at no cost to JPEGs).
+    `formats`: the only ones tried (default: all but those of EXTERNAL_DECODERS)."""
     try:
-        return _open_without_pillows_size_guard(file)
+        return _open_without_pillows_size_guard(file, formats)
     except UnidentifiedImageError:
         if _HEIF is None and enable_heif():
             if hasattr(file, "seek"):
                 file.seek(0)
-            return _open_without_pillows_size_guard(file)
+            return _open_without_pillows_size_guard(file, formats)
         raise
 
 
 _SIZE_GUARD = threading.Lock()
 
 
-def _open_without_pillows_size_guard(file) -> Image.Image:
+def _open_without_pillows_size_guard(file, formats: Sequence[str] | None = None) -> Image.Image:
     """Image.open (the header only) without Pillow's decompression-bomb check, which refuses a 108 Mpx
     phone photo outright: ferkit decodes a JPEG that large at a reduced scale, then applies its own
     limit. The check is a global setting, so it is off for the shortest time, one caller at a time."""
     Image.init()
-    formats = [name for name in Image.OPEN if name not in EXTERNAL_DECODERS]
+    if formats is None:
+        formats = [name for name in Image.OPEN if name not in EXTERNAL_DECODERS]
     with _SIZE_GUARD:
         limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
@@ -225,12 +237,12 @@ def decoded_scale(image: Image.Image) -> tuple[float, float]:
     return width / image.width, height / image.height
 
 
-def _decode_smaller(jpeg: Image.Image) -> None:
+def _decode_smaller(jpeg: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     """Make a JPEG over the pixel limit decode at 1/2, 1/4 or 1/8 scale (Pillow's draft mode: the
     decoder skips the detail, so a 108 Mpx phone photo costs what a 27 or 7 Mpx one does). Results are
     still given in the photo's own pixels (`decoded_scale`)."""
     for factor in (2, 4, 8):
-        if jpeg.width * jpeg.height / factor**2 <= MAX_IMAGE_PIXELS:
+        if jpeg.width * jpeg.height / factor**2 <= max_pixels:
             break
     jpeg.draft(jpeg.mode, (jpeg.width // factor, jpeg.height // factor))
 

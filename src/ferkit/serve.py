@@ -25,6 +25,7 @@ import logging
 import math
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +70,10 @@ class ServeConfig:
             raise FerkitError(f"the server's concurrency must be a whole number, at least 1, not {self.concurrency!r}")
 
 
-def create_app(config: ServeConfig | None = None):
-    """The FastAPI application: the model and detector are loaded once, here."""
+def create_app(config: ServeConfig | None = None, *, local_only: bool = False):
+    """The FastAPI application: the model and detector are loaded once, here. Requests that a page of
+    another site makes a browser send are refused; with `local_only` (a server on 127.0.0.1), so is any
+    request whose Host is not this machine's loopback name (a DNS-rebinding site's)."""
     require("fastapi", "ferkit serve", extra="serve")
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import FileResponse, Response
@@ -89,7 +92,7 @@ def create_app(config: ServeConfig | None = None):
     # would let ~40 queued uploads take every thread, and /healthz would wait behind them.
     analyses = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="ferkit-analysis")
     version = model_version(classifier, public=True)
-    name = version.split(" (")[0]  # as --model takes it: a shipped model's name, a run folder's or a file's
+    name = version.split(" (")[0]  # a shipped model's name (also of a copy of its file), a run folder's or a file's
     # no /redoc: it loads its script and fonts from the internet; /docs (Swagger UI) is the one documented
     app = FastAPI(title="ferkit", version=version, redoc_url=None,
                   summary="Facial expression recognition: faces and their emotions in photos and videos.")
@@ -97,12 +100,16 @@ def create_app(config: ServeConfig | None = None):
     app.mount("/static", StaticFiles(directory=WEB), name="static")
     size_limits = {"/v1/analyze": ("--max-upload-mb", config.max_upload_mb), "/v1/video": ("--max-video-mb", config.max_video_mb)}
     app.add_middleware(TooLargeAsJson, limits=size_limits)
+    app.add_middleware(SameSiteOnly, local_only=local_only)
 
     def analyze_bytes(data: bytes) -> dict:
+        started = time.perf_counter()
         image = _decode_image(data, decoders, config.max_megapixels)
+        decoding_ms = (time.perf_counter() - started) * 1e3
         [result] = analyze_images([("upload", image)], model=classifier, detector=detector)
         if result.error:
             raise HTTPException(422, result.error)
+        result.timings_ms["decode"] += decoding_ms  # as `ferkit predict` counts it, the image's decoding in
         result.model_version = version
         return result.to_dict()
 
@@ -121,7 +128,8 @@ def create_app(config: ServeConfig | None = None):
 
     @app.get("/v1/models")
     async def models() -> dict:
-        """The model this server uses: its name (as --model takes it), network, version, classes and input."""
+        """The model this server uses: its name (a shipped model's, or the run folder's or file's it came from),
+        network, version, classes and input."""
         return {"models": [{"name": name, "network": classifier.name, "version": version, "classes": list(classifier.classes),
                             "input_size": list(classifier.input_size)}]}
 
@@ -202,6 +210,53 @@ class TooLargeAsJson:
         await self.app(scope, receive, send_detail)
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+class SameSiteOnly:
+    """Refuses (403, JSON) the requests a page of another site can make a browser send to this server: an
+    upload whose Origin is not this server, and on a server bound to loopback (`local_only`), a request
+    whose Host names another (a site that rebinds its own name to 127.0.0.1 could read the answers)."""
+
+    def __init__(self, app, *, local_only: bool):
+        self.app, self.local_only = app, local_only
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        refusal = None
+        if self.local_only and _hostname(host) not in LOOPBACK_NAMES:
+            refusal = f"this server answers requests to localhost only, not to {host or 'no Host'}"
+        elif scope["method"] == "POST" and origin and _netloc(origin) != host.lower():
+            refusal = f"uploads from another site's page are refused (Origin {origin})"
+        if refusal is None:
+            return await self.app(scope, receive, send)
+        body = json.dumps({"detail": refusal}).encode()
+        await send({"type": "http.response.start", "status": 403,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without its port: "[::1]:8000" -> "::1"."""
+    host = host.lower()
+    if host.startswith("["):
+        return host[1:].split("]")[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _netloc(origin: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(origin).netloc.lower()
+    except ValueError:
+        return ""
+
+
 def _too_large(option: str, megabytes: float) -> str:
     return f"the upload is over {megabytes:g} MB, this server's limit ({option})"
 
@@ -212,7 +267,20 @@ def serve(config: ServeConfig | None = None, *, host: str = "127.0.0.1", port: i
     import uvicorn
 
     check_port_free(host, port)
-    uvicorn.run(create_app(config), host=host, port=port, log_level="info")
+    app = create_app(config, local_only=_is_loopback(host))
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:  # analyses still waiting for their turn are dropped: a stopped server answers no one
+        app.state.analyses.shutdown(wait=False, cancel_futures=True)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -229,6 +297,8 @@ def check_port_free(host: str, port: int) -> None:
     except OSError as err:
         if isinstance(err, socket.gaierror) or err.errno == errno.EADDRNOTAVAIL:  # not a name or address of this machine
             hint = "--host takes an address of this machine, e.g. 127.0.0.1, or 0.0.0.0 for all of them"
+        elif err.errno == errno.EACCES:
+            hint = "ports below 1024 need administrator rights; try --port 8000"
         else:
             hint = "is another server there? try --port"
         raise FerkitError(f"cannot listen on {host}:{port}: {err.strerror or err} ({hint})") from None
@@ -279,7 +349,8 @@ async def _read_upload(request, accepted: tuple[str, ...], what: str, also: tupl
         data = await request.body()
     declared = ALIASES.get(declared, declared)
     family = accepted[0].split("/")[0] + "/"  # what decodes is decided by decoding: image/avif, video/3gpp, ...
-    if not declared.startswith(family) and declared not in ("application/octet-stream", *also):
+    # x-www-form-urlencoded: what `curl --data-binary @photo.jpg` declares unless told otherwise
+    if not declared.startswith(family) and declared not in ("application/octet-stream", "application/x-www-form-urlencoded", *also):
         raise HTTPException(415, f"expected {what} (any {family}* type, e.g. {', '.join(accepted)}), not {declared}")
     if not data:
         raise HTTPException(422, f"the request holds no {what.split()[-1]}")
@@ -287,26 +358,20 @@ async def _read_upload(request, accepted: tuple[str, ...], what: str, also: tupl
 
 
 def _decode_image(data: bytes, decoders: list[str], max_megapixels: float):
-    """A PIL image, decoded in memory: 415 when the bytes are not an image, 413 when it is too large."""
+    """A PIL image, decoded in memory as `ferkit predict` decodes a file (a JPEG over the limit at 1/2 to 1/8
+    scale): 415 when the bytes are not an image, 413 when it is too large."""
     from fastapi import HTTPException
-    from PIL import Image, UnidentifiedImageError
 
-    from ferkit.images import DECODE_ERRORS
+    from ferkit.images import ImageError, decode_image_bytes
 
     try:
-        image = Image.open(io.BytesIO(data), formats=decoders)
-    except Image.DecompressionBombError:
-        raise HTTPException(413, f"the image has too many pixels; the limit is {max_megapixels:g} megapixels") from None
-    except (UnidentifiedImageError, *DECODE_ERRORS):
-        raise HTTPException(415, "the upload is not an image ferkit can decode (JPEG, PNG, WebP, BMP, GIF, TIFF, AVIF, HEIC)") from None
-    megapixels = image.width * image.height / 1e6
-    if megapixels > max_megapixels:
-        raise HTTPException(413, f"the image has {megapixels:.1f} megapixels; the limit is {max_megapixels:g}")
-    try:
-        image.load()
-    except DECODE_ERRORS as err:
-        raise HTTPException(415, f"the image could not be decoded: {first_line(err)}") from None
-    return image
+        return decode_image_bytes(data, max_pixels=int(max_megapixels * 1e6), formats=decoders, name="the image")
+    except ImageError as err:
+        if err.reason == "over the pixel limit":
+            raise HTTPException(413, f"{err} (this server's limit: --max-megapixels {max_megapixels:g})") from None
+        if err.reason == "not an image":
+            raise HTTPException(415, "the upload is not an image ferkit can decode (JPEG, PNG, WebP, BMP, GIF, TIFF, AVIF, HEIC)") from None
+        raise HTTPException(415, f"the image could not be decoded: {err.reason}") from None
 
 
 # Animations that may be sent as a video, as OpenCV reads them; it reads no animated WebP. A JPEG of several

@@ -22,9 +22,20 @@ function showStatus(tab) {
   $("status").classList.toggle("error", isError);
 }
 
+const NOT_ANSWERING = "The server is not answering: is `ferkit serve` still running?";
+
+// fetch, with the browser's own words for a server that is gone ("Failed to fetch", "NetworkError ...") said plainly
+async function send(url, options) {
+  try {
+    return await fetch(url, options);
+  } catch {
+    throw new Error(NOT_ANSWERING);
+  }
+}
+
 async function post(url, blob) {
-  const response = await fetch(url, { method: "POST", body: blob,
-                                      headers: { "Content-Type": blob.type || "application/octet-stream" } });
+  const response = await send(url, { method: "POST", body: blob,
+                                     headers: { "Content-Type": blob.type || "application/octet-stream" } });
   const body = await response.json().catch(() => ({}));
   if (!response.ok) throw new Error(body.detail || `${response.status} ${response.statusText}`);
   return body;
@@ -152,12 +163,15 @@ async function analyzePhoto(file) {
 
 $("photo-input").addEventListener("change", (event) => {
   if (event.target.files.length) analyzePhoto(event.target.files[0]);
+  event.target.value = "";  // so that choosing the same file again (after an error, say) is a change too
 });
 dropZone($("drop"), analyzePhoto);
 
 // --- webcam: one request in flight; frames that arrive meanwhile are dropped, not queued --------
 let stream = null;
 let busy = false;
+let nextTry = 0;  // after a failed frame, the next waits a second: not sixty failing requests a second
+const RETRY_MS = 1000;
 const grab = document.createElement("canvas");
 
 async function startWebcam() {
@@ -203,7 +217,7 @@ function stopWebcam() {
 async function sendFrame() {
   if (!stream) return;
   const video = $("webcam-video");
-  if (!busy && video.videoWidth) {
+  if (!busy && video.videoWidth && performance.now() >= nextTry) {
     busy = true;
     grab.width = video.videoWidth;
     grab.height = video.videoHeight;
@@ -222,6 +236,7 @@ async function sendFrame() {
         if (statuses.webcam?.isError) sayIn("webcam", "Webcam on");  // a failed frame is behind us
       }
     } catch (error) {
+      nextTry = performance.now() + RETRY_MS;
       if (stream) sayIn("webcam", error.message, true);
     } finally {
       busy = false;
@@ -246,7 +261,7 @@ async function analyzeVideo(file) {
   try {
     const form = new FormData();  // a form, so that the plot carries the file's name
     form.append("file", file);
-    const answer = await fetch("/v1/video", { method: "POST", body: form });
+    const answer = await send("/v1/video", { method: "POST", body: form });
     const result = await answer.json().catch(() => ({}));
     if (!answer.ok) throw new Error(result.detail || `${answer.status} ${answer.statusText}`);
     if (mine !== latestVideo) return;
@@ -267,6 +282,7 @@ async function analyzeVideo(file) {
 
 $("video-input").addEventListener("change", (event) => {
   if (event.target.files.length) analyzeVideo(event.target.files[0]);
+  event.target.value = "";
 });
 dropZone($("video-drop"), analyzeVideo);
 
