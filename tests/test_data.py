@@ -22,6 +22,7 @@ def test_folder_names_match_loosely_and_keep_the_emotion_order(tmp_path):
     assert data.classes == EMOTIONS
     assert data.class_counts() == {name: 3 for name in EMOTIONS}
     assert data.images.shape == (21, 48, 48) and data.images.dtype == np.uint8
+    assert repr(data) == f"FaceDataset(21 faces of 48x48, classes {list(EMOTIONS)}, source={str(tmp_path)!r})"
     # each image is labelled by the folder it came from
     for path, label in zip(data.paths, data.labels):
         assert names[label] in path

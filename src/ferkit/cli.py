@@ -178,7 +178,7 @@ class _ModelsGroup(click.Group):
         return super().resolve_command(ctx, args)
 
 
-@cli.group("models", cls=_ModelsGroup, invoke_without_command=True)
+@cli.group("models", cls=_ModelsGroup, invoke_without_command=True, short_help="List the shipped models and trainable networks; show a network's layers.")
 @click.pass_context
 def models_cmd(ctx):
     """List the models shipped with ferkit and the networks it can train (`models PATTERN`: those
@@ -308,7 +308,7 @@ def config_from_flags(flags: dict) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in flags.items() if v is not None})
 
 
-@cli.command("train")
+@cli.command("train", short_help="Train a model, recording everything in a run folder.")
 @config_options(TrainConfig)
 @click.option("--resume", type=click.Path(path_type=Path), help="Continue the run in this folder where it stopped.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder at --out.")
@@ -384,7 +384,7 @@ def _resumed_config(run: Path, flags: dict) -> TrainConfig:
 # --- study --------------------------------------------------------------------------------------
 
 
-@cli.command("study")
+@cli.command("study", short_help="The founding study in one command: train, compare and report its models.")
 @click.option("--data", required=True, help="Training data: a class-folder tree, FER2013 CSV or packed dataset.")
 @click.option("--val", required=True, help="Validation data every model is scored on.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("study"), show_default=True,
@@ -399,7 +399,7 @@ def _resumed_config(run: Path, flags: dict) -> TrainConfig:
               help="Its ImageNet weights: imagenet, or a weights file (e.g. made by ferkit.models.efficientnet_lite_convert).")
 @click.option("--subset", type=int, help="Train on the first N faces of each class [--quick: 20].")
 @click.option("--photo", "photos", multiple=True, help="A photo to find faces and emotions in with every model (repeatable).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of every run of the study.")
 @click.option("--quick", is_flag=True, help="A few epochs on a small subset: checks the whole study in about two minutes.")
 def study_cmd(data, val, out: Path, models: str, epochs, transfer_epochs, fine_tune_epochs, fine_tune_layers, transfer_model,
               transfer_weights, subset, photos, seed, quick):
@@ -419,7 +419,7 @@ def study_cmd(data, val, out: Path, models: str, epochs, transfer_epochs, fine_t
 # --- pack ---------------------------------------------------------------------------------------
 
 
-@cli.command("pack")
+@cli.command("pack", short_help="Write a dataset as memory-mapped shards, for data larger than memory.")
 @click.argument("data")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--usage", help="FER2013 CSV rows to pack: Training, PublicTest, PrivateTest or all (default: "
@@ -453,7 +453,7 @@ def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_siz
     click.echo(f"packed {len(dataset)} faces{rows} ({len(dataset.classes)} classes) into {shards} shard(s) in {folder}")
 
 
-@cli.command("crop")
+@cli.command("crop", short_help="Crop every face out of photos (class folders of photos give class folders of faces).")
 @click.argument("source")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the face crops.")
 @click.option("--detector", type=click.Choice(DETECTORS), default="auto", show_default=True,
@@ -518,9 +518,9 @@ def _check_usage(data: str, usage: str | None, usage_given: bool) -> str | None:
 # --- evaluate -----------------------------------------------------------------------------------
 
 
-@cli.command("evaluate")
+@cli.command("evaluate", short_help="Score a model on labelled faces: accuracy, per-class F1, confusion matrix.")
 @click.argument("model", required=False)
-@click.option("--data", required=True, help="A class-folder tree or a FER2013 CSV.")
+@click.option("--data", required=True, help="A class-folder tree, FER2013 CSV or packed dataset.")
 @click.option("--usage", default="PublicTest", show_default=True,
               help="CSV rows to use: Training, PublicTest, PrivateTest or all.")
 @click.option("--out", type=click.Path(path_type=Path),
@@ -599,7 +599,7 @@ def _print_report(report) -> None:
 # --- export -------------------------------------------------------------------------------------
 
 
-@cli.command("export")
+@cli.command("export", short_help="Export a model to ONNX (float or int8), checked against the original.")
 @click.argument("model")
 @click.option("--onnx", "to_onnx", is_flag=True, required=True, help="Export to ONNX (the only format so far).")
 @click.option("--out", type=click.Path(path_type=Path), help="Output file (default: beside the model, .onnx).")
@@ -654,7 +654,7 @@ def export_cmd(model: str, to_onnx: bool, out: Path | None, overwrite: bool, rec
 # --- ensemble -----------------------------------------------------------------------------------
 
 
-@cli.command("ensemble")
+@cli.command("ensemble", short_help="Average several models' probabilities into one model file.")
 @click.argument("models", nargs=-1, required=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The ensemble's .keras file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
@@ -667,9 +667,9 @@ def ensemble_cmd(models: tuple[str, ...], out: Path, overwrite: bool):
     click.echo(f"wrote {path}: the mean of {len(models)} models' probabilities")
 
 
-@cli.command("teacher")
+@cli.command("teacher", short_help="Save models' averaged probabilities of the training faces, for distillation.")
 @click.argument("models", nargs=-1, required=True)
-@click.option("--data", required=True, help="The training faces the students will learn from (folder tree or CSV).")
+@click.option("--data", required=True, help="The training faces the students will learn from (folder tree, CSV or packed dataset).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The .npz file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @TTA_OPTION
@@ -688,7 +688,7 @@ def teacher_cmd(models: tuple[str, ...], data: str, out: Path, overwrite: bool, 
                    f"the average's top class is the face's label for {agree:.2%} of them")
 
 
-@cli.command("cache")
+@cli.command("cache", short_help="Show or clear the cache of decoded datasets.")
 @click.argument("action", type=click.Choice(["show", "clear"]), default="show")
 def cache_cmd(action: str):
     """Show where decoded datasets are cached and how much space they take, or clear them."""
@@ -709,16 +709,17 @@ def cache_cmd(action: str):
 # --- serve --------------------------------------------------------------------------------------
 
 
-@cli.command("serve")
+@cli.command("serve", short_help="A local web page and JSON API for photos, webcam and videos.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; 0.0.0.0 opens the server to your network.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
 @click.option("--model", default=None, help="Run folder, .keras or .onnx file, or a shipped model by name (default: the default one).")
 @click.option("--detector", type=click.Choice(["auto", "yunet", "mtcnn"]), default="auto", show_default=True)
 @click.option("--max-upload-mb", default=10.0, show_default=True, type=POSITIVE,
               help="Largest photo upload in MB of 2^20 bytes, a form's own bytes included (larger ones get HTTP 413).")
 @click.option("--max-video-mb", default=50.0, show_default=True, type=POSITIVE, help="The same for a video.")
-@click.option("--max-video-seconds", default=60.0, show_default=True, type=POSITIVE)
+@click.option("--max-video-seconds", default=60.0, show_default=True, type=POSITIVE,
+              help="Longest video analysed, in seconds (longer ones get HTTP 413).")
 @click.option("--max-megapixels", default=40.0, show_default=True, type=POSITIVE,
               help="Most pixels a photo is decoded at; a larger JPEG is decoded at 1/2 to 1/8 scale to fit, other "
                    "images get HTTP 413.")
@@ -737,7 +738,7 @@ def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, 
 # --- predict ------------------------------------------------------------------------------------
 
 
-@cli.command("predict")
+@cli.command("predict", short_help="Find every face in photos, folders or videos and predict its emotion.")
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--model", help="A run folder, .keras or .onnx file, or a shipped model by name (default: the default one).")
 @click.option("--detector", type=click.Choice(DETECTORS), default="auto", show_default=True,

@@ -45,7 +45,7 @@ RESUMABLE = ("epochs", "fine_tune", "fine_tune_epochs", "data", "val", "teacher"
 @dataclass
 class TrainConfig:
     model: str = setting("seed-cnn", "Model name from `ferkit models`.")
-    data: str = setting("", "Training data: a class-folder tree or a FER2013 CSV (its Training rows).")
+    data: str = setting("", "Training data: a class-folder tree, FER2013 CSV (its Training rows) or packed dataset.")
     val: str | None = setting(None, "Validation data (a CSV gives its PublicTest rows); none: split off --val-split.")
     val_split: float = setting(0.1, "Stratified fraction of --data held out when --val is absent.")
     classes: list[str] | None = setting(None, "Comma-separated class list, to keep classes beyond the seven emotions (none: the seven).")

@@ -27,6 +27,11 @@ class FaceDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __repr__(self) -> str:  # not the dataclass's, which prints every pixel and path
+        height, width = self.images.shape[1:3] if len(self.images.shape) >= 3 else (0, 0)
+        return (f"FaceDataset({len(self)} faces of {width}x{height}, classes {list(self.classes)}, "
+                f"source={self.source!r}" + (f", {len(self.skipped)} skipped" if self.skipped else "") + ")")
+
     @property
     def image_size(self) -> tuple[int, int]:
         return tuple(self.images.shape[1:3])
