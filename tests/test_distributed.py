@@ -3,6 +3,7 @@ same global batches, and only process 0 writes the run folder."""
 
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -106,3 +107,44 @@ def test_when_one_process_dies_the_others_are_stopped_and_the_job_fails(capfd):
     assert run_together([stuck, failing], grace_s=1) == 2
     assert "bad data" in capfd.readouterr().err  # a failed process's own output is shown
     assert run_together([[*python, "pass"], [*python, "pass"]]) == 0
+
+
+def test_each_machine_may_hold_only_its_own_shards_of_a_packed_dataset(pattern_data, tmp_path):
+    """As docs/distributed-training.md lays it out: every machine has the index and labels, and the face
+    shards of its own process only (shard s is read by process s mod P)."""
+    import shutil
+
+    from ferkit.distributed import free_port
+
+    packed = subprocess.run([sys.executable, "-m", "ferkit.cli", "pack", str(pattern_data / "train"), str(tmp_path / "packed"),
+                             "--shard-size", "30"], capture_output=True, text=True, timeout=120)
+    assert packed.returncode == 0, packed.stderr[-3000:]
+    coordinator = f"127.0.0.1:{free_port()}"
+    commands = []
+    for process in (0, 1):
+        machine = shutil.copytree(tmp_path / "packed", tmp_path / f"machine-{process}")
+        for faces in machine.glob("faces-*.npy"):
+            if int(faces.stem.split("-")[1]) % 2 != process:
+                faces.unlink()
+        commands.append([sys.executable, "-m", "ferkit.cli", "train", "--data", str(machine), "--val", str(pattern_data / "val"),
+                         "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path / f"run-{process}"),
+                         "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(process)])
+    assert run_together(commands, env={**os.environ, "KERAS_BACKEND": "jax"}) == 0
+    assert RunState.load(tmp_path / "run-0").status == "finished"
+    recorded = json.loads((tmp_path / "run-0" / "datasets.json").read_text())
+    assert "train_faces_sha256" not in recorded  # a digest of faces this machine does not hold cannot be taken
+
+
+def test_a_coordinator_address_is_checked_and_waited_for_with_a_one_line_error():
+    from ferkit.distributed import Topology, _wait_for_coordinator, free_port, lost_a_peer
+    from ferkit.errors import FerkitError
+
+    for address in ("notaport", "127.0.0.1:abc", ":1234", "127.0.0.1:70000"):
+        with pytest.raises(FerkitError, match="--coordinator is HOST:PORT"):
+            Topology(address, 2, 1)
+    began = time.monotonic()
+    with pytest.raises(FerkitError, match="nothing listens at --coordinator 127.0.0.1:"):
+        _wait_for_coordinator(f"127.0.0.1:{free_port()}", wait_s=1)
+    assert time.monotonic() - began < 10
+    assert lost_a_peer(ValueError("UNKNOWN: Gloo AllGather failed: Connection reset by peer"))
+    assert not lost_a_peer(ValueError("could not broadcast input array"))

@@ -16,6 +16,7 @@ folder; the others write theirs into a temporary folder.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -29,6 +30,8 @@ from pathlib import Path
 from ferkit.errors import FerkitError
 from ferkit.extras import require
 
+log = logging.getLogger("ferkit")
+
 
 @dataclass
 class Topology:
@@ -37,6 +40,10 @@ class Topology:
     process_id: int = 0
 
     def __post_init__(self):
+        if self.coordinator is not None:
+            host, _, port = self.coordinator.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise FerkitError(f"--coordinator is HOST:PORT, where process 0 listens (e.g. 10.0.0.1:1234), not {self.coordinator!r}")
         if self.num_processes < 1 or not 0 <= self.process_id < self.num_processes:
             raise FerkitError(f"--process-id must lie in 0..{self.num_processes - 1} for {self.num_processes} processes")
         if self.num_processes > 1 and not self.coordinator:
@@ -57,6 +64,8 @@ def start(topology: Topology):
         raise FerkitError("multi-process training runs on the JAX backend: set KERAS_BACKEND=jax (or leave it unset)")
     jax = require("jax", "multi-process training", extra="distributed")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPUs; GPUs use NCCL regardless
+    if not topology.is_chief:
+        _wait_for_coordinator(topology.coordinator)
     jax.distributed.initialize(topology.coordinator, num_processes=topology.num_processes, process_id=topology.process_id)
     from ferkit._keras import import_keras
 
@@ -65,6 +74,43 @@ def start(topology: Topology):
     distribution.auto_shard_dataset = False  # face_batches gives each process its part already
     keras.distribution.set_distribution(distribution)
     return keras
+
+
+COORDINATOR_WAIT_S = float(os.environ.get("FERKIT_COORDINATOR_WAIT_S", 300))
+
+
+def _wait_for_coordinator(address: str, wait_s: float | None = None) -> None:
+    """Until process 0 listens at `address`, or a one-line FerkitError after `wait_s` (default
+    FERKIT_COORDINATOR_WAIT_S, 300): JAX's own wait ends in an abort whose message blames another process,
+    and no Ctrl-C stops it."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + (COORDINATOR_WAIT_S if wait_s is None else wait_s)
+    said = False
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as err:
+            if isinstance(err, socket.gaierror):
+                raise FerkitError(f"--coordinator {address}: {host} is no host name or address this machine knows") from None
+            if time.monotonic() >= deadline:
+                raise FerkitError(f"nothing listens at --coordinator {address}: start process 0 there (--process-id 0), "
+                                  "or give the address where it runs") from None
+            if not said:
+                log.info("waiting for process 0 to listen at %s", address)
+                said = True
+            time.sleep(1)
+
+
+# What JAX raises in a process whose peer stopped: Gloo's collectives fail, or the coordination service reports it.
+_PEER_LOST = ("Gloo", "DEADLINE_EXCEEDED", "Connection reset by peer", "coordination service", "Broken pipe")
+
+
+def lost_a_peer(err: BaseException) -> bool:
+    """Whether `err`, raised while a data-parallel job trained, says another process of the job is gone."""
+    text = str(err)
+    return type(err).__name__ in ("JaxRuntimeError", "XlaRuntimeError", "ValueError", "RuntimeError") and any(
+        marker in text for marker in _PEER_LOST)
 
 
 def device_names() -> list[str]:
@@ -79,6 +125,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+LOCAL_PROCESSES = "FERKIT_LOCAL_PROCESSES"  # set for the processes launch_local starts: how a stopped run resumes
+
+
 def launch_local(num_processes: int, args: list[str]) -> int:
     """Run `ferkit train ARGS` as `num_processes` processes of one job on this machine; process 0's
     output is shown, the others' only when they fail. Returns the first failed process's exit code, or 0."""
@@ -86,7 +135,7 @@ def launch_local(num_processes: int, args: list[str]) -> int:
     commands = [[sys.executable, "-m", "ferkit.cli", "train", *args, "--coordinator", coordinator,
                  "--num-processes", str(num_processes), "--process-id", str(process_id)]
                 for process_id in range(num_processes)]
-    return run_together(commands, env={**os.environ, "KERAS_BACKEND": "jax"})
+    return run_together(commands, env={**os.environ, "KERAS_BACKEND": "jax", LOCAL_PROCESSES: str(num_processes)})
 
 
 def run_together(commands: list[list[str]], env: dict | None = None, grace_s: float = 10.0) -> int:

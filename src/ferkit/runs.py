@@ -124,12 +124,13 @@ def _remove_files_and_empty_folder(folder: Path, ours) -> None:
         folder.rmdir()
 
 
-def save_run_config(run: Path, config, train_set, val_set) -> None:
+def save_run_config(run: Path, config, train_set, val_set, *, digests: bool = True) -> None:
     """config.json (the TrainConfig) and datasets.json (faces per class in each set, and which faces: a
-    digest of each set, as a resumed run and `held_out_faces` check)."""
+    digest of each set, as a resumed run and `held_out_faces` check; none with `digests` False)."""
     config.save(run / "config.json")
-    sizes = {"train": train_set.class_counts(), "val": val_set.class_counts(),
-             TRAIN_DIGEST: faces_digest(train_set.images), HELD_OUT_DIGEST: faces_digest(val_set.images)}
+    sizes = {"train": train_set.class_counts(), "val": val_set.class_counts()}
+    if digests:
+        sizes.update({TRAIN_DIGEST: faces_digest(train_set.images), HELD_OUT_DIGEST: faces_digest(val_set.images)})
     write_atomic(run / "datasets.json", json.dumps(sizes, indent=2) + "\n")
 
 

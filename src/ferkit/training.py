@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,9 +24,9 @@ from ferkit.checkpoints import (
     resume_training_model, resumes_unfrozen,
 )
 from ferkit.config import SEEDS, TrainConfig
-from ferkit.distributed import Topology, device_names
+from ferkit.distributed import LOCAL_PROCESSES, Topology, device_names, lost_a_peer
 from ferkit.distributed import start as start_distributed
-from ferkit.errors import FerkitError
+from ferkit.errors import FerkitError, first_line
 from ferkit.images import faces_to_batch
 from ferkit.models import check_weights, get_model_spec
 from ferkit.results import check_out_outside_data
@@ -35,7 +36,8 @@ from ferkit.runs import (
 )
 from ferkit.teacher import check_teacher, teacher_probabilities
 from ferkit.training_data import (
-    check_validation_faces_unseen, fit_data, load_train_val, train_size, trains_on_cached_features, validation_size,
+    check_validation_faces_unseen, faces_this_process_reads, fit_data, load_train_val, train_size,
+    trains_on_cached_features, validation_size,
     warn_of_a_small_validation_set,
     warn_of_classes_with_few_faces,
 )
@@ -109,7 +111,7 @@ def _check_resumes_its_own_run(config: TrainConfig, run: Path) -> None:
 
 
 def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbose: int, callbacks, topology) -> Path:
-    train_set, val_set = _check_and_load(config, run, resume, overwrite, verbose)
+    train_set, val_set = _check_and_load(config, run, resume, overwrite, verbose, topology)
     if not resume:
         warn_of_classes_with_few_faces(train_set)
     state = RunState.load(run) if resume else RunState()
@@ -146,7 +148,7 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
                 raise KeyboardInterrupt
             # Only now that data and model are known to be good does the run folder change.
             if not resume:
-                check_validation_faces_unseen(train_set, val_set, given=config.val)
+                check_validation_faces_unseen(faces_this_process_reads(train_set, topology), val_set, given=config.val)
                 warn_of_a_small_validation_set(val_set)  # once training is sure to start: not before an error
                 state.start_val_accuracy, state.start_model = _log_starting_score(config, val_set)
                 _say_what_is_kept(run, clear_run_folder(run))
@@ -167,7 +169,15 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
         state.status = "interrupted"
         if (run / "config.json").exists():
             state.save(run)
-        raise TrainingInterrupted(_interrupted_message(run, state.epochs_done, total)) from None
+        raise TrainingInterrupted(_interrupted_message(run, state.epochs_done, total, topology)) from None
+    except Exception as err:
+        if not (topology.coordinator and lost_a_peer(err)):
+            raise
+        state.status = "interrupted"
+        if (run / "config.json").exists():
+            state.save(run)
+        raise TrainingInterrupted(f"another process of the job stopped ({first_line(err)[:120]}); "
+                                  + _interrupted_message(run, state.epochs_done, total, topology)) from None
     finally:
         keras.mixed_precision.set_global_policy("float32")
     state.status = "finished"
@@ -233,7 +243,7 @@ def _say_what_is_kept(run: Path, kept: list[str]) -> None:
                     run, ", ".join(kept))
 
 
-def _check_and_load(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbose: int):
+def _check_and_load(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbose: int, topology):
     """Everything checked that can be before training starts; the training and validation faces. `config`
     gains the data's classes (and an `init` model's network)."""
     check_run_folder(run, resume=resume, overwrite=overwrite)
@@ -254,7 +264,7 @@ def _check_and_load(config: TrainConfig, run: Path, resume: bool, overwrite: boo
         check_teacher(config.teacher)
     train_set, val_set = load_train_val(config, get_model_spec(config.model).input_size, progress=verbose > 0)
     if resume:
-        check_same_faces(run, train_set, val_set)
+        check_same_faces(run, train_set, val_set, digests=_reads_every_face(train_set, topology))
     config.classes = list(train_set.classes)
     return train_set, val_set
 
@@ -272,7 +282,7 @@ def _check_has_its_checkpoint(run: Path) -> None:
                           f"so it cannot go on where it stopped; {advice}")
 
 
-def check_same_faces(run: Path, train_set, val_set) -> None:
+def check_same_faces(run: Path, train_set, val_set, *, digests: bool = True) -> None:
     """A resumed run goes on with the faces it began with (--data and --val say where they are now, not
     which): refused when the faces per class differ from those its datasets.json records."""
     try:
@@ -284,18 +294,28 @@ def check_same_faces(run: Path, train_set, val_set) -> None:
             raise FerkitError(f"the {name} data given holds other faces than {run} was trained with (faces per class "
                               f"{faces.class_counts()}, the run recorded {recorded[name]}); resume it with its own data")
         # a warning only: another version of an image decoder also changes a few pixels
-        if digest in recorded and recorded[digest] != faces_digest(faces.images):
+        if digests and digest in recorded and recorded[digest] != faces_digest(faces.images):
             log.warning("the %s data given has as many faces per class as %s recorded, but other pixels: files "
                         "replaced or renamed since, or decoded by another version of an image library; training "
                         "goes on with these", name, run)
 
 
+def _reads_every_face(train_set, topology) -> bool:
+    """Whether this process can read every training face (in a data-parallel job on a packed dataset, another
+    machine may hold the shards of the other processes): only then are the faces' digests taken."""
+    return faces_this_process_reads(train_set, topology) is train_set
+
+
 def _start_run_folder(run: Path, config: TrainConfig, state: RunState, train_set, val_set, topology) -> None:
     """The run folder as training (re)starts: its config, its history cut back to the epochs kept, status running."""
-    save_run_config(run, config, train_set, val_set)
+    save_run_config(run, config, train_set, val_set, digests=_reads_every_face(train_set, topology))
     rewrite_history(run / "history.csv", state.epochs_done)
     if topology.coordinator and topology.is_chief:
         topology.save(run / "topology.json", device_names())
+    elif not topology.coordinator and (run / "topology.json").exists():
+        log.warning("%s was trained by a job of several processes; it goes on as one (its batches now split over "
+                    "this process's devices alone)", run)
+        (run / "topology.json").unlink()
     state.status = "running"
     state.save(run)
 
@@ -320,9 +340,15 @@ def _diverged_message(run: Path, epoch: int, epochs_done: int) -> str:
             "Train again with a lower --lr (or --mixup, --weight-decay)")
 
 
-def _interrupted_message(run: Path, epochs_done: int, total: int) -> str:
+def _interrupted_message(run: Path, epochs_done: int, total: int, topology: Topology) -> str:
     done = (f"interrupted after {epochs_done} of {total} epochs (the epoch under way is dropped); {run} is usable"
             if epochs_done else f"interrupted before the first of {total} epochs ended")
+    local = os.environ.get(LOCAL_PROCESSES)
+    if local:
+        return f"{done}, continue with: ferkit train --resume {run} --local-processes {local}"
+    if topology.coordinator:
+        return (f"{done}, continue with: ferkit train --resume {run} and the same --coordinator, --num-processes and "
+                "--process-id in each process")
     return f"{done}, continue with: ferkit train --resume {run}"
 
 

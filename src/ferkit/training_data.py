@@ -17,7 +17,7 @@ from ferkit.config import TrainConfig
 from ferkit.data import FaceDataset, load_dataset, split_dataset
 from ferkit.data.fer2013_csv import TRAIN_USAGE, VAL_USAGE
 from ferkit.data.folder import UnknownClassFolders
-from ferkit.data.batches import face_batches, faces_per_epoch
+from ferkit.data.batches import face_batches, faces_per_epoch, shard_groups
 from ferkit.distributed import Topology
 from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch
@@ -78,6 +78,13 @@ def _face_digests(images, chunk: int = 4096):
     for start in range(0, len(images), chunk):  # a chunk at a time: packed data is read from disk
         for face in np.ascontiguousarray(images[start:start + chunk]):
             yield hashlib.blake2b(face.tobytes(), digest_size=8).digest()
+
+
+def faces_this_process_reads(data: FaceDataset, topology) -> FaceDataset:
+    """The training faces this process reads: all of them, except in a data-parallel job on a packed
+    dataset of enough shards, where each process reads its own shards only (another machine may hold the others)."""
+    groups = shard_groups(data.images, topology.num_processes) if topology.coordinator else None
+    return data if groups is None else data.subset(groups[topology.process_id])
 
 
 def check_validation_faces_unseen(data: FaceDataset, val: FaceDataset, *, given: str | None) -> None:
