@@ -139,6 +139,18 @@ def test_an_out_that_is_a_file_or_holds_other_files_is_refused_untouched(photos,
     assert (tmp_path / "mine" / "summary.json").read_text() == '{"my": "data"}' and not list((tmp_path / "mine" / "faces").iterdir())
 
 
+def test_a_bad_model_or_cluster_address_is_one_line_and_the_command_may_be_run_again(photos, tmp_path):
+    from ferkit.distributed import free_port
+
+    out = tmp_path / "out"
+    for settings, error in (({"model": "nosuch-model"}, "nosuch-model"),
+                            ({"address": f"127.0.0.1:{free_port()}"}, "nothing answers at --address 127.0.0.1:"),
+                            ({"address": "nowhere"}, "--address is HOST:PORT")):
+        with pytest.raises(FerkitError, match=error):
+            predict_with_ray(RayPredictConfig(sources=[str(photos)], out=str(out), **settings), progress=False)
+        assert not (out / "manifest.json").exists()  # nothing recorded: no --resume needed to try again
+
+
 def test_list_files_and_uris(cluster, photos, tmp_path):
     listing = tmp_path / "inputs.txt"
     listing.write_text(f"# photos on shared storage\n{(photos / 'people.jpg').as_uri()}\n\n"

@@ -89,12 +89,19 @@ def predict_with_ray(config: RayPredictConfig, *, progress: bool = True) -> dict
     if not images and not videos:
         raise FerkitError("; ".join(errors) or "nothing to analyse")
     tasks = plan_tasks(images, videos, config.shard_size)
+    _check_model(config)  # here, once, before anything is written: not in every worker, as its own traceback
+    _check_address(config.address)
     fs, root = output_filesystem(config.out)
-    _start_or_resume(fs, root, config, tasks)
+    created = _start_or_resume(fs, root, config, tasks)
     todo = [t for t in tasks if not _exists(fs, f"{root}/results/{t.name}.jsonl")]
-    if todo:
-        with _ray_session(ray, config):
-            _run_tasks(ray, todo, config, root_uri(config.out), progress)
+    try:
+        if todo:
+            with _ray_session(ray, config):
+                _run_tasks(ray, todo, config, root_uri(config.out), progress)
+    except BaseException:
+        if created and not _exists(fs, f"{root}/results"):  # nothing done: the same command may start it again
+            fs.delete_file(f"{root}/manifest.json")
+        raise
     counts = count_outputs(fs, root)
     failures = counts.pop("failures")
     summary = {**counts, "skipped_tasks": len(tasks) - len(todo), "errors": errors}
@@ -189,9 +196,33 @@ def root_uri(out: str) -> str:
     return out if "://" in out else Path(out).resolve().as_uri()
 
 
-def _start_or_resume(fs, root: str, config: RayPredictConfig, tasks: list[Task]) -> None:
-    """Record the run in OUT/manifest.json, or check that the run there is this one when resuming.
-    An earlier run is never written over: without `resume` it is an error; nor is a folder of other files."""
+def _check_model(config: RayPredictConfig) -> None:
+    from ferkit.runtime import load_classifier
+
+    load_classifier(config.model, prefer_export=True)
+
+
+def _check_address(address: str | None, timeout_s: float = 10.0) -> None:
+    """A one-line FerkitError when nothing listens at a cluster's HOST:PORT (ray.init would retry for minutes)."""
+    import socket
+
+    if not address or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise FerkitError(f"--address is HOST:PORT of the Ray cluster's head (or ray://HOST:PORT, or auto), not {address!r}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise FerkitError(f"nothing answers at --address {address} ({err.strerror or first_line(err)}): is the Ray "
+                          "cluster's head there (`ray start --head`)?") from None
+
+
+def _start_or_resume(fs, root: str, config: RayPredictConfig, tasks: list[Task]) -> bool:
+    """Record the run in OUT/manifest.json, or check that the run there is this one when resuming; whether
+    it was recorded now. An earlier run is never written over: without `resume` it is an error; nor is a
+    folder of other files."""
     import pyarrow.fs as pafs
 
     manifest = {"engine": "ray", "settings": config.settings(), "tasks": len(tasks), "inputs": _fingerprint(tasks)}
@@ -211,12 +242,13 @@ def _start_or_resume(fs, root: str, config: RayPredictConfig, tasks: list[Task])
             raise FerkitError(f"{config.out} holds an earlier run: pass --resume to continue it, or choose another --out")
         if earlier != manifest:
             raise FerkitError(f"{config.out} holds a run of other inputs or settings; it cannot be resumed with these")
-        return
+        return False
     try:
         fs.create_dir(root, recursive=True)
         _write_bytes(fs, path, (json.dumps(manifest, indent=2) + "\n").encode())
     except OSError as err:
         raise FerkitError(f"--out {config.out}: cannot be written ({first_line(err)})") from None
+    return True
 
 
 def _fingerprint(tasks: list[Task]) -> str:
@@ -285,7 +317,10 @@ def _ray_session(ray, config: RayPredictConfig) -> Iterator[None]:
         return
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     if config.address:
-        ray.init(address=config.address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=config.address, logging_level=logging.WARNING)
+        except ConnectionError as err:  # --address auto, and no cluster on this machine
+            raise FerkitError(f"cannot join the Ray cluster at --address {config.address}: {first_line(err)}") from None
     else:
         # "local": a new instance even where this machine has joined a cluster (--address joins one)
         ray.init(address="local", num_cpus=config.workers, include_dashboard=False, logging_level=logging.WARNING)
