@@ -148,3 +148,22 @@ def test_a_coordinator_address_is_checked_and_waited_for_with_a_one_line_error()
     assert time.monotonic() - began < 10
     assert lost_a_peer(ValueError("UNKNOWN: Gloo AllGather failed: Connection reset by peer"))
     assert not lost_a_peer(ValueError("could not broadcast input array"))
+
+
+def test_processes_given_other_settings_stop_at_once_with_one_line(pattern_data, tmp_path):
+    from ferkit.distributed import free_port
+
+    coordinator = f"127.0.0.1:{free_port()}"
+    commands = [[sys.executable, "-m", "ferkit.cli", "train", "--data", str(pattern_data / "train"), "--val",
+                 str(pattern_data / "val"), "--epochs", "1", "--batch-size", batch, "--out", str(tmp_path / "run"),
+                 "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(process)]
+                for process, batch in ((0, "32"), (1, "16"))]
+    began = time.monotonic()
+    processes = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "KERAS_BACKEND": "jax"})
+                 for command in commands]
+    errors = [process.communicate(timeout=300)[1] for process in processes]
+    assert [process.returncode for process in processes] == [2, 2], errors
+    for error in errors:
+        assert error.strip().splitlines()[-1] == ("error: process 1 was given other settings than process 0: "
+                                                   "give every process of the job the same options")
+    assert time.monotonic() - began < 300

@@ -113,6 +113,27 @@ def lost_a_peer(err: BaseException) -> bool:
         marker in text for marker in _PEER_LOST)
 
 
+# Settings that name files, which may lie elsewhere on each machine; every other one must be the same.
+_WHERE_FILES_ARE = ("data", "val", "out", "init", "weights", "teacher")
+
+
+def check_same_settings(settings: dict) -> None:
+    """Refuse, in every process at once, a job whose processes were given other settings (another
+    --batch-size, say): they would wait on each other for ever in their first step."""
+    import hashlib
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    kept = {k: v for k, v in settings.items() if k not in _WHERE_FILES_ARE}
+    digest = np.frombuffer(hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).digest(), np.uint8)
+    digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1, digest.size)
+    others = [p for p, theirs in enumerate(digests) if not np.array_equal(theirs, digests[0])]
+    if others:
+        which = f"processes {', '.join(map(str, others))} were" if len(others) > 1 else f"process {others[0]} was"
+        raise FerkitError(f"{which} given other settings than process 0: give every process of the job the same options")
+
+
 def device_names() -> list[str]:
     import jax
 

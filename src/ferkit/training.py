@@ -24,7 +24,7 @@ from ferkit.checkpoints import (
     resume_training_model, resumes_unfrozen,
 )
 from ferkit.config import SEEDS, TrainConfig
-from ferkit.distributed import LOCAL_PROCESSES, Topology, device_names, lost_a_peer
+from ferkit.distributed import LOCAL_PROCESSES, Topology, check_same_settings, device_names, lost_a_peer
 from ferkit.distributed import start as start_distributed
 from ferkit.errors import FerkitError, first_line
 from ferkit.images import faces_to_batch
@@ -112,6 +112,8 @@ def _check_resumes_its_own_run(config: TrainConfig, run: Path) -> None:
 
 def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbose: int, callbacks, topology) -> Path:
     train_set, val_set = _check_and_load(config, run, resume, overwrite, verbose, topology)
+    if topology.coordinator:
+        check_same_settings(dataclasses.asdict(config))
     if not resume:
         warn_of_classes_with_few_faces(train_set)
     state = RunState.load(run) if resume else RunState()
