@@ -705,7 +705,7 @@ def test_a_run_started_with_relative_paths_resumes_from_anywhere_told_where_its_
     write_pattern_dataset(tmp_path / "other", 2)  # other faces: not where the run's data is now
     line = _one_line_error(run("train", "--resume", "project/runs/r", "--epochs", "3", "--data", tmp_path / "other",
                                "--val", "project/faces/val"))
-    assert line.startswith("error: the train data given holds other faces than project/runs/r was trained with")
+    assert line.startswith("error: the train data given (--data) holds other faces than project/runs/r was trained with")
     # as many faces per class, other pixels: said, and the run goes on
     write_pattern_dataset(tmp_path / "same-counts", 20, seed=7)
     resumed = run("train", "--resume", "project/runs/r", "--epochs", "3", "--data", tmp_path / "same-counts",

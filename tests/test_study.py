@@ -125,8 +125,16 @@ def test_a_moved_study_with_its_paths_spelled_otherwise_reuses_its_runs_but_not_
     next(fewer.glob("happy/*")).unlink()
     result = CliRunner().invoke(cli, ["study", "--quick", "--data", config.data, "--val", str(fewer), "--out", str(moved),
                                       "--models", "reference"])
-    assert result.exit_code == 2 and "the val data given holds other faces than" in result.output
+    assert result.exit_code == 2 and "the val data given (--val) holds other faces than" in result.output
     assert history.stat().st_mtime_ns == before
+    # as many faces per class, one of them another: refused too, not reported as of faces the run never saw
+    changed = shutil.copytree(config.val, tmp_path / "changed")
+    face = next(changed.glob("happy/*"))
+    Image.eval(Image.open(face), lambda v: 255 - v).save(face)
+    result = CliRunner().invoke(cli, ["study", "--quick", "--data", config.data, "--val", str(changed), "--out", str(moved),
+                                      "--models", "reference"])
+    assert result.exit_code == 2 and "(as many per class, other pixels)" in result.output, result.output
+    assert "give the study the data its runs were trained with, or another --out" in result.output
 
 
 def test_a_run_folder_with_other_settings_is_refused_not_replaced(quick_study, tmp_path):

@@ -843,6 +843,17 @@ def test_the_pack_tool_replaces_an_earlier_pack_and_nothing_else(pattern_data, t
     refused = subprocess.run([*tool, str(trained_run), str(mine)], capture_output=True, text=True)
     assert refused.returncode != 0 and "not a packed run" in refused.stderr
     assert (mine / "notes.txt").read_text() == "mine"
+    # the pack of another run (another seed), and a file, are refused in one line
+    other = shutil.copytree(trained_run, tmp_path / "other")
+    config = TrainConfig.load(other / "config.json")
+    config.seed += 1
+    config.save(other / "config.json")
+    refused = subprocess.run([*tool, str(other), str(out)], capture_output=True, text=True)
+    assert refused.returncode != 0 and refused.stderr.strip() == f"error: {out} holds the pack of another run (other seed); refusing to replace it"
+    assert {path.name: path.read_bytes() for path in out.glob("*.npz")} == weights
+    (tmp_path / "file").write_text("mine")
+    refused = subprocess.run([*tool, str(trained_run), str(tmp_path / "file")], capture_output=True, text=True)
+    assert refused.returncode != 0 and refused.stderr.strip() == f"error: {tmp_path / 'file'} is a file; give a folder for the packed run"
 
 
 def _backed_up_training_model(run: Path):

@@ -30,9 +30,8 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="the run folder")
     parser.add_argument("out", type=Path, help="the packed folder; an earlier pack of the same run there is replaced")
     args = parser.parse_args()
-    if args.out.exists() and not (args.out / COMPACT_CHECKPOINT).exists() and any(args.out.iterdir()):
-        sys.exit(f"error: {args.out} exists and is not a packed run; refusing to replace it")
     try:
+        _check_replaceable(args.run, args.out)
         with tempfile.TemporaryDirectory(dir=args.out.parent if args.out.parent.exists() else None) as scratch:
             staged = save_compact_checkpoint(args.run, Path(scratch) / "packed")
             for name in (*COMPACT_FILES, COMPACT_CHECKPOINT, COMPACT_BEST):  # replace only the files a pack writes
@@ -47,6 +46,20 @@ def main() -> None:
         sys.exit(f"error: {err}")
     size = sum(p.stat().st_size for p in args.out.iterdir()) / 1e6
     print(f"packed {args.run} into {args.out} ({size:.1f} MB)")
+
+
+def _check_replaceable(run: Path, out: Path) -> None:
+    """Refuse to write where anything but an earlier pack of this same run is."""
+    if out.exists() and not out.is_dir():
+        raise FerkitError(f"{out} is a file; give a folder for the packed run")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / COMPACT_CHECKPOINT).exists():
+        raise FerkitError(f"{out} exists and is not a packed run; refusing to replace it")
+    if (out / "config.json").exists() and (run / "config.json").exists():
+        changed = TrainConfig.load(run / "config.json").settings_changed_from(TrainConfig.load(out / "config.json"))
+        if changed:
+            raise FerkitError(f"{out} holds the pack of another run (other {', '.join(changed)}); refusing to replace it")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import json
 import logging
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 from dataclasses import asdict, dataclass, field
@@ -233,7 +234,8 @@ def _train_or_reuse(config: TrainConfig, verbose: int) -> Path:
             raise FerkitError(f"{run} holds a run with other settings ({', '.join(changed)}); remove it or choose "
                               "another --out")
         if RunState.load(run).status == "finished":
-            check_same_faces(run, load_dataset(config.data, usage=TRAIN_USAGE), load_dataset(config.val, usage=VAL_USAGE))
+            check_same_faces(run, load_dataset(config.data, usage=TRAIN_USAGE), load_dataset(config.val, usage=VAL_USAGE),
+                             reused=True)
             log.info("reusing the finished run %s", run)
             return run
         log.info("resuming %s", run)
@@ -269,6 +271,7 @@ def _training_data(config: StudyConfig, out: Path) -> str:
         return str(folder)
     full = load_dataset(config.data, usage=TRAIN_USAGE)
     partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted study, perhaps of other data
     for k, name in enumerate(full.classes):
         (partial / name).mkdir(parents=True, exist_ok=True)
         for n, i in enumerate(np.flatnonzero(full.labels == k)[: config.subset]):

@@ -284,19 +284,26 @@ def _check_has_its_checkpoint(run: Path) -> None:
                           f"so it cannot go on where it stopped; {advice}")
 
 
-def check_same_faces(run: Path, train_set, val_set, *, digests: bool = True) -> None:
+def check_same_faces(run: Path, train_set, val_set, *, digests: bool = True, reused: bool = False) -> None:
     """A resumed run goes on with the faces it began with (--data and --val say where they are now, not
-    which): refused when the faces per class differ from those its datasets.json records."""
+    which): refused when the faces per class differ from those its datasets.json records; warned of when
+    only their pixels do (another version of an image decoder changes a few). A finished run `reused` as
+    it is (by a study) is refused in both cases: its results would be said of faces it never saw."""
     try:
         recorded = json.loads((run / "datasets.json").read_text())
     except (OSError, ValueError):
         return  # a run stopped before it was recorded
+    advice = "give the study the data its runs were trained with, or another --out" if reused else \
+        "resume it with its own data"
     for name, faces, digest in (("train", train_set, TRAIN_DIGEST), ("val", val_set, HELD_OUT_DIGEST)):
+        option = "--data" if name == "train" else "--val"
         if name in recorded and recorded[name] != faces.class_counts():
-            raise FerkitError(f"the {name} data given holds other faces than {run} was trained with (faces per class "
-                              f"{faces.class_counts()}, the run recorded {recorded[name]}); resume it with its own data")
-        # a warning only: another version of an image decoder also changes a few pixels
+            raise FerkitError(f"the {name} data given ({option}) holds other faces than {run} was trained with (faces "
+                              f"per class {faces.class_counts()}, the run recorded {recorded[name]}); {advice}")
         if digests and digest in recorded and recorded[digest] != faces_digest(faces.images):
+            if reused:
+                raise FerkitError(f"the {name} data given ({option}) holds other faces than {run} was trained with (as "
+                                  f"many per class, other pixels); {advice}")
             log.warning("the %s data given has as many faces per class as %s recorded, but other pixels: files "
                         "replaced or renamed since, or decoded by another version of an image library; training "
                         "goes on with these", name, run)
