@@ -33,8 +33,11 @@ def _weights(path: Path) -> list[np.ndarray]:
     return keras.saving.load_model(path, compile=False).get_weights()
 
 
-def test_the_average_holds_the_mean_of_the_checkpoints_weights(two_runs, tmp_path):
-    out = average_checkpoints([run / "last.keras" for run in two_runs], tmp_path / "mean.keras")
+def test_the_average_holds_the_mean_of_the_checkpoints_weights(two_runs, pattern_data, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="ferkit"):
+        out = average_checkpoints([run / "last.keras" for run in two_runs], tmp_path / "mean.keras")
+    # two seeds: runs trained apart, whose weights do not average well
+    assert "come from runs of other settings (seed)" in caplog.text
     first, second = (_weights(run / "last.keras") for run in two_runs)
     assert not np.allclose(first[0], second[0])
     for got, a, b in zip(_weights(out), first, second):
@@ -42,6 +45,13 @@ def test_the_average_holds_the_mean_of_the_checkpoints_weights(two_runs, tmp_pat
     metadata = read_metadata(out)
     assert metadata.model == "ferkit-net-s" and metadata.classes == read_metadata(two_runs[0] / "last.keras").classes
     assert metadata.extra["averaged"]["sources"] == [str(run / "last.keras") for run in two_runs]
+    # evaluated on the faces its checkpoints were trained on: said so, as of any model
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+
+    result = CliRunner().invoke(cli, ["evaluate", str(out), "--data", str(pattern_data / "train"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0 and "is the data the averaged checkpoints were trained on" in result.output
 
 
 def test_a_packed_run_averages_as_the_model_it_was_packed_from(two_runs, tmp_path):

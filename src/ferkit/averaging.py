@@ -11,6 +11,7 @@ epochs 92, 96, 120 and 127 only, 0.6885. Its best epoch (83) had scored 0.6963.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,11 @@ from ferkit.checkpoints import COMPACT_CHECKPOINT, load_float16_weights
 from ferkit.config import TrainConfig
 from ferkit.errors import FerkitError
 from ferkit.results import check_output_file
+from ferkit.runs import TRAINED_ON, training_faces_origin
 from ferkit.runtime import ModelMetadata, read_metadata, resolve_model_path, save_keras_model
 from ferkit.training_model import float32_twin, network_metadata
+
+log = logging.getLogger("ferkit")
 
 BATCH_NORM_FACES = 5000  # training faces the mean network's batch-norm statistics are measured on
 
@@ -45,6 +49,7 @@ def average_checkpoints(sources, out: str | Path, *, calibration=None, overwrite
             raise FerkitError(f"{source} is a {other.model} network with classes {', '.join(other.classes)}, unlike "
                               f"{sources[0]} ({metadata.model}: {', '.join(metadata.classes)}): only checkpoints of "
                               "one network average")
+    _warn_of_other_runs(sources)
     network = float32_twin(keras, metadata.model, len(metadata.classes))
     network.set_weights([np.mean([weights[i] for _, weights in loaded], axis=0) for i in range(len(loaded[0][1]))])
     averaged = {"sources": [str(s) for s in sources]}
@@ -56,8 +61,30 @@ def average_checkpoints(sources, out: str | Path, *, calibration=None, overwrite
     if calibration is not None:
         averaged["batch_norm_faces"] = _measure_batch_norm(network, calibration, metadata)
     # the crop policy and test-time augmentation carry over; a temperature fitted to one checkpoint does not
-    metadata = dataclasses.replace(metadata, temperature=1.0, extra={"averaged": averaged})
+    # where each checkpoint's run took its training faces, as an ensemble records it: evaluating there is warned of
+    members = [{"model": metadata.model, **({TRAINED_ON: origin} if (origin := training_faces_origin(_model_file(s))) else {})}
+               for s in sources]
+    metadata = dataclasses.replace(metadata, temperature=1.0, extra={"averaged": averaged, "members": members})
     return save_keras_model(network, out, metadata)
+
+
+def _model_file(source) -> Path:
+    """A file inside the folder of the run that made checkpoint `source` (its config.json lies beside it)."""
+    folder = Path(source)
+    return folder / COMPACT_CHECKPOINT if (folder / COMPACT_CHECKPOINT).exists() and folder.is_dir() else resolve_model_path(source)
+
+
+def _warn_of_other_runs(sources) -> None:
+    """Weights average well along one run (its late epochs lie in one basin); those of runs trained apart
+    (another seed, other settings) average into a network far worse than each."""
+    configs = [(s, _model_file(s).parent / "config.json") for s in sources]
+    known = [(s, TrainConfig.load(path)) for s, path in configs if path.is_file()]
+    for source, config in known[1:]:
+        changed = config.settings_changed_from(known[0][1])
+        if changed:
+            log.warning("%s and %s come from runs of other settings (%s): weights average well only along one run; "
+                        "`ferkit ensemble` averages runs trained apart", known[0][0], source, ", ".join(changed))
+            return
 
 
 def _metadata_and_weights(keras, source) -> tuple[ModelMetadata, list[np.ndarray]]:

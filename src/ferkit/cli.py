@@ -562,8 +562,9 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
         log.warning("%s is the data %s was trained on: its accuracy there says little about faces it has not seen",
                     data, classifier.path.parent)
     elif members := members_trained_on(classifier.metadata, data, usage=None if Path(data).is_dir() else usage):
-        log.warning("%s is the data the ensemble's %s member(s) were trained on: its accuracy there says little about "
-                    "faces it has not seen", data, ", ".join(members))
+        what = "averaged checkpoints" if "averaged" in classifier.metadata.extra else f"ensemble's {', '.join(members)} member(s)"
+        log.warning("%s is the data the %s were trained on: its accuracy there says little about faces it has not seen",
+                    data, what)
     # a CSV's source says which rows, known once it is read
     evaluation = (classifier.name, dataset.source, classifier.tta, model_version(classifier))
     if out is None:

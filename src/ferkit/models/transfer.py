@@ -41,7 +41,7 @@ def resolve_weights(weights: str | None, filename: str, subfolder: str) -> str |
     if os.environ.get("FERKIT_OFFLINE") or not _online():
         raise FerkitError(
             f"ImageNet weights are not cached and cannot be downloaded here: put {filename} "
-            f"(from {KERAS_WEIGHTS_URL}{subfolder}/{filename}) at {cached}, or give a weights file or none (train: --weights; study: --transfer-weights)"
+            f"(from {KERAS_WEIGHTS_URL}{subfolder}/{filename}) at {cached}, or give a weights file (train: --weights FILE, or none for random weights; study: --transfer-weights FILE)"
         )
     return "imagenet"
 
@@ -55,7 +55,7 @@ def resolve_local_weights(weights: str | None, cached: Path, hint: str) -> str |
     if not path.is_file():
         if weights == "imagenet":
             raise FerkitError(f"no ImageNet weights at {cached}: make them once with `{hint}`, "
-                              "or give a weights file or none (train: --weights; study: --transfer-weights)")
+                              "or give a weights file (train: --weights FILE, or none for random weights; study: --transfer-weights FILE)")
         raise FerkitError(f"no such weights file: {path}")
     return str(path)
 
