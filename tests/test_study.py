@@ -24,6 +24,7 @@ from ferkit.cli import cli  # noqa: E402
 from ferkit.data import load_dataset  # noqa: E402
 from ferkit.evaluation import evaluate  # noqa: E402
 from ferkit.models.efficientnet_lite import efficientnet_lite0_backbone  # noqa: E402
+from ferkit.runs import read_history  # noqa: E402
 from ferkit.runtime import load_classifier  # noqa: E402
 from ferkit.study import ENTRIES, StudyConfig, study  # noqa: E402
 
@@ -137,14 +138,19 @@ def test_a_moved_study_with_its_paths_spelled_otherwise_reuses_its_runs_but_not_
     assert "give the study the data its runs were trained with, or another --out" in result.output
 
 
-def test_a_run_folder_with_other_settings_is_refused_not_replaced(quick_study, tmp_path):
+def test_a_run_folder_with_other_settings_is_refused_not_replaced_and_more_epochs_extend_it(quick_study, tmp_path):
     config, _ = quick_study
     shutil.copytree(Path(config.out) / "runs" / "reference", tmp_path / "runs" / "reference")
-    result = CliRunner().invoke(cli, ["study", "--quick", "--data", config.data, "--val", config.val, "--out", str(tmp_path),
-                                      "--models", "reference", "--epochs", "3"])
-    assert result.exit_code == 2
-    assert "holds a run with other settings (epochs)" in result.output
+    common = ["study", "--quick", "--data", config.data, "--val", config.val, "--out", str(tmp_path), "--models", "reference"]
+    for other in (["--epochs", "1"], ["--seed", "5"]):
+        result = CliRunner().invoke(cli, [*common, *other])
+        assert result.exit_code == 2
+        assert "holds a run with other settings" in result.output
+    assert "(it has 2 epochs: a study extends a run, never shortens it)" in CliRunner().invoke(cli, [*common, "--epochs", "1"]).output
     assert (tmp_path / "runs" / "reference" / "best.keras").exists()
+    result = CliRunner().invoke(cli, [*common, "--epochs", "3"])  # trained on from where it stopped
+    assert result.exit_code == 0, result.output
+    assert read_history(tmp_path / "runs" / "reference" / "history.csv")["epoch"] == [1, 2, 3]
 
 
 def test_a_study_folder_of_other_data_is_refused_not_reused(quick_study, tmp_path):

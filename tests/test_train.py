@@ -764,6 +764,12 @@ def test_teacher_probabilities_that_miss_faces_are_refused(pattern_data, trained
     saved = save_teacher_probabilities([trained_run], val, tmp_path / "val.npz")
     with pytest.raises(FerkitError, match="no probabilities for"):
         load_teacher_probabilities(saved, load_dataset(pattern_data / "train"))
+    # made on a packed copy of the faces, which names them by row, not by file: said so
+    from ferkit.data.packed import pack_dataset
+
+    by_row = save_teacher_probabilities([trained_run], pack_dataset(pattern_data / "val", tmp_path / "packed"), tmp_path / "rows.npz")
+    with pytest.raises(FerkitError, match=r"it names faces by their rows \(a CSV or a packed dataset\), this data by their files"):
+        load_teacher_probabilities(by_row, val)
     with pytest.raises(FerkitError, match="takes 48x48 faces, the data is 40x40"):
         save_teacher_probabilities([trained_run], load_dataset(pattern_data / "val", image_size=(40, 40)), tmp_path / "x.npz")
     before = saved.read_bytes()

@@ -230,10 +230,14 @@ def _train_or_reuse(config: TrainConfig, verbose: int) -> Path:
     if (run / "config.json").exists():
         earlier = _settings(TrainConfig.load(run / "config.json"))
         changed = [name for name, value in _settings(config).items() if earlier.get(name) != value]
-        if changed:
-            raise FerkitError(f"{run} holds a run with other settings ({', '.join(changed)}); remove it or choose "
+        longer = changed == ["epochs"] and config.epochs > earlier["epochs"]
+        if changed and not longer:
+            more = f" (it has {earlier['epochs']} epochs: a study extends a run, never shortens it)" if changed == ["epochs"] else ""
+            raise FerkitError(f"{run} holds a run with other settings ({', '.join(changed)}){more}; remove it or choose "
                               "another --out")
-        if RunState.load(run).status == "finished":
+        if longer:
+            log.info("extending %s from %d to %d epochs", run, earlier["epochs"], config.epochs)
+        elif RunState.load(run).status == "finished":
             check_same_faces(run, load_dataset(config.data, usage=TRAIN_USAGE), load_dataset(config.val, usage=VAL_USAGE),
                              reused=True)
             log.info("reusing the finished run %s", run)

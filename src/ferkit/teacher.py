@@ -49,6 +49,11 @@ def save_teacher_probabilities(models, dataset: FaceDataset | str | Path, out: s
         raise FerkitError("every member is saved probabilities, scored with the views they were made with: "
                           "a test-time augmentation applies to models only")
     _check_same_classes(classifiers)
+    sizes = {tuple(c.input_size) for c in classifiers.values()}
+    if len(sizes) > 1:
+        shown = ", ".join(f"{m} {c.input_size[0]}x{c.input_size[1]}" for m, c in classifiers.items())
+        raise FerkitError(f"the models take faces of other sizes ({shown}): save each one's probabilities "
+                          "(ferkit teacher MODEL --out MODEL.npz), then average the files (ferkit teacher A.npz B.npz --out ...)")
     if not isinstance(dataset, FaceDataset):
         dataset = _load_training_faces(dataset, classifiers, members, progress=progress)
     for model, classifier in classifiers.items():
@@ -151,7 +156,11 @@ def load_teacher_probabilities(path: str | Path, dataset: FaceDataset) -> np.nda
     wanted = _face_keys(dataset)
     missing = [key for key in wanted if key not in row]
     if missing:
-        raise FerkitError(f"{path} has no probabilities for {len(missing)} of the {len(wanted)} training faces (e.g. {missing[0]})")
+        named = lambda key: "by their rows (a CSV or a packed dataset)" if key.startswith("row ") else "by their files (a folder)"  # noqa: E731
+        other_naming = f": it names faces {named(keys[0])}, this data {named(wanted[0])}" if keys and \
+            keys[0].startswith("row ") != wanted[0].startswith("row ") else ""
+        raise FerkitError(f"{path} has no probabilities for {len(missing)} of the {len(wanted)} training faces (e.g. "
+                          f"{missing[0]}){other_naming}; make the teacher on the data it teaches on")
     rows = [row[key] for key in wanted]
     other = labels[rows] != dataset.labels
     if thumbnails is not None:
