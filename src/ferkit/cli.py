@@ -178,7 +178,8 @@ class _ModelsGroup(click.Group):
         return super().resolve_command(ctx, args)
 
 
-@cli.group("models", cls=_ModelsGroup, invoke_without_command=True, short_help="List the shipped models and trainable networks; show a network's layers.")
+@cli.group("models", cls=_ModelsGroup, invoke_without_command=True,
+           short_help="List the shipped models and trainable networks; show a network's layers.")
 @click.pass_context
 def models_cmd(ctx):
     """List the models shipped with ferkit and the networks it can train (`models PATTERN`: those
