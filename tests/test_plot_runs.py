@@ -38,6 +38,10 @@ def test_runs_are_plotted_together_and_their_best_epochs_tabled(trained_run, tmp
     best = max(range(len(val)), key=val.__getitem__)
     assert f"| {trained_run.name} | {len(val)} | {val[best]:.4f} ({best + 1}) | {val[-1]:.4f} |" in table
     assert f"| longer | {len(val) + 1} | 0.9000 ({len(val) + 1}) | 0.9000 |" in table
+    # a --ymin above a whole run leaves it out of sight: said so
+    done = subprocess.run([*TOOL, str(trained_run), str(longer), "--ymin", "0.95", "--out", str(out)], capture_output=True, text=True)
+    hidden = ", ".join(name for name, top in ((trained_run.name, max(val)), ("longer", 0.9)) if top < 0.95)
+    assert done.returncode == 0 and f"warning: --ymin 0.95 is above every epoch of {hidden}: not drawn" in done.stderr
 
 
 def test_a_folder_without_a_history_is_one_line_of_error(tmp_path):

@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     args = parser.parse_args(argv)
     histories = {run.resolve().name: read_history(run) for run in args.runs}
+    below = [name for name, history in histories.items() if args.ymin is not None and max(history["val_accuracy"]) < args.ymin]
+    if below:
+        print(f"warning: --ymin {args.ymin} is above every epoch of {', '.join(below)}: not drawn", file=sys.stderr)
     plot_runs(histories, dict(args.line), args.out, ymin=args.ymin)
     print(summary_table(histories))
     print(f"wrote {args.out}", file=sys.stderr)

@@ -52,6 +52,8 @@ def plot_history(history: dict[str, Sequence[float]], path: str | Path, *, title
             ax.plot(epochs, history[f"val_{metric}"], marker=".", label=f"val {metric}")
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)  # no epoch 1.5 on short runs
+        if len(epochs) == 1:
+            ax.set_xlim(epochs[0] - 1, epochs[0] + 1)  # not 0.96-1.04 around a lone point
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
