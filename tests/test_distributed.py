@@ -167,3 +167,15 @@ def test_processes_given_other_settings_stop_at_once_with_one_line(pattern_data,
         assert error.strip().splitlines()[-1] == ("error: process 1 was given other settings than process 0: "
                                                    "give every process of the job the same options")
     assert time.monotonic() - began < 300
+
+
+def test_each_local_process_is_given_its_own_share_of_the_gpus(monkeypatch):
+    from ferkit.distributed import gpus_of, visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    gpus = visible_gpus()
+    assert [gpus_of(p, 8, gpus) for p in (0, 7)] == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "7"}]
+    assert [gpus_of(p, 2, gpus) for p in (0, 1)] == [{"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}]
+    assert gpus_of(0, 3, gpus) == {}  # not an even split: JAX places them
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == [] and gpus_of(0, 2, []) == {}  # a CPU job's processes are left as they are

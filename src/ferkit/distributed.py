@@ -156,17 +156,45 @@ def launch_local(num_processes: int, args: list[str]) -> int:
     commands = [[sys.executable, "-m", "ferkit.cli", "train", *args, "--coordinator", coordinator,
                  "--num-processes", str(num_processes), "--process-id", str(process_id)]
                 for process_id in range(num_processes)]
-    return run_together(commands, env={**os.environ, "KERAS_BACKEND": "jax", LOCAL_PROCESSES: str(num_processes)})
+    env = {**os.environ, "KERAS_BACKEND": "jax", LOCAL_PROCESSES: str(num_processes)}
+    gpus = visible_gpus()
+    envs = [{**env, **gpus_of(p, num_processes, gpus)} for p in range(num_processes)]
+    return run_together(commands, env=envs)
 
 
-def run_together(commands: list[list[str]], env: dict | None = None, grace_s: float = 10.0) -> int:
+def visible_gpus() -> list[str]:
+    """The NVIDIA GPUs this machine shows, as CUDA_VISIBLE_DEVICES names them (that variable where it is
+    set, else one per line of `nvidia-smi -L`); none without NVIDIA's driver."""
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        return [gpu.strip() for gpu in given.split(",") if gpu.strip()]
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(line for line in listing.splitlines() if line.startswith("GPU "))]
+
+
+def gpus_of(process_id: int, num_processes: int, gpus: list[str]) -> dict[str, str]:
+    """The environment that gives process `process_id` of a job on one machine its own share of `gpus`:
+    without it every process would see, and claim memory on, all of them. Nothing when the GPUs do not
+    split evenly (then JAX's own placement decides)."""
+    if not gpus or len(gpus) % num_processes:
+        return {}
+    share = len(gpus) // num_processes
+    return {"CUDA_VISIBLE_DEVICES": ",".join(gpus[process_id * share : (process_id + 1) * share])}
+
+
+def run_together(commands: list[list[str]], env: dict | list[dict] | None = None, grace_s: float = 10.0) -> int:
     """Run the processes of one job; the first's output is shown, and that of the first other one to fail. When one
     fails (an exit code, or a signal), the others are stopped: SIGTERM, which lets training stop at the end of
     a batch, then SIGKILL after `grace_s`, since a process waiting for a dead peer never gets there.
-    Returns the first failure's exit code (128 + the signal's number for a signal), or 0."""
+    `env`: the processes' environment, or one per command. Returns the first failure's exit code (128 + the
+    signal's number for a signal), or 0."""
     workers, logs = [], [None] + [tempfile.TemporaryFile("w+") for _ in commands[1:]]
-    for command, log in zip(commands, logs):
-        workers.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL if log else None, stderr=log))
+    envs = env if isinstance(env, list) else [env] * len(commands)  # one for all, or one per command
+    for command, output, own in zip(commands, logs, envs):
+        workers.append(subprocess.Popen(command, env=own, stdout=subprocess.DEVNULL if output else None, stderr=output))
     failed = None
     try:
         while failed is None and any(worker.poll() is None for worker in workers):
@@ -178,8 +206,8 @@ def run_together(commands: list[list[str]], env: dict | None = None, grace_s: fl
     if failed:  # process 0's output was shown; of the others, that of the one that failed first (the rest would repeat it)
         logs[failed].seek(0)
         sys.stderr.write(logs[failed].read())
-    for log in logs[1:]:
-        log.close()
+    for output in logs[1:]:
+        output.close()
     if failed is None:
         return 0
     code = workers[failed].returncode
