@@ -161,9 +161,12 @@ def test_empty_or_outside_boxes_are_refused(trained_run, box):
 
 def test_boxes_with_a_detector_named_are_refused_as_one_would_go_unused(trained_run):
     picture = _canvas_with_faces([(10, 20, 48, 48)], [2])
-    for detector in ("none", "yunet"):
+    for detector in ("yunet", "mtcnn"):
         with pytest.raises(FerkitError, match=f"give boxes or detector='{detector}'"):
             analyze(picture, model=trained_run, detector=detector, boxes=[(10, 20, 48, 48)])
+    # "none", no detection, agrees with boxes
+    [face] = analyze(picture, model=trained_run, detector="none", boxes=[(10, 20, 48, 48)])
+    assert face.box == (10, 20, 48, 48)
 
 
 def test_a_box_partly_outside_is_padded_not_refused_and_one_mostly_outside_is_warned_of(trained_run, caplog):

@@ -106,17 +106,18 @@ def _names_a_file(source) -> bool:
             and os.path.isfile(os.fsdecode(bytes(source))))
 
 
-def decode_image_bytes(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, formats: Sequence[str] | None = None,
+def decode_image_bytes(data: bytes, *, max_pixels: int | None = None, formats: Sequence[str] | None = None,
                        name: str = _BYTES) -> Image.Image:
     """The image in `data`, upright, as `load_image` decodes it (a JPEG over `max_pixels` at a reduced
-    scale), with a pixel limit of one's own; an ImageError whose `reason` is "over the pixel limit" for an
+    scale), with a pixel limit of one's own (default MAX_IMAGE_PIXELS); an ImageError whose `reason` is "over the pixel limit" for an
     image larger still, or says why the bytes are no image. `formats`: the only ones tried; `name`: the
     image's name in messages."""
     return _decode(io.BytesIO(data), Path(name), max_pixels=max_pixels, formats=formats)
 
 
-def _decode(file, path: Path, *, max_pixels: int = MAX_IMAGE_PIXELS, formats: Sequence[str] | None = None) -> Image.Image:
+def _decode(file, path: Path, *, max_pixels: int | None = None, formats: Sequence[str] | None = None) -> Image.Image:
     """The image in `file` (a path or a binary file object), upright; `path` names it in errors."""
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels  # read at each call: the limit may be set at run time
     photo_size = None
     try:
         image = _open(file, formats)
@@ -237,7 +238,7 @@ def decoded_scale(image: Image.Image) -> tuple[float, float]:
     return width / image.width, height / image.height
 
 
-def _decode_smaller(jpeg: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+def _decode_smaller(jpeg: Image.Image, max_pixels: int) -> None:
     """Make a JPEG over the pixel limit decode at 1/2, 1/4 or 1/8 scale (Pillow's draft mode: the
     decoder skips the detail, so a 108 Mpx phone photo costs what a 27 or 7 Mpx one does). Results are
     still given in the photo's own pixels (`decoded_scale`)."""

@@ -104,7 +104,7 @@ def analyze_images(
         raise FerkitError(f"boxes is a list of (x, y, width, height) boxes, not text: e.g. [(10, 20, 64, 64)], not {boxes!r}")
     if boxes is not None:
         boxes = _box_list(boxes)
-    if boxes is not None and isinstance(detector, str) and detector != "auto":
+    if boxes is not None and isinstance(detector, str) and detector not in ("auto", "none"):
         raise FerkitError(f"boxes are the faces, so no detector looks for them: give boxes or detector={detector!r}")
     if boxes is not None and len(boxes) == 4 and all(isinstance(v, (int, float, np.number)) for v in boxes):
         raise FerkitError(f"boxes is a list of (x, y, width, height) boxes; for one box give [{tuple(boxes)}]")
