@@ -200,10 +200,7 @@ class TooLargeAsJson:
             plain_text = dict(message.get("headers", [])).get(b"content-type", b"").startswith(b"text/plain")
             if message["type"] == "http.response.start" and message["status"] == 413 and plain_text:
                 replaced = True
-                body = json.dumps({"detail": _too_large(*self.limits[scope["path"]])}).encode()
-                await send({"type": "http.response.start", "status": 413,
-                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
+                await _send_detail(send, 413, _too_large(*self.limits[scope["path"]]))
             elif not replaced:  # the framework's own body of a replaced answer is dropped
                 await send(message)
 
@@ -234,10 +231,15 @@ class SameSiteOnly:
             refusal = f"uploads from another site's page are refused (Origin {origin})"
         if refusal is None:
             return await self.app(scope, receive, send)
-        body = json.dumps({"detail": refusal}).encode()
-        await send({"type": "http.response.start", "status": 403,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _send_detail(send, 403, refusal)
+
+
+async def _send_detail(send, status: int, detail: str) -> None:
+    """An answer as FastAPI gives every error, JSON with a `detail`, sent by ASGI middleware."""
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _hostname(host: str) -> str:

@@ -168,16 +168,12 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
     except KeyboardInterrupt:
         if not (started or resume):
             raise TrainingInterrupted(f"interrupted before training began; {run} was not written") from None
-        state.status = "interrupted"
-        if (run / "config.json").exists():
-            state.save(run)
+        _mark_interrupted(run, state)
         raise TrainingInterrupted(_interrupted_message(run, state.epochs_done, total, topology)) from None
     except Exception as err:
         if not (topology.coordinator and lost_a_peer(err)):
             raise
-        state.status = "interrupted"
-        if (run / "config.json").exists():
-            state.save(run)
+        _mark_interrupted(run, state)
         raise TrainingInterrupted(f"another process of the job stopped ({first_line(err)[:120]}); "
                                   + _interrupted_message(run, state.epochs_done, total, topology)) from None
     finally:
@@ -347,6 +343,12 @@ def _diverged_message(run: Path, epoch: int, epochs_done: int) -> str:
     kept = f"{run} keeps the {epochs_done} epochs before it" if epochs_done else f"{run} holds no epoch"
     return (f"training diverged: the loss became NaN or infinite in epoch {epoch}, which is dropped; {kept}. "
             "Train again with a lower --lr (or --mixup, --weight-decay)")
+
+
+def _mark_interrupted(run: Path, state: RunState) -> None:
+    state.status = "interrupted"
+    if (run / "config.json").exists():
+        state.save(run)
 
 
 def _interrupted_message(run: Path, epochs_done: int, total: int, topology: Topology) -> str:
