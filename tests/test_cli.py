@@ -946,3 +946,12 @@ def test_kill_stops_a_batch_in_one_line_and_the_batch_resumes_where_it_stopped(t
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert len(results.read_text().splitlines()) == 401
+
+
+def test_reading_a_csv_shows_progress_on_a_terminal(tmp_path):
+    import subprocess
+
+    pixels = " ".join(["128"] * 2304)
+    (tmp_path / "fer.csv").write_text("emotion,pixels\n" + "".join(f"{i % 7},{pixels}\n" for i in range(3000)))
+    code, shown = _run_with_stderr_on_a_terminal(["pack", tmp_path / "fer.csv", tmp_path / "p"], stdout=subprocess.DEVNULL)
+    assert code == 0 and "reading" in shown and "fer.csv" in shown, shown

@@ -117,6 +117,43 @@ def test_cache_notices_changed_files(tmp_path):
     assert len(load_folder(tmp_path)) == 15
 
 
+def test_a_file_skipped_for_its_permissions_is_read_once_they_allow_it(tmp_path):
+    import subprocess
+    import sys
+
+    write_pattern_dataset(tmp_path / "faces", 2, folder_names=("happy", "sad"))
+    prefix = []
+    if os.geteuid() == 0:  # root reads anything: run without the capabilities that let it
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv, so file permissions do not apply")
+        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    locked = tmp_path / "faces" / "happy" / "happy_0.png"
+
+    def pack(out):
+        command = [*prefix, sys.executable, "-m", "ferkit.cli", "pack", str(tmp_path / "faces"), str(tmp_path / out)]
+        return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "FERKIT_CACHE_DIR": str(cache_dir())})
+
+    locked.chmod(0)
+    try:
+        first = pack("p1")
+    finally:
+        locked.chmod(0o644)
+    assert first.returncode == 0 and f"{locked} (permission denied)" in first.stderr and "packed 3 faces" in first.stdout
+    second = pack("p2")
+    assert second.returncode == 0 and "skipped" not in second.stderr and "packed 4 faces" in second.stdout
+
+
+def test_a_higher_pixel_limit_set_at_run_time_reads_the_image_it_skipped(tmp_path, monkeypatch):
+    from ferkit import images
+
+    write_pattern_dataset(tmp_path, 1, folder_names=("happy", "sad"))
+    Image.new("L", (300, 200), 128).save(tmp_path / "sad" / "large.png")
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 50_000)
+    assert len(load_folder(tmp_path)) == 2
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100_000)
+    assert len(load_folder(tmp_path)) == 3
+
+
 def _write_csv(path, rows):
     lines = ["emotion,pixels,Usage"] + [f"{code},{' '.join(map(str, pixels))},{usage}" for code, pixels, usage in rows]
     path.write_text("\n".join(lines) + "\n")
@@ -452,9 +489,17 @@ def test_a_csv_row_with_a_stray_quote_is_named_by_the_lines_it_spans_and_an_endl
     (tmp_path / "code.csv").write_text("emotion,pixels,Usage\n" + "\n".join(rows[1:]) + "\n")
     with pytest.raises(FerkitError, match="line 2-3: "):  # the row after it is counted from its own line
         load_fer2013_csv(tmp_path / "code.csv")
-    (tmp_path / "endless.csv").write_text(f'emotion,pixels,Usage\n0,"{pixels * 60}\n')
+    from ferkit.data.fer2013_csv import MAX_FIELD
+
+    (tmp_path / "endless.csv").write_text(f'emotion,pixels,Usage\n0,"{"7 " * (MAX_FIELD // 2 + 1)}\n')
     with pytest.raises(FerkitError, match=r"endless.csv, line 2: field larger than field limit"):
         load_fer2013_csv(tmp_path / "endless.csv")
+
+
+def test_a_csv_of_larger_faces_is_refused_by_their_pixel_count(tmp_path):
+    (tmp_path / "large.csv").write_text("emotion,pixels\n" + f"3,{' '.join(['100'] * 200 * 200)}\n")
+    with pytest.raises(FerkitError, match="line 2: expected 2304 pixel values, got 40000"):
+        load_fer2013_csv(tmp_path / "large.csv")
 
 
 def test_classes_given_in_another_case_or_by_an_alias_load_a_csv_and_a_pack_as_a_folder(tmp_path):
@@ -468,7 +513,18 @@ def test_classes_given_in_another_case_or_by_an_alias_load_a_csv_and_a_pack_as_a
     packed = pack_dataset(tmp_path / "fer.csv", tmp_path / "packed")
     assert load_dataset(packed, classes=named).class_counts() == csv_faces.class_counts()
     with pytest.raises(FerkitError, match="the classes name happy more than once"):
-        load_dataset(tmp_path / "fer.csv", classes=[*EMOTIONS, "Happiness"])
+        load_dataset(tmp_path / "fer.csv", classes=[*EMOTIONS, "Happy"])
+
+
+def test_an_alias_named_beside_its_class_is_a_class_of_its_own(tmp_path, caplog):
+    write_pattern_dataset(tmp_path, 2, folder_names=("neutral", "Calm", "happy"))  # as RAVDESS tells them apart
+    with caplog.at_level("WARNING", logger="ferkit"):
+        merged = load_folder(tmp_path)
+    assert merged.class_counts()["neutral"] == 4 and "Calm, neutral" in caplog.text
+    apart = load_dataset(tmp_path, classes=["neutral", "calm", "happy"])
+    assert apart.classes == ("neutral", "calm", "happy") and list(apart.class_counts().values()) == [2, 2, 2]
+    assert [Path(apart.paths[i]).parent.name for i in np.flatnonzero(apart.labels == 1)] == ["Calm", "Calm"]
+    assert load_dataset(tmp_path, classes=["calm", "happy"]).classes == ("neutral", "happy")  # alone, still an alias
 
 
 def test_the_cache_size_leaves_out_files_removed_meanwhile(tmp_path):

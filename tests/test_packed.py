@@ -130,6 +130,9 @@ def test_a_packed_dataset_is_replaced_only_with_overwrite_and_other_folders_neve
     (stopped / "ferkit-faces.json").unlink()
     result = CliRunner().invoke(cli, ["pack", str(pattern_data / "val"), str(stopped)])
     assert result.exit_code == 2 and "stopped before its end" in result.output
+    for command in (["pack", str(stopped), str(tmp_path / "elsewhere")], ["evaluate", "--data", str(stopped)]):
+        result = CliRunner().invoke(cli, command)  # given as the data: said to be unfinished, not "no class folders"
+        assert result.exit_code == 2 and f"{stopped} holds a packed dataset stopped before its end" in result.output
     result = CliRunner().invoke(cli, ["pack", str(pattern_data / "val"), str(stopped), "--shard-size", "1000", "--overwrite"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in stopped.iterdir()) == ["faces-00000.npy", "ferkit-faces.json", "labels-00000.npy"]
@@ -169,3 +172,10 @@ def test_in_a_data_parallel_job_each_process_reads_only_its_own_shards(pattern_d
     assert np.array_equal(alone, first)
     with pytest.raises(FerkitError, match="cannot read the shard"):
         epoch_rows(load_dataset(packed_path).images, 1)
+
+
+def test_a_pack_needed_at_another_size_names_what_to_pack_again(pattern_data, tmp_path):
+    packed = _pack(pattern_data / "val", tmp_path / "packed", 1000)
+    result = CliRunner().invoke(cli, ["pack", str(packed), str(tmp_path / "larger"), "--image-size", "64"])
+    assert result.exit_code == 2, result.output
+    assert f"holds 48x48 faces; this needs 64x64 (pack {pattern_data / 'val'} again with --image-size 64)" in result.output

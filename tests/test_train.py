@@ -1020,6 +1020,32 @@ def test_overwrite_keeps_the_users_own_files_inside_report_and_epoch_folders(pat
     assert len(kept) == 1 and "epochs" in kept[0] and "eval-mine" in kept[0]
 
 
-def test_classes_named_twice_through_an_alias_are_refused_before_any_data_is_read(tmp_path):
+def test_classes_named_twice_in_another_case_are_refused_before_any_data_is_read(tmp_path):
     with pytest.raises(FerkitError, match="--classes names happy more than once"):
-        TrainConfig(data=str(tmp_path / "nowhere"), classes=["angry", "happy", "Happiness"], out=str(tmp_path / "r"))
+        TrainConfig(data=str(tmp_path / "nowhere"), classes=["angry", "happy", "Happy "], out=str(tmp_path / "r"))
+
+
+def test_data_folders_that_hold_train_and_val_datasets_are_named_with_the_options_that_take_them(pattern_data, tmp_path):
+    from ferkit.training_data import load_train_val
+
+    with pytest.raises(FerkitError) as refused:
+        load_train_val(TrainConfig(data=str(pattern_data), out=str(tmp_path / "r")), (48, 48))
+    assert str(refused.value).endswith(f"train with --data {pattern_data / 'train'} --val {pattern_data / 'val'}")
+    assert "--classes" not in str(refused.value)
+
+
+def test_a_csv_without_the_rows_training_reads_says_how_to_train_on_its_rows(tmp_path):
+    from ferkit.training_data import load_train_val
+
+    pixels = " ".join(["128"] * 2304)
+    (tmp_path / "private.csv").write_text("emotion,pixels,Usage\n" + "".join(f"{code},{pixels},PrivateTest\n" for code in range(7)))
+    with pytest.raises(FerkitError) as refused:
+        load_train_val(TrainConfig(data=str(tmp_path / "private.csv"), out=str(tmp_path / "r")), (48, 48))
+    message = str(refused.value)
+    assert "no rows with usage Training" in message and "--usage all" in message and "ferkit pack" in message
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+
+    packed = CliRunner().invoke(cli, ["pack", str(tmp_path / "private.csv"), str(tmp_path / "rows"), "--usage", "all"])
+    assert packed.exit_code == 0 and len(load_dataset(tmp_path / "rows")) == 7, packed.output

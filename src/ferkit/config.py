@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ferkit.errors import FerkitError
-from ferkit.labels import canonical_label, repeated
+from ferkit.labels import canonical_labels, repeated
 
 AUGMENTATIONS = ("flip", "zoom", "shift", "crop", "rotate", "erase", "contrast")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -127,7 +127,7 @@ class TrainConfig:
             raise FerkitError("--distill must lie in (0, 1]")
         if self.classes is not None and not self.classes:
             raise FerkitError("--classes names no class: give them comma-separated, e.g. happy,sad,neutral")
-        classes = [canonical_label(name) for name in self.classes or []]  # Happiness is happy, as in folder names
+        classes = canonical_labels(self.classes or [])  # Happiness is happy, as in folder names
         for flag, names in (("--classes", classes), ("--augment", self.augment)):
             twice = repeated(names)
             if twice:

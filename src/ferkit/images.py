@@ -43,6 +43,15 @@ class ImageError(FerkitError):
         super().__init__(message)
         self.path, self.reason = path, reason
 
+    @property
+    def lasting(self) -> bool:
+        """Whether the file itself is at fault (damaged, not an image), rather than this moment's access to it."""
+        return self.reason not in PASSING_REASONS
+
+
+# Why a file could not be read now, though the same file may be read later, unchanged.
+PASSING_REASONS = ("permission denied", "cannot be read", "missing")
+
 
 CHANNEL_ORDERS = ("rgb", "bgr")
 
@@ -141,6 +150,10 @@ def _decode(file, path: Path, *, max_pixels: int | None = None, formats: Sequenc
         raise ImageError(path, "not an image", f"{path} is not an image ferkit can read{hint}") from None
     except PermissionError:
         raise ImageError(path, "permission denied", f"{path} cannot be read: permission denied") from None
+    except OSError as err:
+        if err.errno is not None:  # the system's own error (a failing disk, a network share gone), not the file's content
+            raise ImageError(path, "cannot be read", f"{path} cannot be read ({first_line(err)})") from None
+        raise ImageError(path, first_line(err), f"{path} could not be decoded ({first_line(err)})") from None
     except DECODE_ERRORS as err:
         raise ImageError(path, first_line(err), f"{path} could not be decoded ({first_line(err)})") from None
     upright = _upright(image)

@@ -41,8 +41,26 @@ FER2013_CSV_CODES: dict[int, str] = {
 
 def canonical_label(name: str) -> str:
     """Lower-case `name` and map a known alias to its canonical class name ("Happiness" -> "happy")."""
-    key = name.strip().lower().replace(" ", "_").replace("-", "_")
+    key = _key(name)
     return ALIASES.get(key, key)
+
+
+def _key(name: str) -> str:
+    return name.strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def canonical_labels(names) -> list[str]:
+    """canonical_label of each of a class list's names, except an alias given beside the class it stands for:
+    "calm" beside "neutral" (RAVDESS tells them apart) is a class of its own."""
+    keys = [_key(name) for name in names]
+    return [key if ALIASES.get(key, key) in keys else ALIASES.get(key, key) for key in keys]
+
+
+def class_of(folder: str, classes) -> str:
+    """The class of `classes` a folder's name stands for: the name itself where it is one of them (a class
+    list may keep "calm" apart from "neutral"), else its canonical_label."""
+    key = _key(folder)
+    return key if key in classes else canonical_label(folder)
 
 
 def repeated(names) -> list[str]:

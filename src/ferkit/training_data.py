@@ -15,7 +15,7 @@ import numpy as np
 
 from ferkit.config import TrainConfig
 from ferkit.data import FaceDataset, load_dataset, split_dataset
-from ferkit.data.fer2013_csv import TRAIN_USAGE, VAL_USAGE
+from ferkit.data.fer2013_csv import TRAIN_USAGE, VAL_USAGE, NoRowsOfUsage
 from ferkit.data.folder import UnknownClassFolders
 from ferkit.data.batches import face_batches, faces_per_epoch, shard_groups
 from ferkit.distributed import Topology
@@ -40,9 +40,14 @@ def load_train_val(config: TrainConfig, input_size, *, progress: bool = False) -
         data = load_dataset(config.data, usage=TRAIN_USAGE, **common)
     except UnknownClassFolders as err:
         raise _unknown_folders_error(config, err) from None
+    except NoRowsOfUsage as err:
+        raise _no_rows_error("--data", err) from None
     check_classes_present(data, known=_init_classes(config))
     if config.val:
-        val = load_dataset(config.val, usage=VAL_USAGE, **{**common, "classes": data.classes})
+        try:
+            val = load_dataset(config.val, usage=VAL_USAGE, **{**common, "classes": data.classes})
+        except NoRowsOfUsage as err:
+            raise _no_rows_error("--val", err) from None
         _warn_of_classes_missing_from_val(data, val)
     else:
         data, val = split_dataset(data, val_fraction=config.val_split, seed=config.seed)
@@ -156,6 +161,13 @@ def _init_classes(config: TrainConfig) -> tuple[str, ...]:
         return tuple(config.classes or ())
 
 
+def _no_rows_error(option: str, err: NoRowsOfUsage) -> FerkitError:
+    """`err`, with what training reads of a FER2013 CSV and how to train on other rows."""
+    return FerkitError(f"{err.path} has no rows with usage {', '.join(err.usages)}: training reads the {TRAIN_USAGE} rows "
+                       f"of a FER2013 CSV given as --data and the {VAL_USAGE} rows of one given as --val; to train on "
+                       f"other rows, pack them first (ferkit pack {err.path} FOLDER --usage all) and give {option} FOLDER")
+
+
 def _unknown_folders_error(config: TrainConfig, err: UnknownClassFolders) -> FerkitError:
     """`err`, with what to do about it: a folder that is a listed class misspelt, the folder of one class
     given as the data, or --classes that trains the folders' classes too (with --init)."""
@@ -163,6 +175,12 @@ def _unknown_folders_error(config: TrainConfig, err: UnknownClassFolders) -> Fer
 
     classes = list(config.classes or EMOTIONS)
     root = Path(config.data)
+    if err.datasets:
+        train = next((name for name in err.folders if name.lower().startswith("train")), err.folders[0])
+        val = next((name for name in err.folders if name != train), None)
+        also = f" --val {root / val}" if val and not config.val else ""
+        return FerkitError(f"the folders in {root} ({', '.join(err.folders)}) are datasets of their own, holding class "
+                           f"folders: train with --data {root / train}{also}")
     if root.is_dir() and canonical_label(root.name) in classes:
         return FerkitError(f"{err}; {root} looks like the folder of one class ({canonical_label(root.name)}): "
                            f"give the folder that holds the class folders, {root.parent}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from ferkit.data.dataset import FaceDataset
 from ferkit.errors import FerkitError
 from ferkit.images import to_model_input
 from ferkit.labels import EMOTIONS, FER2013_CSV_CODES
+from ferkit.progress import progress_bar
 
 USAGES = ("Training", "PublicTest", "PrivateTest")
 TRAIN_USAGE, VAL_USAGE = "Training", "PublicTest"  # the rows that train, and those that validate, wherever a CSV is read
@@ -29,6 +31,7 @@ def load_fer2013_csv(
     classes: Sequence[str] = EMOTIONS,
     image_size: tuple[int, int] = (48, 48),
     cache: bool = True,
+    progress: bool = False,
 ) -> FaceDataset:
     """Rows of the given `usage` ("Training", "PublicTest", "PrivateTest", a list, or None for all);
     every row of a CSV without a Usage column.
@@ -45,7 +48,7 @@ def load_fer2013_csv(
     key = cache_key(kind="fer2013-csv", path=str(path.resolve()), bytes=stat.st_size, mtime=stat.st_mtime_ns)
     parsed = load_cached(key) if cache else None
     if parsed is None:
-        parsed = _parse(path)
+        parsed = _parse(path, progress)
         if cache:
             save_cached(key, parsed)
 
@@ -68,14 +71,21 @@ def load_fer2013_csv(
         # as faces are resized at inference (images.to_model_input), so that training sees what predict will
         images = np.stack([to_model_input(Image.fromarray(img, "L"), image_size) for img in images]) if len(images) else images
     if len(images) == 0:
-        raise FerkitError(f"{path} has no rows with usage {', '.join(usages)} (--usage all, usage=None in Python, "
-                          "reads every row)")
+        raise NoRowsOfUsage(path, usages)
     return FaceDataset(
         images=images,
         labels=np.asarray([list(classes).index(n) for n in names], dtype=np.int64),
         classes=tuple(classes),
         source=f"{path}" + (f" ({', '.join(usages)})" if usages else ""),
     )
+
+
+class NoRowsOfUsage(FerkitError):
+    """A FER2013 CSV none of whose rows has the usage asked for."""
+
+    def __init__(self, path: Path, usages: tuple[str, ...]):
+        super().__init__(f"{path} has no rows with usage {', '.join(usages)} (--usage all, usage=None in Python, reads every row)")
+        self.path, self.usages = path, usages
 
 
 def check_usages(usage: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -114,10 +124,12 @@ def has_usage_column(path: str | Path) -> bool:
         return False
 
 
-def _parse(path: Path) -> dict[str, np.ndarray]:
+def _parse(path: Path, progress: bool = False) -> dict[str, np.ndarray]:
     codes, images, usages, lines, skipped = [], [], [], [], []
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
-        reader = csv.reader(handle)
+    size = path.stat().st_size
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle, \
+            progress_bar(size, f"reading {path}", enabled=progress) as advance, _long_fields():
+        reader = csv.reader(_counted(handle, lambda done: advance(min(done, size), size)))
         header = [h.strip().lower() for h in next(reader, [])]
         if "emotion" not in header or "pixels" not in header:
             raise FerkitError(f"{path} is not a FER2013 CSV (its header needs 'emotion' and 'pixels' columns)")
@@ -144,6 +156,31 @@ def _parse(path: Path) -> dict[str, np.ndarray]:
         "lines": np.asarray(lines, dtype=np.int64),
         "skipped": np.asarray(skipped, dtype=str),  # "line N: why", as the warning names them
     }
+
+
+MAX_FIELD = 16 * 1024 * 1024  # a 1000x1000 face's pixels; a field longer still is a stray quote's swallowed lines
+
+
+@contextlib.contextmanager
+def _long_fields():
+    """Rows of faces larger than 48x48 read as rows: their pixel count, not the CSV reader's field limit
+    (128 KB, less than a 200x200 face's pixels), is what gets them refused."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, MAX_FIELD))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _counted(lines, report, every: int = 1000):
+    """`lines` as they are, calling `report(characters so far)` every `every` lines."""
+    done = 0
+    for number, line in enumerate(lines, 1):
+        done += len(line)
+        if number % every == 0:
+            report(done)
+        yield line
 
 
 def _rows_with_lines(reader, path: Path):

@@ -12,8 +12,9 @@ from ferkit.data.cache import cache_key, load_cached, save_cached
 from ferkit.data.dataset import FaceDataset
 from ferkit.errors import FerkitError
 from ferkit.faces import CROPPED_FACE_SIDE, get_detector, whole_image_face
-from ferkit.images import IMAGE_SUFFIXES, ImageError, image_decoders, load_image, to_model_input, to_rgb
-from ferkit.labels import EMOTIONS, canonical_label
+from ferkit import images as image_files
+from ferkit.images import IMAGE_SUFFIXES, PASSING_REASONS, ImageError, image_decoders, load_image, to_model_input, to_rgb
+from ferkit.labels import EMOTIONS, canonical_labels, class_of
 from ferkit.progress import track
 from ferkit.sources import files_under
 
@@ -39,20 +40,22 @@ def load_folder(
     if not root.is_dir():
         raise FerkitError(f"no such dataset folder: {root}" if not root.exists() else f"{root} is not a folder")
     chosen = classes is not None
-    classes = tuple(canonical_label(c) for c in (classes or EMOTIONS))
+    classes = tuple(canonical_labels(classes or EMOTIONS))
     files, labels, broken_links = _list_class_files(root, classes, chosen=chosen)
     if not files:
         broken = f" (only {len(broken_links)} link(s) to files that do not exist)" if broken_links else ""
         raise FerkitError(f"{root} holds no image files in its class folders{broken}")
 
     stats = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    # the decoders too: installing the heic extra or a newer Pillow changes which files can be read
+    # the decoders and the pixel limit too: installing the heic extra, a newer Pillow or a higher limit
+    # changes which files can be read
     key = cache_key(kind="folder", root=str(root.resolve()), size=image_size, classes=classes, files=stats,
-                    decoders=image_decoders())
+                    decoders=image_decoders(), max_pixels=image_files.MAX_IMAGE_PIXELS)
     cached = load_cached(key) if cache else None
     if cached is None:
         cached = _decode_files(files, labels, root, image_size, progress)
-        if cache:
+        # a file skipped for a reason of the moment (its permissions, say) is read again next time
+        if cache and not np.isin(cached["skipped_reasons"], PASSING_REASONS).any():
             save_cached(key, cached)
 
     skipped = [(str(root / p), r) for p, r in zip(cached["skipped_paths"], cached["skipped_reasons"])]
@@ -77,9 +80,10 @@ def load_folder(
 class UnknownClassFolders(FerkitError):
     """Class folders whose names are none of the classes asked for (`folders`)."""
 
-    def __init__(self, message: str, folders: list[str]):
+    def __init__(self, message: str, folders: list[str], *, datasets: bool = False):
         super().__init__(message)
         self.folders = folders
+        self.datasets = datasets  # the folders hold class folders of their own: train/ and val/, say
 
 
 def _list_class_files(root: Path, classes: tuple[str, ...], *, chosen: bool) -> tuple[list[Path], list[int], list[Path]]:
@@ -92,18 +96,22 @@ def _list_class_files(root: Path, classes: tuple[str, ...], *, chosen: bool) -> 
     loose = sorted(p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if loose:
         log.warning("%d image(s) at the top of %s, in no class folder, are left out (e.g. %s)", len(loose), root, loose[0])
-    unknown = [p.name for p in folders if canonical_label(p.name) not in classes]
+    unknown = [p.name for p in folders if class_of(p.name, classes) not in classes]
+    if unknown and all(_holds_class_folders(root / name, classes) for name in unknown):
+        raise UnknownClassFolders(f"the folders in {root} ({', '.join(unknown)}) hold class folders of their own: "
+                                  f"give one of them as the dataset, e.g. {root / unknown[0]}", unknown,
+                                  datasets=True)
     if unknown:
         keep = "" if chosen else "; --classes keeps others, in train and pack"
         raise UnknownClassFolders(f"folder(s) in {root} match no class: {', '.join(unknown)} (classes: {', '.join(classes)}{keep})",
                                   unknown)
-    _warn_of_merged_folders(root, folders)
+    _warn_of_merged_folders(root, folders, classes)
     files: list[Path] = []
     labels: list[int] = []
     broken_links: list[Path] = []
     unreadable: list[str] = []
     for folder in folders:
-        label = classes.index(canonical_label(folder.name))
+        label = classes.index(class_of(folder.name, classes))
         for path in files_under(folder, unreadable=unreadable):
             if path.is_file():
                 files.append(path)
@@ -116,11 +124,19 @@ def _list_class_files(root: Path, classes: tuple[str, ...], *, chosen: bool) -> 
     return files, labels, broken_links
 
 
-def _warn_of_merged_folders(root: Path, folders: list[Path]) -> None:
+def _holds_class_folders(folder: Path, classes: tuple[str, ...]) -> bool:
+    """Whether `folder` is a dataset of its own (train/ beside val/), holding a folder of one of `classes`."""
+    try:
+        return any(p.is_dir() and class_of(p.name, classes) in classes for p in folder.iterdir())
+    except OSError:
+        return False
+
+
+def _warn_of_merged_folders(root: Path, folders: list[Path], classes: tuple[str, ...]) -> None:
     """Folders named for one class ("happy" and "Happiness") are read as one: say so, as a typo may be behind it."""
     by_class: dict[str, list[str]] = {}
     for folder in folders:
-        by_class.setdefault(canonical_label(folder.name), []).append(folder.name)
+        by_class.setdefault(class_of(folder.name, classes), []).append(folder.name)
     for label, names in by_class.items():
         if len(names) > 1:
             log.warning("folders %s in %s all hold the class %s: their faces are read as one class",

@@ -8,9 +8,9 @@ from pathlib import Path
 from ferkit.data.dataset import FaceDataset
 from ferkit.data.fer2013_csv import load_fer2013_csv
 from ferkit.data.folder import load_folder
-from ferkit.data.packed import is_packed, load_packed
+from ferkit.data.packed import is_packed, is_unfinished_pack, load_packed
 from ferkit.errors import FerkitError
-from ferkit.labels import canonical_label, repeated
+from ferkit.labels import canonical_labels, repeated
 
 
 def load_dataset(
@@ -25,7 +25,7 @@ def load_dataset(
     """Load a folder tree (`root/<class>/*`), a FER2013 CSV or a packed dataset (ferkit.data.packed, read
     memory-mapped); `usage` selects CSV rows only."""
     if classes is not None:
-        classes = [canonical_label(name) for name in classes]  # as folder names match: Happy, happiness are happy
+        classes = canonical_labels(classes)  # as folder names match: Happy, happiness are happy
         twice = repeated(classes)
         if twice:
             raise FerkitError(f"the classes name {', '.join(twice)} more than once")
@@ -36,7 +36,9 @@ def load_dataset(
         if path.suffix.lower() != ".csv":
             raise FerkitError(f"{path} is neither a dataset folder nor a FER2013 .csv file")
         kwargs = {"classes": classes} if classes else {}
-        return load_fer2013_csv(path, usage=usage, image_size=image_size, cache=cache, **kwargs)
+        return load_fer2013_csv(path, usage=usage, image_size=image_size, cache=cache, progress=progress, **kwargs)
     if is_packed(path):
         return load_packed(path, classes=classes, image_size=image_size)
+    if is_unfinished_pack(path):
+        raise FerkitError(f"{path} holds a packed dataset stopped before its end: pack it again (ferkit pack ... --overwrite)")
     return load_folder(path, classes=classes, image_size=image_size, cache=cache, progress=progress)

@@ -192,23 +192,24 @@ def check_pack_folder(out: str | Path, *, overwrite: bool = False) -> None:
         raise FerkitError(f"{out} is a file; give a new folder for the packed dataset")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            what = "holds a packed dataset stopped before its end" if _is_unfinished_pack(out) else "already exists and is not empty"
+            what = "holds a packed dataset stopped before its end" if is_unfinished_pack(out) else "already exists and is not empty"
             raise FerkitError(f"{out} {what}; choose a new folder (or --overwrite to replace a packed dataset there)")
-        if not is_packed(out) and not _is_unfinished_pack(out):
+        if not is_packed(out) and not is_unfinished_pack(out):
             raise FerkitError(f"{out} is not a packed dataset; refusing to overwrite it, choose another folder")
 
 
 _SHARD_FILE = re.compile(r"(faces|labels)-\d{5}\.npy")
 
 
-def _is_unfinished_pack(folder: Path) -> bool:
+def is_unfinished_pack(folder: Path) -> bool:
     """Whether `folder` holds shard files only, without their index: a pack that was stopped before its end."""
-    return all(_SHARD_FILE.fullmatch(path.name) for path in folder.iterdir())
+    names = [path.name for path in folder.iterdir()]
+    return bool(names) and all(_SHARD_FILE.fullmatch(name) for name in names)
 
 
 def _remove_packed(folder: Path) -> None:
     """The files of the packed dataset in `folder`, finished or not, if there is one, removed."""
-    if not folder.is_dir() or not (is_packed(folder) or _is_unfinished_pack(folder)):
+    if not folder.is_dir() or not (is_packed(folder) or is_unfinished_pack(folder)):
         return
     for path in folder.iterdir():
         if _SHARD_FILE.fullmatch(path.name) or path.name == INDEX:
@@ -226,7 +227,10 @@ def load_packed(path: str | Path, *, classes: Sequence[str] | None = None, image
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise FerkitError(f"{path} is not a readable packed dataset ({type(err).__name__})") from None
     if size != tuple(image_size):
-        raise FerkitError(f"{path} holds {size[0]}x{size[1]} faces; this needs {image_size[0]}x{image_size[1]} (pack it again)")
+        origin = pack_origin(path)
+        again = f"pack {origin[0]}" if origin else "pack the faces it was packed from"
+        raise FerkitError(f"{path} holds {size[0]}x{size[1]} faces; this needs {image_size[0]}x{image_size[1]} "
+                          f"({again} again with --image-size {image_size[0]})")
     if len(labels) and (labels.min() < 0 or labels.max() >= len(stored_classes)):
         raise FerkitError(f"{path}: a label outside its {len(stored_classes)} classes")
     if classes is not None and list(classes) != stored_classes:
