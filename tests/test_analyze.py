@@ -338,6 +338,18 @@ def test_a_custom_detectors_empty_or_stray_boxes_are_left_out(trained_run):
     assert [f.box for f in analyze(picture, model=trained_run, detector=lambda rgb: stray)] == [(10, 20, 48, 48)]
 
 
+def test_a_custom_detectors_numpy_or_fractional_detections_give_whole_pixels_and_plain_json(trained_run):
+    import json
+
+    from ferkit.faces import Detection
+
+    picture = _canvas_with_faces([(10, 20, 48, 48)], [5])
+    found = [Detection(np.array([10.4, 19.6, 48, 48]), np.float32(0.9), [(np.int64(20), 30.6)])]
+    [face] = analyze(picture, model=trained_run, detector=lambda rgb: found)
+    assert face.box == (10, 20, 48, 48) and face.landmarks == [(20, 31)]
+    assert json.loads(json.dumps(face.to_dict()))["box"] == [10, 20, 48, 48]
+
+
 def test_labels_stay_inside_the_picture_and_clear_of_each_other():
     from ferkit.draw import _label_place
 
@@ -363,6 +375,23 @@ def test_a_tiny_face_crop_is_drawn_enlarged_with_its_label_inside(trained_run):
     assert drawn.shape[:2] == (TINY_SIDE, TINY_SIDE)
     label = np.all(drawn == colour_of(face.emotion), axis=2)
     assert label[4:14, 4:60].mean() > 0.4  # the label's fill, inside the picture's top left corner, not its edge only
+
+
+def test_a_box_is_drawn_on_its_own_pixels_and_no_further():
+    from ferkit import draw_faces
+
+    drawn = np.asarray(draw_faces(np.zeros((360, 640, 3), np.uint8), [(100, 100, 50, 50)], enlarge_tiny=False))
+    lit = np.flatnonzero(drawn[125].any(axis=1))  # a row through the box's middle, below its label
+    assert lit.min() == 100 and lit.max() == 149
+
+
+def test_a_result_of_an_opencv_frame_is_drawn_in_its_own_colours(trained_run):
+    from ferkit import analyze_images
+
+    bgr = np.zeros((120, 160, 3), np.uint8)
+    bgr[..., 0] = 200  # blue, in OpenCV's order
+    result = next(analyze_images([bgr], model=trained_run, detector="none", channels="bgr"))
+    assert tuple(np.asarray(result.draw(bgr, channels="bgr"))[60, 80]) == (0, 0, 200)
 
 
 @pytest.mark.parametrize("size", [(6000, 300), (300, 3000)])

@@ -342,3 +342,17 @@ def test_a_folder_listing_leaves_out_ferkits_plots_and_annotated_videos_but_not_
     assert [p.relative_to(folder).as_posix() for p in listed] == ["faces/me.face1.png", "me.png"]
     assert "1 annotated copies or plots that ferkit made" in caplog.text
     assert [p.name for p in videos_in(str(folder))] == ["clip.mp4"]
+
+
+def test_a_ferkit_plot_is_known_by_its_text_chunk_without_decoding_its_pixels(tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    from ferkit.sources import list_images
+
+    info = PngInfo()
+    info.add_text("Software", "ferkit 1.0")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400), dtype=np.uint8)).save(tmp_path / "plot.png", pnginfo=info)
+    data = (tmp_path / "plot.png").read_bytes()
+    (tmp_path / "plot.png").write_bytes(data[: len(data) // 2])  # its pixels cut short: only decoding them would fail
+    Image.fromarray(pattern_face(0, np.random.default_rng(1))).save(tmp_path / "face.png")
+    assert [Path(p).name for p in list_images(tmp_path)] == ["face.png"]

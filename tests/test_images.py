@@ -33,6 +33,14 @@ def test_every_mode_becomes_a_48x48_uint8_face(tmp_path, mode):
         assert face[:, 0].mean() < 40 and face[:, -1].mean() > 215
 
 
+@pytest.mark.parametrize("values", [lambda g: g.astype(np.float32) * 4, lambda g: g.astype(np.int32) * 1000,
+                                    lambda g: g.astype(np.float32) / 127.5 - 1], ids=["float-0-1020", "int-0-255000", "float-minus-1-1"])
+def test_a_32_bit_image_in_no_usual_range_is_stretched_as_viewers_show_it(tmp_path, values):
+    path = tmp_path / "scientific.tiff"
+    Image.fromarray(values(_gradient())).save(path)
+    assert np.array_equal(np.asarray(images.to_grayscale(load_image(path))), _gradient())
+
+
 def test_sixteen_bit_png_keeps_its_range(tmp_path):
     path = tmp_path / "deep.png"
     Image.fromarray(np.asarray(_gradient(), np.uint16) * 257).save(path)

@@ -194,6 +194,15 @@ def test_video_command_writes_timeline_plot_and_video(trained_run, squares_video
     assert "5 frames analysed" in result.output
 
 
+@pytest.mark.parametrize("suffix", [".3gp", ".mts"])
+def test_a_phone_or_camcorder_video_is_read_as_a_video(trained_run, squares_video, tmp_path, suffix):
+    clip = tmp_path / f"clip{suffix}"
+    clip.write_bytes(squares_video.read_bytes())
+    result = CliRunner().invoke(cli, ["predict", str(clip), "--model", str(trained_run), "--detector", "none",
+                                      "--every", "4", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0 and "5 frames analysed" in result.output, result.output
+
+
 def test_a_videos_results_replace_ferkits_own_but_not_a_users_files(trained_run, squares_video, tmp_path):
     out = tmp_path / "out"
     command = ["predict", str(squares_video), "--model", str(trained_run), "--detector", "none", "--every", "4",
@@ -467,3 +476,17 @@ def test_a_videos_files_never_replace_another_video_given(trained_run, squares_v
     again = CliRunner().invoke(cli, ["predict", str(folder / "*.mp4"), "--model", str(trained_run), "--detector", "none",
                                      "--every", "8", "--out", str(tmp_path / "o")])
     assert again.exit_code == 0 and "squares-2.annotated" not in again.output  # ferkit's own video: not read back
+
+
+def test_a_videos_plot_never_replaces_a_photo_the_batch_analyses(trained_run, squares_video, tmp_path):
+    folder = squares_video.parent
+    Image.fromarray(np.full((60, 60, 3), 120, np.uint8)).save(folder / "squares.emotions.png")  # a user's photo, so named
+    before = (folder / "squares.emotions.png").read_bytes()
+    command = ["predict", str(folder / "*"), "--model", str(trained_run), "--detector", "none", "--every", "8",
+               "--overwrite", "--out", str(folder)]
+    for _ in range(2):  # the second time, ferkit's own files of the first are replaced, not renamed again
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 0 and "1 images" in result.output, result.output
+        assert (folder / "squares.emotions.png").read_bytes() == before
+        assert (folder / "squares-2.emotions.png").exists() and not (folder / "squares-3.emotions.png").exists()
+

@@ -846,7 +846,8 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
             check_replaceable(outputs, overwrite=overwrite)
             if annotate is not False:
                 check_not_another_images_copy(out, image, outputs[1], overwrite=overwrite)
-    videos = _video_stems([s for s, kind in kinds if kind == "video"], out, save_video)
+    videos = _video_stems([s for s, kind in kinds if kind == "video"], out, save_video,
+                          photos=[(s, kind) for s, kind in kinds if kind != "video"])
     for _, stem in videos:
         check_replaceable(video_outputs(out, stem, save_video), overwrite=overwrite)
     classifier = load_classifier(model, prefer_export=True).with_tta(tta)
@@ -874,21 +875,47 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
         sys.exit(1)
 
 
-def _video_stems(videos: list[str], out: Path, save_video: bool) -> list[tuple[str, str]]:
+def _video_stems(videos: list[str], out: Path, save_video: bool, photos=()) -> list[tuple[str, str]]:
     """Each video with its name for its files in `out`: its own, or clip-2, clip-3, ... where videos of
-    different folders share one, or where a file it would write is one of the videos given (a user's
-    x.annotated.mp4 beside x.mp4, which --overwrite would otherwise write over)."""
+    different folders share one, or where a file it would write is one of the videos given or a photo the
+    batch analyses (`photos`: its other sources and their kinds; a user's x.annotated.mp4 beside x.mp4, or
+    photo x.emotions.png, which --overwrite would otherwise write over)."""
     from ferkit.batch import unique_path, video_outputs, video_stem
+    from ferkit.draw import written_by_ferkit
+    from ferkit.images import IMAGE_SUFFIXES
 
     given = {os.path.realpath(video) for video in videos}
     stems: set[str] = set()
     named = []
+
+    def taken(path: Path) -> bool:
+        if os.path.realpath(path) in given:
+            return True
+        return (path.suffix.lower() in IMAGE_SUFFIXES and path.exists() and not written_by_ferkit(path)
+                and _one_of_the_photos(path, photos))
+
     for video in videos:
         stem = unique_path(out, video_stem(Path(video).stem), "", stems).name
-        while any(os.path.realpath(path) in given for path in video_outputs(out, stem, save_video)):
+        while any(taken(path) for path in video_outputs(out, stem, save_video)):
             stem = unique_path(out, video_stem(Path(video).stem), "", stems).name
         named.append((video, stem))
     return named
+
+
+def _one_of_the_photos(path: Path, photos) -> bool:
+    """Whether the existing file `path` is one that the photo sources `photos` ((source, kind): an image,
+    a folder or a glob) name."""
+    import glob
+
+    real = Path(os.path.realpath(path))
+    for source, kind in photos:
+        if kind == "image" and os.path.realpath(source) == str(real):
+            return True
+        if kind == "folder" and real.is_relative_to(os.path.realpath(source)):
+            return True
+        if kind == "glob" and str(real) in {os.path.realpath(p) for p in glob.glob(source, recursive=True)}:
+            return True
+    return False
 
 
 def _check_options_fit_sources(kinds, *, annotate, every, target_fps, smooth, save_video) -> None:

@@ -68,7 +68,8 @@ def draw_faces(image: Image.Image | np.ndarray | str | os.PathLike, faces: Seque
         x, y, w, h = face.box if isinstance(face, Face) else checked_box(face, full_size(image))
         box = (round(x / across), round(y / down), round(w / across), round(h / down))
         colour = colour_of(face.emotion) if isinstance(face, Face) else (255, 255, 255)
-        draw.rectangle((box[0], box[1], box[0] + box[2], box[1] + box[3]), outline=colour, width=line)
+        # the last pixel inside the box is x + w - 1: the outline covers the box's own pixels, no more
+        draw.rectangle((box[0], box[1], box[0] + max(box[2], 1) - 1, box[1] + max(box[3], 1) - 1), outline=colour, width=line)
         label = f"{number} {face.emotion}{'?' if face.uncertain else ''} {face.score:.0%}" if isinstance(face, Face) else str(number)
         drawn.append((box, colour, label))
     placed: list[tuple[int, int, int, int]] = []
@@ -151,7 +152,8 @@ def written_by_ferkit(path: str | Path) -> bool:
             return False
     try:
         with Image.open(path) as image:
-            software = image.getexif().get(SOFTWARE) or image.info.get("Software", "")
+            # a PNG's text chunks are read on opening; its EXIF would be looked for by decoding every pixel
+            software = image.info.get("Software") or (image.getexif().get(SOFTWARE) if image.format != "PNG" else "")
             return str(software).startswith("ferkit")
     except (OSError, ValueError):
         return False

@@ -156,6 +156,8 @@ def _decode(file, path: Path, *, max_pixels: int | None = None, formats: Sequenc
         raise ImageError(path, first_line(err), f"{path} could not be decoded ({first_line(err)})") from None
     except DECODE_ERRORS as err:
         raise ImageError(path, first_line(err), f"{path} could not be decoded ({first_line(err)})") from None
+    if image.mode in ("I", "F"):
+        image = _in_usual_range(image)
     upright = _upright(image)
     if photo_size:
         upright.info[FULL_SIZE] = photo_size if upright.size == image.size else photo_size[::-1]
@@ -328,6 +330,29 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
         scale = _to_8bit_scale(array)
         array = np.clip(array.astype(np.float64) * scale + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(array)
+
+
+def _in_usual_range(image: Image.Image) -> Image.Image:
+    """A 32-bit image file as it is where its values lie in a usual range (0-1 or 0-255 for floats, up to
+    65535 for integers); else (a scientific TIFF's) stretched onto 8-bit gray, as image viewers show it."""
+    values = np.asarray(image)
+    try:
+        _to_8bit_scale(values)
+    except FerkitError:
+        stretched = Image.fromarray(_stretched(values.astype(np.float64)), "L")
+        stretched.info.update(image.info)
+        return stretched
+    return image
+
+
+def _stretched(values: np.ndarray) -> np.ndarray:
+    """`values` mapped linearly onto 0-255, their least to 0 and their most to 255 (NaN and infinities to 0)."""
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(values.shape, np.uint8)
+    low, high = values[finite].min(), values[finite].max()
+    spread = (values - low) * (255.0 / (high - low)) if high > low else np.zeros(values.shape)
+    return np.clip(np.where(finite, spread, 0) + 0.5, 0, 255).astype(np.uint8)
 
 
 def _to_8bit_scale(array: np.ndarray) -> float:

@@ -170,10 +170,10 @@ def _find_faces(label, image, classifier: Classifier, find, boxes, channels: str
         loaded = load_image(image, channels=channels)
         result.image_size = full_size(loaded)
         given = None if boxes is None else [checked_box(b, result.image_size) for b in boxes]
+        picture = to_rgb(loaded)
     except FerkitError as err:
         result.error = str(err)
         return result, []
-    picture = to_rgb(loaded)
     # Boxes are reported in the photo's pixels, and crops cut from the picture as decoded: the same
     # unless a very large JPEG was decoded at a reduced scale.
     across, down = decoded_scale(loaded)
@@ -206,14 +206,16 @@ def detected_faces(find: Callable, picture: Image.Image) -> list[Detection]:
 
 
 def _as_detection(found) -> Detection:
-    """A detector's answer for one face: a Detection, or a bare (x, y, width, height) box."""
-    if isinstance(found, Detection):
-        return found
+    """A detector's answer for one face, a Detection or a bare (x, y, width, height) box, as a Detection
+    of whole pixels and plain numbers (numpy's or floats would reach the JSON)."""
+    box, score, landmarks = (found.box, found.score, found.landmarks) if isinstance(found, Detection) else (found, None, None)
     try:
-        x, y, width, height = (int(round(float(v))) for v in found)
+        x, y, width, height = (int(round(float(v))) for v in box)
+        score = None if score is None else float(score)
+        landmarks = None if landmarks is None else [(int(round(float(px))), int(round(float(py)))) for px, py in landmarks]
     except (TypeError, ValueError):
         raise TypeError(f"a detector must return Detections or (x, y, width, height) boxes, not {found!r}") from None
-    return Detection((x, y, width, height), None)
+    return Detection((x, y, width, height), score, landmarks)
 
 
 def _on_picture(box: Box, size: tuple[int, int]) -> bool:

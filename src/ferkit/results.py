@@ -68,16 +68,16 @@ class ImageResult:
             data["error"] = self.error
         return data
 
-    def draw(self, image=None):
-        """The image with a box and label per face (a PIL image); see ferkit.draw.draw_faces."""
+    def draw(self, image=None, *, channels: str = "rgb"):
+        """The image with a box and label per face (a PIL image); see ferkit.draw.draw_faces. `channels`:
+        "bgr" for an OpenCV array, as analyze_images was told."""
         from ferkit.draw import draw_faces
-        from ferkit.images import load_image
 
         given_as = {"<array>": "an array", "<image>": "a PIL image", "<bytes>": "bytes"}
         if image is None and self.source in given_as:
             raise FerkitError(f"this result came from {given_as[self.source]}, not a file: pass the image, "
                               "result.draw(image)")
-        return draw_faces(load_image(image if image is not None else self.source), self.faces)
+        return draw_faces(image if image is not None else self.source, self.faces, channels=channels)
 
     def summary(self) -> str:
         if self.error is not None:

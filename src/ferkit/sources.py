@@ -20,7 +20,9 @@ ANNOTATED_SUFFIX = ".annotated.jpg"  # ferkit's annotated copy of a photo: NAME.
 CROP_NAME = re.compile(r"\.face(\d+)\.png$")  # a face crop that `ferkit crop` wrote: NAME.face<k>.png
 NAME_MAX = 255  # bytes in a file name, on the common file systems
 log = logging.getLogger("ferkit")
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
+# Not .ts (MPEG transport streams): a folder of photos may hold TypeScript files of that name.
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".3g2", ".mts",
+                  ".m2ts", ".flv", ".ogv")
 
 
 def source_kind(source: str) -> str:
@@ -41,12 +43,13 @@ def source_kind(source: str) -> str:
     return "video" if path.suffix.lower() in VIDEO_SUFFIXES else "image"
 
 
-def list_images(source: str, *, skip: str | Path | None = None, quiet: bool = False) -> list[Path]:
+def list_images(source: str | os.PathLike, *, skip: str | Path | None = None, quiet: bool = False) -> list[Path]:
     """The image files of a folder (recursively, hidden ones left out) or a glob, sorted; none inside
     the folder `skip` (where ferkit writes its results) when it lies within the folder listed.
     Annotated copies and plots that ferkit made (marked inside) are left out wherever they are, face crops
     (which are faces) are not; a user's own photo named like one is listed. What is left out besides (files without a name suffix, links to
     nothing, folders that cannot be read or that lead back up) is logged, unless `quiet`."""
+    source = os.fspath(source)
     kind = source_kind(source)
     unreadable: list[str] = []
     if kind == "glob":
