@@ -144,7 +144,7 @@ def test_an_upload_without_a_content_type_is_taken_as_bytes_to_decode(client):
 
 @pytest.mark.parametrize("setting", [{"max_upload_mb": float("nan")}, {"max_upload_mb": -1}, {"concurrency": 0},
                                      {"video_fps": 0}, {"max_megapixels": 0}, {"max_video_seconds": "60"},
-                                     {"max_upload_mb": 1e308}, {"max_video_mb": 2e6}])
+                                     {"max_upload_mb": 1e308}, {"max_video_mb": 2e6}, {"max_waiting": -1}])
 def test_settings_no_server_can_run_with_are_refused_when_the_app_is_made(setting):
     with pytest.raises(FerkitError, match=f"the server's {next(iter(setting))} must be"):
         create_app(ServeConfig(**setting))
@@ -247,7 +247,7 @@ def test_queued_analyses_do_not_keep_the_health_check_waiting():
 
     import httpx2 as httpx
 
-    app = create_app(ServeConfig(concurrency=1))
+    app = create_app(ServeConfig(concurrency=1, max_waiting=60))
     gate = threading.Event()
     app.state.analyses.submit(gate.wait, 60)  # the one analysis slot is busy until the gate opens
     body = PEOPLE.read_bytes()
@@ -270,6 +270,39 @@ def test_queued_analyses_do_not_keep_the_health_check_waiting():
     assert health.status_code == 200 and models.status_code == 200
     assert [answer.status_code for answer in answers] == [200] * 60
     assert all(len(answer.json()["faces"]) == 3 for answer in answers)
+
+
+def test_uploads_past_the_waiting_limit_are_503_at_once_and_the_others_analysed():
+    import asyncio
+
+    import httpx2 as httpx
+
+    app = create_app(ServeConfig(concurrency=1, max_waiting=2))
+    gate = threading.Event()
+    app.state.analyses.submit(gate.wait, 60)  # the one analysis slot is busy until the gate opens
+    body = PEOPLE.read_bytes()
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ferkit") as http:
+            def post():
+                return asyncio.create_task(http.post("/v1/analyze", content=body, headers={"Content-Type": "image/jpeg"}))
+
+            held = [post() for _ in range(3)]  # one whose turn is next, two waiting
+            await asyncio.sleep(1)
+            refused = await asyncio.wait_for(asyncio.gather(post(), post()), timeout=10)
+            assert not any(upload.done() for upload in held)
+            gate.set()
+            return refused, await asyncio.gather(*held)
+
+    try:
+        refused, answered = asyncio.run(scenario())
+    finally:
+        gate.set()
+    assert [r.status_code for r in refused] == [503, 503] and all(r.headers["Retry-After"] == "5" for r in refused)
+    assert "the server is busy: 3 analyses running or waiting" in refused[0].json()["detail"]
+    assert [a.status_code for a in answered] == [200] * 3
+    with TestClient(app) as client:  # the turns are given back: the server takes uploads again
+        assert client.post("/v1/analyze", content=body, headers={"Content-Type": "image/jpeg"}).status_code == 200
 
 
 def _panning_video(frames: int) -> bytes:

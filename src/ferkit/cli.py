@@ -727,13 +727,16 @@ def cache_cmd(action: str):
                    "images get HTTP 413.")
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1, 64),
               help="Analyses at a time; more requests wait their turn.")
+@click.option("--max-waiting", default=32, show_default=True, type=click.IntRange(0, 10_000),
+              help="Uploads waiting for their turn, held in memory; more get HTTP 503 (busy, retry).")
 def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, max_video_mb: float,
-              max_video_seconds: float, max_megapixels: float, concurrency: int):
+              max_video_seconds: float, max_megapixels: float, concurrency: int, max_waiting: int):
     """A local web page (photos, webcam, videos) and JSON API (POST /v1/analyze) at http://HOST:PORT."""
     from ferkit.serve import ServeConfig, serve
 
     config = ServeConfig(model=model, detector=detector, max_upload_mb=max_upload_mb, max_video_mb=max_video_mb,
-                         max_video_seconds=max_video_seconds, max_megapixels=max_megapixels, concurrency=concurrency)
+                         max_video_seconds=max_video_seconds, max_megapixels=max_megapixels, concurrency=concurrency,
+                         max_waiting=max_waiting)
     serve(config, host=host, port=port)
 
 

@@ -12,13 +12,15 @@ over the size limit get 413 (counted as read, whatever the declared length); any
 decode as an image gets 415 (only IMAGE_FORMATS' decoders see an upload), an image over the pixel limit 413; uploads are held in memory (videos in
 a temporary file, removed before the response); one loaded model serves all requests, at most
 `concurrency` analyses at a time (decoding included), in worker threads of their own: slow or idle
-clients never hold the model, and queued analyses never hold the threads that answer `/healthz` and the page.
+clients never hold the model, and queued analyses never hold the threads that answer `/healthz` and the page;
+past `max_waiting` uploads waiting for their turn, more get 503 with Retry-After.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations (Request), which
 # are imported inside create_app, only where the serve extra is installed.
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -56,6 +58,7 @@ class ServeConfig:
     max_video_seconds: float = 60.0
     max_megapixels: float = 40.0
     concurrency: int = 2  # analyses at a time (each uses the CPU cores ONNX Runtime is given)
+    max_waiting: int = 32  # uploads held in memory, waiting for their turn, beyond which more get 503
     video_fps: float = 5.0  # analyse about this many frames per second of an uploaded video, as `ferkit predict` does
 
     def __post_init__(self):
@@ -68,6 +71,8 @@ class ServeConfig:
                 raise FerkitError(f"the server's {name} must be at most {MAX_MB:,} (MB), not {getattr(self, name)!r}")
         if not (isinstance(self.concurrency, int) and self.concurrency >= 1):
             raise FerkitError(f"the server's concurrency must be a whole number, at least 1, not {self.concurrency!r}")
+        if not (isinstance(self.max_waiting, int) and self.max_waiting >= 0):
+            raise FerkitError(f"the server's max_waiting must be a whole number, at least 0, not {self.max_waiting!r}")
 
 
 def create_app(config: ServeConfig | None = None, *, local_only: bool = False):
@@ -97,6 +102,7 @@ def create_app(config: ServeConfig | None = None, *, local_only: bool = False):
     app = FastAPI(title="ferkit", version=version, redoc_url=None,
                   summary="Facial expression recognition: faces and their emotions in photos and videos.")
     app.state.analyses = analyses
+    turns = Turns(config.concurrency + config.max_waiting)
     app.mount("/static", StaticFiles(directory=WEB), name="static")
     size_limits = {"/v1/analyze": ("--max-upload-mb", config.max_upload_mb), "/v1/video": ("--max-video-mb", config.max_video_mb)}
     app.add_middleware(TooLargeAsJson, limits=size_limits)
@@ -142,7 +148,8 @@ def create_app(config: ServeConfig | None = None, *, local_only: bool = False):
         `ferkit predict --json`. The body is the image (Content-Type image/*) or a multipart form with
         the image in the field `file`."""
         data, _ = await _upload(request, IMAGE_TYPES, "an image", size_limits["/v1/analyze"])
-        return await _run_for(request, analyses, analyze_bytes, data)
+        with turns.taken():
+            return await _run_for(request, analyses, analyze_bytes, data)
 
     @app.post("/v1/video", openapi_extra=_upload_schema(VIDEO_TYPES), max_body_size=int(config.max_video_mb * MB))
     async def video(request: Request) -> dict:
@@ -151,12 +158,36 @@ def create_app(config: ServeConfig | None = None, *, local_only: bool = False):
         counted once per frame it is found in (the timeline's rows). `cut_short`: frames stopped coming well
         before the count the file's container lists (a truncated upload)."""
         data, name = await _upload(request, VIDEO_TYPES, "a video", size_limits["/v1/video"], also=ANIMATED_TYPES)
-        return await _run_for(request, analyses, _analyze_video_bytes, data, classifier, detector, config, name, decoders)
+        with turns.taken():
+            return await _run_for(request, analyses, _analyze_video_bytes, data, classifier, detector, config, name, decoders)
 
     return app
 
 
 CLIENT_GONE = 499  # as nginx logs a request whose client closed the connection before the answer
+BUSY_RETRY_S = 5  # the Retry-After of a 503: about what a few queued analyses take
+
+
+class Turns:
+    """Analyses running or waiting for their turn, at most `limit`: each waits with its upload in memory,
+    so past that the server answers 503 at once rather than hold ever more."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    @contextlib.contextmanager
+    def taken(self):
+        from fastapi import HTTPException
+
+        if self.held >= self.limit:  # requests run on one event loop: no other can take a turn meanwhile
+            raise HTTPException(503, f"the server is busy: {self.held} analyses running or waiting, its limit "
+                                     "(--concurrency and --max-waiting); try again shortly",
+                                headers={"Retry-After": str(BUSY_RETRY_S)})
+        self.held += 1
+        try:
+            yield
+        finally:
+            self.held -= 1
 
 
 async def _run_for(request, pool: ThreadPoolExecutor, function, *args):
