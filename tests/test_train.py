@@ -19,6 +19,8 @@ from ferkit.labels import EMOTIONS
 from ferkit.runtime import read_metadata
 from ferkit.runs import HISTORY_COLUMNS, RUN_FILES, RunState, read_history
 from ferkit.training import TrainingInterrupted, train
+from click.testing import CliRunner
+from ferkit.cli import cli
 
 
 def _config(pattern_data, out, **overrides):
@@ -154,6 +156,10 @@ def test_a_killed_run_is_usable_and_resumes(pattern_data, tmp_path):
     while RunState.load(run).epochs_done < 2 if (run / "state.json").exists() else True:
         assert time.time() < deadline and process.poll() is None, process.communicate()
         time.sleep(0.2)
+    # a second process told to train the same folder meanwhile is refused, leaving the run to the first
+    second = subprocess.run([sys.executable, "-m", "ferkit.cli", "train", "--resume", str(run), "--epochs", "500"],
+                            capture_output=True, text=True)
+    assert second.returncode == 2 and f"{run} is being trained by another process" in second.stderr, second.stderr
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130
@@ -211,6 +217,25 @@ def test_a_stop_while_training_starts_up_is_kept_and_leaves_the_run_folder_alone
         train(_config(pattern_data, run, epochs=3, batch_size=16), overwrite=True, verbose=0)
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
     assert signal.getsignal(signum) is handler  # the run's own handler is gone with it
+
+
+def test_a_stop_while_the_init_model_is_scored_leaves_the_run_folder_that_overwrite_would_replace(pattern_data, tmp_path,
+                                                                                                    monkeypatch):
+    import ferkit.training as training
+    run = tmp_path / "run"
+    train(_config(pattern_data, run, epochs=1, batch_size=16), verbose=0)
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    real_score = training._log_starting_score
+
+    def score_with_a_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the --init model is scored: training has not begun
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_log_starting_score", score_with_a_signal)
+    shutil.copytree(run, tmp_path / "init")
+    with pytest.raises(TrainingInterrupted, match=f"interrupted before training began; {run} was not written"):
+        train(_config(pattern_data, run, epochs=3, batch_size=16, init=str(tmp_path / "init")), overwrite=True, verbose=0)
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
 
 
 def test_overwrite_replaces_the_runs_own_files_and_names_the_users_it_keeps(pattern_data, tmp_path, caplog):
@@ -1049,3 +1074,40 @@ def test_a_csv_without_the_rows_training_reads_says_how_to_train_on_its_rows(tmp
 
     packed = CliRunner().invoke(cli, ["pack", str(tmp_path / "private.csv"), str(tmp_path / "rows"), "--usage", "all"])
     assert packed.exit_code == 0 and len(load_dataset(tmp_path / "rows")) == 7, packed.output
+
+
+def test_resume_takes_a_shipped_teacher_by_name_and_refuses_a_teacher_the_run_had_not(trained_run, tmp_path):
+    from ferkit.cli import _resumed_config
+
+    distilled = tmp_path / "distilled"
+    distilled.mkdir()
+    TrainConfig(data=str(tmp_path), val=str(tmp_path), teacher="default", out=str(distilled)).save(distilled / "config.json")
+    flags = {"epochs": None, "fine_tune_epochs": None, "precision": None, "save_period": None, "data": None, "val": None,
+             "teacher": None}
+    assert _resumed_config(distilled, flags).teacher == "default"  # a shipped model's name, not a path
+    assert _resumed_config(distilled, {**flags, "teacher": "default"}).teacher == "default"
+    refused = CliRunner().invoke(cli, ["train", "--resume", str(trained_run), "--teacher", str(distilled)])
+    assert refused.exit_code == 2 and "was trained without a teacher" in refused.output
+    refused = CliRunner().invoke(cli, ["train", "--resume", str(trained_run), "--fine-tune-epochs", "3"])
+    assert refused.exit_code == 2 and "does not fine-tune" in refused.output
+
+
+def test_a_damaged_state_file_is_one_line_saying_what_it_records(trained_run, tmp_path):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    (run / "state.json").write_text("{bad")
+    result = CliRunner().invoke(cli, ["train", "--resume", str(run), "--epochs", "20"])
+    assert result.exit_code == 2 and f"{run / 'state.json'} is damaged" in result.output
+
+
+def test_a_run_folder_under_a_file_is_refused_before_the_data_is_read(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = CliRunner().invoke(cli, ["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "afile" / "sub")])
+    assert result.exit_code == 2 and f"{tmp_path / 'afile'} is a file" in result.output
+
+
+def test_zero_processes_are_named_as_such():
+    from ferkit.distributed import Topology
+
+    with pytest.raises(FerkitError, match="--num-processes is the job's count of processes, at least 1, not 0"):
+        Topology(None, 0, 0)
+

@@ -76,6 +76,15 @@ def test_two_phase_fine_tuning(vgg_weights, pattern_data, tmp_path):
     assert any(trainable[-4:]) and not any(trainable[:-4])
 
 
+def test_a_cosine_schedule_spans_fine_tunings_own_epochs_without_a_second_warm_up(vgg_weights, pattern_data, tmp_path):
+    config = TrainConfig(model="vgg19-transfer", weights=str(vgg_weights), data=str(pattern_data / "train"),
+                         val=str(pattern_data / "val"), epochs=2, lr_schedule="cosine", warmup_epochs=1, fine_tune=4,
+                         fine_tune_epochs=2, out=str(tmp_path / "ft"))
+    rates = read_history(train(config, verbose=0) / "history.csv")["learning_rate"]
+    start = config.learning_rate / 10  # fine-tuning's rate
+    assert rates[2] < 0.6 * start and rates[3] == pytest.approx(start * 0.01, rel=0.05)  # decayed to its floor
+
+
 def test_fine_tune_needs_its_epochs():
     with pytest.raises(FerkitError, match="fine-tune-epochs"):
         TrainConfig(fine_tune=3)

@@ -307,3 +307,7 @@ class StopOnSignal(keras.callbacks.Callback):
     def on_test_batch_end(self, batch, logs=None):
         if self.stopping:  # the epoch cut short is dropped: no need to validate it
             self.model.stop_evaluating = True
+
+    def on_predict_batch_end(self, batch, logs=None):
+        if self.stopping:  # a frozen backbone's features, computed before the first epoch
+            self.model.stop_predicting = True

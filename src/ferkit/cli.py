@@ -354,28 +354,39 @@ def train_cmd(resume: Path | None, overwrite: bool, local_processes: int | None,
         f"done: {state.epochs_done} epoch{'s' if state.epochs_done != 1 else ''}, best val accuracy {state.best_val_accuracy:.4f} at epoch "
         f"{state.best_epoch}; run folder {run} (best.keras, history.csv, curves.png)"
     )
-    if state.start_val_accuracy is not None and state.best_val_accuracy <= state.start_val_accuracy:
+    import numpy as np
+
+    # compared as Keras measured the run's accuracy, in float32: the same share of faces right is no gain
+    if state.start_val_accuracy is not None and np.float32(state.best_val_accuracy) <= np.float32(state.start_val_accuracy):
         click.echo(f"warning: {state.start_model} scored {state.start_val_accuracy:.4f} on the same validation faces before "
                    "training: this run did not improve on it (a lower --lr, more faces or more epochs may)", err=True)
 
 
 def _resumed_config(run: Path, flags: dict) -> TrainConfig:
-    """The run's own config, with a new --epochs total, --precision or --save-period, and --data, --val or
-    --teacher where the run's data now is (moved, or the run started in another folder: relative paths count
-    from there)."""
+    """The run's own config, with a new --epochs total (--fine-tune-epochs too, for a run that fine-tunes),
+    --precision or --save-period, and --data, --val or --teacher where the run's data now is (moved, or the
+    run started in another folder: relative paths count from there)."""
+    from ferkit.runtime import is_shipped_model_name
+
     movable = {"data": "--data", "val": "--val", "teacher": "--teacher"}
-    if {k for k, v in flags.items() if v is not None} - {"epochs", "precision", "save_period", *movable}:
-        raise FerkitError("with --resume only --epochs, --precision and --save-period may change (and --data, --val, "
-                          "--teacher say where the run's data is now); the rest comes from the run's config.json")
+    changeable = ("epochs", "fine_tune_epochs", "precision", "save_period")
+    if {k for k, v in flags.items() if v is not None} - {*changeable, *movable}:
+        raise FerkitError("with --resume only --epochs, --fine-tune-epochs, --precision and --save-period may change (and "
+                          "--data, --val, --teacher say where the run's data is now); the rest comes from the run's config.json")
     if not (run / "config.json").exists():
         raise FerkitError(f"cannot resume: {run} is not a ferkit run folder (no config.json)")
     config = TrainConfig.load(run / "config.json")
-    changes = {key: flags[key] for key in ("epochs", "precision", "save_period", *movable) if flags[key] is not None}
+    if flags.get("teacher") is not None and not config.teacher:
+        raise FerkitError(f"{run} was trained without a teacher: --teacher with --resume only says where the run's own "
+                          "teacher is now; distil in a new run (--init RUN --teacher ...)")
+    if flags.get("fine_tune_epochs") is not None and not config.fine_tune:
+        raise FerkitError(f"{run} does not fine-tune (no --fine-tune layers): --epochs sets how long it trains")
+    changes = {key: flags[key] for key in (*changeable, *movable) if flags.get(key) is not None}
     config = replace(config, out=str(run), **changes)  # checked as a new config is: --epochs 0 is refused
     for key, flag in movable.items():
         where = getattr(config, key)
-        if where and not Path(where).exists():
-            if flags[key] is not None:
+        if where and not Path(where).exists() and not (key == "teacher" and is_shipped_model_name(where)):
+            if flags.get(key) is not None:
                 raise FerkitError(f"{flag} {where}: no such file or folder")
             raise FerkitError(f"the run's {flag} {where} is not here (a relative path counts from where the run "
                               f"started); pass {flag} with where it is now")
@@ -525,7 +536,8 @@ def _check_usage(data: str, usage: str | None, usage_given: bool) -> str | None:
 @click.option("--usage", default="PublicTest", show_default=True,
               help="CSV rows to use: Training, PublicTest, PrivateTest or all.")
 @click.option("--out", type=click.Path(path_type=Path),
-              help="Folder for the report files (default: beside the model; runs/ for a shipped model).")
+              help="Folder for the report files (default: RUN/eval-DATA for a run folder, eval-MODEL-DATA beside a "
+                   "model file, runs/eval-MODEL-DATA for a shipped model).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Faces per model call.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace the reports of another evaluation in --out.")

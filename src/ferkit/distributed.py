@@ -44,7 +44,9 @@ class Topology:
             host, _, port = self.coordinator.rpartition(":")
             if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
                 raise FerkitError(f"--coordinator is HOST:PORT, where process 0 listens (e.g. 10.0.0.1:1234), not {self.coordinator!r}")
-        if self.num_processes < 1 or not 0 <= self.process_id < self.num_processes:
+        if self.num_processes < 1:
+            raise FerkitError(f"--num-processes is the job's count of processes, at least 1, not {self.num_processes}")
+        if not 0 <= self.process_id < self.num_processes:
             raise FerkitError(f"--process-id must lie in 0..{self.num_processes - 1} for {self.num_processes} processes")
         if self.num_processes > 1 and not self.coordinator:
             raise FerkitError("several processes need --coordinator HOST:PORT (where process 0 listens)")

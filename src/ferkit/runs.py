@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ferkit.errors import FerkitError
+from ferkit.errors import FerkitError, first_line
 
 # Keras' CSVLogger writes the columns after "epoch" in sorted order; older runs had another order
 HISTORY_COLUMNS = ("epoch", "accuracy", "learning_rate", "loss", "seconds", "val_accuracy", "val_loss")
@@ -50,7 +50,13 @@ class RunState:
     @classmethod
     def load(cls, run: str | Path) -> "RunState":
         path = Path(run) / "state.json"
-        return cls(**json.loads(path.read_text())) if path.exists() else cls()
+        if not path.exists():
+            return cls()
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError, UnicodeDecodeError) as err:  # not JSON, or not a state's fields
+            raise FerkitError(f"{path} is damaged ({first_line(err)}); it records how far the run got: restore it "
+                              "from a copy, or start the run again (--overwrite)") from None
 
     def save(self, run: str | Path) -> None:
         write_atomic(Path(run) / "state.json", json.dumps(self.__dict__, indent=2) + "\n")
@@ -87,6 +93,9 @@ def check_run_folder(run: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse, before any work, to resume what is not a run or to replace anything silently."""
     if run.is_file():
         raise FerkitError(f"{run} is a file, not a run folder")
+    a_file = next((parent for parent in run.parents if parent.exists() and not parent.is_dir()), None)
+    if a_file is not None:
+        raise FerkitError(f"{run} cannot be a run folder: {a_file} is a file")
     is_run = (run / "config.json").exists()
     if resume:
         if not is_run:
@@ -97,6 +106,37 @@ def check_run_folder(run: Path, *, resume: bool, overwrite: bool) -> None:
             raise FerkitError(f"{run} holds files and is not a ferkit run folder; choose another --out")
         if not overwrite:
             raise FerkitError(f"{run} already exists; use --resume to continue it, --overwrite to replace it, or another --out")
+
+
+_HELD: dict[str, int] = {}  # run folders this process trains: their open descriptors, which hold the locks
+
+
+def hold_run_folder(run: Path) -> None:
+    """Lock `run` (a folder) for this process's training until release_run_folder: a second `ferkit train` of
+    it, which would rewrite its history and state under the first, is a one-line FerkitError instead. The
+    lock (flock on the folder itself) ends with the process, however it ends; where flock is missing
+    (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = str(run.resolve())
+    if key in _HELD or not run.is_dir():
+        return
+    descriptor = os.open(run, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(descriptor)
+        raise FerkitError(f"{run} is being trained by another process; let it finish, or stop it (Ctrl-C, kill) and "
+                          "then resume") from None
+    _HELD[key] = descriptor
+
+
+def release_run_folder(run: Path) -> None:
+    descriptor = _HELD.pop(str(run.resolve()), None)
+    if descriptor is not None:
+        os.close(descriptor)
 
 
 def clear_run_folder(run: Path) -> list[str]:

@@ -31,8 +31,8 @@ from ferkit.images import faces_to_batch
 from ferkit.models import check_weights, get_model_spec
 from ferkit.results import check_out_outside_data
 from ferkit.runs import (
-    EPOCHS_FOLDER, HELD_OUT_DIGEST, TRAIN_DIGEST, RunState, check_run_folder, clear_run_folder, faces_digest, read_history,
-    rewrite_history, save_run_config,
+    EPOCHS_FOLDER, HELD_OUT_DIGEST, TRAIN_DIGEST, RunState, check_run_folder, clear_run_folder, faces_digest,
+    hold_run_folder, read_history, release_run_folder, rewrite_history, save_run_config,
 )
 from ferkit.teacher import check_teacher, teacher_probabilities
 from ferkit.training_data import (
@@ -81,7 +81,13 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         check_distributable(config, topology.num_processes)
         start_distributed(topology)
     if topology.is_chief:
-        return _train(config, Path(config.out), resume, overwrite, verbose, callbacks, topology)
+        run = Path(config.out)
+        try:
+            if run.is_dir():
+                hold_run_folder(run)
+            return _train(config, run, resume, overwrite, verbose, callbacks, topology)
+        finally:
+            release_run_folder(run)
     check_run_folder(Path(config.out), resume=resume, overwrite=overwrite)  # fail as process 0 will
     with tempfile.TemporaryDirectory(prefix="ferkit-worker-") as folder:
         if resume:
@@ -153,7 +159,10 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
                 check_validation_faces_unseen(faces_this_process_reads(train_set, topology), val_set, given=config.val)
                 warn_of_a_small_validation_set(val_set)  # once training is sure to start: not before an error
                 state.start_val_accuracy, state.start_model = _log_starting_score(config, val_set)
+                if stop.requested:  # during the starting score: the folder (an --overwrite target) is still as it was
+                    raise KeyboardInterrupt
                 _say_what_is_kept(run, clear_run_folder(run))
+                hold_run_folder(run)  # a new folder exists from here (a no-op for one held from the start)
             started = True
             _start_run_folder(run, config, state, train_set, val_set, topology)
             record = _run_callbacks(keras, run, config, state, model, train_set, stop, val_faces=len(val_set),
@@ -332,7 +341,7 @@ def _fit_phases(keras, model, config: TrainConfig, fit: dict, record, callbacks,
     if state.epochs_done < config.epochs:
         phase = [*record(BACKUP, _schedule_callbacks(config, run)), *(callbacks or [])]
         _fit(keras, model, config, fit, phase, size, epochs=config.epochs, initial_epoch=state.epochs_done)
-    if state.epochs_done < config.total_epochs and not stop.stopping:
+    if config.fine_tune and state.epochs_done < config.total_epochs and not stop.stopping:
         if not resumes_unfrozen(run, state.epochs_done, config):
             prepare_fine_tuning(keras, model, config, size)
         phase = [*record(FINE_TUNE_BACKUP), *(callbacks or [])]
@@ -410,10 +419,18 @@ def _fit(keras, model, config: TrainConfig, fit: dict, callbacks: list, size: in
     if not trains_on_cached_features(config):
         model.fit(epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks, **fit)
         return
+    from ferkit.callbacks import StopOnSignal
+
     extractor, head = feature_head(keras, model, config, size)
-    train_features = extractor.predict(fit["x"], batch_size=256, verbose=0)
     val_x, val_y = fit["validation_data"]
-    val_features = extractor.predict(val_x, batch_size=256, verbose=0)
+    log.info("the frozen backbone's features of %d training and %d validation faces, computed once", len(fit["x"]), len(val_x))
+    stops = [callback for callback in callbacks if isinstance(callback, StopOnSignal)]  # Ctrl-C and kill stop it
+    features = []
+    for faces in (fit["x"], val_x):
+        features.append(extractor.predict(faces, batch_size=256, verbose=fit.get("verbose", 0), callbacks=stops))
+        if any(stop.stopping for stop in stops):
+            raise KeyboardInterrupt
+    train_features, val_features = features
     head.fit(**{**fit, "x": train_features, "validation_data": (val_features, val_y)}, epochs=epochs,
              initial_epoch=initial_epoch, callbacks=callbacks)
 

@@ -28,7 +28,9 @@ def network_of(training_model, config: TrainConfig):
     return training_model.layers[-1] if config.augment else training_model
 
 
-def compile_model(keras, model, config: TrainConfig, train_size: int, learning_rate: float) -> None:
+def compile_model(keras, model, config: TrainConfig, train_size: int, learning_rate: float, *, fine_tuning: bool = False) -> None:
+    """Compile for the main phase, or with `fine_tuning` for fine-tuning's: a cosine schedule then spans its
+    own epochs, without a warm-up."""
     if needs_one_hot(config):
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
     else:
@@ -37,7 +39,8 @@ def compile_model(keras, model, config: TrainConfig, train_size: int, learning_r
     # A data-parallel job pads its last validation batch with faces of weight 0, which only a weighted
     # accuracy leaves out (callbacks.UnpaddedValidation reports that one as val_accuracy).
     weighted = ["accuracy"] if keras.distribution.distribution() is not None else None
-    model.compile(optimizer=_optimizer(keras, config, steps_per_epoch, learning_rate), loss=loss, metrics=["accuracy"],
+    epochs, warmup = (config.fine_tune_epochs, 0) if fine_tuning else (config.epochs, config.warmup_epochs)
+    model.compile(optimizer=_optimizer(keras, config, steps_per_epoch, learning_rate, epochs, warmup), loss=loss, metrics=["accuracy"],
                   weighted_metrics=weighted)
 
 
@@ -46,11 +49,11 @@ def needs_one_hot(config: TrainConfig) -> bool:
     return bool(config.label_smoothing or config.teacher or config.mixup)
 
 
-def _optimizer(keras, config: TrainConfig, steps_per_epoch: int, learning_rate: float):
+def _optimizer(keras, config: TrainConfig, steps_per_epoch: int, learning_rate: float, epochs: int, warmup_epochs: int):
     rate = learning_rate
     if config.lr_schedule == "cosine":
-        warmup_steps = config.warmup_epochs * steps_per_epoch
-        decay_steps = config.epochs * steps_per_epoch - warmup_steps
+        warmup_steps = warmup_epochs * steps_per_epoch
+        decay_steps = epochs * steps_per_epoch - warmup_steps
         if warmup_steps:
             rate = keras.optimizers.schedules.CosineDecay(
                 learning_rate / 10, decay_steps=decay_steps, alpha=0.01,
@@ -225,4 +228,4 @@ def unfreeze_top(model, count: int) -> None:
 def prepare_fine_tuning(keras, model, config: TrainConfig, train_size: int) -> None:
     """The second phase: the backbone's top layers unfrozen, compiled anew at a tenth of the rate."""
     unfreeze_top(network_of(model, config), config.fine_tune)
-    compile_model(keras, model, config, train_size, config.learning_rate / 10)
+    compile_model(keras, model, config, train_size, config.learning_rate / 10, fine_tuning=True)
