@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from ferkit.data import load_dataset
+from ferkit.data.fer2013_csv import VAL_USAGE
 from ferkit.faces import Box, box_iou, face_crop, get_detector
 from ferkit.images import to_model_input
 from ferkit.predict import UNCERTAIN_BELOW
@@ -88,7 +89,9 @@ def main() -> None:
     args = parser.parse_args()
 
     classifier = load_classifier(args.model)
-    data = load_dataset(args.val, classes=classifier.classes, image_size=(48, 48))
+    # FER2013's own 48x48 faces are pasted into the scenes (a CSV's PublicTest rows); each crop is then
+    # resized to the model's input, as ferkit.predict resizes one
+    data = load_dataset(args.val, classes=classifier.classes, image_size=(48, 48), usage=VAL_USAGE)
     rng = np.random.default_rng(args.seed)
     picked = rng.choice(len(data), size=min(args.faces, len(data)), replace=False)
     detector = get_detector("auto")
@@ -111,7 +114,7 @@ def main() -> None:
         pasted_squares.append(pasted)
         found.append(index)
         labels.append(data.labels[index])
-        direct.append(face)
+        direct.append(to_model_input(Image.fromarray(face), classifier.input_size))
         ideal.append(to_model_input(face_crop(scene, pasted, margin=0.0), classifier.input_size))
         for margin, level in [key for key in crops if not isinstance(key[0], str)]:
             crop = face_crop(scene, best.box, margin=margin, landmarks=best.landmarks if level else None)

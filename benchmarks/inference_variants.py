@@ -18,11 +18,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from ferkit.config import TrainConfig
-from ferkit.data import load_dataset
 from ferkit.ensemble import ensemble_models
 from ferkit.evaluation import evaluate
-from ferkit.export import export_onnx
+from ferkit.export import calibration_faces, export_onnx, temperature_faces
 from ferkit.runtime import classifier_speed, load_classifier
 
 
@@ -34,10 +32,12 @@ def main() -> None:
     parser.add_argument("--baseline", help="a run or model timed the same way (float32 ONNX), for ratios")
     args = parser.parse_args()
 
-    val = load_dataset(args.val)
-    training = load_dataset(TrainConfig.load(args.runs[0] / "config.json").data)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.runs[0] if len(args.runs) == 1 else ensemble_models(args.runs, Path(tmp) / "ensemble.keras")
+        # the run's training faces calibrate (a CSV's Training rows), --val's score (its PublicTest rows),
+        # both at the model's input size and classes
+        val = temperature_faces(model, args.val)
+        training = calibration_faces(args.runs[0])
         models = {
             "float32": export_onnx(model, Path(tmp) / "float32.onnx"),
             "float32+bn": export_onnx(model, Path(tmp) / "bn.onnx", calibration=training, recalibrate_bn=True),

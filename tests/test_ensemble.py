@@ -49,6 +49,14 @@ def test_the_ensemble_exports_to_onnx_like_one_model(ensemble, pattern_data, tmp
     assert np.abs(load_classifier(onnx).predict_proba(faces) - keras_probabilities).max() <= TOLERANCE
 
 
+def test_an_int8_ensemble_keeps_its_averaged_probabilities_in_float(ensemble, pattern_data, tmp_path):
+    train = load_dataset(pattern_data / "train")
+    onnx = export_onnx(ensemble, tmp_path / "pair-int8.onnx", int8=True, calibration=train)
+    probabilities = load_classifier(onnx).predict_proba(load_dataset(pattern_data / "val").images)
+    assert np.diff(np.unique(probabilities)).min() < 1e-4  # no steps: quantized, they would differ by 0.002 at least
+    assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+
+
 def test_members_must_agree_on_the_classes(trained_run, second_run, tmp_path):
     other = KerasClassifier(read_metadata(second_run), second_run / "best.keras")
     metadata = dataclasses.replace(other.metadata, classes=[*other.metadata.classes[:-1], "contempt"])

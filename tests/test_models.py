@@ -49,3 +49,11 @@ def test_cropping_models_see_only_the_central_crop(name):
     one_pixel = faces.copy()
     one_pixel[:, start, start] += 100  # the crop's corner pixel is seen
     assert not np.allclose(model(faces, training=False), model(one_pixel, training=False), atol=1e-7)
+
+
+def test_a_model_of_ones_own_registers_without_a_docstring(monkeypatch):
+    from ferkit.models import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the shipped registry, left as it was
+    registry.register_model("mine")(lambda *, num_classes, input_shape: None)
+    assert get_model_spec("mine").description == "" and "mine" in list_models()

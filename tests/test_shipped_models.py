@@ -110,10 +110,30 @@ def test_the_bundle_tool_refuses_bad_names_and_leaves_the_shipped_files_on_failu
     for name in ("default", "a/b", "small.onnx"):
         refused = bundle(trained_run, "--name", name, "--weights-dir", weights)
         assert refused.returncode == 2 and "--name" in refused.stderr
-    # scoring on data that is not there fails after the export: the shipped model is untouched
-    failed = bundle(trained_run, "--name", "small", "--tta", "flip", "--val", tmp_path / "missing", "--weights-dir", weights)
-    assert failed.returncode != 0
+    missing = bundle(trained_run, "--name", "small", "--tta", "flip", "--val", tmp_path / "missing", "--weights-dir", weights)
+    assert missing.returncode == 2 and missing.stderr.splitlines() == [f"error: --val {tmp_path / 'missing'}: no such file or folder"]
+    # scoring on data that is no dataset fails after the export, in one line: the shipped model is untouched
+    (tmp_path / "empty").mkdir()
+    failed = bundle(trained_run, "--name", "small", "--tta", "flip", "--val", tmp_path / "empty", "--weights-dir", weights)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr and "has no class folders" in failed.stderr
     assert {p.name: sha256_of(p) for p in weights.iterdir()} == before
+
+
+def test_the_bundle_tool_scores_a_network_of_another_input_size_at_its_own_size(pattern_data, tmp_path):
+    from ferkit.config import TrainConfig
+    from ferkit.training import train
+
+    run = train(TrainConfig(model="mobilenetv2-transfer", weights="none", data=str(pattern_data / "train"),
+                            val=str(pattern_data / "val"), epochs=1, batch_size=32, out=str(tmp_path / "run")), verbose=0)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shipped = bundle(run, "--name", "large", "--val", pattern_data / "val", "--weights-dir", weights)
+    assert shipped.returncode == 0, shipped.stderr
+    entry = json.loads((weights / "manifest.json").read_text())["models"]["large"]
+    classifier = OnnxClassifier(weights / "large.onnx")
+    assert tuple(classifier.input_size) == (96, 96)
+    val = load_dataset(pattern_data / "val", classes=classifier.classes, image_size=(96, 96))
+    assert entry["val_accuracy"] == float(np.mean(classifier.predict_proba(val.images).argmax(axis=1) == val.labels))
 
 
 def test_models_lists_each_shipped_model_with_its_score_and_speed():

@@ -26,12 +26,14 @@ import argparse
 import json
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 from ferkit.data import load_dataset
 from ferkit.data.fer2013_csv import VAL_USAGE
 from ferkit.ensemble import ensemble_models
+from ferkit.errors import FerkitError
 from ferkit.export import calibration_faces, export_onnx, temperature_faces
 from ferkit.runs import RunState
 from ferkit.runtime import MANIFEST, TTA_CHOICES, OnnxClassifier, classifier_speed, read_metadata, sha256_of
@@ -72,7 +74,19 @@ def main() -> None:
     name = args.name or args.runs[0].name
     if name == "default" or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.endswith(".onnx"):
         parser.error(f"--name {name!r}: use letters, digits, '-', '_' and '.', not 'default', without .onnx")
+    for option, data in (("--val", args.val), ("--temperature-data", args.temperature_data)):
+        if data and not Path(data).exists():  # said before minutes of export, not after
+            raise FerkitError(f"{option} {data}: no such file or folder")
     bundle(args, manifest, name)
+
+
+def run_main() -> None:
+    """main, with ferkit's one-line errors (exit 2) instead of tracebacks."""
+    try:
+        main()
+    except FerkitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def bundle(args, manifest: dict, name: str) -> None:
@@ -191,7 +205,8 @@ def portable_config(config: dict) -> dict:
 def _score(model: Path, val: str, report_folder: Path | None) -> dict:
     from ferkit.evaluation import evaluate
 
-    dataset = load_dataset(val, usage=VAL_USAGE)  # a FER2013 CSV's PublicTest rows, as training validates on
+    meta = read_metadata(model)  # the faces at the model's input size, its classes; a FER2013 CSV's PublicTest rows
+    dataset = load_dataset(val, classes=meta.classes, image_size=tuple(meta.input_size), usage=VAL_USAGE)
     report, single_view = evaluate(model, dataset), evaluate(model, dataset, tta="none")
     if report_folder:
         report.save(report_folder)
@@ -206,4 +221,4 @@ def _score(model: Path, val: str, report_folder: Path | None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main()

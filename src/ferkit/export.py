@@ -257,14 +257,21 @@ def _fit_temperature(path: Path, dataset: FaceDataset) -> float:
 
 
 def _output_layer_nodes(path: Path) -> list[str]:
-    """The softmax nodes and the layers feeding them, kept in float: quantized, the probabilities would
-    come in steps of 1/255 (and ties between classes would be common)."""
+    """The softmax nodes, the layers feeding them and every node after them (an ensemble's averaging of its
+    members' probabilities), kept in float: quantized, the probabilities would come in steps of 1/255 (and
+    ties between classes would be common)."""
     import onnx
 
     graph = onnx.load(str(path)).graph
     softmax = [node for node in graph.node if node.op_type == "Softmax"]
     inputs = {name for node in softmax for name in node.input}
-    return [node.name for node in softmax] + [node.name for node in graph.node if set(node.output) & inputs]
+    kept = [node.name for node in softmax] + [node.name for node in graph.node if set(node.output) & inputs]
+    after = {name for node in softmax for name in node.output}  # tensors computed from probabilities
+    for node in graph.node:  # in topological order, as ONNX requires
+        if node.op_type != "Softmax" and set(node.input) & after:
+            kept.append(node.name)
+            after.update(node.output)
+    return kept
 
 
 def _calibration_split(dataset: FaceDataset, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

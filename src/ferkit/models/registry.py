@@ -34,7 +34,7 @@ def register_model(name: str, *, input_size=(48, 48), channels: int = 3, descrip
     def decorate(builder: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
-        doc = description or (builder.__doc__ or "").strip().splitlines()[0]
+        doc = description or next(iter((builder.__doc__ or "").strip().splitlines()), "")
         _REGISTRY[name] = ModelSpec(name, builder, tuple(input_size), channels, doc, pretrained, crop)
         return builder
 
