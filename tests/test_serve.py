@@ -242,31 +242,44 @@ def test_concurrent_requests_share_one_model_and_agree(client):
     assert all(result == results[0] for result in results)
 
 
-def test_queued_analyses_do_not_keep_the_health_check_waiting():
+def _with_the_one_slot_busy(max_waiting: int, scenario):
+    """`scenario(http, post, gate)` run against an app of one analysis slot, kept busy until the gate opens:
+    `post()` starts an upload of the people photo; the gate is opened however the scenario ends."""
     import asyncio
 
     import httpx2 as httpx
 
-    app = create_app(ServeConfig(concurrency=1, max_waiting=60))
+    app = create_app(ServeConfig(concurrency=1, max_waiting=max_waiting))
     gate = threading.Event()
-    app.state.analyses.submit(gate.wait, 60)  # the one analysis slot is busy until the gate opens
+    app.state.analyses.submit(gate.wait, 60)
     body = PEOPLE.read_bytes()
 
-    async def scenario():
+    async def run():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ferkit") as http:
-            uploads = [asyncio.create_task(http.post("/v1/analyze", content=body, headers={"Content-Type": "image/jpeg"}))
-                       for _ in range(60)]  # more than the framework's 40 shared threads
-            await asyncio.sleep(1)
-            health = await asyncio.wait_for(http.get("/healthz"), timeout=10)
-            models = await asyncio.wait_for(http.get("/v1/models"), timeout=10)
-            assert not any(upload.done() for upload in uploads)  # all still queued behind the gate
-            gate.set()
-            return health, models, await asyncio.gather(*uploads)
+            def post():
+                return asyncio.create_task(http.post("/v1/analyze", content=body, headers={"Content-Type": "image/jpeg"}))
+
+            return await scenario(http, post, gate)
 
     try:
-        health, models, answers = asyncio.run(scenario())
+        return app, asyncio.run(run())
     finally:
         gate.set()
+
+
+def test_queued_analyses_do_not_keep_the_health_check_waiting():
+    import asyncio
+
+    async def scenario(http, post, gate):
+        uploads = [post() for _ in range(60)]  # more than the framework's 40 shared threads
+        await asyncio.sleep(1)
+        health = await asyncio.wait_for(http.get("/healthz"), timeout=10)
+        models = await asyncio.wait_for(http.get("/v1/models"), timeout=10)
+        assert not any(upload.done() for upload in uploads)  # all still queued behind the gate
+        gate.set()
+        return health, models, await asyncio.gather(*uploads)
+
+    _, (health, models, answers) = _with_the_one_slot_busy(60, scenario)
     assert health.status_code == 200 and models.status_code == 200
     assert [answer.status_code for answer in answers] == [200] * 60
     assert all(len(answer.json()["faces"]) == 3 for answer in answers)
@@ -275,33 +288,20 @@ def test_queued_analyses_do_not_keep_the_health_check_waiting():
 def test_uploads_past_the_waiting_limit_are_503_at_once_and_the_others_analysed():
     import asyncio
 
-    import httpx2 as httpx
-
-    app = create_app(ServeConfig(concurrency=1, max_waiting=2))
-    gate = threading.Event()
-    app.state.analyses.submit(gate.wait, 60)  # the one analysis slot is busy until the gate opens
-    body = PEOPLE.read_bytes()
-
-    async def scenario():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ferkit") as http:
-            def post():
-                return asyncio.create_task(http.post("/v1/analyze", content=body, headers={"Content-Type": "image/jpeg"}))
-
-            held = [post() for _ in range(3)]  # one whose turn is next, two waiting
-            await asyncio.sleep(1)
-            refused = await asyncio.wait_for(asyncio.gather(post(), post()), timeout=10)
-            assert not any(upload.done() for upload in held)
-            gate.set()
-            return refused, await asyncio.gather(*held)
-
-    try:
-        refused, answered = asyncio.run(scenario())
-    finally:
+    async def scenario(http, post, gate):
+        held = [post() for _ in range(3)]  # one whose turn is next, two waiting
+        await asyncio.sleep(1)
+        refused = await asyncio.wait_for(asyncio.gather(post(), post()), timeout=10)
+        assert not any(upload.done() for upload in held)
         gate.set()
+        return refused, await asyncio.gather(*held)
+
+    app, (refused, answered) = _with_the_one_slot_busy(2, scenario)
     assert [r.status_code for r in refused] == [503, 503] and all(r.headers["Retry-After"] == "5" for r in refused)
     assert "the server is busy: 3 analyses running or waiting" in refused[0].json()["detail"]
     assert [a.status_code for a in answered] == [200] * 3
     with TestClient(app) as client:  # the turns are given back: the server takes uploads again
+        body = PEOPLE.read_bytes()
         assert client.post("/v1/analyze", content=body, headers={"Content-Type": "image/jpeg"}).status_code == 200
 
 
