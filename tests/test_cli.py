@@ -699,7 +699,8 @@ def test_a_run_started_with_relative_paths_resumes_from_anywhere_told_where_its_
                   "--data", "project/faces/train", "--val", "project/faces/val")
     assert resumed.exit_code == 0, resumed.output
     assert "done: 2 epochs" in resumed.output and "other pixels" not in resumed.output
-    assert "only --epochs, --precision and --save-period may change" in _one_line_error(run("train", "--resume", "project/runs/r", "--lr", "0.1"))
+    assert "only --epochs, --fine-tune-epochs, --precision and --save-period may change" in _one_line_error(
+        run("train", "--resume", "project/runs/r", "--lr", "0.1"))
     line = _one_line_error(run("train", "--resume", "project/runs/r", "--epochs", "3", "--data", "nope"))
     assert line == "error: --data nope: no such file or folder"
     write_pattern_dataset(tmp_path / "other", 2)  # other faces: not where the run's data is now
