@@ -39,6 +39,7 @@
 #    epochs after epoch 92 (val 0.6885, its best): on an AVX-512 BF16 machine epochs 93-107 had gained 0.14 points
 #    (best 0.6899 at epoch 106, in a run folder lost with that machine), and the run moved to an AVX2 machine, where
 #    an epoch costs about five times as much in float32. The cosine schedule then ends at epoch 100 instead.
+#    Finished: val 0.6885 at epoch 92, 0.6854 at 100 (train 0.73 on mixed faces).
 # 9. The third teacher: the second teacher's saved probabilities and r18h-v2's (ten-crop; its member chosen
 #    as l-v2's was), half each. The l runs make much the same mistakes (l-v2 averaged with the default
 #    gains less than a point), so the other family gets half the say. Ending at epoch 100, r18h-v2 has one
