@@ -367,7 +367,7 @@ def test_resume_refuses_other_flags(trained_run):
     (["train", "--seed", "-1"], "--seed must be a whole number from 0 to"), (["train", "--seed", str(2**32)], "not 4294967296"),
     (["serve", "--max-upload-mb", "nan"], "--max-upload-mb"), (["serve", "--max-video-mb", "inf"], "--max-video-mb"),
     (["evaluate", "--data", "x.csv", "--usage", "bogus"], "unknown FER2013 usage bogus"),
-    (["pack", "x.csv", "out", "--usage", "bogus"], "unknown FER2013 usage bogus"),
+    (["pack", "x.csv", "out", "--usage", "bogus"], "unknown FER2013 usage bogus (choose from Training, PublicTest, PrivateTest or all)"),
 ])
 def test_options_out_of_range_are_one_line_errors_before_any_work(args, words, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -755,9 +755,16 @@ def test_ctrl_c_inside_a_garbage_collection_callback_still_stops_the_command():
 
 def test_usage_mistakes_are_one_line_errors_that_point_to_help():
     for args, words in [(["predict"], "Missing argument"), (["predict", "x.jpg", "--uncertain-below", "abc"], "abc"),
-                        (["predcit"], "No such command")]:
-        line = _one_line_error(run(*args))
-        assert words in line and line.endswith("--help)")
+                        (["predcit"], "No such command"), (["--bogus"], "No such option"),
+                        (["crop", "x.jpg", "--out", ""], "'--out': is empty"), (["pack", "x.csv", " "], "'OUT': is empty")]:
+        result = run(*args)
+        line = _one_line_error(result)
+        assert words in line and line.endswith("--help)") and result.exit_code == 2
+    assert _one_line_error(run("crop", "x.jpg", "--out", "y", "--debug")) == (
+        "error: --debug goes before the command: ferkit --debug crop ...")
+    for args, usage in ((["-h"], " [OPTIONS] COMMAND"), (["crop", "-h"], " crop [OPTIONS] SOURCE")):
+        result = run(*args)
+        assert result.exit_code == 0 and result.output.startswith("Usage: ") and usage in result.output.splitlines()[0]
 
 
 def test_an_out_folder_that_cannot_be_made_is_bad_input_said_before_any_work(trained_run, pattern_data, tmp_path):

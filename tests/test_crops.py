@@ -1,6 +1,8 @@
 """Face crops for training (`ferkit crop`, ferkit.data.crops): photos in class folders become faces in
 class folders, framed as predict frames the faces it finds."""
 
+import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -13,8 +15,10 @@ from conftest import one_crop_per_face_model, pattern_face
 from ferkit import analyze
 from ferkit.cli import cli
 from ferkit.data import load_dataset
-from ferkit.data.crops import crop_faces
+from ferkit.data.crops import RECORD, crop_faces
 from ferkit.errors import FerkitError
+from ferkit.faces import get_detector
+from ferkit.runtime import resolve_model_path
 
 PEOPLE = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
 
@@ -77,16 +81,63 @@ def test_crops_moved_to_another_class_or_deleted_by_hand_stay_so(tmp_path):
         "happy/people.face1.png", "sad/people.face2.png"]
 
 
-def test_a_source_folder_renamed_and_renamed_back_keeps_its_crops_even_when_pruned(tmp_path):
+def test_a_source_folder_renamed_and_renamed_back_keeps_its_crops_and_their_hand_edits(tmp_path):
     photos = _photos(tmp_path / "photos")
     faces = tmp_path / "faces"
     crop_faces(photos, faces)
+    (faces / "sad").mkdir()
+    (faces / "happy" / "people.face2.png").rename(faces / "sad" / "people.face2.png")  # sorted by hand
+    (faces / "happy" / "people.face3.png").unlink()
+    sorted_by_hand = ["happy/people.face1.png", "sad/people.face2.png"]
     photos.rename(tmp_path / "pics")
-    assert len(crop_faces(tmp_path / "pics", faces, prune=True).written) == 3  # the crops of photos gone: theirs now
+    moved = crop_faces(tmp_path / "pics", faces, prune=True)  # the same photos, found by their content
+    assert moved.written == [] and moved.stale == [] and len(moved.unchanged) == 2
     (tmp_path / "pics").rename(photos)
     again = crop_faces(photos, faces, prune=True)
-    assert again.stale == [] and len(again.written) == 3
-    assert sorted(p.name for p in faces.rglob("*.png")) == [f"people.face{k}.png" for k in (1, 2, 3)]
+    assert again.stale == [] and again.written == [] and len(again.unchanged) == 2
+    assert sorted(p.relative_to(faces).as_posix() for p in faces.rglob("*.png")) == sorted_by_hand
+
+
+def test_pruning_one_source_leaves_the_crops_of_another_alone(tmp_path):
+    for source in ("a", "b"):
+        (tmp_path / source / "happy").mkdir(parents=True)
+        Image.fromarray(pattern_face(2, np.random.default_rng(2), size=64)).save(tmp_path / source / "happy" / f"{source}.png")
+    faces = tmp_path / "faces"
+    crop_faces(tmp_path / "a", faces, detector="none")
+    crop_faces(tmp_path / "b", faces, detector="none")
+    shutil.rmtree(tmp_path / "b")  # an unplugged drive, say
+    summary = crop_faces(tmp_path / "a", faces, detector="none", prune=True)
+    assert summary.stale == [] and (faces / "happy" / "b.face1.png").exists()
+    assert [p.name for p in crop_faces(tmp_path, faces, detector="none", prune=True).stale] == ["b.face1.png"]
+    assert not (faces / "happy" / "b.face1.png").exists()
+
+
+def test_the_same_detector_and_framing_by_another_name_crop_nothing_again(tmp_path):
+    photos = _photos(tmp_path / "photos")
+    faces = tmp_path / "faces"
+    crop_faces(photos, faces)
+    (faces / "happy" / "people.face3.png").unlink()
+    auto = get_detector("auto")
+    assert crop_faces(photos, faces, detector=auto.name).written == []
+    record = json.loads((faces / RECORD).read_text())
+    for entry in record["photos"].values():  # as earlier versions recorded them: as typed, and the model's path
+        entry["settings"] = {"detector": "auto", "model": str(resolve_model_path(None))}
+    (faces / RECORD).write_text(json.dumps(record))
+    assert crop_faces(photos, faces).written == [] and not (faces / "happy" / "people.face3.png").exists()
+    assert len(crop_faces(photos, faces, detector=auto).unchanged) == 2  # a detector object too
+
+
+def test_each_failure_is_told_as_it_happens_and_debug_logging_shows_where(tmp_path, caplog):
+    photos = _photos(tmp_path / "photos")
+    told = []
+
+    def failing(rgb):
+        raise IndexError("a bug in the detector")
+
+    with caplog.at_level(logging.DEBUG, logger="ferkit"):
+        summary = crop_faces(photos, tmp_path / "faces", detector=failing, on_failure=told.append)
+    assert told == summary.failed and len(told) == 3 and "IndexError: a bug in the detector" in told[-1]
+    assert "Traceback" in caplog.text and 'raise IndexError("a bug in the detector")' in caplog.text
 
 
 def test_a_changed_photo_whose_crops_were_sorted_by_hand_is_named_and_the_record_stays_readable(tmp_path, caplog):
@@ -123,10 +174,16 @@ def test_photos_of_one_name_from_two_sources_do_not_replace_each_others_crops(tm
     crop_faces(tmp_path / "a", tmp_path / "faces")
     before = {p: p.read_bytes() for p in (tmp_path / "faces").rglob("*.png")}
     assert len(before) == 3
-    summary = crop_faces(tmp_path / "b", tmp_path / "faces")
-    assert summary.written == [] and len(summary.failed) == 1
-    assert f"is the crop of another photo, {tmp_path / 'a' / 'happy' / 'people.jpg'}" in summary.failed[0]
+    record = (tmp_path / "faces" / RECORD).read_text()
+    with pytest.raises(FerkitError, match=f"1 photo.* would replace the crops of other photos.*is the crop of "
+                                          f"{tmp_path / 'a' / 'happy' / 'people.jpg'}"):
+        crop_faces(tmp_path / "b", tmp_path / "faces", detector=_no_detection_expected)  # refused before any work
     assert {p: p.read_bytes() for p in (tmp_path / "faces").rglob("*.png")} == before
+    assert (tmp_path / "faces" / RECORD).read_text() == record
+
+
+def _no_detection_expected(rgb):
+    raise AssertionError("a photo was read")
 
 
 def test_photos_of_one_name_in_one_folder_keep_their_crops_apart(tmp_path):

@@ -52,6 +52,18 @@ class PositiveNumber(click.ParamType):
 POSITIVE = PositiveNumber()
 
 
+class OutputPath(click.Path):
+    """A path to write to: never empty (an empty --out would write into the current folder)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; give a folder or file to write", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+OUTPUT_PATH = OutputPath(path_type=Path)
+
+
 # Exit codes: 0 done; 1 done, but some items of a batch failed (each was reported); 2 a problem with the
 # input or options (one line says which); 3 ferkit failed unexpectedly (a bug: please report it);
 # 130 interrupted; 141 the output pipe was closed; 143 stopped by SIGTERM.
@@ -63,13 +75,19 @@ EXIT_TERMINATED = 143  # as a shell reports a command ended by SIGTERM
 class _Cli(click.Group):
     """Turns FerkitError (and anything unexpected) into one line on stderr and an exit code."""
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as err:  # `ferkit --bogus`: one line too
+            _say_usage_error(err)
+            sys.exit(err.exit_code)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except click.UsageError as err:  # one line, as every other error, instead of usage + hint + error
             _traceback_if_debug(ctx)
-            where = err.ctx.command_path if err.ctx else "ferkit"
-            click.echo(f"error: {err.format_message()} (see: {where} --help)", err=True)
+            _say_usage_error(err)
             ctx.exit(err.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
@@ -99,6 +117,14 @@ class _Cli(click.Group):
             _report_unexpected(ctx, err)
 
 
+def _say_usage_error(err: click.UsageError) -> None:
+    where = err.ctx.command_path if err.ctx else "ferkit"
+    if isinstance(err, click.NoSuchOption) and err.option_name == "--debug" and where != "ferkit":
+        click.echo(f"error: --debug goes before the command: ferkit --debug {where.split(' ', 1)[-1]} ...", err=True)
+    else:
+        click.echo(f"error: {err.format_message()} (see: {where} --help)", err=True)
+
+
 def _report_unexpected(ctx, err: Exception) -> None:
     """A bug or an unforeseen failure: still one line, after the traceback with --debug."""
     _traceback_if_debug(ctx)
@@ -118,7 +144,7 @@ def _debug(ctx) -> bool:
     return bool(ctx.find_root().params.get("debug"))
 
 
-@click.group(cls=_Cli)
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ferkit")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def cli(debug: bool):
@@ -399,7 +425,7 @@ def _resumed_config(run: Path, flags: dict) -> TrainConfig:
 @cli.command("study", short_help="The founding study in one command: train, compare and report its models.")
 @click.option("--data", required=True, help="Training data: a class-folder tree, FER2013 CSV or packed dataset.")
 @click.option("--val", required=True, help="Validation data every model is scored on.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("study"), show_default=True,
+@click.option("--out", type=OUTPUT_PATH, default=Path("study"), show_default=True,
               help="Folder for report.html, study.json and the run folders (finished runs there are reused).")
 @click.option("--models", default=",".join(STUDY_ENTRIES), show_default=True, help="Comma-separated entries to include.")
 @click.option("--epochs", type=int, help="Epochs of the reference CNNs [default: 30; --quick: 2].")
@@ -433,7 +459,7 @@ def study_cmd(data, val, out: Path, models: str, epochs, transfer_epochs, fine_t
 
 @cli.command("pack", short_help="Write a dataset as memory-mapped shards, for data larger than memory.")
 @click.argument("data")
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", type=OUTPUT_PATH)
 @click.option("--usage", help="FER2013 CSV rows to pack: Training, PublicTest, PrivateTest or all (default: "
               "Training, the rows that train, as `ferkit train --data` reads a CSV).")
 @click.option("--image-size", type=click.IntRange(8, 512), default=48, show_default=True,
@@ -443,7 +469,7 @@ def study_cmd(data, val, out: Path, models: str, epochs, transfer_epochs, fine_t
 @click.option("--overwrite", is_flag=True, help="Replace a packed dataset at OUT.")
 def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_size: int, classes: str | None,
              overwrite: bool):
-    """Write DATA (a class-folder tree or a FER2013 CSV) as a packed dataset in the new folder OUT: decoded
+    """Write DATA (a class-folder tree, a FER2013 CSV or a packed dataset) as a packed dataset in the new folder OUT: decoded
     faces in .npy shards, which training reads memory-mapped, a batch at a time."""
     from ferkit.data import load_dataset
     from ferkit.data.packed import check_pack_folder, pack_dataset
@@ -467,7 +493,7 @@ def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_siz
 
 @cli.command("crop", short_help="Crop every face out of photos (class folders of photos give class folders of faces).")
 @click.argument("source")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the face crops.")
+@click.option("--out", type=OUTPUT_PATH, required=True, help="Folder for the face crops.")
 @click.option("--detector", type=click.Choice(DETECTORS), default="auto", show_default=True,
               help="Face detector; none takes each whole image as one face, made square.")
 @click.option("--model", help="The model whose face framing the crops take (default: the default shipped model).")
@@ -483,9 +509,8 @@ def crop_cmd(source: str, out: Path, detector: str, model: str | None, overwrite
     from ferkit.progress import echo_error, progress_bar
 
     with progress_bar(None, "cropping faces") as advance:
-        summary = crop_faces(source, out, detector=detector, model=model, overwrite=overwrite, prune=prune, progress=advance)
-        for line in summary.failed:
-            echo_error(f"error: {line}")
+        summary = crop_faces(source, out, detector=detector, model=model, overwrite=overwrite, prune=prune,
+                             progress=advance, on_failure=lambda line: echo_error(f"error: {line}"))
     for photo in summary.repeats:
         click.echo(f"the same photo again, through a link, cropped once: {photo}", err=True)
     for photo in summary.without_faces:
@@ -514,7 +539,7 @@ def crop_cmd(source: str, out: Path, detector: str, model: str | None, overwrite
 def _check_usage(data: str, usage: str | None, usage_given: bool) -> str | None:
     """--usage as FER2013 spells it, None for all rows. It picks rows of a FER2013 CSV; given with a folder
     it would be ignored without a word."""
-    from ferkit.data.fer2013_csv import check_usages, has_usage_column
+    from ferkit.data.fer2013_csv import USAGES, check_usages, has_usage_column
 
     if usage_given and Path(data).is_dir():
         raise FerkitError(f"--usage selects rows of a FER2013 .csv file; {data} is a folder, whose faces are all used")
@@ -524,7 +549,10 @@ def _check_usage(data: str, usage: str | None, usage_given: bool) -> str | None:
         if usage_given:
             raise FerkitError(f"--usage selects rows by their Usage column, which {data} lacks: every row is used")
         return None  # and no usage is named in what is written of it
-    return check_usages(usage)[0]
+    try:
+        return check_usages(usage)[0]
+    except FerkitError:
+        raise FerkitError(f"unknown FER2013 usage {usage} (choose from {', '.join(USAGES)} or all)") from None
 
 
 # --- evaluate -----------------------------------------------------------------------------------
@@ -535,7 +563,7 @@ def _check_usage(data: str, usage: str | None, usage_given: bool) -> str | None:
 @click.option("--data", required=True, help="A class-folder tree, FER2013 CSV or packed dataset.")
 @click.option("--usage", default="PublicTest", show_default=True,
               help="CSV rows to use: Training, PublicTest, PrivateTest or all.")
-@click.option("--out", type=click.Path(path_type=Path),
+@click.option("--out", type=OUTPUT_PATH,
               help="Folder for the report files (default: RUN/eval-DATA for a run folder, eval-MODEL-DATA beside a "
                    "model file, runs/eval-MODEL-DATA for a shipped model).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Faces per model call.")
@@ -616,7 +644,7 @@ def _print_report(report) -> None:
 @cli.command("export", short_help="Export a model to ONNX (float or int8), checked against the original.")
 @click.argument("model")
 @click.option("--onnx", "to_onnx", is_flag=True, required=True, help="Export to ONNX (the only format so far).")
-@click.option("--out", type=click.Path(path_type=Path), help="Output file (default: beside the model, .onnx).")
+@click.option("--out", type=OUTPUT_PATH, help="Output file (default: beside the model, .onnx).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--recalibrate-bn", is_flag=True,
               help="Re-measure batch-norm statistics on un-augmented --calibration faces before exporting.")
@@ -670,7 +698,7 @@ def export_cmd(model: str, to_onnx: bool, out: Path | None, overwrite: bool, rec
 
 @cli.command("ensemble", short_help="Average several models' probabilities into one model file.")
 @click.argument("models", nargs=-1, required=True)
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="The ensemble's .keras file.")
+@click.option("--out", type=OUTPUT_PATH, required=True, help="The ensemble's .keras file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def ensemble_cmd(models: tuple[str, ...], out: Path, overwrite: bool):
     """Average the probabilities of MODELS (run folders or .keras files) in one model, saved to --out;
@@ -684,7 +712,7 @@ def ensemble_cmd(models: tuple[str, ...], out: Path, overwrite: bool):
 @cli.command("teacher", short_help="Save models' averaged probabilities of the training faces, for distillation.")
 @click.argument("models", nargs=-1, required=True)
 @click.option("--data", required=True, help="The training faces the students will learn from (folder tree, CSV or packed dataset).")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="The .npz file to write.")
+@click.option("--out", type=OUTPUT_PATH, required=True, help="The .npz file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @TTA_OPTION
 def teacher_cmd(models: tuple[str, ...], data: str, out: Path, overwrite: bool, tta):
@@ -728,7 +756,8 @@ def cache_cmd(action: str):
               help="Address to listen on; 0.0.0.0 opens the server to your network.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
 @click.option("--model", default=None, help="Run folder, .keras or .onnx file, or a shipped model by name (default: the default one).")
-@click.option("--detector", type=click.Choice(["auto", "yunet", "mtcnn"]), default="auto", show_default=True)
+@click.option("--detector", type=click.Choice(["auto", "yunet", "mtcnn"]), default="auto", show_default=True,
+              help="Face detector: auto takes yunet where installed, else mtcnn.")
 @click.option("--max-upload-mb", default=10.0, show_default=True, type=POSITIVE,
               help="Largest photo upload in MB of 2^20 bytes, a form's own bytes included (larger ones get HTTP 413).")
 @click.option("--max-video-mb", default=50.0, show_default=True, type=POSITIVE, help="The same for a video.")

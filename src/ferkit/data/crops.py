@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -53,7 +54,8 @@ class CropSummary:
 
 
 def crop_faces(source: str | Path, out: str | Path, *, detector="auto", model=None, overwrite: bool = False,
-               prune: bool = False, progress: Callable[[int, int], None] | None = None) -> CropSummary:
+               prune: bool = False, progress: Callable[[int, int], None] | None = None,
+               on_failure: Callable[[str], None] | None = None) -> CropSummary:
     """Write every face of the photos in `source` (a folder, read recursively, a glob or one photo) to
     `out` as `<photo name>.face<k>.png`, largest face first, each in the folder of its photo relative
     to `source` (for a glob: to its folder before the first wildcard). Faces are framed as `model`
@@ -63,38 +65,45 @@ def crop_faces(source: str | Path, out: str | Path, *, detector="auto", model=No
     others are named in `repeats`.
 
     `out/.ferkit-crops.json` records which photo each crop was made of. A photo cropped before (with the
-    same detector and model) whose content is unchanged since is not cropped again, so crops moved to
-    another class folder or deleted by hand stay so; a changed photo is cropped anew (and named in
-    `edited_before` if some of its earlier crops had been moved or deleted by hand). Crops of photos that are no longer
-    there (moved to another class folder, deleted) are listed in `stale`, and removed with `prune`. Files
-    in `out` that ferkit did not write, or crops of another photo that is still there (two sources of one
-    name cropped into one `out`), are never replaced unless `overwrite`."""
+    same detector and framing) whose content is unchanged since is not cropped again, so crops moved to
+    another class folder or deleted by hand stay so, also when the source folder was renamed or moved; a
+    changed photo is cropped anew (and named in `edited_before` if some of its earlier crops had been
+    moved or deleted by hand). Crops of photos under `source` that are no longer there (moved to another
+    class folder, deleted) are listed in `stale`, and removed with `prune`; crops of other sources are
+    left alone. Files in `out` that ferkit did not write, or crops of another photo that is still there
+    (two sources of one name cropped into one `out`), are never replaced unless `overwrite`: both are
+    refused before any photo is read. `on_failure` is told of each photo in `failed` as it fails."""
     photos, root = _photos_and_root(str(source), Path(out))
     photos, repeats = once_each(photos)  # one photo reached by two paths (a link) is cropped once
     out = Path(out)
     metadata = read_metadata(resolve_model_path(model))
     find = get_detector(detector)
     check_writable_folder(create_folder(out, "folder for the face crops"))
-    record = CropRecord.load(out, {"detector": detector, "model": str(resolve_model_path(model))})
+    record = CropRecord.load(out, _settings(find, metadata))
     bases = _base_names(photos)
     first_crops = {photo: _crop_path(out, photo, root, bases[photo], 1) for photo in photos}
     todo = {photo for photo in photos if not record.is_unchanged(photo, first_crops[photo])}
     check_replaceable([first_crops[photo] for photo in photos if photo in todo], overwrite=overwrite)  # before any work
+    if not overwrite:
+        record.check_none_anothers([(first_crops[photo], photo) for photo in photos if photo in todo])
     summary = CropSummary(photos=len(photos), repeats=[f"{path} (as {kept})" for path, kept in repeats.items()])
     try:
         for done, photo in enumerate(photos, 1):
             if photo in todo:
                 path_of = functools.partial(_crop_path, out, photo, root, bases[photo])
+                failed = len(summary.failed)
                 _crop_one(photo, path_of, find, metadata, record, summary, overwrite)
+                for line in summary.failed[failed:] if on_failure else []:
+                    on_failure(line)
             else:
                 summary.unchanged.append(str(photo))
             if progress:
                 progress(done, len(photos))
             if done % SAVE_EVERY == 0:
                 record.save()
-        summary.stale = record.crops_of_photos_gone()
+        summary.stale = record.crops_of_photos_gone(under=root)
         if prune:
-            record.remove(summary.stale)
+            record.remove(summary.stale, under=root)
     finally:
         record.save()
     return summary
@@ -108,6 +117,7 @@ def _crop_one(photo: Path, path_of: Callable[[int], Path], find, metadata, recor
         summary.failed.append(str(err))  # it names the photo
         return
     except Exception as err:  # a detector's failure on one photo: report it, go on with the rest
+        log.debug("face detection failed on %s", photo, exc_info=True)  # --debug shows where
         summary.failed.append(f"{photo}: face detection failed: {type(err).__name__}: {err}".splitlines()[0])
         return
     if not faces:
@@ -135,7 +145,7 @@ def _crop_one(photo: Path, path_of: Callable[[int], Path], find, metadata, recor
 
 class CropRecord:
     """`out/.ferkit-crops.json`: each photo cropped into `out` (its absolute path), its size, time and
-    SHA-256 when cropped, the detector and model it was cropped with, and its crops (relative to `out`)."""
+    SHA-256 when cropped, the detector and framing it was cropped with, and its crops (relative to `out`)."""
 
     def __init__(self, out: Path, settings: dict, photos: dict[str, dict]):
         self.out, self.settings, self.photos = out, settings, photos
@@ -146,7 +156,8 @@ class CropRecord:
         try:
             saved = json.loads((out / RECORD).read_text())["photos"]
             photos = {str(photo): {"stamp": entry.get("stamp"), "sha256": entry.get("sha256"),
-                                   "settings": entry.get("settings"), "crops": [str(crop) for crop in entry["crops"]]}
+                                   "settings": _current_form(entry.get("settings")),
+                                   "crops": [str(crop) for crop in entry["crops"]]}
                       for photo, entry in saved.items()}
         except FileNotFoundError:
             return cls(out, settings, {})
@@ -158,7 +169,7 @@ class CropRecord:
     def is_unchanged(self, photo: Path, first_crop: Path) -> bool:
         """Cropped before, with these settings, into this folder, and its content not changed since (a
         copy or `touch` changes its time, not its content)."""
-        entry = self.photos.get(_key(photo))
+        entry = self.photos.get(_key(photo)) or self._taken_over(photo, first_crop)
         if entry is None or entry["settings"] != self.settings or entry["sha256"] is None:
             return False
         if entry["crops"] and Path(entry["crops"][0]).parent != first_crop.relative_to(self.out).parent:
@@ -168,6 +179,25 @@ class CropRecord:
                 return False
             entry["stamp"] = _stamp(photo)
         return True
+
+    def _taken_over(self, photo: Path, first_crop: Path) -> dict | None:
+        """The entry of a photo of this name that is gone, cropped with these settings into this crop's
+        folder, whose content `photo` has: the same photo, the source folder renamed or moved since. It
+        becomes `photo`'s."""
+        folder = first_crop.relative_to(self.out).parent
+        size = photo.stat().st_size
+        gone = [key for key, entry in self.photos.items()
+                if os.path.basename(key) == photo.name and entry["sha256"] and entry["settings"] == self.settings
+                and (entry["stamp"] or [None])[0] == size
+                and (not entry["crops"] or Path(entry["crops"][0]).parent == folder) and not os.path.exists(key)]
+        digest = _sha256(photo) if gone else None
+        for key in gone:
+            if self.photos[key]["sha256"] == digest:
+                entry = self.photos[_key(photo)] = self.photos.pop(key)
+                entry["stamp"] = _stamp(photo)
+                self.owners.update({crop: _key(photo) for crop in entry["crops"]})
+                return entry
+        return None
 
     def is_anothers(self, path: Path, photo: Path) -> bool:
         """Whether the crop at `path` is that of another photo, one that is still there."""
@@ -179,6 +209,16 @@ class CropRecord:
             owner = self.owners[path.relative_to(self.out).as_posix()]
             raise FerkitError(f"{path} is the crop of another photo, {owner}: crop photos of the same name into "
                               "different --out folders (or replace it: --overwrite)")
+
+    def check_none_anothers(self, crops: list[tuple[Path, Path]]) -> None:
+        """Refuses, in one line, photos whose (first crop, photo) would replace another photo's crop."""
+        clashes = [(path, photo) for path, photo in crops if self.is_anothers(path, photo)]
+        if clashes:
+            path, photo = clashes[0]
+            owner = self.owners[path.relative_to(self.out).as_posix()]
+            raise FerkitError(f"{len(clashes)} photo(s) would replace the crops of other photos of the same name: {path} "
+                              f"is the crop of {owner}, not of {photo}; crop them into different --out folders "
+                              "(or replace them: --overwrite)")
 
     def edited_by_hand(self, photo: Path) -> bool:
         """Whether some of the crops an earlier run made of `photo` were moved, deleted or replaced since."""
@@ -203,22 +243,60 @@ class CropRecord:
         self.photos[key] = {"stamp": _stamp(photo), "sha256": _sha256(photo) if complete else None,
                             "settings": self.settings, "crops": relative}
 
-    def crops_of_photos_gone(self) -> list[Path]:
-        """The crops, still where ferkit wrote them, of the photos that are no longer where they were."""
-        return sorted(self.out / crop for photo, entry in self.photos.items() if not os.path.exists(photo)
-                      for crop in entry["crops"] if written_by_ferkit(self.out / crop))
+    def crops_of_photos_gone(self, under: Path) -> list[Path]:
+        """The crops, still where ferkit wrote them, of the photos below the folder `under` that are no
+        longer where they were (photos of other sources cropped into `out` are not looked at)."""
+        return sorted(self.out / crop for photo in self._photos_gone(under)
+                      for crop in self.photos[photo]["crops"] if written_by_ferkit(self.out / crop))
 
-    def remove(self, crops: list[Path]) -> None:
+    def remove(self, crops: list[Path], under: Path) -> None:
         for path in crops:
             path.unlink()
-        for photo in [p for p in self.photos if not os.path.exists(p)]:
+        for photo in self._photos_gone(under):
             for crop in self.photos.pop(photo)["crops"]:
                 self.owners.pop(crop, None)
+
+    def _photos_gone(self, under: Path) -> list[str]:
+        folder = os.path.join(os.path.realpath(under), "")
+        return [photo for photo in self.photos if photo.startswith(folder) and not os.path.exists(photo)]
 
     def save(self) -> None:
         partial = self.out / f"{RECORD}.partial"
         partial.write_text(json.dumps({"photos": self.photos}, indent=1) + "\n")
         os.replace(partial, self.out / RECORD)
+
+
+def _settings(find, metadata) -> dict:
+    """What a photo's crops depend on besides the photo: the detector, and the framing a model asks for
+    (none with --detector none, which takes the whole image)."""
+    if find is None:
+        return {"detector": "none"}
+    name = getattr(find, "name", None) or getattr(find, "__qualname__", type(find).__name__)
+    return {"detector": str(name), "face_margin": metadata.face_margin, "level_eyes": metadata.level_eyes}
+
+
+def _current_form(settings):
+    """Settings recorded by earlier versions: the detector as named on the command line and the model's
+    path. The same settings as they are recorded now, where that model can still be read."""
+    if not isinstance(settings, dict) or "model" not in settings:
+        return settings
+    detector = settings.get("detector")
+    if detector == "none":
+        return {"detector": "none"}
+    if detector == "auto":  # what get_detector("auto") takes first
+        detector = "yunet" if importlib.util.find_spec("yuface") else "mtcnn"
+    if detector not in ("yunet", "mtcnn"):
+        return settings
+    try:
+        return {"detector": detector, **_framing(settings["model"])}
+    except (OSError, ValueError, FerkitError):
+        return settings  # never equal to today's settings: its photos are cropped again
+
+
+@functools.lru_cache(maxsize=8)
+def _framing(model: str) -> dict:
+    metadata = read_metadata(model)
+    return {"face_margin": metadata.face_margin, "level_eyes": metadata.level_eyes}
 
 
 def _is_small(photo: Path) -> bool:
@@ -259,6 +337,7 @@ def _photos_and_root(source: str, out: Path) -> tuple[list[Path], Path]:
     or a photo's own folder."""
     kind = source_kind(source)  # before Path(), which would fold a URL's // and hide what it is
     if kind == "image":
+        load_image(source)  # one photo that cannot be read is bad input, refused before --out is made
         return [Path(source)], Path(source).parent
     if kind == "video":
         raise FerkitError(f"{source} is a video; ferkit crop takes photos (extract frames first)")
