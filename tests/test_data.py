@@ -139,8 +139,15 @@ def test_a_file_skipped_for_its_permissions_is_read_once_they_allow_it(tmp_path)
     finally:
         locked.chmod(0o644)
     assert first.returncode == 0 and f"{locked} (permission denied)" in first.stderr and "packed 3 faces" in first.stdout
+    cached = sorted((cache_dir() / "datasets").glob("*.npz"))
+    assert len(cached) == 1  # the three faces read are cached all the same
+    os.utime(cached[0], (0, 0))
     second = pack("p2")
     assert second.returncode == 0 and "skipped" not in second.stderr and "packed 4 faces" in second.stdout
+    assert sorted((cache_dir() / "datasets").glob("*.npz")) == cached and cached[0].stat().st_mtime > 0  # updated
+    fresh = load_folder(tmp_path / "faces", cache=False)
+    again = load_folder(tmp_path / "faces")
+    assert again.paths == fresh.paths and np.array_equal(again.images, fresh.images)
 
 
 def test_a_higher_pixel_limit_set_at_run_time_reads_the_image_it_skipped(tmp_path, monkeypatch):

@@ -136,6 +136,28 @@ def test_an_existing_run_is_never_overwritten_silently(pattern_data, trained_run
     assert (other / "notes.txt").read_text() == "mine"
 
 
+def test_a_run_folder_another_training_made_while_this_one_loaded_is_left_to_it(pattern_data, tmp_path, monkeypatch):
+    import fcntl
+
+    import ferkit.training
+
+    run, holders = tmp_path / "run", []
+    real_fit_data = ferkit.training.fit_data
+
+    def another_training_starts_meanwhile(*args, **kwargs):  # `ferkit train --out run` in another shell
+        run.mkdir()
+        (run / "config.json").write_text("{}")
+        holders.append(os.open(run, os.O_RDONLY))
+        fcntl.flock(holders[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return real_fit_data(*args, **kwargs)
+
+    monkeypatch.setattr(ferkit.training, "fit_data", another_training_starts_meanwhile)
+    with pytest.raises(FerkitError, match="is being trained by another process"):
+        train(_config(pattern_data, run, epochs=1), overwrite=True, verbose=0)
+    os.close(holders[0])
+    assert (run / "config.json").read_text() == "{}"
+
+
 def test_replacing_a_run_removes_its_default_exports_and_keeps_other_files(tmp_path):
     from ferkit.runs import clear_run_folder
 
@@ -158,8 +180,11 @@ def test_a_killed_run_is_usable_and_resumes(pattern_data, tmp_path):
         time.sleep(0.2)
     # a second process told to train the same folder meanwhile is refused, leaving the run to the first
     second = subprocess.run([sys.executable, "-m", "ferkit.cli", "train", "--resume", str(run), "--epochs", "500"],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, timeout=120)
     assert second.returncode == 2 and f"{run} is being trained by another process" in second.stderr, second.stderr
+    replacing = subprocess.run([*command[:-2], "--out", str(run), "--overwrite"], capture_output=True, text=True, timeout=120)
+    assert replacing.returncode == 2 and f"{run} is being trained by another process" in replacing.stderr
+    assert {"config.json", "history.csv", "state.json"} <= {p.name for p in run.iterdir()}  # nothing cleared first
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130
@@ -1007,7 +1032,7 @@ def test_a_plateau_run_resumed_halves_its_rate_as_an_unbroken_run_does(pattern_d
         assert resumed["learning_rate"] == pytest.approx(whole["learning_rate"], rel=1e-6), stop_after
 
 
-def test_an_epochs_change_that_would_rewind_fine_tuning_is_refused(pattern_data, tmp_path):
+def test_an_epochs_change_that_would_rewind_fine_tuning_is_refused(pattern_data, tmp_path, caplog):
     config = TrainConfig(model="mobilenetv2-transfer", weights="none", data=str(pattern_data / "train"),
                          val=str(pattern_data / "val"), epochs=1, fine_tune=5, fine_tune_epochs=2, batch_size=32,
                          out=str(tmp_path / "ft"))
@@ -1018,6 +1043,8 @@ def test_an_epochs_change_that_would_rewind_fine_tuning_is_refused(pattern_data,
     assert (run / "history.csv").read_text() == history
     train(dataclasses.replace(config, fine_tune_epochs=3), resume=True, verbose=0)  # fine-tuning itself may grow
     assert read_history(run / "history.csv")["epoch"] == [1, 2, 3, 4]
+    train(dataclasses.replace(config, fine_tune_epochs=1), resume=True, verbose=0)
+    assert "already has 4 epochs; pass a larger --fine-tune-epochs to train on" in caplog.text
 
 
 def test_a_run_may_not_be_written_inside_its_own_data(pattern_data, tmp_path):

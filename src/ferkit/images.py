@@ -43,11 +43,6 @@ class ImageError(FerkitError):
         super().__init__(message)
         self.path, self.reason = path, reason
 
-    @property
-    def lasting(self) -> bool:
-        """Whether the file itself is at fault (damaged, not an image), rather than this moment's access to it."""
-        return self.reason not in PASSING_REASONS
-
 
 # Why a file could not be read now, though the same file may be read later, unchanged.
 PASSING_REASONS = ("permission denied", "cannot be read", "missing")

@@ -128,7 +128,8 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
         restore_packed_best_model(import_keras(), run, config)
     total = config.total_epochs
     if state.epochs_done >= total:
-        log.warning("%s already has %d epochs; pass a larger --epochs to train on", run, state.epochs_done)
+        option = "--fine-tune-epochs" if config.fine_tune and state.epochs_done >= config.epochs else "--epochs"
+        log.warning("%s already has %d epochs; pass a larger %s to train on", run, state.epochs_done, option)
         return run
     if resume:
         _warn_of_exports(run)
@@ -161,8 +162,8 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
                 state.start_val_accuracy, state.start_model = _log_starting_score(config, val_set)
                 if stop.requested:  # during the starting score: the folder (an --overwrite target) is still as it was
                     raise KeyboardInterrupt
+                _hold_new_run_folder(run, overwrite)
                 _say_what_is_kept(run, clear_run_folder(run))
-                hold_run_folder(run)  # a new folder exists from here (a no-op for one held from the start)
             started = True
             _start_run_folder(run, config, state, train_set, val_set, topology)
             record = _run_callbacks(keras, run, config, state, model, train_set, stop, val_faces=len(val_set),
@@ -248,6 +249,14 @@ def _say_what_is_kept(run: Path, kept: list[str]) -> None:
     if kept:
         log.warning("kept what ferkit did not write in %s: %s; anything made from the replaced model is out of date",
                     run, ", ".join(kept))
+
+
+def _hold_new_run_folder(run: Path, overwrite: bool) -> None:
+    """The run folder made and locked (a no-op for one held from the start), then checked again: another
+    `ferkit train` of it may have begun since the first check, minutes of loading ago."""
+    run.mkdir(parents=True, exist_ok=True)
+    hold_run_folder(run)
+    check_run_folder(run, resume=False, overwrite=overwrite)
 
 
 def _check_and_load(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbose: int, topology):

@@ -54,8 +54,11 @@ def load_folder(
     cached = load_cached(key) if cache else None
     if cached is None:
         cached = _decode_files(files, labels, root, image_size, progress)
-        # a file skipped for a reason of the moment (its permissions, say) is read again next time
-        if cache and not np.isin(cached["skipped_reasons"], PASSING_REASONS).any():
+        if cache:
+            save_cached(key, cached)
+    elif np.isin(cached["skipped_reasons"], PASSING_REASONS).any():
+        cached = _read_passing_skips_again(cached, files, labels, root, image_size)
+        if cache:
             save_cached(key, cached)
 
     skipped = [(str(root / p), r) for p, r in zip(cached["skipped_paths"], cached["skipped_reasons"])]
@@ -174,6 +177,25 @@ def _warn_if_photos(root: Path, paths: list[Path]) -> None:
         log.warning("%d of %d images checked in %s look like photos, not face crops (%s: %s); each image is taken "
                     "whole as one face: `ferkit crop %s --out FACES` crops the faces into the same class folders",
                     len(photos), len(sample), root, path.relative_to(root), what, root)
+
+
+def _read_passing_skips_again(cached: dict[str, np.ndarray], files, labels, root, image_size) -> dict[str, np.ndarray]:
+    """The cached faces, with the files skipped for a reason of the moment (their permissions, say) tried
+    again: those now readable join the faces, in their places among them."""
+    again = set(cached["skipped_paths"][np.isin(cached["skipped_reasons"], PASSING_REASONS)])
+    retried = [(path, label) for path, label in zip(files, labels) if str(path.relative_to(root)) in again]
+    fresh = _decode_files([p for p, _ in retried], [label for _, label in retried], root, image_size, progress=False)
+    kept = ~np.isin(cached["skipped_paths"], list(again))
+    paths = np.concatenate([cached["paths"], fresh["paths"]])
+    place = {str(path.relative_to(root)): i for i, path in enumerate(files)}
+    order = np.argsort([place[p] for p in paths], kind="stable")
+    return {
+        "images": np.concatenate([cached["images"], fresh["images"]])[order],
+        "labels": np.concatenate([cached["labels"], fresh["labels"]])[order],
+        "paths": paths[order],
+        "skipped_paths": np.concatenate([cached["skipped_paths"][kept], fresh["skipped_paths"]]),
+        "skipped_reasons": np.concatenate([cached["skipped_reasons"][kept], fresh["skipped_reasons"]]),
+    }
 
 
 def _decode_files(files, labels, root, image_size, progress) -> dict[str, np.ndarray]:
