@@ -391,7 +391,8 @@ def test_a_result_of_an_opencv_frame_is_drawn_in_its_own_colours(trained_run):
     bgr = np.zeros((120, 160, 3), np.uint8)
     bgr[..., 0] = 200  # blue, in OpenCV's order
     result = next(analyze_images([bgr], model=trained_run, detector="none", channels="bgr"))
-    assert tuple(np.asarray(result.draw(bgr, channels="bgr"))[60, 80]) == (0, 0, 200)
+    assert tuple(np.asarray(result.draw(bgr))[60, 80]) == (0, 0, 200)  # as analyze_images was told
+    assert tuple(np.asarray(result.draw(bgr[..., ::-1], channels="rgb"))[60, 80]) == (0, 0, 200)
 
 
 @pytest.mark.parametrize("size", [(6000, 300), (300, 3000)])

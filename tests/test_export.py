@@ -458,3 +458,18 @@ def test_a_runs_data_path_read_from_another_folder_is_checked_against_the_faces_
     assert not (tmp_path / "t.onnx").exists() and (tmp_path / "work" / run / "best.keras").exists()
     scored = CliRunner().invoke(cli, ["evaluate", "work/run", "--data", "work/data/train", "--out", "e"])
     assert scored.exit_code == 0 and f"is the data {tmp_path / 'work' / 'run'} was trained on" in scored.output
+
+
+def test_calibration_faces_are_read_at_the_models_input_size(pattern_data, tmp_path):
+    import keras
+
+    from ferkit.export import calibration_faces
+    from ferkit.labels import EMOTIONS
+    from ferkit.runtime import ModelMetadata, save_keras_model
+
+    inputs = keras.Input((64, 64, 1))
+    network = keras.Model(inputs, keras.layers.Dense(7, activation="softmax")(keras.layers.Flatten()(inputs)))
+    path = save_keras_model(network, tmp_path / "wide.keras",
+                            ModelMetadata(model="custom", classes=list(EMOTIONS), input_size=[64, 64], channels=1))
+    faces = calibration_faces(path, pattern_data / "train")
+    assert faces.images.shape[1:] == (64, 64)  # read at 64x64, as training read them, not 48x48 enlarged

@@ -178,4 +178,12 @@ def test_a_pack_needed_at_another_size_names_what_to_pack_again(pattern_data, tm
     packed = _pack(pattern_data / "val", tmp_path / "packed", 1000)
     result = CliRunner().invoke(cli, ["pack", str(packed), str(tmp_path / "larger"), "--image-size", "64"])
     assert result.exit_code == 2, result.output
-    assert f"holds 48x48 faces; this needs 64x64 (pack {pattern_data / 'val'} again with --image-size 64)" in result.output
+    assert f"holds 48x48 faces; this needs 64x64 (ferkit pack {pattern_data / 'val'} NEW_FOLDER --image-size 64)" in result.output
+    pixels = " ".join(["128"] * 2304)
+    (tmp_path / "private.csv").write_text("emotion,pixels,Usage\n" + "".join(f"{c},{pixels},PrivateTest\n" for c in range(7)))
+    CliRunner().invoke(cli, ["pack", str(tmp_path / "private.csv"), str(tmp_path / "rows"), "--usage", "all"])
+    advice = CliRunner().invoke(cli, ["pack", str(tmp_path / "rows"), str(tmp_path / "rows64"), "--image-size", "64"])
+    command = advice.output.split("(", 1)[1].rsplit(")", 1)[0]
+    assert command.endswith("--image-size 64 --usage all")  # the rows it was packed from, as packed
+    followed = CliRunner().invoke(cli, command.replace("NEW_FOLDER", str(tmp_path / "rows64")).split()[1:])
+    assert followed.exit_code == 0 and "packed 7 faces" in followed.output, followed.output

@@ -305,6 +305,30 @@ def test_uploads_past_the_waiting_limit_are_503_at_once_and_the_others_analysed(
         assert client.post("/v1/analyze", content=body, headers={"Content-Type": "image/jpeg"}).status_code == 200
 
 
+def test_an_upload_past_the_waiting_limit_is_refused_before_its_body_is_read():
+    import asyncio
+
+    async def scenario(http, post, gate):
+        held = [post() for _ in range(3)]
+        await asyncio.sleep(1)
+        sent = []
+
+        async def endless_body():  # a slow upload that would go on for ever
+            while True:
+                sent.append(65536)
+                yield b"\xff" * 65536
+                await asyncio.sleep(0.01)
+
+        refused = await asyncio.wait_for(http.post("/v1/analyze", content=endless_body(),
+                                                   headers={"Content-Type": "image/jpeg"}), timeout=30)
+        gate.set()
+        return refused, sum(sent), await asyncio.gather(*held)
+
+    _, (refused, sent, answered) = _with_the_one_slot_busy(2, scenario)
+    assert refused.status_code == 503 and sent < 1 << 20  # not the 10 MB a 413 would have read
+    assert [a.status_code for a in answered] == [200] * 3
+
+
 def _panning_video(frames: int) -> bytes:
     """An MJPG AVI at 10 frames a second, panning across examples/people.jpg (640x360)."""
     cv2 = pytest.importorskip("cv2", reason="ferkit[video] is not installed")

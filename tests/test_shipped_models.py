@@ -112,7 +112,7 @@ def test_the_bundle_tool_refuses_bad_names_and_leaves_the_shipped_files_on_failu
         assert refused.returncode == 2 and "--name" in refused.stderr
     missing = bundle(trained_run, "--name", "small", "--tta", "flip", "--val", tmp_path / "missing", "--weights-dir", weights)
     assert missing.returncode == 2 and missing.stderr.splitlines() == [f"error: --val {tmp_path / 'missing'}: no such file or folder"]
-    # scoring on data that is no dataset fails after the export, in one line: the shipped model is untouched
+    # data that is no dataset is refused before the export, in one line: the shipped model is untouched
     (tmp_path / "empty").mkdir()
     failed = bundle(trained_run, "--name", "small", "--tta", "flip", "--val", tmp_path / "empty", "--weights-dir", weights)
     assert failed.returncode == 2 and "Traceback" not in failed.stderr and "has no class folders" in failed.stderr

@@ -158,6 +158,26 @@ def test_a_run_folder_another_training_made_while_this_one_loaded_is_left_to_it(
     assert (run / "config.json").read_text() == "{}"
 
 
+def test_a_run_folder_on_a_file_system_without_locks_is_trained_without_one(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from ferkit.runs import hold_run_folder, release_run_folder
+
+    (tmp_path / "run").mkdir()
+    for code, refused in ((errno.ENOLCK, False), (errno.EWOULDBLOCK, True)):
+        def flock(descriptor, operation, code=code):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(fcntl, "flock", flock)  # as some NFS and FUSE mounts answer
+        if refused:
+            with pytest.raises(FerkitError, match="is being trained by another process"):
+                hold_run_folder(tmp_path / "run")
+        else:
+            hold_run_folder(tmp_path / "run")
+            release_run_folder(tmp_path / "run")
+
+
 def test_replacing_a_run_removes_its_default_exports_and_keeps_other_files(tmp_path):
     from ferkit.runs import clear_run_folder
 
@@ -1084,6 +1104,11 @@ def test_data_folders_that_hold_train_and_val_datasets_are_named_with_the_option
         load_train_val(TrainConfig(data=str(pattern_data), out=str(tmp_path / "r")), (48, 48))
     assert str(refused.value).endswith(f"train with --data {pattern_data / 'train'} --val {pattern_data / 'val'}")
     assert "--classes" not in str(refused.value)
+    splits = tmp_path / "splits"
+    for split in ("test", "train", "val"):  # the test split comes first, and is never the one to validate on
+        shutil.copytree(pattern_data / "val", splits / split)
+    with pytest.raises(FerkitError, match=f"train with --data {splits / 'train'} --val {splits / 'val'}$"):
+        load_train_val(TrainConfig(data=str(splits), out=str(tmp_path / "r")), (48, 48))
 
 
 def test_a_csv_without_the_rows_training_reads_says_how_to_train_on_its_rows(tmp_path):

@@ -195,12 +195,20 @@ def test_video_command_writes_timeline_plot_and_video(trained_run, squares_video
 
 
 @pytest.mark.parametrize("suffix", [".3gp", ".mts"])
-def test_a_phone_or_camcorder_video_is_read_as_a_video(trained_run, squares_video, tmp_path, suffix):
-    clip = tmp_path / f"clip{suffix}"
-    clip.write_bytes(squares_video.read_bytes())
+def test_a_phone_or_camcorder_video_is_read_as_a_video(trained_run, tmp_path, suffix):
+    clip = _write_video(tmp_path / f"clip{suffix}", _two_squares(20))  # a 3GP file, an MPEG transport stream
     result = CliRunner().invoke(cli, ["predict", str(clip), "--model", str(trained_run), "--detector", "none",
                                       "--every", "4", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0 and "5 frames analysed" in result.output, result.output
+
+
+def test_a_typescript_module_beside_photos_is_no_video(trained_run, tmp_path):
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "photos" / "grey.png")
+    (tmp_path / "photos" / "util.mts").write_text("export const answer = 42;\n")
+    result = CliRunner().invoke(cli, ["predict", str(tmp_path / "photos"), "--model", str(trained_run), "--detector",
+                                      "none", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0 and "video" not in result.output, result.output
 
 
 def test_a_videos_results_replace_ferkits_own_but_not_a_users_files(trained_run, squares_video, tmp_path):

@@ -30,8 +30,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ferkit.data import load_dataset
-from ferkit.data.fer2013_csv import VAL_USAGE
 from ferkit.ensemble import ensemble_models
 from ferkit.errors import FerkitError
 from ferkit.export import calibration_faces, export_onnx, temperature_faces
@@ -100,6 +98,7 @@ def bundle(args, manifest: dict, name: str) -> None:
     # the first run's own config: the manifest's copy keeps only the last two parts of each path
     calibration = calibration_faces(args.runs[0]) if args.int8 or args.recalibrate_bn else None
     held_out = temperature_faces(args.runs[0], args.temperature_data) if args.temperature_data else None
+    val_faces = temperature_faces(args.runs[0], args.val) if args.val else None  # read before minutes of export
     with tempfile.TemporaryDirectory(dir=args.weights_dir, prefix=".staging-") as staging:
         staged = Path(staging) / f"{name}.onnx"
         source = args.runs[0] if len(args.runs) == 1 else ensemble_models(args.runs, Path(staging) / f"{name}.keras")
@@ -120,7 +119,7 @@ def bundle(args, manifest: dict, name: str) -> None:
             "temperature": meta.temperature,
             "temperature_fit": meta.extra.get("temperature"),
             "val_accuracy_during_training": best["val_accuracy_during_training"],  # the best single run's
-            **(_score(staged, args.val, args.report) if args.val else {}),
+            **(_score(staged, val_faces, args.val, args.report) if args.val else {}),
             **({"speed": classifier_speed(OnnxClassifier(staged))} if args.speed else {}),
             "members": [{key: value for key, value in member.items() if key != "path"} for member in members],
         }
@@ -202,11 +201,11 @@ def portable_config(config: dict) -> dict:
             for key, value in config.items()}
 
 
-def _score(model: Path, val: str, report_folder: Path | None) -> dict:
+def _score(model: Path, dataset, val: str, report_folder: Path | None) -> dict:
+    """The exported model scored on the --val faces (read at its input size, with its classes; of a
+    FER2013 CSV, the PublicTest rows)."""
     from ferkit.evaluation import evaluate
 
-    meta = read_metadata(model)  # the faces at the model's input size, its classes; a FER2013 CSV's PublicTest rows
-    dataset = load_dataset(val, classes=meta.classes, image_size=tuple(meta.input_size), usage=VAL_USAGE)
     report, single_view = evaluate(model, dataset), evaluate(model, dataset, tta="none")
     if report_folder:
         report.save(report_folder)

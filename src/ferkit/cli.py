@@ -769,7 +769,7 @@ def cache_cmd(action: str):
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1, 64),
               help="Analyses at a time; more requests wait their turn.")
 @click.option("--max-waiting", default=32, show_default=True, type=click.IntRange(0, 10_000),
-              help="Uploads waiting for their turn, held in memory; more get HTTP 503 (busy, retry).")
+              help="Uploads held in memory, arriving or waiting for their turn; more get HTTP 503 (busy, retry).")
 def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, max_video_mb: float,
               max_video_seconds: float, max_megapixels: float, concurrency: int, max_waiting: int):
     """A local web page (photos, webcam, videos) and JSON API (POST /v1/analyze) at http://HOST:PORT."""

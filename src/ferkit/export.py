@@ -50,14 +50,19 @@ def calibration_faces(model: str | Path, data: str | Path | None = None, *, prog
         data = config.data
         if not data or not Path(data).exists():
             raise FerkitError(f"the run's training data {data} is not here; pass --calibration DATA (in Python, calibration=DATA)")
-        faces = load_dataset(data, classes=read_metadata(resolve_model_path(model)).classes, usage=TRAIN_USAGE,
-                             progress=progress)
+        faces = load_dataset(data, **_as_the_model_reads(model), usage=TRAIN_USAGE, progress=progress)
         recorded = recorded_training_faces(resolve_model_path(model))
         if config.val and recorded and faces.class_counts() != recorded:  # a path relative to where the run trained
             raise FerkitError(f"{data}, read from here, holds other faces than the run's training data (faces per class "
                               f"{faces.class_counts()}, the run recorded {recorded}); pass --calibration DATA")
         return faces
-    return load_dataset(data, classes=read_metadata(resolve_model_path(model)).classes, usage=TRAIN_USAGE, progress=progress)
+    return load_dataset(data, **_as_the_model_reads(model), usage=TRAIN_USAGE, progress=progress)
+
+
+def _as_the_model_reads(model: str | Path) -> dict:
+    """Faces loaded with the model's classes, at its input size (a 96x96 network's, not 48x48 enlarged)."""
+    meta = read_metadata(resolve_model_path(model))
+    return {"classes": meta.classes, "image_size": tuple(meta.input_size)}
 
 
 def temperature_faces(model: str | Path, data: str | Path, *, progress: bool = False) -> FaceDataset:
@@ -66,8 +71,7 @@ def temperature_faces(model: str | Path, data: str | Path, *, progress: bool = F
     from ferkit.data import load_dataset
     from ferkit.data.fer2013_csv import VAL_USAGE
 
-    meta = read_metadata(model)
-    return load_dataset(data, classes=meta.classes, image_size=tuple(meta.input_size), usage=VAL_USAGE, progress=progress)
+    return load_dataset(data, **_as_the_model_reads(model), usage=VAL_USAGE, progress=progress)
 
 
 def exportable_model(model: str | Path) -> Path:

@@ -164,7 +164,7 @@ def check_uncertain_below(value: float) -> float:
 def _find_faces(label, image, classifier: Classifier, find, boxes, channels: str = "rgb") -> tuple[ImageResult, list[np.ndarray]]:
     detector = "boxes" if boxes is not None else "none" if find is None else getattr(find, "name", "custom")
     result = ImageResult(source=label, image_size=None, model=classifier.name, model_version=model_version(classifier),
-                         detector=detector)  # said also of an image that cannot be read
+                         detector=detector, channels=channels)  # said also of an image that cannot be read
     started = time.perf_counter()
     try:
         loaded = load_image(image, channels=channels)
@@ -187,6 +187,7 @@ def _find_faces(label, image, classifier: Classifier, find, boxes, channels: str
         try:
             detections = detected_faces(find, picture)
         except Exception as err:  # any detector, ours or the user's: report this image, go on with the rest
+            log.debug("face detection failed on %s", label, exc_info=True)  # --debug shows where
             result.error = f"face detection failed on {label}: {type(err).__name__}: {err}".splitlines()[0]
             return result, []
     crops = [_face_views(picture, d, classifier, whole_image) for d in detections]

@@ -49,6 +49,7 @@ class ImageResult:
     timings_ms: dict[str, float] = field(default_factory=dict)  # per stage: decode, detect, classify
     detector: str = ""  # "yunet", "mtcnn", "boxes" (given), "none" (the whole image is the face)
     error: str | None = None  # why this image could not be analysed (then `faces` is empty)
+    channels: str = field(default="rgb", repr=False)  # the order of an array's colours, as analyze_images was told
 
     @property
     def ok(self) -> bool:
@@ -68,16 +69,16 @@ class ImageResult:
             data["error"] = self.error
         return data
 
-    def draw(self, image=None, *, channels: str = "rgb"):
+    def draw(self, image=None, *, channels: str | None = None):
         """The image with a box and label per face (a PIL image); see ferkit.draw.draw_faces. `channels`:
-        "bgr" for an OpenCV array, as analyze_images was told."""
+        the order of an array's colours, by default the one analyze_images was told."""
         from ferkit.draw import draw_faces
 
         given_as = {"<array>": "an array", "<image>": "a PIL image", "<bytes>": "bytes"}
         if image is None and self.source in given_as:
             raise FerkitError(f"this result came from {given_as[self.source]}, not a file: pass the image, "
                               "result.draw(image)")
-        return draw_faces(image if image is not None else self.source, self.faces, channels=channels)
+        return draw_faces(image if image is not None else self.source, self.faces, channels=channels or self.channels)
 
     def summary(self) -> str:
         if self.error is not None:

@@ -16,7 +16,9 @@ so the folder holds complete epochs only; ferkit's own files are replaced atomic
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -35,6 +37,8 @@ EXPORTED_FILES = ("best.onnx", "last.onnx")  # where `ferkit export RUN` writes 
 REPORT_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.json", "confusion_matrix.png",
                 "reliability_diagram.png", "report.html")
 SAVED_EPOCH = re.compile(r"epoch-\d{3,}\.keras")  # a model --save-period kept, in EPOCHS_FOLDER
+
+log = logging.getLogger("ferkit")
 
 
 @dataclass
@@ -126,8 +130,11 @@ def hold_run_folder(run: Path) -> None:
     descriptor = os.open(run, os.O_RDONLY)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as err:
         os.close(descriptor)
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # a file system without locks (some NFS, FUSE)
+            log.debug("%s cannot be locked (%s): trained without a lock", run, err.strerror)
+            return
         raise FerkitError(f"{run} is being trained by another process; let it finish, or stop it (Ctrl-C, kill) and "
                           "then resume") from None
     _HELD[key] = descriptor

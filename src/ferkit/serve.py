@@ -58,7 +58,7 @@ class ServeConfig:
     max_video_seconds: float = 60.0
     max_megapixels: float = 40.0
     concurrency: int = 2  # analyses at a time (each uses the CPU cores ONNX Runtime is given)
-    max_waiting: int = 32  # uploads held in memory, waiting for their turn, beyond which more get 503
+    max_waiting: int = 32  # uploads held in memory, arriving or waiting for their turn, beyond which more get 503
     video_fps: float = 5.0  # analyse about this many frames per second of an uploaded video, as `ferkit predict` does
 
     def __post_init__(self):
@@ -147,8 +147,8 @@ def create_app(config: ServeConfig | None = None, *, local_only: bool = False):
         """Every face in the image, with its box and the probabilities of each emotion: the JSON of
         `ferkit predict --json`. The body is the image (Content-Type image/*) or a multipart form with
         the image in the field `file`."""
-        data, _ = await _upload(request, IMAGE_TYPES, "an image", size_limits["/v1/analyze"])
-        with turns.taken():
+        with turns.taken():  # before the body is read: an upload arriving is held in memory too
+            data, _ = await _upload(request, IMAGE_TYPES, "an image", size_limits["/v1/analyze"])
             return await _run_for(request, analyses, analyze_bytes, data)
 
     @app.post("/v1/video", openapi_extra=_upload_schema(VIDEO_TYPES), max_body_size=int(config.max_video_mb * MB))
@@ -157,8 +157,8 @@ def create_app(config: ServeConfig | None = None, *, local_only: bool = False):
         plot (a PNG data URL), titled with the file's name where a multipart form gives it. `faces`: each face
         counted once per frame it is found in (the timeline's rows). `cut_short`: frames stopped coming well
         before the count the file's container lists (a truncated upload)."""
-        data, name = await _upload(request, VIDEO_TYPES, "a video", size_limits["/v1/video"], also=ANIMATED_TYPES)
         with turns.taken():
+            data, name = await _upload(request, VIDEO_TYPES, "a video", size_limits["/v1/video"], also=ANIMATED_TYPES)
             return await _run_for(request, analyses, _analyze_video_bytes, data, classifier, detector, config, name, decoders)
 
     return app
@@ -169,8 +169,9 @@ BUSY_RETRY_S = 5  # the Retry-After of a 503: about what a few queued analyses t
 
 
 class Turns:
-    """Analyses running or waiting for their turn, at most `limit`: each waits with its upload in memory,
-    so past that the server answers 503 at once rather than hold ever more."""
+    """Uploads arriving, and analyses running or waiting for their turn, at most `limit`: each holds its
+    upload in memory, so past that the server answers 503 at once, before reading the body, rather than
+    hold ever more."""
 
     def __init__(self, limit: int):
         self.limit, self.held = limit, 0

@@ -20,7 +20,8 @@ ANNOTATED_SUFFIX = ".annotated.jpg"  # ferkit's annotated copy of a photo: NAME.
 CROP_NAME = re.compile(r"\.face(\d+)\.png$")  # a face crop that `ferkit crop` wrote: NAME.face<k>.png
 NAME_MAX = 255  # bytes in a file name, on the common file systems
 log = logging.getLogger("ferkit")
-# Not .ts (MPEG transport streams): a folder of photos may hold TypeScript files of that name.
+# Not .ts (MPEG transport streams): a folder of photos may hold TypeScript files of that name; .mts
+# (TypeScript's module suffix too) is looked into: is_video_file.
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".3g2", ".mts",
                   ".m2ts", ".flv", ".ogv")
 
@@ -40,7 +41,21 @@ def source_kind(source: str) -> str:
         raise FerkitError(f"no such file or folder: {source}")
     if path.is_dir():
         return "folder"
-    return "video" if path.suffix.lower() in VIDEO_SUFFIXES else "image"
+    return "video" if is_video_file(path) else "image"
+
+
+def is_video_file(path: Path) -> bool:
+    """Whether a file is a video, by its suffix; a .mts file (AVCHD video, or TypeScript) by its MPEG
+    transport stream sync byte too."""
+    suffix = path.suffix.lower()
+    if suffix != ".mts":
+        return suffix in VIDEO_SUFFIXES
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(5)
+    except OSError:
+        return True  # unreadable: said so where it is read as a video
+    return start[:1] == b"\x47" or start[4:5] == b"\x47"  # 188-byte packets, or 192 with a 4-byte time code
 
 
 def list_images(source: str | os.PathLike, *, skip: str | Path | None = None, quiet: bool = False) -> list[Path]:
@@ -120,7 +135,7 @@ def videos_in(source: str) -> list[Path]:
     from ferkit.draw import written_by_ferkit
 
     paths = [Path(p) for p in glob.glob(source, recursive=True)] if source_kind(source) == "glob" else files_under(source)
-    videos = [p for p in paths if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES]
+    videos = [p for p in paths if p.is_file() and is_video_file(p)]
     return sorted(p for p in videos if not written_by_ferkit(p))
 
 

@@ -177,7 +177,10 @@ def _unknown_folders_error(config: TrainConfig, err: UnknownClassFolders) -> Fer
     root = Path(config.data)
     if err.datasets:
         train = next((name for name in err.folders if name.lower().startswith("train")), err.folders[0])
-        val = next((name for name in err.folders if name != train), None)
+        others = [name for name in err.folders if name != train]
+        # a validation split by its usual names first; a test split only where nothing else is there
+        val = next((name for name in others if name.lower() in ("val", "valid", "validation", "dev")),
+                   next((name for name in others if not name.lower().startswith("test")), None))
         also = f" --val {root / val}" if val and not config.val else ""
         return FerkitError(f"the folders in {root} ({', '.join(err.folders)}) are datasets of their own, holding class "
                            f"folders: train with --data {root / train}{also}")

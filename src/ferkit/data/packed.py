@@ -23,6 +23,7 @@ import numpy as np
 
 from ferkit.data.dataset import FaceDataset
 from ferkit.errors import FerkitError
+from ferkit.labels import EMOTIONS
 
 INDEX = "ferkit-faces.json"
 
@@ -216,6 +217,16 @@ def _remove_packed(folder: Path) -> None:
             path.unlink()
 
 
+def _pack_again(index: dict, side: int) -> str:
+    """How to pack the faces a pack was made from again at another size: its rows and classes kept."""
+    origin = index.get("packed_from")
+    if not isinstance(origin, dict) or "path" not in origin:
+        return f"pack the faces it was packed from again with --image-size {side}"
+    usage = f" --usage {origin.get('usage') or 'all'}" if str(origin["path"]).lower().endswith(".csv") else ""
+    classes = f" --classes {','.join(index['classes'])}" if list(index["classes"]) != list(EMOTIONS) else ""
+    return f"ferkit pack {origin['path']} NEW_FOLDER --image-size {side}{usage}{classes}"
+
+
 def load_packed(path: str | Path, *, classes: Sequence[str] | None = None, image_size: tuple[int, int] = (48, 48)) -> FaceDataset:
     """The packed dataset at `path`, its faces memory-mapped; `classes` reorders (and may extend) its classes."""
     path = Path(path)
@@ -227,10 +238,8 @@ def load_packed(path: str | Path, *, classes: Sequence[str] | None = None, image
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise FerkitError(f"{path} is not a readable packed dataset ({type(err).__name__})") from None
     if size != tuple(image_size):
-        origin = pack_origin(path)
-        again = f"pack {origin[0]}" if origin else "pack the faces it was packed from"
         raise FerkitError(f"{path} holds {size[0]}x{size[1]} faces; this needs {image_size[0]}x{image_size[1]} "
-                          f"({again} again with --image-size {image_size[0]})")
+                          f"({_pack_again(index, image_size[0])})")
     if len(labels) and (labels.min() < 0 or labels.max() >= len(stored_classes)):
         raise FerkitError(f"{path}: a label outside its {len(stored_classes)} classes")
     if classes is not None and list(classes) != stored_classes:
