@@ -168,6 +168,50 @@ def test_another_model_of_the_same_network_never_replaces_a_report(trained_run, 
     other = CliRunner().invoke(cli, ["evaluate", str(trained_run / "last.keras"), "--data", val, "--out", out])
     assert other.exit_code == 2 and "holds the evaluation of seed-cnn" in other.output
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == before
+    # two files of one name and metadata in two folders, outside any run, are two models
+    import keras
+
+    from ferkit.runtime import save_keras_model
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(trained_run / "best.keras", tmp_path / "a" / "model.keras")
+    save_keras_model(keras.saving.load_model(trained_run / "last.keras"), tmp_path / "b" / "model.keras",
+                     read_metadata(trained_run / "best.keras"))
+    first = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "a" / "model.keras"), "--data", val, "--out", out + "-2"])
+    assert first.exit_code == 0, first.output
+    second = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "b" / "model.keras"), "--data", val, "--out", out + "-2"])
+    assert second.exit_code == 2 and "holds the evaluation of seed-cnn" in second.output
+
+
+def test_a_report_of_other_faces_of_the_same_relative_path_is_never_replaced(trained_run, pattern_data, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+
+    for folder in ("a", "b"):
+        shutil.copytree(pattern_data / "val", tmp_path / folder / "val")
+    monkeypatch.chdir(tmp_path / "a")
+    assert CliRunner().invoke(cli, ["evaluate", str(trained_run), "--data", "val", "--out", str(tmp_path / "eval")]).exit_code == 0
+    monkeypatch.chdir(tmp_path / "b")  # "val" is another folder from here
+    other = CliRunner().invoke(cli, ["evaluate", str(trained_run), "--data", "val", "--out", str(tmp_path / "eval")])
+    assert other.exit_code == 2 and "holds the evaluation of" in other.output
+
+
+def test_the_default_report_folder_of_data_given_as_a_dot_is_named_and_never_inside_it(pattern_data, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from ferkit.cli import cli
+
+    shutil.copytree(pattern_data / "val", tmp_path / "val")
+    monkeypatch.chdir(tmp_path / "val")
+    result = CliRunner().invoke(cli, ["evaluate", "--data", "."])  # the shipped model: runs/ here, inside the data
+    assert result.exit_code == 2 and "lies inside the data folder" in result.output
+    assert sorted(p.name for p in (tmp_path / "val").iterdir()) == sorted(p.name for p in (pattern_data / "val").iterdir())
+    monkeypatch.chdir(tmp_path)
+    from ferkit.evaluation import default_report_folder
+
+    assert default_report_folder(None, "val/.", ("m", "val", "none")).name.endswith("-val")
 
 
 def test_a_runs_best_model_of_a_later_epoch_reports_beside_the_earlier_one(trained_run, pattern_data, tmp_path):

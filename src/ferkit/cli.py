@@ -590,7 +590,8 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     # a run that split its validation faces off this data: scored on those, if they can be told again
     split = f" (the faces its run held out: --val-split {run.val_split:g}, seed {run.seed})" if run and not run.val else ""
     if out is not None and not overwrite and Path(data).is_dir():  # a folder's source is its path: checked before it loads
-        check_report_folder(out, classifier.name, str(Path(data)) + split, classifier.tta, model_version(classifier))
+        check_report_folder(out, classifier.name, str(Path(data)) + split, classifier.tta, model_version(classifier),
+                            classifier.sha256)
     dataset = load_dataset(
         data, classes=classifier.classes, image_size=classifier.input_size, usage=usage, progress=True
     )  # the bar is gone before the JSON is printed
@@ -607,9 +608,10 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
         log.warning("%s is the data the %s were trained on: its accuracy there says little about faces it has not seen",
                     data, what)
     # a CSV's source says which rows, known once it is read
-    evaluation = (classifier.name, dataset.source, classifier.tta, model_version(classifier))
+    evaluation = (classifier.name, dataset.source, classifier.tta, model_version(classifier), classifier.sha256)
     if out is None:
         out = default_report_folder(model, data, evaluation, usage=usage, tta=tta)
+        check_out_outside_data(out, data, "the report's pictures")  # `--data .` in a shipped model's runs/
     elif not overwrite:
         check_report_folder(out, *evaluation)  # before the minutes of scoring, not after
     create_folder(out, "report folder")  # a folder that cannot be made: said now, not after the scoring

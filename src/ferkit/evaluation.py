@@ -49,6 +49,7 @@ class EvaluationReport:
     tta: str = "none"  # the test-time augmentation the model ran with
     model_version: str = ""  # which model of that name: its run and file, or a shipped model's version
     model_epoch: int | None = None  # the training epoch that made the model, where it records one (a run's models)
+    model_sha256: str = ""  # of the model file: two files of one name in two folders are two models
     probabilities: np.ndarray | None = None  # (N, classes) as scored, the model's temperature applied
     temperature: float = 1.0  # the model's temperature
     ece_before_temperature: float | None = None  # ECE of the same model at temperature 1, when its own is not 1
@@ -117,8 +118,10 @@ class EvaluationReport:
             "model": self.model,
             "model_version": self.model_version,
             "model_epoch": self.model_epoch,
+            "model_sha256": self.model_sha256,
             "tta": self.tta,
             "data": self.data,
+            "data_path": _data_key(self.data) if self.data else "",  # as data is written, but from anywhere
             "samples": int(len(self.y_true)),
             "accuracy": self.accuracy,
             "macro_f1": self.macro_f1,
@@ -157,7 +160,7 @@ class EvaluationReport:
         from ferkit.plots import plot_confusion_matrix, plot_reliability_diagram
 
         if not overwrite or Path(folder).is_file():
-            check_report_folder(folder, self.model, self.data, self.tta, self.model_version)
+            check_report_folder(folder, self.model, self.data, self.tta, self.model_version, self.model_sha256)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         data = self.to_dict()
@@ -252,9 +255,10 @@ def default_report_folder(model: str | Path | None, data: str | Path, evaluation
     file, runs/eval-MODEL-DATA for a shipped model (DATA: the folder's name, or NAME-USAGE for a CSV (NAME for
     one without a Usage column), and
     -TTA when one is asked for); -2, -3, ... when that folder holds another `evaluation`'s reports
-    ((model name, data source, tta, model version), as check_report_folder takes them)."""
+    ((model name, data source, tta, model version, model file's SHA-256), as check_report_folder takes them)."""
     model_path, given, data = resolve_model_path(model), Path(model or "."), Path(data)
-    name = (data.name if data.is_dir() else data.stem + (f"-{usage}" if usage else "")) + (f"-{tta}" if tta else "")
+    named = Path(os.path.realpath(data))  # "." and "/data/" have names too
+    name = (named.name if data.is_dir() else named.stem + (f"-{usage}" if usage else "")) + (f"-{tta}" if tta else "")
     stem = f"{model_path.stem}{'-onnx' if model_path.suffix.lower() == '.onnx' else ''}"
     if model_path.parent.name == "weights" and model_path.parent.parent.name == "ferkit":
         folder = Path("runs") / f"eval-{stem}-{name}"  # never write into the installed package
@@ -269,17 +273,22 @@ def default_report_folder(model: str | Path | None, data: str | Path, evaluation
     return candidate
 
 
-def report_folder_accepts(folder: str | Path, model: str, data: str, tta: str, version: str = "") -> bool:
+def report_folder_accepts(folder: str | Path, model: str, data: str, tta: str, version: str = "",
+                          sha256: str = "") -> bool:
     """Whether `folder` is new, holds no report files, or holds the report of this same evaluation (the
-    model's name and version, the data's source and the test-time augmentation), which a new one may
-    replace. A report without a version (written by an older ferkit) is matched by the model's name."""
+    model's name, version and file, the data's source and the test-time augmentation), which a new one
+    may replace. A report without a version or file digest (written by an older ferkit) is matched
+    without them."""
     earlier = _earlier_evaluation(folder)
     if Path(folder).is_file() or earlier == "unknown":
         return False
     if earlier is None:
         return True
-    same_version = not (earlier[3] and version) or earlier[3] == version
-    return same_version and (earlier[0], _data_key(earlier[1]), earlier[2]) == (model, _data_key(data), tta)
+    name, earlier_data, earlier_tta, earlier_version, earlier_sha256, data_path = earlier
+    same_version = not (earlier_version and version) or earlier_version == version
+    same_file = not (earlier_sha256 and sha256) or earlier_sha256 == sha256
+    return same_version and same_file and (name, data_path or _data_key(earlier_data), earlier_tta) == (
+        model, _data_key(data), tta)
 
 
 def _data_key(data: str) -> str:
@@ -289,25 +298,27 @@ def _data_key(data: str) -> str:
     return os.path.realpath(path) + (f" ({rows}" if rows else "")
 
 
-def check_report_folder(folder: str | Path, model: str, data: str, tta: str, version: str = "") -> None:
+def check_report_folder(folder: str | Path, model: str, data: str, tta: str, version: str = "", sha256: str = "") -> None:
     """Refuse (FerkitError) a `folder` that report_folder_accepts does not: a file, the report of another
     evaluation, or files of the report's names that no evaluation wrote."""
     if Path(folder).is_file():
         raise FerkitError(f"{folder} is a file; give a folder for the reports")
-    if not report_folder_accepts(folder, model, data, tta, version):
+    if not report_folder_accepts(folder, model, data, tta, version, sha256):
         raise FerkitError(f"{folder} holds {_describe_report_folder(folder)}; pass --overwrite to replace it "
                           "(in Python, overwrite=True), or choose another --out")
 
 
-def _earlier_evaluation(folder: str | Path) -> tuple[str, str, str, str] | str | None:
-    """What the report files in `folder` are of: (model, data, tta, version) from its metrics.json; "unknown"
-    when report files are there without a readable metrics.json; None when there are none."""
+def _earlier_evaluation(folder: str | Path) -> tuple[str, str, str, str, str, str] | str | None:
+    """What the report files in `folder` are of: (model, data, tta, version, model file's SHA-256, data's
+    real path) from its metrics.json ("" where an older report lacks them); "unknown" when report files
+    are there without a readable metrics.json; None when there are none."""
     folder = Path(folder)
     if not any((folder / name).exists() for name in REPORT_FILES):
         return None
     try:
         metrics = json.loads((folder / "metrics.json").read_text())
-        return (metrics["model"], metrics["data"], metrics.get("tta", "none"), metrics.get("model_version", ""))
+        return (metrics["model"], metrics["data"], metrics.get("tta", "none"), metrics.get("model_version", ""),
+                metrics.get("model_sha256", ""), metrics.get("data_path", ""))
     except (OSError, ValueError, KeyError, TypeError):
         return "unknown"
 
@@ -316,7 +327,7 @@ def _describe_report_folder(folder: str | Path) -> str:
     """For messages: "the evaluation of MODEL on DATA", or that the files are not a ferkit evaluation's."""
     earlier = _earlier_evaluation(folder)
     if isinstance(earlier, tuple):
-        model, data, tta, version = earlier
+        model, data, tta, version = earlier[:4]
         which = f" {version}" if version and version != model else ""
         return f"the evaluation of {model}{which}{'' if tta == 'none' else f' ({tta} TTA)'} on {data}"
     return "files that are not a ferkit evaluation"
@@ -359,6 +370,7 @@ def evaluate(
     from ferkit.predict import model_version
 
     report.model_version = model_version(classifier)
+    report.model_sha256 = classifier.sha256
     epoch = classifier.metadata.extra.get("epoch")
     report.model_epoch = int(epoch) if isinstance(epoch, (int, float)) else None
     return report

@@ -290,6 +290,11 @@ class Classifier:
         self.metadata = metadata
         self.path = path
 
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The SHA-256 of the model's file ("" for a model without one)."""
+        return sha256_of(self.path) if self.path else ""
+
     @property
     def classes(self) -> tuple[str, ...]:
         return tuple(self.metadata.classes)
