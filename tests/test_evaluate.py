@@ -311,3 +311,11 @@ def test_evaluate_reports_its_progress_as_it_classifies(trained_run, pattern_dat
     assert len(seen) == -(-len(faces) // 8) and seen[-1] == (len(faces), len(faces))  # 8 faces, two views each, a call
     assert [done for done, _ in seen] == sorted(done for done, _ in seen)
     assert report.accuracy == evaluate(trained_run, faces, batch_size=16, tta="flip").accuracy
+
+
+def test_a_run_folder_whose_name_holds_a_parenthesis_is_named_whole():
+    report = score_predictions(np.arange(7), np.arange(7), EMOTIONS, model="seed-cnn", data="val")
+    report.model_version, report.model_epoch = "runs/m7 (copy) (best.keras, epoch 3)", 3
+    assert report.model_label == "m7 (copy) (epoch 3)"
+    report.model_version, report.model_epoch = "photo model (2).keras", None  # a file outside any run
+    assert report.model_label == "photo model (2).keras"

@@ -1131,7 +1131,9 @@ def _print_faces(result) -> None:
 def _model_name(result) -> str:
     """What --model takes to score with the same model again: a shipped model's name, a run folder or a
     file name (its version up to the parenthesis), rather than the network's name."""
-    return result.model_version.split(" (")[0] or result.model
+    from ferkit.predict import model_named_by
+
+    return model_named_by(result.model_version) or result.model
 
 
 def _write_json(path: Path, data) -> Path:

@@ -82,7 +82,9 @@ class EvaluationReport:
     def model_label(self) -> str:
         """The model's name as --model takes it (a shipped model's, a run folder's, a file's; else the
         network's), with its training epoch where known and its test-time augmentation when it used one."""
-        name = Path(self.model_version.split(" (")[0]).name if self.model_version else self.model
+        from ferkit.predict import model_named_by
+
+        name = Path(model_named_by(self.model_version)).name if self.model_version else self.model
         details = ([f"epoch {self.model_epoch}"] if self.model_epoch is not None else []) + (
             [f"{self.tta} TTA"] if self.tta != "none" else [])
         return f"{name} ({', '.join(details)})" if details else name

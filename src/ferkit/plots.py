@@ -90,9 +90,9 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: str 
 def plot_reliability_diagram(bins: dict, path: str | Path, *, title: str = "") -> Path:
     """Accuracy against confidence per bin (ferkit.calibration.reliability_bins), saved as a PNG.
 
-    Each bar spans its bin and rises to the accuracy of the faces in it, its face count written above; a
-    red mark shows their mean confidence; the diagonal is perfect calibration. Bars under the diagonal
-    are over-confident, bars above it under-confident.
+    Each bar spans its bin and rises to the accuracy of the faces in it, its face count written above; an
+    orange mark shows their mean confidence; the diagonal is perfect calibration. Bars under the diagonal
+    are over-confident, bars above it under-confident. The legend lies below the axes, where it hides no bar.
     """
     plt = _pyplot()
     edges, count = np.asarray(bins["edges"]), np.asarray(bins["count"])
@@ -105,14 +105,15 @@ def plot_reliability_diagram(bins: dict, path: str | Path, *, title: str = "") -
            edgecolor="white", label="accuracy")
     ax.scatter(confidence[used], confidence[used], marker="_", s=120, color=(0.84, 0.37, 0.0), zorder=3,
                label="mean confidence")
-    for left, width, acc, n in zip(lefts[used], widths[used], accuracy[used], count[used]):
-        ax.text(left + width / 2, min(acc, 0.93) + 0.015, str(int(n)), ha="center", va="bottom", fontsize=7)
+    for left, width, acc, conf, n in zip(lefts[used], widths[used], accuracy[used], confidence[used], count[used]):
+        # above the bar and its confidence mark, whichever is higher
+        ax.text(left + width / 2, max(acc, conf) + 0.015, str(int(n)), ha="center", va="bottom", fontsize=7)
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.1)
     ax.set_xlabel("confidence (top probability)")
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize=8)  # below the axes: over no bar
     if title:
         ax.set_title(title, fontsize=9)
     return _save(fig, path)

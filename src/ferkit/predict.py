@@ -312,6 +312,12 @@ def _as_given(folder: Path) -> str:
     return str(folder.resolve()) if relative.startswith("..") else relative
 
 
+def model_named_by(version: str) -> str:
+    """The shipped model, run folder or file that a model_version names, without the file and epoch in
+    its last parenthesis (a run folder's own name may hold one: "m7 (copy) (best.keras, epoch 3)")."""
+    return version.rsplit(" (", 1)[0] if version.endswith(")") and " (" in version else version
+
+
 def model_version(classifier: Classifier, *, public: bool = False) -> str:
     """The model's version as results report it: a shipped model's recorded version; else the run it came from,
     its file and its epoch (a run's best.keras, last.keras and exports differ, and so does its best.keras

@@ -35,7 +35,7 @@ from pathlib import Path
 from ferkit import __version__
 from ferkit.errors import FerkitError, first_line
 from ferkit.extras import require
-from ferkit.predict import model_version
+from ferkit.predict import model_named_by, model_version
 
 WEB = Path(__file__).parent / "web"
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "image/tiff")  # and any image/*
@@ -97,7 +97,7 @@ def create_app(config: ServeConfig | None = None, *, local_only: bool = False):
     # would let ~40 queued uploads take every thread, and /healthz would wait behind them.
     analyses = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="ferkit-analysis")
     version = model_version(classifier, public=True)
-    name = version.split(" (")[0]  # a shipped model's name (also of a copy of its file), a run folder's or a file's
+    name = model_named_by(version)  # a shipped model's name (also of a copy of its file), a run folder's or a file's
     # no /redoc: it loads its script and fonts from the internet; /docs (Swagger UI) is the one documented
     app = FastAPI(title="ferkit", version=version, redoc_url=None,
                   summary="Facial expression recognition: faces and their emotions in photos and videos.")

@@ -80,9 +80,13 @@ def _curves(results) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     for colour, result in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], trained):
         for ax, metric in zip(axes, ("accuracy", "loss")):
-            ax.plot(result.history["epoch"], result.history[metric], "--", color=colour, alpha=0.8)
-            ax.plot(result.history["epoch"], result.history[f"val_{metric}"], "-", color=colour, label=result.name)
+            ax.plot(result.history["epoch"], result.history[metric], "--", marker=".", color=colour, alpha=0.8)
+            ax.plot(result.history["epoch"], result.history[f"val_{metric}"], "-", marker=".", color=colour,
+                    label=result.name)
+    epochs = sorted({epoch for result in trained for epoch in result.history["epoch"]})
     for ax, metric in zip(axes, ("accuracy", "loss")):
+        if len(epochs) == 1:
+            ax.set_xlim(epochs[0] - 1, epochs[0] + 1)  # not 0.96-1.04 around lone points
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)

@@ -62,7 +62,9 @@ def save_teacher_probabilities(models, dataset: FaceDataset | str | Path, out: s
                               f"is {dataset.image_size[0]}x{dataset.image_size[1]}: average models of one input size")
         if classifier.classes != dataset.classes:
             raise FerkitError(f"{model} knows the classes {', '.join(classifier.classes)}, the data {', '.join(dataset.classes)}")
-    probabilities = np.mean([load_teacher_probabilities(member, dataset) if _is_saved(member)
+    # the saved members read (and checked against the faces) first: before the hours a model may take
+    saved = {member: load_teacher_probabilities(member, dataset) for member in members if _is_saved(member)}
+    probabilities = np.mean([saved[member] if member in saved
                              else _predict_with_progress(classifiers[member], member, dataset, batch_size, progress)
                              for member in members], axis=0)
     about = {"models": members, "tta": [classifiers[m].tta if m in classifiers else "saved" for m in members],
