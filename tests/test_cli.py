@@ -871,8 +871,12 @@ def test_evaluating_a_run_on_its_own_training_data_is_warned_of(trained_run, tmp
     result = run("evaluate", trained_run, "--data", data, "--json", "--out", tmp_path / "on-train")
     assert result.exit_code == 0
     assert "is the data" in result.output and "was trained on" in result.output
+    saved = json.loads((tmp_path / "on-train" / "metrics.json").read_text())["warnings"]  # a reader of the report is told too
+    assert len(saved) == 1 and "was trained on: its accuracy there says little" in saved[0]
+    assert "Warning:</b>" in (tmp_path / "on-train" / "report.html").read_text()
     held_out = run("evaluate", trained_run, "--data", Path(data).parent / "val", "--json", "--out", tmp_path / "on-val")
     assert held_out.exit_code == 0 and "was trained on" not in held_out.output
+    assert json.loads((tmp_path / "on-val" / "metrics.json").read_text())["warnings"] == []
 
 
 def test_a_run_that_split_off_its_validation_faces_is_scored_on_those_when_given_its_training_data(pattern_data, tmp_path):

@@ -53,6 +53,13 @@ def test_per_class_scores_agree_with_the_confusion_matrix():
         assert np.isclose(report.per_class[name].recall, cm[i, i] / cm[i].sum())
         assert np.isclose(report.per_class[name].precision, cm[i, i] / cm[:, i].sum())
         assert np.isclose(report.confusion_matrix_normalized[i, i], report.per_class[name].recall)
+    scores = report.per_class.values()
+    assert np.isclose(report.macro_precision, np.mean([s.precision for s in scores]))
+    assert np.isclose(report.macro_recall, np.mean([s.recall for s in scores]))
+    assert np.isclose(report.weighted_f1, sum(s.f1 * s.support for s in scores) / 500)
+    assert report.never_predicted == []
+    never = score_predictions(y_true, np.where(y_pred == 1, 0, y_pred), EMOTIONS)  # disgust never predicted
+    assert never.never_predicted == ["disgust"] and never.to_dict()["never_predicted"] == ["disgust"]
 
 
 def test_report_files(tmp_path):
@@ -319,3 +326,14 @@ def test_a_run_folder_whose_name_holds_a_parenthesis_is_named_whole():
     assert report.model_label == "m7 (copy) (epoch 3)"
     report.model_version, report.model_epoch = "photo model (2).keras", None  # a file outside any run
     assert report.model_label == "photo model (2).keras"
+
+
+def test_files_skipped_in_the_data_are_named_in_the_saved_report(trained_run, pattern_data, tmp_path):
+    from ferkit.evaluation import evaluate
+
+    shutil.copytree(pattern_data / "val", tmp_path / "val")
+    (tmp_path / "val" / "happy" / "broken.png").write_text("not an image")
+    report = evaluate(trained_run, tmp_path / "val")
+    report.save(tmp_path / "eval")
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())["warnings"]
+    assert len(saved) == 1 and "1 unreadable file(s)" in saved[0] and "broken.png" in saved[0]

@@ -596,17 +596,19 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
         data, classes=classifier.classes, image_size=classifier.input_size, usage=usage, progress=True
     )  # the bar is gone before the JSON is printed
     held = held_out_faces(classifier.path.parent, run, dataset) if split else None
+    seen = None  # a warning that the model was trained on these faces: in the terminal and the saved report
     if held is not None:
         dataset = replace(held, source=held.source + split)
         log.info("%s is the data %s was trained on: scoring the %d faces it held out for validation", data,
                  classifier.path.parent, len(dataset))
     elif run or holds_its_training_faces(classifier.path, dataset):
-        log.warning("%s is the data %s was trained on: its accuracy there says little about faces it has not seen",
-                    data, classifier.path.parent)
+        seen = f"{data} is the data {classifier.path.parent} was trained on"
     elif members := members_trained_on(classifier.metadata, data, usage=None if Path(data).is_dir() else usage):
         what = "averaged checkpoints" if "averaged" in classifier.metadata.extra else f"ensemble's {', '.join(members)} member(s)"
-        log.warning("%s is the data the %s were trained on: its accuracy there says little about faces it has not seen",
-                    data, what)
+        seen = f"{data} is the data the {what} were trained on"
+    if seen:
+        seen += ": its accuracy there says little about faces it has not seen"
+        log.warning("%s", seen)
     # a CSV's source says which rows, known once it is read
     evaluation = (classifier.name, dataset.source, classifier.tta, model_version(classifier), classifier.sha256)
     if out is None:
@@ -617,6 +619,7 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     create_folder(out, "report folder")  # a folder that cannot be made: said now, not after the scoring
     with progress_bar(len(dataset), f"scoring ({classifier.tta})") as advance:
         report = evaluate(classifier, dataset, batch_size=batch_size, progress=advance)
+    report.warnings[:0] = [seen] if seen else []
     written = report.save(out, overwrite=overwrite)
     if as_json:
         click.echo(json.dumps({**report.to_dict(), "files": [str(p) for p in written]}, indent=2))

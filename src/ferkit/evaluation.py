@@ -11,7 +11,7 @@ import csv
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,11 @@ class EvaluationReport:
     model_version: str = ""  # which model of that name: its run and file, or a shipped model's version
     model_epoch: int | None = None  # the training epoch that made the model, where it records one (a run's models)
     model_sha256: str = ""  # of the model file: two files of one name in two folders are two models
+    warnings: list[str] = field(default_factory=list)  # what a reader of the saved report should know (skipped files, ...)
+    # scikit-learn's other averages, over the same classes as macro_f1: weighted by each class's faces
+    macro_precision: float | None = None
+    macro_recall: float | None = None
+    weighted_f1: float | None = None
     probabilities: np.ndarray | None = None  # (N, classes) as scored, the model's temperature applied
     temperature: float = 1.0  # the model's temperature
     ece_before_temperature: float | None = None  # ECE of the same model at temperature 1, when its own is not 1
@@ -95,6 +100,12 @@ class EvaluationReport:
         return [name for name, scores in self.per_class.items() if scores.support == 0]
 
     @property
+    def never_predicted(self) -> list[str]:
+        """Classes of the model it never predicted on the data (precision 0/0)."""
+        predicted = self.confusion_matrix.sum(axis=0) > 0
+        return [name for name, was in zip(self.classes, predicted) if not was]
+
+    @property
     def absent_classes_note(self) -> str | None:
         """What the scores of classes absent from the data, or never predicted, mean, for the terminal and
         the HTML report; None when every class is in the data and predicted."""
@@ -105,7 +116,7 @@ class EvaluationReport:
             notes.append(f"no faces of {', '.join(absent)} in the data: recall is undefined there (shown as 0.000)")
             notes.append(f"faces wrongly predicted as {', '.join(wrongly)} count in macro-F1 with an F1 of 0" if wrongly
                          else "macro-F1 leaves out classes that are neither in the data nor predicted")
-        never = [name for name, i in zip(self.classes, predicted) if not i and name not in absent]
+        never = [name for name in self.never_predicted if name not in absent]
         if never:
             notes.append(f"{', '.join(never)} never predicted: precision is undefined there (shown as 0.000)")
         return "; ".join(notes) or None
@@ -127,8 +138,13 @@ class EvaluationReport:
             "samples": int(len(self.y_true)),
             "accuracy": self.accuracy,
             "macro_f1": self.macro_f1,
+            "macro_precision": self.macro_precision,
+            "macro_recall": self.macro_recall,
+            "weighted_f1": self.weighted_f1,
             "per_class": {name: vars(s) for name, s in self.per_class.items()},
-            "absent_classes": self.absent_classes,
+            "absent_classes": self.absent_classes,  # recall undefined (no faces), shown as 0
+            "never_predicted": self.never_predicted,  # precision undefined, shown as 0
+            "warnings": list(self.warnings),
             "classes": list(self.classes),
             "confusion_matrix": self.confusion_matrix.tolist(),
             "confusion_matrix_normalized": np.round(self.confusion_matrix_normalized, 6).tolist(),
@@ -207,6 +223,7 @@ class EvaluationReport:
             "td:first-child,th:first-child{text-align:left}</style>"
             f"<h1>{escape(self.model_label)} on {escape(self.data)}</h1>"
             f"<p>accuracy <b>{self.accuracy:.4f}</b>, macro-F1 <b>{self.macro_f1:.4f}</b>, {len(self.y_true)} faces</p>"
+            + "".join(f"<p><b>Warning:</b> {escape(warning)}</p>" for warning in self.warnings) +
             "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
             f"{rows}</table>{f'<p>Note: {escape(note)}.</p>' if (note := self.absent_classes_note) else ''}{picture}{self._calibration_html(reliability_image)}\n"
         )
@@ -373,6 +390,9 @@ def evaluate(
 
     report.model_version = model_version(classifier)
     report.model_sha256 = classifier.sha256
+    if dataset.skipped:
+        report.warnings.append(f"{len(dataset.skipped)} unreadable file(s) of {dataset.source} were skipped, "
+                               f"e.g. {dataset.skipped[0][0]} ({dataset.skipped[0][1]})")
     epoch = classifier.metadata.extra.get("epoch")
     report.model_epoch = int(epoch) if isinstance(epoch, (int, float)) else None
     return report
@@ -402,6 +422,9 @@ def score_predictions(
         classes=tuple(classes),
         accuracy=float(accuracy_score(y_true, y_pred)),
         macro_f1=float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        macro_precision=float(metrics.precision_score(y_true, y_pred, average="macro", zero_division=0)),
+        macro_recall=float(metrics.recall_score(y_true, y_pred, average="macro", zero_division=0)),
+        weighted_f1=float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
         per_class=per_class,
         confusion_matrix=confusion_matrix(y_true, y_pred, labels=labels),
         y_true=np.asarray(y_true),
