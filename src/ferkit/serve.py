@@ -159,7 +159,9 @@ def create_app(config: ServeConfig | None = None, *, local_only: bool = False):
         before the count the file's container lists (a truncated upload)."""
         with turns.taken():
             data, name = await _upload(request, VIDEO_TYPES, "a video", size_limits["/v1/video"], also=ANIMATED_TYPES)
-            return await _run_for(request, analyses, _analyze_video_bytes, data, classifier, detector, config, name, decoders)
+            gone = threading.Event()  # a video takes a while: stopped when its client leaves
+            return await _run_for(request, analyses, _analyze_video_bytes, data, classifier, detector, config, name,
+                                  decoders, gone, leaving=gone)
 
     return app
 
@@ -191,10 +193,11 @@ class Turns:
             self.held -= 1
 
 
-async def _run_for(request, pool: ThreadPoolExecutor, function, *args):
+async def _run_for(request, pool: ThreadPoolExecutor, function, *args, leaving: threading.Event | None = None):
     """`function(*args)` in one of the pool's threads, awaited without holding any other thread; skipped
     if the client has gone by the time its turn comes (a client that timed out and retried would
-    otherwise queue the same work again and again ahead of everyone else)."""
+    otherwise queue the same work again and again ahead of everyone else). With `leaving`, that event is
+    set if the client leaves while the work runs, for long work to stop on."""
     from fastapi import HTTPException
 
     loop = asyncio.get_running_loop()
@@ -211,7 +214,18 @@ async def _run_for(request, pool: ThreadPoolExecutor, function, *args):
             raise HTTPException(CLIENT_GONE, "the client closed the connection before its turn came")
         return function(*args)
 
-    return await loop.run_in_executor(pool, unless_client_gone)
+    watcher = asyncio.create_task(_watch_for_leaving(request, leaving)) if leaving else None
+    try:
+        return await loop.run_in_executor(pool, unless_client_gone)
+    finally:
+        if watcher:
+            watcher.cancel()
+
+
+async def _watch_for_leaving(request, gone: threading.Event) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.5)
+    gone.set()
 
 
 class TooLargeAsJson:
@@ -391,6 +405,13 @@ async def _read_upload(request, accepted: tuple[str, ...], what: str, also: tupl
     return data, name
 
 
+def _format_names(decoders: list[str]) -> str:
+    """The image formats this server reads, as people name them (MPO, a camera's JPEG, goes unsaid)."""
+    names = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "BMP": "BMP", "GIF": "GIF", "TIFF": "TIFF", "AVIF": "AVIF",
+             "HEIF": "HEIC"}
+    return ", ".join(names[f] for f in decoders if f in names)
+
+
 def _decode_image(data: bytes, decoders: list[str], max_megapixels: float):
     """A PIL image, decoded in memory as `ferkit predict` decodes a file (a JPEG over the limit at 1/2 to 1/8
     scale): 415 when the bytes are not an image, 413 when it is too large."""
@@ -404,7 +425,7 @@ def _decode_image(data: bytes, decoders: list[str], max_megapixels: float):
         if err.reason == "over the pixel limit":
             raise HTTPException(413, f"{err} (this server's limit: --max-megapixels {max_megapixels:g})") from None
         if err.reason == "not an image":
-            raise HTTPException(415, "the upload is not an image ferkit can decode (JPEG, PNG, WebP, BMP, GIF, TIFF, AVIF, HEIC)") from None
+            raise HTTPException(415, f"the upload is not an image ferkit can decode ({_format_names(decoders)})") from None
         raise HTTPException(415, f"the image could not be decoded: {err.reason}") from None
 
 
@@ -429,7 +450,8 @@ def _is_still_image(data: bytes, decoders: list[str]) -> bool:
 
 
 def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig, name: str | None = None,
-                         decoders: tuple[str, ...] | list[str] = IMAGE_FORMATS) -> dict:
+                         decoders: tuple[str, ...] | list[str] = IMAGE_FORMATS,
+                         client_gone: threading.Event | None = None) -> dict:
     from fastapi import HTTPException
 
     still = HTTPException(415, "the upload is a still image, not a video: send photos to /v1/analyze (the page's photo mode)")
@@ -456,13 +478,17 @@ def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig,
         capture.release()
         if one_frame:
             raise still
-        too_long = HTTPException(413, f"the video lasts over {config.max_video_seconds:g} s, the limit")
+        too_long = HTTPException(413, f"the video lasts over {config.max_video_seconds:g} s, this server's limit "
+                                      "(--max-video-seconds)")
         if info.frames / info.fps > config.max_video_seconds:  # as the container says (it may not know)
             raise too_long
 
         def stop_when_too_long(frame: int) -> None:
             if frame / info.fps > config.max_video_seconds:
                 raise too_long
+            if client_gone is not None and client_gone.is_set():
+                log.info("/v1/video: stopped at frame %d, its client left", frame)
+                raise HTTPException(CLIENT_GONE, "the client closed the connection")
 
         try:
             timeline = analyze_video(path, model=classifier, detector=detector, target_fps=config.video_fps,

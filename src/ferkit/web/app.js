@@ -28,31 +28,53 @@ const NOT_ANSWERING = "The server is not answering: is `ferkit serve` still runn
 async function send(url, options) {
   try {
     return await fetch(url, options);
-  } catch {
+  } catch (error) {
+    if (error.name === "AbortError") throw error;  // replaced by a newer request: the server stops its work too
     throw new Error(NOT_ANSWERING);
   }
 }
 
-async function post(url, blob) {
-  const response = await send(url, { method: "POST", body: blob,
+// One request at a time per kind: a new photo or video cancels the one still on its way.
+const requests = {};
+
+function freshSignal(kind) {
+  requests[kind]?.abort();
+  requests[kind] = new AbortController();
+  return requests[kind].signal;
+}
+
+async function post(url, blob, signal) {
+  const response = await send(url, { method: "POST", body: blob, signal,
                                      headers: { "Content-Type": blob.type || "application/octet-stream" } });
   const body = await response.json().catch(() => ({}));
   if (!response.ok) throw new Error(body.detail || `${response.status} ${response.statusText}`);
   return body;
 }
 
-// --- tabs -------------------------------------------------------------------------------------
-for (const tab of document.querySelectorAll(".tab")) {
-  tab.addEventListener("click", () => {
-    for (const other of document.querySelectorAll(".tab")) {
-      const chosen = other === tab;
-      other.setAttribute("aria-selected", String(chosen));
-      $(other.dataset.tab).hidden = !chosen;
-    }
-    if (tab.dataset.tab !== "webcam") stopWebcam();
-    showStatus(tab.dataset.tab);
-  });
+// --- tabs (the ARIA tab pattern: arrow keys move between them) ---------------------------------
+const tabs = [...document.querySelectorAll(".tab")];
+
+function chooseTab(tab) {
+  for (const other of tabs) {
+    const chosen = other === tab;
+    other.setAttribute("aria-selected", String(chosen));
+    other.tabIndex = chosen ? 0 : -1;
+    $(other.dataset.tab).hidden = !chosen;
+  }
+  if (tab.dataset.tab !== "webcam") stopWebcam();
+  showStatus(tab.dataset.tab);
 }
+
+tabs.forEach((tab, index) => {
+  tab.addEventListener("click", () => chooseTab(tab));
+  tab.addEventListener("keydown", (event) => {
+    const step = { ArrowRight: 1, ArrowLeft: -1 }[event.key];
+    if (!step) return;
+    const next = tabs[(index + step + tabs.length) % tabs.length];
+    chooseTab(next);
+    next.focus();
+  });
+});
 // a file dropped anywhere but on a drop zone would make the browser open it and leave the page
 for (const kind of ["dragover", "drop"]) document.addEventListener(kind, (event) => event.preventDefault());
 
@@ -62,13 +84,15 @@ function dropZone(zone, take) {
   zone.addEventListener("drop", (event) => {
     event.preventDefault();
     zone.classList.remove("over");
-    if (event.dataTransfer.files.length) take(event.dataTransfer.files[0]);
+    const files = event.dataTransfer.files;
+    if (files.length) take(files[0], files.length);
   });
 }
 
 // --- drawing ----------------------------------------------------------------------------------
 function drawFaces(context, faces, scale = 1) {
-  // every box first, then every label, so that no box line runs through a label; labels kept inside
+  // every box first, then every label, so that no box line runs through a label; labels kept inside,
+  // numbered as the list below numbers the faces
   context.lineWidth = Math.max(2, 3 * scale);
   context.font = `${Math.max(12, Math.round(16 * scale))}px system-ui, sans-serif`;
   for (const face of faces) {
@@ -77,10 +101,10 @@ function drawFaces(context, faces, scale = 1) {
     context.strokeRect(x, y, w, h);
   }
   const height = Math.max(16, 20 * scale);
-  for (const face of faces) {
+  faces.forEach((face, index) => {
     const [x, y, , h] = face.box.map((v) => v * scale);
     const color = COLORS[face.emotion] || "#56b4e9";
-    const label = `${face.emotion}${face.uncertain ? "?" : ""} ${Math.round(face.score * 100)}%`;
+    const label = `${index + 1} ${face.emotion}${face.uncertain ? "?" : ""} ${Math.round(face.score * 100)}%`;
     const width = context.measureText(label).width + 8;
     const left = Math.max(0, Math.min(x, context.canvas.width - width));
     const top = y - height >= 0 ? y - height : Math.min(y + h, context.canvas.height - height);
@@ -88,7 +112,7 @@ function drawFaces(context, faces, scale = 1) {
     context.fillRect(left, top, width, height);
     context.fillStyle = isLight(color) ? "#000" : "#fff";
     context.fillText(label, left + 4, top + height * 0.78);
-  }
+  });
 }
 
 function isLight(hex) {  // black text on light label colours, white on dark ones
@@ -128,15 +152,20 @@ function listFaces(list, faces) {
 // --- photo ------------------------------------------------------------------------------------
 let latestPhoto = 0;  // photos given in quick succession: only the last one's answer is shown
 
-async function analyzePhoto(file) {
+async function analyzePhoto(file, given = 1) {
   const mine = ++latestPhoto;
   const say = (text, isError) => sayIn("photo", text, isError);
-  say(`Analysing ${file.name}…`);
   const canvas = $("photo-canvas");
   canvas.hidden = true;  // nothing of the previous photo stays up beside this one's answer or error
   $("faces").replaceChildren();
+  if (file.type.startsWith("video/")) {
+    say(`${file.name} is a video: the Video tab analyses videos`, true);
+    return;
+  }
+  const which = given > 1 ? ` (the first of the ${given} files given: one photo at a time)` : "";
+  say(`Analysing ${file.name}…${which}`);
   try {
-    const result = await post("/v1/analyze", file);  // the server's answer, or its error, comes first
+    const result = await post("/v1/analyze", file, freshSignal("photo"));  // the server's answer, or its error, comes first
     if (mine !== latestPhoto) return;
     listFaces($("faces"), result.faces);
     const count = result.faces.length;
@@ -145,8 +174,10 @@ async function analyzePhoto(file) {
       const bitmap = await createImageBitmap(file);
       if (mine !== latestPhoto) return;
       const scale = Math.min(1, 640 / bitmap.width);
-      canvas.width = Math.round(bitmap.width * scale);
-      canvas.height = Math.round(bitmap.height * scale);
+      const ratio = window.devicePixelRatio || 1;  // as many canvas pixels as the screen shows: sharp on high-DPI screens
+      canvas.style.width = `${Math.round(bitmap.width * scale)}px`;
+      canvas.width = Math.round(bitmap.width * scale * ratio);
+      canvas.height = Math.round(bitmap.height * scale * ratio);
       const context = canvas.getContext("2d");
       context.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
       // boxes are in pixels of the upright image, which is how the browser shows it too
@@ -155,7 +186,7 @@ async function analyzePhoto(file) {
     } catch {
       note = " (this browser cannot show the image itself)";  // TIFF, say: the faces are still listed
     }
-    say((count ? `${count} face${count > 1 ? "s" : ""} in ${file.name}` : `No face found in ${file.name}`) + note);
+    say((count ? `${count} face${count > 1 ? "s" : ""} in ${file.name}` : `No face found in ${file.name}`) + note + which);
   } catch (error) {
     if (mine === latestPhoto) say(error.message, true);
   }
@@ -237,6 +268,9 @@ async function sendFrame() {
       }
     } catch (error) {
       nextTry = performance.now() + RETRY_MS;
+      const overlay = $("webcam-overlay");  // boxes of an older frame would no longer match the live picture
+      overlay.getContext("2d").clearRect(0, 0, overlay.width, overlay.height);
+      $("webcam-faces").replaceChildren();
       if (stream) sayIn("webcam", error.message, true);
     } finally {
       busy = false;
@@ -252,16 +286,17 @@ $("webcam-stop").addEventListener("click", stopWebcam);
 let csvLink = null;
 let latestVideo = 0;  // videos given in quick succession: only the last one's answer is shown
 
-async function analyzeVideo(file) {
+async function analyzeVideo(file, given = 1) {
   const mine = ++latestVideo;
   const say = (text, isError) => sayIn("video", text, isError);
-  say(`Analysing ${file.name}… (a minute of video takes a while)`);
+  const which = given > 1 ? ` (the first of the ${given} files given: one video at a time)` : "";
+  say(`Analysing ${file.name}… (a minute of video takes a while)${which}`);
   $("video-plot").hidden = true;
   $("video-csv").hidden = true;
   try {
     const form = new FormData();  // a form, so that the plot carries the file's name
     form.append("file", file);
-    const answer = await send("/v1/video", { method: "POST", body: form });
+    const answer = await send("/v1/video", { method: "POST", body: form, signal: freshSignal("video") });
     const result = await answer.json().catch(() => ({}));
     if (!answer.ok) throw new Error(result.detail || `${answer.status} ${answer.statusText}`);
     if (mine !== latestVideo) return;
@@ -274,7 +309,7 @@ async function analyzeVideo(file) {
     $("video-csv").hidden = false;
     // `faces`: a face in each frame counts once per frame it is in
     say(`${result.frames_analysed} frames analysed, ${result.faces} face${result.faces === 1 ? "" : "s"} seen in them` +
-        (result.cut_short ? " (the file seems cut short: frames stopped before its end)" : ""));
+        (result.cut_short ? " (the file seems cut short: frames stopped before its end)" : "") + which);
   } catch (error) {
     if (mine === latestVideo) say(error.message, true);
   }
