@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -590,3 +591,24 @@ def test_a_video_whose_client_leaves_is_no_longer_analysed():
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_ctrl_c_stops_a_video_being_analysed_and_the_server_at_once():
+    data = _panning_video(300)
+    process, url = _start_server()
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(b"POST /v1/video HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: video/x-msvideo\r\n"
+                       + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        time.sleep(2)  # the analysis is under way
+        process.send_signal(signal.SIGINT)
+        started = time.time()
+        process.wait(timeout=30)
+        stopped_in = time.time() - started
+    reader.join(timeout=5)
+    output = "".join(lines)
+    assert "stopped at frame" in output and "the server is stopping" in output, output
+    assert stopped_in < 10 and "Traceback" not in output, (stopped_in, output)

@@ -102,6 +102,7 @@ def create_app(config: ServeConfig | None = None, *, local_only: bool = False):
     app = FastAPI(title="ferkit", version=version, redoc_url=None,
                   summary="Facial expression recognition: faces and their emotions in photos and videos.")
     app.state.analyses = analyses
+    app.state.stopping = stopping = threading.Event()  # set by serve() on Ctrl-C: running videos stop at once
     turns = Turns(config.concurrency + config.max_waiting)
     app.mount("/static", StaticFiles(directory=WEB), name="static")
     size_limits = {"/v1/analyze": ("--max-upload-mb", config.max_upload_mb), "/v1/video": ("--max-video-mb", config.max_video_mb)}
@@ -161,7 +162,7 @@ def create_app(config: ServeConfig | None = None, *, local_only: bool = False):
             data, name = await _upload(request, VIDEO_TYPES, "a video", size_limits["/v1/video"], also=ANIMATED_TYPES)
             gone = threading.Event()  # a video takes a while: stopped when its client leaves
             return await _run_for(request, analyses, _analyze_video_bytes, data, classifier, detector, config, name,
-                                  decoders, gone, leaving=gone)
+                                  decoders, gone, stopping, leaving=gone)
 
     return app
 
@@ -316,8 +317,14 @@ def serve(config: ServeConfig | None = None, *, host: str = "127.0.0.1", port: i
 
     check_port_free(host, port)
     app = create_app(config, local_only=_is_loopback(host))
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # Ctrl-C, kill: a video being analysed stops at its next frame
+            app.state.stopping.set()
+            super().handle_exit(sig, frame)
+
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run()
     finally:  # analyses still waiting for their turn are dropped: a stopped server answers no one
         app.state.analyses.shutdown(wait=False, cancel_futures=True)
 
@@ -451,7 +458,7 @@ def _is_still_image(data: bytes, decoders: list[str]) -> bool:
 
 def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig, name: str | None = None,
                          decoders: tuple[str, ...] | list[str] = IMAGE_FORMATS,
-                         client_gone: threading.Event | None = None) -> dict:
+                         client_gone: threading.Event | None = None, server_stopping: threading.Event | None = None) -> dict:
     from fastapi import HTTPException
 
     still = HTTPException(415, "the upload is a still image, not a video: send photos to /v1/analyze (the page's photo mode)")
@@ -489,6 +496,9 @@ def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig,
             if client_gone is not None and client_gone.is_set():
                 log.info("/v1/video: stopped at frame %d, its client left", frame)
                 raise HTTPException(CLIENT_GONE, "the client closed the connection")
+            if server_stopping is not None and server_stopping.is_set():
+                log.info("/v1/video: stopped at frame %d, the server is stopping", frame)
+                raise HTTPException(503, "the server is stopping")
 
         try:
             timeline = analyze_video(path, model=classifier, detector=detector, target_fps=config.video_fps,
