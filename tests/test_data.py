@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import FER2013, needs_fer2013, pattern_face, write_pattern_dataset
 from ferkit.data import load_dataset, load_fer2013_csv, load_folder, split_dataset
-from ferkit.data.cache import cache_dir
+from ferkit.data.cache import cache_dir, cache_files
 from ferkit.data.crops import crop_faces
 from ferkit.errors import FerkitError
 from ferkit.labels import EMOTIONS, FER2013_CSV_CODES
@@ -115,6 +115,9 @@ def test_cache_notices_changed_files(tmp_path):
     assert len(load_folder(tmp_path)) == 14
     Image.fromarray(pattern_face(0, np.random.default_rng(5))).save(tmp_path / "angry" / "new.png")
     assert len(load_folder(tmp_path)) == 15
+    assert len(cache_files()) == 1  # the copy of the folder before the new file is gone: never read again
+    load_folder(tmp_path, image_size=(40, 40))
+    assert len(cache_files()) == 2  # the same folder at another size is another dataset
 
 
 def test_a_file_skipped_for_its_permissions_is_read_once_they_allow_it(tmp_path):

@@ -16,6 +16,9 @@ CACHE_VERSION = 2  # 2: pictures that are not square are made square by repeatin
 KEY_LENGTH = 32
 PARTIAL = (".partial-", ".tmp")  # a cache file being written: its name's start and end
 OLDER_PARTIAL = re.compile(r"tmp\w{8}\.tmp")  # as earlier versions of ferkit named a file being written
+# which cached file holds the latest copy of each dataset (by where it lies and how it is read): a copy
+# made before its files changed is removed when the new one is saved, rather than kept for ever
+LATEST = "latest.json"
 
 
 def cache_dir() -> Path:
@@ -43,8 +46,10 @@ def load_cached(key: str) -> dict[str, np.ndarray] | None:
         return None
 
 
-def save_cached(key: str, arrays: dict[str, np.ndarray]) -> None:
-    """Write atomically, so an interrupted write never leaves a half file that later loads."""
+def save_cached(key: str, arrays: dict[str, np.ndarray], *, dataset: str | None = None) -> None:
+    """Write atomically, so an interrupted write never leaves a half file that later loads. `dataset`
+    (a cache_key of where the data lies and how it is read, not of its files' sizes and times): the
+    copy cached of the same dataset before is removed, its files having changed since."""
     folder = cache_dir() / "datasets"
     tmp = None
     try:
@@ -53,9 +58,28 @@ def save_cached(key: str, arrays: dict[str, np.ndarray]) -> None:
         with os.fdopen(fd, "wb") as handle:
             np.savez(handle, **arrays)
         os.replace(tmp, folder / f"{key}.npz")
+        tmp = None
+        if dataset:
+            _remember_latest(folder, dataset, key)
     except OSError:
         if tmp is not None:  # a read-only or full cache folder only costs speed, and leaves nothing behind
             Path(tmp).unlink(missing_ok=True)
+
+
+def _remember_latest(folder: Path, dataset: str, key: str) -> None:
+    try:
+        latest = json.loads((folder / LATEST).read_text())
+        latest = latest if isinstance(latest, dict) else {}
+    except (OSError, ValueError):
+        latest = {}
+    earlier = latest.get(dataset)
+    if isinstance(earlier, str) and earlier != key and re.fullmatch(f"[0-9a-f]{{{KEY_LENGTH}}}", earlier):
+        (folder / f"{earlier}.npz").unlink(missing_ok=True)
+    latest[dataset] = key
+    fd, written = tempfile.mkstemp(dir=folder, prefix=PARTIAL[0], suffix=PARTIAL[1])
+    with os.fdopen(fd, "w") as handle:
+        json.dump(latest, handle)
+    os.replace(written, folder / LATEST)
 
 
 def cache_files() -> list[Path]:
@@ -83,6 +107,7 @@ def clear_cache() -> tuple[int, int]:
     partial = [*_files(lambda name: name.startswith(PARTIAL[0]) and name.endswith(PARTIAL[1])),
                *_files(OLDER_PARTIAL.fullmatch)]
     sizes = [_removed_size(dataset) for dataset in datasets]  # None: removed meanwhile by another ferkit
+    (cache_dir() / "datasets" / LATEST).unlink(missing_ok=True)
     size = sum(s for s in sizes if s is not None) + sum(_removed_size(path) or 0 for path in partial)
     return sum(s is not None for s in sizes), size
 

@@ -50,7 +50,7 @@ def load_fer2013_csv(
     if parsed is None:
         parsed = _parse(path, progress)
         if cache:
-            save_cached(key, parsed)
+            save_cached(key, parsed, dataset=cache_key(kind="fer2013-csv", path=str(path.resolve())))
 
     skipped = parsed.get("skipped", np.zeros(0, str))
     if len(skipped):

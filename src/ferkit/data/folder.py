@@ -51,15 +51,16 @@ def load_folder(
     # changes which files can be read
     key = cache_key(kind="folder", root=str(root.resolve()), size=image_size, classes=classes, files=stats,
                     decoders=image_decoders(), max_pixels=image_files.MAX_IMAGE_PIXELS)
+    dataset = cache_key(kind="folder", root=str(root.resolve()), size=image_size, classes=classes)  # whatever its files
     cached = load_cached(key) if cache else None
     if cached is None:
         cached = _decode_files(files, labels, root, image_size, progress)
         if cache:
-            save_cached(key, cached)
+            save_cached(key, cached, dataset=dataset)
     elif np.isin(cached["skipped_reasons"], PASSING_REASONS).any():
         cached = _read_passing_skips_again(cached, files, labels, root, image_size)
         if cache:
-            save_cached(key, cached)
+            save_cached(key, cached, dataset=dataset)
 
     skipped = [(str(root / p), r) for p, r in zip(cached["skipped_paths"], cached["skipped_reasons"])]
     skipped = sorted(skipped + [(str(link), "a link to a file that does not exist") for link in broken_links])
