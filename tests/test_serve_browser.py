@@ -66,6 +66,10 @@ def test_a_photo_shows_its_faces_with_their_emotions(browser, server, tmp_path):
     top = list(expected.faces[0].probabilities).index(expected.faces[0].emotion)
     assert widths[top] == max(widths) and widths[top] > 40 * expected.faces[0].score
     assert "3 faces" in page.text_content("#status")
+    # the answer, to keep, as `ferkit predict` names it
+    assert page.get_attribute("#photo-json", "download") == "people.faces.json"
+    kept = page.evaluate("async () => JSON.parse(await (await fetch(document.getElementById('photo-json').href)).text())")
+    assert kept["source"] == "people.jpg" and [f["emotion"] for f in kept["faces"]] == [f.emotion for f in expected.faces]
     # the annotated photo is drawn: the canvas is no longer blank
     painted = page.evaluate("""() => { const c = document.getElementById('photo-canvas');
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
@@ -80,6 +84,7 @@ def test_a_photo_shows_its_faces_with_their_emotions(browser, server, tmp_path):
     page.wait_for_selector("#status.error", timeout=30_000)
     assert "not an image ferkit can decode" in page.text_content("#status")
     assert page.locator("#faces .face").count() == 0 and page.locator("#photo-canvas").is_hidden()
+    assert page.locator("#photo-json").is_hidden()
     assert page.eval_on_selector("#photo-input", "input => input.value") == ""  # the same file again is a change
     # a TIFF, which Chromium cannot show: its faces are still listed
     Image.open(PEOPLE).save(tmp_path / "people.tif")

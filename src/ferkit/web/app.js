@@ -149,6 +149,16 @@ function listFaces(list, faces) {
   });
 }
 
+// A result as a file to keep, named as `ferkit predict` names its files: photo.faces.json, clip.emotions.csv.
+const offered = {};
+
+function offerDownload(link, blob, fileName, suffix) {
+  if (offered[link.id]) URL.revokeObjectURL(offered[link.id]);
+  offered[link.id] = link.href = URL.createObjectURL(blob);
+  link.download = fileName.replace(/\.[^.]+$/, "") + suffix;
+  link.hidden = false;
+}
+
 // --- photo ------------------------------------------------------------------------------------
 let latestPhoto = 0;  // photos given in quick succession: only the last one's answer is shown
 
@@ -158,6 +168,7 @@ async function analyzePhoto(file, given = 1) {
   const canvas = $("photo-canvas");
   canvas.hidden = true;  // nothing of the previous photo stays up beside this one's answer or error
   $("faces").replaceChildren();
+  $("photo-json").hidden = true;
   if (file.type.startsWith("video/")) {
     say(`${file.name} is a video: the Video tab analyses videos`, true);
     return;
@@ -168,6 +179,8 @@ async function analyzePhoto(file, given = 1) {
     const result = await post("/v1/analyze", file, freshSignal("photo"));  // the server's answer, or its error, comes first
     if (mine !== latestPhoto) return;
     listFaces($("faces"), result.faces);
+    offerDownload($("photo-json"), new Blob([JSON.stringify({ ...result, source: file.name }, null, 2)],
+                                           { type: "application/json" }), file.name, ".faces.json");
     const count = result.faces.length;
     let note = "";
     try {
@@ -283,7 +296,6 @@ $("webcam-start").addEventListener("click", startWebcam);
 $("webcam-stop").addEventListener("click", stopWebcam);
 
 // --- video ------------------------------------------------------------------------------------
-let csvLink = null;
 let latestVideo = 0;  // videos given in quick succession: only the last one's answer is shown
 
 async function analyzeVideo(file, given = 1) {
@@ -302,11 +314,7 @@ async function analyzeVideo(file, given = 1) {
     if (mine !== latestVideo) return;
     $("video-plot").src = result.plot_png;
     $("video-plot").hidden = false;
-    if (csvLink) URL.revokeObjectURL(csvLink);
-    csvLink = URL.createObjectURL(new Blob([result.csv], { type: "text/csv" }));
-    $("video-csv").href = csvLink;
-    $("video-csv").download = file.name.replace(/\.[^.]+$/, "") + ".emotions.csv";
-    $("video-csv").hidden = false;
+    offerDownload($("video-csv"), new Blob([result.csv], { type: "text/csv" }), file.name, ".emotions.csv");
     // `faces`: a face in each frame counts once per frame it is in
     say(`${result.frames_analysed} frames analysed, ${result.faces} face${result.faces === 1 ? "" : "s"} seen in them` +
         (result.cut_short ? " (the file seems cut short: frames stopped before its end)" : "") + which);
