@@ -205,6 +205,44 @@ def test_a_folder_reports_the_bad_item_and_goes_on(trained_run, tmp_path):
     assert len(rows) == 3 and rows[0].startswith("source,face,x,y,width,height")
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [("error" in r) for r in records] == [False, True, False]
+    # a PNG of 20000x20000 pixels (its header: Pillow refuses to open it at all) is one bad item too
+    import struct
+    import zlib
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    (folder / "empty.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    result = run("predict", folder, "--model", trained_run, "--detector", "none", "--out", tmp_path / "out-2")
+    assert result.exit_code == 1 and "3 images, 2 faces, 1 failed" in result.output, result.output
+    assert "empty.png is 20000x20000 pixels, over the limit" in result.output and "internal error" not in result.output
+
+
+def test_a_results_folder_another_predict_is_writing_is_refused(trained_run, tmp_path):
+    import fcntl
+    import os
+
+    for name in ("a.png", "b.png"):
+        Image.fromarray(pattern_face(0, np.random.default_rng(0))).save(tmp_path / name)
+    (tmp_path / "out").mkdir()
+    holder = os.open(tmp_path / "out", os.O_RDONLY)  # as a `ferkit predict --out out` running elsewhere holds it
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        args = ("predict", tmp_path / "a.png", tmp_path / "b.png", "--model", trained_run, "--detector", "none",
+                "--out", tmp_path / "out")
+        line = _one_line_error(run(*args))
+        assert "is being written by another ferkit predict" in line and list((tmp_path / "out").iterdir()) == []
+    finally:
+        os.close(holder)
+    assert run(*args).exit_code == 0  # free again
+
+
+def test_a_file_name_with_a_line_break_stays_on_its_one_line(trained_run, tmp_path):
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(pattern_face(0, np.random.default_rng(0))).save(tmp_path / "photos" / "good.png")
+    (tmp_path / "photos" / "evil\nerror: all good.jpg").write_text("not an image")
+    result = run("predict", tmp_path / "photos", "--model", trained_run, "--detector", "none", "--out", tmp_path / "o")
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 1 and len(errors) == 1 and "evil\\nerror: all good.jpg" in errors[0], result.output
 
 
 def test_several_sources_go_on_past_a_missing_one(trained_run, tmp_path):
@@ -217,7 +255,11 @@ def test_several_sources_go_on_past_a_missing_one(trained_run, tmp_path):
     summary = run("predict", tmp_path / "missing.png", good, good, "--model", trained_run, "--detector", "none",
                   "--out", tmp_path / "out2")
     # the same photo given twice is analysed once
-    assert summary.exit_code == 1 and "1 images, 1 faces, 0 failed, 1 source(s) not found" in summary.output
+    assert summary.exit_code == 1 and "1 images, 1 faces, 0 failed, 1 source(s) not found or without images" in summary.output
+    (tmp_path / "empty").mkdir()  # a folder without images is a source without images, not a failed image
+    summary = run("predict", tmp_path / "empty", good, good, "--model", trained_run, "--detector", "none",
+                  "--out", tmp_path / "out3")
+    assert summary.exit_code == 1 and "1 images, 1 faces, 0 failed, 1 source(s) not found or without images" in summary.output
 
 
 def test_one_photo_named_twice_is_one_photo(trained_run, tmp_path):
@@ -470,12 +512,12 @@ def test_no_face_in_a_small_picture_suggests_taking_it_as_the_face(trained_run, 
 
 
 def test_folder_annotations_with_the_same_name_do_not_collide(trained_run, tmp_path):
-    for sub in ("a", "b"):
+    for sub, name in (("a", "x.png"), ("b", "x.png"), ("c", "X.png")):  # X and x: one name on macOS and Windows
         (tmp_path / "in" / sub).mkdir(parents=True)
-        Image.fromarray(pattern_face(1, np.random.default_rng(0))).save(tmp_path / "in" / sub / "x.png")
+        Image.fromarray(pattern_face(1, np.random.default_rng(0))).save(tmp_path / "in" / sub / name)
     result = run("predict", tmp_path / "in", "--model", trained_run, "--detector", "none", "--annotate", "--out", tmp_path / "o")
     assert result.exit_code == 0
-    assert {p.name for p in (tmp_path / "o").glob("*.jpg")} == {"x.annotated.jpg", "x-2.annotated.jpg"}
+    assert {p.name for p in (tmp_path / "o").glob("*.jpg")} == {"x.annotated.jpg", "x-2.annotated.jpg", "X-3.annotated.jpg"}
 
 
 def test_boxes_and_a_detector_are_alternatives(trained_run, tmp_path):
@@ -583,6 +625,28 @@ def test_a_folder_run_cut_short_resumes_without_redoing_or_losing_images(trained
     got = [json.loads(line) for line in (cut / "results.jsonl").read_text().splitlines()]
     assert sorted(r["source"] for r in got) == sorted(json.loads(line)["source"] for line in lines)
     assert sorted(map(tuple, csv_module.reader(open(cut / "faces.csv", newline="")))) == sorted(map(tuple, rows))
+
+
+def test_a_resumed_batch_keeps_its_annotations_its_folder_and_refuses_lines_that_are_no_results(trained_run, tmp_path,
+                                                                                               monkeypatch):
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        Image.fromarray(pattern_face(i, np.random.default_rng(i))).save(tmp_path / "photos" / f"p{i}.png")
+    monkeypatch.chdir(tmp_path)
+    args = ["predict", "photos", "--model", str(trained_run), "--detector", "none", "--out", str(tmp_path / "out")]
+    assert run(*args, "--annotate").exit_code == 0
+    before = (tmp_path / "out" / "results.jsonl").read_text()
+    line = _one_line_error(run(*args, "--resume"))  # without the --annotate it began with
+    assert "other settings: annotate True (now False)" in line
+    monkeypatch.chdir(tmp_path / "photos")  # "photos/p0.png" leads nowhere from here
+    line = _one_line_error(run("predict", ".", *args[2:], "--annotate", "--resume"))
+    assert f"began in {tmp_path} and names its images from there: resume it from that folder" in line
+    monkeypatch.chdir(tmp_path)
+    with open(tmp_path / "out" / "results.jsonl", "a") as lines:
+        lines.write('{"note": "checked by alice"}\n')
+    line = _one_line_error(run(*args, "--annotate", "--resume"))
+    assert "a line that is no image's result" in line
+    assert (tmp_path / "out" / "results.jsonl").read_text() == before + '{"note": "checked by alice"}\n'
 
 
 def _changed_config():
@@ -774,6 +838,19 @@ def test_an_out_folder_that_cannot_be_made_is_bad_input_said_before_any_work(tra
     (tmp_path / "file").write_text("mine")
     line = _one_line_error(run("evaluate", trained_run, "--data", pattern_data / "val", "--out", too_long))
     assert "File name too long" in line and not any(tmp_path.glob("x*"))
+
+
+def test_one_photos_results_never_replace_those_of_another_photo_of_its_name(trained_run, tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(pattern_face(len(folder), np.random.default_rng(3))).save(tmp_path / folder / "x.png")
+    out = tmp_path / "out"
+    assert run("predict", tmp_path / "a" / "x.png", "--model", trained_run, "--out", out).exit_code == 0
+    before = (out / "x.faces.json").read_text()
+    line = _one_line_error(run("predict", tmp_path / "b" / "x.png", "--model", trained_run, "--out", out))
+    assert f"holds the results of another photo, {tmp_path / 'a' / 'x.png'}" in line
+    assert (out / "x.faces.json").read_text() == before
+    assert run("predict", tmp_path / "a" / "x.png", "--model", trained_run, "--out", out).exit_code == 0  # its own: replaced
 
 
 def test_a_photos_results_replace_ferkits_own_but_not_a_users_file(trained_run, tmp_path):

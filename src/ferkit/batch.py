@@ -20,7 +20,7 @@ from pathlib import Path
 from ferkit.draw import save_annotated
 from ferkit.errors import FerkitError
 from ferkit.predict import UNCERTAIN_BELOW, analyze_images, check_uncertain_below
-from ferkit.results import ImageResult, ResultsFolder, check_replaceable, create_folder
+from ferkit.results import ImageResult, ResultsFolder, check_replaceable, create_folder, hold_folder, release_folder
 from ferkit.sources import ANNOTATED_SUFFIX, fitting_name
 from ferkit.runtime import load_classifier
 
@@ -54,17 +54,20 @@ class FolderBatch:
         written = [self.out / name for name in (ResultsFolder.TABLE, ResultsFolder.LINES, ResultsFolder.SETTINGS)]
         check_replaceable([*written, *self.annotated.values()], overwrite=overwrite)
         create_folder(self.out)
+        hold_folder(self.out, f"{self.out} is being written by another ferkit predict; let it finish, or stop it "
+                              "(Ctrl-C, kill) and then --resume")  # until run_records ends
         if overwrite and not resume:
             _remove_earlier_annotated_copies(self.out, keep=paths)
         self.results = ResultsFolder(self.out, self.classifier.classes, resume=resume, sources=paths, overwrite=overwrite,
-                                     settings=batch_settings(self.classifier, self.detector, self.uncertain_below))
+                                     settings=batch_settings(self.classifier, self.detector, self.uncertain_below,
+                                                             annotate=annotate))
         self.todo = [p for p in paths if not self.results.is_finished(p)]
         self.skipped = len(paths) - len(self.todo)  # done by an earlier run (resume)
         if resume and self.results.finished and not self.skipped:
             log.warning("%s holds the results of %d images, none of them among these: resumed, the two batches' "
                         "results are one", self.out, len(self.results.finished))
         self.images = self.faces = 0
-        self.failed = len(self.errors)
+        self.failed = 0  # images that could not be analysed (sources without images are in `errors`)
 
     def run(self) -> Iterator[ImageResult]:
         """Analyse the images still to do, yielding each result once it is written."""
@@ -73,19 +76,22 @@ class FolderBatch:
 
     def run_records(self) -> Iterator[tuple[ImageResult, dict]]:
         """As `run`, with each result's line of results.jsonl as written (its annotated copy named)."""
-        with self.results:
-            for result in analyze_images(self.todo, model=self.classifier, detector=self.detector,
-                                         uncertain_below=self.uncertain_below):
-                annotated = None
-                if result.ok and self.annotated:
-                    annotated = self._save_annotated_copy(result)
-                record = self.results.write(result, **({"annotated": annotated} if annotated else {}))
-                self.images += 1
-                if result.error:
-                    self.failed += 1
-                else:
-                    self.faces += len(result.faces)
-                yield result, record
+        try:
+            with self.results:
+                for result in analyze_images(self.todo, model=self.classifier, detector=self.detector,
+                                             uncertain_below=self.uncertain_below):
+                    annotated = None
+                    if result.ok and self.annotated:
+                        annotated = self._save_annotated_copy(result)
+                    record = self.results.write(result, **({"annotated": annotated} if annotated else {}))
+                    self.images += 1
+                    if result.error:
+                        self.failed += 1
+                    else:
+                        self.faces += len(result.faces)
+                    yield result, record
+        finally:
+            release_folder(self.out)
 
     def _save_annotated_copy(self, result: ImageResult) -> str | None:
         """The name of the result's annotated copy, once saved; None, with a warning, if it cannot be (the
@@ -103,7 +109,7 @@ def annotated_copy_paths(out: Path, paths: list[Path], *, resume: bool = False) 
     lies in `out` (a user's own NAME.annotated.jpg). A resumed batch keeps the names its results.jsonl
     gives, and gives no other image one of them, though images were added or removed since."""
     recorded = recorded_annotated_copies(out) if resume else {}
-    used = {p.name for p in paths if p.parent.resolve() == out.resolve()} | set(recorded.values())
+    used = {name.casefold() for name in [p.name for p in paths if p.parent.resolve() == out.resolve()] + list(recorded.values())}
     return {str(p): out / recorded[os.path.realpath(p)] if os.path.realpath(p) in recorded
             else unique_path(out, p.stem, ANNOTATED_SUFFIX, used) for p in paths}
 
@@ -138,6 +144,22 @@ def check_not_another_images_copy(out: Path, source: str | Path, copy: Path, *, 
     if owners and os.path.realpath(str(source)) not in owners:
         raise FerkitError(f"{copy} is the annotated copy of {owners[0]} in the batch results in {out}: choose "
                           "another --out (or --overwrite)")
+
+
+def check_not_another_photos_results(results: Path, source: str | Path, *, overwrite: bool = False) -> None:
+    """Refuse, unless told to `overwrite`, to write one photo's NAME.faces.json where ferkit's results of
+    another photo of that name lie (photos/a/x.jpg after photos/b/x.jpg into one folder)."""
+    import json
+
+    if overwrite or not results.is_file():
+        return
+    try:
+        earlier = json.loads(results.read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return  # not ferkit's results: check_replaceable says so
+    if isinstance(earlier, str) and os.path.realpath(earlier) != os.path.realpath(str(source)):
+        raise FerkitError(f"{results} holds the results of another photo, {earlier}: choose another --out "
+                          "(or --overwrite)")
 
 
 def _remove_earlier_annotated_copies(out: Path, keep: list[Path]) -> None:
@@ -177,13 +199,15 @@ def model_the_batch_began_with(classifier, model, out: Path, tta: str | None = N
     return keras_model if model_version(keras_model) == began_with else classifier
 
 
-def batch_settings(classifier, detector, uncertain_below: float) -> dict:
-    """What a batch's results depend on beyond its images, kept with them so that a resumed run must match."""
+def batch_settings(classifier, detector, uncertain_below: float, *, annotate: bool | None = None) -> dict:
+    """What a batch's results depend on beyond its images, kept with them so that a resumed run must match
+    (`annotate`: whether each image has an annotated copy; None: not said)."""
     from ferkit.predict import model_version
 
     return {"model": classifier.name, "model_version": model_version(classifier), "tta": classifier.tta,
             "detector": getattr(detector, "name", "custom") if detector is not None else "none",
-            "uncertain_below": uncertain_below, "face_crops": face_crops(classifier, detector)}
+            "uncertain_below": uncertain_below, "face_crops": face_crops(classifier, detector),
+            **({} if annotate is None else {"annotate": bool(annotate)})}
 
 
 def face_crops(classifier, detector) -> int:
@@ -283,11 +307,12 @@ def video_stem(stem: str) -> str:
 
 def unique_path(folder: Path, stem: str, suffix: str, used: set[str]) -> Path:
     """folder/stem+suffix, or stem-2, stem-3, ... when files from different folders share a name (a stem
-    too long for a file name cut short)."""
+    too long for a file name cut short). `used` holds the names taken, case-folded: Photo.jpg and photo.jpg
+    are one file on macOS and Windows."""
     stem = fitting_name(stem, suffix).removesuffix(suffix)
     name, n = f"{stem}{suffix}", 1
-    while name in used:
+    while name.casefold() in used:
         n += 1
         name = f"{stem}-{n}{suffix}"
-    used.add(name)
+    used.add(name.casefold())
     return folder / name

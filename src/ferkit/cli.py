@@ -19,7 +19,7 @@ import click
 
 from ferkit import __version__
 from ferkit.config import TrainConfig, option_flag
-from ferkit.errors import FerkitError, Terminated
+from ferkit.errors import FerkitError, Terminated, on_one_line
 from ferkit.faces import CROPPED_FACE_SIDE, DETECTORS
 from ferkit.predict import UNCERTAIN_BELOW
 from ferkit.progress import LineHandler
@@ -94,7 +94,7 @@ class _Cli(click.Group):
         except FerkitError as err:
             _traceback_if_debug(ctx)
             # an interruption the user asked for is said as it is, not as an error
-            click.echo(str(err) if err.exit_code == 130 else f"error: {err}", err=True)
+            click.echo(str(err) if err.exit_code == 130 else on_one_line(f"error: {err}"), err=True)
             ctx.exit(err.exit_code)
         except Terminated:
             click.echo("terminated", err=True)
@@ -826,6 +826,7 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     from ferkit.batch import (
         FolderBatch,
         check_not_another_images_copy,
+        check_not_another_photos_results,
         check_output_folder,
         check_results_folder,
         model_the_batch_began_with,
@@ -893,6 +894,7 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
         for image in images:
             outputs = _photo_outputs(out, image, annotate is not False)
             check_replaceable(outputs, overwrite=overwrite)
+            check_not_another_photos_results(outputs[0], image, overwrite=overwrite)
             if annotate is not False:
                 check_not_another_images_copy(out, image, outputs[1], overwrite=overwrite)
     videos = _video_stems([s for s, kind in kinds if kind == "video"], out, save_video,
@@ -1090,10 +1092,12 @@ def _predict_many(batch, as_json: bool, unreadable_sources: int = 0) -> int:
     if not as_json and batch.skipped and not batch.todo and not batch.errors:
         click.echo(f"nothing left to do: all {batch.skipped} images are in {batch.out / batch.results.LINES}")
     elif not as_json:
-        missing = f", {unreadable_sources} source(s) not found" if unreadable_sources else ""
-        click.echo(f"{batch.images} images, {batch.faces} faces, {batch.failed} failed{missing}; "
+        missing = f", {unreadable_sources + len(batch.errors)} source(s) not found or without images" \
+            if unreadable_sources or batch.errors else ""
+        in_all = f" ({batch.skipped + batch.images} in all)" if batch.skipped else ""
+        click.echo(f"{batch.images} images{in_all}, {batch.faces} faces, {batch.failed} failed{missing}; "
                    f"wrote {batch.out / batch.results.TABLE} and {batch.out / batch.results.LINES}")
-    return batch.failed
+    return batch.failed + len(batch.errors)
 
 
 def _predict_video(source, out: Path, as_json: bool, *, stem: str, alone: bool, **options) -> int:

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ferkit import __version__
 from ferkit.errors import FerkitError
 from ferkit.faces import Box
-from ferkit.images import decoded_scale, full_size, load_image, to_rgb
+from ferkit.images import decoded_scale, full_size, load_image, open_without_size_guard, to_rgb
 from ferkit.predict import checked_box
 from ferkit.results import Face
 
@@ -151,7 +151,7 @@ def written_by_ferkit(path: str | Path) -> bool:
         except OSError:
             return False
     try:
-        with Image.open(path) as image:
+        with open_without_size_guard(path) as image:  # a very large photo is still a photo, not an error here
             # a PNG's text chunks are read on opening; its EXIF would be looked for by decoding every pixel
             software = image.info.get("Software") or (image.getexif().get(SOFTWARE) if image.format != "PNG" else "")
             return str(software).startswith("ferkit")

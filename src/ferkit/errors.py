@@ -15,3 +15,8 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's message, or its type's name when it has none."""
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+def on_one_line(text: str) -> str:
+    """`text` with its line breaks shown as \\n: a file's name may hold one, and a message stays one line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")

@@ -208,19 +208,19 @@ def _open(file, formats: Sequence[str] | None = None) -> Image.Image:
     (pillow-heif is imported only for a file Pillow cannot identify: a HEIC under any name, at no cost to JPEGs).
     `formats`: the only ones tried (default: all but those of EXTERNAL_DECODERS)."""
     try:
-        return _open_without_pillows_size_guard(file, formats)
+        return open_without_size_guard(file, formats)
     except UnidentifiedImageError:
         if _HEIF is None and enable_heif():
             if hasattr(file, "seek"):
                 file.seek(0)
-            return _open_without_pillows_size_guard(file, formats)
+            return open_without_size_guard(file, formats)
         raise
 
 
 _SIZE_GUARD = threading.Lock()
 
 
-def _open_without_pillows_size_guard(file, formats: Sequence[str] | None = None) -> Image.Image:
+def open_without_size_guard(file, formats: Sequence[str] | None = None) -> Image.Image:
     """Image.open (the header only) without Pillow's decompression-bomb check, which refuses a 108 Mpx
     phone photo outright: ferkit decodes a JPEG that large at a reduced scale, then applies its own
     limit. The check is a global setting, so it is off for the shortest time, one caller at a time."""

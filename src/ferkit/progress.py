@@ -8,6 +8,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
+from ferkit.errors import on_one_line
+
 T = TypeVar("T")
 
 
@@ -60,8 +62,11 @@ def progress_bar(total: int | None, description: str, *, enabled: bool = True):
 _LIVE = None  # the bar on screen, if any
 
 
-def echo_error(message: str) -> None:
-    """A line on stderr, printed above the progress bar on screen (if any), never glued onto it."""
+def echo_error(message: str, *, one_line: bool = True) -> None:
+    """A line on stderr, printed above the progress bar on screen (if any), never glued onto it; with
+    `one_line`, line breaks in it (a file name's) shown as \\n."""
+    if one_line:
+        message = on_one_line(message)
     if _LIVE is not None:
         _LIVE.console.print(message, markup=False, highlight=False, soft_wrap=True)
     else:
@@ -75,6 +80,6 @@ class LineHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            echo_error(self.format(record))
+            echo_error(self.format(record), one_line=record.exc_info is None)  # a traceback keeps its lines
         except Exception:
             self.handleError(record)

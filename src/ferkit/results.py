@@ -6,12 +6,14 @@ Boxes are `(x, y, width, height)` in pixels of the upright (EXIF-rotated) origin
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ferkit.errors import FerkitError
+from ferkit.errors import FerkitError, first_line
 
 
 @dataclass
@@ -208,6 +210,7 @@ class ResultsFolder:
                  sources=None, overwrite: bool = False):
         self.folder, self.classes, self.resume = Path(folder), tuple(classes), resume
         self.settings = {"classes": list(self.classes), **(settings or {})}
+        self.began_in = os.getcwd()  # where the images' paths, as written, lead from
         if resume:
             self._check_same_settings()
         else:
@@ -238,6 +241,21 @@ class ResultsFolder:
         if changed:
             raise FerkitError(f"the results in {self.folder} were made with other settings: {'; '.join(changed)}. "
                               "Resume with the same ones, or choose another folder")
+        began_in = before.get("working_folder")
+        if isinstance(began_in, str) and os.path.realpath(began_in) != os.path.realpath(self.began_in) \
+                and not self._names_absolute_paths():
+            raise FerkitError(f"the batch in {self.folder} began in {began_in} and names its images from there: "
+                              "resume it from that folder")
+        self.began_in = began_in if isinstance(began_in, str) else self.began_in
+
+    def _names_absolute_paths(self) -> bool:
+        """Whether the first image in results.jsonl is named by an absolute path (true also of none)."""
+        try:
+            with open(self.folder / self.LINES, encoding="utf-8") as lines:
+                source = json.loads(lines.readline() or "{}").get("source")
+        except (OSError, ValueError, AttributeError):
+            return True
+        return not isinstance(source, str) or os.path.isabs(source)
 
     def __enter__(self) -> ResultsFolder:
         create_folder(self.folder)
@@ -247,7 +265,7 @@ class ResultsFolder:
         self._writer = csv.writer(self._table)
         if self._table.tell() == 0:
             self._writer.writerow(face_columns(self.classes))
-        (self.folder / self.SETTINGS).write_text(json.dumps(self.settings, indent=2) + "\n")
+        (self.folder / self.SETTINGS).write_text(json.dumps({**self.settings, "working_folder": self.began_in}, indent=2) + "\n")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -286,6 +304,9 @@ class ResultsFolder:
                 break  # the line a kill cut short, and anything after it
             if not line.endswith("\n"):
                 break
+            if not isinstance(record, dict) or not isinstance(record.get("source"), str):
+                raise FerkitError(f"{lines}: a line that is no image's result ({first_line(line)[:60]}); remove it "
+                                  "to resume, or choose another folder")
             if not record.get("error"):
                 done.add(record["source"])
                 kept.append(line)
@@ -308,3 +329,35 @@ TABLE_TEXT = {"encoding": "utf-8", "errors": "surrogateescape"}
 def _file_key(path: str | Path) -> str:
     """The same file's key however its path is written (relative, absolute, through links)."""
     return os.path.realpath(path)
+
+
+_HELD: dict[str, int] = {}  # folders this process writes, locked: their open descriptors, which hold the locks
+
+
+def hold_folder(folder: Path, busy: str) -> None:
+    """Lock `folder` for this process until release_folder: another ferkit process that would write into
+    it is refused with the one line `busy`. The lock (flock on the folder itself) ends with the process,
+    however it ends; where flock is missing (Windows), or the file system has no locks, nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = str(Path(folder).resolve())
+    if key in _HELD or not Path(folder).is_dir():
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(descriptor)
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # a file system without locks (some NFS, FUSE)
+            logging.getLogger("ferkit").debug("%s cannot be locked (%s): written without a lock", folder, err.strerror)
+            return
+        raise FerkitError(busy) from None
+    _HELD[key] = descriptor
+
+
+def release_folder(folder: Path) -> None:
+    descriptor = _HELD.pop(str(Path(folder).resolve()), None)
+    if descriptor is not None:
+        os.close(descriptor)

@@ -16,9 +16,7 @@ so the folder holds complete epochs only; ferkit's own files are replaced atomic
 from __future__ import annotations
 
 import csv
-import errno
 import json
-import logging
 import os
 import re
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ferkit.errors import FerkitError, first_line
+from ferkit.results import hold_folder, release_folder
 
 # Keras' CSVLogger writes the columns after "epoch" in sorted order; older runs had another order
 HISTORY_COLUMNS = ("epoch", "accuracy", "learning_rate", "loss", "seconds", "val_accuracy", "val_loss")
@@ -38,7 +37,6 @@ REPORT_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.json", "confu
                 "reliability_diagram.png", "report.html")
 SAVED_EPOCH = re.compile(r"epoch-\d{3,}\.keras")  # a model --save-period kept, in EPOCHS_FOLDER
 
-log = logging.getLogger("ferkit")
 
 
 @dataclass
@@ -112,38 +110,14 @@ def check_run_folder(run: Path, *, resume: bool, overwrite: bool) -> None:
             raise FerkitError(f"{run} already exists; use --resume to continue it, --overwrite to replace it, or another --out")
 
 
-_HELD: dict[str, int] = {}  # run folders this process trains: their open descriptors, which hold the locks
-
-
 def hold_run_folder(run: Path) -> None:
     """Lock `run` (a folder) for this process's training until release_run_folder: a second `ferkit train` of
-    it, which would rewrite its history and state under the first, is a one-line FerkitError instead. The
-    lock (flock on the folder itself) ends with the process, however it ends; where flock is missing
-    (Windows), nothing is locked."""
-    try:
-        import fcntl
-    except ImportError:
-        return
-    key = str(run.resolve())
-    if key in _HELD or not run.is_dir():
-        return
-    descriptor = os.open(run, os.O_RDONLY)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        os.close(descriptor)
-        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # a file system without locks (some NFS, FUSE)
-            log.debug("%s cannot be locked (%s): trained without a lock", run, err.strerror)
-            return
-        raise FerkitError(f"{run} is being trained by another process; let it finish, or stop it (Ctrl-C, kill) and "
-                          "then resume") from None
-    _HELD[key] = descriptor
+    it, which would rewrite its history and state under the first, is a one-line FerkitError instead."""
+    hold_folder(run, f"{run} is being trained by another process; let it finish, or stop it (Ctrl-C, kill) and "
+                     "then resume")
 
 
-def release_run_folder(run: Path) -> None:
-    descriptor = _HELD.pop(str(run.resolve()), None)
-    if descriptor is not None:
-        os.close(descriptor)
+release_run_folder = release_folder
 
 
 def clear_run_folder(run: Path) -> list[str]:
