@@ -9,7 +9,7 @@ from PIL import Image
 from conftest import pattern_face
 from ferkit import analyze
 from ferkit.errors import FerkitError
-from ferkit.faces import Detection
+from ferkit.faces import Detection, get_detector
 from ferkit.predict import analyze_images
 from conftest import one_crop_per_face_model, real_photo_boxes, smiling_real_faces
 
@@ -526,3 +526,19 @@ def test_a_pil_image_of_values_outside_0_255_is_refused_as_the_same_array_is():
     with pytest.raises(FerkitError, match="holds -1 to 1"):
         analyze(Image.fromarray(gray / 127.5 - 1))
     assert len(analyze(Image.fromarray(gray / 255))) == len(analyze(gray / 255)) == 3
+
+
+def test_first_analyses_in_several_threads_at_once_never_hang(tmp_path):
+    """yuface's first call in a process imports NumPy's C API; several threads making theirs at once
+    deadlocked. Each try is a fresh process, which is where it happens."""
+    import subprocess
+    import sys
+
+    if get_detector("auto").name != "yunet":
+        pytest.skip("the yunet detector is not installed")
+    photo = Path(__file__).resolve().parents[1] / "examples" / "people.jpg"
+    script = ("import ferkit; from concurrent.futures import ThreadPoolExecutor\n"
+              f"with ThreadPoolExecutor(4) as pool: print(list(pool.map(lambda _: len(ferkit.analyze({str(photo)!r})), range(4))))")
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.strip() == "[3, 3, 3, 3]", done.stderr

@@ -140,6 +140,16 @@ def test_video_timeline_follows_each_face(trained_run, squares_video, tmp_path):
     capture, info = open_video(tmp_path / "out.mp4")
     assert info.frames == 10 and info.size == SIZE
     capture.release()
+    again = analyze_video(squares_video, model=trained_run, detector=_bright_squares, every=2,
+                          annotated=tmp_path / "out.mp4", timeline_csv=tmp_path / "t.csv")  # ferkit's own: replaced
+    assert again.frames_analysed == 10
+    (tmp_path / "notes.csv").write_text("my notes\n")
+    original = squares_video.read_bytes()
+    for kwargs, words in (({"timeline_csv": tmp_path / "notes.csv"}, "ferkit did not write it"),
+                          ({"annotated": squares_video}, "is the video being analysed")):
+        with pytest.raises(FerkitError, match=words):
+            analyze_video(squares_video, model=trained_run, detector=_bright_squares, every=2, **kwargs)
+    assert (tmp_path / "notes.csv").read_text() == "my notes\n" and squares_video.read_bytes() == original
 
 
 def test_smoothing_damps_changes(trained_run, squares_video):
@@ -232,6 +242,9 @@ def test_a_videos_results_replace_ferkits_own_but_not_a_users_files(trained_run,
         assert (out / mine).stat().st_size < 200  # untouched
         assert CliRunner().invoke(cli, [*command, "--overwrite"]).exit_code == 0
         assert (out / mine).stat().st_size > 200
+    # without --save-video, ferkit's annotated video of the run before goes: it would no longer match
+    assert CliRunner().invoke(cli, [a for a in command if a != "--save-video"]).exit_code == 0
+    assert not (out / "squares.annotated.mp4").exists() and (out / "squares.timeline.csv").exists()
 
 
 def test_real_faces_in_a_panning_video_are_tracked(trained_run, tmp_path):

@@ -282,9 +282,14 @@ def analyze_video_into_folder(source: str | Path, out: str | Path, *, stem: str 
     step = frame_step(info.fps, every, target_fps)
     total = max(1, -(-info.frames // step)) if info.frames > 0 else None
     create_folder(out)
+    from ferkit.draw import written_by_ferkit
+
+    earlier = video_outputs(out, stem, True)[2]  # an annotated video of an earlier run would no longer match
+    if not save_video and earlier.is_file() and written_by_ferkit(earlier):
+        earlier.unlink()
     timeline = analyze_video(source, model=model, detector=detector, every=step, smooth=smooth,
                              annotated=annotated, uncertain_below=uncertain_below,
-                             timeline_csv=timeline_csv,
+                             timeline_csv=timeline_csv, overwrite=overwrite,
                              progress=(lambda index: progress(index // step + 1, total)) if progress else None)
     timeline.plot(plot)
     return timeline.summary(files=[str(p) for p in outputs])

@@ -57,6 +57,9 @@ class Detection:
     landmarks: list[tuple[int, int]] | None = None  # eyes, nose tip, mouth corners where given
 
 
+_YUFACE_FIRST_CALL = threading.Lock()  # held around each detector's first call: see YuNetDetector.__init__
+
+
 class YuNetDetector:
     """YuNet via `yuface`. Images larger than `max_side` are scaled down for detection (YuNet's
     accuracy drops past ~960 px) and the boxes scaled back, but never so far that the shorter side falls
@@ -80,8 +83,9 @@ class YuNetDetector:
         self._openmp = _openmp_controllers("yuface")
         self._configured = threading.local()
         # yuface's first call imports NumPy's C API lazily; two threads making their first calls at once
-        # deadlocked a server for good. One call here, in the thread that creates the detector, does it.
-        self._detect(np.zeros((32, 32, 3), np.uint8), conf=1.0)
+        # deadlocked a server for good. One call here, once per process, whichever thread creates a detector first.
+        with _YUFACE_FIRST_CALL:
+            self._detect(np.zeros((32, 32, 3), np.uint8), conf=1.0)
 
     def __call__(self, rgb: np.ndarray) -> list[Detection]:
         if not getattr(self._configured, "done", False):

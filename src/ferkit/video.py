@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from ferkit.draw import draw_faces, mark_video
 from ferkit.errors import FerkitError
 from ferkit.faces import box_iou
 from ferkit.predict import UNCERTAIN_BELOW, analyze_images
-from ferkit.results import Face, timeline_columns
+from ferkit.results import Face, check_replaceable, timeline_columns
 from ferkit.runtime import load_classifier
 from ferkit.sources import open_video, video_frames
 
@@ -202,6 +203,7 @@ def analyze_video(
     progress: Callable[[int], None] | None = None,
     uncertain_below: float = UNCERTAIN_BELOW,
     timeline_csv: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Timeline:
     """Analyse every `every`-th frame, or about `target_fps` frames per second (default: about 5, as
     `ferkit predict` does; `every=1` for every frame). `smooth` > 1 averages each track's probabilities exponentially
@@ -209,8 +211,14 @@ def analyze_video(
     `progress(frame_index)` is called after each analysed frame. Faces (smoothed ones by their smoothed
     probabilities) whose top probability is below `uncertain_below` are marked `uncertain`.
     `timeline_csv`: write the timeline there row by row as frames are analysed, so that a run cut short
-    keeps what it did."""
+    keeps what it did. A file at `annotated` or `timeline_csv` that ferkit did not write is refused unless
+    `overwrite`; the video itself always is."""
     check_video_options(every, target_fps, smooth)  # before the model and the video are opened
+    outputs = [Path(output) for output in (annotated, timeline_csv) if output]
+    for output in outputs:
+        if os.path.realpath(output) == os.path.realpath(path):
+            raise FerkitError(f"{output} is the video being analysed: write the results elsewhere")
+    check_replaceable(outputs, overwrite=overwrite)
     classifier = load_classifier(model, prefer_export=True)
     capture, info = open_video(path)
     every = frame_step(info.fps, every, target_fps)
