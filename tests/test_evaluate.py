@@ -337,3 +337,16 @@ def test_files_skipped_in_the_data_are_named_in_the_saved_report(trained_run, pa
     report.save(tmp_path / "eval")
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())["warnings"]
     assert len(saved) == 1 and "1 unreadable file(s)" in saved[0] and "broken.png" in saved[0]
+
+
+def test_faces_of_another_size_are_resized_and_no_faces_is_one_line(trained_run, pattern_data):
+    from ferkit.data import load_dataset
+    from ferkit.errors import FerkitError
+    from ferkit.evaluation import evaluate
+
+    larger = load_dataset(pattern_data / "val", image_size=(64, 64))  # a 48x48 network's faces, loaded larger
+    report = evaluate(trained_run, larger)
+    as_loaded = evaluate(trained_run, pattern_data / "val").accuracy
+    assert len(report.y_true) == len(larger) and abs(report.accuracy - as_loaded) <= 2 / len(larger)
+    with pytest.raises(FerkitError, match="holds no faces to score"):
+        evaluate(trained_run, larger.subset(np.array([], int)))

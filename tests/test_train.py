@@ -416,7 +416,8 @@ def test_numbers_out_of_range_or_not_finite_are_refused_naming_their_option(bad,
      ({"lr_patience": 2, "lr_schedule": "cosine"}, "--lr-patience goes with --lr-schedule plateau"),
      ({"weight_decay": 1e-4}, "--weight-decay is decoupled weight decay, for --optimizer adamw or sgd"),
      ({"shift": 0.3, "augment": "flip"}, "--shift goes with --augment shift"), ({"rotate": 30.0}, "--rotate goes with --augment rotate"),
-     ({"cache_features": False}, "--no-cache-features applies to a frozen pretrained backbone")],
+     ({"cache_features": False}, "--no-cache-features applies to a frozen pretrained backbone"),
+     ({"init": "default", "weights": "none"}, "--weights chooses a new network's starting weights")],
 )
 def test_a_setting_that_would_change_nothing_is_refused_before_a_run_starts(pattern_data, tmp_path, given, words):
     config = TrainConfig(data=str(pattern_data / "train"), epochs=1, out=str(tmp_path / "run"), **given)
@@ -425,6 +426,13 @@ def test_a_setting_that_would_change_nothing_is_refused_before_a_run_starts(patt
     assert not (tmp_path / "run").exists()
     TrainConfig(**given).save(tmp_path / "config.json")  # a recorded config is read as it was written
     assert TrainConfig.load(tmp_path / "config.json") == TrainConfig(**given)
+
+
+def test_paths_serve_in_a_config_as_well_as_strings(tmp_path):
+    config = TrainConfig(data=tmp_path / "train", val=tmp_path / "val", out=tmp_path / "run", init=tmp_path / "m.keras")
+    assert (config.data, config.val, config.out, config.init) == tuple(str(tmp_path / n) for n in ("train", "val", "run", "m.keras"))
+    config.save(tmp_path / "config.json")  # JSON-able: a Path was not
+    assert TrainConfig.load(tmp_path / "config.json") == config
 
 
 def test_train_given_a_run_folder_instead_of_a_config_says_how_to_go_on_with_it(trained_run):

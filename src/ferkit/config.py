@@ -89,6 +89,9 @@ class TrainConfig:
     distill: float = setting(0.5, "... with this share of each target, the true label the rest.")
 
     def __post_init__(self):
+        for name in ("data", "val", "out", "init", "weights", "teacher"):  # a pathlib.Path serves as well as a str
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
         self.augment = _names(self.augment)
         self.classes = _names(self.classes) if self.classes is not None else None
         if self.learning_rate is None:
@@ -146,6 +149,7 @@ class TrainConfig:
             ("val_split", self.val is not None, "applies without --val (which gives the validation faces)"),
             ("distill", self.teacher is None, "goes with --teacher"),
             ("fine_tune_epochs", not self.fine_tune, "goes with --fine-tune N"),
+            ("weights", bool(self.init), "chooses a new network's starting weights; with --init they come from that model"),
             ("lr_patience", self.lr_schedule != "plateau", "goes with --lr-schedule plateau"),
             ("weight_decay", self.optimizer == "adam", "is decoupled weight decay, for --optimizer adamw or sgd"),
             *((name, name not in self.augment, f"goes with --augment {name}") for name in ("zoom", "shift", "rotate")),

@@ -8,6 +8,7 @@ the model, so a dataset without any `disgust` still gives a 7x7 matrix.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -375,6 +376,12 @@ def evaluate(
         from ferkit.data import load_dataset
 
         dataset = load_dataset(dataset, classes=classifier.classes, image_size=classifier.input_size, usage="PublicTest")
+    if len(dataset) == 0:
+        raise FerkitError(f"{dataset.source or 'the dataset'} holds no faces to score")
+    if tuple(dataset.image_size) != tuple(classifier.input_size):  # load_dataset's 48x48 for a 96x96 network, say
+        from ferkit.images import resized_faces
+
+        dataset = dataclasses.replace(dataset, images=resized_faces(dataset.images, classifier.input_size))
     y_true = dataset.labels_for(classifier.classes)  # before minutes of inference, not after
     temperatures = [classifier.temperature] if classifier.temperature == 1.0 else [classifier.temperature, 1.0]
     outputs = classifier.predict_proba_at_temperatures(dataset.images, temperatures, batch_size=batch_size,
