@@ -534,7 +534,10 @@ def test_an_alias_named_beside_its_class_is_a_class_of_its_own(tmp_path, caplog)
     apart = load_dataset(tmp_path, classes=["neutral", "calm", "happy"])
     assert apart.classes == ("neutral", "calm", "happy") and list(apart.class_counts().values()) == [2, 2, 2]
     assert [Path(apart.paths[i]).parent.name for i in np.flatnonzero(apart.labels == 1)] == ["Calm", "Calm"]
-    assert load_dataset(tmp_path, classes=["calm", "happy"]).classes == ("neutral", "happy")  # alone, still an alias
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ferkit"):
+        assert load_dataset(tmp_path, classes=["calm", "happy"]).classes == ("neutral", "happy")  # alone, still an alias
+    assert "classes taken by their usual names: calm as neutral" in caplog.text  # and said so
 
 
 def test_the_cache_size_leaves_out_files_removed_meanwhile(tmp_path):

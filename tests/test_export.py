@@ -407,6 +407,7 @@ def test_a_temperature_or_an_int8_check_on_a_handful_of_faces_is_refused(trained
         assert result.exit_code != 0 and not out.exists(), result.output
         assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1
         assert "at least" in result.output and "16" in result.output
+        assert "--int8" not in options or "pass --calibration DATA with more faces" in result.output
 
 
 def test_the_founding_studys_vgg19_transfer_model_exports(tmp_path):

@@ -183,6 +183,17 @@ def test_a_folder_here_wins_over_a_shipped_model_of_its_name(tmp_path, monkeypat
         f"It hides the shipped model {name}: run from another folder to use that."]
 
 
+def test_a_run_folder_named_default_here_is_that_run(trained_run, tmp_path, monkeypatch):
+    import shutil
+
+    from ferkit.runtime import resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(trained_run, tmp_path / "default")
+    assert resolve_model_path("default") == Path("default") / "best.keras"
+    assert resolve_model_path(None) == default_model_path()  # no name given: the shipped default still
+
+
 def test_models_lists_the_networks_when_the_build_ships_no_model(tmp_path, monkeypatch):
     monkeypatch.setattr("ferkit.runtime.files_path", lambda *parts: tmp_path.joinpath(*parts[1:]))
     listing = CliRunner().invoke(cli, ["models"])

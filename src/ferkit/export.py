@@ -118,6 +118,10 @@ def export_onnx(
     source = exportable_model(model)
     if (recalibrate_bn or int8) and not isinstance(calibration, FaceDataset):
         calibration = calibration_faces(model, calibration)
+    if int8 and len(calibration) < 2 * MIN_INT8_CHECK_FACES:  # said before the float export, not after it
+        raise FerkitError(f"int8 export needs at least {2 * MIN_INT8_CHECK_FACES} calibration faces (half to calibrate, "
+                          f"half to check the int8 model on), got {len(calibration)}: pass --calibration DATA with "
+                          "more faces like these (in Python, calibration=DATA)")
     if temperature_data is not None:  # checked before the minutes of exporting, not after
         _refuse_training_faces(source, temperature_data)
         if len(temperature_data) < MIN_TEMPERATURE_FACES:

@@ -56,6 +56,11 @@ def canonical_labels(names) -> list[str]:
     return [key if ALIASES.get(key, key) in keys else ALIASES.get(key, key) for key in keys]
 
 
+def aliases_taken(names) -> list[tuple[str, str]]:
+    """(name, class) for each of a class list's names that canonical_labels takes as another class's."""
+    return [(name, label) for name, label in zip(names, canonical_labels(names)) if _key(name) != label]
+
+
 def class_of(folder: str, classes) -> str:
     """The class of `classes` a folder's name stands for: the name itself where it is one of them (a class
     list may keep "calm" apart from "neutral"), else its canonical_label."""

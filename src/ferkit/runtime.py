@@ -114,11 +114,9 @@ def resolve_model_path(model: str | Path | None) -> Path:
     """A model file (.keras or .onnx), a run folder (its best model, else its last), the name of a model
     shipped inside ferkit (`ferkit models` lists them), or None / "default" for the default shipped one.
     A file or folder here wins over a shipped model of the same name."""
-    if model is None or str(model) == "default":
-        return shipped_model_path()
-    path = Path(model)
     if is_shipped_model_name(model):
-        return shipped_model_path(str(model))
+        return shipped_model_path("default" if model is None else str(model))
+    path = Path(model)
     if path.is_dir():
         for name in ("best.keras", "last.keras", "best.onnx", "last.onnx"):  # the exports of a run without its models
             if (path / name).is_file():
@@ -133,7 +131,7 @@ def resolve_model_path(model: str | Path | None) -> Path:
                                   "with a lower --lr (ferkit train ... --overwrite)")
             raise FerkitError(f"{path} holds no model yet: its run stopped before the first epoch ended "
                               f"(continue it with `ferkit train --resume {path}`)")
-        hidden = str(model) in shipped_models()
+        hidden = str(model) == "default" or str(model) in shipped_models()
         raise FerkitError(f"{path} holds no model (no best.keras or last.keras): is it a ferkit run folder?"
                           + (f" It hides the shipped model {model}: run from another folder to use that." if hidden else ""))
     if not path.exists():
@@ -178,10 +176,10 @@ def _run_status(run: Path) -> str | None:
 
 
 def is_shipped_model_name(model: str | Path | None) -> bool:
-    """Whether `model` is "default" or the name of a shipped model (and not a file or folder here)."""
-    if model is None or str(model) == "default":
+    """Whether `model` is None, "default" or the name of a shipped model (and not a file or folder here)."""
+    if model is None:
         return True
-    return not Path(model).exists() and str(model) in shipped_models()
+    return not Path(model).exists() and (str(model) == "default" or str(model) in shipped_models())
 
 
 def shipped_model(name: str = "default") -> dict:

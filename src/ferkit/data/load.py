@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,7 +11,9 @@ from ferkit.data.fer2013_csv import load_fer2013_csv
 from ferkit.data.folder import load_folder
 from ferkit.data.packed import is_packed, is_unfinished_pack, load_packed
 from ferkit.errors import FerkitError
-from ferkit.labels import canonical_labels, repeated
+from ferkit.labels import aliases_taken, canonical_labels, repeated
+
+log = logging.getLogger("ferkit")
 
 
 def load_dataset(
@@ -25,6 +28,9 @@ def load_dataset(
     """Load a folder tree (`root/<class>/*`), a FER2013 CSV or a packed dataset (ferkit.data.packed, read
     memory-mapped); `usage` selects CSV rows only."""
     if classes is not None:
+        if renamed := aliases_taken(classes):  # an alias alone stands for its class: calm for neutral
+            log.info("classes taken by their usual names: %s (an alias named beside its class stays a class of its "
+                     "own)", ", ".join(f"{name} as {label}" for name, label in renamed))
         classes = canonical_labels(classes)  # as folder names match: Happy, happiness are happy
         twice = repeated(classes)
         if twice:
