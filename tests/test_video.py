@@ -152,6 +152,35 @@ def test_video_timeline_follows_each_face(trained_run, squares_video, tmp_path):
     assert (tmp_path / "notes.csv").read_text() == "my notes\n" and squares_video.read_bytes() == original
 
 
+def test_a_face_unfound_for_a_third_of_a_second_keeps_its_track_at_any_sampling(trained_run, tmp_path):
+    def covered(frames):  # the left square hidden for frames 20-29: a third of a second at 30 frames a second
+        for i, frame in enumerate(frames):
+            if 20 <= i < 30:
+                frame[:, : SIZE[0] // 2] = 20
+            yield frame
+
+    video = _write_video(tmp_path / "covered.mp4", covered(_two_squares(40)), fps=30.0)
+    for every in (1, 6):
+        timeline = analyze_video(video, model=trained_run, detector=_bright_squares, every=every)
+        assert timeline.tracks == [1, 2], every
+
+
+def test_a_damaged_frame_inside_a_video_is_passed_over(trained_run, tmp_path, caplog):
+    path = tmp_path / "damaged.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, SIZE)
+    for frame in _two_squares(30):
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+    data = bytearray(path.read_bytes())
+    starts = [i for i in range(len(data) - 1) if data[i:i + 3] == b"\xff\xd8\xff"]  # each frame's JPEG
+    data[starts[15] + 2:starts[15] + 600] = bytes(598)  # frame 15's headers and first data gone
+    path.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="ferkit"):
+        timeline = analyze_video(path, model=trained_run, detector=_bright_squares, every=1)
+    assert 28 <= timeline.frames_analysed <= 29 and max(r.frame for r in timeline.rows) == 29
+    assert "could not be decoded and were passed over" in caplog.text
+
+
 def test_smoothing_damps_changes(trained_run, squares_video):
     raw = analyze_video(squares_video, model=trained_run, detector=_bright_squares, every=1, smooth=1)
     smooth = analyze_video(squares_video, model=trained_run, detector=_bright_squares, every=1, smooth=9)

@@ -222,23 +222,33 @@ def open_video(path: str | Path):
     return capture, info
 
 
+BAD_FRAMES_IN_A_ROW = 10  # undecodable frames in a row that end a video: its end, cut short
+
+
 def video_frames(capture, info: VideoInfo, *, every: int = 1) -> Iterator[tuple[int, float, np.ndarray]]:
     """(frame index, time in seconds, RGB array) for every `every`-th frame; frames are decoded in order.
     The time is the frame's own timestamp where the container has one: a phone's video has no fixed frame
     rate, and the index over the average rate would drift from it."""
     import cv2
 
-    index = 0
+    index, failed, in_a_row = 0, 0, 0
     try:
         while True:
             if index % every == 0:
                 ok, frame = capture.read()
-                if not ok:
-                    break
-                stamp = capture.get(cv2.CAP_PROP_POS_MSEC) / 1000  # 0 where the backend has none
-                yield index, stamp if stamp > 0 else index / info.fps, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-            elif not capture.grab():  # skip without decoding
+                if ok:
+                    stamp = capture.get(cv2.CAP_PROP_POS_MSEC) / 1000  # 0 where the backend has none
+                    yield index, stamp if stamp > 0 else index / info.fps, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            else:
+                ok = capture.grab()  # skip without decoding
+            # a damaged frame inside the video is passed over; several in a row, or none listed after it, end it
+            in_a_row = 0 if ok else in_a_row + 1
+            if not ok and (index >= info.frames - 1 or in_a_row >= BAD_FRAMES_IN_A_ROW):
+                failed -= in_a_row - 1  # the frames before this one in the run were the end, not damage
                 break
+            failed += not ok
             index += 1
     finally:
         capture.release()
+        if failed:
+            log.warning("%d frame(s) of the video could not be decoded and were passed over", failed)

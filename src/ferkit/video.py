@@ -89,6 +89,9 @@ class Timeline:
         return plot_emotion_timeline(series, path, title=title, until=self.last_time_s)
 
 
+TRACK_GAP_S = 1.0  # seconds a face may go unfound (turned away, covered) and keep its track
+
+
 class IouTracker:
     """Gives each face the id of the track whose last box overlaps it most (IoU >= min_iou); failing that,
     of the track whose last box is the nearest, of about its size, with its centre within `reach` of that
@@ -223,7 +226,8 @@ def analyze_video(
     capture, info = open_video(path)
     every = frame_step(info.fps, every, target_fps)
     timeline = Timeline(str(path), info.fps, classifier.classes, every=every)
-    tracker, smoothed = IouTracker(), {}
+    # a face missed for up to about a second keeps its track, however often frames are analysed
+    tracker, smoothed = IouTracker(max_gap=max(1, round(TRACK_GAP_S * info.fps / every))), {}
     alpha = 2.0 / (smooth + 1)
     writer = _video_writer(annotated, info, every) if annotated else None
     if timeline_csv:
