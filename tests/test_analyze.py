@@ -542,3 +542,15 @@ def test_first_analyses_in_several_threads_at_once_never_hang(tmp_path):
     for _ in range(3):
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and done.stdout.strip() == "[3, 3, 3, 3]", done.stderr
+
+
+def test_a_detectors_own_error_keeps_its_traceback(trained_run):
+    import traceback
+
+    def detector_with_a_bug(rgb):
+        return {}["landmarks"]
+
+    with pytest.raises(FerkitError, match="face detection failed on .*KeyError") as raised:
+        analyze(np.zeros((64, 64, 3), np.uint8), model=trained_run, detector=detector_with_a_bug)
+    assert isinstance(raised.value.__cause__, KeyError)
+    assert "detector_with_a_bug" in "".join(traceback.format_exception(raised.value))

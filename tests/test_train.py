@@ -1068,6 +1068,7 @@ def test_an_epochs_change_that_would_rewind_fine_tuning_is_refused(pattern_data,
                          val=str(pattern_data / "val"), epochs=1, fine_tune=5, fine_tune_epochs=2, batch_size=32,
                          out=str(tmp_path / "ft"))
     run = train(config, verbose=0)
+    assert "--weights none: mobilenetv2-transfer's backbone starts from random weights and is frozen" in caplog.text
     history = (run / "history.csv").read_text()
     with pytest.raises(FerkitError, match=r"is fine-tuning \(epoch 3; its backbone was unfrozen after 1 epochs\).*--epochs 1"):
         train(dataclasses.replace(config, epochs=2), resume=True, verbose=0)
@@ -1174,3 +1175,15 @@ def test_zero_processes_are_named_as_such():
     with pytest.raises(FerkitError, match="--num-processes is the job's count of processes, at least 1, not 0"):
         Topology(None, 0, 0)
 
+
+
+def test_training_leaves_the_callers_random_state_as_it_was(pattern_data, tmp_path):
+    import random
+
+    np.random.seed(999)
+    random.seed(999)
+    expected = (np.random.rand(), random.random())
+    np.random.seed(999)
+    random.seed(999)
+    train(_config(pattern_data, tmp_path / "run", epochs=1), verbose=0)
+    assert (np.random.rand(), random.random()) == expected

@@ -54,7 +54,7 @@ def analyze(
     result = next(iter(analyze_images([image], model=model, detector=detector, boxes=boxes,
                                       uncertain_below=uncertain_below, channels=channels, tta=tta)))
     if result.error:
-        raise FerkitError(result.error)
+        raise FerkitError(result.error) from result.failure  # a detector's own error keeps its traceback
     return result.faces
 
 
@@ -188,6 +188,7 @@ def _find_faces(label, image, classifier: Classifier, find, boxes, channels: str
             detections = detected_faces(find, picture)
         except Exception as err:  # any detector, ours or the user's: report this image, go on with the rest
             log.debug("face detection failed on %s", label, exc_info=True)  # --debug shows where
+            result.failure = err
             result.error = f"face detection failed on {label}: {type(err).__name__}: {err}".splitlines()[0]
             return result, []
     crops = [_face_views(picture, d, classifier, whole_image) for d in detections]

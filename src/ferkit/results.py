@@ -52,6 +52,7 @@ class ImageResult:
     detector: str = ""  # "yunet", "mtcnn", "boxes" (given), "none" (the whole image is the face)
     error: str | None = None  # why this image could not be analysed (then `faces` is empty)
     channels: str = field(default="rgb", repr=False)  # the order of an array's colours, as analyze_images was told
+    failure: BaseException | None = field(default=None, repr=False, compare=False)  # a detector's error behind `error`
 
     @property
     def ok(self) -> bool:

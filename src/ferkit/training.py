@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -70,13 +71,24 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     run folder, the others a temporary copy.
 
     `config` itself is left as it was given; the run folder's config.json records what training resolved
-    (the data's classes, the network an `init` model brought)."""
+    (the data's classes, the network an `init` model brought). Python's and NumPy's random states are
+    seeded for the run and then given back as the caller had them."""
     if not isinstance(config, TrainConfig):
         raise FerkitError(f"train takes a TrainConfig, not {type(config).__name__}; to go on with a run folder: "
                           "train(TrainConfig.load(run / 'config.json'), resume=True)")
     check_keras_installed()  # before data loading asks for the evaluate extra, which training's includes
-    config = dataclasses.replace(config)
-    topology = topology or Topology()
+    caller = random.getstate(), np.random.get_state()  # seeded for the run, then given back as they were
+    try:
+        return _train_in_place(dataclasses.replace(config), resume, overwrite, verbose, callbacks, topology or Topology())
+    finally:
+        random.setstate(caller[0])
+        np.random.set_state(caller[1])
+
+
+def _train_in_place(config: TrainConfig, resume: bool, overwrite: bool, verbose: int, callbacks,
+                    topology: Topology) -> Path:
+    """train() where this process's part of the job is done: the run folder itself, or, for a process
+    other than the first, a temporary copy."""
     if topology.coordinator:
         check_distributable(config, topology.num_processes)
         start_distributed(topology)
@@ -276,6 +288,7 @@ def _check_and_load(config: TrainConfig, run: Path, resume: bool, overwrite: boo
     check_fine_tuning(config)
     if not resume:
         check_weights(config.model, config.weights)
+        _warn_of_a_random_frozen_backbone(config)
     if config.teacher:
         check_teacher(config.teacher)
     train_set, val_set = load_train_val(config, get_model_spec(config.model).input_size, progress=verbose > 0)
@@ -283,6 +296,16 @@ def _check_and_load(config: TrainConfig, run: Path, resume: bool, overwrite: boo
         check_same_faces(run, train_set, val_set, digests=_reads_every_face(train_set, topology))
     config.classes = list(train_set.classes)
     return train_set, val_set
+
+
+def _warn_of_a_random_frozen_backbone(config: TrainConfig) -> None:
+    """A transfer network whose backbone starts random and is frozen gives its head near-constant features:
+    it answers one class for every face (the study's transfer-random entry measures just that)."""
+    if config.weights == "none" and not config.init and get_model_spec(config.model).pretrained:
+        unfrozen = f"; --fine-tune {config.fine_tune} unfreezes only its last layers, later" if config.fine_tune else ""
+        log.warning("--weights none: %s's backbone starts from random weights and is frozen%s, so the head learns from "
+                    "near-constant features (expect one class for every face); train a network of ferkit's own "
+                    "(ferkit models) to learn from scratch", config.model, unfrozen)
 
 
 def _check_has_its_checkpoint(run: Path) -> None:
