@@ -728,6 +728,10 @@ def test_a_second_run_into_a_folder_inside_the_photos_reads_only_the_photos(trai
                                         "another folder")
     assert "2 images" in first.output and "2 images" in second.output
     assert sorted(p.name for p in Path("results").glob("*.jpg")) == ["p0.annotated.jpg", "p1.annotated.jpg"]
+    assert "where the results go" not in second.output  # ferkit's own copies there are no photos to mention
+    Image.fromarray(pattern_face(3, np.random.default_rng(3))).save("results/mine.png")  # a photo of the user's there
+    third = run(*args, "--overwrite")
+    assert "2 images" in third.output and "1 image(s) in results, where the results go, are left out" in third.output
 
 
 def test_a_resumed_folder_run_names_its_annotated_copies_as_a_whole_run_does(trained_run, tmp_path):

@@ -885,8 +885,8 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     images = [s for s, kind in kinds if kind == "image"]
     batch = [s for s, kind in kinds if kind != "video"] if len(kinds) + missing > 1 or not images else []
     if resume and not batch:
-        raise FerkitError("--resume continues a batch of photos (a folder, a glob, several sources); "
-                          "a single photo or video has none to continue")
+        raise FerkitError("--resume continues a batch of photos (a folder, a glob, several sources); a single "
+                          "photo has none to continue, and videos are analysed whole each time")
     if batch:
         check_results_folder(out, resume=resume, overwrite=overwrite)
     else:

@@ -75,7 +75,13 @@ def list_images(source: str | os.PathLike, *, skip: str | Path | None = None, qu
         skipped = Path(os.path.realpath(skip))
         if kind == "folder" and skipped != Path(os.path.realpath(source)):
             # os.path.realpath, unlike Path.resolve, takes links in a loop (left out below as links to nothing)
-            paths = [p for p in paths if not Path(os.path.realpath(p)).is_relative_to(skipped)]
+            inside = [p for p in paths if Path(os.path.realpath(p)).is_relative_to(skipped)]
+            mine = [p for p in inside if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+                    and not _annotated_or_plotted_by_ferkit(p) and not CROP_NAME.search(p.name)]
+            if mine and not quiet:
+                log.warning("%d image(s) in %s, where the results go, are left out (e.g. %s): move them out to "
+                            "analyse them", len(mine), skip, mine[0])
+            paths = [p for p in paths if p not in set(inside)]
     files = [p for p in paths if p.is_file()]
     dangling = [p for p in paths if p.is_symlink() and not p.exists()]
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
