@@ -24,8 +24,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DATA = Path(__file__).resolve().parent / "data"  # vfr.mp4: examples/people.jpg panned, frames 0.1 s apart with gaps of 1 and 2 s
 
 
-def _write_video(path, frames, fps=10.0):
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, SIZE)
+def _write_video(path, frames, fps=10.0, fourcc="mp4v"):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, SIZE)
     for frame in frames:
         writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     writer.release()
@@ -166,11 +166,7 @@ def test_a_face_unfound_for_a_third_of_a_second_keeps_its_track_at_any_sampling(
 
 
 def test_a_damaged_frame_inside_a_video_is_passed_over(trained_run, tmp_path, caplog):
-    path = tmp_path / "damaged.avi"
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, SIZE)
-    for frame in _two_squares(30):
-        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    writer.release()
+    path = _write_video(tmp_path / "damaged.avi", _two_squares(30), fourcc="MJPG")
     data = bytearray(path.read_bytes())
     starts = [i for i in range(len(data) - 1) if data[i:i + 3] == b"\xff\xd8\xff"]  # each frame's JPEG
     data[starts[15] + 2:starts[15] + 600] = bytes(598)  # frame 15's headers and first data gone
@@ -439,11 +435,7 @@ def test_a_video_without_faces_plots_its_whole_length_and_says_so(trained_run, t
 
 
 def test_a_video_cut_short_is_analysed_as_far_as_it_goes_and_said_to_be(trained_run, tmp_path, caplog):
-    whole = tmp_path / "whole.avi"
-    writer = cv2.VideoWriter(str(whole), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, SIZE)
-    for frame in _two_squares(40):
-        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    writer.release()
+    whole = _write_video(tmp_path / "whole.avi", _two_squares(40), fourcc="MJPG")
     cut = tmp_path / "cut.avi"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     with caplog.at_level("WARNING", logger="ferkit"):
