@@ -27,10 +27,10 @@ def photos(tmp_path):
 def test_a_folder_batch_writes_every_result_and_counts_the_failures(trained_run, photos, tmp_path):
     batch = FolderBatch([photos, tmp_path / "nothing-*.png"], tmp_path / "out", model=trained_run, detector="none",
                         annotate=True)
-    assert len(batch.todo) == 4 and len(batch.errors) == 1  # the glob matches nothing: one failed item
+    assert len(batch.todo) == 4 and len(batch.errors) == 1  # the glob matches nothing: a source without images
     sources = [result.source for result in batch.run()]
     assert sorted(sources) == sorted(str(p) for p in photos.rglob("*.*"))
-    assert (batch.images, batch.faces, batch.failed) == (4, 3, 2)
+    assert (batch.images, batch.faces, batch.failed) == (4, 3, 1)  # the one unreadable image; the glob is an error
     lines = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert [line["source"] for line in lines] == sources
     assert {line["detector"] for line in lines} == {"none"}  # the unreadable image's line too, as batch.json says

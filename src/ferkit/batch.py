@@ -32,8 +32,8 @@ class FolderBatch:
 
     An earlier batch's results in `out` are continued with `resume` (images already there are skipped)
     or replaced with `overwrite`; otherwise they are refused. `errors` lists the sources without a single
-    image; each counts as a failed item, as does each image that cannot be analysed. A lone source without
-    images is bad input (raised), unless `alone=False` says other work (videos) goes on beside it."""
+    image; `failed` counts the images that could not be analysed. A lone source without images is bad
+    input (raised), unless `alone=False` says other work (videos) goes on beside it."""
 
     def __init__(self, sources, out: str | Path, *, model=None, detector="auto", annotate: bool = False,
                  uncertain_below: float = UNCERTAIN_BELOW, resume: bool = False, overwrite: bool = False,
