@@ -81,7 +81,8 @@ def list_images(source: str | os.PathLike, *, skip: str | Path | None = None, qu
             if mine and not quiet:
                 log.warning("%d image(s) in %s, where the results go, are left out (e.g. %s): move them out to "
                             "analyse them", len(mine), skip, mine[0])
-            paths = [p for p in paths if p not in set(inside)]
+            left_out = set(inside)
+            paths = [p for p in paths if p not in left_out]
     files = [p for p in paths if p.is_file()]
     dangling = [p for p in paths if p.is_symlink() and not p.exists()]
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import hashlib
 import importlib.util
 import json
 import logging
@@ -24,7 +23,7 @@ from ferkit.errors import FerkitError, first_line
 from ferkit.faces import CROPPED_FACE_SIDE, crop_for_model, get_detector, whole_image_face
 from ferkit.images import load_image, to_rgb
 from ferkit.results import check_replaceable, check_writable_folder, create_folder
-from ferkit.runtime import read_metadata, resolve_model_path
+from ferkit.runtime import read_metadata, resolve_model_path, sha256_of
 from ferkit.draw import written_by_ferkit
 from ferkit.sources import CROP_NAME, fitting_name, list_images, once_each, source_kind
 
@@ -175,7 +174,7 @@ class CropRecord:
         if entry["crops"] and Path(entry["crops"][0]).parent != first_crop.relative_to(self.out).parent:
             return False
         if entry["stamp"] != _stamp(photo):
-            if _sha256(photo) != entry["sha256"]:
+            if sha256_of(photo) != entry["sha256"]:
                 return False
             entry["stamp"] = _stamp(photo)
         return True
@@ -190,7 +189,7 @@ class CropRecord:
                 if os.path.basename(key) == photo.name and entry["sha256"] and entry["settings"] == self.settings
                 and (entry["stamp"] or [None])[0] == size
                 and (not entry["crops"] or Path(entry["crops"][0]).parent == folder) and not os.path.exists(key)]
-        digest = _sha256(photo) if gone else None
+        digest = sha256_of(photo) if gone else None
         for key in gone:
             if self.photos[key]["sha256"] == digest:
                 entry = self.photos[_key(photo)] = self.photos.pop(key)
@@ -240,7 +239,7 @@ class CropRecord:
                 self.photos[owner]["crops"].remove(crop)
                 self.photos[owner]["sha256"] = None  # were it seen again, it is cropped again
             self.owners[crop] = key
-        self.photos[key] = {"stamp": _stamp(photo), "sha256": _sha256(photo) if complete else None,
+        self.photos[key] = {"stamp": _stamp(photo), "sha256": sha256_of(photo) if complete else None,
                             "settings": self.settings, "crops": relative}
 
     def crops_of_photos_gone(self, under: Path) -> list[Path]:
@@ -307,14 +306,6 @@ def _is_small(photo: Path) -> bool:
 
 def _key(photo: Path) -> str:
     return os.path.realpath(photo)
-
-
-def _sha256(photo: Path) -> str:
-    digest = hashlib.sha256()
-    with open(photo, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _stamp(photo: Path) -> list[int]:
