@@ -219,11 +219,22 @@ def test_one_photo_or_a_glob_keeps_the_folders_below_where_it_points(tmp_path, m
     assert [p.relative_to("globbed").parent for p in globbed.written] == [Path("happy")] * 3
 
 
-def test_crops_written_into_the_photos_folder_are_not_cropped_again(tmp_path):
+def test_crops_written_into_a_folder_inside_the_photos_folder_are_not_cropped_again(tmp_path):
     photos = _photos(tmp_path / "photos")
-    first = crop_faces(photos, photos)
-    second = crop_faces(photos, photos, detector="none")  # other framing: every photo cropped again
+    first = crop_faces(photos, photos / "faces")
+    second = crop_faces(photos, photos / "faces", detector="none")  # other framing: every photo cropped again
     assert second.photos == first.photos == 3 and len(second.written) == 2
+
+
+def test_crops_among_the_photos_themselves_are_refused_before_anything_is_written(tmp_path, monkeypatch):
+    photos = _photos(tmp_path / "photos")
+    before = sorted(photos.rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    for source in (str(photos), "photos/*/*.jpg"):
+        result = CliRunner().invoke(cli, ["crop", source, "--out", "photos"])
+        assert result.exit_code == 2 and "is the photos' own folder" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert sorted(photos.rglob("*")) == before
 
 
 def test_a_photo_with_fewer_faces_than_before_leaves_no_stale_crops(tmp_path):

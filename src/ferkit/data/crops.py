@@ -336,10 +336,15 @@ def _photos_and_root(source: str, out: Path) -> tuple[list[Path], Path]:
     if not photos:
         raise FerkitError(f"no photos in {source} but face crops that ferkit wrote")
     if Path(source).is_dir():
-        return photos, Path(source)
-    parts = Path(source).parts
-    wild = next(i for i, part in enumerate(parts) if glob.has_magic(part))
-    return photos, Path(*parts[:wild]) if wild else Path(".")
+        root = Path(source)
+    else:
+        parts = Path(source).parts
+        wild = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+        root = Path(*parts[:wild]) if wild else Path(".")
+    if os.path.realpath(out) == os.path.realpath(root):
+        raise FerkitError(f"--out {out} is the photos' own folder: the face crops would lie among the photos, and "
+                          f"both be read as faces; choose another folder (e.g. {root.resolve().name}-faces)")
+    return photos, root
 
 
 def _a_crop_of_ours(path: Path) -> bool:
