@@ -66,6 +66,20 @@ def test_a_video_without_its_extra_names_it_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == ["error: reading videos needs ferkit's 'video' extra: pip install 'ferkit[video]'"]
 
 
+def test_videos_among_photos_without_their_extra_are_reported_and_the_photos_go_on(tmp_path):
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(EXAMPLES / "people.jpg", mixed / "people.jpg")
+    video = _write_video(mixed / "squares.mp4", _two_squares(5))
+    result = _ferkit_without_extras("predict", str(mixed / "*"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1, result.stderr
+    assert f"error: {video}: reading videos needs ferkit's 'video' extra: pip install 'ferkit[video]'" in result.stderr
+    lines = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [(Path(x["source"]).name, len(x["faces"])) for x in lines] == [("people.jpg", 3)]
+
+
 def test_the_ray_engine_without_its_extra_names_it_in_one_line(tmp_path):
     result = _ferkit_without_extras("predict", str(EXAMPLES / "people.jpg"), "--engine", "ray", "--out", str(tmp_path / "out"))
     assert result.returncode == 2

@@ -874,11 +874,7 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     kinds = _each_file_once(kinds)
     _check_options_fit_sources(kinds, annotate=annotate, every=every, target_fps=target_fps, smooth=smooth,
                                save_video=save_video)
-    if any(kind == "video" for _, kind in kinds):  # before any work, not after the photos of a batch
-        from ferkit.extras import require
-
-        require("cv2", "reading videos")
-        require("matplotlib", "plotting emotions over time", extra="video")
+    kinds, unplayable = _videos_only_if_playable(kinds)  # before any work, not after the photos of a batch
     given = [_parse_box(text) for text in boxes] or None
     if given and (len(kinds) + missing != 1 or kinds[0][1] != "image"):
         raise FerkitError("--box applies to a single image")
@@ -921,7 +917,7 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
                         for source, stem in videos)
     if failed_videos and not as_json:  # the photos' summary line, printed before the videos, does not count them
         click.echo(f"{failed_videos} of {len(videos)} video(s) failed")
-    failures += failed_videos
+    failures += failed_videos + unplayable
     if failures:
         sys.exit(1)
 
@@ -992,6 +988,26 @@ def _each_file_once(kinds: list[tuple[str, str]]) -> list[tuple[str, str]]:
             seen.add(real)
         once.append((source, kind))
     return once
+
+
+def _videos_only_if_playable(kinds: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], int]:
+    """Without the video extra, the videos among photos are reported as errors and left out (the photos
+    go on); videos alone are refused in one line."""
+    from ferkit.extras import require
+
+    if not any(kind == "video" for _, kind in kinds):
+        return kinds, 0
+    try:
+        require("cv2", "reading videos")
+        require("matplotlib", "plotting emotions over time", extra="video")
+    except FerkitError as err:
+        videos = [source for source, kind in kinds if kind == "video"]
+        if len(videos) == len(kinds):
+            raise
+        for video in videos:
+            click.echo(f"error: {video}: {err}", err=True)
+        return [(source, kind) for source, kind in kinds if kind != "video"], len(videos)
+    return kinds, 0
 
 
 def _kinds_of(source: str) -> list[tuple[str, str]]:
