@@ -8,16 +8,25 @@ DEMO   := runs/demo
 
 .PHONY: setup run demo test test-minimum clean
 
+# A virtual environment for $(PYTHON), refused in one line unless it is 3.11 or 3.12, and made anew where
+# one for another Python is there (`python -m venv` over it would leave python pointing at the old one).
+define new_venv
+	@$(PYTHON) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; sys.exit(None if v in ("3.11", "3.12") else f"ferkit needs Python 3.11 or 3.12; $(PYTHON) is {v}: name one, e.g. make $(or $(MAKECMDGOALS),run) PYTHON=python3.11")'
+	@if [ -e $(1)/bin/python ] && [ "$$($(1)/bin/python -c 'import sys; print(sys.version_info[:2])' 2>/dev/null)" != "$$($(PYTHON) -c 'import sys; print(sys.version_info[:2])')" ]; then \
+		echo "$(1) is for another Python: made anew for $(PYTHON)"; rm -rf $(1); fi
+	$(PYTHON) -m venv $(1)
+endef
+
 # `make run` installs what photo prediction needs (ONNX Runtime and YuNet: no TensorFlow, no OpenCV);
 # `make test` and `make demo` add every extra and the development tools to the same .venv.
 $(VENV)/.installed-predict: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(call new_venv,$(VENV))
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
 $(VENV)/.installed-all: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(call new_venv,$(VENV))
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[all,dev]"
 	touch $(VENV)/.installed-predict $@
@@ -45,7 +54,7 @@ test: setup
 # JAX needs NumPy 2, which would lift NumPy's floor (its tests skip here and run in `make test`); without
 # the ray extra, whose floor is the release `make test` installs (its tests skip here too).
 $(VENV)-minimum/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)-minimum
+	$(call new_venv,$(VENV)-minimum)
 	$(VENV)-minimum/bin/pip install --quiet uv
 	$(VENV)-minimum/bin/uv pip install --quiet --python $(VENV)-minimum/bin/python --resolution lowest-direct -e ".[evaluate,video,train,serve,heic,dev]"
 	touch $@
