@@ -228,3 +228,53 @@ def test_yunet_finds_the_faces_of_a_panorama():
     panorama.paste(strip, (3000, 0))
     expected = len(get_detector("yunet")(np.asarray(strip)))
     assert expected >= 3 and len(get_detector("yunet")(np.asarray(panorama))) == expected
+
+
+def _tiled(photo: Image.Image, boxes, columns: int, width: int) -> tuple[np.ndarray, list]:
+    """`photo` shrunk and repeated `columns` across a 4:3 picture `width` wide, with its faces' boxes there."""
+    cell = width // columns
+    tile = photo.copy()
+    tile.thumbnail((cell, cell))
+    scale = tile.width / photo.width
+    picture = Image.new("RGB", (width, width * 3 // 4), (90, 90, 90))
+    truth = []
+    for top in range(0, picture.height - tile.height + 1, cell):
+        for left in range(0, width - tile.width + 1, cell):
+            picture.paste(tile, (left, top))
+            truth += [(round(x * scale) + left, round(y * scale) + top, round(w * scale), round(h * scale)) for x, y, w, h in boxes]
+    return np.asarray(picture), truth
+
+
+def _found(detections, truth) -> int:
+    return sum(max((box_iou(d.box, t) for d in detections), default=0.0) >= 0.5 for t in truth)
+
+
+def test_yunet_looks_again_nearer_full_size_for_the_small_faces_of_a_large_group_photo():
+    people = Image.open(Path(__file__).resolve().parents[1] / "examples" / "people.jpg").convert("RGB")
+    boxes = [d.box for d in get_detector("yunet")(np.asarray(people))]
+    crowd, truth = _tiled(people, boxes, columns=10, width=5000)  # faces of about 40 px, 210 of them
+    one_look = YuNetDetector(coarse_side=None, fine_side=None)(crowd)
+    detections = YuNetDetector()(crowd)
+    assert _found(one_look, truth) < 0.5 * len(truth)  # scaled to 960 px, most faces are too small
+    assert _found(detections, truth) >= 0.9 * len(truth) and len(detections) == _found(detections, truth)
+
+
+@needs_faces
+def test_yunet_finds_faces_that_fill_the_picture():
+    """Each annotated face with half a face around it, enlarged until the face is 600 px: a selfie."""
+    found = one_look = total = 0
+    detect, detect_once = YuNetDetector(), YuNetDetector(coarse_side=None, fine_side=None)
+    for name, boxes in json.loads((FACES / "boxes.json").read_text())["images"].items():
+        photo = to_rgb(load_image(FACES / name))
+        for x, y, w, h in boxes:
+            left, top, right, bottom = int(x - w / 2), int(y - h / 2), int(x + 1.5 * w), int(y + 1.5 * h)
+            if left < 0 or top < 0 or right > photo.width or bottom > photo.height:
+                continue
+            scale = 600 / w
+            crop = photo.crop((left, top, right, bottom))
+            selfie = np.asarray(crop.resize((round(crop.width * scale), round(crop.height * scale)), Image.Resampling.BICUBIC))
+            truth = [tuple(round(v * scale) for v in (x - left, y - top, w, h))]
+            found += _found(detect(selfie), truth)
+            one_look += _found(detect_once(selfie), truth)
+            total += 1
+    assert one_look < found == total  # at 960 px such faces are past YuNet's largest anchors
