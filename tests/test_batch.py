@@ -37,6 +37,27 @@ def test_a_folder_batch_writes_every_result_and_counts_the_failures(trained_run,
     assert sorted(p.name for p in (tmp_path / "out").glob("*.annotated.jpg")) == ["a-2.annotated.jpg", "a.annotated.jpg", "b.annotated.jpg"]
 
 
+def test_a_photo_removed_after_it_was_analysed_gets_no_annotated_copy_and_the_batch_goes_on(trained_run, photos, tmp_path, caplog):
+    batch = FolderBatch([photos], tmp_path / "out", model=trained_run, detector="none", annotate=True)
+    order = [Path(path) for path in batch.todo]
+    done = []
+    for result in batch.run():  # the photos are analysed in groups, and drawn on one by one afterwards
+        done.append(result.source)
+        if len(done) == 1:
+            order[1].unlink()
+    assert done == [str(p) for p in order] and batch.images == 4
+    assert f"{order[1]}: no annotated copy, the photo cannot be read again" in caplog.text
+    assert len(list((tmp_path / "out").glob("*.annotated.jpg"))) == 2  # the broken one has none either
+
+
+def test_a_photo_and_a_link_to_it_are_analysed_once_under_the_photos_own_name(trained_run, photos, tmp_path, caplog):
+    caplog.set_level("INFO", logger="ferkit")
+    (photos / "0-link.png").symlink_to(photos / "b.png")  # listed first
+    batch = FolderBatch([photos], tmp_path / "out", model=trained_run, detector="none")
+    assert [Path(p).name for p in batch.todo] == ["a.png", "b.png", "broken.jpg", "a.png"]
+    assert f"analysed once, e.g. {photos / '0-link.png'} as {photos / 'b.png'}" in caplog.text
+
+
 def test_an_earlier_batch_is_continued_or_replaced_only_when_asked(trained_run, photos, tmp_path):
     out = tmp_path / "out"
     list(FolderBatch([photos], out, model=trained_run, detector="none").run())

@@ -278,3 +278,15 @@ def test_yunet_finds_faces_that_fill_the_picture():
             one_look += _found(detect_once(selfie), truth)
             total += 1
     assert one_look < found == total  # at 960 px such faces are past YuNet's largest anchors
+
+
+def test_a_large_face_levelled_by_its_eyes_keeps_the_framing_of_an_unlevelled_crop():
+    """Past MAX_PADDED_SIDE the room to turn is cut from a smaller copy; the crop is still the face's square."""
+    across = np.tile(np.linspace(0, 255, 3000, dtype=np.float32), (3000, 1)).astype(np.uint8)
+    picture = Image.fromarray(np.stack([across] * 3, axis=2))
+    box = (300, 500, 1500, 1500)
+    level = np.asarray(face_crop(picture, box, landmarks=[(1000, 1000), (1600, 1040)]), np.float32)
+    plain = np.asarray(face_crop(picture, box), np.float32)
+    middle = level.shape[0] // 2
+    for column in (0, -1):  # the grey at the left and right edges: the same span of the picture
+        assert abs(level[middle, column, 0] - plain[middle, column, 0]) < 8

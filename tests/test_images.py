@@ -65,6 +65,20 @@ def test_exif_orientation_is_applied(tmp_path):
     assert upright.size == (40, 64)
 
 
+def test_a_pil_image_turned_upright_by_its_user_is_not_turned_again(tmp_path):
+    """As a camera writes it: orientation 6 and the stored pixels' width and height."""
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif.get_ifd(0x8769).update({0xA002: 64, 0xA003: 40})
+    Image.fromarray(_gradient(64, 40)).save(path, exif=exif.tobytes())
+    opened = Image.open(path)
+    assert load_image(opened).size == (40, 64) == load_image(opened.convert("RGB")).size
+    turned = opened.rotate(-90, expand=True)  # by hand; Pillow keeps the EXIF block
+    assert turned.getexif()[0x0112] == 6 and load_image(turned).size == (40, 64)
+    assert np.array_equal(np.asarray(load_image(turned)), np.asarray(load_image(path)))
+
+
 def test_animated_gif_gives_its_first_frame(tmp_path):
     path = tmp_path / "anim.gif"
     frames = [Image.new("L", (20, 20), 10), Image.new("L", (20, 20), 240)]

@@ -95,12 +95,15 @@ class FolderBatch:
 
     def _save_annotated_copy(self, result: ImageResult) -> str | None:
         """The name of the result's annotated copy, once saved; None, with a warning, if it cannot be (the
-        results are written all the same, and the batch goes on)."""
+        results are written all the same, and the batch goes on). The photo is read again to draw on:
+        removed or damaged since it was analysed, it gets no copy."""
         try:
             return save_annotated(result.draw(result.source), self.annotated[result.source]).name
         except OSError as err:
             log.warning("%s: its annotated copy could not be written: %s", result.source, err.strerror or err)
-            return None
+        except FerkitError as err:
+            log.warning("%s: no annotated copy, the photo cannot be read again to draw on: %s", result.source, err)
+        return None
 
 
 def annotated_copy_paths(out: Path, paths: list[Path], *, resume: bool = False) -> dict[str, Path]:
@@ -254,7 +257,12 @@ def list_batch_images(sources: list[str], *, skip: Path | None = None,
             if (len(sources) == 1) if alone is None else alone:
                 raise
             errors.append(str(err))
-    return once_each(paths)[0], errors  # the same photo given twice, or by two routes, is analysed once
+    paths, repeats = once_each(paths)  # the same photo given twice, or by two routes, is analysed once
+    if repeats:
+        left, kept = next(iter(repeats.items()))
+        log.info("%d image(s) reached a second time (given twice, or through a link) are analysed once, "
+                 "e.g. %s as %s", len(repeats), left, kept)
+    return paths, errors
 
 
 def analyze_video_into_folder(source: str | Path, out: str | Path, *, stem: str | None = None, model=None,

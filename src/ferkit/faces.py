@@ -240,7 +240,8 @@ def _level_crop(image: Image.Image, box: Box, margin: float, eye_a, eye_b) -> Im
         return face_crop(image, box, margin=margin)
     wide = face_crop(image, box, margin=margin + 0.5)  # room to turn without bringing in empty corners
     turned = wide.rotate(angle, resample=Image.Resampling.BILINEAR)
-    side = max(box[2], box[3]) * (1 + 2 * margin)
+    wide_side = max(1, int(round(max(box[2], box[3]) * (1 + 2 * (margin + 0.5)))))
+    side = max(box[2], box[3]) * (1 + 2 * margin) * wide.width / wide_side  # wide was cut smaller past MAX_PADDED_SIDE
     offset = (wide.width - side) / 2
     left, top = int(round(offset)), int(round(offset))
     size = max(1, int(round(side)))

@@ -68,7 +68,7 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray | bytes, *, 
             source.load()
         except (OSError, ValueError) as err:  # a closed image, a file cut short
             raise FerkitError(f"the PIL image cannot be read: {first_line(err)}") from None
-        return _upright(source)
+        return source if _turned_upright_already(source) else _upright(source)
     if isinstance(source, np.ndarray):
         if channels == "bgr" and source.ndim == 3 and source.shape[2] in (3, 4):
             source = np.concatenate([source[:, :, 2::-1], source[:, :, 3:]], axis=2)
@@ -166,6 +166,18 @@ def _upright(image: Image.Image) -> Image.Image:
         return ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - any error of the EXIF parser
         return image
+
+
+def _turned_upright_already(image: Image.Image) -> bool:
+    """Whether a PIL image that says it lies on its side (EXIF orientation 5-8) was turned already: its
+    width and height are the EXIF block's swapped (Image.rotate and transpose keep the EXIF block, and
+    turning it again would put it on its side)."""
+    try:
+        exif = image.getexif()
+        width, height = (exif.get_ifd(0x8769).get(tag) for tag in (0xA002, 0xA003))  # PixelXDimension, PixelYDimension
+        return exif.get(0x0112) in (5, 6, 7, 8) and bool(width and height) and image.size == (height, width) != (width, height)
+    except Exception:  # noqa: BLE001 - any error of the EXIF parser
+        return False
 
 
 def _check_decoder_for(path: Path) -> None:

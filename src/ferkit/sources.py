@@ -147,18 +147,17 @@ def videos_in(source: str) -> list[Path]:
 
 
 def once_each(paths: list[Path]) -> tuple[list[Path], dict[Path, Path]]:
-    """`paths` in order, each file once however it is reached (given twice, or through a link), and each
-    path left out with the one kept of its file."""
-    kept: dict[str, Path] = {}
-    unique, repeats = [], {}
-    for path in paths:
-        real = os.path.realpath(path)
-        if real in kept:
-            repeats[path] = kept[real]
-        else:
-            kept[real] = path
-            unique.append(path)
-    return unique, repeats
+    """`paths` in order, each file once however it is reached (given twice, or through a link): by its
+    own name where that is among them, else by the first path to it; and each path left out, with the
+    one kept of its file."""
+    reals = [os.path.realpath(path) for path in paths]
+    chosen: dict[str, int] = {}
+    for i, (path, real) in enumerate(zip(paths, reals)):
+        if real not in chosen or (Path(paths[chosen[real]]).is_symlink() and not Path(path).is_symlink()):
+            chosen[real] = i
+    kept = set(chosen.values())
+    return ([path for i, path in enumerate(paths) if i in kept],
+            {path: paths[chosen[real]] for i, (path, real) in enumerate(zip(paths, reals)) if i not in kept})
 
 
 def fitting_name(stem: str, suffix: str) -> str:
