@@ -938,9 +938,25 @@ def test_the_pack_tool_replaces_an_earlier_pack_and_nothing_else(pattern_data, t
     refused = subprocess.run([*tool, str(other), str(out)], capture_output=True, text=True)
     assert refused.returncode != 0 and refused.stderr.strip() == f"error: {out} holds the pack of another run (other seed); refusing to replace it"
     assert {path.name: path.read_bytes() for path in out.glob("*.npz")} == weights
+    # another run of the same settings (its own history): refused too
+    history = other / "history.csv"
+    config.seed -= 1
+    config.save(other / "config.json")
+    history.write_text(_another_history(history.read_text()))
+    refused = subprocess.run([*tool, str(other), str(out)], capture_output=True, text=True)
+    assert refused.returncode != 0 and "its history.csv is not the start of" in refused.stderr
+    assert {path.name: path.read_bytes() for path in out.glob("*.npz")} == weights
     (tmp_path / "file").write_text("mine")
     refused = subprocess.run([*tool, str(trained_run), str(tmp_path / "file")], capture_output=True, text=True)
     assert refused.returncode != 0 and refused.stderr.strip() == f"error: {tmp_path / 'file'} is a file; give a folder for the packed run"
+
+
+def _another_history(text: str) -> str:
+    """The same columns and epochs, other figures in the first epoch's row."""
+    header, first, *rest = text.splitlines()
+    cells = first.split(",")
+    cells[1] = str(float(cells[1]) + 0.125)
+    return "\n".join([header, ",".join(cells), *rest]) + "\n"
 
 
 def _backed_up_training_model(run: Path):

@@ -60,6 +60,15 @@ def _check_replaceable(run: Path, out: Path) -> None:
         changed = TrainConfig.load(run / "config.json").settings_changed_from(TrainConfig.load(out / "config.json"))
         if changed:
             raise FerkitError(f"{out} holds the pack of another run (other {', '.join(changed)}); refusing to replace it")
+    packed, history = _history_lines(out), _history_lines(run)
+    if packed[:len(history)] != history[:len(packed)] or len(packed) > len(history):
+        raise FerkitError(f"{out} holds the pack of another run (its history.csv is not the start of {run}'s); "
+                          "refusing to replace it")
+
+
+def _history_lines(folder: Path) -> list[str]:
+    path = folder / "history.csv"
+    return path.read_text().splitlines() if path.is_file() else []
 
 
 if __name__ == "__main__":
