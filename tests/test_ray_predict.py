@@ -143,12 +143,35 @@ def test_a_bad_model_or_cluster_address_is_one_line_and_the_command_may_be_run_a
     from ferkit.distributed import free_port
 
     out = tmp_path / "out"
-    for settings, error in (({"model": "nosuch-model"}, "nosuch-model"),
+    for settings, error in (({"model": "nosuch-model"}, "nosuch-model"), ({"detector": "bogus"}, "unknown detector 'bogus'"),
                             ({"address": f"127.0.0.1:{free_port()}"}, "nothing answers at --address 127.0.0.1:"),
                             ({"address": "nowhere"}, "--address is HOST:PORT")):
         with pytest.raises(FerkitError, match=error):
             predict_with_ray(RayPredictConfig(sources=[str(photos)], out=str(out), **settings), progress=False)
         assert not (out / "manifest.json").exists()  # nothing recorded: no --resume needed to try again
+
+
+def test_a_worker_that_cannot_start_is_one_line(cluster, photos, tmp_path):
+    """As when the model is not at its path on a cluster's machine: here, checked by no one before."""
+    from ferkit.ray_predict import _run_tasks, list_inputs, plan_tasks, root_uri
+
+    config = RayPredictConfig(sources=[str(photos)], out=str(tmp_path / "out"), model=str(tmp_path / "gone.onnx"), workers=1)
+    tasks = plan_tasks(*list_inputs(config.sources)[:2], shard_size=8)
+    with pytest.raises(FerkitError) as raised:
+        _run_tasks(ray, tasks, config, root_uri(config.out), progress=False)
+    assert str(raised.value).startswith(f"a Ray worker failed: no such model or run folder: {tmp_path / 'gone.onnx'}")
+
+
+def test_a_file_given_twice_is_analysed_once_and_parts_sort_in_input_order(cluster, photos, tmp_path):
+    from ferkit.ray_predict import output_filesystem, plan_tasks
+
+    summary = predict_with_ray(RayPredictConfig(sources=[str(photos), str(photos / "people.jpg")], out=str(tmp_path / "ray")),
+                               progress=False)
+    assert (summary["images"], summary["failed"]) == (4, 1)
+    names = [task.name for task in plan_tasks([("x", "x")] * 100_001, [], shard_size=1)]
+    assert names == sorted(names) and len(set(names)) == len(names)
+    with pytest.raises(FerkitError, match="name a bucket and a folder"):
+        output_filesystem("file:///")
 
 
 def test_list_files_and_uris(cluster, photos, tmp_path):
@@ -210,3 +233,9 @@ def test_one_task_per_video(cluster, tmp_path):
                                       "--out", str(tmp_path / "folder")])
     assert folder.exit_code == 0 and f"{tmp_path / 'mixed'} holds 1 video(s), left out" in folder.output
     assert "1 images, 3 faces" in folder.output and "videos" not in folder.output.splitlines()[-1]
+
+
+def test_an_empty_out_or_address_is_one_line(photos):
+    for options, error in ((["--out", ""], "--out is empty"), (["--address", "", "--out", "x"], "--address is empty")):
+        result = CliRunner().invoke(cli, ["predict", str(photos), "--engine", "ray", *options])
+        assert result.exit_code == 2 and result.output.startswith(f"error: {error}"), result.output

@@ -843,6 +843,10 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     detector_given = click.get_current_context().get_parameter_source("detector") is not click.core.ParameterSource.DEFAULT
     if boxes and detector_given:
         raise FerkitError("--box gives the faces, so no detector looks for them; give --box or --detector")
+    if not out.strip():
+        raise FerkitError("--out is empty; give a folder for the results")
+    if address is not None and not address.strip():
+        raise FerkitError("--address is empty; give 'auto' or the cluster head's HOST:PORT, or leave it out to start one here")
     if engine == "ray":
         given = {"--box": bool(boxes), "--json": as_json, "--annotate": bool(annotate), "--save-video": save_video,
                  "--overwrite": overwrite}  # a Ray run's parts are never written over: choose another --out
@@ -857,8 +861,6 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
         raise FerkitError("--address and --workers apply to --engine ray")
     if "://" in out:
         raise FerkitError(f"--out {out}: an object-storage URI needs --engine ray; give a folder here")
-    if not out.strip():
-        raise FerkitError("--out is empty; give a folder for the results")
     out = Path(out)
     if resume and overwrite:
         raise FerkitError("--resume continues the results in --out and --overwrite replaces them; give one")

@@ -29,7 +29,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ferkit.errors import FerkitError, first_line
@@ -89,7 +89,9 @@ def predict_with_ray(config: RayPredictConfig, *, progress: bool = True) -> dict
     if not images and not videos:
         raise FerkitError("; ".join(errors) or "nothing to analyse")
     tasks = plan_tasks(images, videos, config.shard_size)
-    _check_model(config)  # here, once, before anything is written: not in every worker, as its own traceback
+    if config.model and Path(config.model).exists():  # the workers' current folder may be another
+        config = replace(config, model=os.path.abspath(config.model))
+    _check_model_and_detector(config)  # here, once, before anything is written: not in every worker, as its own traceback
     _check_address(config.address)
     fs, root = output_filesystem(config.out)
     created = _start_or_resume(fs, root, config, tasks)
@@ -117,10 +119,14 @@ def list_inputs(sources: list[str]) -> tuple[list[tuple[str, str]], list[tuple[s
     the path as `ferkit predict` prints it, its location the absolute path (Ray workers run elsewhere);
     a URI is both. An input that cannot be listed is an error line, and the others go on."""
     images, videos, errors = [], [], []
+    seen = set()  # a file given twice (or listed by two sources, or reached through a link) is analysed once
     for source in sources:
         try:
             for label, location in _expand(source):
-                (videos if label.lower().endswith(VIDEO_SUFFIXES) else images).append((label, location))
+                where = location if "://" in location else os.path.realpath(location)
+                if where not in seen:
+                    seen.add(where)
+                    (videos if label.lower().endswith(VIDEO_SUFFIXES) else images).append((label, location))
         except FerkitError as err:
             errors.append(str(err))
     return images, videos, errors
@@ -174,9 +180,10 @@ def list_uri(uri: str) -> list[str]:
 
 def plan_tasks(images: list[tuple[str, str]], videos: list[tuple[str, str]], shard_size: int) -> list[Task]:
     """Images in order, `shard_size` a task; then a task per video. The same inputs give the same tasks."""
-    tasks = [Task(f"part-{n:05d}", "images", images[start:start + shard_size])
-             for n, start in enumerate(range(0, len(images), shard_size))]
-    return tasks + [Task(f"video-{n:05d}", "video", [item]) for n, item in enumerate(videos)]
+    starts = range(0, len(images), shard_size)
+    digits = max(5, len(str(len(starts) - 1)), len(str(len(videos) - 1)))  # the parts' names sort in input order
+    tasks = [Task(f"part-{n:0{digits}d}", "images", images[start:start + shard_size]) for n, start in enumerate(starts)]
+    return tasks + [Task(f"video-{n:0{digits}d}", "video", [item]) for n, item in enumerate(videos)]
 
 
 # --- the run folder --------------------------------------------------------------------------------
@@ -189,6 +196,8 @@ def output_filesystem(out: str):
         fs, root = pafs.FileSystem.from_uri(root_uri(out))
     except Exception as err:
         raise FerkitError(f"{out}: cannot be written ({first_line(err)})") from None
+    if not root.strip("/"):
+        raise FerkitError(f"--out {out}: name a bucket and a folder in it, e.g. s3://BUCKET/ferkit/run-1")
     return fs, root.rstrip("/")
 
 
@@ -196,10 +205,12 @@ def root_uri(out: str) -> str:
     return out if "://" in out else Path(out).resolve().as_uri()
 
 
-def _check_model(config: RayPredictConfig) -> None:
+def _check_model_and_detector(config: RayPredictConfig) -> None:
+    from ferkit.faces import get_detector
     from ferkit.runtime import load_classifier
 
     load_classifier(config.model, prefer_export=True)
+    get_detector(config.detector)
 
 
 def _check_address(address: str | None, timeout_s: float = 10.0) -> None:
@@ -344,13 +355,25 @@ def _run_tasks(ray, tasks: list[Task], config: RayPredictConfig, out_uri: str, p
     )
     failed = []
     with progress_bar(sum(len(t.items) for t in tasks), "analysing", enabled=progress) as advance:
-        for row in dataset.iter_rows():
-            for _ in range(row["items"]):
-                advance()
-            if row["error"]:
-                failed.append(f"{row['name']}: {row['error']}")
+        try:
+            for row in dataset.iter_rows():
+                for _ in range(row["items"]):
+                    advance()
+                if row["error"]:
+                    failed.append(f"{row['name']}: {row['error']}")
+        except ray.exceptions.RayError as err:  # a worker that could not start (its model missing there, say)
+            raise FerkitError(f"a Ray worker failed: {_worker_error_line(err)}") from None
     if failed:
         raise FerkitError(f"{len(failed)} task(s) failed and wrote nothing (--resume retries them); first: {failed[0]}")
+
+
+def _worker_error_line(err: Exception) -> str:
+    """The line that says why, out of a Ray error that carries a worker's whole traceback."""
+    import re
+
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    said = [m.group(1) for m in map(re.compile(r"^(?:ferkit\.errors\.)?\w*Error: (.+)$").match, lines) if m]
+    return said[-1] if said else (lines[0] if lines else type(err).__name__)
 
 
 class TaskWorker:
