@@ -290,3 +290,14 @@ def test_a_large_face_levelled_by_its_eyes_keeps_the_framing_of_an_unlevelled_cr
     middle = level.shape[0] // 2
     for column in (0, -1):  # the grey at the left and right edges: the same span of the picture
         assert abs(level[middle, column, 0] - plain[middle, column, 0]) < 8
+
+
+@needs_faces
+def test_yunet_finds_the_faces_of_dithered_black_and_white_photos():
+    photos = json.loads((FACES / "boxes.json").read_text())["images"]
+    detector, found, total = YuNetDetector(), 0, 0
+    for name, truth in photos.items():
+        dithered = to_rgb(load_image(FACES / name).convert("1"))
+        found += _found(detector(np.asarray(dithered)), truth)
+        total += len(truth)
+    assert found >= 0.9 * total

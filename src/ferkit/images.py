@@ -302,7 +302,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-DITHER_BLUR = 0.8  # pixels: enough to turn a 1-bit photo's dots back into tones for a detector
+# Pixels of blur that turn a 1-bit photo's dots back into tones for a detector: on the 9 annotated photos
+# made 1-bit, YuNet finds 9 of 43 faces at 0.8, all at 1.2, all and a false one at 1.5.
+DITHER_BLUR = 1.2
 
 
 def _unpremultiplied(image: Image.Image) -> Image.Image:
