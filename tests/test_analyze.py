@@ -410,6 +410,17 @@ def test_a_panoramas_labels_and_lines_leave_its_faces_visible(size):
     assert (inside == 90).all(axis=2).mean() > 0.8  # the face is not hidden under its own label or outline
 
 
+def test_the_small_faces_of_a_large_group_photo_stay_visible_under_their_outlines_and_labels():
+    from ferkit import draw_faces
+    from ferkit.results import Face
+
+    picture = np.full((1500, 2000, 3), 90, np.uint8)
+    boxes = [(left, top, 30, 30) for top in range(40, 1450, 60) for left in range(15, 1970, 60)]  # 30 px apart
+    drawn = np.asarray(draw_faces(picture, [Face(box, "happy", 0.9, {"happy": 0.9}) for box in boxes]))
+    for left, top, w, h in boxes:  # the middle third of each face, untouched
+        assert (drawn[top + h // 3: top + 2 * h // 3, left + w // 3: left + 2 * w // 3] == 90).all(), (left, top)
+
+
 def test_a_pil_photo_is_drawn_upright_as_analyze_saw_it(tmp_path):
     from ferkit import draw_faces
 

@@ -59,30 +59,63 @@ def draw_faces(image: Image.Image | np.ndarray | str | os.PathLike, faces: Seque
         canvas = canvas.resize((canvas.width * enlarge, canvas.height * enlarge), Image.Resampling.LANCZOS)
         across, down = across / enlarge, down / enlarge
     draw = ImageDraw.Draw(canvas)
-    scale = min(max(canvas.size) / 640, min(canvas.size) / 360)  # a panorama's strip is no taller for its width
-    line = max(2, round(3 * scale))
-    font = ImageFont.load_default(size=max(11, round(16 * scale)))
     numbers = numbers if numbers is not None else range(1, len(faces) + 1)
-    drawn = []  # every box first, then every label, so that no box line runs through a label
-    for number, face in zip(numbers, faces):
+    boxes = []
+    for face in faces:
         x, y, w, h = face.box if isinstance(face, Face) else checked_box(face, full_size(image))
-        box = (round(x / across), round(y / down), round(w / across), round(h / down))
+        boxes.append((round(x / across), round(y / down), round(w / across), round(h / down)))
+    line, font = _line_and_font(canvas.size, boxes)
+    drawn = []  # every box first, then every label, so that no box line runs through a label
+    for number, face, box in zip(numbers, faces, boxes):
         colour = colour_of(face.emotion) if isinstance(face, Face) else (255, 255, 255)
         # the last pixel inside the box is x + w - 1: the outline covers the box's own pixels, no more
         draw.rectangle((box[0], box[1], box[0] + max(box[2], 1) - 1, box[1] + max(box[3], 1) - 1), outline=colour, width=line)
         label = f"{number} {face.emotion}{'?' if face.uncertain else ''} {face.score:.0%}" if isinstance(face, Face) else str(number)
-        drawn.append((box, colour, label))
-    placed: list[tuple[int, int, int, int]] = []
-    boxes = [box for box, _, _ in drawn]
-    for box, colour, label in drawn:
-        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
-        pad = max(2, line)
-        size = (right - left + 2 * pad, bottom - top + 2 * pad)
-        tx, ty = _label_place(box, size, canvas.size, placed, [b for b in boxes if b is not box], line)
-        placed.append((tx, ty, tx + size[0], ty + size[1]))
-        draw.rectangle((tx, ty, tx + size[0], ty + size[1]), fill=colour)
-        draw.text((tx + pad - left, ty + pad - top), label, fill=_text_colour(colour), font=font)
+        drawn.append((colour, label, str(number)))
+    # labels that would cover each other or their faces (a crowded group photo): the faces' numbers
+    # alone, where those cover fewer (the table and the JSON file carry every face's emotion)
+    whole = _placed_labels(draw, font, line, boxes, [label for _, label, _ in drawn], canvas.size)
+    short = _placed_labels(draw, font, line, boxes, [number for *_, number in drawn], canvas.size)
+    labels = short if _clashes(short, boxes) < _clashes(whole, boxes) else whole
+    for (colour, _, _), (text, area, at) in zip(drawn, labels):
+        draw.rectangle(area, fill=colour)
+        draw.text(at, text, fill=_text_colour(colour), font=font)
     return canvas
+
+
+def _line_and_font(canvas_size: tuple[int, int], boxes: list) -> tuple[int, ImageFont.ImageFont]:
+    """Outline width and label font for a picture: growing with the picture, so that they can be seen
+    in a large one, but no larger than its faces allow (in a group photo, an outline a twelfth of a
+    face's side, letters under half its height)."""
+    scale = min(max(canvas_size) / 640, min(canvas_size) / 360)  # a panorama's strip is no taller for its width
+    line, letters = round(3 * scale), round(16 * scale)
+    if boxes:
+        face = float(np.median([min(w, h) for _, _, w, h in boxes]))
+        line, letters = min(line, round(face / 12)), min(letters, round(face * 0.45))
+    return max(2, line), ImageFont.load_default(size=max(11, letters))
+
+
+def _placed_labels(draw, font, line: int, boxes: list, texts: list[str], canvas_size) -> list[tuple]:
+    """(text, its area, where its text starts) for each face's label, placed one after another."""
+    pad, placed, labels = max(2, line), [], []
+    for box, text in zip(boxes, texts):
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        size = (right - left + 2 * pad, bottom - top + 2 * pad)
+        tx, ty = _label_place(box, size, canvas_size, placed, [b for b in boxes if b is not box], line)
+        placed.append((tx, ty, tx + size[0], ty + size[1]))
+        labels.append((text, placed[-1], (tx + pad - left, ty + pad - top)))
+    return labels
+
+
+def _clashes(labels: list[tuple], boxes: list) -> int:
+    """How many labels cover a label placed before them, or their own face."""
+    areas = [area for _, area, _ in labels]
+    return sum(any(_overlap(area, other) for other in areas[:k]) or _overlap(area, (x, y, x + w, y + h))
+               for k, (area, (x, y, w, h)) in enumerate(zip(areas, boxes)))
+
+
+def _overlap(a, b) -> bool:
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
 
 
 def _text_colour(background) -> tuple[int, int, int]:
