@@ -377,3 +377,16 @@ def test_a_ferkit_plot_is_known_by_its_text_chunk_without_decoding_its_pixels(tm
     (tmp_path / "plot.png").write_bytes(data[: len(data) // 2])  # its pixels cut short: only decoding them would fail
     Image.fromarray(pattern_face(0, np.random.default_rng(1))).save(tmp_path / "face.png")
     assert [Path(p).name for p in list_images(tmp_path)] == ["face.png"]
+
+
+def test_a_folder_listing_takes_every_photo_format_ferkit_reads(tmp_path):
+    from ferkit.images import load_image
+    from ferkit.sources import list_images
+
+    suffixes = [".jpg", ".png", ".bmp", ".gif", ".tif", ".webp", ".pgm", ".ppm", ".tga", ".qoi", ".jp2"]
+    for k, suffix in enumerate(suffixes):
+        face = Image.fromarray(pattern_face(k, np.random.default_rng(k), size=60))
+        (face if suffix == ".pgm" else face.convert("RGB")).save(tmp_path / f"face{k}{suffix}")
+    listed = list_images(str(tmp_path))
+    assert sorted(p.suffix for p in listed) == sorted(suffixes)
+    assert all(load_image(p).size == (60, 60) for p in listed)

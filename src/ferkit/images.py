@@ -19,7 +19,9 @@ from ferkit.errors import FerkitError, first_line
 
 # HEIC/HEIF (iPhones' photos) need the heic extra; AVIF needs Pillow 11.3 or later.
 HEIF_SUFFIXES = (".heic", ".heif", ".hif")  # .hif: Canon and Fujifilm cameras
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif") + HEIF_SUFFIXES
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif",
+                  ".pgm", ".ppm", ".pbm", ".pnm",  # Netpbm: the faces of older datasets (AT&T's, Yale's)
+                  ".tga", ".qoi", ".jp2", ".j2k") + HEIF_SUFFIXES
 
 # ferkit's own size limit, applied after a reduced-scale decode; it stands in for Pillow's bomb guard,
 # which load_image turns off while opening (it would refuse a 108 Mpx phone photo outright).
