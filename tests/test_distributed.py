@@ -84,6 +84,9 @@ def test_unsupported_options_and_bad_topologies_are_one_line_errors(pattern_data
     bad = subprocess.run([sys.executable, "-m", "ferkit.cli", "train", "--data", "x", "--num-processes", "2"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--coordinator" in bad.stderr
+    both = subprocess.run([sys.executable, "-m", "ferkit.cli", "train", "--data", "x", "--local-processes", "2",
+                           "--num-processes", "4"], capture_output=True, text=True)
+    assert both.returncode == 2 and both.stderr == "error: --local-processes takes a positive count and sets --num-processes itself: give one or the other\n"
     (tmp_path / "taken" / "config.json").parent.mkdir()
     (tmp_path / "taken" / "config.json").write_text("{}")
     for extra, error in ((["--batch-size", "9"], "must be a multiple of the number of processes (2)"),
@@ -148,6 +151,31 @@ def test_a_coordinator_address_is_checked_and_waited_for_with_a_one_line_error()
     assert time.monotonic() - began < 10
     assert lost_a_peer(ValueError("UNKNOWN: Gloo AllGather failed: Connection reset by peer"))
     assert not lost_a_peer(ValueError("could not broadcast input array"))
+
+
+def _process_zero_of_two(pattern_data, tmp_path, wait_s: int) -> subprocess.Popen:
+    from ferkit.distributed import free_port
+
+    command = [sys.executable, "-m", "ferkit.cli", "train", "--data", str(pattern_data / "train"), "--epochs", "1",
+               "--out", str(tmp_path / "run"), "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2",
+               "--process-id", "0"]
+    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "FERKIT_COORDINATOR_WAIT_S": str(wait_s)})
+
+
+def test_process_zero_says_it_waits_for_the_others_and_stops_on_ctrl_c_or_after_its_wait(pattern_data, tmp_path):
+    alone = _process_zero_of_two(pattern_data, tmp_path / "a", wait_s=5)
+    _, stderr = alone.communicate(timeout=120)
+    assert alone.returncode == 2 and "listening at 127.0.0.1:" in stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: the other processes of the job did not join at --coordinator")
+    stopped = _process_zero_of_two(pattern_data, tmp_path / "b", wait_s=300)
+    for line in stopped.stderr:
+        if "listening at" in line:
+            break
+    stopped.send_signal(signal.SIGINT)
+    began = time.monotonic()
+    stopped.communicate(timeout=60)
+    assert stopped.returncode == 130 and time.monotonic() - began < 30
 
 
 def test_processes_given_other_settings_stop_at_once_with_one_line(pattern_data, tmp_path):

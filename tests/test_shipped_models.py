@@ -114,8 +114,16 @@ def test_the_bundle_tool_refuses_bad_names_and_leaves_the_shipped_files_on_failu
     assert missing.returncode == 2 and missing.stderr.splitlines() == [f"error: --val {tmp_path / 'missing'}: no such file or folder"]
     # data that is no dataset is refused before the export, in one line: the shipped model is untouched
     (tmp_path / "empty").mkdir()
-    failed = bundle(trained_run, "--name", "small", "--tta", "flip", "--val", tmp_path / "empty", "--weights-dir", weights)
+    failed = bundle(trained_run, "--name", "small", "--tta", "flip", "--val", tmp_path / "empty", "--replace",
+                    "--weights-dir", weights)
     assert failed.returncode == 2 and "Traceback" not in failed.stderr and "has no class folders" in failed.stderr
+    # a shipped model of that name is replaced only when asked; a folder that is no run, in one line
+    again = bundle(trained_run, "--name", "small", "--weights-dir", weights)
+    assert again.returncode == 2 and again.stderr == (f"error: ferkit ships a model named small already (of {trained_run.name}): "
+                                                      "--replace replaces it\n")
+    for run in (tmp_path / "empty", tmp_path / "nothing"):
+        refused = bundle(run, "--name", "other", "--weights-dir", weights)
+        assert refused.returncode == 2 and refused.stderr == f"error: {run} is not a run folder of ferkit train (no config.json and state.json)\n"
     assert {p.name: sha256_of(p) for p in weights.iterdir()} == before
 
 

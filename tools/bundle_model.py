@@ -34,7 +34,15 @@ from ferkit.ensemble import ensemble_models
 from ferkit.errors import FerkitError
 from ferkit.export import calibration_faces, export_onnx, temperature_faces
 from ferkit.runs import RunState
-from ferkit.runtime import MANIFEST, TTA_CHOICES, OnnxClassifier, classifier_speed, read_metadata, sha256_of
+from ferkit.runtime import (
+    MANIFEST,
+    TTA_CHOICES,
+    OnnxClassifier,
+    classifier_speed,
+    read_metadata,
+    resolve_model_path,
+    sha256_of,
+)
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "ferkit" / "weights"
 
@@ -55,6 +63,7 @@ def main() -> None:
     parser.add_argument("--temperature-data",
                         help="held-out labelled faces to fit the confidence-calibrating temperature on")
     parser.add_argument("--report", type=Path, help="with --val: write the evaluation's files (JSON, CSV, PNG, HTML) here")
+    parser.add_argument("--replace", action="store_true", help="replace the shipped model of that name")
     parser.add_argument("--weights-dir", type=Path, default=WEIGHTS, help=argparse.SUPPRESS)  # for tests
     args = parser.parse_args()
     manifest = _read_manifest(args.weights_dir)
@@ -75,6 +84,11 @@ def main() -> None:
     for option, data in (("--val", args.val), ("--temperature-data", args.temperature_data)):
         if data and not Path(data).exists():  # said before minutes of export, not after
             raise FerkitError(f"{option} {data}: no such file or folder")
+    if args.report and args.report.exists() and (not args.report.is_dir() or any(args.report.iterdir())):
+        raise FerkitError(f"--report {args.report} is not an empty folder: give a new one")
+    if name in manifest["models"] and not args.replace:
+        runs = ", ".join(member["run"] for member in manifest["models"][name].get("members", []))
+        raise FerkitError(f"ferkit ships a model named {name} already (of {runs or 'another run'}): --replace replaces it")
     bundle(args, manifest, name)
 
 
@@ -187,6 +201,11 @@ def _delete_unused_files(manifest: dict, entry: dict, weights: Path) -> None:
 
 def _member(run: Path) -> dict:
     """What the manifest records of one run: its name, length, best epoch and score, and its config."""
+    if not (run / "config.json").is_file() or not (run / "state.json").is_file():
+        raise FerkitError(f"{run} is not a run folder of ferkit train (no config.json and state.json)")
+    if not (run / "best.keras").is_file():
+        resolve_model_path(run)  # says why: a packed run, a run stopped before its first epoch, ...
+        raise FerkitError(f"{run} holds no best.keras, the network that is shipped")
     state = RunState.load(run)
     return {"run": run.name, "path": str(run), "epochs": state.epochs_done, "best_epoch": state.best_epoch,
             "val_accuracy_during_training": round(state.best_val_accuracy, 4),

@@ -351,8 +351,13 @@ def train_cmd(resume: Path | None, overwrite: bool, local_processes: int | None,
 
     if resume and overwrite:
         raise FerkitError("--resume continues a run and --overwrite replaces one: give one of them")
-    if local_processes is not None and (local_processes < 1 or coordinator):
-        raise FerkitError("--local-processes takes a positive count and no --coordinator")
+    if local_processes is not None:
+        ctx = click.get_current_context()
+        given = [f"--{name.replace('_', '-')}" for name in ("coordinator", "num_processes", "process_id")
+                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if local_processes < 1 or given:
+            raise FerkitError(f"--local-processes takes a positive count and sets {', '.join(given) or '--coordinator'} "
+                              "itself: give one or the other")
     topology = Topology(coordinator, num_processes, process_id)
     if resume:
         config = _resumed_config(resume, flags)

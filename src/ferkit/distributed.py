@@ -68,7 +68,7 @@ def start(topology: Topology):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPUs; GPUs use NCCL regardless
     if not topology.is_chief:
         _wait_for_coordinator(topology.coordinator)
-    jax.distributed.initialize(topology.coordinator, num_processes=topology.num_processes, process_id=topology.process_id)
+    _join(jax, topology)
     from ferkit._keras import import_keras
 
     keras = import_keras()
@@ -79,6 +79,56 @@ def start(topology: Topology):
 
 
 COORDINATOR_WAIT_S = float(os.environ.get("FERKIT_COORDINATOR_WAIT_S", 300))
+
+
+def _join(jax, topology: Topology, wait_s: float | None = None) -> None:
+    """jax.distributed.initialize, which waits for every process of the job, in a thread of its own:
+    here the wait says what it waits for, Ctrl-C stops it, and a process missing after `wait_s`
+    (default FERKIT_COORDINATOR_WAIT_S) is a one-line FerkitError, before JAX's own deadline, which
+    aborts the process with a stack trace."""
+    import threading
+
+    wait_s = COORDINATOR_WAIT_S if wait_s is None else wait_s
+    failed: list[BaseException] = []
+
+    def initialize():
+        try:
+            jax.distributed.initialize(topology.coordinator, num_processes=topology.num_processes,
+                                       process_id=topology.process_id, initialization_timeout=int(wait_s) + 60)
+        except BaseException as err:  # noqa: BLE001 - raised again in the waiting thread
+            failed.append(err)
+
+    joining = threading.Thread(target=initialize, name="jax-distributed-initialize", daemon=True)
+    joining.start()
+    deadline, said = time.monotonic() + wait_s, False
+    try:
+        while joining.is_alive():
+            joining.join(timeout=1)
+            if joining.is_alive() and not said and topology.is_chief:
+                log.info("listening at %s for the job's %d other process(es)", topology.coordinator, topology.num_processes - 1)
+                said = True
+            if joining.is_alive() and time.monotonic() >= deadline:
+                others = "the other processes" if topology.is_chief else "process 0 and the others"
+                raise FerkitError(f"{others} of the job did not join at --coordinator {topology.coordinator} within "
+                                  f"{wait_s:g} s: start every --process-id of 0..{topology.num_processes - 1}")
+    except (FerkitError, KeyboardInterrupt) as stop:
+        _exit_without_jax_teardown(2 if isinstance(stop, FerkitError) else 130)
+        raise
+    if failed:
+        raise failed[0]
+
+
+def _exit_without_jax_teardown(code: int) -> None:
+    """Once the error is said, end the process without tearing down a JAX coordination service that is
+    still waiting: its teardown logs screens of warnings and stack traces after the one line."""
+    import atexit
+
+    def leave():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    atexit.register(leave)
 
 
 def _wait_for_coordinator(address: str, wait_s: float | None = None) -> None:
