@@ -29,6 +29,7 @@ from ferkit.faces import Box, box_iou, face_crop, get_detector
 from ferkit.images import to_model_input
 from ferkit.predict import UNCERTAIN_BELOW
 from ferkit.runtime import load_classifier
+from _common import check_exists, run
 
 MARGINS = (-0.05, 0.0, 0.025, 0.05, 0.075, 0.1, 0.2)
 SHIFTS = ((-0.05, 0.0), (0.05, 0.0), (0.0, -0.05), (0.0, 0.05))  # of the box's side: right, down
@@ -87,6 +88,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", help="write every policy's probabilities, the labels and the faces to this .npz")
     args = parser.parse_args()
+    check_exists(parser, args.val, "--val")
+    if args.faces < 20:
+        parser.error("--faces must be at least 20: each half of the scenes fits the framings the other is scored with")
 
     classifier = load_classifier(args.model)
     # FER2013's own 48x48 faces are pasted into the scenes (a CSV's PublicTest rows); each crop is then
@@ -248,4 +252,4 @@ def fit_landmark_box(detections, squares) -> tuple[float, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

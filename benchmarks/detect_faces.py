@@ -27,6 +27,7 @@ from PIL import Image
 from ferkit.errors import FerkitError
 from ferkit.faces import MtcnnDetector, YuNetDetector, box_iou
 from ferkit.images import load_image, to_rgb
+from _common import run
 
 
 def match(detections, truth, threshold=0.5) -> tuple[int, int]:
@@ -135,4 +136,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -29,6 +29,7 @@ from ferkit.data.batches import face_batches
 from ferkit.images import faces_to_batch
 from ferkit.models import get_model_spec
 from ferkit.training_model import build_training_model
+from _common import run
 
 FER2013_TRAIN = 28_709
 
@@ -129,4 +130,4 @@ def rows_of_backend(backend: str) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -17,6 +17,7 @@ from pathlib import Path
 from ferkit.config import TrainConfig
 from ferkit.runs import read_history
 from ferkit.training import train
+from _common import check_exists, run
 
 
 def main() -> None:
@@ -25,6 +26,8 @@ def main() -> None:
     parser.add_argument("--data", default="examples/fer2013-sample", help="folder with train/ and val/")
     parser.add_argument("--epochs", type=int, default=4)
     args = parser.parse_args()
+    for part in ("train", "val"):
+        check_exists(parser, Path(args.data) / part, "--data")
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the first epoch (graph tracing, filling the cache) is left out")
     data = Path(args.data)
@@ -43,4 +46,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -27,6 +27,7 @@ from ferkit.labels import EMOTIONS
 from ferkit.runtime import read_metadata
 from ferkit.training_model import init_model_path
 from ferkit.training import train
+from _common import check_exists, run
 
 
 def make_split(source: Path, out: Path, train_n: int, score_n: int, seed: int) -> tuple[Path, Path]:
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", default="1e-4", help="fine-tuning learning rates, comma-separated (default: %(default)s)")
     args = parser.parse_args()
+    for part in ("train", "val"):
+        check_exists(parser, Path(args.data) / part, "--data")
     try:
         rates = [float(rate) for rate in args.lr.split(",")]
     except ValueError:
@@ -82,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

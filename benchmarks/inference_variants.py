@@ -1,9 +1,9 @@
 """What batch-norm recalibration, int8 quantization and flip test-time averaging do to a trained
 model's accuracy and speed.
 
-    python benchmarks/inference_variants.py training/ferkit-net-s-v1 --val ../shared/data/fer2013/val \
+    python benchmarks/inference_variants.py runs/ferkit-net-s-v1 --val ../shared/data/fer2013/val \
         --baseline runs/study/seed-cnn
-    python benchmarks/inference_variants.py training/ferkit-net-s-v1 training/ferkit-net-s-v2 --val ...
+    python benchmarks/inference_variants.py runs/ferkit-net-s-v1 runs/ferkit-net-s-v2 --val ...
 
 Exports RUN (or the ensemble of several runs, as `ferkit ensemble` makes it) to ONNX as float32, as
 float32 with batch-norm statistics re-measured on the (first) run's un-augmented training data, and as
@@ -22,6 +22,7 @@ from ferkit.ensemble import ensemble_models
 from ferkit.evaluation import evaluate
 from ferkit.export import calibration_faces, export_onnx, temperature_faces
 from ferkit.runtime import classifier_speed, load_classifier
+from _common import check_exists, run
 
 
 def main() -> None:
@@ -31,6 +32,9 @@ def main() -> None:
     parser.add_argument("--val", required=True, help="labelled faces to score on")
     parser.add_argument("--baseline", help="a run or model timed the same way (float32 ONNX), for ratios")
     args = parser.parse_args()
+    for path in args.runs:
+        check_exists(parser, path, "run")
+    check_exists(parser, args.val, "--val")
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.runs[0] if len(args.runs) == 1 else ensemble_models(args.runs, Path(tmp) / "ensemble.keras")
@@ -68,4 +72,4 @@ def _as_onnx(model: str, folder: Path) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

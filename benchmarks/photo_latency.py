@@ -24,6 +24,7 @@ from ferkit.faces import YuNetDetector
 from ferkit.predict import analyze_images
 from ferkit.runtime import OnnxClassifier, load_classifier
 from predict_speed import photos_640
+from _common import check_photos, run
 
 
 def _spin() -> None:
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--load", type=int, default=2, help="busy processes beside the loaded measurement")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    check_photos(parser, args.faces)
     classifier = load_classifier(args.model, prefer_export=True)
     if not isinstance(classifier, OnnxClassifier):
         parser.error(f"--model {args.model}: this benchmark times ONNX models; export it first "
@@ -81,4 +83,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -28,6 +28,7 @@ from ferkit.faces import get_detector
 from ferkit.predict import analyze_images
 from ferkit.runtime import classifier_speed, load_classifier
 from ferkit.video import analyze_video
+from _common import check_photos, run
 
 
 def photos_640(folder: Path, out: Path) -> list[Path]:
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--faces", default="../shared/data/faces")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    check_photos(parser, args.faces)
 
     classifier, detector = load_classifier(args.model), get_detector("auto")
     baseline = load_classifier(args.baseline).with_tta("none") if args.baseline else None
@@ -137,4 +139,4 @@ def one_crop_per_face(classifier):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

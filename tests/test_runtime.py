@@ -1,3 +1,4 @@
+import json
 import zipfile
 
 import pytest
@@ -127,3 +128,16 @@ def test_a_model_saved_before_extra_margins_loads_whatever_its_face_margin():
     with pytest.raises(ValueError, match="extra_margins"):
         ModelMetadata.from_dict({"model": "seed-cnn", "classes": ["a"], "input_size": [48, 48], "channels": 1,
                                  "extra_margins": [0.5]})
+
+
+def test_a_run_folder_without_its_models_says_whether_it_trained(tmp_path):
+    from ferkit.runtime import resolve_model_path
+
+    for done, message in ((0, "holds no model yet: its run stopped before the first epoch ended"),
+                          (3, "holds no model: its run trained 3 epoch(s), and its model files")):
+        run = tmp_path / f"run{done}"
+        run.mkdir()
+        (run / "config.json").write_text("{}")
+        (run / "state.json").write_text(json.dumps({"epochs_done": done, "status": "finished" if done else "interrupted"}))
+        with pytest.raises(FerkitError, match=message):
+            resolve_model_path(run)

@@ -129,6 +129,10 @@ def resolve_model_path(model: str | Path | None) -> Path:
             if _run_status(path) == "diverged":  # resuming would diverge again
                 raise FerkitError(f"{path} holds no model: its training diverged in the first epoch; train it again "
                                   "with a lower --lr (ferkit train ... --overwrite)")
+            done = _epochs_done(path)
+            if done:  # its model files were moved or deleted (the runs kept in training/ keep only their records)
+                raise FerkitError(f"{path} holds no model: its run trained {done} epoch(s), and its model files "
+                                  "(best.keras, last.keras) are not in its folder")
             raise FerkitError(f"{path} holds no model yet: its run stopped before the first epoch ended "
                               f"(continue it with `ferkit train --resume {path}`)")
         hidden = str(model) == "default" or str(model) in shipped_models()
@@ -165,6 +169,13 @@ def shipped_models() -> dict[str, dict]:
     manifest = read_manifest()
     names = [manifest["default"], *(name for name in manifest["models"] if name != manifest["default"])]
     return {name: {"name": name, **manifest["models"][name]} for name in names}
+
+
+def _epochs_done(run: Path) -> int:
+    try:
+        return int(json.loads((run / "state.json").read_text()).get("epochs_done") or 0)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 0
 
 
 def _run_status(run: Path) -> str | None:
