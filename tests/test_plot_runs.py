@@ -48,3 +48,13 @@ def test_a_folder_without_a_history_is_one_line_of_error(tmp_path):
     done = subprocess.run([*TOOL, str(tmp_path), "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.strip() == f"error: {tmp_path} has no history.csv; give ferkit run folders"
     assert not (tmp_path / "x.png").exists()
+
+
+def test_two_runs_of_one_folder_name_and_an_out_that_cannot_be_written_are_refused(trained_run, tmp_path):
+    twin = shutil.copytree(trained_run, tmp_path / "elsewhere" / trained_run.name)
+    for runs, out, error in (([trained_run, twin], tmp_path / "x.png", f"two runs of one folder name ({trained_run.name})"),
+                             ([trained_run], tmp_path / "no" / "x.png", "give a .png file in a folder that exists"),
+                             ([trained_run], tmp_path / "x.txt", "give a .png file in a folder that exists")):
+        done = subprocess.run([*TOOL, *map(str, runs), "--out", str(out)], capture_output=True, text=True)
+        assert done.returncode == 2 and error in done.stderr.splitlines()[-1]
+    assert not list(tmp_path.glob("x.*"))

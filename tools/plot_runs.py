@@ -72,7 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ymin", type=float, help="the lowest accuracy shown (e.g. 0.6: the first epochs' climb is cut off)")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     args = parser.parse_args(argv)
-    histories = {run.resolve().name: read_history(run) for run in args.runs}
+    if args.out.suffix.lower() != ".png" or not args.out.parent.resolve().is_dir():
+        parser.error(f"--out {args.out}: give a .png file in a folder that exists")
+    names = [run.resolve().name for run in args.runs]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        parser.error(f"two runs of one folder name ({', '.join(twice)}): the plot and table name runs by their folders")
+    histories = {name: read_history(run) for name, run in zip(names, args.runs)}
     below = [name for name, history in histories.items() if args.ymin is not None and max(history["val_accuracy"]) < args.ymin]
     if below:
         print(f"warning: --ymin {args.ymin} is above every epoch of {', '.join(below)}: not drawn", file=sys.stderr)

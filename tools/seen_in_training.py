@@ -8,8 +8,10 @@ scored apart from the rest, one view each.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ferkit.data import load_dataset
+from ferkit.errors import FerkitError
 from ferkit.runtime import load_classifier
 from ferkit.training_data import faces_seen_in_training
 
@@ -32,4 +34,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FerkitError as err:
+        sys.exit(f"error: {err}")

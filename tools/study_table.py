@@ -32,6 +32,8 @@ def main() -> None:
         study = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         parser.error(f"cannot read {path}: {err}")
+    if not isinstance(study, dict) or not isinstance(study.get("entries"), list):
+        parser.error(f"{path} is not the study.json of `ferkit study` (no entries)")
     print(markdown_table(study))
 
 
