@@ -83,3 +83,10 @@ def test_gpu_train_script_stops_each_run_on_time_and_brings_back_its_folder(patt
     long_epochs = len(read_history(back / "long" / "history.csv")["epoch"])
     assert 0 < long_epochs < 100000
     assert RunState.load(back / "long").epochs_done == long_epochs
+
+    # the same job again into the same OUT: refused before anything starts, the archives as they were
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and again.stderr.strip() == (f"error: {out} already holds short.tar.gz of an earlier "
+                                                              "job: choose another OUT, or --overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -3,7 +3,7 @@
 # JAX backend (see docs/gpu-training.md):
 #
 #   bash tools/gpu/train.sh [--keep-checkpoint] [--split-mb N] [--snapshot-s S] [--wheels DIR] \
-#       MINUTES RUNS_FILE DATA OUT
+#       [--overwrite] MINUTES RUNS_FILE DATA OUT
 #
 # RUNS_FILE: one run per line, "NAME ferkit-train-flags..."; --data, --val and --out are added.
 # DATA: a folder with train/ and val/ class folders, or a .tar.xz archive of one (as tools/gpu/pack.sh
@@ -13,13 +13,15 @@
 # (needed to continue the run elsewhere); rewritten every S seconds (default 60) while the runs train,
 # so that a job killed early still leaves the runs as they stood. --split-mb N splits archives larger
 # than N MB into NAME.tar.gz.part-aa, -ab, ... --wheels DIR installs Keras from the wheels in DIR when
-# it is missing (an offline machine; tools/gpu/pack.sh downloads them). Exits 1 if a run failed (other
-# than stopping at MINUTES), naming it; its log is archived all the same.
+# it is missing (an offline machine; tools/gpu/pack.sh downloads them). Archives of an earlier job in
+# OUT under a name of RUNS_FILE are refused before anything starts, unless --overwrite. Exits 1 if a run
+# failed (other than stopping at MINUTES), naming it; its log is archived all the same.
 set -uo pipefail
-keep_checkpoint=0; split_mb=0; snapshot_s=60; wheels=""
+keep_checkpoint=0; split_mb=0; snapshot_s=60; wheels=""; overwrite=0
 while [[ ${1:-} == --* ]]; do
   case $1 in
     --keep-checkpoint) keep_checkpoint=1; shift ;;
+    --overwrite) overwrite=1; shift ;;
     --split-mb) split_mb=${2:?--split-mb N}; shift 2 ;;
     --snapshot-s) snapshot_s=${2:?--snapshot-s S}; shift 2 ;;
     --wheels) wheels=${2:?--wheels DIR}; shift 2 ;;
@@ -28,6 +30,15 @@ while [[ ${1:-} == --* ]]; do
 done
 (( $# == 4 )) || { echo "usage: train.sh [options] MINUTES RUNS_FILE DATA OUT" >&2; exit 2; }
 minutes=$1; runs_file=$2; data_source=$3; out=$4
+[[ -f $runs_file ]] || { echo "error: no such runs file: $runs_file" >&2; exit 2; }
+if (( ! overwrite )); then
+  while read -r name _ || [[ -n ${name:-} ]]; do
+    [[ -z ${name:-} || $name == \#* ]] && continue
+    if compgen -G "$out/$name.tar.gz*" >/dev/null; then
+      echo "error: $out already holds $name.tar.gz of an earlier job: choose another OUT, or --overwrite" >&2; exit 2
+    fi
+  done <"$runs_file"
+fi
 mkdir -p "$out" || exit 2
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT  # the dataset's copy and the runs, archived in OUT by then
