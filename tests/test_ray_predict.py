@@ -217,6 +217,7 @@ def test_one_task_per_video(cluster, tmp_path):
     assert record["frames_analysed"] == 5 and record["faces"] == summary["video_faces"]
     timeline = tmp_path / "ray" / "videos" / "video-00000-clip.timeline.csv"
     assert timeline.read_text() == (tmp_path / "local" / "clip.timeline.csv").read_text()
+    assert record["files"] == [str(timeline), str(timeline.with_name("video-00000-clip.emotions.png"))]
     # settings no video could use stop the run before it starts, not once per video
     for bad in ({"every": 0}, {"smooth": 0}, {"every": 2, "target_fps": 5.0}):
         with pytest.raises(FerkitError):

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -331,7 +332,9 @@ def _ray_session(ray, config: RayPredictConfig) -> Iterator[None]:
         try:
             ray.init(address=config.address, logging_level=logging.WARNING)
         except ConnectionError as err:  # --address auto, and no cluster on this machine
-            raise FerkitError(f"cannot join the Ray cluster at --address {config.address}: {first_line(err)}") from None
+            hint = "" if config.address == "auto" else (" (give the head's GCS port, 6379 by default; where the cluster "
+                                                       "uses token authentication, this machine needs its token: RAY_AUTH_TOKEN)")
+            raise FerkitError(f"cannot join the Ray cluster at --address {config.address}: {first_line(err)}{hint}") from None
     else:
         # "local": a new instance even where this machine has joined a cluster (--address joins one)
         ray.init(address="local", num_cpus=config.workers, include_dashboard=False, logging_level=logging.WARNING)
@@ -347,6 +350,11 @@ def _run_tasks(ray, tasks: list[Task], config: RayPredictConfig, out_uri: str, p
     from ferkit.progress import progress_bar
 
     workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # ferkit's bar counts the images: Ray Data's own progress, and its notes on how it runs, would only
+    # interleave their lines with it (its warnings still show)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
     rows = [{"task": json.dumps(asdict(task))} for task in tasks]
     # One task at a time per actor: with Ray's default of several, the first actor up takes them all.
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
@@ -388,6 +396,8 @@ class TaskWorker:
         self.classifier = load_classifier(config.model, prefer_export=True).with_tta(config.tta)
         self.find = get_detector(config.detector)
         self.fs, self.root = output_filesystem(out_uri)
+        # where the outputs are, as a reader finds them: a path here, the URI in object storage
+        self.where = self.root if out_uri.startswith("file://") else out_uri.rstrip("/")
 
     def __call__(self, batch: dict) -> dict:
         names, counts, errors = [], [], []
@@ -448,8 +458,8 @@ class TaskWorker:
                 timeline.plot(local["plot"])
                 files = []
                 for file in local.values():
-                    files.append(f"{self.root}/videos/{file.name}")
-                    _write_bytes(self.fs, files[-1], file.read_bytes())
+                    _write_bytes(self.fs, f"{self.root}/videos/{file.name}", file.read_bytes())
+                    files.append(f"{self.where}/videos/{file.name}")
                 record = timeline.summary(source=label, files=files)
         _write_bytes(self.fs, f"{self.root}/results/{task.name}.jsonl", (json.dumps(record) + "\n").encode())
 
