@@ -17,19 +17,22 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not 
 from ferkit.predict import analyze_images  # noqa: E402
 from test_serve import PEOPLE, server  # noqa: E402,F401 - the running `ferkit serve`
 
+
+def _screenshot_tool():
+    """tools/serve_screenshots.py, whose fake camera (write_y4m) the browser plays here too."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "serve_screenshots.py"
+    spec = importlib.util.spec_from_file_location("serve_screenshots", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+write_y4m = _screenshot_tool().write_y4m
+
 CHROMIUM = os.environ.get("FERKIT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(not CHROMIUM, reason="Chromium is not installed (apt-get install chromium)")
-
-
-def write_y4m(photo: Path, path: Path, *, size=(640, 360), frames: int = 10) -> Path:
-    """A raw YUV 4:2:0 video of the photo, still: what Chromium's fake camera plays in a loop."""
-    width, height = size
-    ycbcr = np.asarray(Image.open(photo).convert("RGB").resize(size).convert("YCbCr"))
-    y = ycbcr[:, :, 0]
-    cb, cr = (ycbcr[:, :, i].reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3)).astype(np.uint8) for i in (1, 2))
-    frame = b"FRAME\n" + y.tobytes() + cb.tobytes() + cr.tobytes()
-    path.write_bytes(f"YUV4MPEG2 W{width} H{height} F10:1 Ip A1:1 C420jpeg\n".encode() + frame * frames)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,22 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from test_serve_browser import write_y4m  # noqa: E402 - the same fake camera as the browser test
+
+
+def write_y4m(photo: Path, path: Path, *, size=(640, 360), frames: int = 10) -> Path:
+    """A raw YUV 4:2:0 video of the photo, still: what Chromium's fake camera plays in a loop (also the
+    browser tests' camera)."""
+    width, height = size
+    ycbcr = np.asarray(Image.open(photo).convert("RGB").resize(size).convert("YCbCr"))
+    y = ycbcr[:, :, 0]
+    cb, cr = (ycbcr[:, :, i].reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3)).astype(np.uint8) for i in (1, 2))
+    frame = b"FRAME\n" + y.tobytes() + cb.tobytes() + cr.tobytes()
+    path.write_bytes(f"YUV4MPEG2 W{width} H{height} F10:1 Ip A1:1 C420jpeg\n".encode() + frame * frames)
+    return path
 
 
 def main() -> None:
@@ -29,7 +40,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     args = parser.parse_args()
-    from playwright.sync_api import sync_playwright
+    try:
+        import fastapi  # noqa: F401 - `ferkit serve` needs it, in the server started below
+        from playwright.sync_api import sync_playwright
+    except ImportError as err:
+        parser.error(f"needs ferkit[serve] and Playwright (pip install 'ferkit[serve]' playwright): {err}")
+    if not Path(args.chromium).is_file():
+        parser.error(f"no Chromium at {args.chromium} (Debian: apt-get install chromium), or give --chromium PATH")
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -38,6 +55,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
+            if server.poll() is not None:
+                raise SystemExit(f"error: ferkit serve ended at its start (exit {server.returncode})")
             try:
                 urllib.request.urlopen(f"{url}/healthz", timeout=1)
                 break
