@@ -10,8 +10,8 @@ crop costs. With `--scenes N` each face is hidden in N different scenes, and the
 a face's scenes as one sample. The ideal crop (exactly the square that was pasted, unturned) is shown for reference.
 
 It also tries squares placed by the five landmarks instead of the detector's box (`landmark_box`):
-their two constants are fitted on the scenes of the first half of the faces, and every policy is scored
-on the scenes of the second half. "landmarks where the box is odd" uses them only for boxes far from square or partly
+their two constants are fitted on the scenes of one half of the faces and applied to the other half's,
+both ways round, so that every scene is scored and no face helps frame itself. "landmarks where the box is odd" uses them only for boxes far from square or partly
 outside the photo, where the detector's box is least trustworthy.
 """
 

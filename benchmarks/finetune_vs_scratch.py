@@ -6,8 +6,8 @@ Two small sets, each split into disjoint training and scoring images, with a fix
   train-split: --per-class training and --score-per-class scoring images from FER2013 Training, as the
                issue asks. The bundled model was trained on that split, so it has seen these faces:
                this flatters fine-tuning.
-  val-split:   training and scoring images from PublicTest, which no model trained on (disgust has
-               only 56 there, so fewer per class).
+  val-split:   training and scoring images from PublicTest, which no model trained on: --per-class
+               training images, at most 25 (disgust has only 56 there).
 Both runs train for --epochs; the last epoch's model is scored (no selection on the scoring images).
 The network fine-tuning starts from is scored too ("before"), and `--lr 1e-3,1e-4` fine-tunes at each rate.
 """
@@ -75,7 +75,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, source, train_n, score_n in (
             ("train-split", data / "train", args.per_class, args.score_per_class),
-            ("val-split", data / "val", 25, args.score_per_class),
+            ("val-split", data / "val", min(args.per_class, 25), args.score_per_class),  # val holds fewer faces
         ):
             train_dir, score_dir = make_split(source, Path(tmp) / name, train_n, score_n, args.seed)
             sizes = (len(load_dataset(train_dir)), len(load_dataset(score_dir)))

@@ -65,8 +65,10 @@ def main() -> None:
     pairs = [int(n) for n in args.pairs.split(",")] + [1] * len(models)
     with tempfile.TemporaryDirectory(prefix="ferkit-before-") as scratch:
         before = Path(scratch) / "tree"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before],
-                       check=True, capture_output=True)
+        added = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before],
+                               capture_output=True, text=True)
+        if added.returncode:
+            raise SystemExit(f"error: --before {args.before}: {added.stderr.strip().splitlines()[-1]}")
         try:
             for model, count in zip(models, pairs):
                 seconds = {"before": [], "after": []}
