@@ -565,3 +565,15 @@ def test_a_detectors_own_error_keeps_its_traceback(trained_run):
         analyze(np.zeros((64, 64, 3), np.uint8), model=trained_run, detector=detector_with_a_bug)
     assert isinstance(raised.value.__cause__, KeyError)
     assert "detector_with_a_bug" in "".join(traceback.format_exception(raised.value))
+
+
+def test_a_lone_face_keeps_its_whole_label_wherever_it_must_go():
+    from ferkit import draw_faces
+    from ferkit.draw import colour_of
+    from ferkit.results import Face
+
+    for gap in range(10, 40, 2):  # a face from the top to near the bottom: the label goes inside the box
+        picture = np.full((640, 480, 3), 90, np.uint8)
+        face = Face((200, 2, 60, 640 - 2 - gap), "happy", 0.9, {"happy": 0.9})
+        label = np.all(np.asarray(draw_faces(picture, [face])) == colour_of("happy"), axis=2)
+        assert label.sum(axis=1).max() > 75, gap  # a label as wide as "1 happy 90%", not "1" (the box: 60 px)

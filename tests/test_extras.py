@@ -78,6 +78,9 @@ def test_videos_among_photos_without_their_extra_are_reported_and_the_photos_go_
     assert f"error: {video}: reading videos needs ferkit's 'video' extra: pip install 'ferkit[video]'" in result.stderr
     lines = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert [(Path(x["source"]).name, len(x["faces"])) for x in lines] == [("people.jpg", 3)]
+    # a photo and a video named one by one: still a batch, as where the video can be read
+    named = _ferkit_without_extras("predict", str(mixed / "people.jpg"), str(video), "--out", str(tmp_path / "named"))
+    assert named.returncode == 1 and (tmp_path / "named" / "results.jsonl").is_file()
 
 
 def test_the_ray_engine_without_its_extra_names_it_in_one_line(tmp_path):

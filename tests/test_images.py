@@ -70,7 +70,7 @@ def test_a_pil_image_turned_upright_by_its_user_is_not_turned_again(tmp_path):
     path = tmp_path / "rotated.jpg"
     exif = Image.Exif()
     exif[0x0112] = 6
-    exif.get_ifd(0x8769).update({0xA002: 64, 0xA003: 40})
+    exif[0x8769] = {0xA002: 64, 0xA003: 40}  # its Exif block: the stored pixels' width and height
     Image.fromarray(_gradient(64, 40)).save(path, exif=exif.tobytes())
     opened = Image.open(path)
     assert load_image(opened).size == (40, 64) == load_image(opened.convert("RGB")).size

@@ -882,11 +882,12 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     _check_options_fit_sources(kinds, annotate=annotate, every=every, target_fps=target_fps, smooth=smooth,
                                save_video=save_video)
     kinds, unplayable = _videos_only_if_playable(kinds)  # before any work, not after the photos of a batch
+    given_sources = len(kinds) + missing + unplayable  # a batch is a batch, whatever could not be read of it
     given = [_parse_box(text) for text in boxes] or None
-    if given and (len(kinds) + missing != 1 or kinds[0][1] != "image"):
+    if given and (given_sources != 1 or kinds[0][1] != "image"):
         raise FerkitError("--box applies to a single image")
     images = [s for s, kind in kinds if kind == "image"]
-    batch = [s for s, kind in kinds if kind != "video"] if len(kinds) + missing > 1 or not images else []
+    batch = [s for s, kind in kinds if kind != "video"] if given_sources > 1 or not images else []
     if resume and not batch:
         raise FerkitError("--resume continues a batch of photos (a folder, a glob, several sources); a single "
                           "photo has none to continue, and videos are analysed whole each time")
@@ -916,9 +917,9 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     elif batch:
         failures += _predict_many(FolderBatch(batch, out, model=classifier, detector=find, annotate=bool(annotate),
                                               uncertain_below=uncertain_below, resume=resume, overwrite=overwrite,
-                                              alone=len(kinds) + missing == 1),
+                                              alone=given_sources == 1),
                                   as_json, unreadable_sources=failures)
-    failed_videos = sum(_predict_video(source, out, as_json, stem=stem, alone=len(kinds) + missing == 1, model=classifier,
+    failed_videos = sum(_predict_video(source, out, as_json, stem=stem, alone=given_sources == 1, model=classifier,
                                        detector=find, every=every, target_fps=target_fps, smooth=smooth,
                                        save_video=save_video, uncertain_below=uncertain_below, overwrite=overwrite)
                         for source, stem in videos)

@@ -72,11 +72,13 @@ def draw_faces(image: Image.Image | np.ndarray | str | os.PathLike, faces: Seque
         draw.rectangle((box[0], box[1], box[0] + max(box[2], 1) - 1, box[1] + max(box[3], 1) - 1), outline=colour, width=line)
         label = f"{number} {face.emotion}{'?' if face.uncertain else ''} {face.score:.0%}" if isinstance(face, Face) else str(number)
         drawn.append((colour, label, str(number)))
-    # labels that would cover each other or their faces (a crowded group photo): the faces' numbers
-    # alone, where those cover fewer (the table and the JSON file carry every face's emotion)
+    # labels that would cover each other or their faces (a crowded group photo: a quarter of them or
+    # more): the faces' numbers alone, where those cover fewer (the table and JSON carry the emotions)
     whole = _placed_labels(draw, font, line, boxes, [label for _, label, _ in drawn], canvas.size)
     short = _placed_labels(draw, font, line, boxes, [number for *_, number in drawn], canvas.size)
-    labels = short if _clashes(short, boxes) < _clashes(whole, boxes) else whole
+    clashes = _clashes(whole, boxes)
+    crowded = len(boxes) > 1 and clashes >= max(2, len(boxes) / 4)
+    labels = short if crowded and _clashes(short, boxes) < clashes else whole
     for (colour, _, _), (text, area, at) in zip(drawn, labels):
         draw.rectangle(area, fill=colour)
         draw.text(at, text, fill=_text_colour(colour), font=font)
@@ -98,8 +100,9 @@ def _line_and_font(canvas_size: tuple[int, int], boxes: list) -> tuple[int, Imag
 def _placed_labels(draw, font, line: int, boxes: list, texts: list[str], canvas_size) -> list[tuple]:
     """(text, its area, where its text starts) for each face's label, placed one after another."""
     pad, placed, labels = max(2, line), [], []
+    _, top, _, bottom = draw.textbbox((0, 0), "0 Ag%", font=font)  # one height for every label, digits or words
     for box, text in zip(boxes, texts):
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        left, _, right, _ = draw.textbbox((0, 0), text, font=font)
         size = (right - left + 2 * pad, bottom - top + 2 * pad)
         tx, ty = _label_place(box, size, canvas_size, placed, [b for b in boxes if b is not box], line)
         placed.append((tx, ty, tx + size[0], ty + size[1]))
