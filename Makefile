@@ -12,7 +12,7 @@ DEMO   := runs/demo
 # one for another Python is there (`python -m venv` over it would leave python pointing at the old one).
 define new_venv
 	@$(PYTHON) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; sys.exit(None if v in ("3.11", "3.12") else f"ferkit needs Python 3.11 or 3.12; $(PYTHON) is {v}: name one, e.g. make $(or $(MAKECMDGOALS),run) PYTHON=python3.11")'
-	@if [ -e $(1)/bin/python ] && [ "$$($(1)/bin/python -c 'import sys; print(sys.version_info[:2])' 2>/dev/null)" != "$$($(PYTHON) -c 'import sys; print(sys.version_info[:2])')" ]; then \
+	@if { [ -e $(1)/bin/python ] || [ -L $(1)/bin/python ]; } && [ "$$($(1)/bin/python -c 'import sys; print(sys.version_info[:2])' 2>/dev/null)" != "$$($(PYTHON) -c 'import sys; print(sys.version_info[:2])')" ]; then \
 		echo "$(1) is for another Python: made anew for $(PYTHON)"; rm -rf $(1); fi
 	$(PYTHON) -m venv $(1)
 endef

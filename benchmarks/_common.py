@@ -31,4 +31,5 @@ def run(main: Callable[[], None]) -> None:
     try:
         main()
     except FerkitError as err:
-        sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

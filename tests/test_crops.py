@@ -230,8 +230,8 @@ def test_crops_among_the_photos_themselves_are_refused_before_anything_is_writte
     photos = _photos(tmp_path / "photos")
     before = sorted(photos.rglob("*"))
     monkeypatch.chdir(tmp_path)
-    for source in (str(photos), "photos/*/*.jpg"):
-        result = CliRunner().invoke(cli, ["crop", source, "--out", "photos"])
+    for source, out in ((str(photos), "photos"), ("photos/*/*.jpg", "photos"), ("photos/happy/people.jpg", "photos/happy")):
+        result = CliRunner().invoke(cli, ["crop", source, "--out", out])
         assert result.exit_code == 2 and "is the photos' own folder" in result.output
         assert len(result.output.strip().splitlines()) == 1
     assert sorted(photos.rglob("*")) == before

@@ -86,7 +86,7 @@ def test_unsupported_options_and_bad_topologies_are_one_line_errors(pattern_data
     assert bad.returncode == 2 and "--coordinator" in bad.stderr
     both = subprocess.run([sys.executable, "-m", "ferkit.cli", "train", "--data", "x", "--local-processes", "2",
                            "--num-processes", "4"], capture_output=True, text=True)
-    assert both.returncode == 2 and both.stderr == "error: --local-processes takes a positive count and sets --num-processes itself: give one or the other\n"
+    assert both.returncode == 2 and both.stderr == "error: --local-processes sets --num-processes itself: give one or the other\n"
     (tmp_path / "taken" / "config.json").parent.mkdir()
     (tmp_path / "taken" / "config.json").write_text("{}")
     for extra, error in ((["--batch-size", "9"], "must be a multiple of the number of processes (2)"),
@@ -176,6 +176,25 @@ def test_process_zero_says_it_waits_for_the_others_and_stops_on_ctrl_c_or_after_
     began = time.monotonic()
     stopped.communicate(timeout=60)
     assert stopped.returncode == 130 and time.monotonic() - began < 30
+
+
+def test_a_python_caller_of_a_job_that_never_completes_keeps_its_own_exit_code(pattern_data, tmp_path):
+    from ferkit.distributed import free_port
+
+    code = ("import sys\n"
+            "from ferkit.config import TrainConfig\n"
+            "from ferkit.distributed import Topology\n"
+            "from ferkit.errors import FerkitError\n"
+            "from ferkit.training import train\n"
+            f"config = TrainConfig(data={str(pattern_data / 'train')!r}, epochs=1, out={str(tmp_path / 'run')!r})\n"
+            "try:\n"
+            f"    train(config, topology=Topology('127.0.0.1:{free_port()}', 2, 0))\n"
+            "except FerkitError as err:\n"
+            "    print('caught:', err)\n"
+            "    sys.exit(0)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "FERKIT_COORDINATOR_WAIT_S": "3"})
+    assert done.returncode == 0 and "caught: the other processes of the job did not join" in done.stdout
 
 
 def test_processes_given_other_settings_stop_at_once_with_one_line(pattern_data, tmp_path):

@@ -128,6 +128,22 @@ def test_a_killed_run_resumes_its_missing_parts_only(cluster, photos, tmp_path):
     assert not list((tmp_path / "ray").rglob("*.partial"))
 
 
+def test_a_run_resumes_with_its_model_however_spelled_also_as_recorded_before(cluster, photos, tmp_path, monkeypatch):
+    from ferkit.runtime import resolve_model_path
+
+    shutil.copy(resolve_model_path(None), tmp_path / "m.onnx")
+    monkeypatch.chdir(tmp_path)
+    predict_with_ray(RayPredictConfig(sources=[str(photos)], out="ray", model="./m.onnx", shard_size=2), progress=False)
+    manifest = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    assert manifest["settings"]["model"] == str(tmp_path / "m.onnx")  # as the workers, elsewhere, find it
+    manifest["settings"]["model"] = "./m.onnx"  # as runs recorded it before
+    (tmp_path / "ray" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "ray" / "results" / "part-00001.jsonl").unlink()
+    again = predict_with_ray(RayPredictConfig(sources=[str(photos)], out="ray", model="m.onnx", shard_size=2, resume=True),
+                             progress=False)
+    assert again["skipped_tasks"] == 1
+
+
 def test_an_out_that_is_a_file_or_holds_other_files_is_refused_untouched(photos, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "mine" / "faces").mkdir(parents=True)
@@ -170,8 +186,9 @@ def test_a_file_given_twice_is_analysed_once_and_parts_sort_in_input_order(clust
     assert (summary["images"], summary["failed"]) == (4, 1)
     names = [task.name for task in plan_tasks([("x", "x")] * 100_001, [], shard_size=1)]
     assert names == sorted(names) and len(set(names)) == len(names)
-    with pytest.raises(FerkitError, match="name a bucket and a folder"):
-        output_filesystem("file:///")
+    for root in ("file:///", "/"):
+        with pytest.raises(FerkitError, match="is the file system's root"):
+            output_filesystem(root)
 
 
 def test_list_files_and_uris(cluster, photos, tmp_path):

@@ -355,9 +355,10 @@ def train_cmd(resume: Path | None, overwrite: bool, local_processes: int | None,
         ctx = click.get_current_context()
         given = [f"--{name.replace('_', '-')}" for name in ("coordinator", "num_processes", "process_id")
                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
-        if local_processes < 1 or given:
-            raise FerkitError(f"--local-processes takes a positive count and sets {', '.join(given) or '--coordinator'} "
-                              "itself: give one or the other")
+        if local_processes < 1:
+            raise FerkitError(f"--local-processes takes a count of processes, at least 1, not {local_processes}")
+        if given:
+            raise FerkitError(f"--local-processes sets {', '.join(given)} itself: give one or the other")
     topology = Topology(coordinator, num_processes, process_id)
     if resume:
         config = _resumed_config(resume, flags)
@@ -376,8 +377,14 @@ def train_cmd(resume: Path | None, overwrite: bool, local_processes: int | None,
         check_run_folder(Path(config.out), resume=resume is not None, overwrite=overwrite)
         args = _flags_to_args(flags) + (["--resume", str(resume)] if resume else []) + (["--overwrite"] if overwrite else [])
         sys.exit(launch_local(local_processes, args))
-    run = train(config, resume=resume is not None, overwrite=overwrite, verbose=1 if sys.stdout.isatty() else 2,
-                topology=topology)
+    try:
+        run = train(config, resume=resume is not None, overwrite=overwrite, verbose=1 if sys.stdout.isatty() else 2,
+                    topology=topology)
+    except (FerkitError, KeyboardInterrupt) as stop:
+        from ferkit.distributed import exit_without_jax_teardown
+
+        exit_without_jax_teardown(2 if isinstance(stop, FerkitError) else 130)
+        raise
     if not topology.is_chief:
         return
     state = RunState.load(run)

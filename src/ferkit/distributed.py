@@ -88,6 +88,7 @@ def _join(jax, topology: Topology, wait_s: float | None = None) -> None:
     aborts the process with a stack trace."""
     import threading
 
+    global _JOIN_LEFT_WAITING
     wait_s = COORDINATOR_WAIT_S if wait_s is None else wait_s
     failed: list[BaseException] = []
 
@@ -111,16 +112,21 @@ def _join(jax, topology: Topology, wait_s: float | None = None) -> None:
                 others = "the other processes" if topology.is_chief else "process 0 and the others"
                 raise FerkitError(f"{others} of the job did not join at --coordinator {topology.coordinator} within "
                                   f"{wait_s:g} s: start every --process-id of 0..{topology.num_processes - 1}")
-    except (FerkitError, KeyboardInterrupt) as stop:
-        _exit_without_jax_teardown(2 if isinstance(stop, FerkitError) else 130)
-        raise
+    finally:
+        _JOIN_LEFT_WAITING = joining.is_alive()
     if failed:
         raise failed[0]
 
 
-def _exit_without_jax_teardown(code: int) -> None:
-    """Once the error is said, end the process without tearing down a JAX coordination service that is
-    still waiting: its teardown logs screens of warnings and stack traces after the one line."""
+_JOIN_LEFT_WAITING = False  # a join given up on (timed out, Ctrl-C): JAX's service still waits in its thread
+
+
+def exit_without_jax_teardown(code: int) -> None:
+    """For a command line whose join was given up on, once its error is said: end the process without
+    tearing down the JAX coordination service still waiting, whose teardown logs screens of warnings and
+    stack traces after the one line. Nothing where the join ended."""
+    if not _JOIN_LEFT_WAITING:
+        return
     import atexit
 
     def leave():

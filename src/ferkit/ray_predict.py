@@ -198,7 +198,9 @@ def output_filesystem(out: str):
     except Exception as err:
         raise FerkitError(f"{out}: cannot be written ({first_line(err)})") from None
     if not root.strip("/"):
-        raise FerkitError(f"--out {out}: name a bucket and a folder in it, e.g. s3://BUCKET/ferkit/run-1")
+        if "://" in out and not out.startswith("file://"):
+            raise FerkitError(f"--out {out}: name a bucket and a folder in it, e.g. s3://BUCKET/ferkit/run-1")
+        raise FerkitError(f"--out {out} is the file system's root: give a folder for the results")
     return fs, root.rstrip("/")
 
 
@@ -252,6 +254,9 @@ def _start_or_resume(fs, root: str, config: RayPredictConfig, tasks: list[Task])
             earlier = json.loads(stream.read())
         if not config.resume:
             raise FerkitError(f"{config.out} holds an earlier run: pass --resume to continue it, or choose another --out")
+        model = earlier.get("settings", {}).get("model")
+        if model and "://" not in model and not os.path.isabs(model) and Path(model).exists():
+            earlier["settings"]["model"] = os.path.abspath(model)  # a run recorded before models were made absolute
         if earlier != manifest:
             raise FerkitError(f"{config.out} holds a run of other inputs or settings; it cannot be resumed with these")
         return False

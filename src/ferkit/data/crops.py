@@ -60,8 +60,8 @@ def crop_faces(source: str | Path, out: str | Path, *, detector="auto", model=No
     to `source` (for a glob: to its folder before the first wildcard). Faces are framed as `model`
     (default: the default shipped model) frames the faces it is shown, and kept in colour, at most
     MAX_SIDE pixels a side. A photo that cannot be read, or whose detection fails, is named in `failed`
-    and the rest goes on. A photo reached by two paths (a link to it) is cropped once, by the first; the
-    others are named in `repeats`.
+    and the rest goes on. A photo reached by two paths (a link to it) is cropped once, by its own name
+    where that is among them; the others are named in `repeats`.
 
     `out/.ferkit-crops.json` records which photo each crop was made of. A photo cropped before (with the
     same detector and framing) whose content is unchanged since is not cropped again, so crops moved to
@@ -329,7 +329,7 @@ def _photos_and_root(source: str, out: Path) -> tuple[list[Path], Path]:
     kind = source_kind(source)  # before Path(), which would fold a URL's // and hide what it is
     if kind == "image":
         load_image(source)  # one photo that cannot be read is bad input, refused before --out is made
-        return [Path(source)], Path(source).parent
+        return [Path(source)], _not_the_output(Path(source).parent, out)
     if kind == "video":
         raise FerkitError(f"{source} is a video; ferkit crop takes photos (extract frames first)")
     photos = [p for p in list_images(source, skip=out) if not _a_crop_of_ours(p)]
@@ -341,10 +341,15 @@ def _photos_and_root(source: str, out: Path) -> tuple[list[Path], Path]:
         parts = Path(source).parts
         wild = next(i for i, part in enumerate(parts) if glob.has_magic(part))
         root = Path(*parts[:wild]) if wild else Path(".")
+    return photos, _not_the_output(root, out)
+
+
+def _not_the_output(root: Path, out: Path) -> Path:
+    """`root`, refused as the crops' folder: they would lie among the photos, and both be read as faces."""
     if os.path.realpath(out) == os.path.realpath(root):
         raise FerkitError(f"--out {out} is the photos' own folder: the face crops would lie among the photos, and "
                           f"both be read as faces; choose another folder (e.g. {root.resolve().name}-faces)")
-    return photos, root
+    return root
 
 
 def _a_crop_of_ours(path: Path) -> bool:
