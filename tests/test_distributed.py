@@ -159,8 +159,10 @@ def _process_zero_of_two(pattern_data, tmp_path, wait_s: int) -> subprocess.Pope
     command = [sys.executable, "-m", "ferkit.cli", "train", "--data", str(pattern_data / "train"), "--epochs", "1",
                "--out", str(tmp_path / "run"), "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2",
                "--process-id", "0"]
+    # Ctrl-C as at a terminal: a process started by one that ignores SIGINT (a pytest-xdist worker) ignores it too
     return subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "FERKIT_COORDINATOR_WAIT_S": str(wait_s)})
+                            env={**os.environ, "FERKIT_COORDINATOR_WAIT_S": str(wait_s)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_process_zero_says_it_waits_for_the_others_and_stops_on_ctrl_c_or_after_its_wait(pattern_data, tmp_path):
