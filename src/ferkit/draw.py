@@ -74,11 +74,11 @@ def draw_faces(image: Image.Image | np.ndarray | str | os.PathLike, faces: Seque
         drawn.append((colour, label, str(number)))
     # labels that would cover each other or their faces (a crowded group photo: a quarter of them or
     # more): the faces' numbers alone, where those cover fewer (the table and JSON carry the emotions)
-    whole = _placed_labels(draw, font, line, boxes, [label for _, label, _ in drawn], canvas.size)
-    short = _placed_labels(draw, font, line, boxes, [number for *_, number in drawn], canvas.size)
-    clashes = _clashes(whole, boxes)
-    crowded = len(boxes) > 1 and clashes >= max(2, len(boxes) / 4)
-    labels = short if crowded and _clashes(short, boxes) < clashes else whole
+    labels = _placed_labels(draw, font, line, boxes, [label for _, label, _ in drawn], canvas.size)
+    clashes = _clashes(labels, boxes)
+    if len(boxes) > 1 and clashes >= max(2, len(boxes) / 4):  # crowded: the numbers alone, placed only then
+        short = _placed_labels(draw, font, line, boxes, [number for *_, number in drawn], canvas.size)
+        labels = short if _clashes(short, boxes) < clashes else labels
     for (colour, _, _), (text, area, at) in zip(drawn, labels):
         draw.rectangle(area, fill=colour)
         draw.text(at, text, fill=_text_colour(colour), font=font)

@@ -184,9 +184,7 @@ def get_detector(detector: str | Callable | None = "auto") -> Callable | None:
 
 def box_iou(a: Box, b: Box) -> float:
     """Intersection over union of two (x, y, width, height) boxes."""
-    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
+    inter = _intersection(a, b)
     union = a[2] * a[3] + b[2] * b[3] - inter
     return inter / union if union else 0.0
 
@@ -292,10 +290,15 @@ def _added_where_new(found: list[Detection], more: list[Detection]) -> list[Dete
 
 def _covered_share(a: Box, b: Box) -> float:
     """How much of the smaller of two boxes the other covers (0-1)."""
+    smaller = min(a[2] * a[3], b[2] * b[3])
+    return _intersection(a, b) / smaller if smaller > 0 else 0.0
+
+
+def _intersection(a: Box, b: Box) -> float:
+    """The area two (x, y, width, height) boxes share."""
     ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
     iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    smaller = min(a[2] * a[3], b[2] * b[3])
-    return ix * iy / smaller if smaller > 0 else 0.0
+    return ix * iy
 
 
 def _resized(rgb: np.ndarray, scale: float) -> np.ndarray:
