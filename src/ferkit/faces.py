@@ -46,6 +46,7 @@ DETECTOR_THREADS = 1
 SMALL_FACE_SIDE = 24
 LARGE_FACE_SHARE = 0.3
 MIN_COARSE_SHORT_SIDE = 160
+EDGE_SLACK = 2  # px: a box whose left or top is this near the edge may have been clamped there
 CROPPED_FACE_SIDE = 128  # images this small are more likely face crops (FER2013's are 48x48) than scenes
 
 
@@ -125,13 +126,13 @@ class YuNetDetector:
 
     def _detect_scaled(self, small: np.ndarray, scale: float) -> list[Detection]:
         """The faces YuNet finds in `small`, a copy of the picture at `scale`, in the picture's pixels."""
-        bgr = np.ascontiguousarray(small[:, :, ::-1])
-        scores, boxes, landmarks = self._detect(bgr, conf=self.threshold)
-        detections = []
-        for score, box, marks in zip(scores, boxes, landmarks):
-            points = [(int(round(x / scale)), int(round(y / scale))) for x, y in np.asarray(marks, float).reshape(-1, 2)]
-            detections.append(Detection(_scale_box(box, scale), float(score) / 100.0, points))
-        return detections
+        return _detections(_whole_boxes(self._detect_in, small), scale)
+
+    def _detect_in(self, rgb: np.ndarray) -> list[tuple[tuple, float, list]]:
+        """YuNet's (box, score 0-1, landmark points) in `rgb`'s own pixels."""
+        scores, boxes, landmarks = self._detect(np.ascontiguousarray(rgb[:, :, ::-1]), conf=self.threshold)
+        return [(tuple(float(v) for v in box), float(score) / 100.0, [tuple(p) for p in np.asarray(marks, float).reshape(-1, 2)])
+                for score, box, marks in zip(scores, boxes, landmarks)]
 
 
 class MtcnnDetector:
@@ -150,14 +151,14 @@ class MtcnnDetector:
 
     def __call__(self, rgb: np.ndarray) -> list[Detection]:
         scale, small = _shrink(rgb, self.max_side, self.min_short_side)
+        return _detections(_whole_boxes(self._detect_in, small), scale)
+
+    def _detect_in(self, rgb: np.ndarray) -> list[tuple[tuple, float, list]]:
+        """MTCNN's (box, score, landmark points) in `rgb`'s own pixels."""
         with self._lock:
-            found = self._mtcnn.detect_faces(np.ascontiguousarray(small))
-        return [
-            Detection(_scale_box(f["box"], scale), float(f["confidence"]),
-                      [(int(round(x / scale)), int(round(y / scale))) for x, y in f["keypoints"].values()])
-            for f in found
-            if f["confidence"] >= self.threshold
-        ]
+            found = self._mtcnn.detect_faces(np.ascontiguousarray(rgb))
+        return [(tuple(f["box"]), float(f["confidence"]), list(f["keypoints"].values()))
+                for f in found if f["confidence"] >= self.threshold]
 
 
 def get_detector(detector: str | Callable | None = "auto") -> Callable | None:
@@ -276,6 +277,47 @@ def _bundled_library_names(package: str) -> set[str]:
         return set()
     libs = Path(next(iter(spec.submodule_search_locations))).parent / f"{package}.libs"
     return {p.name for p in libs.glob("*.so*")} if libs.is_dir() else set()
+
+
+def _detections(found, scale: float) -> list[Detection]:
+    """(box, score, landmarks) found in a copy of a picture at `scale`, as Detections in the picture's pixels."""
+    return [Detection(_scale_box(box, scale), score, [(int(round(x / scale)), int(round(y / scale))) for x, y in marks])
+            for box, score, marks in found]
+
+
+def _whole_boxes(detect_in: Callable, rgb: np.ndarray):
+    """What `detect_in(rgb)` finds, with the whole box of each face cut by the left or top edge (see `_unclamped`)."""
+    found = detect_in(rgb)
+    if any(_at_left_or_top(box) for box, _, _ in found):
+        pad = _edge_padding(found)
+        found = _unclamped(found, detect_in(np.pad(rgb, ((pad, 0), (pad, 0), (0, 0)))), pad)
+    return found
+
+
+def _at_left_or_top(box) -> bool:
+    # YuNet and MTCNN clamp a box's left and top at the picture's edge, never its right or bottom
+    return box[0] <= EDGE_SLACK or box[1] <= EDGE_SLACK
+
+
+def _edge_padding(found) -> int:
+    """Black padding (px) wide enough to hold the part past the edge of the largest face at the left or top."""
+    return max(16, round(0.3 * max(max(box[2:]) for box, _, _ in found if _at_left_or_top(box))))
+
+
+def _unclamped(found, padded_found, pad: int):
+    """`found`, where a box clamped at the left or top edge is replaced by the box the detector gives the same face
+    in the picture padded by `pad` px there, moved back: a face cut by the edge then keeps its whole box,
+    reaching past it as it does on the right and bottom (and the crop stays centred on the face)."""
+    moved = [((b[0] - pad, b[1] - pad, b[2], b[3]), score, [(x - pad, y - pad) for x, y in marks])
+             for b, score, marks in padded_found]
+    unclamped = []
+    for box, score, marks in found:
+        if _at_left_or_top(box) and moved:
+            best = max(moved, key=lambda m: box_iou(box, m[0]))
+            if box_iou(box, best[0]) >= 0.5:
+                box, score, marks = best
+        unclamped.append((box, score, marks))
+    return unclamped
 
 
 def _added_where_new(found: list[Detection], more: list[Detection]) -> list[Detection]:
