@@ -421,6 +421,30 @@ def test_the_small_faces_of_a_large_group_photo_stay_visible_under_their_outline
         assert (drawn[top + h // 3: top + 2 * h // 3, left + w // 3: left + 2 * w // 3] == 90).all(), (left, top)
 
 
+def test_a_videos_labels_keep_their_style_from_frame_to_frame_where_each_frame_alone_would_flicker():
+    """Sixteen faces on the edge of crowded, moving a few pixels from frame to frame: drawn frame by frame,
+    the labels switch between whole labels and numbers alone; held (as a video's are), they do not."""
+    from ferkit.draw import COLOURS, SteadyLabels, draw_faces
+    from ferkit.results import Face
+
+    def label_areas(steady):
+        rng, areas = np.random.default_rng(0), []
+        for _ in range(30):
+            jitter = rng.integers(-3, 4, size=(16, 4))
+            boxes = [(40 + k * 162 + dx, 60 + row * 202 + dy, 88 + dw, 120 + dh)
+                     for (row, k), (dx, dy, dw, dh) in zip([(r, k) for r in range(2) for k in range(8)], jitter)]
+            frame = draw_faces(Image.new("RGB", (1280, 720), (90, 90, 90)),
+                               [Face(box, "happy", 0.93, {"happy": 0.93}) for box in boxes], enlarge_tiny=False, steady=steady)
+            areas.append(int((np.asarray(frame) == COLOURS["happy"]).all(axis=2).sum()))  # outlines and label fills
+        return areas
+
+    def switches(areas):
+        return sum(abs(now - before) > 0.2 * before for before, now in zip(areas, areas[1:]))
+
+    assert switches(label_areas(None)) >= 4
+    assert switches(label_areas(SteadyLabels())) <= 1
+
+
 def test_a_pil_photo_is_drawn_upright_as_analyze_saw_it(tmp_path):
     from ferkit import draw_faces
 

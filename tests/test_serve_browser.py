@@ -14,6 +14,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="ferkit[serve] is not installed")
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
 
+from ferkit.faces import YuNetDetector  # noqa: E402
 from ferkit.predict import analyze_images  # noqa: E402
 from test_serve import PEOPLE, server  # noqa: E402,F401 - the running `ferkit serve`
 
@@ -166,8 +167,8 @@ def test_only_the_last_video_given_is_answered_on_the_page(browser, server, tmp_
     page.wait_for_function("() => document.getElementById('status').textContent.includes('frames analysed')")
     page.wait_for_timeout(2000)  # time for a stale answer to come and be drawn, were the long one not cancelled
     assert [a.status for a in answers] == [200]
-    assert page.text_content("#status").endswith(", 0 faces seen in them")
-    assert page.get_attribute("#video-csv", "download") == "dark.emotions.csv"
+    assert page.text_content("#status").endswith(", 0 faces followed through them")
+    assert page.get_attribute("#video-csv", "download") == "dark.timeline.csv"
     page.close()
 
 
@@ -210,9 +211,40 @@ def test_a_video_dropped_on_its_zone_is_answered_on_its_own_tab(browser, server,
     assert "frames analysed" not in page.text_content("#status")  # not on the Photo tab
     page.click("button[data-tab=video]")
     assert page.text_content("#status").startswith("5 frames analysed, ")
-    assert page.get_attribute("#video-csv", "download") == "clip.emotions.csv"
+    assert page.get_attribute("#video-csv", "download") == "clip.timeline.csv"
     page.close()
 
 
 def expected_classes() -> set[str]:
     return {"angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"}
+
+
+def test_the_page_draws_a_crowded_group_photo_as_ferkit_predict_does(browser, server):  # noqa: F811
+    """The faces of examples/people.jpg tiled 4 x 6 into a 3680 x 2160 group photo, drawn at the size the
+    page shows it (640 px wide): no label covers another or a face (there, the numbers alone), and the
+    middle of every face stays visible."""
+    page = browser.new_page()
+    page.goto(server)
+    people = [d.box for d in YuNetDetector()(np.asarray(Image.open(PEOPLE).convert("RGB")))]
+    boxes = [(x + 920 * column, y + 360 * row, w, h) for column in range(4) for row in range(6) for x, y, w, h in people]
+    clashes, labels, covered = page.evaluate("""(boxes) => {
+        const canvas = document.createElement('canvas');
+        canvas.width = 640; canvas.height = 376;
+        const context = canvas.getContext('2d');
+        context.fillStyle = '#5a5a5a'; context.fillRect(0, 0, 640, 376);
+        const faces = boxes.map((box) => ({ box, emotion: 'happy', score: 0.9, uncertain: false }));
+        const scale = 640 / 3680, labels = drawFaces(context, faces, scale);
+        const pixels = context.getImageData(0, 0, 640, 376).data;
+        const grey = (x, y) => [0, 1, 2].every((c) => pixels[4 * (y * 640 + x) + c] === 0x5a);
+        let covered = 0;
+        for (const box of boxes) {  // the middle third of each face, untouched
+          const [x, y, w, h] = box.map((v) => Math.round(v * scale));
+          let hidden = false;
+          for (let j = y + Math.ceil(h / 3); j < y + Math.floor(2 * h / 3); j++)
+            for (let i = x + Math.ceil(w / 3); i < x + Math.floor(2 * w / 3); i++) hidden ||= !grey(i, j);
+          covered += hidden;
+        }
+        return [countClashes(labels, boxes.map((box) => box.map((v) => v * scale))), labels.map((l) => l.text), covered];
+    }""", boxes)
+    assert len(labels) == 72 and clashes == 0 and covered == 0, (clashes, labels[:3], covered)
+    page.close()

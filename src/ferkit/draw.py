@@ -40,15 +40,45 @@ def colour_of(name: str) -> tuple[int, int, int]:
     return COLOURS.get(name) or EXTRA_COLOURS[zlib.crc32(name.encode()) % len(EXTRA_COLOURS)]
 
 
+class SteadyLabels:
+    """Label style held across the frames of a video, so that labels do not flicker: the letter size
+    changes only when the faces' size does (by a quarter), whole labels and numbers alone switch only
+    after `frames_to_switch` frames in a row ask for it, and each face's label stays on its side of
+    the box while it is clear there. `reset()` at a scene cut."""
+
+    def __init__(self, frames_to_switch: int = 5):
+        self.frames_to_switch = frames_to_switch
+        self.reset()
+
+    def reset(self) -> None:
+        self.face_side: float | None = None
+        self.numbers_only: bool | None = None
+        self.streak = 0
+        self.sides: dict = {}  # a face's number -> where its label went last (see _label_place)
+
+    def held_face_side(self, face_side: float) -> float:
+        if self.face_side is None or abs(face_side - self.face_side) > 0.25 * self.face_side:
+            self.face_side = face_side
+        return self.face_side
+
+    def held_numbers_only(self, crowded: bool) -> bool:
+        self.streak = self.streak + 1 if self.numbers_only is not None and crowded != self.numbers_only else 0
+        if self.numbers_only is None or self.streak >= self.frames_to_switch:
+            self.numbers_only, self.streak = crowded, 0
+        return self.numbers_only
+
+
 def draw_faces(image: Image.Image | np.ndarray | str | os.PathLike, faces: Sequence[Face | Box], *,
-               channels: str = "rgb", numbers: Sequence[int] | None = None, enlarge_tiny: bool = True) -> Image.Image:
+               channels: str = "rgb", numbers: Sequence[int] | None = None, enlarge_tiny: bool = True,
+               steady: SteadyLabels | None = None) -> Image.Image:
     """A copy of `image` (RGB) with every face's box, number and top emotion drawn on it. `image` is what
     `ferkit.analyze` takes: a PIL image, a path, or an array (`channels="bgr"` for OpenCV's); `faces` are
     Faces, or plain (x, y, width, height) boxes, drawn numbered without an emotion. Boxes are in the
     photo's pixels, also where load_image decoded a very large JPEG at a reduced scale. `numbers`: the
     faces' numbers (a video's track ids, say) instead of 1, 2, ... Labels stay inside the picture and
     clear of each other where they can; a tiny picture (a face crop) is enlarged so that they can be read,
-    unless not `enlarge_tiny` (a video's frames keep their size)."""
+    unless not `enlarge_tiny` (a video's frames keep their size). `steady`: the style held from the
+    frames drawn before (a video's)."""
     if isinstance(faces, Face):
         raise FerkitError("draw_faces takes a list of faces: draw_faces(image, [face])")
     image = load_image(image, channels=channels)  # upright, as ferkit.analyze saw it (a PIL image too)
@@ -64,7 +94,7 @@ def draw_faces(image: Image.Image | np.ndarray | str | os.PathLike, faces: Seque
     for face in faces:
         x, y, w, h = face.box if isinstance(face, Face) else checked_box(face, full_size(image))
         boxes.append((round(x / across), round(y / down), round(w / across), round(h / down)))
-    line, font = _line_and_font(canvas.size, boxes)
+    line, font = _line_and_font(canvas.size, boxes, steady)
     drawn = []  # every box first, then every label, so that no box line runs through a label
     for number, face, box in zip(numbers, faces, boxes):
         colour = colour_of(face.emotion) if isinstance(face, Face) else (255, 255, 255)
@@ -74,18 +104,20 @@ def draw_faces(image: Image.Image | np.ndarray | str | os.PathLike, faces: Seque
         drawn.append((colour, label, str(number)))
     # labels that would cover each other or their faces (a crowded group photo: a quarter of them or
     # more): the faces' numbers alone, where those cover fewer (the table and JSON carry the emotions)
-    labels = _placed_labels(draw, font, line, boxes, [label for _, label, _ in drawn], canvas.size)
+    sides = steady.sides if steady else None
+    labels = _placed_labels(draw, font, line, boxes, [label for _, label, _ in drawn], canvas.size, numbers, sides)
     clashes = _clashes(labels, boxes)
-    if len(boxes) > 1 and clashes >= max(2, len(boxes) / 4):  # crowded: the numbers alone, placed only then
-        short = _placed_labels(draw, font, line, boxes, [number for *_, number in drawn], canvas.size)
-        labels = short if _clashes(short, boxes) < clashes else labels
+    crowded = len(boxes) > 1 and clashes >= max(2, len(boxes) / 4)
+    if steady.held_numbers_only(crowded) if steady else crowded:  # the numbers alone, placed only then
+        short = _placed_labels(draw, font, line, boxes, [number for *_, number in drawn], canvas.size, numbers, sides)
+        labels = short if steady or _clashes(short, boxes) < clashes else labels
     for (colour, _, _), (text, area, at) in zip(drawn, labels):
         draw.rectangle(area, fill=colour)
         draw.text(at, text, fill=_text_colour(colour), font=font)
     return canvas
 
 
-def _line_and_font(canvas_size: tuple[int, int], boxes: list) -> tuple[int, ImageFont.ImageFont]:
+def _line_and_font(canvas_size: tuple[int, int], boxes: list, steady: SteadyLabels | None = None) -> tuple[int, ImageFont.ImageFont]:
     """Outline width and label font for a picture: growing with the picture, so that they can be seen
     in a large one, but no larger than its faces allow (in a group photo, an outline a twelfth of a
     face's side, letters under half its height)."""
@@ -93,18 +125,24 @@ def _line_and_font(canvas_size: tuple[int, int], boxes: list) -> tuple[int, Imag
     line, letters = round(3 * scale), round(16 * scale)
     if boxes:
         face = float(np.median([min(w, h) for _, _, w, h in boxes]))
+        face = steady.held_face_side(face) if steady else face
         line, letters = min(line, round(face / 12)), min(letters, round(face * 0.45))
     return max(2, line), ImageFont.load_default(size=max(11, letters))
 
 
-def _placed_labels(draw, font, line: int, boxes: list, texts: list[str], canvas_size) -> list[tuple]:
-    """(text, its area, where its text starts) for each face's label, placed one after another."""
+def _placed_labels(draw, font, line: int, boxes: list, texts: list[str], canvas_size, numbers=None, sides=None) -> list[tuple]:
+    """(text, its area, where its text starts) for each face's label, placed one after another; with
+    `sides` (a face's number -> its label's side last time, updated), each kept where it is clear."""
     pad, placed, labels = max(2, line), [], []
     _, top, _, bottom = draw.textbbox((0, 0), "0 Ag%", font=font)  # one height for every label, digits or words
-    for box, text in zip(boxes, texts):
+    for box, text, number in zip(boxes, texts, numbers if numbers is not None else range(len(boxes))):
         left, _, right, _ = draw.textbbox((0, 0), text, font=font)
         size = (right - left + 2 * pad, bottom - top + 2 * pad)
-        tx, ty = _label_place(box, size, canvas_size, placed, [b for b in boxes if b is not box], line)
+        others = [b for b in boxes if b is not box]
+        if sides is None:
+            tx, ty = _label_place(box, size, canvas_size, placed, others, line)
+        else:
+            tx, ty, sides[number] = _label_place(box, size, canvas_size, placed, others, line, sides.get(number), side=True)
         placed.append((tx, ty, tx + size[0], ty + size[1]))
         labels.append((text, placed[-1], (tx + pad - left, ty + pad - top)))
     return labels
@@ -130,10 +168,11 @@ def _text_colour(background) -> tuple[int, int, int]:
 TINY_SIDE = 240  # pictures smaller than this are enlarged for drawing: labels of a readable size fit
 
 
-def _label_place(box, size, canvas_size, placed, others, line) -> tuple[int, int]:
+def _label_place(box, size, canvas_size, placed, others, line, preferred: int | None = None, side: bool = False) -> tuple:
     """Where a label of `size` goes: above the box, else below it, else inside its top or bottom edge,
     moved into the picture; first of all clear of the labels already `placed`, then whole where it was
-    meant to be, then covering as little of the `others` faces' boxes as it can."""
+    meant to be, then covering as little of the `others` faces' boxes as it can. The `preferred` side
+    (an index of those four) wins where it is clear on all three counts; `side`: the index is returned too."""
     x, y, w, h = box
     width, height = size
     left = min(max(0, x - line // 2), max(0, canvas_size[0] - width))
@@ -151,7 +190,9 @@ def _label_place(box, size, canvas_size, placed, others, line) -> tuple[int, int
     candidates = [min(max(0, top), max(0, canvas_size[1] - height)) for top in tops]
     best = min(range(len(tops)), key=lambda i: (cover(candidates[i], placed) > 0, not inside(tops[i]),
                                                  cover(candidates[i], faces), i))
-    return left, candidates[best]
+    if preferred is not None and inside(tops[preferred]) and not cover(candidates[preferred], placed + faces):
+        best = preferred
+    return (left, candidates[best], best) if side else (left, candidates[best])
 
 
 def save_annotated(image: Image.Image, path: str | Path) -> Path:

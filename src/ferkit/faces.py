@@ -46,6 +46,9 @@ DETECTOR_THREADS = 1
 SMALL_FACE_SIDE = 24
 LARGE_FACE_SHARE = 0.3
 MIN_COARSE_SHORT_SIDE = 160
+# Detection time grows with the pixels looked at: a panorama kept over `min_short_side` px tall can cost
+# more than a minute (60000x600: 45 s on a busy machine). Past this many, it is looked at smaller.
+MAX_DETECTION_PIXELS = 8_000_000
 EDGE_SLACK = 2  # px: a box whose left or top is this near the edge may have been clamped there
 CROPPED_FACE_SIDE = 128  # images this small are more likely face crops (FER2013's are 48x48) than scenes
 
@@ -352,6 +355,7 @@ def _resized(rgb: np.ndarray, scale: float) -> np.ndarray:
 
 def _shrink(rgb: np.ndarray, max_side: int, min_short_side: int) -> tuple[float, np.ndarray]:
     scale = min(1.0, max(max_side / max(rgb.shape[:2]), min_short_side / min(rgb.shape[:2])))
+    scale = min(scale, (MAX_DETECTION_PIXELS / (rgb.shape[0] * rgb.shape[1])) ** 0.5)  # a 60000x600 strip
     return scale, _resized(rgb, scale)
 
 

@@ -509,8 +509,7 @@ def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig,
         with _PLOTTING:  # pyplot's figures and fonts are shared state
             png = base64.b64encode(timeline.plot(Path(folder) / "emotions.png").read_bytes()).decode()
         table = timeline.to_csv(Path(folder) / "timeline.csv").read_text()
-    return {"frames_analysed": timeline.frames_analysed, "faces": len(timeline.rows), "cut_short": timeline.cut_short, "csv": table,
-            "plot_png": f"data:image/png;base64,{png}"}
+    return timeline.summary(csv=table, plot_png=f"data:image/png;base64,{png}")  # as `ferkit predict --json` says of a video
 
 
 def _upload_schema(types: tuple[str, ...]) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ferkit.draw import draw_faces, mark_video
+from ferkit.draw import SteadyLabels, draw_faces, mark_video
 from ferkit.errors import FerkitError
 from ferkit.faces import box_iou
 from ferkit.predict import UNCERTAIN_BELOW, analyze_images
@@ -228,6 +228,7 @@ def analyze_video(
     timeline = Timeline(str(path), info.fps, classifier.classes, every=every)
     # a face missed for up to about a second keeps its track, however often frames are analysed
     tracker, smoothed = IouTracker(max_gap=max(1, round(TRACK_GAP_S * info.fps / every))), {}
+    labels = SteadyLabels(frames_to_switch=max(3, round(info.fps / every)))  # held for about a second at least
     alpha = 2.0 / (smooth + 1)
     writer = _video_writer(annotated, info, every) if annotated else None
     if timeline_csv:
@@ -249,6 +250,7 @@ def analyze_video(
             if before is not None and is_scene_cut(before, signature):  # no face carries over to another shot
                 tracker.close_all()
                 smoothed.clear()
+                labels.reset()
             tracks = tracker.update([f.box for f in result.faces])
             faces = [_smooth(face, track, smoothed, alpha, classifier.classes, uncertain_below)
                      for face, track in zip(result.faces, tracks)]
@@ -262,7 +264,7 @@ def analyze_video(
             timeline.last_frame, timeline.last_time_s = index, time_s
             if writer is not None:
                 # as the timeline and the plot have them: numbered by track, smoothed
-                _write_frame(writer, draw_faces(_to_image(frame), faces, numbers=tracks, enlarge_tiny=False))
+                _write_frame(writer, draw_faces(_to_image(frame), faces, numbers=tracks, enlarge_tiny=False, steady=labels))
             if progress:
                 progress(index)
     finally:

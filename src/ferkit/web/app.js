@@ -90,29 +90,79 @@ function dropZone(zone, take) {
 }
 
 // --- drawing ----------------------------------------------------------------------------------
-function drawFaces(context, faces, scale = 1) {
-  // every box first, then every label, so that no box line runs through a label; labels kept inside,
-  // numbered as the list below numbers the faces
-  context.lineWidth = Math.max(2, 3 * scale);
-  context.font = `${Math.max(12, Math.round(16 * scale))}px system-ui, sans-serif`;
-  for (const face of faces) {
-    const [x, y, w, h] = face.box.map((v) => v * scale);
-    context.strokeStyle = COLORS[face.emotion] || "#56b4e9";
+// As ferkit.draw draws an annotated copy: outline and letters no larger than the faces allow, each label
+// above its box, else below, else inside it, clear of the others where it can be; where a quarter of the
+// labels or more would still cover each other or their faces (a crowded group photo), the numbers alone.
+function drawFaces(context, faces, scale = 1) {  // -> the labels drawn: their text and area
+  const { width: canvasWidth, height: canvasHeight } = context.canvas;
+  const boxes = faces.map((face) => face.box.map((v) => v * scale));
+  const { line, letters } = lineAndLetters(scale, boxes);
+  context.lineWidth = line;
+  context.font = `${letters}px system-ui, sans-serif`;
+  const colors = faces.map((face) => COLORS[face.emotion] || "#56b4e9");
+  boxes.forEach(([x, y, w, h], index) => {  // every box first, so that no box line runs through a label
+    context.strokeStyle = colors[index];
     context.strokeRect(x, y, w, h);
-  }
-  const height = Math.max(16, 20 * scale);
-  faces.forEach((face, index) => {
-    const [x, y, , h] = face.box.map((v) => v * scale);
-    const color = COLORS[face.emotion] || "#56b4e9";
-    const label = `${index + 1} ${face.emotion}${face.uncertain ? "?" : ""} ${Math.round(face.score * 100)}%`;
-    const width = context.measureText(label).width + 8;
-    const left = Math.max(0, Math.min(x, context.canvas.width - width));
-    const top = y - height >= 0 ? y - height : Math.min(y + h, context.canvas.height - height);
-    context.fillStyle = color;
-    context.fillRect(left, top, width, height);
-    context.fillStyle = isLight(color) ? "#000" : "#fff";
-    context.fillText(label, left + 4, top + height * 0.78);
   });
+  const whole = faces.map((face, index) =>
+    `${index + 1} ${face.emotion}${face.uncertain ? "?" : ""} ${Math.round(face.score * 100)}%`);
+  const size = [canvasWidth, canvasHeight];
+  let labels = placedLabels(context, boxes, whole, line, letters, size);
+  const clashes = countClashes(labels, boxes);
+  if (boxes.length > 1 && clashes >= Math.max(2, boxes.length / 4)) {
+    const numbers = placedLabels(context, boxes, faces.map((_, index) => `${index + 1}`), line, letters, size);
+    if (countClashes(numbers, boxes) < clashes) labels = numbers;
+  }
+  labels.forEach(({ text, area: [left, top, right, bottom] }, index) => {
+    context.fillStyle = colors[index];
+    context.fillRect(left, top, right - left, bottom - top);
+    context.fillStyle = isLight(colors[index]) ? "#000" : "#fff";
+    context.fillText(text, left + Math.max(2, line), bottom - Math.max(2, line) - letters * 0.22);
+  });
+  return labels;
+}
+
+function lineAndLetters(scale, boxes) {
+  let line = Math.max(2, 3 * scale), letters = Math.max(12, Math.round(16 * scale));
+  if (boxes.length) {
+    const sides = boxes.map(([, , w, h]) => Math.min(w, h)).sort((a, b) => a - b);
+    const middle = sides.length >> 1;
+    const face = sides.length % 2 ? sides[middle] : (sides[middle - 1] + sides[middle]) / 2;
+    line = Math.max(2, Math.min(line, Math.round(face / 12)));
+    letters = Math.max(11, Math.min(letters, Math.round(face * 0.45)));
+  }
+  return { line, letters };
+}
+
+function placedLabels(context, boxes, texts, line, letters, [canvasWidth, canvasHeight]) {
+  const pad = Math.max(2, line), height = Math.round(letters * 1.2) + 2 * pad, placed = [];
+  return boxes.map((box, index) => {
+    const [x, y, w, h] = box;
+    const width = context.measureText(texts[index]).width + 2 * pad;
+    const left = Math.min(Math.max(0, x - line / 2), Math.max(0, canvasWidth - width));
+    const tops = [y - height, y + h, y, y + h - height];
+    const inside = (top) => top >= 0 && top + height <= canvasHeight;
+    const others = boxes.filter((_, k) => k !== index).map(([ox, oy, ow, oh]) => [ox, oy, ox + ow, oy + oh]);
+    const candidates = tops.map((top) => Math.min(Math.max(0, top), Math.max(0, canvasHeight - height)));
+    const cost = (i) => [cover([left, candidates[i], left + width, candidates[i] + height], placed) > 0 ? 1 : 0,
+                         inside(tops[i]) ? 0 : 1, cover([left, candidates[i], left + width, candidates[i] + height], others), i];
+    const best = [0, 1, 2, 3].map(cost).sort((a, b) => a[0] - b[0] || a[1] - b[1] || a[2] - b[2] || a[3] - b[3])[0][3];
+    const area = [left, candidates[best], left + width, candidates[best] + height];
+    placed.push(area);
+    return { text: texts[index], area };
+  });
+}
+
+function cover(area, rects) {  // how much of `area` the rectangles cover, in square pixels
+  return rects.reduce((sum, r) => sum + Math.max(0, Math.min(area[2], r[2]) - Math.max(area[0], r[0]))
+                                      * Math.max(0, Math.min(area[3], r[3]) - Math.max(area[1], r[1])), 0);
+}
+
+function countClashes(labels, boxes) {  // labels that cover a label placed before them, or their own face
+  return labels.filter(({ area }, k) => {
+    const [x, y, w, h] = boxes[k];
+    return labels.slice(0, k).some((other) => cover(area, [other.area]) > 0) || cover(area, [[x, y, x + w, y + h]]) > 0;
+  }).length;
 }
 
 function isLight(hex) {  // black text on light label colours, white on dark ones
@@ -149,7 +199,7 @@ function listFaces(list, faces) {
   });
 }
 
-// A result as a file to keep, named as `ferkit predict` names its files: photo.faces.json, clip.emotions.csv.
+// A result as a file to keep, named as `ferkit predict` names its files: photo.faces.json, clip.timeline.csv.
 const offered = {};
 
 function offerDownload(link, blob, fileName, suffix) {
@@ -314,9 +364,9 @@ async function analyzeVideo(file, given = 1) {
     if (mine !== latestVideo) return;
     $("video-plot").src = result.plot_png;
     $("video-plot").hidden = false;
-    offerDownload($("video-csv"), new Blob([result.csv], { type: "text/csv" }), file.name, ".emotions.csv");
-    // `faces`: a face in each frame counts once per frame it is in
-    say(`${result.frames_analysed} frames analysed, ${result.faces} face${result.faces === 1 ? "" : "s"} seen in them` +
+    offerDownload($("video-csv"), new Blob([result.csv], { type: "text/csv" }), file.name, ".timeline.csv");
+    // `tracks`: each face followed from frame to frame (`faces` would count it once per frame it is in)
+    say(`${result.frames_analysed} frames analysed, ${result.tracks} face${result.tracks === 1 ? "" : "s"} followed through them` +
         (result.cut_short ? " (the file seems cut short: frames stopped before its end)" : "") + which);
   } catch (error) {
     if (mine === latestVideo) say(error.message, true);
