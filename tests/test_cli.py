@@ -991,6 +991,81 @@ def test_faces_renamed_since_a_run_split_them_are_not_taken_for_its_held_out_fac
     assert "held out for validation" not in result.output and "its accuracy there says little" in result.output
 
 
+def test_other_faces_as_many_per_class_as_a_run_trained_on_are_not_taken_for_its_training_data(trained_run, tmp_path):
+    other = write_pattern_dataset(tmp_path / "other", 20, seed=7)  # the training data's counts, other faces
+    result = run("evaluate", trained_run, "--data", other, "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    assert "was trained on" not in result.output
+    copy = tmp_path / "copy"  # the faces themselves, read from another folder, are still known
+    import shutil
+
+    shutil.copytree(Path(json.loads((trained_run / "config.json").read_text())["data"]), copy)
+    result = run("evaluate", trained_run, "--data", copy, "--out", tmp_path / "eval-copy")
+    assert result.exit_code == 0 and f"{copy} is the data {trained_run} was trained on" in result.output
+
+
+def test_the_faces_a_run_held_out_are_found_from_any_working_folder_and_for_its_checkpoints(pattern_data, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(pattern_data / "train", tmp_path / "work" / "data")
+    monkeypatch.chdir(tmp_path / "work")  # the run records its data as given: "data", relative to here
+    trained = run("train", "--data", "data", "--val-split", "0.2", "--epochs", "1", "--save-period", "1", "--out", "r")
+    assert trained.exit_code == 0, trained.output
+    monkeypatch.chdir(tmp_path)
+    held = round(0.2 * len(list((pattern_data / "train").rglob("*.png"))))
+    for model in ("work/r", "work/r/epochs/epoch-001.keras"):
+        result = run("evaluate", model, "--data", "work/data", "--tta", "none", "--json")
+        assert result.exit_code == 0, result.output
+        assert f"scoring the {held} faces it held out" in result.output, (model, result.output)
+        assert json.loads(result.output[result.output.index("{"):])["samples"] == held
+    assert (tmp_path / "work" / "r" / "eval-epoch-001-data-none").is_dir()  # a checkpoint's report in its run folder
+
+
+def test_a_run_whose_config_this_ferkit_refuses_is_still_evaluated(trained_run, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(trained_run, tmp_path / "run")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "optimizer": "a-future-one"}))
+    result = run("evaluate", copy, "--data", Path(config["data"]).parent / "val", "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    assert f"the run config {copy / 'config.json'} holds a setting this ferkit refuses" in result.output
+
+
+def test_a_report_of_a_runs_last_model_says_so(trained_run, tmp_path):
+    val = Path(json.loads((trained_run / "config.json").read_text())["data"]).parent / "val"
+    result = run("evaluate", trained_run / "last.keras", "--data", val, "--json", "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    state = RunState.load(trained_run)
+    assert f"{trained_run.name} (last.keras, epoch {state.epochs_done}" in (tmp_path / "eval" / "report.html").read_text()
+
+
+def test_a_single_unreadable_photo_leaves_no_empty_results_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a photo")
+    result = run("predict", tmp_path / "notes.txt", "--out", tmp_path / "new" / "out")
+    assert result.exit_code != 0 and not (tmp_path / "new").exists()
+
+
+def test_a_folder_where_a_result_file_goes_is_named_even_with_overwrite(tmp_path):
+    photo = tmp_path / "face.png"
+    Image.fromarray(pattern_face(3, np.random.default_rng(0))).save(photo)
+    (tmp_path / "out" / "face.annotated.jpg").mkdir(parents=True)
+    line = _one_line_error(run("predict", photo, "--out", tmp_path / "out", "--overwrite"))
+    assert line.startswith(f"error: {tmp_path / 'out' / 'face.annotated.jpg'} is a folder, where ferkit writes a file")
+
+
+def test_a_new_folder_made_for_work_that_fails_is_removed_unless_something_was_written(tmp_path):
+    from ferkit.results import new_folder
+
+    with pytest.raises(KeyboardInterrupt), new_folder(tmp_path / "a" / "b"):
+        raise KeyboardInterrupt
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(RuntimeError), new_folder(tmp_path / "a" / "b") as folder:
+        (folder / "kept.txt").write_text("written before it failed")
+        raise RuntimeError
+    assert (tmp_path / "a" / "b" / "kept.txt").is_file()
+
+
 def test_a_photo_is_said_to_be_scored_by_a_model_that_predict_takes_back(tmp_path, monkeypatch):
     import re
     import shutil

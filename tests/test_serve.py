@@ -360,7 +360,8 @@ def test_a_short_video_gives_a_timeline_and_a_plot_and_leaves_no_file(client):
     assert result["source"] == "pan.avi" and result["cut_short"] is False
     assert result["frames_analysed"] == 5  # about 5 a second of its 10, as `ferkit predict` analyses a video
     assert result["plot_png"].startswith("data:image/png;base64,")
-    assert set(Path(tempfile.gettempdir()).glob("ferkit-serve-*")) == before  # the upload is gone
+    # the upload is gone (another test's server, running beside this one, may have removed its own meanwhile)
+    assert set(Path(tempfile.gettempdir()).glob("ferkit-serve-*")) <= before
 
 
 def test_a_video_cut_short_is_analysed_as_far_as_it_goes_and_said_to_be(client):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import write_pattern_dataset
 from ferkit.config import TrainConfig
 from ferkit.data import load_dataset
 from ferkit.errors import FerkitError
@@ -576,6 +577,7 @@ def test_a_teacher_with_other_classes_is_refused(pattern_data, trained_run, tmp_
 
 JIT_PROBE = """
 import keras, numpy as np
+from conftest import write_pattern_dataset
 from ferkit.config import TrainConfig
 from ferkit.training_model import build_training_model
 config = TrainConfig(model="seed-cnn", data="unused", augment=["flip", "shift", "rotate", "zoom", "erase"])
@@ -1203,3 +1205,48 @@ def test_training_leaves_the_callers_random_state_as_it_was(pattern_data, tmp_pa
     random.seed(999)
     train(_config(pattern_data, tmp_path / "run", epochs=1), verbose=0)
     assert (np.random.rand(), random.random()) == expected
+
+
+def _cli(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_resuming_with_fewer_epochs_than_done_is_refused(trained_run, tmp_path):
+    copy = shutil.copytree(trained_run, tmp_path / "run")
+    result = _cli("train", "--resume", copy, "--epochs", "2")
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {copy} has 8 epochs done, more than the 2 asked for; pass a larger --epochs to train on"
+
+
+def test_a_history_saved_by_a_spreadsheet_resumes_and_a_damaged_one_is_one_line(trained_run, tmp_path):
+    copy = shutil.copytree(trained_run, tmp_path / "run")
+    history = (copy / "history.csv").read_bytes()
+    (copy / "history.csv").write_bytes(b"\xef\xbb\xbf" + history)  # "CSV UTF-8": a byte-order mark first
+    resumed = _cli("train", "--resume", copy, "--epochs", "9")
+    assert resumed.exit_code == 0, resumed.output
+    assert read_history(copy / "history.csv")["epoch"] == list(range(1, 10))
+    damaged = shutil.copytree(trained_run, tmp_path / "damaged")
+    (damaged / "history.csv").write_text(history.decode() + "foo,bar\n")
+    result = _cli("train", "--resume", damaged, "--epochs", "9")
+    assert result.exit_code == 2 and result.output.startswith(f"error: {damaged / 'history.csv'} is damaged (")
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_run_folder_that_cannot_be_made_is_said_before_the_data_loads(pattern_data):
+    result = _cli("train", "--data", pattern_data / "train", "--val", pattern_data / "val", "--out", "/proc/ferkit-no/run")
+    assert result.exit_code == 2
+    assert result.output.startswith("error: cannot create the run folder /proc/ferkit-no/run: ")
+
+
+def test_resuming_on_changed_data_names_the_class_that_changed_where_validation_was_split_off(tmp_path):
+    data = write_pattern_dataset(tmp_path / "data", 12, seed=3)  # 84 faces: 8 held out, 1 or 2 of a class
+    assert _cli("train", "--data", data, "--val-split", "0.1", "--epochs", "1", "--out", tmp_path / "r").exit_code == 0
+    shutil.copy(next((data / "happy").iterdir()), data / "happy" / "one-more.png")  # the split moves a slot
+    result = _cli("train", "--resume", tmp_path / "r", "--epochs", "2")
+    assert result.exit_code == 2, result.output
+    import ast
+    import re
+
+    given, recorded = (ast.literal_eval(counts) for counts in re.findall(r"\{[^}]*\}", result.output))
+    changed = {name for name in given if given[name] != recorded[name]}
+    assert changed == {"happy"} and given["happy"] == recorded["happy"] + 1, result.output

@@ -590,31 +590,33 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     from ferkit.evaluation import check_report_folder, default_report_folder, evaluate
     from ferkit.predict import model_version
     from ferkit.progress import progress_bar
-    from ferkit.results import check_out_outside_data, create_folder
-    from ferkit.runs import held_out_faces, holds_its_training_faces, members_trained_on, trained_on
+    from ferkit.results import check_out_outside_data, new_folder
+    from ferkit.runs import held_out_faces, holds_its_training_faces, members_trained_on, run_config_of, run_folder_of, trained_on
     from ferkit.runtime import load_classifier
 
     given = click.get_current_context().get_parameter_source("usage") is not click.core.ParameterSource.DEFAULT
     usage = _check_usage(data, usage, given)
     check_out_outside_data(out, data, "the report's pictures")
     classifier = load_classifier(model).with_tta(tta)
-    run = trained_on(classifier.path, data, usage=None if Path(data).is_dir() else usage)
-    # a run that split its validation faces off this data: scored on those, if they can be told again
-    split = f" (the faces its run held out: --val-split {run.val_split:g}, seed {run.seed})" if run and not run.val else ""
+    run = trained_on(classifier.path, data, usage=None if Path(data).is_dir() else usage)  # as the run named its data
+    config = run or run_config_of(classifier.path)
+    # a run that split its validation faces off its data: scored on those where `data` is that data (its
+    # faces, read from anywhere), as far as they can be told again
+    split = f" (the faces its run held out: --val-split {config.val_split:g}, seed {config.seed})" if config and not config.val else ""
     if out is not None and not overwrite and Path(data).is_dir():  # a folder's source is its path: checked before it loads
-        check_report_folder(out, classifier.name, str(Path(data)) + split, classifier.tta, model_version(classifier),
-                            classifier.sha256)
+        check_report_folder(out, classifier.name, str(Path(data)) + (split if run else ""), classifier.tta,
+                            model_version(classifier), classifier.sha256)
     dataset = load_dataset(
         data, classes=classifier.classes, image_size=classifier.input_size, usage=usage, progress=True
     )  # the bar is gone before the JSON is printed
-    held = held_out_faces(classifier.path.parent, run, dataset) if split else None
+    held = held_out_faces(run_folder_of(classifier.path), config, dataset) if split else None
     seen = None  # a warning that the model was trained on these faces: in the terminal and the saved report
     if held is not None:
         dataset = replace(held, source=held.source + split)
         log.info("%s is the data %s was trained on: scoring the %d faces it held out for validation", data,
-                 classifier.path.parent, len(dataset))
+                 run_folder_of(classifier.path), len(dataset))
     elif run or holds_its_training_faces(classifier.path, dataset):
-        seen = f"{data} is the data {classifier.path.parent} was trained on"
+        seen = f"{data} is the data {run_folder_of(classifier.path)} was trained on"
     elif members := members_trained_on(classifier.metadata, data, usage=None if Path(data).is_dir() else usage):
         what = "averaged checkpoints" if "averaged" in classifier.metadata.extra else f"ensemble's {', '.join(members)} member(s)"
         seen = f"{data} is the data the {what} were trained on"
@@ -628,11 +630,11 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
         check_out_outside_data(out, data, "the report's pictures")  # `--data .` in a shipped model's runs/
     elif not overwrite:
         check_report_folder(out, *evaluation)  # before the minutes of scoring, not after
-    create_folder(out, "report folder")  # a folder that cannot be made: said now, not after the scoring
-    with progress_bar(len(dataset), f"scoring ({classifier.tta})") as advance:
+    # a folder that cannot be made: said now, not after the scoring; one left empty by Ctrl-C: gone again
+    with new_folder(out, "report folder"), progress_bar(len(dataset), f"scoring ({classifier.tta})") as advance:
         report = evaluate(classifier, dataset, batch_size=batch_size, progress=advance)
-    report.warnings[:0] = [seen] if seen else []
-    written = report.save(out, overwrite=overwrite)
+        report.warnings[:0] = [seen] if seen else []
+        written = report.save(out, overwrite=overwrite)
     if as_json:
         click.echo(json.dumps({**report.to_dict(), "files": [str(p) for p in written]}, indent=2))
         return
@@ -846,7 +848,7 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     )
     from ferkit.faces import get_detector
     from ferkit.predict import check_uncertain_below
-    from ferkit.results import check_replaceable, create_folder
+    from ferkit.results import check_replaceable, new_folder
     from ferkit.runtime import load_classifier
 
     check_uncertain_below(uncertain_below)
@@ -916,25 +918,25 @@ def predict_cmd(sources, model, detector, boxes, out: str, as_json, annotate, ev
     if batch and resume:
         classifier = model_the_batch_began_with(classifier, model, out, tta)
     find = get_detector(detector)
-    create_folder(out)
-    failures = missing
-    if images and not batch:
-        failures += _predict_one(images[0], classifier, find, out, as_json, annotate is not False, given,
-                                 uncertain_below=uncertain_below)
-    elif batch:
-        failures += _predict_many(FolderBatch(batch, out, model=classifier, detector=find, annotate=bool(annotate),
-                                              uncertain_below=uncertain_below, resume=resume, overwrite=overwrite,
-                                              alone=given_sources == 1),
-                                  as_json, unreadable_sources=failures)
-    failed_videos = sum(_predict_video(source, out, as_json, stem=stem, alone=given_sources == 1, model=classifier,
-                                       detector=find, every=every, target_fps=target_fps, smooth=smooth,
-                                       save_video=save_video, uncertain_below=uncertain_below, overwrite=overwrite)
-                        for source, stem in videos)
-    if failed_videos and not as_json:  # the photos' summary line, printed before the videos, does not count them
-        click.echo(f"{failed_videos} of {len(videos)} video(s) failed")
-    failures += failed_videos + unplayable
-    if failures:
-        sys.exit(1)
+    with new_folder(out):  # gone again if nothing could be written there (a single unreadable photo, say)
+        failures = missing
+        if images and not batch:
+            failures += _predict_one(images[0], classifier, find, out, as_json, annotate is not False, given,
+                                     uncertain_below=uncertain_below)
+        elif batch:
+            failures += _predict_many(FolderBatch(batch, out, model=classifier, detector=find, annotate=bool(annotate),
+                                                  uncertain_below=uncertain_below, resume=resume, overwrite=overwrite,
+                                                  alone=given_sources == 1),
+                                      as_json, unreadable_sources=failures)
+        failed_videos = sum(_predict_video(source, out, as_json, stem=stem, alone=given_sources == 1, model=classifier,
+                                           detector=find, every=every, target_fps=target_fps, smooth=smooth,
+                                           save_video=save_video, uncertain_below=uncertain_below, overwrite=overwrite)
+                            for source, stem in videos)
+        if failed_videos and not as_json:  # the photos' summary line, printed before the videos, does not count them
+            click.echo(f"{failed_videos} of {len(videos)} video(s) failed")
+        failures += failed_videos + unplayable
+        if failures:
+            sys.exit(1)
 
 
 def _video_stems(videos: list[str], out: Path, save_video: bool, photos=()) -> list[tuple[str, str]]:

@@ -212,7 +212,12 @@ class TrainConfig:
         except (OSError, ValueError):
             raise FerkitError(f"cannot read the run config {path}") from None
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        if not isinstance(data, dict):
+            raise FerkitError(f"the run config {path} is damaged (not a JSON object)")
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except FerkitError as err:  # its settings are checked as the flags they came from are
+            raise FerkitError(f"the run config {path} holds a setting this ferkit refuses: {err}") from None
 
 
 def _names(value) -> list[str]:

@@ -1,7 +1,8 @@
 """evaluate(model, dataset) -> EvaluationReport: accuracy, macro-F1, per-class table, confusion matrix,
 and how well the model's confidence matches its accuracy (ECE, reliability diagram; see ferkit.calibration).
 
-Metric names follow scikit-learn, which computes them. The confusion matrix always covers every class of
+Metric names follow scikit-learn, which computes them (per class: precision, recall, f1 and support, as
+`precision_recall_fscore_support` returns them). The confusion matrix always covers every class of
 the model, so a dataset without any `disgust` still gives a 7x7 matrix.
 """
 
@@ -21,6 +22,7 @@ from ferkit.calibration import CONFIDENCE_LEVELS, ECE_BINS, confidence_accuracy_
 from ferkit.data import FaceDataset
 from ferkit.errors import FerkitError
 from ferkit.extras import require
+from ferkit.runs import run_folder_of
 from ferkit.runtime import Classifier, load_classifier, resolve_model_path
 
 
@@ -87,12 +89,16 @@ class EvaluationReport:
     @property
     def model_label(self) -> str:
         """The model's name as --model takes it (a shipped model's, a run folder's, a file's; else the
-        network's), with its training epoch where known and its test-time augmentation when it used one."""
+        network's), with the file of a run other than its best.keras, its training epoch where known and
+        its test-time augmentation when it used one."""
         from ferkit.predict import model_named_by
 
-        name = Path(model_named_by(self.model_version)).name if self.model_version else self.model
-        details = ([f"epoch {self.model_epoch}"] if self.model_epoch is not None else []) + (
-            [f"{self.tta} TTA"] if self.tta != "none" else [])
+        named = model_named_by(self.model_version) if self.model_version else self.model
+        name = Path(named).name
+        # a run's other files than the best.keras that its name stands for: last.keras, an epoch's checkpoint
+        file = self.model_version[len(named):].strip(" ()").split(",")[0] if self.model_version and named != self.model_version else ""
+        details = ([file] if file and file != "best.keras" else []) + (
+            [f"epoch {self.model_epoch}"] if self.model_epoch is not None else []) + ([f"{self.tta} TTA"] if self.tta != "none" else [])
         return f"{name} ({', '.join(details)})" if details else name
 
     @property
@@ -284,8 +290,8 @@ def default_report_folder(model: str | Path | None, data: str | Path, evaluation
         folder = Path("runs") / f"eval-{stem}-{name}"  # never write into the installed package
     elif given.is_dir():
         folder = given / f"eval-{name}"
-    else:
-        folder = model_path.parent / f"eval-{stem}-{name}"
+    else:  # a --save-period checkpoint's reports go into its run folder, beside the others
+        folder = run_folder_of(model_path) / f"eval-{stem}-{name}"
     candidate, number = folder, 1
     while not report_folder_accepts(candidate, *evaluation):
         number += 1

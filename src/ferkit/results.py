@@ -10,6 +10,7 @@ import errno
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,7 +149,11 @@ def check_writable_folder(folder: Path) -> None:
 
 def check_replaceable(paths, *, overwrite: bool = False) -> None:
     """Refuse to write over a file that ferkit did not write (a user's own `faces.csv`, say) unless told
-    to `overwrite`: ferkit's own results of an earlier run are replaced, nothing else is."""
+    to `overwrite`: ferkit's own results of an earlier run are replaced, nothing else is. A folder where a
+    file is to go is refused even so: nothing can replace it."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise FerkitError(f"{path} is a folder, where ferkit writes a file of that name: move it or choose another folder for the results")
     if overwrite:
         return
     for path in map(Path, paths):
@@ -188,6 +193,39 @@ def create_folder(folder: str | Path, what: str = "results folder") -> Path:
     except OSError as err:
         raise FerkitError(f"cannot create the {what} {folder}: {err.strerror or err}") from None
     return Path(folder)
+
+
+@contextmanager
+def new_folder(folder: str | Path, what: str = "results folder"):
+    """`folder`, made as create_folder makes it, and removed again (with the parents made for it) where
+    the work done inside fails or is cut short before anything is written there."""
+    made = _missing_folders(folder)
+    create_folder(folder, what)
+    try:
+        yield Path(folder)
+    except BaseException:
+        _remove_if_empty(made)
+        raise
+
+
+def check_creatable(folder: str | Path, what: str) -> None:
+    """A one-line FerkitError now, not after minutes of work, where `folder` cannot be made; nothing is left."""
+    made = _missing_folders(folder)
+    create_folder(folder, what)
+    _remove_if_empty(made)
+
+
+def _missing_folders(folder: str | Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    return [path for path in (Path(folder), *Path(folder).parents) if not path.exists()]
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first: a parent is empty once its child is gone
+        try:
+            folder.rmdir()
+        except OSError:  # something was written there after all
+            return
 
 
 class ResultsFolder:

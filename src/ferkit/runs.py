@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ import numpy as np
 
 from ferkit.errors import FerkitError, first_line
 from ferkit.results import hold_folder, release_folder
+
+log = logging.getLogger("ferkit")
 
 # Keras' CSVLogger writes the columns after "epoch" in sorted order; older runs had another order
 HISTORY_COLUMNS = ("epoch", "accuracy", "learning_rate", "loss", "seconds", "val_accuracy", "val_loss")
@@ -70,12 +73,20 @@ def read_history(path: str | Path) -> dict[str, list[float]]:
     path = Path(path)
     if not path.exists():
         return columns
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            for name in HISTORY_COLUMNS:
-                value = row.get(name, "")
-                columns[name].append(int(value) if name == "epoch" else float(value) if value not in ("", "NA") else float("nan"))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's "CSV UTF-8" starts with a BOM
+            for row in csv.DictReader(handle):
+                for name in HISTORY_COLUMNS:
+                    value = row.get(name) or ""
+                    columns[name].append(int(value) if name == "epoch" else float(value) if value not in ("", "NA") else float("nan"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise _damaged_history(path, err) from None
     return columns
+
+
+def _damaged_history(path: Path, err: Exception) -> FerkitError:
+    return FerkitError(f"{path} is damaged ({first_line(err)}); it holds one row per epoch done: restore it from a copy, "
+                       "or start the run again (--overwrite)")
 
 
 def rewrite_history(path: Path, epochs_done: int) -> None:
@@ -83,8 +94,11 @@ def rewrite_history(path: Path, epochs_done: int) -> None:
     columns of HISTORY_COLUMNS, which the history of older runs is converted to."""
     if not path.exists():
         return
-    with open(path, newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if int(r["epoch"]) <= epochs_done]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = [r for r in csv.DictReader(handle) if int(r["epoch"]) <= epochs_done]
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as err:
+        raise _damaged_history(path, err if not isinstance(err, KeyError) else ValueError(f"no column {err}")) from None
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -170,15 +184,19 @@ def faces_digest(images, chunk: int = 4096) -> str:
 
 
 def held_out_faces(run_folder: Path, run, dataset):
-    """The faces that the run `run` (its config, trained on `dataset`'s data with no --val) held out of
-    it for validation: the same stratified split, checked against the class counts the run recorded in
-    its datasets.json (the data changed since gives other counts: None then)."""
+    """The faces that the run `run` (its config, with no --val) held out of its data for validation, if
+    `dataset` is that data: the same stratified split, checked against the class counts and faces the run
+    recorded in its datasets.json (other data, or the data changed since: None)."""
     from ferkit.data import split_dataset
 
+    recorded = _recorded_datasets(run_folder)
+    whole = {name: recorded.get("train", {}).get(name, 0) + recorded.get("val", {}).get(name, 0)
+             for name in {*recorded.get("train", {}), *recorded.get("val", {})}}
+    if not whole or {name: n for name, n in dataset.class_counts().items() if n or name in whole} != whole:
+        return None  # not the run's data: told before splitting it
     try:
-        recorded = json.loads((Path(run_folder) / "datasets.json").read_text())
         trained, held = split_dataset(dataset, val_fraction=run.val_split, seed=run.seed)
-    except (OSError, ValueError, FerkitError):
+    except (ValueError, FerkitError):
         return None
     if trained.class_counts() != recorded.get("train") or held.class_counts() != recorded.get("val"):
         return None
@@ -191,28 +209,54 @@ def trained_on(model: Path, source, usage: str | None = None):
     """The config of the run that trained `model` (a file in its run folder) if `source` (with `usage`,
     the rows of a FER2013 CSV; None: all) holds that run's training faces, else None. A packed dataset
     counts as the data it was packed from."""
-    from ferkit.config import TrainConfig
-
     origin = training_faces_origin(model)
     if origin is None or not source or not Path(source).exists():
         return None
-    return TrainConfig.load(Path(model).parent / "config.json") if _holds(origin, source, usage) else None
+    return run_config_of(model) if _holds(origin, source, usage) else None
+
+
+def run_folder_of(model: Path) -> Path:
+    """The run folder of a model file in it: its folder, or the one above a --save-period checkpoint's."""
+    folder = Path(model).parent
+    return folder.parent if folder.name == EPOCHS_FOLDER else folder
+
+
+def run_config_of(model: Path):
+    """The TrainConfig of the run that trained `model` (a file in its run folder); None where no run
+    folder says, or its config.json cannot be read (then with a warning: the model file stands alone)."""
+    from ferkit.config import TrainConfig
+
+    path = run_folder_of(model) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return TrainConfig.load(path)
+    except FerkitError as err:
+        log.warning("%s; whether data holds the faces it trained on is not checked", err)
+        return None
 
 
 def holds_its_training_faces(model: Path, dataset) -> bool:
-    """Whether `dataset` holds as many faces of each class as the run that trained `model` (a file in its
-    run folder) recorded for its training set (datasets.json): its training data, wherever it was read
-    from (config.json keeps data paths as given, relative to where the run trained)."""
-    recorded = recorded_training_faces(model)
-    return bool(recorded) and dataset.class_counts() == recorded
+    """Whether `dataset` is the training set of the run that trained `model` (a file in its run folder),
+    wherever it was read from (config.json keeps data paths as given, relative to where the run trained):
+    the faces per class it recorded in datasets.json and, where it recorded them, the same faces."""
+    recorded = _recorded_datasets(run_folder_of(model))
+    if not recorded.get("train") or dataset.class_counts() != recorded["train"]:
+        return False
+    return TRAIN_DIGEST not in recorded or faces_digest(dataset.images) == recorded[TRAIN_DIGEST]
 
 
 def recorded_training_faces(model: Path) -> dict | None:
     """Faces per class of the training set of the run that trained `model`, as its datasets.json says."""
+    return _recorded_datasets(run_folder_of(model)).get("train")
+
+
+def _recorded_datasets(run_folder: Path) -> dict:
     try:
-        return json.loads((Path(model).parent / "datasets.json").read_text()).get("train")
-    except (OSError, ValueError, AttributeError):
-        return None
+        recorded = json.loads((Path(run_folder) / "datasets.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def members_trained_on(metadata, source, usage: str | None = None) -> list[str]:
@@ -230,14 +274,10 @@ TRAINED_ON = "trained_on"  # an ensemble member's entry: where its run's trainin
 def training_faces_origin(model: Path) -> dict | None:
     """Where the run that trained `model` (a file in its run folder) took its training faces: {"data": the
     folder or CSV file, "rows": a CSV's usage, None for all}; None where no run folder says."""
-    from ferkit.config import TrainConfig
     from ferkit.data.fer2013_csv import TRAIN_USAGE
 
-    config = Path(model).parent / "config.json"
-    if not config.is_file():
-        return None
-    run = TrainConfig.load(config)
-    if not run.data or not Path(run.data).exists():
+    run = run_config_of(model)
+    if run is None or not run.data or not Path(run.data).exists():
         return None
     data, rows = _faces_origin(run.data, TRAIN_USAGE if run.data.lower().endswith(".csv") else None)
     return {"data": str(data), "rows": rows}

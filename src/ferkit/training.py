@@ -30,7 +30,7 @@ from ferkit.distributed import start as start_distributed
 from ferkit.errors import FerkitError, first_line
 from ferkit.images import faces_to_batch
 from ferkit.models import check_weights, get_model_spec
-from ferkit.results import check_out_outside_data
+from ferkit.results import check_creatable, check_out_outside_data
 from ferkit.runs import (
     EPOCHS_FOLDER, HELD_OUT_DIGEST, TRAIN_DIGEST, RunState, check_run_folder, clear_run_folder, faces_digest,
     hold_run_folder, read_history, release_run_folder, rewrite_history, save_run_config,
@@ -278,9 +278,12 @@ def _check_and_load(config: TrainConfig, run: Path, resume: bool, overwrite: boo
     if not resume:
         for data in (config.data, config.val):
             check_out_outside_data(run, data, "the run's files")
+        if not run.exists():
+            check_creatable(run, "run folder")  # now, not after the data has loaded
     if resume and (run / "config.json").exists():
         _check_resumes_its_own_run(config, run)
         _check_has_its_checkpoint(run)
+        _check_asks_for_no_fewer_epochs(config, run)
     if not resume:
         config.check_every_setting_applies()
     if config.init and not resume:
@@ -293,7 +296,7 @@ def _check_and_load(config: TrainConfig, run: Path, resume: bool, overwrite: boo
         check_teacher(config.teacher)
     train_set, val_set = load_train_val(config, get_model_spec(config.model).input_size, progress=verbose > 0)
     if resume:
-        check_same_faces(run, train_set, val_set, digests=_reads_every_face(train_set, topology))
+        check_same_faces(run, train_set, val_set, digests=_reads_every_face(train_set, topology), split=not config.val)
     config.classes = list(train_set.classes)
     return train_set, val_set
 
@@ -306,6 +309,16 @@ def _warn_of_a_random_frozen_backbone(config: TrainConfig) -> None:
         log.warning("--weights none: %s's backbone starts from random weights and is frozen%s, so the head learns from "
                     "near-constant features (expect one class for every face); train a network of ferkit's own "
                     "(ferkit models) to learn from scratch", config.model, unfrozen)
+
+
+def _check_asks_for_no_fewer_epochs(config: TrainConfig, run: Path) -> None:
+    """Resuming with fewer epochs than the run has done is refused (before the data loads): it would train
+    nothing and leave the run as it was. As many: the run is done, and says so."""
+    done = RunState.load(run).epochs_done if (run / "state.json").exists() else 0
+    if done > config.total_epochs:
+        option = "--fine-tune-epochs" if config.fine_tune and done >= config.epochs else "--epochs"
+        raise FerkitError(f"{run} has {done} epochs done, more than the {config.total_epochs} asked for; pass a larger "
+                          f"{option} to train on")
 
 
 def _check_has_its_checkpoint(run: Path) -> None:
@@ -321,17 +334,24 @@ def _check_has_its_checkpoint(run: Path) -> None:
                           f"so it cannot go on where it stopped; {advice}")
 
 
-def check_same_faces(run: Path, train_set, val_set, *, digests: bool = True, reused: bool = False) -> None:
+def check_same_faces(run: Path, train_set, val_set, *, digests: bool = True, reused: bool = False, split: bool = False) -> None:
     """A resumed run goes on with the faces it began with (--data and --val say where they are now, not
     which): refused when the faces per class differ from those its datasets.json records; warned of when
     only their pixels do (another version of an image decoder changes a few). A finished run `reused` as
-    it is (by a study) is refused in both cases: its results would be said of faces it never saw."""
+    it is (by a study) is refused in both cases: its results would be said of faces it never saw.
+    `split`: the validation faces were split off the data (no --val), which is compared whole first."""
     try:
         recorded = json.loads((run / "datasets.json").read_text())
     except (OSError, ValueError):
         return  # a run stopped before it was recorded
     advice = "give the study the data its runs were trained with, or another --out" if reused else \
         "resume it with its own data"
+    if split and {"train", "val"} <= recorded.keys():  # the data given, whole: its own counts, not a new split's
+        given, was = (_whole_counts(train_set.class_counts(), val_set.class_counts()),
+                      _whole_counts(recorded["train"], recorded["val"]))
+        if given != was:
+            raise FerkitError(f"the data given (--data) holds other faces than {run} was trained with (faces per class "
+                              f"{given}, the run recorded {was}); {advice}")
     for name, faces, digest in (("train", train_set, TRAIN_DIGEST), ("val", val_set, HELD_OUT_DIGEST)):
         option = "--data" if name == "train" else "--val"
         if name in recorded and recorded[name] != faces.class_counts():
@@ -344,6 +364,10 @@ def check_same_faces(run: Path, train_set, val_set, *, digests: bool = True, reu
             log.warning("the %s data given has as many faces per class as %s recorded, but other pixels: files "
                         "replaced or renamed since, or decoded by another version of an image library; training "
                         "goes on with these", name, run)
+
+
+def _whole_counts(*counts: dict) -> dict:
+    return {name: sum(count.get(name, 0) for count in counts) for name in dict.fromkeys(k for count in counts for k in count)}
 
 
 def _reads_every_face(train_set, topology) -> bool:
