@@ -603,9 +603,10 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     # a run that split its validation faces off its data: scored on those where `data` is that data (its
     # faces, read from anywhere), as far as they can be told again
     split = f" (the faces its run held out: --val-split {config.val_split:g}, seed {config.seed})" if config and not config.val else ""
-    if out is not None and not overwrite and Path(data).is_dir():  # a folder's source is its path: checked before it loads
-        check_report_folder(out, classifier.name, str(Path(data)) + (split if run else ""), classifier.tta,
-                            model_version(classifier), classifier.sha256)
+    if out is not None and not overwrite and Path(data).is_dir() and (run or not split):
+        # a folder's source is its path (and which faces, where a run held some out): checked before it loads
+        check_report_folder(out, classifier.name, str(Path(data)) + split, classifier.tta, model_version(classifier),
+                            classifier.sha256)
     dataset = load_dataset(
         data, classes=classifier.classes, image_size=classifier.input_size, usage=usage, progress=True
     )  # the bar is gone before the JSON is printed

@@ -232,8 +232,13 @@ def run_config_of(model: Path):
     try:
         return TrainConfig.load(path)
     except FerkitError as err:
-        log.warning("%s; whether data holds the faces it trained on is not checked", err)
+        if str(err) not in _SAID:  # once, however often it is asked
+            _SAID.add(str(err))
+            log.warning("%s; whether data holds the faces it trained on is not checked", err)
         return None
+
+
+_SAID: set[str] = set()
 
 
 def holds_its_training_faces(model: Path, dataset) -> bool:
