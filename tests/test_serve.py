@@ -514,6 +514,10 @@ def test_an_idle_client_does_not_block_others(server):
 def test_a_form_without_the_file_field_is_refused_in_one_line(client):
     response = client.post("/v1/analyze", files={"photo": ("people.jpg", PEOPLE.read_bytes(), "image/jpeg")})
     assert response.status_code == 422 and response.json()["detail"] == "the form has no file field 'file'"
+    unclosed = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="people.jpg"\r\n'
+                b"Content-Type: image/jpeg\r\n\r\n" + PEOPLE.read_bytes()[:2000])  # no closing boundary
+    response = client.post("/v1/analyze", content=unclosed, headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 422 and response.json()["detail"].startswith("the form holds no complete field")
 
 
 def test_a_host_that_is_not_this_machine_is_one_line_about_the_host():

@@ -394,6 +394,9 @@ async def _read_upload(request, accepted: tuple[str, ...], what: str, also: tupl
             if len(uploads) > 1:
                 raise HTTPException(422, f"the form holds {len(uploads)} files in 'file'; send one per request")
             upload = uploads[0] if uploads else None
+            if not form:  # a body cut short, or a part never closed, parses as an empty form
+                raise HTTPException(422, "the form holds no complete field (cut short, or a part not closed?); send the "
+                                         "file in a field named 'file'")
             if upload is None or isinstance(upload, str):
                 raise HTTPException(422, "the form has no file field 'file'")
             declared = (upload.content_type or "application/octet-stream").lower()  # a file field without a type
