@@ -364,6 +364,23 @@ def test_a_short_video_gives_a_timeline_and_a_plot_and_leaves_no_file(client):
     assert set(Path(tempfile.gettempdir()).glob("ferkit-serve-*")) <= before
 
 
+def test_a_video_asked_for_as_lines_of_json_reports_its_progress_then_the_same_result(client):
+    data = _panning_video(20)  # 2 s at 10 frames a second
+    plain = client.post("/v1/video", files={"file": ("pan.avi", data, "video/x-msvideo")}).json()
+    answer = client.post("/v1/video", files={"file": ("pan.avi", data, "video/x-msvideo")},
+                         headers={"Accept": "application/x-ndjson"})
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("application/x-ndjson")
+    lines = [json.loads(line) for line in answer.text.splitlines()]
+    progress = [line["progress"] for line in lines[:-1]]
+    assert len(progress) >= 5 and all(p["seconds"] == pytest.approx(2.0) for p in progress)
+    seconds = [p["seconds_analysed"] for p in progress]
+    assert seconds == sorted(seconds) and 0 <= seconds[0] < seconds[-1] <= 2.0
+    assert lines[-1]["result"] == plain  # the same answer, the plot's pixels included
+    too_long = client.post("/v1/video", files={"file": ("pan.avi", _panning_video(40), "video/x-msvideo")},
+                           headers={"Accept": "application/x-ndjson"})  # 4 s: over this server's 3
+    assert json.loads(too_long.text.splitlines()[-1])["error"]["status"] == 413
+
+
 def test_a_video_cut_short_is_analysed_as_far_as_it_goes_and_said_to_be(client):
     data = _panning_video(20)
     whole = client.post("/v1/video", files={"file": ("pan.avi", data, "video/x-msvideo")}).json()

@@ -157,10 +157,20 @@ def create_app(config: ServeConfig | None = None, *, local_only: bool = False):
         """Emotions over time in a short video, about 5 frames a second: the timeline (also as CSV) and its
         plot (a PNG data URL), titled with the file's name where a multipart form gives it. `faces`: each face
         counted once per frame it is found in (the timeline's rows). `cut_short`: frames stopped coming well
-        before the count the file's container lists (a truncated upload)."""
-        with turns.taken():
+        before the count the file's container lists (a truncated upload). Asked with `Accept:
+        application/x-ndjson`, the answer comes as lines of JSON while the video is analysed (the page's
+        progress): `{"progress": {"seconds_analysed": S, "seconds": LENGTH or null}}`, then `{"result": ...}`
+        or `{"error": {"status": ..., "detail": ...}}`."""
+        turn = contextlib.ExitStack()
+        turn.enter_context(turns.taken())
+        with turn:
             data, name = await _upload(request, VIDEO_TYPES, "a video", size_limits["/v1/video"], also=ANIMATED_TYPES)
             gone = threading.Event()  # a video takes a while: stopped when its client leaves
+            if "application/x-ndjson" in request.headers.get("accept", ""):
+                def analyse(progress):
+                    return _analyze_video_bytes(data, classifier, detector, config, name, decoders, gone, stopping, progress=progress)
+
+                return _streamed_with_progress(request, analyses, turn.pop_all(), gone, analyse)
             return await _run_for(request, analyses, _analyze_video_bytes, data, classifier, detector, config, name,
                                   decoders, gone, stopping, leaving=gone)
 
@@ -221,6 +231,42 @@ async def _run_for(request, pool: ThreadPoolExecutor, function, *args, leaving: 
     finally:
         if watcher:
             watcher.cancel()
+
+
+def _streamed_with_progress(request, pool: ThreadPoolExecutor, turn: contextlib.ExitStack, gone: threading.Event, analyse):
+    """/v1/video's answer as lines of JSON: the progress `analyse(progress)` reports as the video is analysed,
+    then its result or error. The server's turn (`turn`) is held until the last line is sent, or the client
+    leaves (`gone` is set then: the work stops)."""
+    from fastapi import HTTPException
+    from fastapi.responses import StreamingResponse
+
+    loop, news = asyncio.get_running_loop(), asyncio.Queue()
+
+    def progress(seconds: float, length: float | None) -> None:  # from the worker thread
+        loop.call_soon_threadsafe(news.put_nowait, {"seconds_analysed": round(seconds, 2), "seconds": length})
+
+    async def lines():
+        work = asyncio.ensure_future(_run_for(request, pool, analyse, progress))
+        try:
+            while not work.done():
+                waiting = asyncio.ensure_future(news.get())
+                await asyncio.wait({work, waiting}, return_when=asyncio.FIRST_COMPLETED)
+                if waiting.done():
+                    yield json.dumps({"progress": waiting.result()}) + "\n"
+                else:
+                    waiting.cancel()
+            try:
+                yield json.dumps({"result": work.result()}) + "\n"
+            except HTTPException as err:
+                yield json.dumps({"error": {"status": err.status_code, "detail": err.detail}}) + "\n"
+        finally:  # the last line sent, or the client gone (the stream is cancelled): the work stops, the turn is freed
+            gone.set()
+            if not work.done():
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(work)
+            turn.close()
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
 async def _watch_for_leaving(request, gone: threading.Event) -> None:
@@ -461,7 +507,8 @@ def _is_still_image(data: bytes, decoders: list[str]) -> bool:
 
 def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig, name: str | None = None,
                          decoders: tuple[str, ...] | list[str] = IMAGE_FORMATS,
-                         client_gone: threading.Event | None = None, server_stopping: threading.Event | None = None) -> dict:
+                         client_gone: threading.Event | None = None, server_stopping: threading.Event | None = None,
+                         progress=None) -> dict:
     from fastapi import HTTPException
 
     still = HTTPException(415, "the upload is a still image, not a video: send photos to /v1/analyze (the page's photo mode)")
@@ -493,9 +540,13 @@ def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig,
         if info.frames / info.fps > config.max_video_seconds:  # as the container says (it may not know)
             raise too_long
 
+        length = info.frames / info.fps if info.frames > 0 else None  # as the container says (it may not know)
+
         def stop_when_too_long(frame: int) -> None:
             if frame / info.fps > config.max_video_seconds:
                 raise too_long
+            if progress:
+                progress(frame / info.fps, length)
             if client_gone is not None and client_gone.is_set():
                 log.info("/v1/video: stopped at frame %d, its client left", frame)
                 raise HTTPException(CLIENT_GONE, "the client closed the connection")

@@ -342,6 +342,25 @@ async function sendFrame() {
   requestAnimationFrame(sendFrame);
 }
 
+async function videoResult(answer, onProgress) {
+  // lines of JSON as the server analyses the video: {"progress": ...}, then {"result": ...} or {"error": ...}
+  const reader = answer.body.pipeThrough(new TextDecoderStream()).getReader();
+  let pending = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) throw new Error(NOT_ANSWERING);  // the stream ended before its last line
+    pending += value;
+    let end;
+    while ((end = pending.indexOf("\n")) >= 0) {
+      const line = JSON.parse(pending.slice(0, end));
+      pending = pending.slice(end + 1);
+      if (line.progress) onProgress(line.progress.seconds_analysed, line.progress.seconds);
+      if (line.error) throw new Error(line.error.detail);
+      if (line.result) return line.result;
+    }
+  }
+}
+
 $("webcam-start").addEventListener("click", startWebcam);
 $("webcam-stop").addEventListener("click", stopWebcam);
 
@@ -358,9 +377,15 @@ async function analyzeVideo(file, given = 1) {
   try {
     const form = new FormData();  // a form, so that the plot carries the file's name
     form.append("file", file);
-    const answer = await send("/v1/video", { method: "POST", body: form, signal: freshSignal("video") });
-    const result = await answer.json().catch(() => ({}));
-    if (!answer.ok) throw new Error(result.detail || `${answer.status} ${answer.statusText}`);
+    const answer = await send("/v1/video", { method: "POST", body: form, signal: freshSignal("video"),
+                                             headers: { Accept: "application/x-ndjson" } });
+    if (!answer.ok) {  // refused before the analysis began: one JSON error
+      const refusal = await answer.json().catch(() => ({}));
+      throw new Error(refusal.detail || `${answer.status} ${answer.statusText}`);
+    }
+    const result = await videoResult(answer, (seconds, length) => {
+      if (mine === latestVideo) say(`Analysing ${file.name}… ${seconds.toFixed(0)}` + (length ? ` of ${length.toFixed(0)}` : "") + ` s${which}`);
+    });
     if (mine !== latestVideo) return;
     $("video-plot").src = result.plot_png;
     $("video-plot").hidden = false;
