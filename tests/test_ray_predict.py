@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from ferkit.cli import cli
 from ferkit.errors import FerkitError
-from ferkit.ray_predict import RayPredictConfig, predict_with_ray
+from ferkit.ray_predict import RayPredictConfig, _check_address, predict_with_ray
 
 from conftest import REAL_PHOTOS
 
@@ -165,6 +165,27 @@ def test_a_bad_model_or_cluster_address_is_one_line_and_the_command_may_be_run_a
         with pytest.raises(FerkitError, match=error):
             predict_with_ray(RayPredictConfig(sources=[str(photos)], out=str(out), **settings), progress=False)
         assert not (out / "manifest.json").exists()  # nothing recorded: no --resume needed to try again
+
+
+def test_an_address_where_something_else_than_a_ray_head_listens_is_one_line_not_a_wait(photos, tmp_path):
+    """A web server, and a listener that never answers: ray.init waited on both for good."""
+    import http.server
+    import socket
+    import threading
+    import time
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        for port, timeout_s in ((web.server_address[1], 10.0), (silent.getsockname()[1], 1.0)):
+            started = time.perf_counter()
+            with pytest.raises(FerkitError, match=f"what answers at --address 127.0.0.1:{port} is not a Ray cluster's head"):
+                _check_address(f"127.0.0.1:{port}", timeout_s=timeout_s)
+            assert time.perf_counter() - started < timeout_s + 5
+    finally:
+        web.shutdown()
+        silent.close()
 
 
 def test_a_worker_that_cannot_start_is_one_line(cluster, photos, tmp_path):

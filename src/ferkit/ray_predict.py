@@ -226,11 +226,33 @@ def _check_address(address: str | None, timeout_s: float = 10.0) -> None:
     if not host or not port.isdigit():
         raise FerkitError(f"--address is HOST:PORT of the Ray cluster's head (or ray://HOST:PORT, or auto), not {address!r}")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            pass
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as connection:
+            speaks_grpc = _answers_http2(connection)
     except OSError as err:
         raise FerkitError(f"nothing answers at --address {address} ({err.strerror or first_line(err)}): is the Ray "
                           "cluster's head there (`ray start --head`)?") from None
+    if not speaks_grpc:  # ray.init would wait on it for good
+        raise FerkitError(f"what answers at --address {address} is not a Ray cluster's head (it does not speak gRPC): "
+                          "give the head's GCS port (6379 by default), or ray://HOST:PORT for its Ray Client server")
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # and an empty SETTINGS frame
+
+
+def _answers_http2(connection) -> bool:
+    """Whether the server at the other end of `connection` answers HTTP/2's opening as gRPC servers (a
+    Ray head's GCS and Ray Client server) do: with a SETTINGS frame (type 4) first."""
+    connection.sendall(HTTP2_PREFACE)
+    head = b""
+    try:
+        while len(head) < 9:
+            chunk = connection.recv(9 - len(head))
+            if not chunk:
+                break
+            head += chunk
+    except TimeoutError:
+        pass
+    return len(head) == 9 and head[3] == 4
 
 
 def _start_or_resume(fs, root: str, config: RayPredictConfig, tasks: list[Task]) -> bool:
