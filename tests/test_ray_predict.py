@@ -17,7 +17,7 @@ from ferkit.cli import cli
 from ferkit.errors import FerkitError
 from ferkit.ray_predict import RayPredictConfig, _check_address, predict_with_ray
 
-from conftest import REAL_PHOTOS
+from conftest import REAL_PHOTOS, one_crop_per_face_model
 
 ray = pytest.importorskip("ray", reason="needs ferkit[ray]")
 pq = pytest.importorskip("pyarrow.parquet", reason="needs ferkit[ray]")
@@ -142,6 +142,11 @@ def test_a_run_resumes_with_its_model_however_spelled_also_as_recorded_before(cl
     again = predict_with_ray(RayPredictConfig(sources=[str(photos)], out="ray", model="m.onnx", shard_size=2, resume=True),
                              progress=False)
     assert again["skipped_tasks"] == 1
+    shutil.copy(one_crop_per_face_model(tmp_path), tmp_path / "m.onnx")  # another model file at the same path
+    (tmp_path / "ray" / "results" / "part-00001.jsonl").unlink()
+    with pytest.raises(FerkitError, match=f"the model {tmp_path / 'm.onnx'} has changed since ray began"):
+        predict_with_ray(RayPredictConfig(sources=[str(photos)], out="ray", model="m.onnx", shard_size=2, resume=True),
+                         progress=False)
 
 
 def test_an_out_that_is_a_file_or_holds_other_files_is_refused_untouched(photos, tmp_path):

@@ -92,10 +92,10 @@ def predict_with_ray(config: RayPredictConfig, *, progress: bool = True) -> dict
     tasks = plan_tasks(images, videos, config.shard_size)
     if config.model and Path(config.model).exists():  # the workers' current folder may be another
         config = replace(config, model=os.path.abspath(config.model))
-    _check_model_and_detector(config)  # here, once, before anything is written: not in every worker, as its own traceback
+    model_sha256 = _check_model_and_detector(config)  # here, once, before anything is written: not in every worker
     _check_address(config.address)
     fs, root = output_filesystem(config.out)
-    created = _start_or_resume(fs, root, config, tasks)
+    created = _start_or_resume(fs, root, config, tasks, model_sha256)
     todo = [t for t in tasks if not _exists(fs, f"{root}/results/{t.name}.jsonl")]
     try:
         if todo:
@@ -208,12 +208,14 @@ def root_uri(out: str) -> str:
     return out if "://" in out else Path(out).resolve().as_uri()
 
 
-def _check_model_and_detector(config: RayPredictConfig) -> None:
+def _check_model_and_detector(config: RayPredictConfig) -> str:
+    """The model's SHA-256, once it and the detector are known to load."""
     from ferkit.faces import get_detector
     from ferkit.runtime import load_classifier
 
-    load_classifier(config.model, prefer_export=True)
+    sha256 = load_classifier(config.model, prefer_export=True).sha256
     get_detector(config.detector)
+    return sha256
 
 
 def _check_address(address: str | None, timeout_s: float = 10.0) -> None:
@@ -255,13 +257,14 @@ def _answers_http2(connection) -> bool:
     return len(head) == 9 and head[3] == 4
 
 
-def _start_or_resume(fs, root: str, config: RayPredictConfig, tasks: list[Task]) -> bool:
-    """Record the run in OUT/manifest.json, or check that the run there is this one when resuming; whether
-    it was recorded now. An earlier run is never written over: without `resume` it is an error; nor is a
-    folder of other files."""
+def _start_or_resume(fs, root: str, config: RayPredictConfig, tasks: list[Task], model_sha256: str = "") -> bool:
+    """Record the run in OUT/manifest.json, or check that the run there is this one when resuming (the same
+    settings, inputs and model file); whether it was recorded now. An earlier run is never written over:
+    without `resume` it is an error; nor is a folder of other files."""
     import pyarrow.fs as pafs
 
-    manifest = {"engine": "ray", "settings": config.settings(), "tasks": len(tasks), "inputs": _fingerprint(tasks)}
+    manifest = {"engine": "ray", "settings": config.settings(), "tasks": len(tasks), "inputs": _fingerprint(tasks),
+                "model_sha256": model_sha256}
     path = f"{root}/manifest.json"
     try:
         kind = fs.get_file_info(root).type
@@ -279,7 +282,12 @@ def _start_or_resume(fs, root: str, config: RayPredictConfig, tasks: list[Task])
         model = earlier.get("settings", {}).get("model")
         if model and "://" not in model and not os.path.isabs(model) and Path(model).exists():
             earlier["settings"]["model"] = os.path.abspath(model)  # a run recorded before models were made absolute
+        if "model_sha256" not in earlier:  # a run recorded before the model's digest was
+            manifest.pop("model_sha256")
         if earlier != manifest:
+            if {**earlier, "model_sha256": model_sha256} == {**manifest, "model_sha256": model_sha256}:
+                raise FerkitError(f"the model {config.model} has changed since {config.out} began (another file at that "
+                                  "path): its results would mix two models' answers; resume with the model it began with")
             raise FerkitError(f"{config.out} holds a run of other inputs or settings; it cannot be resumed with these")
         return False
     try:
