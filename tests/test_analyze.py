@@ -102,6 +102,30 @@ def test_batching_does_not_change_the_results(trained_run):
         assert np.allclose([list(f.probabilities.values()) for f in a], [list(f.probabilities.values()) for f in b], atol=1e-6)
 
 
+def test_results_of_slow_photos_come_within_about_a_second_not_a_batch_later(trained_run):
+    """Large photos take long to search: their results come as they wait about RESULTS_WITHIN_S, not once 32
+    of them have gathered (a folder's progress bar stood still for a minute)."""
+    import time
+
+    from ferkit.predict import RESULTS_WITHIN_S
+
+    def slow_detector(rgb):  # a detector that takes 0.25 s a photo, as YuNet's second looks can
+        time.sleep(0.25)
+        return [(10, 10, 48, 48)]
+
+    taken = []
+
+    def photos():
+        for i in range(40):
+            taken.append(i)
+            yield _canvas_with_faces([(10, 10, 48, 48)], [i % 7])
+
+    results = analyze_images(photos(), model=trained_run, detector=slow_detector)
+    first = next(results)
+    assert first.ok and len(taken) <= RESULTS_WITHIN_S / 0.25 + 2
+    assert sum(1 for _ in results) == 39
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "P", "CMYK", "I;16", "L"])
 def test_any_image_mode_goes_through_detection(trained_run, tmp_path, mode):
     image = Image.fromarray(_canvas_with_faces([(10, 10, 48, 48)], [1]))

@@ -27,6 +27,7 @@ ImageLike = str | os.PathLike | Image.Image | np.ndarray
 # evaluate`'s confidence levels, its temperature applied): the 18.0% of faces under 0.5 are right 38.9% of
 # the time, those at or above it 76.4%; under 0.6, 29.5% of faces, right 41.9%; under 0.4, 7.8%, right 34.5%.
 UNCERTAIN_BELOW = 0.5
+RESULTS_WITHIN_S = 1.0  # analyze_images: an image waits about this long at most for its faces to be classified
 
 
 def analyze(
@@ -91,7 +92,8 @@ def analyze_images(
     """Yield one ImageResult per image, in order. `images` is a list of paths, PIL images or arrays (items
     may be (label, image) pairs), or one path of a folder or glob, whose images are listed. A bad image gives
     a result with `.error` set, and the stream goes on. Faces are classified together once
-    `batch_faces` faces or `batch_images` images are waiting, so memory stays bounded on long streams.
+    `batch_faces` faces or `batch_images` images are waiting, so memory stays bounded on long streams, or
+    once the first of them has waited RESULTS_WITHIN_S (large photos: a progress bar still moves).
     Faces whose top probability is below `uncertain_below` are marked `uncertain` (0: none are).
     `channels` and `tta` as in `analyze`."""
     check_uncertain_below(uncertain_below)
@@ -118,15 +120,16 @@ def analyze_images(
     classifier = load_classifier(model, prefer_export=True).with_tta(tta)
     find = get_detector(detector) if boxes is None else None
     pending: list[tuple[ImageResult, list[np.ndarray]]] = []
-    waiting = 0
+    waiting, since = 0, time.perf_counter()
     for item in images:
         if isinstance(item, tuple) and len(item) != 2:
             raise FerkitError(f"an item of analyze_images is an image or a (label, image) pair, not a {len(item)}-tuple")
         label, image = item if isinstance(item, tuple) else (_label(item), item)
+        since = since if pending else time.perf_counter()
         result, crops = _find_faces(label, image, classifier, find, boxes, channels)
         pending.append((result, crops))
         waiting += len(crops)
-        if waiting >= batch_faces or len(pending) >= batch_images:
+        if waiting >= batch_faces or len(pending) >= batch_images or time.perf_counter() - since >= RESULTS_WITHIN_S:
             yield from _classify(pending, classifier, uncertain_below)
             pending, waiting = [], 0
     yield from _classify(pending, classifier, uncertain_below)
