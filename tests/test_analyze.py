@@ -310,6 +310,10 @@ def test_a_detector_may_return_bare_boxes_and_given_boxes_keep_their_order(train
     with pytest.raises(FerkitError, match="result.draw"):
         next(analyze_images([picture], model=trained_run, boxes=boxes)).draw()
     assert next(analyze_images([picture], model=trained_run, boxes=boxes)).draw(picture).size == (300, 200)
+    people = str(Path(__file__).resolve().parents[1] / "examples" / "people.jpg")  # a label naming another file
+    for image in (picture, Image.fromarray(picture)):
+        with pytest.raises(FerkitError, match="not a file: pass the image"):
+            next(analyze_images([(people, image)], model=trained_run, boxes=boxes)).draw()
     assert [f.box for f in analyze(picture, model=trained_run, boxes=boxes)] == boxes  # given: as given
     results = list(analyze_images([picture], model=trained_run, detector=lambda rgb: ["face"]))
     assert "must return Detections or (x, y, width, height) boxes" in results[0].error

@@ -724,8 +724,8 @@ def test_a_second_run_into_a_folder_inside_the_photos_reads_only_the_photos(trai
     first, refused, second = run(*args), run(*args), run(*args, "--overwrite")
     assert first.exit_code == second.exit_code == 0
     assert _one_line_error(refused) == ("error: results holds the results of an earlier batch (results.jsonl): resume "
-                                        "continues it (--resume), overwrite replaces it (--overwrite), or choose "
-                                        "another folder")
+                                        "continues it (--resume; in Python, resume=True), overwrite replaces it "
+                                        "(--overwrite; overwrite=True), or choose another folder")
     assert "2 images" in first.output and "2 images" in second.output
     assert sorted(p.name for p in Path("results").glob("*.jpg")) == ["p0.annotated.jpg", "p1.annotated.jpg"]
     assert "where the results go" not in second.output  # ferkit's own copies there are no photos to mention

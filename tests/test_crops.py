@@ -303,3 +303,13 @@ def test_one_photos_crops_into_a_class_folder_given_as_out_raise_no_warning(tmp_
     result = CliRunner().invoke(cli, ["crop", str(PEOPLE), "--out", str(tmp_path / "faces" / "Sad")])
     assert result.exit_code == 0 and "are not training faces" not in result.output
     assert len(list((tmp_path / "faces" / "Sad").glob("*.png"))) == 3
+
+
+def test_crop_faces_is_reached_from_import_ferkit_as_the_readme_writes_it():
+    import subprocess
+    import sys
+
+    code = ("import ferkit\nprint(ferkit.data.crops.crop_faces.__name__)\n"
+            "try:\n    ferkit.data.nothing\nexcept AttributeError as err:\n    print(err)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["crop_faces", "module 'ferkit.data' has no attribute 'nothing'"]

@@ -271,3 +271,26 @@ def test_the_video_tab_shows_how_far_the_analysis_has_gone(browser, server, tmp_
     assert len(progress) >= 2, said
     assert page.text_content("#status").startswith("20 frames analysed, 3 faces followed")
     page.close()
+
+
+def test_the_webcam_holds_its_label_style_where_each_frame_alone_would_flicker(browser, server):  # noqa: F811
+    """Frames alternating between a crowded and a clear group: drawn alone, each switches between the numbers
+    alone and whole labels; held, as the webcam draws them, the style stays until frames ask for the other."""
+    page = browser.new_page()
+    page.goto(server)
+    styles = page.evaluate("""() => {
+        const context = Object.assign(document.createElement('canvas'), { width: 640, height: 480 }).getContext('2d');
+        const face = (box) => ({ box, emotion: 'happy', score: 0.9, uncertain: false });
+        const crowded = [], clear = [];
+        for (let i = 0; i < 12; i++) crowded.push(face([20 + 50 * (i % 6), 60 + 60 * Math.floor(i / 6), 40, 40]));
+        for (let i = 0; i < 3; i++) clear.push(face([20 + 200 * i, 200, 120, 120]));
+        const style = (labels) => labels.every((label) => /^\\d+$/.test(label.text)) ? 'N' : 'F';
+        const alone = [], held = [], steady = { numbersOnly: null, streak: 0 };
+        for (const faces of [crowded, clear, crowded, clear, crowded, clear, clear, clear, clear]) {
+          alone.push(style(drawFaces(context, faces)));
+          held.push(style(drawFaces(context, faces, 1, steady)));
+        }
+        return [alone.join(''), held.join('')];
+    }""")
+    assert styles == ["NFNFNFFFF", "NNNNNNNFF"]
+    page.close()

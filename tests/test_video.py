@@ -146,10 +146,18 @@ def test_video_timeline_follows_each_face(trained_run, squares_video, tmp_path):
     (tmp_path / "notes.csv").write_text("my notes\n")
     original = squares_video.read_bytes()
     for kwargs, words in (({"timeline_csv": tmp_path / "notes.csv"}, "ferkit did not write it"),
-                          ({"annotated": squares_video}, "is the video being analysed")):
+                          ({"annotated": squares_video}, "is the video being analysed"),
+                          ({"annotated": tmp_path / "out.avi"}, "written as an .mp4 file, not out.avi")):
         with pytest.raises(FerkitError, match=words):
             analyze_video(squares_video, model=trained_run, detector=_bright_squares, every=2, **kwargs)
     assert (tmp_path / "notes.csv").read_text() == "my notes\n" and squares_video.read_bytes() == original
+    (tmp_path / "mine.png").write_bytes((tmp_path / "notes.csv").read_bytes())
+    for write, path in ((again.to_csv, tmp_path / "notes.csv"), (again.plot, tmp_path / "mine.png")):  # the user's own
+        with pytest.raises(FerkitError, match="ferkit did not write it"):
+            write(path)
+        assert write(path, overwrite=True) == path
+    assert again.plot(tmp_path / "mine.png") == tmp_path / "mine.png"  # ferkit's own now: replaced
+    assert not (tmp_path / "out.avi").exists()
 
 
 def test_a_face_unfound_for_a_third_of_a_second_keeps_its_track_at_any_sampling(trained_run, tmp_path):

@@ -13,6 +13,7 @@ Importing ferkit is light: Keras and TensorFlow load only when a model is traine
 
 __version__ = "0.1.0"
 
+from ferkit._lazy import submodules_on_first_use
 from ferkit.config import TrainConfig
 from ferkit.data import FaceDataset, load_dataset
 from ferkit.errors import FerkitError
@@ -25,16 +26,7 @@ from ferkit.results import Face, ImageResult
 from ferkit.runtime import load_classifier
 from ferkit.training import train
 
-
-def __getattr__(name: str):
-    """The other modules on first use (`ferkit.video.analyze_video(...)` after `import ferkit`), so that
-    importing ferkit stays light."""
-    import importlib
-    import importlib.util
-
-    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = submodules_on_first_use(__name__)  # ferkit.video.analyze_video(...) after `import ferkit`
 
 
 __all__ = [

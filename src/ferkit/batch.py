@@ -226,7 +226,8 @@ def check_results_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
     earlier = out / ResultsFolder.LINES
     if not (resume or overwrite) and earlier.exists() and earlier.stat().st_size:
         raise FerkitError(f"{out} holds the results of an earlier batch ({earlier.name}): resume continues it "
-                          "(--resume), overwrite replaces it (--overwrite), or choose another folder")
+                          "(--resume; in Python, resume=True), overwrite replaces it (--overwrite; overwrite=True), "
+                          "or choose another folder")
 
 
 def check_output_folder(out: Path) -> None:
@@ -299,7 +300,7 @@ def analyze_video_into_folder(source: str | Path, out: str | Path, *, stem: str 
                              annotated=annotated, uncertain_below=uncertain_below,
                              timeline_csv=timeline_csv, overwrite=overwrite,
                              progress=(lambda index: progress(index // step + 1, total)) if progress else None)
-    timeline.plot(plot)
+    timeline.plot(plot, overwrite=overwrite)
     return timeline.summary(files=[str(p) for p in outputs])
 
 

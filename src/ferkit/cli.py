@@ -792,7 +792,7 @@ def cache_cmd(action: str):
               help="Uploads held in memory, arriving or waiting for their turn; more get HTTP 503 (busy, retry).")
 def serve_cmd(host: str, port: int, model, detector: str, max_upload_mb: float, max_video_mb: float,
               max_video_seconds: float, max_megapixels: float, concurrency: int, max_waiting: int):
-    """A local web page (photos, webcam, videos) and JSON API (POST /v1/analyze) at http://HOST:PORT."""
+    """A local web page (photos, webcam, videos) and JSON API (POST /v1/analyze, POST /v1/video) at http://HOST:PORT."""
     from ferkit.serve import ServeConfig, serve
 
     config = ServeConfig(model=model, detector=detector, max_upload_mb=max_upload_mb, max_video_mb=max_video_mb,

@@ -74,7 +74,7 @@ _YUFACE_FIRST_CALL = threading.Lock()  # held around each detector's first call:
 class YuNetDetector:
     """YuNet via `yuface`. Images larger than `max_side` are scaled down for detection (YuNet's
     accuracy drops past ~960 px) and the boxes scaled back, but never so far that the shorter side falls
-    under `min_short_side`: a panorama keeps its faces large enough to be found.
+    under `min_short_side`: a panorama keeps its faces large enough to be found (up to MAX_DETECTION_PIXELS).
 
     One scale misses faces at either end, so two more looks add the faces the first did not find: at
     `coarse_side`, where the first look found no face or a large one, for faces that fill much of the

@@ -41,7 +41,8 @@ def analyze(
     tta: str | None = None,
 ) -> list[Face]:
     """Every face in `image` (path, PIL image, RGB array, or an image file's bytes) with its emotion,
-    largest first (given `boxes`: in their order).
+    largest first (given `boxes`: in their order). A face cut by the picture's border keeps its whole box,
+    reaching past the edge (see Face): clip it before slicing the picture's array with it.
 
     `model`: a run folder, .keras or .onnx file, or a shipped model's name; None for the default one.
     `detector`: "auto", "yunet", "mtcnn", "none" (the whole image is one face, made square by repeating
@@ -167,7 +168,7 @@ def check_uncertain_below(value: float) -> float:
 def _find_faces(label, image, classifier: Classifier, find, boxes, channels: str = "rgb") -> tuple[ImageResult, list[np.ndarray]]:
     detector = "boxes" if boxes is not None else "none" if find is None else getattr(find, "name", "custom")
     result = ImageResult(source=label, image_size=None, model=classifier.name, model_version=model_version(classifier),
-                         detector=detector, channels=channels)  # said also of an image that cannot be read
+                         detector=detector, channels=channels, in_memory=_in_memory(image))  # said also of an unreadable image
     started = time.perf_counter()
     try:
         loaded = load_image(image, channels=channels)
@@ -200,6 +201,15 @@ def _find_faces(label, image, classifier: Classifier, find, boxes, channels: str
                     for box, d in zip(reported, detections)]
     result.timings_ms = {"decode": (decoded - started) * 1e3, "detect": (time.perf_counter() - decoded) * 1e3}
     return result, crops
+
+
+def _in_memory(image) -> str | None:
+    """What an image given in memory is, in words; None for a file."""
+    if isinstance(image, np.ndarray):
+        return "an array"
+    if isinstance(image, Image.Image):
+        return "a PIL image"
+    return "bytes" if isinstance(image, (bytes, bytearray)) else None
 
 
 def detected_faces(find: Callable, picture: Image.Image) -> list[Detection]:

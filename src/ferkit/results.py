@@ -19,6 +19,12 @@ from ferkit.errors import FerkitError, first_line
 
 @dataclass
 class Face:
+    """One face found in a picture and its emotion. `box` is (x, y, width, height) in the picture's own
+    pixels; a face cut by the picture's border keeps its whole box, which then reaches past the edge (x or
+    y negative, or past the width or height): clip it before slicing the picture's array with it. `score`
+    is the top emotion's probability, `uncertain` whether it is below ferkit.predict.UNCERTAIN_BELOW;
+    `detector_score` the detector's confidence that this is a face."""
+
     box: tuple[int, int, int, int]  # (x, y, width, height), pixels of the upright original
     emotion: str  # the most probable class
     score: float  # its probability
@@ -54,6 +60,8 @@ class ImageResult:
     error: str | None = None  # why this image could not be analysed (then `faces` is empty)
     channels: str = field(default="rgb", repr=False)  # the order of an array's colours, as analyze_images was told
     failure: BaseException | None = field(default=None, repr=False, compare=False)  # a detector's error behind `error`
+    # what an image given in memory was ("an array", "a PIL image", "bytes"), also under a label of its own
+    in_memory: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -78,10 +86,9 @@ class ImageResult:
         the order of an array's colours, by default the one analyze_images was told."""
         from ferkit.draw import draw_faces
 
-        given_as = {"<array>": "an array", "<image>": "a PIL image", "<bytes>": "bytes"}
-        if image is None and self.source in given_as:
-            raise FerkitError(f"this result came from {given_as[self.source]}, not a file: pass the image, "
-                              "result.draw(image)")
+        given_as = self.in_memory or {"<array>": "an array", "<image>": "a PIL image", "<bytes>": "bytes"}.get(self.source)
+        if image is None and given_as:  # its label may name a file, which is not the image analysed
+            raise FerkitError(f"this result came from {given_as}, not a file: pass the image, result.draw(image)")
         return draw_faces(image if image is not None else self.source, self.faces, channels=channels or self.channels)
 
     def summary(self) -> str:
@@ -158,8 +165,8 @@ def check_replaceable(paths, *, overwrite: bool = False) -> None:
         return
     for path in map(Path, paths):
         if path.exists() and not _written_by_ferkit(path):
-            raise FerkitError(f"{path} exists and ferkit did not write it: overwrite it (--overwrite) or choose "
-                              "another folder for the results")
+            raise FerkitError(f"{path} exists and ferkit did not write it: overwrite it (--overwrite; in Python, "
+                              "overwrite=True) or choose another folder for the results")
 
 
 def _written_by_ferkit(path: Path) -> bool:

@@ -154,10 +154,12 @@ def create_app(config: ServeConfig | None = None, *, local_only: bool = False):
 
     @app.post("/v1/video", openapi_extra=_upload_schema(VIDEO_TYPES), max_body_size=int(config.max_video_mb * MB))
     async def video(request: Request) -> dict:
-        """Emotions over time in a short video, about 5 frames a second: the timeline (also as CSV) and its
-        plot (a PNG data URL), titled with the file's name where a multipart form gives it. `faces`: each face
-        counted once per frame it is found in (the timeline's rows). `cut_short`: frames stopped coming well
-        before the count the file's container lists (a truncated upload). Asked with `Accept:
+        """Emotions over time in a short video, about 5 frames a second: what `ferkit predict --json` says of
+        a video (`source`, the file's name where a multipart form gives it; `frames_analysed`; `every`: one
+        frame in so many; `tracks`: the faces followed from frame to frame, `tracks_plotted` of them in the plot;
+        `faces`: each face counted once per frame it is found in, the timeline's rows; `cut_short`: frames
+        stopped coming well before the count the file's container lists, a truncated upload), with the
+        timeline as CSV (`csv`) and its plot (`plot_png`, a PNG data URL). Asked with `Accept:
         application/x-ndjson`, the answer comes as lines of JSON while the video is analysed (the page's
         progress): `{"progress": {"seconds_analysed": S, "seconds": LENGTH or null}}`, then `{"result": ...}`
         or `{"error": {"status": ..., "detail": ...}}`."""

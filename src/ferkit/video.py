@@ -59,7 +59,10 @@ class Timeline:
                 "tracks": len(self.tracks), "tracks_plotted": min(len(self.tracks), PLOT_TRACKS), "faces": len(self.rows),
                 "cut_short": self.cut_short, **more}
 
-    def to_csv(self, path: str | Path) -> Path:
+    def to_csv(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """The timeline, a row per face per analysed frame; a file there that ferkit did not write is kept
+        unless `overwrite`."""
+        check_replaceable([path], overwrite=overwrite)
         with open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(self.csv_header())
@@ -73,10 +76,12 @@ class Timeline:
         return [f"{r.time_s:.3f}", r.frame, r.track, *r.face.box, r.face.emotion, f"{r.face.score:.4f}",
                 *(f"{r.face.probabilities[c]:.4f}" for c in self.classes), int(r.face.uncertain)]
 
-    def plot(self, path: str | Path, *, max_tracks: int = PLOT_TRACKS) -> Path:
-        """The emotions over time of the `max_tracks` longest face tracks (the title says when there are more)."""
+    def plot(self, path: str | Path, *, max_tracks: int = PLOT_TRACKS, overwrite: bool = False) -> Path:
+        """The emotions over time of the `max_tracks` longest face tracks (the title says when there are more);
+        a file there that ferkit did not write is kept unless `overwrite`."""
         from ferkit.plots import plot_emotion_timeline
 
+        check_replaceable([path], overwrite=overwrite)
         longest = sorted(self.tracks, key=lambda t: -sum(r.track == t for r in self.rows))[:max_tracks]
         series = {
             t: ([r.time_s for r in self.rows if r.track == t],
@@ -217,6 +222,8 @@ def analyze_video(
     keeps what it did. A file at `annotated` or `timeline_csv` that ferkit did not write is refused unless
     `overwrite`; the video itself always is."""
     check_video_options(every, target_fps, smooth)  # before the model and the video are opened
+    if annotated and Path(annotated).suffix.lower() != ".mp4":  # written as MP4 whatever the name says
+        raise FerkitError(f"the annotated video is written as an .mp4 file, not {Path(annotated).name}")
     outputs = [Path(output) for output in (annotated, timeline_csv) if output]
     for output in outputs:
         if os.path.realpath(output) == os.path.realpath(path):

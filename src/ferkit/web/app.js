@@ -93,7 +93,7 @@ function dropZone(zone, take) {
 // As ferkit.draw draws an annotated copy: outline and letters no larger than the faces allow, each label
 // above its box, else below, else inside it, clear of the others where it can be; where a quarter of the
 // labels or more would still cover each other or their faces (a crowded group photo), the numbers alone.
-function drawFaces(context, faces, scale = 1) {  // -> the labels drawn: their text and area
+function drawFaces(context, faces, scale = 1, steady = null) {  // -> the labels drawn: their text and area
   const { width: canvasWidth, height: canvasHeight } = context.canvas;
   const boxes = faces.map((face) => face.box.map((v) => v * scale));
   const { line, letters } = lineAndLetters(scale, boxes);
@@ -109,9 +109,10 @@ function drawFaces(context, faces, scale = 1) {  // -> the labels drawn: their t
   const size = [canvasWidth, canvasHeight];
   let labels = placedLabels(context, boxes, whole, line, letters, size);
   const clashes = countClashes(labels, boxes);
-  if (boxes.length > 1 && clashes >= Math.max(2, boxes.length / 4)) {
+  const crowded = boxes.length > 1 && clashes >= Math.max(2, boxes.length / 4);
+  if (steady ? heldNumbersOnly(steady, crowded) : crowded) {
     const numbers = placedLabels(context, boxes, faces.map((_, index) => `${index + 1}`), line, letters, size);
-    if (countClashes(numbers, boxes) < clashes) labels = numbers;
+    if (steady || countClashes(numbers, boxes) < clashes) labels = numbers;
   }
   labels.forEach(({ text, area: [left, top, right, bottom] }, index) => {
     context.fillStyle = colors[index];
@@ -120,6 +121,19 @@ function drawFaces(context, faces, scale = 1) {  // -> the labels drawn: their t
     context.fillText(text, left + Math.max(2, line), bottom - Math.max(2, line) - letters * 0.22);
   });
   return labels;
+}
+
+// The webcam's label style held from frame to frame, as an annotated video's (ferkit.draw.SteadyLabels):
+// whole labels and numbers alone switch only after FRAMES_TO_SWITCH frames in a row ask for it.
+const FRAMES_TO_SWITCH = 3;
+
+function heldNumbersOnly(steady, crowded) {
+  steady.streak = steady.numbersOnly !== null && crowded !== steady.numbersOnly ? steady.streak + 1 : 0;
+  if (steady.numbersOnly === null || steady.streak >= FRAMES_TO_SWITCH) {
+    steady.numbersOnly = crowded;
+    steady.streak = 0;
+  }
+  return steady.numbersOnly;
 }
 
 function lineAndLetters(scale, boxes) {
@@ -267,8 +281,10 @@ let busy = false;
 let nextTry = 0;  // after a failed frame, the next waits a second: not sixty failing requests a second
 const RETRY_MS = 1000;
 const grab = document.createElement("canvas");
+let webcamLabels = { numbersOnly: null, streak: 0 };  // see heldNumbersOnly
 
 async function startWebcam() {
+  webcamLabels = { numbersOnly: null, streak: 0 };
   if (!navigator.mediaDevices) {
     sayIn("webcam", "No webcam here: browsers allow the camera only on https or localhost pages", true);
     return;
@@ -325,7 +341,7 @@ async function sendFrame() {
       const context = overlay.getContext("2d");
       context.clearRect(0, 0, overlay.width, overlay.height);
       if (stream) {
-        drawFaces(context, result.faces);
+        drawFaces(context, result.faces, 1, webcamLabels);
         listFaces($("webcam-faces"), result.faces);
         if (statuses.webcam?.isError) sayIn("webcam", "Webcam on");  // a failed frame is behind us
       }
