@@ -78,6 +78,23 @@ def test_ensemble_command(trained_run, second_run, tmp_path):
     # the same model named twice, once as its run folder and once as its file
     twice = CliRunner().invoke(cli, ["ensemble", str(trained_run), str(trained_run / "best.keras"), "--out", str(tmp_path / "two.keras")])
     assert twice.exit_code == 2 and "given twice" in twice.output and not (tmp_path / "two.keras").exists()
+    import shutil
+
+    copy = shutil.copytree(trained_run, tmp_path / "copy")
+    before = (copy / "best.keras").read_bytes()
+    for out in (copy / "best.keras", second_run / "last.keras"):  # a member itself; another run's own model
+        over = CliRunner().invoke(cli, ["ensemble", str(copy), str(second_run), "--out", str(out), "--overwrite"])
+        assert over.exit_code == 2 and "write it elsewhere" in over.output, over.output
+    assert (copy / "best.keras").read_bytes() == before
+    damaged = tmp_path / "damaged.keras"  # the archive and its metadata whole, the weights cut short
+    import zipfile
+
+    with zipfile.ZipFile(trained_run / "best.keras") as source, zipfile.ZipFile(damaged, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            target.writestr(item, data[: len(data) // 2] if item.filename.endswith(".h5") else data)
+    broken = CliRunner().invoke(cli, ["ensemble", str(damaged), str(second_run), "--out", str(tmp_path / "b.keras")])
+    assert broken.exit_code == 2 and f"{damaged} could not be loaded as a Keras model" in broken.output, broken.output
 
 
 def test_the_training_faces_of_its_members_are_known_to_the_ensemble(trained_run, second_run, ensemble, pattern_data, tmp_path):

@@ -142,3 +142,14 @@ def test_a_run_folder_without_its_models_says_whether_it_trained(tmp_path):
         with pytest.raises(FerkitError) as raised:
             resolve_model_path(run)
         assert message in str(raised.value)
+
+
+def test_a_damaged_export_of_a_run_gives_way_to_its_keras_model(trained_run, tmp_path):
+    import shutil
+
+    from ferkit.runtime import load_classifier
+
+    copy = shutil.copytree(trained_run, tmp_path / "run")
+    (copy / "best.onnx").write_bytes(b"\x08\x07 not a whole ONNX model")
+    classifier = load_classifier(copy, prefer_export=True)
+    assert classifier.path == copy / "best.keras"

@@ -22,7 +22,8 @@ from ferkit.config import TrainConfig
 from ferkit.errors import FerkitError
 from ferkit.results import check_output_file
 from ferkit.runs import TRAINED_ON, training_faces_origin
-from ferkit.runtime import ModelMetadata, read_metadata, resolve_model_path, save_keras_model
+from ferkit.runtime import (ModelMetadata, check_not_written_over_its_inputs, load_keras_model, read_metadata,
+                            resolve_model_path, save_keras_model)
 from ferkit.training_model import float32_twin, network_metadata
 
 log = logging.getLogger("ferkit")
@@ -40,6 +41,8 @@ def average_checkpoints(sources, out: str | Path, *, calibration=None, overwrite
     out = check_output_file(out, ".keras", "the averaged model", overwrite=overwrite)
     if len(sources) < 2:
         raise FerkitError("averaging needs two checkpoints or more")
+    check_not_written_over_its_inputs(out, [Path(source) / "best.keras" if Path(source).is_dir() else Path(source)
+                                            for source in sources])
     keras = import_keras()
     loaded = [_metadata_and_weights(keras, source) for source in sources]
     metadata = loaded[0][0]
@@ -95,7 +98,7 @@ def _metadata_and_weights(keras, source) -> tuple[ModelMetadata, list[np.ndarray
     path = resolve_model_path(source)
     if path.suffix != ".keras":
         raise FerkitError(f"{path} is not a Keras model; only .keras models, runs and packed runs average")
-    return read_metadata(path), [np.asarray(w, np.float32) for w in keras.saving.load_model(path, compile=False).get_weights()]
+    return read_metadata(path), [np.asarray(w, np.float32) for w in load_keras_model(keras, path).get_weights()]
 
 
 def _packed(folder: Path) -> tuple[ModelMetadata, list[np.ndarray]]:

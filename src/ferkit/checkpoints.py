@@ -28,7 +28,7 @@ from ferkit._keras import import_keras
 from ferkit.config import TrainConfig
 from ferkit.errors import FerkitError
 from ferkit.runs import RunState
-from ferkit.runtime import METADATA_NAME, ModelMetadata, read_metadata, save_keras_model
+from ferkit.runtime import METADATA_NAME, ModelMetadata, load_keras_model, read_metadata, save_keras_model
 from ferkit.training_model import FEATURE_HEAD, build_training_model, feature_head, network_of
 
 log = logging.getLogger("ferkit")
@@ -79,7 +79,7 @@ def resume_training_model(keras, run: Path, config: TrainConfig, num_classes: in
             _load_main_phase_backup(keras, model, run / BACKUP, config, train_size)
         return model
     if (run / WHOLE_MODEL_CHECKPOINT).exists():
-        model = keras.saving.load_model(run / WHOLE_MODEL_CHECKPOINT)
+        model = load_keras_model(keras, run / WHOLE_MODEL_CHECKPOINT, compile=True)
         if model.name == FEATURE_HEAD:  # stopped in a phase that trained on cached features
             head_weights = model.get_weights()
             model = _rebuilt(keras, config, num_classes, train_size)
@@ -179,7 +179,7 @@ def _best_model_to_pack(keras, run: Path) -> tuple | None:
         return None
     metadata = read_metadata(run / "best.keras")
     metadata.extra.pop("run", None)
-    return keras.saving.load_model(run / "best.keras", compile=False), metadata
+    return load_keras_model(keras, run / "best.keras"), metadata
 
 
 def _is_last_epoch(metadata: ModelMetadata, run: Path) -> bool:
@@ -261,7 +261,7 @@ def _trained_model(keras, run: Path, config: TrainConfig):
         load_backup(model, run / BACKUP)
         return model
     if (run / WHOLE_MODEL_CHECKPOINT).exists() and not (run / BACKUP).exists():
-        model = keras.saving.load_model(run / WHOLE_MODEL_CHECKPOINT, compile=False)
+        model = load_keras_model(keras, run / WHOLE_MODEL_CHECKPOINT)
         if model.name != FEATURE_HEAD:
             return model
     raise FerkitError(f"{run} holds no checkpoint of its main phase's whole network to pack (only those are packed)")

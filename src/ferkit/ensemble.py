@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ferkit.errors import FerkitError
 from ferkit.results import check_output_file
-from ferkit.runtime import ModelMetadata, read_metadata, resolve_model_path, save_keras_model
+from ferkit.runtime import (ModelMetadata, check_not_written_over_its_inputs, load_keras_model, read_metadata,
+                            resolve_model_path, save_keras_model)
 
 
 def ensemble_models(members: list[str | Path], out: str | Path, *, overwrite: bool = False) -> Path:
@@ -18,11 +19,11 @@ def ensemble_models(members: list[str | Path], out: str | Path, *, overwrite: bo
     (run folders or .keras files, trained for the same classes on the same input)."""
     from ferkit._keras import import_keras
 
-    keras = import_keras()
     out = check_output_file(out, ".keras", "an ensemble", overwrite=overwrite)
     paths = [resolve_model_path(member) for member in members]
     if len(paths) < 2:
         raise FerkitError("an ensemble needs at least two models")
+    check_not_written_over_its_inputs(out, paths)
     seen = set()
     for member, path in zip(members, paths):
         if path.resolve() in seen:
@@ -32,11 +33,12 @@ def ensemble_models(members: list[str | Path], out: str | Path, *, overwrite: bo
         raise FerkitError("ensemble members must be Keras models (.keras files or run folders)")
     metadata = [read_metadata(path) for path in paths]
     _check_compatible(paths, metadata)
+    keras = import_keras()  # once everything is checked: a refusal is at once
     first = metadata[0]
     inputs = keras.Input(shape=(*first.input_size, first.channels), name="faces")
     outputs = []
     for index, path in enumerate(paths):
-        member = keras.saving.load_model(path, compile=False)
+        member = load_keras_model(keras, path)
         member.name = f"member_{index}"  # layer names must be unique within the ensemble
         outputs.append(member(inputs))
     averaged = keras.layers.Average(dtype="float32", name="mean_probabilities")(outputs)

@@ -103,11 +103,23 @@ def save_keras_model(model, path: str | Path, metadata: ModelMetadata) -> Path:
     """Save a Keras model with ferkit's metadata inside, atomically (a kill never leaves half a file)."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp.keras")
-    model.save(tmp)
-    with zipfile.ZipFile(tmp, "a") as archive:
-        archive.writestr(METADATA_NAME, json.dumps(asdict(metadata), indent=2))
-    os.replace(tmp, path)
+    try:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as archive:
+            archive.writestr(METADATA_NAME, json.dumps(asdict(metadata), indent=2))
+        os.replace(tmp, path)
+    finally:  # Ctrl-C or a full disk on the way: no hidden half-file left beside it
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def check_not_written_over_its_inputs(out: Path, inputs: list[Path]) -> None:
+    """Refuse a model made from `inputs` (ensembles, averages) written over one of them, or over a run's own
+    best.keras or last.keras, which its run's records describe (--overwrite does not allow either)."""
+    if any(Path(out).resolve() == Path(path).resolve() for path in inputs):
+        raise FerkitError(f"{out} is one of the models it is made from: write it elsewhere")
+    if Path(out).name in ("best.keras", "last.keras") and (Path(out).parent / "config.json").is_file():
+        raise FerkitError(f"{out} is the run {Path(out).parent}'s own model, which its records describe: write it elsewhere")
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -416,13 +428,18 @@ class KerasClassifier(Classifier):
             if str(err) == MISSING and (hint := _onnx_export_hint(path)):  # an ONNX export runs without Keras
                 raise FerkitError(f"{path.name}: {err}; or use {hint}") from None
             raise
-        try:
-            self.model = keras.saving.load_model(path, compile=False)
-        except Exception as err:  # Keras raises many types for a damaged file
-            raise FerkitError(f"{path} could not be loaded as a Keras model ({type(err).__name__})") from None
+        self.model = load_keras_model(keras, path)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.model(batch, training=False))
+
+
+def load_keras_model(keras, path: str | Path, *, compile: bool = False):
+    """keras.saving.load_model, with a one-line FerkitError for a damaged file (Keras raises many types)."""
+    try:
+        return keras.saving.load_model(path, compile=compile)
+    except Exception as err:
+        raise FerkitError(f"{path} could not be loaded as a Keras model ({type(err).__name__})") from None
 
 
 def _onnx_export_hint(path: Path) -> str | None:
@@ -507,7 +524,11 @@ def _exported_from(export: Path, model_file: Path) -> bool:
 def _export_matches(export: Path, model_file: Path, *modified) -> bool:
     """Whether `export` was made from `model_file` as it is now, by the SHA-256 the export records of its
     source (said once for each state of the two files)."""
-    source = read_metadata(export).extra.get(EXPORT_SOURCE)
+    try:
+        source = read_metadata(export).extra.get(EXPORT_SOURCE)
+    except FerkitError as err:  # a damaged export: the model it came from still runs
+        log.warning("%s; using %s", err, model_file)
+        return False
     if source == sha256_of(model_file):
         return True
     log.warning("%s was %s; using %s (export again, with --overwrite, to run it with ONNX Runtime)", export,

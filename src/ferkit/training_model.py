@@ -9,7 +9,7 @@ from pathlib import Path
 from ferkit.config import TrainConfig
 from ferkit.errors import FerkitError
 from ferkit.models import create_model, get_model_spec, list_models
-from ferkit.runtime import ModelMetadata, read_metadata, resolve_model_path
+from ferkit.runtime import ModelMetadata, load_keras_model, read_metadata, resolve_model_path
 
 FEATURE_HEAD = "feature_head"  # the name of the model trained on cached features (split_at_backbone)
 
@@ -155,7 +155,7 @@ def init_model(keras, init: str, classes: list[str], model_name: str):
     learnt weights, new ones start fresh."""
     path = init_model_path(init)
     known = list(read_metadata(path).classes)
-    trained = keras.saving.load_model(path, compile=False)
+    trained = load_keras_model(keras, path)
     spec = get_model_spec(model_name)
     model = create_model(model_name, num_classes=len(classes), weights="none" if spec.pretrained else None)
     if len(model.layers) != len(trained.layers):
