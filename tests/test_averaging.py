@@ -38,6 +38,7 @@ def test_the_average_holds_the_mean_of_the_checkpoints_weights(two_runs, pattern
         out = average_checkpoints([run / "last.keras" for run in two_runs], tmp_path / "mean.keras")
     # two seeds: runs trained apart, whose weights do not average well
     assert "come from runs of other settings (seed)" in caplog.text
+    assert "ferkit-net-s has batch norm" in caplog.text and "--calibration" in caplog.text  # none given
     first, second = (_weights(run / "last.keras") for run in two_runs)
     assert not np.allclose(first[0], second[0])
     for got, a, b in zip(_weights(out), first, second):

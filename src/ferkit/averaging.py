@@ -62,7 +62,12 @@ def average_checkpoints(sources, out: str | Path, *, calibration=None, overwrite
 
         calibration = load_dataset(calibration, classes=metadata.classes, usage=TRAIN_USAGE)
     if calibration is not None:
-        averaged["batch_norm_faces"] = _measure_batch_norm(network, calibration, metadata)
+        measured = _measure_batch_norm(network, calibration, metadata)
+        if measured:  # a network without batch norm has nothing to measure
+            averaged["batch_norm_faces"] = measured
+    elif _has_batch_norm(network):
+        log.warning("%s has batch norm, whose statistics averaged like the weights fit none of the checkpoints: "
+                    "give its training faces as calibration (the tool's --calibration DATA) to measure them afresh", metadata.model)
     # the crop policy and test-time augmentation carry over; a temperature fitted to one checkpoint does not
     # where each checkpoint's run took its training faces, as an ensemble records it: evaluating there is warned of
     members = [{"model": metadata.model, **({TRAINED_ON: origin} if (origin := training_faces_origin(_model_file(s))) else {})}
@@ -107,7 +112,15 @@ def _packed(folder: Path) -> tuple[ModelMetadata, list[np.ndarray]]:
 
 
 def _measure_batch_norm(network, dataset, metadata: ModelMetadata) -> int:
+    """How many faces the batch-norm statistics were measured on (0: the network has none)."""
     from ferkit.batch_norm import recalibrate_on_faces
 
-    recalibrate_on_faces(network, dataset.images, metadata.input_size, metadata.channels, limit=BATCH_NORM_FACES)
-    return min(len(dataset), BATCH_NORM_FACES)
+    layers = recalibrate_on_faces(network, dataset.images, metadata.input_size, metadata.channels, limit=BATCH_NORM_FACES)
+    return min(len(dataset), BATCH_NORM_FACES) if layers else 0
+
+
+def _has_batch_norm(network) -> bool:
+    from ferkit.batch_norm import _all_layers
+
+    keras = import_keras()
+    return any(isinstance(layer, keras.layers.BatchNormalization) and layer.trainable for layer in _all_layers(network))
