@@ -474,3 +474,17 @@ def test_calibration_faces_are_read_at_the_models_input_size(pattern_data, tmp_p
                             ModelMetadata(model="custom", classes=list(EMOTIONS), input_size=[64, 64], channels=1))
     faces = calibration_faces(path, pattern_data / "train")
     assert faces.images.shape[1:] == (64, 64)  # read at 64x64, as training read them, not 48x48 enlarged
+
+
+def test_int8_calibration_faces_may_come_in_class_folders_the_model_does_not_know(trained_run, pattern_data, tmp_path):
+    """Their labels are not used: a folder of another class (contempt, say) is read like the others."""
+    import shutil
+
+    data = shutil.copytree(pattern_data / "train", tmp_path / "faces")
+    shutil.copytree(data / "happy", data / "contempt")
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(cli, ["export", str(trained_run), "--onnx", "--int8", "--calibration", str(data), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    int8 = read_metadata(out).extra["int8"]
+    assert int8["calibration_faces"] + int8["agreement_faces"] == len(list(data.rglob("*.png")))  # contempt's too
+    assert "contempt" not in read_metadata(out).classes  # the model's own classes, as before

@@ -56,7 +56,24 @@ def calibration_faces(model: str | Path, data: str | Path | None = None, *, prog
             raise FerkitError(f"{data}, read from here, holds other faces than the run's training data (faces per class "
                               f"{faces.class_counts()}, the run recorded {recorded}); pass --calibration DATA")
         return faces
-    return load_dataset(data, **_as_the_model_reads(model), usage=TRAIN_USAGE, progress=progress)
+    return _faces_of_any_class(data, model, progress)
+
+
+def _faces_of_any_class(data, model, progress: bool) -> FaceDataset:
+    """Calibration faces at the model's input size: their labels are not used, so class folders of other
+    names than the model's classes are read too."""
+    from ferkit.data import load_dataset
+    from ferkit.data.fer2013_csv import TRAIN_USAGE
+    from ferkit.data.folder import UnknownClassFolders
+
+    reads = _as_the_model_reads(model)
+    try:
+        return load_dataset(data, **reads, usage=TRAIN_USAGE, progress=progress)
+    except UnknownClassFolders as err:
+        if err.datasets:
+            raise
+        return load_dataset(data, **{**reads, "classes": [*reads["classes"], *err.folders]}, usage=TRAIN_USAGE,
+                            progress=progress)
 
 
 def _as_the_model_reads(model: str | Path) -> dict:
