@@ -38,8 +38,17 @@ def test_models_lists_and_shows_the_layer_table():
         assert count in shown.output
     from ferkit.runtime import shipped_model
 
-    line = _one_line_error(run("models", "show", "default"))
-    assert f"default is a shipped model ({shipped_model()['name']}), made of {shipped_model()['model']}" in line
+    shipped = run("models", "show", "default")  # what a model file, run folder or shipped model is
+    assert shipped.exit_code == 0 and shipped_model()["model"] in shipped.output
+    assert "angry, disgust, fear, happy, neutral, sad, surprise" in shipped.output and "central 40x40 crop" in shipped.output
+    assert "/root/" not in shipped.output and "keeps the float model's top class" in shipped.output
+
+
+def test_models_show_tells_what_a_users_run_is(trained_run):
+    shown = run("models", "show", trained_run)
+    assert shown.exit_code == 0, shown.output
+    assert "seed-cnn" in shown.output and "48x48x3" in shown.output and "epoch" in shown.output
+    assert "unknown model 'no-such-thing'" in _one_line_error(run("models", "show", "no-such-thing"))
 
 
 def test_output_piped_into_a_reader_that_stops_ends_quietly():

@@ -260,17 +260,40 @@ def _shipped_row(name: str, entry: dict, *, tta: bool) -> list[str]:
 @models_cmd.command("show")
 @click.argument("name")
 def models_show(name: str):
-    """Print the layer table of network NAME: layers, output shapes and parameter counts."""
+    """Print the layer table of network NAME (layers, output shapes and parameter counts), or what a model
+    file, run folder or shipped model NAME is: its network, classes, input and how it runs."""
     from ferkit.models import create_model, get_model_spec, list_models
-    from ferkit.runtime import shipped_model, shipped_models
+    from ferkit.runtime import shipped_models
 
-    if name not in list_models() and (name == "default" or name in shipped_models()):
-        entry = shipped_model(name)
-        raise FerkitError(f"{name} is a shipped model ({entry['name']}), made of {entry['model']}; "
-                          "`ferkit models show` takes the name of a network")
+    if name not in list_models() and (name == "default" or name in shipped_models() or Path(name).exists()):
+        _print_model_file(name)
+        return
     model = create_model(name, weights="none" if get_model_spec(name).pretrained else None)
     rows = [[layer.name, type(layer).__name__, str(_output_shape(layer)), f"{layer.count_params():,}"] for layer in model.layers]
     _print_table(["layer", "type", "output shape", "params"], rows, right=(3,), title=f"{name}: {model.count_params():,} parameters")
+
+
+def _print_model_file(name: str) -> None:
+    """What `ferkit predict --model NAME` would run, from the metadata inside the file."""
+    from ferkit.runtime import is_shipped_file, read_metadata, resolve_model_path
+
+    path = resolve_model_path(name)
+    meta = read_metadata(path)
+    extra = meta.extra
+    rows = [["file", str(path)], ["network", meta.model], ["classes", ", ".join(meta.classes)],
+            ["input", f"{meta.input_size[0]}x{meta.input_size[1]}x{meta.channels}" + (f", central {meta.crop}x{meta.crop} crop" if meta.crop else "")],
+            ["test-time augmentation", meta.tta], ["temperature", f"{meta.temperature:g}"]]
+    if "int8" in extra:
+        rows.append(["int8", f"keeps the float model's top class on {extra['int8']['top1_agreement_with_float']:.1%} "
+                             f"of {extra['int8'].get('agreement_faces', '?')} held-out faces"])
+    if extra.get("run"):  # a shipped model's run lay on the machine that trained it: its name alone
+        run = Path(extra["run"]).name if is_shipped_file(path) else str(extra["run"])
+        rows.append(["trained in", run + (f", epoch {extra['epoch']}" if extra.get("epoch") is not None else "")])
+    if extra.get("members"):
+        rows.append(["members", ", ".join(member["model"] for member in extra["members"])])
+    if extra.get("version"):
+        rows.append(["version", str(extra["version"])])
+    _print_table(["", Path(name).name], rows, right=(), title=f"what ferkit predict --model {name} runs")
 
 
 def _output_shape(layer):
