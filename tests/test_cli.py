@@ -1030,6 +1030,17 @@ def test_the_faces_a_run_held_out_are_found_from_any_working_folder_and_for_its_
     assert (tmp_path / "work" / "r" / "eval-epoch-001-data-none").is_dir()  # a checkpoint's report in its run folder
 
 
+def test_an_export_moved_out_of_its_run_folder_still_knows_its_training_data(trained_run, tmp_path):
+    data = json.loads((trained_run / "config.json").read_text())["data"]
+    exported = run("export", trained_run, "--onnx", "--out", tmp_path / "moved" / "mine.onnx")
+    assert exported.exit_code == 0, exported.output
+    result = run("evaluate", tmp_path / "moved" / "mine.onnx", "--data", data, "--out", tmp_path / "eval")
+    assert result.exit_code == 0 and f"{data} is the data the run that made mine.onnx was trained on" in result.output
+    from ferkit.runtime import read_metadata
+
+    assert read_metadata(tmp_path / "moved" / "mine.onnx").extra["trained_on"]["data"] == str(Path(data).resolve())
+
+
 def test_a_run_whose_config_this_ferkit_refuses_is_still_evaluated(trained_run, tmp_path):
     import shutil
 

@@ -31,8 +31,11 @@ def test_onnx_agrees_with_keras_on_real_inputs(trained_run, onnx_model):
 def test_onnx_carries_the_metadata(trained_run, onnx_model):
     from ferkit.runtime import EXPORT_SOURCE, sha256_of
 
+    from ferkit.runs import TRAINED_ON, training_faces_origin
+
     exported = read_metadata(onnx_model)
     assert exported.extra.pop(EXPORT_SOURCE) == sha256_of(trained_run / "best.keras")  # what it was made from
+    assert exported.extra.pop(TRAINED_ON) == training_faces_origin(trained_run / "best.keras")  # its run's training faces
     assert exported == read_metadata(trained_run)
 
 

@@ -614,7 +614,8 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     from ferkit.predict import model_version
     from ferkit.progress import progress_bar
     from ferkit.results import check_out_outside_data, new_folder
-    from ferkit.runs import held_out_faces, holds_its_training_faces, members_trained_on, run_config_of, run_folder_of, trained_on
+    from ferkit.runs import (export_trained_on, held_out_faces, holds_its_training_faces, members_trained_on, run_config_of,
+                             run_folder_of, trained_on)
     from ferkit.runtime import load_classifier
 
     given = click.get_current_context().get_parameter_source("usage") is not click.core.ParameterSource.DEFAULT
@@ -641,6 +642,8 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
                  run_folder_of(classifier.path), len(dataset))
     elif run or holds_its_training_faces(classifier.path, dataset):
         seen = f"{data} is the data {run_folder_of(classifier.path)} was trained on"
+    elif export_trained_on(classifier.path, data, usage=None if Path(data).is_dir() else usage):
+        seen = f"{data} is the data the run that made {classifier.path.name} was trained on"
     elif members := members_trained_on(classifier.metadata, data, usage=None if Path(data).is_dir() else usage):
         what = "averaged checkpoints" if "averaged" in classifier.metadata.extra else f"ensemble's {', '.join(members)} member(s)"
         seen = f"{data} is the data the {what} were trained on"

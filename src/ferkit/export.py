@@ -147,8 +147,12 @@ def export_onnx(
                               f"{len(temperature_data)}")
     out = export_path(model, out, overwrite=overwrite)
     keras_model = _load_keras(source).with_tta(tta)
+    # where its run took its training faces, so that the export, moved out of the run folder, still knows them
+    from ferkit.runs import TRAINED_ON, training_faces_origin
+
+    origin = {TRAINED_ON: found} if (found := training_faces_origin(source)) else {}
     keras_model.metadata = dataclasses.replace(keras_model.metadata,
-                                               extra={**keras_model.metadata.extra, EXPORT_SOURCE: sha256_of(source)})
+                                               extra={**keras_model.metadata.extra, EXPORT_SOURCE: sha256_of(source), **origin})
     if recalibrate_bn:
         _recalibrate(keras_model, calibration)
     tmp = out.with_name(f".{out.stem}.tmp.onnx")
@@ -243,10 +247,10 @@ def _refuse_training_faces(source: Path, dataset: FaceDataset) -> None:
     """A FerkitError when the faces given for the temperature are the run's own training data: the
     model is surest on the faces it learned, so the fitted temperature would make it more confident,
     not calibrated."""
-    from ferkit.runs import holds_its_training_faces, members_trained_on, trained_on
+    from ferkit.runs import export_trained_on, holds_its_training_faces, members_trained_on, trained_on
 
     run = trained_on(source, dataset.source)
-    if run or holds_its_training_faces(source, dataset):
+    if run or holds_its_training_faces(source, dataset) or export_trained_on(source, dataset.source):
         held_out = f" (its validation data: {run.val})" if run and run.val else ""
         raise FerkitError(f"{dataset.source} is the data the model was trained on; fit the temperature on held-out faces{held_out}")
     members = members_trained_on(read_metadata(source), dataset.source)

@@ -215,6 +215,23 @@ def trained_on(model: Path, source, usage: str | None = None):
     return run_config_of(model) if _holds(origin, source, usage) else None
 
 
+def export_trained_on(model: Path, source, usage: str | None = None) -> bool:
+    """Whether `source` holds the training faces of the run that a model outside its run folder (an export,
+    moved) came from, as the model recorded them (see trained_on)."""
+    origin = None if training_faces_origin(model) else _recorded_origin(model)
+    return bool(origin and source and Path(source).exists() and _holds(origin, source, usage))
+
+
+def _recorded_origin(model: Path) -> dict | None:
+    """Where the run that trained `model` took its training faces, as the model file records it (exports)."""
+    from ferkit.runtime import read_metadata
+
+    try:
+        return read_metadata(model).extra.get(TRAINED_ON)
+    except (FerkitError, OSError):
+        return None
+
+
 def run_folder_of(model: Path) -> Path:
     """The run folder of a model file in it: its folder, or the one above a --save-period checkpoint's."""
     folder = Path(model).parent
