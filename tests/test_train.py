@@ -577,7 +577,6 @@ def test_a_teacher_with_other_classes_is_refused(pattern_data, trained_run, tmp_
 
 JIT_PROBE = """
 import keras, numpy as np
-from conftest import write_pattern_dataset
 from ferkit.config import TrainConfig
 from ferkit.training_model import build_training_model
 config = TrainConfig(model="seed-cnn", data="unused", augment=["flip", "shift", "rotate", "zoom", "erase"])
@@ -1093,8 +1092,8 @@ def test_an_epochs_change_that_would_rewind_fine_tuning_is_refused(pattern_data,
     assert (run / "history.csv").read_text() == history
     train(dataclasses.replace(config, fine_tune_epochs=3), resume=True, verbose=0)  # fine-tuning itself may grow
     assert read_history(run / "history.csv")["epoch"] == [1, 2, 3, 4]
-    train(dataclasses.replace(config, fine_tune_epochs=1), resume=True, verbose=0)
-    assert "already has 4 epochs; pass a larger --fine-tune-epochs to train on" in caplog.text
+    with pytest.raises(FerkitError, match="has 4 epochs done, more than the 2 asked for; pass a larger --fine-tune-epochs"):
+        train(dataclasses.replace(config, fine_tune_epochs=1), resume=True, verbose=0)
 
 
 def test_a_run_may_not_be_written_inside_its_own_data(pattern_data, tmp_path):
