@@ -622,8 +622,8 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     usage = _check_usage(data, usage, given)
     check_out_outside_data(out, data, "the report's pictures")
     classifier = load_classifier(model).with_tta(tta)
-    run = trained_on(classifier.path, data, usage=None if Path(data).is_dir() else usage)  # as the run named its data
-    config = run or run_config_of(classifier.path)
+    run_folder, config = run_folder_of(classifier.path), run_config_of(classifier.path)
+    run = config and trained_on(classifier.path, data, usage=None if Path(data).is_dir() else usage)  # as the run named its data
     # a run that split its validation faces off its data: scored on those where `data` is that data (its
     # faces, read from anywhere), as far as they can be told again
     split = f" (the faces its run held out: --val-split {config.val_split:g}, seed {config.seed})" if config and not config.val else ""
@@ -634,14 +634,14 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     dataset = load_dataset(
         data, classes=classifier.classes, image_size=classifier.input_size, usage=usage, progress=True
     )  # the bar is gone before the JSON is printed
-    held = held_out_faces(run_folder_of(classifier.path), config, dataset) if split else None
+    held = held_out_faces(run_folder, config, dataset) if split else None
     seen = None  # a warning that the model was trained on these faces: in the terminal and the saved report
     if held is not None:
         dataset = replace(held, source=held.source + split)
         log.info("%s is the data %s was trained on: scoring the %d faces it held out for validation", data,
-                 run_folder_of(classifier.path), len(dataset))
+                 run_folder, len(dataset))
     elif run or holds_its_training_faces(classifier.path, dataset):
-        seen = f"{data} is the data {run_folder_of(classifier.path)} was trained on"
+        seen = f"{data} is the data {run_folder} was trained on"
     elif export_trained_on(classifier.path, data, usage=None if Path(data).is_dir() else usage):
         seen = f"{data} is the data the run that made {classifier.path.name} was trained on"
     elif members := members_trained_on(classifier.metadata, data, usage=None if Path(data).is_dir() else usage):

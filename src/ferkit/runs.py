@@ -190,8 +190,7 @@ def held_out_faces(run_folder: Path, run, dataset):
     from ferkit.data import split_dataset
 
     recorded = _recorded_datasets(run_folder)
-    whole = {name: recorded.get("train", {}).get(name, 0) + recorded.get("val", {}).get(name, 0)
-             for name in {*recorded.get("train", {}), *recorded.get("val", {})}}
+    whole = whole_counts(recorded.get("train", {}), recorded.get("val", {}))
     if not whole or {name: n for name, n in dataset.class_counts().items() if n or name in whole} != whole:
         return None  # not the run's data: told before splitting it
     try:
@@ -212,7 +211,7 @@ def trained_on(model: Path, source, usage: str | None = None):
     origin = training_faces_origin(model)
     if origin is None or not source or not Path(source).exists():
         return None
-    return run_config_of(model) if _holds(origin, source, usage) else None
+    return run_config_of(model, warn=False) if _holds(origin, source, usage) else None
 
 
 def export_trained_on(model: Path, source, usage: str | None = None) -> bool:
@@ -238,9 +237,10 @@ def run_folder_of(model: Path) -> Path:
     return folder.parent if folder.name == EPOCHS_FOLDER else folder
 
 
-def run_config_of(model: Path):
+def run_config_of(model: Path, warn: bool = True):
     """The TrainConfig of the run that trained `model` (a file in its run folder); None where no run
-    folder says, or its config.json cannot be read (then with a warning: the model file stands alone)."""
+    folder says, or its config.json cannot be read (then with a warning, unless not `warn`: the model file
+    stands alone)."""
     from ferkit.config import TrainConfig
 
     path = run_folder_of(model) / "config.json"
@@ -249,13 +249,14 @@ def run_config_of(model: Path):
     try:
         return TrainConfig.load(path)
     except FerkitError as err:
-        if str(err) not in _SAID:  # once, however often it is asked
-            _SAID.add(str(err))
+        if warn:
             log.warning("%s; whether data holds the faces it trained on is not checked", err)
         return None
 
 
-_SAID: set[str] = set()
+def whole_counts(*counts: dict) -> dict:
+    """Faces per class of datasets taken together (a run's training and validation faces: its data, whole)."""
+    return {name: sum(count.get(name, 0) for count in counts) for name in dict.fromkeys(k for count in counts for k in count)}
 
 
 def holds_its_training_faces(model: Path, dataset) -> bool:
@@ -298,7 +299,7 @@ def training_faces_origin(model: Path) -> dict | None:
     folder or CSV file, "rows": a CSV's usage, None for all}; None where no run folder says."""
     from ferkit.data.fer2013_csv import TRAIN_USAGE
 
-    run = run_config_of(model)
+    run = run_config_of(model, warn=False)
     if run is None or not run.data or not Path(run.data).exists():
         return None
     data, rows = _faces_origin(run.data, TRAIN_USAGE if run.data.lower().endswith(".csv") else None)

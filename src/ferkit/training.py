@@ -33,7 +33,7 @@ from ferkit.models import check_weights, get_model_spec
 from ferkit.results import check_creatable, check_out_outside_data
 from ferkit.runs import (
     EPOCHS_FOLDER, HELD_OUT_DIGEST, TRAIN_DIGEST, RunState, check_run_folder, clear_run_folder, faces_digest,
-    hold_run_folder, read_history, release_run_folder, rewrite_history, save_run_config,
+    hold_run_folder, read_history, release_run_folder, rewrite_history, save_run_config, whole_counts,
 )
 from ferkit.teacher import check_teacher, teacher_probabilities
 from ferkit.training_data import (
@@ -347,8 +347,8 @@ def check_same_faces(run: Path, train_set, val_set, *, digests: bool = True, reu
     advice = "give the study the data its runs were trained with, or another --out" if reused else \
         "resume it with its own data"
     if split and {"train", "val"} <= recorded.keys():  # the data given, whole: its own counts, not a new split's
-        given, was = (_whole_counts(train_set.class_counts(), val_set.class_counts()),
-                      _whole_counts(recorded["train"], recorded["val"]))
+        given, was = (whole_counts(train_set.class_counts(), val_set.class_counts()),
+                      whole_counts(recorded["train"], recorded["val"]))
         if given != was:
             raise FerkitError(f"the data given (--data) holds other faces than {run} was trained with (faces per class "
                               f"{given}, the run recorded {was}); {advice}")
@@ -364,10 +364,6 @@ def check_same_faces(run: Path, train_set, val_set, *, digests: bool = True, reu
             log.warning("the %s data given has as many faces per class as %s recorded, but other pixels: files "
                         "replaced or renamed since, or decoded by another version of an image library; training "
                         "goes on with these", name, run)
-
-
-def _whole_counts(*counts: dict) -> dict:
-    return {name: sum(count.get(name, 0) for count in counts) for name in dict.fromkeys(k for count in counts for k in count)}
 
 
 def _reads_every_face(train_set, topology) -> bool:
