@@ -3,6 +3,7 @@ class folders, framed as predict frames the faces it finds."""
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -79,6 +80,49 @@ def test_crops_moved_to_another_class_or_deleted_by_hand_stay_so(tmp_path):
         assert summary.written == [] and summary.stale == []
     assert sorted(p.relative_to(faces).as_posix() for p in faces.rglob("*.png")) == [
         "happy/people.face1.png", "sad/people.face2.png"]
+
+
+def test_a_crop_moved_to_another_class_by_hand_is_not_replaced_by_a_new_photo_of_its_name(tmp_path):
+    photos = _photos(tmp_path / "photos")
+    faces = tmp_path / "faces"
+    crop_faces(photos, faces)
+    (faces / "sad").mkdir()
+    moved = faces / "sad" / "people.face2.png"
+    (faces / "happy" / "people.face2.png").rename(moved)  # relabelled by hand
+    before = moved.read_bytes()
+    Image.open(PEOPLE).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photos / "sad" / "people.jpg")  # other faces
+    summary = crop_faces(photos, faces)
+    assert moved.read_bytes() == before
+    assert [line for line in summary.failed if "moved there by hand" in line] == [
+        f"{moved} holds a face crop moved there by hand (ferkit wrote it as happy/people.face2.png): a crop of "
+        f"{photos / 'sad' / 'people.jpg'} would replace it; rename the photo or that crop (or replace it: --overwrite)"]
+    assert summary.written == [faces / "sad" / "people.face1.png", faces / "sad" / "people.face3.png"]
+    assert crop_faces(photos, faces, prune=True).stale == [] and moved.read_bytes() == before
+
+
+def test_a_photo_edited_in_place_with_its_times_set_back_is_cropped_again(tmp_path):
+    """A tool that edits a photo and sets its time back (exiftool -P, rsync -t) keeps its size and time."""
+    photo = tmp_path / "photos" / "happy" / "people.bmp"  # a BMP keeps its size in bytes whatever its pixels
+    photo.parent.mkdir(parents=True)
+    Image.open(PEOPLE).save(photo)
+    faces = tmp_path / "faces"
+    crop_faces(tmp_path / "photos", faces)
+    first = (faces / "happy" / "people.face1.png").read_bytes()
+    stat = photo.stat()
+    Image.open(PEOPLE).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photo)
+    os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert photo.stat().st_size == stat.st_size and photo.stat().st_mtime_ns == stat.st_mtime_ns
+    again = crop_faces(tmp_path / "photos", faces)
+    assert len(again.written) == 3 and (faces / "happy" / "people.face1.png").read_bytes() != first
+
+
+def test_a_huge_photo_without_faces_is_named_and_the_rest_is_cropped(tmp_path):
+    (tmp_path / "photos" / "happy").mkdir(parents=True)
+    panorama = tmp_path / "photos" / "happy" / "a-panorama.jpg"
+    Image.new("L", (19000, 10000), 128).save(panorama)  # past Pillow's decompression-bomb limit
+    shutil.copy(PEOPLE, tmp_path / "photos" / "happy" / "b.jpg")
+    summary = crop_faces(tmp_path / "photos", tmp_path / "faces")
+    assert summary.without_faces == [str(panorama)] and len(summary.written) == 3 and summary.failed == []
 
 
 def test_a_source_folder_renamed_and_renamed_back_keeps_its_crops_and_their_hand_edits(tmp_path):

@@ -32,6 +32,7 @@ log = logging.getLogger("ferkit")
 MAX_SIDE = 256  # larger crops are scaled down: a model sees 40-64 pixels of a face
 RECORD = ".ferkit-crops.json"  # in `out`: which photo each crop was made of, and how (hidden from datasets)
 SAVE_EVERY = 100  # photos between saves of the record, so that a run cut short keeps most of what it did
+WRITTEN_AS = "ferkit-crop"  # a crop's PNG text: where in `out` it was written
 
 
 @dataclass
@@ -111,7 +112,7 @@ def crop_faces(source: str | Path, out: str | Path, *, detector="auto", model=No
 def _crop_one(photo: Path, path_of: Callable[[int], Path], find, metadata, record: CropRecord,
               summary: CropSummary, overwrite: bool) -> None:
     try:
-        faces = _faces_of(photo, find, metadata)
+        faces, size = _faces_of(photo, find, metadata)
     except FerkitError as err:
         summary.failed.append(str(err))  # it names the photo
         return
@@ -121,7 +122,7 @@ def _crop_one(photo: Path, path_of: Callable[[int], Path], find, metadata, recor
         return
     if not faces:
         summary.without_faces.append(str(photo) + (" (a cropped face? --detector none takes the whole image as the face)"
-                                                   if find is not None and _is_small(photo) else ""))
+                                                   if find is not None and max(size) <= CROPPED_FACE_SIDE else ""))
     elif len(faces) > 1:
         summary.several_faces.append(str(photo))
     if record.edited_by_hand(photo):
@@ -133,12 +134,13 @@ def _crop_one(photo: Path, path_of: Callable[[int], Path], find, metadata, recor
             check_replaceable([path], overwrite=overwrite)
             if not overwrite:
                 record.check_not_anothers(path, photo)
+                _check_not_moved_there(path, out=record.out, photo=photo)
         except FerkitError as err:
             summary.failed.append(str(err))
             continue
-        written.append(_save_crop(face, path))
+        written.append(_save_crop(face, path, record.out))
     summary.written.extend(written)
-    _remove_earlier_crops(path_of(1), beyond=len(faces), anothers=lambda path: record.is_anothers(path, photo))
+    _remove_earlier_crops(path_of(1), record.out, beyond=len(faces), anothers=lambda path: record.is_anothers(path, photo))
     record.cropped(photo, written, complete=len(written) == len(faces))
 
 
@@ -149,6 +151,9 @@ class CropRecord:
     def __init__(self, out: Path, settings: dict, photos: dict[str, dict]):
         self.out, self.settings, self.photos = out, settings, photos
         self.owners = {crop: photo for photo, entry in photos.items() for crop in entry["crops"]}
+        self.by_name: dict[str, list[str]] = {}  # the photos recorded, by file name: looked up for each new photo
+        for photo in photos:
+            self.by_name.setdefault(os.path.basename(photo), []).append(photo)
 
     @classmethod
     def load(cls, out: Path, settings: dict) -> CropRecord:
@@ -185,8 +190,9 @@ class CropRecord:
         becomes `photo`'s."""
         folder = first_crop.relative_to(self.out).parent
         size = photo.stat().st_size
-        gone = [key for key, entry in self.photos.items()
-                if os.path.basename(key) == photo.name and entry["sha256"] and entry["settings"] == self.settings
+        named = [(key, self.photos[key]) for key in self.by_name.get(photo.name, []) if key in self.photos]
+        gone = [key for key, entry in named
+                if entry["sha256"] and entry["settings"] == self.settings
                 and (entry["stamp"] or [None])[0] == size
                 and (not entry["crops"] or Path(entry["crops"][0]).parent == folder) and not os.path.exists(key)]
         digest = sha256_of(photo) if gone else None
@@ -222,7 +228,7 @@ class CropRecord:
     def edited_by_hand(self, photo: Path) -> bool:
         """Whether some of the crops an earlier run made of `photo` were moved, deleted or replaced since."""
         crops = self.photos.get(_key(photo), {"crops": []})["crops"]
-        return any(not written_by_ferkit(self.out / crop) for crop in crops)
+        return any(not _where_ferkit_wrote_it(self.out, crop) for crop in crops)
 
     def cropped(self, photo: Path, crops: list[Path], complete: bool) -> None:
         """`photo`'s crops are now `crops`: those of an earlier version of it, still where ferkit wrote them
@@ -230,7 +236,7 @@ class CropRecord:
         key = _key(photo)
         relative = [crop.relative_to(self.out).as_posix() for crop in crops]
         for crop in self.photos.get(key, {"crops": []})["crops"]:
-            if crop not in relative and written_by_ferkit(self.out / crop):
+            if crop not in relative and _where_ferkit_wrote_it(self.out, crop):
                 (self.out / crop).unlink()
             self.owners.pop(crop, None)
         for crop in relative:
@@ -246,7 +252,7 @@ class CropRecord:
         """The crops, still where ferkit wrote them, of the photos below the folder `under` that are no
         longer where they were (photos of other sources cropped into `out` are not looked at)."""
         return sorted(self.out / crop for photo in self._photos_gone(under)
-                      for crop in self.photos[photo]["crops"] if written_by_ferkit(self.out / crop))
+                      for crop in self.photos[photo]["crops"] if _where_ferkit_wrote_it(self.out, crop))
 
     def remove(self, crops: list[Path], under: Path) -> None:
         for path in crops:
@@ -298,28 +304,26 @@ def _framing(model: str) -> dict:
     return {"face_margin": metadata.face_margin, "level_eyes": metadata.level_eyes}
 
 
-def _is_small(photo: Path) -> bool:
-    """Whether the photo is as small as face crops are (FER2013's are 48x48): a detector needs more around a face."""
-    with Image.open(photo) as image:
-        return max(image.size) <= CROPPED_FACE_SIDE
-
-
 def _key(photo: Path) -> str:
     return os.path.realpath(photo)
 
 
 def _stamp(photo: Path) -> list[int]:
+    # the change time too: a photo edited in place by a tool that sets its time back (exiftool -P, rsync -t)
+    # keeps its size and modification time, but not that
     stat = photo.stat()
-    return [stat.st_size, stat.st_mtime_ns]
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
-def _faces_of(photo: Path, find, metadata) -> list[Image.Image]:
+def _faces_of(photo: Path, find, metadata) -> tuple[list[Image.Image], tuple[int, int]]:
+    """The photo's faces framed for `metadata`'s model, and the size it was decoded at (a photo as small as
+    face crops are, FER2013's 48x48, is likely one: a detector needs more around a face)."""
     picture = to_rgb(load_image(photo))
     if find is None:
-        return [whole_image_face(picture)]
+        return [whole_image_face(picture)], picture.size
     from ferkit.predict import detected_faces
 
-    return [crop_for_model(picture, d, metadata) for d in detected_faces(find, picture)]
+    return [crop_for_model(picture, d, metadata) for d in detected_faces(find, picture)], picture.size
 
 
 def _photos_and_root(source: str, out: Path) -> tuple[list[Path], Path]:
@@ -377,14 +381,14 @@ def _base_names(photos: list[Path]) -> dict[Path, str]:
     return bases
 
 
-def _remove_earlier_crops(first: Path, *, beyond: int, anothers: Callable[[Path], bool]) -> None:
+def _remove_earlier_crops(first: Path, out: Path, *, beyond: int, anothers: Callable[[Path], bool]) -> None:
     """Crops an earlier run wrote of this photo past its `beyond` faces (it may have found more then), but
     none that `anothers` says are another photo's (of the same name, from another source)."""
     stem = first.name.removesuffix(".face1.png")
     for path in first.parent.glob(f"{glob.escape(stem)}.face*.png"):
         number = CROP_NAME.search(path.name)
-        if (number and path.name == f"{stem}.face{number[1]}.png" and int(number[1]) > beyond and written_by_ferkit(path)
-                and not anothers(path)):
+        if (number and path.name == f"{stem}.face{number[1]}.png" and int(number[1]) > beyond
+                and _where_ferkit_wrote_it(out, path.relative_to(out).as_posix()) and not anothers(path)):
             path.unlink()
 
 
@@ -392,11 +396,40 @@ def _crop_path(out: Path, photo: Path, root: Path, base: str, k: int) -> Path:
     return out / photo.parent.absolute().relative_to(root.absolute()) / f"{base}.face{k}.png"
 
 
-def _save_crop(face: Image.Image, path: Path) -> Path:
+def _save_crop(face: Image.Image, path: Path, out: Path) -> Path:
     if max(face.size) > MAX_SIDE:
         face = face.resize((MAX_SIDE, MAX_SIDE), Image.Resampling.BOX)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("Software", f"ferkit {__version__}")  # so that a later run may replace it
+    info.add_text(WRITTEN_AS, path.relative_to(out).as_posix())  # so that one moved by hand is told from it
     face.save(path, format="PNG", pnginfo=info)
     return path
+
+
+def _where_ferkit_wrote_it(out: Path, crop: str) -> bool:
+    """Whether the crop at `out/crop` (relative, as the record names crops) is one ferkit wrote there, not one
+    moved there by hand from another class folder (crops written by earlier versions name no place: taken as
+    there)."""
+    path = out / crop
+    if not written_by_ferkit(path):
+        return False
+    written_as = _written_as(path)
+    return written_as is None or written_as == crop
+
+
+def _written_as(path: Path) -> str | None:
+    try:
+        with Image.open(path) as image:  # a PNG's text chunks are read on opening
+            return image.info.get(WRITTEN_AS)
+    except (OSError, ValueError):
+        return None
+
+
+def _check_not_moved_there(path: Path, out: Path, photo: Path) -> None:
+    """A FerkitError where a crop ferkit wrote elsewhere in `out` lies at `path`: moved there by hand (to
+    relabel the face), it is the user's, not a crop to replace."""
+    written_as = _written_as(path) if path.exists() else None
+    if written_as is not None and written_as != path.relative_to(out).as_posix():
+        raise FerkitError(f"{path} holds a face crop moved there by hand (ferkit wrote it as {written_as}): a crop of "
+                          f"{photo} would replace it; rename the photo or that crop (or replace it: --overwrite)")

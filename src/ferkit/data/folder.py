@@ -46,7 +46,7 @@ def load_folder(
         broken = f" (only {len(broken_links)} link(s) to files that do not exist)" if broken_links else ""
         raise FerkitError(f"{root} holds no image files in its class folders{broken}")
 
-    stats = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    stats = [_stat(f, root) for f in files]
     # the decoders and the pixel limit too: installing the heic extra, a newer Pillow or a higher limit
     # changes which files can be read
     key = cache_key(kind="folder", root=str(root.resolve()), size=image_size, classes=classes, files=stats,
@@ -88,6 +88,13 @@ class UnknownClassFolders(FerkitError):
         super().__init__(message)
         self.folders = folders
         self.datasets = datasets  # the folders hold class folders of their own: train/ and val/, say
+
+
+def _stat(file: Path, root: Path) -> tuple:
+    """What the cache knows a file by: its path, size and times. The change time too: files of one size (BMP,
+    PGM) swapped or rewritten with their times set back (an archive's extraction, rsync -t) keep the rest."""
+    stat = file.stat()
+    return str(file.relative_to(root)), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 def _list_class_files(root: Path, classes: tuple[str, ...], *, chosen: bool) -> tuple[list[Path], list[int], list[Path]]:
