@@ -78,6 +78,21 @@ def test_report_files(tmp_path):
     assert f'src="data:image/png;base64,{_base64(tmp_path / "confusion_matrix.png")}"' in html  # moves with the page
 
 
+def test_report_files_are_utf_8_whatever_the_locale(tmp_path):
+    """Windows and a C locale write text in an encoding without the report's dashes, or a class's accents."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys, numpy as np; from ferkit.evaluation import score_predictions; y = np.arange(2).repeat(3); "
+              "score_predictions(y, y, ['fr\\u00f6hlich', 'traurig'], model='m', data='d').save(sys.argv[1])")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONIOENCODING": "ascii"}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "fröhlich" in (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert (tmp_path / "per_class.csv").read_text(encoding="utf-8").splitlines()[1].startswith("fröhlich,")
+
+
 def test_report_with_probabilities_measures_calibration_and_draws_the_reliability_diagram(tmp_path):
     # every face at confidence 0.9 and right on 60% of them: ECE 0.3, an over-confident model
     y_true = np.array([0] * 12 + [1] * 8)
@@ -350,3 +365,34 @@ def test_faces_of_another_size_are_resized_and_no_faces_is_one_line(trained_run,
     assert len(report.y_true) == len(larger) and abs(report.accuracy - as_loaded) <= 2 / len(larger)
     with pytest.raises(FerkitError, match="holds no faces to score"):
         evaluate(trained_run, larger.subset(np.array([], int)))
+
+
+def test_the_numbers_of_a_normalised_matrix_of_small_shares_are_dark_on_its_light_cells(tmp_path):
+    """scikit-learn coloured each number by the matrix's own range: where every share is small, half of them
+    came out in the lightest colour, on cells nearly as light."""
+    from PIL import Image
+
+    from ferkit.plots import plot_confusion_matrix
+
+    counts = np.random.default_rng(0).integers(10, 20, (7, 7))  # shares of 0.1-0.2 of each row
+    picture = np.asarray(Image.open(plot_confusion_matrix(counts, EMOTIONS, tmp_path / "m.png")).convert("RGB")).astype(int)
+    normalised = picture[:, picture.shape[1] // 2:]
+    red, green, blue = normalised[..., 0], normalised[..., 1], normalised[..., 2]
+    lightest = (red >= 244) & (red <= 250) & (green - red >= 3) & (blue >= 253)  # Blues' lightest colour, not white
+    assert lightest.sum() == 0
+
+
+def test_a_long_title_is_broken_into_lines_the_figure_holds(tmp_path):
+    from PIL import Image
+
+    from ferkit.calibration import reliability_bins
+    from ferkit.plots import plot_reliability_diagram
+
+    rng = np.random.default_rng(0)
+    title = (f"ferkit-net-l-distilled-v1 (ferkit-net-l-distilled-v1.onnx, epoch 23, flip TTA) on {tmp_path}/datasets/"
+             "fer2013-cleaned/validation\nECE 0.0912 (15 bins)")
+    path = plot_reliability_diagram(reliability_bins(rng.dirichlet(np.ones(7), 100), rng.integers(0, 7, 100), 15),
+                                    tmp_path / "r.png", title=title)
+    grey = np.asarray(Image.open(path).convert("L")).astype(int)
+    title_band = grey[: grey.shape[0] // 8]
+    assert (title_band < 128).any() and (title_band[:, :3] >= 128).all() and (title_band[:, -3:] >= 128).all()

@@ -58,3 +58,26 @@ def test_two_runs_of_one_folder_name_and_an_out_that_cannot_be_written_are_refus
         done = subprocess.run([*TOOL, *map(str, runs), "--out", str(out)], capture_output=True, text=True)
         assert done.returncode == 2 and error in done.stderr.splitlines()[-1]
     assert not list(tmp_path.glob("x.*"))
+
+
+def test_a_png_of_the_users_is_not_replaced_and_empty_or_na_cells_are_left_out(trained_run, tmp_path):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    with open(run / "history.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rows[0]["val_accuracy"], rows[-1]["loss"] = "NA", ""  # cells Keras's CSVLogger writes where a value is missing
+    with open(run / "history.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    mine = tmp_path / "mine.png"
+    Image.new("RGB", (8, 8)).save(mine)
+    before = mine.read_bytes()
+    refused = subprocess.run([*TOOL, str(run), "--out", str(mine)], capture_output=True, text=True)
+    assert refused.returncode == 2 and mine.read_bytes() == before and "--overwrite" in refused.stderr.splitlines()[-1]
+    done = subprocess.run([*TOOL, str(run), "--out", str(tmp_path / "runs.png")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    val = [float(row["val_accuracy"]) for row in rows[1:]]
+    best = max(range(len(val)), key=val.__getitem__)
+    assert f"| run | {len(rows)} | {val[best]:.4f} ({best + 2}) | {val[-1]:.4f} |" in done.stdout.splitlines()
+    again = subprocess.run([*TOOL, str(run), "--out", str(tmp_path / "runs.png")], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr  # its own drawing is replaced

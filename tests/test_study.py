@@ -80,8 +80,11 @@ def test_every_entry_is_scored_on_the_same_faces_as_evaluate_scores_it(quick_stu
     figures = json.loads((report.parent / "study.json").read_text())
     entries = {e["name"]: e for e in figures["entries"]}
     assert list(entries) == list(ENTRIES)
+    [photo] = figures["photos"]  # the photo's answers too: every figure of the report
+    assert photo["path"] == str(PEOPLE) and {len(faces) for faces in photo["faces"].values()} == {len(photo["boxes"])} == {3}
     for name, entry in entries.items():
-        classifier = load_classifier(Path(entry["run"]) / "best.onnx" if entry["run"] else None)
+        assert entry["model_file"] == (str(Path(entry["run"]) / "best.onnx") if entry["run"] else None)
+        classifier = load_classifier(entry["model_file"])
         val = load_dataset(config.val, image_size=classifier.input_size)
         assert entry["accuracy"] == pytest.approx(evaluate(classifier, val).accuracy)
         assert sum(map(sum, entry["confusion_matrix"])) == len(val)
@@ -109,6 +112,31 @@ def test_a_second_study_reuses_the_finished_runs(quick_study):
     before = history.stat().st_mtime_ns
     study(StudyConfig.quick(config.data, config.val, out=config.out, models=["reference"]), verbose=0)
     assert history.stat().st_mtime_ns == before
+
+
+def test_a_users_own_export_and_evaluation_in_a_run_folder_are_neither_scored_nor_replaced(quick_study, tmp_path):
+    config, _ = quick_study
+    moved = shutil.copytree(config.out, tmp_path / "study")
+    run_folder = moved / "runs" / "reference"
+    flip = CliRunner().invoke(cli, ["export", str(run_folder), "--onnx", "--tta", "flip", "--overwrite"])
+    mine = CliRunner().invoke(cli, ["evaluate", str(run_folder), "--data", config.val])  # RUN/eval-val
+    assert flip.exit_code == 0 and mine.exit_code == 0, flip.output + mine.output
+    exported, evaluated = (run_folder / "best.onnx").read_bytes(), (run_folder / "eval-val" / "metrics.json").read_bytes()
+    study(StudyConfig.quick(config.data, config.val, out=str(moved), models=["reference"]), verbose=0)
+    [entry] = json.loads((moved / "study.json").read_text())["entries"]
+    assert entry["model_file"] == str(run_folder / "study.onnx") and load_classifier(entry["model_file"]).tta == "none"
+    assert (run_folder / "best.onnx").read_bytes() == exported
+    assert (run_folder / "eval-val" / "metrics.json").read_bytes() == evaluated
+    assert (run_folder / "study-eval" / "metrics.json").is_file()
+    assert entry["history"]["val_accuracy"] == read_history(run_folder / "history.csv")["val_accuracy"]
+
+
+def test_a_study_folder_inside_its_data_is_refused_before_any_work(tmp_path):
+    data = shutil.copytree(SAMPLE / "train", tmp_path / "train")
+    result = CliRunner().invoke(cli, ["study", "--quick", "--data", str(data), "--val", str(SAMPLE / "val"),
+                                      "--out", str(data / "study"), "--models", "shipped"])
+    assert result.exit_code == 2 and result.output.startswith(f"error: {data / 'study'} lies inside the data folder {data}")
+    assert not (data / "study").exists()
 
 
 def test_a_moved_study_with_its_paths_spelled_otherwise_reuses_its_runs_but_not_for_other_faces(quick_study, tmp_path):

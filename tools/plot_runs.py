@@ -8,31 +8,42 @@ best and last epoch printed as a Markdown table (what the model card quotes).
 from __future__ import annotations
 
 import argparse
-import csv
+import math
 import sys
 from pathlib import Path
 
+from ferkit.errors import FerkitError
 from ferkit.plots import _plain_text, _pyplot, _save
+from ferkit.results import check_replaceable
+from ferkit.runs import read_history as read_run_history
 
 
 def read_history(run: Path) -> dict[str, list[float]]:
-    """The run's history.csv as columns of numbers (epoch, accuracy, val_accuracy, ...)."""
+    """The run's history.csv as columns of numbers (epoch, accuracy, val_accuracy, ...; NaN where a cell is empty)."""
     path = run / "history.csv"
     if not path.is_file():
         raise SystemExit(f"error: {run} has no history.csv; give ferkit run folders")
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or "val_accuracy" not in rows[0]:
+    try:
+        history = read_run_history(path)
+    except FerkitError as err:
+        raise SystemExit(f"error: {err}") from None
+    if not _epochs_with(history["val_accuracy"]):
         raise SystemExit(f"error: {path} has no val_accuracy column: the run had no validation data")
-    return {key: [float(row[key]) for row in rows if row.get(key) not in (None, "")] for key in rows[0]}
+    return history
+
+
+def _epochs_with(values: list[float]) -> list[int]:
+    """The indices of the epochs with a value (a cell left empty reads as NaN)."""
+    return [i for i, value in enumerate(values) if not math.isnan(value)]
 
 
 def summary_table(histories: dict[str, dict[str, list[float]]]) -> str:
     lines = ["| run | epochs | best val accuracy (epoch) | last val accuracy |", "|---|---|---|---|"]
     for name, history in histories.items():
-        val = history["val_accuracy"]
-        best = max(range(len(val)), key=val.__getitem__)
-        lines.append(f"| {name} | {int(history['epoch'][-1])} | {val[best]:.4f} ({int(history['epoch'][best])}) | {val[-1]:.4f} |")
+        val, scored = history["val_accuracy"], _epochs_with(history["val_accuracy"])
+        best = max(scored, key=val.__getitem__)
+        lines.append(f"| {name} | {int(history['epoch'][-1])} | {val[best]:.4f} ({int(history['epoch'][best])}) | "
+                     f"{val[scored[-1]]:.4f} |")
     return "\n".join(lines)
 
 
@@ -50,7 +61,8 @@ def plot_runs(histories: dict[str, dict[str, list[float]]], lines: dict[str, flo
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (one view)")
     if ymin is not None:  # the first epochs' climb would squeeze the last points' differences flat
-        ax.set_ylim(bottom=ymin, top=max([*lines.values(), *(max(h["val_accuracy"]) for h in histories.values())]) + 0.01)
+        highest = [max(h["val_accuracy"][i] for i in _epochs_with(h["val_accuracy"])) for h in histories.values()]
+        ax.set_ylim(bottom=ymin, top=max([*lines.values(), *highest]) + 0.01)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     return _save(fig, path)
@@ -71,15 +83,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="a horizontal reference line, e.g. the teacher's or the target's accuracy")
     parser.add_argument("--ymin", type=float, help="the lowest accuracy shown (e.g. 0.6: the first epochs' climb is cut off)")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace a PNG there that this tool did not draw")
     args = parser.parse_args(argv)
     if args.out.suffix.lower() != ".png" or not args.out.parent.resolve().is_dir():
         parser.error(f"--out {args.out}: give a .png file in a folder that exists")
+    try:
+        check_replaceable([args.out], overwrite=args.overwrite)
+    except FerkitError as err:
+        parser.error(str(err))
     names = [run.resolve().name for run in args.runs]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         parser.error(f"two runs of one folder name ({', '.join(twice)}): the plot and table name runs by their folders")
     histories = {name: read_history(run) for name, run in zip(names, args.runs)}
-    below = [name for name, history in histories.items() if args.ymin is not None and max(history["val_accuracy"]) < args.ymin]
+    below = [name for name, history in histories.items()
+             if args.ymin is not None and all(history["val_accuracy"][i] < args.ymin for i in _epochs_with(history["val_accuracy"]))]
     if below:
         print(f"warning: --ymin {args.ymin} is above every epoch of {', '.join(below)}: not drawn", file=sys.stderr)
     plot_runs(histories, dict(args.line), args.out, ymin=args.ymin)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import sys
 
@@ -35,6 +36,9 @@ def import_keras():
         if importlib.util.find_spec("keras") is None or importlib.util.find_spec(backend) is None:
             raise FerkitError(MISSING) from None
         raise FerkitError(f"Keras is installed but failed to import on the {backend} backend: {err}") from None
+    if not os.environ.get("FERKIT_DEBUG"):
+        # its Python-side warnings, such as retracing notes when one process trains several models (a study)
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
     return keras
 
 

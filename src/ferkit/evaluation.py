@@ -193,7 +193,7 @@ class EvaluationReport:
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         matrix = {k: data[k] for k in ("classes", "confusion_matrix", "confusion_matrix_normalized")}
         (folder / "confusion_matrix.json").write_text(json.dumps(matrix, indent=2) + "\n")
-        with open(folder / "per_class.csv", "w", newline="") as handle:
+        with open(folder / "per_class.csv", "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(["class", "precision", "recall", "f1", "support"])
             for name, s in self.per_class.items():
@@ -208,7 +208,8 @@ class EvaluationReport:
                                      title=f"{self.model_label} on {self.data}\n{self.ece_summary}")
             names.append(reliability)
         (folder / "report.html").write_text(self.to_html(image=folder / "confusion_matrix.png",
-                                                         reliability_image=folder / reliability if reliability else None))
+                                                         reliability_image=folder / reliability if reliability else None),
+                                             encoding="utf-8")
         names.append("report.html")
         return [folder / n for n in names]
 

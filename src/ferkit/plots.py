@@ -31,6 +31,15 @@ def _plain_text(plot):
     return drawn
 
 
+def _fitted(title: str, fig, fontsize: float) -> str:
+    """`title` broken into lines that fit the figure's width (titles hold paths and model names, which the
+    figure would otherwise cut at both ends)."""
+    import textwrap
+
+    width = max(20, int(fig.get_figwidth() * 72 / (fontsize * 0.62)))  # characters of about 0.6 em
+    return "\n".join(part for line in title.splitlines() for part in textwrap.wrap(line, width) or [""])
+
+
 def _save(fig, path: str | Path) -> Path:
     """Save and close `fig`; a PNG is marked as ferkit's in a text chunk, so that a later run knows it may
     replace it (ferkit.results.check_replaceable)."""
@@ -58,7 +67,7 @@ def plot_history(history: dict[str, Sequence[float]], path: str | Path, *, title
         ax.grid(alpha=0.3)
         ax.legend()
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_fitted(title, fig, 12))
     return _save(fig, path)
 
 
@@ -77,12 +86,16 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: str 
         ax=ax_counts, cmap="Blues", colorbar=False, values_format="d", xticks_rotation=45
     )
     ax_counts.set_title("counts")
-    ConfusionMatrixDisplay(normalised, display_labels=list(classes)).plot(
+    shown = ConfusionMatrixDisplay(normalised, display_labels=list(classes)).plot(
         ax=ax_norm, cmap="Blues", colorbar=False, values_format=".2f", xticks_rotation=45, im_kw={"vmin": 0, "vmax": 1}
     )
+    # scikit-learn picks each number's colour by the matrix's own range, not the 0-1 the colours span: light
+    # numbers on light cells where every share is small
+    for (row, column), text in np.ndenumerate(shown.text_):
+        text.set_color(shown.im_.cmap(0.0 if normalised[row, column] > 0.5 else 1.0))
     ax_norm.set_title("normalised by true class (recall)")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_fitted(title, fig, 12))
     return _save(fig, path)
 
 
@@ -115,7 +128,7 @@ def plot_reliability_diagram(bins: dict, path: str | Path, *, title: str = "") -
     ax.grid(alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize=8)  # below the axes: over no bar
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(_fitted(title, fig, 9), fontsize=9)
     return _save(fig, path)
 
 
@@ -149,5 +162,5 @@ def plot_emotion_timeline(series: dict, path: str | Path, *, title: str = "", un
         axes[0, 0].text(0.5, 0.5, "no face found", ha="center", va="center", transform=axes[0, 0].transAxes)
     axes[-1, 0].set_xlabel("time (s)")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_fitted(title, fig, 12))
     return _save(fig, path)

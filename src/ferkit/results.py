@@ -343,7 +343,7 @@ class ResultsFolder:
         if not lines.exists():
             return set()
         done, kept = set(), []
-        for line in lines.read_text().splitlines(keepends=True):
+        for line in lines.read_text(encoding="utf-8").splitlines(keepends=True):
             try:
                 record = json.loads(line)
             except ValueError:
@@ -358,7 +358,7 @@ class ResultsFolder:
                 kept.append(line)
             elif retried is not None and _file_key(record["source"]) not in retried:
                 kept.append(line)
-        lines.write_text("".join(kept))
+        lines.write_text("".join(kept), encoding="utf-8")
         if table.exists():
             with open(table, newline="", **TABLE_TEXT) as handle:
                 rows = list(csv.reader(handle))

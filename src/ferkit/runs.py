@@ -326,5 +326,5 @@ def _faces_origin(source, usage: str | None) -> tuple[Path, str | None]:
 
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

@@ -564,7 +564,7 @@ def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig,
         timeline.source = Path(name).name if name else "uploaded video"  # the plot's title, not the temporary file
         with _PLOTTING:  # pyplot's figures and fonts are shared state
             png = base64.b64encode(timeline.plot(Path(folder) / "emotions.png").read_bytes()).decode()
-        table = timeline.to_csv(Path(folder) / "timeline.csv").read_text()
+        table = timeline.to_csv(Path(folder) / "timeline.csv").read_text(encoding="utf-8")
     return timeline.summary(csv=table, plot_png=f"data:image/png;base64,{png}")  # as `ferkit predict --json` says of a video
 
 

@@ -32,6 +32,8 @@ from ferkit.data import FaceDataset, load_dataset
 from ferkit.data.fer2013_csv import TRAIN_USAGE, VAL_USAGE
 from ferkit.errors import FerkitError
 from ferkit.images import ImageError, load_image
+from ferkit.progress import progress_bar
+from ferkit.results import check_out_outside_data
 from ferkit.runtime import faces_per_second, machine_description
 from ferkit.training import TrainingInterrupted
 
@@ -43,6 +45,8 @@ TRANSFER_MODEL = "efficientnet-lite0-transfer"
 ALL_LAYERS = 10_000  # --fine-tune N: unfreezes the whole backbone (its batch norm stays frozen)
 STUDY_MARK = ".ferkit-study"  # written first into a study's folder: the study may continue there
 SUBSET_SOURCE = "source.json"  # in a study's copy of its training faces: the data they were taken from
+STUDY_REPORT = "study-eval"  # in each run folder: the entry's report on the validation faces
+STUDY_EXPORT = "study.onnx"  # in a run folder whose best.onnx is the user's own variant: what the study scores
 
 
 _LABELS = {
@@ -129,6 +133,7 @@ class EntryResult:
     published_accuracy: float | None = None
     history: dict[str, list[float]] | None = None
     confusion_matrix: list[list[int]] = field(default_factory=list)
+    model_file: str | None = None  # the ONNX file scored (None: the shipped model)
     wrong: list[tuple[int, str, str, float]] = field(default_factory=list)  # the most confident mistakes
 
 
@@ -137,7 +142,9 @@ def study(config: StudyConfig, *, verbose: int = 2) -> Path:
     from ferkit.study_report import write_report
 
     out = Path(config.out)
-    val = load_dataset(config.val, usage=VAL_USAGE)
+    for data in (config.data, config.val):  # before any work: its runs and reports would be read as faces
+        check_out_outside_data(out, data, "the study's runs and reports")
+    val = load_dataset(config.val, usage=VAL_USAGE, progress=True)
     if not Path(config.data).exists():
         raise FerkitError(f"no such dataset: {config.data}")
     _check_transfer_weights(config)
@@ -163,7 +170,7 @@ def study(config: StudyConfig, *, verbose: int = 2) -> Path:
     photos = [_analyze_photo(photo, results) for photo in config.photos]
     facts = _reproduction(config, train_data, val)
     (out / "study.json").write_text(json.dumps({
-        "config": asdict(config), "entries": [_without_history(r) for r in results],
+        "config": asdict(config), "entries": [asdict(r) for r in results], "photos": [_photo_answers(p) for p in photos],
         "pretraining_gain": pretraining_gain(results), "reproduction": facts["text"],
     }, indent=2) + "\n")
     return write_report(out / "report.html", config, results, val, photos, facts)
@@ -291,13 +298,17 @@ def _score_entry(name: str, run: Path | None, config: StudyConfig) -> EntryResul
 
     model = _deployable(run)
     classifier = load_classifier(model)
-    val = load_dataset(config.val, classes=classifier.classes, image_size=classifier.input_size, usage=VAL_USAGE)
-    report = evaluate(classifier, val)
-    if run is not None:
-        report.save(run / "eval-val", overwrite=True)  # the study's own run folder
+    val = load_dataset(config.val, classes=classifier.classes, image_size=classifier.input_size, usage=VAL_USAGE,
+                       progress=True)
+    with progress_bar(len(val), f"scoring {name}") as advance:
+        report = evaluate(classifier, val, progress=advance)
+    if run is not None:  # the study's own run folder, its own name there (`ferkit evaluate RUN` writes eval-DATA)
+        report.save(run / STUDY_REPORT, overwrite=True)
+    log.info("timing %s: %d calls of 256 faces", name, config.speed_calls)
     speed = faces_per_second(classifier, repeat=config.speed_calls)
     result = EntryResult(
         name=name, label=entry_label(name), model=classifier.name, run=str(run) if run else None,
+        model_file=str(model) if model else None,
         parameters=_parameters(classifier), accuracy=report.accuracy, macro_f1=report.macro_f1,
         recall={c: s.recall for c, s in report.per_class.items()}, faces_per_second=speed,
         published_accuracy=PUBLISHED.get(name), confusion_matrix=report.confusion_matrix.tolist(),
@@ -309,16 +320,41 @@ def _score_entry(name: str, run: Path | None, config: StudyConfig) -> EntryResul
 
 
 def _deployable(run: Path | None):
-    """What the report scores: the run's best model exported to ONNX (what a user would deploy, and the
-    same runtime as the shipped model), or the shipped model for None."""
+    """What the report scores: the run's best model exported to ONNX, plainly (what a user would deploy,
+    and the same runtime as the shipped model), or the shipped model for None. The run's best.onnx where it
+    is that, or where there is none yet (`ferkit predict RUN` then uses it); else the study's own export: an
+    export of the user's (with TTA, int8, a temperature, or of an earlier best.keras) is neither scored nor
+    replaced."""
     if run is None:
         return None
     from ferkit.export import export_onnx
+    from ferkit.runtime import sha256_of
 
-    onnx = run / "best.onnx"
-    if not onnx.exists() or onnx.stat().st_mtime < (run / "best.keras").stat().st_mtime:
-        export_onnx(run / "best.keras", onnx, overwrite=True)
-    return onnx
+    source, best = run / "best.keras", run / "best.onnx"
+    if not best.exists():
+        export_onnx(source, best)
+        return best
+    digest = sha256_of(source)
+    if _plain_export_of(best, digest):
+        return best
+    own = run / STUDY_EXPORT
+    if not _plain_export_of(own, digest):
+        export_onnx(source, own, overwrite=True)
+    return own
+
+
+def _plain_export_of(onnx: Path, source_sha256: str) -> bool:
+    """Whether `onnx` is an export of the .keras file of that SHA-256 as it is: no TTA, int8, temperature or
+    batch-norm recalibration."""
+    from ferkit.runtime import EXPORT_SOURCE, read_metadata
+
+    try:
+        metadata = read_metadata(onnx)
+    except (FerkitError, OSError):
+        return False
+    changed = {"int8", "batch_norm_recalibrated"} & metadata.extra.keys()
+    return (metadata.extra.get(EXPORT_SOURCE) == source_sha256 and metadata.tta == "none"
+            and metadata.temperature == 1.0 and not changed)
 
 
 def _parameters(classifier) -> int:
@@ -371,7 +407,7 @@ def _analyze_photo(photo: str, results: list[EntryResult]) -> dict:
     from ferkit.predict import analyze
 
     path = Path(photo)
-    models = {r.name: (Path(r.run) / "best.onnx" if r.run else None) for r in results}
+    models = {r.name: r.model_file for r in results}
     boxes = [face.box for face in analyze(path)]  # detected once; every model classifies the same faces
     faces = {name: analyze(path, model=model, boxes=boxes) if boxes else [] for name, model in models.items()}
     return {"path": str(path), "boxes": boxes, "faces": faces}
@@ -399,10 +435,10 @@ def _reproduction(config: StudyConfig, train_data: str, val: FaceDataset) -> dic
     return {"text": text, "train": train}
 
 
-def _without_history(result: EntryResult) -> dict:
-    data = asdict(result)
-    data.pop("history")
-    return data
+def _photo_answers(photo: dict) -> dict:
+    """A photo's faces as each model answered (see _analyze_photo), as JSON."""
+    return {"path": photo["path"], "boxes": [list(box) for box in photo["boxes"]],
+            "faces": {name: [face.to_dict() for face in faces] for name, faces in photo["faces"].items()}}
 
 
 def command_line() -> str:

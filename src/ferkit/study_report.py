@@ -45,7 +45,7 @@ def write_report(path: Path, config, results, val: FaceDataset, photos: list[dic
         f"Every model is scored on the same {len(val):,} validation faces ({escape(config.val)}).</p>"
         + "".join(sections) + "</html>\n"
     )
-    path.write_text(html)
+    path.write_text(html, encoding="utf-8")
     return path
 
 
@@ -60,8 +60,8 @@ def _comparison(results, gain) -> str:
         f"<td>{_number(r.seconds_per_epoch, '.1f')}</td><td>{r.faces_per_second:,.0f}</td></tr>"
         for r in results
     )
-    notes = ("<p class='note'>Train − val gap: training minus validation accuracy at the last epoch (augmented "
-             "training faces). Published: the founding study's figures (its own test split; its transfer model was "
+    notes = ("<p class='note'>Train − val gap: training minus validation accuracy at the last epoch (training "
+             "accuracy is taken on the faces as trained on: flipped and zoomed for the augmented entry). Published: the founding study's figures (its own test split; its transfer model was "
              "VGG19). Faces/s: ONNX Runtime, batches of 256, on this machine's CPU (see Reproduction). "
              "Training time and s/epoch: from each run's history; s/epoch is the median epoch, leaving out the "
              "first (graph tracing) and, for the transfer models, the head's epochs on features computed once "

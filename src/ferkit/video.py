@@ -63,7 +63,7 @@ class Timeline:
         """The timeline, a row per face per analysed frame; a file there that ferkit did not write is kept
         unless `overwrite`."""
         check_replaceable([path], overwrite=overwrite)
-        with open(path, "w", newline="") as handle:
+        with open(path, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(self.csv_header())
             writer.writerows(self.csv_row(r) for r in self.rows)
@@ -240,7 +240,7 @@ def analyze_video(
     writer = _video_writer(annotated, info, every) if annotated else None
     if timeline_csv:
         Path(timeline_csv).parent.mkdir(parents=True, exist_ok=True)
-    table = open(timeline_csv, "w", newline="") if timeline_csv else None
+    table = open(timeline_csv, "w", newline="", encoding="utf-8") if timeline_csv else None
     rows = csv.writer(table) if table else None
     if rows:
         rows.writerow(timeline.csv_header())
