@@ -291,3 +291,12 @@ def test_the_report_renders_in_chromium(quick_study):
         browser.close()
     assert widths and all(w > 50 for w in widths)
     assert np.isfinite(widths).all()
+
+
+def test_validation_files_skipped_are_said_on_the_report(tmp_path):
+    val = shutil.copytree(SAMPLE / "val", tmp_path / "val")
+    (val / "happy" / "broken.jpg").write_text("not an image")
+    report = study(StudyConfig.quick(str(SAMPLE / "train"), str(val), out=str(tmp_path / "study"), models=["shipped"]),
+                   verbose=0)
+    said = f"<b>Warning:</b> 1 unreadable file(s) of {val} were skipped, e.g. {val / 'happy' / 'broken.jpg'}"
+    assert said in report.read_text(encoding="utf-8")

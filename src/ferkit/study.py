@@ -134,6 +134,7 @@ class EntryResult:
     history: dict[str, list[float]] | None = None
     confusion_matrix: list[list[int]] = field(default_factory=list)
     model_file: str | None = None  # the ONNX file scored (None: the shipped model)
+    warnings: list[str] = field(default_factory=list)  # its report's: validation files skipped, ...
     wrong: list[tuple[int, str, str, float]] = field(default_factory=list)  # the most confident mistakes
 
 
@@ -312,7 +313,7 @@ def _score_entry(name: str, run: Path | None, config: StudyConfig) -> EntryResul
         parameters=_parameters(classifier), accuracy=report.accuracy, macro_f1=report.macro_f1,
         recall={c: s.recall for c, s in report.per_class.items()}, faces_per_second=speed,
         published_accuracy=PUBLISHED.get(name), confusion_matrix=report.confusion_matrix.tolist(),
-        wrong=_confidently_wrong(report),
+        wrong=_confidently_wrong(report), warnings=list(report.warnings),
     )
     if run is not None:
         _add_training_figures(result, run)

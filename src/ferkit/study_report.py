@@ -61,7 +61,8 @@ def _comparison(results, gain) -> str:
         for r in results
     )
     notes = ("<p class='note'>Train − val gap: training minus validation accuracy at the last epoch (training "
-             "accuracy is taken on the faces as trained on: flipped and zoomed for the augmented entry). Published: the founding study's figures (its own test split; its transfer model was "
+             "accuracy is taken on the faces as trained on: flipped and zoomed for the augmented entry). Published: "
+             "the founding study's figures (its own test split; its transfer model was "
              "VGG19). Faces/s: ONNX Runtime, batches of 256, on this machine's CPU (see Reproduction). "
              "Training time and s/epoch: from each run's history; s/epoch is the median epoch, leaving out the "
              "first (graph tracing) and, for the transfer models, the head's epochs on features computed once "
@@ -69,6 +70,8 @@ def _comparison(results, gain) -> str:
     if gain is not None:
         notes += (f"<p><b>What ImageNet pretraining buys:</b> {gain * 100:+.1f} points of val accuracy over the same "
                   "network, same recipe and epochs, started from random weights.</p>")
+    said = list(dict.fromkeys(warning for r in results for warning in r.warnings))  # the same val faces: once each
+    notes += "".join(f"<p><b>Warning:</b> {escape(warning)}</p>" for warning in said)
     return f"<h2>Comparison</h2><div class='wide'><table>{header}{rows}</table></div>{notes}"
 
 
