@@ -629,3 +629,28 @@ def test_a_lone_face_keeps_its_whole_label_wherever_it_must_go():
         face = Face((200, 2, 60, 640 - 2 - gap), "happy", 0.9, {"happy": 0.9})
         label = np.all(np.asarray(draw_faces(picture, [face])) == colour_of("happy"), axis=2)
         assert label.sum(axis=1).max() > 75, gap  # a label as wide as "1 happy 90%", not "1" (the box: 60 px)
+
+
+@pytest.mark.parametrize("emotion", ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"])
+def test_every_emotions_label_is_written_in_the_colour_that_contrasts_most_with_it(emotion):
+    """WCAG 2's contrast ratio of the label's text on its colour: white on angry's orange and disgust's
+    green was under 4:1, black there is over 5:1."""
+    from ferkit.draw import colour_of, draw_faces
+    from ferkit.results import Face
+
+    def luminance(rgb):
+        linear = [c / 255 / 12.92 if c / 255 <= 0.03928 else ((c / 255 + 0.055) / 1.055) ** 2.4 for c in rgb]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    def contrast(a, b):
+        light, dark = sorted((luminance(a), luminance(b)), reverse=True)
+        return (light + 0.05) / (dark + 0.05)
+
+    background = colour_of(emotion)
+    face = Face(box=(100, 100, 120, 120), emotion=emotion, score=0.9, probabilities={emotion: 0.9})
+    drawn = np.asarray(draw_faces(Image.new("RGB", (400, 400), (128, 128, 128)), [face])).reshape(-1, 3)
+    letters = np.abs(drawn.astype(int) - background).max(axis=1) > 60  # neither the label's colour nor near it
+    dark, light = (letters & (drawn.max(axis=1) <= 60)).sum(), (letters & (drawn.min(axis=1) >= 200)).sum()
+    assert (dark == 0) != (light == 0), (dark, light)  # one colour for the letters, black or white
+    text = (0, 0, 0) if dark else (255, 255, 255)
+    assert contrast(background, text) == max(contrast(background, (0, 0, 0)), contrast(background, (255, 255, 255))) > 4.5

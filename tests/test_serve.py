@@ -57,6 +57,7 @@ def test_a_multipart_upload_gives_the_same_faces(client):
     form = client.post("/v1/analyze", files={"file": ("people.jpg", PEOPLE.read_bytes(), "image/jpeg")})
     assert form.status_code == 200, form.text
     assert _faces(form.json()) == _faces(raw)
+    assert form.json()["source"] == "people.jpg" and raw["source"] == "upload"  # the name, where the form gives it
     for upload in (("people.jpg", PEOPLE.read_bytes(), "image/jpg"), ("people.jpg", PEOPLE.read_bytes())):
         form = client.post("/v1/analyze", files={"file": upload})  # the type some browsers send, and none at all
         assert form.status_code == 200, form.text
@@ -76,6 +77,10 @@ def test_the_health_models_and_openapi_routes(client):
     assert model["classes"] == ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/analyze", "/v1/video", "/v1/models", "/healthz"} <= set(paths)
+    for route, codes in (("/v1/analyze", {"403", "413", "415", "422", "503"}), ("/v1/video", {"403", "413", "415", "422", "501", "503"})):
+        answers = paths[route]["post"]["responses"]
+        assert codes <= set(answers) and answers["413"]["content"]["application/json"]["schema"]["required"] == ["detail"]
+    assert "application/x-ndjson" in paths["/v1/video"]["post"]["responses"]["200"]["content"]
     assert client.get("/docs").status_code == 200
     for path in ("/", "/healthz", "/v1/models"):  # as uptime checks and curl -I ask
         head = client.head(path)
@@ -635,3 +640,30 @@ def test_ctrl_c_stops_a_video_being_analysed_and_the_server_at_once():
     output = "".join(lines)
     assert "stopped at frame" in output and "the server is stopping" in output, output
     assert stopped_in < 10 and "Traceback" not in output, (stopped_in, output)
+
+
+def test_a_video_whose_client_leaves_midway_is_one_line_in_the_log_not_a_traceback(tmp_path):
+    cv2 = pytest.importorskip("cv2", reason="ferkit[video] is not installed")
+    photo = cv2.resize(cv2.imread(str(PEOPLE)), (1280, 720))
+    writer = cv2.VideoWriter(str(tmp_path / "long.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, photo.shape[1::-1])
+    for _ in range(100):  # 10 s
+        writer.write(photo)
+    writer.release()
+    video = (tmp_path / "long.mp4").read_bytes()
+    process, url = _start_server()
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", port)) as leaving:
+                leaving.sendall((f"POST /v1/video HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: video/mp4\r\n"
+                                 f"Accept: application/x-ndjson\r\nContent-Length: {len(video)}\r\n\r\n").encode() + video)
+                leaving.settimeout(60)
+                assert b'"progress"' in leaving.recv(4096) + leaving.recv(4096)  # under way, then gone
+        time.sleep(3)
+        with urllib.request.urlopen(f"{url}/healthz", timeout=30) as response:  # the server goes on
+            assert response.status == 200
+    finally:
+        process.terminate()
+        log = process.communicate(timeout=30)[0]
+    assert "Traceback" not in log and "never retrieved" not in log, log
+    assert log.count("/v1/video: stopped at frame") == 2, log

@@ -294,3 +294,66 @@ def test_the_webcam_holds_its_label_style_where_each_frame_alone_would_flicker(b
     }""")
     assert styles == ["NFNFNFFFF", "NNNNNNNFF"]
     page.close()
+
+
+def test_on_a_phones_screen_the_photo_is_drawn_at_the_width_shown_and_its_labels_stay_readable(browser, server):  # noqa: F811
+    page = browser.new_page(viewport={"width": 375, "height": 800}, device_scale_factor=2)
+    page.goto(server)
+    page.set_input_files("#photo-input", str(PEOPLE))
+    page.wait_for_selector("#faces .face", timeout=30_000)
+    shown, drawn = page.evaluate("() => { const c = document.getElementById('photo-canvas');"
+                                 " return [c.getBoundingClientRect().width, c.width]; }")
+    assert shown <= 375 and drawn / shown == pytest.approx(2, abs=0.01)  # not drawn at 640 and shrunk to fit
+    # letters of at least 11 points on the screen, however small the faces are drawn
+    letters = page.evaluate("""() => { const context = document.createElement('canvas').getContext('2d');
+        drawFaces(context, [{ box: [10, 10, 20, 20], emotion: 'sad', score: 0.5, uncertain: false }], 1, null, 2);
+        return parseFloat(context.font); }""")
+    assert letters >= 22
+    # what the annotated photo shows, in words; the faces' headings read apart from "uncertain"
+    label = page.get_attribute("#photo-canvas", "aria-label")
+    [expected] = analyze_images([PEOPLE])
+    assert label.startswith("people.jpg: 3 faces: 1 " + expected.faces[0].emotion)
+    headings = page.get_by_role("heading", level=2).all_text_contents()
+    assert len(headings) == 3 and all(h.endswith("%)") or h.endswith("%) (uncertain)") for h in headings)
+    page.close()
+
+
+def test_every_emotions_label_colour_gets_the_text_colour_that_contrasts_most(browser, server):  # noqa: F811
+    page = browser.new_page()
+    page.goto(server)
+    pairs = page.evaluate("() => Object.entries(COLORS).map(([name, hex]) => [hex, textColour(hex)])")
+
+    def luminance(hex_colour):
+        linear = [(c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4)
+                  for c in (int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5))]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    for background, text in pairs:
+        ratio = {colour: (max(luminance(background), luminance(colour)) + 0.05) / (min(luminance(background), luminance(colour)) + 0.05)
+                 for colour in ("#000000", "#ffffff")}
+        assert ratio[{"#000": "#000000", "#fff": "#ffffff"}[text]] == max(ratio.values()) > 4.5, (background, text)
+    page.close()
+
+
+def test_the_webcam_buttons_hand_the_keyboards_focus_on(browser, server):  # noqa: F811
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(server)
+    page.click("button[data-tab=webcam]")
+    page.focus("#webcam-start")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#webcam-stop:visible", timeout=30_000)
+    assert page.evaluate("() => document.activeElement.id") == "webcam-stop"
+    page.keyboard.press("Space")
+    page.wait_for_selector("#webcam-start:visible", timeout=30_000)
+    assert page.evaluate("() => document.activeElement.id") == "webcam-start"
+    page.close()
+
+
+def test_a_photo_given_to_the_video_tab_is_pointed_to_the_photo_tab(browser, server):  # noqa: F811
+    page = browser.new_page()
+    page.goto(server)
+    page.click("button[data-tab=video]")
+    page.set_input_files("#video-input", str(PEOPLE))
+    page.wait_for_selector("#status.error", timeout=30_000)
+    assert page.text_content("#status") == "people.jpg is a photo: the Photo tab analyses photos"
+    page.close()

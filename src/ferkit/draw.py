@@ -160,9 +160,11 @@ def _overlap(a, b) -> bool:
 
 
 def _text_colour(background) -> tuple[int, int, int]:
-    """Black on light label colours, white on dark ones (sad's blue)."""
-    red, green, blue = background
-    return (0, 0, 0) if 0.299 * red + 0.587 * green + 0.114 * blue > 120 else (255, 255, 255)
+    """Black or white, whichever contrasts more with the label's colour (WCAG 2's contrast ratio): white on
+    angry's orange and disgust's green was under 4:1."""
+    linear = [c / 255 / 12.92 if c / 255 <= 0.03928 else ((c / 255 + 0.055) / 1.055) ** 2.4 for c in background]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    return (0, 0, 0) if (luminance + 0.05) / 0.05 >= 1.05 / (luminance + 0.05) else (255, 255, 255)
 
 
 TINY_SIDE = 240  # pictures smaller than this are enlarged for drawing: labels of a readable size fit

@@ -21,6 +21,7 @@ past `max_waiting` uploads waiting for their turn, more get 503 with Retry-After
 import asyncio
 import base64
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -109,11 +110,12 @@ def create_app(config: ServeConfig | None = None, *, local_only: bool = False):
     app.add_middleware(TooLargeAsJson, limits=size_limits)
     app.add_middleware(SameSiteOnly, local_only=local_only)
 
-    def analyze_bytes(data: bytes) -> dict:
+    def analyze_bytes(data: bytes, name: str | None = None) -> dict:
         started = time.perf_counter()
         image = _decode_image(data, decoders, config.max_megapixels)
         decoding_ms = (time.perf_counter() - started) * 1e3
-        [result] = analyze_images([("upload", image)], model=classifier, detector=detector)
+        # `source`: the file's name where a multipart form gives it, as /v1/video says it
+        [result] = analyze_images([(Path(name).name if name else "upload", image)], model=classifier, detector=detector)
         if result.error:
             raise HTTPException(422, result.error)
         result.timings_ms["decode"] += decoding_ms  # as `ferkit predict` counts it, the image's decoding in
@@ -143,16 +145,21 @@ def create_app(config: ServeConfig | None = None, *, local_only: bool = False):
     for path, endpoint in (("/healthz", healthz), ("/v1/models", models)):  # HEAD too, for probes; one operation each in the schema
         app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
-    @app.post("/v1/analyze", openapi_extra=_upload_schema(IMAGE_TYPES), max_body_size=int(config.max_upload_mb * MB))
+    @app.post("/v1/analyze", openapi_extra=_upload_schema(IMAGE_TYPES), max_body_size=int(config.max_upload_mb * MB),
+              responses=_error_responses(IMAGE_ERRORS))
     async def analyze(request: Request) -> dict:
         """Every face in the image, with its box and the probabilities of each emotion: the JSON of
-        `ferkit predict --json`. The body is the image (Content-Type image/*) or a multipart form with
-        the image in the field `file`."""
+        `ferkit predict --json` (`source`: the file's name where a multipart form gives it, else "upload").
+        The body is the image (Content-Type image/*) or a multipart form with the image in the field `file`."""
         with turns.taken():  # before the body is read: an upload arriving is held in memory too
-            data, _ = await _upload(request, IMAGE_TYPES, "an image", size_limits["/v1/analyze"])
-            return await _run_for(request, analyses, analyze_bytes, data)
+            data, name = await _upload(request, IMAGE_TYPES, "an image", size_limits["/v1/analyze"])
+            return await _run_for(request, analyses, analyze_bytes, data, name)
 
-    @app.post("/v1/video", openapi_extra=_upload_schema(VIDEO_TYPES), max_body_size=int(config.max_video_mb * MB))
+    @app.post("/v1/video", openapi_extra=_upload_schema(VIDEO_TYPES), max_body_size=int(config.max_video_mb * MB),
+              responses={200: {"content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+                               "description": "The summary; asked with Accept: application/x-ndjson, lines of JSON: "
+                                              "progress, then the result or an error"},
+                         **_error_responses(VIDEO_ERRORS)})
     async def video(request: Request) -> dict:
         """Emotions over time in a short video, about 5 frames a second: what `ferkit predict --json` says of
         a video (`source`, the file's name where a multipart form gives it; `frames_analysed`; `every`: one
@@ -263,12 +270,21 @@ def _streamed_with_progress(request, pool: ThreadPoolExecutor, turn: contextlib.
                 yield json.dumps({"error": {"status": err.status_code, "detail": err.detail}}) + "\n"
         finally:  # the last line sent, or the client gone (the stream is cancelled): the work stops, the turn is freed
             gone.set()
-            if not work.done():
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(work)
-            turn.close()
+            # once the work has stopped, not before; nothing awaited here, where the stream may be cancelled again
+            if work.done():
+                _finished(work, turn)
+            else:
+                work.add_done_callback(functools.partial(_finished, turn=turn))
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+def _finished(work: asyncio.Future, turn: contextlib.ExitStack) -> None:
+    """The server's turn freed after the work of a stream whose client left; its error (499: the client left) taken,
+    already said in the log, not left for asyncio to print as "never retrieved" with a traceback."""
+    if not work.cancelled():
+        work.exception()
+    turn.close()
 
 
 async def _watch_for_leaving(request, gone: threading.Event) -> None:
@@ -566,6 +582,24 @@ def _analyze_video_bytes(data: bytes, classifier, detector, config: ServeConfig,
             png = base64.b64encode(timeline.plot(Path(folder) / "emotions.png").read_bytes()).decode()
         table = timeline.to_csv(Path(folder) / "timeline.csv").read_text(encoding="utf-8")
     return timeline.summary(csv=table, plot_png=f"data:image/png;base64,{png}")  # as `ferkit predict --json` says of a video
+
+
+IMAGE_ERRORS = {
+    403: "a request from a page of another site, or addressed to another host",
+    413: "an upload over --max-upload-mb, or an image over --max-megapixels",
+    415: "not an image this server decodes",
+    422: "no file, an empty one, or an image that cannot be analysed",
+    503: "too many uploads waiting (Retry-After: when to try again), or the server is stopping",
+}
+VIDEO_ERRORS = {**IMAGE_ERRORS, 413: "an upload over --max-video-mb, or a video over --max-video-seconds",
+                415: "not a video this server reads (a still image, say)", 422: "no file, or one that cannot be analysed",
+                501: "the server lacks the video extra (OpenCV, matplotlib)"}
+
+
+def _error_responses(errors: dict[int, str]) -> dict:
+    """OpenAPI: the errors an upload route answers, each a JSON {"detail": why}."""
+    detail = {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}
+    return {code: {"description": text, "content": {"application/json": {"schema": detail}}} for code, text in errors.items()}
 
 
 def _upload_schema(types: tuple[str, ...]) -> dict:

@@ -93,10 +93,12 @@ function dropZone(zone, take) {
 // As ferkit.draw draws an annotated copy: outline and letters no larger than the faces allow, each label
 // above its box, else below, else inside it, clear of the others where it can be; where a quarter of the
 // labels or more would still cover each other or their faces (a crowded group photo), the numbers alone.
-function drawFaces(context, faces, scale = 1, steady = null) {  // -> the labels drawn: their text and area
+// `shown`: canvas pixels per CSS pixel as the canvas is shown (a high-DPI screen, or a canvas shrunk to a
+// phone's width): labels keep a readable size on the screen, not only in the canvas.
+function drawFaces(context, faces, scale = 1, steady = null, shown = 1) {  // -> the labels drawn: their text and area
   const { width: canvasWidth, height: canvasHeight } = context.canvas;
   const boxes = faces.map((face) => face.box.map((v) => v * scale));
-  const { line, letters } = lineAndLetters(scale, boxes);
+  const { line, letters } = lineAndLetters(scale, boxes, shown);
   context.lineWidth = line;
   context.font = `${letters}px system-ui, sans-serif`;
   const colors = faces.map((face) => COLORS[face.emotion] || "#56b4e9");
@@ -117,7 +119,7 @@ function drawFaces(context, faces, scale = 1, steady = null) {  // -> the labels
   labels.forEach(({ text, area: [left, top, right, bottom] }, index) => {
     context.fillStyle = colors[index];
     context.fillRect(left, top, right - left, bottom - top);
-    context.fillStyle = isLight(colors[index]) ? "#000" : "#fff";
+    context.fillStyle = textColour(colors[index]);
     context.fillText(text, left + Math.max(2, line), bottom - Math.max(2, line) - letters * 0.22);
   });
   return labels;
@@ -136,14 +138,14 @@ function heldNumbersOnly(steady, crowded) {
   return steady.numbersOnly;
 }
 
-function lineAndLetters(scale, boxes) {
-  let line = Math.max(2, 3 * scale), letters = Math.max(12, Math.round(16 * scale));
+function lineAndLetters(scale, boxes, shown = 1) {
+  let line = Math.max(2 * shown, 3 * scale), letters = Math.max(Math.round(12 * shown), Math.round(16 * scale));
   if (boxes.length) {
     const sides = boxes.map(([, , w, h]) => Math.min(w, h)).sort((a, b) => a - b);
     const middle = sides.length >> 1;
     const face = sides.length % 2 ? sides[middle] : (sides[middle - 1] + sides[middle]) / 2;
-    line = Math.max(2, Math.min(line, Math.round(face / 12)));
-    letters = Math.max(11, Math.min(letters, Math.round(face * 0.45)));
+    line = Math.max(2 * shown, Math.min(line, Math.round(face / 12)));
+    letters = Math.max(Math.round(11 * shown), Math.min(letters, Math.round(face * 0.45)));
   }
   return { line, letters };
 }
@@ -179,9 +181,11 @@ function countClashes(labels, boxes) {  // labels that cover a label placed befo
   }).length;
 }
 
-function isLight(hex) {  // black text on light label colours, white on dark ones
-  const [r, g, b] = [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16));
-  return 0.299 * r + 0.587 * g + 0.114 * b > 120;
+function textColour(hex) {  // black or white, whichever contrasts more with the label's colour (WCAG 2)
+  const [r, g, b] = [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16) / 255)
+    .map((c) => (c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4));
+  const luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  return (luminance + 0.05) / 0.05 >= 1.05 / (luminance + 0.05) ? "#000" : "#fff";
 }
 
 function listFaces(list, faces) {
@@ -190,12 +194,12 @@ function listFaces(list, faces) {
     const item = document.createElement("li");
     item.className = "face";
     item.dataset.emotion = face.emotion;
-    const title = document.createElement("h3");
+    const title = document.createElement("h2");
     title.textContent = `Face ${index + 1}: ${face.emotion} (${Math.round(face.score * 100)}%)`;
     if (face.uncertain) {
       const mark = document.createElement("span");
       mark.className = "uncertain";
-      mark.textContent = "uncertain";
+      mark.textContent = " (uncertain)";  // a space in the text, not only a margin: read out apart from the heading
       title.append(mark);
     }
     item.append(title);
@@ -221,6 +225,12 @@ function offerDownload(link, blob, fileName, suffix) {
   offered[link.id] = link.href = URL.createObjectURL(blob);
   link.download = fileName.replace(/\.[^.]+$/, "") + suffix;
   link.hidden = false;
+}
+
+function facesInWords(where, faces) {  // what an annotated picture shows, for those who cannot see it
+  if (!faces.length) return `${where}: no face found`;
+  const each = faces.map((face, index) => `${index + 1} ${face.emotion}${face.uncertain ? " (uncertain)" : ""}`);
+  return `${where}: ${faces.length} face${faces.length > 1 ? "s" : ""}: ${each.join(", ")}`;
 }
 
 // --- photo ------------------------------------------------------------------------------------
@@ -250,7 +260,8 @@ async function analyzePhoto(file, given = 1) {
     try {
       const bitmap = await createImageBitmap(file);
       if (mine !== latestPhoto) return;
-      const scale = Math.min(1, 640 / bitmap.width);
+      // as wide as it is shown (a phone's screen: narrower than 640 px), so that labels keep their size there
+      const scale = Math.min(1, Math.min(640, canvas.parentElement.clientWidth || 640) / bitmap.width);
       const ratio = window.devicePixelRatio || 1;  // as many canvas pixels as the screen shows: sharp on high-DPI screens
       canvas.style.width = `${Math.round(bitmap.width * scale)}px`;
       canvas.width = Math.round(bitmap.width * scale * ratio);
@@ -258,7 +269,8 @@ async function analyzePhoto(file, given = 1) {
       const context = canvas.getContext("2d");
       context.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
       // boxes are in pixels of the upright image, which is how the browser shows it too
-      drawFaces(context, result.faces, canvas.width / result.image_size[0]);
+      drawFaces(context, result.faces, canvas.width / result.image_size[0], null, ratio);
+      canvas.setAttribute("aria-label", facesInWords(file.name, result.faces));
       canvas.hidden = false;
     } catch {
       note = " (this browser cannot show the image itself)";  // TIFF, say: the faces are still listed
@@ -307,6 +319,7 @@ async function startWebcam() {
   $("webcam-video").srcObject = stream;
   $("webcam-start").hidden = true;
   $("webcam-stop").hidden = false;
+  $("webcam-stop").focus();  // the button pressed is gone: focus goes to the one in its place
   sayIn("webcam", "Webcam on");
   requestAnimationFrame(sendFrame);
 }
@@ -316,8 +329,10 @@ function stopWebcam() {
   for (const track of stream.getTracks()) track.stop();
   stream = null;
   $("webcam-video").srcObject = null;
+  const hadFocus = document.activeElement === $("webcam-stop");
   $("webcam-start").hidden = false;
   $("webcam-stop").hidden = true;
+  if (hadFocus) $("webcam-start").focus();
   const overlay = $("webcam-overlay");
   overlay.getContext("2d").clearRect(0, 0, overlay.width, overlay.height);
   $("webcam-faces").replaceChildren();
@@ -341,7 +356,8 @@ async function sendFrame() {
       const context = overlay.getContext("2d");
       context.clearRect(0, 0, overlay.width, overlay.height);
       if (stream) {
-        drawFaces(context, result.faces, 1, webcamLabels);
+        drawFaces(context, result.faces, 1, webcamLabels, overlay.width / (overlay.clientWidth || overlay.width));
+        overlay.setAttribute("aria-label", facesInWords("The webcam", result.faces));
         listFaces($("webcam-faces"), result.faces);
         if (statuses.webcam?.isError) sayIn("webcam", "Webcam on");  // a failed frame is behind us
       }
@@ -387,9 +403,13 @@ async function analyzeVideo(file, given = 1) {
   const mine = ++latestVideo;
   const say = (text, isError) => sayIn("video", text, isError);
   const which = given > 1 ? ` (the first of the ${given} files given: one video at a time)` : "";
-  say(`Analysing ${file.name}… (a minute of video takes a while)${which}`);
   $("video-plot").hidden = true;
   $("video-csv").hidden = true;
+  if (file.type.startsWith("image/") && !["image/gif", "image/png"].includes(file.type)) {  // GIF, PNG: maybe animated
+    say(`${file.name} is a photo: the Photo tab analyses photos`, true);
+    return;
+  }
+  say(`Analysing ${file.name}… (a minute of video takes a while)${which}`);
   try {
     const form = new FormData();  // a form, so that the plot carries the file's name
     form.append("file", file);
@@ -404,6 +424,8 @@ async function analyzeVideo(file, given = 1) {
     });
     if (mine !== latestVideo) return;
     $("video-plot").src = result.plot_png;
+    $("video-plot").alt = `Emotions over time in ${file.name}: ${result.tracks} face${result.tracks === 1 ? "" : "s"} followed, ` +
+                          "each emotion's probability drawn against the time; the CSV below holds the numbers";
     $("video-plot").hidden = false;
     offerDownload($("video-csv"), new Blob([result.csv], { type: "text/csv" }), file.name, ".timeline.csv");
     // `tracks`: each face followed from frame to frame (`faces` would count it once per frame it is in)
