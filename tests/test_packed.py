@@ -187,3 +187,17 @@ def test_a_pack_needed_at_another_size_names_what_to_pack_again(pattern_data, tm
     assert command.endswith("--image-size 64 --usage all")  # the rows it was packed from, as packed
     followed = CliRunner().invoke(cli, command.replace("NEW_FOLDER", str(tmp_path / "rows64")).split()[1:])
     assert followed.exit_code == 0 and "packed 7 faces" in followed.output, followed.output
+
+
+def test_a_teacher_scores_a_packed_dataset_of_several_shards_as_its_folder(pattern_data, trained_run, tmp_path):
+    from ferkit.teacher import load_teacher_probabilities, teacher_probabilities
+
+    packed = _pack(pattern_data / "train", tmp_path / "packed", 30)
+    assert len(list(packed.glob("faces-*.npy"))) > 1
+    result = CliRunner().invoke(cli, ["teacher", str(trained_run), "--data", str(packed), "--tta", "flip",
+                                      "--out", str(tmp_path / "t.npz")])
+    assert result.exit_code == 0, result.output
+    faces = load_dataset(packed)
+    from_folder = teacher_probabilities(str(trained_run), load_dataset(pattern_data / "train"))
+    assert np.allclose(load_teacher_probabilities(tmp_path / "t.npz", faces), from_folder, atol=1e-6)
+    assert np.allclose(teacher_probabilities(str(trained_run), faces), from_folder, atol=1e-6)

@@ -179,6 +179,7 @@ def load_teacher_probabilities(path: str | Path, dataset: FaceDataset) -> np.nda
 # Mean grey-level difference of two faces' thumbnails beyond which they are other faces. On FER2013's
 # PublicTest, the same faces decoded at 40x40 and 48x48 differ by 7.3 at most; two different faces by 27.6 at least.
 THUMBNAIL_TOLERANCE = 15.0
+THUMBNAIL_CHUNK = 4096
 
 
 def _thumbnails(dataset: FaceDataset) -> np.ndarray:
@@ -186,9 +187,12 @@ def _thumbnails(dataset: FaceDataset) -> np.ndarray:
     same name, and holds whatever size the faces were decoded at."""
     from PIL import Image
 
-    faces = dataset.images.reshape(len(dataset), *dataset.image_size, -1)[..., 0]
-    return np.stack([np.asarray(Image.fromarray(face).resize((8, 8), Image.Resampling.BOX)) for face in faces]) \
-        if len(faces) else np.zeros((0, 8, 8), np.uint8)
+    thumbnails = [np.zeros((0, 8, 8), np.uint8)]
+    for start in range(0, len(dataset), THUMBNAIL_CHUNK):  # a packed dataset's faces are read a chunk at a time
+        faces = np.asarray(dataset.images[start:start + THUMBNAIL_CHUNK])
+        faces = faces.reshape(len(faces), *dataset.image_size, -1)[..., 0]
+        thumbnails.append(np.stack([np.asarray(Image.fromarray(face).resize((8, 8), Image.Resampling.BOX)) for face in faces]))
+    return np.concatenate(thumbnails)
 
 
 def _face_keys(dataset: FaceDataset) -> list[str]:
@@ -223,4 +227,4 @@ def teacher_probabilities(teacher: str, train_set: FaceDataset) -> np.ndarray:
     if classifier.input_size != train_set.image_size:
         raise FerkitError(f"the teacher {teacher} takes {classifier.input_size} faces, the model {train_set.image_size}")
     log.info("distilling from %s: its probabilities for %d training faces", teacher, len(train_set))
-    return classifier.predict_proba(train_set.images)
+    return _predict_with_progress(classifier, teacher, train_set, batch_size=256, progress=True)
