@@ -4,6 +4,7 @@ same global batches, and only process 0 writes the run folder."""
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -199,22 +200,30 @@ def test_a_python_caller_of_a_job_that_never_completes_keeps_its_own_exit_code(p
     assert done.returncode == 0 and "caught: the other processes of the job did not join" in done.stdout
 
 
-def test_processes_given_other_settings_stop_at_once_with_one_line(pattern_data, tmp_path):
+@pytest.mark.parametrize("differs", ["batch size", "data"])
+def test_processes_given_other_settings_stop_at_once_with_one_line(pattern_data, tmp_path, differs):
+    """Another --batch-size, or another copy of the data under the same option (one face fewer, as on a
+    machine whose copy is out of date): the processes would wait on each other for ever in their first step."""
     from ferkit.distributed import free_port
 
+    older = shutil.copytree(pattern_data / "train", tmp_path / "older")
+    next(older.glob("happy/*")).unlink()
     coordinator = f"127.0.0.1:{free_port()}"
-    commands = [[sys.executable, "-m", "ferkit.cli", "train", "--data", str(pattern_data / "train"), "--val",
+    given = {"batch size": ((pattern_data / "train", "32"), (pattern_data / "train", "16")),
+             "data": ((pattern_data / "train", "32"), (older, "32"))}[differs]
+    commands = [[sys.executable, "-m", "ferkit.cli", "train", "--data", str(data), "--val",
                  str(pattern_data / "val"), "--epochs", "1", "--batch-size", batch, "--out", str(tmp_path / "run"),
                  "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(process)]
-                for process, batch in ((0, "32"), (1, "16"))]
+                for process, (data, batch) in enumerate(given)]
     began = time.monotonic()
     processes = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "KERAS_BACKEND": "jax"})
                  for command in commands]
     errors = [process.communicate(timeout=300)[1] for process in processes]
     assert [process.returncode for process in processes] == [2, 2], errors
     for error in errors:
-        assert error.strip().splitlines()[-1] == ("error: process 1 was given other settings than process 0: "
-                                                   "give every process of the job the same options")
+        assert error.strip().splitlines()[-1] == ("error: process 1 was given other settings or data (faces per class) "
+                                                   "than process 0: give every process of the job the same options, "
+                                                   "and the same data")
     assert time.monotonic() - began < 300
 
 

@@ -177,7 +177,8 @@ _WHERE_FILES_ARE = ("data", "val", "out", "init", "weights", "teacher")
 
 def check_same_settings(settings: dict) -> None:
     """Refuse, in every process at once, a job whose processes were given other settings (another
-    --batch-size, say): they would wait on each other for ever in their first step."""
+    --batch-size, say) or data (faces per class, in `settings` too): they would wait on each other for ever
+    in their first step."""
     import hashlib
 
     import numpy as np
@@ -189,7 +190,8 @@ def check_same_settings(settings: dict) -> None:
     others = [p for p, theirs in enumerate(digests) if not np.array_equal(theirs, digests[0])]
     if others:
         which = f"processes {', '.join(map(str, others))} were" if len(others) > 1 else f"process {others[0]} was"
-        raise FerkitError(f"{which} given other settings than process 0: give every process of the job the same options")
+        raise FerkitError(f"{which} given other settings or data (faces per class) than process 0: give every process "
+                          "of the job the same options, and the same data")
 
 
 def device_names() -> list[str]:

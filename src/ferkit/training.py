@@ -131,7 +131,9 @@ def _check_resumes_its_own_run(config: TrainConfig, run: Path) -> None:
 def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbose: int, callbacks, topology) -> Path:
     train_set, val_set = _check_and_load(config, run, resume, overwrite, verbose, topology)
     if topology.coordinator:
-        check_same_settings(dataclasses.asdict(config))
+        # the faces per class too: the same path may hold other data on each machine, and then batches differ
+        counts = {"train faces": train_set.class_counts(), "val faces": val_set.class_counts() if val_set is not None else None}
+        check_same_settings({**dataclasses.asdict(config), **counts})
     if not resume:
         warn_of_classes_with_few_faces(train_set)
     state = RunState.load(run) if resume else RunState()
@@ -186,18 +188,18 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
         if stop.diverged_in:
             state.status = "diverged"
             state.save(run)
-            raise TrainingDiverged(_diverged_message(run, stop.diverged_in, state.epochs_done))
+            raise TrainingDiverged(_diverged_message(Path(config.out), stop.diverged_in, state.epochs_done))
     except KeyboardInterrupt:
         if not (started or resume):
-            raise TrainingInterrupted(f"interrupted before training began; {run} was not written") from None
+            raise TrainingInterrupted(f"interrupted before training began; {config.out} was not written") from None
         _mark_interrupted(run, state)
-        raise TrainingInterrupted(_interrupted_message(run, state.epochs_done, total, topology)) from None
+        raise TrainingInterrupted(_interrupted_message(Path(config.out), state.epochs_done, total, topology)) from None
     except Exception as err:
         if not (topology.coordinator and lost_a_peer(err)):
             raise
         _mark_interrupted(run, state)
         raise TrainingInterrupted(f"another process of the job stopped ({first_line(err)[:120]}); "
-                                  + _interrupted_message(run, state.epochs_done, total, topology)) from None
+                                  + _interrupted_message(Path(config.out), state.epochs_done, total, topology)) from None
     finally:
         keras.mixed_precision.set_global_policy("float32")
     state.status = "finished"
