@@ -1249,3 +1249,22 @@ def test_resuming_on_changed_data_names_the_class_that_changed_where_validation_
     given, recorded = (ast.literal_eval(counts) for counts in re.findall(r"\{[^}]*\}", result.output))
     changed = {name for name in given if given[name] != recorded[name]}
     assert changed == {"happy"} and given["happy"] == recorded["happy"] + 1, result.output
+
+
+def test_a_distilling_run_resumes_only_with_the_teacher_it_began_with(pattern_data, trained_run, tmp_path):
+    from ferkit.cli import cli
+
+    teacher = shutil.copytree(trained_run, tmp_path / "teacher")
+    run = train(_config(pattern_data, tmp_path / "student", epochs=1, teacher=str(teacher), distill=0.7), verbose=0)
+    moved = shutil.move(teacher, tmp_path / "teacher-moved")  # the same teacher elsewhere: fine
+    again = CliRunner().invoke(cli, ["train", "--resume", str(run), "--epochs", "2", "--teacher", str(moved)])
+    assert again.exit_code == 0, again.output
+    other = train(_config(pattern_data, tmp_path / "other", epochs=1, seed=9), verbose=0)  # another model
+    refused = CliRunner().invoke(cli, ["train", "--resume", str(run), "--epochs", "3", "--teacher", str(other)])
+    assert refused.exit_code == 2 and refused.output.startswith(
+        f"error: the teacher given ({other / 'best.keras'}) is not the one {run} began to distil from")
+    assert RunState.load(run).epochs_done == 2
+    itself = CliRunner().invoke(cli, ["train", "--data", str(pattern_data / "train"), "--val", str(pattern_data / "val"),
+                                      "--out", str(run), "--overwrite", "--teacher", str(run), "--epochs", "1"])
+    assert itself.exit_code == 2 and f"--teacher {run} lies in {run}, which --overwrite clears" in itself.output
+    assert RunState.load(run).epochs_done == 2  # nothing cleared

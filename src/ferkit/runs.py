@@ -159,17 +159,19 @@ def _remove_files_and_empty_folder(folder: Path, ours) -> None:
         folder.rmdir()
 
 
-def save_run_config(run: Path, config, train_set, val_set, *, digests: bool = True) -> None:
+def save_run_config(run: Path, config, train_set, val_set, *, digests: bool = True, teacher: str | None = None) -> None:
     """config.json (the TrainConfig) and datasets.json (faces per class in each set, and which faces: a
-    digest of each set, as a resumed run and `held_out_faces` check; none with `digests` False)."""
+    digest of each set, as a resumed run and `held_out_faces` check; none with `digests` False; and the
+    SHA-256 of the `teacher`'s file, where the run distils)."""
     config.save(run / "config.json")
-    sizes = {"train": train_set.class_counts(), "val": val_set.class_counts()}
+    sizes = {"train": train_set.class_counts(), "val": val_set.class_counts(), **({TEACHER_DIGEST: teacher} if teacher else {})}
     if digests:
         sizes.update({TRAIN_DIGEST: faces_digest(train_set.images), HELD_OUT_DIGEST: faces_digest(val_set.images)})
     write_atomic(run / "datasets.json", json.dumps(sizes, indent=2) + "\n")
 
 
 TRAIN_DIGEST = "train_faces_sha256"  # in datasets.json: the faces a run trained on
+TEACHER_DIGEST = "teacher_sha256"  # in datasets.json: the file a distilling run's teacher's probabilities came from
 HELD_OUT_DIGEST = "val_faces_sha256"  # and those it validated on (split off its data, or given)
 
 
@@ -267,6 +269,12 @@ def holds_its_training_faces(model: Path, dataset) -> bool:
     if not recorded.get("train") or dataset.class_counts() != recorded["train"]:
         return False
     return TRAIN_DIGEST not in recorded or faces_digest(dataset.images) == recorded[TRAIN_DIGEST]
+
+
+def recorded_teacher(run: Path) -> str | None:
+    """The SHA-256 of the teacher's file the run distils from, as its datasets.json says (runs of earlier
+    versions, and runs without a teacher: None)."""
+    return _recorded_datasets(run).get(TEACHER_DIGEST)
 
 
 def recorded_training_faces(model: Path) -> dict | None:

@@ -141,6 +141,19 @@ def check_teacher(teacher: str) -> None:
         resolve_model_path(teacher)
 
 
+def teacher_file(teacher: str) -> Path:
+    """The file a teacher's probabilities come from: the saved probabilities, or the model (a run folder's best)."""
+    return Path(teacher) if _is_saved(teacher) else resolve_model_path(teacher)
+
+
+def teacher_digest(teacher: str) -> str:
+    """The SHA-256 of the teacher's file: a run resumed with another teacher (or with its teacher's run
+    trained on since) would learn other targets in its later epochs."""
+    from ferkit.runtime import sha256_of
+
+    return sha256_of(teacher_file(teacher))
+
+
 def load_teacher_probabilities(path: str | Path, dataset: FaceDataset) -> np.ndarray:
     """The saved probabilities for the faces of `dataset`, row for row; a FerkitError if the file does
     not cover every face, was made for other classes, or for other faces under the same names (their

@@ -33,9 +33,9 @@ from ferkit.models import check_weights, get_model_spec
 from ferkit.results import check_creatable, check_out_outside_data
 from ferkit.runs import (
     EPOCHS_FOLDER, HELD_OUT_DIGEST, TRAIN_DIGEST, RunState, check_run_folder, clear_run_folder, faces_digest,
-    hold_run_folder, read_history, release_run_folder, rewrite_history, save_run_config, whole_counts,
+    hold_run_folder, read_history, recorded_teacher, release_run_folder, rewrite_history, save_run_config, whole_counts,
 )
-from ferkit.teacher import check_teacher, teacher_probabilities
+from ferkit.teacher import check_teacher, teacher_digest, teacher_file, teacher_probabilities
 from ferkit.training_data import (
     check_validation_faces_unseen, faces_this_process_reads, fit_data, load_train_val, train_size,
     trains_on_cached_features, validation_size,
@@ -296,6 +296,10 @@ def _check_and_load(config: TrainConfig, run: Path, resume: bool, overwrite: boo
         _warn_of_a_random_frozen_backbone(config)
     if config.teacher:
         check_teacher(config.teacher)
+        if resume:
+            _check_same_teacher(config.teacher, run)
+    if overwrite and not resume:
+        _check_not_inside_the_run(config, run)
     train_set, val_set = load_train_val(config, get_model_spec(config.model).input_size, progress=verbose > 0)
     if resume:
         check_same_faces(run, train_set, val_set, digests=_reads_every_face(train_set, topology), split=not config.val)
@@ -368,6 +372,26 @@ def check_same_faces(run: Path, train_set, val_set, *, digests: bool = True, reu
                         "goes on with these", name, run)
 
 
+def _check_same_teacher(teacher: str, run: Path) -> None:
+    """A resumed run distils from the teacher it began with: a FerkitError where the file given (moved, perhaps)
+    is another (another model, or the teacher's run trained on since)."""
+    recorded = recorded_teacher(run)
+    if recorded and recorded != teacher_digest(teacher):
+        raise FerkitError(f"the teacher given ({teacher_file(teacher)}) is not the one {run} began to distil from (another "
+                          "file); give it that teacher, or start a new run")
+
+
+def _check_not_inside_the_run(config: TrainConfig, run: Path) -> None:
+    """A FerkitError where --teacher or --init lies in the run folder that --overwrite is about to clear."""
+    from ferkit.runtime import is_shipped_model_name, resolve_model_path
+
+    for option, given in (("--teacher", config.teacher), ("--init", config.init)):
+        if given and not is_shipped_model_name(given):
+            path = teacher_file(given) if option == "--teacher" else resolve_model_path(given)
+            if Path(os.path.realpath(path)).is_relative_to(os.path.realpath(run)):
+                raise FerkitError(f"{option} {given} lies in {run}, which --overwrite clears: copy it elsewhere first")
+
+
 def _reads_every_face(train_set, topology) -> bool:
     """Whether this process can read every training face (in a data-parallel job on a packed dataset, another
     machine may hold the shards of the other processes): only then are the faces' digests taken."""
@@ -376,7 +400,8 @@ def _reads_every_face(train_set, topology) -> bool:
 
 def _start_run_folder(run: Path, config: TrainConfig, state: RunState, train_set, val_set, topology) -> None:
     """The run folder as training (re)starts: its config, its history cut back to the epochs kept, status running."""
-    save_run_config(run, config, train_set, val_set, digests=_reads_every_face(train_set, topology))
+    save_run_config(run, config, train_set, val_set, digests=_reads_every_face(train_set, topology),
+                    teacher=teacher_digest(config.teacher) if config.teacher else None)
     rewrite_history(run / "history.csv", state.epochs_done)
     if topology.coordinator and topology.is_chief:
         topology.save(run / "topology.json", device_names())
