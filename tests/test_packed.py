@@ -201,3 +201,25 @@ def test_a_teacher_scores_a_packed_dataset_of_several_shards_as_its_folder(patte
     from_folder = teacher_probabilities(str(trained_run), load_dataset(pattern_data / "train"))
     assert np.allclose(load_teacher_probabilities(tmp_path / "t.npz", faces), from_folder, atol=1e-6)
     assert np.allclose(teacher_probabilities(str(trained_run), faces), from_folder, atol=1e-6)
+
+
+def test_a_data_parallel_job_warns_when_its_processes_shards_lack_classes_or_leave_faces_out(pattern_data, tmp_path, caplog):
+    from ferkit.distributed import Topology
+    from ferkit.training_data import train_size
+
+    import logging
+
+    packed = load_dataset(_pack(pattern_data / "train", tmp_path / "packed", 30))  # class by class: 30, 30, 30, 30, 20
+    one_shard = load_dataset(_pack(pattern_data / "train", tmp_path / "one", 1000))
+    logging.getLogger("ferkit").propagate = True  # as in Python; the CLI, which packed them, stops it (conftest restores it)
+    config = TrainConfig(data=str(packed.source), batch_size=16)
+    with caplog.at_level("WARNING", logger="ferkit"):
+        size = train_size(config, packed, Topology("127.0.0.1:1234", 2, 0))
+    assert size == 112  # the smaller group, 60 faces, sets the pace: 7 global batches
+    assert "process 0 of the job reads no faces of fear, sad in its shards" in caplog.text
+    assert "process 1 of the job reads no faces of angry, happy, surprise in its shards" in caplog.text
+    assert "each epoch trains on 112 of the 140 faces" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ferkit"):
+        train_size(config, one_shard, Topology("127.0.0.1:1234", 2, 0))
+    assert caplog.text == ""  # one shard: every process reads every face

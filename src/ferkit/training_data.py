@@ -210,8 +210,29 @@ def train_size(config: TrainConfig, train_set: FaceDataset, topology: Topology) 
     """The faces one epoch trains on: a data-parallel job drops each epoch's last incomplete batch (and,
     where each process reads its own shards, what the smallest group of shards lacks)."""
     if topology.coordinator:
-        return faces_per_epoch(train_set.images, config.batch_size, topology.num_processes)
+        size = faces_per_epoch(train_set.images, config.batch_size, topology.num_processes)
+        if topology.is_chief:
+            _warn_of_uneven_shard_groups(train_set, topology.num_processes, size, config.batch_size)
+        return size
     return len(train_set)
+
+
+def _warn_of_uneven_shard_groups(train_set: FaceDataset, num_processes: int, size: int, batch_size: int) -> None:
+    """Where each process reads its own shards: a warning when a process's shards lack classes the others have
+    (`ferkit pack` keeps the data's order, class by class), or when uneven groups leave faces out of every epoch."""
+    groups = shard_groups(train_set.images, num_processes)
+    if groups is None:
+        return
+    every = set(np.unique(train_set.labels))
+    for process, rows in enumerate(groups):
+        lacking = sorted(every - set(np.unique(train_set.labels[rows])))
+        if lacking:
+            log.warning("process %d of the job reads no faces of %s in its shards (shards p, p + %d, ... of %d): pack "
+                        "the faces in shuffled order, or into shards of every class", process,
+                        ", ".join(train_set.classes[k] for k in lacking), num_processes, train_set.images.num_shards)
+    if size < len(train_set) - batch_size:
+        log.warning("each epoch trains on %d of the %d faces: the processes' groups of shards are uneven (the smallest "
+                    "sets the pace); pack into a number of equal shards that %d divides", size, len(train_set), num_processes)
 
 
 def validation_size(config: TrainConfig, val_set: FaceDataset, topology: Topology) -> int:
