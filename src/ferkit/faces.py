@@ -308,11 +308,11 @@ def _whole_box(box, width: int, height: int, face_shape: float) -> tuple:
     if edges & {"left", "right"} and w < face_shape * h:
         wider = face_shape * h - w
         x -= wider if "right" not in edges else 0 if "left" not in edges else wider / 2
-        x, w = x, w + wider
+        w += wider
     if edges & {"top", "bottom"} and h < box[2] / face_shape:
         taller = box[2] / face_shape - h
         y -= taller if "bottom" not in edges else 0 if "top" not in edges else taller / 2
-        h = h + taller
+        h += taller
     return (x, y, w, h)
 
 
