@@ -223,3 +223,32 @@ def test_a_data_parallel_job_warns_when_its_processes_shards_lack_classes_or_lea
     with caplog.at_level("WARNING", logger="ferkit"):
         train_size(config, one_shard, Topology("127.0.0.1:1234", 2, 0))
     assert caplog.text == ""  # one shard: every process reads every face
+
+
+def test_a_shuffled_pack_holds_the_same_faces_in_a_seeded_order_that_gives_every_process_every_class(pattern_data, tmp_path, caplog):
+    from ferkit.distributed import Topology
+    from ferkit.training_data import train_size
+
+    import logging
+
+    def pack(out, *options):
+        result = CliRunner().invoke(cli, ["pack", str(pattern_data / "train"), str(out), "--shard-size", "30", *options])
+        assert result.exit_code == 0, result.output
+        return result.output, load_dataset(out)
+
+    original = load_dataset(pattern_data / "train")
+    said, shuffled = pack(tmp_path / "shuffled", "--shuffle")
+    assert "shuffled with seed 0" in said
+    assert json.loads((tmp_path / "shuffled" / "ferkit-faces.json").read_text())["shuffled"] == {"seed": 0}
+    faces = np.asarray(shuffled.images)
+    assert not np.array_equal(shuffled.labels, original.labels)  # another order...
+    key = lambda images, labels: sorted(zip((face.tobytes() for face in images), labels.tolist()))
+    assert key(faces, shuffled.labels) == key(original.images, original.labels)  # ...of the same faces and labels
+    _, again = pack(tmp_path / "again", "--shuffle")
+    assert np.array_equal(np.asarray(again.images), faces) and np.array_equal(again.labels, shuffled.labels)
+    _, other = pack(tmp_path / "other", "--shuffle", "--seed", "7")
+    assert not np.array_equal(other.labels, shuffled.labels)
+    logging.getLogger("ferkit").propagate = True  # the CLI stops it (conftest restores it)
+    with caplog.at_level("WARNING", logger="ferkit"):
+        train_size(TrainConfig(data=str(shuffled.source), batch_size=16), shuffled, Topology("127.0.0.1:1234", 2, 0))
+    assert "reads no faces of" not in caplog.text  # class by class, process 1 had no angry, happy or surprise faces

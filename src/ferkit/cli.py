@@ -501,9 +501,12 @@ def study_cmd(data, val, out: Path, models: str, epochs, transfer_epochs, fine_t
               help="Side of the stored faces in pixels (the model's input size).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=100_000, show_default=True, help="Faces per .npy shard.")
 @click.option("--classes", help="Comma-separated class list, to keep classes beyond the seven emotions (default: the seven).")
+@click.option("--shuffle", is_flag=True, help="Write the faces in a random order (seeded by --seed), so that every shard "
+              "holds faces of every class: for a data-parallel job whose processes each read their own shards.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --shuffle's order.")
 @click.option("--overwrite", is_flag=True, help="Replace a packed dataset at OUT.")
 def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_size: int, classes: str | None,
-             overwrite: bool):
+             shuffle: bool, seed: int, overwrite: bool):
     """Write DATA (a class-folder tree, a FER2013 CSV or a packed dataset) as a packed dataset in the new folder OUT: decoded
     faces in .npy shards, which training reads memory-mapped, a batch at a time."""
     from ferkit.data import load_dataset
@@ -520,10 +523,12 @@ def pack_cmd(data: str, out: Path, usage: str | None, image_size: int, shard_siz
     check_pack_folder(out, overwrite=overwrite)  # before minutes of loading, not after
     names = [name.strip() for name in classes.split(",") if name.strip()] if classes else None
     dataset = load_dataset(data, image_size=(image_size, image_size), usage=usage, classes=names, progress=True)
-    folder = pack_dataset(dataset, out, shard_size=shard_size, overwrite=overwrite, packed_from=(data, usage))
+    folder = pack_dataset(dataset, out, shard_size=shard_size, overwrite=overwrite, packed_from=(data, usage),
+                          shuffle_seed=seed if shuffle else None)
     shards = -(-len(dataset) // shard_size)
     rows = f" ({usage} rows)" if usage else ""
-    click.echo(f"packed {len(dataset)} faces{rows} ({len(dataset.classes)} classes) into {shards} shard(s) in {folder}")
+    order = f", shuffled with seed {seed}" if shuffle else ""
+    click.echo(f"packed {len(dataset)} faces{rows} ({len(dataset.classes)} classes) into {shards} shard(s) in {folder}{order}")
 
 
 @cli.command("crop", short_help="Crop every face out of photos (class folders of photos give class folders of faces).")

@@ -228,7 +228,7 @@ def _warn_of_uneven_shard_groups(train_set: FaceDataset, num_processes: int, siz
         lacking = sorted(every - set(np.unique(train_set.labels[rows])))
         if lacking:
             log.warning("process %d of the job reads no faces of %s in its shards (shards p, p + %d, ... of %d): pack "
-                        "the faces in shuffled order, or into shards of every class", process,
+                        "the faces again with `ferkit pack --shuffle`, which puts faces of every class in every shard", process,
                         ", ".join(train_set.classes[k] for k in lacking), num_processes, train_set.images.num_shards)
     if size < len(train_set) - batch_size:
         log.warning("each epoch trains on %d of the %d faces: the processes' groups of shards are uneven (the smallest "

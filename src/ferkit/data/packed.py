@@ -118,12 +118,14 @@ class ShardWriter:
     already at `out` is replaced (other files there are kept)."""
 
     def __init__(self, out: str | Path, classes: Sequence[str], image_size: tuple[int, int], *, shard_size: int = 100_000,
-                 overwrite: bool = False, packed_from: tuple[str | Path, str | None] | None = None):
+                 overwrite: bool = False, packed_from: tuple[str | Path, str | None] | None = None,
+                 shuffle_seed: int | None = None):
         self.out, self.classes, self.image_size, self.shard_size = Path(out), list(classes), tuple(image_size), shard_size
         # recorded so that evaluating or calibrating on a packed copy of a model's training faces is noticed;
         # a pack of a pack records what the first was packed from
         origin = None if packed_from is None else pack_origin(packed_from[0]) or (Path(packed_from[0]).resolve(), packed_from[1])
         self.packed_from = None if origin is None else {"path": str(origin[0]), "usage": origin[1]}
+        self.shuffle_seed = shuffle_seed  # recorded: the order of the faces is the seed's, not their source's
         if shard_size < 1:
             raise FerkitError(f"a shard holds at least 1 face, not {shard_size}")
         check_pack_folder(self.out, overwrite=overwrite)
@@ -151,6 +153,8 @@ class ShardWriter:
         index = {"classes": self.classes, "image_size": list(self.image_size), "shards": self.shards}
         if self.packed_from:
             index["packed_from"] = self.packed_from
+        if self.shuffle_seed is not None:
+            index["shuffled"] = {"seed": self.shuffle_seed}
         (self.out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         return self.out
 
@@ -164,10 +168,13 @@ class ShardWriter:
 
 
 def pack_dataset(dataset: FaceDataset | str | Path, out: str | Path, *, shard_size: int = 100_000, chunk: int = 10_000,
-                 overwrite: bool = False, packed_from: tuple[str | Path, str | None] | None = None) -> Path:
+                 overwrite: bool = False, packed_from: tuple[str | Path, str | None] | None = None,
+                 shuffle_seed: int | None = None) -> Path:
     """Write `dataset` (or the dataset at that path, as `load_dataset` reads it) as a packed dataset in
     the new folder `out`; with `overwrite`, in place of a packed dataset there. `packed_from`: the folder
-    or CSV file a FaceDataset was read from, and the CSV rows taken (None: all), to record in the index."""
+    or CSV file a FaceDataset was read from, and the CSV rows taken (None: all), to record in the index.
+    With `shuffle_seed`, the faces are written in that seed's random order (else in the data's, class by
+    class), so that every shard holds faces of every class: what processes that each read their own shards need."""
     check_pack_folder(out, overwrite=overwrite)
     if not isinstance(dataset, FaceDataset):
         from ferkit.data import load_dataset
@@ -179,9 +186,11 @@ def pack_dataset(dataset: FaceDataset | str | Path, out: str | Path, *, shard_si
     if dataset.source and Path(out).resolve() == Path(dataset.source).resolve():
         raise FerkitError(f"{out} is the packed dataset being read; pack it into another folder")
     writer = ShardWriter(out, dataset.classes, dataset.image_size, shard_size=shard_size, overwrite=overwrite,
-                         packed_from=packed_from)
+                         packed_from=packed_from, shuffle_seed=shuffle_seed)
+    order = np.arange(len(dataset)) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(len(dataset))
     for start in range(0, len(dataset), chunk):
-        writer.add(dataset.images[start : start + chunk], dataset.labels[start : start + chunk])
+        rows = order[start : start + chunk]
+        writer.add(dataset.images[rows], dataset.labels[rows])
     return writer.close()
 
 
