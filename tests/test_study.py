@@ -181,6 +181,15 @@ def test_a_run_folder_with_other_settings_is_refused_not_replaced_and_more_epoch
     assert read_history(tmp_path / "runs" / "reference" / "history.csv")["epoch"] == [1, 2, 3]
 
 
+def test_a_refused_subset_leaves_no_copy_of_its_faces_behind(quick_study, tmp_path):
+    config, _ = quick_study
+    moved = shutil.copytree(config.out, tmp_path / "moved")
+    result = CliRunner().invoke(cli, ["study", "--quick", "--data", config.data, "--val", config.val, "--out", str(moved),
+                                      "--models", "reference", "--subset", "10"])
+    assert result.exit_code == 2, result.output
+    assert sorted(path.name for path in (moved / "data").iterdir()) == [f"train-{config.subset}-per-class"]
+
+
 def test_a_study_folder_of_other_data_is_refused_not_reused(quick_study, tmp_path):
     config, _ = quick_study
     other = shutil.copytree(config.data, tmp_path / "other")

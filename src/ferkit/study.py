@@ -152,6 +152,7 @@ def study(config: StudyConfig, *, verbose: int = 2) -> Path:
     _check_study_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / STUDY_MARK).touch()
+    copied = config.subset is not None and not _subset_folder(config, out).exists()
     train_data = _training_data(config, out)
     results = []
     trained = [name for name in config.models if name != "shipped"]
@@ -165,6 +166,10 @@ def study(config: StudyConfig, *, verbose: int = 2) -> Path:
         except TrainingInterrupted:
             raise TrainingInterrupted(f"the study was interrupted while training {name}; run the same command again "
                                       "to continue where it stopped") from None
+        except FerkitError:
+            if copied and name == trained[0]:  # refused before any run used the copy just made (another --subset)
+                shutil.rmtree(train_data, ignore_errors=True)
+            raise
         results.append(_score_entry(name, run, config))
         log.info("%s: val accuracy %.4f (%d of %d trained entries done)", name, results[-1].accuracy,
                  trained.index(name) + 1, len(trained))
@@ -274,7 +279,7 @@ def _training_data(config: StudyConfig, out: Path) -> str:
         return config.data
     from PIL import Image
 
-    folder = out / "data" / f"train-{config.subset}-per-class"
+    folder = _subset_folder(config, out)
     source = str(Path(config.data).resolve())
     if folder.exists():
         recorded = json.loads((folder / SUBSET_SOURCE).read_text())["data"] if (folder / SUBSET_SOURCE).exists() else None
@@ -291,6 +296,10 @@ def _training_data(config: StudyConfig, out: Path) -> str:
     (partial / SUBSET_SOURCE).write_text(json.dumps({"data": source}) + "\n")
     partial.rename(folder)
     return str(folder)
+
+
+def _subset_folder(config: StudyConfig, out: Path) -> Path:
+    return out / "data" / f"train-{config.subset}-per-class"
 
 
 def _score_entry(name: str, run: Path | None, config: StudyConfig) -> EntryResult:
