@@ -15,6 +15,7 @@ The file holds one probability row per training face, keyed by the face's class 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -149,9 +150,17 @@ def teacher_file(teacher: str) -> Path:
 def teacher_digest(teacher: str) -> str:
     """The SHA-256 of the teacher's file: a run resumed with another teacher (or with its teacher's run
     trained on since) would learn other targets in its later epochs."""
+    path = teacher_file(teacher).resolve()
+    stat = path.stat()
+    return _sha256_of(path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: Path, size: int, mtime_ns: int, ctime_ns: int) -> str:
+    """Read once per version of the file: a resume checks the teacher, then records it."""
     from ferkit.runtime import sha256_of
 
-    return sha256_of(teacher_file(teacher))
+    return sha256_of(path)
 
 
 def load_teacher_probabilities(path: str | Path, dataset: FaceDataset) -> np.ndarray:
