@@ -21,7 +21,7 @@ from PIL import Image, PngImagePlugin
 from ferkit import __version__
 from ferkit.errors import FerkitError, first_line
 from ferkit.faces import CROPPED_FACE_SIDE, crop_for_model, get_detector, whole_image_face
-from ferkit.images import load_image, to_rgb
+from ferkit.images import load_image, open_without_size_guard, to_rgb
 from ferkit.results import check_replaceable, check_writable_folder, create_folder
 from ferkit.runtime import read_metadata, resolve_model_path, sha256_of
 from ferkit.draw import written_by_ferkit
@@ -412,15 +412,19 @@ def _where_ferkit_wrote_it(out: Path, crop: str) -> bool:
     moved there by hand from another class folder (crops written by earlier versions name no place: taken as
     there)."""
     path = out / crop
-    if not written_by_ferkit(path):
+    try:
+        with open_without_size_guard(path) as image:  # a PNG's text chunks are read on opening: one look tells both
+            if image.format != "PNG":
+                return written_by_ferkit(path)
+            software, written_as = str(image.info.get("Software", "")), image.info.get(WRITTEN_AS)
+    except (OSError, ValueError):
         return False
-    written_as = _written_as(path)
-    return written_as is None or written_as == crop
+    return software.startswith("ferkit") and written_as in (None, crop)
 
 
 def _written_as(path: Path) -> str | None:
     try:
-        with Image.open(path) as image:  # a PNG's text chunks are read on opening
+        with open_without_size_guard(path) as image:  # a PNG's text chunks are read on opening
             return image.info.get(WRITTEN_AS)
     except (OSError, ValueError):
         return None
