@@ -70,10 +70,13 @@ def test_two_processes_train_on_their_own_shards_of_a_packed_dataset_and_resume(
     assert RunState.load(tmp_path / "two").status == "finished"
 
     command = [sys.executable, "-m", "ferkit.cli", "train", "--resume", str(tmp_path / "two"), "--epochs", "3",
-               "--local-processes", "2"]
+               "--local-processes", "4"]
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert read_history(tmp_path / "two" / "history.csv")["epoch"] == [1, 2, 3]
+    assert f"{tmp_path / 'two'} was trained by a job of 2 processes; it goes on in 4" in resumed.stderr
+    assert (tmp_path / "two" / "resumes.csv").read_text().splitlines()[1].startswith("2,")  # after epoch 2, ...
+    assert ",4,epochs: 2 -> 3" in (tmp_path / "two" / "resumes.csv").read_text()  # ... in 4 processes
 
 
 def test_unsupported_options_and_bad_topologies_are_one_line_errors(pattern_data, tmp_path):

@@ -1,3 +1,4 @@
+import csv
 import dataclasses
 import json
 import os
@@ -661,6 +662,7 @@ def test_a_resumed_run_may_change_the_precision_of_its_arithmetic(pattern_data, 
     import keras
     from click.testing import CliRunner
 
+    from ferkit.checkpoints import save_compact_checkpoint
     from ferkit.cli import cli
 
     run = train(_config(pattern_data, tmp_path / "r", epochs=1), verbose=0)
@@ -679,6 +681,14 @@ def test_a_resumed_run_may_change_the_precision_of_its_arithmetic(pattern_data, 
     assert TrainConfig.load(run / "config.json").precision == "float32"
     assert read_history(run / "history.csv")["epoch"] == [1, 2, 3]
     assert all(w.dtype == "float32" for w in keras.saving.load_model(run / "last.keras").weights)
+    # config.json holds the latest settings; resumes.csv says what each resume changed
+    with open(run / "resumes.csv", newline="") as file:
+        resumes = list(csv.DictReader(file))
+    assert [(r["after_epoch"], r["processes"], r["changed"]) for r in resumes] == [
+        ("1", "1", "epochs: 1 -> 2; precision: float32 -> mixed_bfloat16"),
+        ("2", "1", "epochs: 2 -> 3; precision: mixed_bfloat16 -> float32")]
+    packed = save_compact_checkpoint(run, tmp_path / "packed")  # and it travels with a pack
+    assert (packed / "resumes.csv").read_bytes() == (run / "resumes.csv").read_bytes()
 
 
 def test_a_packed_run_resumes_on_the_same_schedule(pattern_data, tmp_path, caplog):

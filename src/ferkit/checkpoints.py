@@ -39,7 +39,7 @@ WHOLE_MODEL_CHECKPOINT = "checkpoint.keras"
 COMPACT_CHECKPOINT = "checkpoint.npz"
 COMPACT_BEST = "best.npz"  # the weights of a packed run's best.keras, in float16
 CHECKPOINTS = (BACKUP, FINE_TUNE_BACKUP, WHOLE_MODEL_CHECKPOINT, COMPACT_CHECKPOINT)
-COMPACT_FILES = ("config.json", "datasets.json", "history.csv", "state.json", "curves.png")
+COMPACT_FILES = ("config.json", "datasets.json", "history.csv", "state.json", "curves.png", "resumes.csv")
 
 
 def backup_weights(folder: Path) -> Path:

@@ -170,6 +170,28 @@ def save_run_config(run: Path, config, train_set, val_set, *, digests: bool = Tr
     write_atomic(run / "datasets.json", json.dumps(sizes, indent=2) + "\n")
 
 
+RESUMES = "resumes.csv"  # a line per resume: config.json holds only the latest settings
+
+
+def record_resume(run: Path, recorded, config, epochs_done: int, processes: int) -> list[str]:
+    """Append to RUN/resumes.csv the resume about to train: after which epoch, when, in how many processes,
+    and each setting that changed from the run's `recorded` config (as "name: old -> new"), which it returns."""
+    import datetime
+    from dataclasses import asdict
+
+    old, new = asdict(recorded), asdict(config)
+    changed = [f"{name}: {old.get(name)} -> {value}" for name, value in new.items() if old.get(name) != value]
+    path = run / RESUMES
+    new_file = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        if new_file:
+            writer.writerow(["after_epoch", "started", "processes", "changed"])
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        writer.writerow([epochs_done, started, processes, "; ".join(changed)])
+    return changed
+
+
 TRAIN_DIGEST = "train_faces_sha256"  # in datasets.json: the faces a run trained on
 TEACHER_DIGEST = "teacher_sha256"  # in datasets.json: the file a distilling run's teacher's probabilities came from
 HELD_OUT_DIGEST = "val_faces_sha256"  # and those it validated on (split off its data, or given)

@@ -32,8 +32,9 @@ from ferkit.images import faces_to_batch
 from ferkit.models import check_weights, get_model_spec
 from ferkit.results import check_creatable, check_out_outside_data
 from ferkit.runs import (
-    EPOCHS_FOLDER, HELD_OUT_DIGEST, TRAIN_DIGEST, RunState, check_run_folder, clear_run_folder, faces_digest,
-    hold_run_folder, read_history, recorded_teacher, release_run_folder, rewrite_history, save_run_config, whole_counts,
+    EPOCHS_FOLDER, HELD_OUT_DIGEST, RESUMES, TRAIN_DIGEST, RunState, check_run_folder, clear_run_folder, faces_digest,
+    hold_run_folder, read_history, record_resume, recorded_teacher, release_run_folder, rewrite_history, save_run_config,
+    whole_counts,
 )
 from ferkit.teacher import check_teacher, teacher_digest, teacher_file, teacher_probabilities
 from ferkit.training_data import (
@@ -179,7 +180,7 @@ def _train(config: TrainConfig, run: Path, resume: bool, overwrite: bool, verbos
                 _hold_new_run_folder(run, overwrite)
                 _say_what_is_kept(run, clear_run_folder(run))
             started = True
-            _start_run_folder(run, config, state, train_set, val_set, topology)
+            _start_run_folder(run, config, state, train_set, val_set, topology, resumed=resume and state.epochs_done > 0)
             record = _run_callbacks(keras, run, config, state, model, train_set, stop, val_faces=len(val_set),
                                     padded_val_faces=validation_size(config, val_set, topology))
             _fit_phases(keras, model, config, dict(**data, verbose=verbose), record, callbacks, state, size, stop, run)
@@ -398,8 +399,12 @@ def _reads_every_face(train_set, topology) -> bool:
     return faces_this_process_reads(train_set, topology) is train_set
 
 
-def _start_run_folder(run: Path, config: TrainConfig, state: RunState, train_set, val_set, topology) -> None:
-    """The run folder as training (re)starts: its config, its history cut back to the epochs kept, status running."""
+def _start_run_folder(run: Path, config: TrainConfig, state: RunState, train_set, val_set, topology, *,
+                      resumed: bool) -> None:
+    """The run folder as training (re)starts: its config (a resume, and what it changed, noted in resumes.csv),
+    its history cut back to the epochs kept, status running."""
+    if resumed:
+        _record_resume(run, config, state.epochs_done, topology)
     save_run_config(run, config, train_set, val_set, digests=_reads_every_face(train_set, topology),
                     teacher=teacher_digest(config.teacher) if config.teacher else None)
     rewrite_history(run / "history.csv", state.epochs_done)
@@ -411,6 +416,25 @@ def _start_run_folder(run: Path, config: TrainConfig, state: RunState, train_set
         (run / "topology.json").unlink()
     state.status = "running"
     state.save(run)
+
+
+def _record_resume(run: Path, config: TrainConfig, epochs_done: int, topology) -> None:
+    changed = record_resume(run, TrainConfig.load(run / "config.json"), config, epochs_done, topology.num_processes)
+    settings = [line for line in changed if line.split(":")[0] not in ("out", "data", "val", "teacher")]  # moved, not changed
+    if settings:
+        log.info("resuming with other settings than before (recorded in %s): %s", run / RESUMES, "; ".join(settings))
+    earlier = _processes_of(run)
+    if topology.coordinator and earlier not in (None, topology.num_processes):
+        log.warning("%s was trained by a job of %d processes; it goes on in %d: the same batch size, split %d ways, "
+                    "and the faces reach it in another order", run, earlier, topology.num_processes, topology.num_processes)
+
+
+def _processes_of(run: Path) -> int | None:
+    """The processes of the job that last trained the run, from its topology.json (None: one, or unreadable)."""
+    try:
+        return int(json.loads((run / "topology.json").read_text())["num_processes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _fit_phases(keras, model, config: TrainConfig, fit: dict, record, callbacks, state: RunState, size: int, stop,
