@@ -51,6 +51,22 @@ def test_models_show_tells_what_a_users_run_is(trained_run):
     assert "unknown model 'no-such-thing'" in _one_line_error(run("models", "show", "no-such-thing"))
 
 
+def test_a_runs_export_is_what_models_show_describes_and_evaluate_names(trained_run, pattern_data, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(trained_run, tmp_path / "run")
+    exported = run("export", copy, "--onnx", "--tta", "flip")
+    assert exported.exit_code == 0, exported.output
+    shown = run("models", "show", copy)  # what predict runs: the export, with its flip
+    assert shown.exit_code == 0, shown.output
+    values = "".join(line.split("│")[2].strip() for line in shown.output.splitlines() if line.startswith("│"))
+    assert f"{copy / 'best.onnx'}seed-cnn" in values and "flip" in values, shown.output  # its whole path, folded
+    scored = run("evaluate", copy, "--data", pattern_data / "val", "--out", tmp_path / "eval")
+    assert scored.exit_code == 0, scored.output
+    assert (f"ferkit predict runs its export {copy / 'best.onnx'} (flip test-time augmentation): evaluate "
+            f"{copy / 'best.onnx'} to score that") in " ".join(scored.output.split())
+
+
 def test_output_piped_into_a_reader_that_stops_ends_quietly():
     # `ferkit models | head -1`: the reader is gone before ferkit writes
     process = subprocess.Popen([sys.executable, "-m", "ferkit", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -275,9 +275,9 @@ def models_show(name: str):
 
 def _print_model_file(name: str) -> None:
     """What `ferkit predict --model NAME` would run, from the metadata inside the file."""
-    from ferkit.runtime import is_shipped_file, read_metadata, resolve_model_path
+    from ferkit.runtime import exported_model_path, is_shipped_file, read_metadata
 
-    path = resolve_model_path(name)
+    path = exported_model_path(name)  # a run folder's export, as predict runs it
     meta = read_metadata(path)
     extra = meta.extra
     rows = [["file", str(path)], ["network", meta.model], ["classes", ", ".join(meta.classes)],
@@ -293,7 +293,7 @@ def _print_model_file(name: str) -> None:
         rows.append(["members", ", ".join(member["model"] for member in extra["members"])])
     if extra.get("version"):
         rows.append(["version", str(extra["version"])])
-    _print_table(["", Path(name).name], rows, right=(), title=f"what ferkit predict --model {name} runs")
+    _print_table(["", Path(name).name], rows, right=(), fold=(0, 1), title=f"what ferkit predict --model {name} runs")
 
 
 def _output_shape(layer):
@@ -627,6 +627,7 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     usage = _check_usage(data, usage, given)
     check_out_outside_data(out, data, "the report's pictures")
     classifier = load_classifier(model).with_tta(tta)
+    _say_the_export_predict_runs(model, classifier.path)
     run_folder, config = run_folder_of(classifier.path), run_config_of(classifier.path)
     run = config and trained_on(classifier.path, data, usage=None if Path(data).is_dir() else usage)  # as the run named its data
     # a run that split its validation faces off its data: scored on those where `data` is that data (its
@@ -673,6 +674,22 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     _print_report(report)
     click.echo(f"calibration: {report.ece_summary}")
     click.echo(f"wrote {', '.join(p.name for p in written)} to {out}")
+
+
+def _say_the_export_predict_runs(model: str | None, scored: Path) -> None:
+    """For a run folder with an export that runs otherwise than its best.keras (test-time augmentation, a
+    temperature, int8): which file `predict RUN` runs, and how to score it."""
+    from ferkit.runtime import exported_model_path, read_metadata
+
+    export = exported_model_path(model)
+    if export == scored:
+        return
+    meta = read_metadata(export)
+    how = [f"{meta.tta} test-time augmentation" if meta.tta != "none" else "",
+           f"temperature {meta.temperature:g}" if meta.temperature != 1 else "", "int8" if "int8" in meta.extra else ""]
+    if any(how):
+        log.warning("scoring %s; ferkit predict runs its export %s (%s): evaluate %s to score that", scored, export,
+                    ", ".join(filter(None, how)), export)
 
 
 def _print_report(report) -> None:
@@ -1216,16 +1233,17 @@ def _write_json(path: Path, data) -> Path:
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def _print_table(columns, rows, *, title: str | None = None, right=None) -> None:
-    """A rich table; columns after the first are right-aligned unless `right` names the ones that are."""
+def _print_table(columns, rows, *, title: str | None = None, right=None, fold=(0,)) -> None:
+    """A rich table; columns after the first are right-aligned unless `right` names the ones that are. The
+    columns in `fold` (names, paths) are folded when narrow, never cut short; the others end in an ellipsis."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text  # plain text: "photo [copy].jpg" is a name, not rich markup
 
     right = range(1, len(columns)) if right is None else right
     table = Table(title=Text(title) if title else None, title_justify="left")
-    for i, column in enumerate(columns):  # the first column names things: folded when narrow, never cut short
-        table.add_column(Text(column), justify="right" if i in right else "left", overflow="fold" if i == 0 else "ellipsis")
+    for i, column in enumerate(columns):
+        table.add_column(Text(column), justify="right" if i in right else "left", overflow="fold" if i in fold else "ellipsis")
     for row in rows:
         table.add_row(*map(Text, row))
     console = Console(soft_wrap=True)
