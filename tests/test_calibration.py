@@ -12,6 +12,7 @@ from ferkit.calibration import (
     held_out_ece,
     negative_log_likelihood,
     reliability_bins,
+    tta_average,
 )
 
 
@@ -120,3 +121,23 @@ def test_apply_temperature_is_softmax_of_log_p_over_t():
     for bad in (0, -1, float("nan"), float("inf")):
         with pytest.raises(ValueError):
             apply_temperature(probabilities, bad)
+
+
+def test_a_temperature_for_test_time_augmentation_is_fitted_to_the_average_of_its_views():
+    """A model with TTA outputs the mean of its views, each at T: its temperature minimises that mean's log
+    loss, not one view's (the mean of views is softer than each, so it wants a lower T)."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 3, (4000, 7))
+    labels = _sample_labels(_softmax(logits / 0.7), rng)
+    views = np.stack([_softmax(logits + rng.normal(0, 1.5, logits.shape)) for _ in range(2)])  # two noisy views
+    fitted = fit_temperature(views, labels)
+    grid = np.exp(np.linspace(np.log(0.2), np.log(5), 400))
+    loss = [-np.mean(np.log(tta_average(views, t)[np.arange(len(labels)), labels])) for t in grid]
+    assert fitted == pytest.approx(grid[int(np.argmin(loss))], rel=0.02)
+    assert negative_log_likelihood(views, labels, fitted) == pytest.approx(min(loss), rel=1e-3)
+    assert fitted != pytest.approx(fit_temperature(views[0], labels), rel=0.02)  # one view's would be another
+    # one view given as (1, N, classes) is the same as (N, classes)
+    assert fit_temperature(views[:1], labels) == pytest.approx(fit_temperature(views[0], labels), rel=1e-6)
+    assert np.allclose(tta_average(views, fitted), np.mean([apply_temperature(v, fitted) for v in views], axis=0))
+    checked = held_out_ece(views, labels, splits=2)
+    assert 0 <= checked["ece_after"] and 0 <= checked["improved"] <= 1

@@ -256,6 +256,43 @@ def test_the_temperature_calibrates_each_view_before_tta_averages_them(calibrate
     assert np.abs(calibrated.with_tta("flip").predict_proba(faces) - expected).max() <= 1e-6
 
 
+def test_a_temperature_exported_with_tta_is_fitted_to_and_scored_on_the_model_as_it_runs(trained_run, pattern_data, tmp_path):
+    from ferkit.calibration import expected_calibration_error, negative_log_likelihood
+
+    val = load_dataset(pattern_data / "val")
+    flip = export_onnx(trained_run, tmp_path / "flip.onnx", tta="flip", temperature_data=val)
+    fit = read_metadata(flip).extra["temperature"]
+    assert fit["tta"] == "flip"
+    model = load_classifier(flip)
+    labels = val.labels_for(model.classes)
+    # the figures recorded are those of the model as it runs (flip, the temperature on each view), which evaluate shows
+    for temperature, key in ((1.0, "ece_before"), (model.temperature, "ece_after")):
+        output = model.with_temperature(temperature).predict_proba(val.images)
+        assert expected_calibration_error(output, labels) == pytest.approx(fit[key], abs=1e-5)
+    output = model.predict_proba(val.images)
+    nll = -np.mean(np.log(np.clip(output[np.arange(len(labels)), labels].astype(np.float64), 1e-12, None)))
+    assert nll == pytest.approx(fit["nll_after"], abs=1e-4)
+    one_view = model.with_tta("none").with_temperature(1.0).predict_proba(val.images)
+    assert negative_log_likelihood(one_view, labels, model.temperature) != pytest.approx(fit["nll_after"], abs=1e-4)
+
+
+def test_a_temperature_fitted_at_the_top_of_its_range_is_refused(trained_run, pattern_data, tmp_path):
+    import shutil
+
+    from ferkit.labels import EMOTIONS
+
+    rng = np.random.default_rng(0)  # labels drawn at random: the model, sure of each face, is wrong on most
+    for n, face in enumerate(sorted((pattern_data / "val").glob("*/*"))):
+        folder = tmp_path / "wrong" / EMOTIONS[rng.integers(len(EMOTIONS))]
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(face, folder / f"{n}{face.suffix}")
+    result = CliRunner().invoke(cli, ["export", str(trained_run), "--onnx", "--out", str(tmp_path / "m.onnx"),
+                                      "--calibrate-temperature", str(tmp_path / "wrong")])
+    assert result.exit_code == 2, result.output
+    assert "lies at the top of the range searched (20): the model is wrong on most of these faces" in result.output
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_evaluate_reports_the_calibration_error_before_and_after_the_temperature(calibrated_model, pattern_data, tmp_path):
     from ferkit.calibration import expected_calibration_error
     from ferkit.evaluation import evaluate

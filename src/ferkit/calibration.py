@@ -44,23 +44,33 @@ def check_temperature(temperature: float) -> float:
     return value
 
 
+def tta_average(views: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """What a model with test-time augmentation outputs: each view's probabilities at `temperature`,
+    averaged. `views` (views, N, classes) are the views' probabilities at T = 1; (N, classes) is one view."""
+    views = np.asarray(views)
+    return apply_temperature(views, temperature) if views.ndim == 2 else apply_temperature(views, temperature).mean(axis=0)
+
+
 def negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean -log p(true class) of `probabilities` (N, classes) at `temperature`; labels index the columns."""
+    """Mean -log p(true class) at `temperature` of `probabilities` (N, classes), or of the average of
+    views (views, N, classes) each at that temperature (see `tta_average`); labels index the columns."""
     probabilities, labels = _checked(probabilities, labels)
     if len(labels) == 0:
         return float("nan")
     return float(_nll(_log_probabilities(probabilities), labels, check_temperature(temperature)))
 
 
-def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
+def fit_temperature(probabilities: np.ndarray, labels: np.ndarray, *, warn: bool = True) -> float:
     """The temperature T in TEMPERATURE_BOUNDS that minimises the negative log-likelihood of softmax(log p / T)
     on these faces: `probabilities` (N, classes) as the model gives them at T = 1, `labels` (N,) the true
-    class indices (columns of `probabilities`). Fit it on faces the model was not trained on."""
+    class indices (columns of `probabilities`). For a model with test-time augmentation, give its views'
+    probabilities (views, N, classes): T is fitted to their average at T, what the model outputs. Fit it on
+    faces the model was not trained on."""
     probabilities, labels = _checked(probabilities, labels)
     if len(labels) == 0:
         raise ValueError("fitting a temperature needs at least one labelled face")
     temperature, at_an_end = _fit(probabilities, labels)
-    if at_an_end:
+    if at_an_end and warn:
         logging.getLogger("ferkit").warning(
             "the fitted temperature %.3g is at the end of the range searched (%g to %g): the best fit lies beyond "
             "it, so these faces say little about calibration (too few, or unlike the model's)", temperature, *TEMPERATURE_BOUNDS)
@@ -77,7 +87,12 @@ def _fit(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, bool]:
     # searched over log T: the likelihood changes as much from 0.5 to 1 as from 1 to 2
     found = minimize_scalar(lambda log_t: _nll(log_p, labels, np.exp(log_t)), bounds=(low, high),
                             method="bounded", options={"xatol": 1e-5})
-    return float(np.exp(found.x)), min(abs(found.x - low), abs(found.x - high)) < 1e-3
+    return float(np.exp(found.x)), at_search_bound(float(np.exp(found.x)))
+
+
+def at_search_bound(temperature: float) -> bool:
+    """Whether a fitted temperature lies at an end of TEMPERATURE_BOUNDS: the best fit lies beyond the range."""
+    return min(abs(np.log(temperature / bound)) for bound in TEMPERATURE_BOUNDS) < 1e-3
 
 
 def held_out_ece(probabilities: np.ndarray, labels: np.ndarray, *, splits: int = 20, seed: int = 0) -> dict:
@@ -89,15 +104,16 @@ def held_out_ece(probabilities: np.ndarray, labels: np.ndarray, *, splits: int =
     probabilities, labels = _checked(probabilities, labels)
     if len(labels) < 4:
         raise ValueError("a held-out check needs at least 4 labelled faces")
+    views = probabilities if probabilities.ndim == 3 else probabilities[None]  # faces along axis 1
     rng = np.random.default_rng(seed)
     before, after = [], []
     for _ in range(splits):
         order = rng.permutation(len(labels))
         halves = order[: len(labels) // 2], order[len(labels) // 2 :]
         for fit, score in (halves, halves[::-1]):
-            temperature, _ = _fit(probabilities[fit], labels[fit])  # a fit at a bound was said of the whole fit
-            before.append(expected_calibration_error(probabilities[score], labels[score]))
-            after.append(expected_calibration_error(apply_temperature(probabilities[score], temperature), labels[score]))
+            temperature, _ = _fit(views[:, fit], labels[fit])  # a fit at a bound was said of the whole fit
+            before.append(expected_calibration_error(tta_average(views[:, score]), labels[score]))
+            after.append(expected_calibration_error(tta_average(views[:, score], temperature), labels[score]))
     before, after = np.array(before), np.array(after)
     return {"splits": splits, "ece_before": float(before.mean()), "ece_after": float(after.mean()),
             "improved": float(np.mean(after < before))}
@@ -107,7 +123,7 @@ def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, n_bins: int 
     """Faces grouped by confidence (their top probability) into `n_bins` equal-width bins over [0, 1]
     (each bin holds (low, high]): per bin the number of faces, their mean confidence and their accuracy
     (NaN for an empty bin). Keys: edges (n_bins + 1), count, confidence, accuracy (n_bins each)."""
-    probabilities, labels = _checked(probabilities, labels)
+    probabilities, labels = _checked(probabilities, labels, views=False)
     if n_bins < 1:
         raise ValueError(f"n_bins must be at least 1, not {n_bins}")
     confidence = probabilities.max(axis=1) if len(labels) else np.zeros(0)
@@ -140,7 +156,7 @@ def confidence_accuracy_table(
     """For each confidence level t: the faces whose top probability is at least t, as `faces` (a count)
     and `share` (of all faces), and their `accuracy` (None when no face reaches t). This is what a
     threshold such as `ferkit predict --uncertain-below t` keeps, and how often it is then right."""
-    probabilities, labels = _checked(probabilities, labels)
+    probabilities, labels = _checked(probabilities, labels, views=False)
     confidence = probabilities.max(axis=1) if len(labels) else np.zeros(0)
     correct = probabilities.argmax(axis=1) == labels if len(labels) else np.zeros(0, bool)
     rows = []
@@ -156,13 +172,22 @@ def confidence_accuracy_table(
     return rows
 
 
-def _checked(probabilities, labels) -> tuple[np.ndarray, np.ndarray]:
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    top = x.max(axis=axis, keepdims=True)
+    return np.squeeze(top, axis=axis) + np.log(np.exp(x - top).sum(axis=axis))
+
+
+def _checked(probabilities, labels, *, views: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities (N, classes), or where `views`, also (views, N, classes), and labels (N,) that index
+    their columns."""
     probabilities = np.asarray(probabilities, np.float64)
     labels = np.asarray(labels).astype(np.int64, copy=False)
-    if probabilities.ndim != 2 or labels.shape != (len(probabilities),):
-        raise ValueError(f"expected probabilities (N, classes) and labels (N,), got {probabilities.shape} and {labels.shape}")
-    if len(labels) and (labels.min() < 0 or labels.max() >= probabilities.shape[1]):
-        raise ValueError(f"labels must index the {probabilities.shape[1]} columns of the probabilities")
+    shapes = (2, 3) if views else (2,)
+    if probabilities.ndim not in shapes or labels.shape != (probabilities.shape[-2],):
+        expected = "(N, classes) or (views, N, classes)" if views else "(N, classes)"
+        raise ValueError(f"expected probabilities {expected} and labels (N,), got {probabilities.shape} and {labels.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= probabilities.shape[-1]):
+        raise ValueError(f"labels must index the {probabilities.shape[-1]} columns of the probabilities")
     return probabilities, labels
 
 
@@ -171,6 +196,12 @@ def _log_probabilities(probabilities: np.ndarray) -> np.ndarray:
 
 
 def _nll(log_p: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    """The mean -log p(true class) at `temperature`; for views (views, N, classes), of their average."""
+    if log_p.ndim == 3:
+        logits = log_p / temperature
+        log_softmax = logits - _logsumexp(logits, axis=2)[..., None]
+        of_label = log_softmax[:, np.arange(len(labels)), labels]  # (views, N)
+        return float(np.mean(np.log(len(log_p)) - _logsumexp(of_label, axis=0)))
     logits = log_p / temperature
     top = logits.max(axis=1, keepdims=True)
     log_normaliser = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))

@@ -751,7 +751,8 @@ def export_cmd(model: str, to_onnx: bool, out: Path | None, overwrite: bool, rec
         unseen = fitted["held_out"]
         click.echo(f"temperature {meta.temperature:.3f} fitted on {fitted['faces']} faces: "
                    f"ECE {fitted['ece_before']:.4f} -> {fitted['ece_after']:.4f} on them, "
-                   f"{unseen['ece_before']:.4f} -> {unseen['ece_after']:.4f} on the halves it was not fitted on (one view)")
+                   f"{unseen['ece_before']:.4f} -> {unseen['ece_after']:.4f} on the halves it was not fitted on "
+                   f"({_views_in_words(meta.tta)})")
         if fitted["ece_after"] > fitted["ece_before"]:
             click.echo(f"warning: the temperature lowers the faces' log loss but raises their ECE; {fitted['faces']} faces "
                        "may be too few to fit it on (a few hundred or more held-out faces give a steadier one)", err=True)
@@ -759,6 +760,10 @@ def export_cmd(model: str, to_onnx: bool, out: Path | None, overwrite: bool, rec
             click.echo("warning: the temperature does not lower the ECE of faces it was not fitted on "
                        f"(lower in {unseen['improved']:.0%} of {2 * unseen['splits']} fits): this model may be "
                        "better off without one", err=True)
+
+
+def _views_in_words(tta: str) -> str:
+    return {"none": "one view", "flip": "flip test-time augmentation", "tencrop": "ten-crop test-time augmentation"}[tta]
 
 
 # --- ensemble -----------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ferkit.calibration import apply_temperature
 from ferkit.data.dataset import FaceDataset
 from ferkit.errors import FerkitError
 from ferkit.images import faces_to_batch, resized_faces
@@ -261,23 +260,33 @@ def _refuse_training_faces(source: Path, dataset: FaceDataset) -> None:
 
 def _fit_temperature(path: Path, dataset: FaceDataset) -> float:
     """Fit the temperature of the ONNX model at `path` on `dataset` and store it in the model's metadata."""
-    from ferkit.calibration import expected_calibration_error, fit_temperature, held_out_ece, negative_log_likelihood
+    from ferkit.calibration import (
+        TEMPERATURE_BOUNDS, at_search_bound, expected_calibration_error, fit_temperature, held_out_ece,
+        negative_log_likelihood, tta_average,
+    )
 
     classifier = OnnxClassifier(path)
     labels = dataset.labels_for(classifier.classes)
     faces = resized_faces(dataset.images, classifier.input_size)
-    probabilities = classifier.with_tta("none").with_temperature(1.0).predict_proba(faces)
-    temperature = fit_temperature(probabilities, labels)
-    calibrated = apply_temperature(probabilities, temperature)
+    # fitted to what the model outputs: with test-time augmentation, the average of its views, each at T
+    views = classifier.with_temperature(1.0).view_probabilities(faces)
+    temperature = fit_temperature(views, labels)  # at the low end, warned of: the model is right on these faces
+    if at_search_bound(temperature) and temperature > 1:  # it would make every face near-uniform, "uncertain"
+        raise FerkitError(f"the temperature that fits {dataset.source or 'these faces'} best lies at the top of the range "
+                          f"searched ({TEMPERATURE_BOUNDS[1]:g}): the model is wrong on most of these faces, and that "
+                          "temperature would flatten every answer; nothing was written; fit it on a few hundred held-out "
+                          "faces of every class, labelled as the model's classes")
+    probabilities, calibrated = tta_average(views), tta_average(views, temperature)
     record = {
         "faces": len(labels),
         "data": Path(dataset.source).name if dataset.source else "",
+        "tta": classifier.tta,
         "ece_before": round(expected_calibration_error(probabilities, labels), 6),
         "ece_after": round(expected_calibration_error(calibrated, labels), 6),
-        "nll_before": round(negative_log_likelihood(probabilities, labels), 6),
-        "nll_after": round(negative_log_likelihood(probabilities, labels, temperature), 6),
+        "nll_before": round(negative_log_likelihood(views, labels), 6),
+        "nll_after": round(negative_log_likelihood(views, labels, temperature), 6),
         # fitted on one half of the faces and scored on the other: what a temperature does for unseen faces
-        "held_out": {key: round(value, 6) for key, value in held_out_ece(probabilities, labels).items()},
+        "held_out": {key: round(value, 6) for key, value in held_out_ece(views, labels).items()},
     }
     metadata = dataclasses.replace(classifier.metadata, temperature=temperature,
                                    extra={**classifier.metadata.extra, "temperature": record})

@@ -378,23 +378,32 @@ class Classifier:
         and 1.0, to compare calibrated and uncalibrated probabilities. `progress(faces_done, faces)` after
         each batch."""
         temperatures = [check_temperature(t) for t in temperatures]
+        outputs: list[list[np.ndarray]] = [[np.zeros((0, len(self.classes)), np.float32)] for _ in temperatures]
+        for probabilities in self._view_chunks(faces, batch_size, progress):
+            for output, temperature in zip(outputs, temperatures):
+                output.append(apply_temperature(probabilities, temperature).mean(axis=0))
+        return [np.concatenate(output).astype(np.float32) for output in outputs]
+
+    def view_probabilities(self, faces: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+        """(views, N, len(classes)): each view's probabilities (see `face_views`) at temperature 1, which
+        `predict_proba` calibrates and averages; what a temperature for this test-time augmentation is fitted on."""
+        chunks = list(self._view_chunks(faces, batch_size, None))
+        views = {"none": 1, "flip": 2, "tencrop": 10}[self.tta]
+        return np.concatenate([np.zeros((views, 0, len(self.classes)), np.float32), *chunks], axis=1)
+
+    def _view_chunks(self, faces: np.ndarray, batch_size: int, progress):
+        """(views, chunk, classes) probabilities at T = 1 for each chunk of `faces`, every view of a face in one batch."""
         faces = np.asarray(faces)
         if faces.ndim != 3 or tuple(faces.shape[1:]) != self.input_size:
             raise ValueError(f"expected faces of shape (N, {self.input_size[0]}, {self.input_size[1]}), got {faces.shape}")
-        if len(faces) == 0:
-            return [np.zeros((0, len(self.classes)), np.float32) for _ in temperatures]
         views = {"none": 1, "flip": 2, "tencrop": 10}[self.tta]
         step = max(1, batch_size // views)
-        outputs: list[list[np.ndarray]] = [[] for _ in temperatures]
         for i in range(0, len(faces), step):
             chunk = faces[i : i + step]
             batch = np.concatenate(face_views(chunk, self.tta, self.input_size[0] - (self.metadata.crop or 0)))
-            probabilities = self._run(faces_to_batch(batch, self.metadata.channels)).reshape(views, len(chunk), -1)
-            for output, temperature in zip(outputs, temperatures):
-                output.append(apply_temperature(probabilities, temperature).mean(axis=0))
+            yield self._run(faces_to_batch(batch, self.metadata.channels)).reshape(views, len(chunk), -1)
             if progress:
                 progress(i + len(chunk), len(faces))
-        return [np.concatenate(output).astype(np.float32) for output in outputs]
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
