@@ -528,3 +528,15 @@ def test_int8_calibration_faces_may_come_in_class_folders_the_model_does_not_kno
     int8 = read_metadata(out).extra["int8"]
     assert int8["calibration_faces"] + int8["agreement_faces"] == len(list(data.rglob("*.png")))  # contempt's too
     assert "contempt" not in read_metadata(out).classes  # the model's own classes, as before
+
+
+def test_export_takes_temperature_data_by_path_and_refuses_tencrop_for_a_model_without_crops_at_once(trained_run, pattern_data, tmp_path):
+    val = load_dataset(pattern_data / "val")
+    by_path = export_onnx(trained_run, tmp_path / "path.onnx", temperature_data=pattern_data / "val")
+    by_faces = export_onnx(trained_run, tmp_path / "faces.onnx", temperature_data=val)
+    assert read_metadata(by_path).temperature == read_metadata(by_faces).temperature
+    # refused before the calibration faces are read: here they are not even there
+    result = CliRunner().invoke(cli, ["export", str(trained_run), "--onnx", "--out", str(tmp_path / "t.onnx"), "--int8",
+                                      "--calibration", str(tmp_path / "missing"), "--tta", "tencrop"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: tencrop needs a model that crops its input (such as ferkit-net-l); seed-cnn does not"

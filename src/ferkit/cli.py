@@ -725,14 +725,16 @@ def _print_report(report) -> None:
 def export_cmd(model: str, to_onnx: bool, out: Path | None, overwrite: bool, recalibrate_bn: bool, int8: bool,
                calibration: str | None, tta, temperature_data: str | None):
     """Export MODEL (a run folder or .keras file) to ONNX, checked to agree with Keras."""
-    from ferkit.export import TOLERANCE, calibration_faces, export_onnx, export_path, exportable_model, temperature_faces
+    from ferkit.export import (
+        TOLERANCE, check_tta, calibration_faces, export_onnx, export_path, exportable_model, temperature_faces,
+    )
     from ferkit.runtime import read_metadata
 
     if not to_onnx:
         raise FerkitError("choose an export format: --onnx")
     if calibration and not (int8 or recalibrate_bn):
         raise FerkitError("--calibration applies to --int8 and --recalibrate-bn exports")
-    exportable_model(model)
+    check_tta(exportable_model(model), tta)
     export_path(model, out, overwrite=overwrite)  # before minutes of loading faces, not after
     faces = calibration_faces(model, calibration, progress=True) if int8 or recalibrate_bn else None
     held_out = temperature_faces(model, temperature_data, progress=True) if temperature_data else None

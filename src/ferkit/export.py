@@ -99,6 +99,13 @@ def exportable_model(model: str | Path) -> Path:
     return source
 
 
+def check_tta(source: Path, tta: str | None) -> None:
+    """Ten-crop TTA needs a model that looks at a central crop of its input (said before any faces load)."""
+    meta = read_metadata(source)
+    if tta == "tencrop" and not meta.crop:  # as Classifier.with_tta says it, once the model is loaded
+        raise FerkitError(f"tencrop needs a model that crops its input (such as ferkit-net-l); {meta.model} does not")
+
+
 def export_path(model: str | Path, out: str | Path | None = None, *, overwrite: bool = False) -> Path:
     """Where export_onnx writes `model`: `out`, default beside the model with the .onnx suffix; a
     FerkitError if that is no .onnx file or is there already and `overwrite` is not given."""
@@ -115,7 +122,7 @@ def export_onnx(
     recalibrate_bn: bool = False,
     int8: bool = False,
     tta: str | None = None,
-    temperature_data: FaceDataset | None = None,
+    temperature_data: FaceDataset | str | Path | None = None,
 ) -> Path:
     """Write `model` (a run folder or .keras file) as ONNX, default beside it with the .onnx suffix.
 
@@ -125,13 +132,17 @@ def export_onnx(
     ferkit.batch_norm.recalibrate_batch_norm), and by `int8`: quantization calibrated on some of them, its
     agreement with the float model on others recorded in the metadata.
     `tta`: the test-time augmentation recorded as the model's default ("none", "flip" or "tencrop").
-    `temperature_data`: labelled faces the model was not trained on (e.g. validation data). The exported
-    model (after int8, if asked) classifies them, one view each, uncalibrated; the temperature that fits
-    them best is stored in the model, with the calibration error before and after in `extra["temperature"]`.
+    `temperature_data`: labelled faces the model was not trained on (e.g. validation data; a dataset, or a
+    folder or CSV to load, of which a CSV's PublicTest rows). The exported model (after int8, if asked)
+    classifies them, uncalibrated, with its test-time augmentation; the temperature that fits them best is
+    stored in the model, with the calibration error before and after in `extra["temperature"]`.
     Raises FerkitError if the export disagrees with Keras by more than TOLERANCE, or the int8 model keeps
     the float model's top class on fewer than MIN_INT8_AGREEMENT of the faces; nothing is written then.
     """
     source = exportable_model(model)
+    check_tta(source, tta)
+    if temperature_data is not None and not isinstance(temperature_data, FaceDataset):
+        temperature_data = temperature_faces(model, temperature_data)
     if (recalibrate_bn or int8) and not isinstance(calibration, FaceDataset):
         calibration = calibration_faces(model, calibration)
     if int8 and len(calibration) < 2 * MIN_INT8_CHECK_FACES:  # said before the float export, not after it
