@@ -98,3 +98,20 @@ def test_the_tool_writes_the_average_and_says_what_is_wrong_in_one_line(two_runs
     refused = subprocess.run(command, capture_output=True, text=True)
     assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "already exists" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_epoch_checkpoints_of_two_runs_are_warned_of_and_one_model_given_twice_is_refused(two_runs, tmp_path, caplog):
+    import shutil
+
+    kept = []
+    for run in two_runs:  # as --save-period keeps them: RUN/epochs/epoch-NNN.keras
+        copy = shutil.copytree(run, tmp_path / run.name)
+        (copy / "epochs").mkdir(exist_ok=True)
+        kept.append(shutil.copy(copy / "last.keras", copy / "epochs" / "epoch-001.keras"))
+    with caplog.at_level("WARNING", logger="ferkit"):
+        average_checkpoints(kept, tmp_path / "cross.keras")
+    assert "come from runs of other settings (seed)" in caplog.text
+    for twice in ([two_runs[0], two_runs[0] / "best.keras"], [kept[0], kept[0]]):
+        with pytest.raises(FerkitError, match="are the same checkpoint: its weights would count twice"):
+            average_checkpoints(twice, tmp_path / "twice.keras")
+    assert not (tmp_path / "twice.keras").exists()

@@ -12,7 +12,6 @@ Each checkpoint is a .keras file, a run folder (its best model, else its last) o
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -26,8 +25,6 @@ def main() -> None:
     parser.add_argument("--calibration", help="training faces to measure the batch-norm statistics on")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args()
-    if len({os.path.realpath(path) for path in args.checkpoints}) < len(args.checkpoints):
-        parser.error("a checkpoint is given twice: its weights would count twice in the mean")
     try:
         from ferkit.averaging import average_checkpoints
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from ferkit.checkpoints import COMPACT_CHECKPOINT, load_float16_weights
 from ferkit.config import TrainConfig
 from ferkit.errors import FerkitError
 from ferkit.results import check_output_file
-from ferkit.runs import TRAINED_ON, training_faces_origin
+from ferkit.runs import TRAINED_ON, run_folder_of, training_faces_origin
 from ferkit.runtime import (ModelMetadata, check_not_written_over_its_inputs, load_keras_model, read_metadata,
                             resolve_model_path, save_keras_model)
 from ferkit.training_model import float32_twin, network_metadata
@@ -43,6 +44,7 @@ def average_checkpoints(sources, out: str | Path, *, calibration=None, overwrite
         raise FerkitError("averaging needs two checkpoints or more")
     check_not_written_over_its_inputs(out, [Path(source) / "best.keras" if Path(source).is_dir() else Path(source)
                                             for source in sources])
+    _check_each_once(sources)
     keras = import_keras()
     loaded = [_metadata_and_weights(keras, source) for source in sources]
     metadata = loaded[0][0]
@@ -82,10 +84,21 @@ def _model_file(source) -> Path:
     return folder / COMPACT_CHECKPOINT if (folder / COMPACT_CHECKPOINT).exists() and folder.is_dir() else resolve_model_path(source)
 
 
+def _check_each_once(sources) -> None:
+    """A FerkitError where two sources are one model file (a run folder and its best.keras, a link): its
+    weights would count twice in the mean."""
+    seen: dict[str, str] = {}
+    for source in sources:
+        real = os.path.realpath(_model_file(source))
+        if real in seen:
+            raise FerkitError(f"{seen[real]} and {source} are the same checkpoint: its weights would count twice in the mean")
+        seen[real] = str(source)
+
+
 def _warn_of_other_runs(sources) -> None:
     """Weights average well along one run (its late epochs lie in one basin); those of runs trained apart
     (another seed, other settings) average into a network far worse than each."""
-    configs = [(s, _model_file(s).parent / "config.json") for s in sources]
+    configs = [(s, run_folder_of(_model_file(s)) / "config.json") for s in sources]
     known = [(s, TrainConfig.load(path)) for s, path in configs if path.is_file()]
     for source, config in known[1:]:
         changed = config.settings_changed_from(known[0][1])
