@@ -53,6 +53,8 @@ def test_the_average_holds_the_mean_of_the_checkpoints_weights(two_runs, pattern
 
     result = CliRunner().invoke(cli, ["evaluate", str(out), "--data", str(pattern_data / "train"), "--out", str(tmp_path / "r")])
     assert result.exit_code == 0 and "is the data the averaged checkpoints were trained on" in result.output
+    result = CliRunner().invoke(cli, ["export", str(out), "--onnx", "--calibrate-temperature", str(pattern_data / "train")])
+    assert result.exit_code == 2 and "is the data the averaged checkpoints were trained on" in result.output, result.output
 
 
 def test_a_packed_run_averages_as_the_model_it_was_packed_from(two_runs, tmp_path):

@@ -109,3 +109,16 @@ def test_the_training_faces_of_its_members_are_known_to_the_ensemble(trained_run
     assert f"{train} is the data the ensemble's seed-cnn, seed-cnn member(s) were trained on" in result.output
     result = CliRunner().invoke(cli, ["evaluate", str(ensemble), "--data", str(pattern_data / "val"), "--out", str(tmp_path / "val")])
     assert result.exit_code == 0 and "were trained on" not in result.output
+
+
+def test_an_ensemble_of_ensembles_knows_the_training_faces_of_its_members_members(second_run, ensemble, pattern_data, tmp_path):
+    loose = KerasClassifier(read_metadata(second_run), second_run / "best.keras")
+    copied = save_keras_model(loose.model, tmp_path / "loose.keras", loose.metadata)  # outside a run: no faces known
+    nested = ensemble_models([ensemble, copied], tmp_path / "nested.keras")
+    train = str(pattern_data / "train")
+    result = CliRunner().invoke(cli, ["export", str(nested), "--onnx", "--out", str(tmp_path / "nested.onnx"),
+                                      "--calibrate-temperature", train])
+    assert result.exit_code == 2, result.output
+    assert f"error: {train} is the data the ensemble's ensemble(seed-cnn x2) member(s) were trained on" in result.output
+    result = CliRunner().invoke(cli, ["evaluate", str(nested), "--data", train, "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0 and "member(s) were trained on" in result.output, result.output

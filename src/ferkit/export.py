@@ -263,10 +263,11 @@ def _refuse_training_faces(source: Path, dataset: FaceDataset) -> None:
     if run or holds_its_training_faces(source, dataset) or export_trained_on(source, dataset.source):
         held_out = f" (its validation data: {run.val})" if run and run.val else ""
         raise FerkitError(f"{dataset.source} is the data the model was trained on; fit the temperature on held-out faces{held_out}")
-    members = members_trained_on(read_metadata(source), dataset.source)
+    metadata = read_metadata(source)
+    members = members_trained_on(metadata, dataset.source)
     if members:
-        raise FerkitError(f"{dataset.source} is the data the ensemble's {', '.join(members)} member(s) were trained on; "
-                          "fit the temperature on held-out faces")
+        what = "averaged checkpoints" if "averaged" in metadata.extra else f"ensemble's {', '.join(members)} member(s)"
+        raise FerkitError(f"{dataset.source} is the data the {what} were trained on; fit the temperature on held-out faces")
 
 
 def _fit_temperature(path: Path, dataset: FaceDataset) -> float:

@@ -317,8 +317,15 @@ def members_trained_on(metadata, source, usage: str | None = None) -> list[str]:
     (with `usage`, as for trained_on) holds, as the ensemble recorded where each member's faces came from."""
     if not source or not Path(source).exists():
         return []
-    members = metadata.extra.get("members", [])
-    return [member["model"] for member in members if member.get(TRAINED_ON) and _holds(member[TRAINED_ON], source, usage)]
+    return _members_holding(metadata.extra.get("members", []), source, usage)
+
+
+def _members_holding(members: list, source, usage: str | None) -> list[str]:
+    """The members trained on `source`'s faces, themselves or through their own members (an ensemble of
+    ensembles, or of averaged checkpoints)."""
+    return [member["model"] for member in members
+            if (member.get(TRAINED_ON) and _holds(member[TRAINED_ON], source, usage))
+            or _members_holding(member.get("members", []), source, usage)]
 
 
 TRAINED_ON = "trained_on"  # an ensemble member's entry: where its run's training faces came from
