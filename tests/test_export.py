@@ -540,3 +540,13 @@ def test_export_takes_temperature_data_by_path_and_refuses_tencrop_for_a_model_w
                                       "--calibration", str(tmp_path / "missing"), "--tta", "tencrop"])
     assert result.exit_code == 2
     assert result.output.strip() == "error: tencrop needs a model that crops its input (such as ferkit-net-l); seed-cnn does not"
+
+
+def test_a_csv_without_publictest_rows_for_the_temperature_is_a_one_line_error_naming_no_missing_option(trained_run, tmp_path):
+    rows = ["emotion,pixels,Usage"] + [f"{k % 7},{' '.join(['128'] * 48 * 48)},Training" for k in range(14)]
+    (tmp_path / "train-only.csv").write_text("\n".join(rows) + "\n")
+    result = CliRunner().invoke(cli, ["export", str(trained_run), "--onnx", "--out", str(tmp_path / "m.onnx"),
+                                      "--calibrate-temperature", str(tmp_path / "train-only.csv")])
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: {tmp_path / 'train-only.csv'} has no PublicTest rows, the held-out faces a "
+                                     "FER2013 CSV gives to fit a temperature on: give a folder or CSV of held-out labelled faces")

@@ -65,9 +65,14 @@ def _faces_of_any_class(data, model, progress: bool) -> FaceDataset:
     from ferkit.data.fer2013_csv import TRAIN_USAGE
     from ferkit.data.folder import UnknownClassFolders
 
+    from ferkit.data.fer2013_csv import NoRowsOfUsage
+
     reads = _as_the_model_reads(model)
     try:
         return load_dataset(data, **reads, usage=TRAIN_USAGE, progress=progress)
+    except NoRowsOfUsage as err:  # its message names --usage, which export has not
+        raise FerkitError(f"{err.path} has no {TRAIN_USAGE} rows, the faces a FER2013 CSV gives to calibrate on: give a "
+                          "folder or CSV of faces like those the model will see") from None
     except UnknownClassFolders as err:
         if err.datasets:
             raise
@@ -85,9 +90,13 @@ def temperature_faces(model: str | Path, data: str | Path, *, progress: bool = F
     """The labelled held-out faces to fit `model`'s temperature on (a FER2013 CSV gives its PublicTest
     rows), loaded with the model's classes and input size."""
     from ferkit.data import load_dataset
-    from ferkit.data.fer2013_csv import VAL_USAGE
+    from ferkit.data.fer2013_csv import VAL_USAGE, NoRowsOfUsage
 
-    return load_dataset(data, **_as_the_model_reads(model), usage=VAL_USAGE, progress=progress)
+    try:
+        return load_dataset(data, **_as_the_model_reads(model), usage=VAL_USAGE, progress=progress)
+    except NoRowsOfUsage as err:  # its message names --usage, which export has not
+        raise FerkitError(f"{err.path} has no {VAL_USAGE} rows, the held-out faces a FER2013 CSV gives to fit a temperature "
+                          "on: give a folder or CSV of held-out labelled faces") from None
 
 
 def exportable_model(model: str | Path) -> Path:
