@@ -550,3 +550,17 @@ def test_a_csv_without_publictest_rows_for_the_temperature_is_a_one_line_error_n
     assert result.exit_code == 2
     assert result.output.strip() == (f"error: {tmp_path / 'train-only.csv'} has no PublicTest rows, the held-out faces a "
                                      "FER2013 CSV gives to fit a temperature on: give a folder or CSV of held-out labelled faces")
+
+
+def test_a_val_split_runs_temperature_is_fitted_on_the_faces_it_held_out_of_its_data(pattern_data, tmp_path):
+    from ferkit.config import TrainConfig
+    from ferkit.data import split_dataset
+    from ferkit.training import train
+
+    config = TrainConfig(data=str(pattern_data / "train"), val_split=0.4, epochs=2, out=str(tmp_path / "run"))
+    run = train(config, verbose=0)
+    result = CliRunner().invoke(cli, ["export", str(run), "--onnx", "--calibrate-temperature", str(pattern_data / "train")])
+    assert result.exit_code == 0, result.output
+    _, held = split_dataset(load_dataset(pattern_data / "train"), val_fraction=0.4, seed=config.seed)
+    fit = read_metadata(run / "best.onnx").extra["temperature"]
+    assert fit["faces"] == len(held) and "the faces its run held out: --val-split 0.4" in fit["data"]

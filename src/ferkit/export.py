@@ -93,10 +93,29 @@ def temperature_faces(model: str | Path, data: str | Path, *, progress: bool = F
     from ferkit.data.fer2013_csv import VAL_USAGE, NoRowsOfUsage
 
     try:
-        return load_dataset(data, **_as_the_model_reads(model), usage=VAL_USAGE, progress=progress)
+        faces = load_dataset(data, **_as_the_model_reads(model), usage=VAL_USAGE, progress=progress)
     except NoRowsOfUsage as err:  # its message names --usage, which export has not
         raise FerkitError(f"{err.path} has no {VAL_USAGE} rows, the held-out faces a FER2013 CSV gives to fit a temperature "
                           "on: give a folder or CSV of held-out labelled faces") from None
+    return _held_out_part(model, faces)
+
+
+def _held_out_part(model: str | Path, faces: FaceDataset) -> FaceDataset:
+    """Of the data a run split its validation faces off (--val-split), the faces it held out, as `evaluate`
+    scores them; any other faces as they are."""
+    from ferkit.runs import held_out_faces, run_config_of, run_folder_of
+
+    path = resolve_model_path(model)
+    config = run_config_of(path, warn=False)
+    if config is None or config.val:
+        return faces
+    held = held_out_faces(run_folder_of(path), config, faces)
+    if held is None:
+        return faces
+    log.info("%s is the data %s was trained on: fitting the temperature on the %d faces it held out for validation",
+             faces.source, run_folder_of(path), len(held))
+    return dataclasses.replace(held, source=f"{held.source} (the faces its run held out: --val-split {config.val_split:g}, "
+                                            f"seed {config.seed})")
 
 
 def exportable_model(model: str | Path) -> Path:
