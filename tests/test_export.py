@@ -274,6 +274,12 @@ def test_a_temperature_exported_with_tta_is_fitted_to_and_scored_on_the_model_as
     assert nll == pytest.approx(fit["nll_after"], abs=1e-4)
     one_view = model.with_tta("none").with_temperature(1.0).predict_proba(val.images)
     assert negative_log_likelihood(one_view, labels, model.temperature) != pytest.approx(fit["nll_after"], abs=1e-4)
+    # evaluated on the faces the temperature was fitted on: said so, in the terminal and the report
+    result = CliRunner().invoke(cli, ["evaluate", str(flip), "--data", str(pattern_data / "val"), "--out", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    caution = f"the model's temperature was fitted on these {len(val)} faces (val): its calibration error here flatters it"
+    assert caution in " ".join(result.output.split())
+    assert caution in json.loads((tmp_path / "e" / "metrics.json").read_text())["warnings"][0]
 
 
 def test_a_temperature_fitted_at_the_top_of_its_range_is_refused(trained_run, pattern_data, tmp_path):

@@ -656,6 +656,9 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     if seen:
         seen += ": its accuracy there says little about faces it has not seen"
         log.warning("%s", seen)
+    elif fitted_here := _temperature_fitted_on(classifier, dataset):
+        seen = fitted_here
+        log.warning("%s", seen)
     # a CSV's source says which rows, known once it is read
     evaluation = (classifier.name, dataset.source, classifier.tta, model_version(classifier), classifier.sha256)
     if out is None:
@@ -674,6 +677,18 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     _print_report(report)
     click.echo(f"calibration: {report.ece_summary}")
     click.echo(f"wrote {', '.join(p.name for p in written)} to {out}")
+
+
+def _temperature_fitted_on(classifier, dataset) -> str | None:
+    """A caution where the model's temperature was fitted on these faces (as far as its record tells: the
+    data's name and count of faces): its calibration error after the temperature flatters it there."""
+    fit = classifier.metadata.extra.get("temperature")
+    if classifier.temperature == 1 or not isinstance(fit, dict) or not dataset.source:
+        return None
+    if fit.get("data") == Path(dataset.source).name and fit.get("faces") == len(dataset):
+        return (f"the model's temperature was fitted on these {len(dataset)} faces ({fit['data']}): its calibration error "
+                "here flatters it (the export's held-out figure does not)")
+    return None
 
 
 def _say_the_export_predict_runs(model: str | None, scored: Path) -> None:
