@@ -185,6 +185,29 @@ def test_a_damaged_frame_inside_a_video_is_passed_over(trained_run, tmp_path, ca
     assert "could not be decoded and were passed over" in caplog.text
 
 
+def test_frames_whose_analysis_fails_are_counted_and_said_and_a_video_none_of_whose_frames_could_be_is_an_error(
+        trained_run, squares_video, caplog):
+    calls = []
+
+    def every_third_fails(rgb):
+        calls.append(1)
+        if len(calls) % 3 == 0:
+            raise MemoryError("out of memory")
+        return _bright_squares(rgb)
+
+    with caplog.at_level("WARNING", logger="ferkit"):
+        timeline = analyze_video(squares_video, model=trained_run, detector=every_third_fails, every=1)
+    assert timeline.frames_failed == len(calls) // 3 > 0 and timeline.summary()["frames_failed"] == timeline.frames_failed
+    assert len({row.frame for row in timeline.rows}) == timeline.frames_analysed - timeline.frames_failed
+    assert "could not be analysed (face detection failed" in caplog.text and "MemoryError: out of memory" in caplog.text
+
+    def always_fails(rgb):
+        raise MemoryError("out of memory")
+
+    with pytest.raises(FerkitError, match="no frame of .* could be analysed"):
+        analyze_video(squares_video, model=trained_run, detector=always_fails, every=1)
+
+
 def test_smoothing_damps_changes(trained_run, squares_video):
     raw = analyze_video(squares_video, model=trained_run, detector=_bright_squares, every=1, smooth=1)
     smooth = analyze_video(squares_video, model=trained_run, detector=_bright_squares, every=1, smooth=9)
@@ -358,6 +381,18 @@ def test_videos_with_the_same_name_keep_their_own_results(trained_run, tmp_path)
     assert "20 frames analysed" in second and "o/clip-2.timeline.csv" in second
     assert {p.name for p in (tmp_path / "o").iterdir()} == {
         "clip.timeline.csv", "clip.emotions.png", "clip-2.timeline.csv", "clip-2.emotions.png"}
+
+
+def test_a_video_that_fails_in_a_json_batch_has_its_own_record(trained_run, squares_video, tmp_path):
+    import json
+
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all" * 100)
+    result = CliRunner().invoke(cli, ["predict", str(squares_video), str(tmp_path / "broken.mp4"), "--model", str(trained_run),
+                                      "--detector", "none", "--every", "4", "--out", str(tmp_path / "o"), "--json"])
+    assert result.exit_code == 1, result.output
+    records = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert [record["source"] for record in records] == [str(squares_video), str(tmp_path / "broken.mp4")]
+    assert "error" in records[1] and "frames_analysed" in records[0]
 
 
 def test_the_same_video_given_twice_is_analysed_once(trained_run, squares_video, tmp_path):

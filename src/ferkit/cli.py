@@ -1216,11 +1216,14 @@ def _predict_video(source, out: Path, as_json: bool, *, stem: str, alone: bool, 
             if alone:
                 raise
             click.echo(f"error: {err}", err=True)
+            if as_json:  # a record for each source, as a photo that fails has
+                click.echo(json.dumps({"source": str(source), "error": str(err)}))
             return 1
     if as_json:
         click.echo(json.dumps(summary))
     else:
         cut = " (the file seems cut short)" if summary["cut_short"] else ""
+        cut += f" ({summary['frames_failed']} could not be analysed)" if summary.get("frames_failed") else ""
         plotted = f" (the plot shows the {summary['tracks_plotted']} longest)" if summary["tracks_plotted"] < summary["tracks"] else ""
         click.echo(f"{source}: {summary['frames_analysed']} frames analysed (every {summary['every']}){cut}, "
                    f"{summary['tracks']} face tracks{plotted}; wrote {', '.join(summary['files'])}")

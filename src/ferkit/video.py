@@ -48,6 +48,7 @@ class Timeline:
     last_frame: int = 0  # the index of the last frame analysed
     last_time_s: float = 0.0  # its time: how far the plot's time axis reaches
     cut_short: bool = False  # frames stopped coming well before the count its container lists
+    frames_failed: int = 0  # frames decoded whose analysis failed (face detection raised): none of their faces is here
 
     @property
     def tracks(self) -> list[int]:
@@ -57,7 +58,7 @@ class Timeline:
         """What was analysed, as `ferkit predict` reports it per video (JSON); `more` is added to it."""
         return {"source": self.source, "frames_analysed": self.frames_analysed, "every": self.every,
                 "tracks": len(self.tracks), "tracks_plotted": min(len(self.tracks), PLOT_TRACKS), "faces": len(self.rows),
-                "cut_short": self.cut_short, **more}
+                "cut_short": self.cut_short, "frames_failed": self.frames_failed, **more}
 
     def to_csv(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """The timeline, a row per face per analysed frame; a file there that ferkit did not write is kept
@@ -253,6 +254,11 @@ def analyze_video(
                                      batch_images=FRAMES_PER_BATCH):
             index = int(result.source.rsplit("=", 1)[1])
             frame, time_s = frames.pop(result.source)
+            if result.error:
+                timeline.frames_failed += 1
+                if timeline.frames_failed == 1:
+                    log.warning("%s: frame %d could not be analysed (%s); such frames are left out of the timeline",
+                                path, index, result.error)
             signature, before = frame_signature(frame), signature
             if before is not None and is_scene_cut(before, signature):  # no face carries over to another shot
                 tracker.close_all()
@@ -286,6 +292,9 @@ def analyze_video(
             table.close()
     if timeline.frames_analysed == 0:
         raise FerkitError(f"no frame of {path} could be decoded: is it a video?")
+    if timeline.frames_failed == timeline.frames_analysed:
+        raise FerkitError(f"no frame of {path} could be analysed ({timeline.frames_failed} decoded; the first failure is "
+                          "above)")
     if info.frames > 0 and timeline.last_frame + 1 + every <= 0.95 * info.frames:  # containers' counts are approximate
         timeline.cut_short = True
         log.warning("%s: frames stopped coming after frame %d of the %d its container lists; the file may be cut short or damaged",
