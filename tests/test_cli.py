@@ -1125,8 +1125,10 @@ def test_resume_is_refused_where_there_is_no_batch_to_continue(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_kill_stops_a_batch_in_one_line_and_the_batch_resumes_where_it_stopped(trained_run, tmp_path):
-    """SIGTERM is handled as Ctrl-C is: the results written so far are kept, and exit code 143 says why."""
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGHUP"])
+def test_kill_stops_a_batch_in_one_line_and_the_batch_resumes_where_it_stopped(trained_run, tmp_path, signal_name):
+    """SIGTERM, and SIGHUP (the terminal closed), are handled as Ctrl-C is: the results written so far are
+    kept, and exit code 143 says why."""
     import os
     import signal
     import time
@@ -1142,11 +1144,13 @@ def test_kill_stops_a_batch_in_one_line_and_the_batch_resumes_where_it_stopped(t
     results = tmp_path / "out" / "results.jsonl"
     while process.poll() is None and not (results.exists() and results.read_text().count("\n")):
         time.sleep(0.05)  # until the first image is done
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(getattr(signal, signal_name))
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143 and stderr.strip().splitlines()[-1] == "terminated", stderr
     kept = results.read_text().splitlines()
     assert 1 <= len(kept) < 401
+    if signal_name == "SIGHUP":
+        return
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert len(results.read_text().splitlines()) == 401

@@ -329,6 +329,26 @@ def test_an_annotated_video_that_cannot_be_written_is_an_error_not_an_empty_file
     assert not target.exists()
 
 
+def test_an_annotated_video_takes_its_name_only_once_finished_or_stopped(trained_run, squares_video, tmp_path):
+    """A process killed outright (a closed terminal, out of memory) leaves no unplayable file under that name."""
+    target = tmp_path / "out.mp4"
+    seen = []
+
+    def looking(rgb):
+        seen.append((target.exists(), (tmp_path / ".out.part.mp4").exists()))
+        if len(seen) == 12:
+            raise KeyboardInterrupt  # Ctrl-C: what was written is kept, playable
+        return _bright_squares(rgb)
+
+    with pytest.raises(KeyboardInterrupt):
+        analyze_video(squares_video, model=trained_run, detector=looking, annotated=target, every=1)
+    assert all(not final for final, _ in seen) and any(part for _, part in seen)
+    assert target.exists() and not (tmp_path / ".out.part.mp4").exists()
+    capture = cv2.VideoCapture(str(target))
+    assert capture.isOpened() and capture.read()[0]
+    capture.release()
+
+
 def test_frames_wait_in_small_batches(trained_run, squares_video):
     """At most FRAMES_PER_BATCH frames are held before their faces are classified."""
     from ferkit.video import FRAMES_PER_BATCH
@@ -501,7 +521,7 @@ def test_a_video_analysed_into_a_folder_reports_its_progress_and_files(trained_r
                                         detector=_bright_squares, every=4, progress=lambda done, total: seen.append((done, total)))
     assert seen == [(n, 5) for n in range(1, 6)]  # 20 frames, every 4th
     assert summary == {"source": str(squares_video), "frames_analysed": 5, "every": 4, "tracks": 2, "tracks_plotted": 2, "faces": 10,
-                       "cut_short": False, "files": [str(tmp_path / "clip.timeline.csv"), str(tmp_path / "clip.emotions.png")]}
+                       "cut_short": False, "frames_failed": 0, "files": [str(tmp_path / "clip.timeline.csv"), str(tmp_path / "clip.emotions.png")]}
     assert (tmp_path / "clip.timeline.csv").read_text().count("\n") == 1 + 10
 
 

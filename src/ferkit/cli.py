@@ -164,12 +164,15 @@ def cli(debug: bool):
 
 
 def _stop_cleanly_on_sigterm() -> None:
-    """`kill` stops a command as Ctrl-C does, with its clean-up (partial files removed, a summary written)
-    and one line; the default handler comes back when the command ends."""
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL or threading.current_thread() is not threading.main_thread():
+    """`kill`, or a closed terminal (SIGHUP), stops a command as Ctrl-C does, with its clean-up (partial files
+    removed, a summary written) and one line; the default handlers come back when the command ends."""
+    if threading.current_thread() is not threading.main_thread():
         return
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    click.get_current_context().call_on_close(functools.partial(signal.signal, signal.SIGTERM, signal.SIG_DFL))
+    for name in ("SIGTERM", "SIGHUP"):  # no SIGHUP on Windows
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is signal.SIG_DFL:
+            signal.signal(number, _raise_terminated)
+            click.get_current_context().call_on_close(functools.partial(signal.signal, number, signal.SIG_DFL))
 
 
 def _raise_terminated(signum, frame):

@@ -238,7 +238,10 @@ def analyze_video(
     tracker, smoothed = IouTracker(max_gap=max(1, round(TRACK_GAP_S * info.fps / every))), {}
     labels = SteadyLabels(frames_to_switch=max(3, round(info.fps / every)))  # held for about a second at least
     alpha = 2.0 / (smooth + 1)
-    writer = _video_writer(annotated, info, every) if annotated else None
+    # written under a hidden name and moved into place once finished (or stopped by Ctrl-C), so that a process
+    # killed outright leaves no unplayable file under the name a user opens
+    partial = Path(annotated).with_name(f".{Path(annotated).stem}.part.mp4") if annotated else None
+    writer = _video_writer(partial, info, every, shown_as=annotated) if annotated else None
     if timeline_csv:
         Path(timeline_csv).parent.mkdir(parents=True, exist_ok=True)
     table = open(timeline_csv, "w", newline="", encoding="utf-8") if timeline_csv else None
@@ -286,8 +289,9 @@ def analyze_video(
         capture.release()
         if writer is not None:
             writer.release()
-            if Path(annotated).is_file():
-                mark_video(annotated)
+            if partial.is_file():
+                mark_video(partial)
+                os.replace(partial, annotated)
         if table is not None:
             table.close()
     if timeline.frames_analysed == 0:
@@ -320,12 +324,12 @@ def _smooth(face: Face, track: int, state: dict, alpha: float, classes, uncertai
                 face.detector_score, face.landmarks, bool(mixed[best] < uncertain_below))
 
 
-def _video_writer(path, info, every):
+def _video_writer(path, info, every, *, shown_as):
     import cv2
 
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), info.fps / every, info.size)
     if not writer.isOpened():  # OpenCV says nothing and writes nothing otherwise
-        raise FerkitError(f"cannot write the annotated video {path} (no such folder, or no mp4v encoder in this OpenCV)")
+        raise FerkitError(f"cannot write the annotated video {shown_as} (no such folder, or no mp4v encoder in this OpenCV)")
     return writer
 
 
