@@ -415,6 +415,22 @@ def test_a_video_that_fails_in_a_json_batch_has_its_own_record(trained_run, squa
     assert "error" in records[1] and "frames_analysed" in records[0]
 
 
+def test_a_results_folder_another_predict_is_writing_is_refused_for_a_video_too(trained_run, squares_video, tmp_path):
+    import fcntl
+
+    (tmp_path / "out").mkdir()
+    holder = os.open(tmp_path / "out", os.O_RDONLY)  # as a `ferkit predict --out out` running elsewhere holds it
+    args = ["predict", str(squares_video), "--model", str(trained_run), "--detector", "none", "--out", str(tmp_path / "out")]
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2 and "is being written by another ferkit predict" in result.output, result.output
+        assert list((tmp_path / "out").iterdir()) == []
+    finally:
+        os.close(holder)
+    assert CliRunner().invoke(cli, args).exit_code == 0  # free again, and released after it
+
+
 def test_the_same_video_given_twice_is_analysed_once(trained_run, squares_video, tmp_path):
     twice = [str(squares_video), str(squares_video.parent / ".." / squares_video.parent.name / squares_video.name)]
     result = CliRunner().invoke(cli, ["predict", *twice, "--model", str(trained_run), "--detector", "none",

@@ -54,8 +54,7 @@ class FolderBatch:
         written = [self.out / name for name in (ResultsFolder.TABLE, ResultsFolder.LINES, ResultsFolder.SETTINGS)]
         check_replaceable([*written, *self.annotated.values()], overwrite=overwrite)
         create_folder(self.out)
-        hold_folder(self.out, f"{self.out} is being written by another ferkit predict; let it finish, or stop it "
-                              "(Ctrl-C, kill) and then --resume")  # until run_records ends
+        hold_folder(self.out, _busy(self.out))  # until run_records ends
         if overwrite and not resume:
             _remove_earlier_annotated_copies(self.out, keep=paths)
         self.results = ResultsFolder(self.out, self.classifier.classes, resume=resume, sources=paths, overwrite=overwrite,
@@ -291,17 +290,27 @@ def analyze_video_into_folder(source: str | Path, out: str | Path, *, stem: str 
     step = frame_step(info.fps, every, target_fps)
     total = max(1, -(-info.frames // step)) if info.frames > 0 else None
     create_folder(out)
-    from ferkit.draw import written_by_ferkit
+    held = hold_folder(out, _busy(out))  # two runs into one folder would mix their timelines
+    try:
+        from ferkit.draw import written_by_ferkit
 
-    earlier = video_outputs(out, stem, True)[2]  # an annotated video of an earlier run would no longer match
-    if not save_video and earlier.is_file() and written_by_ferkit(earlier):
-        earlier.unlink()
-    timeline = analyze_video(source, model=model, detector=detector, every=step, smooth=smooth,
-                             annotated=annotated, uncertain_below=uncertain_below,
-                             timeline_csv=timeline_csv, overwrite=overwrite,
-                             progress=(lambda index: progress(index // step + 1, total)) if progress else None)
-    timeline.plot(plot, overwrite=overwrite)
+        earlier = video_outputs(out, stem, True)[2]  # an annotated video of an earlier run would no longer match
+        if not save_video and earlier.is_file() and written_by_ferkit(earlier):
+            earlier.unlink()
+        timeline = analyze_video(source, model=model, detector=detector, every=step, smooth=smooth,
+                                 annotated=annotated, uncertain_below=uncertain_below,
+                                 timeline_csv=timeline_csv, overwrite=overwrite,
+                                 progress=(lambda index: progress(index // step + 1, total)) if progress else None)
+        timeline.plot(plot, overwrite=overwrite)
+    finally:
+        if held:
+            release_folder(out)
     return timeline.summary(files=[str(p) for p in outputs])
+
+
+def _busy(out: Path) -> str:
+    return (f"{out} is being written by another ferkit predict; let it finish, or stop it (Ctrl-C, kill) and then "
+            "--resume")
 
 
 VIDEO_SUFFIXES_WRITTEN = (".timeline.csv", ".emotions.png", ".annotated.mp4")

@@ -380,17 +380,18 @@ def _file_key(path: str | Path) -> str:
 _HELD: dict[str, int] = {}  # folders this process writes, locked: their open descriptors, which hold the locks
 
 
-def hold_folder(folder: Path, busy: str) -> None:
+def hold_folder(folder: Path, busy: str) -> bool:
     """Lock `folder` for this process until release_folder: another ferkit process that would write into
     it is refused with the one line `busy`. The lock (flock on the folder itself) ends with the process,
-    however it ends; where flock is missing (Windows), or the file system has no locks, nothing is locked."""
+    however it ends; where flock is missing (Windows), or the file system has no locks, nothing is locked.
+    Returns whether this call took the lock (False where this process held it already: its holder releases it)."""
     try:
         import fcntl
     except ImportError:
-        return
+        return False
     key = str(Path(folder).resolve())
     if key in _HELD or not Path(folder).is_dir():
-        return
+        return False
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -398,9 +399,10 @@ def hold_folder(folder: Path, busy: str) -> None:
         os.close(descriptor)
         if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # a file system without locks (some NFS, FUSE)
             logging.getLogger("ferkit").debug("%s cannot be locked (%s): written without a lock", folder, err.strerror)
-            return
+            return False
         raise FerkitError(busy) from None
     _HELD[key] = descriptor
+    return True
 
 
 def release_folder(folder: Path) -> None:
