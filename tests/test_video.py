@@ -431,6 +431,24 @@ def test_a_results_folder_another_predict_is_writing_is_refused_for_a_video_too(
     assert CliRunner().invoke(cli, args).exit_code == 0  # free again, and released after it
 
 
+def test_a_video_of_the_same_name_from_elsewhere_does_not_replace_anothers_results_unasked(trained_run, tmp_path):
+    for sub, n in (("cam1", 10), ("cam2", 20)):
+        (tmp_path / sub).mkdir()
+        _write_video(tmp_path / sub / "clip.mp4", _two_squares(n))
+    common = ["--model", str(trained_run), "--detector", "none", "--every", "1", "--out", str(tmp_path / "o")]
+    assert CliRunner().invoke(cli, ["predict", str(tmp_path / "cam1" / "clip.mp4"), *common]).exit_code == 0
+    timeline = (tmp_path / "o" / "clip.timeline.csv").read_bytes()
+    again = CliRunner().invoke(cli, ["predict", str(tmp_path / "cam1" / "clip.mp4"), *common])  # the same video: fine
+    assert again.exit_code == 0, again.output
+    other = CliRunner().invoke(cli, ["predict", str(tmp_path / "cam2" / "clip.mp4"), *common])
+    assert other.exit_code == 2
+    assert other.output.strip() == (f"error: {tmp_path / 'o' / 'clip'}.* hold the results of another video, "
+                                    f"{tmp_path / 'cam1' / 'clip.mp4'}: choose another --out (or --overwrite)")
+    assert (tmp_path / "o" / "clip.timeline.csv").read_bytes() == timeline
+    replaced = CliRunner().invoke(cli, ["predict", str(tmp_path / "cam2" / "clip.mp4"), *common, "--overwrite"])
+    assert replaced.exit_code == 0 and "20 frames analysed" in replaced.output
+
+
 def test_the_same_video_given_twice_is_analysed_once(trained_run, squares_video, tmp_path):
     twice = [str(squares_video), str(squares_video.parent / ".." / squares_video.parent.name / squares_video.name)]
     result = CliRunner().invoke(cli, ["predict", *twice, "--model", str(trained_run), "--detector", "none",

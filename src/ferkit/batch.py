@@ -284,6 +284,7 @@ def analyze_video_into_folder(source: str | Path, out: str | Path, *, stem: str 
     stem = stem or Path(source).stem
     outputs = video_outputs(out, stem, save_video)
     check_replaceable(outputs, overwrite=overwrite)
+    _check_not_another_videos_results(outputs[1], source, overwrite=overwrite)
     timeline_csv, plot, annotated = outputs[0], outputs[1], outputs[2] if save_video else None
     capture, info = open_video(source)
     capture.release()
@@ -306,6 +307,25 @@ def analyze_video_into_folder(source: str | Path, out: str | Path, *, stem: str 
         if held:
             release_folder(out)
     return timeline.summary(files=[str(p) for p in outputs])
+
+
+def _check_not_another_videos_results(plot: Path, source: str | Path, *, overwrite: bool = False) -> None:
+    """Refuse, unless told to `overwrite`, to write a video's results where ferkit's results of another video
+    of that name lie (cam1/clip.mp4 after cam2/clip.mp4 into one folder): its plot names the video it is of."""
+    from PIL import Image
+
+    from ferkit.plots import PLOT_SOURCE
+
+    if overwrite or not plot.is_file():
+        return
+    try:
+        with Image.open(plot) as image:
+            earlier = image.info.get(PLOT_SOURCE)
+    except (OSError, ValueError):
+        return  # not ferkit's plot: check_replaceable says so
+    if isinstance(earlier, str) and os.path.realpath(earlier) != os.path.realpath(str(source)):
+        raise FerkitError(f"{plot.parent / plot.name.removesuffix('.emotions.png')}.* hold the results of another video, "
+                          f"{earlier}: choose another --out (or --overwrite)")
 
 
 def _busy(out: Path) -> str:

@@ -40,10 +40,14 @@ def _fitted(title: str, fig, fontsize: float) -> str:
     return "\n".join(part for line in title.splitlines() for part in textwrap.wrap(line, width) or [""])
 
 
-def _save(fig, path: str | Path) -> Path:
+PLOT_SOURCE = "Source"  # a PNG text chunk: the file a plot is of (a video's timeline), where it says
+
+
+def _save(fig, path: str | Path, *, source: str | None = None) -> Path:
     """Save and close `fig`; a PNG is marked as ferkit's in a text chunk, so that a later run knows it may
-    replace it (ferkit.results.check_replaceable)."""
-    marked = {"metadata": {"Software": f"ferkit {__version__}"}} if Path(path).suffix.lower() == ".png" else {}
+    replace it (ferkit.results.check_replaceable), and names the `source` it is of, where given."""
+    text = {"Software": f"ferkit {__version__}", **({PLOT_SOURCE: source} if source else {})}
+    marked = {"metadata": text} if Path(path).suffix.lower() == ".png" else {}
     fig.savefig(path, dpi=110, **marked)
     _pyplot().close(fig)
     return Path(path)
@@ -133,9 +137,11 @@ def plot_reliability_diagram(bins: dict, path: str | Path, *, title: str = "") -
 
 
 @_plain_text
-def plot_emotion_timeline(series: dict, path: str | Path, *, title: str = "", until: float | None = None) -> Path:
+def plot_emotion_timeline(series: dict, path: str | Path, *, title: str = "", until: float | None = None,
+                          source: str | None = None) -> Path:
     """One panel per track: each emotion's probability over time, from 0 to `until` seconds where given.
-    `series`: track -> (times, {class: values}); none: one empty panel that says no face was found."""
+    `series`: track -> (times, {class: values}); none: one empty panel that says no face was found.
+    `source`: the video's path, recorded in the PNG."""
     plt = _pyplot()
     from ferkit.draw import colour_of
 
@@ -163,4 +169,4 @@ def plot_emotion_timeline(series: dict, path: str | Path, *, title: str = "", un
     axes[-1, 0].set_xlabel("time (s)")
     if title:
         fig.suptitle(_fitted(title, fig, 12))
-    return _save(fig, path)
+    return _save(fig, path, source=source)

@@ -92,7 +92,8 @@ class Timeline:
         title = Path(self.source).name
         if len(self.tracks) > max_tracks:
             title += f": the {max_tracks} longest of {len(self.tracks)} face tracks"
-        return plot_emotion_timeline(series, path, title=title, until=self.last_time_s)
+        return plot_emotion_timeline(series, path, title=title, until=self.last_time_s,
+                                     source=os.path.abspath(self.source))
 
 
 TRACK_GAP_S = 1.0  # seconds a face may go unfound (turned away, covered) and keep its track
