@@ -126,6 +126,18 @@ def test_a_video_without_a_fixed_frame_rate_keeps_each_frames_own_time():
     assert timeline.last_time_s == pytest.approx(3.9)
 
 
+def test_clips_joined_end_to_end_keep_time_going_forward(tmp_path):
+    """Camcorder clips joined (cat a.mts b.mts) restart their clock at each join: the times carry on."""
+    from ferkit.sources import video_frames
+
+    parts = [_write_video(tmp_path / f"{name}.ts", _two_squares(20)) for name in ("a", "b")]
+    (tmp_path / "joined.mts").write_bytes(b"".join(part.read_bytes() for part in parts))
+    capture, info = open_video(tmp_path / "joined.mts")
+    times = [time_s for _, time_s, _ in video_frames(capture, info, every=3)]
+    assert len(times) == 14 and all(b > a for a, b in zip(times, times[1:]))
+    assert times[-1] == pytest.approx(39 / 10, abs=0.01)  # frame 39 at 10 frames a second
+
+
 def test_video_timeline_follows_each_face(trained_run, squares_video, tmp_path):
     timeline = analyze_video(squares_video, model=trained_run, detector=_bright_squares, every=2, smooth=3,
                              annotated=tmp_path / "out.mp4")

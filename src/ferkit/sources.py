@@ -238,13 +238,19 @@ def video_frames(capture, info: VideoInfo, *, every: int = 1) -> Iterator[tuple[
     import cv2
 
     index, failed, in_a_row = 0, 0, 0
+    offset, last = 0.0, None  # (index, time) of the last frame yielded
     try:
         while True:
             if index % every == 0:
                 ok, frame = capture.read()
                 if ok:
                     stamp = capture.get(cv2.CAP_PROP_POS_MSEC) / 1000  # 0 where the backend has none
-                    yield index, stamp if stamp > 0 else index / info.fps, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+                    time_s = (stamp if stamp > 0 else index / info.fps) + offset
+                    if last is not None and time_s <= last[1]:  # the clock restarted (clips joined): carried on
+                        carried = last[1] + (index - last[0]) / info.fps
+                        offset, time_s = offset + carried - time_s, carried
+                    last = index, time_s
+                    yield index, time_s, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
             else:
                 ok = capture.grab()  # skip without decoding
             # a damaged frame inside the video is passed over; several in a row, or none listed after it, end it
