@@ -401,6 +401,22 @@ def test_the_timeline_is_written_as_frames_are_analysed(trained_run, squares_vid
     assert streamed.read_text() == timeline.to_csv(tmp_path / "whole.csv").read_text()
 
 
+def test_a_rerun_stopped_by_ctrl_c_leaves_no_plot_of_the_earlier_run_beside_its_partial_timeline(trained_run, squares_video, tmp_path):
+    from ferkit.batch import analyze_video_into_folder
+
+    analyze_video_into_folder(squares_video, tmp_path, model=trained_run, detector=_bright_squares, every=1)
+    assert (tmp_path / "squares.emotions.png").exists()
+
+    def stop(done, total):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        analyze_video_into_folder(squares_video, tmp_path, model=trained_run, detector=_bright_squares, every=1, progress=stop)
+    assert not (tmp_path / "squares.emotions.png").exists()  # the plot of the whole earlier run would mislead
+    assert (tmp_path / "squares.timeline.csv").read_text().count("\n") == 1 + 2 * 5
+
+
 def test_videos_with_the_same_name_keep_their_own_results(trained_run, tmp_path):
     for sub, n in (("v1", 10), ("v2", 20)):
         (tmp_path / sub).mkdir()

@@ -298,6 +298,8 @@ def analyze_video_into_folder(source: str | Path, out: str | Path, *, stem: str 
         earlier = video_outputs(out, stem, True)[2]  # an annotated video of an earlier run would no longer match
         if not save_video and earlier.is_file() and written_by_ferkit(earlier):
             earlier.unlink()
+        if plot.is_file() and written_by_ferkit(plot):  # drawn again at the end: an earlier run's would outlive Ctrl-C
+            plot.unlink()
         timeline = analyze_video(source, model=model, detector=detector, every=step, smooth=smooth,
                                  annotated=annotated, uncertain_below=uncertain_below,
                                  timeline_csv=timeline_csv, overwrite=overwrite,
