@@ -361,6 +361,21 @@ def test_an_annotated_video_takes_its_name_only_once_finished_or_stopped(trained
     capture.release()
 
 
+def test_a_video_wider_than_mpeg4_encodes_gets_a_scaled_down_annotated_copy(trained_run, tmp_path):
+    source = tmp_path / "wide.avi"  # Motion JPEG: 9000 pixels wide; mp4v, the annotated copy's codec, stops at 8191
+    writer = cv2.VideoWriter(str(source), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (9000, 64))
+    for i in range(4):
+        writer.write(np.full((64, 9000, 3), 40 * i, np.uint8))
+    writer.release()
+    target = tmp_path / "wide.annotated.mp4"
+    timeline = analyze_video(source, model=trained_run, detector=lambda rgb: [], annotated=target, every=1)
+    assert timeline.frames_analysed == 4
+    copy = cv2.VideoCapture(str(target))
+    assert copy.get(cv2.CAP_PROP_FRAME_WIDTH) == 8190 and copy.get(cv2.CAP_PROP_FRAME_HEIGHT) == 58
+    assert copy.read()[0]
+    copy.release()
+
+
 def test_frames_wait_in_small_batches(trained_run, squares_video):
     """At most FRAMES_PER_BATCH frames are held before their faces are classified."""
     from ferkit.video import FRAMES_PER_BATCH

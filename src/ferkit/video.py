@@ -242,7 +242,8 @@ def analyze_video(
     # written under a hidden name and moved into place once finished (or stopped by Ctrl-C), so that a process
     # killed outright leaves no unplayable file under the name a user opens
     partial = Path(annotated).with_name(f".{Path(annotated).stem}.part.mp4") if annotated else None
-    writer = _video_writer(partial, info, every, shown_as=annotated) if annotated else None
+    size = annotated_size(info.size)
+    writer = _video_writer(partial, info.fps / every, size, shown_as=annotated) if annotated else None
     if timeline_csv:
         Path(timeline_csv).parent.mkdir(parents=True, exist_ok=True)
     table = open(timeline_csv, "w", newline="", encoding="utf-8") if timeline_csv else None
@@ -281,7 +282,8 @@ def analyze_video(
             timeline.last_frame, timeline.last_time_s = index, time_s
             if writer is not None:
                 # as the timeline and the plot have them: numbered by track, smoothed
-                _write_frame(writer, draw_faces(_to_image(frame), faces, numbers=tracks, enlarge_tiny=False, steady=labels))
+                drawn = draw_faces(_to_image(frame), faces, numbers=tracks, enlarge_tiny=False, steady=labels)
+                _write_frame(writer, drawn if drawn.size == size else drawn.resize(size))
             if progress:
                 progress(index)
     finally:
@@ -325,10 +327,19 @@ def _smooth(face: Face, track: int, state: dict, alpha: float, classes, uncertai
                 face.detector_score, face.landmarks, bool(mixed[best] < uncertain_below))
 
 
-def _video_writer(path, info, every, *, shown_as):
+MAX_VIDEO_SIDE = 8190  # MPEG-4 Part 2 (mp4v) encodes at most 8191 pixels a side: a wider video's copy is scaled down
+
+
+def annotated_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The size of a video's annotated copy: the video's, or scaled down to MAX_VIDEO_SIDE (even sides)."""
+    scale = min(1.0, MAX_VIDEO_SIDE / max(size))
+    return size if scale == 1.0 else (max(2, round(size[0] * scale / 2) * 2), max(2, round(size[1] * scale / 2) * 2))
+
+
+def _video_writer(path, fps, size, *, shown_as):
     import cv2
 
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), info.fps / every, info.size)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
     if not writer.isOpened():  # OpenCV says nothing and writes nothing otherwise
         raise FerkitError(f"cannot write the annotated video {shown_as} (no such folder, or no mp4v encoder in this OpenCV)")
     return writer
