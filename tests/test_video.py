@@ -272,7 +272,7 @@ def test_video_command_writes_timeline_plot_and_video(trained_run, squares_video
     assert "5 frames analysed" in result.output
 
 
-@pytest.mark.parametrize("suffix", [".3gp", ".mts"])
+@pytest.mark.parametrize("suffix", [".3gp", ".mts", ".ts"])
 def test_a_phone_or_camcorder_video_is_read_as_a_video(trained_run, tmp_path, suffix):
     clip = _write_video(tmp_path / f"clip{suffix}", _two_squares(20))  # a 3GP file, an MPEG transport stream
     result = CliRunner().invoke(cli, ["predict", str(clip), "--model", str(trained_run), "--detector", "none",
@@ -284,6 +284,7 @@ def test_a_typescript_module_beside_photos_is_no_video(trained_run, tmp_path):
     (tmp_path / "photos").mkdir()
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "photos" / "grey.png")
     (tmp_path / "photos" / "util.mts").write_text("export const answer = 42;\n")
+    (tmp_path / "photos" / "Greeter.ts").write_text("G" + "export class Greeter {}\n" * 20)  # a G, as a stream's sync byte
     result = CliRunner().invoke(cli, ["predict", str(tmp_path / "photos"), "--model", str(trained_run), "--detector",
                                       "none", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0 and "video" not in result.output, result.output

@@ -20,10 +20,11 @@ ANNOTATED_SUFFIX = ".annotated.jpg"  # ferkit's annotated copy of a photo: NAME.
 CROP_NAME = re.compile(r"\.face(\d+)\.png$")  # a face crop that `ferkit crop` wrote: NAME.face<k>.png
 NAME_MAX = 255  # bytes in a file name, on the common file systems
 log = logging.getLogger("ferkit")
-# Not .ts (MPEG transport streams): a folder of photos may hold TypeScript files of that name; .mts
-# (TypeScript's module suffix too) is looked into: is_video_file.
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".3g2", ".mts",
                   ".m2ts", ".flv", ".ogv")
+# .ts and .mts are TypeScript's suffixes too (a folder of photos may hold such files): looked into where the file
+# is at hand (is_video_file); .ts is left out of VIDEO_SUFFIXES, by which remote files are told by name alone
+TRANSPORT_STREAM_SUFFIXES = (".ts", ".mts")
 
 
 def source_kind(source: str) -> str:
@@ -45,17 +46,18 @@ def source_kind(source: str) -> str:
 
 
 def is_video_file(path: Path) -> bool:
-    """Whether a file is a video, by its suffix; a .mts file (AVCHD video, or TypeScript) by its MPEG
-    transport stream sync byte too."""
+    """Whether a file is a video, by its suffix; a .ts or .mts file (an MPEG transport stream, or TypeScript)
+    by the sync bytes of its first two packets too."""
     suffix = path.suffix.lower()
-    if suffix != ".mts":
+    if suffix not in TRANSPORT_STREAM_SUFFIXES:
         return suffix in VIDEO_SUFFIXES
     try:
         with open(path, "rb") as handle:
-            start = handle.read(5)
+            start = handle.read(197)
     except OSError:
         return True  # unreadable: said so where it is read as a video
-    return start[:1] == b"\x47" or start[4:5] == b"\x47"  # 188-byte packets, or 192 with a 4-byte time code
+    sync = b"\x47"  # 188-byte packets, or 192 with a 4-byte time code before each
+    return (start[0:1] == sync and start[188:189] == sync) or (start[4:5] == sync and start[196:197] == sync)
 
 
 def list_images(source: str | os.PathLike, *, skip: str | Path | None = None, quiet: bool = False) -> list[Path]:
