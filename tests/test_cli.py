@@ -1140,7 +1140,10 @@ def test_kill_stops_a_batch_in_one_line_and_the_batch_resumes_where_it_stopped(t
         os.link(folder / "face.png", folder / f"face-{i:04d}.png")
     command = [sys.executable, "-m", "ferkit.cli", "predict", folder, "--model", trained_run, "--detector", "none",
                "--no-annotate", "--out", tmp_path / "out"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: under nohup (as in CI) SIGHUP is ignored, and a command rightly goes on
+    default_hangup = lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=default_hangup)
     results = tmp_path / "out" / "results.jsonl"
     while process.poll() is None and not (results.exists() and results.read_text().count("\n")):
         time.sleep(0.05)  # until the first image is done

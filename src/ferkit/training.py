@@ -403,11 +403,13 @@ def _start_run_folder(run: Path, config: TrainConfig, state: RunState, train_set
                       resumed: bool) -> None:
     """The run folder as training (re)starts: its config (a resume, and what it changed, noted in resumes.csv),
     its history cut back to the epochs kept, status running."""
-    if resumed:
-        _record_resume(run, config, state.epochs_done, topology)
+    recorded = TrainConfig.load(run / "config.json") if resumed else None
+    earlier_processes = _processes_of(run)
     save_run_config(run, config, train_set, val_set, digests=_reads_every_face(train_set, topology),
                     teacher=teacher_digest(config.teacher) if config.teacher else None)
     rewrite_history(run / "history.csv", state.epochs_done)
+    if recorded is not None:  # once the run folder is known to be good
+        _record_resume(run, recorded, config, state.epochs_done, topology, earlier_processes)
     if topology.coordinator and topology.is_chief:
         topology.save(run / "topology.json", device_names())
     elif not topology.coordinator and (run / "topology.json").exists():
@@ -418,12 +420,13 @@ def _start_run_folder(run: Path, config: TrainConfig, state: RunState, train_set
     state.save(run)
 
 
-def _record_resume(run: Path, config: TrainConfig, epochs_done: int, topology) -> None:
-    changed = record_resume(run, TrainConfig.load(run / "config.json"), config, epochs_done, topology.num_processes)
-    settings = [line for line in changed if line.split(":")[0] not in ("out", "data", "val", "teacher")]  # moved, not changed
+def _record_resume(run: Path, recorded: TrainConfig, config: TrainConfig, epochs_done: int, topology,
+                   earlier: int | None) -> None:
+    changed = record_resume(run, recorded, config, epochs_done, topology.num_processes)
+    # how the arithmetic or the saving changed (not the epochs asked for, nor where the run's files now are)
+    settings = [line for line in changed if line.split(":")[0] in ("precision", "save_period")]
     if settings:
         log.info("resuming with other settings than before (recorded in %s): %s", run / RESUMES, "; ".join(settings))
-    earlier = _processes_of(run)
     if topology.coordinator and earlier not in (None, topology.num_processes):
         log.warning("%s was trained by a job of %d processes; it goes on in %d: the same batch size, split %d ways, "
                     "and the faces reach it in another order", run, earlier, topology.num_processes, topology.num_processes)
