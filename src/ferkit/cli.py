@@ -622,8 +622,8 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     from ferkit.predict import model_version
     from ferkit.progress import progress_bar
     from ferkit.results import check_out_outside_data, new_folder
-    from ferkit.runs import (export_trained_on, held_out_faces, holds_its_training_faces, members_trained_on, run_config_of,
-                             run_folder_of, trained_on)
+    from ferkit.runs import (export_trained_on, held_out_faces, held_out_in_words, holds_its_training_faces,
+                             members_in_words, members_trained_on, run_config_of, run_folder_of, trained_on)
     from ferkit.runtime import load_classifier
 
     given = click.get_current_context().get_parameter_source("usage") is not click.core.ParameterSource.DEFAULT
@@ -635,7 +635,7 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     run = config and trained_on(classifier.path, data, usage=None if Path(data).is_dir() else usage)  # as the run named its data
     # a run that split its validation faces off its data: scored on those where `data` is that data (its
     # faces, read from anywhere), as far as they can be told again
-    split = f" (the faces its run held out: --val-split {config.val_split:g}, seed {config.seed})" if config and not config.val else ""
+    split = held_out_in_words(config) if config and not config.val else ""
     if out is not None and not overwrite and Path(data).is_dir() and (run or not split):
         # a folder's source is its path (and which faces, where a run held some out): checked before it loads
         check_report_folder(out, classifier.name, str(Path(data)) + split, classifier.tta, model_version(classifier),
@@ -654,8 +654,7 @@ def evaluate_cmd(model: str | None, data: str, usage: str, out: Path | None, bat
     elif export_trained_on(classifier.path, data, usage=None if Path(data).is_dir() else usage):
         seen = f"{data} is the data the run that made {classifier.path.name} was trained on"
     elif members := members_trained_on(classifier.metadata, data, usage=None if Path(data).is_dir() else usage):
-        what = "averaged checkpoints" if "averaged" in classifier.metadata.extra else f"ensemble's {', '.join(members)} member(s)"
-        seen = f"{data} is the data the {what} were trained on"
+        seen = f"{data} is the data the {members_in_words(classifier.metadata, members)} were trained on"
     if seen:
         seen += ": its accuracy there says little about faces it has not seen"
         log.warning("%s", seen)

@@ -103,7 +103,7 @@ def temperature_faces(model: str | Path, data: str | Path, *, progress: bool = F
 def _held_out_part(model: str | Path, faces: FaceDataset) -> FaceDataset:
     """Of the data a run split its validation faces off (--val-split), the faces it held out, as `evaluate`
     scores them; any other faces as they are."""
-    from ferkit.runs import held_out_faces, run_config_of, run_folder_of
+    from ferkit.runs import held_out_faces, held_out_in_words, run_config_of, run_folder_of
 
     path = resolve_model_path(model)
     config = run_config_of(path, warn=False)
@@ -114,8 +114,7 @@ def _held_out_part(model: str | Path, faces: FaceDataset) -> FaceDataset:
         return faces
     log.info("%s is the data %s was trained on: fitting the temperature on the %d faces it held out for validation",
              faces.source, run_folder_of(path), len(held))
-    return dataclasses.replace(held, source=f"{held.source} (the faces its run held out: --val-split {config.val_split:g}, "
-                                            f"seed {config.seed})")
+    return dataclasses.replace(held, source=held.source + held_out_in_words(config))
 
 
 def exportable_model(model: str | Path) -> Path:
@@ -285,7 +284,7 @@ def _refuse_training_faces(source: Path, dataset: FaceDataset) -> None:
     """A FerkitError when the faces given for the temperature are the run's own training data: the
     model is surest on the faces it learned, so the fitted temperature would make it more confident,
     not calibrated."""
-    from ferkit.runs import export_trained_on, holds_its_training_faces, members_trained_on, trained_on
+    from ferkit.runs import export_trained_on, holds_its_training_faces, members_in_words, members_trained_on, trained_on
 
     run = trained_on(source, dataset.source)
     if run or holds_its_training_faces(source, dataset) or export_trained_on(source, dataset.source):
@@ -294,8 +293,8 @@ def _refuse_training_faces(source: Path, dataset: FaceDataset) -> None:
     metadata = read_metadata(source)
     members = members_trained_on(metadata, dataset.source)
     if members:
-        what = "averaged checkpoints" if "averaged" in metadata.extra else f"ensemble's {', '.join(members)} member(s)"
-        raise FerkitError(f"{dataset.source} is the data the {what} were trained on; fit the temperature on held-out faces")
+        raise FerkitError(f"{dataset.source} is the data the {members_in_words(metadata, members)} were trained on; fit "
+                          "the temperature on held-out faces")
 
 
 def _fit_temperature(path: Path, dataset: FaceDataset) -> float:

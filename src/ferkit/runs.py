@@ -320,6 +320,16 @@ def members_trained_on(metadata, source, usage: str | None = None) -> list[str]:
     return _members_holding(metadata.extra.get("members", []), source, usage)
 
 
+def members_in_words(metadata, members: list[str]) -> str:
+    """Who learned the faces, as a message names them: an averaged model's checkpoints, or an ensemble's members."""
+    return "averaged checkpoints" if "averaged" in metadata.extra else f"ensemble's {', '.join(members)} member(s)"
+
+
+def held_out_in_words(config) -> str:
+    """How a run (its config, with no --val) split its validation faces off its data, as a dataset's source says it."""
+    return f" (the faces its run held out: --val-split {config.val_split:g}, seed {config.seed})"
+
+
 def _members_holding(members: list, source, usage: str | None) -> list[str]:
     """The members trained on `source`'s faces, themselves or through their own members (an ensemble of
     ensembles, or of averaged checkpoints)."""
